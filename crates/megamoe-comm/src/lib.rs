@@ -1,0 +1,1 @@
+//! megamoe-comm (skeleton; filled by its issue).

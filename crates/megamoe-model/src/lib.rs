@@ -1,0 +1,1 @@
+//! megamoe-model (skeleton; filled by its issue).

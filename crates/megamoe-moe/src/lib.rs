@@ -1,0 +1,1 @@
+//! megamoe-moe (skeleton; filled by its issue).

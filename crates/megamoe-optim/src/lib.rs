@@ -1,0 +1,1 @@
+//! megamoe-optim (skeleton; filled by its issue).

@@ -1,0 +1,1 @@
+//! megamoe-pipeline (skeleton; filled by its issue).

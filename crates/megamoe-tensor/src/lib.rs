@@ -1,0 +1,1 @@
+//! megamoe-tensor (skeleton; filled by its issue).

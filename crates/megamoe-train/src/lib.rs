@@ -1,0 +1,1 @@
+//! megamoe-train (skeleton; filled by its issue).
