@@ -88,7 +88,9 @@ impl FromStr for ScheduleKind {
         ScheduleKind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| UnknownSchedule { name: s.to_string() })
+            .ok_or_else(|| UnknownSchedule {
+                name: s.to_string(),
+            })
     }
 }
 
