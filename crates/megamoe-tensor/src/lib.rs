@@ -1,1 +1,70 @@
-//! megamoe-tensor (skeleton; filled by its issue).
+//! megamoe-tensor: the tensor type and the op set that every megamoe layer computes with.
+//!
+//! # Purpose
+//! A small, explicit tensor engine for training MoE transformers: a [`Tensor`] handle on
+//! backend [`Storage`], ops as methods that validate their inputs and dispatch to a backend
+//! kernel, and no autograd — layers call forward ops and the matching `*_backward` helpers
+//! themselves (see ARCHITECTURE.md, principle 1).
+//!
+//! # Principal types
+//! - [`Tensor`]: cheap-clone handle (`Arc` storage + [`Shape`]), always contiguous
+//!   row-major; `reshape` is free, every other view-like op copies.
+//! - [`DType`]: `F32` (all math), `BF16` (storage; widened on read), `I32` (indices).
+//! - [`Device`]: `Cpu` today; `Cuda(i)` errors with [`Error::DeviceNotAvailable`].
+//! - [`Storage`]/[`CpuStorage`]: the backend enum ops dispatch on.
+//! - [`Error`]: one typed error enum; every variant names the op and the bad shapes/values.
+//!
+//! # Place in the workspace
+//! Depends on no megamoe crate. Used by comm, moe, model, optim, pipeline, train, cli.
+//!
+//! # Conventions
+//! - Shapes are written `[N, H]` outermost first; `N` tokens/rows, `H` hidden, `E` experts,
+//!   `k` top-k, `T` sequence, `V` vocab, `G` groups.
+//! - Every op returns a fresh tensor; inputs are never modified. The in-place ops
+//!   (`add_assign`, `axpy`, `matmul_acc`) take `&mut self` and copy-on-write if shared.
+//!   Backward helpers return gradients written fresh; accumulate with `add_assign`.
+//! - Sync rule: ops assume asynchronous execution. Element values reach the host only via
+//!   `to_host_f32`, `to_host_i32`, `to_host_bf16` and `to_scalar_f32` (each marked SYNC).
+//! - Determinism: every CPU op gives identical bits for any rayon thread count.
+//! - Sums (reductions, softmax denominators, norms, cross-entropy) accumulate in f64.
+//!
+//! # Features
+//! None yet; `cuda` will add a `Storage::Cuda` variant and `cuda/<family>.rs` kernels.
+//!
+//! # Example
+//! ```
+//! use megamoe_tensor::{Device, Tensor};
+//! # fn main() -> megamoe_tensor::Result<()> {
+//! // y = x · Wᵀ for x [2, 3], W [2, 3] (a Linear layer with 3 inputs and 2 outputs)
+//! let x = Tensor::from_vec_f32(vec![1., 2., 3., 4., 5., 6.], [2, 3], Device::Cpu)?;
+//! let w = Tensor::from_vec_f32(vec![1., 0., 0., 0., 1., 1.], [2, 3], Device::Cpu)?;
+//! let y = x.matmul(&w, false, true)?;
+//! assert_eq!(y.dims(), &[2, 2]);
+//! assert_eq!(y.to_host_f32()?, vec![1., 5., 4., 11.]);
+//! // router-style top-1 over the last dim: ties go to the lower index
+//! let (vals, idx) = Tensor::from_vec_f32(vec![0.5, 0.5, 0.1], [1, 3], Device::Cpu)?.topk(1)?;
+//! assert_eq!((vals.to_host_f32()?, idx.to_host_i32()?), (vec![0.5], vec![0]));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Benchmarks: `cargo bench -p megamoe-tensor` (results in docs/perf.md).
+#![deny(missing_docs)]
+
+mod cpu;
+mod device;
+mod dtype;
+mod error;
+pub mod ops;
+mod shape;
+mod storage;
+mod tensor;
+
+pub use device::Device;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use half::bf16;
+pub use ops::elementwise::{BinaryOp, UnaryOp};
+pub use shape::Shape;
+pub use storage::{CpuStorage, Storage};
+pub use tensor::Tensor;

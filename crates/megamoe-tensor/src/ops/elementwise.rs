@@ -1,0 +1,369 @@
+//! Elementwise ops: arithmetic, activations and their backward helpers, fused SwiGLU, row
+//! and column broadcasts, in-place accumulation.
+//!
+//! Every op is named by a [`UnaryOp`] or [`BinaryOp`] value, so a backend implements one
+//! kernel per enum (the CPU formulas in `cpu/elementwise.rs` are the spec). Backward helpers
+//! take the forward input `x` (or output `y` where cheaper: sigmoid, tanh) and the upstream
+//! gradient `dy`, and return `dx`, written fresh.
+
+use crate::cpu::elementwise as kernel;
+use crate::{Error, Result, Tensor};
+
+/// A one-input elementwise op.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum UnaryOp {
+    /// `-x`
+    Neg,
+    /// `|x|`
+    Abs,
+    /// `eˣ`
+    Exp,
+    /// natural log
+    Log,
+    /// `√x`
+    Sqrt,
+    /// `1/x`
+    Recip,
+    /// `x²`
+    Square,
+    /// `σ(x) = 1/(1+e⁻ˣ)`
+    Sigmoid,
+    /// `tanh x`
+    Tanh,
+    /// `x σ(x)`
+    Silu,
+    /// exact GELU `½x(1+erf(x/√2))`
+    GeluErf,
+    /// tanh-approximate GELU
+    GeluTanh,
+    /// `max(x, 0)`
+    Relu,
+    /// `max(x, 0)²` (squared ReLU, Primer)
+    Relu2,
+    /// `x·mul + add`
+    Affine {
+        /// factor
+        mul: f32,
+        /// offset
+        add: f32,
+    },
+}
+
+impl UnaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Square => "square",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Silu => "silu",
+            UnaryOp::GeluErf => "gelu",
+            UnaryOp::GeluTanh => "gelu_tanh",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Relu2 => "relu2",
+            UnaryOp::Affine { .. } => "affine",
+        }
+    }
+}
+
+/// A two-input elementwise op on equal shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BinaryOp {
+    /// `a + b`
+    Add,
+    /// `a − b`
+    Sub,
+    /// `a · b`
+    Mul,
+    /// `a / b`
+    Div,
+    /// `max(a, b)`
+    Maximum,
+    /// `min(a, b)`
+    Minimum,
+    /// `(x, dy) ↦ dy · silu'(x)`
+    SiluBackward,
+    /// `(x, dy) ↦ dy · gelu'(x)` (exact form)
+    GeluErfBackward,
+    /// `(x, dy) ↦ dy · gelu_tanh'(x)`
+    GeluTanhBackward,
+    /// `(y, dy) ↦ dy · y(1−y)` with `y = σ(x)`
+    SigmoidBackward,
+    /// `(y, dy) ↦ dy · (1−y²)` with `y = tanh x`
+    TanhBackward,
+    /// `(x, dy) ↦ dy · [x > 0]`
+    ReluBackward,
+    /// `(x, dy) ↦ dy · 2 max(x, 0)`
+    Relu2Backward,
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+            BinaryOp::SiluBackward => "silu_backward",
+            BinaryOp::GeluErfBackward => "gelu_backward",
+            BinaryOp::GeluTanhBackward => "gelu_tanh_backward",
+            BinaryOp::SigmoidBackward => "sigmoid_backward",
+            BinaryOp::TanhBackward => "tanh_backward",
+            BinaryOp::ReluBackward => "relu_backward",
+            BinaryOp::Relu2Backward => "relu2_backward",
+        }
+    }
+}
+
+impl Tensor {
+    /// Applies `op` to every element; result f32 of the same shape.
+    pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        let x = self.cpu_f32(op.name(), "x")?;
+        Ok(Tensor::cpu_f32_from(kernel::unary(op, &x), self.shape()))
+    }
+
+    /// Applies `op` to equal-shaped `self` and `rhs`.
+    pub fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        let name = op.name();
+        self.same_shape(name, rhs)?;
+        let a = self.cpu_f32(name, "a")?;
+        let b = rhs.cpu_f32(name, "b")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::binary(op, &a, &b),
+            self.shape(),
+        ))
+    }
+
+    /// `self + rhs` (equal shapes).
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Add)
+    }
+    /// `self − rhs` (equal shapes).
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Sub)
+    }
+    /// `self · rhs` elementwise (equal shapes).
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Mul)
+    }
+    /// `self / rhs` elementwise (equal shapes).
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Div)
+    }
+    /// Elementwise maximum.
+    pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Maximum)
+    }
+    /// Elementwise minimum.
+    pub fn minimum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Minimum)
+    }
+    /// `self · s`.
+    pub fn scale(&self, s: f32) -> Result<Tensor> {
+        self.unary(UnaryOp::Affine { mul: s, add: 0.0 })
+    }
+    /// `self + c`.
+    pub fn add_scalar(&self, c: f32) -> Result<Tensor> {
+        self.unary(UnaryOp::Affine { mul: 1.0, add: c })
+    }
+    /// `self · mul + add`.
+    pub fn affine(&self, mul: f32, add: f32) -> Result<Tensor> {
+        self.unary(UnaryOp::Affine { mul, add })
+    }
+    /// `−self`.
+    pub fn neg(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Neg)
+    }
+    /// `|self|`.
+    pub fn abs(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Abs)
+    }
+    /// `e^self`.
+    pub fn exp(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Exp)
+    }
+    /// Natural log.
+    pub fn log(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Log)
+    }
+    /// Square root.
+    pub fn sqrt(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Sqrt)
+    }
+    /// `1/self`.
+    pub fn recip(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Recip)
+    }
+    /// `self²`.
+    pub fn square(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Square)
+    }
+    /// Logistic sigmoid.
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Sigmoid)
+    }
+    /// Hyperbolic tangent.
+    pub fn tanh(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Tanh)
+    }
+    /// SiLU (swish) `x σ(x)`.
+    pub fn silu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Silu)
+    }
+    /// Exact GELU `½x(1+erf(x/√2))` (PyTorch `gelu(approximate="none")`).
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::GeluErf)
+    }
+    /// Tanh-approximate GELU (PyTorch `gelu(approximate="tanh")`).
+    pub fn gelu_tanh(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::GeluTanh)
+    }
+    /// `max(x, 0)`.
+    pub fn relu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Relu)
+    }
+    /// Squared ReLU `max(x, 0)²`.
+    pub fn relu2(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Relu2)
+    }
+
+    /// `dx = dy · silu'(x)`; `self` is the forward input `x`.
+    pub fn silu_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::SiluBackward)
+    }
+    /// `dx = dy · gelu'(x)` (exact GELU); `self` is `x`.
+    pub fn gelu_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::GeluErfBackward)
+    }
+    /// `dx = dy · gelu_tanh'(x)`; `self` is `x`.
+    pub fn gelu_tanh_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::GeluTanhBackward)
+    }
+    /// `dx = dy · y(1−y)`; `self` is the forward OUTPUT `y = σ(x)`.
+    pub fn sigmoid_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::SigmoidBackward)
+    }
+    /// `dx = dy · (1−y²)`; `self` is the forward OUTPUT `y = tanh x`.
+    pub fn tanh_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::TanhBackward)
+    }
+    /// `dx = dy · [x > 0]`; `self` is `x`.
+    pub fn relu_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::ReluBackward)
+    }
+    /// `dx = dy · 2 max(x, 0)`; `self` is `x`.
+    pub fn relu2_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        self.binary(dy, BinaryOp::Relu2Backward)
+    }
+
+    /// Fused SwiGLU `silu(gate) · up` (equal shapes; `self` is `gate`).
+    pub fn swiglu(&self, up: &Tensor) -> Result<Tensor> {
+        const OP: &str = "swiglu";
+        self.same_shape(OP, up)?;
+        let g = self.cpu_f32(OP, "gate")?;
+        let u = up.cpu_f32(OP, "up")?;
+        Ok(Tensor::cpu_f32_from(kernel::swiglu(&g, &u), self.shape()))
+    }
+
+    /// Backward of [`Tensor::swiglu`]: returns `(d_gate, d_up)`, written fresh.
+    pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "swiglu_backward";
+        gate.same_shape(OP, up)?;
+        gate.same_shape(OP, dy)?;
+        let g = gate.cpu_f32(OP, "gate")?;
+        let u = up.cpu_f32(OP, "up")?;
+        let d = dy.cpu_f32(OP, "dy")?;
+        let (dg, du) = kernel::swiglu_backward(&g, &u, &d);
+        Ok((
+            Tensor::cpu_f32_from(dg, gate.shape()),
+            Tensor::cpu_f32_from(du, gate.shape()),
+        ))
+    }
+
+    /// `x + b` with `b [H]` broadcast over every row of `x [.., H]` (bias add).
+    pub fn add_row(&self, b: &Tensor) -> Result<Tensor> {
+        self.row_broadcast("add_row", b, |x, v| x + v)
+    }
+
+    /// `x · s` with `s [H]` broadcast over every row of `x [.., H]` (norm weight).
+    pub fn mul_row(&self, s: &Tensor) -> Result<Tensor> {
+        self.row_broadcast("mul_row", s, |x, v| x * v)
+    }
+
+    /// `x[n, ..] · s[n]`: row `n` of `x [N, ..]` scaled by `s [N]` (gate weights).
+    pub fn mul_col(&self, s: &Tensor) -> Result<Tensor> {
+        const OP: &str = "mul_col";
+        self.same_device(OP, s)?;
+        let n = self.dims().first().copied().unwrap_or(1);
+        if s.dims() != [n] || self.rank() == 0 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.dims().to_vec(),
+                rhs: s.dims().to_vec(),
+                rule: "s must be [N] for x [N, ..]",
+            });
+        }
+        let x = self.cpu_f32(OP, "x")?;
+        let sv = s.cpu_f32(OP, "s")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::scale_rows(&x, &sv),
+            self.shape(),
+        ))
+    }
+
+    /// Alias of [`Tensor::mul_col`].
+    pub fn scale_rows(&self, s: &Tensor) -> Result<Tensor> {
+        self.mul_col(s)
+    }
+
+    fn row_broadcast(
+        &self,
+        op: &'static str,
+        v: &Tensor,
+        f: fn(f32, f32) -> f32,
+    ) -> Result<Tensor> {
+        self.same_device(op, v)?;
+        let h = self.dims().last().copied().unwrap_or(1);
+        if v.dims() != [h] || self.rank() == 0 {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: self.dims().to_vec(),
+                rhs: v.dims().to_vec(),
+                rule: "the row vector must be [H] for x [.., H]",
+            });
+        }
+        let x = self.cpu_f32(op, "x")?;
+        let vv = v.cpu_f32(op, "v")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::broadcast_row(&x, &vv, f),
+            self.shape(),
+        ))
+    }
+
+    /// In place `self += other` (equal shapes). Copy-on-write if the buffer is shared; a bf16
+    /// `self` becomes f32.
+    pub fn add_assign(&mut self, other: &Tensor) -> Result<()> {
+        self.axpy(1.0, other)
+    }
+
+    /// In place `self += alpha · x` (equal shapes). Copy-on-write if the buffer is shared.
+    pub fn axpy(&mut self, alpha: f32, x: &Tensor) -> Result<()> {
+        const OP: &str = "axpy";
+        self.same_shape(OP, x)?;
+        let src = x.cpu_f32(OP, "x")?;
+        // If `x` shares self's buffer, the Arc count is ≥ 2 and cpu_f32_mut copies before
+        // writing, so `src` (borrowed from x's storage) is never written through.
+        let dst = self.cpu_f32_mut(OP)?;
+        kernel::axpy(dst, alpha, &src);
+        Ok(())
+    }
+}

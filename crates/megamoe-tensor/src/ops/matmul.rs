@@ -1,0 +1,246 @@
+//! Matrix products: dense 2-D (`matmul`, `matmul_acc`), batched (`bmm`) and grouped over
+//! ragged row groups (`grouped_matmul`, `grouped_matmul_wgrad`), the MoE expert bank's GEMMs.
+//!
+//! Transposes are flags, not copies: `trans_a` means `a` is stored `[K, M]` and used as its
+//! transpose. All products are f32 (bf16 operands are widened first).
+
+use crate::cpu::matmul::{self as kernel, Operand};
+use crate::{Error, Result, Tensor};
+
+/// Logical `(rows, cols)` of a rank-2 operand stored `[d0, d1]`, transposed if `trans`.
+fn logical(op: &'static str, arg: &'static str, t: &Tensor, trans: bool) -> Result<(usize, usize)> {
+    let (r, c) = match t.dims() {
+        &[r, c] => (r, c),
+        _ => return Err(t.rank_error(op, arg, 2)),
+    };
+    Ok(if trans { (c, r) } else { (r, c) })
+}
+
+fn inner_mismatch(op: &'static str, a: &Tensor, b: &Tensor) -> Error {
+    Error::ShapeMismatch {
+        op,
+        lhs: a.dims().to_vec(),
+        rhs: b.dims().to_vec(),
+        rule: "inner dimensions (after transposes) must agree",
+    }
+}
+
+impl Tensor {
+    /// `op(a) · op(b)` for rank-2 `a`, `b`: `a` is `[M, K]` (stored `[K, M]` if `trans_a`),
+    /// `b` is `[K, N]` (stored `[N, K]` if `trans_b`); the result is `[M, N]` f32.
+    ///
+    /// A linear layer `y = x Wᵀ` with `W [out, in]` is `x.matmul(&w, false, true)`; its input
+    /// gradient `dy.matmul(&w, false, false)` and weight gradient `dy.matmul(&x, true, false)`.
+    pub fn matmul(&self, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        const OP: &str = "matmul";
+        self.same_device(OP, b)?;
+        let (m, k) = logical(OP, "a", self, trans_a)?;
+        let (k2, n) = logical(OP, "b", b, trans_b)?;
+        if k != k2 {
+            return Err(inner_mismatch(OP, self, b));
+        }
+        let ad = self.cpu_f32(OP, "a")?;
+        let bd = b.cpu_f32(OP, "b")?;
+        let mut out = vec![0.0f32; m * n];
+        kernel::gemm_into(
+            &mut out,
+            m,
+            n,
+            k,
+            Operand {
+                data: &ad,
+                trans: trans_a,
+            },
+            Operand {
+                data: &bd,
+                trans: trans_b,
+            },
+            None,
+            true,
+        );
+        Ok(Tensor::cpu_f32_from(out, [m, n]))
+    }
+
+    /// In place: `self ← beta·self + op(a)·op(b)` (`self` is `[M, N]`). `beta = 1` accumulates
+    /// weight gradients across micro-batches, `beta = 0` overwrites (without reading `self`,
+    /// so NaNs in it do not propagate). Copy-on-write if `self`'s buffer is shared.
+    pub fn matmul_acc(
+        &mut self,
+        a: &Tensor,
+        b: &Tensor,
+        trans_a: bool,
+        trans_b: bool,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "matmul_acc";
+        self.same_device(OP, a)?;
+        self.same_device(OP, b)?;
+        let (m, k) = logical(OP, "a", a, trans_a)?;
+        let (k2, n) = logical(OP, "b", b, trans_b)?;
+        if k != k2 {
+            return Err(inner_mismatch(OP, a, b));
+        }
+        if self.dims() != [m, n] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.dims().to_vec(),
+                rhs: vec![m, n],
+                rule: "out must be [M, N] of op(a)·op(b)",
+            });
+        }
+        let ad = a.cpu_f32(OP, "a")?;
+        let bd = b.cpu_f32(OP, "b")?;
+        let out = self.cpu_f32_mut(OP)?;
+        let beta = if beta == 0.0 { None } else { Some(beta) };
+        kernel::gemm_into(
+            out,
+            m,
+            n,
+            k,
+            Operand {
+                data: &ad,
+                trans: trans_a,
+            },
+            Operand {
+                data: &bd,
+                trans: trans_b,
+            },
+            beta,
+            true,
+        );
+        Ok(())
+    }
+
+    /// Batched product: `a [B, M, K]` (stored `[B, K, M]` if `trans_a`) times `b [B, K, N]`
+    /// (stored `[B, N, K]` if `trans_b`), or a rank-2 `b` shared by every batch entry;
+    /// result `[B, M, N]`.
+    pub fn bmm(&self, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        const OP: &str = "bmm";
+        self.same_device(OP, b)?;
+        let (batch, a0, a1) = match self.dims() {
+            &[bb, x, y] => (bb, x, y),
+            _ => return Err(self.rank_error(OP, "a", 3)),
+        };
+        let (m, k) = if trans_a { (a1, a0) } else { (a0, a1) };
+        let (b_shared, b0, b1) = match *b.dims() {
+            [bb, x, y] if bb == batch => (false, x, y),
+            [x, y] => (true, x, y),
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    lhs: self.dims().to_vec(),
+                    rhs: b.dims().to_vec(),
+                    rule: "b must be [B, ., .] with a's batch size B, or rank 2",
+                })
+            }
+        };
+        let (k2, n) = if trans_b { (b1, b0) } else { (b0, b1) };
+        if k != k2 {
+            return Err(inner_mismatch(OP, self, b));
+        }
+        let ad = self.cpu_f32(OP, "a")?;
+        let bd = b.cpu_f32(OP, "b")?;
+        let out = kernel::bmm(
+            batch,
+            m,
+            n,
+            k,
+            Operand {
+                data: &ad,
+                trans: trans_a,
+            },
+            Operand {
+                data: &bd,
+                trans: trans_b,
+            },
+            b_shared,
+        );
+        Ok(Tensor::cpu_f32_from(out, [batch, m, n]))
+    }
+
+    /// Grouped GEMM: `self` is `x [R, K]` whose rows are cut into consecutive groups of
+    /// `group_sizes[g]` rows (host values, sum = R, zeros allowed); group `g` is multiplied by
+    /// `w[g]`, where `w` is `[G, N, K]` used transposed if `trans_w` (`y_g = x_g w_gᵀ`, the
+    /// Linear convention) or `[G, K, N]` otherwise. Result `[R, N]`.
+    ///
+    /// Input gradient of `y = grouped_matmul(x, sizes, w, true)` is
+    /// `grouped_matmul(dy, sizes, w, false)`.
+    pub fn grouped_matmul(
+        &self,
+        group_sizes: &[usize],
+        w: &Tensor,
+        trans_w: bool,
+    ) -> Result<Tensor> {
+        const OP: &str = "grouped_matmul";
+        self.same_device(OP, w)?;
+        let (rows, k) = match self.dims() {
+            &[r, k] => (r, k),
+            _ => return Err(self.rank_error(OP, "x", 2)),
+        };
+        let (g, w1, w2) = match w.dims() {
+            &[g, a, b] => (g, a, b),
+            _ => return Err(w.rank_error(OP, "w", 3)),
+        };
+        check_groups(OP, group_sizes, g, rows)?;
+        let (wk, n) = if trans_w { (w2, w1) } else { (w1, w2) };
+        if wk != k {
+            return Err(inner_mismatch(OP, self, w));
+        }
+        let xd = self.cpu_f32(OP, "x")?;
+        let wd = w.cpu_f32(OP, "w")?;
+        let out = kernel::grouped(&xd, group_sizes, &wd, trans_w, n, k);
+        Ok(Tensor::cpu_f32_from(out, [rows, n]))
+    }
+
+    /// Weight gradient of [`Tensor::grouped_matmul`] with `trans_w = true`:
+    /// `dw[g] = dy_gᵀ x_g`, where `dy [R, N]` and `x [R, K]` share the row groups. Result
+    /// `[G, N, K]`; a group with zero rows gets a zero gradient. (For the `[G, K, N]` layout,
+    /// call `grouped_matmul_wgrad(x, dy, sizes)`, which gives `[G, K, N]`.)
+    pub fn grouped_matmul_wgrad(dy: &Tensor, x: &Tensor, group_sizes: &[usize]) -> Result<Tensor> {
+        const OP: &str = "grouped_matmul_wgrad";
+        dy.same_device(OP, x)?;
+        let (rows, n) = match dy.dims() {
+            &[r, n] => (r, n),
+            _ => return Err(dy.rank_error(OP, "dy", 2)),
+        };
+        let (rows_x, k) = match x.dims() {
+            &[r, k] => (r, k),
+            _ => return Err(x.rank_error(OP, "x", 2)),
+        };
+        if rows != rows_x {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: dy.dims().to_vec(),
+                rhs: x.dims().to_vec(),
+                rule: "dy and x must have the same number of rows",
+            });
+        }
+        check_groups(OP, group_sizes, group_sizes.len(), rows)?;
+        let dyd = dy.cpu_f32(OP, "dy")?;
+        let xd = x.cpu_f32(OP, "x")?;
+        let out = kernel::grouped_wgrad(&dyd, &xd, group_sizes, n, k);
+        Ok(Tensor::cpu_f32_from(out, [group_sizes.len(), n, k]))
+    }
+}
+
+/// `group_sizes` must have one entry per weight group and sum to the row count.
+fn check_groups(op: &'static str, group_sizes: &[usize], groups: usize, rows: usize) -> Result<()> {
+    if group_sizes.len() != groups {
+        return Err(Error::InvalidArgument {
+            op,
+            arg: "group_sizes.len()",
+            value: group_sizes.len().to_string(),
+            rule: "must equal the number of weight groups G",
+        });
+    }
+    let total: usize = group_sizes.iter().sum();
+    if total != rows {
+        return Err(Error::InvalidArgument {
+            op,
+            arg: "sum(group_sizes)",
+            value: total.to_string(),
+            rule: "must equal the number of rows R of x",
+        });
+    }
+    Ok(())
+}
