@@ -41,9 +41,11 @@ pub mod memory;
 mod mesh;
 mod modes;
 pub mod null_slot;
+pub mod params;
 mod plan;
 mod raw;
 mod schedule_kind;
+pub mod seed_memory;
 pub mod shard;
 mod stages;
 pub mod tp;
@@ -55,12 +57,17 @@ pub use capacity::{
 pub use error::{PlanError, Result};
 pub use features::{flexidepth_router_hidden, mtp_step_weights};
 pub use group_routing::{group_routing_plan, GroupRoutingPlan};
+pub use memory::{
+    activation_bytes_per_layer, in_flight_layer_microbatches, plan_memory, rank_memory,
+    zero_model_state_bytes, ActivationShape, PlanMemory, RankMemory, StateBytes,
+};
 pub use mesh::{Mesh, RankCoords};
 pub use modes::{
     Activation, AuxLossKind, Capacity, ConcatOrder, DropPolicy, GateKind, LrSchedule, MtpMode,
     MuonScale, OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn, SkipPenalty, ZeroLevel,
 };
 pub use null_slot::{null_slot_plan, NullSlotPlan};
+pub use params::{layer_params, model_params, rank_params, ParamCount};
 pub use plan::{
     BatchPlan, FlexiDepthPlan, GateSkipPlan, ModelPlan, MoePlan, MtpPlan, MuonPlan, OptimPlan,
     ParallelPlan, Plan, PlanWarning, RoutingPlan, SharedExpertsPlan, TrainPlan,
@@ -70,8 +77,17 @@ pub use raw::{
     Override, ParallelSection, RawConfig, TrainSection,
 };
 pub use schedule_kind::{ScheduleKind, UnknownSchedule};
+pub use seed_memory::{
+    estimate_fsdp_memory, estimate_memory_per_device, estimate_rank_memory, FsdpMemoryInputs,
+    PerDeviceMemory, RankMemoryEstimate,
+};
+pub use shard::{chunk, local_grad_slice, qkv_local_split_sizes, shard0_bounds, RowShard};
 pub use stages::{rank_stages, stage_count, RankStages, StageMap};
 pub use tp::{partition_heads, partition_qkv_heads, HeadPartition};
+pub use triage::{
+    dominant_pressure, estimate_memory_budget, oom_triage, residual_runtime_bytes, MemoryBreakdown,
+    MemoryBucket, OomTriage, TriageStep,
+};
 
 /// The tiny CPU default config (`configs/tiny.toml`), embedded so `megamoe train`
 /// runs with no arguments.

@@ -546,15 +546,14 @@ fn resolve_parallel(
                 });
             }
         }
-        ScheduleKind::DualPipeV
-            if m < 2 * pp => {
-                return Err(PlanError::TooFewMicrobatches {
-                    microbatches: m,
-                    min: 2 * pp,
-                    reason: "2·parallel.pp",
-                    schedule,
-                });
-            }
+        ScheduleKind::DualPipeV if m < 2 * pp => {
+            return Err(PlanError::TooFewMicrobatches {
+                microbatches: m,
+                min: 2 * pp,
+                reason: "2·parallel.pp",
+                schedule,
+            });
+        }
         _ => {}
     }
     if pp > 1 && m < pp {
