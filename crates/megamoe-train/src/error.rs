@@ -1,0 +1,288 @@
+//! The one error type of `megamoe-train`.
+//!
+//! Every variant names the file (or field), the offending value and the rule,
+//! so the CLI can print it as one sentence and exit with code 2.
+
+use std::path::PathBuf;
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in data loading, checkpoints, metrics and reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- generic file system ----
+    /// An I/O operation on a path failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("read", "create", "rename", "fsync", ...).
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    // ---- data and tokenizer ----
+    /// `--data PATH` does not exist.
+    #[error("data path {path} does not exist")]
+    DataPathMissing {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A data file or directory exists but cannot be read.
+    #[error("data path {path} cannot be read: {source}")]
+    DataUnreadable {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A data file is not valid UTF-8 text.
+    #[error("data file {path} is not UTF-8 text (invalid byte at offset {offset})")]
+    DataNotText {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset of the first invalid sequence.
+        offset: usize,
+    },
+    /// The data path holds no text at all (no files, or only empty files).
+    #[error("data path {path} holds no text (no non-empty files found)")]
+    DataEmpty {
+        /// The file or directory.
+        path: PathBuf,
+    },
+    /// The corpus is too short to give one training and one held-out sequence.
+    #[error(
+        "data {source_name} has {tokens} tokens; seq_len={seq_len} needs at least {needed} \
+         (one training and one held-out window of seq_len+1 tokens)"
+    )]
+    DataTooShort {
+        /// Name of the source (the path, or "synthetic").
+        source_name: String,
+        /// Tokens in the corpus.
+        tokens: usize,
+        /// Sequence length asked for.
+        seq_len: usize,
+        /// Minimum number of tokens needed.
+        needed: usize,
+    },
+    /// A batch or data parameter is out of range.
+    #[error("data.{field}={value} is invalid: {rule}")]
+    DataConfig {
+        /// The field name.
+        field: &'static str,
+        /// The value given, formatted.
+        value: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// A saved data position does not belong to this data source.
+    #[error(
+        "data position was saved for source {saved} (fingerprint {saved_fingerprint:016x}) \
+         but the run now reads {current} (fingerprint {current_fingerprint:016x})"
+    )]
+    DataPositionMismatch {
+        /// Source name in the saved position.
+        saved: String,
+        /// Fingerprint in the saved position.
+        saved_fingerprint: u64,
+        /// Source name of the current data.
+        current: String,
+        /// Fingerprint of the current data.
+        current_fingerprint: u64,
+    },
+    /// A token id is outside the tokenizer's vocabulary.
+    #[error("token id {id} is outside the {tokenizer} vocabulary of size {vocab_size}")]
+    TokenOutOfVocab {
+        /// The id.
+        id: u32,
+        /// Tokenizer name.
+        tokenizer: &'static str,
+        /// Its vocabulary size.
+        vocab_size: usize,
+    },
+    /// A tokenizer.json could not be loaded or used.
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What the tokenizers library reported.
+        reason: String,
+    },
+    /// A tokenizer.json was given but the crate was built without `hf-tokenizers`.
+    #[error(
+        "tokenizer {path}: this build has no HF tokenizers support \
+         (rebuild with feature `hf-tokenizers`, or use the built-in byte tokenizer)"
+    )]
+    TokenizerFeatureDisabled {
+        /// The tokenizer file asked for.
+        path: PathBuf,
+    },
+
+    // ---- checkpoints ----
+    /// No checkpoint exists where one was asked for.
+    #[error("no checkpoint at {path}: {reason}")]
+    CheckpointMissing {
+        /// The path given to `--resume` (run dir, checkpoints dir or checkpoint dir).
+        path: PathBuf,
+        /// What was looked for.
+        reason: String,
+    },
+    /// A file of a checkpoint is absent.
+    #[error("checkpoint {dir}: file {file} is missing")]
+    CheckpointFileMissing {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The missing file name.
+        file: &'static str,
+    },
+    /// A checkpoint file has another length than `state.json` recorded.
+    #[error("checkpoint file {path} is truncated or grown: {actual} bytes, state.json records {expected}")]
+    CheckpointTruncated {
+        /// The file.
+        path: PathBuf,
+        /// Length recorded at save time.
+        expected: u64,
+        /// Length found.
+        actual: u64,
+    },
+    /// A checkpoint file's SHA-256 differs from the one recorded at save time.
+    #[error("checkpoint file {path} is corrupt: sha256 {actual}, state.json records {expected}")]
+    CheckpointCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// Digest recorded at save time (hex).
+        expected: String,
+        /// Digest found (hex).
+        actual: String,
+    },
+    /// A checkpoint file cannot be parsed.
+    #[error("checkpoint file {path} is malformed: {reason}")]
+    CheckpointMalformed {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// `state.json` has a format version this build cannot read.
+    #[error(
+        "checkpoint file {path} has format version {found}; this build reads version {supported}"
+    )]
+    CheckpointVersion {
+        /// The state.json path.
+        path: PathBuf,
+        /// Version found.
+        found: u32,
+        /// Version this build writes and reads.
+        supported: u32,
+    },
+    /// The checkpoint was written with another run configuration.
+    #[error(
+        "checkpoint {path} was saved with another config: line {line} is `{saved}` in the \
+         checkpoint but `{current}` now"
+    )]
+    CheckpointConfigMismatch {
+        /// The state.json path.
+        path: PathBuf,
+        /// 1-based line of the first difference.
+        line: usize,
+        /// That line in the checkpoint's config ("<end>" past the end).
+        saved: String,
+        /// That line in the current config ("<end>" past the end).
+        current: String,
+    },
+    /// A tensor has another shape in the checkpoint than the model expects.
+    #[error("checkpoint file {path}: tensor {tensor} expected shape {expected:?}, got {found:?}")]
+    CheckpointShapeMismatch {
+        /// The safetensors file.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Shape the model expects.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor the model expects is not in the checkpoint.
+    #[error("checkpoint file {path}: tensor {tensor} is missing")]
+    CheckpointTensorMissing {
+        /// The safetensors file.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+    },
+    /// The checkpoint holds a tensor the model does not have.
+    #[error("checkpoint file {path}: tensor {tensor} is not part of the model")]
+    CheckpointTensorUnexpected {
+        /// The safetensors file.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+    },
+    /// A tensor handed to `save_checkpoint` is inconsistent (bad name, data length).
+    #[error("cannot save tensor {tensor}: {rule}")]
+    CheckpointTensorInvalid {
+        /// Tensor name.
+        tensor: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// The target checkpoint directory already exists; nothing is overwritten.
+    #[error("checkpoint {path} already exists; refusing to overwrite it")]
+    CheckpointExists {
+        /// The final checkpoint directory.
+        path: PathBuf,
+    },
+
+    // ---- metrics and reports ----
+    /// A metrics JSONL line could not be parsed.
+    #[error("{path}:{line}: not a metrics record: {source}")]
+    MetricsParse {
+        /// The JSONL file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record could not be serialised to JSON (non-finite floats are written as null, so
+    /// this is a bug).
+    #[error("cannot serialise {what}: {source}")]
+    Serialize {
+        /// What was being serialised.
+        what: &'static str,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A run directory has no step records to report on.
+    #[error("{path} has no step records; nothing to report")]
+    ReportEmpty {
+        /// The metrics file.
+        path: PathBuf,
+    },
+    /// Drawing a plot failed.
+    #[error("cannot draw plot {path}: {reason}")]
+    Plot {
+        /// The SVG file.
+        path: PathBuf,
+        /// The plotting library's message.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Io`].
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
