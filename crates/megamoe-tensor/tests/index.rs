@@ -1,0 +1,189 @@
+//! Index and shape ops against plain loops.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
+mod common;
+use common::*;
+use megamoe_tensor::{DType, Device, Error, Tensor};
+
+fn idx(v: &[i32]) -> Tensor {
+    Tensor::from_vec_i32(v.to_vec(), [v.len()], Device::Cpu).unwrap()
+}
+
+#[test]
+fn index_select_gathers_rows_and_rejects_bad_index() {
+    let x = rand_vec(70, 4 * 3);
+    let t = Tensor::from_slice(&x, [4, 3], Device::Cpu).unwrap();
+    let y = host(&t.index_select(&idx(&[3, 0, 3])).unwrap());
+    let want: Vec<f32> = [3, 0, 3]
+        .iter()
+        .flat_map(|&r| x[r * 3..r * 3 + 3].to_vec())
+        .collect();
+    assert_eq!(y, want);
+    let e = t.index_select(&idx(&[1, 4])).unwrap_err();
+    assert!(matches!(
+        e,
+        Error::IndexOutOfRange {
+            index: 4,
+            position: 1,
+            bound: 4,
+            ..
+        }
+    ));
+    // i32 tensors gather too
+    let it = Tensor::from_vec_i32(vec![10, 11, 12], [3], Device::Cpu).unwrap();
+    assert_eq!(
+        it.index_select(&idx(&[2, 2, 0]))
+            .unwrap()
+            .to_host_i32()
+            .unwrap(),
+        vec![12, 12, 10]
+    );
+}
+
+#[test]
+fn index_add_rows_sums_weighted_sources_in_source_order() {
+    let (m, r, h) = (4, 6, 5);
+    let dst = rand_vec(71, m * h);
+    let src = rand_vec(72, r * h);
+    let w = rand_vec(73, r);
+    let ids = [2, 0, 2, 3, 2, 0];
+    let dt = Tensor::from_slice(&dst, [m, h], Device::Cpu).unwrap();
+    let st = Tensor::from_slice(&src, [r, h], Device::Cpu).unwrap();
+    let wt = Tensor::from_slice(&w, [r], Device::Cpu).unwrap();
+    // reference: sequential f32 loop in source order (the documented order), bit-exact
+    let mut want = dst.clone();
+    for (s, &d) in ids.iter().enumerate() {
+        for j in 0..h {
+            want[d as usize * h + j] += w[s] * src[s * h + j];
+        }
+    }
+    let got = host(&dt.index_add_rows(&idx(&ids), &st, Some(&wt)).unwrap());
+    assert!(same_bits(&got, &want));
+    let unweighted = host(&dt.index_add_rows(&idx(&ids), &st, None).unwrap());
+    let mut want2 = dst.clone();
+    for (s, &d) in ids.iter().enumerate() {
+        for j in 0..h {
+            want2[d as usize * h + j] += src[s * h + j];
+        }
+    }
+    assert!(same_bits(&unweighted, &want2));
+    assert!(dt
+        .index_add_rows(&idx(&[0, 9, 0, 0, 0, 0]), &st, None)
+        .is_err());
+}
+
+#[test]
+fn gather_and_scatter_cols_are_adjoint() {
+    let (n, e, k) = (3, 5, 2);
+    let x = rand_vec(74, n * e);
+    let ids = [4, 1, 0, 0, 2, 3];
+    let xt = Tensor::from_slice(&x, [n, e], Device::Cpu).unwrap();
+    let it = Tensor::from_vec_i32(ids.to_vec(), [n, k], Device::Cpu).unwrap();
+    let g = host(&xt.gather_cols(&it).unwrap());
+    let want: Vec<f32> = (0..n * k)
+        .map(|p| x[(p / k) * e + ids[p] as usize])
+        .collect();
+    assert_eq!(g, want);
+    let src = rand_vec(75, n * k);
+    let st = Tensor::from_slice(&src, [n, k], Device::Cpu).unwrap();
+    let s = host(&st.scatter_cols(&it, e).unwrap());
+    let mut want = vec![0.0f32; n * e];
+    for p in 0..n * k {
+        want[(p / k) * e + ids[p] as usize] += src[p];
+    }
+    assert_eq!(s, want); // row 1 has a duplicate index: both add
+    assert!(st.scatter_cols(&it, 4).is_err());
+}
+
+#[test]
+fn narrow_cat_split_round_trip_on_every_dim() {
+    let dims = [3, 4, 5];
+    let x = rand_vec(76, 60);
+    let t = Tensor::from_slice(&x, dims, Device::Cpu).unwrap();
+    for d in 0..3 {
+        let n = dims[d];
+        let parts = t.split(d, &[1, n - 1]).unwrap();
+        let back = Tensor::cat(&[&parts[0], &parts[1]], d).unwrap();
+        assert_eq!(back.dims(), &dims);
+        assert_eq!(host(&back), x);
+    }
+    // narrow cols against a loop
+    let nc = host(&t.narrow(2, 1, 3).unwrap());
+    let want: Vec<f32> = (0..12)
+        .flat_map(|r| x[r * 5 + 1..r * 5 + 4].to_vec())
+        .collect();
+    assert_eq!(nc, want);
+    assert!(t.narrow(1, 3, 2).is_err());
+    assert!(Tensor::cat(&[&t, &t.narrow(0, 0, 1).unwrap()], 1).is_err());
+}
+
+#[test]
+fn permute_matches_index_loop() {
+    let (b, t, h, d) = (2, 3, 4, 5);
+    let x = rand_vec(77, b * t * h * d);
+    let xt = Tensor::from_slice(&x, [b, t, h, d], Device::Cpu).unwrap();
+    let y = xt.permute(&[0, 2, 1, 3]).unwrap();
+    assert_eq!(y.dims(), &[b, h, t, d]);
+    let y = host(&y);
+    for bi in 0..b {
+        for ti in 0..t {
+            for hi in 0..h {
+                for di in 0..d {
+                    assert_eq!(
+                        y[((bi * h + hi) * t + ti) * d + di],
+                        x[((bi * t + ti) * h + hi) * d + di]
+                    );
+                }
+            }
+        }
+    }
+    // a permutation that moves the last dim
+    let z = host(&xt.permute(&[3, 1, 0, 2]).unwrap());
+    for bi in 0..b {
+        for ti in 0..t {
+            for hi in 0..h {
+                for di in 0..d {
+                    assert_eq!(
+                        z[((di * t + ti) * b + bi) * h + hi],
+                        x[((bi * t + ti) * h + hi) * d + di]
+                    );
+                }
+            }
+        }
+    }
+    let m = Tensor::from_slice(&x[..6], [2, 3], Device::Cpu).unwrap();
+    assert_eq!(
+        host(&m.transpose2d().unwrap()),
+        vec![x[0], x[3], x[1], x[4], x[2], x[5]]
+    );
+    assert!(xt.permute(&[0, 0, 1, 2]).is_err());
+}
+
+#[test]
+fn constructors_validate_and_cuda_is_typed_error() {
+    assert!(matches!(
+        Tensor::from_vec_f32(vec![1.0; 5], [2, 3], Device::Cpu),
+        Err(Error::ElementCount {
+            expected: 6,
+            got: 5,
+            ..
+        })
+    ));
+    assert!(matches!(
+        Tensor::zeros([2], DType::F32, Device::Cuda(0)),
+        Err(Error::DeviceNotAvailable { .. })
+    ));
+    let t = Tensor::zeros([2, 3], DType::F32, Device::Cpu).unwrap();
+    assert!(t.reshape([3, 2]).unwrap().same_storage(&t));
+    assert!(t.reshape([4]).is_err());
+    assert!(matches!(t.to_host_i32(), Err(Error::DTypeMismatch { .. })));
+    assert_eq!(
+        Tensor::full([2], 3.0, DType::I32, Device::Cpu)
+            .unwrap()
+            .to_host_i32()
+            .unwrap(),
+        vec![3, 3]
+    );
+    assert!(Tensor::full([2], 0.5, DType::I32, Device::Cpu).is_err());
+}

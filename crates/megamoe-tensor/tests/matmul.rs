@@ -1,0 +1,210 @@
+//! Matrix products against plain f64 loops; determinism across thread counts.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
+mod common;
+use common::*;
+use megamoe_tensor::{Device, Error, Tensor};
+
+/// Naive f64 `op(a) op(b)`; a stored [m,k] or [k,m] (ta), b stored [k,n] or [n,k] (tb).
+fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for l in 0..k {
+                let av = if ta { a[l * m + i] } else { a[i * k + l] };
+                let bv = if tb { b[j * k + l] } else { b[l * n + j] };
+                s += av as f64 * bv as f64;
+            }
+            out[i * n + j] = s;
+        }
+    }
+    out
+}
+
+// f32 GEMM vs f64 reference: each output sums k products of values in [-1,1); the f32
+// rounding error is bounded by ~k·ε·Σ|a||b| ≤ k²·6e-8, so atol 1e-4 for k ≤ 40 is safe.
+const RTOL: f64 = 1e-5;
+const ATOL: f64 = 1e-4;
+
+#[test]
+fn matmul_all_transposes_match_naive() {
+    let (m, n, k) = (7, 5, 9);
+    for &(ta, tb) in &[(false, false), (true, false), (false, true), (true, true)] {
+        let a = rand_vec(1, m * k);
+        let b = rand_vec(2, k * n);
+        let at = Tensor::from_slice(&a, if ta { [k, m] } else { [m, k] }, Device::Cpu).unwrap();
+        let bt = Tensor::from_slice(&b, if tb { [n, k] } else { [k, n] }, Device::Cpu).unwrap();
+        let y = at.matmul(&bt, ta, tb).unwrap();
+        assert_eq!(y.dims(), &[m, n]);
+        assert_close(&host(&y), &naive(&a, &b, m, n, k, ta, tb), RTOL, ATOL);
+    }
+}
+
+#[test]
+fn matmul_inner_dim_mismatch_is_typed_error() {
+    let a = rand_t(1, &[3, 4]);
+    let b = rand_t(2, &[5, 2]);
+    assert!(matches!(
+        a.matmul(&b, false, false),
+        Err(Error::ShapeMismatch { op: "matmul", .. })
+    ));
+    let c = rand_t(3, &[2, 3, 4]);
+    assert!(matches!(
+        c.matmul(&b, false, false),
+        Err(Error::RankMismatch { .. })
+    ));
+}
+
+#[test]
+fn matmul_acc_accumulates_and_overwrites() {
+    let a = rand_vec(3, 6 * 4);
+    let b = rand_vec(4, 4 * 5);
+    let at = Tensor::from_slice(&a, [6, 4], Device::Cpu).unwrap();
+    let bt = Tensor::from_slice(&b, [4, 5], Device::Cpu).unwrap();
+    let base = rand_vec(5, 30);
+    let mut out = Tensor::from_slice(&base, [6, 5], Device::Cpu).unwrap();
+    let shared = out.clone();
+    out.matmul_acc(&at, &bt, false, false, 0.5).unwrap();
+    let prod = naive(&a, &b, 6, 5, 4, false, false);
+    let want: Vec<f64> = prod
+        .iter()
+        .zip(&base)
+        .map(|(p, &c)| p + 0.5 * c as f64)
+        .collect();
+    assert_close(&host(&out), &want, RTOL, ATOL);
+    // copy-on-write: the other handle is unchanged
+    assert_eq!(host(&shared), base);
+    // beta = 0 ignores NaNs already in out
+    let mut nan = Tensor::full([6, 5], f32::NAN, megamoe_tensor::DType::F32, Device::Cpu).unwrap();
+    nan.matmul_acc(&at, &bt, false, false, 0.0).unwrap();
+    assert_close(&host(&nan), &prod, RTOL, ATOL);
+}
+
+#[test]
+fn bmm_matches_per_batch_naive_for_batched_and_shared_b() {
+    let (bsz, m, n, k) = (5, 4, 3, 6);
+    let a = rand_vec(6, bsz * m * k);
+    let b = rand_vec(7, bsz * n * k);
+    let at = Tensor::from_slice(&a, [bsz, m, k], Device::Cpu).unwrap();
+    let bt = Tensor::from_slice(&b, [bsz, n, k], Device::Cpu).unwrap();
+    let y = host(&at.bmm(&bt, false, true).unwrap());
+    for i in 0..bsz {
+        let want = naive(&a[i * m * k..], &b[i * n * k..], m, n, k, false, true);
+        assert_close(&y[i * m * n..(i + 1) * m * n], &want, RTOL, ATOL);
+    }
+    let b2 = Tensor::from_slice(&b[..k * n], [k, n], Device::Cpu).unwrap();
+    let y2 = host(&at.bmm(&b2, false, false).unwrap());
+    for i in 0..bsz {
+        let want = naive(&a[i * m * k..], &b[..k * n], m, n, k, false, false);
+        assert_close(&y2[i * m * n..(i + 1) * m * n], &want, RTOL, ATOL);
+    }
+}
+
+#[test]
+fn grouped_matmul_matches_per_group_naive_with_empty_groups() {
+    let (k, n) = (6, 5);
+    let sizes = [3usize, 0, 130, 1, 0];
+    let r: usize = sizes.iter().sum();
+    let x = rand_vec(8, r * k);
+    let w = rand_vec(9, sizes.len() * n * k);
+    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    for trans in [true, false] {
+        let shape = if trans {
+            [sizes.len(), n, k]
+        } else {
+            [sizes.len(), k, n]
+        };
+        let wt = Tensor::from_slice(&w, shape, Device::Cpu).unwrap();
+        let y = host(&xt.grouped_matmul(&sizes, &wt, trans).unwrap());
+        let mut row = 0;
+        for (g, &s) in sizes.iter().enumerate() {
+            let want = naive(
+                &x[row * k..(row + s) * k],
+                &w[g * n * k..],
+                s,
+                n,
+                k,
+                false,
+                trans,
+            );
+            assert_close(&y[row * n..(row + s) * n], &want, RTOL, ATOL);
+            row += s;
+        }
+    }
+}
+
+#[test]
+fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group() {
+    let (k, n) = (4, 131);
+    let sizes = [5usize, 0, 7];
+    let r: usize = sizes.iter().sum();
+    let dy = rand_vec(10, r * n);
+    let x = rand_vec(11, r * k);
+    let dyt = Tensor::from_slice(&dy, [r, n], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    let dw = Tensor::grouped_matmul_wgrad(&dyt, &xt, &sizes).unwrap();
+    assert_eq!(dw.dims(), &[3, n, k]);
+    let dw = host(&dw);
+    let mut row = 0;
+    for (g, &s) in sizes.iter().enumerate() {
+        // dw_g = dy_gᵀ x_g: a = dy_g stored [s, n] used transposed
+        let want = naive(
+            &dy[row * n..(row + s) * n],
+            &x[row * k..(row + s) * k],
+            n,
+            k,
+            s,
+            true,
+            false,
+        );
+        assert_close(&dw[g * n * k..(g + 1) * n * k], &want, RTOL, ATOL);
+        row += s;
+    }
+    assert!(dw[n * k..2 * n * k].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn grouped_matmul_bad_group_sizes_are_typed_errors() {
+    let x = rand_t(1, &[4, 3]);
+    let w = rand_t(2, &[2, 5, 3]);
+    assert!(matches!(
+        x.grouped_matmul(&[1, 2], &w, true),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        x.grouped_matmul(&[4], &w, true),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(x.grouped_matmul(&[4, 0], &w, true).is_ok());
+}
+
+#[test]
+fn matmul_family_same_bits_for_1_and_3_threads() {
+    // Large enough that gemm uses its threaded path (m·n·k ≫ 2^18).
+    let a = rand_t(12, &[256, 192]);
+    let b = rand_t(13, &[320, 192]);
+    let x = rand_t(14, &[700, 192]);
+    let w = rand_t(15, &[3, 96, 192]);
+    let sizes = [300usize, 0, 400];
+    let run = || {
+        let y = host(&a.matmul(&b, false, true).unwrap());
+        let g = host(&x.grouped_matmul(&sizes, &w, true).unwrap());
+        let dy = x.narrow(1, 0, 96).unwrap();
+        let dw = host(&Tensor::grouped_matmul_wgrad(&dy, &x, &sizes).unwrap());
+        let bm = host(
+            &a.reshape([2, 128, 192])
+                .unwrap()
+                .bmm(&b, false, true)
+                .unwrap(),
+        );
+        (y, g, dw, bm)
+    };
+    let one = in_pool(1, run);
+    let three = in_pool(3, run);
+    assert!(same_bits(&one.0, &three.0), "matmul");
+    assert!(same_bits(&one.1, &three.1), "grouped_matmul");
+    assert!(same_bits(&one.2, &three.2), "grouped_matmul_wgrad");
+    assert!(same_bits(&one.3, &three.3), "bmm");
+}
