@@ -15,8 +15,12 @@ use rayon::prelude::*;
 
 pub(crate) mod elementwise;
 pub(crate) mod index;
+pub(crate) mod loss;
 pub(crate) mod matmul;
+pub(crate) mod norm;
 pub(crate) mod reduce;
+pub(crate) mod rng;
+pub(crate) mod rope;
 pub(crate) mod softmax;
 pub(crate) mod topk;
 // New families: append `pub(crate) mod <family>;` here.

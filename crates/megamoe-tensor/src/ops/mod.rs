@@ -14,8 +14,12 @@
 
 pub mod elementwise;
 pub mod index;
+pub mod loss;
 pub mod matmul;
+pub mod norm;
 pub mod reduce;
+pub mod rng;
+pub mod rope;
 pub mod softmax;
 pub mod topk;
 // New families: append `pub mod <family>;` here.

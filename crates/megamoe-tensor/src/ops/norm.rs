@@ -1,0 +1,90 @@
+//! RMSNorm over the last dimension, forward and the split backward (input gradient and
+//! weight gradient as separate functions, for the I/W split of zero-bubble schedules).
+//!
+//! `y = x · rstd · w` with `rstd = 1/√(mean_j x_j² + ε)` per row (Zhang & Sennrich 2019).
+//! Forward saves `rstd [N]`; both backward halves take it back.
+
+use crate::cpu::norm as kernel;
+use crate::{Error, Result, Tensor};
+
+/// Checks `x [.., H]`, `w [H]`; returns (H, rows).
+fn dims(op: &'static str, x: &Tensor, w_len: Option<&Tensor>) -> Result<(usize, usize)> {
+    let h = *x.dims().last().ok_or_else(|| x.rank_error(op, "x", 1))?;
+    if let Some(w) = w_len {
+        x.same_device(op, w)?;
+        if w.dims() != [h] {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: x.dims().to_vec(),
+                rhs: w.dims().to_vec(),
+                rule: "weight must be [H] for x [.., H]",
+            });
+        }
+    }
+    Ok((h, x.numel().checked_div(h).unwrap_or(0)))
+}
+
+fn check_rstd(op: &'static str, rstd: &Tensor, rows: usize) -> Result<()> {
+    if rstd.dims() != [rows] {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: rstd.dims().to_vec(),
+            rhs: vec![rows],
+            rule: "rstd must be [N] (one per row of x)",
+        });
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// RMSNorm of `x [.., H]` with weight `w [H]`: returns `(y [.., H], rstd [N])`, `N` the
+    /// number of rows. `eps` is added to the mean square (typ. 1e-5 or 1e-6).
+    pub fn rms_norm(&self, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "rms_norm";
+        let (h, rows) = dims(OP, self, Some(w))?;
+        let x = self.cpu_f32(OP, "x")?;
+        let wd = w.cpu_f32(OP, "w")?;
+        let (y, rstd) = kernel::rms_norm(&x, &wd, h, eps);
+        Ok((
+            Tensor::cpu_f32_from(y, self.shape()),
+            Tensor::cpu_f32_from(rstd, [rows]),
+        ))
+    }
+
+    /// Input gradient of RMSNorm, written fresh: `dx = rstd·(g − x̂·mean(g⊙x̂))` with
+    /// `x̂ = x·rstd`, `g = dy⊙w`. `self` is `dy`.
+    pub fn rms_norm_backward_input(&self, x: &Tensor, w: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        const OP: &str = "rms_norm_backward_input";
+        self.same_shape(OP, x)?;
+        let (h, rows) = dims(OP, x, Some(w))?;
+        check_rstd(OP, rstd, rows)?;
+        let (dy, xd, wd, rs) = (
+            self.cpu_f32(OP, "dy")?,
+            x.cpu_f32(OP, "x")?,
+            w.cpu_f32(OP, "w")?,
+            rstd.cpu_f32(OP, "rstd")?,
+        );
+        Ok(Tensor::cpu_f32_from(
+            kernel::rms_norm_backward_input(&dy, &xd, &wd, &rs, h),
+            x.shape(),
+        ))
+    }
+
+    /// Weight gradient of RMSNorm, written fresh: `dw[j] = Σ_n dy[n,j]·x[n,j]·rstd[n]`
+    /// (`[H]`; accumulate into the gradient buffer with `add_assign`). `self` is `dy`.
+    pub fn rms_norm_backward_weight(&self, x: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        const OP: &str = "rms_norm_backward_weight";
+        self.same_shape(OP, x)?;
+        let (h, rows) = dims(OP, x, None)?;
+        check_rstd(OP, rstd, rows)?;
+        let (dy, xd, rs) = (
+            self.cpu_f32(OP, "dy")?,
+            x.cpu_f32(OP, "x")?,
+            rstd.cpu_f32(OP, "rstd")?,
+        );
+        Ok(Tensor::cpu_f32_from(
+            kernel::rms_norm_backward_weight(&dy, &xd, &rs, h),
+            [h],
+        ))
+    }
+}
