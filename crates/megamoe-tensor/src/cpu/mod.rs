@@ -21,6 +21,7 @@ pub(crate) mod norm;
 pub(crate) mod reduce;
 pub(crate) mod rng;
 pub(crate) mod rope;
+pub(crate) mod routing;
 pub(crate) mod softmax;
 pub(crate) mod topk;
 // New families: append `pub(crate) mod <family>;` here.

@@ -20,6 +20,7 @@ pub mod norm;
 pub mod reduce;
 pub mod rng;
 pub mod rope;
+pub mod routing;
 pub mod softmax;
 pub mod topk;
 // New families: append `pub mod <family>;` here.
