@@ -112,8 +112,10 @@ pub fn validate(schedule: &Schedule) -> Result<CommSchedule> {
 /// Per (stage, microbatch): one F, then one B or one I, then (after I) one W.
 fn check_orderings(schedule: &Schedule, topo: &Topology) -> Result<()> {
     // position[stage][mb] of F, I|B, W on the stage's rank (all on one rank).
-    let none = [None::<(usize, OpKind)>; 3];
-    let mut seen: Vec<Vec<[Option<(usize, OpKind)>; 3]>> = topo
+    // Per microbatch: where (op index on the rank) its F, I|B and W ran.
+    type Seen = [Option<(usize, OpKind)>; 3];
+    let none: Seen = [None; 3];
+    let mut seen: Vec<Vec<Seen>> = topo
         .pos
         .iter()
         .map(|p| {

@@ -35,7 +35,7 @@ pub fn check_vpp_microbatches(pp: usize, microbatches: usize) -> Result<()> {
     if pp == 0 {
         return Err(Error::NoRanks { pp });
     }
-    if microbatches % pp != 0 {
+    if !microbatches.is_multiple_of(pp) {
         return Err(Error::VppMicrobatchesNotDivisible { microbatches, pp });
     }
     Ok(())

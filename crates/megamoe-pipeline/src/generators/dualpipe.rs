@@ -137,11 +137,11 @@ fn eight_phases(mut d: DualRank, half: usize, h: usize, chunks: usize) -> Vec<Op
     let n_drain = h + 1;
     let mut zb = false;
     for i in 0..n_drain {
-        if i == n_drain / 2 && h % 2 == 1 {
+        if i == n_drain / 2 && !h.is_multiple_of(2) {
             zb = true;
         }
         d.b(1, zb);
-        if i == n_drain / 2 && h % 2 == 0 {
+        if i == n_drain / 2 && h.is_multiple_of(2) {
             zb = true;
         }
         d.b(0, zb);
@@ -205,10 +205,10 @@ pub fn dualpipev(ranks: usize, microbatches: usize) -> Result<Schedule> {
 fn check_dualpipe(ranks: usize, microbatches: usize) -> Result<()> {
     let kind = ScheduleKind::DualPipe;
     check_ranks(ranks)?;
-    if ranks % 2 == 1 {
+    if !ranks.is_multiple_of(2) {
         return Err(Error::OddRanks { kind, pp: ranks });
     }
-    if microbatches % 2 == 1 {
+    if !microbatches.is_multiple_of(2) {
         return Err(Error::OddMicrobatches { kind, microbatches });
     }
     check_min_microbatches(kind, microbatches, 2 * ranks, "m >= 2*pp")
