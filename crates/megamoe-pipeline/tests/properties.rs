@@ -3,6 +3,8 @@
 //! each stage (checked here independently of the validator), the text form
 //! round-trips, and the communication pass terminates with matched pairs.
 
+#![allow(clippy::unwrap_used)] // test helpers may unwrap, as tests may
+
 use megamoe_pipeline::{
     generate, insert_send_recv, validate, Action, OpKind, PipelineShape, Schedule,
 };

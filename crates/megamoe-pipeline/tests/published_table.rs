@@ -13,6 +13,8 @@
 //! ranks. "Bubble" is per device: makespan − busy, the largest over ranks
 //! (with F&B < F+B the ranks that overlap fewer units idle a little less).
 
+#![allow(clippy::unwrap_used)] // test helpers may unwrap, as tests may
+
 use megamoe_pipeline::{generate, simulate, validate, Costs, PipelineShape, Simulation};
 use megamoe_plan::ScheduleKind;
 
