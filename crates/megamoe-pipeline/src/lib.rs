@@ -47,6 +47,8 @@ pub mod ir;
 pub mod maps;
 pub mod schedule;
 pub mod simulate;
+pub mod svg;
+pub mod trace;
 pub mod validate;
 pub mod vpp;
 
@@ -57,4 +59,6 @@ pub use ir::{parse_compute_only, print_compute_only, Action, Op, OpKind};
 pub use maps::{Chain, StageMap};
 pub use schedule::Schedule;
 pub use simulate::{simulate, Costs, KindCosts, RankReport, Simulation, TimedAction};
+pub use svg::timeline_svg;
+pub use trace::chrome_trace;
 pub use validate::{stage_counts, validate, StageCounts};
