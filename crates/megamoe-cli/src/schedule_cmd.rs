@@ -116,7 +116,9 @@ pub fn run(args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
         compare(args, &costs)?
     } else {
         // Parsed here rather than by clap so a bad name is a one-line error.
-        let Some(name) = &args.kind else { bail!("--kind is required (or use --compare)") };
+        let Some(name) = &args.kind else {
+            bail!("--kind is required (or use --compare)")
+        };
         let kind: ScheduleKind = name.parse().context("--kind")?;
         render(args, kind, &costs)?
     };
@@ -129,11 +131,19 @@ pub fn run(args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn shape(args: &ScheduleArgs) -> PipelineShape {
-    PipelineShape { ranks: args.pp, microbatches: args.microbatches, vpp: args.vpp }
+    PipelineShape {
+        ranks: args.pp,
+        microbatches: args.microbatches,
+        vpp: args.vpp,
+    }
 }
 
 /// Generates, validates and simulates one kind.
-fn build(kind: ScheduleKind, shape: PipelineShape, costs: &Costs) -> anyhow::Result<(Schedule, Simulation)> {
+fn build(
+    kind: ScheduleKind,
+    shape: PipelineShape,
+    costs: &Costs,
+) -> anyhow::Result<(Schedule, Simulation)> {
     let schedule = generate(kind, shape)?;
     validate(&schedule).with_context(|| format!("{kind} failed validation"))?;
     let sim = simulate(&schedule, costs)?;
@@ -162,7 +172,11 @@ fn render(args: &ScheduleArgs, kind: ScheduleKind, costs: &Costs) -> anyhow::Res
             let programs: Vec<Vec<String>> = schedule
                 .programs
                 .iter()
-                .map(|p| p.iter().map(|a| a.map(|a| a.to_string()).unwrap_or_default()).collect())
+                .map(|p| {
+                    p.iter()
+                        .map(|a| a.map(|a| a.to_string()).unwrap_or_default())
+                        .collect()
+                })
                 .collect();
             let timeline: Vec<Vec<_>> = sim
                 .timeline
@@ -205,7 +219,11 @@ fn table(schedule: &Schedule, sim: &Simulation, title: &str) -> String {
     }
     let _ = writeln!(s, "\nper stage F/I/W/B:");
     for (st, c) in stage_counts(schedule).iter().enumerate() {
-        let _ = writeln!(s, "  stage {st:>2}: F={} I={} W={} B={}", c.f, c.i, c.w, c.b);
+        let _ = writeln!(
+            s,
+            "  stage {st:>2}: F={} I={} W={} B={}",
+            c.f, c.i, c.w, c.b
+        );
     }
     let _ = writeln!(
         s,
@@ -213,7 +231,11 @@ fn table(schedule: &Schedule, sim: &Simulation, title: &str) -> String {
         "rank", "busy", "bubble", "bubble%", "peak activations", "param stages"
     );
     for r in &sim.ranks {
-        let pct = if sim.makespan > 0.0 { 100.0 * r.bubble / sim.makespan } else { 0.0 };
+        let pct = if sim.makespan > 0.0 {
+            100.0 * r.bubble / sim.makespan
+        } else {
+            0.0
+        };
         let _ = writeln!(
             s,
             "{:>5} {:>10.2} {:>10.2} {:>8.1}% {:>18} {:>14}",
@@ -240,7 +262,11 @@ fn scaled(costs: &Costs, factor: f64) -> Costs {
     };
     Costs {
         default: scale(&costs.default),
-        per_stage: costs.per_stage.iter().map(|(&s, k)| (s, scale(k))).collect(),
+        per_stage: costs
+            .per_stage
+            .iter()
+            .map(|(&s, k)| (s, scale(k)))
+            .collect(),
         comm: costs.comm,
     }
 }
@@ -268,11 +294,21 @@ fn compare(args: &ScheduleArgs, costs: &Costs) -> anyhow::Result<String> {
             }
         };
         // Layers per chunk relative to L/P: the longest chain has L layers.
-        let chain_len = schedule.chains.iter().map(|c| c.stages.len()).max().unwrap_or(1);
+        let chain_len = schedule
+            .chains
+            .iter()
+            .map(|c| c.stages.len())
+            .max()
+            .unwrap_or(1);
         let chunk = p as f64 / chain_len as f64;
         let (_, sim) = build(kind, shape, &scaled(costs, chunk))?;
         let max_bubble = sim.ranks.iter().map(|r| r.bubble).fold(0.0, f64::max);
-        let peak = sim.ranks.iter().map(|r| r.peak_activations).max().unwrap_or(0);
+        let peak = sim
+            .ranks
+            .iter()
+            .map(|r| r.peak_activations)
+            .max()
+            .unwrap_or(0);
         let stages_held = sim.ranks.iter().map(|r| r.param_stages).max().unwrap_or(0);
         let _ = writeln!(
             s,

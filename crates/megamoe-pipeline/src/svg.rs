@@ -40,8 +40,8 @@ pub fn timeline_svg(sim: &Simulation, title: &str) -> String {
     } else {
         1.0
     };
-    // Aim for ~1400 px of plot, but never less than 14 px per cost unit.
-    let scale = (1400.0 / span).max(14.0);
+    // Aim for ~1400 px of plot, but never less than 24 px per cost unit (labels fit).
+    let scale = (1400.0 / span).max(24.0);
     let plot_w = span * scale;
     let width = left + plot_w + 20.0;
     let height = top + ranks as f64 * (row_h + gap) + 60.0;
