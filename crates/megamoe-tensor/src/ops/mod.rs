@@ -23,4 +23,5 @@ pub mod rope;
 pub mod routing;
 pub mod softmax;
 pub mod topk;
+pub mod mask;
 // New families: append `pub mod <family>;` here.

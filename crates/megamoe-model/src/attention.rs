@@ -1,0 +1,416 @@
+//! Causal self-attention with RoPE and grouped-query heads (GQA), PyTorch layout `[out, in]`.
+//!
+//! Shapes: `x [N, H]` with `N = B·T`; `q_proj [NH·D, H]`, `k_proj, v_proj [NKV·D, H]`,
+//! `o_proj [H, NH·D]`; `D` = head_dim, `NH` query heads, `NKV` KV heads (`NH % NKV = 0`,
+//! query head `h` reads KV head `h / (NH/NKV)`).
+//!
+//! ```text
+//! q = rope(x W_qᵀ), k = rope(x W_kᵀ), v = x W_vᵀ          (rotate-half RoPE, positions 0..T)
+//! P = causal_softmax(q kᵀ / √D)   per (b, h): bmm over B·NH
+//! o = P v;  y = o W_oᵀ
+//! ```
+//! KV heads are repeated to `B·NH` rows by a row gather (`index_select`) so every product is
+//! one batched GEMM; the backward sums the repeats with the deterministic `index_add_rows`.
+//! Forward saves `x`, rotated `q`, repeated `k`, `v`, `P` and `o`; `backward_input`
+//! returns `d_x` (fresh), `backward_weight` accumulates (+=).
+
+use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+
+use crate::error::{Error, Result};
+use crate::init::Init;
+
+/// Attention shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionConfig {
+    /// H.
+    pub d_model: usize,
+    /// NH.
+    pub n_heads: usize,
+    /// NKV (divides NH).
+    pub n_kv_heads: usize,
+    /// D (even, for RoPE).
+    pub head_dim: usize,
+    /// RoPE base θ.
+    pub rope_theta: f32,
+}
+
+/// Projection weights.
+#[derive(Debug, Clone)]
+pub struct AttentionParams {
+    /// `[NH·D, H]`.
+    pub q_proj: Tensor,
+    /// `[NKV·D, H]`.
+    pub k_proj: Tensor,
+    /// `[NKV·D, H]`.
+    pub v_proj: Tensor,
+    /// `[H, NH·D]`.
+    pub o_proj: Tensor,
+}
+
+impl AttentionParams {
+    /// `q/k/v ~ N(0, std)`, `o ~ N(0, out_std)`, keyed by `{prefix}.{q,k,v,o}_proj.weight`.
+    pub fn init(
+        c: &AttentionConfig,
+        init: &Init,
+        prefix: &str,
+        std: f32,
+        out_std: f32,
+    ) -> Result<Self> {
+        let (h, q, kv) = (c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        Ok(AttentionParams {
+            q_proj: init.randn(&format!("{prefix}.q_proj.weight"), &[q, h], std)?,
+            k_proj: init.randn(&format!("{prefix}.k_proj.weight"), &[kv, h], std)?,
+            v_proj: init.randn(&format!("{prefix}.v_proj.weight"), &[kv, h], std)?,
+            o_proj: init.randn(&format!("{prefix}.o_proj.weight"), &[h, q], out_std)?,
+        })
+    }
+
+    /// Enumerates `{prefix}.{q,k,v,o}_proj.weight` (all [`ParamRole::Matrix`]).
+    pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, &Tensor, ParamRole)) {
+        f(
+            &format!("{prefix}.q_proj.weight"),
+            &self.q_proj,
+            ParamRole::Matrix,
+        );
+        f(
+            &format!("{prefix}.k_proj.weight"),
+            &self.k_proj,
+            ParamRole::Matrix,
+        );
+        f(
+            &format!("{prefix}.v_proj.weight"),
+            &self.v_proj,
+            ParamRole::Matrix,
+        );
+        f(
+            &format!("{prefix}.o_proj.weight"),
+            &self.o_proj,
+            ParamRole::Matrix,
+        );
+    }
+
+    /// Mutable twin of [`AttentionParams::visit`].
+    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor, ParamRole)) {
+        f(
+            &format!("{prefix}.q_proj.weight"),
+            &mut self.q_proj,
+            ParamRole::Matrix,
+        );
+        f(
+            &format!("{prefix}.k_proj.weight"),
+            &mut self.k_proj,
+            ParamRole::Matrix,
+        );
+        f(
+            &format!("{prefix}.v_proj.weight"),
+            &mut self.v_proj,
+            ParamRole::Matrix,
+        );
+        f(
+            &format!("{prefix}.o_proj.weight"),
+            &mut self.o_proj,
+            ParamRole::Matrix,
+        );
+    }
+}
+
+/// What `backward_input` needs.
+#[derive(Debug)]
+pub struct AttentionSaved {
+    b: usize,
+    t: usize,
+    /// `[N, H]`.
+    x: Tensor,
+    /// Rotated queries `[B·NH, T, D]`.
+    q: Tensor,
+    /// Rotated keys repeated to query heads `[B·NH, T, D]`.
+    k: Tensor,
+    /// Values repeated `[B·NH, T, D]`.
+    v: Tensor,
+    /// Attention probabilities `[B·NH, T, T]`.
+    p: Tensor,
+    /// Heads output before `o_proj` `[N, NH·D]`.
+    o: Tensor,
+}
+
+/// What `backward_weight` needs.
+#[derive(Debug)]
+pub struct AttentionDeferredW {
+    x: Tensor,
+    o: Tensor,
+    d_y: Tensor,
+    /// `[N, NH·D]`.
+    d_q: Tensor,
+    /// `[N, NKV·D]`.
+    d_k: Tensor,
+    /// `[N, NKV·D]`.
+    d_v: Tensor,
+}
+
+/// Causal RoPE GQA attention.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attention {
+    /// Shape.
+    pub cfg: AttentionConfig,
+}
+
+impl Attention {
+    /// Checks the head layout.
+    pub fn new(cfg: AttentionConfig) -> Result<Attention> {
+        if cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
+            return Err(Error::Config {
+                field: "model.n_kv_heads",
+                value: cfg.n_kv_heads.to_string(),
+                rule: "must be >= 1 and divide model.n_heads",
+            });
+        }
+        if !cfg.head_dim.is_multiple_of(2) {
+            return Err(Error::Config {
+                field: "model.head_dim",
+                value: cfg.head_dim.to_string(),
+                rule: "must be even (rotate-half RoPE)",
+            });
+        }
+        Ok(Attention { cfg })
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
+    }
+
+    /// Row map `[B·NH]`: query head row `b·NH + h` reads KV row `b·NKV + h/(NH/NKV)`.
+    fn kv_rows(&self, b: usize, device: Device) -> Result<Tensor> {
+        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
+        let group = nh / nkv;
+        let idx = (0..b * nh)
+            .map(|r| ((r / nh) * nkv + (r % nh) / group) as i32)
+            .collect();
+        Ok(Tensor::from_vec_i32(idx, [b * nh], device)?)
+    }
+
+    /// `[N, heads·D]` → `[B·heads, T, D]` (RoPE first when `rope`).
+    fn split_heads(
+        &self,
+        x: Tensor,
+        b: usize,
+        t: usize,
+        heads: usize,
+        rope: bool,
+    ) -> Result<Tensor> {
+        let d = self.cfg.head_dim;
+        let mut x = x.reshape([b, t, heads, d])?;
+        if rope {
+            x = x.rope(self.cfg.rope_theta)?;
+        }
+        Ok(x.permute(&[0, 2, 1, 3])?.reshape([b * heads, t, d])?)
+    }
+
+    /// `[B·heads, T, D]` → `[N, heads·D]` (RoPE backward last when `rope`).
+    fn merge_heads(
+        &self,
+        x: Tensor,
+        b: usize,
+        t: usize,
+        heads: usize,
+        rope: bool,
+    ) -> Result<Tensor> {
+        let d = self.cfg.head_dim;
+        let mut x = x.reshape([b, heads, t, d])?.permute(&[0, 2, 1, 3])?;
+        if rope {
+            x = x.rope_backward(self.cfg.rope_theta)?;
+        }
+        Ok(x.reshape([b * t, heads * d])?)
+    }
+
+    /// Repeats KV heads `[B·NKV, T, D]` → `[B·NH, T, D]` (no copy when NKV = NH).
+    fn repeat_kv(&self, x: Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let (nh, nkv, d) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
+        if nh == nkv {
+            return Ok(x);
+        }
+        let rows = self.kv_rows(b, x.device())?;
+        Ok(x.reshape([b * nkv, t * d])?
+            .index_select(&rows)?
+            .reshape([b * nh, t, d])?)
+    }
+
+    /// Backward of [`Attention::repeat_kv`]: sums the repeats.
+    fn reduce_kv(&self, d: Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
+        if nh == nkv {
+            return Ok(d);
+        }
+        let rows = self.kv_rows(b, d.device())?;
+        let acc = Tensor::zeros([b * nkv, t * hd], DType::F32, d.device())?;
+        Ok(acc
+            .index_add_rows(&rows, &d.reshape([b * nh, t * hd])?, None)?
+            .reshape([b * nkv, t, hd])?)
+    }
+
+    /// `x [N, H]` of `b` sequences of length `t` → `y [N, H]`.
+    pub fn forward(
+        &self,
+        p: &AttentionParams,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+    ) -> Result<(Tensor, AttentionSaved)> {
+        if x.dims() != [b * t, self.cfg.d_model] {
+            return Err(Error::Input {
+                arg: "attention x",
+                got: x.dims().to_vec(),
+                rule: "must be [B·T, d_model]",
+            });
+        }
+        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
+        let q = self.split_heads(x.matmul(&p.q_proj, false, true)?, b, t, nh, true)?;
+        let k = self.split_heads(x.matmul(&p.k_proj, false, true)?, b, t, nkv, true)?;
+        let v = self.split_heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
+        let k = self.repeat_kv(k, b, t)?;
+        let v = self.repeat_kv(v, b, t)?;
+        let probs = q.bmm(&k, false, true)?.causal_softmax(self.scale())?;
+        let o = self.merge_heads(probs.bmm(&v, false, false)?, b, t, nh, false)?;
+        let y = o.matmul(&p.o_proj, false, true)?;
+        Ok((
+            y,
+            AttentionSaved {
+                b,
+                t,
+                x: x.clone(),
+                q,
+                k,
+                v,
+                p: probs,
+                o,
+            },
+        ))
+    }
+
+    /// `d_y [N, H]` → `d_x [N, H]` (fresh).
+    pub fn backward_input(
+        &self,
+        p: &AttentionParams,
+        d_y: &Tensor,
+        s: AttentionSaved,
+    ) -> Result<(Tensor, AttentionDeferredW)> {
+        let (b, t) = (s.b, s.t);
+        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
+        let d_o = self.split_heads(d_y.matmul(&p.o_proj, false, false)?, b, t, nh, false)?;
+        let d_p = d_o.bmm(&s.v, false, true)?;
+        let d_v = s.p.bmm(&d_o, true, false)?;
+        let d_s = s.p.causal_softmax_backward(&d_p, self.scale())?;
+        let d_q = d_s.bmm(&s.k, false, false)?;
+        let d_k = d_s.bmm(&s.q, true, false)?;
+        let d_q = self.merge_heads(d_q, b, t, nh, true)?;
+        let d_k = self.merge_heads(self.reduce_kv(d_k, b, t)?, b, t, nkv, true)?;
+        let d_v = self.merge_heads(self.reduce_kv(d_v, b, t)?, b, t, nkv, false)?;
+        let mut d_x = d_q.matmul(&p.q_proj, false, false)?;
+        d_x.matmul_acc(&d_k, &p.k_proj, false, false, 1.0)?;
+        d_x.matmul_acc(&d_v, &p.v_proj, false, false, 1.0)?;
+        Ok((
+            d_x,
+            AttentionDeferredW {
+                x: s.x,
+                o: s.o,
+                d_y: d_y.clone(),
+                d_q,
+                d_k,
+                d_v,
+            },
+        ))
+    }
+
+    /// Accumulates (+=) the projection gradients into `g`.
+    pub fn backward_weight(&self, w: AttentionDeferredW, g: &mut AttentionParams) -> Result<()> {
+        g.q_proj.matmul_acc(&w.d_q, &w.x, true, false, 1.0)?;
+        g.k_proj.matmul_acc(&w.d_k, &w.x, true, false, 1.0)?;
+        g.v_proj.matmul_acc(&w.d_v, &w.x, true, false, 1.0)?;
+        g.o_proj.matmul_acc(&w.d_y, &w.o, true, false, 1.0)?;
+        Ok(())
+    }
+
+    /// I then W.
+    pub fn backward(
+        &self,
+        p: &AttentionParams,
+        d_y: &Tensor,
+        s: AttentionSaved,
+        g: &mut AttentionParams,
+    ) -> Result<Tensor> {
+        let (d_x, w) = self.backward_input(p, d_y, s)?;
+        self.backward_weight(w, g)?;
+        Ok(d_x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad_check::{check, randn, Probe};
+    use crate::init::zeros_like_params;
+
+    fn setup(nh: usize, nkv: usize) -> (Attention, AttentionParams, Tensor) {
+        let cfg = AttentionConfig {
+            d_model: 8,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: 4,
+            rope_theta: 10000.0,
+        };
+        let attn = Attention::new(cfg).unwrap();
+        let p = AttentionParams::init(&cfg, &Init::new(3), "attn", 0.5, 0.5).unwrap();
+        (attn, p, randn(5, &[2 * 5, 8], 1.0))
+    }
+
+    #[test]
+    fn gqa_attention_backward_matches_finite_differences() {
+        let (attn, p, x) = setup(4, 2);
+        let probe = Probe::new(9, &[10, 8]);
+        let (_, s) = attn.forward(&p, &x, 2, 5).unwrap();
+        let mut g = p.clone();
+        zeros_like_params(&mut |f| g.visit_mut("attn", f)).unwrap();
+        let d_x = attn.backward(&p, &probe.r, s, &mut g).unwrap();
+        let run =
+            |q: &AttentionParams, x: &Tensor| probe.loss(&attn.forward(q, x, 2, 5).unwrap().0);
+        check("d_x", &x, &d_x, |t| run(&p, t));
+        let grads = [&g.q_proj, &g.k_proj, &g.v_proj, &g.o_proj];
+        for (i, grad) in grads.into_iter().enumerate() {
+            let base = [&p.q_proj, &p.k_proj, &p.v_proj, &p.o_proj][i];
+            check(&format!("proj{i}"), base, grad, |t| {
+                let mut q = p.clone();
+                *[&mut q.q_proj, &mut q.k_proj, &mut q.v_proj, &mut q.o_proj][i] = t.clone();
+                run(&q, &x)
+            });
+        }
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        // Changing the last token of each sequence must not change any earlier output row.
+        let (attn, p, x) = setup(2, 1);
+        let (y0, _) = attn.forward(&p, &x, 2, 5).unwrap();
+        let mut h = x.to_host_f32().unwrap();
+        for v in &mut h[4 * 8..5 * 8] {
+            *v += 1.0;
+        }
+        let x1 = Tensor::from_vec_f32(h, [10, 8], Device::Cpu).unwrap();
+        let (y1, _) = attn.forward(&p, &x1, 2, 5).unwrap();
+        let (a, b) = (y0.to_host_f32().unwrap(), y1.to_host_f32().unwrap());
+        assert_eq!(a[..4 * 8], b[..4 * 8]);
+        assert_ne!(a[4 * 8..5 * 8], b[4 * 8..5 * 8]);
+        assert_eq!(a[5 * 8..], b[5 * 8..]);
+    }
+
+    #[test]
+    fn n_kv_heads_not_dividing_n_heads_is_a_config_error() {
+        let cfg = AttentionConfig {
+            d_model: 8,
+            n_heads: 4,
+            n_kv_heads: 3,
+            head_dim: 2,
+            rope_theta: 1e4,
+        };
+        let e = Attention::new(cfg).unwrap_err().to_string();
+        assert!(e.contains("model.n_kv_heads=3"), "{e}");
+    }
+}

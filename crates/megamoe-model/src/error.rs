@@ -1,0 +1,47 @@
+//! Typed errors of the model crate.
+
+/// Result alias of the model crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Every failure the model's constructors, forward and backward can report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- lower crates ----
+    /// A tensor op failed (shape, dtype, index out of range, ...).
+    #[error(transparent)]
+    Tensor(#[from] megamoe_tensor::Error),
+
+    // ---- config ----
+    /// A config value breaks a rule of the model.
+    #[error("model config: {field}={value} {rule}")]
+    Config {
+        /// Config field.
+        field: &'static str,
+        /// Offending value.
+        value: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+
+    // ---- inputs ----
+    /// An input tensor has the wrong shape or dtype.
+    #[error("model input `{arg}`: got shape {got:?}, {rule}")]
+    Input {
+        /// Argument name.
+        arg: &'static str,
+        /// Actual shape.
+        got: Vec<usize>,
+        /// What should have held.
+        rule: &'static str,
+    },
+
+    /// A saved-activation record does not belong to the layer or parameters it is given to.
+    #[error("{layer}: saved activations do not match: {rule}")]
+    SavedMismatch {
+        /// Layer name.
+        layer: &'static str,
+        /// What did not match.
+        rule: &'static str,
+    },
+}

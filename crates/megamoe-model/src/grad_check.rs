@@ -1,0 +1,101 @@
+//! Test-only helpers: deterministic random tensors and central finite differences.
+//!
+//! FD runs in f32 (the only float dtype with full math): with step `EPS = 1e-2` the
+//! truncation error is O(EPS²) ≈ 1e-4 relative and the rounding error about
+//! 1e-7·|L|/EPS; the tolerance `REL_TOL = 2e-2` (relative to the largest |grad|, plus
+//! `ABS_TOL`) leaves room for both on the tiny shapes the tests use.
+
+use megamoe_tensor::{Device, Tensor};
+
+/// FD step.
+pub const EPS: f32 = 1e-2;
+/// Relative tolerance against max |analytic grad|.
+pub const REL_TOL: f64 = 2e-2;
+/// Absolute floor.
+pub const ABS_TOL: f64 = 2e-3;
+
+/// splitmix64 step.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Standard-normal-ish values (sum of uniforms; exact distribution is irrelevant here).
+pub fn randn(seed: u64, dims: &[usize], std: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v = (0..n)
+        .map(|i| {
+            let mut s = 0.0f32;
+            for j in 0..4u64 {
+                let u = mix(seed.wrapping_mul(1_000_003) ^ ((i as u64) << 3 | j)) >> 40;
+                s += u as f32 / (1u64 << 24) as f32;
+            }
+            (s - 2.0) * 1.732 * std
+        })
+        .collect();
+    Tensor::from_vec_f32(v, dims.to_vec(), Device::Cpu).unwrap()
+}
+
+/// A random projection `L = Σ r ⊙ y` used to turn a tensor output into a scalar loss.
+pub struct Probe {
+    /// The upstream gradient `dL/dy = r`.
+    pub r: Tensor,
+}
+
+impl Probe {
+    /// A probe for outputs of shape `dims`.
+    pub fn new(seed: u64, dims: &[usize]) -> Probe {
+        Probe {
+            r: randn(seed, dims, 1.0),
+        }
+    }
+    /// `Σ r ⊙ y` in f64.
+    pub fn loss(&self, y: &Tensor) -> f64 {
+        let r = self.r.to_host_f32().unwrap();
+        let y = y.to_host_f32().unwrap();
+        assert_eq!(r.len(), y.len());
+        r.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+}
+
+/// Central-difference check of `analytic = d f / d x` at `x`, on up to 48 elements.
+pub fn check(name: &str, x: &Tensor, analytic: &Tensor, f: impl Fn(&Tensor) -> f64) {
+    check_with(name, x, analytic, f, EPS, REL_TOL)
+}
+
+/// [`check`] with an explicit step and tolerance.
+pub fn check_with(
+    name: &str,
+    x: &Tensor,
+    analytic: &Tensor,
+    f: impl Fn(&Tensor) -> f64,
+    eps: f32,
+    rel_tol: f64,
+) {
+    assert_eq!(x.dims(), analytic.dims(), "{name}: grad shape");
+    let base = x.to_host_f32().unwrap();
+    let a = analytic.to_host_f32().unwrap();
+    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let n = base.len();
+    let stride = n.div_ceil(48).max(1);
+    let mut worst = 0.0f64;
+    for i in (0..n).step_by(stride) {
+        let mut p = base.clone();
+        p[i] = base[i] + eps;
+        let up = f(&Tensor::from_vec_f32(p.clone(), x.dims().to_vec(), Device::Cpu).unwrap());
+        p[i] = base[i] - eps;
+        let dn = f(&Tensor::from_vec_f32(p, x.dims().to_vec(), Device::Cpu).unwrap());
+        let fd = (up - dn) / (2.0 * eps as f64);
+        let err = (fd - a[i] as f64).abs();
+        worst = worst.max(err);
+        assert!(
+            err <= rel_tol * scale + ABS_TOL,
+            "{name}[{i}]: analytic {} vs finite difference {fd} (scale {scale})",
+            a[i]
+        );
+    }
+    assert!(scale > 0.0, "{name}: analytic gradient is all zero");
+    let _ = worst;
+}
