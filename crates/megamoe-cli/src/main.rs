@@ -1,21 +1,49 @@
 //! The `megamoe` command-line tool: parse, run, map errors to exit codes
-//! (0 ok, 1 stopped by a guard, 2 error).
+//! (0 ok, 1 stopped by a guard, 2 error). One module per subcommand.
+
+mod args;
+mod plan_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 /// megamoe: plan, schedule and train Mixture-of-Experts transformers across devices.
+///
+/// Every command that takes --config also takes repeated --set section.key=value
+/// overrides. Exit codes: 0 ok, 1 stopped by a guard (NaN, divergence), 2 error.
 #[derive(Parser)]
-#[command(name = "megamoe", version, about, long_about = None)]
+#[command(name = "megamoe", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Validate a config and print the parallel layout, MoE capacity, FSDP
+    /// shards and per-rank memory, before any device is used.
+    Plan(plan_cmd::PlanArgs),
+}
+
+/// Prints an error as one line (the context chain joined by ": ") and returns exit code 2.
+fn fail(err: anyhow::Error) -> ExitCode {
+    let msg = err
+        .chain()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ");
+    eprintln!("error: {msg}");
+    ExitCode::from(2)
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    let result = match cli.command {
+        Command::Plan(args) => plan_cmd::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => fail(err),
+    }
 }

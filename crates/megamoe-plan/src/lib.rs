@@ -40,6 +40,7 @@ pub mod group_routing;
 pub mod memory;
 mod mesh;
 mod modes;
+mod moe_plan;
 pub mod null_slot;
 pub mod params;
 mod plan;
@@ -81,7 +82,10 @@ pub use seed_memory::{
     estimate_fsdp_memory, estimate_memory_per_device, estimate_rank_memory, FsdpMemoryInputs,
     PerDeviceMemory, RankMemoryEstimate,
 };
-pub use shard::{chunk, local_grad_slice, qkv_local_split_sizes, shard0_bounds, RowShard};
+pub use shard::{
+    chunk, fsdp_shard_table, local_grad_slice, qkv_local_split_sizes, shard0_bounds, MatrixShard,
+    RowShard,
+};
 pub use stages::{rank_stages, stage_count, RankStages, StageMap};
 pub use tp::{partition_heads, partition_qkv_heads, HeadPartition};
 pub use triage::{

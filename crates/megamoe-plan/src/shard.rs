@@ -150,3 +150,108 @@ mod tests {
         assert_eq!(qkv_local_split_sizes(&[0, 0], 3), vec![0, 0]);
     }
 }
+
+/// FSDP dim-0 shard rows of one (TP-local) matrix over its data-parallel group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatrixShard {
+    /// Parameter name (PyTorch layout, per layer where it repeats).
+    pub name: String,
+    /// Dim-0 rows of the TP-local tensor (stacked experts: local experts El).
+    pub rows: usize,
+    /// Elements per row.
+    pub row_elems: usize,
+    /// Data-parallel group size N the rows are sharded over.
+    pub group: usize,
+    /// `chunk` rule: rows per rank ceil(rows/N) (also the padded shard size).
+    pub chunk_rows: usize,
+    /// `chunk` rule: rows of the last rank (may be 0).
+    pub chunk_last_rows: usize,
+    /// `even` rule: fewest and most rows of a rank.
+    pub even_rows: (usize, usize),
+}
+
+impl MatrixShard {
+    fn new(name: &str, rows: usize, row_elems: usize, group: usize) -> MatrixShard {
+        let group = group.max(1);
+        let last = chunk(rows, group, group - 1);
+        let min = shard0_bounds(rows, group, group - 1).1;
+        let max = shard0_bounds(rows, group, 0).1;
+        MatrixShard {
+            name: name.to_string(),
+            rows,
+            row_elems,
+            group,
+            chunk_rows: last.padded_len,
+            chunk_last_rows: last.len,
+            even_rows: (min, max),
+        }
+    }
+}
+
+/// Shard rows of the biggest matrices of `plan` (TP-local shapes; dense params
+/// over the dense DP group dp·ep·cp, experts over dp·cp), largest first.
+pub fn fsdp_shard_table(plan: &crate::Plan) -> Vec<MatrixShard> {
+    let m = &plan.model;
+    let tp = plan.parallel.tp;
+    let (nd, ne) = (plan.mesh.dense_dp_size(), plan.mesh.expert_dp_size());
+    let mut out = vec![
+        MatrixShard::new("embedding.weight", m.vocab_size / tp, m.d_model, nd),
+        MatrixShard::new(
+            "attn.q_proj.weight",
+            m.n_heads * m.head_dim / tp,
+            m.d_model,
+            nd,
+        ),
+        MatrixShard::new(
+            "attn.o_proj.weight",
+            m.d_model,
+            m.n_heads * m.head_dim / tp,
+            nd,
+        ),
+    ];
+    if !m.tie_embeddings {
+        out.push(MatrixShard::new(
+            "lm_head.weight",
+            m.vocab_size / tp,
+            m.d_model,
+            nd,
+        ));
+    }
+    let has_dense = plan
+        .moe
+        .as_ref()
+        .is_none_or(|moe| moe.moe_layers.len() < m.n_layers);
+    if has_dense {
+        out.push(MatrixShard::new(
+            "mlp.up_proj.weight",
+            m.ffn_hidden / tp,
+            m.d_model,
+            nd,
+        ));
+    }
+    if let Some(moe) = &plan.moe {
+        // Stacked [El, h/tp, d]: FSDP shards dim 0, the local experts.
+        out.push(MatrixShard::new(
+            "experts.up_proj",
+            moe.experts_per_ep_rank,
+            moe.expert_hidden / tp * m.d_model,
+            ne,
+        ));
+        out.push(MatrixShard::new(
+            "router.weight",
+            moe.routed_experts,
+            m.d_model,
+            nd,
+        ));
+        if let Some(s) = moe.shared {
+            out.push(MatrixShard::new(
+                "shared_experts.up_proj",
+                s.total_hidden / tp,
+                m.d_model,
+                nd,
+            ));
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.rows * s.row_elems));
+    out
+}
