@@ -1,0 +1,134 @@
+//! AdamW (Loshchilov & Hutter): Adam moments with decoupled weight decay, f32 moments and
+//! bias correction, in PyTorch `torch.optim.AdamW` order:
+//!
+//! ```text
+//! p ← p·(1 − lr·λ)                         (decoupled decay; λ = 0 for norms/biases)
+//! m ← β1·m + (1 − β1)·g
+//! v ← β2·v + (1 − β2)·g²
+//! p ← p − lr/(1 − β1ᵗ) · m / (√(v/(1 − β2ᵗ)) + ε)
+//! ```
+
+use megamoe_plan::OptimPlan;
+use megamoe_tensor::{DType, Tensor};
+
+use crate::error::{OptimError, Result};
+
+/// AdamW hyper-parameters (the learning rate comes per step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// β1 (first moment decay).
+    pub beta1: f64,
+    /// β2 (second moment decay).
+    pub beta2: f64,
+    /// ε added to √v̂.
+    pub eps: f64,
+    /// Decoupled weight decay λ (applied only to roles with weight decay).
+    pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    /// The AdamW settings of a resolved `[optim]` section.
+    pub fn from_plan(plan: &OptimPlan) -> AdamWConfig {
+        AdamWConfig {
+            beta1: plan.beta1,
+            beta2: plan.beta2,
+            eps: plan.eps,
+            weight_decay: plan.weight_decay,
+        }
+    }
+
+    /// Checks β ∈ [0, 1), ε > 0, λ ≥ 0 (all finite).
+    pub fn validate(&self) -> Result<()> {
+        let checks: [(&'static str, f64, bool, &'static str); 4] = [
+            (
+                "optim.beta1",
+                self.beta1,
+                (0.0..1.0).contains(&self.beta1),
+                "must be in [0, 1)",
+            ),
+            (
+                "optim.beta2",
+                self.beta2,
+                (0.0..1.0).contains(&self.beta2),
+                "must be in [0, 1)",
+            ),
+            ("optim.eps", self.eps, self.eps > 0.0, "must be > 0"),
+            (
+                "optim.weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "must be >= 0",
+            ),
+        ];
+        for (field, value, ok, rule) in checks {
+            if !ok || !value.is_finite() {
+                return Err(OptimError::InvalidArgument {
+                    field,
+                    value: value.to_string(),
+                    rule,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-parameter AdamW state: the two moments, f32, shaped like the parameter.
+#[derive(Debug, Clone)]
+pub struct AdamWState {
+    /// First moment `m` (`exp_avg` in PyTorch).
+    pub exp_avg: Tensor,
+    /// Second moment `v` (`exp_avg_sq` in PyTorch).
+    pub exp_avg_sq: Tensor,
+}
+
+impl AdamWState {
+    /// Zero moments for a parameter shaped `like`.
+    pub fn zeros_like(like: &Tensor) -> Result<AdamWState> {
+        Ok(AdamWState {
+            exp_avg: Tensor::zeros(like.dims(), DType::F32, like.device())?,
+            exp_avg_sq: Tensor::zeros(like.dims(), DType::F32, like.device())?,
+        })
+    }
+}
+
+/// One AdamW update of an f32 parameter `param` with gradient `grad`, updating `state`.
+///
+/// `t` is the 1-based step count used for bias correction; `decay` says whether weight decay
+/// applies to this parameter (see `ParamRole::has_weight_decay`). Returns the new parameter
+/// (f32), written fresh.
+pub fn adamw_update(
+    param: &Tensor,
+    grad: &Tensor,
+    state: &mut AdamWState,
+    cfg: &AdamWConfig,
+    lr: f64,
+    t: u64,
+    decay: bool,
+) -> Result<Tensor> {
+    let (b1, b2) = (cfg.beta1, cfg.beta2);
+    // m ← β1 m + (1−β1) g ; v ← β2 v + (1−β2) g²
+    let mut m = state.exp_avg.scale(b1 as f32)?;
+    m.axpy((1.0 - b1) as f32, grad)?;
+    let mut v = state.exp_avg_sq.scale(b2 as f32)?;
+    v.axpy((1.0 - b2) as f32, &grad.square()?)?;
+    let t = t.max(1) as i32;
+    let bc1 = 1.0 - b1.powi(t);
+    let bc2 = 1.0 - b2.powi(t);
+    // denom = √(v / bc2) + ε
+    let denom = v
+        .scale((1.0 / bc2) as f32)?
+        .sqrt()?
+        .add_scalar(cfg.eps as f32)?;
+    let step = m.div(&denom)?;
+    let wd = if decay { cfg.weight_decay } else { 0.0 };
+    let mut p = if wd != 0.0 {
+        param.scale((1.0 - lr * wd) as f32)?
+    } else {
+        param.to_dtype(DType::F32)? // axpy below copies on write: `param` is never modified
+    };
+    p.axpy((-lr / bc1) as f32, &step)?;
+    state.exp_avg = m;
+    state.exp_avg_sq = v;
+    Ok(p)
+}

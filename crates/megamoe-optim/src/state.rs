@@ -1,0 +1,474 @@
+//! [`Optimizer`]: per-parameter state keyed by parameter name, routed by [`ParamRole`]
+//! (Muon for hidden matrices when `optim.name = "muon"`, AdamW for the rest), enumerable
+//! for checkpoints and loadable back with shape checks.
+//!
+//! State keys (PyTorch `state_dict` vocabulary, flattened):
+//! - `exp_avg.<param>`, `exp_avg_sq.<param>`: AdamW moments (f32);
+//! - `momentum_buffer.<param>`: Muon momentum (f32);
+//! - `master.<param>`: f32 master copy of a parameter stored in bf16.
+//!
+//! The step count (bias correction) is a host integer: [`Optimizer::steps_taken`] goes into
+//! the checkpoint JSON and back through [`Optimizer::load_state`].
+
+use std::collections::{HashMap, HashSet};
+
+use megamoe_plan::{qkv_local_split_sizes, OptimPlan, OptimizerKind};
+use megamoe_tensor::{DType, ParamRole, Tensor};
+
+use crate::adamw::{adamw_update, AdamWConfig, AdamWState};
+use crate::error::{OptimError, Result};
+use crate::muon::{muon_update, MuonConfig, NsPrecision};
+use crate::param_groups::{update_rule, UpdateRule};
+use crate::params::{Visitor, VisitorMut};
+
+/// State key prefixes, in the order [`Optimizer::visit_state`] yields them per parameter.
+pub const STATE_KINDS: [&str; 4] = ["exp_avg", "exp_avg_sq", "momentum_buffer", "master"];
+
+/// Everything the optimizer keeps for one parameter.
+#[derive(Debug, Clone)]
+pub struct ParamState {
+    /// Parameter name.
+    pub name: String,
+    /// Role it was registered with.
+    pub role: ParamRole,
+    /// Shape it was registered with.
+    pub dims: Vec<usize>,
+    /// Update rule.
+    pub rule: UpdateRule,
+    /// Fused row blocks (declared full rows; empty = not fused).
+    pub fused_blocks: Vec<usize>,
+    /// AdamW moments (AdamW rule).
+    pub adamw: Option<AdamWState>,
+    /// Muon momentum (Muon rule).
+    pub momentum: Option<Tensor>,
+    /// f32 master weights when the parameter is stored in bf16.
+    pub master: Option<Tensor>,
+}
+
+impl ParamState {
+    fn tensors(&self) -> [(&'static str, Option<&Tensor>); 4] {
+        [
+            ("exp_avg", self.adamw.as_ref().map(|s| &s.exp_avg)),
+            ("exp_avg_sq", self.adamw.as_ref().map(|s| &s.exp_avg_sq)),
+            ("momentum_buffer", self.momentum.as_ref()),
+            ("master", self.master.as_ref()),
+        ]
+    }
+
+    fn tensor_mut(&mut self, kind: &str) -> Option<&mut Tensor> {
+        match kind {
+            "exp_avg" => self.adamw.as_mut().map(|s| &mut s.exp_avg),
+            "exp_avg_sq" => self.adamw.as_mut().map(|s| &mut s.exp_avg_sq),
+            "momentum_buffer" => self.momentum.as_mut(),
+            "master" => self.master.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// Row blocks for NS given the per-matrix row count (seed `qkv_local_split_sizes` when
+    /// the parameter is a local shard of the declared fused rows).
+    fn blocks(&self) -> Vec<usize> {
+        if self.fused_blocks.is_empty() {
+            return Vec::new();
+        }
+        let rows = match self.dims.as_slice() {
+            [r, _] | [_, r, _] => *r,
+            _ => 0,
+        };
+        qkv_local_split_sizes(&self.fused_blocks, rows)
+    }
+}
+
+/// AdamW + Muon over named parameters (see the module docs for state keys).
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    plan: OptimPlan,
+    adamw: AdamWConfig,
+    muon: Option<MuonConfig>,
+    params: Vec<ParamState>,
+    index: HashMap<String, usize>,
+    steps: u64,
+}
+
+fn check_role_shape(name: &str, role: ParamRole, dims: &[usize], muon: bool) -> Result<()> {
+    let (ok, rule) = match role {
+        ParamRole::Matrix => (dims.len() == 2, "a Matrix parameter must be 2-D [out, in]"),
+        ParamRole::ExpertBank => (
+            dims.len() == 3,
+            "an ExpertBank parameter must be 3-D [E, out, in]",
+        ),
+        _ => (true, ""),
+    };
+    if muon && !ok {
+        return Err(OptimError::RoleShape {
+            name: name.to_string(),
+            role,
+            dims: dims.to_vec(),
+            rule,
+        });
+    }
+    Ok(())
+}
+
+impl Optimizer {
+    /// Registers every parameter `visit_params` yields and allocates zero state for it.
+    ///
+    /// Errors: duplicate names, Muon-routed parameters of the wrong rank, `optim.name =
+    /// muon` without Muon settings, invalid AdamW numbers.
+    pub fn new(plan: &OptimPlan, visit_params: &mut Visitor<'_>) -> Result<Optimizer> {
+        let adamw = AdamWConfig::from_plan(plan);
+        adamw.validate()?;
+        let muon = match (plan.kind, plan.muon) {
+            (OptimizerKind::Muon, Some(m)) => Some(MuonConfig::from_plan(plan, &m)),
+            (OptimizerKind::Muon, None) => return Err(OptimError::MissingMuonPlan),
+            _ => None,
+        };
+        let mut opt = Optimizer {
+            plan: *plan,
+            adamw,
+            muon,
+            params: Vec::new(),
+            index: HashMap::new(),
+            steps: 0,
+        };
+        let mut err: Option<OptimError> = None;
+        visit_params(&mut |name, t, role| {
+            if err.is_none() {
+                if let Err(e) = opt.register(name, t, role) {
+                    err = Some(e);
+                }
+            }
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(opt),
+        }
+    }
+
+    fn register(&mut self, name: &str, t: &Tensor, role: ParamRole) -> Result<()> {
+        if self.index.contains_key(name) {
+            return Err(OptimError::DuplicateParam {
+                name: name.to_string(),
+            });
+        }
+        let rule = update_rule(self.plan.kind, role);
+        check_role_shape(name, role, t.dims(), rule.is_muon())?;
+        let zeros = || Tensor::zeros(t.dims(), DType::F32, t.device());
+        let (adamw, momentum) = match rule {
+            UpdateRule::AdamW { .. } => (Some(AdamWState::zeros_like(t)?), None),
+            UpdateRule::Muon { .. } => (None, Some(zeros()?)),
+        };
+        let master = match t.dtype() {
+            DType::BF16 => Some(t.to_dtype(DType::F32)?),
+            _ => None,
+        };
+        self.index.insert(name.to_string(), self.params.len());
+        self.params.push(ParamState {
+            name: name.to_string(),
+            role,
+            dims: t.dims().to_vec(),
+            rule,
+            fused_blocks: Vec::new(),
+            adamw,
+            momentum,
+            master,
+        });
+        Ok(())
+    }
+
+    /// Declares `name` a fused projection whose rows are the blocks `splits` (e.g. q, k, v
+    /// rows of a fused QKV weight): Muon orthogonalises each block on its own. When the
+    /// parameter holds fewer rows than `Σ splits` (a local shard), the blocks are scaled with
+    /// the seed's `qkv_local_split_sizes`. No effect on AdamW-routed parameters.
+    pub fn with_fused_split(mut self, name: &str, splits: &[usize]) -> Result<Optimizer> {
+        let idx = *self
+            .index
+            .get(name)
+            .ok_or_else(|| OptimError::UnknownParam {
+                name: name.to_string(),
+            })?;
+        let p = &mut self.params[idx];
+        let rows = match p.dims.as_slice() {
+            [r, _] | [_, r, _] => *r,
+            _ => 0,
+        };
+        let full: usize = splits.iter().sum();
+        let rule = if splits.len() < 2 {
+            Some("needs at least two blocks")
+        } else if splits.contains(&0) {
+            Some("every block needs at least one row")
+        } else if rows > full {
+            Some("the blocks must cover at least the parameter's rows")
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            return Err(OptimError::FusedSplit {
+                name: name.to_string(),
+                splits: splits.to_vec(),
+                rows,
+                rule,
+            });
+        }
+        p.fused_blocks = splits.to_vec();
+        Ok(self)
+    }
+
+    /// Sets the Newton–Schulz element type (default f32).
+    pub fn set_ns_precision(&mut self, precision: NsPrecision) {
+        if let Some(m) = &mut self.muon {
+            m.ns_precision = precision;
+        }
+    }
+
+    /// Optimizer steps taken so far (bias-correction count; store it in the checkpoint).
+    pub fn steps_taken(&self) -> u64 {
+        self.steps
+    }
+
+    /// The settings this optimizer was built from.
+    pub fn plan(&self) -> &OptimPlan {
+        &self.plan
+    }
+
+    /// The state of every parameter, in registration order.
+    pub fn param_states(&self) -> &[ParamState] {
+        &self.params
+    }
+
+    /// The update rule of parameter `name`.
+    pub fn rule_of(&self, name: &str) -> Option<UpdateRule> {
+        self.index.get(name).map(|&i| self.params[i].rule)
+    }
+
+    /// Muon's learning rate when AdamW's is `lr`: `muon.lr · lr / optim.lr` (same schedule).
+    pub fn muon_lr(&self, lr: f64) -> Option<f64> {
+        self.plan.muon.map(|m| m.lr * lr / self.plan.lr)
+    }
+
+    /// One optimizer step over every registered parameter.
+    ///
+    /// `lr` is the AdamW learning rate of this step (`Schedule::lr`); Muon parameters use
+    /// [`Optimizer::muon_lr`]`(lr)`. Every parameter must have exactly one gradient of its
+    /// shape (same name); every registered parameter must be visited. All names and shapes
+    /// are checked before anything is updated, so on such an error nothing changes.
+    pub fn step(
+        &mut self,
+        visit_params: &mut VisitorMut<'_>,
+        visit_grads: &mut Visitor<'_>,
+        lr: f64,
+    ) -> Result<()> {
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(OptimError::InvalidArgument {
+                field: "lr",
+                value: lr.to_string(),
+                rule: "must be finite and >= 0",
+            });
+        }
+        let grads = self.collect_grads(visit_grads)?;
+        self.check_params(visit_params, &grads)?;
+        let t = self.steps + 1;
+        let muon_lr = self.muon_lr(lr).unwrap_or(lr);
+        let mut err: Option<OptimError> = None;
+        let (adamw, muon) = (self.adamw, self.muon);
+        let (params, index) = (&mut self.params, &self.index);
+        visit_params(&mut |name, p, _| {
+            if err.is_some() {
+                return;
+            }
+            let (Some(&i), Some(g)) = (index.get(name), grads.get(name)) else {
+                return; // checked above
+            };
+            let st = &mut params[i];
+            let result = update_one(st, p, g, &adamw, muon.as_ref(), lr, muon_lr, t);
+            if let Err(e) = result {
+                err = Some(e);
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        self.steps = t;
+        Ok(())
+    }
+
+    fn collect_grads(&self, visit_grads: &mut Visitor<'_>) -> Result<HashMap<String, Tensor>> {
+        let mut grads = HashMap::with_capacity(self.params.len());
+        let mut err: Option<OptimError> = None;
+        visit_grads(&mut |name, g, _| {
+            if err.is_some() {
+                return;
+            }
+            let Some(&i) = self.index.get(name) else {
+                err = Some(OptimError::OrphanGrad {
+                    name: name.to_string(),
+                });
+                return;
+            };
+            if g.dims() != self.params[i].dims.as_slice() {
+                err = Some(OptimError::ShapeMismatch {
+                    name: name.to_string(),
+                    what: "gradient",
+                    expected: self.params[i].dims.clone(),
+                    got: g.dims().to_vec(),
+                });
+                return;
+            }
+            if grads.insert(name.to_string(), g.clone()).is_some() {
+                err = Some(OptimError::DuplicateParam {
+                    name: name.to_string(),
+                });
+            }
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(grads),
+        }
+    }
+
+    fn check_params(
+        &self,
+        visit_params: &mut VisitorMut<'_>,
+        grads: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let mut seen = HashSet::with_capacity(self.params.len());
+        let mut err: Option<OptimError> = None;
+        visit_params(&mut |name, p, _| {
+            if err.is_some() {
+                return;
+            }
+            let Some(&i) = self.index.get(name) else {
+                err = Some(OptimError::UnknownParam {
+                    name: name.to_string(),
+                });
+                return;
+            };
+            if p.dims() != self.params[i].dims.as_slice() {
+                err = Some(OptimError::ShapeMismatch {
+                    name: name.to_string(),
+                    what: "parameter",
+                    expected: self.params[i].dims.clone(),
+                    got: p.dims().to_vec(),
+                });
+            } else if !grads.contains_key(name) {
+                err = Some(OptimError::MissingGrad {
+                    name: name.to_string(),
+                });
+            } else if !seen.insert(name.to_string()) {
+                err = Some(OptimError::DuplicateParam {
+                    name: name.to_string(),
+                });
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if let Some(p) = self.params.iter().find(|p| !seen.contains(&p.name)) {
+            return Err(OptimError::ParamNotVisited {
+                name: p.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Visits every state tensor as `("<kind>.<param>", tensor)`, parameters in registration
+    /// order, kinds in [`STATE_KINDS`] order (only those the parameter has).
+    pub fn visit_state(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        for p in &self.params {
+            for (kind, t) in p.tensors() {
+                if let Some(t) = t {
+                    f(&format!("{kind}.{}", p.name), t);
+                }
+            }
+        }
+    }
+
+    /// Every state key this optimizer expects, in [`Optimizer::visit_state`] order.
+    pub fn state_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        self.visit_state(&mut |k, _| keys.push(k.to_string()));
+        keys
+    }
+
+    /// Replaces the whole state with checkpointed tensors (f32 or bf16; stored as f32) and
+    /// the step count. Every expected key must be present with this model's shape and no
+    /// other key may appear; on any error nothing is changed.
+    pub fn load_state(
+        &mut self,
+        steps_taken: u64,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+    ) -> Result<()> {
+        let mut given: HashMap<String, Tensor> = tensors.into_iter().collect();
+        let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
+        self.visit_state(&mut |k, t| expected.push((k.to_string(), t.dims().to_vec())));
+        let mut loaded = Vec::with_capacity(expected.len());
+        for (key, dims) in expected {
+            let t = given
+                .remove(&key)
+                .ok_or_else(|| OptimError::StateMissing { key: key.clone() })?;
+            if t.dims() != dims.as_slice() {
+                return Err(OptimError::StateShape {
+                    key,
+                    expected: dims,
+                    got: t.dims().to_vec(),
+                });
+            }
+            loaded.push((key, t.to_dtype(DType::F32)?));
+        }
+        if let Some(key) = given.into_keys().min() {
+            return Err(OptimError::StateUnexpected { key });
+        }
+        for (key, t) in loaded {
+            let (kind, name) = key.split_once('.').unwrap_or((key.as_str(), ""));
+            if let Some(slot) = self
+                .index
+                .get(name)
+                .and_then(|&i| self.params[i].tensor_mut(kind))
+            {
+                *slot = t;
+            }
+        }
+        self.steps = steps_taken;
+        Ok(())
+    }
+}
+
+/// Updates one parameter in place (through its f32 master copy when it is stored in bf16).
+#[allow(clippy::too_many_arguments)]
+fn update_one(
+    st: &mut ParamState,
+    p: &mut Tensor,
+    g: &Tensor,
+    adamw: &AdamWConfig,
+    muon: Option<&MuonConfig>,
+    lr: f64,
+    muon_lr: f64,
+    t: u64,
+) -> Result<()> {
+    let current = st.master.clone().unwrap_or_else(|| p.clone());
+    let new = match (st.rule, muon) {
+        (UpdateRule::Muon { decay }, Some(cfg)) => {
+            let blocks = st.blocks();
+            let buf = match &mut st.momentum {
+                Some(b) => b,
+                None => {
+                    st.momentum
+                        .insert(Tensor::zeros(current.dims(), DType::F32, current.device())?)
+                }
+            };
+            muon_update(&current, g, buf, cfg, muon_lr, &blocks, decay)?
+        }
+        (UpdateRule::AdamW { decay }, _) | (UpdateRule::Muon { decay }, None) => {
+            let state = match &mut st.adamw {
+                Some(s) => s,
+                None => st.adamw.insert(AdamWState::zeros_like(&current)?),
+            };
+            adamw_update(&current, g, state, adamw, lr, t, decay)?
+        }
+    };
+    *p = new.to_dtype(p.dtype())?;
+    if st.master.is_some() {
+        st.master = Some(new);
+    }
+    Ok(())
+}
