@@ -162,4 +162,46 @@ mod tests {
             "{err}"
         );
     }
+
+    #[cfg(feature = "hf-tokenizers")]
+    #[test]
+    fn hf_word_level_tokenizer_json_encodes_and_decodes() {
+        let dir = crate::test_dir::TestDir::new("hf_tokenizer");
+        let path = dir.path().join("tokenizer.json");
+        // A minimal WordLevel tokenizer in the tokenizers JSON format, written by hand.
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0,"the":1,"cat":2,
+            "sees":3,"a":4,"dog":5},"unk_token":"[UNK]"}}"#;
+        std::fs::write(&path, json).unwrap();
+        let t = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(t.name(), "hf");
+        assert_eq!(t.vocab_size(), 6);
+        assert_eq!(
+            t.encode("the cat sees a bird").unwrap(),
+            vec![1, 2, 3, 4, 0]
+        );
+        assert_eq!(t.decode(&[1, 5]).unwrap(), "the dog");
+    }
+
+    #[cfg(feature = "hf-tokenizers")]
+    #[test]
+    fn hf_malformed_tokenizer_json_is_named_error() {
+        let dir = crate::test_dir::TestDir::new("hf_tokenizer_bad");
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let err = Tokenizer::from_file(&path).unwrap_err();
+        assert!(matches!(err, Error::Tokenizer { .. }), "{err}");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    }
+
+    #[cfg(not(feature = "hf-tokenizers"))]
+    #[test]
+    fn from_file_without_feature_says_how_to_enable_it() {
+        let dir = crate::test_dir::TestDir::new("hf_tokenizer_off");
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, "{}").unwrap();
+        let err = Tokenizer::from_file(&path).unwrap_err();
+        assert!(err.to_string().contains("hf-tokenizers"), "{err}");
+    }
 }
