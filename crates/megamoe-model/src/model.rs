@@ -1,0 +1,756 @@
+//! The whole decoder: embedding → blocks → final norm → LM head (tied optional) → CE, plus
+//! the MTP head, with explicit forward / backward and an activation store.
+//!
+//! # A step, as the trainer sees it
+//! ```text
+//! let out = model.forward(&params, &ids, &targets, step)?;   // ids, targets: [B, T] i32
+//! let values = out.losses.to_host()?;                          // one sync: every loss part
+//! model.backward(&params, out.saved, &mut grads, 1.0 / grad_accum as f32)?;  // grads +=
+//! ```
+//! `forward` returns the unweighted loss parts ([`LossParts`]: `lm_loss`, `mtp_losses`, MoE
+//! `aux`/`z`, GateSkip `gate_skip`, FlexiDepth `flexi_depth`) and their weighted `total`,
+//! the statistics ([`ModelStats`]), and the saved activations ([`ModelSaved`]), which
+//! `backward` consumes by value: their lifetime is exactly one forward → one backward.
+//! `backward` differentiates `grad_scale · total`, applying every loss weight exactly once,
+//! and ACCUMULATES into a [`ModelParams`] of gradients (zero it with
+//! [`ModelParams::zeros_like`] at the start of a step).
+//!
+//! Under `Recompute::Full` the store keeps only each block's input and `backward` reruns
+//! the block's forward (deterministic, so gradients are identical).
+
+use megamoe_plan::Recompute;
+use megamoe_tensor::{DType, Device, ParamRole, Tensor, IGNORE_INDEX};
+
+use crate::attention::{Attention, AttentionConfig};
+use crate::block::{Block, BlockCx, BlockGradCx, BlockOutputs, BlockParams, BlockSaved};
+use crate::config::ModelConfig;
+use crate::embedding::{embedding_backward, embedding_forward};
+use crate::error::{Error, Result};
+use crate::ffn::{Ffn, FfnScale};
+use crate::flexi_depth::{flexi_depth_skip_loss, flexi_depth_skip_loss_grad, FlexiDepthConfig};
+use crate::gate_skip::{gate_skip_budget, GateSkipConfig};
+use crate::init::{zeros_like_params, Init};
+use crate::mlp::{Mlp, MlpConfig};
+use crate::mtp::{MtpConfig, MtpHead, MtpParams, MtpSaved, MtpShared, MtpSharedGrads};
+use crate::norm::{RmsNorm, RmsNormSaved};
+
+/// Every trained weight of the model (also the gradient and optimizer-moment type).
+#[derive(Debug, Clone)]
+pub struct ModelParams {
+    /// `model.embed_tokens.weight [V, H]`.
+    pub embed_tokens: Tensor,
+    /// `model.layers.{i}.*`.
+    pub layers: Vec<BlockParams>,
+    /// `model.norm.weight [H]`.
+    pub norm: Tensor,
+    /// `lm_head.weight [V, H]`; `None` when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    /// `mtp.*`.
+    pub mtp: Option<MtpParams>,
+}
+
+impl ModelParams {
+    /// Enumerates every parameter with its HF-style name and role.
+    pub fn visit(&self, f: &mut dyn FnMut(&str, &Tensor, ParamRole)) {
+        f(
+            "model.embed_tokens.weight",
+            &self.embed_tokens,
+            ParamRole::Embedding,
+        );
+        for (i, l) in self.layers.iter().enumerate() {
+            l.visit(&format!("model.layers.{i}"), f);
+        }
+        f("model.norm.weight", &self.norm, ParamRole::Norm);
+        if let Some(h) = &self.lm_head {
+            f("lm_head.weight", h, ParamRole::Head);
+        }
+        if let Some(m) = &self.mtp {
+            m.visit("mtp", f);
+        }
+    }
+
+    /// Mutable twin of [`ModelParams::visit`] (same names, same order).
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor, ParamRole)) {
+        f(
+            "model.embed_tokens.weight",
+            &mut self.embed_tokens,
+            ParamRole::Embedding,
+        );
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.visit_mut(&format!("model.layers.{i}"), f);
+        }
+        f("model.norm.weight", &mut self.norm, ParamRole::Norm);
+        if let Some(h) = &mut self.lm_head {
+            f("lm_head.weight", h, ParamRole::Head);
+        }
+        if let Some(m) = &mut self.mtp {
+            m.visit_mut("mtp", f);
+        }
+    }
+
+    /// Zeros of the same structure (a gradient buffer).
+    pub fn zeros_like(&self) -> Result<ModelParams> {
+        let mut z = self.clone();
+        zeros_like_params(&mut |f| z.visit_mut(f))?;
+        Ok(z)
+    }
+
+    /// Number of trained scalars.
+    pub fn numel(&self) -> usize {
+        let mut n = 0;
+        self.visit(&mut |_, t, _| n += t.numel());
+        n
+    }
+}
+
+/// Unweighted loss parts of one forward (rank-0 tensors) and their weighted total.
+#[derive(Debug, Clone)]
+pub struct LossParts {
+    /// Next-token CE (`lm_loss`).
+    pub lm_loss: Tensor,
+    /// `CE_k`, k = 1..K (`mtp_losses`).
+    pub mtp_losses: Vec<Tensor>,
+    /// Σ over MoE layers of the balancing loss.
+    pub aux: Tensor,
+    /// Σ over MoE layers of the z-loss.
+    pub z: Tensor,
+    /// GateSkip sparsity penalty: mean over gated modules of mean(g²) (or mean|g|).
+    pub gate_skip: Tensor,
+    /// FlexiDepth `L_skip`.
+    pub flexi_depth: Tensor,
+    /// `lm + λ_mtp Σ w_k CE_k + w_aux·aux + w_z·z + λ_s·gate_skip + α·flexi_depth`.
+    pub total: Tensor,
+}
+
+/// [`LossParts`] read on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossValues {
+    /// Next-token CE.
+    pub lm_loss: f32,
+    /// `CE_k`.
+    pub mtp_losses: Vec<f32>,
+    /// MoE aux (unweighted, summed over layers).
+    pub aux: f32,
+    /// MoE z (unweighted, summed over layers).
+    pub z: f32,
+    /// GateSkip penalty (unweighted).
+    pub gate_skip: f32,
+    /// FlexiDepth skip loss (unweighted).
+    pub flexi_depth: f32,
+    /// Weighted total.
+    pub total: f32,
+}
+
+impl LossParts {
+    /// Reads every part.
+    pub fn to_host(&self) -> Result<LossValues> {
+        // SYNC: loss parts are read once per step for logging and the NaN guard.
+        let mut mtp = Vec::with_capacity(self.mtp_losses.len());
+        for l in &self.mtp_losses {
+            mtp.push(l.to_scalar_f32()?);
+        }
+        Ok(LossValues {
+            lm_loss: self.lm_loss.to_scalar_f32()?,
+            mtp_losses: mtp,
+            aux: self.aux.to_scalar_f32()?,
+            z: self.z.to_scalar_f32()?,
+            gate_skip: self.gate_skip.to_scalar_f32()?,
+            flexi_depth: self.flexi_depth.to_scalar_f32()?,
+            total: self.total.to_scalar_f32()?,
+        })
+    }
+}
+
+/// Per-layer statistics (tensors; see [`ModelStats::to_host`]).
+#[derive(Debug, Clone)]
+pub struct LayerStats {
+    /// Layer index.
+    pub layer: usize,
+    /// The block's outputs (gate means, kept shares, router scores, MoE stats).
+    pub block: BlockOutputs,
+}
+
+/// Statistics of one forward.
+#[derive(Debug, Clone)]
+pub struct ModelStats {
+    /// One entry per layer.
+    pub layers: Vec<LayerStats>,
+    /// FlexiDepth: layers used per token `[N]` (non-adaptive layers + full-path picks).
+    pub layers_used: Option<Tensor>,
+}
+
+/// [`ModelStats`] on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsValues {
+    /// GateSkip: per layer `(attn kept share, mlp kept share)`.
+    pub gate_skip_kept: Vec<(f64, f64)>,
+    /// GateSkip: per layer `(attn mean gate, mlp mean gate)`.
+    pub gate_skip_mean_gate: Vec<(f32, f32)>,
+    /// FlexiDepth: mean layers used per token.
+    pub layers_used_mean: Option<f64>,
+    /// FlexiDepth: histogram of layers used, index = layer count 0..=L.
+    pub layers_used_hist: Option<Vec<usize>>,
+}
+
+impl ModelStats {
+    /// Reads the statistics (one sync).
+    pub fn to_host(&self, n_layers: usize) -> Result<StatsValues> {
+        let mut kept = Vec::new();
+        let mut mean = Vec::new();
+        for l in &self.layers {
+            if let Some(k) = l.block.kept_fraction {
+                kept.push(k);
+            }
+            if let Some((a, m)) = &l.block.mean_gate {
+                // SYNC: stats are read once per step.
+                mean.push((a.to_scalar_f32()?, m.to_scalar_f32()?));
+            }
+        }
+        let (used_mean, hist) = match &self.layers_used {
+            Some(u) => {
+                // SYNC: stats are read once per step.
+                let v = u.to_host_f32()?;
+                let mut h = vec![0usize; n_layers + 1];
+                for &c in &v {
+                    h[(c.round() as usize).min(n_layers)] += 1;
+                }
+                let m = v.iter().map(|&c| c as f64).sum::<f64>() / v.len().max(1) as f64;
+                (Some(m), Some(h))
+            }
+            None => (None, None),
+        };
+        Ok(StatsValues {
+            gate_skip_kept: kept,
+            gate_skip_mean_gate: mean,
+            layers_used_mean: used_mean,
+            layers_used_hist: hist,
+        })
+    }
+}
+
+/// A block's saved state: full activations, or only its input (recomputed in backward).
+#[derive(Debug)]
+enum SavedBlock {
+    Kept(Box<BlockSaved>),
+    Recompute(Tensor),
+}
+
+/// The activation store of one forward; consumed by [`Model::backward`].
+#[derive(Debug)]
+pub struct ModelSaved {
+    b: usize,
+    t: usize,
+    ids: Tensor,
+    budgets: Vec<f64>,
+    never_skip: Option<Tensor>,
+    blocks: Vec<SavedBlock>,
+    final_norm: RmsNormSaved,
+    hf: Tensor,
+    /// ∂lm_loss/∂logits (unscaled).
+    d_logits: Tensor,
+    mtp: Option<MtpSaved>,
+    /// FlexiDepth Σ_l g_l `[N]`.
+    depth_sum: Option<Tensor>,
+}
+
+/// Everything one forward produces.
+#[derive(Debug)]
+pub struct ModelForward {
+    /// Loss parts.
+    pub losses: LossParts,
+    /// Statistics.
+    pub stats: ModelStats,
+    /// Activation store for `backward`.
+    pub saved: ModelSaved,
+    /// `[N, V]` logits of the main head.
+    pub logits: Tensor,
+}
+
+/// Sampling settings of [`Model::generate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy; otherwise softmax(logits / temperature).
+    pub temperature: f32,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+/// The decoder (stateless: parameters are passed in).
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Config.
+    pub cfg: ModelConfig,
+    /// One block per layer.
+    pub blocks: Vec<Block>,
+    /// MTP head.
+    pub mtp: Option<MtpHead>,
+    norm: RmsNorm,
+}
+
+impl Model {
+    /// Builds every layer from the config.
+    pub fn new(cfg: ModelConfig) -> Result<Model> {
+        cfg.validate()?;
+        let norm = RmsNorm { eps: cfg.norm_eps };
+        let attn = Attention::new(AttentionConfig {
+            d_model: cfg.d_model,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            rope_theta: cfg.rope_theta,
+        })?;
+        let dense = Mlp {
+            cfg: MlpConfig {
+                d_model: cfg.d_model,
+                hidden: cfg.ffn_hidden,
+                activation: cfg.dense_activation,
+            },
+        };
+        let gate = cfg.gate_skip.as_ref().map(|g| GateSkipConfig {
+            d_model: cfg.d_model,
+            gate: g.gate,
+            penalty: g.penalty,
+            init_bias: g.init_bias as f32,
+            init_std: g.init_std as f32,
+        });
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for layer in 0..cfg.n_layers {
+            let ffn = Ffn::Dense(dense);
+            let flexi_depth = match &cfg.flexi_depth {
+                Some(f) if cfg.is_adaptive_layer(layer) => Some(FlexiDepthConfig {
+                    d_model: cfg.d_model,
+                    router_hidden: f.router_hidden,
+                    adapter_hidden: f.adapter_hidden.max(1),
+                    threshold: f.threshold as f32,
+                    router_order: f.router_order,
+                    norm_eps: cfg.norm_eps,
+                }),
+                _ => None,
+            };
+            blocks.push(Block {
+                layer,
+                norm,
+                attn,
+                ffn,
+                gate_skip: gate,
+                flexi_depth,
+            });
+        }
+        let mtp = match &cfg.mtp {
+            Some(m) => Some(MtpHead::new(
+                MtpConfig {
+                    mtp_depth: m.depth,
+                    mode: m.mode,
+                    step_weights: m.step_weights.iter().map(|&w| w as f32).collect(),
+                    mtp_loss_weight: m.loss_weight as f32,
+                    concat_order: m.concat_order,
+                },
+                Block {
+                    layer: cfg.n_layers,
+                    norm,
+                    attn,
+                    ffn: Ffn::Dense(dense),
+                    gate_skip: None,
+                    flexi_depth: None,
+                },
+                norm,
+            )?),
+            None => None,
+        };
+        Ok(Model {
+            cfg,
+            blocks,
+            mtp,
+            norm,
+        })
+    }
+
+    /// Fresh parameters from `cfg.seed` (layout-invariant, keyed by name).
+    pub fn init_params(&self) -> Result<ModelParams> {
+        let c = &self.cfg;
+        let init = Init::new(c.seed);
+        let std = c.init_std;
+        let out_std = std / ((2 * c.n_layers) as f32).sqrt();
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for (i, b) in self.blocks.iter().enumerate() {
+            layers.push(b.init_params(&init, &format!("model.layers.{i}"), std, out_std)?);
+        }
+        let mtp = match &self.mtp {
+            Some(m) => Some(m.init_params(&init, "mtp", std, out_std)?),
+            None => None,
+        };
+        Ok(ModelParams {
+            embed_tokens: init.randn(
+                "model.embed_tokens.weight",
+                &[c.vocab_size, c.d_model],
+                std,
+            )?,
+            layers,
+            norm: init.full(&[c.d_model], 1.0)?,
+            lm_head: if c.tie_embeddings {
+                None
+            } else {
+                Some(init.randn("lm_head.weight", &[c.vocab_size, c.d_model], std)?)
+            },
+            mtp,
+        })
+    }
+
+    fn check_ids(arg: &'static str, x: &Tensor) -> Result<(usize, usize)> {
+        match (x.dims(), x.dtype()) {
+            (&[b, t], DType::I32) if b > 0 && t > 0 => Ok((b, t)),
+            _ => Err(Error::Input {
+                arg,
+                got: x.dims().to_vec(),
+                rule: "must be a non-empty [B, T] i32 tensor",
+            }),
+        }
+    }
+
+    /// GateSkip skip share of layer `l` at `step` (0 for layer 0 and when off).
+    pub fn skip_budget(&self, l: usize, step: usize) -> f64 {
+        match &self.cfg.gate_skip {
+            Some(g) if l > 0 => gate_skip_budget(
+                step.min(i64::MAX as usize) as i64,
+                g.budget_start,
+                g.budget_end,
+                g.budget_warmup_steps.min(i64::MAX as usize) as i64,
+            ),
+            _ => 0.0,
+        }
+    }
+
+    /// Forward of `ids [B, T]` against `targets [B, T]` (−100 = ignored) at optimizer step
+    /// `step` (drives the GateSkip budget).
+    pub fn forward(
+        &self,
+        p: &ModelParams,
+        ids: &Tensor,
+        targets: &Tensor,
+        step: usize,
+    ) -> Result<ModelForward> {
+        let (b, t) = Self::check_ids("ids", ids)?;
+        if Self::check_ids("targets", targets)? != (b, t) {
+            return Err(Error::Input {
+                arg: "targets",
+                got: targets.dims().to_vec(),
+                rule: "must have the shape of ids",
+            });
+        }
+        let n = b * t;
+        let dev = ids.device();
+        let ids_flat = ids.reshape([n])?;
+        let never_skip = match &self.cfg.gate_skip {
+            Some(_) => Some(targets.reshape([n])?.eq_scalar(IGNORE_INDEX as f32)?),
+            None => None,
+        };
+        let budgets: Vec<f64> = (0..self.blocks.len())
+            .map(|l| self.skip_budget(l, step))
+            .collect();
+        let mut x = embedding_forward(&p.embed_tokens, &ids_flat)?;
+        let zero = Tensor::scalar(0.0, dev)?;
+        let (mut aux, mut z, mut gate_pen) = (zero.clone(), zero.clone(), zero.clone());
+        let mut saved_blocks = Vec::with_capacity(self.blocks.len());
+        let mut stats = Vec::with_capacity(self.blocks.len());
+        let mut scores: Vec<Tensor> = Vec::new();
+        let mut full_paths: Vec<Tensor> = Vec::new();
+        for (l, (block, bp)) in self.blocks.iter().zip(&p.layers).enumerate() {
+            let cx = BlockCx {
+                b,
+                t,
+                skip_budget: budgets[l],
+                never_skip: never_skip.as_ref(),
+            };
+            let (y, out, s) = block.forward(bp, &x, &cx)?;
+            saved_blocks.push(match self.cfg.recompute {
+                Recompute::Full => SavedBlock::Recompute(x),
+                Recompute::None | Recompute::Selective => SavedBlock::Kept(Box::new(s)),
+            });
+            if let Some(m) = &out.moe {
+                aux = aux.add(&m.aux_loss)?;
+                z = z.add(&m.z_loss)?;
+            }
+            if let Some(gp) = &out.gate_penalty {
+                gate_pen = gate_pen.add(gp)?;
+            }
+            if let (Some(g), Some(m)) = (&out.depth_score, &out.full_path) {
+                scores.push(g.clone());
+                full_paths.push(m.clone());
+            }
+            stats.push(LayerStats {
+                layer: l,
+                block: out,
+            });
+            x = y;
+        }
+        // Mean over gated modules (two per layer).
+        let gate_skip = gate_pen.scale(1.0 / (2 * self.blocks.len()) as f32)?;
+        let (flexi_depth, depth_sum, layers_used) = if scores.is_empty() {
+            (zero.clone(), None, None)
+        } else {
+            let refs: Vec<&Tensor> = scores.iter().collect();
+            let (loss, sum) = flexi_depth_skip_loss(&refs)?;
+            let fixed = (self.blocks.len() - scores.len()) as f32;
+            let mut used = Tensor::full([n], fixed, DType::F32, dev)?;
+            for m in &full_paths {
+                used.add_assign(m)?;
+            }
+            (loss, Some(sum), Some(used))
+        };
+        let (hf, final_norm) = self.norm.forward(&x, Some(&p.norm))?;
+        let head = p.lm_head.as_ref().unwrap_or(&p.embed_tokens);
+        let logits = hf.matmul(head, false, true)?;
+        let (lm_loss, d_logits) = logits.cross_entropy(&targets.reshape([n])?, IGNORE_INDEX)?;
+        let (mtp_losses, mtp_saved) = match (&self.mtp, &p.mtp) {
+            (Some(m), Some(mp)) => {
+                let shared = MtpShared {
+                    embed: &p.embed_tokens,
+                    head,
+                    norm: &p.norm,
+                };
+                let (l, s) = m.forward(mp, &hf, ids, targets, shared)?;
+                (l, Some(s))
+            }
+            _ => (Vec::new(), None),
+        };
+        let total = self.total(&lm_loss, &mtp_losses, &aux, &z, &gate_skip, &flexi_depth)?;
+        Ok(ModelForward {
+            losses: LossParts {
+                lm_loss,
+                mtp_losses,
+                aux,
+                z,
+                gate_skip,
+                flexi_depth,
+                total,
+            },
+            stats: ModelStats {
+                layers: stats,
+                layers_used,
+            },
+            saved: ModelSaved {
+                b,
+                t,
+                ids: ids_flat,
+                budgets,
+                never_skip,
+                blocks: saved_blocks,
+                final_norm,
+                hf,
+                d_logits,
+                mtp: mtp_saved,
+                depth_sum,
+            },
+            logits,
+        })
+    }
+
+    fn total(
+        &self,
+        lm: &Tensor,
+        mtp: &[Tensor],
+        aux: &Tensor,
+        z: &Tensor,
+        gate: &Tensor,
+        flexi: &Tensor,
+    ) -> Result<Tensor> {
+        let mut total = lm.clone();
+        if let Some(m) = &self.mtp {
+            for (l, w) in mtp.iter().zip(&m.cfg.step_weights) {
+                total.axpy(m.cfg.mtp_loss_weight * w, l)?;
+            }
+        }
+        if let Some(moe) = &self.cfg.moe {
+            total.axpy(moe.aux_loss_weight as f32, aux)?;
+            total.axpy(moe.z_loss_weight as f32, z)?;
+        }
+        if let Some(g) = &self.cfg.gate_skip {
+            total.axpy(g.sparsity_weight as f32, gate)?;
+        }
+        if let Some(f) = &self.cfg.flexi_depth {
+            total.axpy(f.skip_loss_weight as f32, flexi)?;
+        }
+        Ok(total)
+    }
+
+    /// Backward of `grad_scale · total` (grad_scale = 1/(grad_accum · chunks)); accumulates
+    /// (+=) into `grads`.
+    pub fn backward(
+        &self,
+        p: &ModelParams,
+        saved: ModelSaved,
+        grads: &mut ModelParams,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let s = saved;
+        let (b, t) = (s.b, s.t);
+        let head = p.lm_head.as_ref().unwrap_or(&p.embed_tokens);
+        let d_logits = s.d_logits.scale(grad_scale)?;
+        // Head gradient: into lm_head, or a temporary added to the tied embedding.
+        let mut d_head_tied = None;
+        {
+            let d_head = match grads.lm_head.as_mut() {
+                Some(h) => h,
+                None => d_head_tied.insert(Tensor::zeros(
+                    head.dims().to_vec(),
+                    DType::F32,
+                    head.device(),
+                )?),
+            };
+            d_head.matmul_acc(&d_logits, &s.hf, true, false, 1.0)?;
+        }
+        let mut d_hf = d_logits.matmul(head, false, false)?;
+        if let (Some(m), Some(mp), Some(ms), Some(mg)) =
+            (&self.mtp, &p.mtp, s.mtp, grads.mtp.as_mut())
+        {
+            let shared = MtpShared {
+                embed: &p.embed_tokens,
+                head,
+                norm: &p.norm,
+            };
+            let mut d_head_mtp = Tensor::zeros(head.dims().to_vec(), DType::F32, head.device())?;
+            let d_h0 = m.backward(
+                mp,
+                ms,
+                shared,
+                grad_scale,
+                mg,
+                MtpSharedGrads {
+                    embed: &mut grads.embed_tokens,
+                    head: &mut d_head_mtp,
+                    norm: &mut grads.norm,
+                },
+            )?;
+            match (grads.lm_head.as_mut(), d_head_tied.as_mut()) {
+                (Some(h), _) => h.add_assign(&d_head_mtp)?,
+                (None, Some(h)) => h.add_assign(&d_head_mtp)?,
+                (None, None) => unreachable!("a head gradient buffer exists"),
+            }
+            d_hf.add_assign(&d_h0)?;
+        }
+        if let Some(h) = d_head_tied {
+            grads.embed_tokens.add_assign(&h)?;
+        }
+        let mut d_x =
+            self.norm
+                .backward(&d_hf, Some(&p.norm), &s.final_norm, Some(&mut grads.norm))?;
+        // Per-block gradient scales.
+        let gate_penalty = match &self.cfg.gate_skip {
+            Some(g) => g.sparsity_weight as f32 * grad_scale / (2 * self.blocks.len()) as f32,
+            None => 0.0,
+        };
+        let d_depth = match (&self.cfg.flexi_depth, &s.depth_sum) {
+            (Some(f), Some(sum)) => {
+                let n_adaptive = self
+                    .blocks
+                    .iter()
+                    .filter(|b| b.flexi_depth.is_some())
+                    .count();
+                Some(flexi_depth_skip_loss_grad(
+                    sum,
+                    n_adaptive,
+                    f.skip_loss_weight as f32 * grad_scale,
+                )?)
+            }
+            _ => None,
+        };
+        let ffn = match &self.cfg.moe {
+            Some(m) => FfnScale {
+                aux: m.aux_loss_weight as f32 * grad_scale,
+                z: m.z_loss_weight as f32 * grad_scale,
+            },
+            None => FfnScale::default(),
+        };
+        for (l, sb) in s.blocks.into_iter().enumerate().rev() {
+            let block = &self.blocks[l];
+            let bs = match sb {
+                SavedBlock::Kept(bs) => *bs,
+                SavedBlock::Recompute(x) => {
+                    let cx = BlockCx {
+                        b,
+                        t,
+                        skip_budget: s.budgets[l],
+                        never_skip: s.never_skip.as_ref(),
+                    };
+                    block.forward(&p.layers[l], &x, &cx)?.2
+                }
+            };
+            let gcx = BlockGradCx {
+                gate_penalty,
+                d_depth_score: if block.flexi_depth.is_some() {
+                    d_depth.clone()
+                } else {
+                    None
+                },
+                ffn,
+            };
+            d_x = block.backward(&p.layers[l], &d_x, bs, &gcx, &mut grads.layers[l])?;
+        }
+        embedding_backward(&mut grads.embed_tokens, &s.ids, &d_x)?;
+        Ok(())
+    }
+
+    /// Continues `prompt` by `n` tokens (greedy at temperature 0), re-running the forward on
+    /// the last `seq_len` tokens each step (no KV cache; a quick sample, not a server).
+    pub fn generate(
+        &self,
+        p: &ModelParams,
+        prompt: &[i32],
+        n: usize,
+        sampling: Sampling,
+    ) -> Result<Vec<i32>> {
+        if prompt.is_empty() {
+            return Err(Error::Input {
+                arg: "prompt",
+                got: vec![0],
+                rule: "must hold at least one token",
+            });
+        }
+        let mut out = prompt.to_vec();
+        let mut rng = sampling.seed ^ 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..n {
+            let start = out.len().saturating_sub(self.cfg.seq_len);
+            let ctx = &out[start..];
+            let t = ctx.len();
+            let ids = Tensor::from_vec_i32(ctx.to_vec(), [1, t], Device::Cpu)?;
+            let targets = Tensor::full([1, t], IGNORE_INDEX as f32, DType::I32, Device::Cpu)?;
+            let fwd = self.forward(p, &ids, &targets, usize::MAX)?;
+            let last = fwd.logits.narrow(0, t - 1, 1)?;
+            let next = if sampling.temperature <= 0.0 {
+                // SYNC: the sampled id decides the next input.
+                last.topk(1)?.1.to_host_i32()?[0]
+            } else {
+                // SYNC: the sampled id decides the next input.
+                let probs = last
+                    .scale(1.0 / sampling.temperature)?
+                    .softmax()?
+                    .to_host_f32()?;
+                rng = splitmix(rng);
+                let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
+                let mut acc = 0.0f64;
+                let mut pick = probs.len() - 1;
+                for (i, &pr) in probs.iter().enumerate() {
+                    acc += pr as f64;
+                    if u < acc {
+                        pick = i;
+                        break;
+                    }
+                }
+                pick as i32
+            };
+            out.push(next);
+        }
+        Ok(out)
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;
