@@ -266,3 +266,31 @@ pub(crate) fn unpad_groups(x: &[f32], row: usize, counts: &[i32], cap: usize) ->
     }
     out
 }
+
+/// Aux-loss-free bias step: `Δb_i = rate · sign(mean(c) − c_i)` (sign 0 at 0), minus
+/// `mean(Δb)` when `centre` (mean in f64).
+pub(crate) fn expert_bias_step(counts: &[f32], rate: f32, centre: bool) -> Vec<f32> {
+    let n = counts.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mean = counts.iter().map(|&c| c as f64).sum::<f64>() / n as f64;
+    let mut delta: Vec<f32> = counts
+        .iter()
+        .map(|&c| {
+            let diff = mean - c as f64;
+            if diff > 0.0 {
+                rate
+            } else if diff < 0.0 {
+                -rate
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    if centre {
+        let m = (delta.iter().map(|&d| d as f64).sum::<f64>() / n as f64) as f32;
+        delta.iter_mut().for_each(|d| *d -= m);
+    }
+    delta
+}

@@ -335,4 +335,18 @@ impl Tensor {
             [total, d],
         ))
     }
+
+    /// Aux-loss-free balancing step (Loss-Free Balancing, arXiv 2408.15664): `self` is
+    /// per-expert token counts `c [E]` (f32); returns `Δb [E]` with
+    /// `Δb_i = rate · sign(mean(c) − c_i)` (sign(0) = 0), and, if `centre`, `mean(Δb)`
+    /// subtracted so the bias stays centred. Add it to the bias: `b ← b + Δb`.
+    pub fn expert_bias_step(&self, rate: f32, centre: bool) -> Result<Tensor> {
+        const OP: &str = "expert_bias_step";
+        self.expect_rank(OP, "counts", 1)?;
+        let c = self.cpu_f32(OP, "counts")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::expert_bias_step(&c, rate, centre),
+            self.shape(),
+        ))
+    }
 }

@@ -1,0 +1,225 @@
+//! Shared experts: an always-on dense FFN over every token, with an optional learned
+//! sigmoid gate (spec "Shared experts"; seed `shared_expert_gate_sample.py`; Qwen2-MoE).
+//!
+//! `n_s` shared experts are ONE FFN of width `Fs = n_s · shared_expert_hidden` with the
+//! routed experts' activation (MOE_DECISIONS §10). With the gate:
+//! `y_s = ffn(x) ⊙ σ(x · w_gᵀ)`, `w_g [1, H]`: one logit per token broadcast over H. A gate
+//! weight of any other shape is an error (it would not broadcast over `[N, H]`).
+//!
+//! The FFN reuses the grouped expert bank with a single group (weights `[Fs, H]` viewed as
+//! `[1, Fs, H]`, a free reshape), so routed and shared FFN math is one code path.
+//!
+//! Backward: `d_ffn = d_y ⊙ σ`, `d_σ = Σ_H (d_y ⊙ ffn(x))`, `d_logit = d_σ · σ(1−σ)`,
+//! `d_x += d_logit · w_g`, `dw_g += d_logitᵀ x`.
+
+use megamoe_tensor::Tensor;
+
+use crate::config::{RoutedExpertsConfig, SharedExpertsConfig};
+use crate::error::{check_shape, shape_str, Error, Result};
+use crate::experts::{
+    ExpertBank, ExpertsDeferredW, ExpertsSaved, GroupedExperts, RoutedExpertsParams,
+};
+
+/// Shared-expert weights (also used for their gradients).
+#[derive(Debug, Clone)]
+pub struct SharedExpertsParams {
+    /// W_gate `[Fs, H]`; `Some` iff swiglu.
+    pub gate_proj: Option<Tensor>,
+    /// W_up `[Fs, H]`.
+    pub up_proj: Tensor,
+    /// W_down `[H, Fs]`.
+    pub down_proj: Tensor,
+    /// w_g `[1, H]` of the sigmoid gate; `Some` iff the gate is on.
+    pub gate: Option<Tensor>,
+}
+
+/// What [`SharedExperts::backward_input`] needs.
+#[derive(Debug, Clone)]
+pub struct SharedExpertsSaved {
+    x: Tensor,
+    ffn: ExpertsSaved,
+    /// `[N, H]` FFN output before the gate (only with the gate).
+    ffn_out: Option<Tensor>,
+    /// `[N]` σ(x · w_gᵀ) (only with the gate).
+    sig: Option<Tensor>,
+}
+
+/// What [`SharedExperts::backward_weight`] needs.
+#[derive(Debug, Clone)]
+pub struct SharedExpertsDeferredW {
+    x: Tensor,
+    ffn: ExpertsDeferredW,
+    /// `[N, 1]` gradient of the gate logit.
+    d_logit: Option<Tensor>,
+}
+
+/// The shared-expert path.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedExperts {
+    cfg: SharedExpertsConfig,
+}
+
+/// `[out, in]` → `[1, out, in]` (free).
+fn one(t: &Tensor) -> Result<Tensor> {
+    let (o, i) = t.dims2()?;
+    Ok(t.reshape([1, o, i])?)
+}
+
+impl SharedExperts {
+    /// A shared path for `cfg`.
+    pub fn new(cfg: SharedExpertsConfig) -> SharedExperts {
+        SharedExperts { cfg }
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &SharedExpertsConfig {
+        &self.cfg
+    }
+
+    fn bank(&self) -> GroupedExperts {
+        GroupedExperts {
+            cfg: RoutedExpertsConfig {
+                num_routed_experts: 1,
+                d_model: self.cfg.d_model,
+                hidden: self.cfg.hidden,
+                activation: self.cfg.activation,
+            },
+        }
+    }
+
+    fn bank_params(p: &SharedExpertsParams) -> Result<RoutedExpertsParams> {
+        Ok(RoutedExpertsParams {
+            gate_proj: match &p.gate_proj {
+                Some(t) => Some(one(t)?),
+                None => None,
+            },
+            up_proj: one(&p.up_proj)?,
+            down_proj: one(&p.down_proj)?,
+        })
+    }
+
+    /// Checks weight shapes (a gate that is not `[1, H]` is an error).
+    pub fn check_params(&self, p: &SharedExpertsParams) -> Result<()> {
+        let (h, f) = (self.cfg.d_model, self.cfg.hidden);
+        let swiglu = self.cfg.activation == megamoe_plan::Activation::SwiGlu;
+        match (&p.gate_proj, swiglu) {
+            (Some(g), true) => check_shape("shared_experts.gate_proj", g, &[f, h])?,
+            (None, true) => {
+                return Err(Error::MissingTensor {
+                    name: "shared_experts.gate_proj".into(),
+                    expected: shape_str(&[f, h]),
+                })
+            }
+            (Some(g), false) => {
+                return Err(Error::ParamShape {
+                    what: "shared_experts.gate_proj (only swiglu has one)",
+                    expected: vec![],
+                    got: g.dims().to_vec(),
+                })
+            }
+            (None, false) => {}
+        }
+        check_shape("shared_experts.up_proj", &p.up_proj, &[f, h])?;
+        check_shape("shared_experts.down_proj", &p.down_proj, &[h, f])?;
+        match (&p.gate, self.cfg.gate) {
+            (Some(g), true) => check_shape("shared_expert_gate.weight", g, &[1, h]),
+            (None, false) => Ok(()),
+            (None, true) => Err(Error::MissingTensor {
+                name: "shared_expert_gate.weight".into(),
+                expected: shape_str(&[1, h]),
+            }),
+            (Some(g), false) => Err(Error::ParamShape {
+                what: "shared_expert_gate.weight (moe.shared_expert_gate is off)",
+                expected: vec![],
+                got: g.dims().to_vec(),
+            }),
+        }
+    }
+
+    /// `x [N, H]` → `y_s [N, H]`.
+    pub fn forward(
+        &self,
+        p: &SharedExpertsParams,
+        x: &Tensor,
+    ) -> Result<(Tensor, SharedExpertsSaved)> {
+        self.check_params(p)?;
+        let n = x.dim(0)?;
+        let (out, ffn) = self.bank().forward(&Self::bank_params(p)?, x, &[n])?;
+        match &p.gate {
+            Some(wg) => {
+                let sig = x.matmul(wg, false, true)?.sigmoid()?.reshape([n])?;
+                let y = out.mul_col(&sig)?;
+                Ok((
+                    y,
+                    SharedExpertsSaved {
+                        x: x.clone(),
+                        ffn,
+                        ffn_out: Some(out),
+                        sig: Some(sig),
+                    },
+                ))
+            }
+            None => Ok((
+                out,
+                SharedExpertsSaved {
+                    x: x.clone(),
+                    ffn,
+                    ffn_out: None,
+                    sig: None,
+                },
+            )),
+        }
+    }
+
+    /// `d_y [N, H]` → `d_x [N, H]` (written fresh) and the deferred W work.
+    pub fn backward_input(
+        &self,
+        p: &SharedExpertsParams,
+        d_y: &Tensor,
+        s: SharedExpertsSaved,
+    ) -> Result<(Tensor, SharedExpertsDeferredW)> {
+        let n = d_y.dim(0)?;
+        let (d_ffn, d_logit) = match (&s.sig, &s.ffn_out) {
+            (Some(sig), Some(out)) => {
+                let d_sig = d_y.mul(out)?.sum_last_dim()?;
+                let d_logit = sig.sigmoid_backward(&d_sig)?.reshape([n, 1])?;
+                (d_y.mul_col(sig)?, Some(d_logit))
+            }
+            _ => (d_y.clone(), None),
+        };
+        let (mut d_x, ffn) = self
+            .bank()
+            .backward_input(&Self::bank_params(p)?, &d_ffn, s.ffn)?;
+        if let (Some(dl), Some(wg)) = (&d_logit, &p.gate) {
+            d_x.matmul_acc(dl, wg, false, false, 1.0)?;
+        }
+        Ok((
+            d_x,
+            SharedExpertsDeferredW {
+                x: s.x,
+                ffn,
+                d_logit,
+            },
+        ))
+    }
+
+    /// Accumulates (+=) the FFN and gate weight gradients into `grads`.
+    pub fn backward_weight(
+        &self,
+        w: SharedExpertsDeferredW,
+        grads: &mut SharedExpertsParams,
+    ) -> Result<()> {
+        let mut g = Self::bank_params(grads)?;
+        self.bank().backward_weight(w.ffn, &mut g)?;
+        // Write the accumulated [1, ., .] views back as [., .].
+        if let (Some(dst), Some(src)) = (grads.gate_proj.as_mut(), g.gate_proj) {
+            *dst = src.reshape(dst.dims().to_vec())?;
+        }
+        grads.up_proj = g.up_proj.reshape(grads.up_proj.dims().to_vec())?;
+        grads.down_proj = g.down_proj.reshape(grads.down_proj.dims().to_vec())?;
+        if let (Some(dl), Some(gg)) = (&w.d_logit, grads.gate.as_mut()) {
+            gg.matmul_acc(dl, &w.x, true, false, 1.0)?;
+        }
+        Ok(())
+    }
+}
