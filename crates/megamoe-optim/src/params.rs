@@ -4,7 +4,7 @@
 //! The step API takes two closures, one visiting the parameters mutably and one visiting
 //! the gradients (the same params type holds gradients), e.g. for a model:
 //!
-//! ```ignore
+//! ```text
 //! optimizer.step(&mut |f| params.visit_mut("", f), &mut |f| grads.visit("", f), lr)?;
 //! ```
 //!

@@ -1,0 +1,198 @@
+//! The Optimizer's contract: name checks before any update, state save/load round trip.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use megamoe_optim::{NamedParams, OptimError, Optimizer};
+use megamoe_plan::MuonScale;
+use megamoe_tensor::{ParamRole, Tensor};
+
+fn model() -> NamedParams {
+    let mut p = NamedParams::new();
+    p.push("embed", rand_t(1, &[10, 4]), ParamRole::Embedding);
+    p.push("layers.0.qkv", rand_t(2, &[12, 4]), ParamRole::Matrix);
+    p.push(
+        "layers.0.experts",
+        rand_t(3, &[2, 6, 4]),
+        ParamRole::ExpertBank,
+    );
+    p.push("layers.0.norm", rand_t(4, &[4]), ParamRole::Norm);
+    p
+}
+
+fn grads_for(p: &NamedParams, seed: u64) -> NamedParams {
+    let mut i = 0;
+    p.map(|x| {
+        i += 1;
+        Ok(rand_t(seed * 100 + i, x.dims()))
+    })
+    .unwrap()
+}
+
+#[test]
+fn errors_name_the_parameter_and_change_nothing() {
+    let plan = muon_plan(1e-3, 0.02, 0.1, MuonScale::Keller, true);
+    let mut p = model();
+    let mut opt = Optimizer::new(&plan, &mut |f| p.visit("", f)).unwrap();
+    let before: Vec<Vec<f32>> = p.entries.iter().map(|(_, t, _)| host(t)).collect();
+
+    // Missing gradient (checked before anything is updated).
+    let mut g = grads_for(&p, 1);
+    g.entries.pop();
+    let e = opt
+        .step(&mut |f| p.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+        .unwrap_err();
+    assert!(
+        matches!(&e, OptimError::MissingGrad { name } if name == "layers.0.norm"),
+        "{e}"
+    );
+    // Wrong gradient shape.
+    let mut g = grads_for(&p, 1);
+    g.entries[1].1 = rand_t(9, &[4, 12]);
+    let e = opt
+        .step(&mut |f| p.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`layers.0.qkv`: gradient has shape [4, 12], expected [12, 4]"),
+        "{e}"
+    );
+    // A gradient without a parameter.
+    let mut g = grads_for(&p, 1);
+    g.push("ghost", rand_t(1, &[1]), ParamRole::Scalar);
+    let e = opt
+        .step(&mut |f| p.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+        .unwrap_err();
+    assert!(e.to_string().contains("`ghost`"), "{e}");
+    // A prefix mismatch makes every name unknown.
+    let g = grads_for(&p, 1);
+    let e = opt
+        .step(
+            &mut |f| p.visit_mut("model.", f),
+            &mut |f| g.visit("", f),
+            1e-3,
+        )
+        .unwrap_err();
+    assert!(matches!(e, OptimError::UnknownParam { .. }), "{e}");
+    // A bad learning rate.
+    let e = opt
+        .step(
+            &mut |f| p.visit_mut("", f),
+            &mut |f| g.visit("", f),
+            f64::NAN,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("lr=NaN"), "{e}");
+
+    let after: Vec<Vec<f32>> = p.entries.iter().map(|(_, t, _)| host(t)).collect();
+    assert_eq!(before, after);
+    assert_eq!(opt.steps_taken(), 0);
+    // Duplicate names at construction.
+    let mut dup = model();
+    dup.push("embed", rand_t(1, &[1]), ParamRole::Scalar);
+    let e = Optimizer::new(&plan, &mut |f| dup.visit("", f)).unwrap_err();
+    assert!(e.to_string().contains("`embed` is visited twice"), "{e}");
+    // Muon without Muon settings.
+    let mut no_muon = plan;
+    no_muon.muon = None;
+    let e = Optimizer::new(&no_muon, &mut |f| p.visit("", f)).unwrap_err();
+    assert!(matches!(e, OptimError::MissingMuonPlan), "{e}");
+}
+
+fn snapshot(opt: &Optimizer) -> HashMap<String, Tensor> {
+    let mut m = HashMap::new();
+    opt.visit_state(&mut |k, t| {
+        m.insert(k.to_string(), t.deep_copy().unwrap());
+    });
+    m
+}
+
+#[test]
+fn state_round_trip_resumes_bit_identically() {
+    for plan in [
+        muon_plan(1e-3, 0.02, 0.1, MuonScale::Keller, true),
+        adamw_plan(1e-3, 0.1),
+    ] {
+        let mut p = model();
+        let mut opt = Optimizer::new(&plan, &mut |f| p.visit("", f)).unwrap();
+        for s in 0..2 {
+            let g = grads_for(&p, s);
+            opt.step(&mut |f| p.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+                .unwrap();
+        }
+        // "Checkpoint": state tensors + step count + params.
+        let saved = snapshot(&opt);
+        let steps = opt.steps_taken();
+        let mut p2 = p.map(|t| t.deep_copy()).unwrap();
+        let mut opt2 = Optimizer::new(&plan, &mut |f| p2.visit("", f)).unwrap();
+        opt2.load_state(steps, saved.clone()).unwrap();
+        assert_eq!(opt2.steps_taken(), 2);
+        for s in 2..4 {
+            let g = grads_for(&p, s);
+            opt.step(&mut |f| p.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+                .unwrap();
+            opt2.step(&mut |f| p2.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+                .unwrap();
+        }
+        for ((n, a, _), (_, b, _)) in p.entries.iter().zip(&p2.entries) {
+            assert_eq!(host(a), host(b), "{n} after resume ({:?})", plan.kind);
+        }
+        // A fresh optimizer without the state diverges (the test can fail).
+        let mut p3 = p2.clone();
+        let mut opt3 = Optimizer::new(&plan, &mut |f| p3.visit("", f)).unwrap();
+        let g = grads_for(&p, 9);
+        opt3.step(&mut |f| p3.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+            .unwrap();
+        opt2.step(&mut |f| p2.visit_mut("", f), &mut |f| g.visit("", f), 1e-3)
+            .unwrap();
+        assert_ne!(
+            host(p3.get("embed").unwrap()),
+            host(p2.get("embed").unwrap())
+        );
+    }
+}
+
+#[test]
+fn load_state_checks_keys_and_shapes() {
+    let plan = muon_plan(1e-3, 0.02, 0.1, MuonScale::Keller, true);
+    let p = model();
+    let mut opt = Optimizer::new(&plan, &mut |f| p.visit("", f)).unwrap();
+    let good = snapshot(&opt);
+
+    let mut missing = good.clone();
+    missing.remove("momentum_buffer.layers.0.qkv");
+    let e = opt.load_state(5, missing).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`momentum_buffer.layers.0.qkv` is missing"),
+        "{e}"
+    );
+
+    let mut wrong = good.clone();
+    wrong.insert("exp_avg.embed".into(), rand_t(1, &[4, 10]));
+    let e = opt.load_state(5, wrong).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`exp_avg.embed` has shape [4, 10] in the checkpoint, expected [10, 4]"),
+        "{e}"
+    );
+
+    let mut extra = good.clone();
+    extra.insert("exp_avg.gone".into(), rand_t(1, &[1]));
+    let e = opt.load_state(5, extra).unwrap_err();
+    assert!(e.to_string().contains("`exp_avg.gone`"), "{e}");
+    assert_eq!(opt.steps_taken(), 0, "failed loads change nothing");
+
+    // bf16 state in a checkpoint is accepted and widened.
+    let bf: HashMap<String, Tensor> = good
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(megamoe_tensor::DType::BF16).unwrap()))
+        .collect();
+    opt.load_state(5, bf).unwrap();
+    assert_eq!(opt.steps_taken(), 5);
+    opt.visit_state(&mut |_, t| assert_eq!(t.dtype(), megamoe_tensor::DType::F32));
+}
