@@ -12,24 +12,9 @@ use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::process::ExitCode;
 
-/// Validate a config and print, per pipeline rank class: the mesh, experts per
-/// EP rank, routed tokens and capacity per expert, the null-slot plan, group
-/// routing, the TP head partition, FSDP shard rows of the biggest matrices and
-/// memory by bucket with the dominant bucket and OOM triage advice.
-///
-/// The mesh is world = pp·dp·ep·cp·tp with rank order (pp, dp, ep, cp, tp),
-/// tp fastest. Dense layers are data-parallel over dp·ep·cp ranks, experts
-/// over dp·cp; parallel.fsdp is the ZeRO level (0-3) over those groups.
-/// The per-rank micro-batch is train.global_batch / (dp·ep·microbatches).
-///
-/// Examples:
-///   megamoe plan --config configs/tiny.toml
-///   megamoe plan --config configs/mixtral_like.toml --devices 4 --json
-///   megamoe plan -c configs/tiny.toml --set parallel.ep=2 --set train.dtype=bf16
-///
-/// Invalid settings print one line `error: <field>=<value> <rule>` and exit 2.
+/// Flags of `megamoe plan` (the subcommand's summary line lives in main.rs).
 #[derive(Debug, Clone, Args)]
-#[command(verbatim_doc_comment)]
+#[command(after_long_help = PLAN_LONG_HELP)]
 pub struct PlanArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -46,6 +31,25 @@ pub struct PlanArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Shown by `megamoe plan --help`.
+const PLAN_LONG_HELP: &str = "\
+Prints, per pipeline rank class: the mesh, experts per EP rank, routed tokens
+and capacity per expert, the null-slot plan, group routing, the TP head
+partition, FSDP shard rows of the biggest matrices, and memory by bucket with
+the dominant bucket and OOM triage advice.
+
+The mesh: world = pp*dp*ep*cp*tp, rank order (pp, dp, ep, cp, tp), tp fastest.
+Dense layers are data-parallel over dp*ep*cp ranks, experts over dp*cp;
+parallel.fsdp is the ZeRO level (0-3) over those groups. Each rank's
+micro-batch is train.global_batch / (dp*ep*microbatches) sequences.
+
+Examples:
+  megamoe plan --config configs/tiny.toml
+  megamoe plan --config configs/mixtral_like.toml --devices 4 --json
+  megamoe plan -c configs/tiny.toml --set parallel.ep=2 --set train.dtype=bf16
+
+An invalid setting prints one line `error: <field>=<value> <rule>` and exits 2.";
 
 /// Everything `plan` reports, for `--json`.
 #[derive(Serialize)]
