@@ -16,6 +16,8 @@ use megamoe_plan::{qkv_local_split_sizes, MuonScale};
 use megamoe_tensor::{DType, Device, Tensor};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// (name, dims, world, rule, fused row blocks).
+type Case<'a> = (&'a str, &'a [usize], usize, ShardRule, &'a [usize]);
 
 /// A deterministic matrix with values in [-1, 1) (an LCG; the example needs no RNG crate).
 fn matrix(seed: u64, dims: &[usize]) -> Res<Tensor> {
@@ -114,7 +116,7 @@ fn main() -> Res<()> {
     assert_eq!(ShardRule::Chunk.rows(10, 4, 2).len, 3);
 
     println!("\n== local-shard Muon vs full-matrix Muon (3 steps, keller, Nesterov) ==");
-    let cases: [(&str, &[usize], usize, ShardRule, &[usize]); 6] = [
+    let cases: [Case; 6] = [
         (
             "qkv [32,16] fused",
             &[32, 16],
