@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use megamoe_tensor::{Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,28 @@ impl NamedTensor {
         }
     }
 
+    /// Copies a tensor to the host as f32 (BF16 widens exactly; I32 converts to the
+    /// nearest f32, exact below 2^24). SYNC: reads the tensor to the host.
+    pub fn from_tensor(name: impl Into<String>, tensor: &Tensor) -> Result<Self> {
+        // SYNC: checkpoint writes need the values on the host.
+        let data = tensor.to_host_f32()?;
+        Ok(NamedTensor {
+            name: name.into(),
+            shape: tensor.dims().to_vec(),
+            data,
+        })
+    }
+
+    /// An f32 tensor on `device` with this data (convert with `to_dtype` for BF16
+    /// parameters; values saved from BF16 round-trip exactly).
+    pub fn to_tensor(&self, device: Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec_f32(
+            self.data.clone(),
+            self.shape.clone(),
+            device,
+        )?)
+    }
+
     /// Its name and shape.
     pub fn spec(&self) -> TensorSpec {
         TensorSpec {
@@ -97,6 +120,10 @@ pub struct TrainState {
     pub step: u64,
     /// The trainer's RNG state as opaque words (dropout, sampling, ...).
     pub rng: Vec<u64>,
+    /// Updates the optimizer has applied (its bias-correction step count; lower than
+    /// `step` when the NaN guard skipped updates).
+    #[serde(default)]
+    pub optimizer_steps: u64,
     /// Where the training batcher stands.
     pub data: DataPosition,
     /// The full resolved config as TOML text.
@@ -525,6 +552,7 @@ mod tests {
         TrainState {
             step,
             rng: vec![0xDEAD_BEEF, step],
+            optimizer_steps: step - 1,
             data: DataPosition {
                 source: "synthetic".into(),
                 fingerprint: 0x1234,
@@ -868,6 +896,31 @@ mod tests {
                 .step,
             5
         );
+    }
+
+    #[test]
+    fn tensor_conversion_round_trips_f32_and_bf16_values() {
+        use megamoe_tensor::DType;
+        let t = Tensor::from_vec_f32(vec![1.0, -2.5, 3.25, 1e-3], vec![2, 2], Device::Cpu).unwrap();
+        let n = NamedTensor::from_tensor("w", &t).unwrap();
+        assert_eq!(
+            (n.shape.as_slice(), n.data.as_slice()),
+            (&[2, 2][..], &[1.0, -2.5, 3.25, 1e-3][..])
+        );
+        assert_eq!(
+            n.to_tensor(Device::Cpu).unwrap().to_host_f32().unwrap(),
+            n.data
+        );
+        // BF16 keeps 8 mantissa bits: 1e-3 becomes the nearest bf16, and saving that
+        // as f32 then converting back gives the same bf16 bits.
+        let b = t.to_dtype(DType::BF16).unwrap();
+        let saved = NamedTensor::from_tensor("w", &b).unwrap();
+        let back = saved
+            .to_tensor(Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(back.to_host_bf16().unwrap(), b.to_host_bf16().unwrap());
     }
 
     #[test]

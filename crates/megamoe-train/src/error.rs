@@ -25,6 +25,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A tensor operation failed (converting checkpoint tensors).
+    #[error(transparent)]
+    Tensor(#[from] megamoe_tensor::Error),
+
     // ---- data and tokenizer ----
     /// `--data PATH` does not exist.
     #[error("data path {path} does not exist")]
