@@ -3,6 +3,7 @@
 
 mod args;
 mod plan_cmd;
+mod schedule_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +24,9 @@ enum Command {
     /// Validate a config and print the parallel layout, MoE capacity, FSDP
     /// shards and per-rank memory, before any device is used.
     Plan(plan_cmd::PlanArgs),
+    /// Generate, validate and simulate a pipeline schedule (GPipe .. DualPipeV),
+    /// print its actions, bubble and memory, or compare every kind.
+    Schedule(schedule_cmd::ScheduleArgs),
 }
 
 /// Prints an error as one line (the context chain joined by ": ") and returns exit code 2.
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan_cmd::run(&args),
+        Command::Schedule(args) => schedule_cmd::run(&args),
     };
     match result {
         Ok(code) => code,
