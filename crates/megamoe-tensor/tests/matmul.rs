@@ -186,8 +186,9 @@ fn matmul_family_same_bits_for_1_and_3_threads() {
     let a = rand_t(12, &[256, 192]);
     let b = rand_t(13, &[320, 192]);
     let x = rand_t(14, &[700, 192]);
-    let w = rand_t(15, &[3, 96, 192]);
-    let sizes = [300usize, 0, 400];
+    // groups of 300 rows take the threaded-GEMM path, 100 and 0 the parallel-groups path
+    let w = rand_t(15, &[4, 96, 192]);
+    let sizes = [300usize, 0, 100, 300];
     let run = || {
         let y = host(&a.matmul(&b, false, true).unwrap());
         let g = host(&x.grouped_matmul(&sizes, &w, true).unwrap());

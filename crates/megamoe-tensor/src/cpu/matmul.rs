@@ -3,9 +3,9 @@
 //!
 //! `gemm` parallelises over output blocks only and walks the reduction dimension in a fixed
 //! order whose blocking depends on (m, n, k) alone, so its results are identical for every
-//! thread count (checked by `matmul_same_bits_for_1_and_3_threads`). Grouped GEMMs cut their
-//! work into (group, row block) pieces of fixed size and run the pieces in parallel with
-//! single-threaded GEMMs, which balances ragged groups without any shape-dependent tuning.
+//! thread count (checked by `matmul_family_same_bits_for_1_and_3_threads`), so we are free
+//! to choose where threads go: grouped GEMMs run one GEMM per group on its contiguous row
+//! block, big groups with threads inside the GEMM, small groups in parallel across groups.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -34,10 +34,6 @@ impl Operand<'_> {
 /// Below this many multiply-adds a GEMM runs single-threaded: thread start-up would cost
 /// more than the work.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
-
-/// Rows of the left operand per parallel piece in grouped/batched GEMMs. 128 keeps the rhs
-/// packing cost (N·K per piece) below 1 % of the piece's 128·N·K multiply-adds.
-pub(crate) const ROWS_PER_PIECE: usize = 128;
 
 /// Batched GEMMs with at least this many matrices run one single-threaded GEMM per task.
 const BATCH_PARALLEL_MIN: usize = 4;
@@ -151,9 +147,36 @@ pub(crate) fn bmm(
     out
 }
 
+/// Groups with at least this many rows run one multi-threaded GEMM each (in group order);
+/// smaller groups run as single-threaded GEMMs in parallel across groups. Both paths give
+/// the same bits (gemm never splits the reduction), and the choice depends on the shape
+/// only. 256 rows keep a single-threaded GEMM near its peak rate while letting many small
+/// expert groups (fine-grained MoE) fill all cores.
+const BIG_GROUP_ROWS: usize = 256;
+
+/// Runs `work(g, out_g, threads)` for every group: big groups one after another with
+/// `threads = true`, small groups in parallel with `threads = false`.
+fn for_each_group(
+    parts: Vec<&mut [f32]>,
+    rows: &[usize],
+    work: impl Fn(usize, &mut [f32], bool) + Sync + Send,
+) {
+    let mut small = Vec::new();
+    for (g, part) in parts.into_iter().enumerate() {
+        if rows[g] >= BIG_GROUP_ROWS {
+            work(g, part, true);
+        } else if rows[g] > 0 {
+            small.push((g, part));
+        }
+    }
+    small
+        .into_par_iter()
+        .for_each(|(g, part)| work(g, part, false));
+}
+
 /// Grouped GEMM over ragged row groups: rows `offsets[g]..offsets[g+1]` of `x [R, k]` times
 /// weight `w_g` (`[n, k]` if `trans_w`, else `[k, n]`) give the same rows of the `[R, n]`
-/// output.
+/// output. One GEMM per group on its contiguous row block.
 pub(crate) fn grouped(
     x: &[f32],
     group_sizes: &[usize],
@@ -164,44 +187,34 @@ pub(crate) fn grouped(
 ) -> Vec<f32> {
     let rows: usize = group_sizes.iter().sum();
     let mut out = vec![0.0f32; rows * n];
-    if n == 0 {
-        return out;
-    }
-    // Fixed pieces: (group, row block of ≤ ROWS_PER_PIECE rows).
-    let mut pieces = Vec::new();
-    let mut lens = Vec::new();
-    let mut row = 0;
-    for (g, &size) in group_sizes.iter().enumerate() {
-        let mut r = 0;
-        while r < size {
-            let len = (size - r).min(ROWS_PER_PIECE);
-            pieces.push((g, row + r, len));
-            lens.push(len * n);
-            r += len;
-        }
-        row += size;
-    }
-    let outs = super::split_mut(&mut out, &lens);
-    pieces
-        .into_par_iter()
-        .zip(outs)
-        .for_each(|((g, r0, len), c)| {
-            let a = Operand {
-                data: &x[r0 * k..(r0 + len) * k],
-                trans: false,
-            };
-            let b = Operand {
-                data: &w[g * n * k..(g + 1) * n * k],
-                trans: trans_w,
-            };
-            gemm_into(c, len, n, k, a, b, None, false);
-        });
+    let offsets: Vec<usize> = group_sizes
+        .iter()
+        .scan(0, |acc, &s| {
+            let o = *acc;
+            *acc += s;
+            Some(o)
+        })
+        .collect();
+    let lens: Vec<usize> = group_sizes.iter().map(|&s| s * n).collect();
+    let parts = super::split_mut(&mut out, &lens);
+    for_each_group(parts, group_sizes, |g, c, threads| {
+        let (r0, len) = (offsets[g], group_sizes[g]);
+        let a = Operand {
+            data: &x[r0 * k..(r0 + len) * k],
+            trans: false,
+        };
+        let b = Operand {
+            data: &w[g * n * k..(g + 1) * n * k],
+            trans: trans_w,
+        };
+        gemm_into(c, len, n, k, a, b, None, threads);
+    });
     out
 }
 
 /// Weight gradient of the grouped GEMM: `dw[g] = dy_gᵀ · x_g` (`[n, k]`) for the row group
-/// `g` of `dy [R, n]` and `x [R, k]`; empty groups give zeros. Pieces are (group, block of
-/// ≤ ROWS_PER_PIECE rows of dw_g), so the sum over the group's rows is never split.
+/// `g` of `dy [R, n]` and `x [R, k]`; empty groups give zeros. The sum over the group's
+/// rows is the GEMM's reduction dimension and is never split.
 pub(crate) fn grouped_wgrad(
     dy: &[f32],
     x: &[f32],
@@ -211,79 +224,27 @@ pub(crate) fn grouped_wgrad(
 ) -> Vec<f32> {
     let groups = group_sizes.len();
     let mut out = vec![0.0f32; groups * n * k];
-    if n == 0 || k == 0 {
-        return out;
-    }
-    let mut pieces = Vec::new();
-    let mut lens = Vec::new();
-    let mut row = 0;
-    for &size in group_sizes {
-        let mut j = 0;
-        while j < n {
-            let len = (n - j).min(ROWS_PER_PIECE);
-            pieces.push((row, size, j, len));
-            lens.push(len * k);
-            j += len;
-        }
-        row += size;
-    }
-    let outs = super::split_mut(&mut out, &lens);
-    pieces
-        .into_par_iter()
-        .zip(outs)
-        .for_each(|((r0, size, j0, len), c)| {
-            if size == 0 {
-                return; // empty group: dw_g stays zero
-            }
-            // dy_g[:, j0..j0+len]ᵀ is [len, size]: stored dy_g is [size, n] row-major, so the
-            // logical matrix (rows j, cols r) sits at r*n + j: row stride 1, col stride n.
-            let dyt = &dy[r0 * n + j0..];
-            let xs = &x[r0 * k..(r0 + size) * k];
-            gemm_strided(c, len, k, size, dyt, 1, n as isize, xs, k as isize, 1);
-        });
+    let offsets: Vec<usize> = group_sizes
+        .iter()
+        .scan(0, |acc, &s| {
+            let o = *acc;
+            *acc += s;
+            Some(o)
+        })
+        .collect();
+    let parts = super::split_mut(&mut out, &vec![n * k; groups]);
+    for_each_group(parts, group_sizes, |g, c, threads| {
+        let (r0, size) = (offsets[g], group_sizes[g]);
+        // dy_gᵀ is [n, size]: stored dy_g is [size, n] row-major, i.e. dy_gᵀ transposed.
+        let a = Operand {
+            data: &dy[r0 * n..(r0 + size) * n],
+            trans: true,
+        };
+        let b = Operand {
+            data: &x[r0 * k..(r0 + size) * k],
+            trans: false,
+        };
+        gemm_into(c, n, k, size, a, b, None, threads);
+    });
     out
-}
-
-/// `c[m, n] = a · b` with explicit strides (a: m×kk, b: kk×n), single-threaded.
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided(
-    c: &mut [f32],
-    m: usize,
-    n: usize,
-    kk: usize,
-    a: &[f32],
-    a_rs: isize,
-    a_cs: isize,
-    b: &[f32],
-    b_rs: isize,
-    b_cs: isize,
-) {
-    debug_assert!(c.len() >= m * n);
-    // SAFETY: callers pass `a` starting at the logical element (0,0) with every element
-    // (i, l), i < m, l < kk at offset i*a_rs + l*a_cs inside the slice, likewise for b
-    // (grouped_wgrad: offsets ≤ (size-1)*n + len-1 within dy[r0*n + j0..]); `c` holds m·n
-    // elements and aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            kk,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
 }

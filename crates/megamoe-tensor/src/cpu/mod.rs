@@ -16,6 +16,7 @@ use rayon::prelude::*;
 pub(crate) mod elementwise;
 pub(crate) mod index;
 pub(crate) mod loss;
+pub(crate) mod mask;
 pub(crate) mod matmul;
 pub(crate) mod norm;
 pub(crate) mod reduce;
@@ -24,7 +25,6 @@ pub(crate) mod rope;
 pub(crate) mod routing;
 pub(crate) mod softmax;
 pub(crate) mod topk;
-pub(crate) mod mask;
 // New families: append `pub(crate) mod <family>;` here.
 
 /// Elements per parallel task of elementwise kernels. Large enough that task overhead

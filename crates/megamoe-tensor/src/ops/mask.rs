@@ -10,7 +10,10 @@ impl Tensor {
     pub fn gt_scalar(&self, thr: f32) -> Result<Tensor> {
         let x = self.to_dtype(crate::DType::F32)?;
         let v = x.cpu_f32("gt_scalar", "x")?;
-        Ok(Tensor::cpu_f32_from(kernel::gt_scalar(&v, thr), self.shape()))
+        Ok(Tensor::cpu_f32_from(
+            kernel::gt_scalar(&v, thr),
+            self.shape(),
+        ))
     }
 
     /// `1.0` where `self == value`, else `0.0`. Any float or i32 input (i32 compared exactly
@@ -18,6 +21,9 @@ impl Tensor {
     pub fn eq_scalar(&self, value: f32) -> Result<Tensor> {
         let x = self.to_dtype(crate::DType::F32)?;
         let v = x.cpu_f32("eq_scalar", "x")?;
-        Ok(Tensor::cpu_f32_from(kernel::eq_scalar(&v, value), self.shape()))
+        Ok(Tensor::cpu_f32_from(
+            kernel::eq_scalar(&v, value),
+            self.shape(),
+        ))
     }
 }

@@ -15,6 +15,7 @@
 pub mod elementwise;
 pub mod index;
 pub mod loss;
+pub mod mask;
 pub mod matmul;
 pub mod norm;
 pub mod reduce;
@@ -23,5 +24,4 @@ pub mod rope;
 pub mod routing;
 pub mod softmax;
 pub mod topk;
-pub mod mask;
 // New families: append `pub mod <family>;` here.
