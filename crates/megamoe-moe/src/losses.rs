@@ -320,7 +320,7 @@ mod tests {
         }
         assert!((step.total() - 0.02).abs() < 1e-15); // 0.01·1 + 1e-3·10
         let s = RouterLossScale::new(w, 4, 2).unwrap();
-        assert!((s.aux as f64 - 0.01 / 8.0).abs() < 1e-12);
+        assert!((s.aux as f64 - 0.01 / 8.0).abs() < 1e-9); // f32 rounding of 1.25e-3
         assert!(RouterLossScale::new(w, 0, 1).is_err());
         assert!(StepRouterLoss::new(w, 1, 0).is_err());
     }
