@@ -11,6 +11,9 @@ pub enum Error {
     /// A tensor op failed (shape, dtype, index out of range, ...).
     #[error(transparent)]
     Tensor(#[from] megamoe_tensor::Error),
+    /// The MoE layer failed (config, routing, shapes).
+    #[error(transparent)]
+    Moe(#[from] megamoe_moe::Error),
 
     // ---- config ----
     /// A config value breaks a rule of the model.

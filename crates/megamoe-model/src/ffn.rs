@@ -1,6 +1,11 @@
-//! The FFN slot of a block: a dense FFN ([`Mlp`]) or an MoE layer. One enum per role
-//! (config, params, saved, deferred-W) so the block treats both alike.
+//! The FFN slot of a block: a dense FFN ([`Mlp`]) or an MoE layer ([`MoeLayer`]). One enum
+//! per role (layer, params, saved, deferred-W) so the block treats both alike.
+//!
+//! MoE names follow the MoE crate under `model.layers.{i}.mlp.` (`router.weight`,
+//! `experts.gate_proj`, `shared_experts.up_proj`, `shared_expert_gate.weight`, ...); the
+//! `router.expert_bias` buffer is not a parameter (see [`FfnParams::visit_buffers`]).
 
+use megamoe_moe::{MoeDeferredW, MoeLayer, MoeParams, MoeSaved, MoeStats, RouterLossScale};
 use megamoe_tensor::{ParamRole, Tensor};
 
 use crate::error::Result;
@@ -12,6 +17,8 @@ use crate::mlp::{Mlp, MlpDeferredW, MlpParams, MlpSaved};
 pub enum Ffn {
     /// Dense SwiGLU (or relu²/GELU) FFN.
     Dense(Mlp),
+    /// Mixture of experts.
+    Moe(Box<MoeLayer>),
 }
 
 /// The FFN's weights.
@@ -19,6 +26,8 @@ pub enum Ffn {
 pub enum FfnParams {
     /// `mlp.{gate,up,down}_proj.weight`.
     Dense(MlpParams),
+    /// `mlp.router.weight`, `mlp.experts.*`, `mlp.shared_experts.*`, ...
+    Moe(Box<MoeParams>),
 }
 
 impl FfnParams {
@@ -26,6 +35,7 @@ impl FfnParams {
     pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, &Tensor, ParamRole)) {
         match self {
             FfnParams::Dense(p) => p.visit(prefix, f),
+            FfnParams::Moe(p) => p.visit(&format!("{prefix}."), f),
         }
     }
 
@@ -33,7 +43,27 @@ impl FfnParams {
     pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor, ParamRole)) {
         match self {
             FfnParams::Dense(p) => p.visit_mut(prefix, f),
+            FfnParams::Moe(p) => p.visit_mut(&format!("{prefix}."), f),
         }
+    }
+
+    /// Non-trained buffers (`{prefix}.router.expert_bias`).
+    pub fn visit_buffers(&self, prefix: &str, f: &mut dyn FnMut(&str, &Tensor)) {
+        if let FfnParams::Moe(p) = self {
+            p.visit_buffers(&format!("{prefix}."), f);
+        }
+    }
+
+    /// A gradient buffer of the same structure (MoE: no expert-bias buffer).
+    pub fn zeros_like(&self) -> Result<FfnParams> {
+        Ok(match self {
+            FfnParams::Dense(p) => {
+                let mut z = p.clone();
+                crate::init::zeros_like_params(&mut |f| z.visit_mut("", f))?;
+                FfnParams::Dense(z)
+            }
+            FfnParams::Moe(p) => FfnParams::Moe(Box::new(p.zeros_like()?)),
+        })
     }
 }
 
@@ -44,6 +74,8 @@ pub struct FfnOutput {
     pub aux_loss: Tensor,
     /// Unweighted z-loss (rank 0).
     pub z_loss: Tensor,
+    /// Routing counts (tokens per expert, dropped, null share via `to_host`).
+    pub stats: MoeStats,
 }
 
 /// Router-loss gradient scales (loss weight × step scale) for an MoE FFN.
@@ -60,6 +92,8 @@ pub struct FfnScale {
 pub enum FfnSaved {
     /// Dense.
     Dense(MlpSaved),
+    /// MoE.
+    Moe(Box<MoeSaved>),
 }
 
 /// What the FFN's `backward_weight` needs.
@@ -67,10 +101,20 @@ pub enum FfnSaved {
 pub enum FfnDeferredW {
     /// Dense.
     Dense(MlpDeferredW),
+    /// MoE.
+    Moe(Box<MoeDeferredW>),
+}
+
+fn mismatch() -> crate::error::Error {
+    crate::error::Error::SavedMismatch {
+        layer: "ffn",
+        rule: "dense/MoE kinds of layer, params and saved state must agree",
+    }
 }
 
 impl Ffn {
-    /// Fresh weights under `prefix`.
+    /// Fresh weights under `prefix`. MoE layers use the MoE crate's init
+    /// (`N(0, 1/fan_in)` keyed by name).
     pub fn init_params(
         &self,
         init: &Init,
@@ -80,6 +124,11 @@ impl Ffn {
     ) -> Result<FfnParams> {
         Ok(match self {
             Ffn::Dense(m) => FfnParams::Dense(MlpParams::init(&m.cfg, init, prefix, std, out_std)?),
+            Ffn::Moe(m) => FfnParams::Moe(Box::new(MoeParams::init(
+                m.config(),
+                init.seed,
+                &format!("{prefix}."),
+            )?)),
         })
     }
 
@@ -94,10 +143,23 @@ impl Ffn {
                 let (y, s) = m.forward(p, x)?;
                 Ok((y, None, FfnSaved::Dense(s)))
             }
+            (Ffn::Moe(m), FfnParams::Moe(p)) => {
+                let (out, s) = m.forward(p, x)?;
+                Ok((
+                    out.y,
+                    Some(FfnOutput {
+                        aux_loss: out.aux_loss,
+                        z_loss: out.z_loss,
+                        stats: out.stats,
+                    }),
+                    FfnSaved::Moe(Box::new(s)),
+                ))
+            }
+            _ => Err(mismatch()),
         }
     }
 
-    /// `d_y` → `d_x` (fresh).
+    /// `d_y` → `d_x` (fresh); MoE router-loss gradients enter here with `scale`.
     pub fn backward_input(
         &self,
         p: &FfnParams,
@@ -105,12 +167,20 @@ impl Ffn {
         s: FfnSaved,
         scale: &FfnScale,
     ) -> Result<(Tensor, FfnDeferredW)> {
-        let _ = scale;
         match (self, p, s) {
             (Ffn::Dense(m), FfnParams::Dense(p), FfnSaved::Dense(s)) => {
                 let (d_x, w) = m.backward_input(p, d_y, s)?;
                 Ok((d_x, FfnDeferredW::Dense(w)))
             }
+            (Ffn::Moe(m), FfnParams::Moe(p), FfnSaved::Moe(s)) => {
+                let rs = RouterLossScale {
+                    aux: scale.aux,
+                    z: scale.z,
+                };
+                let (d_x, w) = m.backward_input(p, d_y, *s, rs)?;
+                Ok((d_x, FfnDeferredW::Moe(Box::new(w))))
+            }
+            _ => Err(mismatch()),
         }
     }
 
@@ -118,6 +188,8 @@ impl Ffn {
     pub fn backward_weight(&self, w: FfnDeferredW, g: &mut FfnParams) -> Result<()> {
         match (self, w, g) {
             (Ffn::Dense(m), FfnDeferredW::Dense(w), FfnParams::Dense(g)) => m.backward_weight(w, g),
+            (Ffn::Moe(m), FfnDeferredW::Moe(w), FfnParams::Moe(g)) => Ok(m.backward_weight(*w, g)?),
+            _ => Err(mismatch()),
         }
     }
 }

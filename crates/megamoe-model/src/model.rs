@@ -18,6 +18,7 @@
 //! Under `Recompute::Full` the store keeps only each block's input and `backward` reruns
 //! the block's forward (deterministic, so gradients are identical).
 
+use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, RoutingStats};
 use megamoe_plan::Recompute;
 use megamoe_tensor::{DType, Device, ParamRole, Tensor, IGNORE_INDEX};
 
@@ -88,11 +89,34 @@ impl ModelParams {
         }
     }
 
-    /// Zeros of the same structure (a gradient buffer).
+    /// Zeros of the same structure (a gradient buffer; MoE layers carry no expert-bias
+    /// buffer).
     pub fn zeros_like(&self) -> Result<ModelParams> {
         let mut z = self.clone();
         zeros_like_params(&mut |f| z.visit_mut(f))?;
+        for (zl, l) in z.layers.iter_mut().zip(&self.layers) {
+            zl.mlp = l.mlp.zeros_like()?;
+        }
         Ok(z)
+    }
+
+    /// Non-trained buffers (MoE `router.expert_bias`), with HF-style names.
+    pub fn visit_buffers(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        for (i, l) in self.layers.iter().enumerate() {
+            l.mlp.visit_buffers(&format!("model.layers.{i}.mlp"), f);
+        }
+    }
+
+    /// The MoE layers' parameters by layer index (for the expert-bias update).
+    pub fn moe_layers_mut(&mut self) -> Vec<(usize, &mut MoeParams)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, l)| match &mut l.mlp {
+                crate::ffn::FfnParams::Moe(p) => Some((i, &mut **p)),
+                crate::ffn::FfnParams::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// Number of trained scalars.
@@ -190,6 +214,8 @@ pub struct StatsValues {
     pub layers_used_mean: Option<f64>,
     /// FlexiDepth: histogram of layers used, index = layer count 0..=L.
     pub layers_used_hist: Option<Vec<usize>>,
+    /// MoE: per MoE layer `(layer, routing stats)` (tokens per expert, dropped, null share).
+    pub moe: Vec<(usize, RoutingStats)>,
 }
 
 impl ModelStats {
@@ -197,7 +223,12 @@ impl ModelStats {
     pub fn to_host(&self, n_layers: usize) -> Result<StatsValues> {
         let mut kept = Vec::new();
         let mut mean = Vec::new();
+        let mut moe = Vec::new();
         for l in &self.layers {
+            if let Some(m) = &l.block.moe {
+                // SYNC: stats are read once per step.
+                moe.push((l.layer, m.stats.to_host()?));
+            }
             if let Some(k) = l.block.kept_fraction {
                 kept.push(k);
             }
@@ -224,6 +255,7 @@ impl ModelStats {
             gate_skip_mean_gate: mean,
             layers_used_mean: used_mean,
             layers_used_hist: hist,
+            moe,
         })
     }
 }
@@ -314,8 +346,19 @@ impl Model {
             init_std: g.init_std as f32,
         });
         let mut blocks = Vec::with_capacity(cfg.n_layers);
+        let moe = match &cfg.moe {
+            Some(m) => Some(MoeLayer::new(MoeConfig::from_moe_plan(
+                cfg.d_model,
+                cfg.seq_len,
+                m,
+            )?)?),
+            None => None,
+        };
         for layer in 0..cfg.n_layers {
-            let ffn = Ffn::Dense(dense);
+            let ffn = match &moe {
+                Some(m) if cfg.is_moe_layer(layer) => Ffn::Moe(Box::new(m.clone())),
+                _ => Ffn::Dense(dense),
+            };
             let flexi_depth = match &cfg.flexi_depth {
                 Some(f) if cfg.is_adaptive_layer(layer) => Some(FlexiDepthConfig {
                     d_model: cfg.d_model,
@@ -707,6 +750,9 @@ impl Model {
             });
         }
         let mut out = prompt.to_vec();
+        // MoE layers need N to be a multiple of their seq_len: shorter contexts run on a
+        // copy of the model built for that length (same parameters).
+        let mut by_len: Vec<Option<Model>> = (0..=self.cfg.seq_len).map(|_| None).collect();
         let mut rng = sampling.seed ^ 0x9E37_79B9_7F4A_7C15;
         for _ in 0..n {
             let start = out.len().saturating_sub(self.cfg.seq_len);
@@ -714,7 +760,19 @@ impl Model {
             let t = ctx.len();
             let ids = Tensor::from_vec_i32(ctx.to_vec(), [1, t], Device::Cpu)?;
             let targets = Tensor::full([1, t], IGNORE_INDEX as f32, DType::I32, Device::Cpu)?;
-            let fwd = self.forward(p, &ids, &targets, usize::MAX)?;
+            let model = if t == self.cfg.seq_len {
+                self
+            } else {
+                let slot = &mut by_len[t];
+                if slot.is_none() {
+                    *slot = Some(Model::new(ModelConfig {
+                        seq_len: t,
+                        ..self.cfg.clone()
+                    })?);
+                }
+                slot.as_ref().expect("just built")
+            };
+            let fwd = model.forward(p, &ids, &targets, usize::MAX)?;
             let last = fwd.logits.narrow(0, t - 1, 1)?;
             let next = if sampling.temperature <= 0.0 {
                 // SYNC: the sampled id decides the next input.

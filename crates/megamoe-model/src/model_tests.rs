@@ -88,6 +88,60 @@ fn whole_model_with_every_feature_matches_finite_differences() {
     fd_case(ALL_FEATURES, true);
 }
 
+/// MoE (layers 1, 2) with a gated shared expert and null slots (ρ = 0.5), dropless.
+const MOE: &str = "[moe]\nrouted_experts = 4\ntop_k = 2\nexpert_hidden = 8\npre_softmax = true\n\
+    shared_experts = 1\nshared_expert_hidden = 8\nshared_expert_gate = true\nnull_rho = 0.5\n\
+    aux_loss = \"aux\"\naux_loss_weight = 0.5\nz_loss_weight = 0.1\nfirst_dense_layers = 1\n";
+
+#[test]
+fn whole_model_with_moe_and_every_feature_matches_finite_differences() {
+    fd_case(&format!("{MOE}{ALL_FEATURES}"), true);
+}
+
+#[test]
+fn all_features_config_trains_without_nan_and_reports_every_stat() {
+    let plan = Plan::from_toml_str(
+        include_str!("../../../configs/all_features.toml"),
+        &["train.global_batch=2".into()],
+        Some(1),
+    )
+    .unwrap();
+    let model = Model::new(ModelConfig::from_plan(&plan).unwrap()).unwrap();
+    let mut p = model.init_params().unwrap();
+    let (ids, tg) = batch(2, 64, 256, 5);
+    let mut first = None;
+    for step in 0..3 {
+        let out = model.forward(&p, &ids, &tg, step * 50).unwrap();
+        let v = out.losses.to_host().unwrap();
+        assert!(v.total.is_finite() && v.aux > 0.0 && v.z > 0.0 && v.gate_skip > 0.0);
+        assert!(v.flexi_depth > 0.0 && v.mtp_losses.len() == 3);
+        let st = out.stats.to_host(4).unwrap();
+        assert_eq!(st.moe.len(), 3, "MoE layers 1..3");
+        assert!(
+            st.moe.iter().all(|(_, r)| r.null_picks > 0),
+            "null slots are used"
+        );
+        assert_eq!(st.gate_skip_kept.len(), 4);
+        assert!(st.layers_used_mean.is_some());
+        first.get_or_insert(v.total);
+        let mut g = p.zeros_like().unwrap();
+        model.backward(&p, out.saved, &mut g, 1.0).unwrap();
+        let gs = named(&g);
+        let mut i = 0;
+        p.visit_mut(&mut |_, t, _| {
+            t.axpy(-0.05, &gs[i].1).unwrap();
+            i += 1;
+        });
+        let mut nb = 0;
+        p.visit_buffers(&mut |n, b| {
+            assert!(n.ends_with("mlp.router.expert_bias"));
+            assert_eq!(b.dims(), [8]);
+            nb += 1;
+        });
+        assert_eq!(nb, 3);
+    }
+}
+
 fn fd_case(extra: &str, all: bool) {
     let plan = tiny_plan(extra);
     let model = Model::new(ModelConfig::from_plan(&plan).unwrap()).unwrap();
@@ -164,6 +218,12 @@ fn fd_case(extra: &str, all: bool) {
             "mtp.layers.0.input_proj",
             "mtp.layers.0.mlp.gate_proj",
             "mtp.layers.0.self_attn.o_proj",
+            "mlp.router.weight",
+            "mlp.router.null_weight",
+            "layers.2.mlp.experts.gate_proj",
+            "layers.1.mlp.experts.down_proj",
+            "mlp.shared_experts.up_proj",
+            "shared_expert_gate",
         ];
         if !want.iter().any(|w| name.contains(w)) && !name.contains("embed") {
             continue;
@@ -182,6 +242,11 @@ fn fd_case(extra: &str, all: bool) {
     }
     if all {
         assert!(checked >= 16, "{checked}");
+    }
+    if extra.contains("[moe]") {
+        // + router, null router, two expert banks, shared expert, shared gate (×2 layers
+        // for the names without a layer index).
+        assert!(checked >= 25, "{checked}");
     }
     // A mask boundary within ±1e-3 of a weight is rare; most elements must be checked.
     assert!(kinks <= 8, "{kinks} elements on mask boundaries");
