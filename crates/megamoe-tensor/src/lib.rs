@@ -29,7 +29,12 @@
 //! - Sums (reductions, softmax denominators, norms, cross-entropy) accumulate in f64.
 //!
 //! # Features
-//! None yet; `cuda` will add a `Storage::Cuda` variant and `cuda/<family>.rs` kernels.
+//! - `bench-faer`: adds faer to `benches/gemm.rs` to re-check the GEMM crate choice.
+//! - (planned) `cuda`: a `Storage::Cuda` variant and `cuda/<family>.rs` kernels; every
+//!   `let Storage::Cpu(..)` in the ops becomes a match, so the compiler lists what to add.
+//!
+//! GEMMs use the `gemm` crate with its `x86-v4` (AVX-512, runtime-detected) kernels; see
+//! docs/perf.md for the benchmark behind the choice.
 //!
 //! # Example
 //! ```
