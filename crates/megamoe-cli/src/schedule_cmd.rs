@@ -14,45 +14,50 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Generate a pipeline schedule, check it, simulate it, and show it.
-///
-/// A schedule is, per pipeline rank, the ordered list of actions it runs on
-/// its stages: F (forward), I (backward for the input), W (backward for the
-/// weights), B (full backward = I + W) and (F;B)OVERLAP_F_B (a forward and a
-/// backward of different stages run as one overlapped unit). Actions print as
-/// PyTorch's compute-only text: `2F0` = stage 2, forward, microbatch 0.
-///
-/// Kinds (the config's [parallel] schedule names):
-///   gpipe        all F then all B; M activations in flight
-///   1f1b         warmup P-r-1 F, then F B pairs; needs M >= P
-///   interleaved  1F1B over --vpp chunks per rank (stage c*P+r on rank r);
-///                needs M % P == 0 and M*vpp > 2(P-1)+(vpp-1)P
-///   zb-h1        1F1B with B split into I and W, W filling the bubbles
-///   zbv          2 stages per rank on a V (rank r: stages r, 2P-1-r), I/W split
-///   dualpipe     P even, M even, M >= 2P: half the microbatches enter at each
-///                end; rank r holds stage r and a copy of stage P-1-r
-///                (IR stages 0..P forward, P..2P reverse)
-///   dualpipev    DualPipe folded on a V: 2P stages, all microbatches enter and
-///                leave at rank 0; needs M >= 2P
-///
-/// Every schedule is validated (per-stage F/I/W/B counts, F before I/B before
-/// W per microbatch, each stage on one rank, and a lockstep send/recv dry run
-/// that must make progress) and simulated with --costs: per-action times,
-/// makespan, bubble = makespan - busy per rank, peak in-flight activations
-/// (stage-chunks whose F ran and whose B or W has not) and parameter copies.
-///
-/// Examples:
-///   megamoe schedule --kind 1f1b --pp 4 --microbatches 8
-///   megamoe schedule --kind dualpipev --pp 4 --microbatches 10 --format csv
-///   megamoe schedule --kind zb-h1 --pp 4 --microbatches 8 --costs F=1,I=1,W=1
-///   megamoe schedule --kind dualpipe --pp 8 --microbatches 20 --format svg -o dp.svg
-///   megamoe schedule --kind interleaved --vpp 2 --pp 4 --microbatches 8 --format chrome -o t.json
-///   megamoe schedule --compare --pp 4 --microbatches 8
-///
-/// Open chrome output at https://ui.perfetto.dev or chrome://tracing.
-/// Invalid input prints one line `error: ...` naming the value and the rule, exit 2.
+/// The teaching part of `megamoe schedule --help` (kinds, checks, examples),
+/// shown after the options.
+const SCHEDULE_HELP: &str = "\
+A schedule is, per pipeline rank, the ordered list of actions it runs on
+its stages: F (forward), I (backward for the input), W (backward for the
+weights), B (full backward = I + W) and (F;B)OVERLAP_F_B (a forward and a
+backward of different stages run as one overlapped unit). Actions print as
+PyTorch's compute-only text: `2F0` = stage 2, forward, microbatch 0.
+
+Kinds (the config's [parallel] schedule names):
+  gpipe        all F then all B; M activations in flight
+  1f1b         warmup P-r-1 F, then F B pairs; needs M >= P
+  interleaved  1F1B over --vpp chunks per rank (stage c*P+r on rank r);
+               needs M % P == 0 and M*vpp > 2(P-1)+(vpp-1)P
+  zb-h1        1F1B with B split into I and W, W filling the bubbles
+  zbv          2 stages per rank on a V (rank r: stages r, 2P-1-r), I/W split
+  dualpipe     P even, M even, M >= 2P: half the microbatches enter at each
+               end; rank r holds stage r and a copy of stage P-1-r
+               (IR stages 0..P forward, P..2P reverse)
+  dualpipev    DualPipe folded on a V: 2P stages, all microbatches enter and
+               leave at rank 0; needs M >= 2P
+
+Every schedule is validated (per-stage F/I/W/B counts, F before I/B before
+W per microbatch, each stage on one rank, and a lockstep send/recv dry run
+that must make progress) and simulated with --costs: per-action times,
+makespan, bubble = makespan - busy per rank, peak in-flight activations
+(stage-chunks whose F ran and whose B or W has not) and parameter copies.
+
+Examples:
+  megamoe schedule --kind 1f1b --pp 4 --microbatches 8
+  megamoe schedule --kind dualpipev --pp 4 --microbatches 10 --format csv
+  megamoe schedule --kind zb-h1 --pp 4 --microbatches 8 --costs F=1,I=1,W=1
+  megamoe schedule --kind dualpipe --pp 8 --microbatches 20 --format svg -o dp.svg
+  megamoe schedule --kind interleaved --vpp 2 --pp 4 --microbatches 8 --format chrome -o t.json
+  megamoe schedule --compare --pp 4 --microbatches 8
+
+Open chrome output at https://ui.perfetto.dev or chrome://tracing.
+Invalid input prints one line `error: ...` naming the value and the rule, exit 2.
+";
+
+/// Generate a pipeline schedule, check it, simulate it, and show it
+/// (see `SCHEDULE_HELP` for the text printed after the options).
 #[derive(Debug, Clone, Args)]
-#[command(verbatim_doc_comment)]
+#[command(after_help = SCHEDULE_HELP)]
 pub struct ScheduleArgs {
     /// Schedule kind: gpipe, 1f1b, interleaved, zb-h1, zbv, dualpipe, dualpipev.
     #[arg(long, value_name = "KIND", required_unless_present = "compare")]

@@ -215,3 +215,17 @@ fn bad_input_is_one_line_on_stderr_and_exit_2() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+#[test]
+fn help_teaches_kinds_and_examples() {
+    let help = stdout(&["schedule", "--help"]);
+    for needle in [
+        "dualpipev",
+        "OVERLAP_F_B",
+        "Examples:",
+        "--compare",
+        "--costs",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from --help");
+    }
+}
