@@ -424,3 +424,82 @@ fn bad_inputs_are_named_errors() {
     let oov = Tensor::from_vec_i32(vec![13; 12], [2, 6], Device::Cpu).unwrap();
     assert!(model.forward(&p, &oov, &ids, 0).is_err());
 }
+
+#[test]
+fn lm_head_cross_entropy_with_ignore_index_matches_finite_differences() {
+    // L = CE(h Wᵀ, targets) with one ignored row; grads: dW = dlᵀ h, dh = dl W.
+    let h = crate::grad_check::randn(1, &[5, 4], 1.0);
+    let w = crate::grad_check::randn(2, &[7, 4], 1.0);
+    let tg = Tensor::from_vec_i32(vec![3, -100, 0, 6, 3], [5], Device::Cpu).unwrap();
+    let loss = |h: &Tensor, w: &Tensor| {
+        let (l, _) = h
+            .matmul(w, false, true)
+            .unwrap()
+            .cross_entropy(&tg, -100)
+            .unwrap();
+        l.to_scalar_f32().unwrap() as f64
+    };
+    let (_, dl) = h
+        .matmul(&w, false, true)
+        .unwrap()
+        .cross_entropy(&tg, -100)
+        .unwrap();
+    let d_w = dl.matmul(&h, true, false).unwrap();
+    let d_h = dl.matmul(&w, false, false).unwrap();
+    crate::grad_check::check("d_w", &w, &d_w, |t| loss(&h, t));
+    crate::grad_check::check("d_h", &h, &d_h, |t| loss(t, &w));
+    // The ignored row gets no gradient.
+    assert!(d_h.to_host_f32().unwrap()[4..8].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn flexi_depth_rows_follow_full_or_skip_path_by_mask() {
+    let model = Model::new(ModelConfig::from_plan(&tiny_plan(FLEXI)).unwrap()).unwrap();
+    let mut p = model.init_params().unwrap();
+    scale_params(&mut p, "depth_router", 30.0);
+    let (block, bp) = (&model.blocks[2], &p.layers[2]);
+    let fc = block.flexi_depth.unwrap();
+    let fp = bp.flexi_depth.as_ref().unwrap();
+    let x = crate::grad_check::randn(9, &[12, 8], 1.0);
+    let cx = BlockCx {
+        b: 2,
+        t: 6,
+        skip_budget: 0.0,
+        never_skip: None,
+    };
+    let (y, out, _) = block.forward(bp, &x, &cx).unwrap();
+    // Reference paths, computed separately.
+    let n = block.norm;
+    let (h1, _) = n.forward(&x, Some(&bp.input_layernorm)).unwrap();
+    let a = block.attn.forward(&bp.self_attn, &h1, 2, 6).unwrap().0;
+    let xp = x.add(&a).unwrap();
+    let (h2, _) = n.forward(&xp, Some(&bp.post_attention_layernorm)).unwrap();
+    let f = block.ffn.forward(&bp.mlp, &h2).unwrap().0;
+    let (h2s, _) = n.forward(&x, Some(&bp.post_attention_layernorm)).unwrap();
+    let ad = Mlp { cfg: fc.adapter() }
+        .forward(&fp.adapter, &h2s)
+        .unwrap()
+        .0;
+    let g = out.depth_score.unwrap().to_host_f32().unwrap();
+    let m = out.full_path.unwrap().to_host_f32().unwrap();
+    let (yv, xv, xpv, fv, adv) = (
+        y.to_host_f32().unwrap(),
+        x.to_host_f32().unwrap(),
+        xp.to_host_f32().unwrap(),
+        f.to_host_f32().unwrap(),
+        ad.to_host_f32().unwrap(),
+    );
+    assert!(m.contains(&1.0) && m.contains(&0.0), "both paths: {m:?}");
+    for r in 0..12 {
+        assert_eq!(m[r] == 1.0, g[r] > 0.045);
+        for j in 0..8 {
+            let i = r * 8 + j;
+            let want = if m[r] == 1.0 {
+                xpv[i] + g[r] * fv[i]
+            } else {
+                xv[i] + (1.0 - g[r]) * adv[i]
+            };
+            assert!((yv[i] - want).abs() < 1e-5, "row {r}: {} vs {want}", yv[i]);
+        }
+    }
+}
