@@ -54,6 +54,15 @@ impl FfnParams {
         }
     }
 
+    /// Mutable twin of [`FfnParams::visit_buffers`] (checkpoint load, expert-bias update).
+    pub fn visit_buffers_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        if let FfnParams::Moe(p) = self {
+            if let Some(b) = &mut p.router.expert_bias {
+                f(&format!("{prefix}.router.expert_bias"), b);
+            }
+        }
+    }
+
     /// A gradient buffer of the same structure (MoE: no expert-bias buffer).
     pub fn zeros_like(&self) -> Result<FfnParams> {
         Ok(match self {

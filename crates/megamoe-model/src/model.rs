@@ -107,6 +107,13 @@ impl ModelParams {
         }
     }
 
+    /// Mutable twin of [`ModelParams::visit_buffers`] (same names and order).
+    pub fn visit_buffers_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.mlp.visit_buffers_mut(&format!("model.layers.{i}.mlp"), f);
+        }
+    }
+
     /// The MoE layers' parameters by layer index (for the expert-bias update).
     pub fn moe_layers_mut(&mut self) -> Vec<(usize, &mut MoeParams)> {
         self.layers

@@ -139,6 +139,10 @@ fn all_features_config_trains_without_nan_and_reports_every_stat() {
             nb += 1;
         });
         assert_eq!(nb, 3);
+        let mut names = Vec::new();
+        p.visit_buffers_mut(&mut |n, _| names.push(n.to_string()));
+        assert_eq!(names[0], "model.layers.1.mlp.router.expert_bias");
+        assert_eq!(names.len(), 3);
     }
 }
 

@@ -607,6 +607,21 @@ mod tests {
     }
 
     #[test]
+    fn floats_read_back_bit_exact() {
+        // 3.7362734306282874 is the shortest repr of an f64 that serde_json's default
+        // fast parser reads back one ulp off; the crate enables `float_roundtrip`.
+        let dir = TestDir::new("metrics_float");
+        let path = dir.path().join(METRICS_FILE);
+        let lm = 3.7362734306282874_f64;
+        let mut w = MetricsWriter::open(&path).unwrap();
+        w.write(&MetricsRecord::Step(step(1, lm))).unwrap();
+        let MetricsRecord::Step(s) = &read_metrics(&path).unwrap()[0] else {
+            panic!("not a step record")
+        };
+        assert_eq!(s.loss.lm.to_bits(), lm.to_bits());
+    }
+
+    #[test]
     fn bad_line_in_the_middle_is_error_naming_the_line() {
         let dir = TestDir::new("metrics_bad");
         let path = dir.path().join(METRICS_FILE);

@@ -27,3 +27,22 @@ impl Tensor {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Device, Tensor};
+
+    #[test]
+    fn gt_and_eq_masks_are_zero_one() {
+        let x = Tensor::from_vec_f32(vec![0.2, 0.5, 0.7, f32::NAN], [4], Device::Cpu).unwrap();
+        // strict: 0.5 > 0.5 is false; NaN compares false.
+        assert_eq!(
+            x.gt_scalar(0.5).unwrap().to_host_f32().unwrap(),
+            vec![0., 0., 1., 0.]
+        );
+        let t = Tensor::from_vec_i32(vec![3, -100, 7, -100], [2, 2], Device::Cpu).unwrap();
+        let m = t.eq_scalar(-100.0).unwrap();
+        assert_eq!(m.dims(), [2, 2]);
+        assert_eq!(m.to_host_f32().unwrap(), vec![0., 1., 0., 1.]);
+    }
+}

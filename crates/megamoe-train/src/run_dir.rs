@@ -1,0 +1,142 @@
+//! The layout of a run directory, in one place.
+//!
+//! ```text
+//! <run_dir>/
+//!   config.toml          the resolved config the run was started with
+//!   metrics.jsonl        one JSON record per line (see `metrics`)
+//!   checkpoints/         see `checkpoint` (latest, ckpt-<step>/...)
+//!   report/              written by `megamoe report` (see `report`)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::CHECKPOINTS_DIR;
+use crate::error::{Error, Result};
+use crate::metrics::METRICS_FILE;
+use crate::report::REPORT_DIR;
+
+/// File name of the config copy inside a run directory.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// A run directory and the paths inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Uses `path` as the run directory, creating it (and `checkpoints/`) if needed.
+    pub fn create(path: &Path) -> Result<Self> {
+        let run = RunDir {
+            root: path.to_path_buf(),
+        };
+        let ckpts = run.checkpoints_dir();
+        std::fs::create_dir_all(&ckpts).map_err(|e| Error::io("create", &ckpts, e))?;
+        Ok(run)
+    }
+
+    /// A fresh directory `<base>/run-<unix seconds>-<n>` (n counts up from 0 until the
+    /// name is unused), created.
+    pub fn create_unique(base: &Path) -> Result<Self> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        std::fs::create_dir_all(base).map_err(|e| Error::io("create", base, e))?;
+        for n in 0u32.. {
+            let path = base.join(format!("run-{secs}-{n}"));
+            // create_dir (not _all) fails if it exists, so two processes never share one.
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Self::create(&path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io("create", &path, e)),
+            }
+        }
+        unreachable!("u32 names run out only after 4 billion runs in one second")
+    }
+
+    /// Opens an existing run directory (for `--resume` and `report`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_dir() {
+            return Err(Error::CheckpointMissing {
+                path: path.to_path_buf(),
+                reason: "the run directory does not exist".to_string(),
+            });
+        }
+        Ok(RunDir {
+            root: path.to_path_buf(),
+        })
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<run_dir>/config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
+
+    /// `<run_dir>/metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join(METRICS_FILE)
+    }
+
+    /// `<run_dir>/checkpoints`.
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.root.join(CHECKPOINTS_DIR)
+    }
+
+    /// `<run_dir>/report`.
+    pub fn report_dir(&self) -> PathBuf {
+        self.root.join(REPORT_DIR)
+    }
+
+    /// Writes the resolved config text to `config.toml` (replacing an older copy).
+    pub fn write_config(&self, toml_text: &str) -> Result<()> {
+        let path = self.config_path();
+        std::fs::write(&path, toml_text).map_err(|e| Error::io("write", &path, e))
+    }
+
+    /// Reads `config.toml`.
+    pub fn read_config(&self) -> Result<String> {
+        let path = self.config_path();
+        std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_dir::TestDir;
+
+    #[test]
+    fn create_makes_layout_and_paths_are_inside() {
+        let dir = TestDir::new("run_dir_layout");
+        let run = RunDir::create(&dir.path().join("r1")).unwrap();
+        assert!(run.checkpoints_dir().is_dir());
+        assert_eq!(
+            run.metrics_path(),
+            dir.path().join("r1").join("metrics.jsonl")
+        );
+        run.write_config("[model]\nhidden = 8\n").unwrap();
+        assert_eq!(run.read_config().unwrap(), "[model]\nhidden = 8\n");
+        assert_eq!(RunDir::open(run.path()).unwrap(), run);
+    }
+
+    #[test]
+    fn create_unique_never_reuses_a_directory() {
+        let dir = TestDir::new("run_dir_unique");
+        let a = RunDir::create_unique(dir.path()).unwrap();
+        let b = RunDir::create_unique(dir.path()).unwrap();
+        assert_ne!(a.path(), b.path());
+        assert!(a.path().starts_with(dir.path()) && b.path().is_dir());
+    }
+
+    #[test]
+    fn open_missing_dir_is_named_error() {
+        let dir = TestDir::new("run_dir_missing");
+        let err = RunDir::open(&dir.path().join("gone")).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+    }
+}
