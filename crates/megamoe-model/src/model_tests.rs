@@ -84,6 +84,16 @@ fn mtp_model_matches_finite_differences() {
 }
 
 #[test]
+fn sequential_mtp_with_embedding_first_matches_finite_differences() {
+    // DeepSeek-V3 layout: one module per depth, proj([RMSNorm(e); RMSNorm(h)]).
+    fd_case(
+        "[mtp]\ndepth = 2\nloss_weight = 0.5\nmode = \"sequential\"\n\
+         concat_order = \"embedding_first\"\n",
+        false,
+    );
+}
+
+#[test]
 fn whole_model_with_every_feature_matches_finite_differences() {
     fd_case(ALL_FEATURES, true);
 }
@@ -222,6 +232,8 @@ fn fd_case(extra: &str, all: bool) {
             "mtp.layers.0.input_proj",
             "mtp.layers.0.mlp.gate_proj",
             "mtp.layers.0.self_attn.o_proj",
+            "mtp.layers.1.input_proj",
+            "mtp.layers.1.mlp.up_proj",
             "mlp.router.weight",
             "mlp.router.null_weight",
             "layers.2.mlp.experts.gate_proj",
