@@ -81,6 +81,7 @@ pub mod mlp;
 pub mod model;
 pub mod mtp;
 pub mod norm;
+pub mod outputs;
 
 #[cfg(test)]
 mod grad_check;
