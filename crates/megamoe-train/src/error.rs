@@ -278,6 +278,60 @@ pub enum Error {
         /// The plotting library's message.
         reason: String,
     },
+
+    // ---- the training loop ----
+    /// The run config is invalid (a plan rule).
+    #[error(transparent)]
+    Plan(#[from] megamoe_plan::PlanError),
+    /// Building or running the model failed.
+    #[error(transparent)]
+    Model(#[from] megamoe_model::Error),
+    /// The optimizer rejected a step or a state.
+    #[error(transparent)]
+    Optim(#[from] megamoe_optim::OptimError),
+    /// An MoE buffer update failed.
+    #[error(transparent)]
+    Moe(#[from] megamoe_moe::Error),
+    /// The config asks for something the single-process trainer cannot do.
+    #[error("{field}={value} is not supported by the trainer: {rule}")]
+    TrainConfig {
+        /// The config field.
+        field: &'static str,
+        /// The value given, formatted.
+        value: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// The resolved config could not be written as TOML (a bug).
+    #[error("cannot serialise the run config as TOML: {reason}")]
+    ConfigToml {
+        /// The TOML library's message.
+        reason: String,
+    },
+    /// A fresh run was pointed at a directory that already holds a run.
+    #[error(
+        "run directory {path} already holds a run ({what}); continue it with --resume {path} \
+         or choose another --run-dir"
+    )]
+    RunDirInUse {
+        /// The run directory.
+        path: PathBuf,
+        /// What was found there.
+        what: &'static str,
+    },
+    /// The NaN/Inf guard stopped the run: too many consecutive non-finite steps.
+    #[error(
+        "stopped at step {step}: {streak} consecutive steps had a non-finite loss or gradient \
+         norm (train.max_nonfinite_steps={limit})"
+    )]
+    NonFiniteSteps {
+        /// The last step run.
+        step: u64,
+        /// Consecutive non-finite steps.
+        streak: usize,
+        /// `train.max_nonfinite_steps`.
+        limit: usize,
+    },
 }
 
 impl Error {

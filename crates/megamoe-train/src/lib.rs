@@ -68,17 +68,20 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod goodput;
 pub mod metrics;
 pub mod progress;
 pub mod report;
 mod rng;
 pub mod run_dir;
+pub mod session;
 mod sha256;
 pub mod synthetic;
 #[cfg(test)]
 mod test_dir;
 pub mod tokenizer;
+pub mod trainer;
 
 pub use checkpoint::{
     load_checkpoint, save_checkpoint, Checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
@@ -95,4 +98,6 @@ pub use metrics::{
 pub use progress::Progress;
 pub use report::{render_report, ReportSummary};
 pub use run_dir::RunDir;
+pub use session::{run_training, RunOptions, RunSummary};
 pub use tokenizer::Tokenizer;
+pub use trainer::{Trainer, TrainerOptions};

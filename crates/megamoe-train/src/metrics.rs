@@ -178,6 +178,16 @@ pub struct StepMetrics {
     /// FlexiDepth stats, if enabled.
     #[serde(default)]
     pub flexi_depth: Option<FlexiDepthStats>,
+    /// Unweighted MTP cross-entropies `CE_k`, k = 1..D (empty without MTP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mtp_losses: Vec<f64>,
+    /// Achieved model FLOP/s: training FLOPs per token (see
+    /// [`training_flops_per_token`]) times `tokens_per_s`.
+    #[serde(default)]
+    pub flops_per_s: f64,
+    /// Muon's learning rate this step; `None` when Muon is not in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muon_lr: Option<f64>,
 }
 
 impl StepMetrics {

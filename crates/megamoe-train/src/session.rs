@@ -1,0 +1,293 @@
+//! The run loop around a [`Trainer`]: steps until the requested total, writing one
+//! `metrics.jsonl` record per step (plus eval, sample and goodput records), showing
+//! progress, evaluating every `train.eval_every` steps and at the end, checkpointing
+//! every `train.checkpoint_every` steps and at the end, and leaving `summary.txt`.
+//!
+//! Also the two questions the CLI asks before a run: is a directory free for a fresh
+//! run ([`check_fresh_run_dir`]), and what config and data did a checkpoint's run use
+//! ([`checkpoint_origin`]).
+
+use std::path::{Path, PathBuf};
+
+use crate::data::heldout_batches;
+use crate::error::{Error, Result};
+use crate::goodput::GoodputTotals;
+use crate::metrics::{
+    EvalMetrics, GoodputRecord, MetricsRecord, MetricsWriter, RunInfo, SampleRecord,
+};
+use crate::progress::Progress;
+use crate::trainer::Trainer;
+
+/// File (in the run directory) holding the final summary of the last process.
+pub const SUMMARY_FILE: &str = "summary.txt";
+
+/// How [`run_training`] drives a [`Trainer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Train until this step (the total, counting steps of resumed segments).
+    pub total_steps: u64,
+    /// Show every `show_every`-th step (plus the first, the last and skipped ones)
+    /// on the progress display; 1 for a live bar.
+    pub show_every: u64,
+    /// Characters generated for the final text sample (0 = no sample).
+    pub sample_tokens: usize,
+}
+
+/// What a finished [`run_training`] call did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Step the process started from (0 fresh, else the resumed checkpoint's).
+    pub start_step: u64,
+    /// Step reached.
+    pub final_step: u64,
+    /// (step, total loss) of the first step this process ran.
+    pub first_loss: Option<(u64, f64)>,
+    /// (step, total loss) of the last step this process ran.
+    pub last_loss: Option<(u64, f64)>,
+    /// (step, held-out loss) of the last eval.
+    pub last_eval: Option<(u64, f64)>,
+    /// Steps the NaN/Inf guard skipped in this process.
+    pub skipped_steps: u64,
+    /// The final checkpoint directory.
+    pub checkpoint: Option<PathBuf>,
+    /// The final sample, if one was generated.
+    pub sample: Option<SampleRecord>,
+    /// Time accounting of the whole run (all segments).
+    pub goodput: GoodputTotals,
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "run dir    {}", self.run_dir.display())?;
+        writeln!(f, "steps      {} -> {}", self.start_step, self.final_step)?;
+        if let (Some((s0, l0)), Some((s1, l1))) = (self.first_loss, self.last_loss) {
+            writeln!(f, "loss       {l0:.4} (step {s0}) -> {l1:.4} (step {s1})")?;
+            if l0 > 0.0 {
+                writeln!(f, "           last/first {:.1}%", 100.0 * l1 / l0)?;
+            }
+        }
+        if let Some((s, l)) = self.last_eval {
+            writeln!(f, "eval       {l:.4} (step {s})")?;
+        }
+        if self.skipped_steps > 0 {
+            writeln!(f, "skipped    {} non-finite steps", self.skipped_steps)?;
+        }
+        if let Some(c) = &self.checkpoint {
+            writeln!(f, "checkpoint {}", c.display())?;
+        }
+        if let Some(s) = &self.sample {
+            writeln!(f, "sample     {:?} -> {:?}", s.prompt, s.text)?;
+        }
+        writeln!(f, "time       {}", self.goodput)
+    }
+}
+
+/// Fails if `run_dir` already holds a run (a checkpoint or metrics), so a fresh run
+/// never mixes its records or checkpoints with an older one.
+pub fn check_fresh_run_dir(run_dir: &Path) -> Result<()> {
+    let latest = run_dir
+        .join(crate::checkpoint::CHECKPOINTS_DIR)
+        .join(crate::checkpoint::LATEST_FILE);
+    if latest.exists() {
+        return Err(Error::RunDirInUse {
+            path: run_dir.to_path_buf(),
+            what: "checkpoints/latest",
+        });
+    }
+    let metrics = run_dir.join(crate::metrics::METRICS_FILE);
+    if std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0) {
+        return Err(Error::RunDirInUse {
+            path: run_dir.to_path_buf(),
+            what: "metrics.jsonl",
+        });
+    }
+    Ok(())
+}
+
+/// What a checkpoint records about its run: the config text and the data source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointOrigin {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// The run directory holding it (`<run>/checkpoints/ckpt-N` → `<run>`).
+    pub run_dir: PathBuf,
+    /// The config TOML it was written with.
+    pub config_toml: String,
+    /// [`DataSource::name`] of its data ("synthetic" or a path).
+    pub data_source: String,
+    /// Its step.
+    pub step: u64,
+}
+
+/// Reads the config and data source of the checkpoint `path` refers to (a run
+/// directory, its `checkpoints/` or a checkpoint directory) from its `state.json`,
+/// without loading tensors.
+pub fn checkpoint_origin(path: &Path) -> Result<CheckpointOrigin> {
+    let dir = crate::checkpoint::resolve_checkpoint(path)?;
+    let state_path = dir.join(crate::checkpoint::STATE_FILE);
+    let bytes = std::fs::read(&state_path).map_err(|e| Error::io("read", &state_path, e))?;
+    let malformed = |reason: String| Error::CheckpointMalformed {
+        path: state_path.clone(),
+        reason,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+    let config_toml = v["config_toml"]
+        .as_str()
+        .ok_or_else(|| malformed("no string field config_toml".into()))?
+        .to_string();
+    let data_source = v["data"]["source"]
+        .as_str()
+        .ok_or_else(|| malformed("no string field data.source".into()))?
+        .to_string();
+    let step = v["step"]
+        .as_u64()
+        .ok_or_else(|| malformed("no integer field step".into()))?;
+    let run_dir = dir
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| dir.clone(), Path::to_path_buf);
+    Ok(CheckpointOrigin {
+        dir,
+        run_dir,
+        config_toml,
+        data_source,
+        step,
+    })
+}
+
+/// Trains `trainer` up to `opts.total_steps`, writing into `run_dir`: one
+/// `metrics.jsonl` record per step (and per eval, sample, goodput total), the
+/// progress display, an eval every `train.eval_every` steps and at the end, a
+/// checkpoint every `train.checkpoint_every` steps and at the end, and
+/// `summary.txt`. Returns [`Error::NonFiniteSteps`] when the NaN/Inf guard stops the
+/// run (the skipped steps' records are written first; no checkpoint is taken).
+pub fn run_training(
+    trainer: &mut Trainer,
+    run_dir: &Path,
+    opts: &RunOptions,
+    progress: &mut Progress,
+) -> Result<RunSummary> {
+    let start_step = trainer.step_count();
+    let plan = trainer.plan().clone();
+    let checkpoints = run_dir.join(crate::checkpoint::CHECKPOINTS_DIR);
+    let mut writer = MetricsWriter::open(&run_dir.join(crate::metrics::METRICS_FILE))?;
+    let counts = trainer.counts();
+    writer.write(&MetricsRecord::Run(RunInfo {
+        start_step,
+        total_steps: opts.total_steps,
+        params: counts.params,
+        active_params: counts.active_params,
+        data: trainer.data().name().to_string(),
+        domains: trainer.data().domain_names(),
+        device: format!(
+            "cpu ({} threads)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    }))?;
+    let mut summary = RunSummary {
+        run_dir: run_dir.to_path_buf(),
+        start_step,
+        final_step: start_step,
+        first_loss: None,
+        last_loss: None,
+        last_eval: None,
+        skipped_steps: 0,
+        checkpoint: None,
+        sample: None,
+        goodput: trainer.goodput(),
+    };
+    let every = |period: Option<usize>, step: u64| {
+        period.is_some_and(|p| p > 0 && step.is_multiple_of(p as u64))
+    };
+    let mut evaluated_at = None;
+    while trainer.step_count() < opts.total_steps {
+        let m = trainer.step()?;
+        writer.write(&MetricsRecord::Step(m.clone()))?;
+        let show = opts.show_every <= 1
+            || m.step % opts.show_every == 0
+            || m.step == start_step + 1
+            || m.step == opts.total_steps
+            || m.skipped;
+        if show {
+            progress.step(&m);
+        }
+        summary.first_loss.get_or_insert((m.step, m.loss.total));
+        summary.last_loss = Some((m.step, m.loss.total));
+        summary.final_step = m.step;
+        summary.skipped_steps += u64::from(m.skipped);
+        trainer.check_guard()?;
+        if every(plan.train.eval_every, m.step) {
+            let e = trainer.evaluate()?;
+            progress.message(&format_eval_line(&e));
+            summary.last_eval = Some((e.step, e.loss));
+            evaluated_at = Some(m.step);
+            writer.write(&MetricsRecord::Eval(e))?;
+        }
+        if every(plan.train.checkpoint_every, m.step) && m.step < opts.total_steps {
+            let dir = trainer.save_checkpoint(&checkpoints)?;
+            progress.message(&format!("checkpoint {}", dir.display()));
+            writer.write(&MetricsRecord::Goodput(GoodputRecord {
+                step: m.step,
+                totals: trainer.goodput(),
+            }))?;
+        }
+    }
+    let step = trainer.step_count();
+    if plan.train.eval_every.is_some() && evaluated_at != Some(step) && step > start_step {
+        let e = trainer.evaluate()?;
+        progress.message(&format_eval_line(&e));
+        summary.last_eval = Some((e.step, e.loss));
+        writer.write(&MetricsRecord::Eval(e))?;
+    }
+    if opts.sample_tokens > 0 {
+        let prompt = sample_prompt(trainer);
+        let s = trainer.sample(&prompt, opts.sample_tokens)?;
+        writer.write(&MetricsRecord::Sample(s.clone()))?;
+        summary.sample = Some(s);
+    }
+    let final_dir = checkpoints.join(crate::checkpoint::checkpoint_dir_name(step));
+    summary.checkpoint = Some(if final_dir.join(crate::checkpoint::STATE_FILE).is_file() {
+        final_dir
+    } else {
+        trainer.save_checkpoint(&checkpoints)?
+    });
+    progress.finish();
+    summary.goodput = trainer.goodput();
+    writer.write(&MetricsRecord::Goodput(GoodputRecord {
+        step,
+        totals: summary.goodput,
+    }))?;
+    let path = run_dir.join(SUMMARY_FILE);
+    std::fs::write(&path, summary.to_string()).map_err(|e| Error::io("write", &path, e))?;
+    Ok(summary)
+}
+
+/// `eval step 50 | loss 2.1034 | arithmetic 1.90 copy 0.85 ...`
+fn format_eval_line(e: &EvalMetrics) -> String {
+    let mut line = format!("eval step {} | loss {:.4}", e.step, e.loss);
+    if e.per_domain.len() > 1 {
+        line += " |";
+        for d in &e.per_domain {
+            line += &format!(" {} {:.2}", d.domain, d.loss);
+        }
+    }
+    line
+}
+
+/// The first 24 tokens of the first held-out sequence, decoded: a prompt in the
+/// data's own style.
+fn sample_prompt(trainer: &Trainer) -> String {
+    let source = trainer.data();
+    let t = trainer.plan().model.seq_len;
+    heldout_batches(source, 1, t, 1)
+        .ok()
+        .and_then(|b| b.into_iter().next())
+        .and_then(|b| {
+            let ids: Vec<u32> = b.inputs.iter().take(24).map(|&x| x.max(0) as u32).collect();
+            source.tokenizer().decode(&ids).ok()
+        })
+        .unwrap_or_else(|| "The ".to_string())
+}

@@ -1,0 +1,704 @@
+//! The training loop of one process: [`Trainer`] owns the parameters, the optimizer
+//! state and the data order, and [`Trainer::step`] is one optimizer step.
+//!
+//! A step reads top to bottom, like llm.c's `main` loop:
+//!
+//! ```text
+//! batch (B = train.global_batch sequences, booked to Data)
+//! for each of the M micro-batches (rows of the batch):       grad accumulation
+//!     forward → loss parts + stats + saved activations
+//!     backward(grad_scale = 1/M)  → grads += ∂(total/M)/∂θ    every loss weight once
+//! grad reduce                      (one process: nothing to reduce)
+//! clip_grad_norm                   → pre-clip global norm
+//! NaN/Inf guard                    non-finite loss or norm: skip the update
+//! lr = schedule.lr(step)           warmup + cosine over train.steps
+//! optimizer.step                   AdamW / Muon
+//! expert-bias update               MoE layers with moe.expert_bias, from this step's counts
+//! metrics                          → StepMetrics (the caller logs one line)
+//! ```
+//!
+//! There are no hooks or callbacks: the caller ([`crate::session::run_training`]) writes the metrics
+//! line, shows progress, evaluates and checkpoints between steps.
+//!
+//! **Aux-loss scaling, exactly once.** `Model::backward` differentiates
+//! `grad_scale · total`, where `total` already holds every auxiliary loss with its
+//! weight; the trainer passes `grad_scale = 1/M` and nothing else, so each micro-batch
+//! contributes its mean loss once and the step's gradient is that of the mean over
+//! the `M` micro-batches.
+//!
+//! **Determinism.** The data order is a pure function of `(seed, sequences consumed)`,
+//! every op is deterministic for a given thread count, and a checkpoint holds the
+//! exact f32 parameters, optimizer moments, expert-bias buffers, step and data
+//! position, so a resumed run repeats the losses of an uninterrupted one bit for bit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use megamoe_model::block::BlockOutputs;
+use megamoe_model::{Model, ModelConfig, ModelParams, ModelStats};
+use megamoe_optim::{clip_grad_norm, Optimizer, Schedule};
+use megamoe_plan::{OptimizerKind, Plan, RawConfig};
+use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+
+use crate::checkpoint::{
+    load_checkpoint, save_checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
+};
+use crate::data::{Batch, BatchConfig, Batcher, DataSource};
+use crate::error::{Error, Result};
+use crate::goodput::{GoodputTotals, GoodputTracker, TimeCategory};
+use crate::metrics::{
+    mfu, training_flops_per_token, FlexiDepthStats, GateSkipStats, LossParts, MoeLayerStats,
+    StepMetrics,
+};
+
+/// Key of the NaN-guard streak in [`TrainState::extra`].
+const EXTRA_NONFINITE_STREAK: &str = "nonfinite_streak";
+
+/// Settings of a [`Trainer`] that are not part of the run config.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TrainerOptions {
+    /// Peak FLOP/s of the machine, for MFU; `None` reports achieved FLOP/s only.
+    /// The trainer measures nothing itself: the number comes from the user.
+    pub peak_flops: Option<f64>,
+}
+
+/// Sizes of the model the metrics need, computed once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelCounts {
+    /// Trained parameters.
+    pub params: u64,
+    /// Parameters a token goes through: everything except routed experts, plus
+    /// `top_k / routed_experts` of each routed-expert bank.
+    pub active_params: u64,
+    /// Training FLOPs per token, `6·N_active + 12·L·H·T` (see
+    /// [`training_flops_per_token`]).
+    pub flops_per_token: f64,
+    /// Bytes of parameters + gradients + optimizer state.
+    pub state_bytes: u64,
+}
+
+/// One process's training run: parameters, optimizer state, data order and step.
+#[derive(Debug)]
+pub struct Trainer {
+    pub(crate) plan: Plan,
+    pub(crate) config_toml: String,
+    pub(crate) model: Model,
+    pub(crate) params: ModelParams,
+    pub(crate) optimizer: Optimizer,
+    pub(crate) schedule: Schedule,
+    pub(crate) batcher: Batcher,
+    pub(crate) goodput: GoodputTracker,
+    pub(crate) counts: ModelCounts,
+    pub(crate) options: TrainerOptions,
+    /// Optimizer steps run so far (skipped ones included); the next step is `step + 1`.
+    pub(crate) step: u64,
+    /// Consecutive steps the NaN/Inf guard skipped.
+    pub(crate) nonfinite_streak: usize,
+    /// State of the sampling RNG (only `generate` draws from it).
+    pub(crate) sample_rng: u64,
+    /// Held-out batches grouped by domain, built on the first eval.
+    pub(crate) heldout: Option<Vec<Batch>>,
+}
+
+/// Per-step sums over micro-batches, turned into [`StepMetrics`] at the end.
+#[derive(Debug, Default)]
+struct StepSums {
+    micro_batches: usize,
+    loss: LossParts,
+    mtp_losses: Vec<f64>,
+    /// layer → (attn kept, mlp kept) summed over micro-batches.
+    gate_skip: BTreeMap<usize, (f64, f64)>,
+    /// adaptive layer → processed fraction summed over micro-batches.
+    flexi_kept: BTreeMap<usize, f64>,
+    layers_used: f64,
+    /// MoE layer → counts summed over micro-batches.
+    moe: BTreeMap<usize, MoeLayerSums>,
+}
+
+/// Routing counts of one MoE layer over a step.
+#[derive(Debug, Default, Clone)]
+struct MoeLayerSums {
+    /// (E,) real picks per routed expert, before capacity.
+    picks: Vec<u64>,
+    /// (E,) assignments kept after capacity.
+    kept: Vec<u64>,
+    null_picks: u64,
+    tokens: u64,
+    top_k: usize,
+}
+
+impl Trainer {
+    /// A fresh run at step 0: resolves `raw` for one device, builds the model with
+    /// initial parameters and the optimizer, and reads `data` from position 0.
+    pub fn new(raw: &RawConfig, data: Arc<DataSource>, options: TrainerOptions) -> Result<Self> {
+        let plan = Plan::resolve(raw, Some(1))?;
+        let config_toml = toml::to_string(raw).map_err(|e| Error::ConfigToml {
+            reason: e.to_string(),
+        })?;
+        let vocab = data.tokenizer().vocab_size();
+        if vocab > plan.model.vocab_size {
+            return Err(Error::TrainConfig {
+                field: "model.vocab_size",
+                value: plan.model.vocab_size.to_string(),
+                rule: format!(
+                    "must be at least the {} tokenizer's vocabulary of {vocab}",
+                    data.tokenizer().name()
+                ),
+            });
+        }
+        let model = Model::new(ModelConfig::from_plan(&plan)?)?;
+        let params = model.init_params()?;
+        let optimizer = Optimizer::new(&plan.optim, &mut |f| params.visit(f))?;
+        let schedule = Schedule::from_plan(&plan.optim, plan.train.steps)?;
+        let batcher = Batcher::new(
+            data,
+            BatchConfig {
+                batch_size: plan.batch.global_batch,
+                seq_len: plan.model.seq_len,
+                seed: plan.train.seed,
+            },
+        )?;
+        let counts = model_counts(&plan, &params, &optimizer);
+        Ok(Trainer {
+            sample_rng: plan.train.seed,
+            plan,
+            config_toml,
+            model,
+            params,
+            optimizer,
+            schedule,
+            batcher,
+            goodput: GoodputTracker::new(),
+            counts,
+            options,
+            step: 0,
+            nonfinite_streak: 0,
+            heldout: None,
+        })
+    }
+
+    /// The resolved plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The config as TOML text (what checkpoints store and `config.toml` holds).
+    pub fn config_toml(&self) -> &str {
+        &self.config_toml
+    }
+
+    /// Steps run so far (the next step is `step() + 1`).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Consecutive steps the NaN/Inf guard has skipped.
+    pub fn nonfinite_streak(&self) -> usize {
+        self.nonfinite_streak
+    }
+
+    /// Model sizes used by the metrics.
+    pub fn counts(&self) -> ModelCounts {
+        self.counts
+    }
+
+    /// The model's parameters.
+    pub fn params(&self) -> &ModelParams {
+        &self.params
+    }
+
+    /// Mutable parameters (tests inject faults through this).
+    pub fn params_mut(&mut self) -> &mut ModelParams {
+        &mut self.params
+    }
+
+    /// The data source.
+    pub fn data(&self) -> &Arc<DataSource> {
+        self.batcher.source()
+    }
+
+    /// Time accounting so far.
+    pub fn goodput(&self) -> GoodputTotals {
+        self.goodput.totals()
+    }
+
+    /// The NaN/Inf guard's verdict: `Err` once more than `train.max_nonfinite_steps`
+    /// consecutive steps were non-finite.
+    pub fn check_guard(&self) -> Result<()> {
+        let limit = self.plan.train.max_nonfinite_steps;
+        if self.nonfinite_streak > limit {
+            return Err(Error::NonFiniteSteps {
+                step: self.step,
+                streak: self.nonfinite_streak,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// One optimizer step (see the module doc). A non-finite loss or gradient norm
+    /// leaves parameters, optimizer state and expert biases unchanged and returns
+    /// metrics with `skipped = true`; call [`Trainer::check_guard`] afterwards.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let started = Instant::now();
+        let s = self.step as usize; // 0-based index of this step
+        let m = self.plan.batch.microbatches;
+        let mbs = self.plan.batch.micro_batch_size;
+
+        // 1. batch
+        let batch = self
+            .goodput
+            .time(TimeCategory::Data, || self.batcher.next_batch())?;
+        let compute_started = Instant::now();
+
+        // 2. forward / backward per micro-batch; gradients accumulate.
+        let mut grads = self.params.zeros_like()?;
+        let mut sums = StepSums::default();
+        let grad_scale = 1.0 / m as f32;
+        for i in 0..m {
+            let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
+            let (ids, targets) = batch_tensors(&micro)?;
+            let out = self.model.forward(&self.params, &ids, &targets, s)?;
+            self.add_micro_batch(&mut sums, &out.losses.to_host()?, &out.stats)?;
+            self.model
+                .backward(&self.params, out.saved, &mut grads, grad_scale)?;
+        }
+
+        // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
+        // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
+        let clip = clip_grad_norm(&mut |f| grads.visit_mut(f), self.plan.optim.grad_clip)?;
+        let loss = sums.mean_loss();
+        let finite = clip.finite && loss.total.is_finite();
+
+        // 5. lr and optimizer, 6. expert-bias update, unless the guard skips the step.
+        let lr = self.schedule.lr(s);
+        if finite {
+            self.optimizer.step(
+                &mut |f| self.params.visit_mut(f),
+                &mut |f| grads.visit(f),
+                lr,
+            )?;
+            self.update_expert_bias(&sums)?;
+            self.nonfinite_streak = 0;
+        } else {
+            self.nonfinite_streak += 1;
+            log::warn!(
+                "step {}: non-finite loss {} or gradient norm {}; update skipped",
+                s + 1,
+                loss.total,
+                clip.norm
+            );
+        }
+        self.step += 1;
+        self.goodput
+            .record(TimeCategory::Step, compute_started.elapsed());
+
+        // 7. metrics
+        let step_time_s = started.elapsed().as_secs_f64();
+        let tokens = (batch.num_tokens()) as u64;
+        let tokens_per_s = tokens as f64 / step_time_s.max(1e-9);
+        Ok(StepMetrics {
+            step: self.step,
+            loss,
+            grad_norm: clip.norm,
+            lr,
+            skipped: !finite,
+            tokens,
+            step_time_s,
+            tokens_per_s,
+            mfu: self
+                .options
+                .peak_flops
+                .map(|p| mfu(self.counts.flops_per_token, tokens_per_s, p)),
+            memory_bytes: Some(self.counts.state_bytes),
+            moe: sums.moe_stats(),
+            gate_skip: sums.gate_skip_stats(),
+            flexi_depth: sums.flexi_depth_stats(self.plan.model.n_layers),
+            mtp_losses: sums.mean_mtp(),
+            flops_per_s: self.counts.flops_per_token * tokens_per_s,
+            muon_lr: match self.plan.optim.kind {
+                OptimizerKind::Muon => self.schedule.muon_lr(s),
+                _ => None,
+            },
+        })
+    }
+
+    /// Adds one micro-batch's host loss values and statistics to the step sums.
+    fn add_micro_batch(
+        &self,
+        sums: &mut StepSums,
+        values: &megamoe_model::LossValues,
+        stats: &ModelStats,
+    ) -> Result<()> {
+        let p = &self.plan;
+        sums.micro_batches += 1;
+        let l = &mut sums.loss;
+        l.total += values.total as f64;
+        l.lm += values.lm_loss as f64;
+        if let Some(mtp) = &p.mtp {
+            for (k, (ce, w)) in values.mtp_losses.iter().zip(&mtp.step_weights).enumerate() {
+                l.mtp += mtp.loss_weight * w * *ce as f64;
+                if sums.mtp_losses.len() <= k {
+                    sums.mtp_losses.push(0.0);
+                }
+                sums.mtp_losses[k] += *ce as f64;
+            }
+        }
+        if let Some(moe) = &p.moe {
+            l.aux += moe.aux_loss_weight * values.aux as f64;
+            l.z += moe.z_loss_weight * values.z as f64;
+        }
+        if let Some(g) = &p.gate_skip {
+            l.skip += g.sparsity_weight * values.gate_skip as f64;
+        }
+        if let Some(f) = &p.flexi_depth {
+            l.skip += f.skip_loss_weight * values.flexi_depth as f64;
+        }
+        for layer in &stats.layers {
+            let block = &layer.block;
+            if let Some((a, m)) = block.kept_fraction {
+                let e = sums.gate_skip.entry(layer.layer).or_default();
+                e.0 += a;
+                e.1 += m;
+            }
+            if let Some(full) = &block.full_path {
+                // SYNC: one scalar per adaptive layer per micro-batch, for the metrics line.
+                let kept = full.mean_all()?.to_scalar_f32()? as f64;
+                *sums.flexi_kept.entry(layer.layer).or_default() += kept;
+            }
+            if let Some(counts) = moe_counts(block)? {
+                let e = sums.moe.entry(layer.layer).or_default();
+                e.add(&counts);
+            }
+        }
+        if let Some(used) = &stats.layers_used {
+            // SYNC: one scalar per micro-batch.
+            sums.layers_used += used.mean_all()?.to_scalar_f32()? as f64;
+        }
+        Ok(())
+    }
+
+    /// Aux-loss-free balancing: `b ← b + γ·sign(mean(c) − c)` per MoE layer with an
+    /// expert bias, `c` the step's real picks per routed expert (all micro-batches).
+    fn update_expert_bias(&mut self, sums: &StepSums) -> Result<()> {
+        let Some(rate) = self.plan.moe.as_ref().and_then(|m| m.expert_bias_rate) else {
+            return Ok(());
+        };
+        let update = megamoe_moe::ExpertBiasUpdate {
+            rate: rate as f32,
+            centre: false,
+        };
+        for (&layer, counts) in &sums.moe {
+            let c: Vec<f32> = counts.picks.iter().map(|&x| x as f32).collect();
+            let c = Tensor::from_vec_f32(c, [counts.picks.len()], Device::Cpu)?;
+            update_layer_bias(&mut self.params, layer, &update, &c)?;
+        }
+        Ok(())
+    }
+
+    /// Model tensors for a checkpoint: every parameter, then the buffers (expert bias).
+    fn model_tensors(&self) -> Result<Vec<NamedTensor>> {
+        let mut out = Vec::new();
+        let mut err = None;
+        self.params.visit(&mut |name, t, _| {
+            if err.is_none() {
+                match NamedTensor::from_tensor(name, t) {
+                    Ok(nt) => out.push(nt),
+                    Err(e) => err = Some(e),
+                }
+            }
+        });
+        visit_buffers(&self.params, &mut |name, t| {
+            if err.is_none() {
+                match NamedTensor::from_tensor(name, t) {
+                    Ok(nt) => out.push(nt),
+                    Err(e) => err = Some(e),
+                }
+            }
+        });
+        err.map_or(Ok(out), Err)
+    }
+
+    fn optimizer_tensors(&self) -> Result<Vec<NamedTensor>> {
+        let mut out = Vec::new();
+        let mut err = None;
+        self.optimizer.visit_state(&mut |name, t| {
+            if err.is_none() {
+                match NamedTensor::from_tensor(name, t) {
+                    Ok(nt) => out.push(nt),
+                    Err(e) => err = Some(e),
+                }
+            }
+        });
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Saves a checkpoint of the current step under `checkpoints_dir` (see
+    /// [`save_checkpoint`]); returns its directory.
+    pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
+        let started = Instant::now();
+        let model = self.model_tensors()?;
+        let optimizer = self.optimizer_tensors()?;
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            EXTRA_NONFINITE_STREAK.to_string(),
+            serde_json::Value::from(self.nonfinite_streak as u64),
+        );
+        // Book the save before taking the totals it stores, so a resumed run counts it.
+        let mut goodput = self.goodput.totals();
+        goodput.checkpoint_s += started.elapsed().as_secs_f64();
+        let state = TrainState {
+            step: self.step,
+            rng: vec![self.sample_rng],
+            optimizer_steps: self.optimizer.steps_taken(),
+            data: self.batcher.position(),
+            config_toml: self.config_toml.clone(),
+            goodput,
+            extra,
+        };
+        let dir = save_checkpoint(checkpoints_dir, &state, &model, &optimizer)?;
+        self.goodput
+            .record(TimeCategory::Checkpoint, started.elapsed());
+        Ok(dir)
+    }
+
+    /// Replaces parameters, buffers, optimizer state, step, data position and goodput
+    /// totals with those of the checkpoint `path` refers to (a run directory, its
+    /// `checkpoints/` or one checkpoint directory). The checkpoint must have been
+    /// written with the same config and model shapes; on any error nothing changes.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let started = Instant::now();
+        let model_specs = specs(&self.model_tensors()?);
+        let optim_specs = specs(&self.optimizer_tensors()?);
+        let ckpt = load_checkpoint(
+            path,
+            &Expected {
+                config_toml: Some(&self.config_toml),
+                model: Some(&model_specs),
+                optimizer: Some(&optim_specs),
+            },
+        )?;
+        // Build everything first, then commit, so a failure leaves the trainer as it was.
+        let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
+        for t in &ckpt.model {
+            by_name.insert(t.name.clone(), t.to_tensor(Device::Cpu)?);
+        }
+        let mut params = self.params.clone();
+        let mut missing = None;
+        params.visit_mut(&mut |name, slot, _| match by_name.get(name) {
+            Some(t) => *slot = t.clone(),
+            None => missing = Some(name.to_string()),
+        });
+        visit_buffers_mut(&mut params, &mut |name, slot| match by_name.get(name) {
+            Some(t) => *slot = t.clone(),
+            None => missing = Some(name.to_string()),
+        });
+        if let Some(name) = missing {
+            return Err(Error::CheckpointTensorMissing {
+                path: ckpt.dir.join(crate::checkpoint::MODEL_FILE),
+                tensor: name,
+            });
+        }
+        let mut optimizer = self.optimizer.clone();
+        let mut state = Vec::with_capacity(ckpt.optimizer.len());
+        for t in &ckpt.optimizer {
+            state.push((t.name.clone(), t.to_tensor(Device::Cpu)?));
+        }
+        optimizer.load_state(ckpt.state.optimizer_steps, state)?;
+        let mut batcher = Batcher::new(self.batcher.source().clone(), self.batcher.config())?;
+        batcher.seek(&ckpt.state.data)?;
+
+        self.params = params;
+        self.optimizer = optimizer;
+        self.batcher = batcher;
+        self.step = ckpt.state.step;
+        self.sample_rng = ckpt
+            .state
+            .rng
+            .first()
+            .copied()
+            .unwrap_or(self.plan.train.seed);
+        self.nonfinite_streak = ckpt
+            .state
+            .extra
+            .get(EXTRA_NONFINITE_STREAK)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize;
+        self.goodput = GoodputTracker::resume(ckpt.state.goodput);
+        self.goodput
+            .record(TimeCategory::Checkpoint, started.elapsed());
+        Ok(())
+    }
+}
+
+impl StepSums {
+    /// Loss parts averaged over micro-batches (each is already a token mean).
+    fn mean_loss(&self) -> LossParts {
+        let k = self.micro_batches.max(1) as f64;
+        let l = &self.loss;
+        LossParts {
+            total: l.total / k,
+            lm: l.lm / k,
+            mtp: l.mtp / k,
+            aux: l.aux / k,
+            z: l.z / k,
+            skip: l.skip / k,
+        }
+    }
+
+    fn mean_mtp(&self) -> Vec<f64> {
+        let k = self.micro_batches.max(1) as f64;
+        self.mtp_losses.iter().map(|x| x / k).collect()
+    }
+
+    fn gate_skip_stats(&self) -> Vec<GateSkipStats> {
+        let k = self.micro_batches.max(1) as f64;
+        self.gate_skip
+            .iter()
+            .map(|(&layer, &(a, m))| GateSkipStats {
+                layer,
+                attn_kept: a / k,
+                mlp_kept: m / k,
+            })
+            .collect()
+    }
+
+    fn flexi_depth_stats(&self, num_layers: usize) -> Option<FlexiDepthStats> {
+        if self.flexi_kept.is_empty() {
+            return None;
+        }
+        let k = self.micro_batches.max(1) as f64;
+        Some(FlexiDepthStats {
+            mean_layers_used: self.layers_used / k,
+            num_layers,
+            kept: self.flexi_kept.iter().map(|(&l, &f)| (l, f / k)).collect(),
+        })
+    }
+
+    fn moe_stats(&self) -> Vec<MoeLayerStats> {
+        self.moe
+            .iter()
+            .map(|(&layer, s)| {
+                let picks: u64 = s.picks.iter().sum();
+                let kept: u64 = s.kept.iter().sum();
+                MoeLayerStats::from_counts(
+                    layer,
+                    s.picks.clone(),
+                    picks.saturating_sub(kept),
+                    s.null_picks,
+                    s.tokens,
+                    s.top_k,
+                )
+            })
+            .collect()
+    }
+}
+
+impl MoeLayerSums {
+    fn add(&mut self, c: &MoeLayerSums) {
+        if self.picks.is_empty() {
+            self.picks = vec![0; c.picks.len()];
+            self.kept = vec![0; c.kept.len()];
+        }
+        for (a, b) in self.picks.iter_mut().zip(&c.picks) {
+            *a += b;
+        }
+        for (a, b) in self.kept.iter_mut().zip(&c.kept) {
+            *a += b;
+        }
+        self.null_picks += c.null_picks;
+        self.tokens += c.tokens;
+        self.top_k = c.top_k;
+    }
+}
+
+/// This block's MoE routing counts on the host, if its FFN is an MoE layer.
+///
+/// TODO: the committed `megamoe-model` builds every FFN dense and its `BlockOutputs`
+/// carries no routing stats yet; this reads them once the MoE FFN exposes
+/// `megamoe_moe::MoeStats` there.
+fn moe_counts(block: &BlockOutputs) -> Result<Option<MoeLayerSums>> {
+    let _ = &block.moe;
+    Ok(None)
+}
+
+/// Replaces layer `layer`'s expert bias with its updated value.
+///
+/// TODO: no-op until `megamoe-model` holds MoE parameters (see [`moe_counts`]).
+fn update_layer_bias(
+    params: &mut ModelParams,
+    layer: usize,
+    update: &megamoe_moe::ExpertBiasUpdate,
+    counts: &Tensor,
+) -> Result<()> {
+    let _ = (params, layer, update, counts);
+    Ok(())
+}
+
+/// Visits the model's non-trained buffers (expert biases) by name.
+fn visit_buffers(params: &ModelParams, f: &mut dyn FnMut(&str, &Tensor)) {
+    let _ = (params, f);
+}
+
+/// Mutable twin of [`visit_buffers`].
+fn visit_buffers_mut(params: &mut ModelParams, f: &mut dyn FnMut(&str, &mut Tensor)) {
+    let _ = (params, f);
+}
+
+/// `(ids, targets)` as `[B, T]` i32 tensors.
+pub(crate) fn batch_tensors(b: &Batch) -> Result<(Tensor, Tensor)> {
+    let shape = [b.batch_size, b.seq_len];
+    Ok((
+        Tensor::from_vec_i32(b.inputs.clone(), shape, Device::Cpu)?,
+        Tensor::from_vec_i32(b.targets.clone(), shape, Device::Cpu)?,
+    ))
+}
+
+fn specs(tensors: &[NamedTensor]) -> Vec<TensorSpec> {
+    tensors.iter().map(NamedTensor::spec).collect()
+}
+
+/// Parameter counts, FLOPs per token and state bytes of a model.
+fn model_counts(plan: &Plan, params: &ModelParams, optimizer: &Optimizer) -> ModelCounts {
+    let (mut total, mut active, mut param_bytes) = (0u64, 0f64, 0u64);
+    let expert_share = plan
+        .moe
+        .as_ref()
+        .map_or(1.0, |m| m.top_k as f64 / m.routed_experts.max(1) as f64);
+    params.visit(&mut |_, t, role| {
+        let n = t.numel() as u64;
+        total += n;
+        param_bytes += n * t.dtype().size_in_bytes() as u64;
+        active += match role {
+            ParamRole::ExpertBank => n as f64 * expert_share,
+            _ => n as f64,
+        };
+    });
+    let mut optim_bytes = 0u64;
+    optimizer.visit_state(&mut |_, t| {
+        optim_bytes += (t.numel() * t.dtype().size_in_bytes()) as u64;
+    });
+    // Gradients are f32 buffers of every parameter's shape.
+    let grad_bytes = total * DType::F32.size_in_bytes() as u64;
+    let m = &plan.model;
+    ModelCounts {
+        params: total,
+        active_params: active.round() as u64,
+        flops_per_token: training_flops_per_token(
+            active.round() as u64,
+            m.n_layers,
+            m.n_heads * m.head_dim,
+            m.seq_len,
+        ),
+        state_bytes: param_bytes + grad_bytes + optim_bytes,
+    }
+}
+
+pub(crate) fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
