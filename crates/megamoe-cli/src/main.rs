@@ -3,6 +3,7 @@
 
 mod args;
 mod plan_cmd;
+mod probe_cmd;
 mod schedule_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Command {
     /// Generate, validate and simulate a pipeline schedule (GPipe .. DualPipeV),
     /// print its actions, bubble and memory, or compare every kind.
     Schedule(schedule_cmd::ScheduleArgs),
+    /// Run one layer forward and backward on named tensors (safetensors) and write
+    /// every output and gradient, to check megamoe against a PyTorch layer.
+    Probe(probe_cmd::ProbeArgs),
 }
 
 /// Prints an error as one line (the context chain joined by ": ") and returns exit code 2.
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan_cmd::run(&args),
         Command::Schedule(args) => schedule_cmd::run(&args),
+        Command::Probe(args) => probe_cmd::run(&args),
     };
     match result {
         Ok(code) => code,
