@@ -615,36 +615,52 @@ impl MoeLayerSums {
 }
 
 /// This block's MoE routing counts on the host, if its FFN is an MoE layer.
-///
-/// TODO: the committed `megamoe-model` builds every FFN dense and its `BlockOutputs`
-/// carries no routing stats yet; this reads them once the MoE FFN exposes
-/// `megamoe_moe::MoeStats` there.
 fn moe_counts(block: &BlockOutputs) -> Result<Option<MoeLayerSums>> {
-    let _ = &block.moe;
-    Ok(None)
+    let Some(out) = &block.moe else {
+        return Ok(None);
+    };
+    let st = &out.stats;
+    let e = st.num_routed_experts;
+    // SYNC: routing counts are read once per MoE layer per micro-batch for the metrics
+    // and the expert-bias update.
+    let picks = st.picks_per_slot.to_host_f32()?;
+    let kept = st.tokens_per_expert.to_host_i32()?;
+    // Counts are integers below 2^24 held in f32, so the casts are exact.
+    Ok(Some(MoeLayerSums {
+        picks: picks[..e].iter().map(|&c| c as u64).collect(),
+        kept: kept.iter().map(|&c| c.max(0) as u64).collect(),
+        null_picks: picks[e..].iter().map(|&c| c as u64).sum(),
+        tokens: st.tokens as u64,
+        top_k: st.slots_per_token,
+    }))
 }
 
-/// Replaces layer `layer`'s expert bias with its updated value.
-///
-/// TODO: no-op until `megamoe-model` holds MoE parameters (see [`moe_counts`]).
+/// Replaces layer `layer`'s expert bias (if it has one) with its updated value.
 fn update_layer_bias(
     params: &mut ModelParams,
     layer: usize,
     update: &megamoe_moe::ExpertBiasUpdate,
     counts: &Tensor,
 ) -> Result<()> {
-    let _ = (params, layer, update, counts);
+    for (l, moe) in params.moe_layers_mut() {
+        if l != layer {
+            continue;
+        }
+        if let Some(bias) = moe.router.expert_bias.as_mut() {
+            *bias = update.apply(bias, counts)?;
+        }
+    }
     Ok(())
 }
 
 /// Visits the model's non-trained buffers (expert biases) by name.
 fn visit_buffers(params: &ModelParams, f: &mut dyn FnMut(&str, &Tensor)) {
-    let _ = (params, f);
+    params.visit_buffers(f);
 }
 
 /// Mutable twin of [`visit_buffers`].
 fn visit_buffers_mut(params: &mut ModelParams, f: &mut dyn FnMut(&str, &mut Tensor)) {
-    let _ = (params, f);
+    params.visit_buffers_mut(f);
 }
 
 /// `(ids, targets)` as `[B, T]` i32 tensors.

@@ -101,6 +101,13 @@ fn param_values(t: &Trainer) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+fn buffer_values(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    t.params()
+        .visit_buffers(&mut |name, b| out.push((name.to_string(), b.to_host_f32().unwrap())));
+    out
+}
+
 #[test]
 fn micro_run_loss_falls_and_run_dir_is_complete() {
     let dir = scratch("loss_falls");
@@ -113,6 +120,15 @@ fn micro_run_loss_falls_and_run_dir_is_complete() {
     assert!(first > 5.0, "first loss {first}");
     assert!(last < 0.8 * first, "first {first} last {last}");
     assert_eq!(summary.final_step, 30);
+    // Layer 1 is the MoE layer: every step reports its routing (K = 2 slots per token).
+    let records = read_metrics(&dir.join(METRICS_FILE)).unwrap();
+    for s in latest_steps(&records) {
+        assert_eq!(s.moe.len(), 1);
+        assert_eq!(s.moe[0].layer, 1);
+        let slots: u64 = s.moe[0].tokens_per_expert.iter().sum();
+        assert_eq!(slots, 4 * 32 * 2, "B·T tokens × top-2, no null slots");
+        assert!(s.loss.aux > 0.0);
+    }
     assert!(dir.join(SUMMARY_FILE).is_file());
     assert!(dir.join("checkpoints/latest").is_file());
     assert!(dir
@@ -137,14 +153,16 @@ fn micro_run_loss_falls_and_run_dir_is_complete() {
 #[test]
 fn resume_after_10_steps_repeats_losses_of_straight_20() {
     let straight = scratch("resume_straight");
-    let mut a = trainer(&[]);
+    // Aux-loss-free balancing on: the expert-bias buffers must round-trip too.
+    let bias = ["moe.expert_bias=true", "moe.bias_update_rate=0.01"];
+    let mut a = trainer(&bias);
     train(&mut a, &straight, 20).unwrap();
 
     let split = scratch("resume_split");
-    let mut b = trainer(&[]);
+    let mut b = trainer(&bias);
     train(&mut b, &split, 10).unwrap();
     drop(b);
-    let mut c = trainer(&[]);
+    let mut c = trainer(&bias);
     c.load_checkpoint(&split).unwrap();
     assert_eq!(c.step_count(), 10);
     train(&mut c, &split, 20).unwrap();
@@ -164,6 +182,11 @@ fn resume_after_10_steps_repeats_losses_of_straight_20() {
         );
     }
     assert_eq!(param_values(&a), param_values(&c));
+    assert_eq!(buffer_values(&a), buffer_values(&c));
+    // The bias moved away from its zero init, so the comparison above is not vacuous.
+    assert!(buffer_values(&a)
+        .iter()
+        .any(|(_, v)| v.iter().any(|&x| x != 0.0)));
 }
 
 #[test]
