@@ -4,7 +4,9 @@
 mod args;
 mod plan_cmd;
 mod probe_cmd;
+mod report_cmd;
 mod schedule_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -31,6 +33,11 @@ enum Command {
     /// Run one layer forward and backward on named tensors (safetensors) and write
     /// every output and gradient, to check megamoe against a PyTorch layer.
     Probe(probe_cmd::ProbeArgs),
+    /// Train on this machine's CPU (default: the built-in tiny MoE on built-in
+    /// synthetic data), writing metrics, checkpoints and a summary to a run directory.
+    Train(train_cmd::TrainArgs),
+    /// Render a run directory's plots (SVG) and print its text summary.
+    Report(report_cmd::ReportArgs),
 }
 
 /// Prints an error as one line (the context chain joined by ": ") and returns exit code 2.
@@ -51,6 +58,8 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan_cmd::run(&args),
         Command::Schedule(args) => schedule_cmd::run(&args),
         Command::Probe(args) => probe_cmd::run(&args),
+        Command::Train(args) => train_cmd::run(&args),
+        Command::Report(args) => report_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

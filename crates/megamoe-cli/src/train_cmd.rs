@@ -1,0 +1,182 @@
+//! `megamoe train`: train a model on this machine's CPU, writing metrics,
+//! checkpoints and a summary into a run directory; `--resume` continues a run
+//! bit-identically.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use megamoe_plan::RawConfig;
+use megamoe_train::session::{check_fresh_run_dir, checkpoint_origin, CheckpointOrigin};
+use megamoe_train::{
+    run_training, DataSource, Progress, RunDir, RunOptions, Tokenizer, Trainer, TrainerOptions,
+};
+
+use crate::args::ConfigArgs;
+
+/// Flags of `megamoe train` (the subcommand's summary line lives in main.rs).
+#[derive(Debug, Clone, Args)]
+#[command(after_long_help = TRAIN_LONG_HELP)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    /// Total optimizer steps of the run (a resumed run continues up to this step).
+    /// Default: train.steps. The learning-rate schedule always spans train.steps.
+    #[arg(long, value_name = "N")]
+    pub steps: Option<u64>,
+
+    /// Run directory. Default: a new runs/run-<unix time>-<n>.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+
+    /// Continue the run saved in DIR (a run directory or a checkpoint directory)
+    /// with its config and data; --config/--set, if given, must match it.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+
+    /// Train on a UTF-8 text file or a directory of them (byte-level tokens)
+    /// instead of the built-in synthetic corpus.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+
+    /// Peak FLOP/s of this machine for the MFU column (e.g. 1.5e11); without it
+    /// only the achieved FLOP/s is recorded.
+    #[arg(long, value_name = "FLOPS")]
+    pub peak_flops: Option<f64>,
+
+    /// Tokens generated for the final text sample (0 = none).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub sample_tokens: usize,
+}
+
+/// Shown by `megamoe train --help`.
+const TRAIN_LONG_HELP: &str = "\
+With no arguments: the built-in tiny MoE config (configs/tiny.toml) on the
+built-in synthetic multi-domain corpus, a couple of minutes on 2 CPU cores.
+
+The run directory gets config.toml, metrics.jsonl (one JSON record per step,
+eval, sample and goodput total), checkpoints/ (latest + ckpt-<step>/ with
+model.safetensors, optimizer.safetensors, state.json) and summary.txt.
+`megamoe report DIR` renders plots from it.
+
+--steps is the total: `--steps 10` then `--resume DIR --steps 20` gives the
+same losses for steps 11-20 as one `--steps 20` run, because the learning-rate
+schedule spans train.steps, not --steps.
+
+Examples:
+  megamoe train
+  megamoe train --config configs/all_features.toml --steps 30
+  megamoe train --set train.steps=400 --run-dir runs/long
+  megamoe train --resume runs/long --steps 400
+  megamoe train --data corpus/ --set model.seq_len=128
+
+Exit codes: 0 done, 1 stopped by the NaN/Inf guard, 2 any error (bad config,
+unreadable data, missing or mismatched checkpoint), printed as one line.";
+
+/// Runs `megamoe train`.
+pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let origin = match &args.resume {
+        Some(dir) => Some(checkpoint_origin(dir).context("--resume")?),
+        None => None,
+    };
+    let raw = load_config(args, origin.as_ref())?;
+    let data = open_data(args, origin.as_ref())?;
+    let mut trainer = Trainer::new(
+        &raw,
+        data,
+        TrainerOptions {
+            peak_flops: args.peak_flops,
+        },
+    )?;
+    let run_dir = match (&args.run_dir, &origin) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(o)) => o.run_dir.clone(),
+        (None, None) => RunDir::create_unique(Path::new("runs"))?
+            .path()
+            .to_path_buf(),
+    };
+    match &origin {
+        Some(o) => {
+            trainer
+                .load_checkpoint(&o.dir)
+                .with_context(|| format!("--resume {}", o.dir.display()))?;
+        }
+        None => check_fresh_run_dir(&run_dir)?,
+    }
+    let run = RunDir::create(&run_dir)?;
+    run.write_config(trainer.config_toml())?;
+
+    let total_steps = args.steps.unwrap_or(trainer.plan().train.steps as u64);
+    let start = trainer.step_count();
+    let counts = trainer.counts();
+    eprintln!(
+        "megamoe train | {} | {} params ({} active) | data {} | steps {start} -> {total_steps}",
+        args.config.source_name(),
+        counts.params,
+        counts.active_params,
+        trainer.data().name(),
+    );
+    eprintln!("run dir {}", run.path().display());
+    for w in &trainer.plan().warnings {
+        eprintln!("warning: {w}");
+    }
+    if start >= total_steps {
+        eprintln!("the run is already at step {start} (--steps {total_steps}); nothing to do");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::new(start, total_steps);
+    let opts = RunOptions {
+        total_steps,
+        show_every: if tty {
+            1
+        } else {
+            trainer.plan().train.log_every.max(1) as u64
+        },
+        sample_tokens: args.sample_tokens,
+    };
+    match run_training(&mut trainer, run.path(), &opts, &mut progress) {
+        Ok(summary) => {
+            print!("{summary}");
+            println!("run dir    {} (megamoe report {0})", run.path().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ megamoe_train::Error::NonFiniteSteps { .. }) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The run config: the checkpoint's when resuming (then --config/--set, if given,
+/// are applied and later compared against it), else --config/--set.
+fn load_config(args: &TrainArgs, origin: Option<&CheckpointOrigin>) -> anyhow::Result<RawConfig> {
+    match origin {
+        Some(o) if args.config.config.is_none() => {
+            RawConfig::from_toml_str_with_overrides(&o.config_toml, &args.config.set)
+                .with_context(|| format!("config of checkpoint {}", o.dir.display()))
+        }
+        _ => args.config.load(),
+    }
+}
+
+/// The training data: --data, else the resumed run's own data, else synthetic.
+fn open_data(
+    args: &TrainArgs,
+    origin: Option<&CheckpointOrigin>,
+) -> anyhow::Result<Arc<DataSource>> {
+    let path = match (&args.data, origin) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(o)) if o.data_source != "synthetic" => Some(PathBuf::from(&o.data_source)),
+        _ => None,
+    };
+    Ok(Arc::new(match path {
+        Some(p) => DataSource::from_path(&p, Tokenizer::bytes()).context("--data")?,
+        None => DataSource::synthetic(Tokenizer::bytes()),
+    }))
+}
