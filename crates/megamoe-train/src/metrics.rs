@@ -120,6 +120,40 @@ impl MoeLayerStats {
     }
 }
 
+/// (domains, E) routed slots per expert split by the domain of each token, for
+/// [`MoeLayerStats::tokens_per_expert_by_domain`].
+///
+/// `token_domains` is (N,) (see [`crate::Batch::token_domains`]); `slot_experts` is
+/// (N·K,) row-major, `Some(e)` for a slot routed to routed expert `e` and `None` for a
+/// null slot. Slots naming an expert `≥ num_experts` or a domain `≥ num_domains` are
+/// ignored (they cannot come from a consistent router).
+pub fn domain_expert_counts(
+    token_domains: &[crate::data::DomainId],
+    slot_experts: &[Option<usize>],
+    top_k: usize,
+    num_domains: usize,
+    num_experts: usize,
+) -> Vec<Vec<u64>> {
+    let mut counts = vec![vec![0u64; num_experts]; num_domains];
+    if top_k == 0 {
+        return counts;
+    }
+    for (token, slots) in slot_experts.chunks(top_k).enumerate() {
+        let Some(domain) = token_domains.get(token) else {
+            break;
+        };
+        let Some(row) = counts.get_mut(domain.0 as usize) else {
+            continue;
+        };
+        for &e in slots.iter().flatten() {
+            if let Some(c) = row.get_mut(e) {
+                *c += 1;
+            }
+        }
+    }
+    counts
+}
+
 /// GateSkip: fraction of tokens whose branch was kept (not skipped) in one layer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct GateSkipStats {
@@ -503,6 +537,17 @@ mod tests {
         assert!((s.real_experts_per_token - 5.0 / 3.0).abs() < 1e-12);
         let empty = MoeLayerStats::from_counts(0, vec![0, 0], 0, 0, 0, 2);
         assert_eq!((empty.max_load, empty.null_share), (0.0, 0.0));
+    }
+
+    #[test]
+    fn domain_expert_counts_tally_slots_by_token_domain() {
+        use crate::data::DomainId;
+        // 3 tokens, K = 2: token 0 (domain 1) → experts 0, 2; token 1 (domain 0) →
+        // expert 2 and a null slot; token 2 (domain 1) → expert 2 twice.
+        let domains = [DomainId(1), DomainId(0), DomainId(1)];
+        let slots = [Some(0), Some(2), Some(2), None, Some(2), Some(2)];
+        let c = domain_expert_counts(&domains, &slots, 2, 2, 3);
+        assert_eq!(c, vec![vec![0, 0, 1], vec![1, 0, 3]]);
     }
 
     #[test]

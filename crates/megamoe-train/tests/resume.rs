@@ -2,6 +2,9 @@
 //! logit table trained by SGD with momentum): data → steps → metrics → checkpoints →
 //! resume → report. The real trainer follows the same sequence of calls.
 
+// Test helpers outside #[test] fns: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 
