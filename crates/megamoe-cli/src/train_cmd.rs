@@ -139,7 +139,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         },
         sample_tokens: args.sample_tokens,
     };
-    match run_training(&mut trainer, run.path(), &opts, &mut progress) {
+    let result = run_training(&mut trainer, run.path(), &opts, &mut progress);
+    if tty {
+        eprintln!(); // the bar leaves the cursor at the end of its line
+    }
+    match result {
         Ok(summary) => {
             print!("{summary}");
             println!("run dir    {} (megamoe report {0})", run.path().display());

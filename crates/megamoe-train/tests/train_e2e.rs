@@ -151,6 +151,42 @@ fn micro_run_loss_falls_and_run_dir_is_complete() {
 }
 
 #[test]
+fn two_micro_batches_give_the_gradient_of_one_batch() {
+    // Dense model: every loss is a mean over tokens, and both micro-batches hold the
+    // same number of tokens, so accumulating 2 × (1/2)·∇mean equals ∇mean of the whole
+    // batch; a missing or doubled 1/M scale would show as a factor 2 in the norm.
+    let dense = MICRO.replace("[moe]", "[unused_moe]");
+    let dense = dense.split("[unused_moe]").next().unwrap().to_string()
+        + &MICRO[MICRO.find("[parallel]").unwrap()..];
+    let build = |m: &str| {
+        let raw = RawConfig::from_toml_str_with_overrides(
+            &dense,
+            &[format!("parallel.microbatches={m}")],
+        )
+        .unwrap();
+        let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+        Trainer::new(&raw, data, TrainerOptions::default()).unwrap()
+    };
+    let (mut one, mut two) = (build("1"), build("2"));
+    let (a, b) = (one.step().unwrap(), two.step().unwrap());
+    assert!(a.moe.is_empty());
+    let rel = |x: f64, y: f64| (x - y).abs() / x.abs();
+    // f32 sums in another order: agreement to ~1e-6 relative, 1e-4 leaves margin.
+    assert!(
+        rel(a.grad_norm, b.grad_norm) < 1e-4,
+        "{} vs {}",
+        a.grad_norm,
+        b.grad_norm
+    );
+    assert!(
+        rel(a.loss.total, b.loss.total) < 1e-5,
+        "{} vs {}",
+        a.loss.total,
+        b.loss.total
+    );
+}
+
+#[test]
 fn resume_after_10_steps_repeats_losses_of_straight_20() {
     let straight = scratch("resume_straight");
     // Aux-loss-free balancing on: the expert-bias buffers must round-trip too.
