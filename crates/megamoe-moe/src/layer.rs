@@ -28,7 +28,7 @@ use crate::router::{Router, RouterParams, RouterSaved, Routing};
 use crate::shared::{
     SharedExperts, SharedExpertsDeferredW, SharedExpertsParams, SharedExpertsSaved,
 };
-use crate::stats::MoeStats;
+use crate::stats::{kept_expert_ids, MoeStats};
 
 /// Every weight of one MoE layer; the same type holds gradients and optimizer moments.
 #[derive(Debug, Clone)]
@@ -537,6 +537,8 @@ impl MoeLayer {
                 num_routed_experts: e,
                 tokens: n,
                 slots_per_token: c.router.slots_per_token(),
+                token_experts: kept_expert_ids(&routing.slots, &keep)?,
+                shared_gate_mean: None,
             },
             routing,
             router_saved,
@@ -568,12 +570,16 @@ impl MoeLayer {
             Some((ys, s)) => (ys.add(&routed.y)?, Some(s)),
             None => (routed.y, None),
         };
+        let mut stats = routed.stats;
+        if let Some(s) = &shared_saved {
+            stats.shared_gate_mean = s.gate_mean()?;
+        }
         Ok((
             MoeOutput {
                 y,
                 aux_loss: routed.aux_loss,
                 z_loss: routed.z_loss,
-                stats: routed.stats,
+                stats,
             },
             MoeSaved {
                 x: x.clone(),

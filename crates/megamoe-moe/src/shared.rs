@@ -44,6 +44,16 @@ pub struct SharedExpertsSaved {
     sig: Option<Tensor>,
 }
 
+impl SharedExpertsSaved {
+    /// Rank-0 mean over the tokens of the gate `σ(x · w_gᵀ)`; `None` without the gate.
+    pub fn gate_mean(&self) -> Result<Option<Tensor>> {
+        match &self.sig {
+            Some(sig) => Ok(Some(sig.mean_all()?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// What [`SharedExperts::backward_weight`] needs.
 #[derive(Debug, Clone)]
 pub struct SharedExpertsDeferredW {
