@@ -46,8 +46,24 @@ fn moe_forward(b: Bencher, label: &str) {
     b.bench_local(|| layer.forward(&p, &x).unwrap().0.y);
 }
 
+/// Forward + backward into one gradient accumulator that lives across steps, as in
+/// training (weight gradients accumulate with `+=`; the buffers are allocated once).
 #[divan::bench(args = ["small", "medium"], sample_count = 10, sample_size = 1)]
 fn moe_forward_backward(b: Bencher, label: &str) {
+    let (layer, p, x, dy) = setup(label);
+    let mut g = p.zeros_like().unwrap();
+    b.bench_local(|| {
+        let (_, saved) = layer.forward(&p, &x).unwrap();
+        layer
+            .backward(&p, &dy, saved, RouterLossScale::zero(), &mut g)
+            .unwrap()
+    });
+}
+
+/// As `moe_forward_backward`, but allocating fresh zero gradients inside every step (the
+/// first version of this bench): adds the first-touch page faults of the gradient buffers.
+#[divan::bench(args = ["small", "medium"], sample_count = 10, sample_size = 1)]
+fn moe_forward_backward_fresh_grads(b: Bencher, label: &str) {
     let (layer, p, x, dy) = setup(label);
     b.bench_local(|| {
         let (_, saved) = layer.forward(&p, &x).unwrap();

@@ -180,7 +180,8 @@ impl ExpertBank for GroupedExperts {
             activate_backward(self.cfg.activation, s.h_gate.as_ref(), &s.h_up, &d_act)?;
         let mut d_x = d_h_up.grouped_matmul(gs, &p.up_proj, false)?;
         if let (Some(dg), Some(wg)) = (&d_h_gate, &p.gate_proj) {
-            d_x.add_assign(&dg.grouped_matmul(gs, wg, false)?)?;
+            // d_x += d_gate · W_gate, accumulated by the GEMM itself (no temporary).
+            d_x.grouped_matmul_acc(dg, gs, wg, false, 1.0)?;
         }
         Ok((
             d_x,
@@ -196,13 +197,14 @@ impl ExpertBank for GroupedExperts {
     }
 
     fn backward_weight(&self, w: ExpertsDeferredW, g: &mut RoutedExpertsParams) -> Result<()> {
+        // dW += dy_gᵀ x_g straight into the gradient buffers (gemm's beta = 1).
         let gs = &w.group_sizes;
         g.down_proj
-            .add_assign(&Tensor::grouped_matmul_wgrad(&w.d_out, &w.act, gs)?)?;
+            .grouped_matmul_wgrad_acc(&w.d_out, &w.act, gs, 1.0)?;
         g.up_proj
-            .add_assign(&Tensor::grouped_matmul_wgrad(&w.d_h_up, &w.x, gs)?)?;
+            .grouped_matmul_wgrad_acc(&w.d_h_up, &w.x, gs, 1.0)?;
         if let (Some(dg), Some(gg)) = (&w.d_h_gate, g.gate_proj.as_mut()) {
-            gg.add_assign(&Tensor::grouped_matmul_wgrad(dg, &w.x, gs)?)?;
+            gg.grouped_matmul_wgrad_acc(dg, &w.x, gs, 1.0)?;
         }
         Ok(())
     }

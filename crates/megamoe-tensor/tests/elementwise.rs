@@ -285,3 +285,43 @@ fn elementwise_same_bits_for_1_and_3_threads() {
     let (a3, b3) = in_pool(3, run);
     assert!(same_bits(&a1, &a3) && same_bits(&b1, &b3));
 }
+
+#[test]
+fn swiglu_wide_range_matches_reference_and_is_thread_count_invariant() {
+    // Several rayon pieces (16k elements each) and gates over [-100, 100] plus edge values,
+    // so the vectorised sigmoid is checked far into both tails and at 0.
+    let n = 40_000;
+    let mut g: Vec<f32> = rand_vec(25, n).into_iter().map(|v| 100.0 * v).collect();
+    g[..6].copy_from_slice(&[0.0, -0.0, 1e-30, -1e-30, 87.5, -87.5]);
+    let u = rand_vec(26, n);
+    let dy = rand_vec(27, n);
+    let gt = Tensor::from_slice(&g, [n], Device::Cpu).unwrap();
+    let ut = Tensor::from_slice(&u, [n], Device::Cpu).unwrap();
+    let dyt = Tensor::from_slice(&dy, [n], Device::Cpu).unwrap();
+    let run = || {
+        let y = host(&gt.swiglu(&ut).unwrap());
+        let (dg, du) = Tensor::swiglu_backward(&gt, &ut, &dyt).unwrap();
+        (y, host(&dg), host(&du))
+    };
+    let (y, dg, du) = in_pool(1, run);
+    // f64 closed forms: y = g σ(g) u, ∂y/∂g = u σ(g)(1 + g(1 − σ(g))), ∂y/∂u = g σ(g).
+    let want_y: Vec<f64> = (0..n)
+        .map(|i| g[i] as f64 * sig(g[i] as f64) * u[i] as f64)
+        .collect();
+    let want_dg: Vec<f64> = (0..n)
+        .map(|i| {
+            let (a, s) = (g[i] as f64, sig(g[i] as f64));
+            dy[i] as f64 * u[i] as f64 * s * (1.0 + a * (1.0 - s))
+        })
+        .collect();
+    let want_du: Vec<f64> = (0..n)
+        .map(|i| dy[i] as f64 * g[i] as f64 * sig(g[i] as f64))
+        .collect();
+    assert_close(&y, &want_y, 2e-6, 1e-7);
+    assert_close(&dg, &want_dg, 1e-5, 1e-6);
+    assert_close(&du, &want_du, 1e-5, 1e-6);
+    let three = in_pool(3, run);
+    assert!(same_bits(&y, &three.0), "swiglu 1 vs 3 threads");
+    assert!(same_bits(&dg, &three.1), "swiglu d_gate 1 vs 3 threads");
+    assert!(same_bits(&du, &three.2), "swiglu d_up 1 vs 3 threads");
+}

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use megamoe_tensor::{Device, Error, Tensor};
+use megamoe_tensor::{DType, Device, Error, Tensor};
 
 /// Naive f64 `op(a) op(b)`; a stored [m,k] or [k,m] (ta), b stored [k,n] or [n,k] (tb).
 fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Vec<f64> {
@@ -208,4 +208,163 @@ fn matmul_family_same_bits_for_1_and_3_threads() {
     assert!(same_bits(&one.1, &three.1), "grouped_matmul");
     assert!(same_bits(&one.2, &three.2), "grouped_matmul_wgrad");
     assert!(same_bits(&one.3, &three.3), "bmm");
+}
+
+/// `base + beta · product` in f64 (`beta_base` multiplies `base`; `None` means overwrite).
+fn plus_scaled(base: &[f32], beta_base: Option<f64>, prod: &[f64]) -> Vec<f64> {
+    prod.iter()
+        .zip(base)
+        .map(|(p, &c)| p + beta_base.map_or(0.0, |b| b * c as f64))
+        .collect()
+}
+
+#[test]
+fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
+    let (k, n) = (6, 5);
+    let sizes = [3usize, 0, 130, 1, 0];
+    let r: usize = sizes.iter().sum();
+    let x = rand_vec(30, r * k);
+    let w = rand_vec(31, sizes.len() * n * k);
+    let base = rand_vec(32, r * n);
+    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    for trans in [true, false] {
+        let shape = if trans {
+            [sizes.len(), n, k]
+        } else {
+            [sizes.len(), k, n]
+        };
+        let wt = Tensor::from_slice(&w, shape, Device::Cpu).unwrap();
+        // independent reference: per-group naive product
+        let mut prod = vec![0.0f64; r * n];
+        let mut row = 0;
+        for (g, &s) in sizes.iter().enumerate() {
+            let p = naive(
+                &x[row * k..(row + s) * k],
+                &w[g * n * k..],
+                s,
+                n,
+                k,
+                false,
+                trans,
+            );
+            prod[row * n..(row + s) * n].copy_from_slice(&p);
+            row += s;
+        }
+        for beta in [1.0f32, 0.5] {
+            let mut out = Tensor::from_slice(&base, [r, n], Device::Cpu).unwrap();
+            let shared = out.clone();
+            out.grouped_matmul_acc(&xt, &sizes, &wt, trans, beta)
+                .unwrap();
+            let want = plus_scaled(&base, Some(beta as f64), &prod);
+            assert_close(&host(&out), &want, RTOL, ATOL);
+            assert_eq!(host(&shared), base, "copy-on-write");
+        }
+        // beta = 0 overwrites without reading: NaNs in the buffer do not propagate.
+        let mut nan = Tensor::full([r, n], f32::NAN, DType::F32, Device::Cpu).unwrap();
+        nan.grouped_matmul_acc(&xt, &sizes, &wt, trans, 0.0)
+            .unwrap();
+        assert_close(&host(&nan), &prod, RTOL, ATOL);
+        // wrong output shape: a typed error naming the op
+        let mut bad = Tensor::zeros([r, n + 1], DType::F32, Device::Cpu).unwrap();
+        assert!(matches!(
+            bad.grouped_matmul_acc(&xt, &sizes, &wt, trans, 1.0),
+            Err(Error::ShapeMismatch {
+                op: "grouped_matmul_acc",
+                ..
+            })
+        ));
+    }
+}
+
+#[test]
+fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
+    let (k, n) = (4, 131);
+    let sizes = [5usize, 0, 7];
+    let r: usize = sizes.iter().sum();
+    let dy = rand_vec(33, r * n);
+    let x = rand_vec(34, r * k);
+    let base = rand_vec(35, sizes.len() * n * k);
+    let dyt = Tensor::from_slice(&dy, [r, n], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    // independent reference: dw_g = dy_gᵀ x_g per group (zero for the empty group)
+    let mut prod = vec![0.0f64; sizes.len() * n * k];
+    let mut row = 0;
+    for (g, &s) in sizes.iter().enumerate() {
+        let p = naive(
+            &dy[row * n..(row + s) * n],
+            &x[row * k..(row + s) * k],
+            n,
+            k,
+            s,
+            true,
+            false,
+        );
+        prod[g * n * k..(g + 1) * n * k].copy_from_slice(&p);
+        row += s;
+    }
+    for beta in [1.0f32, 0.25] {
+        let mut g = Tensor::from_slice(&base, [3, n, k], Device::Cpu).unwrap();
+        let shared = g.clone();
+        g.grouped_matmul_wgrad_acc(&dyt, &xt, &sizes, beta).unwrap();
+        let got = host(&g);
+        assert_close(
+            &got,
+            &plus_scaled(&base, Some(beta as f64), &prod),
+            RTOL,
+            ATOL,
+        );
+        assert_eq!(host(&shared), base, "copy-on-write");
+        if beta == 1.0 {
+            // the empty group adds nothing: its block keeps the old values exactly
+            assert!(same_bits(&got[n * k..2 * n * k], &base[n * k..2 * n * k]));
+        }
+    }
+    // beta = 0: overwrite without reading; the empty group's block becomes exactly zero.
+    let mut nan = Tensor::full([3, n, k], f32::NAN, DType::F32, Device::Cpu).unwrap();
+    nan.grouped_matmul_wgrad_acc(&dyt, &xt, &sizes, 0.0)
+        .unwrap();
+    let got = host(&nan);
+    assert_close(&got, &prod, RTOL, ATOL);
+    assert!(got[n * k..2 * n * k].iter().all(|&v| v == 0.0));
+    let mut bad = Tensor::zeros([2, n, k], DType::F32, Device::Cpu).unwrap();
+    assert!(matches!(
+        bad.grouped_matmul_wgrad_acc(&dyt, &xt, &sizes, 1.0),
+        Err(Error::ShapeMismatch {
+            op: "grouped_matmul_wgrad_acc",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn grouped_acc_ops_same_bits_for_1_2_and_3_threads() {
+    // Few groups (3 threads: the threaded-GEMM path for the 300-row groups) and many groups
+    // (every thread count: whole groups in parallel); both paths must give the same bits.
+    let x = rand_t(40, &[1100, 192]);
+    let dy = rand_t(41, &[1100, 96]);
+    let cases: [&[usize]; 2] = [
+        &[300, 0, 100, 300, 400],
+        &[300, 20, 100, 300, 0, 80, 50, 250],
+    ];
+    for sizes in cases {
+        let r: usize = sizes.iter().sum();
+        let (xs, dys) = (x.narrow(0, 0, r).unwrap(), dy.narrow(0, 0, r).unwrap());
+        let w = rand_t(42, &[sizes.len(), 96, 192]);
+        let run = || {
+            let mut y = rand_t(43, &[r, 96]);
+            y.grouped_matmul_acc(&xs, sizes, &w, true, 1.0).unwrap();
+            let mut dw = rand_t(44, &[sizes.len(), 96, 192]);
+            dw.grouped_matmul_wgrad_acc(&dys, &xs, sizes, 1.0).unwrap();
+            (host(&y), host(&dw))
+        };
+        let one = in_pool(1, run);
+        for threads in [2, 3] {
+            let other = in_pool(threads, run);
+            assert!(same_bits(&one.0, &other.0), "grouped_matmul_acc {sizes:?}");
+            assert!(
+                same_bits(&one.1, &other.1),
+                "grouped_matmul_wgrad_acc {sizes:?}"
+            );
+        }
+    }
 }

@@ -147,31 +147,59 @@ pub(crate) fn bmm(
     out
 }
 
-/// Groups with at least this many rows run one multi-threaded GEMM each (in group order);
-/// smaller groups run as single-threaded GEMMs in parallel across groups. Both paths give
-/// the same bits (gemm never splits the reduction), and the choice depends on the shape
-/// only. 256 rows keep a single-threaded GEMM near its peak rate while letting many small
-/// expert groups (fine-grained MoE) fill all cores.
+/// Groups with at least this many rows may run one multi-threaded GEMM each (in group
+/// order) when there are too few groups to keep every thread busy; otherwise every group
+/// runs as a single-threaded GEMM, groups in parallel. Both paths give the same bits (gemm
+/// never splits the reduction), so the choice is free to depend on the thread count.
 const BIG_GROUP_ROWS: usize = 256;
 
-/// Runs `work(g, out_g, threads)` for every group: big groups one after another with
-/// `threads = true`, small groups in parallel with `threads = false`.
+/// With at least this many non-empty groups per thread, all groups run single-threaded in
+/// parallel across groups: gemm's threading inside one small-M GEMM (a few hundred rows)
+/// costs more in synchronisation and duplicated packing than the load imbalance of
+/// whole-group tasks, which are handed out largest first.
+const GROUPS_PER_THREAD_FOR_ACROSS: usize = 2;
+
+/// Runs `work(g, out_g, threads)` for every non-empty group (`rows[g] > 0`). With enough
+/// groups (see [`GROUPS_PER_THREAD_FOR_ACROSS`]) all run in parallel with
+/// `threads = false`, largest `cost` first; otherwise big groups run one after another with
+/// `threads = true` and the small ones in parallel with `threads = false`.
 fn for_each_group(
     parts: Vec<&mut [f32]>,
     rows: &[usize],
+    cost: &[usize],
     work: impl Fn(usize, &mut [f32], bool) + Sync + Send,
 ) {
+    let non_empty = rows.iter().filter(|&&r| r > 0).count();
+    let across_all = non_empty >= GROUPS_PER_THREAD_FOR_ACROSS * rayon::current_num_threads();
     let mut small = Vec::new();
     for (g, part) in parts.into_iter().enumerate() {
-        if rows[g] >= BIG_GROUP_ROWS {
+        if rows[g] == 0 {
+            continue;
+        }
+        if !across_all && rows[g] >= BIG_GROUP_ROWS {
             work(g, part, true);
-        } else if rows[g] > 0 {
+        } else {
             small.push((g, part));
         }
     }
+    // Largest first: whole-group tasks balance best when the big ones start early.
+    small.sort_by_key(|&(g, _)| std::cmp::Reverse(cost[g]));
     small
         .into_par_iter()
+        .with_max_len(1)
         .for_each(|(g, part)| work(g, part, false));
+}
+
+/// Start row of every group (exclusive prefix sum of `group_sizes`).
+fn group_offsets(group_sizes: &[usize]) -> Vec<usize> {
+    group_sizes
+        .iter()
+        .scan(0, |acc, &s| {
+            let o = *acc;
+            *acc += s;
+            Some(o)
+        })
+        .collect()
 }
 
 /// Grouped GEMM over ragged row groups: rows `offsets[g]..offsets[g+1]` of `x [R, k]` times
@@ -187,17 +215,27 @@ pub(crate) fn grouped(
 ) -> Vec<f32> {
     let rows: usize = group_sizes.iter().sum();
     let mut out = vec![0.0f32; rows * n];
-    let offsets: Vec<usize> = group_sizes
-        .iter()
-        .scan(0, |acc, &s| {
-            let o = *acc;
-            *acc += s;
-            Some(o)
-        })
-        .collect();
+    grouped_into(&mut out, x, group_sizes, w, trans_w, n, k, None);
+    out
+}
+
+/// In place `out ← beta·out + grouped(x, w)` over `out [R, n]` (`beta = None` overwrites
+/// without reading `out`). Rows of empty groups do not exist, so nothing else is touched.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grouped_into(
+    out: &mut [f32],
+    x: &[f32],
+    group_sizes: &[usize],
+    w: &[f32],
+    trans_w: bool,
+    n: usize,
+    k: usize,
+    beta: Option<f32>,
+) {
+    let offsets = group_offsets(group_sizes);
     let lens: Vec<usize> = group_sizes.iter().map(|&s| s * n).collect();
-    let parts = super::split_mut(&mut out, &lens);
-    for_each_group(parts, group_sizes, |g, c, threads| {
+    let parts = super::split_mut(out, &lens);
+    for_each_group(parts, group_sizes, group_sizes, |g, c, threads| {
         let (r0, len) = (offsets[g], group_sizes[g]);
         let a = Operand {
             data: &x[r0 * k..(r0 + len) * k],
@@ -207,9 +245,8 @@ pub(crate) fn grouped(
             data: &w[g * n * k..(g + 1) * n * k],
             trans: trans_w,
         };
-        gemm_into(c, len, n, k, a, b, None, threads);
+        gemm_into(c, len, n, k, a, b, beta, threads);
     });
-    out
 }
 
 /// Weight gradient of the grouped GEMM: `dw[g] = dy_gᵀ · x_g` (`[n, k]`) for the row group
@@ -222,18 +259,37 @@ pub(crate) fn grouped_wgrad(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
+    let mut out = vec![0.0f32; group_sizes.len() * n * k];
+    grouped_wgrad_into(&mut out, dy, x, group_sizes, n, k, None);
+    out
+}
+
+/// In place `out[g] ← beta·out[g] + dy_gᵀ · x_g` over `out [G, n, k]`; `beta = None`
+/// overwrites without reading `out`. An empty group contributes a zero product: its block
+/// is zeroed (`None`) or scaled by `beta`.
+pub(crate) fn grouped_wgrad_into(
+    out: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    group_sizes: &[usize],
+    n: usize,
+    k: usize,
+    beta: Option<f32>,
+) {
     let groups = group_sizes.len();
-    let mut out = vec![0.0f32; groups * n * k];
-    let offsets: Vec<usize> = group_sizes
-        .iter()
-        .scan(0, |acc, &s| {
-            let o = *acc;
-            *acc += s;
-            Some(o)
-        })
-        .collect();
-    let parts = super::split_mut(&mut out, &vec![n * k; groups]);
-    for_each_group(parts, group_sizes, |g, c, threads| {
+    let offsets = group_offsets(group_sizes);
+    let mut parts = super::split_mut(out, &vec![n * k; groups]);
+    for (g, part) in parts.iter_mut().enumerate() {
+        if group_sizes[g] == 0 {
+            match beta {
+                None => part.iter_mut().for_each(|v| *v = 0.0),
+                Some(b) if b != 1.0 => part.iter_mut().for_each(|v| *v *= b),
+                Some(_) => {}
+            }
+        }
+    }
+    // Every group's product is n·k·size multiply-adds: the group size orders the cost.
+    for_each_group(parts, group_sizes, group_sizes, |g, c, threads| {
         let (r0, size) = (offsets[g], group_sizes[g]);
         // dy_gᵀ is [n, size]: stored dy_g is [size, n] row-major, i.e. dy_gᵀ transposed.
         let a = Operand {
@@ -244,7 +300,6 @@ pub(crate) fn grouped_wgrad(
             data: &x[r0 * k..(r0 + size) * k],
             trans: false,
         };
-        gemm_into(c, n, k, size, a, b, None, threads);
+        gemm_into(c, n, k, size, a, b, beta, threads);
     });
-    out
 }

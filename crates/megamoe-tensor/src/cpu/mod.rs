@@ -55,21 +55,6 @@ pub(crate) fn par_map2(
         .collect()
 }
 
-/// `out[i] = f(a[i], b[i], c[i])`. Caller checks equal lengths.
-pub(crate) fn par_map3(
-    a: &[f32],
-    b: &[f32],
-    c: &[f32],
-    f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
-) -> Vec<f32> {
-    a.par_iter()
-        .zip(b.par_iter())
-        .zip(c.par_iter())
-        .with_min_len(ELEMS_PER_TASK)
-        .map(|((&x, &y), &z)| f(x, y, z))
-        .collect()
-}
-
 /// Runs `f(row_index, in_row, out_row)` for every row: `x` is `[rows, in_len]`, the result
 /// `[rows, out_len]` (zero-initialised before `f`). Rows are grouped into tasks by
 /// [`rows_per_task`].

@@ -1,5 +1,6 @@
 //! Matrix products: dense 2-D (`matmul`, `matmul_acc`), batched (`bmm`) and grouped over
-//! ragged row groups (`grouped_matmul`, `grouped_matmul_wgrad`), the MoE expert bank's GEMMs.
+//! ragged row groups (`grouped_matmul`, `grouped_matmul_wgrad` and their accumulating forms
+//! `grouped_matmul_acc`, `grouped_matmul_wgrad_acc`), the MoE expert bank's GEMMs.
 //!
 //! Transposes are flags, not copies: `trans_a` means `a` is stored `[K, M]` and used as its
 //! transpose. All products are f32 (bf16 operands are widened first).
@@ -192,35 +193,121 @@ impl Tensor {
         Ok(Tensor::cpu_f32_from(out, [rows, n]))
     }
 
+    /// In place: `self ← beta·self + grouped_matmul(x, group_sizes, w, trans_w)`, `self`
+    /// being `[R, N]`. Used to sum two products into one buffer (e.g. the SwiGLU input
+    /// gradient `d_up·W_up + d_gate·W_gate`) without a temporary. `beta = 0` overwrites
+    /// without reading `self`. Copy-on-write if `self`'s buffer is shared.
+    pub fn grouped_matmul_acc(
+        &mut self,
+        x: &Tensor,
+        group_sizes: &[usize],
+        w: &Tensor,
+        trans_w: bool,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul_acc";
+        self.same_device(OP, x)?;
+        x.same_device(OP, w)?;
+        let (rows, k) = match x.dims() {
+            &[r, k] => (r, k),
+            _ => return Err(x.rank_error(OP, "x", 2)),
+        };
+        let (g, w1, w2) = match w.dims() {
+            &[g, a, b] => (g, a, b),
+            _ => return Err(w.rank_error(OP, "w", 3)),
+        };
+        check_groups(OP, group_sizes, g, rows)?;
+        let (wk, n) = if trans_w { (w2, w1) } else { (w1, w2) };
+        if wk != k {
+            return Err(inner_mismatch(OP, x, w));
+        }
+        check_out(OP, self, &[rows, n])?;
+        let xd = x.cpu_f32(OP, "x")?;
+        let wd = w.cpu_f32(OP, "w")?;
+        let out = self.cpu_f32_mut(OP)?;
+        let beta = if beta == 0.0 { None } else { Some(beta) };
+        kernel::grouped_into(out, &xd, group_sizes, &wd, trans_w, n, k, beta);
+        Ok(())
+    }
+
     /// Weight gradient of [`Tensor::grouped_matmul`] with `trans_w = true`:
     /// `dw[g] = dy_gᵀ x_g`, where `dy [R, N]` and `x [R, K]` share the row groups. Result
     /// `[G, N, K]`; a group with zero rows gets a zero gradient. (For the `[G, K, N]` layout,
     /// call `grouped_matmul_wgrad(x, dy, sizes)`, which gives `[G, K, N]`.)
     pub fn grouped_matmul_wgrad(dy: &Tensor, x: &Tensor, group_sizes: &[usize]) -> Result<Tensor> {
         const OP: &str = "grouped_matmul_wgrad";
-        dy.same_device(OP, x)?;
-        let (rows, n) = match dy.dims() {
-            &[r, n] => (r, n),
-            _ => return Err(dy.rank_error(OP, "dy", 2)),
-        };
-        let (rows_x, k) = match x.dims() {
-            &[r, k] => (r, k),
-            _ => return Err(x.rank_error(OP, "x", 2)),
-        };
-        if rows != rows_x {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                lhs: dy.dims().to_vec(),
-                rhs: x.dims().to_vec(),
-                rule: "dy and x must have the same number of rows",
-            });
-        }
-        check_groups(OP, group_sizes, group_sizes.len(), rows)?;
+        let (n, k) = wgrad_dims(OP, dy, x, group_sizes)?;
         let dyd = dy.cpu_f32(OP, "dy")?;
         let xd = x.cpu_f32(OP, "x")?;
         let out = kernel::grouped_wgrad(&dyd, &xd, group_sizes, n, k);
         Ok(Tensor::cpu_f32_from(out, [group_sizes.len(), n, k]))
     }
+
+    /// In place: `self[g] ← beta·self[g] + dy_gᵀ x_g` for `self [G, N, K]` — the
+    /// accumulating form of [`Tensor::grouped_matmul_wgrad`], writing the product straight
+    /// into a gradient buffer (no `[G, N, K]` temporary, no separate add pass). `beta = 1`
+    /// accumulates, `beta = 0` overwrites without reading `self`; a group with zero rows adds
+    /// nothing. Copy-on-write if `self`'s buffer is shared.
+    pub fn grouped_matmul_wgrad_acc(
+        &mut self,
+        dy: &Tensor,
+        x: &Tensor,
+        group_sizes: &[usize],
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul_wgrad_acc";
+        self.same_device(OP, dy)?;
+        let (n, k) = wgrad_dims(OP, dy, x, group_sizes)?;
+        check_out(OP, self, &[group_sizes.len(), n, k])?;
+        let dyd = dy.cpu_f32(OP, "dy")?;
+        let xd = x.cpu_f32(OP, "x")?;
+        let out = self.cpu_f32_mut(OP)?;
+        let beta = if beta == 0.0 { None } else { Some(beta) };
+        kernel::grouped_wgrad_into(out, &dyd, &xd, group_sizes, n, k, beta);
+        Ok(())
+    }
+}
+
+/// `(N, K)` of the weight gradient `dy_gᵀ x_g` after checking `dy [R, N]`, `x [R, K]` and
+/// the row groups.
+fn wgrad_dims(
+    op: &'static str,
+    dy: &Tensor,
+    x: &Tensor,
+    group_sizes: &[usize],
+) -> Result<(usize, usize)> {
+    dy.same_device(op, x)?;
+    let (rows, n) = match dy.dims() {
+        &[r, n] => (r, n),
+        _ => return Err(dy.rank_error(op, "dy", 2)),
+    };
+    let (rows_x, k) = match x.dims() {
+        &[r, k] => (r, k),
+        _ => return Err(x.rank_error(op, "x", 2)),
+    };
+    if rows != rows_x {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: dy.dims().to_vec(),
+            rhs: x.dims().to_vec(),
+            rule: "dy and x must have the same number of rows",
+        });
+    }
+    check_groups(op, group_sizes, group_sizes.len(), rows)?;
+    Ok((n, k))
+}
+
+/// An in-place output must already have the product's shape.
+fn check_out(op: &'static str, out: &Tensor, want: &[usize]) -> Result<()> {
+    if out.dims() != want {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: out.dims().to_vec(),
+            rhs: want.to_vec(),
+            rule: "the in-place output must have the product's shape",
+        });
+    }
+    Ok(())
 }
 
 /// `group_sizes` must have one entry per weight group and sum to the row count.
