@@ -102,3 +102,122 @@ impl MoeStats {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MoeConfig, MoeLayer, MoeParams};
+    use megamoe_tensor::Device;
+
+    /// A config from a `[moe]` body on a tiny model (d_model 6, seq_len 4).
+    fn config(moe: &str) -> MoeConfig {
+        let text = format!(
+            "[model]\nvocab_size = 16\nd_model = 6\nn_layers = 1\nn_heads = 1\n\
+             ffn_hidden = 8\nseq_len = 4\n[moe]\n{moe}\n"
+        );
+        MoeConfig::from_toml_str(&text).unwrap()
+    }
+
+    /// `[rows.len(), 6]` with row n = Σ (dim, value) of `rows[n]`.
+    fn rows(rows: &[&[(usize, f32)]]) -> Tensor {
+        let mut v = vec![0.0; rows.len() * 6];
+        for (n, r) in rows.iter().enumerate() {
+            for &(d, x) in *r {
+                v[n * 6 + d] = x;
+            }
+        }
+        Tensor::from_vec_f32(v, [rows.len(), 6], Device::Cpu).unwrap()
+    }
+
+    /// Router weight `[4, 6]` with `W[e, e] = 1`: expert e's logit is `x[e]`.
+    fn identity_router() -> Tensor {
+        rows(&[&[(0, 1.0)], &[(1, 1.0)], &[(2, 1.0)], &[(3, 1.0)]])
+    }
+
+    fn sigmoid(z: f64) -> f64 {
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    #[test]
+    fn token_experts_mark_dropped_assignments_and_gate_mean_matches_hand_values() {
+        // E = 4, k = 1, C = ceil(4·1/4·1.0) = 1, position policy. Tokens pick experts
+        // 2, 2, 0, 3 (logit 10 vs 0): token 1 is the second pick of expert 2 → dropped.
+        let cfg = config(
+            "routed_experts = 4\ntop_k = 1\nexpert_hidden = 5\ncapacity_factor = 1.0\n\
+             drop_policy = \"position\"\nshared_experts = 1\nshared_expert_hidden = 3\n\
+             shared_expert_gate = true",
+        );
+        let layer = MoeLayer::new(cfg.clone()).unwrap();
+        let mut p = MoeParams::init(&cfg, 7, "").unwrap();
+        p.router.weight = identity_router();
+        let wg = [0.1f32, -0.2, 0.05, 0.3, 0.0, 0.0];
+        p.shared_experts.as_mut().unwrap().gate =
+            Some(Tensor::from_vec_f32(wg.to_vec(), [1, 6], Device::Cpu).unwrap());
+        let x = rows(&[&[(2, 10.0)], &[(2, 10.0)], &[(0, 10.0)], &[(3, 10.0)]]);
+        let (out, _) = layer.forward(&p, &x).unwrap();
+        let st = &out.stats;
+        assert_eq!(st.token_experts.dims(), [4, 1]);
+        assert_eq!(st.token_experts.to_host_i32().unwrap(), vec![2, -1, 0, 3]);
+        let host = st.to_host().unwrap();
+        assert_eq!(host.tokens_per_expert, vec![1, 0, 1, 1]);
+        assert_eq!(host.dropped, 1);
+        // Gate logits x·w_g per token: 10·w_g[2], 10·w_g[2], 10·w_g[0],
+        // 10·w_g[3] = 0.5, 0.5, 1.0, 3.0.
+        let want = (2.0 * sigmoid(0.5) + sigmoid(1.0) + sigmoid(3.0)) / 4.0;
+        let got = host.shared_gate_mean.unwrap();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
+    fn token_experts_are_minus_one_on_null_slots() {
+        // E = 4, k = 1, null_rho = 0.5: K = k_max slots, null copies share the logit
+        // x · w_null with w_null = e_4. Tokens: expert 1 then null; only null; expert 3
+        // then null; expert 0 then null. Dropless.
+        let cfg = config(
+            "routed_experts = 4\ntop_k = 1\nexpert_hidden = 5\nnull_rho = 0.5\n\
+             score_fn = \"sigmoid\"",
+        );
+        let k = cfg.router.slots_per_token();
+        assert!(k >= 2 && cfg.router.num_null_slots() >= k, "test assumes K null copies");
+        let layer = MoeLayer::new(cfg.clone()).unwrap();
+        let mut p = MoeParams::init(&cfg, 7, "").unwrap();
+        p.router.weight = identity_router();
+        p.router.null_weight = Some(rows(&[&[(4, 1.0)]]));
+        let x = rows(&[
+            &[(1, 10.0), (4, 5.0)],
+            &[(4, 10.0)],
+            &[(3, 10.0), (4, 5.0)],
+            &[(0, 10.0), (4, 5.0)],
+        ]);
+        let (out, _) = layer.forward(&p, &x).unwrap();
+        let mut want = vec![-1; 4 * k];
+        want[0] = 1;
+        want[2 * k] = 3;
+        want[3 * k] = 0;
+        assert_eq!(out.stats.token_experts.to_host_i32().unwrap(), want);
+        assert!(out.stats.shared_gate_mean.is_none());
+        assert_eq!(out.stats.to_host().unwrap().tokens_per_expert, vec![1, 1, 0, 1]);
+    }
+
+    #[test]
+    fn token_experts_count_to_tokens_per_expert_on_random_routing() {
+        // Independent tally: the non-negative ids of each expert number exactly the
+        // kept assignments the dispatch layout counted.
+        let cfg = config(
+            "routed_experts = 4\ntop_k = 2\nexpert_hidden = 5\ncapacity_factor = 0.75",
+        );
+        let layer = MoeLayer::new(cfg.clone()).unwrap();
+        let p = MoeParams::init(&cfg, 3, "").unwrap();
+        let x = Tensor::randn_named(5, "x", [12, 6], 1.0, Device::Cpu).unwrap();
+        let (out, _) = layer.forward(&p, &x).unwrap();
+        let ids = out.stats.token_experts.to_host_i32().unwrap();
+        let mut tally = vec![0usize; 4];
+        for &e in ids.iter().filter(|&&e| e >= 0) {
+            tally[e as usize] += 1;
+        }
+        let host = out.stats.to_host().unwrap();
+        assert_eq!(tally, host.tokens_per_expert);
+        // C = ceil(12·2/4·0.75) = 5 per expert, so something is dropped or all fit.
+        assert_eq!(tally.iter().sum::<usize>() + host.dropped, 24);
+    }
+}
