@@ -178,7 +178,10 @@ mod tests {
              score_fn = \"sigmoid\"",
         );
         let k = cfg.router.slots_per_token();
-        assert!(k >= 2 && cfg.router.num_null_slots() >= k, "test assumes K null copies");
+        assert!(
+            k >= 2 && cfg.router.num_null_slots() >= k,
+            "test assumes K null copies"
+        );
         let layer = MoeLayer::new(cfg.clone()).unwrap();
         let mut p = MoeParams::init(&cfg, 7, "").unwrap();
         p.router.weight = identity_router();
@@ -196,16 +199,18 @@ mod tests {
         want[3 * k] = 0;
         assert_eq!(out.stats.token_experts.to_host_i32().unwrap(), want);
         assert!(out.stats.shared_gate_mean.is_none());
-        assert_eq!(out.stats.to_host().unwrap().tokens_per_expert, vec![1, 1, 0, 1]);
+        assert_eq!(
+            out.stats.to_host().unwrap().tokens_per_expert,
+            vec![1, 1, 0, 1]
+        );
     }
 
     #[test]
     fn token_experts_count_to_tokens_per_expert_on_random_routing() {
         // Independent tally: the non-negative ids of each expert number exactly the
         // kept assignments the dispatch layout counted.
-        let cfg = config(
-            "routed_experts = 4\ntop_k = 2\nexpert_hidden = 5\ncapacity_factor = 0.75",
-        );
+        let cfg =
+            config("routed_experts = 4\ntop_k = 2\nexpert_hidden = 5\ncapacity_factor = 0.75");
         let layer = MoeLayer::new(cfg.clone()).unwrap();
         let p = MoeParams::init(&cfg, 3, "").unwrap();
         let x = Tensor::randn_named(5, "x", [12, 6], 1.0, Device::Cpu).unwrap();
