@@ -149,7 +149,9 @@ fn exp_nonpositive(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to integer
     let x = x.max(-87.0);
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    let t = x * LOG2_E + ROUND;
+    // t = 1.5·2²³ + n exactly, so the low mantissa bits of t hold n (two's complement).
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -157,8 +159,10 @@ fn exp_nonpositive(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // 2ⁿ for n in [−126, 0]: the biased exponent n + 127 in [1, 127].
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ for n in [−126, 0]: the biased exponent n + 127 in [1, 127] is the low 9 bits of
+    // t's bit pattern plus 127 (the pattern's higher bits shift out). Integer ops only, so
+    // the loop stays vectorised (a float→int cast would not).
+    let two_n = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
     p * two_n
 }
 
