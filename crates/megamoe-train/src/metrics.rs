@@ -79,9 +79,14 @@ pub struct MoeLayerStats {
     pub null_share: f64,
     /// Mean routed (non-null) experts per token, `K · (1 − null_share)`.
     pub real_experts_per_token: f64,
-    /// (domains, E) token-slots per expert split by data domain; empty if untracked.
+    /// (domains, E) assignments kept after capacity per expert, split by the data
+    /// domain of the token; empty if untracked (a single domain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens_per_expert_by_domain: Vec<Vec<u64>>,
+    /// Mean shared-expert gate `σ(x · w_gᵀ)` over the step's tokens; `None` without
+    /// `moe.shared_expert_gate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_gate_mean: Option<f64>,
 }
 
 impl MoeLayerStats {
@@ -116,6 +121,7 @@ impl MoeLayerStats {
             null_share,
             real_experts_per_token: top_k as f64 * (1.0 - null_share),
             tokens_per_expert_by_domain: Vec::new(),
+            shared_gate_mean: None,
         }
     }
 }
@@ -152,6 +158,69 @@ pub fn domain_expert_counts(
         }
     }
     counts
+}
+
+/// How much an MoE layer's routing tells about the data domain, from (domains, E)
+/// counts of kept assignments ([`MoeLayerStats::tokens_per_expert_by_domain`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DomainSpecialisation {
+    /// Mutual information `I(domain; expert)` in bits between the domain of a token and
+    /// the expert an assignment went to, over the empirical joint distribution.
+    pub mutual_information_bits: f64,
+    /// `H(domain)` in bits under the same distribution; `I / H(domain)` is the share of
+    /// the domain's information the routing carries (1 = the expert names the domain).
+    pub domain_entropy_bits: f64,
+    /// Assignments counted.
+    pub assignments: u64,
+}
+
+impl DomainSpecialisation {
+    /// `I / H(domain)` in [0, 1] (0 when `H(domain) = 0`).
+    pub fn normalised(&self) -> f64 {
+        if self.domain_entropy_bits > 0.0 {
+            self.mutual_information_bits / self.domain_entropy_bits
+        } else {
+            0.0
+        }
+    }
+}
+
+/// `I(domain; expert) = Σ p(d,e) log2(p(d,e) / (p(d) p(e)))` and `H(domain)` of
+/// (domains, E) counts; `None` when nothing is counted. Rows may differ in length
+/// (missing entries are 0).
+pub fn domain_specialisation(counts: &[Vec<u64>]) -> Option<DomainSpecialisation> {
+    let total: u64 = counts.iter().flatten().sum();
+    if total == 0 {
+        return None;
+    }
+    let n = total as f64;
+    let experts = counts.iter().map(Vec::len).max().unwrap_or(0);
+    let p_d: Vec<f64> = counts
+        .iter()
+        .map(|r| r.iter().sum::<u64>() as f64 / n)
+        .collect();
+    let p_e: Vec<f64> = (0..experts)
+        .map(|e| counts.iter().filter_map(|r| r.get(e)).sum::<u64>() as f64 / n)
+        .collect();
+    let mut mi = 0.0;
+    for (d, row) in counts.iter().enumerate() {
+        for (e, &c) in row.iter().enumerate() {
+            if c > 0 {
+                let p = c as f64 / n;
+                mi += p * (p / (p_d[d] * p_e[e])).log2();
+            }
+        }
+    }
+    let h_d = -p_d
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| p * p.log2())
+        .sum::<f64>();
+    Some(DomainSpecialisation {
+        mutual_information_bits: mi.max(0.0),
+        domain_entropy_bits: h_d,
+        assignments: total,
+    })
 }
 
 /// GateSkip: fraction of tokens whose branch was kept (not skipped) in one layer.
@@ -548,6 +617,29 @@ mod tests {
         let slots = [Some(0), Some(2), Some(2), None, Some(2), Some(2)];
         let c = domain_expert_counts(&domains, &slots, 2, 2, 3);
         assert_eq!(c, vec![vec![0, 0, 1], vec![1, 0, 3]]);
+    }
+
+    #[test]
+    fn domain_specialisation_is_mutual_information_in_bits() {
+        // Two equally frequent domains, each sent wholly to its own expert: the expert
+        // names the domain, I = H(domain) = 1 bit.
+        let s = domain_specialisation(&[vec![5, 0], vec![0, 5]]).unwrap();
+        assert!((s.mutual_information_bits - 1.0).abs() < 1e-12);
+        assert!((s.domain_entropy_bits - 1.0).abs() < 1e-12);
+        assert!((s.normalised() - 1.0).abs() < 1e-12);
+        assert_eq!(s.assignments, 10);
+        // Both domains split the same way over the experts: independent, I = 0.
+        let s = domain_specialisation(&[vec![1, 3], vec![2, 6]]).unwrap();
+        assert!(s.mutual_information_bits.abs() < 1e-12);
+        // Hand value: counts [[2, 1], [0, 1]] of 4. p(d) = (3/4, 1/4), p(e) = (1/2, 1/2).
+        // I = 2/4·log2((2/4)/(3/8)) + 1/4·log2((1/4)/(3/8)) + 1/4·log2((1/4)/(1/8))
+        //   = 0.5·log2(4/3) + 0.25·log2(2/3) + 0.25·1 = 0.311278...
+        let s = domain_specialisation(&[vec![2, 1], vec![0, 1]]).unwrap();
+        let want = 0.5 * (4.0f64 / 3.0).log2() + 0.25 * (2.0f64 / 3.0).log2() + 0.25;
+        assert!((s.mutual_information_bits - want).abs() < 1e-12);
+        // H(domain) = −(3/4 log2 3/4 + 1/4 log2 1/4) = 0.811278...
+        assert!((s.domain_entropy_bits - 0.811_278_124_459_132_9).abs() < 1e-12);
+        assert_eq!(domain_specialisation(&[vec![0, 0]]), None);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!   (1.0 = the expert got its fair share), averaged over the last
 //!   [`HEATMAP_STEPS`] steps (only when MoE stats exist);
 //! - `expert_domain.svg` — per MoE layer, domain × expert share of each domain's
-//!   token-slots (only when by-domain counts exist);
+//!   kept assignments over the last [`HEATMAP_STEPS`] steps, captioned with the
+//!   specialisation score `I(domain; expert)` (only when by-domain counts exist;
+//!   `report.txt` gives the score over the first and the last [`HEATMAP_STEPS`] steps);
 //! - `skip.svg` — GateSkip kept fraction per layer and branch, and FlexiDepth kept
 //!   fraction per layer, averaged over the last [`HEATMAP_STEPS`] steps (only when
 //!   either is enabled);
@@ -56,6 +58,12 @@ pub struct ReportSummary {
     pub tokens_per_s: f64,
     /// Goodput totals of the last goodput record, if any.
     pub goodput: Option<GoodputTotals>,
+    /// Per MoE layer with by-domain counts: `I(domain; expert)` over the first and the
+    /// last [`HEATMAP_STEPS`] steps.
+    pub specialisation: Vec<LayerSpecialisation>,
+    /// Per MoE layer with a shared-expert gate: its mean over the first and the last
+    /// [`HEATMAP_STEPS`] steps.
+    pub shared_gate: Vec<SharedGateSummary>,
     /// Files written (plots and `report.txt`).
     pub files: Vec<PathBuf>,
 }
@@ -102,6 +110,29 @@ impl fmt::Display for ReportSummary {
         match &self.goodput {
             Some(g) => writeln!(f, "time       {g}")?,
             None => writeln!(f, "time       no goodput record")?,
+        }
+        for s in &self.specialisation {
+            writeln!(
+                f,
+                "experts    layer {}: I(domain; expert) {:.3} bits ({:.0}% of H(domain)) \
+                 steps {}-{} -> {:.3} bits ({:.0}%) steps {}-{}",
+                s.layer,
+                s.start.mutual_information_bits,
+                100.0 * s.start.normalised(),
+                s.start_steps.0,
+                s.start_steps.1,
+                s.end.mutual_information_bits,
+                100.0 * s.end.normalised(),
+                s.end_steps.0,
+                s.end_steps.1,
+            )?;
+        }
+        for g in &self.shared_gate {
+            writeln!(
+                f,
+                "shared     layer {}: mean gate {:.3} (first {HEATMAP_STEPS} steps) -> {:.3} (last {HEATMAP_STEPS})",
+                g.layer, g.start, g.end
+            )?;
         }
         for file in &self.files {
             writeln!(f, "wrote      {}", file.display())?;
@@ -192,6 +223,8 @@ fn summarise(
             0.0
         },
         goodput,
+        specialisation: specialisation_summary(steps, HEATMAP_STEPS),
+        shared_gate: shared_gate_summary(steps, HEATMAP_STEPS),
         files,
     }
 }
@@ -216,6 +249,10 @@ macro_rules! draw {
         })?
     };
 }
+
+mod expert_domain;
+use expert_domain::{plot_expert_domain, shared_gate_summary, specialisation_summary};
+pub use expert_domain::{LayerSpecialisation, SharedGateSummary};
 
 /// (min, max) of finite values, widened when empty or flat so the axis is valid.
 fn finite_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
@@ -479,66 +516,6 @@ fn plot_expert_load(path: &Path, tail: &[&StepMetrics]) -> Result<()> {
     Ok(())
 }
 
-fn plot_expert_domain(path: &Path, tail: &[&StepMetrics], domains: &[String]) -> Result<()> {
-    let mut layers: std::collections::BTreeMap<usize, Vec<Vec<f64>>> = Default::default();
-    for s in tail {
-        for l in &s.moe {
-            let acc = layers.entry(l.layer).or_default();
-            for (d, row) in l.tokens_per_expert_by_domain.iter().enumerate() {
-                if acc.len() <= d {
-                    acc.resize(d + 1, Vec::new());
-                }
-                if acc[d].len() < row.len() {
-                    acc[d].resize(row.len(), 0.0);
-                }
-                for (a, &c) in acc[d].iter_mut().zip(row) {
-                    *a += c as f64;
-                }
-            }
-        }
-    }
-    layers.retain(|_, rows| !rows.is_empty());
-    let panel_h = 100 + 32 * layers.values().map(Vec::len).max().unwrap_or(1) as u32;
-    let root =
-        SVGBackend::new(path, (960, panel_h * layers.len().max(1) as u32)).into_drawing_area();
-    draw!(path, root.fill(&WHITE));
-    let panels = root.split_evenly((layers.len().max(1), 1));
-    for ((layer, rows), panel) in layers.iter().zip(&panels) {
-        // Each domain row sums to 1: where that domain's token-slots went.
-        let shares: Vec<Vec<f64>> = rows
-            .iter()
-            .map(|r| {
-                let sum: f64 = r.iter().sum();
-                r.iter()
-                    .map(|&c| if sum > 0.0 { c / sum } else { 0.0 })
-                    .collect()
-            })
-            .collect();
-        let labels: Vec<String> = (0..rows.len())
-            .map(|d| {
-                domains
-                    .get(d)
-                    .cloned()
-                    .unwrap_or_else(|| format!("domain {d}"))
-            })
-            .collect();
-        let vmax = shares.iter().flatten().copied().fold(0.0, f64::max);
-        let caption = format!("layer {layer}: share of each domain's tokens per expert");
-        draw_heatmap(
-            path,
-            panel,
-            &caption,
-            "routed expert",
-            "",
-            &labels,
-            &shares,
-            vmax,
-        )?;
-    }
-    draw!(path, root.present());
-    Ok(())
-}
-
 fn plot_skip(path: &Path, tail: &[&StepMetrics]) -> Result<()> {
     // Mean over the tail of each (layer, kind) kept fraction.
     let mut sums: std::collections::BTreeMap<(usize, usize), (f64, usize)> = Default::default();
@@ -638,6 +615,7 @@ mod tests {
     fn step(n: u64, total: f64) -> StepMetrics {
         let mut moe = MoeLayerStats::from_counts(1, vec![n, 10, 20, 30], 0, 0, 30, 2);
         moe.tokens_per_expert_by_domain = vec![vec![n, 0, 0, 0], vec![0, 10, 20, 30]];
+        moe.shared_gate_mean = Some(0.25 + n as f64 / 100.0);
         StepMetrics {
             step: n,
             loss: LossParts {
@@ -759,6 +737,29 @@ mod tests {
         assert_eq!(text, s.to_string());
         assert!(text.contains("min   3.0000 (step 3)"), "{text}");
         assert!(text.contains("goodput 65.0%"), "{text}");
+        // Domain 0 only ever uses expert 0 and expert 0 only domain 0: the expert names
+        // the domain, I = H(domain). Over steps 1-4 domain 0 has 1+2+3+4 = 10 of 250
+        // assignments: H = −(0.04 log2 0.04 + 0.96 log2 0.96) = 0.242292 bits.
+        let sp = &s.specialisation[0];
+        assert_eq!(
+            (sp.layer, sp.start_steps, sp.end_steps),
+            (1, (1, 4), (1, 4))
+        );
+        assert!(
+            (sp.end.mutual_information_bits - 0.242_292).abs() < 1e-6,
+            "{sp:?}"
+        );
+        assert!((sp.end.normalised() - 1.0).abs() < 1e-12, "{sp:?}");
+        assert!(
+            text.contains("experts    layer 1: I(domain; expert) 0.242 bits (100% of H(domain))"),
+            "{text}"
+        );
+        // Gate means 0.26, 0.27, 0.28, 0.29 → 0.275 over both (overlapping) windows.
+        assert!((s.shared_gate[0].start - 0.275).abs() < 1e-12);
+        assert!(
+            text.contains("shared     layer 1: mean gate 0.275"),
+            "{text}"
+        );
     }
 
     #[test]

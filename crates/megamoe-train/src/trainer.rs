@@ -49,8 +49,8 @@ use crate::data::{Batch, BatchConfig, Batcher, DataSource};
 use crate::error::{Error, Result};
 use crate::goodput::{GoodputTotals, GoodputTracker, TimeCategory};
 use crate::metrics::{
-    mfu, training_flops_per_token, FlexiDepthStats, GateSkipStats, LossParts, MoeLayerStats,
-    StepMetrics,
+    domain_expert_counts, mfu, training_flops_per_token, FlexiDepthStats, GateSkipStats, LossParts,
+    MoeLayerStats, StepMetrics,
 };
 
 /// Key of the NaN-guard streak in [`TrainState::extra`].
@@ -100,6 +100,8 @@ pub struct Trainer {
     pub(crate) sample_rng: u64,
     /// Held-out batches grouped by domain, built on the first eval.
     pub(crate) heldout: Option<Vec<Batch>>,
+    /// Data domains (expert load is split by domain when there are several).
+    pub(crate) num_domains: usize,
 }
 
 /// Per-step sums over micro-batches, turned into [`StepMetrics`] at the end.
@@ -127,6 +129,11 @@ struct MoeLayerSums {
     null_picks: u64,
     tokens: u64,
     top_k: usize,
+    /// (domains, E) kept assignments per expert by the data domain of the token; empty
+    /// when the data has a single domain.
+    by_domain: Vec<Vec<u64>>,
+    /// Σ over micro-batches of the mean shared-expert gate, and how many were summed.
+    shared_gate: Option<(f64, usize)>,
 }
 
 impl Trainer {
@@ -161,6 +168,7 @@ impl Trainer {
             },
         )?;
         let counts = model_counts(&plan, &params, &optimizer);
+        let num_domains = batcher.source().domain_names().len();
         Ok(Trainer {
             sample_rng: plan.train.seed,
             plan,
@@ -176,6 +184,7 @@ impl Trainer {
             step: 0,
             nonfinite_streak: 0,
             heldout: None,
+            num_domains,
         })
     }
 
@@ -261,7 +270,7 @@ impl Trainer {
             let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
             let (ids, targets) = batch_tensors(&micro)?;
             let out = self.model.forward(&self.params, &ids, &targets, s)?;
-            self.add_micro_batch(&mut sums, &out.losses.to_host()?, &out.stats)?;
+            self.add_micro_batch(&mut sums, &out.losses.to_host()?, &out.stats, &micro)?;
             self.model
                 .backward(&self.params, out.saved, &mut grads, grad_scale)?;
         }
@@ -331,6 +340,7 @@ impl Trainer {
         sums: &mut StepSums,
         values: &megamoe_model::LossValues,
         stats: &ModelStats,
+        micro: &Batch,
     ) -> Result<()> {
         let p = &self.plan;
         sums.micro_batches += 1;
@@ -368,7 +378,7 @@ impl Trainer {
                 let kept = full.mean_all()?.to_scalar_f32()? as f64;
                 *sums.flexi_kept.entry(layer.layer).or_default() += kept;
             }
-            if let Some(counts) = moe_counts(block)? {
+            if let Some(counts) = moe_counts(block, micro, self.num_domains)? {
                 let e = sums.moe.entry(layer.layer).or_default();
                 e.add(&counts);
             }
@@ -583,14 +593,17 @@ impl StepSums {
             .map(|(&layer, s)| {
                 let picks: u64 = s.picks.iter().sum();
                 let kept: u64 = s.kept.iter().sum();
-                MoeLayerStats::from_counts(
+                let mut m = MoeLayerStats::from_counts(
                     layer,
                     s.picks.clone(),
                     picks.saturating_sub(kept),
                     s.null_picks,
                     s.tokens,
                     s.top_k,
-                )
+                );
+                m.tokens_per_expert_by_domain = s.by_domain.clone();
+                m.shared_gate_mean = s.shared_gate.map(|(sum, n)| sum / n.max(1) as f64);
+                m
             })
             .collect()
     }
@@ -611,11 +624,31 @@ impl MoeLayerSums {
         self.null_picks += c.null_picks;
         self.tokens += c.tokens;
         self.top_k = c.top_k;
+        if self.by_domain.is_empty() {
+            self.by_domain = c.by_domain.clone();
+        } else {
+            for (a, b) in self.by_domain.iter_mut().zip(&c.by_domain) {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+            }
+        }
+        if let Some((g, n)) = c.shared_gate {
+            let e = self.shared_gate.get_or_insert((0.0, 0));
+            e.0 += g;
+            e.1 += n;
+        }
     }
 }
 
-/// This block's MoE routing counts on the host, if its FFN is an MoE layer.
-fn moe_counts(block: &BlockOutputs) -> Result<Option<MoeLayerSums>> {
+/// This block's MoE routing counts on the host, if its FFN is an MoE layer; with
+/// several data domains also the kept assignments per (domain, expert) of `micro`'s
+/// tokens (the layer's rows are the micro-batch's `B·T` tokens in row-major order).
+fn moe_counts(
+    block: &BlockOutputs,
+    micro: &Batch,
+    num_domains: usize,
+) -> Result<Option<MoeLayerSums>> {
     let Some(out) = &block.moe else {
         return Ok(None);
     };
@@ -626,12 +659,41 @@ fn moe_counts(block: &BlockOutputs) -> Result<Option<MoeLayerSums>> {
     let picks = st.picks_per_slot.to_host_f32()?;
     let kept = st.tokens_per_expert.to_host_i32()?;
     // Counts are integers below 2^24 held in f32, so the casts are exact.
+    let by_domain = if num_domains > 1 {
+        // SYNC: the kept expert of every (token, slot), read once per MoE layer per
+        // micro-batch for the expert-load-by-domain counts.
+        let ids = st.token_experts.to_host_i32()?;
+        let slot_experts: Vec<Option<usize>> =
+            ids.iter().map(|&id| usize::try_from(id).ok()).collect();
+        let token_domains = micro.token_domains();
+        debug_assert_eq!(
+            token_domains.len(),
+            st.tokens,
+            "MoE rows = micro-batch tokens"
+        );
+        domain_expert_counts(
+            &token_domains,
+            &slot_experts,
+            st.slots_per_token,
+            num_domains,
+            e,
+        )
+    } else {
+        Vec::new()
+    };
+    let shared_gate = match &st.shared_gate_mean {
+        // SYNC: one scalar per MoE layer per micro-batch.
+        Some(g) => Some((g.to_scalar_f32()? as f64, 1)),
+        None => None,
+    };
     Ok(Some(MoeLayerSums {
         picks: picks[..e].iter().map(|&c| c as u64).collect(),
         kept: kept.iter().map(|&c| c.max(0) as u64).collect(),
         null_picks: picks[e..].iter().map(|&c| c as u64).sum(),
         tokens: st.tokens as u64,
         top_k: st.slots_per_token,
+        by_domain,
+        shared_gate,
     }))
 }
 
