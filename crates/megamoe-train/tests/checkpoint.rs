@@ -4,6 +4,9 @@
 // Test helpers outside #[test] fns: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::TestDir;
+
 use std::collections::BTreeMap;
 
 use megamoe_tensor::{Device, Tensor};
@@ -15,33 +18,6 @@ use megamoe_train::{
     load_checkpoint, save_checkpoint, DataPosition, Error, Expected, GoodputTotals, NamedTensor,
     TensorSpec, TrainState,
 };
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TestDir(std::path::PathBuf);
-
-impl TestDir {
-    fn new(label: &str) -> Self {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "megamoe-train-it-{label}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TestDir(path)
-    }
-
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const CONFIG: &str = "[model]\nhidden = 64\nlayers = 2\n\n[train]\nsteps = 20\n";
 

@@ -4,6 +4,9 @@
 // Test helpers outside #[test] fns: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::TestDir;
+
 use std::sync::Arc;
 
 use megamoe_train::data::Split;
@@ -11,32 +14,6 @@ use megamoe_train::{
     heldout_batches, Batch, BatchConfig, Batcher, DataPosition, DataSource, Error, Tokenizer,
 };
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TestDir(std::path::PathBuf);
-
-impl TestDir {
-    fn new(label: &str) -> Self {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "megamoe-train-it-{label}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TestDir(path)
-    }
-
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 use std::collections::HashMap;
 
 fn synthetic() -> Arc<DataSource> {
