@@ -173,20 +173,7 @@ impl Tensor {
         trans_w: bool,
     ) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
-        self.same_device(OP, w)?;
-        let (rows, k) = match self.dims() {
-            &[r, k] => (r, k),
-            _ => return Err(self.rank_error(OP, "x", 2)),
-        };
-        let (g, w1, w2) = match w.dims() {
-            &[g, a, b] => (g, a, b),
-            _ => return Err(w.rank_error(OP, "w", 3)),
-        };
-        check_groups(OP, group_sizes, g, rows)?;
-        let (wk, n) = if trans_w { (w2, w1) } else { (w1, w2) };
-        if wk != k {
-            return Err(inner_mismatch(OP, self, w));
-        }
+        let (rows, n, k) = grouped_dims(OP, self, group_sizes, w, trans_w)?;
         let xd = self.cpu_f32(OP, "x")?;
         let wd = w.cpu_f32(OP, "w")?;
         let out = kernel::grouped(&xd, group_sizes, &wd, trans_w, n, k);
@@ -207,20 +194,7 @@ impl Tensor {
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_acc";
         self.same_device(OP, x)?;
-        x.same_device(OP, w)?;
-        let (rows, k) = match x.dims() {
-            &[r, k] => (r, k),
-            _ => return Err(x.rank_error(OP, "x", 2)),
-        };
-        let (g, w1, w2) = match w.dims() {
-            &[g, a, b] => (g, a, b),
-            _ => return Err(w.rank_error(OP, "w", 3)),
-        };
-        check_groups(OP, group_sizes, g, rows)?;
-        let (wk, n) = if trans_w { (w2, w1) } else { (w1, w2) };
-        if wk != k {
-            return Err(inner_mismatch(OP, x, w));
-        }
+        let (rows, n, k) = grouped_dims(OP, x, group_sizes, w, trans_w)?;
         check_out(OP, self, &[rows, n])?;
         let xd = x.cpu_f32(OP, "x")?;
         let wd = w.cpu_f32(OP, "w")?;
@@ -266,6 +240,32 @@ impl Tensor {
         kernel::grouped_wgrad_into(out, &dyd, &xd, group_sizes, n, k, beta);
         Ok(())
     }
+}
+
+/// `(R, N, K)` of the grouped product `x [R, K]` · `w[g]` after checking ranks, devices,
+/// the row groups and the inner dimension (`w` is `[G, N, K]` when `trans_w`, else `[G, K, N]`).
+fn grouped_dims(
+    op: &'static str,
+    x: &Tensor,
+    group_sizes: &[usize],
+    w: &Tensor,
+    trans_w: bool,
+) -> Result<(usize, usize, usize)> {
+    x.same_device(op, w)?;
+    let (rows, k) = match x.dims() {
+        &[r, k] => (r, k),
+        _ => return Err(x.rank_error(op, "x", 2)),
+    };
+    let (g, w1, w2) = match w.dims() {
+        &[g, a, b] => (g, a, b),
+        _ => return Err(w.rank_error(op, "w", 3)),
+    };
+    check_groups(op, group_sizes, g, rows)?;
+    let (wk, n) = if trans_w { (w2, w1) } else { (w1, w2) };
+    if wk != k {
+        return Err(inner_mismatch(op, x, w));
+    }
+    Ok((rows, n, k))
 }
 
 /// `(N, K)` of the weight gradient `dy_gᵀ x_g` after checking `dy [R, N]`, `x [R, K]` and
