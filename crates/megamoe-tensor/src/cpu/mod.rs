@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+pub(crate) mod capacity;
 pub(crate) mod elementwise;
 pub(crate) mod index;
 pub(crate) mod loss;

@@ -12,6 +12,7 @@
 //! Ops read element data only through `Tensor::cpu_f32`/`cpu_i32` (crate-private) and never
 //! through the host-read API, so they stay valid when storage is on a device.
 
+pub mod capacity;
 pub mod elementwise;
 pub mod index;
 pub mod loss;

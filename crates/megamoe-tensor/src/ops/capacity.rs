@@ -1,0 +1,225 @@
+//! Static-capacity expert buffers: the MoE permute writes the kept assignments straight into
+//! `[E·C, d]` buffers and the combine reads them back, with every shape fixed by
+//! `(T, k, E, C, d)` — no per-expert count is needed on the host (CUDA-graph safe).
+//!
+//! Expert `e` owns buffer rows `e·C .. (e+1)·C`, filled in (token, slot) order — the row
+//! order of [`Tensor::sort_by_expert`] with pad rows after each expert's kept rows. A pad row
+//! is zero on the way in and ignored on the way out. Index tensors use −1 for "no row":
+//! `slot_row [T, k]` (buffer row of each assignment; −1 dropped or null) and
+//! `row_token [E·C]` (token of each buffer row; −1 pad).
+//!
+//! The combine sums each token's rows in increasing buffer row, which is the order the
+//! packed (dropless) path's `index_add_rows` uses, so both give identical bits.
+
+use crate::cpu::capacity as kernel;
+use crate::{Error, Result, Tensor};
+
+/// Where every kept assignment sits in the static `[E·C, d]` expert buffers.
+#[derive(Debug, Clone)]
+pub struct CapacityPermutation {
+    /// `[T, k]` i32: buffer row `e·C + i` of each kept assignment, −1 for a dropped one or a
+    /// null slot.
+    pub slot_row: Tensor,
+    /// `[E·C]` i32: token of each buffer row, −1 for a pad row.
+    pub row_token: Tensor,
+    /// `[E]` i32: kept rows per expert (each ≤ C).
+    pub counts: Tensor,
+}
+
+/// Checks that every entry of `ids` is −1 or in `0..bound`.
+fn check_rows(op: &'static str, ids: &[i32], bound: usize) -> Result<()> {
+    if let Some((position, &index)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &i)| i < -1 || (i >= 0 && i as usize >= bound))
+    {
+        return Err(Error::IndexOutOfRange {
+            op,
+            index: index as i64,
+            position,
+            bound,
+        });
+    }
+    Ok(())
+}
+
+fn shape_err(op: &'static str, lhs: &Tensor, rhs: &Tensor, rule: &'static str) -> Error {
+    Error::ShapeMismatch {
+        op,
+        lhs: lhs.dims().to_vec(),
+        rhs: rhs.dims().to_vec(),
+        rule,
+    }
+}
+
+impl Tensor {
+    /// Static buffer layout of the kept assignments: `self` is `idx [T, k]` (pool slots;
+    /// `< n_real` are real experts), `keep [T, k]` from [`Tensor::capacity_keep`] with the
+    /// same `capacity`. Errors if an expert keeps more than `capacity` assignments.
+    pub fn capacity_permutation(
+        &self,
+        keep: &Tensor,
+        n_real: usize,
+        capacity: usize,
+    ) -> Result<CapacityPermutation> {
+        const OP: &str = "capacity_permutation";
+        self.same_device(OP, keep)?;
+        let (t, k) = self.dims2().map_err(|_| self.rank_error(OP, "idx", 2))?;
+        if keep.dims() != self.dims() {
+            return Err(shape_err(
+                OP,
+                self,
+                keep,
+                "keep must have idx's shape [T, k]",
+            ));
+        }
+        let ids = self.cpu_i32(OP, "idx")?;
+        if let Some((position, &index)) = ids.iter().enumerate().find(|(_, &i)| i < 0) {
+            return Err(Error::IndexOutOfRange {
+                op: OP,
+                index: index as i64,
+                position,
+                bound: i32::MAX as usize,
+            });
+        }
+        let kd = keep.cpu_f32(OP, "keep")?;
+        let (slot_row, row_token, counts) =
+            kernel::capacity_permutation(ids, k, &kd, n_real, capacity).map_err(|e| {
+                Error::InvalidArgument {
+                    op: OP,
+                    arg: "keep",
+                    value: format!("expert {e} keeps more than capacity {capacity}"),
+                    rule: "keep at most `capacity` assignments per expert (capacity_keep)",
+                }
+            })?;
+        Ok(CapacityPermutation {
+            slot_row: Tensor::cpu_i32_from(slot_row, [t, k]),
+            row_token: Tensor::cpu_i32_from(row_token, [n_real * capacity]),
+            counts: Tensor::cpu_i32_from(counts, [n_real]),
+        })
+    }
+
+    /// Row gather with pad rows: `out[r] = self[rows[r]]` for `self [N, d]`, `rows [R]` i32,
+    /// and a zero row where `rows[r] = −1`. Result `[R, d]` f32.
+    pub fn gather_rows_or_zero(&self, rows: &Tensor) -> Result<Tensor> {
+        const OP: &str = "gather_rows_or_zero";
+        self.same_device(OP, rows)?;
+        rows.expect_rank(OP, "rows", 1)?;
+        let (n, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        let ids = rows.cpu_i32(OP, "rows")?;
+        check_rows(OP, ids, n)?;
+        let x = self.cpu_f32(OP, "x")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::gather_rows_or_zero(&x, d, ids),
+            [ids.len(), d],
+        ))
+    }
+
+    /// Fused static permute: [`Tensor::capacity_permutation`] of `idx`/`keep` and the gather
+    /// of `self = x [T, d]` into the buffers in one call. Returns (`buffers [E·C, d]`, the
+    /// layout); bit-identical to `x.gather_rows_or_zero(&perm.row_token)`.
+    pub fn permute_to_capacity(
+        &self,
+        idx: &Tensor,
+        keep: &Tensor,
+        n_real: usize,
+        capacity: usize,
+    ) -> Result<(Tensor, CapacityPermutation)> {
+        const OP: &str = "permute_to_capacity";
+        let (t, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        if idx.dims().first() != Some(&t) {
+            return Err(shape_err(
+                OP,
+                self,
+                idx,
+                "x [T, d] and idx [T, k] need the same T",
+            ));
+        }
+        let perm = idx.capacity_permutation(keep, n_real, capacity)?;
+        let x = self.cpu_f32(OP, "x")?;
+        let ids = perm.row_token.cpu_i32(OP, "row_token")?;
+        let buffers = kernel::gather_rows_or_zero(&x, d, ids);
+        Ok((Tensor::cpu_f32_from(buffers, [ids.len(), d]), perm))
+    }
+
+    /// Static combine: `self` is buffer rows `[B, d]`, `slot_row [T, k]` i32 (−1 = no row),
+    /// `weights [T, k]` optional. `y[t] = Σ_j w[t, j] · self[slot_row[t, j]]` over the kept
+    /// slots, summed in increasing buffer row. Result `[T, d]`. With `weights = None` this is
+    /// also the backward of the permute (`d_x` from `d_buffers`).
+    pub fn combine_slots(&self, slot_row: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "combine_slots";
+        self.same_device(OP, slot_row)?;
+        let (b, d) = self.dims2().map_err(|_| self.rank_error(OP, "rows", 2))?;
+        let (t, k) = slot_row
+            .dims2()
+            .map_err(|_| slot_row.rank_error(OP, "slot_row", 2))?;
+        let ids = slot_row.cpu_i32(OP, "slot_row")?;
+        check_rows(OP, ids, b)?;
+        let w = match weights {
+            Some(w) => {
+                if w.dims() != slot_row.dims() {
+                    return Err(shape_err(
+                        OP,
+                        slot_row,
+                        w,
+                        "weights must have slot_row's shape [T, k]",
+                    ));
+                }
+                Some(w.cpu_f32(OP, "weights")?)
+            }
+            None => None,
+        };
+        let rows = self.cpu_f32(OP, "rows")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::combine_slots(&rows, d, ids, k, w.as_deref()),
+            [t, d],
+        ))
+    }
+
+    /// Backward of [`Tensor::combine_slots`] with `weights`: `self` is the buffer rows
+    /// `[B, d]` of the forward, `d_y [T, d]`. Returns (`d_rows [B, d]`: `w[t, j] · d_y[t]` in
+    /// the row of assignment `(t, j)`, zero in pad rows; `d_w [T, k]`: `⟨d_y[t], rows[r]⟩`,
+    /// zero where not kept), both written fresh.
+    pub fn combine_slots_backward(
+        &self,
+        d_y: &Tensor,
+        slot_row: &Tensor,
+        weights: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "combine_slots_backward";
+        self.same_device(OP, d_y)?;
+        self.same_device(OP, slot_row)?;
+        let (b, d) = self.dims2().map_err(|_| self.rank_error(OP, "rows", 2))?;
+        let (t, k) = slot_row
+            .dims2()
+            .map_err(|_| slot_row.rank_error(OP, "slot_row", 2))?;
+        if d_y.dims() != [t, d] {
+            return Err(shape_err(
+                OP,
+                self,
+                d_y,
+                "d_y must be [T, d] with rows' width and slot_row's T",
+            ));
+        }
+        if weights.dims() != slot_row.dims() {
+            return Err(shape_err(
+                OP,
+                slot_row,
+                weights,
+                "weights must have slot_row's shape [T, k]",
+            ));
+        }
+        let ids = slot_row.cpu_i32(OP, "slot_row")?;
+        check_rows(OP, ids, b)?;
+        let (rows, dy, w) = (
+            self.cpu_f32(OP, "rows")?,
+            d_y.cpu_f32(OP, "d_y")?,
+            weights.cpu_f32(OP, "weights")?,
+        );
+        let (d_rows, d_w) = kernel::combine_slots_backward(&rows, d, &dy, ids, k, &w);
+        Ok((
+            Tensor::cpu_f32_from(d_rows, [b, d]),
+            Tensor::cpu_f32_from(d_w, [t, k]),
+        ))
+    }
+}
