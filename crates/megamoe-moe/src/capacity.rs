@@ -73,6 +73,44 @@ mod tests {
     }
 
     #[test]
+    fn capacity_probs_many_tied_gates_keep_the_lowest_tokens() {
+        // Rust's unstable sort is an insertion sort (hence stable) up to 20 elements, so only
+        // more than 20 tied gates on one expert tell a stable sort from an unstable one.
+        // 64 tokens, k = 2, every token picks experts 0 and 1 (slot order alternating);
+        // gates are 0.5 except every 9th token at 0.9. C = 24: expert 0 keeps the seven 0.9
+        // picks, then the 17 lowest tokens among the 57 tied at 0.5.
+        let n = 64;
+        let mut slots = Vec::new();
+        let mut gates = Vec::new();
+        for t in 0..n {
+            let first = (t % 2) as i32;
+            slots.extend([first, 1 - first]);
+            let g = if t % 9 == 4 { 0.9 } else { 0.5 };
+            gates.extend([g, g]);
+        }
+        let r = routing(slots.clone(), gates, n, 2);
+        let keep = apply_capacity(&r, 2, Some(24), DropPolicy::Probs).unwrap();
+        let keep = keep.to_host_f32().unwrap();
+        for expert in 0..2 {
+            let mut tied_kept = 0;
+            for t in 0..n {
+                let a = 2 * t
+                    + slots[2 * t..2 * t + 2]
+                        .iter()
+                        .position(|&s| s == expert)
+                        .unwrap();
+                let want = if t % 9 == 4 {
+                    true
+                } else {
+                    tied_kept += 1;
+                    tied_kept <= 17
+                };
+                assert_eq!(keep[a] == 1.0, want, "expert {expert}, token {t}");
+            }
+        }
+    }
+
+    #[test]
     fn capacity_null_slots_are_never_kept_and_do_not_count() {
         // E=2, slot 2 is a null copy; C=1.
         let r = routing(vec![2, 0, 0, 2], vec![0.0, 0.7, 0.8, 0.0], 2, 2);
