@@ -75,6 +75,10 @@ pub enum Error {
     },
 
     // ---- engine ----
+    /// An expert-parallel exchange (the communicator under a
+    /// [`RowExchange`](crate::RowExchange)) failed.
+    #[error("expert-parallel exchange failed: {0}")]
+    Exchange(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An op of the tensor engine failed.
     #[error(transparent)]
     Tensor(#[from] megamoe_tensor::Error),

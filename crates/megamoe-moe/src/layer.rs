@@ -3,364 +3,35 @@
 //!
 //! `y = y_shared + Σ_kept g · expert(x)` for `x [N, H]` (MOE_DECISIONS §1-12).
 //!
-//! Forward saves the routing, the dispatch layout and each part's saved state
-//! ([`MoeSaved`]). `backward_input` writes `d_x` fresh and returns [`MoeDeferredW`];
-//! `backward_weight` accumulates (+=) into a [`MoeParams`] of gradients. The router-loss
+//! The layer gets its [`TokenDispatcher`] from outside ([`MoeLayer::with_dispatcher`]); its
+//! routed-expert weights are the dispatcher's local experts `[e0, e1)`. Forward saves the
+//! routing, both dispatch layouts and each part's saved state ([`MoeSaved`]).
+//! `backward_input` writes `d_x` fresh and returns [`MoeDeferredW`]; `backward_weight` accumulates (+=) into a [`MoeParams`] of gradients. The router-loss
 //! gradients enter `backward_input` through [`RouterLossScale`] (weight /
 //! (grad_accum · num_chunks), applied exactly once).
 
-use megamoe_plan::Activation;
-use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+use std::ops::Range;
+use std::sync::Arc;
+
+use megamoe_tensor::Tensor;
 
 use crate::capacity::apply_capacity;
 use crate::config::MoeConfig;
-use crate::dispatch::{DispatchLayout, LocalDispatcher, TokenDispatcher};
+use crate::dispatch::{
+    Assignments, DispatchLayout, ExpertLayout, LocalDispatcher, TokenDispatcher,
+};
 use crate::error::{shape_str, Error, Result};
 use crate::experts::{
-    check_expert_params, zeros_like, ExpertBank, ExpertsDeferredW, ExpertsSaved, GroupedExperts,
-    RoutedExpertsParams,
+    check_expert_params, ExpertBank, ExpertsDeferredW, ExpertsSaved, GroupedExperts,
 };
 use crate::losses::{
     aux_loss_backward, aux_loss_forward, z_loss_backward, z_loss_forward, AuxLossSaved,
     RouterLossScale, ZLossSaved,
 };
-use crate::router::{Router, RouterParams, RouterSaved, Routing};
-use crate::shared::{
-    SharedExperts, SharedExpertsDeferredW, SharedExpertsParams, SharedExpertsSaved,
-};
+use crate::params::MoeParams;
+use crate::router::{Router, RouterSaved, Routing};
+use crate::shared::{SharedExperts, SharedExpertsDeferredW, SharedExpertsSaved};
 use crate::stats::{kept_expert_ids, MoeStats};
-
-/// Every weight of one MoE layer; the same type holds gradients and optimizer moments.
-#[derive(Debug, Clone)]
-pub struct MoeParams {
-    /// Router weights (`router.weight [E, H]`, `router.null_weight [1, H]`) and the
-    /// `router.expert_bias [E]` buffer.
-    pub router: RouterParams,
-    /// `experts.gate_proj [E, F, H]`, `experts.up_proj [E, F, H]`, `experts.down_proj [E, H, F]`.
-    pub experts: RoutedExpertsParams,
-    /// `shared_experts.{gate,up,down}_proj [Fs, H] / [Fs, H] / [H, Fs]` and
-    /// `shared_expert_gate.weight [1, H]`.
-    pub shared_experts: Option<SharedExpertsParams>,
-}
-
-/// Parameter names (PyTorch/HF style, relative to the layer prefix) in visiting order.
-pub const PARAM_NAMES: [&str; 9] = [
-    "router.weight",
-    "router.null_weight",
-    "experts.gate_proj",
-    "experts.up_proj",
-    "experts.down_proj",
-    "shared_experts.gate_proj",
-    "shared_experts.up_proj",
-    "shared_experts.down_proj",
-    "shared_expert_gate.weight",
-];
-
-impl MoeParams {
-    /// Shapes of every trained parameter of `cfg`, by name (no buffers).
-    pub fn shapes(cfg: &MoeConfig) -> Vec<(&'static str, Vec<usize>, ParamRole)> {
-        let (e, h, f) = (
-            cfg.router.num_routed_experts,
-            cfg.d_model,
-            cfg.routed_experts.hidden,
-        );
-        let swiglu = cfg.routed_experts.activation == Activation::SwiGlu;
-        let mut v = vec![("router.weight", vec![e, h], ParamRole::Matrix)];
-        if cfg.router.null_slots.is_some() {
-            v.push(("router.null_weight", vec![1, h], ParamRole::Gate));
-        }
-        if swiglu {
-            v.push(("experts.gate_proj", vec![e, f, h], ParamRole::ExpertBank));
-        }
-        v.push(("experts.up_proj", vec![e, f, h], ParamRole::ExpertBank));
-        v.push(("experts.down_proj", vec![e, h, f], ParamRole::ExpertBank));
-        if let Some(s) = &cfg.shared_experts {
-            if swiglu {
-                v.push((
-                    "shared_experts.gate_proj",
-                    vec![s.hidden, h],
-                    ParamRole::Matrix,
-                ));
-            }
-            v.push((
-                "shared_experts.up_proj",
-                vec![s.hidden, h],
-                ParamRole::Matrix,
-            ));
-            v.push((
-                "shared_experts.down_proj",
-                vec![h, s.hidden],
-                ParamRole::Matrix,
-            ));
-            if s.gate {
-                v.push(("shared_expert_gate.weight", vec![1, h], ParamRole::Gate));
-            }
-        }
-        v
-    }
-
-    /// Builds params from a lookup by name (relative names of [`PARAM_NAMES`]); the expert
-    /// bias buffer is looked up as `router.expert_bias` when `cfg.router.expert_bias`
-    /// (absent → zeros). Missing or mis-shaped tensors are named errors.
-    pub fn from_lookup(
-        cfg: &MoeConfig,
-        mut get: impl FnMut(&str) -> Option<Tensor>,
-    ) -> Result<MoeParams> {
-        let mut take = |name: &'static str, shape: Vec<usize>| -> Result<Tensor> {
-            let t = get(name).ok_or_else(|| Error::MissingTensor {
-                name: name.into(),
-                expected: shape_str(&shape),
-            })?;
-            check_named(name, &t, &shape)?;
-            Ok(t)
-        };
-        let mut map = std::collections::BTreeMap::new();
-        for (name, shape, _) in MoeParams::shapes(cfg) {
-            map.insert(name, take(name, shape)?);
-        }
-        let e = cfg.router.num_routed_experts;
-        let expert_bias = if cfg.router.expert_bias {
-            match get("router.expert_bias") {
-                Some(b) => {
-                    check_named("router.expert_bias", &b, &[e])?;
-                    Some(b)
-                }
-                None => Some(Tensor::zeros([e], DType::F32, Device::Cpu)?),
-            }
-        } else {
-            None
-        };
-        Ok(MoeParams::from_map(cfg, map, expert_bias))
-    }
-
-    fn from_map(
-        cfg: &MoeConfig,
-        mut m: std::collections::BTreeMap<&'static str, Tensor>,
-        expert_bias: Option<Tensor>,
-    ) -> MoeParams {
-        let mut t = |n| m.remove(n);
-        let router = RouterParams {
-            weight: t("router.weight").expect("shapes() always lists router.weight"),
-            null_weight: t("router.null_weight"),
-            expert_bias,
-        };
-        let experts = RoutedExpertsParams {
-            gate_proj: t("experts.gate_proj"),
-            up_proj: t("experts.up_proj").expect("shapes() always lists experts.up_proj"),
-            down_proj: t("experts.down_proj").expect("shapes() always lists experts.down_proj"),
-        };
-        let shared_experts = if cfg.shared_experts.is_some() {
-            Some(SharedExpertsParams {
-                gate_proj: t("shared_experts.gate_proj"),
-                up_proj: t("shared_experts.up_proj")
-                    .expect("shapes() lists shared_experts.up_proj when shared experts are on"),
-                down_proj: t("shared_experts.down_proj")
-                    .expect("shapes() lists shared_experts.down_proj when shared experts are on"),
-                gate: t("shared_expert_gate.weight"),
-            })
-        } else {
-            None
-        };
-        MoeParams {
-            router,
-            experts,
-            shared_experts,
-        }
-    }
-
-    /// Layout-invariant init: every parameter `N(0, 1/fan_in)` drawn by
-    /// `Tensor::randn_named(seed, prefix + name, ..)`; the expert bias starts at zero.
-    pub fn init(cfg: &MoeConfig, seed: u64, prefix: &str) -> Result<MoeParams> {
-        let mut map = std::collections::BTreeMap::new();
-        for (name, shape, _) in MoeParams::shapes(cfg) {
-            let fan_in = *shape.last().expect("parameter shapes have rank >= 2") as f32;
-            let t = Tensor::randn_named(
-                seed,
-                &format!("{prefix}{name}"),
-                shape,
-                fan_in.powf(-0.5),
-                Device::Cpu,
-            )?;
-            map.insert(name, t);
-        }
-        let bias = if cfg.router.expert_bias {
-            Some(Tensor::zeros(
-                [cfg.router.num_routed_experts],
-                DType::F32,
-                Device::Cpu,
-            )?)
-        } else {
-            None
-        };
-        Ok(MoeParams::from_map(cfg, map, bias))
-    }
-
-    /// Zeros shaped like every parameter (a gradient accumulator); no expert-bias buffer.
-    pub fn zeros_like(&self) -> Result<MoeParams> {
-        let z = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
-            t.as_ref().map(zeros_like).transpose()
-        };
-        Ok(MoeParams {
-            router: RouterParams {
-                weight: zeros_like(&self.router.weight)?,
-                null_weight: z(&self.router.null_weight)?,
-                expert_bias: None,
-            },
-            experts: RoutedExpertsParams {
-                gate_proj: z(&self.experts.gate_proj)?,
-                up_proj: zeros_like(&self.experts.up_proj)?,
-                down_proj: zeros_like(&self.experts.down_proj)?,
-            },
-            shared_experts: match &self.shared_experts {
-                Some(s) => Some(SharedExpertsParams {
-                    gate_proj: z(&s.gate_proj)?,
-                    up_proj: zeros_like(&s.up_proj)?,
-                    down_proj: zeros_like(&s.down_proj)?,
-                    gate: z(&s.gate)?,
-                }),
-                None => None,
-            },
-        })
-    }
-
-    /// Visits every trained parameter as (`prefix + name`, tensor, role). The expert bias
-    /// is a buffer and is not visited (see [`MoeParams::visit_buffers`]).
-    pub fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, &Tensor, ParamRole)) {
-        let mut each = |name: &str, t: Option<&Tensor>, role| {
-            if let Some(t) = t {
-                f(&format!("{prefix}{name}"), t, role);
-            }
-        };
-        each(
-            "router.weight",
-            Some(&self.router.weight),
-            ParamRole::Matrix,
-        );
-        each(
-            "router.null_weight",
-            self.router.null_weight.as_ref(),
-            ParamRole::Gate,
-        );
-        each(
-            "experts.gate_proj",
-            self.experts.gate_proj.as_ref(),
-            ParamRole::ExpertBank,
-        );
-        each(
-            "experts.up_proj",
-            Some(&self.experts.up_proj),
-            ParamRole::ExpertBank,
-        );
-        each(
-            "experts.down_proj",
-            Some(&self.experts.down_proj),
-            ParamRole::ExpertBank,
-        );
-        if let Some(s) = &self.shared_experts {
-            each(
-                "shared_experts.gate_proj",
-                s.gate_proj.as_ref(),
-                ParamRole::Matrix,
-            );
-            each(
-                "shared_experts.up_proj",
-                Some(&s.up_proj),
-                ParamRole::Matrix,
-            );
-            each(
-                "shared_experts.down_proj",
-                Some(&s.down_proj),
-                ParamRole::Matrix,
-            );
-            each(
-                "shared_expert_gate.weight",
-                s.gate.as_ref(),
-                ParamRole::Gate,
-            );
-        }
-    }
-
-    /// Mutable twin of [`MoeParams::visit`] (same names, same order).
-    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor, ParamRole)) {
-        let mut each = |name: &str, t: Option<&mut Tensor>, role| {
-            if let Some(t) = t {
-                f(&format!("{prefix}{name}"), t, role);
-            }
-        };
-        each(
-            "router.weight",
-            Some(&mut self.router.weight),
-            ParamRole::Matrix,
-        );
-        each(
-            "router.null_weight",
-            self.router.null_weight.as_mut(),
-            ParamRole::Gate,
-        );
-        each(
-            "experts.gate_proj",
-            self.experts.gate_proj.as_mut(),
-            ParamRole::ExpertBank,
-        );
-        each(
-            "experts.up_proj",
-            Some(&mut self.experts.up_proj),
-            ParamRole::ExpertBank,
-        );
-        each(
-            "experts.down_proj",
-            Some(&mut self.experts.down_proj),
-            ParamRole::ExpertBank,
-        );
-        if let Some(s) = &mut self.shared_experts {
-            each(
-                "shared_experts.gate_proj",
-                s.gate_proj.as_mut(),
-                ParamRole::Matrix,
-            );
-            each(
-                "shared_experts.up_proj",
-                Some(&mut s.up_proj),
-                ParamRole::Matrix,
-            );
-            each(
-                "shared_experts.down_proj",
-                Some(&mut s.down_proj),
-                ParamRole::Matrix,
-            );
-            each(
-                "shared_expert_gate.weight",
-                s.gate.as_mut(),
-                ParamRole::Gate,
-            );
-        }
-    }
-
-    /// Visits the non-trained buffers: `router.expert_bias` when present.
-    pub fn visit_buffers(&self, prefix: &str, f: &mut dyn FnMut(&str, &Tensor)) {
-        if let Some(b) = &self.router.expert_bias {
-            f(&format!("{prefix}router.expert_bias"), b);
-        }
-    }
-}
-
-fn check_named(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
-    if t.dtype() != DType::F32 {
-        return Err(Error::TensorDType {
-            name: name.into(),
-            expected: "f32",
-            got: t.dtype().to_string(),
-        });
-    }
-    if t.dims() != shape {
-        return Err(Error::TensorShape {
-            name: name.into(),
-            expected: shape.to_vec(),
-            got: t.dims().to_vec(),
-        });
-    }
-    Ok(())
-}
 
 /// What one forward call produces.
 #[derive(Debug, Clone)]
@@ -380,10 +51,13 @@ pub struct MoeOutput {
 pub struct MoeSaved {
     x: Tensor,
     routing: Routing,
+    /// `[N, K]` 1 for a kept assignment.
+    keep: Tensor,
     router: RouterSaved,
     layout: DispatchLayout,
+    expert_layout: ExpertLayout,
     experts: ExpertsSaved,
-    /// `[R, H]` expert outputs in permuted order (pad rows removed).
+    /// Expert outputs back at the source, in the source row layout.
     out_rows: Tensor,
     shared: Option<SharedExpertsSaved>,
     aux: Option<AuxLossSaved>,
@@ -396,9 +70,19 @@ impl MoeSaved {
         &self.routing
     }
 
-    /// The dispatch layout of the forward call.
+    /// `[N, K]` f32: 1 for each assignment kept after capacity.
+    pub fn keep(&self) -> &Tensor {
+        &self.keep
+    }
+
+    /// The source-side dispatch layout of the forward call.
     pub fn layout(&self) -> &DispatchLayout {
         &self.layout
+    }
+
+    /// The expert-side layout the dispatch exchange delivered.
+    pub fn expert_layout(&self) -> &ExpertLayout {
+        &self.expert_layout
     }
 }
 
@@ -416,23 +100,62 @@ pub struct MoeDeferredW {
 #[derive(Debug, Clone)]
 pub struct MoeLayer {
     cfg: MoeConfig,
+    dispatcher: Arc<dyn TokenDispatcher>,
     router: Router,
     routed_experts: GroupedExperts,
     shared_experts: Option<SharedExperts>,
 }
 
 impl MoeLayer {
-    /// A layer for a validated config.
+    /// A single-rank layer for a validated config: every expert is local
+    /// ([`LocalDispatcher`]).
     pub fn new(cfg: MoeConfig) -> Result<MoeLayer> {
+        let local = LocalDispatcher::new(cfg.router.num_routed_experts);
+        MoeLayer::with_dispatcher(cfg, Arc::new(local))
+    }
+
+    /// A layer whose tokens move through `dispatcher` (e.g. an
+    /// [`ExpertParallelDispatcher`](crate::ExpertParallelDispatcher)); its routed-expert
+    /// weights are the dispatcher's local experts.
+    pub fn with_dispatcher(
+        cfg: MoeConfig,
+        dispatcher: Arc<dyn TokenDispatcher>,
+    ) -> Result<MoeLayer> {
         cfg.validate()?;
+        let e = cfg.router.num_routed_experts;
+        let local = dispatcher.local_experts();
+        if dispatcher.num_experts() != e || local.start >= local.end || local.end > e {
+            return Err(Error::Config {
+                field: "moe.routed_experts",
+                value: format!(
+                    "{e} (dispatcher: {} experts, local {local:?})",
+                    dispatcher.num_experts()
+                ),
+                rule: "the dispatcher must serve the layer's experts with a non-empty local range",
+            });
+        }
         Ok(MoeLayer {
             router: Router::new(cfg.router.clone()),
             routed_experts: GroupedExperts {
-                cfg: cfg.routed_experts,
+                cfg: crate::config::RoutedExpertsConfig {
+                    num_routed_experts: local.len(),
+                    ..cfg.routed_experts
+                },
             },
             shared_experts: cfg.shared_experts.map(SharedExperts::new),
+            dispatcher,
             cfg,
         })
+    }
+
+    /// The dispatcher moving this layer's tokens.
+    pub fn dispatcher(&self) -> &dyn TokenDispatcher {
+        self.dispatcher.as_ref()
+    }
+
+    /// `[e0, e1)`: the experts whose weights this layer holds.
+    pub fn local_experts(&self) -> Range<usize> {
+        self.dispatcher.local_experts()
     }
 
     /// Its config.
@@ -451,18 +174,6 @@ impl MoeLayer {
             grad_accum,
             num_chunks,
         )
-    }
-
-    fn dispatcher(&self, tokens: usize) -> LocalDispatcher {
-        LocalDispatcher {
-            num_routed_experts: self.cfg.router.num_routed_experts,
-            fast_paths: self.cfg.fast_paths,
-            pad_to: if self.cfg.pad_to_capacity {
-                self.cfg.capacity_for(tokens)
-            } else {
-                None
-            },
-        }
     }
 
     fn check_input(&self, params: &MoeParams, x: &Tensor) -> Result<usize> {
@@ -485,7 +196,7 @@ impl MoeLayer {
             });
         }
         self.router.check_params(&params.router)?;
-        check_expert_params(&self.cfg.routed_experts, &params.experts)?;
+        check_expert_params(&self.routed_experts.cfg, &params.experts)?;
         match (&self.shared_experts, &params.shared_experts) {
             (Some(s), Some(p)) => s.check_params(p)?,
             (None, None) => {}
@@ -518,14 +229,28 @@ impl MoeLayer {
         let (z_loss, z_saved) = z_loss_forward(&z)?;
         let picks_per_slot = routing.slots.slot_counts(None, c.router.pool_size(), n)?;
 
-        let d = self.dispatcher(n);
-        let (rows, layout) = d.permute(x, &routing.slots, &keep, &routing.gates)?;
-        let rows = d.dispatch_exchange(rows, &layout)?;
-        let buffers = d.expert_buffers(rows, &layout)?;
+        // 1. dispatch: permute (local) → exchange (collective) → expert buffers (local)
+        let d = self.dispatcher.as_ref();
+        let pad_to = if c.pad_to_capacity {
+            c.capacity_for(n)
+        } else {
+            None
+        };
+        let assignments = Assignments {
+            slots: &routing.slots,
+            keep: &keep,
+            gates: &routing.gates,
+        };
+        let (rows, layout) = d.permute(x, assignments, pad_to, c.fast_paths.fused_permute)?;
+        let expert_layout = d.exchange_layout(&layout)?;
+        let rows = d.dispatch_exchange(rows, &expert_layout)?;
+        let buffers = d.expert_buffers(rows, &expert_layout)?;
+        // 2. routed experts on the local buffers
         let (out, experts) =
             self.routed_experts
-                .forward(&params.experts, &buffers, &layout.group_sizes())?;
-        let out_rows = d.combine_exchange(d.unbuffer(out, &layout)?, &layout)?;
+                .forward(&params.experts, &buffers, &expert_layout.group_sizes)?;
+        // 3. combine: unbuffer (local) → exchange back (collective) → weighted sum (local)
+        let out_rows = d.combine_exchange(d.unbuffer(out, &expert_layout)?, &expert_layout)?;
         let y = d.combine(&out_rows, &layout)?;
         Ok(RoutedForward {
             y,
@@ -541,8 +266,10 @@ impl MoeLayer {
                 shared_gate_mean: None,
             },
             routing,
+            keep,
             router_saved,
             layout,
+            expert_layout,
             experts,
             out_rows,
             aux,
@@ -584,8 +311,10 @@ impl MoeLayer {
             MoeSaved {
                 x: x.clone(),
                 routing: routed.routing,
+                keep: routed.keep,
                 router: routed.router_saved,
                 layout: routed.layout,
+                expert_layout: routed.expert_layout,
                 experts: routed.experts,
                 out_rows: routed.out_rows,
                 shared: shared_saved,
@@ -611,15 +340,16 @@ impl MoeLayer {
                 got: d_y.dims().to_vec(),
             });
         }
-        let d = self.dispatcher(saved.layout.tokens);
-        let layout = &saved.layout;
-        // combine → experts → dispatch, in reverse.
+        let d = self.dispatcher.as_ref();
+        let (layout, el) = (&saved.layout, &saved.expert_layout);
+        // combine → experts → dispatch, in reverse: the combine's backward sends the row
+        // gradients to the experts (dispatch direction), the permute's brings them back.
         let (d_out_rows, d_gates) = d.combine_backward(d_y, &saved.out_rows, layout)?;
-        let d_out = d.expert_buffers(d_out_rows, layout)?;
+        let d_out = d.expert_buffers(d.dispatch_exchange(d_out_rows, el)?, el)?;
         let (d_buffers, experts_w) =
             self.routed_experts
                 .backward_input(&params.experts, &d_out, saved.experts)?;
-        let d_rows = d.unbuffer(d_buffers, layout)?;
+        let d_rows = d.combine_exchange(d.unbuffer(d_buffers, el)?, el)?;
         let mut d_x = d.dispatch_backward(&d_rows, layout)?;
         // router: gates, then the losses through the same logits.
         let mut d_logits = self.router.routing_backward(&saved.router, &d_gates)?;
@@ -694,8 +424,10 @@ struct RoutedForward {
     z_loss: Tensor,
     stats: MoeStats,
     routing: Routing,
+    keep: Tensor,
     router_saved: RouterSaved,
     layout: DispatchLayout,
+    expert_layout: ExpertLayout,
     experts: ExpertsSaved,
     out_rows: Tensor,
     aux: Option<AuxLossSaved>,

@@ -12,8 +12,9 @@
 //!
 //! # Place in the workspace
 //! Depends on megamoe-tensor (every element touch is a tensor op; routing kernels are the
-//! tensor crate's `ops::routing` family), megamoe-plan (config enums, capacity and
-//! null-slot math) and megamoe-comm (the expert-parallel dispatcher will use it). Used by
+//! tensor crate's `ops::routing` and `ops::capacity` families), megamoe-plan (config enums,
+//! capacity and null-slot math) and megamoe-comm (whose communicator will back a
+//! [`RowExchange`] for the expert-parallel dispatcher). Used by
 //! megamoe-model (MoE FFN blocks) and megamoe-cli (`megamoe probe moe`). Never imports
 //! model, optim, pipeline or train.
 //!
@@ -28,8 +29,14 @@
 //! - `backward_input` writes `d_x` fresh; `backward_weight` accumulates (+=).
 //! - Router math is f32; reductions inside ops accumulate in f64. Results are identical
 //!   for any rayon thread count.
-//! - Sync rule: the only device→host reads are the per-expert counts in dispatch (group
-//!   sizes of the grouped GEMM) and [`MoeStats::to_host`], each marked `// SYNC:`.
+//! - Sync rule: the only device→host reads are the per-expert counts of a packed
+//!   (dropless) dispatch (group sizes of the grouped GEMM, one read per call) and
+//!   [`MoeStats::to_host`], each marked `// SYNC:`. With `pad_to_capacity` a forward and
+//!   backward read nothing on the host.
+//! - Ranks: the layer gets its [`TokenDispatcher`] from outside ([`MoeLayer::with_dispatcher`];
+//!   [`MoeLayer::new`] uses a [`LocalDispatcher`]). Its expert weights cover the
+//!   dispatcher's local experts `[e0, e1)` ([`MoeParams::init_local`] draws exactly those
+//!   rows of the global bank); the router and shared experts are replicated.
 //!
 //! # Example
 //! ```
@@ -66,6 +73,7 @@ mod error;
 pub mod experts;
 pub mod layer;
 pub mod losses;
+pub mod params;
 pub mod probe;
 pub mod router;
 pub mod shared;
@@ -73,15 +81,19 @@ pub mod stats;
 
 pub use bias::ExpertBiasUpdate;
 pub use config::{MoeConfig, RoutedExpertsConfig, RouterConfig, SharedExpertsConfig};
-pub use dispatch::{DispatchFastPaths, DispatchLayout, LocalDispatcher, TokenDispatcher};
+pub use dispatch::{
+    Assignments, DispatchFastPaths, DispatchLayout, ExpertLayout, ExpertParallelDispatcher,
+    LocalDispatcher, RowExchange, TokenDispatcher,
+};
 pub use error::{Error, Result};
 pub use experts::{
     compare_expert_banks, ExpertBank, GroupedExperts, RoutedExpertsParams, SequentialExperts,
 };
-pub use layer::{MoeDeferredW, MoeLayer, MoeOutput, MoeParams, MoeSaved};
+pub use layer::{MoeDeferredW, MoeLayer, MoeOutput, MoeSaved};
 pub use losses::{
     collect_router_losses, LayerRouterLosses, RouterLossScale, RouterLossWeights, StepRouterLoss,
 };
+pub use params::MoeParams;
 pub use probe::{check_probe_inputs, probe_input_shapes, run_probe};
 pub use router::{ExpertId, Router, RouterParams, Routing, Slot};
 pub use shared::{SharedExperts, SharedExpertsParams};

@@ -15,8 +15,9 @@ use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::config::MoeConfig;
 use crate::error::{shape_str, Error, Result};
-use crate::layer::{MoeLayer, MoeParams};
+use crate::layer::MoeLayer;
 use crate::losses::RouterLossScale;
+use crate::params::MoeParams;
 
 /// Every input the probe reads for `tokens` tokens, with its shape, in a fixed order.
 pub fn probe_input_shapes(cfg: &MoeConfig, tokens: usize) -> Vec<(String, Vec<usize>)> {

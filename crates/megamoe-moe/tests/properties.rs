@@ -11,10 +11,12 @@
 mod common;
 
 use common::*;
+use megamoe_moe::dispatch::SourceRows;
 use megamoe_moe::experts::zeros_like_experts;
 use megamoe_moe::{
-    compare_expert_banks, DispatchFastPaths, ExpertBank, GroupedExperts, LocalDispatcher, MoeLayer,
-    RoutedExpertsConfig, RoutedExpertsParams, SequentialExperts, TokenDispatcher,
+    compare_expert_banks, Assignments, DispatchFastPaths, ExpertBank, GroupedExperts,
+    LocalDispatcher, MoeLayer, RoutedExpertsConfig, RoutedExpertsParams, SequentialExperts,
+    TokenDispatcher,
 };
 use megamoe_plan::Activation;
 use megamoe_tensor::ops::routing::KeepOrder;
@@ -99,10 +101,14 @@ proptest! {
         // permute ∘ unpermute = identity on kept assignments
         let h = 3;
         let x = Tensor::randn_named(t as u64, "x", [t, h], 1.0, Device::Cpu).unwrap();
-        let d = LocalDispatcher { num_routed_experts: e, fast_paths: DispatchFastPaths::default(), pad_to: None };
-        let (rows, layout) = d.permute(&x, &idx, &keep, &g).unwrap();
+        let d = LocalDispatcher::new(e);
+        let a = Assignments { slots: &idx, keep: &keep, gates: &g };
+        let (rows, layout) = d.permute(&x, a, None, false).unwrap();
+        let SourceRows::Packed { assignment, .. } = &layout.rows else {
+            panic!("no capacity padding asked: rows must be packed");
+        };
         let back = Tensor::zeros([t * k, h], DType::F32, Device::Cpu).unwrap()
-            .index_add_rows(&layout.assignment, &rows, None).unwrap();
+            .index_add_rows(assignment, &rows, None).unwrap();
         let (xb, xv) = (host(&back), host(&x));
         for a in 0..t * k {
             for j in 0..h {
@@ -110,11 +116,20 @@ proptest! {
                 prop_assert_eq!(xb[a * h + j], want);
             }
         }
-        // padded buffers round-trip (pad rows never change values)
+        // static buffers are the packed rows padded to C per expert, fused or not, and the
+        // unweighted combine of them is the packed scatter-add (permute's backward)
         if let Some(c) = cap {
             let padded = rows.pad_groups(&layout.counts, c).unwrap();
             prop_assert_eq!(padded.dims(), &[e * c, h]);
-            prop_assert_eq!(host(&padded.unpad_groups(&layout.counts, c).unwrap()), host(&rows));
+            for fused in [false, true] {
+                let (buffers, fixed) = d.permute(&x, a, Some(c), fused).unwrap();
+                prop_assert_eq!(host(&buffers), host(&padded));
+                prop_assert_eq!(fixed.capacity(), Some(c));
+                prop_assert_eq!(
+                    host(&d.dispatch_backward(&buffers, &fixed).unwrap()),
+                    host(&d.dispatch_backward(&rows, &layout).unwrap())
+                );
+            }
         }
     }
 }

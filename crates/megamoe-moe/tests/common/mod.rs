@@ -89,7 +89,7 @@ pub fn objective(layer: &MoeLayer, p: &MoeParams, x: &Tensor, dy: &Tensor) -> (f
     l += cfg.aux_loss_weight * out.aux_loss.to_scalar_f32().unwrap() as f64;
     l += cfg.z_loss_weight * out.z_loss.to_scalar_f32().unwrap() as f64;
     let mut fp = saved.routing().slots.to_host_i32().unwrap();
-    fp.extend(saved.layout().assignment.to_host_i32().unwrap());
+    fp.extend(host(saved.keep()).iter().map(|&v| v as i32));
     (l, fp)
 }
 

@@ -1,0 +1,65 @@
+//! [`LocalDispatcher`]: one rank owns every expert; the exchanges are identities.
+
+use std::ops::Range;
+
+use megamoe_tensor::Tensor;
+
+use super::{BufferOrder, DispatchLayout, ExpertLayout, SourceRows, TokenDispatcher};
+use crate::error::Result;
+
+/// Single-rank dispatcher: every expert is local.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalDispatcher {
+    /// E.
+    pub num_routed_experts: usize,
+}
+
+impl LocalDispatcher {
+    /// A dispatcher for a layer of `num_routed_experts` experts, all on this rank.
+    pub fn new(num_routed_experts: usize) -> LocalDispatcher {
+        LocalDispatcher { num_routed_experts }
+    }
+}
+
+impl TokenDispatcher for LocalDispatcher {
+    fn num_experts(&self) -> usize {
+        self.num_routed_experts
+    }
+
+    fn local_experts(&self) -> Range<usize> {
+        0..self.num_routed_experts
+    }
+
+    fn exchange_layout(&self, layout: &DispatchLayout) -> Result<ExpertLayout> {
+        let e = layout.num_experts;
+        let group_sizes = match &layout.rows {
+            SourceRows::Capacity { capacity, .. } => vec![*capacity; e],
+            // SYNC: the grouped GEMM takes its group sizes as host values; one read of E
+            // integers per call in packed (dropless) mode, at this one point. Static-capacity
+            // mode reads nothing.
+            SourceRows::Packed { .. } => layout
+                .counts
+                .to_host_i32()?
+                .into_iter()
+                .map(|c| c as usize)
+                .collect(),
+        };
+        let rows = group_sizes.iter().sum();
+        Ok(ExpertLayout {
+            experts: 0..e,
+            group_sizes,
+            counts: Some(layout.counts.clone()),
+            send_rows: vec![rows],
+            recv_rows: vec![rows],
+            order: BufferOrder::Identity,
+        })
+    }
+
+    fn dispatch_exchange(&self, rows: Tensor, _el: &ExpertLayout) -> Result<Tensor> {
+        Ok(rows)
+    }
+
+    fn combine_exchange(&self, rows: Tensor, _el: &ExpertLayout) -> Result<Tensor> {
+        Ok(rows)
+    }
+}

@@ -1,0 +1,354 @@
+//! Token dispatch: moving each kept assignment's token row to the rank and expert that owns
+//! it and the expert outputs back (spec "Dispatch"; Megatron `token_dispatcher.py`).
+//!
+//! Each direction is a local pre-step, a collective and a local post-step, so that an
+//! expert-parallel all-to-all and fused CUDA paths can replace single steps and overlap them
+//! with compute (e.g. the shared experts):
+//!
+//! | direction | local pre-step (no comm) | collective | local post-step (no comm) |
+//! |---|---|---|---|
+//! | dispatch | [`TokenDispatcher::permute`] | [`TokenDispatcher::exchange_layout`], [`TokenDispatcher::dispatch_exchange`] | [`TokenDispatcher::expert_buffers`] |
+//! | combine | [`TokenDispatcher::unbuffer`] | [`TokenDispatcher::combine_exchange`] | [`TokenDispatcher::combine`] |
+//!
+//! Backward runs the same exchanges in reverse: [`TokenDispatcher::combine_backward`] at the
+//! source → `dispatch_exchange` (the reverse of the combine exchange) → `expert_buffers` →
+//! experts → `unbuffer` → `combine_exchange` (the reverse of the dispatch exchange) →
+//! [`TokenDispatcher::dispatch_backward`] at the source.
+//!
+//! Two layouts describe one call. The source side ([`DispatchLayout`]) is where this rank's
+//! kept assignments sit in its send rows, one of:
+//! - *packed* (dropless, or capacity without padding): rows `[R, H]` sorted by expert (stable:
+//!   inside an expert by token, then slot); R is data-dependent;
+//! - *static capacity* (`pad_to_capacity`): the permute writes straight into `[E·C, H]`
+//!   buffers (expert `e` at rows `e·C ..`, pad rows zero) and the combine reads from them:
+//!   every shape is fixed by (N, K, E, C, H) and no count is read on the host.
+//!
+//! The expert side ([`ExpertLayout`]) is what the exchange delivered to this rank's local
+//! experts `[e0, e1)`: rows per local expert, per-rank splits, and how received rows
+//! (source-major) become expert buffers (expert-major).
+//!
+//! Combine is the weighted scatter-add `y[t] = Σ_r [token_r = t] · g_r · out_r`, summed per
+//! token in increasing row order — a fixed order, never atomics, so results are bit-identical
+//! for any thread count, and the packed and static paths give identical bits.
+//!
+//! Implementations: [`LocalDispatcher`] (one rank, every expert local; the exchanges are
+//! identities) and [`ExpertParallelDispatcher`] (experts sharded over the ranks of a
+//! [`RowExchange`]: counts exchange + `all_to_all_v` when packed, fixed splits and no counts
+//! exchange in static-capacity mode).
+
+mod expert_parallel;
+mod local;
+
+use std::ops::Range;
+
+use megamoe_tensor::{DType, Tensor};
+
+use crate::error::Result;
+
+pub use expert_parallel::{ExpertParallelDispatcher, RowExchange};
+pub use local::LocalDispatcher;
+
+/// The seed's dispatch fast paths (`moe_dispatch_fast_paths.py`), on the CPU path:
+/// both settings give bit-identical results; they change how the work is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DispatchFastPaths {
+    /// One fused op sorts the assignments and gathers the rows
+    /// ([`Tensor::permute_by_expert`], [`Tensor::permute_to_capacity`]) instead of a sort
+    /// followed by a row gather.
+    pub fused_permute: bool,
+    /// Compute the shared experts concurrently with route → dispatch → routed experts
+    /// (`rayon::join`), the CPU analogue of overlapping shared-expert compute with the
+    /// all-to-all.
+    pub overlap_shared: bool,
+}
+
+/// The routing decision a permute consumes.
+#[derive(Debug, Clone, Copy)]
+pub struct Assignments<'a> {
+    /// `[N, K]` i32 pool slot of each assignment (real experts `< E`).
+    pub slots: &'a Tensor,
+    /// `[N, K]` f32: 1 for a kept real assignment (after capacity), else 0.
+    pub keep: &'a Tensor,
+    /// `[N, K]` f32 gate of each assignment.
+    pub gates: &'a Tensor,
+}
+
+/// How the source rows are laid out (see the module docs).
+#[derive(Debug, Clone)]
+pub enum SourceRows {
+    /// Kept rows `[R, H]`, expert-major.
+    Packed {
+        /// `[R]` i32: token of each row.
+        token: Tensor,
+        /// `[R]` i32: flat assignment `t·K + j` of each row.
+        assignment: Tensor,
+        /// `[R]` f32: gate of each row.
+        row_gates: Tensor,
+    },
+    /// Static buffers `[E·C, H]`, expert `e` at rows `e·C ..`, pad rows zero.
+    Capacity {
+        /// C: rows per expert.
+        capacity: usize,
+        /// `[N, K]` i32: buffer row of each assignment, −1 when not kept.
+        slot_row: Tensor,
+        /// `[E·C]` i32: token of each buffer row, −1 for a pad row.
+        row_token: Tensor,
+        /// `[N, K]` f32 gates (read only where kept).
+        gates: Tensor,
+    },
+}
+
+/// Source side of one call: where this rank's kept assignments sit in its send rows.
+#[derive(Debug, Clone)]
+pub struct DispatchLayout {
+    /// N tokens of this rank.
+    pub tokens: usize,
+    /// K slots per token.
+    pub slots_per_token: usize,
+    /// E routed experts (global).
+    pub num_experts: usize,
+    /// `[E]` i32: kept rows of this rank's tokens per (global) expert.
+    pub counts: Tensor,
+    /// Row layout.
+    pub rows: SourceRows,
+}
+
+impl DispatchLayout {
+    /// `Some(C)` in static-capacity mode.
+    pub fn capacity(&self) -> Option<usize> {
+        match self.rows {
+            SourceRows::Capacity { capacity, .. } => Some(capacity),
+            SourceRows::Packed { .. } => None,
+        }
+    }
+}
+
+/// How received rows (source-major) map to expert buffers (expert-major).
+#[derive(Debug, Clone)]
+pub enum BufferOrder {
+    /// Already expert-major (one source rank).
+    Identity,
+    /// Static blocks: received `[P, El, C, H]` ↔ buffers `[El, P, C, H]`.
+    Blocks {
+        /// P source ranks.
+        sources: usize,
+        /// El local experts.
+        experts: usize,
+        /// C rows per (source, expert) block.
+        capacity: usize,
+    },
+    /// Packed rows: row gathers built from the exchanged counts.
+    Gather {
+        /// `[R_recv]` i32: received row of each buffer row.
+        to_experts: Tensor,
+        /// `[R_recv]` i32: buffer row of each received row (the inverse).
+        to_sources: Tensor,
+    },
+}
+
+/// Expert side of one call: what the exchange delivered to this rank's local experts.
+#[derive(Debug, Clone)]
+pub struct ExpertLayout {
+    /// `[e0, e1)`: the local experts (global ids).
+    pub experts: Range<usize>,
+    /// Rows of each local expert's buffer as the grouped GEMM sees them: the received token
+    /// counts when packed; `P·C` (pad rows included) in static-capacity mode.
+    pub group_sizes: Vec<usize>,
+    /// `[El]` i32 received token rows per local expert; `None` when they are not known
+    /// without a counts exchange (static-capacity mode across ranks).
+    pub counts: Option<Tensor>,
+    /// Rows this rank sends to each rank, in rank order (dispatch direction).
+    pub send_rows: Vec<usize>,
+    /// Rows this rank receives from each rank, in rank order (dispatch direction).
+    pub recv_rows: Vec<usize>,
+    /// Received rows → expert buffers.
+    pub order: BufferOrder,
+}
+
+/// Moves token rows to their experts' rank and back. Local pre/post steps never communicate
+/// and have provided implementations shared by every dispatcher; an implementation supplies
+/// where the experts live and the three collectives.
+pub trait TokenDispatcher: Send + Sync + std::fmt::Debug {
+    /// E: routed experts in the whole layer.
+    fn num_experts(&self) -> usize;
+
+    /// `[e0, e1)`: experts whose weights live on this rank.
+    fn local_experts(&self) -> Range<usize>;
+
+    /// Collective: the expert-side layout of a call (counts exchange when packed; nothing
+    /// to exchange in static-capacity mode, whose splits are fixed).
+    fn exchange_layout(&self, layout: &DispatchLayout) -> Result<ExpertLayout>;
+
+    /// Collective, source → experts: send rows to the rank owning their expert (forward
+    /// dispatch, and the reverse of the combine exchange in backward).
+    fn dispatch_exchange(&self, rows: Tensor, el: &ExpertLayout) -> Result<Tensor>;
+
+    /// Collective, experts → source: return rows to their source rank (forward combine, and
+    /// the reverse of the dispatch exchange in backward).
+    fn combine_exchange(&self, rows: Tensor, el: &ExpertLayout) -> Result<Tensor>;
+
+    /// Local pre-step: lay the kept assignments' rows of `x [N, H]` out by expert — packed
+    /// (`pad_to = None`) or straight into static `[E·C, H]` buffers (`pad_to = Some(C)`).
+    fn permute(
+        &self,
+        x: &Tensor,
+        a: Assignments<'_>,
+        pad_to: Option<usize>,
+        fused: bool,
+    ) -> Result<(Tensor, DispatchLayout)> {
+        permute(x, a, self.num_experts(), pad_to, fused)
+    }
+
+    /// Local post-step: received rows → expert buffers `[Σ group_sizes, H]`.
+    fn expert_buffers(&self, rows: Tensor, el: &ExpertLayout) -> Result<Tensor> {
+        reorder(rows, &el.order, true)
+    }
+
+    /// Local pre-step: expert buffers → rows in received order (inverse of
+    /// [`TokenDispatcher::expert_buffers`]).
+    fn unbuffer(&self, out: Tensor, el: &ExpertLayout) -> Result<Tensor> {
+        reorder(out, &el.order, false)
+    }
+
+    /// Local post-step: `y [N, H]` = weighted sum of each token's returned rows.
+    fn combine(&self, out_rows: &Tensor, layout: &DispatchLayout) -> Result<Tensor> {
+        match &layout.rows {
+            SourceRows::Packed {
+                token, row_gates, ..
+            } => {
+                let h = out_rows.dim(1)?;
+                let y = Tensor::zeros([layout.tokens, h], DType::F32, out_rows.device())?;
+                Ok(y.index_add_rows(token, out_rows, Some(row_gates))?)
+            }
+            SourceRows::Capacity {
+                slot_row, gates, ..
+            } => Ok(out_rows.combine_slots(slot_row, Some(gates))?),
+        }
+    }
+
+    /// Backward of combine: (`d_out_rows` in the source row layout, `d_gates [N, K]`), both
+    /// written fresh (zero for pad rows, dropped assignments and null slots).
+    fn combine_backward(
+        &self,
+        d_y: &Tensor,
+        out_rows: &Tensor,
+        layout: &DispatchLayout,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, k) = (layout.tokens, layout.slots_per_token);
+        match &layout.rows {
+            SourceRows::Packed {
+                token,
+                assignment,
+                row_gates,
+            } => {
+                let d_y_rows = d_y.index_select(token)?;
+                let d_row_gates = d_y_rows.mul(out_rows)?.sum_last_dim()?;
+                let d_out = d_y_rows.mul_col(row_gates)?;
+                let r = token.numel();
+                let d_gates = Tensor::zeros([n * k, 1], DType::F32, d_y.device())?
+                    .index_add_rows(assignment, &d_row_gates.reshape([r, 1])?, None)?
+                    .reshape([n, k])?;
+                Ok((d_out, d_gates))
+            }
+            SourceRows::Capacity {
+                slot_row, gates, ..
+            } => Ok(out_rows.combine_slots_backward(d_y, slot_row, gates)?),
+        }
+    }
+
+    /// Backward of permute: `d_x [N, H]` = sum of each token's row gradients (written fresh).
+    fn dispatch_backward(&self, d_rows: &Tensor, layout: &DispatchLayout) -> Result<Tensor> {
+        match &layout.rows {
+            SourceRows::Packed { token, .. } => {
+                let h = d_rows.dim(1)?;
+                let d_x = Tensor::zeros([layout.tokens, h], DType::F32, d_rows.device())?;
+                Ok(d_x.index_add_rows(token, d_rows, None)?)
+            }
+            SourceRows::Capacity { slot_row, .. } => Ok(d_rows.combine_slots(slot_row, None)?),
+        }
+    }
+}
+
+/// The shared local permute (see [`TokenDispatcher::permute`]).
+fn permute(
+    x: &Tensor,
+    a: Assignments<'_>,
+    e: usize,
+    pad_to: Option<usize>,
+    fused: bool,
+) -> Result<(Tensor, DispatchLayout)> {
+    let (n, k) = a.slots.dims2()?;
+    let (rows, counts, layout_rows) = match pad_to {
+        None => {
+            let (rows, perm) = if fused {
+                x.permute_by_expert(a.slots, a.keep, e)?
+            } else {
+                let perm = a.slots.sort_by_expert(a.keep, e)?;
+                (x.index_select(&perm.token)?, perm)
+            };
+            let row_gates = a
+                .gates
+                .reshape([n * k, 1])?
+                .index_select(&perm.assignment)?
+                .reshape([perm.assignment.numel()])?;
+            let packed = SourceRows::Packed {
+                token: perm.token,
+                assignment: perm.assignment,
+                row_gates,
+            };
+            (rows, perm.counts, packed)
+        }
+        Some(capacity) => {
+            let (rows, perm) = if fused {
+                x.permute_to_capacity(a.slots, a.keep, e, capacity)?
+            } else {
+                let perm = a.slots.capacity_permutation(a.keep, e, capacity)?;
+                (x.gather_rows_or_zero(&perm.row_token)?, perm)
+            };
+            let fixed = SourceRows::Capacity {
+                capacity,
+                slot_row: perm.slot_row,
+                row_token: perm.row_token,
+                gates: a.gates.clone(),
+            };
+            (rows, perm.counts, fixed)
+        }
+    };
+    Ok((
+        rows,
+        DispatchLayout {
+            tokens: n,
+            slots_per_token: k,
+            num_experts: e,
+            counts,
+            rows: layout_rows,
+        },
+    ))
+}
+
+/// Received order → expert order (`to_experts`) or back.
+fn reorder(rows: Tensor, order: &BufferOrder, to_experts: bool) -> Result<Tensor> {
+    match order {
+        BufferOrder::Identity => Ok(rows),
+        BufferOrder::Blocks {
+            sources,
+            experts,
+            capacity,
+        } => {
+            let (r, h) = rows.dims2()?;
+            let (outer, inner) = if to_experts {
+                (*sources, *experts)
+            } else {
+                (*experts, *sources)
+            };
+            Ok(rows
+                .reshape([outer, inner, capacity * h])?
+                .permute(&[1, 0, 2])?
+                .reshape([r, h])?)
+        }
+        BufferOrder::Gather {
+            to_experts: fwd,
+            to_sources: back,
+        } => Ok(rows.index_select(if to_experts { fwd } else { back })?),
+    }
+}
