@@ -2,6 +2,7 @@
 //! (0 ok, 1 stopped by a guard, 2 error). One module per subcommand.
 
 mod args;
+mod config_cmd;
 mod plan_cmd;
 mod probe_cmd;
 mod report_cmd;
@@ -38,6 +39,9 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Render a run directory's plots (SVG) and print its text summary.
     Report(report_cmd::ReportArgs),
+    /// Print the effective run config (file + --set, defaults filled in), or
+    /// with --defaults every key with its default and meaning.
+    Config(config_cmd::ConfigCmdArgs),
 }
 
 /// Prints an error as one line (the context chain joined by ": ") and returns exit code 2.
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Train(args) => train_cmd::run(&args),
         Command::Report(args) => report_cmd::run(&args),
+        Command::Config(args) => config_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

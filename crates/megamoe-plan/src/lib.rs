@@ -37,6 +37,7 @@ pub mod capacity;
 mod error;
 mod features;
 pub mod group_routing;
+pub mod keys;
 pub mod memory;
 mod mesh;
 mod modes;
