@@ -1,0 +1,69 @@
+//! What the CPU trainer runs, checked before any work: a config key the
+//! trainer would otherwise ignore is refused with a named error, never run as
+//! something else.
+
+use megamoe_plan::{Plan, Precision, Recompute};
+
+use crate::error::{Error, Result};
+
+/// Refuses settings the single-process CPU trainer does not implement:
+/// `train.dtype = "bf16"` (the CPU backend computes in f32 only) and
+/// `train.recompute = "selective"` (only `none` and `full` exist).
+pub fn check_cpu_trainer_support(plan: &Plan) -> Result<()> {
+    if plan.train.precision != Precision::F32 {
+        return Err(Error::TrainConfig {
+            field: "train.dtype",
+            value: format!("\"{}\"", plan.train.precision.name()),
+            rule: "the CPU trainer computes in f32 only; set train.dtype = \"f32\" \
+                   (bf16 is accepted by `megamoe plan` for memory planning)"
+                .to_string(),
+        });
+    }
+    if plan.train.recompute == Recompute::Selective {
+        return Err(Error::TrainConfig {
+            field: "train.recompute",
+            value: "\"selective\"".to_string(),
+            rule: "the CPU trainer implements \"none\" and \"full\" (keep each block's input, \
+                   recompute the block in backward); selective recompute is not implemented"
+                .to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use megamoe_plan::{RawConfig, TINY_CONFIG};
+
+    fn plan_with(set: &str) -> Plan {
+        let raw = RawConfig::from_toml_str_with_overrides(TINY_CONFIG, &[set.to_string()]).unwrap();
+        Plan::resolve(&raw, Some(1)).unwrap()
+    }
+
+    #[test]
+    fn bf16_is_refused_naming_train_dtype() {
+        let err = check_cpu_trainer_support(&plan_with("train.dtype=\"bf16\"")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("train.dtype=\"bf16\" is not supported"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn selective_recompute_is_refused_naming_train_recompute() {
+        let err =
+            check_cpu_trainer_support(&plan_with("train.recompute=\"selective\"")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("train.recompute=\"selective\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn f32_with_no_or_full_recompute_is_accepted() {
+        check_cpu_trainer_support(&plan_with("train.recompute=\"none\"")).unwrap();
+        check_cpu_trainer_support(&plan_with("train.recompute=\"full\"")).unwrap();
+    }
+}
