@@ -29,9 +29,14 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub steps: Option<u64>,
 
-    /// Run directory. Default: a new runs/run-<unix time>-<n>.
+    /// Run directory. Default: a new runs/run-<UTC date-time>, or runs/NAME
+    /// with --run-name.
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+
+    /// Name of the run: its directory is runs/NAME (same as --run-dir runs/NAME).
+    #[arg(long, value_name = "NAME", conflicts_with = "run_dir")]
+    pub run_name: Option<String>,
 
     /// Continue the run saved in DIR (a run directory or a checkpoint directory)
     /// with its config and data; --config/--set, if given, must match it.
@@ -79,6 +84,13 @@ unreadable data, missing or mismatched checkpoint), printed as one line.";
 
 /// Runs `megamoe train`.
 pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    if let Some(name) = &args.run_name {
+        let plain = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']);
+        anyhow::ensure!(
+            plain,
+            "--run-name {name:?} must be a plain name (no '/', not '.' or '..'); use --run-dir for a path"
+        );
+    }
     let origin = match &args.resume {
         Some(dir) => Some(checkpoint_origin(dir).context("--resume")?),
         None => None,
@@ -92,7 +104,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             peak_flops: args.peak_flops,
         },
     )?;
-    let run_dir = match (&args.run_dir, &origin) {
+    let named = args.run_name.as_ref().map(|n| Path::new("runs").join(n));
+    let run_dir = match (args.run_dir.as_ref().or(named.as_ref()), &origin) {
         (Some(dir), _) => dir.clone(),
         (None, Some(o)) => o.run_dir.clone(),
         (None, None) => RunDir::create_unique(Path::new("runs"))?

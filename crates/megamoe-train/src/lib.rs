@@ -66,6 +66,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod clock;
 pub mod data;
 pub mod error;
 pub mod eval;
@@ -77,6 +78,7 @@ mod rng;
 pub mod run_dir;
 pub mod session;
 mod sha256;
+pub mod support;
 pub mod synthetic;
 #[cfg(test)]
 mod test_dir;

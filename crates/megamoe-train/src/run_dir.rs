@@ -35,15 +35,22 @@ impl RunDir {
         Ok(run)
     }
 
-    /// A fresh directory `<base>/run-<unix seconds>-<n>` (n counts up from 0 until the
-    /// name is unused), created.
+    /// A fresh directory `<base>/run-<UTC yyyymmdd-hhmmss>` (with `-2`, `-3`, ...
+    /// appended if that name is taken), created.
     pub fn create_unique(base: &Path) -> Result<Self> {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let stamp = crate::clock::UtcTime::now().compact();
+        Self::create_named(base, &format!("run-{stamp}"))
+    }
+
+    /// A fresh directory `<base>/<name>` (with `-2`, `-3`, ... appended if that
+    /// name is taken), created.
+    pub fn create_named(base: &Path, name: &str) -> Result<Self> {
         std::fs::create_dir_all(base).map_err(|e| Error::io("create", base, e))?;
-        for n in 0u32.. {
-            let path = base.join(format!("run-{secs}-{n}"));
+        for n in 1u32.. {
+            let path = match n {
+                1 => base.join(name),
+                _ => base.join(format!("{name}-{n}")),
+            };
             // create_dir (not _all) fails if it exists, so two processes never share one.
             match std::fs::create_dir(&path) {
                 Ok(()) => return Self::create(&path),
@@ -51,7 +58,7 @@ impl RunDir {
                 Err(e) => return Err(Error::io("create", &path, e)),
             }
         }
-        unreachable!("u32 names run out only after 4 billion runs in one second")
+        unreachable!("u32 suffixes run out only after 4 billion runs of one name")
     }
 
     /// Opens an existing run directory (for `--resume` and `report`).
@@ -131,6 +138,20 @@ mod tests {
         let b = RunDir::create_unique(dir.path()).unwrap();
         assert_ne!(a.path(), b.path());
         assert!(a.path().starts_with(dir.path()) && b.path().is_dir());
+        let name = a.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("run-20") && name.len() == "run-yyyymmdd-hhmmss".len(),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn create_named_appends_a_counter_when_the_name_is_taken() {
+        let dir = TestDir::new("run_dir_named");
+        let a = RunDir::create_named(dir.path(), "exp").unwrap();
+        let b = RunDir::create_named(dir.path(), "exp").unwrap();
+        assert_eq!(a.path(), dir.path().join("exp"));
+        assert_eq!(b.path(), dir.path().join("exp-2"));
     }
 
     #[test]
