@@ -3,8 +3,8 @@
 
 What this is
     A deliberately plain, loop-based float64 implementation of one MoE layer as
-    specified by shared/specs/moe.md and refined by the lead's MoE decisions
-    (numbered below). It exists to check the Rust layer: it shares no code with
+    specified by docs/moe.md and refined by the MoE decisions numbered
+    below. It exists to check the Rust layer: it shares no code with
     it, computes every gradient with torch autograd, and reads/writes the probe
     format of `megamoe probe moe`.
 

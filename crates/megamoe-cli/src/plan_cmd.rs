@@ -343,10 +343,7 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
         ),
     )?;
 
-    writeln!(
-        o,
-        "\n[memory] GiB per rank (model: specs/optim_sharding_memory.md)"
-    )?;
+    writeln!(o, "\n[memory] GiB per rank (model: docs/memory.md)")?;
     write!(o, "  {:<22}", "bucket")?;
     for m in &r.memory.ranks {
         write!(o, " {:>10}", format!("pp {}", m.pp_rank))?;

@@ -1,6 +1,6 @@
 //! `megamoe probe moe`: one MoE layer forward and backward on named tensors from a
 //! safetensors file, every output and gradient written to another — so anyone can check
-//! megamoe against their PyTorch/Megatron layer (tensor names: specs/moe.md, probe table).
+//! megamoe against their PyTorch/Megatron layer (tensor names: docs/moe.md, "Probe interface").
 
 use crate::args::ConfigArgs;
 use anyhow::Context;

@@ -4,7 +4,7 @@
 //! AdamW and Muon (NS5 orthogonalised momentum) over named parameters, routed by
 //! [`ParamRole`](megamoe_tensor::ParamRole); learning-rate schedules; global grad-norm
 //! clipping; FSDP2 dim-0 shard maps and the single-process form of distributed Muon
-//! (Moonlight Algorithm 1). Spec: `specs/optim_sharding_memory.md`.
+//! (Moonlight Algorithm 1).
 //!
 //! # Principal types
 //! - [`Optimizer`] (state.rs): owns per-parameter state keyed by name; `new`, `step`,

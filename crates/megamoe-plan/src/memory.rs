@@ -1,4 +1,4 @@
-//! Per-rank memory model (specs/optim_sharding_memory.md, "Memory planner").
+//! Per-rank memory model (docs/memory.md).
 //!
 //! For each pipeline rank class (all ranks with the same pp coordinate hold the
 //! same shapes) the model fills the eight buckets of [`MemoryBreakdown`]:

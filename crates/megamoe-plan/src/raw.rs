@@ -84,7 +84,7 @@ fn default_norm_eps() -> f64 {
     1e-5
 }
 
-/// `[moe]`: routed and shared experts (see specs/moe.md and MOE_DECISIONS.md).
+/// `[moe]`: routed and shared experts (see docs/moe.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MoeSection {
