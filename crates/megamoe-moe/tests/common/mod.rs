@@ -13,8 +13,9 @@ pub fn config(moe: &str) -> MoeConfig {
     MoeConfig::from_toml_str(&text).unwrap()
 }
 
-/// The FD test configs: together they cover every router mode, capacity, null slots,
-/// shared experts with the gate, all activations and all loss kinds.
+/// The FD test configs: together they cover every router mode, capacity (packed and
+/// static-capacity buffers), null slots, shared experts with the gate, all activations and
+/// all loss kinds.
 pub fn fd_configs() -> Vec<(&'static str, MoeConfig)> {
     vec![
         (
@@ -48,6 +49,14 @@ pub fn fd_configs() -> Vec<(&'static str, MoeConfig)> {
             config(
                 "routed_experts = 4\ntop_k = 1\nexpert_hidden = 5\nnull_rho = 0.5\n\
                  score_fn = \"sigmoid\"\ncapacity_factor = 1.0\ndrop_policy = \"position\"\n\
+                 aux_loss_weight = 0.5\nz_loss_weight = 0.3",
+            ),
+        ),
+        (
+            "static_capacity_probs_shared_swiglu",
+            config(
+                "routed_experts = 4\ntop_k = 2\nexpert_hidden = 5\ncapacity_factor = 0.75\n\
+                 pad_to_capacity = true\nshared_experts = 1\nshared_expert_hidden = 3\n\
                  aux_loss_weight = 0.5\nz_loss_weight = 0.3",
             ),
         ),
