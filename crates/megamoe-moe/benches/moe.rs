@@ -26,11 +26,16 @@ fn shape(label: &str) -> (usize, usize, usize, usize, usize) {
 }
 
 fn setup(label: &str) -> (MoeLayer, MoeParams, Tensor, Tensor) {
+    setup_with(label, "")
+}
+
+/// `setup` with extra `[moe]` lines (e.g. the static-capacity mode).
+fn setup_with(label: &str, moe_extra: &str) -> (MoeLayer, MoeParams, Tensor, Tensor) {
     let (t, d, e, k, h) = shape(label);
     let text = format!(
         "[model]\nvocab_size = 256\nd_model = {d}\nn_layers = 1\nn_heads = 1\n\
          ffn_hidden = {h}\nseq_len = {t}\n[moe]\nrouted_experts = {e}\ntop_k = {k}\n\
-         expert_hidden = {h}\n"
+         expert_hidden = {h}\n{moe_extra}"
     );
     let mut cfg = MoeConfig::from_toml_str(&text).unwrap();
     cfg.fast_paths.fused_permute = true;
@@ -68,6 +73,21 @@ fn moe_forward_backward_fresh_grads(b: Bencher, label: &str) {
     b.bench_local(|| {
         let (_, saved) = layer.forward(&p, &x).unwrap();
         let mut g = p.zeros_like().unwrap();
+        layer
+            .backward(&p, &dy, saved, RouterLossScale::zero(), &mut g)
+            .unwrap()
+    });
+}
+
+/// Static-capacity mode (`capacity_factor = 1.25`, `pad_to_capacity`): every expert buffer
+/// is C rows (pad rows included in the GEMMs: 1.25× the dropless rows at most), no host
+/// read. Same fraction definition as the dropless benches (FLOPs of the dropless layer).
+#[divan::bench(args = ["small", "medium"], sample_count = 10, sample_size = 1)]
+fn moe_forward_backward_static_capacity(b: Bencher, label: &str) {
+    let (layer, p, x, dy) = setup_with(label, "capacity_factor = 1.25\npad_to_capacity = true\n");
+    let mut g = p.zeros_like().unwrap();
+    b.bench_local(|| {
+        let (_, saved) = layer.forward(&p, &x).unwrap();
         layer
             .backward(&p, &dy, saved, RouterLossScale::zero(), &mut g)
             .unwrap()
