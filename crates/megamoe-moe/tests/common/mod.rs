@@ -1,6 +1,8 @@
 //! Shared helpers of the MoE integration tests: tiny configs and host-side tensor access.
 #![allow(clippy::unwrap_used, dead_code)] // test helpers: a failed unwrap is a failed test
 
+pub mod exchange;
+
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, RouterLossScale};
 use megamoe_tensor::{Device, Tensor};
 
