@@ -11,7 +11,7 @@
 //!   (softmax after top-k);
 //! - selection = s + b (expert bias on real experts only, null copies 0), then the
 //!   group-limited mask (DeepSeek-V3), then top-K (ties → lower slot index);
-//! - gates of the chosen slots: s[chosen] (softmax after top-k: softmax of the K chosen
+//! - gates of the chosen slots: s\[chosen\] (softmax after top-k: softmax of the K chosen
 //!   logits); null slots get gate 0; if `normalize`, g /= (Σ real g + 1e-20); g *= route_scale.
 //!
 //! Bias and the group mask change *which* slots are chosen, never the gate values, so the
