@@ -287,8 +287,17 @@ impl MoeLayer {
             }
         };
         let (routed, shared) = if self.cfg.fast_paths.overlap_shared {
-            let (r, s) = rayon::join(|| self.routed_forward(params, x, n), shared_fwd);
-            (r?, s?)
+            // The shared experts run on a helper thread while this thread routes and
+            // dispatches: the dispatcher's collectives stay on the caller's thread, never in
+            // a rayon worker, where a rank blocked in an exchange could starve other ranks.
+            std::thread::scope(|scope| {
+                let shared = scope.spawn(shared_fwd);
+                let r = self.routed_forward(params, x, n);
+                let s = shared
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                Ok::<_, Error>((r?, s?))
+            })?
         } else {
             let r = self.routed_forward(params, x, n)?;
             (r, shared_fwd()?)

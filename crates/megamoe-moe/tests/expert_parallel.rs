@@ -190,6 +190,10 @@ fn two_rank_expert_parallel_matches_one_rank_with_all_experts() {
     for (name, body) in cases {
         two_ranks_match_one(name, &config(body));
     }
+    // shared experts computed on a helper thread while the ranks exchange
+    let mut overlap = config(cases[0].1);
+    overlap.fast_paths.overlap_shared = true;
+    two_ranks_match_one("dropless_overlap_shared", &overlap);
 }
 
 #[test]

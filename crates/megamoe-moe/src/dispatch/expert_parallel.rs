@@ -9,6 +9,9 @@
 //! are fixed (`E/P · C` rows per rank), there is no counts exchange and no host read, and
 //! the reorder is a block transpose `[P, El, C, H] → [El, P, C, H]`.
 //!
+//! Static-capacity mode assumes every rank of the group has the same tokens per call (the
+//! plan's fixed micro-batch size), hence the same C; a mismatch fails in the exchange.
+//!
 //! The collective itself is a [`RowExchange`], the one operation expert parallelism needs
 //! from a communicator; the backward runs the same two exchanges in the other direction.
 

@@ -56,9 +56,9 @@ pub struct DispatchFastPaths {
     /// ([`Tensor::permute_by_expert`], [`Tensor::permute_to_capacity`]) instead of a sort
     /// followed by a row gather.
     pub fused_permute: bool,
-    /// Compute the shared experts concurrently with route → dispatch → routed experts
-    /// (`rayon::join`), the CPU analogue of overlapping shared-expert compute with the
-    /// all-to-all.
+    /// Compute the shared experts on a helper thread concurrently with route → dispatch →
+    /// routed experts, the CPU analogue of overlapping shared-expert compute with the
+    /// all-to-all (the dispatcher's collectives stay on the calling thread).
     pub overlap_shared: bool,
 }
 
