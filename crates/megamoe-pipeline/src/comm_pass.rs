@@ -10,11 +10,21 @@
 //! elsewhere, and `RECV_B`/`SEND_B` likewise for I and B. A round in which no
 //! rank moves while some still have actions is a deadlock, reported with each
 //! stuck rank, its action and what it waits for.
+//!
+//! Then the receives are put in the senders' order (the order contract of
+//! [`crate::p2p`]): where a rank first needs message X from a peer, it
+//! receives every message that peer sent it before X and has not been
+//! received yet, in send order, then X. Those earlier messages were sent
+//! before X, so they are there when X is: the program still progresses, and
+//! one tagless FIFO channel per ordered pair of ranks suffices. (Without this
+//! step ZBV, DualPipeV with P ≥ 3 and DualPipe with P ≥ 6 receive
+//! activations and gradients from one peer in another order than it sends them.)
 
 use crate::error::{Error, Result, StuckRank};
 use crate::ir::{Action, Op, OpKind};
+use crate::p2p::{check_message_order, Message};
 use crate::schedule::{event_text, Done, Event, Schedule, Topology};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Per-rank programs with SEND/RECV ops inserted (idle ticks dropped), and
 /// the number of lockstep rounds the dry run took.
@@ -50,10 +60,9 @@ pub fn insert_send_recv(schedule: &Schedule) -> Result<CommSchedule> {
     loop {
         let finished = (0..ranks).all(|r| cursor[r] >= schedule.programs[r].len());
         if finished {
-            return Ok(CommSchedule {
-                programs: out,
-                rounds,
-            });
+            let programs = receive_in_send_order(schedule, out);
+            check_message_order(schedule, &programs)?;
+            return Ok(CommSchedule { programs, rounds });
         }
         rounds += 1;
         let mut fresh: Vec<Event> = Vec::new();
@@ -124,6 +133,66 @@ pub fn insert_send_recv(schedule: &Schedule) -> Result<CommSchedule> {
         }
         done.extend(fresh);
     }
+}
+
+/// Moves RECV ops so that each rank receives from each peer in the peer's
+/// send order (module doc). `programs` have a RECV right before each op that
+/// needs a remote input.
+fn receive_in_send_order(schedule: &Schedule, programs: Vec<Vec<Action>>) -> Vec<Vec<Action>> {
+    // The RECV op (on the receiving rank) of every sent message, per (src, dst), in send order.
+    let mut queue: HashMap<(usize, usize), VecDeque<(Message, Op)>> = HashMap::new();
+    for program in &programs {
+        for op in program.iter().flat_map(|a| a.ops()) {
+            let Some(m) = schedule.message(op) else {
+                continue;
+            };
+            let recv_kind = match op.kind {
+                OpKind::SendF => OpKind::RecvF,
+                OpKind::SendB => OpKind::RecvB,
+                _ => continue,
+            };
+            let recv = Op::new(m.to_stage, recv_kind, m.microbatch);
+            queue
+                .entry((m.src, m.dst))
+                .or_default()
+                .push_back((m, recv));
+        }
+    }
+    programs
+        .into_iter()
+        .map(|program| {
+            let mut received: HashSet<Message> = HashSet::new();
+            let mut out = Vec::with_capacity(program.len());
+            for action in program {
+                let wanted = match action {
+                    Action::Op(op) if matches!(op.kind, OpKind::RecvF | OpKind::RecvB) => {
+                        schedule.message(op)
+                    }
+                    _ => None,
+                };
+                let Some(wanted) = wanted else {
+                    out.push(action);
+                    continue;
+                };
+                if received.contains(&wanted) {
+                    continue; // received earlier, in the sender's order
+                }
+                let q = queue.entry((wanted.src, wanted.dst)).or_default();
+                while let Some((m, recv)) = q.pop_front() {
+                    out.push(Action::Op(recv));
+                    received.insert(m);
+                    if m == wanted {
+                        break;
+                    }
+                }
+                if !received.contains(&wanted) {
+                    // Never sent: leave the RECV in place; the order check names it.
+                    out.push(action);
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -135,16 +135,9 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
-    /// A stage → rank map that sends a stage past the last rank.
-    #[error("stage map: stage {stage} on rank {rank}, but there are only {ranks} ranks")]
-    RankOutOfRange {
-        /// The stage.
-        stage: usize,
-        /// The rank it names.
-        rank: usize,
-        /// Ranks available.
-        ranks: usize,
-    },
+    /// A stage map the planner rejects (e.g. a stage on a missing rank).
+    #[error("{0}")]
+    Plan(#[from] megamoe_plan::PlanError),
     /// A per-kind cost that is not a non-negative number, or an unknown key.
     #[error("costs: {entry:?}: {reason}")]
     BadCost {
@@ -222,6 +215,21 @@ pub enum Error {
         microbatch: usize,
         /// The rule broken.
         rule: String,
+    },
+    /// A rank receives messages from a peer in another order than the peer
+    /// sends them (a tagless channel would hand a tensor to the wrong op).
+    #[error("message order: rank {src} -> rank {dst}, message {position}: sent {sent}, received {received}")]
+    MessageOrder {
+        /// Sending rank.
+        src: usize,
+        /// Receiving rank.
+        dst: usize,
+        /// Index in the pair's message sequence.
+        position: usize,
+        /// What the sender sends there.
+        sent: String,
+        /// What the receiver expects there.
+        received: String,
     },
     /// The lockstep dry run stopped before every action ran.
     #[error("schedule is not progressing: {}", join_stuck(.stuck))]

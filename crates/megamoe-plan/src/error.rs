@@ -89,6 +89,16 @@ pub enum PlanError {
         tp: usize,
     },
 
+    /// A stage → rank map that puts a stage past the last rank.
+    #[error("stage map: stage {stage} on rank {rank}, but there are only {ranks} ranks")]
+    StageRankOutOfRange {
+        /// The schedule stage.
+        stage: usize,
+        /// The rank it names.
+        rank: usize,
+        /// Ranks available.
+        ranks: usize,
+    },
     // -------------------------------------------------------------------- MoE
     /// `moe.routed_experts % parallel.ep != 0`.
     #[error("parallel.ep={ep} must divide moe.routed_experts={routed_experts} (each EP rank holds routed_experts/ep experts)")]

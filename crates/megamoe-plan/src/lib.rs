@@ -11,7 +11,7 @@
 //! # Principal types
 //! [`RawConfig`] (serde, one struct per TOML section, strings only for enums'
 //! names) → [`Plan::resolve`] → [`Plan`] (enums, derived numbers, [`Mesh`],
-//! [`StageMap`], warnings as data). Layers receive their slice of the plan.
+//! [`PipelineLayout`] with its [`StageMap`], warnings as data). Layers receive their slice of the plan.
 //!
 //! # Place in the workspace
 //! The leaf: depends on no megamoe crate; every other crate may depend on it.
@@ -87,7 +87,7 @@ pub use shard::{
     chunk, fsdp_shard_table, local_grad_slice, qkv_local_split_sizes, shard0_bounds, MatrixShard,
     RowShard,
 };
-pub use stages::{rank_stages, stage_count, RankStages, StageMap};
+pub use stages::{rank_stages, stage_count, PipelineLayout, RankStages, StageMap};
 pub use tp::{partition_heads, partition_qkv_heads, HeadPartition};
 pub use triage::{
     dominant_pressure, estimate_memory_budget, oom_triage, residual_runtime_bytes, MemoryBreakdown,

@@ -10,7 +10,7 @@ use crate::modes::{
 };
 pub use crate::moe_plan::{MoePlan, RoutingPlan, SharedExpertsPlan};
 use crate::raw::RawConfig;
-use crate::stages::{stage_count, StageMap};
+use crate::stages::{stage_count, PipelineLayout};
 use crate::tp::{partition_qkv_heads, HeadPartition};
 use crate::ScheduleKind;
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ pub struct Plan {
     /// Rank layout.
     pub mesh: Mesh,
     /// Layers → stages → pipeline ranks.
-    pub stages: StageMap,
+    pub stages: PipelineLayout,
     /// Batch arithmetic.
     pub batch: BatchPlan,
     /// Training loop settings.
@@ -590,7 +590,7 @@ fn resolve_batch(raw: &RawConfig, par: &ParallelPlan) -> Result<BatchPlan> {
     })
 }
 
-fn resolve_stages(model: &ModelPlan, par: &ParallelPlan) -> Result<StageMap> {
+fn resolve_stages(model: &ModelPlan, par: &ParallelPlan) -> Result<PipelineLayout> {
     let stages = stage_count(par.schedule, par.pp, par.vpp);
     if !model.n_layers.is_multiple_of(stages) {
         return Err(PlanError::LayersNotDivisibleByStages {
@@ -601,7 +601,12 @@ fn resolve_stages(model: &ModelPlan, par: &ParallelPlan) -> Result<StageMap> {
             schedule: par.schedule,
         });
     }
-    Ok(StageMap::new(par.schedule, par.pp, par.vpp, model.n_layers))
+    Ok(PipelineLayout::new(
+        par.schedule,
+        par.pp,
+        par.vpp,
+        model.n_layers,
+    ))
 }
 
 fn resolve_train(raw: &RawConfig) -> Result<TrainPlan> {

@@ -251,7 +251,7 @@ pub fn dualpipe(ranks: usize, microbatches: usize) -> Result<Schedule> {
     let c = microbatches / 2;
     Ok(Schedule {
         kind: Some(ScheduleKind::DualPipe),
-        stage_map: StageMap::v_shape(ranks),
+        stage_map: StageMap::mirrored(ranks),
         chains: vec![
             Chain {
                 stages: (0..ranks).collect(),
