@@ -8,6 +8,7 @@ mod probe_cmd;
 mod report_cmd;
 mod schedule_cmd;
 mod train_cmd;
+mod train_header;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

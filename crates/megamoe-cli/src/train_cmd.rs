@@ -2,7 +2,6 @@
 //! checkpoints and a summary into a run directory; `--resume` continues a run
 //! bit-identically.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +15,8 @@ use megamoe_train::{
 };
 
 use crate::args::ConfigArgs;
+use crate::train_header::{header_lines, HeaderInfo, Peak};
+use megamoe_train::progress::LEGEND;
 
 /// Flags of `megamoe train` (the subcommand's summary line lives in main.rs).
 #[derive(Debug, Clone, Args)]
@@ -48,8 +49,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
 
-    /// Peak FLOP/s of this machine for the MFU column (e.g. 1.5e11); without it
-    /// only the achieved FLOP/s is recorded.
+    /// Peak FLOP/s of this machine for the MFU column (e.g. 1.5e11). Default: the
+    /// dense f32 matrix-multiply rate measured at start (about 0.2 s).
     #[arg(long, value_name = "FLOPS")]
     pub peak_flops: Option<f64>,
 
@@ -97,11 +98,18 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let raw = load_config(args, origin.as_ref())?;
     let data = open_data(args, origin.as_ref())?;
+    let peak = match args.peak_flops {
+        Some(f) if f.is_finite() && f > 0.0 => Peak::Given(f),
+        Some(f) => anyhow::bail!("--peak-flops {f} must be a positive number of FLOP/s"),
+        None => Peak::Measured(megamoe_train::peak::measure_cpu_gemm_flops(
+            std::time::Duration::from_millis(200),
+        )?),
+    };
     let mut trainer = Trainer::new(
         &raw,
         data,
         TrainerOptions {
-            peak_flops: args.peak_flops,
+            peak_flops: Some(peak.flops()),
         },
     )?;
     let named = args.run_name.as_ref().map(|n| Path::new("runs").join(n));
@@ -125,15 +133,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
 
     let total_steps = args.steps.unwrap_or(trainer.plan().train.steps as u64);
     let start = trainer.step_count();
-    let counts = trainer.counts();
-    eprintln!(
-        "megamoe train | {} | {} params ({} active) | data {} | steps {start} -> {total_steps}",
-        args.config.source_name(),
-        counts.params,
-        counts.active_params,
-        trainer.data().name(),
-    );
-    eprintln!("run dir {}", run.path().display());
+    let header = HeaderInfo {
+        config: &args.config.source_name(),
+        run_dir: run.path(),
+        steps: (start, total_steps),
+        peak,
+    };
+    for line in header_lines(&trainer, &header) {
+        eprintln!("{line}");
+    }
     for w in &trainer.plan().warnings {
         eprintln!("warning: {w}");
     }
@@ -141,21 +149,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("the run is already at step {start} (--steps {total_steps}); nothing to do");
         return Ok(ExitCode::SUCCESS);
     }
-    let tty = std::io::stderr().is_terminal();
-    let mut progress = Progress::new(start, total_steps);
+    eprintln!("{LEGEND}");
+    let log_every = trainer.plan().train.log_every.max(1) as u64;
+    let mut progress = Progress::new(start, total_steps, log_every);
     let opts = RunOptions {
         total_steps,
-        show_every: if tty {
-            1
-        } else {
-            trainer.plan().train.log_every.max(1) as u64
-        },
+        show_every: 1, // Progress decides which steps get a line that stays
         sample_tokens: args.sample_tokens,
     };
     let result = run_training(&mut trainer, run.path(), &opts, &mut progress);
-    if tty {
-        eprintln!(); // the bar leaves the cursor at the end of its line
-    }
     match result {
         Ok(summary) => {
             print!("{summary}");

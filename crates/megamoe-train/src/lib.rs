@@ -72,6 +72,7 @@ pub mod error;
 pub mod eval;
 pub mod goodput;
 pub mod metrics;
+pub mod peak;
 pub mod progress;
 pub mod report;
 mod rng;

@@ -1,27 +1,42 @@
-//! The live view of a run: an indicatif progress bar when stderr is a terminal,
-//! otherwise one plain line per step (logs, CI, pipes).
+//! The live view of a run. Every `train.log_every` steps (and at the first,
+//! the last and any skipped step) one line is printed that stays in the
+//! scrollback; on a terminal an indicatif bar below the lines shows the
+//! current step between them. Without a terminal (logs, CI, pipes) only the
+//! lines are written.
 //!
-//! Both show the same fixed fields in a fixed order (STYLE 2.10):
+//! The line has fixed fields in a fixed order (STYLE 2.10); [`LEGEND`]
+//! explains them and is printed once at the start:
 //!
 //! ```text
-//! step  120/5000 | loss 2.4817 | aux 0.0113 | gnorm 0.82 | lr 3.0e-04 | drop 0.4% | load 1.31 | 412 ms | 158k tok/s | eta 33m 30s
+//! 01:02:03 step  120/5000 | 123k tok | loss 2.4817 aux 0.0113 | lr 3.0e-4 | gnorm 0.82 | drop 0.4% load 1.31 | 158k tok/s mfu 12.0% | 1m02s eta 33m30s
 //! ```
 //!
-//! `aux` appears when the step has an aux loss, `drop` and `load` (max/mean
-//! tokens per routed expert, worst layer) when it has MoE layers.
+//! `aux` appears when the step has a load-balancing loss, `muon` (Muon's
+//! learning rate) with the Muon optimizer, `drop` and `load` with MoE layers,
+//! `mfu` when a peak FLOP/s is known.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::clock::{short_duration, UtcTime};
 use crate::metrics::StepMetrics;
+
+/// What each field of a step line means (printed once before the first step).
+pub const LEGEND: &str = "\
+columns: UTC time, step/total | tokens seen | loss = training loss (aux = load-balancing loss)
+  | lr = learning rate (muon = Muon's rate for matrices) | gnorm = gradient norm before clipping
+  | drop = share of expert assignments dropped over capacity, load = busiest expert's tokens / mean
+    (worst layer; 1.00 = perfectly balanced) | throughput, mfu = model FLOPs / peak FLOP/s
+  | elapsed, eta = estimated time left";
 
 /// Shows step progress; see the module doc.
 pub struct Progress {
     sink: Sink,
     total_steps: u64,
     start_step: u64,
+    log_every: u64,
     started: Instant,
 }
 
@@ -42,70 +57,102 @@ impl std::fmt::Debug for Progress {
             .field("sink", &kind)
             .field("total_steps", &self.total_steps)
             .field("start_step", &self.start_step)
+            .field("log_every", &self.log_every)
             .finish()
     }
 }
 
 impl Progress {
-    /// A bar on stderr if it is a terminal, else plain lines on stderr. `start_step`
-    /// is the step a resumed run starts from (0 for a fresh run).
-    pub fn new(start_step: u64, total_steps: u64) -> Self {
+    /// Lines plus a live bar on stderr if it is a terminal, else plain lines on
+    /// stderr. `start_step` is the step a resumed run starts from (0 for a fresh
+    /// run); a line is printed every `log_every` steps.
+    pub fn new(start_step: u64, total_steps: u64, log_every: u64) -> Self {
         if std::io::stderr().is_terminal() {
             let bar =
                 ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{bar:24.cyan/blue} {msg} | eta {eta}")
+                ProgressStyle::with_template("{bar:24.cyan/blue} {msg}")
                     .expect("the template literal is valid")
                     .progress_chars("=> "),
             );
             bar.set_position(start_step);
-            bar.reset_eta();
-            Self::with_sink(Sink::Bar(bar), start_step, total_steps)
+            Self::with_sink(Sink::Bar(bar), start_step, total_steps, log_every)
         } else {
-            Self::with_writer(Box::new(std::io::stderr()), start_step, total_steps)
+            Self::with_writer(
+                Box::new(std::io::stderr()),
+                start_step,
+                total_steps,
+                log_every,
+            )
         }
     }
 
     /// Plain lines to `writer` (tests, log files).
-    pub fn with_writer(writer: Box<dyn Write + Send>, start_step: u64, total_steps: u64) -> Self {
-        Self::with_sink(Sink::Lines(writer), start_step, total_steps)
+    pub fn with_writer(
+        writer: Box<dyn Write + Send>,
+        start_step: u64,
+        total_steps: u64,
+        log_every: u64,
+    ) -> Self {
+        Self::with_sink(Sink::Lines(writer), start_step, total_steps, log_every)
     }
 
     /// Shows nothing (benchmarks, non-zero ranks).
     pub fn hidden(start_step: u64, total_steps: u64) -> Self {
-        Self::with_sink(Sink::Hidden, start_step, total_steps)
+        Self::with_sink(Sink::Hidden, start_step, total_steps, 1)
     }
 
-    fn with_sink(sink: Sink, start_step: u64, total_steps: u64) -> Self {
+    fn with_sink(sink: Sink, start_step: u64, total_steps: u64, log_every: u64) -> Self {
         Progress {
             sink,
             total_steps,
             start_step,
+            log_every: log_every.max(1),
             started: Instant::now(),
         }
     }
 
-    /// Shows one finished step.
+    /// Whether `m` gets a line that stays: every `log_every`-th step, the first
+    /// and last step of this process, and every skipped step.
+    fn logs(&self, m: &StepMetrics) -> bool {
+        m.step.is_multiple_of(self.log_every)
+            || m.step == self.start_step + 1
+            || m.step == self.total_steps
+            || m.skipped
+    }
+
+    /// Shows one finished step (call it for every step).
     pub fn step(&mut self, m: &StepMetrics) {
+        let elapsed = self.started.elapsed();
         let done = m.step.saturating_sub(self.start_step);
         let left = self.total_steps.saturating_sub(m.step);
-        let eta = (done > 0).then(|| self.started.elapsed().mul_f64(left as f64 / done as f64));
+        let eta = (done > 0).then(|| elapsed.mul_f64(left as f64 / done as f64));
+        let clock = StepClock {
+            now: UtcTime::now().time_of_day(),
+            elapsed,
+            eta,
+        };
+        let logs = self.logs(m);
+        let line = || format_step_line(m, self.total_steps, &clock);
         match &mut self.sink {
             Sink::Bar(bar) => {
+                let line = line();
                 bar.set_position(m.step);
-                bar.set_message(format_step_line(m, self.total_steps, None));
+                if logs {
+                    bar.println(&line);
+                }
+                bar.set_message(line);
             }
-            Sink::Lines(w) => {
-                let line = format_step_line(m, self.total_steps, eta);
+            Sink::Lines(w) if logs => {
                 // Progress output is best effort: a closed stderr must not stop training.
-                let _ = writeln!(w, "{line}").and_then(|()| w.flush());
+                let _ = writeln!(w, "{}", line()).and_then(|()| w.flush());
             }
-            Sink::Hidden => {}
+            Sink::Lines(_) | Sink::Hidden => {}
         }
     }
 
-    /// Shows a free-form line (eval result, checkpoint saved, sample) without
-    /// breaking the bar.
+    /// Shows a free-form line (header, eval result, checkpoint saved) that stays,
+    /// above the bar.
     pub fn message(&mut self, text: &str) {
         match &mut self.sink {
             Sink::Bar(bar) => bar.println(text),
@@ -116,49 +163,58 @@ impl Progress {
         }
     }
 
-    /// Ends the bar, leaving its last state on screen.
+    /// Removes the bar (the step lines above it stay).
     pub fn finish(&mut self) {
         if let Sink::Bar(bar) = &self.sink {
-            bar.abandon();
+            bar.finish_and_clear();
         }
     }
 }
 
-/// The fixed-field step line (see the module doc); `eta` is appended when given.
-pub fn format_step_line(m: &StepMetrics, total_steps: u64, eta: Option<Duration>) -> String {
+/// The time fields of a step line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepClock {
+    /// Wall-clock time of day (UTC), `hh:mm:ss`.
+    pub now: String,
+    /// Time since this process started training.
+    pub elapsed: Duration,
+    /// Estimated time to the last step.
+    pub eta: Option<Duration>,
+}
+
+/// The fixed-field step line (see the module doc).
+pub fn format_step_line(m: &StepMetrics, total_steps: u64, clock: &StepClock) -> String {
     let width = total_steps.to_string().len();
     let mut line = format!(
-        "step {:>width$}/{total_steps} | loss {:.4}",
-        m.step, m.loss.total
+        "{} step {:>width$}/{total_steps} | {} tok | loss {:.4}",
+        clock.now,
+        m.step,
+        format_count(m.step as f64 * m.tokens as f64),
+        m.loss.total
     );
     if m.loss.aux != 0.0 {
-        line += &format!(" | aux {:.4}", m.loss.aux);
+        line += &format!(" aux {:.4}", m.loss.aux);
     }
-    line += &format!(" | gnorm {:.2} | lr {:.1e}", m.grad_norm, m.lr);
+    line += &format!(" | lr {:.1e}", m.lr);
+    if let Some(muon) = m.muon_lr {
+        line += &format!(" muon {muon:.1e}");
+    }
+    line += &format!(" | gnorm {:.2}", m.grad_norm);
     if let Some(load) = m.max_load() {
-        line += &format!(" | drop {:.1}% | load {load:.2}", 100.0 * m.drop_fraction());
+        line += &format!(" | drop {:.1}% load {load:.2}", 100.0 * m.drop_fraction());
     }
-    line += &format!(
-        " | {} | {} tok/s",
-        format_seconds_short(m.step_time_s),
-        format_count(m.tokens_per_s)
-    );
+    line += &format!(" | {} tok/s", format_count(m.tokens_per_s));
+    if let Some(mfu) = m.mfu {
+        line += &format!(" mfu {:.1}%", 100.0 * mfu);
+    }
+    line += &format!(" | {}", short_duration(clock.elapsed));
+    if let Some(eta) = clock.eta {
+        line += &format!(" eta {}", short_duration(eta));
+    }
     if m.skipped {
         line += " | SKIPPED (non-finite loss or gradient)";
     }
-    if let Some(eta) = eta {
-        line += &format!(" | eta {}", format_duration(eta));
-    }
     line
-}
-
-/// `412 ms` below 10 s, else `12.3 s`.
-fn format_seconds_short(s: f64) -> String {
-    if s < 10.0 {
-        format!("{:.0} ms", s * 1e3)
-    } else {
-        format!("{s:.1} s")
-    }
 }
 
 /// `950`, `158k`, `2.4M`.
@@ -169,18 +225,6 @@ fn format_count(x: f64) -> String {
         format!("{:.0}k", x / 1e3)
     } else {
         format!("{x:.0}")
-    }
-}
-
-/// `45s`, `3m 05s`, `2h 03m`.
-fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 {
-        format!("{}h {:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m {:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
     }
 }
 
@@ -215,8 +259,10 @@ mod tests {
             },
             grad_norm: 0.8249,
             lr: 3e-4,
+            tokens: 1024,
             step_time_s: 0.412,
             tokens_per_s: 158_400.0,
+            mfu: Some(0.12),
             // 4 experts: 100 routed slots, max 31 → load 31 / 25 = 1.24; 1 dropped → 1.0%.
             moe: vec![MoeLayerStats::from_counts(
                 0,
@@ -230,13 +276,30 @@ mod tests {
         }
     }
 
+    fn clock() -> StepClock {
+        StepClock {
+            now: "01:02:03".to_string(),
+            elapsed: Duration::from_secs(62),
+            eta: Some(Duration::from_secs(2010)),
+        }
+    }
+
     #[test]
     fn step_line_has_fixed_fields_in_fixed_order() {
+        // 120 steps × 1024 tokens = 122,880 tokens seen → "123k".
         assert_eq!(
-            format_step_line(&metrics(), 5000, Some(Duration::from_secs(2010))),
-            "step  120/5000 | loss 2.4817 | aux 0.0113 | gnorm 0.82 | lr 3.0e-4 | drop 1.0% \
-             | load 1.24 | 412 ms | 158k tok/s | eta 33m 30s"
+            format_step_line(&metrics(), 5000, &clock()),
+            "01:02:03 step  120/5000 | 123k tok | loss 2.4817 aux 0.0113 | lr 3.0e-4 | gnorm 0.82 \
+             | drop 1.0% load 1.24 | 158k tok/s mfu 12.0% | 1m02s eta 33m30s"
         );
+    }
+
+    #[test]
+    fn muon_rate_is_shown_next_to_the_adamw_rate() {
+        let mut m = metrics();
+        m.muon_lr = Some(0.02);
+        let line = format_step_line(&m, 5000, &clock());
+        assert!(line.contains("| lr 3.0e-4 muon 2.0e-2 |"), "{line}");
     }
 
     #[test]
@@ -245,40 +308,44 @@ mod tests {
         m.moe.clear();
         m.loss.aux = 0.0;
         m.loss.total = f64::NAN;
+        m.mfu = None;
         m.skipped = true;
-        let line = format_step_line(&m, 200, None);
+        let c = StepClock {
+            eta: None,
+            ..clock()
+        };
         assert_eq!(
-            line,
-            "step 120/200 | loss NaN | gnorm 0.82 | lr 3.0e-4 | 412 ms | 158k tok/s \
-             | SKIPPED (non-finite loss or gradient)"
+            format_step_line(&m, 200, &c),
+            "01:02:03 step 120/200 | 123k tok | loss NaN | lr 3.0e-4 | gnorm 0.82 | 158k tok/s \
+             | 1m02s | SKIPPED (non-finite loss or gradient)"
         );
     }
 
     #[test]
-    fn plain_mode_writes_one_line_per_step_and_messages() {
+    fn lines_are_written_every_log_every_steps_plus_first_and_last() {
         let buf = Shared::default();
-        let mut p = Progress::with_writer(Box::new(buf.clone()), 100, 200);
+        let mut p = Progress::with_writer(Box::new(buf.clone()), 100, 110, 4);
         let mut m = metrics();
-        for step in [101, 102] {
+        for step in 101..=110 {
             m.step = step;
             p.step(&m);
         }
         p.message("eval loss 2.5");
         p.finish();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("step 101/200 | loss 2.4817"), "{text}");
-        assert!(lines[1].contains(" | eta "), "{text}");
-        assert_eq!(lines[2], "eval loss 2.5");
+        let steps: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split(" step ").nth(1))
+            .map(|rest| rest.split('/').next().unwrap().trim())
+            .collect();
+        assert_eq!(steps, ["101", "104", "108", "110"], "{text}");
+        assert!(text.contains(" eta "), "{text}");
+        assert_eq!(text.lines().last(), Some("eval loss 2.5"));
     }
 
     #[test]
-    fn count_and_duration_formats() {
+    fn count_formats() {
         assert_eq!(format_count(950.0), "950");
         assert_eq!(format_count(2_400_000.0), "2.4M");
-        assert_eq!(format_duration(Duration::from_secs(45)), "45s");
-        assert_eq!(format_duration(Duration::from_secs(7380)), "2h 03m");
-        assert_eq!(format_seconds_short(12.34), "12.3 s");
     }
 }

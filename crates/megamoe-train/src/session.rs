@@ -78,10 +78,24 @@ impl std::fmt::Display for RunSummary {
             writeln!(f, "checkpoint {}", c.display())?;
         }
         if let Some(s) = &self.sample {
-            writeln!(f, "sample     {:?} -> {:?}", s.prompt, s.text)?;
+            writeln!(f, "sample     prompt: {}", readable(&s.prompt))?;
+            writeln!(f, "           model:  {}", readable(&s.text))?;
         }
         writeln!(f, "time       {}", self.goodput)
     }
+}
+
+/// Text on one line as a person reads it: a line break shows as `⏎`, a tab
+/// as `→`, any other control character as `�`; everything else as is.
+pub fn readable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' => '⏎',
+            '\t' => '→',
+            c if c.is_control() => '\u{fffd}',
+            c => c,
+        })
+        .collect()
 }
 
 /// Fails if `run_dir` already holds a run (a checkpoint or metrics), so a fresh run
@@ -290,4 +304,14 @@ fn sample_prompt(trainer: &Trainer) -> String {
             source.tokenizer().decode(&ids).ok()
         })
         .unwrap_or_else(|| "The ".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable;
+
+    #[test]
+    fn samples_print_without_escapes() {
+        assert_eq!(readable("a\"b\\c\nd\te\u{7}é"), "a\"b\\c⏎d→e\u{fffd}é");
+    }
 }
