@@ -138,7 +138,7 @@ fn reference_symbols(half: usize, h: usize, chunks: usize, turning: bool) -> Vec
             zb = true;
         }
         v.push(if zb { "B1zb" } else { "B1" });
-        if i == steps6 / 2 && h % 2 == 0 {
+        if i == steps6 / 2 && h.is_multiple_of(2) {
             zb = true;
         }
         v.push(if zb { "B0zb" } else { "B0" });
