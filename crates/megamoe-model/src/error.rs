@@ -39,6 +39,17 @@ pub enum Error {
         rule: &'static str,
     },
 
+    /// A model chunk (pipeline stage) was called out of its contract: a micro-batch's
+    /// backward before its forward, a chunk missing a parameter it reads, chunks that do
+    /// not tile the model.
+    #[error("model chunk{}: {rule}", micro_batch.map(|m| format!(" (micro-batch {m})")).unwrap_or_default())]
+    Stage {
+        /// The micro-batch concerned, if any.
+        micro_batch: Option<usize>,
+        /// What went wrong.
+        rule: &'static str,
+    },
+
     /// A saved-activation record does not belong to the layer or parameters it is given to.
     #[error("{layer}: saved activations do not match: {rule}")]
     SavedMismatch {

@@ -278,8 +278,14 @@ pub fn flexi_depth_skip_loss(scores: &[&Tensor]) -> Result<(Tensor, Tensor)> {
     for s in rest {
         sum = sum.add(s)?;
     }
-    let loss = sum.square()?.mean_all()?.scale(1.0 / scores.len() as f32)?;
+    let loss = flexi_depth_skip_loss_of_sum(&sum, scores.len())?;
     Ok((loss, sum))
+}
+
+/// [`flexi_depth_skip_loss`] from the running sum `Σ_l g_l [N]` over `n_layers` adaptive
+/// layers (a pipeline's head chunk reduces the sum its predecessors carried).
+pub fn flexi_depth_skip_loss_of_sum(sum: &Tensor, n_layers: usize) -> Result<Tensor> {
+    Ok(sum.square()?.mean_all()?.scale(1.0 / n_layers as f32)?)
 }
 
 /// Gradient of [`flexi_depth_skip_loss`] w.r.t. each `g_l` (the same `[N]` for every layer),

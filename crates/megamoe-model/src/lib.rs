@@ -70,6 +70,8 @@
 
 pub mod attention;
 pub mod block;
+pub mod chunk;
+pub mod chunk_params;
 pub mod config;
 pub mod embedding;
 pub mod error;
@@ -86,6 +88,11 @@ pub mod outputs;
 #[cfg(test)]
 mod grad_check;
 
+pub use chunk::{
+    ActivationStore, ChunkCarry, ChunkCarryGrad, ChunkDeferredW, ChunkForward, ChunkSaved,
+    ChunkSpec, ModelChunk,
+};
+pub use chunk_params::{shared_params, ChunkParams, Shared, SharedParam};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use model::{

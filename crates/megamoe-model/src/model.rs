@@ -19,21 +19,20 @@
 //! the block's forward (deterministic, so gradients are identical).
 
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams};
-use megamoe_plan::Recompute;
 use megamoe_tensor::{DType, Device, ParamRole, Tensor, IGNORE_INDEX};
 
 use crate::attention::{Attention, AttentionConfig};
-use crate::block::{Block, BlockCx, BlockGradCx, BlockParams, BlockSaved};
+use crate::block::{Block, BlockParams};
+use crate::chunk::{ChunkSaved, ChunkSpec};
 use crate::config::ModelConfig;
-use crate::embedding::{embedding_backward, embedding_forward};
 use crate::error::{Error, Result};
-use crate::ffn::{Ffn, FfnScale};
-use crate::flexi_depth::{flexi_depth_skip_loss, flexi_depth_skip_loss_grad, FlexiDepthConfig};
+use crate::ffn::Ffn;
+use crate::flexi_depth::FlexiDepthConfig;
 use crate::gate_skip::{gate_skip_budget, GateSkipConfig};
 use crate::init::{zeros_like_params, Init};
 use crate::mlp::{Mlp, MlpConfig};
-use crate::mtp::{MtpConfig, MtpHead, MtpParams, MtpSaved, MtpShared, MtpSharedGrads};
-use crate::norm::{RmsNorm, RmsNormSaved};
+use crate::mtp::{MtpConfig, MtpHead, MtpParams};
+use crate::norm::RmsNorm;
 pub use crate::outputs::{LayerStats, LossParts, LossValues, ModelStats, StatsValues};
 
 /// Every trained weight of the model (also the gradient and optimizer-moment type).
@@ -135,29 +134,10 @@ impl ModelParams {
     }
 }
 
-/// A block's saved state: full activations, or only its input (recomputed in backward).
-#[derive(Debug)]
-enum SavedBlock {
-    Kept(Box<BlockSaved>),
-    Recompute(Tensor),
-}
-
 /// The activation store of one forward; consumed by [`Model::backward`].
 #[derive(Debug)]
 pub struct ModelSaved {
-    b: usize,
-    t: usize,
-    ids: Tensor,
-    budgets: Vec<f64>,
-    never_skip: Option<Tensor>,
-    blocks: Vec<SavedBlock>,
-    final_norm: RmsNormSaved,
-    hf: Tensor,
-    /// ∂lm_loss/∂logits (unscaled).
-    d_logits: Tensor,
-    mtp: Option<MtpSaved>,
-    /// FlexiDepth Σ_l g_l `[N]`.
-    depth_sum: Option<Tensor>,
+    chunk: ChunkSaved,
 }
 
 /// Everything one forward produces.
@@ -191,7 +171,7 @@ pub struct Model {
     pub blocks: Vec<Block>,
     /// MTP head.
     pub mtp: Option<MtpHead>,
-    norm: RmsNorm,
+    pub(crate) norm: RmsNorm,
 }
 
 impl Model {
@@ -314,7 +294,7 @@ impl Model {
         })
     }
 
-    fn check_ids(arg: &'static str, x: &Tensor) -> Result<(usize, usize)> {
+    pub(crate) fn check_ids(arg: &'static str, x: &Tensor) -> Result<(usize, usize)> {
         match (x.dims(), x.dtype()) {
             (&[b, t], DType::I32) if b > 0 && t > 0 => Ok((b, t)),
             _ => Err(Error::Input {
@@ -339,7 +319,7 @@ impl Model {
     }
 
     /// Forward of `ids [B, T]` against `targets [B, T]` (−100 = ignored) at optimizer step
-    /// `step` (drives the GateSkip budget).
+    /// `step` (drives the GateSkip budget): the whole model as one [`ModelChunk`].
     pub fn forward(
         &self,
         p: &ModelParams,
@@ -347,123 +327,25 @@ impl Model {
         targets: &Tensor,
         step: usize,
     ) -> Result<ModelForward> {
-        let (b, t) = Self::check_ids("ids", ids)?;
-        if Self::check_ids("targets", targets)? != (b, t) {
-            return Err(Error::Input {
-                arg: "targets",
-                got: targets.dims().to_vec(),
-                rule: "must have the shape of ids",
-            });
+        let spec = ChunkSpec::whole(self.blocks.len());
+        let chunk = self.chunk(spec.clone())?;
+        let cp = p.split(std::slice::from_ref(&spec))?.remove(0);
+        let (f, saved) = chunk.forward(&cp, ids, targets, None, step)?;
+        match (f.losses, f.logits) {
+            (Some(losses), Some(logits)) => Ok(ModelForward {
+                losses,
+                stats: f.stats,
+                saved: ModelSaved { chunk: saved },
+                logits,
+            }),
+            _ => Err(Error::Stage {
+                micro_batch: None,
+                rule: "the whole-model chunk produced no loss",
+            }),
         }
-        let n = b * t;
-        let dev = ids.device();
-        let ids_flat = ids.reshape([n])?;
-        let never_skip = match &self.cfg.gate_skip {
-            Some(_) => Some(targets.reshape([n])?.eq_scalar(IGNORE_INDEX as f32)?),
-            None => None,
-        };
-        let budgets: Vec<f64> = (0..self.blocks.len())
-            .map(|l| self.skip_budget(l, step))
-            .collect();
-        let mut x = embedding_forward(&p.embed_tokens, &ids_flat)?;
-        let zero = Tensor::scalar(0.0, dev)?;
-        let (mut aux, mut z, mut gate_pen) = (zero.clone(), zero.clone(), zero.clone());
-        let mut saved_blocks = Vec::with_capacity(self.blocks.len());
-        let mut stats = Vec::with_capacity(self.blocks.len());
-        let mut scores: Vec<Tensor> = Vec::new();
-        let mut full_paths: Vec<Tensor> = Vec::new();
-        for (l, (block, bp)) in self.blocks.iter().zip(&p.layers).enumerate() {
-            let cx = BlockCx {
-                b,
-                t,
-                skip_budget: budgets[l],
-                never_skip: never_skip.as_ref(),
-            };
-            let (y, out, s) = block.forward(bp, &x, &cx)?;
-            saved_blocks.push(match self.cfg.recompute {
-                Recompute::Full => SavedBlock::Recompute(x),
-                Recompute::None | Recompute::Selective => SavedBlock::Kept(Box::new(s)),
-            });
-            if let Some(m) = &out.moe {
-                aux = aux.add(&m.aux_loss)?;
-                z = z.add(&m.z_loss)?;
-            }
-            if let Some(gp) = &out.gate_penalty {
-                gate_pen = gate_pen.add(gp)?;
-            }
-            if let (Some(g), Some(m)) = (&out.depth_score, &out.full_path) {
-                scores.push(g.clone());
-                full_paths.push(m.clone());
-            }
-            stats.push(LayerStats {
-                layer: l,
-                block: out,
-            });
-            x = y;
-        }
-        // Mean over gated modules (two per layer).
-        let gate_skip = gate_pen.scale(1.0 / (2 * self.blocks.len()) as f32)?;
-        let (flexi_depth, depth_sum, layers_used) = if scores.is_empty() {
-            (zero.clone(), None, None)
-        } else {
-            let refs: Vec<&Tensor> = scores.iter().collect();
-            let (loss, sum) = flexi_depth_skip_loss(&refs)?;
-            let fixed = (self.blocks.len() - scores.len()) as f32;
-            let mut used = Tensor::full([n], fixed, DType::F32, dev)?;
-            for m in &full_paths {
-                used.add_assign(m)?;
-            }
-            (loss, Some(sum), Some(used))
-        };
-        let (hf, final_norm) = self.norm.forward(&x, Some(&p.norm))?;
-        let head = p.lm_head.as_ref().unwrap_or(&p.embed_tokens);
-        let logits = hf.matmul(head, false, true)?;
-        let (lm_loss, d_logits) = logits.cross_entropy(&targets.reshape([n])?, IGNORE_INDEX)?;
-        let (mtp_losses, mtp_saved) = match (&self.mtp, &p.mtp) {
-            (Some(m), Some(mp)) => {
-                let shared = MtpShared {
-                    embed: &p.embed_tokens,
-                    head,
-                    norm: &p.norm,
-                };
-                let (l, s) = m.forward(mp, &hf, ids, targets, shared)?;
-                (l, Some(s))
-            }
-            _ => (Vec::new(), None),
-        };
-        let total = self.total(&lm_loss, &mtp_losses, &aux, &z, &gate_skip, &flexi_depth)?;
-        Ok(ModelForward {
-            losses: LossParts {
-                lm_loss,
-                mtp_losses,
-                aux,
-                z,
-                gate_skip,
-                flexi_depth,
-                total,
-            },
-            stats: ModelStats {
-                layers: stats,
-                layers_used,
-            },
-            saved: ModelSaved {
-                b,
-                t,
-                ids: ids_flat,
-                budgets,
-                never_skip,
-                blocks: saved_blocks,
-                final_norm,
-                hf,
-                d_logits,
-                mtp: mtp_saved,
-                depth_sum,
-            },
-            logits,
-        })
     }
 
-    fn total(
+    pub(crate) fn total(
         &self,
         lm: &Tensor,
         mtp: &[Tensor],
@@ -492,7 +374,7 @@ impl Model {
     }
 
     /// Backward of `grad_scale · total` (grad_scale = 1/(grad_accum · chunks)); accumulates
-    /// (+=) into `grads`.
+    /// (+=) into `grads`, in place (the whole model as one [`ModelChunk`]).
     pub fn backward(
         &self,
         p: &ModelParams,
@@ -500,112 +382,16 @@ impl Model {
         grads: &mut ModelParams,
         grad_scale: f32,
     ) -> Result<()> {
-        let s = saved;
-        let (b, t) = (s.b, s.t);
-        let head = p.lm_head.as_ref().unwrap_or(&p.embed_tokens);
-        let d_logits = s.d_logits.scale(grad_scale)?;
-        // Head gradient: into lm_head, or a temporary added to the tied embedding.
-        let mut d_head_tied = None;
-        {
-            let d_head = match grads.lm_head.as_mut() {
-                Some(h) => h,
-                None => d_head_tied.insert(Tensor::zeros(
-                    head.dims().to_vec(),
-                    DType::F32,
-                    head.device(),
-                )?),
-            };
-            d_head.matmul_acc(&d_logits, &s.hf, true, false, 1.0)?;
-        }
-        let mut d_hf = d_logits.matmul(head, false, false)?;
-        if let (Some(m), Some(mp), Some(ms), Some(mg)) =
-            (&self.mtp, &p.mtp, s.mtp, grads.mtp.as_mut())
-        {
-            let shared = MtpShared {
-                embed: &p.embed_tokens,
-                head,
-                norm: &p.norm,
-            };
-            let mut d_head_mtp = Tensor::zeros(head.dims().to_vec(), DType::F32, head.device())?;
-            let d_h0 = m.backward(
-                mp,
-                ms,
-                shared,
-                grad_scale,
-                mg,
-                MtpSharedGrads {
-                    embed: &mut grads.embed_tokens,
-                    head: &mut d_head_mtp,
-                    norm: &mut grads.norm,
-                },
-            )?;
-            match (grads.lm_head.as_mut(), d_head_tied.as_mut()) {
-                (Some(h), _) => h.add_assign(&d_head_mtp)?,
-                (None, Some(h)) => h.add_assign(&d_head_mtp)?,
-                (None, None) => unreachable!("a head gradient buffer exists"),
-            }
-            d_hf.add_assign(&d_h0)?;
-        }
-        if let Some(h) = d_head_tied {
-            grads.embed_tokens.add_assign(&h)?;
-        }
-        let mut d_x =
-            self.norm
-                .backward(&d_hf, Some(&p.norm), &s.final_norm, Some(&mut grads.norm))?;
-        // Per-block gradient scales.
-        let gate_penalty = match &self.cfg.gate_skip {
-            Some(g) => g.sparsity_weight as f32 * grad_scale / (2 * self.blocks.len()) as f32,
-            None => 0.0,
-        };
-        let d_depth = match (&self.cfg.flexi_depth, &s.depth_sum) {
-            (Some(f), Some(sum)) => {
-                let n_adaptive = self
-                    .blocks
-                    .iter()
-                    .filter(|b| b.flexi_depth.is_some())
-                    .count();
-                Some(flexi_depth_skip_loss_grad(
-                    sum,
-                    n_adaptive,
-                    f.skip_loss_weight as f32 * grad_scale,
-                )?)
-            }
-            _ => None,
-        };
-        let ffn = match &self.cfg.moe {
-            Some(m) => FfnScale {
-                aux: m.aux_loss_weight as f32 * grad_scale,
-                z: m.z_loss_weight as f32 * grad_scale,
-            },
-            None => FfnScale::default(),
-        };
-        for (l, sb) in s.blocks.into_iter().enumerate().rev() {
-            let block = &self.blocks[l];
-            let bs = match sb {
-                SavedBlock::Kept(bs) => *bs,
-                SavedBlock::Recompute(x) => {
-                    let cx = BlockCx {
-                        b,
-                        t,
-                        skip_budget: s.budgets[l],
-                        never_skip: s.never_skip.as_ref(),
-                    };
-                    block.forward(&p.layers[l], &x, &cx)?.2
-                }
-            };
-            let gcx = BlockGradCx {
-                gate_penalty,
-                d_depth_score: if block.flexi_depth.is_some() {
-                    d_depth.clone()
-                } else {
-                    None
-                },
-                ffn,
-            };
-            d_x = block.backward(&p.layers[l], &d_x, bs, &gcx, &mut grads.layers[l])?;
-        }
-        embedding_backward(&mut grads.embed_tokens, &s.ids, &d_x)?;
-        Ok(())
+        let spec = ChunkSpec::whole(self.blocks.len());
+        let chunk = self.chunk(spec.clone())?;
+        let cp = p.split(std::slice::from_ref(&spec))?.remove(0);
+        // Move the gradient tensors into the chunk view and back (no copy: each handle
+        // stays unique, so accumulation is in place).
+        let placeholder = grads.placeholder()?;
+        let mut cg = std::mem::replace(grads, placeholder).into_whole_chunk();
+        let result = chunk.backward(&cp, saved.chunk, None, grad_scale, &mut cg);
+        *grads = cg.into_whole_model()?;
+        result.map(|_| ())
     }
 
     /// Continues `prompt` by `n` tokens (greedy at temperature 0), re-running the forward on
@@ -686,4 +472,4 @@ fn splitmix(mut z: u64) -> u64 {
 
 #[cfg(test)]
 #[path = "model_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -24,7 +24,7 @@
 use megamoe_plan::{ConcatOrder, MtpMode};
 use megamoe_tensor::{DType, ParamRole, Tensor, IGNORE_INDEX};
 
-use crate::block::{Block, BlockCx, BlockGradCx, BlockParams, BlockSaved};
+use crate::block::{Block, BlockCx, BlockDeferredW, BlockGradCx, BlockParams, BlockSaved};
 use crate::embedding::{embedding_backward, embedding_forward};
 use crate::error::{Error, Result};
 use crate::init::Init;
@@ -115,10 +115,37 @@ pub struct MtpShared<'a> {
 pub struct MtpSharedGrads<'a> {
     /// `[V, H]`.
     pub embed: &'a mut Tensor,
-    /// `[V, H]`.
-    pub head: &'a mut Tensor,
+    /// `[V, H]`; `None` when the head is tied to the embedding (its gradient goes to
+    /// `embed`).
+    pub head: Option<&'a mut Tensor>,
     /// `[H]`.
     pub norm: &'a mut Tensor,
+}
+
+/// What one depth's weight-gradient pass needs (moved by value).
+#[derive(Debug)]
+struct DepthDeferredW {
+    /// Module index `j`.
+    module: usize,
+    /// Scaled `∂L/∂logits [N, V]` and the head input `hf [N, H]`.
+    d_logits: Tensor,
+    hf: Tensor,
+    /// Upstream gradient of the final norm and its saved input.
+    d_hf: Tensor,
+    final_norm: RmsNormSaved,
+    block: BlockDeferredW,
+    /// Input-projection gradient parts.
+    d_u: Tensor,
+    cat: Tensor,
+    /// Rolled ids and the gradient of their embedding rows.
+    ids: Tensor,
+    d_e: Tensor,
+}
+
+/// What MTP's `backward_weight` needs (moved by value), deepest depth first.
+#[derive(Debug)]
+pub struct MtpDeferredW {
+    depths: Vec<DepthDeferredW>,
 }
 
 #[derive(Debug)]
@@ -262,42 +289,35 @@ impl MtpHead {
         Ok((losses, MtpSaved { b, t, depths }))
     }
 
-    /// Backward of `grad_scale · λ Σ w_k CE_k`: accumulates the MTP weights' gradients into
-    /// `g` and the shared weights' into `sg`; returns `d h⁰ [N, H]` (fresh).
-    pub fn backward(
+    /// Input half of the backward of `grad_scale · λ Σ w_k CE_k`: returns `d h⁰ [N, H]`
+    /// (fresh) and the deferred weight gradients (every MTP weight and the shared
+    /// embedding, head and final-norm contributions).
+    pub fn backward_input(
         &self,
         p: &MtpParams,
         s: MtpSaved,
         shared: MtpShared<'_>,
         grad_scale: f32,
-        g: &mut MtpParams,
-        sg: MtpSharedGrads<'_>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, MtpDeferredW)> {
         let h = self.block.attn.cfg.d_model;
         let n = s.b * s.t;
         let mut carry = Tensor::zeros([n, h], DType::F32, shared.embed.device())?;
         let gcx = BlockGradCx::default();
+        let mut deferred = Vec::with_capacity(s.depths.len());
         for (i, ds) in s.depths.into_iter().enumerate().rev() {
             let k = i + 1;
             let j = self.module(k);
             let lp = &p.layers[j];
             let w = grad_scale * self.cfg.mtp_loss_weight * self.cfg.step_weights[i];
             let d_logits = ds.d_logits.scale(w)?;
-            sg.head.matmul_acc(&d_logits, &ds.hf, true, false, 1.0)?;
             let d_hf = d_logits.matmul(shared.head, false, false)?;
-            let mut d_hk = self.norm.backward(
-                &d_hf,
-                Some(shared.norm),
-                &ds.final_norm,
-                Some(&mut *sg.norm),
-            )?;
+            let mut d_hk = self
+                .norm
+                .backward(&d_hf, Some(shared.norm), &ds.final_norm, None)?;
             d_hk.add_assign(&carry)?;
-            let d_u =
-                self.block
-                    .backward(&lp.block, &d_hk, ds.block, &gcx, &mut g.layers[j].block)?;
-            g.layers[j]
-                .input_proj
-                .matmul_acc(&d_u, &ds.cat, true, false, 1.0)?;
+            let (d_u, block) = self
+                .block
+                .backward_input(&lp.block, &d_hk, ds.block, &gcx)?;
             let d_cat = d_u.matmul(&lp.input_proj, false, false)?;
             let parts = d_cat.split(1, &[h, h])?;
             let (d_hn, d_en) = match self.cfg.concat_order {
@@ -306,9 +326,50 @@ impl MtpHead {
             };
             carry = self.norm.backward(d_hn, None, &ds.hn, None)?;
             let d_e = self.norm.backward(d_en, None, &ds.en, None)?;
-            embedding_backward(sg.embed, &ds.ids, &d_e)?;
+            deferred.push(DepthDeferredW {
+                module: j,
+                d_logits,
+                hf: ds.hf,
+                d_hf,
+                final_norm: ds.final_norm,
+                block,
+                d_u,
+                cat: ds.cat,
+                ids: ds.ids,
+                d_e,
+            });
         }
-        Ok(carry)
+        Ok((carry, MtpDeferredW { depths: deferred }))
+    }
+
+    /// Weight half: accumulates (+=) the MTP weights' gradients into `g` and the shared
+    /// weights' into `sg`, deepest depth first.
+    pub fn backward_weight(
+        &self,
+        w: MtpDeferredW,
+        g: &mut MtpParams,
+        sg: MtpSharedGrads<'_>,
+    ) -> Result<()> {
+        let MtpSharedGrads {
+            embed,
+            mut head,
+            norm,
+        } = sg;
+        for d in w.depths {
+            match head.as_deref_mut() {
+                Some(hd) => hd.matmul_acc(&d.d_logits, &d.hf, true, false, 1.0)?,
+                None => embed.matmul_acc(&d.d_logits, &d.hf, true, false, 1.0)?,
+            }
+            norm.add_assign(
+                &d.d_hf
+                    .rms_norm_backward_weight(&d.final_norm.x, &d.final_norm.rstd)?,
+            )?;
+            let lg = &mut g.layers[d.module];
+            self.block.backward_weight(d.block, &mut lg.block)?;
+            lg.input_proj.matmul_acc(&d.d_u, &d.cat, true, false, 1.0)?;
+            embedding_backward(embed, &d.ids, &d.d_e)?;
+        }
+        Ok(())
     }
 }
 
