@@ -77,6 +77,7 @@ pub mod progress;
 pub mod report;
 mod rng;
 pub mod run_dir;
+pub mod run_totals;
 pub mod session;
 mod sha256;
 pub mod support;

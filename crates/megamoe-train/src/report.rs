@@ -30,6 +30,7 @@ use crate::goodput::GoodputTotals;
 use crate::metrics::{
     latest_evals, latest_steps, read_metrics, MetricsRecord, StepMetrics, METRICS_FILE,
 };
+use crate::run_totals::{collapses_at_end, RunTotals};
 
 /// Directory (inside the run directory) the report is written to.
 pub const REPORT_DIR: &str = "report";
@@ -64,6 +65,9 @@ pub struct ReportSummary {
     /// Per MoE layer with a shared-expert gate: its mean over the first and the last
     /// [`HEATMAP_STEPS`] steps.
     pub shared_gate: Vec<SharedGateSummary>,
+    /// The whole run over every segment: tokens seen, best and last eval, final lr,
+    /// warnings.
+    pub totals: RunTotals,
     /// Files written (plots and `report.txt`).
     pub files: Vec<PathBuf>,
 }
@@ -105,6 +109,23 @@ impl fmt::Display for ReportSummary {
                 "skipped    {} steps (non-finite loss or gradient)",
                 self.skipped_steps
             )?;
+        }
+        writeln!(
+            f,
+            "tokens     {} seen in {} segment(s)",
+            self.totals.tokens_seen, self.totals.segments
+        )?;
+        if let Some((step, loss)) = self.totals.best_eval {
+            writeln!(f, "best eval  {loss:.4} (step {step})")?;
+        }
+        if let Some((lr, muon)) = self.totals.final_lr {
+            match muon {
+                Some(m) => writeln!(f, "final lr   {lr:.3e} (muon {m:.3e})")?,
+                None => writeln!(f, "final lr   {lr:.3e}")?,
+            }
+        }
+        for w in &self.totals.warnings {
+            writeln!(f, "warning    {w}")?;
         }
         writeln!(f, "throughput {:.0} tok/s", self.tokens_per_s)?;
         match &self.goodput {
@@ -225,6 +246,7 @@ fn summarise(
         goodput,
         specialisation: specialisation_summary(steps, HEATMAP_STEPS),
         shared_gate: shared_gate_summary(steps, HEATMAP_STEPS),
+        totals: RunTotals::from_records(records),
         files,
     }
 }
@@ -536,6 +558,18 @@ fn plot_skip(path: &Path, tail: &[&StepMetrics]) -> Result<()> {
         }
     }
     let kinds = ["GateSkip attention", "GateSkip MLP/MoE", "FlexiDepth layer"];
+    // Parts skipped by > 95 % of tokens at the last step, marked on their bar.
+    let collapsed: Vec<(usize, usize)> = collapses_at_end(tail)
+        .iter()
+        .map(|c| {
+            let kind = match c.kind {
+                "GateSkip attention" => 0,
+                "GateSkip MLP/MoE" => 1,
+                _ => 2,
+            };
+            (c.layer, kind)
+        })
+        .collect();
     let layers: std::collections::BTreeSet<usize> = sums.keys().map(|k| k.0).collect();
     let max_layer = layers.iter().copied().max().unwrap_or(0);
     let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
@@ -545,8 +579,13 @@ fn plot_skip(path: &Path, tail: &[&StepMetrics]) -> Result<()> {
         ChartBuilder::on(&root)
             .caption(
                 format!(
-                    "kept fraction per layer (mean of last {} steps)",
-                    tail.len()
+                    "kept fraction per layer (mean of last {} steps){}",
+                    tail.len(),
+                    if collapsed.is_empty() {
+                        ""
+                    } else {
+                        "; red x: skipped by > 95 % of tokens at the last step"
+                    }
                 ),
                 ("sans-serif", 20)
             )
@@ -589,6 +628,20 @@ fn plot_skip(path: &Path, tail: &[&StepMetrics]) -> Result<()> {
         draw!(path, chart.draw_series(bars))
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    let marks: Vec<Text<'_, (f64, f64), String>> = collapsed
+        .iter()
+        .map(|&(layer, k)| {
+            let x = layer as f64 - 0.4 + k as f64 * width;
+            Text::new(
+                "x skipped".to_string(),
+                (x, 0.1),
+                ("sans-serif", 13).into_font().color(&RED),
+            )
+        })
+        .collect();
+    if !marks.is_empty() {
+        draw!(path, chart.draw_series(marks));
     }
     draw!(
         path,

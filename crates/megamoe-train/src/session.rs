@@ -13,9 +13,10 @@ use crate::data::heldout_batches;
 use crate::error::{Error, Result};
 use crate::goodput::GoodputTotals;
 use crate::metrics::{
-    EvalMetrics, GoodputRecord, MetricsRecord, MetricsWriter, RunInfo, SampleRecord,
+    EvalMetrics, GoodputRecord, MetricsRecord, MetricsWriter, RunInfo, SampleRecord, StepMetrics,
 };
 use crate::progress::Progress;
+use crate::run_totals::{collapsed_parts, eval_rise_warning, Collapse, RunTotals};
 use crate::trainer::Trainer;
 
 /// File (in the run directory) holding the final summary of the last process.
@@ -56,23 +57,31 @@ pub struct RunSummary {
     pub sample: Option<SampleRecord>,
     /// Time accounting of the whole run (all segments).
     pub goodput: GoodputTotals,
+    /// The whole run from metrics.jsonl (every segment), with its warnings.
+    pub whole_run: Option<RunTotals>,
 }
 
 impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "run dir    {}", self.run_dir.display())?;
-        writeln!(f, "steps      {} -> {}", self.start_step, self.final_step)?;
-        if let (Some((s0, l0)), Some((s1, l1))) = (self.first_loss, self.last_loss) {
-            writeln!(f, "loss       {l0:.4} (step {s0}) -> {l1:.4} (step {s1})")?;
-            if l0 > 0.0 {
-                writeln!(f, "           last/first {:.1}%", 100.0 * l1 / l0)?;
+        writeln!(
+            f,
+            "this run   steps {} -> {}",
+            self.start_step, self.final_step
+        )?;
+        match &self.whole_run {
+            Some(totals) => write!(f, "{totals}")?,
+            None => {
+                if let (Some((s0, l0)), Some((s1, l1))) = (self.first_loss, self.last_loss) {
+                    writeln!(f, "loss       {l0:.4} (step {s0}) -> {l1:.4} (step {s1})")?;
+                }
+                if let Some((s, l)) = self.last_eval {
+                    writeln!(f, "eval       {l:.4} (step {s})")?;
+                }
+                if self.skipped_steps > 0 {
+                    writeln!(f, "skipped    {} non-finite steps", self.skipped_steps)?;
+                }
             }
-        }
-        if let Some((s, l)) = self.last_eval {
-            writeln!(f, "eval       {l:.4} (step {s})")?;
-        }
-        if self.skipped_steps > 0 {
-            writeln!(f, "skipped    {} non-finite steps", self.skipped_steps)?;
         }
         if let Some(c) = &self.checkpoint {
             writeln!(f, "checkpoint {}", c.display())?;
@@ -212,7 +221,9 @@ pub fn run_training(
         checkpoint: None,
         sample: None,
         goodput: trainer.goodput(),
+        whole_run: None,
     };
+    let mut watch = Watch::default();
     let every = |period: Option<usize>, step: u64| {
         period.is_some_and(|p| p > 0 && step.is_multiple_of(p as u64))
     };
@@ -228,6 +239,9 @@ pub fn run_training(
         if show {
             progress.step(&m);
         }
+        for w in watch.step(&m) {
+            progress.message(&format!("warning: {w}"));
+        }
         summary.first_loss.get_or_insert((m.step, m.loss.total));
         summary.last_loss = Some((m.step, m.loss.total));
         summary.final_step = m.step;
@@ -237,6 +251,9 @@ pub fn run_training(
             let e = trainer.evaluate()?;
             progress.message(&format_eval_line(&e));
             summary.last_eval = Some((e.step, e.loss));
+            if let Some(w) = watch.eval(&e) {
+                progress.message(&format!("warning: {w}"));
+            }
             evaluated_at = Some(m.step);
             writer.write(&MetricsRecord::Eval(e))?;
         }
@@ -254,6 +271,9 @@ pub fn run_training(
         let e = trainer.evaluate()?;
         progress.message(&format_eval_line(&e));
         summary.last_eval = Some((e.step, e.loss));
+        if let Some(w) = watch.eval(&e) {
+            progress.message(&format!("warning: {w}"));
+        }
         writer.write(&MetricsRecord::Eval(e))?;
     }
     if opts.sample_tokens > 0 {
@@ -274,9 +294,48 @@ pub fn run_training(
         step,
         totals: summary.goodput,
     }))?;
+    let records = crate::metrics::read_metrics(&run_dir.join(crate::metrics::METRICS_FILE))?;
+    summary.whole_run = Some(RunTotals::from_records(&records));
     let path = run_dir.join(SUMMARY_FILE);
     std::fs::write(&path, summary.to_string()).map_err(|e| Error::io("write", &path, e))?;
     Ok(summary)
+}
+
+/// Watches a run as it goes and returns each warning once: a GateSkip branch
+/// or FlexiDepth layer newly skipped by > 95 % of tokens, the held-out loss
+/// rising for several evaluations in a row.
+#[derive(Debug, Default)]
+struct Watch {
+    collapsed: Vec<(&'static str, usize)>,
+    evals: Vec<(u64, f64)>,
+}
+
+impl Watch {
+    fn step(&mut self, m: &StepMetrics) -> Vec<String> {
+        let now = collapsed_parts(m);
+        // A part that recovers may warn again if it collapses again.
+        self.collapsed
+            .retain(|&(k, l)| now.iter().any(|&(k2, l2, _)| (k2, l2) == (k, l)));
+        let mut out = Vec::new();
+        for (kind, layer, kept) in now {
+            if !self.collapsed.contains(&(kind, layer)) {
+                self.collapsed.push((kind, layer));
+                let c = Collapse {
+                    kind,
+                    layer,
+                    kept,
+                    since_step: m.step,
+                };
+                out.push(c.to_string());
+            }
+        }
+        out
+    }
+
+    fn eval(&mut self, e: &EvalMetrics) -> Option<String> {
+        self.evals.push((e.step, e.loss));
+        eval_rise_warning(&self.evals)
+    }
 }
 
 /// `eval step 50 | loss 2.1034 | arithmetic 1.90 copy 0.85 ...`
