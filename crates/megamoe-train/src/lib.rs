@@ -82,6 +82,7 @@ pub mod session;
 mod sha256;
 pub mod support;
 pub mod synthetic;
+pub mod tensorboard;
 #[cfg(test)]
 mod test_dir;
 pub mod tokenizer;

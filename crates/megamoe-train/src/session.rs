@@ -17,6 +17,7 @@ use crate::metrics::{
 };
 use crate::progress::Progress;
 use crate::run_totals::{collapsed_parts, eval_rise_warning, Collapse, RunTotals};
+use crate::tensorboard::TensorBoardWriter;
 use crate::trainer::Trainer;
 
 /// File (in the run directory) holding the final summary of the last process.
@@ -224,6 +225,7 @@ pub fn run_training(
         whole_run: None,
     };
     let mut watch = Watch::default();
+    let mut tensorboard = TensorBoardWriter::create(run_dir)?;
     let every = |period: Option<usize>, step: u64| {
         period.is_some_and(|p| p > 0 && step.is_multiple_of(p as u64))
     };
@@ -231,6 +233,7 @@ pub fn run_training(
     while trainer.step_count() < opts.total_steps {
         let m = trainer.step()?;
         writer.write(&MetricsRecord::Step(m.clone()))?;
+        tensorboard.step(&m)?;
         let show = opts.show_every <= 1
             || m.step % opts.show_every == 0
             || m.step == start_step + 1
@@ -255,6 +258,7 @@ pub fn run_training(
                 progress.message(&format!("warning: {w}"));
             }
             evaluated_at = Some(m.step);
+            tensorboard.eval(&e)?;
             writer.write(&MetricsRecord::Eval(e))?;
         }
         if every(plan.train.checkpoint_every, m.step) && m.step < opts.total_steps {
@@ -274,6 +278,7 @@ pub fn run_training(
         if let Some(w) = watch.eval(&e) {
             progress.message(&format!("warning: {w}"));
         }
+        tensorboard.eval(&e)?;
         writer.write(&MetricsRecord::Eval(e))?;
     }
     if opts.sample_tokens > 0 {
