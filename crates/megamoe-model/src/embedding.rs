@@ -14,7 +14,7 @@ pub fn embedding_forward(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// Accumulates (+=) `dW[ids[n]] += d_x[n]` into `d_w [V, H]`.
 pub fn embedding_backward(d_w: &mut Tensor, ids: &Tensor, d_x: &Tensor) -> Result<()> {
-    *d_w = d_w.index_add_rows(ids, d_x, None)?;
+    d_w.index_add_rows_acc(ids, d_x, None)?;
     Ok(())
 }
 

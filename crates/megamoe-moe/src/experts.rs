@@ -16,7 +16,7 @@
 //! fresh) and the deferred W work; `backward_weight` accumulates (+=) dW.
 
 use megamoe_plan::Activation;
-use megamoe_tensor::Tensor;
+use megamoe_tensor::{RowGroups, Tensor};
 
 use crate::config::RoutedExpertsConfig;
 use crate::error::{check_shape, shape_str, Error, Result};
@@ -149,13 +149,14 @@ impl ExpertBank for GroupedExperts {
         x: &Tensor,
         group_sizes: &[usize],
     ) -> Result<(Tensor, ExpertsSaved)> {
+        let gs = RowGroups::from_sizes(group_sizes, x.device())?;
         let h_gate = match &p.gate_proj {
-            Some(w) => Some(x.grouped_matmul(group_sizes, w, true)?),
+            Some(w) => Some(x.grouped_matmul(&gs, w, true)?),
             None => None,
         };
-        let h_up = x.grouped_matmul(group_sizes, &p.up_proj, true)?;
+        let h_up = x.grouped_matmul(&gs, &p.up_proj, true)?;
         let act = activate(self.cfg.activation, h_gate.as_ref(), &h_up)?;
-        let y = act.grouped_matmul(group_sizes, &p.down_proj, true)?;
+        let y = act.grouped_matmul(&gs, &p.down_proj, true)?;
         Ok((
             y,
             ExpertsSaved {
@@ -174,7 +175,7 @@ impl ExpertBank for GroupedExperts {
         d_y: &Tensor,
         s: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)> {
-        let gs = &s.group_sizes;
+        let gs = &RowGroups::from_sizes(&s.group_sizes, d_y.device())?;
         let d_act = d_y.grouped_matmul(gs, &p.down_proj, false)?;
         let (d_h_gate, d_h_up) =
             activate_backward(self.cfg.activation, s.h_gate.as_ref(), &s.h_up, &d_act)?;
@@ -198,7 +199,7 @@ impl ExpertBank for GroupedExperts {
 
     fn backward_weight(&self, w: ExpertsDeferredW, g: &mut RoutedExpertsParams) -> Result<()> {
         // dW += dy_gᵀ x_g straight into the gradient buffers (gemm's beta = 1).
-        let gs = &w.group_sizes;
+        let gs = &RowGroups::from_sizes(&w.group_sizes, w.x.device())?;
         g.down_proj
             .grouped_matmul_wgrad_acc(&w.d_out, &w.act, gs, 1.0)?;
         g.up_proj

@@ -53,7 +53,8 @@ fn grouped_gemm_4096x512x1024(bencher: Bencher, groups: usize) {
     let (r, k, n) = (4096, 512, 1024);
     let x = input(3, &[r, k]);
     let w = input(4, &[groups, n, k]);
-    let sizes = vec![r / groups; groups];
+    let sizes = megamoe_tensor::RowGroups::from_sizes(&vec![r / groups; groups], x.device())
+        .expect("groups");
     bencher
         .counter(gemm_flops(r, n, k))
         .bench(|| x.grouped_matmul(&sizes, &w, true).expect("grouped"));

@@ -106,6 +106,15 @@ pub enum Error {
         rhs: Device,
     },
 
+    /// A CPU kernel was handed storage of another backend (never copied implicitly).
+    #[error("{op}: needs CPU storage, the tensor is on {device}")]
+    NotOnCpu {
+        /// Op name.
+        op: &'static str,
+        /// The tensor's device.
+        device: Device,
+    },
+
     // ---- io ----
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
-use crate::storage::{CpuStorage, Storage};
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::tensor::CpuView;
+use crate::{sync, DType, Device, Error, Result, Tensor};
 
 fn st_dtype(d: DType) -> StDtype {
     match d {
@@ -16,33 +16,33 @@ fn st_dtype(d: DType) -> StDtype {
     }
 }
 
-/// Little-endian bytes of a tensor's elements. SYNC: reads the tensor to the host.
-fn to_bytes(t: &Tensor) -> Vec<u8> {
-    let Storage::Cpu(s) = t.storage();
-    match s {
-        CpuStorage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        CpuStorage::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
+/// Little-endian bytes of a tensor's elements (the caller counts the host read).
+fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(match t.cpu_view("save_safetensors")? {
+        CpuView::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuView::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        CpuView::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    })
 }
 
 /// Writes `tensors` to `path` in safetensors format (names must be unique).
 ///
-/// SYNC: reads every tensor to the host.
+/// SYNC: reads every tensor to the host; counts one host read for the whole file.
 pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)]) -> Result<()> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    let bytes: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
+    sync::record_host_read();
+    let bytes = tensors
         .iter()
         .map(|(n, t)| {
-            (
+            Ok((
                 n.to_string(),
                 st_dtype(t.dtype()),
                 t.dims().to_vec(),
-                to_bytes(t),
-            )
+                to_bytes(t)?,
+            ))
         })
-        .collect();
+        .collect::<Result<Vec<(String, StDtype, Vec<usize>, Vec<u8>)>>>()?;
     let mut views = Vec::with_capacity(bytes.len());
     for (name, dtype, shape, data) in &bytes {
         let view =

@@ -7,8 +7,10 @@
 //! themselves (see ARCHITECTURE.md, principle 1).
 //!
 //! # Principal types
-//! - [`Tensor`]: cheap-clone handle (`Arc` storage + [`Shape`]), always contiguous
-//!   row-major; `reshape` is free, every other view-like op copies.
+//! - [`Tensor`]: cheap-clone handle (`Arc` buffer + [`Layout`]: shape and element
+//!   offset), contiguous row-major from its offset; `reshape`, `view` and contiguous
+//!   `narrow`s share the buffer, other view-like ops copy.
+//! - [`RowGroups`]: the row groups of a grouped GEMM as device tensors (no host sizes).
 //! - [`DType`]: `F32` (all math), `BF16` (storage; widened on read), `I32` (indices).
 //! - [`Device`]: `Cpu` today; `Cuda(i)` errors with [`Error::DeviceNotAvailable`].
 //! - [`Storage`]/[`CpuStorage`]: the backend enum ops dispatch on.
@@ -24,7 +26,10 @@
 //!   (`add_assign`, `axpy`, `matmul_acc`) take `&mut self` and copy-on-write if shared.
 //!   Backward helpers return gradients written fresh; accumulate with `add_assign`.
 //! - Sync rule: ops assume asynchronous execution. Element values reach the host only via
-//!   `to_host_f32`, `to_host_i32`, `to_host_bf16` and `to_scalar_f32` (each marked SYNC).
+//!   `to_host_f32`, `to_host_i32`, `to_host_bf16`, `to_scalar_f32` and
+//!   `Tensor::to_host_batch_f32` (each marked SYNC); each call adds one to the
+//!   process-wide [`host_reads`] counter. [`live_bytes`]/[`peak_bytes`] count the bytes of
+//!   live tensor buffers.
 //! - Determinism: every CPU op gives identical bits for any rayon thread count.
 //! - Sums (reductions, softmax denominators, norms, cross-entropy) accumulate in f64.
 //!
@@ -61,10 +66,12 @@ mod device;
 mod dtype;
 mod error;
 mod io;
+mod memory;
 pub mod ops;
 pub mod param;
 mod shape;
 mod storage;
+mod sync;
 mod tensor;
 
 pub use device::Device;
@@ -72,10 +79,13 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use half::bf16;
 pub use io::{load_safetensors, save_safetensors};
+pub use memory::{live_bytes, peak_bytes, reset_peak_bytes};
 pub use ops::elementwise::{BinaryOp, UnaryOp};
+pub use ops::groups::RowGroups;
 pub use ops::loss::IGNORE_INDEX;
 pub use ops::rng::InitDist;
 pub use param::ParamRole;
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
-pub use tensor::Tensor;
+pub use sync::host_reads;
+pub use tensor::{Layout, Tensor};

@@ -67,16 +67,3 @@ impl Storage {
         }
     }
 }
-
-/// Applies a dtype-generic expression to every `CpuStorage` variant, rewrapping the result
-/// in the same variant: `map_cpu_storage!(s, v => kernel(v, ..))`.
-macro_rules! map_cpu_storage {
-    ($s:expr, $v:ident => $body:expr) => {
-        match $s {
-            $crate::storage::CpuStorage::F32($v) => $crate::storage::CpuStorage::F32($body),
-            $crate::storage::CpuStorage::BF16($v) => $crate::storage::CpuStorage::BF16($body),
-            $crate::storage::CpuStorage::I32($v) => $crate::storage::CpuStorage::I32($body),
-        }
-    };
-}
-pub(crate) use map_cpu_storage;

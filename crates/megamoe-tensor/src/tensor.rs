@@ -1,9 +1,12 @@
-//! [`Tensor`]: a cheap-to-clone handle on shared, immutable-by-default storage plus a shape.
+//! [`Tensor`]: a cheap-to-clone handle on shared, immutable-by-default storage plus a
+//! [`Layout`] (shape and element offset into the buffer).
 //!
-//! Tensors are always contiguous and row-major: `reshape` is free, every other view-like op
-//! (`narrow`, `permute`, `cat`, ...) copies. Contiguity keeps every backend kernel simple and
-//! lets the CUDA backend hand buffers straight to cuBLAS; the copies it costs are cheap next
-//! to the GEMMs of an MoE step.
+//! Tensors are always contiguous and row-major from their offset: `reshape` is free, and so
+//! is `narrow` wherever the kept block is contiguous (along dimension 0, or any dimension
+//! whose outer dimensions are all 1): per-expert slices `[E, N, K] → [1, N, K]`, unpadding
+//! and flat-buffer views share the buffer. Other view-like ops (`permute`, `cat`, a narrow
+//! of an inner dimension) copy. Contiguity keeps every backend kernel simple and lets the
+//! CUDA backend hand `buffer + offset` straight to cuBLAS.
 //!
 //! Storage sits behind an `Arc` (not `Arc<RwLock>` as candle): ops never mutate their inputs,
 //! and the few in-place ops (`add_assign`, `axpy`, `matmul_acc`) write in place only when the
@@ -16,13 +19,86 @@ use std::sync::Arc;
 use half::bf16;
 
 use crate::storage::{CpuStorage, Storage};
-use crate::{DType, Device, Error, Result, Shape};
+use crate::{memory, sync, DType, Device, Error, Result, Shape};
+
+/// Where a tensor's elements sit in its buffer: `shape.numel()` consecutive elements,
+/// row-major, starting at element `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    shape: Shape,
+    offset: usize,
+}
+
+impl Layout {
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// First element's index in the buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// The element range `offset .. offset + numel` in the buffer.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.shape.numel()
+    }
+}
+
+/// A backend buffer owned by one or more tensors. Counts its bytes in the live-bytes
+/// counter ([`crate::live_bytes`]) from creation to drop.
+#[derive(Debug)]
+struct Buffer(Storage);
+
+impl Buffer {
+    fn new(storage: Storage) -> Arc<Buffer> {
+        memory::on_alloc(storage_bytes(&storage));
+        Arc::new(Buffer(storage))
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        memory::on_free(storage_bytes(&self.0));
+    }
+}
+
+fn storage_bytes(s: &Storage) -> usize {
+    match s {
+        Storage::Cpu(c) => c.len() * c.dtype().size_in_bytes(),
+    }
+}
+
+/// A CPU tensor's elements (its view of the buffer), one variant per dtype.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CpuView<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// bf16 elements.
+    BF16(&'a [bf16]),
+    /// i32 elements.
+    I32(&'a [i32]),
+}
+
+/// Applies a dtype-generic expression to every [`CpuView`] variant, wrapping the result in
+/// the matching `CpuStorage` variant: `map_cpu_view!(view, v => kernel(v, ..))`.
+macro_rules! map_cpu_view {
+    ($s:expr, $v:ident => $body:expr) => {
+        match $s {
+            $crate::tensor::CpuView::F32($v) => $crate::storage::CpuStorage::F32($body),
+            $crate::tensor::CpuView::BF16($v) => $crate::storage::CpuStorage::BF16($body),
+            $crate::tensor::CpuView::I32($v) => $crate::storage::CpuStorage::I32($body),
+        }
+    };
+}
+pub(crate) use map_cpu_view;
 
 /// An n-dimensional array on a [`Device`]. Clone is O(1) and shares the buffer.
 #[derive(Debug, Clone)]
 pub struct Tensor {
-    storage: Arc<Storage>,
-    shape: Shape,
+    buffer: Arc<Buffer>,
+    layout: Layout,
 }
 
 fn check_len(op: &'static str, shape: &Shape, got: usize) -> Result<()> {
@@ -48,8 +124,8 @@ impl Tensor {
             "backend produced a wrong-sized buffer"
         );
         Tensor {
-            storage: Arc::new(Storage::Cpu(storage)),
-            shape,
+            buffer: Buffer::new(Storage::Cpu(storage)),
+            layout: Layout { shape, offset: 0 },
         }
     }
 
@@ -156,47 +232,77 @@ impl Tensor {
 
     /// The shape.
     pub fn shape(&self) -> &Shape {
-        &self.shape
+        &self.layout.shape
+    }
+
+    /// Shape and offset of this tensor's elements in its buffer.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// Dimension sizes.
     pub fn dims(&self) -> &[usize] {
-        self.shape.dims()
+        self.layout.shape.dims()
     }
 
     /// Number of dimensions.
     pub fn rank(&self) -> usize {
-        self.shape.rank()
+        self.layout.shape.rank()
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.shape.numel()
+        self.layout.shape.numel()
     }
 
     /// Element type.
     pub fn dtype(&self) -> DType {
-        self.storage.dtype()
+        self.buffer.0.dtype()
     }
 
     /// Device of the storage.
     pub fn device(&self) -> Device {
-        self.storage.device()
+        self.buffer.0.device()
     }
 
-    /// The backend storage (for backend code; layers use ops).
+    /// The whole backend buffer this tensor views (for backend code, together with
+    /// [`Tensor::layout`]; layers use ops).
     pub fn storage(&self) -> &Storage {
-        &self.storage
+        &self.buffer.0
     }
 
-    /// True if both handles share one buffer.
+    /// True if both handles share one buffer (possibly different parts of it).
     pub fn same_storage(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.storage, &other.storage)
+        Arc::ptr_eq(&self.buffer, &other.buffer)
+    }
+
+    /// A view of `numel(shape)` elements starting `offset` elements into this tensor, with
+    /// `shape`; shares the buffer (no copy). Errors if the range leaves this tensor.
+    pub fn view(&self, offset: usize, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if offset
+            .checked_add(shape.numel())
+            .is_none_or(|end| end > self.numel())
+        {
+            return Err(Error::InvalidArgument {
+                op: "view",
+                arg: "offset+numel(shape)",
+                value: format!("{offset}+{}", shape.numel()),
+                rule: "must be <= the tensor's element count",
+            });
+        }
+        Ok(Tensor {
+            buffer: self.buffer.clone(),
+            layout: Layout {
+                shape,
+                offset: self.layout.offset + offset,
+            },
+        })
     }
 
     /// Size of dimension `dim`.
     pub fn dim(&self, dim: usize) -> Result<usize> {
-        self.shape.dim("dim", dim)
+        self.shape().dim("dim", dim)
     }
 
     /// The two dimensions of a rank-2 tensor.
@@ -251,8 +357,11 @@ impl Tensor {
         let shape = shape.into();
         check_len("reshape", &shape, self.numel())?;
         Ok(Tensor {
-            storage: self.storage.clone(),
-            shape,
+            buffer: self.buffer.clone(),
+            layout: Layout {
+                shape,
+                offset: self.layout.offset,
+            },
         })
     }
 
@@ -264,31 +373,26 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let Storage::Cpu(s) = &*self.storage;
-        let out = match (s, dtype) {
-            (CpuStorage::F32(v), DType::BF16) => {
+        let out = match (self.cpu_view("to_dtype")?, dtype) {
+            (CpuView::F32(v), DType::BF16) => {
                 CpuStorage::BF16(crate::cpu::par_map(v, |x| bf16::from_f32(*x)))
             }
-            (CpuStorage::BF16(v), DType::F32) => {
+            (CpuView::BF16(v), DType::F32) => {
                 CpuStorage::F32(crate::cpu::par_map(v, |x| x.to_f32()))
             }
-            (CpuStorage::I32(v), DType::F32) => {
-                CpuStorage::F32(crate::cpu::par_map(v, |x| *x as f32))
-            }
-            (CpuStorage::I32(v), DType::BF16) => {
+            (CpuView::I32(v), DType::F32) => CpuStorage::F32(crate::cpu::par_map(v, |x| *x as f32)),
+            (CpuView::I32(v), DType::BF16) => {
                 CpuStorage::BF16(crate::cpu::par_map(v, |x| bf16::from_f32(*x as f32)))
             }
-            (CpuStorage::F32(v), DType::I32) => {
-                CpuStorage::I32(crate::cpu::par_map(v, |x| *x as i32))
-            }
-            (CpuStorage::BF16(v), DType::I32) => {
+            (CpuView::F32(v), DType::I32) => CpuStorage::I32(crate::cpu::par_map(v, |x| *x as i32)),
+            (CpuView::BF16(v), DType::I32) => {
                 CpuStorage::I32(crate::cpu::par_map(v, |x| x.to_f32() as i32))
             }
-            (CpuStorage::F32(_), DType::F32)
-            | (CpuStorage::BF16(_), DType::BF16)
-            | (CpuStorage::I32(_), DType::I32) => unreachable!("same dtype returned above"),
+            (CpuView::F32(_), DType::F32)
+            | (CpuView::BF16(_), DType::BF16)
+            | (CpuView::I32(_), DType::I32) => unreachable!("same dtype returned above"),
         };
-        Ok(Tensor::from_cpu(out, self.shape.clone()))
+        Ok(Tensor::from_cpu(out, self.shape().clone()))
     }
 
     /// Copies to `device` (same device: shared handle).
@@ -303,39 +407,55 @@ impl Tensor {
         })
     }
 
-    /// A deep copy with its own buffer.
+    /// A deep copy with its own buffer (of just this tensor's elements).
     pub fn deep_copy(&self) -> Result<Tensor> {
-        let Storage::Cpu(s) = &*self.storage;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(v.clone()),
-            CpuStorage::BF16(v) => CpuStorage::BF16(v.clone()),
-            CpuStorage::I32(v) => CpuStorage::I32(v.clone()),
-        };
-        Ok(Tensor::from_cpu(out, self.shape.clone()))
+        let out = map_cpu_view!(self.cpu_view("deep_copy")?, v => v.to_vec());
+        Ok(Tensor::from_cpu(out, self.shape().clone()))
     }
 
     /// Element values as f32 on the host (bf16 widened). Errors for `I32`.
     ///
-    /// SYNC: blocks until the device is done. This and [`Tensor::to_host_i32`] are the only
-    /// ways a layer may read element values; keep them out of hot paths or name the sync point.
+    /// SYNC: blocks until the device is done, and counts one host read ([`crate::host_reads`]).
+    /// The host-read methods are the only ways a layer may read element values; keep them
+    /// out of hot paths or name the sync point.
     pub fn to_host_f32(&self) -> Result<Vec<f32>> {
+        sync::record_host_read();
         Ok(self.cpu_f32("to_host_f32", "self")?.into_owned())
+    }
+
+    /// Element values of several tensors as f32 on the host, in one read: float tensors as
+    /// by [`Tensor::to_host_f32`], `I32` tensors converted exactly (|v| ≤ 2^24). One host
+    /// read however many tensors (a device backend gathers them into one buffer first): the
+    /// way to read a step's metrics.
+    ///
+    /// SYNC: blocks until the device is done; counts one host read.
+    pub fn to_host_batch_f32(tensors: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+        sync::record_host_read();
+        tensors
+            .iter()
+            .map(|t| match t.cpu_view("to_host_batch_f32")? {
+                CpuView::F32(v) => Ok(v.to_vec()),
+                CpuView::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+                CpuView::I32(v) => Ok(v.iter().map(|&x| x as f32).collect()),
+            })
+            .collect()
     }
 
     /// Element values as i32 on the host. Errors unless the dtype is `I32`.
     ///
-    /// SYNC: blocks until the device is done.
+    /// SYNC: blocks until the device is done; counts one host read.
     pub fn to_host_i32(&self) -> Result<Vec<i32>> {
+        sync::record_host_read();
         Ok(self.cpu_i32("to_host_i32", "self")?.to_vec())
     }
 
     /// Element values as bf16 on the host. Errors unless the dtype is `BF16`.
     ///
-    /// SYNC: blocks until the device is done.
+    /// SYNC: blocks until the device is done; counts one host read.
     pub fn to_host_bf16(&self) -> Result<Vec<bf16>> {
-        let Storage::Cpu(s) = &*self.storage;
-        match s {
-            CpuStorage::BF16(v) => Ok(v.clone()),
+        sync::record_host_read();
+        match self.cpu_view("to_host_bf16")? {
+            CpuView::BF16(v) => Ok(v.to_vec()),
             _ => Err(Error::DTypeMismatch {
                 op: "to_host_bf16",
                 arg: "self",
@@ -347,7 +467,7 @@ impl Tensor {
 
     /// The single value of a one-element float tensor.
     ///
-    /// SYNC: blocks until the device is done.
+    /// SYNC: blocks until the device is done; counts one host read.
     pub fn to_scalar_f32(&self) -> Result<f32> {
         if self.numel() != 1 {
             return Err(Error::ElementCount {
@@ -357,18 +477,35 @@ impl Tensor {
                 got: self.numel(),
             });
         }
+        sync::record_host_read();
         Ok(self.cpu_f32("to_scalar_f32", "self")?[0])
     }
 
     // ---------------------------------------------------------------- backend access
 
-    /// CPU f32 view of a float tensor (bf16 widened into a fresh buffer). Backend use only.
+    /// This tensor's elements on the CPU backend. Backend use only: errors (naming `op`) if
+    /// the storage is not on the CPU, never copies across devices.
+    pub(crate) fn cpu_view(&self, op: &'static str) -> Result<CpuView<'_>> {
+        let r = self.layout.range();
+        match &self.buffer.0 {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(CpuView::F32(&v[r])),
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(CpuView::BF16(&v[r])),
+            Storage::Cpu(CpuStorage::I32(v)) => Ok(CpuView::I32(&v[r])),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::NotOnCpu {
+                op,
+                device: self.device(),
+            }),
+        }
+    }
+
+    /// CPU f32 view of a float tensor (bf16 widened into a fresh buffer). Backend use only;
+    /// errors on non-CPU storage.
     pub(crate) fn cpu_f32(&self, op: &'static str, arg: &'static str) -> Result<Cow<'_, [f32]>> {
-        let Storage::Cpu(s) = &*self.storage;
-        match s {
-            CpuStorage::F32(v) => Ok(Cow::Borrowed(v.as_slice())),
-            CpuStorage::BF16(v) => Ok(Cow::Owned(crate::cpu::par_map(v, |x| x.to_f32()))),
-            CpuStorage::I32(_) => Err(Error::DTypeMismatch {
+        match self.cpu_view(op)? {
+            CpuView::F32(v) => Ok(Cow::Borrowed(v)),
+            CpuView::BF16(v) => Ok(Cow::Owned(crate::cpu::par_map(v, |x| x.to_f32()))),
+            CpuView::I32(_) => Err(Error::DTypeMismatch {
                 op,
                 arg,
                 expected: "f32 or bf16",
@@ -377,11 +514,10 @@ impl Tensor {
         }
     }
 
-    /// CPU i32 view of an index tensor. Backend use only.
+    /// CPU i32 view of an index tensor. Backend use only; errors on non-CPU storage.
     pub(crate) fn cpu_i32(&self, op: &'static str, arg: &'static str) -> Result<&[i32]> {
-        let Storage::Cpu(s) = &*self.storage;
-        match s {
-            CpuStorage::I32(v) => Ok(v.as_slice()),
+        match self.cpu_view(op)? {
+            CpuView::I32(v) => Ok(v),
             _ => Err(Error::DTypeMismatch {
                 op,
                 arg,
@@ -391,20 +527,25 @@ impl Tensor {
         }
     }
 
-    /// Mutable f32 buffer, unique to this handle: in place if the storage is unshared and
-    /// f32, else a fresh f32 copy replaces the handle's storage (copy-on-write).
-    pub(crate) fn cpu_f32_mut(&mut self, op: &'static str) -> Result<&mut Vec<f32>> {
-        let unique_f32 = matches!(
-            Arc::get_mut(&mut self.storage),
-            Some(Storage::Cpu(CpuStorage::F32(_)))
-        );
-        if !unique_f32 {
+    /// Mutable f32 elements, unique to this handle: in place if the buffer is unshared, f32
+    /// and exactly this tensor's elements, else a fresh f32 copy of the elements replaces
+    /// the handle's buffer (copy-on-write). Errors on non-CPU storage.
+    pub(crate) fn cpu_f32_mut(&mut self, op: &'static str) -> Result<&mut [f32]> {
+        let whole = self.layout.offset == 0;
+        let n = self.numel();
+        let in_place = whole
+            && matches!(
+                Arc::get_mut(&mut self.buffer),
+                Some(Buffer(Storage::Cpu(CpuStorage::F32(v)))) if v.len() == n
+            );
+        if !in_place {
             let copy = self.cpu_f32(op, "self")?.into_owned();
-            self.storage = Arc::new(Storage::Cpu(CpuStorage::F32(copy)));
+            self.buffer = Buffer::new(Storage::Cpu(CpuStorage::F32(copy)));
+            self.layout.offset = 0;
         }
-        match Arc::get_mut(&mut self.storage) {
-            Some(Storage::Cpu(CpuStorage::F32(v))) => Ok(v),
-            _ => unreachable!("storage was just made a unique f32 buffer"),
+        match Arc::get_mut(&mut self.buffer) {
+            Some(Buffer(Storage::Cpu(CpuStorage::F32(v)))) => Ok(v.as_mut_slice()),
+            _ => unreachable!("buffer was just made a unique f32 buffer"),
         }
     }
 

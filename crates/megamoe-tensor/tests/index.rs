@@ -187,3 +187,68 @@ fn constructors_validate_and_cuda_is_typed_error() {
     );
     assert!(Tensor::full([2], 0.5, DType::I32, Device::Cpu).is_err());
 }
+
+#[test]
+fn contiguous_narrow_is_a_view_and_writes_never_reach_the_parent() {
+    let x: Vec<f32> = (0..24).map(|v| v as f32).collect();
+    let xt = Tensor::from_slice(&x, [4, 3, 2], Device::Cpu).unwrap();
+    // dim 0: a view (shared buffer, offset 1·6)
+    let rows = xt.narrow(0, 1, 2).unwrap();
+    assert!(rows.same_storage(&xt));
+    assert_eq!(rows.layout().offset(), 6);
+    assert_eq!(host(&rows), x[6..18].to_vec());
+    // a view of a view, through an outer dim of size 1: still shared, offsets add up
+    let inner = rows.narrow(0, 1, 1).unwrap().narrow(1, 2, 1).unwrap();
+    assert!(inner.same_storage(&xt));
+    assert_eq!(host(&inner), x[16..18].to_vec());
+    // an inner narrow with outer > 1 copies
+    let cols = xt.narrow(2, 1, 1).unwrap();
+    assert!(!cols.same_storage(&xt));
+    assert_eq!(
+        host(&cols),
+        (0..12).map(|i| (2 * i + 1) as f32).collect::<Vec<_>>()
+    );
+    // ops read only the view's elements
+    assert_eq!(
+        rows.sum_all().unwrap().to_scalar_f32().unwrap(),
+        (6..18).sum::<i32>() as f32
+    );
+    let idx = Tensor::from_vec_i32(vec![1, 0], [2], Device::Cpu).unwrap();
+    assert_eq!(
+        host(&rows.index_select(&idx).unwrap()),
+        [&x[12..18], &x[6..12]].concat()
+    );
+    // an in-place op on a view copies (copy-on-write) and leaves the parent unchanged
+    let mut v = rows.clone();
+    v.add_assign(&rows).unwrap();
+    assert_eq!(
+        host(&v),
+        x[6..18].iter().map(|a| 2.0 * a).collect::<Vec<_>>()
+    );
+    assert_eq!(host(&xt), x);
+    // view bounds are checked
+    assert!(matches!(
+        rows.view(10, [3]),
+        Err(Error::InvalidArgument { op: "view", .. })
+    ));
+    assert_eq!(host(&rows.view(10, [2]).unwrap()), x[16..18].to_vec());
+}
+
+#[test]
+fn index_add_rows_acc_accumulates_in_place_and_touches_only_indexed_rows() {
+    let mut dst =
+        Tensor::from_vec_f32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2], Device::Cpu).unwrap();
+    let src = Tensor::from_vec_f32(vec![10.0, 20.0, 30.0, 40.0], [2, 2], Device::Cpu).unwrap();
+    let ids = Tensor::from_vec_i32(vec![2, 2], [2], Device::Cpu).unwrap();
+    let w = Tensor::from_vec_f32(vec![1.0, 0.5], [2], Device::Cpu).unwrap();
+    dst.index_add_rows_acc(&ids, &src, Some(&w)).unwrap();
+    assert_eq!(
+        host(&dst),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0 + 10.0 + 15.0, 6.0 + 20.0 + 20.0]
+    );
+    let bad = Tensor::from_vec_i32(vec![0, 3], [2], Device::Cpu).unwrap();
+    assert!(matches!(
+        dst.index_add_rows_acc(&bad, &src, None),
+        Err(Error::IndexOutOfRange { index: 3, .. })
+    ));
+}

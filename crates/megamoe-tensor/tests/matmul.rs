@@ -4,7 +4,12 @@
 
 mod common;
 use common::*;
-use megamoe_tensor::{DType, Device, Error, Tensor};
+use megamoe_tensor::{DType, Device, Error, RowGroups, Tensor};
+
+/// Packed row groups from host sizes.
+fn groups(sizes: &[usize]) -> RowGroups {
+    RowGroups::from_sizes(sizes, Device::Cpu).unwrap()
+}
 
 /// Naive f64 `op(a) op(b)`; a stored [m,k] or [k,m] (ta), b stored [k,n] or [n,k] (tb).
 fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Vec<f64> {
@@ -117,7 +122,7 @@ fn grouped_matmul_matches_per_group_naive_with_empty_groups() {
             [sizes.len(), k, n]
         };
         let wt = Tensor::from_slice(&w, shape, Device::Cpu).unwrap();
-        let y = host(&xt.grouped_matmul(&sizes, &wt, trans).unwrap());
+        let y = host(&xt.grouped_matmul(&groups(&sizes), &wt, trans).unwrap());
         let mut row = 0;
         for (g, &s) in sizes.iter().enumerate() {
             let want = naive(
@@ -144,7 +149,7 @@ fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group() {
     let x = rand_vec(11, r * k);
     let dyt = Tensor::from_slice(&dy, [r, n], Device::Cpu).unwrap();
     let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
-    let dw = Tensor::grouped_matmul_wgrad(&dyt, &xt, &sizes).unwrap();
+    let dw = Tensor::grouped_matmul_wgrad(&dyt, &xt, &groups(&sizes)).unwrap();
     assert_eq!(dw.dims(), &[3, n, k]);
     let dw = host(&dw);
     let mut row = 0;
@@ -166,18 +171,94 @@ fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group() {
 }
 
 #[test]
-fn grouped_matmul_bad_group_sizes_are_typed_errors() {
+fn grouped_matmul_bad_groups_are_typed_errors() {
     let x = rand_t(1, &[4, 3]);
     let w = rand_t(2, &[2, 5, 3]);
+    // one group for two weight matrices
     assert!(matches!(
-        x.grouped_matmul(&[1, 2], &w, true),
-        Err(Error::InvalidArgument { .. })
+        x.grouped_matmul(&groups(&[4]), &w, true),
+        Err(Error::InvalidArgument {
+            arg: "groups.len()",
+            ..
+        })
     ));
+    // groups past the 4 rows of x
     assert!(matches!(
-        x.grouped_matmul(&[4], &w, true),
-        Err(Error::InvalidArgument { .. })
+        x.grouped_matmul(&groups(&[3, 2]), &w, true),
+        Err(Error::InvalidArgument { arg: "groups", .. })
     ));
-    assert!(x.grouped_matmul(&[4, 0], &w, true).is_ok());
+    // overlapping groups
+    let sizes = Tensor::from_vec_i32(vec![2, 2], [2], Device::Cpu).unwrap();
+    let overlap = RowGroups::strided(&sizes, 1).unwrap();
+    assert!(matches!(
+        x.grouped_matmul(&overlap, &w, true),
+        Err(Error::InvalidArgument { arg: "groups", .. })
+    ));
+    // a negative size
+    let neg = Tensor::from_vec_i32(vec![-1, 2], [2], Device::Cpu).unwrap();
+    assert!(matches!(
+        x.grouped_matmul(&RowGroups::packed(&neg).unwrap(), &w, true),
+        Err(Error::InvalidArgument { arg: "groups", .. })
+    ));
+    assert!(x.grouped_matmul(&groups(&[4, 0]), &w, true).is_ok());
+}
+
+#[test]
+fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows() {
+    // A static-capacity buffer [G·C, k] with C = 4: group g at rows 4g.., sizes 3, 0, 4.
+    let (k, n, c) = (5, 3, 4);
+    let sizes = [3usize, 0, 4];
+    let packed_rows: usize = sizes.iter().sum();
+    let xp = rand_vec(50, packed_rows * k);
+    let dyp = rand_vec(51, packed_rows * n);
+    // Pad rows hold garbage that must not leak into any result.
+    let mut xs = vec![9.0f32; sizes.len() * c * k];
+    let mut dys = vec![9.0f32; sizes.len() * c * n];
+    let mut src = 0;
+    for (g, &s) in sizes.iter().enumerate() {
+        xs[g * c * k..(g * c + s) * k].copy_from_slice(&xp[src * k..(src + s) * k]);
+        dys[g * c * n..(g * c + s) * n].copy_from_slice(&dyp[src * n..(src + s) * n]);
+        src += s;
+    }
+    let counts = Tensor::from_vec_i32(vec![3, 0, 4], [3], Device::Cpu).unwrap();
+    let strided = RowGroups::strided(&counts, c).unwrap();
+    let w = rand_t(52, &[3, n, k]);
+    let xst = Tensor::from_vec_f32(xs, [sizes.len() * c, k], Device::Cpu).unwrap();
+    let dyst = Tensor::from_vec_f32(dys, [sizes.len() * c, n], Device::Cpu).unwrap();
+    let xpt = Tensor::from_vec_f32(xp, [packed_rows, k], Device::Cpu).unwrap();
+    let dypt = Tensor::from_vec_f32(dyp, [packed_rows, n], Device::Cpu).unwrap();
+
+    let ys = host(&xst.grouped_matmul(&strided, &w, true).unwrap());
+    let yp = host(&xpt.grouped_matmul(&groups(&sizes), &w, true).unwrap());
+    let mut src = 0;
+    for (g, &s) in sizes.iter().enumerate() {
+        let rows = &ys[g * c * n..(g + 1) * c * n];
+        assert!(
+            same_bits(&rows[..s * n], &yp[src * n..(src + s) * n]),
+            "group {g}"
+        );
+        assert!(
+            rows[s * n..].iter().all(|&v| v == 0.0),
+            "pad rows of group {g}"
+        );
+        src += s;
+    }
+    let dws = host(&Tensor::grouped_matmul_wgrad(&dyst, &xst, &strided).unwrap());
+    let dwp = host(&Tensor::grouped_matmul_wgrad(&dypt, &xpt, &groups(&sizes)).unwrap());
+    assert!(same_bits(&dws, &dwp));
+    // beta·self on pad rows of the accumulating form
+    let mut acc = Tensor::full([sizes.len() * c, n], 2.0, DType::F32, Device::Cpu).unwrap();
+    acc.grouped_matmul_acc(&xst, &strided, &w, true, 0.5)
+        .unwrap();
+    let acc = host(&acc);
+    assert!(
+        acc[3 * n..4 * n].iter().all(|&v| v == 1.0),
+        "pad row scaled by beta"
+    );
+    assert!(
+        acc[c * n..2 * c * n].iter().all(|&v| v == 1.0),
+        "empty group scaled by beta"
+    );
 }
 
 #[test]
@@ -191,9 +272,9 @@ fn matmul_family_same_bits_for_1_and_3_threads() {
     let sizes = [300usize, 0, 100, 300];
     let run = || {
         let y = host(&a.matmul(&b, false, true).unwrap());
-        let g = host(&x.grouped_matmul(&sizes, &w, true).unwrap());
+        let g = host(&x.grouped_matmul(&groups(&sizes), &w, true).unwrap());
         let dy = x.narrow(1, 0, 96).unwrap();
-        let dw = host(&Tensor::grouped_matmul_wgrad(&dy, &x, &sizes).unwrap());
+        let dw = host(&Tensor::grouped_matmul_wgrad(&dy, &x, &groups(&sizes)).unwrap());
         let bm = host(
             &a.reshape([2, 128, 192])
                 .unwrap()
@@ -253,7 +334,7 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
         for beta in [1.0f32, 0.5] {
             let mut out = Tensor::from_slice(&base, [r, n], Device::Cpu).unwrap();
             let shared = out.clone();
-            out.grouped_matmul_acc(&xt, &sizes, &wt, trans, beta)
+            out.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, beta)
                 .unwrap();
             let want = plus_scaled(&base, Some(beta as f64), &prod);
             assert_close(&host(&out), &want, RTOL, ATOL);
@@ -261,13 +342,13 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
         }
         // beta = 0 overwrites without reading: NaNs in the buffer do not propagate.
         let mut nan = Tensor::full([r, n], f32::NAN, DType::F32, Device::Cpu).unwrap();
-        nan.grouped_matmul_acc(&xt, &sizes, &wt, trans, 0.0)
+        nan.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, 0.0)
             .unwrap();
         assert_close(&host(&nan), &prod, RTOL, ATOL);
         // wrong output shape: a typed error naming the op
         let mut bad = Tensor::zeros([r, n + 1], DType::F32, Device::Cpu).unwrap();
         assert!(matches!(
-            bad.grouped_matmul_acc(&xt, &sizes, &wt, trans, 1.0),
+            bad.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, 1.0),
             Err(Error::ShapeMismatch {
                 op: "grouped_matmul_acc",
                 ..
@@ -305,7 +386,8 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
     for beta in [1.0f32, 0.25] {
         let mut g = Tensor::from_slice(&base, [3, n, k], Device::Cpu).unwrap();
         let shared = g.clone();
-        g.grouped_matmul_wgrad_acc(&dyt, &xt, &sizes, beta).unwrap();
+        g.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), beta)
+            .unwrap();
         let got = host(&g);
         assert_close(
             &got,
@@ -321,14 +403,14 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
     }
     // beta = 0: overwrite without reading; the empty group's block becomes exactly zero.
     let mut nan = Tensor::full([3, n, k], f32::NAN, DType::F32, Device::Cpu).unwrap();
-    nan.grouped_matmul_wgrad_acc(&dyt, &xt, &sizes, 0.0)
+    nan.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), 0.0)
         .unwrap();
     let got = host(&nan);
     assert_close(&got, &prod, RTOL, ATOL);
     assert!(got[n * k..2 * n * k].iter().all(|&v| v == 0.0));
     let mut bad = Tensor::zeros([2, n, k], DType::F32, Device::Cpu).unwrap();
     assert!(matches!(
-        bad.grouped_matmul_wgrad_acc(&dyt, &xt, &sizes, 1.0),
+        bad.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), 1.0),
         Err(Error::ShapeMismatch {
             op: "grouped_matmul_wgrad_acc",
             ..
@@ -352,9 +434,11 @@ fn grouped_acc_ops_same_bits_for_1_2_and_3_threads() {
         let w = rand_t(42, &[sizes.len(), 96, 192]);
         let run = || {
             let mut y = rand_t(43, &[r, 96]);
-            y.grouped_matmul_acc(&xs, sizes, &w, true, 1.0).unwrap();
+            y.grouped_matmul_acc(&xs, &groups(sizes), &w, true, 1.0)
+                .unwrap();
             let mut dw = rand_t(44, &[sizes.len(), 96, 192]);
-            dw.grouped_matmul_wgrad_acc(&dys, &xs, sizes, 1.0).unwrap();
+            dw.grouped_matmul_wgrad_acc(&dys, &xs, &groups(sizes), 1.0)
+                .unwrap();
             (host(&y), host(&dw))
         };
         let one = in_pool(1, run);

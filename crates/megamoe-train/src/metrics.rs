@@ -291,6 +291,10 @@ pub struct StepMetrics {
     /// Muon's learning rate this step; `None` when Muon is not in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub muon_lr: Option<f64>,
+    /// Explicit device→host reads during the step (the tensor crate's process-wide
+    /// counter, `megamoe_tensor::host_reads`): each is a synchronisation on a device.
+    #[serde(default)]
+    pub host_reads: u64,
 }
 
 impl StepMetrics {

@@ -253,6 +253,7 @@ impl Trainer {
     /// metrics with `skipped = true`; call [`Trainer::check_guard`] afterwards.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let started = Instant::now();
+        let reads_before = megamoe_tensor::host_reads();
         let s = self.step as usize; // 0-based index of this step
         let m = self.plan.batch.microbatches;
         let mbs = self.plan.batch.micro_batch_size;
@@ -332,6 +333,7 @@ impl Trainer {
                 OptimizerKind::Muon => self.schedule.muon_lr(s),
                 _ => None,
             },
+            host_reads: megamoe_tensor::host_reads() - reads_before,
         })
     }
 

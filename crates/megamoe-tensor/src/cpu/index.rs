@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{par_rows, rows_per_task};
+use super::rows_per_task;
 
 /// `out[r] = x[idx[r]]` for rows of `row_len` elements (indices already validated).
 pub(crate) fn gather_rows<T: Copy + Send + Sync + Default>(
@@ -27,16 +27,20 @@ pub(crate) fn gather_rows<T: Copy + Send + Sync + Default>(
     out
 }
 
-/// `out = dst; out[idx[r]] += w[r] · src[r]` for every source row `r`, each destination
-/// summing its sources in increasing `r` (CSR built by a stable counting sort).
-pub(crate) fn index_add_rows(
-    dst: &[f32],
+/// In place `dst[idx[r]] += w[r] · src[r]` for every source row `r`, each destination
+/// summing its sources in increasing `r` (CSR built by a stable counting sort). Rows with
+/// no source are not touched.
+pub(crate) fn index_add_rows_into(
+    dst: &mut [f32],
     row_len: usize,
     idx: &[i32],
     src: &[f32],
     w: Option<&[f32]>,
-) -> Vec<f32> {
+) {
     let m = dst.len().checked_div(row_len).unwrap_or(0);
+    if m == 0 || idx.is_empty() {
+        return;
+    }
     // CSR: sources of destination d are order[start[d]..start[d+1]], increasing.
     let mut start = vec![0usize; m + 1];
     for &d in idx {
@@ -51,19 +55,24 @@ pub(crate) fn index_add_rows(
         order[fill[d as usize]] = r;
         fill[d as usize] += 1;
     }
-    par_rows(dst, row_len, row_len, m, |d, drow, o| {
-        o.copy_from_slice(drow);
-        for &r in &order[start[d]..start[d + 1]] {
-            let s = &src[r * row_len..(r + 1) * row_len];
-            match w {
-                Some(w) => {
-                    let wr = w[r];
-                    o.iter_mut().zip(s).for_each(|(o, &v)| *o += wr * v);
+    let per = rows_per_task(row_len);
+    dst.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(c, block)| {
+            for (i, o) in block.chunks_mut(row_len).enumerate() {
+                let d = c * per + i;
+                for &r in &order[start[d]..start[d + 1]] {
+                    let s = &src[r * row_len..(r + 1) * row_len];
+                    match w {
+                        Some(w) => {
+                            let wr = w[r];
+                            o.iter_mut().zip(s).for_each(|(o, &v)| *o += wr * v);
+                        }
+                        None => o.iter_mut().zip(s).for_each(|(o, &v)| *o += v),
+                    }
                 }
-                None => o.iter_mut().zip(s).for_each(|(o, &v)| *o += v),
             }
-        }
-    })
+        });
 }
 
 /// `out[n, j] = x[n, idx[n, j]]` for `x [rows, e]`, `idx [rows, k]`.

@@ -190,53 +190,58 @@ fn for_each_group(
         .for_each(|(g, part)| work(g, part, false));
 }
 
-/// Start row of every group (exclusive prefix sum of `group_sizes`).
-fn group_offsets(group_sizes: &[usize]) -> Vec<usize> {
-    group_sizes
-        .iter()
-        .scan(0, |acc, &s| {
-            let o = *acc;
-            *acc += s;
-            Some(o)
-        })
-        .collect()
+/// Splits `out` (rows of `row_len`) into one mutable part per span (`(offset, rows)`, in
+/// order and disjoint) and the gaps between and after them.
+fn split_spans<'a>(
+    out: &'a mut [f32],
+    spans: &[(usize, usize)],
+    row_len: usize,
+) -> (Vec<&'a mut [f32]>, Vec<&'a mut [f32]>) {
+    let mut parts = Vec::with_capacity(spans.len());
+    let mut gaps = Vec::new();
+    let mut rest = out;
+    let mut at = 0;
+    for &(o, s) in spans {
+        let (gap, tail) = rest.split_at_mut((o - at) * row_len);
+        let (part, tail) = tail.split_at_mut(s * row_len);
+        gaps.push(gap);
+        parts.push(part);
+        rest = tail;
+        at = o + s;
+    }
+    gaps.push(rest);
+    (parts, gaps)
 }
 
-/// Grouped GEMM over ragged row groups: rows `offsets[g]..offsets[g+1]` of `x [R, k]` times
-/// weight `w_g` (`[n, k]` if `trans_w`, else `[k, n]`) give the same rows of the `[R, n]`
-/// output. One GEMM per group on its contiguous row block.
-pub(crate) fn grouped(
-    x: &[f32],
-    group_sizes: &[usize],
-    w: &[f32],
-    trans_w: bool,
-    n: usize,
-    k: usize,
-) -> Vec<f32> {
-    let rows: usize = group_sizes.iter().sum();
-    let mut out = vec![0.0f32; rows * n];
-    grouped_into(&mut out, x, group_sizes, w, trans_w, n, k, None);
-    out
+/// `beta·c` in place (`None`: zero), for output blocks no product touches.
+fn scale_block(c: &mut [f32], beta: Option<f32>) {
+    match beta {
+        None => c.iter_mut().for_each(|v| *v = 0.0),
+        Some(b) if b != 1.0 => c.iter_mut().for_each(|v| *v *= b),
+        Some(_) => {}
+    }
 }
 
 /// In place `out ← beta·out + grouped(x, w)` over `out [R, n]` (`beta = None` overwrites
-/// without reading `out`). Rows of empty groups do not exist, so nothing else is touched.
+/// without reading `out`): rows `o..o+s` of `x [R, k]` for span `g = (o, s)` times weight
+/// `w_g` (`[n, k]` if `trans_w`, else `[k, n]`) give the same rows of the output; rows in no
+/// span get `beta·out` (zero for `None`). One GEMM per group on its contiguous row block.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn grouped_into(
     out: &mut [f32],
     x: &[f32],
-    group_sizes: &[usize],
+    spans: &[(usize, usize)],
     w: &[f32],
     trans_w: bool,
     n: usize,
     k: usize,
     beta: Option<f32>,
 ) {
-    let offsets = group_offsets(group_sizes);
-    let lens: Vec<usize> = group_sizes.iter().map(|&s| s * n).collect();
-    let parts = super::split_mut(out, &lens);
-    for_each_group(parts, group_sizes, group_sizes, |g, c, threads| {
-        let (r0, len) = (offsets[g], group_sizes[g]);
+    let sizes: Vec<usize> = spans.iter().map(|&(_, s)| s).collect();
+    let (parts, gaps) = split_spans(out, spans, n);
+    gaps.into_iter().for_each(|c| scale_block(c, beta));
+    for_each_group(parts, &sizes, &sizes, |g, c, threads| {
+        let (r0, len) = spans[g];
         let a = Operand {
             data: &x[r0 * k..(r0 + len) * k],
             trans: false,
@@ -249,48 +254,30 @@ pub(crate) fn grouped_into(
     });
 }
 
-/// Weight gradient of the grouped GEMM: `dw[g] = dy_gᵀ · x_g` (`[n, k]`) for the row group
-/// `g` of `dy [R, n]` and `x [R, k]`; empty groups give zeros. The sum over the group's
-/// rows is the GEMM's reduction dimension and is never split.
-pub(crate) fn grouped_wgrad(
-    dy: &[f32],
-    x: &[f32],
-    group_sizes: &[usize],
-    n: usize,
-    k: usize,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; group_sizes.len() * n * k];
-    grouped_wgrad_into(&mut out, dy, x, group_sizes, n, k, None);
-    out
-}
-
-/// In place `out[g] ← beta·out[g] + dy_gᵀ · x_g` over `out [G, n, k]`; `beta = None`
-/// overwrites without reading `out`. An empty group contributes a zero product: its block
-/// is zeroed (`None`) or scaled by `beta`.
+/// In place `out[g] ← beta·out[g] + dy_gᵀ · x_g` over `out [G, n, k]` for the row spans
+/// `(offset, rows)` of `dy [R, n]` and `x [R, k]`; `beta = None` overwrites without reading
+/// `out`. An empty group contributes a zero product: its block is zeroed (`None`) or scaled
+/// by `beta`. The sum over the group's rows is the GEMM's reduction dimension, never split.
 pub(crate) fn grouped_wgrad_into(
     out: &mut [f32],
     dy: &[f32],
     x: &[f32],
-    group_sizes: &[usize],
+    spans: &[(usize, usize)],
     n: usize,
     k: usize,
     beta: Option<f32>,
 ) {
-    let groups = group_sizes.len();
-    let offsets = group_offsets(group_sizes);
+    let groups = spans.len();
+    let sizes: Vec<usize> = spans.iter().map(|&(_, s)| s).collect();
     let mut parts = super::split_mut(out, &vec![n * k; groups]);
     for (g, part) in parts.iter_mut().enumerate() {
-        if group_sizes[g] == 0 {
-            match beta {
-                None => part.iter_mut().for_each(|v| *v = 0.0),
-                Some(b) if b != 1.0 => part.iter_mut().for_each(|v| *v *= b),
-                Some(_) => {}
-            }
+        if sizes[g] == 0 {
+            scale_block(part, beta);
         }
     }
     // Every group's product is n·k·size multiply-adds: the group size orders the cost.
-    for_each_group(parts, group_sizes, group_sizes, |g, c, threads| {
-        let (r0, size) = (offsets[g], group_sizes[g]);
+    for_each_group(parts, &sizes, &sizes, |g, c, threads| {
+        let (r0, size) = spans[g];
         // dy_gᵀ is [n, size]: stored dy_g is [size, n] row-major, i.e. dy_gᵀ transposed.
         let a = Operand {
             data: &dy[r0 * n..(r0 + size) * n],

@@ -6,7 +6,7 @@
 //! reports the first bad one as [`Error::IndexOutOfRange`]. Shape ops work on every dtype.
 
 use crate::cpu::index as kernel;
-use crate::storage::{map_cpu_storage, Storage};
+use crate::tensor::{map_cpu_view, CpuView};
 use crate::{Error, Result, Shape, Tensor};
 
 /// Checks `0 <= idx[i] < bound` for all i.
@@ -40,8 +40,7 @@ impl Tensor {
         let ids = idx.cpu_i32(OP, "idx")?;
         check_indices(OP, ids, n)?;
         let row: usize = rest.iter().product();
-        let Storage::Cpu(s) = self.storage();
-        let out = map_cpu_storage!(s, v => kernel::gather_rows(v, row, ids));
+        let out = map_cpu_view!(self.cpu_view(OP)?, v => kernel::gather_rows(v, row, ids));
         let mut shape = vec![ids.len()];
         shape.extend_from_slice(rest);
         Ok(Tensor::from_cpu(out, shape.into()))
@@ -50,13 +49,29 @@ impl Tensor {
     /// Deterministic scatter-add of rows: returns `self` (`[M, ..]`) plus, for each source row
     /// `r` of `src [R, ..]`, `weights[r] · src[r]` added to row `idx[r]` (`idx [R]` i32,
     /// `weights [R]` optional). Each destination adds its sources in increasing `r`, so the
-    /// result does not depend on thread count. Result f32.
+    /// result does not depend on thread count. Result f32, a fresh buffer; to accumulate
+    /// into an existing buffer use [`Tensor::index_add_rows_acc`].
     pub fn index_add_rows(
         &self,
         idx: &Tensor,
         src: &Tensor,
         weights: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let mut out = self.clone();
+        out.index_add_rows_acc(idx, src, weights)?;
+        Ok(out)
+    }
+
+    /// In place: `self[idx[r]] += weights[r] · src[r]` for every source row `r` (see
+    /// [`Tensor::index_add_rows`] for shapes and order). Only destination rows that receive a
+    /// source are touched, so an embedding gradient `[V, H]` costs O(rows), not O(V·H).
+    /// Copy-on-write if `self`'s buffer is shared.
+    pub fn index_add_rows_acc(
+        &mut self,
+        idx: &Tensor,
+        src: &Tensor,
+        weights: Option<&Tensor>,
+    ) -> Result<()> {
         const OP: &str = "index_add_rows";
         self.same_device(OP, src)?;
         self.same_device(OP, idx)?;
@@ -76,27 +91,24 @@ impl Tensor {
                 rule: "src must be [R, ..] with dst's trailing dims and R = len(idx)",
             });
         }
+        if let Some(w) = weights {
+            if w.dims() != [r] {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    lhs: w.dims().to_vec(),
+                    rhs: vec![r],
+                    rule: "weights must be [R]",
+                });
+            }
+        }
         let ids = idx.cpu_i32(OP, "idx")?;
         check_indices(OP, ids, m)?;
-        let w = match weights {
-            Some(w) => {
-                if w.dims() != [r] {
-                    return Err(Error::ShapeMismatch {
-                        op: OP,
-                        lhs: w.dims().to_vec(),
-                        rhs: vec![r],
-                        rule: "weights must be [R]",
-                    });
-                }
-                Some(w.cpu_f32(OP, "weights")?)
-            }
-            None => None,
-        };
+        let w = weights.map(|w| w.cpu_f32(OP, "weights")).transpose()?;
         let row: usize = rest.iter().product();
-        let d = self.cpu_f32(OP, "dst")?;
         let s = src.cpu_f32(OP, "src")?;
-        let out = kernel::index_add_rows(&d, row, ids, &s, w.as_deref());
-        Ok(Tensor::cpu_f32_from(out, self.shape()))
+        let d = self.cpu_f32_mut(OP)?;
+        kernel::index_add_rows_into(d, row, ids, &s, w.as_deref());
+        Ok(())
     }
 
     /// Per-row gather: `out[n, j] = self[n, idx[n, j]]` for `self [N, E]`, `idx [N, k]`.
@@ -138,7 +150,9 @@ impl Tensor {
         ))
     }
 
-    /// Copy of `len` entries of dimension `dim` starting at `start` (any dtype).
+    /// `len` entries of dimension `dim` starting at `start` (any dtype). A view sharing the
+    /// buffer (no copy) when the kept block is contiguous: `dim` is 0, or every dimension
+    /// before `dim` has size 1; otherwise a copy.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
         const OP: &str = "narrow";
         let (outer, size, inner) = self.shape().split_at_dim(OP, dim)?;
@@ -150,10 +164,12 @@ impl Tensor {
                 rule: "must be <= the size of dimension dim",
             });
         }
-        let Storage::Cpu(s) = self.storage();
-        let out = map_cpu_storage!(s, v => kernel::narrow(v, outer, size, inner, start, len));
         let mut shape = self.dims().to_vec();
         shape[dim] = len;
+        if outer == 1 || len == size {
+            return self.view(start * inner, shape);
+        }
+        let out = map_cpu_view!(self.cpu_view(OP)?, v => kernel::narrow(v, outer, size, inner, start, len));
         Ok(Tensor::from_cpu(out, shape.into()))
     }
 
@@ -190,9 +206,8 @@ impl Tensor {
             ($variant:ident) => {{
                 let mut p = Vec::with_capacity(tensors.len());
                 for (t, &sz) in tensors.iter().zip(&sizes) {
-                    let Storage::Cpu(s) = t.storage();
-                    match s {
-                        crate::storage::CpuStorage::$variant(v) => p.push((v.as_slice(), sz)),
+                    match t.cpu_view(OP)? {
+                        CpuView::$variant(v) => p.push((v, sz)),
                         _ => unreachable!("dtypes checked equal above"),
                     }
                 }
@@ -251,8 +266,7 @@ impl Tensor {
         if rank == 0 {
             return Ok(self.clone());
         }
-        let Storage::Cpu(s) = self.storage();
-        let out = map_cpu_storage!(s, v => kernel::permute(v, self.dims(), perm));
+        let out = map_cpu_view!(self.cpu_view(OP)?, v => kernel::permute(v, self.dims(), perm));
         let shape: Vec<usize> = perm.iter().map(|&p| self.dims()[p]).collect();
         Ok(Tensor::from_cpu(out, Shape::from(shape)))
     }

@@ -1,11 +1,13 @@
 //! Matrix products: dense 2-D (`matmul`, `matmul_acc`), batched (`bmm`) and grouped over
 //! ragged row groups (`grouped_matmul`, `grouped_matmul_wgrad` and their accumulating forms
-//! `grouped_matmul_acc`, `grouped_matmul_wgrad_acc`), the MoE expert bank's GEMMs.
+//! `grouped_matmul_acc`, `grouped_matmul_wgrad_acc`), the MoE expert bank's GEMMs. Row
+//! groups are device tensors ([`RowGroups`]), never host values.
 //!
 //! Transposes are flags, not copies: `trans_a` means `a` is stored `[K, M]` and used as its
 //! transpose. All products are f32 (bf16 operands are widened first).
 
 use crate::cpu::matmul::{self as kernel, Operand};
+use crate::ops::groups::RowGroups;
 use crate::{Error, Result, Tensor};
 
 /// Logical `(rows, cols)` of a rank-2 operand stored `[d0, d1]`, transposed if `trans`.
@@ -159,62 +161,64 @@ impl Tensor {
         Ok(Tensor::cpu_f32_from(out, [batch, m, n]))
     }
 
-    /// Grouped GEMM: `self` is `x [R, K]` whose rows are cut into consecutive groups of
-    /// `group_sizes[g]` rows (host values, sum = R, zeros allowed); group `g` is multiplied by
+    /// Grouped GEMM: `self` is `x [R, K]` whose rows are cut into the row `groups` (device
+    /// tensors, see [`RowGroups`]; `R` is the static row bound); group `g` is multiplied by
     /// `w[g]`, where `w` is `[G, N, K]` used transposed if `trans_w` (`y_g = x_g w_gᵀ`, the
-    /// Linear convention) or `[G, K, N]` otherwise. Result `[R, N]`.
+    /// Linear convention) or `[G, K, N]` otherwise. Result `[R, N]`; rows outside every
+    /// group are zero.
     ///
-    /// Input gradient of `y = grouped_matmul(x, sizes, w, true)` is
-    /// `grouped_matmul(dy, sizes, w, false)`.
-    pub fn grouped_matmul(
-        &self,
-        group_sizes: &[usize],
-        w: &Tensor,
-        trans_w: bool,
-    ) -> Result<Tensor> {
+    /// Input gradient of `y = grouped_matmul(x, groups, w, true)` is
+    /// `grouped_matmul(dy, groups, w, false)`.
+    pub fn grouped_matmul(&self, groups: &RowGroups, w: &Tensor, trans_w: bool) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
-        let (rows, n, k) = grouped_dims(OP, self, group_sizes, w, trans_w)?;
+        let (rows, n, k) = grouped_dims(OP, self, groups, w, trans_w)?;
+        let spans = groups.cpu_spans(OP, rows)?;
         let xd = self.cpu_f32(OP, "x")?;
         let wd = w.cpu_f32(OP, "w")?;
-        let out = kernel::grouped(&xd, group_sizes, &wd, trans_w, n, k);
+        let mut out = vec![0.0f32; rows * n];
+        kernel::grouped_into(&mut out, &xd, &spans, &wd, trans_w, n, k, None);
         Ok(Tensor::cpu_f32_from(out, [rows, n]))
     }
 
-    /// In place: `self ← beta·self + grouped_matmul(x, group_sizes, w, trans_w)`, `self`
-    /// being `[R, N]`. Used to sum two products into one buffer (e.g. the SwiGLU input
-    /// gradient `d_up·W_up + d_gate·W_gate`) without a temporary. `beta = 0` overwrites
-    /// without reading `self`. Copy-on-write if `self`'s buffer is shared.
+    /// In place: `self ← beta·self + grouped_matmul(x, groups, w, trans_w)`, `self` being
+    /// `[R, N]` (rows outside every group: `beta·self`). Used to sum two products into one
+    /// buffer (e.g. the SwiGLU input gradient `d_up·W_up + d_gate·W_gate`) without a
+    /// temporary. `beta = 0` overwrites without reading `self`. Copy-on-write if `self`'s
+    /// buffer is shared.
     pub fn grouped_matmul_acc(
         &mut self,
         x: &Tensor,
-        group_sizes: &[usize],
+        groups: &RowGroups,
         w: &Tensor,
         trans_w: bool,
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_acc";
         self.same_device(OP, x)?;
-        let (rows, n, k) = grouped_dims(OP, x, group_sizes, w, trans_w)?;
+        let (rows, n, k) = grouped_dims(OP, x, groups, w, trans_w)?;
         check_out(OP, self, &[rows, n])?;
+        let spans = groups.cpu_spans(OP, rows)?;
         let xd = x.cpu_f32(OP, "x")?;
         let wd = w.cpu_f32(OP, "w")?;
         let out = self.cpu_f32_mut(OP)?;
         let beta = if beta == 0.0 { None } else { Some(beta) };
-        kernel::grouped_into(out, &xd, group_sizes, &wd, trans_w, n, k, beta);
+        kernel::grouped_into(out, &xd, &spans, &wd, trans_w, n, k, beta);
         Ok(())
     }
 
     /// Weight gradient of [`Tensor::grouped_matmul`] with `trans_w = true`:
     /// `dw[g] = dy_gᵀ x_g`, where `dy [R, N]` and `x [R, K]` share the row groups. Result
     /// `[G, N, K]`; a group with zero rows gets a zero gradient. (For the `[G, K, N]` layout,
-    /// call `grouped_matmul_wgrad(x, dy, sizes)`, which gives `[G, K, N]`.)
-    pub fn grouped_matmul_wgrad(dy: &Tensor, x: &Tensor, group_sizes: &[usize]) -> Result<Tensor> {
+    /// call `grouped_matmul_wgrad(x, dy, groups)`, which gives `[G, K, N]`.)
+    pub fn grouped_matmul_wgrad(dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
         const OP: &str = "grouped_matmul_wgrad";
-        let (n, k) = wgrad_dims(OP, dy, x, group_sizes)?;
+        let (rows, n, k) = wgrad_dims(OP, dy, x, groups)?;
+        let spans = groups.cpu_spans(OP, rows)?;
         let dyd = dy.cpu_f32(OP, "dy")?;
         let xd = x.cpu_f32(OP, "x")?;
-        let out = kernel::grouped_wgrad(&dyd, &xd, group_sizes, n, k);
-        Ok(Tensor::cpu_f32_from(out, [group_sizes.len(), n, k]))
+        let mut out = vec![0.0f32; spans.len() * n * k];
+        kernel::grouped_wgrad_into(&mut out, &dyd, &xd, &spans, n, k, None);
+        Ok(Tensor::cpu_f32_from(out, [spans.len(), n, k]))
     }
 
     /// In place: `self[g] ← beta·self[g] + dy_gᵀ x_g` for `self [G, N, K]` — the
@@ -226,18 +230,19 @@ impl Tensor {
         &mut self,
         dy: &Tensor,
         x: &Tensor,
-        group_sizes: &[usize],
+        groups: &RowGroups,
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_wgrad_acc";
         self.same_device(OP, dy)?;
-        let (n, k) = wgrad_dims(OP, dy, x, group_sizes)?;
-        check_out(OP, self, &[group_sizes.len(), n, k])?;
+        let (rows, n, k) = wgrad_dims(OP, dy, x, groups)?;
+        check_out(OP, self, &[groups.len(), n, k])?;
+        let spans = groups.cpu_spans(OP, rows)?;
         let dyd = dy.cpu_f32(OP, "dy")?;
         let xd = x.cpu_f32(OP, "x")?;
         let out = self.cpu_f32_mut(OP)?;
         let beta = if beta == 0.0 { None } else { Some(beta) };
-        kernel::grouped_wgrad_into(out, &dyd, &xd, group_sizes, n, k, beta);
+        kernel::grouped_wgrad_into(out, &dyd, &xd, &spans, n, k, beta);
         Ok(())
     }
 }
@@ -247,11 +252,12 @@ impl Tensor {
 fn grouped_dims(
     op: &'static str,
     x: &Tensor,
-    group_sizes: &[usize],
+    groups: &RowGroups,
     w: &Tensor,
     trans_w: bool,
 ) -> Result<(usize, usize, usize)> {
     x.same_device(op, w)?;
+    x.same_device(op, groups.sizes())?;
     let (rows, k) = match x.dims() {
         &[r, k] => (r, k),
         _ => return Err(x.rank_error(op, "x", 2)),
@@ -260,7 +266,7 @@ fn grouped_dims(
         &[g, a, b] => (g, a, b),
         _ => return Err(w.rank_error(op, "w", 3)),
     };
-    check_groups(op, group_sizes, g, rows)?;
+    check_groups(op, groups, g)?;
     let (wk, n) = if trans_w { (w2, w1) } else { (w1, w2) };
     if wk != k {
         return Err(inner_mismatch(op, x, w));
@@ -268,14 +274,14 @@ fn grouped_dims(
     Ok((rows, n, k))
 }
 
-/// `(N, K)` of the weight gradient `dy_gᵀ x_g` after checking `dy [R, N]`, `x [R, K]` and
-/// the row groups.
+/// `(R, N, K)` of the weight gradient `dy_gᵀ x_g` after checking `dy [R, N]`, `x [R, K]`
+/// and the row groups.
 fn wgrad_dims(
     op: &'static str,
     dy: &Tensor,
     x: &Tensor,
-    group_sizes: &[usize],
-) -> Result<(usize, usize)> {
+    groups: &RowGroups,
+) -> Result<(usize, usize, usize)> {
     dy.same_device(op, x)?;
     let (rows, n) = match dy.dims() {
         &[r, n] => (r, n),
@@ -293,8 +299,9 @@ fn wgrad_dims(
             rule: "dy and x must have the same number of rows",
         });
     }
-    check_groups(op, group_sizes, group_sizes.len(), rows)?;
-    Ok((n, k))
+    check_groups(op, groups, groups.len())?;
+    dy.same_device(op, groups.sizes())?;
+    Ok((rows, n, k))
 }
 
 /// An in-place output must already have the product's shape.
@@ -310,23 +317,15 @@ fn check_out(op: &'static str, out: &Tensor, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// `group_sizes` must have one entry per weight group and sum to the row count.
-fn check_groups(op: &'static str, group_sizes: &[usize], groups: usize, rows: usize) -> Result<()> {
-    if group_sizes.len() != groups {
+/// `groups` must have one entry per weight group and live on the operands' device (their
+/// values are checked by the backend, see [`RowGroups`]).
+fn check_groups(op: &'static str, groups: &RowGroups, expected: usize) -> Result<()> {
+    if groups.len() != expected {
         return Err(Error::InvalidArgument {
             op,
-            arg: "group_sizes.len()",
-            value: group_sizes.len().to_string(),
+            arg: "groups.len()",
+            value: groups.len().to_string(),
             rule: "must equal the number of weight groups G",
-        });
-    }
-    let total: usize = group_sizes.iter().sum();
-    if total != rows {
-        return Err(Error::InvalidArgument {
-            op,
-            arg: "sum(group_sizes)",
-            value: total.to_string(),
-            rule: "must equal the number of rows R of x",
         });
     }
     Ok(())

@@ -14,6 +14,7 @@
 
 pub mod capacity;
 pub mod elementwise;
+pub mod groups;
 pub mod index;
 pub mod loss;
 pub mod mask;

@@ -7,6 +7,26 @@ use crate::cpu::softmax::logsumexp_row;
 use crate::{Result, Shape, Tensor};
 
 impl Tensor {
+    /// Exclusive prefix sum of a rank-1 i32 tensor: `out[g] = Σ_{i<g} x[i]` (`[G]` i32),
+    /// e.g. group offsets from group sizes. Errors if a partial sum leaves i32.
+    pub fn exclusive_cumsum_i32(&self) -> Result<Tensor> {
+        const OP: &str = "exclusive_cumsum_i32";
+        self.expect_rank(OP, "x", 1)?;
+        let x = self.cpu_i32(OP, "x")?;
+        let mut acc = 0i32;
+        let mut out = Vec::with_capacity(x.len());
+        for &v in x {
+            out.push(acc);
+            acc = acc.checked_add(v).ok_or(crate::Error::InvalidArgument {
+                op: OP,
+                arg: "x",
+                value: v.to_string(),
+                rule: "partial sums must fit in i32",
+            })?;
+        }
+        Ok(Tensor::cpu_i32_from(out, self.shape().clone()))
+    }
+
     /// Σ of all elements, as a rank-0 tensor (0 for an empty tensor).
     pub fn sum_all(&self) -> Result<Tensor> {
         let x = self.cpu_f32("sum_all", "x")?;

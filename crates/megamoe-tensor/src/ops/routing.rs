@@ -316,23 +316,29 @@ impl Tensor {
     }
 
     /// Inverse of [`Tensor::pad_groups`]: `self` is `[G · capacity, d]`; drops the pad rows.
-    pub fn unpad_groups(&self, counts: &Tensor, capacity: usize) -> Result<Tensor> {
+    /// `rows` is Σ counts, passed by the caller (it is the row count of the unpadded buffer
+    /// it padded) so that the output shape never needs the counts on the host; the backend
+    /// checks it.
+    pub fn unpad_groups(&self, counts: &Tensor, capacity: usize, rows: usize) -> Result<Tensor> {
         const OP: &str = "unpad_groups";
         let (r, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
         let c = counts.cpu_i32(OP, "counts")?;
-        if r != c.len() * capacity || c.iter().any(|&v| v < 0 || v as usize > capacity) {
+        let total: usize = c.iter().map(|&v| v.max(0) as usize).sum();
+        if r != c.len() * capacity
+            || total != rows
+            || c.iter().any(|&v| v < 0 || v as usize > capacity)
+        {
             return Err(shape_err(
                 OP,
                 self,
                 counts,
-                "x must be [G·capacity, d] and counts in 0..=capacity",
+                "x must be [G·capacity, d], counts in 0..=capacity summing to rows",
             ));
         }
-        let total: usize = c.iter().map(|&v| v as usize).sum();
         let x = self.cpu_f32(OP, "x")?;
         Ok(Tensor::cpu_f32_from(
             kernel::unpad_groups(&x, d, c, capacity),
-            [total, d],
+            [rows, d],
         ))
     }
 

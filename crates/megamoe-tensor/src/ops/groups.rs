@@ -1,0 +1,119 @@
+//! [`RowGroups`]: the row groups of a grouped GEMM (one group per expert), held as device
+//! tensors so that no op needs them on the host.
+//!
+//! Group `g` covers rows `offsets[g] .. offsets[g] + sizes[g]` of the operand; groups are
+//! in order and disjoint, and rows outside every group are not multiplied (their output
+//! rows are zero). The operand's row count is the static bound, so shapes never depend on
+//! the group sizes: a dropless buffer is `[R, H]` with packed groups
+//! ([`RowGroups::packed`]), a static-capacity buffer `[G·C, H]` with group `g` at row `g·C`
+//! ([`RowGroups::strided`]).
+
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Row groups `(sizes, offsets)`, both `[G]` i32 tensors on the operands' device.
+#[derive(Debug, Clone)]
+pub struct RowGroups {
+    sizes: Tensor,
+    offsets: Tensor,
+}
+
+fn check_sizes(op: &'static str, sizes: &Tensor) -> Result<usize> {
+    sizes.expect_rank(op, "sizes", 1)?;
+    if sizes.dtype() != DType::I32 {
+        return Err(Error::DTypeMismatch {
+            op,
+            arg: "sizes",
+            expected: "i32",
+            got: sizes.dtype(),
+        });
+    }
+    Ok(sizes.numel())
+}
+
+impl RowGroups {
+    /// Consecutive groups: group `g` starts where group `g − 1` ends (offsets are the
+    /// exclusive prefix sum of `sizes`, computed on the device). `sizes` is `[G]` i32.
+    pub fn packed(sizes: &Tensor) -> Result<RowGroups> {
+        check_sizes("RowGroups::packed", sizes)?;
+        Ok(RowGroups {
+            sizes: sizes.clone(),
+            offsets: sizes.exclusive_cumsum_i32()?,
+        })
+    }
+
+    /// Fixed-stride groups of a padded buffer `[G·stride, ..]`: group `g` starts at row
+    /// `g·stride` and holds `sizes[g] ≤ stride` rows.
+    pub fn strided(sizes: &Tensor, stride: usize) -> Result<RowGroups> {
+        let g = check_sizes("RowGroups::strided", sizes)?;
+        if g.checked_mul(stride).is_none_or(|n| n > i32::MAX as usize) {
+            return Err(Error::InvalidArgument {
+                op: "RowGroups::strided",
+                arg: "stride",
+                value: stride.to_string(),
+                rule: "G·stride must fit in i32",
+            });
+        }
+        let offsets = (0..g).map(|i| (i * stride) as i32).collect();
+        Ok(RowGroups {
+            sizes: sizes.clone(),
+            offsets: Tensor::from_vec_i32(offsets, [g], sizes.device())?,
+        })
+    }
+
+    /// Packed groups from host sizes (reference paths and tests; the hot path builds
+    /// them from device counts with [`RowGroups::packed`]).
+    pub fn from_sizes(sizes: &[usize], device: Device) -> Result<RowGroups> {
+        let mut host = Vec::with_capacity(sizes.len());
+        for &s in sizes {
+            host.push(i32::try_from(s).map_err(|_| Error::InvalidArgument {
+                op: "RowGroups::from_sizes",
+                arg: "sizes",
+                value: s.to_string(),
+                rule: "every size must fit in i32",
+            })?);
+        }
+        RowGroups::packed(&Tensor::from_vec_i32(host, [sizes.len()], device)?)
+    }
+
+    /// `[G]` i32 rows per group.
+    pub fn sizes(&self) -> &Tensor {
+        &self.sizes
+    }
+
+    /// `[G]` i32 first row of each group.
+    pub fn offsets(&self) -> &Tensor {
+        &self.offsets
+    }
+
+    /// Number of groups G.
+    pub fn len(&self) -> usize {
+        self.sizes.numel()
+    }
+
+    /// True if there are no groups.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// CPU backend: the groups as `(offset, size)` spans after checking that they are
+    /// non-negative, in order, disjoint and inside `rows` (the operand's row count).
+    pub(crate) fn cpu_spans(&self, op: &'static str, rows: usize) -> Result<Vec<(usize, usize)>> {
+        let sizes = self.sizes.cpu_i32(op, "groups.sizes")?;
+        let offsets = self.offsets.cpu_i32(op, "groups.offsets")?;
+        let mut spans = Vec::with_capacity(sizes.len());
+        let mut end = 0usize;
+        for (g, (&o, &s)) in offsets.iter().zip(sizes).enumerate() {
+            if o < 0 || s < 0 || (o as usize) < end || o as usize + s as usize > rows {
+                return Err(Error::InvalidArgument {
+                    op,
+                    arg: "groups",
+                    value: format!("group {g}: offset {o}, size {s}, rows {rows}"),
+                    rule: "groups must be non-negative, in order, disjoint and inside the rows",
+                });
+            }
+            end = o as usize + s as usize;
+            spans.push((o as usize, s as usize));
+        }
+        Ok(spans)
+    }
+}
