@@ -82,7 +82,9 @@ fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit() {
     // expert outputs: any rows; pad rows hold garbage that must be ignored
     let out = rand_t(11, &[3 * c, d]);
     let perm = idx.sort_by_expert(&keep, 3).unwrap();
-    let out_packed = out.unpad_groups(&perm.counts, c).unwrap();
+    let out_packed = out
+        .unpad_groups(&perm.counts, c, perm.token.numel())
+        .unwrap();
     let row_gates = gates
         .reshape([t * k, 1])
         .unwrap()
@@ -134,7 +136,8 @@ fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit() {
 }
 
 fn packed_of(buffers: &Tensor, counts: &Tensor, c: usize) -> Tensor {
-    buffers.unpad_groups(counts, c).unwrap()
+    let rows: i32 = counts.to_host_i32().unwrap().iter().sum();
+    buffers.unpad_groups(counts, c, rows as usize).unwrap()
 }
 
 #[test]
