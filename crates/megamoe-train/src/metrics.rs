@@ -269,9 +269,19 @@ pub struct StepMetrics {
     /// Estimated model FLOPs utilisation (see [`mfu`]); `None` when peak is unknown.
     #[serde(default)]
     pub mfu: Option<f64>,
-    /// Memory in use (device allocator or process RSS), bytes.
+    /// Peak bytes of live tensors during the step (measured by the tensor
+    /// crate's live-bytes counter): `state_bytes + activation_bytes`.
     #[serde(default)]
     pub memory_bytes: Option<u64>,
+    /// Tensor bytes alive when the step began: parameters, optimizer state and
+    /// other persistent buffers (0 in records written before it was measured).
+    #[serde(default)]
+    pub state_bytes: u64,
+    /// Peak tensor bytes the step added on top of `state_bytes`: activations
+    /// kept for backward, gradients and temporaries (what recompute and
+    /// micro-batching change; 0 in records written before it was measured).
+    #[serde(default)]
+    pub activation_bytes: u64,
     /// Per MoE layer routing stats.
     #[serde(default)]
     pub moe: Vec<MoeLayerStats>,

@@ -254,6 +254,11 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepMetrics> {
         let started = Instant::now();
         let reads_before = megamoe_tensor::host_reads();
+        // Tensor bytes alive before the step: parameters, optimizer state and
+        // other persistent buffers. The peak over the step minus these is what
+        // the step itself held at its worst (activations, gradients, temporaries).
+        let state_bytes = megamoe_tensor::live_bytes();
+        megamoe_tensor::reset_peak_bytes();
         let s = self.step as usize; // 0-based index of this step
         let m = self.plan.batch.microbatches;
         let mbs = self.plan.batch.micro_batch_size;
@@ -323,7 +328,9 @@ impl Trainer {
                 .options
                 .peak_flops
                 .map(|p| mfu(self.counts.flops_per_token, tokens_per_s, p)),
-            memory_bytes: Some(self.counts.state_bytes),
+            memory_bytes: Some(megamoe_tensor::peak_bytes()),
+            state_bytes,
+            activation_bytes: megamoe_tensor::peak_bytes().saturating_sub(state_bytes),
             moe: sums.moe_stats(),
             gate_skip: sums.gate_skip_stats(),
             flexi_depth: sums.flexi_depth_stats(self.plan.model.n_layers),
