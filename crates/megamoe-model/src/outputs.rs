@@ -47,21 +47,28 @@ pub struct LossValues {
 }
 
 impl LossParts {
-    /// Reads every part.
+    /// Reads every part, in one batched host read.
     pub fn to_host(&self) -> Result<LossValues> {
-        // SYNC: loss parts are read once per step for logging and the NaN guard.
-        let mut mtp = Vec::with_capacity(self.mtp_losses.len());
-        for l in &self.mtp_losses {
-            mtp.push(l.to_scalar_f32()?);
-        }
+        let mut all: Vec<&Tensor> = vec![
+            &self.lm_loss,
+            &self.aux,
+            &self.z,
+            &self.gate_skip,
+            &self.flexi_depth,
+            &self.total,
+        ];
+        all.extend(self.mtp_losses.iter());
+        // SYNC: loss parts are read for logging and the NaN guard: one read for all parts.
+        let host = Tensor::to_host_batch_f32(&all)?;
+        let first = |i: usize| host[i].first().copied().unwrap_or(f32::NAN);
         Ok(LossValues {
-            lm_loss: self.lm_loss.to_scalar_f32()?,
-            mtp_losses: mtp,
-            aux: self.aux.to_scalar_f32()?,
-            z: self.z.to_scalar_f32()?,
-            gate_skip: self.gate_skip.to_scalar_f32()?,
-            flexi_depth: self.flexi_depth.to_scalar_f32()?,
-            total: self.total.to_scalar_f32()?,
+            lm_loss: first(0),
+            mtp_losses: (6..host.len()).map(first).collect(),
+            aux: first(1),
+            z: first(2),
+            gate_skip: first(3),
+            flexi_depth: first(4),
+            total: first(5),
         })
     }
 }

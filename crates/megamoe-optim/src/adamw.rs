@@ -9,7 +9,7 @@
 //! ```
 
 use megamoe_plan::OptimPlan;
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::{AdamWStep, DType, Tensor};
 
 use crate::error::{OptimError, Result};
 
@@ -106,29 +106,22 @@ pub fn adamw_update(
     t: u64,
     decay: bool,
 ) -> Result<Tensor> {
-    let (b1, b2) = (cfg.beta1, cfg.beta2);
-    // m ← β1 m + (1−β1) g ; v ← β2 v + (1−β2) g²
-    let mut m = state.exp_avg.scale(b1 as f32)?;
-    m.axpy((1.0 - b1) as f32, grad)?;
-    let mut v = state.exp_avg_sq.scale(b2 as f32)?;
-    v.axpy((1.0 - b2) as f32, &grad.square()?)?;
-    let t = t.max(1) as i32;
-    let bc1 = 1.0 - b1.powi(t);
-    let bc2 = 1.0 - b2.powi(t);
-    // denom = √(v / bc2) + ε
-    let denom = v
-        .scale((1.0 / bc2) as f32)?
-        .sqrt()?
-        .add_scalar(cfg.eps as f32)?;
-    let step = m.div(&denom)?;
-    let wd = if decay { cfg.weight_decay } else { 0.0 };
-    let mut p = if wd != 0.0 {
-        param.scale((1.0 - lr * wd) as f32)?
-    } else {
-        param.to_dtype(DType::F32)? // axpy below copies on write: `param` is never modified
-    };
-    p.axpy((-lr / bc1) as f32, &step)?;
-    state.exp_avg = m;
-    state.exp_avg_sq = v;
+    // One fused pass over p, m, v (bit-identical to the unfused scale/axpy/sqrt/div
+    // sequence). `p` shares `param`'s buffer, so the op writes a fresh copy: `param` is
+    // never modified.
+    let mut p = param.clone();
+    p.adamw_step(
+        &mut state.exp_avg,
+        &mut state.exp_avg_sq,
+        grad,
+        &AdamWStep {
+            lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+            t,
+        },
+    )?;
     Ok(p)
 }

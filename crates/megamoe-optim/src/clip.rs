@@ -5,7 +5,7 @@
 //! (`finite = false`) and the gradients are left untouched, so the trainer's NaN/Inf guard
 //! sees it and can skip the step.
 
-use megamoe_tensor::Tensor;
+use megamoe_tensor::{DType, Tensor};
 
 use crate::error::{OptimError, Result};
 use crate::params::{Visitor, VisitorMut};
@@ -23,31 +23,44 @@ pub struct ClipReport {
     pub scale: f64,
 }
 
-/// The global L2 norm of every gradient the visitor yields.
-///
-/// SYNC: reads one scalar per gradient to the host (the norm is a host value for metrics).
-pub fn global_grad_norm(visit_grads: &mut Visitor<'_>) -> Result<f64> {
-    let mut total = 0.0f64;
+/// The global L2 norm of every gradient the visitor yields, as a rank-0 tensor on the
+/// device: per-gradient Σ g² (f64 inside each tensor), summed over tensors in f64. No host
+/// read.
+pub fn global_grad_norm_tensor(visit_grads: &mut Visitor<'_>) -> Result<Tensor> {
+    let mut parts: Vec<Tensor> = Vec::new();
     let mut err: Option<OptimError> = None;
     visit_grads(&mut |_, g, _| {
         if err.is_some() {
             return;
         }
-        // SYNC: one f32 per tensor; the sum over tensors runs in f64 on the host.
-        match g.sum_squares().and_then(|s| s.to_scalar_f32()) {
-            Ok(s) => total += s as f64,
+        match g.sum_squares().and_then(|s| s.reshape([1])) {
+            Ok(s) => parts.push(s),
             Err(e) => err = Some(e.into()),
         }
     });
-    match err {
-        Some(e) => Err(e),
-        None => Ok(total.sqrt()),
+    if let Some(e) = err {
+        return Err(e);
     }
+    if parts.is_empty() {
+        return Ok(Tensor::scalar(0.0, Default::default())?);
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    Ok(Tensor::cat(&refs, 0)?.sum_all()?.sqrt()?)
+}
+
+/// The global L2 norm of every gradient the visitor yields.
+///
+/// SYNC: one host read (the norm), however many gradients.
+pub fn global_grad_norm(visit_grads: &mut Visitor<'_>) -> Result<f64> {
+    // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
+    Ok(global_grad_norm_tensor(visit_grads)?.to_scalar_f32()? as f64)
 }
 
 /// Clips the gradients in place to a global norm of `max_norm` (`None` = only measure).
 /// Returns the pre-clip norm; a non-finite norm is returned with `finite = false` and the
-/// gradients are not scaled.
+/// gradients are not scaled. The factor is computed and applied on the device.
+///
+/// SYNC: one host read (the norm for the report), however many gradients.
 pub fn clip_grad_norm(
     visit_grads: &mut VisitorMut<'_>,
     max_norm: Option<f64>,
@@ -61,35 +74,45 @@ pub fn clip_grad_norm(
             });
         }
     }
-    let norm = global_grad_norm(&mut |f| visit_grads(&mut |n, g, r| f(n, g, r)))?;
+    let norm_t = global_grad_norm_tensor(&mut |f| visit_grads(&mut |n, g, r| f(n, g, r)))?;
+    if let Some(max_norm) = max_norm {
+        let factor = clip_factor(&norm_t, max_norm)?;
+        let mut err: Option<OptimError> = None;
+        visit_grads(&mut |_, g: &mut Tensor, _| {
+            if err.is_none() {
+                if let Err(e) = g.scale_by_assign(&factor) {
+                    err = Some(e.into());
+                }
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+    }
+    // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
+    let norm = norm_t.to_scalar_f32()? as f64;
     let finite = norm.is_finite();
-    let mut report = ClipReport {
+    let clipped = finite && max_norm.is_some_and(|m| norm > m);
+    Ok(ClipReport {
         norm,
         finite,
-        clipped: false,
-        scale: 1.0,
-    };
-    let Some(max_norm) = max_norm else {
-        return Ok(report);
-    };
-    if !finite || norm <= max_norm {
-        return Ok(report);
-    }
-    let scale = max_norm / (norm + 1e-6);
-    let mut err: Option<OptimError> = None;
-    visit_grads(&mut |_, g: &mut Tensor, _| {
-        if err.is_some() {
-            return;
-        }
-        match g.scale(scale as f32) {
-            Ok(s) => *g = s,
-            Err(e) => err = Some(e.into()),
-        }
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
-    report.clipped = true;
-    report.scale = scale;
-    Ok(report)
+        clipped,
+        scale: match max_norm {
+            Some(m) if clipped => (m as f32 / (norm as f32 + 1e-6)) as f64,
+            _ => 1.0,
+        },
+    })
+}
+
+/// The clip factor on the device: `max_norm / (norm + 1e-6)` where `norm > max_norm` and
+/// the norm is finite, else 1 (rank-0 f32).
+pub fn clip_factor(norm: &Tensor, max_norm: f64) -> Result<Tensor> {
+    let m = max_norm as f32;
+    // over = [norm > m] − [norm = ∞]: 1 exactly when finite and above the bound (NaN: 0).
+    let over = norm.gt_scalar(m)?.sub(&norm.eq_scalar(f32::INFINITY)?)?;
+    let ratio = norm.add_scalar(1e-6)?.recip()?.scale(m)?;
+    Ok(over.where_cond(
+        &ratio,
+        &Tensor::ones(norm.dims(), DType::F32, norm.device())?,
+    )?)
 }

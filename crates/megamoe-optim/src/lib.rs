@@ -57,7 +57,9 @@ pub mod shard;
 pub mod state;
 
 pub use adamw::{AdamWConfig, AdamWState};
-pub use clip::{clip_grad_norm, global_grad_norm, ClipReport};
+pub use clip::{
+    clip_factor, clip_grad_norm, global_grad_norm, global_grad_norm_tensor, ClipReport,
+};
 pub use error::{OptimError, Result};
 pub use lr_schedule::Schedule;
 pub use muon::{MuonConfig, NsPrecision};

@@ -86,36 +86,49 @@ fn round(x: Tensor, p: NsPrecision) -> Result<Tensor> {
 }
 
 /// NS5 of a 2-D matrix (formula in the module docs). Returns f32, same shape as `g`.
-/// An empty matrix is returned as zeros.
+/// An empty matrix is returned as zeros. No host read (the norm stays on the device).
 pub fn newton_schulz5(g: &Tensor, precision: NsPrecision) -> Result<Tensor> {
     let (m, n) = g.dims2()?;
-    if m == 0 || n == 0 {
-        return Ok(Tensor::zeros([m, n], DType::F32, g.device())?);
+    let o = newton_schulz5_batched(&g.reshape([1, m, n])?, precision)?;
+    Ok(o.reshape([m, n])?)
+}
+
+/// NS5 of each matrix of a stack `g [B, m, n]`, all B at once with batched GEMMs (`bmm`)
+/// and per-matrix norms on the device: the same bits as [`newton_schulz5`] on each
+/// `[m, n]` slice. Returns f32 `[B, m, n]`; empty matrices give zeros.
+pub fn newton_schulz5_batched(g: &Tensor, precision: NsPrecision) -> Result<Tensor> {
+    let (batch, m, n) = g.dims3()?;
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(Tensor::zeros([batch, m, n], DType::F32, g.device())?);
     }
     let (a, b, c) = NS5_COEFFS;
     let transposed = m > n;
     let mut x = if transposed {
-        g.transpose2d()?
+        g.permute(&[0, 2, 1])?
     } else {
         g.clone()
     };
     x = round(x, precision)?;
-    // SYNC: the Frobenius norm is read to the host once per matrix to scale X.
-    let norm = x.norm()?.to_scalar_f32()?;
-    x = round(x.scale(1.0 / (norm + NS5_EPS))?, precision)?;
+    // X /= (‖X‖_F + ε) per matrix, on the device (no host read).
+    let inv = x.norm_rows()?.add_scalar(NS5_EPS)?.recip()?;
+    x = round(x.mul_col(&inv)?, precision)?;
     for _ in 0..NS5_STEPS {
-        let a_mat = round(x.matmul(&x, false, true)?, precision)?; // A = X Xᵀ
-        let a2 = round(a_mat.matmul(&a_mat, false, false)?, precision)?; // A²
+        let a_mat = round(x.bmm(&x, false, true)?, precision)?; // A = X Xᵀ
+        let a2 = round(a_mat.bmm(&a_mat, false, false)?, precision)?; // A²
         let mut b_mat = a_mat.scale(b)?; // B = bA + cA²
         b_mat.axpy(c, &a2)?;
         let b_mat = round(b_mat, precision)?;
-        let bx = round(b_mat.matmul(&x, false, false)?, precision)?;
+        let bx = round(b_mat.bmm(&x, false, false)?, precision)?;
         let mut xn = x.scale(a)?; // X = aX + BX
         xn.add_assign(&bx)?;
         x = round(xn, precision)?;
     }
     let x = x.to_dtype(DType::F32)?;
-    Ok(if transposed { x.transpose2d()? } else { x })
+    Ok(if transposed {
+        x.permute(&[0, 2, 1])?
+    } else {
+        x
+    })
 }
 
 /// The momentum step: updates `buf` ← βM + (1−β)G in place and returns the Muon input
@@ -171,6 +184,11 @@ pub fn orthogonalize(
 ) -> Result<Tensor> {
     match *u.dims() {
         [_, _] => orthogonalize_matrix(u, blocks, scale, precision),
+        [_, out, inp] if blocks.is_empty() || blocks == [out] => {
+            // One batched NS5 over the expert dimension.
+            let o = newton_schulz5_batched(u, precision)?;
+            Ok(o.scale(muon_scale(scale, out, inp) as f32)?)
+        }
         [e, out, inp] => {
             let mut outs = Vec::with_capacity(e);
             for i in 0..e {

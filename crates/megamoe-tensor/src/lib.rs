@@ -83,6 +83,7 @@ pub use memory::{live_bytes, peak_bytes, reset_peak_bytes};
 pub use ops::elementwise::{BinaryOp, UnaryOp};
 pub use ops::groups::RowGroups;
 pub use ops::loss::IGNORE_INDEX;
+pub use ops::optim::AdamWStep;
 pub use ops::rng::InitDist;
 pub use param::ParamRole;
 pub use shape::Shape;

@@ -280,3 +280,24 @@ pub(crate) fn axpy(dst: &mut [f32], alpha: f32, src: &[f32]) {
             *d += alpha * s;
         });
 }
+
+/// `x · s + 0` (the bits of `UnaryOp::Affine { mul: s, add: 0 }`).
+pub(crate) fn scale(x: &[f32], s: f32) -> Vec<f32> {
+    par_map(x, |v| v * s + 0.0)
+}
+
+/// In place `x ← x · s + 0`.
+pub(crate) fn scale_in_place(x: &mut [f32], s: f32) {
+    x.par_iter_mut()
+        .with_min_len(ELEMS_PER_TASK)
+        .for_each(|v| *v = *v * s + 0.0);
+}
+
+/// `out[i] = c[i] != 0 ? a[i] : b[i]`.
+pub(crate) fn select(c: &[f32], a: &[f32], b: &[f32]) -> Vec<f32> {
+    c.par_iter()
+        .zip(a.par_iter().zip(b.par_iter()))
+        .with_min_len(ELEMS_PER_TASK)
+        .map(|(&c, (&a, &b))| if c != 0.0 { a } else { b })
+        .collect()
+}

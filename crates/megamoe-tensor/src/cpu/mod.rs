@@ -20,6 +20,7 @@ pub(crate) mod loss;
 pub(crate) mod mask;
 pub(crate) mod matmul;
 pub(crate) mod norm;
+pub(crate) mod optim;
 pub(crate) mod reduce;
 pub(crate) mod rng;
 pub(crate) mod rope;

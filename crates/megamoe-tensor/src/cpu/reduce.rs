@@ -15,6 +15,16 @@ pub(crate) fn sum_all(x: &[f32], f: impl Fn(f32) -> f64 + Sync + Send) -> f64 {
     partials.iter().sum()
 }
 
+/// √(Σ x²) of each row of `x [rows, len]`, summed exactly as [`sum_all`] sums one row.
+pub(crate) fn norm_rows(x: &[f32], len: usize, rows: usize) -> Vec<f32> {
+    (0..rows)
+        .map(|r| {
+            let s = sum_all(&x[r * len..(r + 1) * len], |v| (v as f64) * (v as f64));
+            s.sqrt() as f32
+        })
+        .collect()
+}
+
 /// Per-row reduction of `x [rows, len]` to `[rows]`.
 pub(crate) fn rows_reduce(
     x: &[f32],

@@ -20,10 +20,12 @@ pub mod loss;
 pub mod mask;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod reduce;
 pub mod rng;
 pub mod rope;
 pub mod routing;
+pub mod scalar;
 pub mod softmax;
 pub mod topk;
 // New families: append `pub mod <family>;` here.

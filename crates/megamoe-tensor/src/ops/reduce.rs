@@ -27,6 +27,22 @@ impl Tensor {
         Ok(Tensor::cpu_i32_from(out, self.shape().clone()))
     }
 
+    /// Euclidean norm of each row of `self [R, ..]` (trailing dims flattened): `[R]`, each
+    /// entry the same bits as `self.narrow(0, r, 1).norm()` (f64 sum in the same pieces).
+    pub fn norm_rows(&self) -> Result<Tensor> {
+        const OP: &str = "norm_rows";
+        let (&rows, rest) = self
+            .dims()
+            .split_first()
+            .ok_or_else(|| self.rank_error(OP, "x", 1))?;
+        let len: usize = rest.iter().product();
+        let x = self.cpu_f32(OP, "x")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::norm_rows(&x, len, rows),
+            [rows],
+        ))
+    }
+
     /// Σ of all elements, as a rank-0 tensor (0 for an empty tensor).
     pub fn sum_all(&self) -> Result<Tensor> {
         let x = self.cpu_f32("sum_all", "x")?;
