@@ -14,14 +14,16 @@
 //!   inserts SEND/RECV pairs and reports deadlocks by rank and action);
 //! * simulates them ([`simulate`]: start/end per action under per-kind
 //!   costs, makespan, bubble, peak in-flight activations, parameter copies);
-//! * draws them ([`trace`]: Chrome/Perfetto JSON, [`svg`]: a timeline).
+//! * draws them ([`trace`]: Chrome/Perfetto JSON, [`svg`]: a timeline);
+//! * runs them ([`executor`]: one rank's program over [`Stage`]s and a
+//!   [`Transport`], with shared-gradient sums and measured busy/idle time).
 //!
 //! It also holds the seed's VPP regime helpers ([`vpp`]) and DualPipe stage
 //! contract helpers ([`generators::dualpipe`]).
 //!
 //! Place in the workspace: depends on `megamoe-plan` (for
 //! [`ScheduleKind`](megamoe_plan::ScheduleKind)); used by `megamoe-cli`
-//! (`megamoe schedule`) and, later, by the pipeline executor in `megamoe-train`.
+//! (`megamoe schedule`); `megamoe-train` adapts model chunks to [`Stage`].
 //! It never prints; errors are [`Error`] variants naming the value and rule.
 //! Conventions: P ranks, M microbatches, `v` chunks per rank; stage `s`,
 //! microbatch `mb`. No features.
@@ -42,6 +44,7 @@
 
 pub mod comm_pass;
 pub mod error;
+pub mod executor;
 pub mod generators;
 pub mod ir;
 pub mod maps;
@@ -55,6 +58,9 @@ pub mod vpp;
 
 pub use comm_pass::{insert_send_recv, CommSchedule};
 pub use error::{Error, Result, StuckRank};
+pub use executor::{
+    run_rank, shared_groups, sum_shared_gradients, ExecError, SharedGroup, Stage, Transport,
+};
 pub use generators::{generate, PipelineShape};
 pub use ir::{parse_compute_only, print_compute_only, Action, Op, OpKind};
 pub use maps::{parse_stage_map, Chain, StageMap};

@@ -1,0 +1,83 @@
+//! Measured per-rank busy / idle time of an executed schedule, and the
+//! comparison with the simulator's prediction.
+
+use crate::ir::Action;
+use crate::simulate::{Simulation, TimedAction};
+use serde::Serialize;
+
+/// What one rank did, in seconds since the run's common epoch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankTiming {
+    /// The rank.
+    pub rank: usize,
+    /// Every compute action with its measured start and end.
+    pub timeline: Vec<TimedAction>,
+    /// Seconds from the rank's first action to its last op (including the
+    /// waits in RECV ops).
+    pub wall: f64,
+}
+
+impl RankTiming {
+    pub(crate) fn new(rank: usize) -> RankTiming {
+        RankTiming {
+            rank,
+            timeline: Vec::new(),
+            wall: 0.0,
+        }
+    }
+
+    pub(crate) fn record(&mut self, action: Action, start: f64, end: f64) {
+        self.timeline.push(TimedAction { action, start, end });
+    }
+
+    /// Seconds spent in compute actions (F, I, W, B, F&B; sends and
+    /// receives that happen between them are not counted).
+    pub fn busy(&self) -> f64 {
+        self.timeline.iter().map(|t| t.end - t.start).sum()
+    }
+}
+
+/// One rank of [`compare`]: measured against predicted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimingRow {
+    /// The rank.
+    pub rank: usize,
+    /// Measured busy seconds.
+    pub busy_s: f64,
+    /// Measured idle seconds: run makespan − busy.
+    pub idle_s: f64,
+    /// Measured idle fraction of the run's makespan.
+    pub idle_fraction: f64,
+    /// The simulator's bubble fraction for this rank (bubble / makespan).
+    pub predicted_idle_fraction: f64,
+}
+
+/// Measured busy / idle per rank next to the simulator's prediction. The
+/// run's makespan is the latest end over all ranks (the common epoch is the
+/// start); `sim` is the simulation of the same schedule (e.g. under costs
+/// measured from the run).
+pub fn compare(timings: &[RankTiming], sim: &Simulation) -> Vec<TimingRow> {
+    let makespan = timings
+        .iter()
+        .flat_map(|t| t.timeline.iter().map(|a| a.end))
+        .fold(0.0, f64::max);
+    timings
+        .iter()
+        .map(|t| {
+            let busy = t.busy();
+            let idle = (makespan - busy).max(0.0);
+            let predicted = sim
+                .ranks
+                .get(t.rank)
+                .filter(|_| sim.makespan > 0.0)
+                .map_or(0.0, |r| r.bubble / sim.makespan);
+            TimingRow {
+                rank: t.rank,
+                busy_s: busy,
+                idle_s: idle,
+                idle_fraction: if makespan > 0.0 { idle / makespan } else { 0.0 },
+                predicted_idle_fraction: predicted,
+            }
+        })
+        .collect()
+}
