@@ -45,16 +45,49 @@ enum Command {
     Config(config_cmd::ConfigCmdArgs),
 }
 
-/// Prints an error as one line (the context chain joined by ": ") and returns exit code 2.
+/// Prints an error as one line and returns exit code 2: the context chain joined
+/// by ": " (a cause whose text its parent already ends with is not repeated), line
+/// breaks of any kind turned into spaces, and any word longer than
+/// [`MAX_WORD_CHARS`] (a huge value echoed back) elided in the middle.
 fn fail(err: anyhow::Error) -> ExitCode {
-    let msg = err
-        .chain()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-        .replace('\n', " ");
-    eprintln!("error: {msg}");
+    eprintln!("error: {}", one_line(&err));
     ExitCode::from(2)
+}
+
+/// Longest word of an error line printed whole.
+const MAX_WORD_CHARS: usize = 120;
+
+/// See [`fail`].
+fn one_line(err: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in err.chain().map(|e| e.to_string()) {
+        if msg.ends_with(&cause) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&cause);
+    }
+    msg.split(['\n', '\r'])
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .split(' ')
+        .map(elide)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `word` itself, or its first and last characters around "…(N chars)…".
+fn elide(word: &str) -> std::borrow::Cow<'_, str> {
+    let n = word.chars().count();
+    if n <= MAX_WORD_CHARS {
+        return word.into();
+    }
+    let head: String = word.chars().take(60).collect();
+    let tail: String = word.chars().skip(n - 30).collect();
+    format!("{head}…({n} chars)…{tail}").into()
 }
 
 fn main() -> ExitCode {
@@ -70,5 +103,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => fail(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_drops_repeated_causes_line_breaks_and_huge_words() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left");
+        let err = anyhow::Error::new(io).context("write a: No space left");
+        assert_eq!(one_line(&err), "write a: No space left");
+
+        let huge = "x".repeat(5000);
+        let err = anyhow::anyhow!("bad value {huge}\rnext\r\nline");
+        let line = one_line(&err);
+        assert!(line.starts_with("bad value xxx"), "{line}");
+        assert!(line.contains("…(5000 chars)…"), "{line}");
+        assert!(line.ends_with("x next line"), "{line}");
+        assert!(line.chars().count() < 200, "{line}");
     }
 }

@@ -9,9 +9,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use megamoe_plan::RawConfig;
-use megamoe_train::session::{check_fresh_run_dir, checkpoint_origin, CheckpointOrigin};
+use megamoe_train::checkpoint::run_dir_of;
+use megamoe_train::session::{
+    check_fresh_run_dir, checkpoint_origin, prepare_resume, CheckpointOrigin,
+};
 use megamoe_train::{
-    run_training, DataSource, Progress, RunDir, RunOptions, Tokenizer, Trainer, TrainerOptions,
+    run_training, DataSource, Progress, RunDir, RunLock, RunOptions, Tokenizer, Trainer,
+    TrainerOptions,
 };
 
 use crate::args::ConfigArgs;
@@ -64,10 +68,17 @@ const TRAIN_LONG_HELP: &str = "\
 With no arguments: the built-in tiny MoE config (configs/tiny.toml) on the
 built-in synthetic multi-domain corpus, a couple of minutes on 2 CPU cores.
 
-The run directory gets config.toml, metrics.jsonl (one JSON record per step,
-eval, sample and goodput total), checkpoints/ (latest + ckpt-<step>/ with
-model.safetensors, optimizer.safetensors, state.json) and summary.txt.
-`megamoe report DIR` renders plots from it.
+The run directory gets config.toml, run.json, metrics.jsonl (one JSON record
+per step, eval, sample and goodput total), checkpoints/ (ckpt-<step>/ with
+model.safetensors, optimizer.safetensors, state.json and manifest.json, plus
+`latest`) and summary.txt. `megamoe report DIR` renders plots from it.
+
+One process at a time writes a run directory (it holds DIR/lock); a second
+one exits 2 naming the first one's pid. `--resume DIR` continues from the
+newest checkpoint whose manifest verifies (whatever `latest` says; directories
+passed over are reported), or from step 0 if the run was stopped before its
+first checkpoint; metrics.jsonl is cut back to that step, so each step has one
+record. A checkpoint is never written from non-finite weights.
 
 --steps is the total: `--steps 10` then `--resume DIR --steps 20` gives the
 same losses for steps 11-20 as one `--steps 20` run, because the learning-rate
@@ -80,8 +91,10 @@ Examples:
   megamoe train --resume runs/long --steps 400
   megamoe train --data corpus/ --set model.seq_len=128
 
-Exit codes: 0 done, 1 stopped by the NaN/Inf guard, 2 any error (bad config,
-unreadable data, missing or mismatched checkpoint), printed as one line.";
+Exit codes: 0 done, 1 the model diverged (the NaN/Inf guard stopped the run, a
+non-finite weight blocked a checkpoint, or the final eval loss is not finite),
+2 any error (bad config, unreadable data, missing or mismatched checkpoint, run
+directory in use), printed as one line.";
 
 /// Runs `megamoe train`.
 pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
@@ -92,9 +105,27 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             "--run-name {name:?} must be a plain name (no '/', not '.' or '..'); use --run-dir for a path"
         );
     }
-    let origin = match &args.resume {
-        Some(dir) => Some(checkpoint_origin(dir).context("--resume")?),
-        None => None,
+    let named = args.run_name.as_ref().map(|n| Path::new("runs").join(n));
+    let chosen_dir = args.run_dir.as_ref().or(named.as_ref());
+    // A resume locks its run directory before reading which checkpoint to continue
+    // from; a fresh run validates config and data before creating anything.
+    let (origin, lock) = match &args.resume {
+        Some(path) => {
+            if !path.exists() {
+                anyhow::bail!(
+                    "--resume {}: no such run or checkpoint directory",
+                    path.display()
+                );
+            }
+            let run_dir = chosen_dir.cloned().unwrap_or_else(|| run_dir_of(path));
+            let lock = RunLock::acquire(&run_dir)?;
+            let origin = checkpoint_origin(path).context("--resume")?;
+            for s in &origin.skipped {
+                eprintln!("warning: skipped {}: {}", s.dir.display(), s.reason);
+            }
+            (Some(origin), Some((run_dir, lock)))
+        }
+        None => (None, None),
     };
     let raw = load_config(args, origin.as_ref())?;
     let data = open_data(args, origin.as_ref())?;
@@ -112,23 +143,32 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             peak_flops: Some(peak.flops()),
         },
     )?;
-    let named = args.run_name.as_ref().map(|n| Path::new("runs").join(n));
-    let run_dir = match (args.run_dir.as_ref().or(named.as_ref()), &origin) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(o)) => o.run_dir.clone(),
-        (None, None) => RunDir::create_unique(Path::new("runs"))?
-            .path()
-            .to_path_buf(),
-    };
-    match &origin {
-        Some(o) => {
-            trainer
-                .load_checkpoint(&o.dir)
-                .with_context(|| format!("--resume {}", o.dir.display()))?;
+    let (run_dir, _lock) = match lock {
+        Some(held) => held,
+        None => {
+            let run_dir = match chosen_dir {
+                Some(dir) => dir.clone(),
+                None => RunDir::create_unique(Path::new("runs"))?
+                    .path()
+                    .to_path_buf(),
+            };
+            let lock = RunLock::acquire(&run_dir)?;
+            check_fresh_run_dir(&run_dir)?;
+            (run_dir, lock)
         }
-        None => check_fresh_run_dir(&run_dir)?,
+    };
+    if let Some(o) = &origin {
+        if let Some(dir) = &o.dir {
+            trainer
+                .load_checkpoint(dir)
+                .with_context(|| format!("--resume {}", dir.display()))?;
+        }
+        for note in prepare_resume(&run_dir, trainer.step_count())? {
+            eprintln!("resume: {note}");
+        }
     }
     let run = RunDir::create(&run_dir)?;
+    run.write_origin(trainer.data().name())?;
     run.write_config(trainer.config_toml())?;
 
     let total_steps = args.steps.unwrap_or(trainer.plan().train.steps as u64);
@@ -164,7 +204,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             println!("run dir    {} (megamoe report {0})", run.path().display());
             Ok(ExitCode::SUCCESS)
         }
-        Err(e @ megamoe_train::Error::NonFiniteSteps { .. }) => {
+        Err(
+            e @ (megamoe_train::Error::NonFiniteSteps { .. }
+            | megamoe_train::Error::NonFiniteParameters { .. }
+            | megamoe_train::Error::NonFiniteEval { .. }),
+        ) => {
             eprintln!("error: {e}");
             Ok(ExitCode::from(1))
         }
@@ -178,7 +222,7 @@ fn load_config(args: &TrainArgs, origin: Option<&CheckpointOrigin>) -> anyhow::R
     match origin {
         Some(o) if args.config.config.is_none() => {
             RawConfig::from_toml_str_with_overrides(&o.config_toml, &args.config.set)
-                .with_context(|| format!("config of checkpoint {}", o.dir.display()))
+                .with_context(|| format!("config of run {}", o.run_dir.display()))
         }
         _ => args.config.load(),
     }

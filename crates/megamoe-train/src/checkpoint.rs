@@ -4,27 +4,37 @@
 //!
 //! ```text
 //! <run_dir>/checkpoints/
-//!   latest                      text file: "ckpt-00000020\n"
+//!   latest                      text file: "ckpt-00000020\n" (informational only)
 //!   ckpt-00000010/
 //!     model.safetensors         weights, PyTorch-style names, f32, metadata {"format": "pt"}
 //!     optimizer.safetensors     optimizer tensors ("<param>.exp_avg", ...), f32
 //!     state.json                step, RNG words, data position, config TOML text,
-//!                               goodput totals, extras, format version,
-//!                               byte length + SHA-256 of both safetensors files
+//!                               goodput totals, extras, format version
+//!     manifest.json             format version, step, and byte length + SHA-256 of
+//!                               the three files above; written last
 //!   ckpt-00000020/ ...
 //! ```
 //!
-//! **Atomicity.** Every file is written under a temporary name, fsynced and renamed;
-//! the checkpoint is assembled in `ckpt-<step>.tmp/`, fsynced, renamed to
-//! `ckpt-<step>/`, and only then is `latest` replaced (again temp + fsync + rename).
-//! A crash at any point leaves `latest` naming a complete checkpoint; a leftover
-//! `.tmp` directory is ignored by [`load_checkpoint`] and cleared by the next save of
-//! the same step. An existing `ckpt-<step>/` is never overwritten.
+//! **Commit protocol.** Every file is written under a temporary name, fsynced and
+//! renamed; the checkpoint is assembled in `ckpt-<step>.tmp/` with `manifest.json`
+//! last, fsynced, and renamed to `ckpt-<step>/`. That rename is the commit: a
+//! `ckpt-<step>/` directory is complete by construction, and its manifest proves it
+//! (a file edited, truncated or lost later fails verification). `latest` is written
+//! afterwards for people and tools, but nothing trusts it: resuming a run directory
+//! scans `ckpt-*/` and takes the newest checkpoint whose manifest verifies
+//! ([`scan_checkpoints`]), reporting every directory it passed over (`.tmp` debris of
+//! a save that died, a checkpoint that fails verification). A save that fails
+//! (ENOSPC, ...) removes its `.tmp` directory. Saving a step that already has a
+//! checkpoint (a resumed run re-reaching it) replaces the old one: it is moved to
+//! `ckpt-<step>.replaced/`, the new one renamed into place, the old one deleted.
 //!
 //! **Validation.** [`load_checkpoint`] checks the format version, each file's length
-//! (truncation) and SHA-256 (corruption), the config text (first differing line) and,
-//! when given, every tensor's name and shape, returning a typed [`Error`] naming the
-//! file and the mismatch. Loading never writes.
+//! (truncation) and SHA-256 (corruption) against the manifest, the config text (first
+//! differing line) and, when given, every tensor's name and shape, returning a typed
+//! [`Error`] naming the file and the mismatch. Loading never writes.
+//!
+//! **Crash tests.** The save passes the failpoints of [`crate::failpoint`] between
+//! its file operations, so tests can kill it at each one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -36,14 +46,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::goodput::GoodputTotals;
 use crate::sha256::sha256_hex;
 
+mod scan;
+pub use scan::{
+    list_checkpoints, prune_checkpoints, resolve_checkpoint, retire_checkpoints_after, run_dir_of,
+    scan_checkpoints, CheckpointScan, Resolved, Skipped,
+};
+
 /// Version of the checkpoint layout written by this build.
-pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
+pub const CHECKPOINT_FORMAT_VERSION: u32 = 2;
 /// Subdirectory of a run directory holding checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
-/// Pointer file naming the newest complete checkpoint directory.
+/// Pointer file naming the newest checkpoint saved (informational: resume scans).
 pub const LATEST_FILE: &str = "latest";
 /// Model weights file.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -51,6 +68,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Scalar state file.
 pub const STATE_FILE: &str = "state.json";
+/// Manifest of a complete checkpoint (lengths and digests of the other files).
+pub const MANIFEST_FILE: &str = "manifest.json";
 
 /// One named f32 tensor, row-major: the unit of checkpoint I/O.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,7 +154,7 @@ pub struct TrainState {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// Length and digest of a file, recorded in `state.json`.
+/// Length and digest of a file, recorded in `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDigest {
     /// Length in bytes.
@@ -144,14 +163,33 @@ pub struct FileDigest {
     pub sha256: String,
 }
 
+impl FileDigest {
+    fn of(bytes: &[u8]) -> Self {
+        FileDigest {
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+        }
+    }
+}
+
 /// The on-disk form of `state.json`.
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     format_version: u32,
     #[serde(flatten)]
     state: TrainState,
+}
+
+/// The on-disk form of `manifest.json`: what makes a checkpoint complete.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format_version: u32,
+    step: u64,
     files: BTreeMap<String, FileDigest>,
 }
+
+/// Files every checkpoint holds besides its manifest.
+const CHECKPOINT_FILES: [&str; 3] = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE];
 
 /// A loaded, validated checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,13 +220,13 @@ pub fn checkpoint_dir_name(step: u64) -> String {
     format!("ckpt-{step:08}")
 }
 
-/// Saves a checkpoint of `state.step` under `checkpoints_dir` (created if needed) and
-/// points `latest` at it. Returns the checkpoint directory.
+/// Saves a checkpoint of `state.step` under `checkpoints_dir` (created if needed),
+/// replacing an older checkpoint of the same step, and points `latest` at it.
+/// Returns the checkpoint directory.
 ///
-/// Fails with [`Error::CheckpointExists`] if that step was already saved, and with
-/// [`Error::CheckpointTensorInvalid`] for an empty or duplicate name or a data
-/// length that disagrees with the shape; in every failure case the previous
-/// checkpoints and `latest` are untouched.
+/// Fails with [`Error::CheckpointTensorInvalid`] for an empty or duplicate name or a
+/// data length that disagrees with the shape; in every failure case the other
+/// checkpoints are untouched and no `.tmp` directory is left behind.
 pub fn save_checkpoint(
     checkpoints_dir: &Path,
     state: &TrainState,
@@ -197,11 +235,9 @@ pub fn save_checkpoint(
 ) -> Result<PathBuf> {
     validate_tensors(model)?;
     validate_tensors(optimizer)?;
-    let name = checkpoint_dir_name(state.step);
+    let step = state.step;
+    let name = checkpoint_dir_name(step);
     let final_dir = checkpoints_dir.join(&name);
-    if final_dir.exists() {
-        return Err(Error::CheckpointExists { path: final_dir });
-    }
     let tmp_dir = checkpoints_dir.join(format!("{name}.tmp"));
     if tmp_dir.exists() {
         // Debris of a save that crashed; never loaded, safe to clear.
@@ -209,85 +245,141 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io("remove", &tmp_dir, e))?;
     }
     std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io("create", &tmp_dir, e))?;
+    failpoint::hit("checkpoint.tmp_created", step);
+    if let Err(e) = write_checkpoint_files(&tmp_dir, state, model, optimizer) {
+        // ENOSPC and friends: leave no half-written directory behind.
+        if let Err(rm) = std::fs::remove_dir_all(&tmp_dir) {
+            log::warn!("cannot remove {}: {rm}", tmp_dir.display());
+        }
+        return Err(e);
+    }
 
+    let replaced = checkpoints_dir.join(format!("{name}.replaced"));
+    let replacing = final_dir.exists();
+    if replacing {
+        // A resumed run re-reached this step: the new checkpoint supersedes the old.
+        if replaced.exists() {
+            std::fs::remove_dir_all(&replaced).map_err(|e| Error::io("remove", &replaced, e))?;
+        }
+        std::fs::rename(&final_dir, &replaced).map_err(|e| Error::io("rename", &final_dir, e))?;
+        failpoint::hit("checkpoint.old_moved", step);
+    }
+    std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io("rename", &tmp_dir, e))?;
+    sync_dir(checkpoints_dir)?;
+    failpoint::hit("checkpoint.renamed", step);
+    if replacing {
+        log::info!("replaced the older checkpoint {}", final_dir.display());
+        std::fs::remove_dir_all(&replaced).map_err(|e| Error::io("remove", &replaced, e))?;
+    }
+    write_file_atomic(
+        &checkpoints_dir.join(LATEST_FILE),
+        format!("{name}\n").as_bytes(),
+        step,
+    )?;
+    sync_dir(checkpoints_dir)?;
+    failpoint::hit("checkpoint.latest_written", step);
+    log::info!("saved checkpoint {}", final_dir.display());
+    Ok(final_dir)
+}
+
+/// Writes the three checkpoint files and then the manifest into `dir`.
+fn write_checkpoint_files(
+    dir: &Path,
+    state: &TrainState,
+    model: &[NamedTensor],
+    optimizer: &[NamedTensor],
+) -> Result<()> {
+    let step = state.step;
     let mut files = BTreeMap::new();
-    for (file, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
+    for (file, tensors, point) in [
+        (MODEL_FILE, model, "checkpoint.model_written"),
+        (OPTIMIZER_FILE, optimizer, "checkpoint.optimizer_written"),
+    ] {
         let bytes = encode_safetensors(tensors)?;
-        write_file_atomic(&tmp_dir.join(file), &bytes)?;
-        files.insert(
-            file.to_string(),
-            FileDigest {
-                bytes: bytes.len() as u64,
-                sha256: sha256_hex(&bytes),
-            },
-        );
+        write_file_atomic(&dir.join(file), &bytes, step)?;
+        files.insert(file.to_string(), FileDigest::of(&bytes));
+        failpoint::hit(point, step);
     }
     let state_file = StateFile {
         format_version: CHECKPOINT_FORMAT_VERSION,
         state: state.clone(),
-        files,
     };
     let json = serde_json::to_vec_pretty(&state_file).map_err(|source| Error::Serialize {
         what: "checkpoint state.json",
         source,
     })?;
-    write_file_atomic(&tmp_dir.join(STATE_FILE), &json)?;
-    sync_dir(&tmp_dir)?;
-
-    std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io("rename", &tmp_dir, e))?;
-    sync_dir(checkpoints_dir)?;
-    write_file_atomic(
-        &checkpoints_dir.join(LATEST_FILE),
-        format!("{name}\n").as_bytes(),
-    )?;
-    sync_dir(checkpoints_dir)?;
-    log::info!("saved checkpoint {}", final_dir.display());
-    Ok(final_dir)
+    write_file_atomic(&dir.join(STATE_FILE), &json, step)?;
+    files.insert(STATE_FILE.to_string(), FileDigest::of(&json));
+    failpoint::hit("checkpoint.state_written", step);
+    let manifest = Manifest {
+        format_version: CHECKPOINT_FORMAT_VERSION,
+        step,
+        files,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::Serialize {
+        what: "checkpoint manifest.json",
+        source,
+    })?;
+    write_file_atomic(&dir.join(MANIFEST_FILE), &json, step)?;
+    sync_dir(dir)?;
+    failpoint::hit("checkpoint.manifest_written", step);
+    Ok(())
 }
 
-/// Finds the checkpoint directory `path` refers to: a checkpoint directory itself
-/// (has `state.json`), a checkpoints directory (has `latest`), or a run directory
-/// (has `checkpoints/latest`).
-pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if !path.exists() {
-        return Err(Error::CheckpointMissing {
-            path: path.to_path_buf(),
-            reason: "the path does not exist".to_string(),
+/// Reads `manifest.json` of checkpoint directory `dir` and checks the format version
+/// and every file's length and SHA-256. Returns the verified files' bytes.
+pub(crate) fn verify_checkpoint(dir: &Path) -> Result<BTreeMap<&'static str, Vec<u8>>> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let bytes = read_required(dir, MANIFEST_FILE)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| Error::CheckpointMalformed {
+            path: manifest_path.clone(),
+            reason: e.to_string(),
+        })?;
+    if manifest.format_version != CHECKPOINT_FORMAT_VERSION {
+        return Err(Error::CheckpointVersion {
+            path: manifest_path,
+            found: manifest.format_version,
+            supported: CHECKPOINT_FORMAT_VERSION,
         });
     }
-    if path.join(STATE_FILE).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    for dir in [path.to_path_buf(), path.join(CHECKPOINTS_DIR)] {
-        let latest = dir.join(LATEST_FILE);
-        if latest.is_file() {
-            let text =
-                std::fs::read_to_string(&latest).map_err(|e| Error::io("read", &latest, e))?;
-            let name = text.trim();
-            let target = dir.join(name);
-            let valid_name = !name.is_empty() && !name.contains(['/', '\\']) && name != "..";
-            if !valid_name || !target.is_dir() {
-                return Err(Error::CheckpointMissing {
-                    path: latest,
-                    reason: format!("it names `{name}`, which is not a checkpoint directory"),
-                });
-            }
-            return Ok(target);
+    let mut out = BTreeMap::new();
+    for file in CHECKPOINT_FILES {
+        let path = dir.join(file);
+        let digest = manifest
+            .files
+            .get(file)
+            .ok_or_else(|| Error::CheckpointMalformed {
+                path: manifest_path.clone(),
+                reason: format!("no length/sha256 recorded for {file}"),
+            })?;
+        let bytes = read_required(dir, file)?;
+        if bytes.len() as u64 != digest.bytes {
+            return Err(Error::CheckpointTruncated {
+                path,
+                expected: digest.bytes,
+                actual: bytes.len() as u64,
+            });
         }
+        let sha = sha256_hex(&bytes);
+        if sha != digest.sha256 {
+            return Err(Error::CheckpointCorrupt {
+                path,
+                expected: digest.sha256.clone(),
+                actual: sha,
+            });
+        }
+        out.insert(file, bytes);
     }
-    Err(Error::CheckpointMissing {
-        path: path.to_path_buf(),
-        reason: format!(
-            "found neither {STATE_FILE}, {LATEST_FILE} nor {CHECKPOINTS_DIR}/{LATEST_FILE}"
-        ),
-    })
+    Ok(out)
 }
 
 /// Loads and validates the checkpoint `path` refers to (see [`resolve_checkpoint`]).
 pub fn load_checkpoint(path: &Path, expected: &Expected<'_>) -> Result<Checkpoint> {
-    let dir = resolve_checkpoint(path)?;
+    let dir = resolve_checkpoint(path)?.dir;
+    let mut files = verify_checkpoint(&dir)?;
     let state_path = dir.join(STATE_FILE);
-    let state_bytes = read_required(&dir, STATE_FILE)?;
+    let state_bytes = files.remove(STATE_FILE).unwrap_or_default();
     let state_file: StateFile =
         serde_json::from_slice(&state_bytes).map_err(|e| Error::CheckpointMalformed {
             path: state_path.clone(),
@@ -303,8 +395,16 @@ pub fn load_checkpoint(path: &Path, expected: &Expected<'_>) -> Result<Checkpoin
     if let Some(current) = expected.config_toml {
         compare_config(&state_path, &state_file.state.config_toml, current)?;
     }
-    let model = load_tensor_file(&dir, MODEL_FILE, &state_file, expected.model)?;
-    let optimizer = load_tensor_file(&dir, OPTIMIZER_FILE, &state_file, expected.optimizer)?;
+    let model = decode_tensor_file(
+        &dir.join(MODEL_FILE),
+        &files.remove(MODEL_FILE).unwrap_or_default(),
+        expected.model,
+    )?;
+    let optimizer = decode_tensor_file(
+        &dir.join(OPTIMIZER_FILE),
+        &files.remove(OPTIMIZER_FILE).unwrap_or_default(),
+        expected.optimizer,
+    )?;
     Ok(Checkpoint {
         dir,
         state: state_file.state,
@@ -313,46 +413,16 @@ pub fn load_checkpoint(path: &Path, expected: &Expected<'_>) -> Result<Checkpoin
     })
 }
 
-/// Step numbers of the complete checkpoints under `checkpoints_dir`, ascending
-/// (`.tmp` directories excluded).
-pub fn list_checkpoints(checkpoints_dir: &Path) -> Result<Vec<u64>> {
-    let mut steps = Vec::new();
-    let entries = match std::fs::read_dir(checkpoints_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(steps),
-        Err(e) => return Err(Error::io("list", checkpoints_dir, e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", checkpoints_dir, e))?;
-        let name = entry.file_name();
-        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("ckpt-")) else {
-            continue;
-        };
-        if let Ok(step) = step.parse::<u64>() {
-            if entry.path().join(STATE_FILE).is_file() {
-                steps.push(step);
-            }
-        }
-    }
-    steps.sort_unstable();
-    Ok(steps)
-}
-
-/// Deletes all but the newest `keep` complete checkpoints (never the one `latest`
-/// names). Returns the directories removed.
-pub fn prune_checkpoints(checkpoints_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    let latest = resolve_checkpoint(checkpoints_dir).ok();
-    let steps = list_checkpoints(checkpoints_dir)?;
-    let mut removed = Vec::new();
-    for &step in steps.iter().rev().skip(keep) {
-        let dir = checkpoints_dir.join(checkpoint_dir_name(step));
-        if Some(&dir) == latest.as_ref() {
-            continue;
-        }
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
-        removed.push(dir);
-    }
-    Ok(removed)
+/// Reads the [`TrainState`] of checkpoint directory `dir` after verifying its
+/// manifest (no tensors are decoded).
+pub fn read_checkpoint_state(dir: &Path) -> Result<TrainState> {
+    let files = verify_checkpoint(dir)?;
+    let state_file: StateFile = serde_json::from_slice(files.get(STATE_FILE).map_or(&[], |b| b))
+        .map_err(|e| Error::CheckpointMalformed {
+            path: dir.join(STATE_FILE),
+            reason: e.to_string(),
+        })?;
+    Ok(state_file.state)
 }
 
 fn validate_tensors(tensors: &[NamedTensor]) -> Result<()> {
@@ -419,37 +489,13 @@ fn read_required(dir: &Path, file: &'static str) -> Result<Vec<u8>> {
     })
 }
 
-fn load_tensor_file(
-    dir: &Path,
-    file: &'static str,
-    state: &StateFile,
+fn decode_tensor_file(
+    path: &Path,
+    bytes: &[u8],
     expected: Option<&[TensorSpec]>,
 ) -> Result<Vec<NamedTensor>> {
-    let path = dir.join(file);
-    let bytes = read_required(dir, file)?;
-    let digest = state
-        .files
-        .get(file)
-        .ok_or_else(|| Error::CheckpointMalformed {
-            path: dir.join(STATE_FILE),
-            reason: format!("no length/sha256 recorded for {file}"),
-        })?;
-    if bytes.len() as u64 != digest.bytes {
-        return Err(Error::CheckpointTruncated {
-            path,
-            expected: digest.bytes,
-            actual: bytes.len() as u64,
-        });
-    }
-    let sha = sha256_hex(&bytes);
-    if sha != digest.sha256 {
-        return Err(Error::CheckpointCorrupt {
-            path,
-            expected: digest.sha256.clone(),
-            actual: sha,
-        });
-    }
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::CheckpointMalformed {
+    let path = path.to_path_buf();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::CheckpointMalformed {
         path: path.clone(),
         reason: e.to_string(),
     })?;
@@ -521,8 +567,9 @@ fn compare_config(state_path: &Path, saved: &str, current: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `<path>.partial`, fsyncs, and renames it to `path`.
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `<path>.partial`, fsyncs, and renames it to `path` (`step`
+/// names the save for the failpoint between the write and the rename).
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8], step: u64) -> Result<()> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".partial");
     let tmp = path.with_file_name(tmp_name);
@@ -531,11 +578,12 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| Error::io("write", &tmp, e))?;
     f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     drop(f);
+    failpoint::hit("file.partial_written", step);
     std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", &tmp, e))
 }
 
 /// Fsyncs a directory so renames inside it survive a power loss.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("fsync", dir, e))

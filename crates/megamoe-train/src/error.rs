@@ -235,11 +235,21 @@ pub enum Error {
         /// The rule it breaks.
         rule: String,
     },
-    /// The target checkpoint directory already exists; nothing is overwritten.
-    #[error("checkpoint {path} already exists; refusing to overwrite it")]
-    CheckpointExists {
-        /// The final checkpoint directory.
-        path: PathBuf,
+    /// Parameters (or optimizer state) hold a NaN or an infinity; such a model is
+    /// never written to a checkpoint.
+    #[error(
+        "step {step}: parameter {tensor}[{index}] = {value} is not finite (the model \
+         diverged; try a lower optim.lr); no checkpoint was written"
+    )]
+    NonFiniteParameters {
+        /// The step whose checkpoint was refused.
+        step: u64,
+        /// The first tensor holding a non-finite value (model tensors first).
+        tensor: String,
+        /// Flat index of the first non-finite value in it.
+        index: usize,
+        /// That value.
+        value: f32,
     },
 
     // ---- metrics and reports ----
@@ -318,6 +328,25 @@ pub enum Error {
         path: PathBuf,
         /// What was found there.
         what: &'static str,
+    },
+    /// Another process holds the run directory's lock.
+    #[error(
+        "run directory {path} is in use by another megamoe process ({holder}); wait for it \
+         to finish or choose another --run-dir"
+    )]
+    RunDirLocked {
+        /// The run directory.
+        path: PathBuf,
+        /// "pid N", or what is known about the holder.
+        holder: String,
+    },
+    /// The final evaluation gave a non-finite held-out loss.
+    #[error("step {step}: the held-out loss is {loss}; the model diverged")]
+    NonFiniteEval {
+        /// The step evaluated.
+        step: u64,
+        /// The loss.
+        loss: f64,
     },
     /// The NaN/Inf guard stopped the run: too many consecutive non-finite steps.
     #[error(

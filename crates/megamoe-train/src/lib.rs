@@ -70,6 +70,7 @@ pub mod clock;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod failpoint;
 pub mod goodput;
 pub mod metrics;
 pub mod peak;
@@ -102,7 +103,7 @@ pub use metrics::{
 };
 pub use progress::Progress;
 pub use report::{render_report, ReportSummary};
-pub use run_dir::RunDir;
+pub use run_dir::{RunDir, RunLock};
 pub use session::{run_training, RunOptions, RunSummary};
 pub use tokenizer::Tokenizer;
 pub use trainer::{Trainer, TrainerOptions};

@@ -4,12 +4,13 @@
 //! `step` ([`StepMetrics`]), `eval` ([`EvalMetrics`]), `goodput`
 //! ([`GoodputRecord`]) and `sample` ([`SampleRecord`]). The writer appends and
 //! flushes each line, so a crash loses at most the line being written; on reopen it
-//! drops such a partial line. A resumed run appends again, so a step can appear
-//! twice (once before the crash, once after the resume): readers take the last
-//! record per step ([`latest_steps`]).
+//! drops such a partial line. A resumed run first cuts the file back to its step
+//! ([`truncate_after_step`]), so every step has one record; readers still take the
+//! last record per step ([`latest_steps`]) for files written by older builds.
 //!
-//! Non-finite floats (a NaN loss the guard skipped) are written as `null` and read
-//! back as NaN, since JSON has no NaN.
+//! Non-finite floats (a NaN loss the guard skipped, an infinite learning rate) are
+//! written as the strings `"NaN"`, `"inf"` and `"-inf"`, since JSON has no such
+//! numbers; readers also take `null` as NaN (what older builds wrote).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -20,47 +21,34 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::goodput::GoodputTotals;
 
+mod nonfinite;
+mod truncate;
+pub use truncate::truncate_after_step;
+
 /// File name of the metrics log inside a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
-
-/// Serde for `f64` that writes non-finite values as `null` and reads `null` as NaN.
-mod nan_as_null {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.is_finite() {
-            s.serialize_f64(*v)
-        } else {
-            s.serialize_none()
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
-}
 
 /// Loss components of one step, each averaged over the step's tokens and already
 /// multiplied by its weight, so `total = lm + mtp + aux + z + skip`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossParts {
     /// The optimised loss.
-    #[serde(with = "nan_as_null")]
+    #[serde(with = "nonfinite")]
     pub total: f64,
     /// Next-token cross-entropy (nats/token).
-    #[serde(with = "nan_as_null")]
+    #[serde(with = "nonfinite")]
     pub lm: f64,
     /// Weighted sum of the MTP depth losses.
-    #[serde(with = "nan_as_null", default)]
+    #[serde(with = "nonfinite", default)]
     pub mtp: f64,
     /// MoE load-balancing loss (all layers).
-    #[serde(with = "nan_as_null", default)]
+    #[serde(with = "nonfinite", default)]
     pub aux: f64,
     /// Router z-loss (all layers).
-    #[serde(with = "nan_as_null", default)]
+    #[serde(with = "nonfinite", default)]
     pub z: f64,
     /// GateSkip sparsity + FlexiDepth skip losses.
-    #[serde(with = "nan_as_null", default)]
+    #[serde(with = "nonfinite", default)]
     pub skip: f64,
 }
 
@@ -72,12 +60,15 @@ pub struct MoeLayerStats {
     /// (E,) token-slots routed to each routed expert (before capacity drops).
     pub tokens_per_expert: Vec<u64>,
     /// max / mean of `tokens_per_expert` (1 = perfectly balanced; 0 if none routed).
+    #[serde(with = "nonfinite")]
     pub max_load: f64,
     /// Token-slots dropped by capacity.
     pub dropped: u64,
     /// Fraction of top-k slots spent on null slots.
+    #[serde(with = "nonfinite")]
     pub null_share: f64,
     /// Mean routed (non-null) experts per token, `K · (1 − null_share)`.
+    #[serde(with = "nonfinite")]
     pub real_experts_per_token: f64,
     /// (domains, E) assignments kept after capacity per expert, split by the data
     /// domain of the token; empty if untracked (a single domain).
@@ -85,7 +76,11 @@ pub struct MoeLayerStats {
     pub tokens_per_expert_by_domain: Vec<Vec<u64>>,
     /// Mean shared-expert gate `σ(x · w_gᵀ)` over the step's tokens; `None` without
     /// `moe.shared_expert_gate`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "nonfinite::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub shared_gate_mean: Option<f64>,
 }
 
@@ -229,8 +224,10 @@ pub struct GateSkipStats {
     /// Layer index.
     pub layer: usize,
     /// Kept fraction of the attention branch.
+    #[serde(with = "nonfinite")]
     pub attn_kept: f64,
     /// Kept fraction of the MLP / MoE branch.
+    #[serde(with = "nonfinite")]
     pub mlp_kept: f64,
 }
 
@@ -238,10 +235,12 @@ pub struct GateSkipStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FlexiDepthStats {
     /// Mean number of layers a token was processed by (not skipped).
+    #[serde(with = "nonfinite")]
     pub mean_layers_used: f64,
     /// Layers in the model.
     pub num_layers: usize,
     /// (layer, fraction of tokens processed) for each layer with a depth router.
+    #[serde(with = "nonfinite::pairs")]
     pub kept: Vec<(usize, f64)>,
 }
 
@@ -253,9 +252,10 @@ pub struct StepMetrics {
     /// Loss components.
     pub loss: LossParts,
     /// Global gradient norm before clipping.
-    #[serde(with = "nan_as_null")]
+    #[serde(with = "nonfinite")]
     pub grad_norm: f64,
     /// Learning rate used.
+    #[serde(with = "nonfinite")]
     pub lr: f64,
     /// True when the NaN/Inf guard skipped this update.
     #[serde(default)]
@@ -263,11 +263,13 @@ pub struct StepMetrics {
     /// Tokens processed in the step (global batch · T).
     pub tokens: u64,
     /// Wall seconds of the step.
+    #[serde(with = "nonfinite")]
     pub step_time_s: f64,
     /// `tokens / step_time_s`.
+    #[serde(with = "nonfinite")]
     pub tokens_per_s: f64,
     /// Estimated model FLOPs utilisation (see [`mfu`]); `None` when peak is unknown.
-    #[serde(default)]
+    #[serde(with = "nonfinite::option", default)]
     pub mfu: Option<f64>,
     /// Peak bytes of live tensors during the step (measured by the tensor
     /// crate's live-bytes counter): `state_bytes + activation_bytes`.
@@ -292,14 +294,22 @@ pub struct StepMetrics {
     #[serde(default)]
     pub flexi_depth: Option<FlexiDepthStats>,
     /// Unweighted MTP cross-entropies `CE_k`, k = 1..D (empty without MTP).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        with = "nonfinite::vec",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub mtp_losses: Vec<f64>,
     /// Achieved model FLOP/s: training FLOPs per token (see
     /// [`training_flops_per_token`]) times `tokens_per_s`.
-    #[serde(default)]
+    #[serde(with = "nonfinite", default)]
     pub flops_per_s: f64,
     /// Muon's learning rate this step; `None` when Muon is not in use.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "nonfinite::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub muon_lr: Option<f64>,
     /// Explicit device→host reads during the step (the tensor crate's process-wide
     /// counter, `megamoe_tensor::host_reads`): each is a synchronisation on a device.
@@ -331,7 +341,7 @@ pub struct DomainLoss {
     /// Domain name.
     pub domain: String,
     /// Mean LM loss over its tokens (nats/token).
-    #[serde(with = "nan_as_null")]
+    #[serde(with = "nonfinite")]
     pub loss: f64,
     /// Tokens evaluated.
     pub tokens: u64,
@@ -343,7 +353,7 @@ pub struct EvalMetrics {
     /// Training step after which it ran.
     pub step: u64,
     /// Mean LM loss over all held-out tokens (nats/token).
-    #[serde(with = "nan_as_null")]
+    #[serde(with = "nonfinite")]
     pub loss: f64,
     /// Tokens evaluated.
     pub tokens: u64,
@@ -351,6 +361,7 @@ pub struct EvalMetrics {
     #[serde(default)]
     pub per_domain: Vec<DomainLoss>,
     /// Wall seconds the eval took.
+    #[serde(with = "nonfinite")]
     pub time_s: f64,
 }
 
@@ -724,23 +735,35 @@ mod tests {
     }
 
     #[test]
-    fn nan_loss_is_written_as_null_and_read_as_nan() {
+    fn non_finite_values_are_written_as_strings_and_read_back() {
         let dir = TestDir::new("metrics_nan");
         let path = dir.path().join(METRICS_FILE);
         let mut m = step(7, f64::NAN);
         m.skipped = true;
         m.grad_norm = f64::INFINITY;
+        m.lr = f64::INFINITY;
+        m.mtp_losses = vec![f64::NAN];
         MetricsWriter::open(&path)
             .unwrap()
             .write(&MetricsRecord::Step(m))
             .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains(r#""lm":null"#), "{text}");
+        for field in [r#""lm":"NaN""#, r#""lr":"inf""#, r#""mtp_losses":["NaN"]"#] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
         let back = read_metrics(&path).unwrap();
         let MetricsRecord::Step(s) = &back[0] else {
             panic!("not a step record")
         };
-        assert!(s.loss.lm.is_nan() && s.grad_norm.is_nan() && s.skipped);
+        assert!(s.loss.lm.is_nan() && s.skipped);
+        assert_eq!((s.grad_norm, s.lr), (f64::INFINITY, f64::INFINITY));
+        // A record an older build wrote (`null` for non-finite) still reads.
+        let old = text.replace(r#""lr":"inf""#, r#""lr":null"#);
+        std::fs::write(&path, old).unwrap();
+        let MetricsRecord::Step(s) = &read_metrics(&path).unwrap()[0] else {
+            panic!("not a step record")
+        };
+        assert!(s.lr.is_nan());
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! <run_dir>/
+//!   lock                 advisory lock held by the process writing the run; holds its pid
 //!   config.toml          the resolved config the run was started with
+//!   run.json             where the run reads its data (for a resume before the
+//!                        first checkpoint)
 //!   metrics.jsonl        one JSON record per line (see `metrics`)
 //!   checkpoints/         see `checkpoint` (latest, ckpt-<step>/...)
 //!   report/              written by `megamoe report` (see `report`)
@@ -17,6 +20,64 @@ use crate::report::REPORT_DIR;
 
 /// File name of the config copy inside a run directory.
 pub const CONFIG_FILE: &str = "config.toml";
+/// File name of the lock file inside a run directory.
+pub const LOCK_FILE: &str = "lock";
+/// File name of the run's origin record (data source) inside a run directory.
+pub const ORIGIN_FILE: &str = "run.json";
+
+/// An exclusive advisory lock on a run directory, held until dropped (or the
+/// process ends, however it ends: the OS releases it). Two processes never write
+/// one run directory at the same time.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Creates `run_dir` if needed and takes its lock, writing this process's pid
+    /// into `<run_dir>/lock`. Fails with [`Error::RunDirLocked`] naming the holder's
+    /// pid if another process holds it; never waits.
+    pub fn acquire(run_dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io("create", run_dir, e))?;
+        let path = run_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let holder = match text.trim().parse::<u32>() {
+                    Ok(pid) => format!("pid {pid}"),
+                    Err(_) => "pid not yet recorded".to_string(),
+                };
+                return Err(Error::RunDirLocked {
+                    path: run_dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+        }
+        file.set_len(0)
+            .and_then(|()| file.seek(std::io::SeekFrom::Start(0)).map(drop))
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.flush())
+            .map_err(|e| Error::io("write", &path, e))?;
+        Ok(RunLock { _file: file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
 
 /// A run directory and the paths inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +160,34 @@ impl RunDir {
         self.root.join(REPORT_DIR)
     }
 
-    /// Writes the resolved config text to `config.toml` (replacing an older copy).
+    /// Writes the resolved config text to `config.toml` (replacing an older copy
+    /// atomically).
     pub fn write_config(&self, toml_text: &str) -> Result<()> {
-        let path = self.config_path();
-        std::fs::write(&path, toml_text).map_err(|e| Error::io("write", &path, e))
+        crate::checkpoint::write_file_atomic(&self.config_path(), toml_text.as_bytes(), 0)
+    }
+
+    /// Records where the run reads its data (`run.json`), so a run killed before its
+    /// first checkpoint can be resumed with the same data.
+    pub fn write_origin(&self, data_source: &str) -> Result<()> {
+        let path = self.root.join(ORIGIN_FILE);
+        let text = serde_json::json!({ "data": data_source }).to_string();
+        crate::checkpoint::write_file_atomic(&path, text.as_bytes(), 0)
+    }
+
+    /// The data source recorded by [`RunDir::write_origin`], if any.
+    pub fn read_origin(&self) -> Result<Option<String>> {
+        let path = self.root.join(ORIGIN_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::CheckpointMalformed {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(v["data"].as_str().map(str::to_string))
     }
 
     /// Reads `config.toml`.

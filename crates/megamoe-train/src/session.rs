@@ -3,9 +3,10 @@
 //! progress, evaluating every `train.eval_every` steps and at the end, checkpointing
 //! every `train.checkpoint_every` steps and at the end, and leaving `summary.txt`.
 //!
-//! Also the two questions the CLI asks before a run: is a directory free for a fresh
-//! run ([`check_fresh_run_dir`]), and what config and data did a checkpoint's run use
-//! ([`checkpoint_origin`]).
+//! Also the questions the CLI asks before a run: is a directory free for a fresh
+//! run ([`check_fresh_run_dir`]), where does a resumed run start and with what
+//! config and data ([`checkpoint_origin`]), and the clean-up a resume needs
+//! ([`prepare_resume`]: later checkpoints retired, metrics cut back to the step).
 
 use std::path::{Path, PathBuf};
 
@@ -108,78 +109,101 @@ pub fn readable(text: &str) -> String {
         .collect()
 }
 
-/// Fails if `run_dir` already holds a run (a checkpoint or metrics), so a fresh run
-/// never mixes its records or checkpoints with an older one.
+/// Fails if `run_dir` already holds a run (a config, metrics or a checkpoint), so a
+/// fresh run never mixes its records or checkpoints with an older one.
 pub fn check_fresh_run_dir(run_dir: &Path) -> Result<()> {
-    let latest = run_dir
-        .join(crate::checkpoint::CHECKPOINTS_DIR)
-        .join(crate::checkpoint::LATEST_FILE);
-    if latest.exists() {
-        return Err(Error::RunDirInUse {
+    let in_use = |what: &'static str| {
+        Err(Error::RunDirInUse {
             path: run_dir.to_path_buf(),
-            what: "checkpoints/latest",
-        });
+            what,
+        })
+    };
+    if run_dir.join(crate::run_dir::CONFIG_FILE).exists() {
+        return in_use(crate::run_dir::CONFIG_FILE);
     }
     let metrics = run_dir.join(crate::metrics::METRICS_FILE);
     if std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0) {
-        return Err(Error::RunDirInUse {
-            path: run_dir.to_path_buf(),
-            what: "metrics.jsonl",
-        });
+        return in_use("metrics.jsonl");
+    }
+    let checkpoints = run_dir.join(crate::checkpoint::CHECKPOINTS_DIR);
+    if !crate::checkpoint::list_checkpoints(&checkpoints)?.is_empty() {
+        return in_use("checkpoints");
     }
     Ok(())
 }
 
-/// What a checkpoint records about its run: the config text and the data source.
-#[derive(Debug, Clone, PartialEq)]
+/// Where a resumed run starts: a checkpoint, or (a run killed before its first
+/// checkpoint) step 0 with the run directory's own config.
+#[derive(Debug)]
 pub struct CheckpointOrigin {
-    /// The checkpoint directory.
-    pub dir: PathBuf,
-    /// The run directory holding it (`<run>/checkpoints/ckpt-N` → `<run>`).
+    /// The checkpoint directory; `None` when resuming from step 0.
+    pub dir: Option<PathBuf>,
+    /// The run directory (`<run>/checkpoints/ckpt-N` → `<run>`).
     pub run_dir: PathBuf,
-    /// The config TOML it was written with.
+    /// The config TOML the run was written with.
     pub config_toml: String,
-    /// [`DataSource::name`] of its data ("synthetic" or a path).
+    /// [`DataSource::name`](crate::DataSource::name) of its data ("synthetic" or a path).
     pub data_source: String,
-    /// Its step.
+    /// The step it resumes from.
     pub step: u64,
+    /// Checkpoint directories the scan passed over, with the reason.
+    pub skipped: Vec<crate::checkpoint::Skipped>,
 }
 
-/// Reads the config and data source of the checkpoint `path` refers to (a run
-/// directory, its `checkpoints/` or a checkpoint directory) from its `state.json`,
-/// without loading tensors.
+/// Reads where the run `path` refers to (a run directory, its `checkpoints/` or a
+/// checkpoint directory) resumes: the newest complete checkpoint's config, data
+/// source and step (its manifest verified, no tensors decoded); or, for a run
+/// directory holding a `config.toml` but no checkpoint, step 0 with that config.
 pub fn checkpoint_origin(path: &Path) -> Result<CheckpointOrigin> {
-    let dir = crate::checkpoint::resolve_checkpoint(path)?;
-    let state_path = dir.join(crate::checkpoint::STATE_FILE);
-    let bytes = std::fs::read(&state_path).map_err(|e| Error::io("read", &state_path, e))?;
-    let malformed = |reason: String| Error::CheckpointMalformed {
-        path: state_path.clone(),
-        reason,
+    let run_dir = crate::checkpoint::run_dir_of(path);
+    let resolved = match crate::checkpoint::resolve_checkpoint(path) {
+        Ok(r) => r,
+        Err(Error::CheckpointMissing { .. })
+            if path.exists() && run_dir.join(crate::run_dir::CONFIG_FILE).is_file() =>
+        {
+            let run = crate::run_dir::RunDir::open(&run_dir)?;
+            let skipped = crate::checkpoint::scan_checkpoints(&run.checkpoints_dir())?.skipped();
+            return Ok(CheckpointOrigin {
+                dir: None,
+                config_toml: run.read_config()?,
+                data_source: run
+                    .read_origin()?
+                    .unwrap_or_else(|| "synthetic".to_string()),
+                step: 0,
+                skipped,
+                run_dir,
+            });
+        }
+        Err(e) => return Err(e),
     };
-    let v: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
-    let config_toml = v["config_toml"]
-        .as_str()
-        .ok_or_else(|| malformed("no string field config_toml".into()))?
-        .to_string();
-    let data_source = v["data"]["source"]
-        .as_str()
-        .ok_or_else(|| malformed("no string field data.source".into()))?
-        .to_string();
-    let step = v["step"]
-        .as_u64()
-        .ok_or_else(|| malformed("no integer field step".into()))?;
-    let run_dir = dir
-        .parent()
-        .and_then(Path::parent)
-        .map_or_else(|| dir.clone(), Path::to_path_buf);
+    let state = crate::checkpoint::read_checkpoint_state(&resolved.dir)?;
     Ok(CheckpointOrigin {
-        dir,
+        dir: Some(resolved.dir),
         run_dir,
-        config_toml,
-        data_source,
-        step,
+        config_toml: state.config_toml,
+        data_source: state.data.source,
+        step: state.step,
+        skipped: resolved.skipped,
     })
+}
+
+/// Makes `run_dir` consistent with a run resumed at `step`: later checkpoints are
+/// retired (renamed `.superseded`), debris of unfinished saves removed, and
+/// `metrics.jsonl` cut back to the records of steps up to `step`, so every step
+/// has one record. Returns one line per change. Call only while holding the
+/// run directory's [`RunLock`](crate::run_dir::RunLock).
+pub fn prepare_resume(run_dir: &Path, step: u64) -> Result<Vec<String>> {
+    let checkpoints = run_dir.join(crate::checkpoint::CHECKPOINTS_DIR);
+    let mut notes = crate::checkpoint::retire_checkpoints_after(&checkpoints, step)?;
+    let metrics = run_dir.join(crate::metrics::METRICS_FILE);
+    let dropped = crate::metrics::truncate_after_step(&metrics, step)?;
+    if dropped > 0 {
+        notes.push(format!(
+            "{}: dropped {dropped} records after step {step} (they are re-run)",
+            metrics.display()
+        ));
+    }
+    Ok(notes)
 }
 
 /// Trains `trainer` up to `opts.total_steps`, writing into `run_dir`: one
@@ -249,6 +273,7 @@ pub fn run_training(
         summary.last_loss = Some((m.step, m.loss.total));
         summary.final_step = m.step;
         summary.skipped_steps += u64::from(m.skipped);
+        crate::failpoint::hit("metrics.step_written", m.step);
         trainer.check_guard()?;
         if every(plan.train.eval_every, m.step) {
             let e = trainer.evaluate()?;
@@ -281,6 +306,9 @@ pub fn run_training(
         tensorboard.eval(&e)?;
         writer.write(&MetricsRecord::Eval(e))?;
     }
+    if let Some((s, loss)) = summary.last_eval.filter(|(_, l)| !l.is_finite()) {
+        return Err(Error::NonFiniteEval { step: s, loss });
+    }
     if opts.sample_tokens > 0 {
         let prompt = sample_prompt(trainer);
         let s = trainer.sample(&prompt, opts.sample_tokens)?;
@@ -288,11 +316,13 @@ pub fn run_training(
         summary.sample = Some(s);
     }
     let final_dir = checkpoints.join(crate::checkpoint::checkpoint_dir_name(step));
-    summary.checkpoint = Some(if final_dir.join(crate::checkpoint::STATE_FILE).is_file() {
-        final_dir
-    } else {
-        trainer.save_checkpoint(&checkpoints)?
-    });
+    summary.checkpoint = Some(
+        if final_dir.join(crate::checkpoint::MANIFEST_FILE).is_file() {
+            final_dir
+        } else {
+            trainer.save_checkpoint(&checkpoints)?
+        },
+    );
     progress.finish();
     summary.goodput = trainer.goodput();
     writer.write(&MetricsRecord::Goodput(GoodputRecord {

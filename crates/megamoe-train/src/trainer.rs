@@ -456,11 +456,14 @@ impl Trainer {
     }
 
     /// Saves a checkpoint of the current step under `checkpoints_dir` (see
-    /// [`save_checkpoint`]); returns its directory.
+    /// [`save_checkpoint`]); returns its directory. Refuses with
+    /// [`Error::NonFiniteParameters`] (writing nothing) if any parameter, buffer or
+    /// optimizer value is NaN or infinite.
     pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
         let started = Instant::now();
         let model = self.model_tensors()?;
         let optimizer = self.optimizer_tensors()?;
+        check_finite(self.step, model.iter().chain(&optimizer))?;
         let mut extra = BTreeMap::new();
         extra.insert(
             EXTRA_NONFINITE_STREAK.to_string(),
@@ -742,6 +745,21 @@ pub(crate) fn batch_tensors(b: &Batch) -> Result<(Tensor, Tensor)> {
         Tensor::from_vec_i32(b.inputs.clone(), shape, Device::Cpu)?,
         Tensor::from_vec_i32(b.targets.clone(), shape, Device::Cpu)?,
     ))
+}
+
+/// The first non-finite value of `tensors`, as [`Error::NonFiniteParameters`].
+fn check_finite<'a>(step: u64, tensors: impl IntoIterator<Item = &'a NamedTensor>) -> Result<()> {
+    for t in tensors {
+        if let Some(index) = t.data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteParameters {
+                step,
+                tensor: t.name.clone(),
+                index,
+                value: t.data[index],
+            });
+        }
+    }
+    Ok(())
 }
 
 fn specs(tensors: &[NamedTensor]) -> Vec<TensorSpec> {

@@ -1,5 +1,6 @@
 //! Checkpoint save/load: round trip, file format, truncation, corruption, crashes
-//! mid-save, config and shape mismatches.
+//! mid-save (resume scans for the newest complete checkpoint, never trusting
+//! `latest`), replacing a re-reached step, config and shape mismatches.
 
 // Test helpers outside #[test] fns: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +12,8 @@ use std::collections::BTreeMap;
 
 use megamoe_tensor::{Device, Tensor};
 use megamoe_train::checkpoint::{
-    list_checkpoints, prune_checkpoints, CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
+    list_checkpoints, prune_checkpoints, resolve_checkpoint, retire_checkpoints_after,
+    scan_checkpoints, CHECKPOINTS_DIR, LATEST_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
     STATE_FILE,
 };
 use megamoe_train::{
@@ -190,13 +192,95 @@ fn crash_leaving_tmp_dir_keeps_latest_loadable_and_next_save_succeeds() {
 }
 
 #[test]
-fn crash_after_rename_before_latest_update_loads_previous() {
+fn crash_after_rename_before_latest_update_loads_the_newest_commit() {
     let dir = TestDir::new("ckpt_crash_latest");
     save_checkpoint(dir.path(), &state(10), &model(1.0), &optimizer()).unwrap();
     let latest_before = std::fs::read(dir.path().join(LATEST_FILE)).unwrap();
     save_checkpoint(dir.path(), &state(20), &model(1.0), &optimizer()).unwrap();
-    // Roll `latest` back, as if the process died right before replacing it.
+    // Roll `latest` back, as if the process died right before replacing it: the
+    // rename committed step 20, so resume takes step 20 whatever `latest` says.
     std::fs::write(dir.path().join(LATEST_FILE), latest_before).unwrap();
+    let c = load_checkpoint(dir.path(), &Expected::default()).unwrap();
+    assert_eq!(c.state.step, 20);
+    // Without `latest` at all the same.
+    std::fs::remove_file(dir.path().join(LATEST_FILE)).unwrap();
+    let c = load_checkpoint(dir.path(), &Expected::default()).unwrap();
+    assert_eq!(c.state.step, 20);
+}
+
+#[test]
+fn damaged_newest_checkpoint_is_skipped_and_reported() {
+    let dir = TestDir::new("ckpt_scan");
+    save_checkpoint(dir.path(), &state(10), &model(1.0), &optimizer()).unwrap();
+    let newest = save_checkpoint(dir.path(), &state(20), &model(2.0), &optimizer()).unwrap();
+    std::fs::remove_file(newest.join(MANIFEST_FILE)).unwrap();
+    std::fs::create_dir(dir.path().join("ckpt-00000030.tmp")).unwrap();
+    let scan = scan_checkpoints(dir.path()).unwrap();
+    assert_eq!(scan.newest, Some((10, dir.path().join("ckpt-00000010"))));
+    let skipped: Vec<_> = scan.skipped().into_iter().map(|s| s.dir).collect();
+    assert_eq!(skipped, [newest, dir.path().join("ckpt-00000030.tmp")]);
+    let resolved = resolve_checkpoint(dir.path()).unwrap();
+    assert_eq!(resolved.dir, dir.path().join("ckpt-00000010"));
+    assert!(
+        resolved.skipped[0].reason.contains(MANIFEST_FILE),
+        "{}",
+        resolved.skipped[0].reason
+    );
+}
+
+#[test]
+fn crash_while_replacing_a_step_falls_back_and_resume_cleans_up() {
+    let dir = TestDir::new("ckpt_replace_crash");
+    save_checkpoint(dir.path(), &state(5), &model(1.0), &optimizer()).unwrap();
+    let old = save_checkpoint(dir.path(), &state(10), &model(1.0), &optimizer()).unwrap();
+    // The state a death between moving the old step-10 checkpoint aside and renaming
+    // the new one into place leaves: both complete, neither under the final name.
+    let replaced = dir.path().join("ckpt-00000010.replaced");
+    let tmp = dir.path().join("ckpt-00000010.tmp");
+    std::fs::rename(&old, &replaced).unwrap();
+    copy_dir(&replaced, &tmp);
+    let scan = scan_checkpoints(dir.path()).unwrap();
+    assert_eq!(scan.newest.unwrap().0, 5);
+    assert_eq!(scan.debris, [replaced.clone(), tmp.clone()]);
+    retire_checkpoints_after(dir.path(), 5).unwrap();
+    assert!(!tmp.exists() && !replaced.exists());
+    // Re-reaching step 10 saves it normally.
+    save_checkpoint(dir.path(), &state(10), &model(2.0), &optimizer()).unwrap();
+    assert_eq!(list_checkpoints(dir.path()).unwrap(), [5, 10]);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn editing_state_json_is_detected_by_the_manifest() {
+    let dir = TestDir::new("ckpt_state_edit");
+    let saved = save_checkpoint(dir.path(), &state(5), &model(1.0), &optimizer()).unwrap();
+    let path = saved.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"step\": 5", "\"step\": 6")).unwrap();
+    let err = load_checkpoint(&saved, &Expected::default()).unwrap_err();
+    assert!(matches!(err, Error::CheckpointCorrupt { .. }), "{err}");
+    assert!(err.to_string().contains(STATE_FILE), "{err}");
+}
+
+#[test]
+fn resume_from_an_older_step_retires_later_checkpoints_and_debris() {
+    let dir = TestDir::new("ckpt_retire");
+    for step in [5, 10, 15] {
+        save_checkpoint(dir.path(), &state(step), &model(1.0), &optimizer()).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("ckpt-00000020.tmp")).unwrap();
+    let notes = retire_checkpoints_after(dir.path(), 10).unwrap();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(list_checkpoints(dir.path()).unwrap(), [5, 10]);
+    assert!(dir.path().join("ckpt-00000015.superseded").is_dir());
+    assert!(!dir.path().join("ckpt-00000020.tmp").exists());
     assert_eq!(
         load_checkpoint(dir.path(), &Expected::default())
             .unwrap()
@@ -315,20 +399,21 @@ fn missing_checkpoint_and_missing_file_are_named_errors() {
         "{err}"
     );
 
+    // `latest` naming a checkpoint that does not exist changes nothing.
     std::fs::write(dir.path().join(LATEST_FILE), "ckpt-00000099\n").unwrap();
     let err = load_checkpoint(dir.path(), &Expected::default()).unwrap_err();
-    assert!(err.to_string().contains("ckpt-00000099"), "{err}");
+    assert!(matches!(err, Error::CheckpointFileMissing { .. }), "{err}");
 }
 
 #[test]
 fn other_format_version_is_error() {
     let dir = TestDir::new("ckpt_version");
     let saved = save_checkpoint(dir.path(), &state(5), &model(1.0), &optimizer()).unwrap();
-    let path = saved.join(STATE_FILE);
+    let path = saved.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+        text.replace("\"format_version\": 2", "\"format_version\": 99"),
     )
     .unwrap();
     let err = load_checkpoint(dir.path(), &Expected::default()).unwrap_err();
@@ -337,7 +422,7 @@ fn other_format_version_is_error() {
             err,
             Error::CheckpointVersion {
                 found: 99,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),
@@ -346,13 +431,23 @@ fn other_format_version_is_error() {
 }
 
 #[test]
-fn existing_step_or_bad_tensor_is_refused_without_touching_disk() {
+fn re_reaching_a_step_replaces_it_and_bad_tensors_are_refused() {
     let dir = TestDir::new("ckpt_refuse");
     let saved = save_checkpoint(dir.path(), &state(5), &model(1.0), &optimizer()).unwrap();
-    let before = std::fs::read(saved.join(MODEL_FILE)).unwrap();
-    let err = save_checkpoint(dir.path(), &state(5), &model(9.0), &optimizer()).unwrap_err();
-    assert!(matches!(err, Error::CheckpointExists { .. }), "{err}");
-    assert_eq!(std::fs::read(saved.join(MODEL_FILE)).unwrap(), before);
+    let again = save_checkpoint(dir.path(), &state(5), &model(9.0), &optimizer()).unwrap();
+    assert_eq!(again, saved);
+    let c = load_checkpoint(&saved, &Expected::default()).unwrap();
+    assert_eq!(c.model[0].data[1], 9.0, "the new save replaced the old one");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.ends_with(".replaced") || n.ends_with(".tmp")),
+        "{names:?}"
+    );
 
     let mut bad = model(1.0);
     bad[1].data.pop();
@@ -397,7 +492,7 @@ fn tensor_conversion_round_trips_f32_and_bf16_values() {
 }
 
 #[test]
-fn prune_keeps_newest_and_latest() {
+fn prune_keeps_the_newest() {
     let dir = TestDir::new("ckpt_prune");
     for step in [1, 2, 3, 4] {
         save_checkpoint(dir.path(), &state(step), &model(1.0), &optimizer()).unwrap();
