@@ -51,9 +51,21 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Removes a test's scratch directory once it passed (a failed one stays to look at).
+fn cleanup(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `megamoe ARGS` in `dir`, through `sh` to switch core dumps off: a failpoint
+/// aborts the process.
 fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.current_dir(dir).args(args).env_remove(FAILPOINT_ENV);
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("ulimit -c 0; exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .current_dir(dir)
+        .args(args)
+        .env_remove(FAILPOINT_ENV);
     c
 }
 
@@ -132,6 +144,7 @@ fn a_kill_at_every_commit_point_then_resume_repeats_the_uninterrupted_run() {
             .collect();
         assert!(left.is_empty(), "{label}: {left:?}");
     }
+    cleanup(&dir);
 }
 
 #[test]
@@ -152,6 +165,7 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_step_0() {
     let resumed = megamoe(&dir, &["train", "--resume", "r"]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     assert_same_run(&dir.join("r"), &steps(&dir.join("straight")), "early kill");
+    cleanup(&dir);
 }
 
 #[test]
@@ -168,6 +182,7 @@ fn resuming_an_older_checkpoint_replaces_the_later_ones() {
         stderr(&again)
     );
     assert_same_run(&dir.join("r"), &want, "resume from step 2");
+    cleanup(&dir);
 }
 
 #[test]
@@ -190,6 +205,7 @@ fn a_locked_run_dir_is_refused_naming_the_holder() {
     drop(held);
     let o = megamoe(&dir, &[&TRAIN[..], &["--run-dir", "r"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
+    cleanup(&dir);
 }
 
 #[test]
@@ -216,6 +232,7 @@ fn two_runs_racing_for_one_dir_leave_one_consistent_run() {
     let got = steps(&dir.join("r"));
     assert!(got.values().all(|(_, n)| *n == 1), "{got:?}");
     assert_eq!(got.len(), 6);
+    cleanup(&dir);
 }
 
 #[test]
@@ -253,4 +270,5 @@ fn non_finite_weights_are_never_checkpointed_and_exit_1() {
         let report = megamoe(&dir, &["report", run]);
         assert!(report.status.success(), "{run}: {}", stderr(&report));
     }
+    cleanup(&dir);
 }
