@@ -3,6 +3,7 @@
 
 mod args;
 mod config_cmd;
+mod bench_cmd;
 mod plan_cmd;
 mod probe_cmd;
 mod report_cmd;
@@ -43,6 +44,8 @@ enum Command {
     /// Print the effective run config (file + --set, defaults filled in), or
     /// with --defaults every key with its default and meaning.
     Config(config_cmd::ConfigCmdArgs),
+    /// Time a layer on the GPU (build with --features cuda): `megamoe bench moe`.
+    Bench(bench_cmd::BenchArgs),
 }
 
 /// Prints an error as one line and returns exit code 2: the context chain joined
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train_cmd::run(&args),
         Command::Report(args) => report_cmd::run(&args),
         Command::Config(args) => config_cmd::run(&args),
+        Command::Bench(args) => bench_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

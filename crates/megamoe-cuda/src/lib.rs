@@ -1,0 +1,43 @@
+//! megamoe-cuda: the CUDA engine of megamoe — one GPU, its stream, the NVRTC kernel cache,
+//! cuBLAS GEMMs (bf16 and f32, strided-batched), the stream-ordered memory pool with
+//! reserved / used / peak counters, CUDA graph capture, and the MoE layer's kernels
+//! (router, capacity assignment, permute, SwiGLU, combine, and their backward).
+//!
+//! # Place in the workspace
+//! Knows nothing of `megamoe_tensor::Tensor`: it moves device buffers and launches work.
+//! Only built where a user crate turns its `cuda` feature on (megamoe-cli's `megamoe
+//! bench moe`). cudarc loads every CUDA library at run time, so this crate builds on a
+//! machine with no CUDA; there [`Gpu::new`] returns [`Error::NoDriver`] (one line).
+//!
+//! # Conventions
+//! - Row-major everywhere; the GEMM wrapper maps to cuBLAS's column-major ([`gemm`]).
+//! - Storage is bf16 or f32 ([`Elem`]); math and every reduction are f32, in a fixed
+//!   order (no float atomics): results are bitwise reproducible run to run.
+//! - Every host read is a method whose doc says SYNC.
+//!
+//! # Example
+//! ```no_run
+//! # fn main() -> megamoe_cuda::Result<()> {
+//! let gpu = megamoe_cuda::Gpu::new(0)?; // Err(NoDriver) where there is no GPU
+//! println!("{} sm_{}{}", gpu.info().name, gpu.info().compute_capability.0, gpu.info().compute_capability.1);
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+pub mod bench;
+mod device;
+mod error;
+pub mod gemm;
+mod graph;
+pub mod moe;
+mod nvrtc;
+mod pool;
+
+pub use device::{probe, DeviceInfo, EventTimer, Gpu};
+pub use error::{Error, Result};
+pub use gemm::{Elem, Operand};
+pub use graph::Graph;
+pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
+pub use nvrtc::cuda_include_dir;
+pub use pool::{DeviceBuffer, PoolStats};

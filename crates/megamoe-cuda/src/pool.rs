@@ -1,0 +1,135 @@
+//! Stream-ordered device memory: every buffer comes from the device's memory pool through
+//! `cuMemAllocFromPoolAsync` on the engine's stream and goes back with `cuMemFreeAsync` on
+//! drop. The pool keeps freed memory reserved (release threshold = max), like a caching
+//! allocator; [`PoolStats`] reports what is reserved, used now and used at peak.
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::rc::Rc;
+
+use cudarc::driver::result;
+use cudarc::driver::sys;
+
+use crate::error::{DriverCtx, Error, Result};
+
+/// Memory counters of one engine, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Held by the pool (used + cached free blocks), as the driver reports it.
+    pub reserved: u64,
+    /// Live buffers now.
+    pub used: u64,
+    /// Highest `used` since the engine started or [`crate::Gpu::reset_peak`].
+    pub peak: u64,
+}
+
+/// The pool and the stream its allocations are ordered on (shared by every buffer).
+pub(crate) struct PoolState {
+    pub(crate) pool: sys::CUmemoryPool,
+    pub(crate) stream: sys::CUstream,
+    used: Cell<u64>,
+    peak: Cell<u64>,
+}
+
+impl PoolState {
+    /// The device's default pool, told to keep what is freed.
+    pub(crate) fn new(dev: sys::CUdevice, stream: sys::CUstream) -> Result<PoolState> {
+        let pool = unsafe { result::device::get_default_mem_pool(dev) }.ctx("cuDeviceGetDefaultMemPool")?;
+        let mut threshold = u64::MAX;
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            )
+        }
+        .ctx("cuMemPoolSetAttribute(release threshold)")?;
+        Ok(PoolState {
+            pool,
+            stream,
+            used: Cell::new(0),
+            peak: Cell::new(0),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> Result<PoolStats> {
+        let mut reserved = 0u64;
+        unsafe {
+            result::mem_pool::get_attribute(
+                self.pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                &mut reserved as *mut u64 as *mut c_void,
+            )
+        }
+        .ctx("cuMemPoolGetAttribute(reserved)")?;
+        Ok(PoolStats {
+            reserved,
+            used: self.used.get(),
+            peak: self.peak.get(),
+        })
+    }
+
+    pub(crate) fn reset_peak(&self) {
+        self.peak.set(self.used.get());
+    }
+}
+
+impl Drop for PoolState {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; the process is ending its use of the GPU.
+        unsafe {
+            let _ = result::stream::synchronize(self.stream);
+            let _ = result::stream::destroy(self.stream);
+        }
+    }
+}
+
+/// One device allocation (untyped bytes). Freed stream-ordered on drop.
+pub struct DeviceBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    pool: Rc<PoolState>,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} B)", self.ptr, self.bytes)
+    }
+}
+
+impl DeviceBuffer {
+    pub(crate) fn alloc(pool: &Rc<PoolState>, bytes: usize) -> Result<DeviceBuffer> {
+        if bytes == 0 {
+            return Err(Error::invalid("buffer bytes", 0, "must be >= 1"));
+        }
+        let ptr = unsafe { result::mem_pool::alloc_async(pool.pool, bytes, pool.stream) }
+            .ctx("cuMemAllocFromPoolAsync")?;
+        let used = pool.used.get() + bytes as u64;
+        pool.used.set(used);
+        pool.peak.set(pool.peak.get().max(used));
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            pool: pool.clone(),
+        })
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = result::free_async(self.ptr, self.pool.stream);
+        }
+        self.pool.used.set(self.pool.used.get() - self.bytes as u64);
+    }
+}
