@@ -92,10 +92,29 @@ impl std::fmt::Display for MoeBenchReport {
             self.device, self.elem, s.tokens, s.d_model, s.hidden, s.experts, s.top_k, s.capacity,
             self.max_demand, self.kept, s.tokens * s.top_k
         )?;
-        writeln!(f, "median of {} runs after warm-up, CUDA events", self.iters)?;
-        writeln!(f, "  forward            {:8.3} ms  {:6.1} TFLOP/s", self.fwd_ms, self.fwd_tflops())?;
-        writeln!(f, "  fwd+bwd (eager)    {:8.3} ms  {:6.1} TFLOP/s", self.fwd_bwd_ms, self.fwd_bwd_tflops())?;
-        writeln!(f, "  fwd+bwd (graph)    {:8.3} ms  {:6.1} TFLOP/s", self.graph_fwd_bwd_ms, self.graph_tflops())?;
+        writeln!(
+            f,
+            "median of {} runs after warm-up, CUDA events",
+            self.iters
+        )?;
+        writeln!(
+            f,
+            "  forward            {:8.3} ms  {:6.1} TFLOP/s",
+            self.fwd_ms,
+            self.fwd_tflops()
+        )?;
+        writeln!(
+            f,
+            "  fwd+bwd (eager)    {:8.3} ms  {:6.1} TFLOP/s",
+            self.fwd_bwd_ms,
+            self.fwd_bwd_tflops()
+        )?;
+        writeln!(
+            f,
+            "  fwd+bwd (graph)    {:8.3} ms  {:6.1} TFLOP/s",
+            self.graph_fwd_bwd_ms,
+            self.graph_tflops()
+        )?;
         let rows = (s.experts * s.capacity) as f64;
         let (t, h) = (s.tokens as f64, s.d_model as f64);
         for (name, ms) in &self.stages {
@@ -107,7 +126,11 @@ impl std::fmt::Display for MoeBenchReport {
                 _ => None,
             };
             match bytes {
-                Some(b) => writeln!(f, "  {name:<18} {ms:8.3} ms  {:6.0} GB/s", b / (ms * 1e-3) / 1e9)?,
+                Some(b) => writeln!(
+                    f,
+                    "  {name:<18} {ms:8.3} ms  {:6.0} GB/s",
+                    b / (ms * 1e-3) / 1e9
+                )?,
                 None => writeln!(f, "  {name:<18} {ms:8.3} ms")?,
             }
         }
@@ -186,7 +209,10 @@ pub fn bench_moe(cfg: &MoeBenchConfig) -> Result<MoeBenchReport> {
             let d = probe.read_demand(&gpu)?.into_iter().max().unwrap_or(0) as usize;
             drop(probe);
             let c = d.div_ceil(128).max(1) * 128;
-            (CudaMoe::new_random(&mut gpu, base(c), spec, cfg.elem, cfg.seed)?, d)
+            (
+                CudaMoe::new_random(&mut gpu, base(c), spec, cfg.elem, cfg.seed)?,
+                d,
+            )
         }
     };
     for _ in 0..cfg.warmup.max(1) {
@@ -226,7 +252,8 @@ pub fn bench_moe(cfg: &MoeBenchConfig) -> Result<MoeBenchReport> {
         }
         gpu.synchronize()?;
         for (i, name) in names.iter().enumerate() {
-            let ms = unsafe { dres::event::elapsed(ev.0[i], ev.0[i + 1]) }.ctx("cuEventElapsedTime")?;
+            let ms =
+                unsafe { dres::event::elapsed(ev.0[i], ev.0[i + 1]) }.ctx("cuEventElapsedTime")?;
             match per_stage.iter_mut().find(|(n, _)| n == name) {
                 Some((_, v)) => v.push(ms as f64),
                 None => per_stage.push((name, vec![ms as f64])),

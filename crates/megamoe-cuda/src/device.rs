@@ -34,9 +34,12 @@ pub struct DeviceInfo {
     pub driver_version: i32,
 }
 
+/// A library name and cudarc's check that it loads.
+type LibCheck = (&'static str, unsafe fn() -> bool);
+
 /// Checks that libcuda, NVRTC, cuBLAS and cuBLASLt can be loaded.
 pub fn probe() -> Result<()> {
-    let checks: [(&'static str, unsafe fn() -> bool); 4] = [
+    let checks: [LibCheck; 4] = [
         ("libcuda", cudarc::driver::sys::is_culib_present),
         ("libnvrtc", cudarc::nvrtc::sys::is_culib_present),
         ("libcublas", cudarc::cublas::sys::is_culib_present),
@@ -95,8 +98,8 @@ impl Gpu {
             total_memory: unsafe { dres::device::total_mem(dev) }.ctx("cuDeviceTotalMem")? as u64,
             driver_version,
         };
-        let stream = dres::stream::create(dres::stream::StreamKind::NonBlocking)
-            .ctx("cuStreamCreate")?;
+        let stream =
+            dres::stream::create(dres::stream::StreamKind::NonBlocking).ctx("cuStreamCreate")?;
         let pool = Rc::new(PoolState::new(dev, stream)?);
         let blas = bres::create_handle().ctx("cublasCreate")?;
         let workspace = DeviceBuffer::alloc(&pool, CUBLAS_WORKSPACE)?;
@@ -164,7 +167,8 @@ impl Gpu {
                 device: dst.bytes(),
             });
         }
-        unsafe { dres::memcpy_htod_async(dst.ptr(), src, self.pool.stream) }.ctx("cuMemcpyHtoDAsync")?;
+        unsafe { dres::memcpy_htod_async(dst.ptr(), src, self.pool.stream) }
+            .ctx("cuMemcpyHtoDAsync")?;
         self.synchronize()
     }
 
@@ -178,7 +182,8 @@ impl Gpu {
                 device: src.bytes(),
             });
         }
-        unsafe { dres::memcpy_dtoh_async(dst, src.ptr(), self.pool.stream) }.ctx("cuMemcpyDtoHAsync")?;
+        unsafe { dres::memcpy_dtoh_async(dst, src.ptr(), self.pool.stream) }
+            .ctx("cuMemcpyDtoHAsync")?;
         self.synchronize()
     }
 
@@ -200,8 +205,15 @@ impl Gpu {
         block: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
-        dres::launch_kernel(f, (grid.max(1), 1, 1), (block, 1, 1), 0, self.pool.stream, params)
-            .ctx("cuLaunchKernel")
+        dres::launch_kernel(
+            f,
+            (grid.max(1), 1, 1),
+            (block, 1, 1),
+            0,
+            self.pool.stream,
+            params,
+        )
+        .ctx("cuLaunchKernel")
     }
 }
 

@@ -111,7 +111,11 @@ impl Gpu {
             ));
         }
         if c.trans {
-            return Err(Error::invalid("gemm C", "transposed", "C cannot be transposed"));
+            return Err(Error::invalid(
+                "gemm C",
+                "transposed",
+                "C cannot be transposed",
+            ));
         }
         if m == 0 || n == 0 || k == 0 || batch == 0 {
             return Err(Error::invalid(

@@ -93,14 +93,17 @@ impl KernelCache {
                 },
             );
         }
-        let m = self.modules.get_mut(&key).ok_or_else(|| {
-            Error::invalid("kernel module", key.clone(), "was not loaded")
-        })?;
+        let m = self
+            .modules
+            .get_mut(&key)
+            .ok_or_else(|| Error::invalid("kernel module", key.clone(), "was not loaded"))?;
         if let Some(f) = m.functions.get(name) {
             return Ok(*f);
         }
-        let cname = CString::new(name).map_err(|_| Error::invalid("kernel name", name, "has a NUL byte"))?;
-        let f = unsafe { dres::module::get_function(m.module, cname) }.ctx("cuModuleGetFunction")?;
+        let cname = CString::new(name)
+            .map_err(|_| Error::invalid("kernel name", name, "has a NUL byte"))?;
+        let f =
+            unsafe { dres::module::get_function(m.module, cname) }.ctx("cuModuleGetFunction")?;
         m.functions.insert(name.to_string(), f);
         Ok(f)
     }
@@ -137,7 +140,8 @@ impl KernelCache {
             Err(e) => {
                 let log = unsafe { nres::get_program_log(prog) }
                     .map(|l| {
-                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                        let bytes: Vec<u8> =
+                            l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
                         String::from_utf8_lossy(&bytes).into_owned()
                     })
                     .unwrap_or_default();

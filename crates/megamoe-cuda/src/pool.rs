@@ -34,7 +34,8 @@ pub(crate) struct PoolState {
 impl PoolState {
     /// The device's default pool, told to keep what is freed.
     pub(crate) fn new(dev: sys::CUdevice, stream: sys::CUstream) -> Result<PoolState> {
-        let pool = unsafe { result::device::get_default_mem_pool(dev) }.ctx("cuDeviceGetDefaultMemPool")?;
+        let pool = unsafe { result::device::get_default_mem_pool(dev) }
+            .ctx("cuDeviceGetDefaultMemPool")?;
         let mut threshold = u64::MAX;
         unsafe {
             result::mem_pool::set_attribute(

@@ -4,7 +4,9 @@
 //! fresh random inputs (never zeros), poisons outputs (NaN) before the run, and fails on NaN.
 #![allow(clippy::unwrap_used)]
 
-use megamoe_cuda::{CudaMoe, Elem, Error, Gpu, MoeHostWeights, MoeShape, Operand, RouterSpec, Score};
+use megamoe_cuda::{
+    CudaMoe, Elem, Error, Gpu, MoeHostWeights, MoeShape, Operand, RouterSpec, Score,
+};
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, RouterLossScale};
 use megamoe_plan::ScoreFn;
 use megamoe_tensor::{Device, Tensor};
@@ -25,8 +27,14 @@ fn rel(got: &[f32], want: &[f32]) -> f64 {
 fn check(name: &str, got: &[f32], want: &[f32], tol: f64) {
     let r = rel(got, want);
     eprintln!("  {name:<12} rel {r:.3e} (tol {tol:.0e})");
-    assert!(r.is_finite() && r <= tol, "{name}: rel error {r:e} > {tol:e}");
-    assert!(want.iter().any(|&v| v != 0.0), "{name}: reference is all zeros");
+    assert!(
+        r.is_finite() && r <= tol,
+        "{name}: rel error {r:e} > {tol:e}"
+    );
+    assert!(
+        want.iter().any(|&v| v != 0.0),
+        "{name}: reference is all zeros"
+    );
 }
 
 fn randn(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
@@ -37,7 +45,9 @@ fn randn(seed: u64, name: &str, n: usize, std: f32) -> Vec<f32> {
 }
 
 fn round_bf16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
 }
 
 #[test]
@@ -69,8 +79,16 @@ fn gemm_f32_matches_host_reference_all_transposes_and_batches() {
                 for j in 0..n {
                     let mut s = 0f64;
                     for l in 0..k {
-                        let av = if ta { a[p * m * k + l * m + i] } else { a[p * m * k + i * k + l] };
-                        let bv = if tb { b[p * k * n + j * k + l] } else { b[p * k * n + l * n + j] };
+                        let av = if ta {
+                            a[p * m * k + l * m + i]
+                        } else {
+                            a[p * m * k + i * k + l]
+                        };
+                        let bv = if tb {
+                            b[p * k * n + j * k + l]
+                        } else {
+                            b[p * k * n + l * n + j]
+                        };
                         s += av as f64 * bv as f64;
                     }
                     let q = p * m * n + i * n + j;
@@ -94,7 +112,12 @@ fn gemm_f32_matches_host_reference_all_transposes_and_batches() {
         gpu.gemm(m, n, k, oa, ob, oc, batch, alpha, beta).unwrap();
         let mut got = vec![0f32; c0.len()];
         gpu.download(&dc, &mut got).unwrap();
-        check(&format!("gemm t{}{}", ta as u8, tb as u8), &got, &want, 1e-6);
+        check(
+            &format!("gemm t{}{}", ta as u8, tb as u8),
+            &got,
+            &want,
+            1e-6,
+        );
     }
 }
 
@@ -118,7 +141,9 @@ fn run_case(case: &Case, elem: Elem, tol: f64) {
         cfg.routed_experts.hidden,
         cfg.router.top_k,
     );
-    let cap = cfg.capacity_for(n).expect("parity cases use a capacity factor");
+    let cap = cfg
+        .capacity_for(n)
+        .expect("parity cases use a capacity factor");
     let r = &cfg.router;
     let spec = RouterSpec {
         score: match r.score_fn {
@@ -134,7 +159,13 @@ fn run_case(case: &Case, elem: Elem, tol: f64) {
     };
     // bf16 mode: the reference gets the same bf16-rounded inputs and weights, so routing
     // decisions are the same and only the storage rounding of activations differs.
-    let prep = |v: Vec<f32>| if elem == Elem::Bf16 { round_bf16(&v) } else { v };
+    let prep = |v: Vec<f32>| {
+        if elem == Elem::Bf16 {
+            round_bf16(&v)
+        } else {
+            v
+        }
+    };
     let x = prep(randn(case.seed, "x", n * h, 1.0));
     let dy = prep(randn(case.seed, "dy", n * h, 1.0));
     let wr = prep(randn(case.seed, "wr", e * h, 0.5));
@@ -158,7 +189,13 @@ fn run_case(case: &Case, elem: Elem, tol: f64) {
     let kept: usize = out.stats.to_host().unwrap().tokens_per_expert.iter().sum();
     let mut grads = params.zeros_like().unwrap();
     let dx = layer
-        .backward(&params, &t(&dy, vec![n, h]), saved, RouterLossScale::zero(), &mut grads)
+        .backward(
+            &params,
+            &t(&dy, vec![n, h]),
+            saved,
+            RouterLossScale::zero(),
+            &mut grads,
+        )
         .unwrap();
 
     // GPU
@@ -188,13 +225,44 @@ fn run_case(case: &Case, elem: Elem, tol: f64) {
     assert_eq!(counts as usize, kept, "kept assignments (capacity {cap})");
     eprintln!("  kept {kept} of {} assignments, capacity {cap}", n * k);
     let g = moe.read_grads(&gpu).unwrap();
-    check("y", &moe.read_output(&gpu).unwrap(), &out.y.to_host_f32().unwrap(), tol);
-    check("d_x", &moe.read_grad_input(&gpu).unwrap(), &dx.to_host_f32().unwrap(), tol);
-    check("d_router", &g.router, &grads.router.weight.to_host_f32().unwrap(), tol);
-    let cpu_gate = grads.experts.gate_proj.as_ref().unwrap().to_host_f32().unwrap();
+    check(
+        "y",
+        &moe.read_output(&gpu).unwrap(),
+        &out.y.to_host_f32().unwrap(),
+        tol,
+    );
+    check(
+        "d_x",
+        &moe.read_grad_input(&gpu).unwrap(),
+        &dx.to_host_f32().unwrap(),
+        tol,
+    );
+    check(
+        "d_router",
+        &g.router,
+        &grads.router.weight.to_host_f32().unwrap(),
+        tol,
+    );
+    let cpu_gate = grads
+        .experts
+        .gate_proj
+        .as_ref()
+        .unwrap()
+        .to_host_f32()
+        .unwrap();
     check("d_gate_proj", &g.gate_proj, &cpu_gate, tol);
-    check("d_up_proj", &g.up_proj, &grads.experts.up_proj.to_host_f32().unwrap(), tol);
-    check("d_down_proj", &g.down_proj, &grads.experts.down_proj.to_host_f32().unwrap(), tol);
+    check(
+        "d_up_proj",
+        &g.up_proj,
+        &grads.experts.up_proj.to_host_f32().unwrap(),
+        tol,
+    );
+    check(
+        "d_down_proj",
+        &g.down_proj,
+        &grads.experts.down_proj.to_host_f32().unwrap(),
+        tol,
+    );
 }
 
 fn cases() -> Vec<Case> {
@@ -209,7 +277,8 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "sigmoid + bias + groups 4/2, top-4 of 16, scale 2.5",
-            moe_toml: "routed_experts = 16\ntop_k = 4\nexpert_hidden = 48\ncapacity_factor = 1.25\n\
+            moe_toml:
+                "routed_experts = 16\ntop_k = 4\nexpert_hidden = 48\ncapacity_factor = 1.25\n\
                        drop_policy = \"position\"\nscore_fn = \"sigmoid\"\nexpert_bias = true\n\
                        n_groups = 4\ntopk_groups = 2\nroute_scale = 2.5\nnormalize = true\n\
                        aux_loss = \"none\"\n",
@@ -218,7 +287,8 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "softmax after top-3 of 12, no renorm, capacity 0.75",
-            moe_toml: "routed_experts = 12\ntop_k = 3\nexpert_hidden = 40\ncapacity_factor = 0.75\n\
+            moe_toml:
+                "routed_experts = 12\ntop_k = 3\nexpert_hidden = 40\ncapacity_factor = 0.75\n\
                        drop_policy = \"position\"\npre_softmax = false\nnormalize = false\n\
                        aux_loss = \"none\"\n",
             tokens: 160,
@@ -254,8 +324,21 @@ fn moe_layer_is_deterministic_and_graph_replay_matches_eager() {
     let wg = randn(31, "wg", e * f * h, 0.1);
     let wu = randn(31, "wu", e * f * h, 0.1);
     let wd = randn(31, "wd", e * h * f, 0.1);
-    let shape = MoeShape { tokens: n, d_model: h, hidden: f, experts: e, top_k: k, capacity: cap };
-    let w = MoeHostWeights { router: &wr, expert_bias: None, gate_proj: &wg, up_proj: &wu, down_proj: &wd };
+    let shape = MoeShape {
+        tokens: n,
+        d_model: h,
+        hidden: f,
+        experts: e,
+        top_k: k,
+        capacity: cap,
+    };
+    let w = MoeHostWeights {
+        router: &wr,
+        expert_bias: None,
+        gate_proj: &wg,
+        up_proj: &wu,
+        down_proj: &wd,
+    };
     let moe = CudaMoe::new(&mut gpu, shape, RouterSpec::default(), Elem::Bf16, &w).unwrap();
     moe.set_input(&gpu, &x).unwrap();
     moe.set_grad_output(&gpu, &dy).unwrap();
@@ -263,7 +346,11 @@ fn moe_layer_is_deterministic_and_graph_replay_matches_eager() {
         moe.poison(&gpu).unwrap();
         moe.forward(&gpu).unwrap();
         moe.backward(&gpu, false).unwrap();
-        (moe.read_output(&gpu).unwrap(), moe.read_grad_input(&gpu).unwrap(), moe.read_grads(&gpu).unwrap())
+        (
+            moe.read_output(&gpu).unwrap(),
+            moe.read_grad_input(&gpu).unwrap(),
+            moe.read_grads(&gpu).unwrap(),
+        )
     };
     let (y1, dx1, g1) = run_eager();
     let (y2, dx2, _) = run_eager();
@@ -281,5 +368,9 @@ fn moe_layer_is_deterministic_and_graph_replay_matches_eager() {
     gpu.synchronize().unwrap();
     assert_eq!(moe.read_output(&gpu).unwrap(), y1, "graph replay y");
     assert_eq!(moe.read_grad_input(&gpu).unwrap(), dx1, "graph replay d_x");
-    assert_eq!(moe.read_grads(&gpu).unwrap().down_proj, g1.down_proj, "graph replay d_down");
+    assert_eq!(
+        moe.read_grads(&gpu).unwrap().down_proj,
+        g1.down_proj,
+        "graph replay d_down"
+    );
 }

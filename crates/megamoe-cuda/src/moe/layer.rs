@@ -286,7 +286,11 @@ impl CudaMoe {
             elem,
             k: k_,
             wr: a(e * h * es)?,
-            bias: if spec.expert_bias { Some(a(e * 4)?) } else { None },
+            bias: if spec.expert_bias {
+                Some(a(e * 4)?)
+            } else {
+                None
+            },
             w13: a(e * 2 * f * h * es)?,
             wd: a(e * h * f * es)?,
             d_wr: a(e * h * 4)?,
@@ -333,10 +337,29 @@ impl CudaMoe {
     /// can see that a run wrote every element it should.
     pub fn poison(&self, gpu: &Gpu) -> Result<()> {
         for b in [
-            &self.d_wr, &self.d_w13, &self.d_wd, &self.logits, &self.slots, &self.gates,
-            &self.row_of, &self.row_src, &self.counts, &self.demand, &self.xe, &self.gu, &self.act, &self.ye,
-            &self.y, &self.dye, &self.d_gates, &self.d_act, &self.d_gu, &self.d_xe,
-            &self.d_logits, &self.dx_router, &self.dx,
+            &self.d_wr,
+            &self.d_w13,
+            &self.d_wd,
+            &self.logits,
+            &self.slots,
+            &self.gates,
+            &self.row_of,
+            &self.row_src,
+            &self.counts,
+            &self.demand,
+            &self.xe,
+            &self.gu,
+            &self.act,
+            &self.ye,
+            &self.y,
+            &self.dye,
+            &self.d_gates,
+            &self.d_act,
+            &self.d_gu,
+            &self.d_xe,
+            &self.d_logits,
+            &self.dx_router,
+            &self.dx,
         ] {
             gpu.memset(b, 0xFF)?;
         }
@@ -389,7 +412,17 @@ impl CudaMoe {
         let rows = e * c;
         // logits [T, E] (f32) = x · Wrᵀ
         let logits = Operand::dense(self.logits.ptr(), Elem::F32, e, 0);
-        gpu.gemm(n, e, h, self.op(&self.x, h, 0), self.op(&self.wr, h, 0).t(), logits, 1, 1.0, 0.0)?;
+        gpu.gemm(
+            n,
+            e,
+            h,
+            self.op(&self.x, h, 0),
+            self.op(&self.wr, h, 0).t(),
+            logits,
+            1,
+            1.0,
+            0.0,
+        )?;
         let bias_ptr = self.bias.as_ref().map_or(0u64, |b| b.ptr());
         let (nk, cap, ki, hi) = ((n * k) as i32, c as i32, k as i32, h as i32);
         unsafe {
@@ -448,7 +481,14 @@ impl CudaMoe {
             0.0,
         )?;
         mark("expert_up")?;
-        self.elementwise(gpu, self.k.swiglu_fwd, &[self.gu.ptr()], self.act.ptr(), rows, f)?;
+        self.elementwise(
+            gpu,
+            self.k.swiglu_fwd,
+            &[self.gu.ptr()],
+            self.act.ptr(),
+            rows,
+            f,
+        )?;
         mark("swiglu")?;
         // ye [E, C, H] = act [E, C, F] · wdᵀ [E, F, H]
         gpu.gemm(
@@ -614,9 +654,29 @@ impl CudaMoe {
             )?;
         }
         let dx_router = Operand::dense(self.dx_router.ptr(), Elem::F32, h, 0);
-        gpu.gemm(n, h, e, self.op(&self.d_logits, e, 0), self.op(&self.wr, h, 0), dx_router, 1, 1.0, 0.0)?;
+        gpu.gemm(
+            n,
+            h,
+            e,
+            self.op(&self.d_logits, e, 0),
+            self.op(&self.wr, h, 0),
+            dx_router,
+            1,
+            1.0,
+            0.0,
+        )?;
         let d_wr = Operand::dense(self.d_wr.ptr(), Elem::F32, h, 0);
-        gpu.gemm(e, h, n, self.op(&self.d_logits, e, 0).t(), self.op(&self.x, h, 0), d_wr, 1, 1.0, beta)?;
+        gpu.gemm(
+            e,
+            h,
+            n,
+            self.op(&self.d_logits, e, 0).t(),
+            self.op(&self.x, h, 0),
+            d_wr,
+            1,
+            1.0,
+            beta,
+        )?;
         mark("router_bwd")?;
         unsafe {
             gpu.launch(
@@ -638,12 +698,22 @@ impl CudaMoe {
 
     /// The output `y [T, H]` (SYNC).
     pub fn read_output(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        download_as(gpu, &self.y, self.elem, self.shape.tokens * self.shape.d_model)
+        download_as(
+            gpu,
+            &self.y,
+            self.elem,
+            self.shape.tokens * self.shape.d_model,
+        )
     }
 
     /// The input gradient `d_x [T, H]` (SYNC).
     pub fn read_grad_input(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        download_as(gpu, &self.dx, self.elem, self.shape.tokens * self.shape.d_model)
+        download_as(
+            gpu,
+            &self.dx,
+            self.elem,
+            self.shape.tokens * self.shape.d_model,
+        )
     }
 
     /// Assignments per expert before capacity `[E]` (SYNC).

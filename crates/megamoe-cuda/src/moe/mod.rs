@@ -94,20 +94,40 @@ impl MoeShape {
         pos("experts", s.experts)?;
         pos("capacity", s.capacity)?;
         if s.experts > MAX_EXPERTS {
-            return Err(Error::invalid("experts", s.experts, "the CUDA router supports at most 256 experts"));
+            return Err(Error::invalid(
+                "experts",
+                s.experts,
+                "the CUDA router supports at most 256 experts",
+            ));
         }
         if s.top_k == 0 || s.top_k > s.experts.min(MAX_TOP_K) {
-            return Err(Error::invalid("top_k", s.top_k, "must be in 1..=min(experts, 16)"));
+            return Err(Error::invalid(
+                "top_k",
+                s.top_k,
+                "must be in 1..=min(experts, 16)",
+            ));
         }
         if !s.d_model.is_multiple_of(8) {
-            return Err(Error::invalid("d_model", s.d_model, "must be a multiple of 8 (16-byte rows)"));
+            return Err(Error::invalid(
+                "d_model",
+                s.d_model,
+                "must be a multiple of 8 (16-byte rows)",
+            ));
         }
         let g = spec.n_groups;
         if g == 0 || g > 32 || !s.experts.is_multiple_of(g) {
-            return Err(Error::invalid("n_groups", g, "must be in 1..=32 and divide experts"));
+            return Err(Error::invalid(
+                "n_groups",
+                g,
+                "must be in 1..=32 and divide experts",
+            ));
         }
         if spec.topk_groups == 0 || spec.topk_groups > g {
-            return Err(Error::invalid("topk_groups", spec.topk_groups, "must be in 1..=n_groups"));
+            return Err(Error::invalid(
+                "topk_groups",
+                spec.topk_groups,
+                "must be in 1..=n_groups",
+            ));
         }
         if s.top_k > spec.topk_groups * (s.experts / g) {
             return Err(Error::invalid(
@@ -126,7 +146,11 @@ impl MoeShape {
             ));
         }
         if !(spec.route_scale.is_finite() && spec.route_scale > 0.0) {
-            return Err(Error::invalid("route_scale", spec.route_scale, "must be > 0"));
+            return Err(Error::invalid(
+                "route_scale",
+                spec.route_scale,
+                "must be > 0",
+            ));
         }
         Ok(())
     }
