@@ -2,8 +2,8 @@
 //! (0 ok, 1 stopped by a guard, 2 error). One module per subcommand.
 
 mod args;
-mod config_cmd;
 mod bench_cmd;
+mod config_cmd;
 mod plan_cmd;
 mod probe_cmd;
 mod report_cmd;
