@@ -27,7 +27,7 @@ pub struct MoePlan {
     pub score_fn: ScoreFn,
     /// Softmax over all experts before top-k.
     pub pre_softmax: bool,
-    /// Renormalise chosen gates (default resolved per MOE_DECISIONS §6).
+    /// Renormalise chosen gates (default resolved as in step 6 of tools/reference/moe_reference.py).
     pub normalize: bool,
     /// Gate multiplier.
     pub route_scale: f64,

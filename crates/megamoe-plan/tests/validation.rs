@@ -455,7 +455,7 @@ fn derived_numbers_are_right() {
     assert_eq!(moe.experts_per_ep_rank, 4);
     // Capacity mode: El·ep·C = 4·2·20 = 160 rows at most per EP rank.
     assert_eq!(moe.routing.worst_case_rows_per_ep_rank, 160);
-    // Softmax after top-k with k=2: normalize defaults to false (MOE_DECISIONS §6).
+    // Softmax after top-k with k=2: normalize defaults to false (step 6 of tools/reference/moe_reference.py).
     assert!(!moe.normalize);
 }
 

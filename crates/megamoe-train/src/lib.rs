@@ -30,7 +30,7 @@
 //! `megamoe-cli`. Must never be imported by a lower crate.
 //!
 //! # Conventions
-//! Shape letters as in STYLE.md: `B` sequences, `T` sequence length, `N = B·T`,
+//! Shape letters: `B` sequences, `T` sequence length, `N = B·T`,
 //! `E` routed experts. Token ids are `u32` in the data layer and `i32` in batches
 //! (the tensor crate's index dtype). This crate never prints except through
 //! [`Progress`]; diagnostics go through `log`.

@@ -4,7 +4,7 @@
 //! current step between them. Without a terminal (logs, CI, pipes) only the
 //! lines are written.
 //!
-//! The line has fixed fields in a fixed order (STYLE 2.10); [`LEGEND`]
+//! The line has fixed fields in a fixed order; [`LEGEND`]
 //! explains them and is printed once at the start:
 //!
 //! ```text
