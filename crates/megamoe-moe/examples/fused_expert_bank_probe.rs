@@ -7,7 +7,7 @@ use megamoe_moe::{
     compare_expert_banks, ExpertBank, GroupedExperts, RoutedExpertsConfig, RoutedExpertsParams,
 };
 use megamoe_plan::Activation;
-use megamoe_tensor::{Device, Tensor};
+use megamoe_tensor::{Device, RowGroups, Tensor};
 
 fn main() {
     let (e, d, h) = (4, 16, 32);
@@ -28,7 +28,8 @@ fn main() {
             up_proj: w("u", [e, h, d]),
             down_proj: w("d", [e, d, h]),
         };
-        let (y, _) = GroupedExperts { cfg }.forward(&p, &x, &sizes).unwrap();
+        let groups = RowGroups::from_sizes(&sizes, Device::Cpu).unwrap();
+        let (y, _) = GroupedExperts { cfg }.forward(&p, &x, &groups).unwrap();
         let worst = compare_expert_banks(cfg, &p, &x, &sizes, &dy).unwrap();
         println!(
             "{act}: x [{rows}, {d}] in groups {sizes:?} → y {:?}; grouped vs sequential (y, dx, dW) worst rel. diff {worst:.2e}",

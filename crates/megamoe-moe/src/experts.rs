@@ -1,8 +1,10 @@
 //! The routed expert bank: one FFN per expert over its rows of the permuted tokens
 //! (spec "Expert bank"; seed `fused_expert_bank_probe_sample.py`; Megatron `experts.py`).
 //!
-//! Rows `x [R, H]` are grouped by expert (`group_sizes[e]` consecutive rows each, zeros
-//! legal: an empty expert does no work and gets zero weight gradients). Per expert `e`:
+//! Rows `x [R, H]` are grouped by expert ([`RowGroups`]: expert `e` owns `sizes[e]` rows from
+//! row `offsets[e]`, as device tensors; zeros legal: an empty expert does no work and gets
+//! zero weight gradients; rows outside every group, e.g. the pad rows of static-capacity
+//! buffers, are not computed and come out zero). Per expert `e`:
 //! - swiglu: `y = (silu(x W_gateᵀ) ⊙ (x W_upᵀ)) W_downᵀ`
 //! - relu2:  `y = relu(x W_upᵀ)² W_downᵀ`
 //! - gelu:   `y = gelu_erf(x W_upᵀ) W_downᵀ`
@@ -36,7 +38,7 @@ pub struct RoutedExpertsParams {
 #[derive(Debug, Clone)]
 pub struct ExpertsSaved {
     x: Tensor,
-    group_sizes: Vec<usize>,
+    groups: RowGroups,
     h_gate: Option<Tensor>,
     h_up: Tensor,
     act: Tensor,
@@ -46,7 +48,7 @@ pub struct ExpertsSaved {
 #[derive(Debug, Clone)]
 pub struct ExpertsDeferredW {
     x: Tensor,
-    group_sizes: Vec<usize>,
+    groups: RowGroups,
     act: Tensor,
     d_out: Tensor,
     d_h_gate: Option<Tensor>,
@@ -55,12 +57,12 @@ pub struct ExpertsDeferredW {
 
 /// Forward / split backward of a bank of experts over grouped rows.
 pub trait ExpertBank {
-    /// `x [R, H]` grouped by `group_sizes` → `y [R, H]`.
+    /// `x [R, H]` grouped by `groups` → `y [R, H]` (zero outside the groups).
     fn forward(
         &self,
         p: &RoutedExpertsParams,
         x: &Tensor,
-        group_sizes: &[usize],
+        groups: &RowGroups,
     ) -> Result<(Tensor, ExpertsSaved)>;
     /// `d_y [R, H]` → `d_x [R, H]` (written fresh) and the deferred W work.
     fn backward_input(
@@ -147,21 +149,20 @@ impl ExpertBank for GroupedExperts {
         &self,
         p: &RoutedExpertsParams,
         x: &Tensor,
-        group_sizes: &[usize],
+        groups: &RowGroups,
     ) -> Result<(Tensor, ExpertsSaved)> {
-        let gs = RowGroups::from_sizes(group_sizes, x.device())?;
         let h_gate = match &p.gate_proj {
-            Some(w) => Some(x.grouped_matmul(&gs, w, true)?),
+            Some(w) => Some(x.grouped_matmul(groups, w, true)?),
             None => None,
         };
-        let h_up = x.grouped_matmul(&gs, &p.up_proj, true)?;
+        let h_up = x.grouped_matmul(groups, &p.up_proj, true)?;
         let act = activate(self.cfg.activation, h_gate.as_ref(), &h_up)?;
-        let y = act.grouped_matmul(&gs, &p.down_proj, true)?;
+        let y = act.grouped_matmul(groups, &p.down_proj, true)?;
         Ok((
             y,
             ExpertsSaved {
                 x: x.clone(),
-                group_sizes: group_sizes.to_vec(),
+                groups: groups.clone(),
                 h_gate,
                 h_up,
                 act,
@@ -175,7 +176,7 @@ impl ExpertBank for GroupedExperts {
         d_y: &Tensor,
         s: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)> {
-        let gs = &RowGroups::from_sizes(&s.group_sizes, d_y.device())?;
+        let gs = &s.groups;
         let d_act = d_y.grouped_matmul(gs, &p.down_proj, false)?;
         let (d_h_gate, d_h_up) =
             activate_backward(self.cfg.activation, s.h_gate.as_ref(), &s.h_up, &d_act)?;
@@ -188,7 +189,7 @@ impl ExpertBank for GroupedExperts {
             d_x,
             ExpertsDeferredW {
                 x: s.x,
-                group_sizes: s.group_sizes,
+                groups: s.groups,
                 act: s.act,
                 d_out: d_y.clone(),
                 d_h_gate,
@@ -199,7 +200,7 @@ impl ExpertBank for GroupedExperts {
 
     fn backward_weight(&self, w: ExpertsDeferredW, g: &mut RoutedExpertsParams) -> Result<()> {
         // dW += dy_gᵀ x_g straight into the gradient buffers (gemm's beta = 1).
-        let gs = &RowGroups::from_sizes(&w.group_sizes, w.x.device())?;
+        let gs = &w.groups;
         g.down_proj
             .grouped_matmul_wgrad_acc(&w.d_out, &w.act, gs, 1.0)?;
         g.up_proj
@@ -224,17 +225,41 @@ fn expert_matrix(w: &Tensor, e: usize) -> Result<Tensor> {
     Ok(w.narrow(0, e, 1)?.reshape([o, i])?)
 }
 
-/// Row ranges of each group.
-fn group_ranges(sizes: &[usize]) -> Vec<(usize, usize)> {
-    let mut start = 0;
-    sizes
+/// The groups as host `(first row, rows)` spans, one per expert.
+fn host_spans(groups: &RowGroups) -> Result<Vec<(usize, usize)>> {
+    // SYNC: the sequential reference (tests) reads the group layout; the grouped path never.
+    let sizes = groups.sizes().to_host_i32()?;
+    let offsets = groups.offsets().to_host_i32()?;
+    Ok(offsets
         .iter()
-        .map(|&n| {
-            let r = (start, n);
-            start += n;
-            r
-        })
-        .collect()
+        .zip(&sizes)
+        .map(|(&o, &n)| (o as usize, n as usize))
+        .collect())
+}
+
+/// `[rows, width]` with `blocks[e]` (`[len_e, width]`) at `spans[e]` and zeros elsewhere.
+fn assemble(
+    blocks: &[Tensor],
+    spans: &[(usize, usize)],
+    rows: usize,
+    width: usize,
+    like: &Tensor,
+) -> Result<Tensor> {
+    let zeros = |n: usize| Tensor::zeros([n, width], megamoe_tensor::DType::F32, like.device());
+    let mut parts = Vec::with_capacity(2 * blocks.len() + 1);
+    let mut cursor = 0;
+    for (b, &(start, n)) in blocks.iter().zip(spans) {
+        if start > cursor {
+            parts.push(zeros(start - cursor)?);
+        }
+        parts.push(b.clone());
+        cursor = start + n;
+    }
+    if rows > cursor || parts.is_empty() {
+        parts.push(zeros(rows - cursor)?);
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    Ok(Tensor::cat(&refs, 0)?)
 }
 
 impl ExpertBank for SequentialExperts {
@@ -242,14 +267,13 @@ impl ExpertBank for SequentialExperts {
         &self,
         p: &RoutedExpertsParams,
         x: &Tensor,
-        group_sizes: &[usize],
+        groups: &RowGroups,
     ) -> Result<(Tensor, ExpertsSaved)> {
-        let f = self.cfg.hidden;
-        let mut gates = Vec::new();
-        let mut ups = Vec::new();
-        let mut acts = Vec::new();
-        let mut ys = Vec::new();
-        for (e, (start, n)) in group_ranges(group_sizes).into_iter().enumerate() {
+        let (rows, f) = (x.dim(0)?, self.cfg.hidden);
+        let spans = host_spans(groups)?;
+        let (mut gates, mut ups, mut acts, mut ys) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (e, &(start, n)) in spans.iter().enumerate() {
             let xe = x.narrow(0, start, n)?;
             let hg = match &p.gate_proj {
                 Some(w) => Some(xe.matmul(&expert_matrix(w, e)?, false, true)?),
@@ -258,36 +282,22 @@ impl ExpertBank for SequentialExperts {
             let hu = xe.matmul(&expert_matrix(&p.up_proj, e)?, false, true)?;
             let a = activate(self.cfg.activation, hg.as_ref(), &hu)?;
             ys.push(a.matmul(&expert_matrix(&p.down_proj, e)?, false, true)?);
-            if let Some(hg) = hg {
-                gates.push(hg);
-            }
+            gates.extend(hg);
             ups.push(hu);
             acts.push(a);
         }
-        let cat = |v: &[Tensor], width: usize| -> Result<Tensor> {
-            if v.is_empty() {
-                return Ok(Tensor::zeros(
-                    [0, width],
-                    megamoe_tensor::DType::F32,
-                    x.device(),
-                )?);
-            }
-            let refs: Vec<&Tensor> = v.iter().collect();
-            Ok(Tensor::cat(&refs, 0)?)
-        };
-        let h_gate = if p.gate_proj.is_some() {
-            Some(cat(&gates, f)?)
-        } else {
-            None
+        let h_gate = match p.gate_proj {
+            Some(_) => Some(assemble(&gates, &spans, rows, f, x)?),
+            None => None,
         };
         Ok((
-            cat(&ys, self.cfg.d_model)?,
+            assemble(&ys, &spans, rows, self.cfg.d_model, x)?,
             ExpertsSaved {
                 x: x.clone(),
-                group_sizes: group_sizes.to_vec(),
+                groups: groups.clone(),
                 h_gate,
-                h_up: cat(&ups, f)?,
-                act: cat(&acts, f)?,
+                h_up: assemble(&ups, &spans, rows, f, x)?,
+                act: assemble(&acts, &spans, rows, f, x)?,
             },
         ))
     }
@@ -298,10 +308,11 @@ impl ExpertBank for SequentialExperts {
         d_y: &Tensor,
         s: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)> {
-        let mut d_xs = Vec::new();
-        let mut d_gs = Vec::new();
-        let mut d_us = Vec::new();
-        for (e, (start, n)) in group_ranges(&s.group_sizes).into_iter().enumerate() {
+        let (rows, h) = d_y.dims2()?;
+        let f = self.cfg.hidden;
+        let spans = host_spans(&s.groups)?;
+        let (mut d_xs, mut d_gs, mut d_us) = (Vec::new(), Vec::new(), Vec::new());
+        for (e, &(start, n)) in spans.iter().enumerate() {
             let dye = d_y.narrow(0, start, n)?;
             let d_act = dye.matmul(&expert_matrix(&p.down_proj, e)?, false, false)?;
             let hg = match &s.h_gate {
@@ -318,47 +329,30 @@ impl ExpertBank for SequentialExperts {
             d_xs.push(dx);
             d_us.push(du);
         }
-        let (r, h) = d_y.dims2()?;
-        let f = self.cfg.hidden;
-        let cat = |v: &[Tensor], width: usize| -> Result<Tensor> {
-            if v.is_empty() {
-                return Ok(Tensor::zeros(
-                    [0, width],
-                    megamoe_tensor::DType::F32,
-                    d_y.device(),
-                )?);
-            }
-            let refs: Vec<&Tensor> = v.iter().collect();
-            Ok(Tensor::cat(&refs, 0)?)
+        let d_h_gate = match s.h_gate {
+            Some(_) => Some(assemble(&d_gs, &spans, rows, f, d_y)?),
+            None => None,
         };
-        debug_assert_eq!(r, s.group_sizes.iter().sum::<usize>());
         Ok((
-            cat(&d_xs, h)?,
+            assemble(&d_xs, &spans, rows, h, d_y)?,
             ExpertsDeferredW {
                 x: s.x,
                 act: s.act,
                 d_out: d_y.clone(),
-                d_h_gate: if s.h_gate.is_some() {
-                    Some(cat(&d_gs, f)?)
-                } else {
-                    None
-                },
-                d_h_up: cat(&d_us, f)?,
-                group_sizes: s.group_sizes,
+                d_h_gate,
+                d_h_up: assemble(&d_us, &spans, rows, f, d_y)?,
+                groups: s.groups,
             },
         ))
     }
 
     fn backward_weight(&self, w: ExpertsDeferredW, g: &mut RoutedExpertsParams) -> Result<()> {
-        let (e_count, h, f) = (
-            self.cfg.num_routed_experts,
-            self.cfg.d_model,
-            self.cfg.hidden,
-        );
+        let (h, f) = (self.cfg.d_model, self.cfg.hidden);
+        let spans = host_spans(&w.groups)?;
         let mut d_down = Vec::new();
         let mut d_up = Vec::new();
         let mut d_gate = Vec::new();
-        for (start, n) in group_ranges(&w.group_sizes) {
+        for &(start, n) in &spans {
             let dy = w.d_out.narrow(0, start, n)?;
             d_down.push(
                 dy.matmul(&w.act.narrow(0, start, n)?, true, false)?
@@ -379,7 +373,7 @@ impl ExpertBank for SequentialExperts {
                 );
             }
         }
-        debug_assert_eq!(d_down.len(), e_count);
+        debug_assert_eq!(d_down.len(), self.cfg.num_routed_experts);
         let stack = |v: &[Tensor]| -> Result<Tensor> {
             let refs: Vec<&Tensor> = v.iter().collect();
             Ok(Tensor::cat(&refs, 0)?)
@@ -403,8 +397,9 @@ pub fn compare_expert_banks(
     group_sizes: &[usize],
     d_y: &Tensor,
 ) -> Result<f32> {
+    let groups = RowGroups::from_sizes(group_sizes, x.device())?;
     let run = |bank: &dyn ExpertBank| -> Result<Vec<Tensor>> {
-        let (y, s) = bank.forward(p, x, group_sizes)?;
+        let (y, s) = bank.forward(p, x, &groups)?;
         let (dx, w) = bank.backward_input(p, d_y, s)?;
         let mut g = zeros_like_experts(p)?;
         bank.backward_weight(w, &mut g)?;

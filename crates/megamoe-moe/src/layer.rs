@@ -248,7 +248,7 @@ impl MoeLayer {
         // 2. routed experts on the local buffers
         let (out, experts) =
             self.routed_experts
-                .forward(&params.experts, &buffers, &expert_layout.group_sizes)?;
+                .forward(&params.experts, &buffers, &expert_layout.groups)?;
         // 3. combine: unbuffer (local) → exchange back (collective) → weighted sum (local)
         let out_rows = d.combine_exchange(d.unbuffer(out, &expert_layout)?, &expert_layout)?;
         let y = d.combine(&out_rows, &layout)?;

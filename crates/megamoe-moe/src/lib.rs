@@ -29,10 +29,12 @@
 //! - `backward_input` writes `d_x` fresh; `backward_weight` accumulates (+=).
 //! - Router math is f32; reductions inside ops accumulate in f64. Results are identical
 //!   for any rayon thread count.
-//! - Sync rule: the only device→host reads are the per-expert counts of a packed
-//!   (dropless) dispatch (group sizes of the grouped GEMM, one read per call) and
-//!   [`MoeStats::to_host`], each marked `// SYNC:`. With `pad_to_capacity` a forward and
-//!   backward read nothing on the host.
+//! - Sync rule: the grouped GEMM takes the expert groups as device tensors
+//!   (`RowGroups`), so one rank's forward + backward reads nothing on the host. The only
+//!   device→host reads are the exchanged counts of a packed expert-parallel dispatch (one per
+//!   forward, sizing the all-to-all) and [`MoeStats::to_host`], each marked `// SYNC:`. With
+//!   `pad_to_capacity` every shape is static and nothing is read, also across ranks
+//!   (tested with the tensor crate's `host_reads` counter).
 //! - Ranks: the layer gets its [`TokenDispatcher`] from outside ([`MoeLayer::with_dispatcher`];
 //!   [`MoeLayer::new`] uses a [`LocalDispatcher`]). Its expert weights cover the
 //!   dispatcher's local experts `[e0, e1)` ([`MoeParams::init_local`] draws exactly those

@@ -12,7 +12,7 @@
 //! Backward: `d_ffn = d_y ⊙ σ`, `d_σ = Σ_H (d_y ⊙ ffn(x))`, `d_logit = d_σ · σ(1−σ)`,
 //! `d_x += d_logit · w_g`, `dw_g += d_logitᵀ x`.
 
-use megamoe_tensor::Tensor;
+use megamoe_tensor::{RowGroups, Tensor};
 
 use crate::config::{RoutedExpertsConfig, SharedExpertsConfig};
 use crate::error::{check_shape, shape_str, Error, Result};
@@ -154,7 +154,8 @@ impl SharedExperts {
     ) -> Result<(Tensor, SharedExpertsSaved)> {
         self.check_params(p)?;
         let n = x.dim(0)?;
-        let (out, ffn) = self.bank().forward(&Self::bank_params(p)?, x, &[n])?;
+        let all_rows = RowGroups::from_sizes(&[n], x.device())?;
+        let (out, ffn) = self.bank().forward(&Self::bank_params(p)?, x, &all_rows)?;
         match &p.gate {
             Some(wg) => {
                 let sig = x.matmul(wg, false, true)?.sigmoid()?.reshape([n])?;

@@ -20,7 +20,7 @@ use megamoe_moe::{
 };
 use megamoe_plan::Activation;
 use megamoe_tensor::ops::routing::KeepOrder;
-use megamoe_tensor::{DType, Device, Tensor};
+use megamoe_tensor::{DType, Device, RowGroups, Tensor};
 use proptest::prelude::*;
 
 /// Random routing: per token k distinct slots out of a pool of `pool`, random gates.
@@ -165,7 +165,8 @@ fn grouped_and_sequential_experts_agree_with_empty_experts() {
         );
         // empty experts get exactly zero gradients
         let b = GroupedExperts { cfg };
-        let (_, s) = b.forward(&p, &x, &sizes).unwrap();
+        let groups = RowGroups::from_sizes(&sizes, Device::Cpu).unwrap();
+        let (_, s) = b.forward(&p, &x, &groups).unwrap();
         let (_, w) = b.backward_input(&p, &dy, s).unwrap();
         let mut g = zeros_like_experts(&p).unwrap();
         b.backward_weight(w, &mut g).unwrap();
@@ -177,7 +178,8 @@ fn grouped_and_sequential_experts_agree_with_empty_experts() {
     let (cfg, p) = bank(2, Activation::SwiGlu);
     let x = Tensor::zeros([0, 6], DType::F32, Device::Cpu).unwrap();
     assert_eq!(compare_expert_banks(cfg, &p, &x, &[0, 0], &x).unwrap(), 0.0);
-    let (y, _) = SequentialExperts { cfg }.forward(&p, &x, &[0, 0]).unwrap();
+    let none = RowGroups::from_sizes(&[0, 0], Device::Cpu).unwrap();
+    let (y, _) = SequentialExperts { cfg }.forward(&p, &x, &none).unwrap();
     assert_eq!(y.dims(), &[0, 6]);
 }
 

@@ -17,7 +17,7 @@
 
 use std::ops::Range;
 
-use megamoe_tensor::Tensor;
+use megamoe_tensor::{RowGroups, Tensor};
 
 use super::{BufferOrder, DispatchLayout, ExpertLayout, SourceRows, TokenDispatcher};
 use crate::error::{Error, Result};
@@ -103,7 +103,7 @@ impl<X: RowExchange> TokenDispatcher for ExpertParallelDispatcher<X> {
         if let SourceRows::Capacity { capacity: c, .. } = layout.rows {
             return Ok(ExpertLayout {
                 experts,
-                group_sizes: vec![p * c; el],
+                groups: RowGroups::from_sizes(&vec![p * c; el], layout.counts.device())?,
                 counts: None,
                 send_rows: vec![el * c; p],
                 recv_rows: vec![el * c; p],
@@ -123,7 +123,7 @@ impl<X: RowExchange> TokenDispatcher for ExpertParallelDispatcher<X> {
             .exchange
             .all_to_all_v(&layout.counts, &vec![el; p], &vec![el; p])?;
         // SYNC: one read of (own [E], received [P·El]) counts per call sizes the payload
-        // all-to-all and the grouped GEMM (packed mode only).
+        // all-to-all (packed mode only).
         let host = Tensor::cat(&[&layout.counts, &recv], 0)?.to_host_i32()?;
         let (own, got) = host.split_at(self.num_experts);
         let own: Vec<usize> = own.iter().map(|&c| c as usize).collect();
@@ -165,10 +165,11 @@ impl<X: RowExchange> TokenDispatcher for ExpertParallelDispatcher<X> {
             }
         };
         let counts = group_sizes.iter().map(|&c| c as i32).collect();
+        let counts = Tensor::from_vec_i32(counts, [el], device)?;
         Ok(ExpertLayout {
             experts,
-            counts: Some(Tensor::from_vec_i32(counts, [el], device)?),
-            group_sizes,
+            groups: RowGroups::packed(&counts)?,
+            counts: Some(counts),
             send_rows,
             recv_rows,
             order,

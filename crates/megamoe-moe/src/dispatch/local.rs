@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use megamoe_tensor::Tensor;
+use megamoe_tensor::{RowGroups, Tensor};
 
 use super::{BufferOrder, DispatchLayout, ExpertLayout, SourceRows, TokenDispatcher};
 use crate::error::Result;
@@ -32,22 +32,16 @@ impl TokenDispatcher for LocalDispatcher {
 
     fn exchange_layout(&self, layout: &DispatchLayout) -> Result<ExpertLayout> {
         let e = layout.num_experts;
-        let group_sizes = match &layout.rows {
-            SourceRows::Capacity { capacity, .. } => vec![*capacity; e],
-            // SYNC: the grouped GEMM takes its group sizes as host values; one read of E
-            // integers per call in packed (dropless) mode, at this one point. Static-capacity
-            // mode reads nothing.
-            SourceRows::Packed { .. } => layout
-                .counts
-                .to_host_i32()?
-                .into_iter()
-                .map(|c| c as usize)
-                .collect(),
+        // No host read: the grouped GEMM takes the counts as a device tensor.
+        let (groups, rows) = match &layout.rows {
+            SourceRows::Capacity { capacity, .. } => {
+                (RowGroups::strided(&layout.counts, *capacity)?, e * capacity)
+            }
+            SourceRows::Packed { token, .. } => (RowGroups::packed(&layout.counts)?, token.numel()),
         };
-        let rows = group_sizes.iter().sum();
         Ok(ExpertLayout {
             experts: 0..e,
-            group_sizes,
+            groups,
             counts: Some(layout.counts.clone()),
             send_rows: vec![rows],
             recv_rows: vec![rows],

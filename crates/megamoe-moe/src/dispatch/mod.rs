@@ -41,7 +41,7 @@ mod local;
 
 use std::ops::Range;
 
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::{DType, RowGroups, Tensor};
 
 use crate::error::Result;
 
@@ -151,9 +151,11 @@ pub enum BufferOrder {
 pub struct ExpertLayout {
     /// `[e0, e1)`: the local experts (global ids).
     pub experts: Range<usize>,
-    /// Rows of each local expert's buffer as the grouped GEMM sees them: the received token
-    /// counts when packed; `P·C` (pad rows included) in static-capacity mode.
-    pub group_sizes: Vec<usize>,
+    /// Each local expert's rows in the expert buffers, as device tensors (the grouped GEMM
+    /// reads them; nothing goes to the host): packed groups of the received counts, or with
+    /// static capacity groups at a fixed stride (one rank: each expert's kept rows at `e·C`,
+    /// pad rows skipped; P ranks: `P·C` rows per expert, pad rows included).
+    pub groups: RowGroups,
     /// `[El]` i32 received token rows per local expert; `None` when they are not known
     /// without a counts exchange (static-capacity mode across ranks).
     pub counts: Option<Tensor>,
@@ -199,7 +201,7 @@ pub trait TokenDispatcher: Send + Sync + std::fmt::Debug {
         permute(x, a, self.num_experts(), pad_to, fused)
     }
 
-    /// Local post-step: received rows → expert buffers `[Σ group_sizes, H]`.
+    /// Local post-step: received rows → expert buffers (the row layout of `el.groups`).
     fn expert_buffers(&self, rows: Tensor, el: &ExpertLayout) -> Result<Tensor> {
         reorder(rows, &el.order, true)
     }
