@@ -4,8 +4,8 @@
 use crate::args::ConfigArgs;
 use clap::Args;
 use megamoe_plan::{
-    fsdp_shard_table, model_params, plan_memory, Capacity, MatrixShard, MemoryBucket, Plan,
-    PlanMemory,
+    fsdp_shard_table, model_params, plan_memory, Capacity, MatrixShard, MemoryBucket, MeshGroup,
+    Plan, PlanMemory, APPLICATION_ORDER,
 };
 use serde::Serialize;
 use std::fmt::{self, Write as _};
@@ -57,12 +57,28 @@ struct Report<'a> {
     config: String,
     world: usize,
     mesh_order: &'static str,
+    application_order: Vec<&'static str>,
+    process_groups: Vec<GroupReport>,
     total_params: f64,
     plan: &'a Plan,
     fsdp_shards: Vec<MatrixShard>,
     memory: PlanMemory,
     warnings: Vec<String>,
 }
+
+/// The groups of one kind: every rank belongs to exactly one.
+#[derive(Serialize)]
+struct GroupReport {
+    kind: MeshGroup,
+    size: usize,
+    groups: Vec<Vec<usize>>,
+}
+
+/// Groups printed in full up to this many per kind (the JSON has all).
+const GROUPS_SHOWN: usize = 4;
+
+/// Ranks whose coordinates are printed one per line up to this world size.
+const COORDS_SHOWN: usize = 16;
 
 /// Runs `megamoe plan`.
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
@@ -72,6 +88,18 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         config: args.config.source_name(),
         world: plan.mesh.world(),
         mesh_order: "pp, dp, ep, cp, tp (tp fastest)",
+        application_order: APPLICATION_ORDER.iter().map(|(name, _)| *name).collect(),
+        process_groups: MeshGroup::ALL
+            .iter()
+            .map(|&kind| {
+                let groups = plan.mesh.groups(kind);
+                GroupReport {
+                    kind,
+                    size: groups.first().map_or(0, Vec::len),
+                    groups,
+                }
+            })
+            .collect(),
         total_params: model_params(&plan).total(),
         fsdp_shards: fsdp_shard_table(&plan),
         memory: plan_memory(&plan, Some(args.device_gib)),
@@ -115,6 +143,14 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
     )?;
     row(
         o,
+        "application order",
+        format!(
+            "{} (tp splits heads/columns, pp layers, fsdp dim-0 rows within a stage, ep experts)",
+            r.application_order.join(" -> ")
+        ),
+    )?;
+    row(
+        o,
         "ZeRO level (parallel.fsdp)",
         format!("{} ({:?})", par.zero.level(), par.zero),
     )?;
@@ -143,6 +179,8 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
         "parameters (model)",
         format!("{:.3} M", r.total_params / 1e6),
     )?;
+
+    render_groups(o, r)?;
 
     writeln!(
         o,
@@ -391,4 +429,48 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
         writeln!(o, "  {}. {}: {}", i + 1, s.name, s.advice)?;
     }
     Ok(out)
+}
+
+/// The `[process groups]` section: each group kind with its groups (world ranks), then each
+/// rank's coordinates for small worlds.
+fn render_groups(o: &mut String, r: &Report<'_>) -> fmt::Result {
+    writeln!(
+        o,
+        "\n[process groups] (world ranks; one communicator per kind, built once)"
+    )?;
+    for g in &r.process_groups {
+        let shown: Vec<String> = g
+            .groups
+            .iter()
+            .take(GROUPS_SHOWN)
+            .map(|m| format!("{m:?}"))
+            .collect();
+        let more = g.groups.len().saturating_sub(GROUPS_SHOWN);
+        let tail = if more > 0 {
+            format!(" ... {more} more")
+        } else {
+            String::new()
+        };
+        row(
+            o,
+            &format!("{} (size {})", g.kind.name(), g.size),
+            format!("{}{tail}", shown.join(" ")),
+        )?;
+    }
+    let mesh = &r.plan.mesh;
+    if mesh.world() <= COORDS_SHOWN {
+        for rank in 0..mesh.world() {
+            if let Some(c) = mesh.coords(rank) {
+                row(
+                    o,
+                    &format!("rank {rank}"),
+                    format!(
+                        "pp {} dp {} ep {} cp {} tp {}",
+                        c.pp, c.dp, c.ep, c.cp, c.tp
+                    ),
+                )?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -128,6 +128,36 @@ fn tiny_config_prints_every_section() {
 }
 
 #[test]
+fn process_groups_and_coordinates_are_printed() {
+    // pp 2 x dp 2 x ep 2 = 8 ranks, rank = (pp·2 + dp)·2 + ep (hand-derived).
+    let cfg = repo_root().join("configs/tiny.toml");
+    let out = run(&[
+        "plan",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--set",
+        "parallel.pp=2",
+        "--set",
+        "parallel.dp=2",
+        "--set",
+        "parallel.ep=2",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "application order            tp -> pp -> fsdp -> ep",
+        "[process groups]",
+        "ep (size 2)                  [0, 1] [2, 3] [4, 5] [6, 7]",
+        "pp (size 2)                  [0, 4] [1, 5] [2, 6] [3, 7]",
+        "dense_dp (size 4)            [0, 1, 2, 3] [4, 5, 6, 7]",
+        "expert_dp (size 2)           [0, 2] [1, 3] [4, 6] [5, 7]",
+        "rank 6                       pp 1 dp 1 ep 0 cp 0 tp 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
+#[test]
 fn tiny_config_json_parses() {
     let cfg = repo_root().join("configs/tiny.toml");
     let out = run(&["plan", "--config", cfg.to_str().expect("utf-8"), "--json"]);

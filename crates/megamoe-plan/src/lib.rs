@@ -63,7 +63,7 @@ pub use memory::{
     activation_bytes_per_layer, in_flight_layer_microbatches, plan_memory, rank_memory,
     zero_model_state_bytes, ActivationShape, PlanMemory, RankMemory, StateBytes,
 };
-pub use mesh::{Mesh, RankCoords};
+pub use mesh::{Mesh, MeshGroup, RankCoords, APPLICATION_ORDER};
 pub use modes::{
     Activation, AuxLossKind, Capacity, ConcatOrder, DropPolicy, GateKind, LrSchedule, MtpMode,
     MuonScale, OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn, SkipPenalty, ZeroLevel,
