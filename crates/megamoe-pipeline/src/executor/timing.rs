@@ -81,3 +81,40 @@ pub fn compare(timings: &[RankTiming], sim: &Simulation) -> Vec<TimingRow> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::RankReport;
+
+    #[test]
+    fn idle_is_makespan_minus_busy_next_to_the_simulated_bubble() {
+        let a = |s: &str| s.parse::<Action>().unwrap();
+        let mut r0 = RankTiming::new(0);
+        r0.record(a("0F0"), 0.0, 1.0);
+        r0.record(a("0B0"), 3.0, 5.0);
+        let mut r1 = RankTiming::new(1);
+        r1.record(a("1F0"), 1.0, 2.0);
+        r1.record(a("1B0"), 2.0, 3.0);
+        let report = |rank, bubble| RankReport {
+            rank,
+            busy: 0.0,
+            bubble,
+            peak_activations: 1,
+            param_stages: 1,
+        };
+        let sim = Simulation {
+            timeline: Vec::new(),
+            makespan: 4.0,
+            bubble_rate: 0.0,
+            ranks: vec![report(0, 1.0), report(1, 2.0)],
+        };
+        let rows = compare(&[r0, r1], &sim);
+        // Makespan 5: rank 0 busy 3, idle 2; rank 1 busy 2, idle 3.
+        assert_eq!((rows[0].busy_s, rows[0].idle_s), (3.0, 2.0));
+        assert_eq!((rows[1].busy_s, rows[1].idle_s), (2.0, 3.0));
+        assert_eq!(rows[1].idle_fraction, 0.6);
+        assert_eq!(rows[0].predicted_idle_fraction, 0.25);
+        assert_eq!(rows[1].predicted_idle_fraction, 0.5);
+    }
+}
