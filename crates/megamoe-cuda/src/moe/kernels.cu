@@ -312,30 +312,58 @@ extern "C" __global__ void gather_rows(const uint4* __restrict__ x, const int* _
     for (int i = threadIdx.x; i < row_vecs; i += blockDim.x) dst[i] = src[i];
 }
 
+// Vector helpers: VEC elements = 16 bytes per load / store (rows are 16-byte aligned: the
+// caller checks d_model and hidden are multiples of 8).
+#define VEC ((int)(16 / sizeof(T)))
+struct Vf { float v[16 / sizeof(T)]; };
+__device__ __forceinline__ Vf ldv(const T* p) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+    Vf out;
+#pragma unroll
+    for (int i = 0; i < VEC; i++) out.v[i] = ldf(e + i);
+    return out;
+}
+__device__ __forceinline__ void stv(T* p, const Vf& x) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < VEC; i++) stf(e + i, x.v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
 // SwiGLU forward: gu [rows, 2f] (gate | up) -> act [rows, f] = silu(gate) * up.
 extern "C" __global__ void swiglu_fwd(const T* __restrict__ gu, int rows, int f, T* __restrict__ act) {
-    size_t total = (size_t)rows * f;
+    const int nv = f / VEC;
+    const size_t total = (size_t)rows * nv;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / f, c = i - r * f;
-        float g = ldf(gu + r * 2 * f + c), u = ldf(gu + r * 2 * f + f + c);
-        stf(act + i, g * sigmoidf_(g) * u);
+        size_t r = i / nv, c = (i - r * nv) * VEC;
+        Vf g = ldv(gu + r * 2 * f + c), u = ldv(gu + r * 2 * f + f + c), o;
+#pragma unroll
+        for (int q = 0; q < VEC; q++) o.v[q] = g.v[q] * sigmoidf_(g.v[q]) * u.v[q];
+        stv(act + r * f + c, o);
     }
 }
 
 // SwiGLU backward: d_act [rows, f], gu [rows, 2f] -> d_gu [rows, 2f].
 extern "C" __global__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ d_act, int rows,
                                       int f, T* __restrict__ d_gu) {
-    size_t total = (size_t)rows * f;
+    const int nv = f / VEC;
+    const size_t total = (size_t)rows * nv;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / f, c = i - r * f;
-        float g = ldf(gu + r * 2 * f + c), u = ldf(gu + r * 2 * f + f + c);
-        float da = ldf(d_act + i);
-        float sg = sigmoidf_(g);
-        float silu = g * sg;
-        stf(d_gu + r * 2 * f + c, da * u * sg * (1.f + g * (1.f - sg)));
-        stf(d_gu + r * 2 * f + f + c, da * silu);
+        size_t r = i / nv, c = (i - r * nv) * VEC;
+        Vf g = ldv(gu + r * 2 * f + c), u = ldv(gu + r * 2 * f + f + c), da = ldv(d_act + r * f + c);
+        Vf dg, du;
+#pragma unroll
+        for (int q = 0; q < VEC; q++) {
+            float sg = sigmoidf_(g.v[q]);
+            dg.v[q] = da.v[q] * u.v[q] * sg * (1.f + g.v[q] * (1.f - sg));
+            du.v[q] = da.v[q] * g.v[q] * sg;
+        }
+        stv(d_gu + r * 2 * f + c, dg);
+        stv(d_gu + r * 2 * f + f + c, du);
     }
 }
 
@@ -345,13 +373,20 @@ extern "C" __global__ void combine_fwd(const T* __restrict__ ye, const int* __re
                                        const float* __restrict__ gates, int k, int h,
                                        T* __restrict__ y) {
     const int t = blockIdx.x;
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        float acc = 0.f;
+    for (int c = threadIdx.x * VEC; c < h; c += blockDim.x * VEC) {
+        Vf acc;
+#pragma unroll
+        for (int q = 0; q < VEC; q++) acc.v[q] = 0.f;
         for (int j = 0; j < k; j++) {
             int r = row_of[(size_t)t * k + j];
-            if (r >= 0) acc += gates[(size_t)t * k + j] * ldf(ye + (size_t)r * h + c);
+            if (r >= 0) {
+                float g = gates[(size_t)t * k + j];
+                Vf v = ldv(ye + (size_t)r * h + c);
+#pragma unroll
+                for (int q = 0; q < VEC; q++) acc.v[q] += g * v.v[q];
+            }
         }
-        stf(y + (size_t)t * h + c, acc);
+        stv(y + (size_t)t * h + c, acc);
     }
 }
 
@@ -366,17 +401,24 @@ extern "C" __global__ void combine_bwd(const T* __restrict__ d_y, const T* __res
     const int a = row_src[r];
     T* dst = d_ye + (size_t)r * h;
     if (a < 0) {
-        for (int c = threadIdx.x; c < h; c += blockDim.x) stf(dst + c, 0.f);
+        Vf z;
+#pragma unroll
+        for (int q = 0; q < VEC; q++) z.v[q] = 0.f;
+        for (int c = threadIdx.x * VEC; c < h; c += blockDim.x * VEC) stv(dst + c, z);
         return;
     }
     const float g = gates[a];
     const T* dy = d_y + (size_t)(a / k) * h;
     const T* yr = ye + (size_t)r * h;
     float dot = 0.f;
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        float v = ldf(dy + c);
-        stf(dst + c, g * v);
-        dot += v * ldf(yr + c);
+    for (int c = threadIdx.x * VEC; c < h; c += blockDim.x * VEC) {
+        Vf v = ldv(dy + c), w = ldv(yr + c), o;
+#pragma unroll
+        for (int q = 0; q < VEC; q++) {
+            o.v[q] = g * v.v[q];
+            dot += v.v[q] * w.v[q];
+        }
+        stv(dst + c, o);
     }
     dot = warp_sum(dot);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = dot;
@@ -394,13 +436,26 @@ extern "C" __global__ void scatter_dx(const T* __restrict__ d_xe, const int* __r
                                       const float* __restrict__ d_x_router, int k, int h,
                                       T* __restrict__ d_x) {
     const int t = blockIdx.x;
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        float acc = d_x_router[(size_t)t * h + c];
+    for (int c = threadIdx.x * VEC; c < h; c += blockDim.x * VEC) {
+        Vf acc;
+        const float4* src = reinterpret_cast<const float4*>(d_x_router + (size_t)t * h + c);
+#pragma unroll
+        for (int q = 0; q < VEC / 4; q++) {
+            float4 v4 = src[q];
+            acc.v[4 * q] = v4.x;
+            acc.v[4 * q + 1] = v4.y;
+            acc.v[4 * q + 2] = v4.z;
+            acc.v[4 * q + 3] = v4.w;
+        }
         for (int j = 0; j < k; j++) {
             int r = row_of[(size_t)t * k + j];
-            if (r >= 0) acc += ldf(d_xe + (size_t)r * h + c);
+            if (r >= 0) {
+                Vf v = ldv(d_xe + (size_t)r * h + c);
+#pragma unroll
+                for (int q = 0; q < VEC; q++) acc.v[q] += v.v[q];
+            }
         }
-        stf(d_x + (size_t)t * h + c, acc);
+        stv(d_x + (size_t)t * h + c, acc);
     }
 }
 

@@ -531,7 +531,8 @@ impl CudaMoe {
         f: usize,
     ) -> Result<()> {
         let (ri, fi) = (rows as i32, f as i32);
-        let grid = (rows * f).div_ceil(256).min(132 * 16) as u32;
+        let vecs = rows * f / (16 / self.elem.size());
+        let grid = vecs.div_ceil(256).min(132 * 32) as u32;
         let mut p: Vec<*mut c_void> = inputs.iter().map(arg).collect();
         p.push(arg(&ri));
         p.push(arg(&fi));

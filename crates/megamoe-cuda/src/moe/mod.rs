@@ -114,6 +114,13 @@ impl MoeShape {
                 "must be a multiple of 8 (16-byte rows)",
             ));
         }
+        if !s.hidden.is_multiple_of(8) {
+            return Err(Error::invalid(
+                "hidden",
+                s.hidden,
+                "must be a multiple of 8 (16-byte rows)",
+            ));
+        }
         let g = spec.n_groups;
         if g == 0 || g > 32 || !s.experts.is_multiple_of(g) {
             return Err(Error::invalid(
