@@ -98,6 +98,12 @@ directory in use), printed as one line.";
 
 /// Runs `megamoe train`.
 pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    if let Some(p) = args.peak_flops {
+        anyhow::ensure!(
+            p.is_finite() && p > 0.0,
+            "--peak-flops {p} must be a finite number of FLOP/s > 0 (e.g. 1.5e11)"
+        );
+    }
     if let Some(name) = &args.run_name {
         let plain = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']);
         anyhow::ensure!(

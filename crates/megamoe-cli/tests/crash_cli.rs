@@ -272,3 +272,22 @@ fn non_finite_weights_are_never_checkpointed_and_exit_1() {
     }
     cleanup(&dir);
 }
+
+#[test]
+fn bad_peak_flops_and_eval_batches_exit_2_before_anything_is_written() {
+    let dir = scratch("flags");
+    for (args, needle) in [
+        (&["--peak-flops", "0"][..], "--peak-flops"),
+        (&["--peak-flops", "nan"][..], "--peak-flops"),
+        (&["--peak-flops", "inf"][..], "--peak-flops"),
+        (&["--set", "train.eval_batches=0"][..], "train.eval_batches"),
+    ] {
+        let o = megamoe(&dir, &[&TRAIN[..], &["--run-dir", "r"], args].concat());
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!dir.join("r").exists());
+    cleanup(&dir);
+}

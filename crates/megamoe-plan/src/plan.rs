@@ -615,7 +615,7 @@ fn resolve_train(raw: &RawConfig) -> Result<TrainPlan> {
         steps: positive("train.steps", t.steps)?,
         seed: t.seed,
         eval_every: (t.eval_every > 0).then_some(t.eval_every),
-        eval_batches: t.eval_batches,
+        eval_batches: positive("train.eval_batches", t.eval_batches)?,
         checkpoint_every: (t.checkpoint_every > 0).then_some(t.checkpoint_every),
         log_every: positive("train.log_every", t.log_every)?,
         max_nonfinite_steps: t.max_nonfinite_steps,

@@ -414,6 +414,7 @@ fn smaller_rules_name_their_field() {
         (&["optim.min_lr=1.0"], "optim.min_lr"),
         (&["optim.beta2=1.0"], "optim.beta2"),
         (&["train.steps=0"], "train.steps"),
+        (&["train.eval_batches=0"], "train.eval_batches"),
         (&["mtp.depth=32"], "mtp.depth"),
         (&["mtp.decay=0.0"], "mtp.decay"),
         (&["gateskip.budget_end=1.0"], "gateskip.budget_end"),
