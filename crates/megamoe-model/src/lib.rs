@@ -78,6 +78,7 @@ pub mod error;
 pub mod ffn;
 pub mod flexi_depth;
 pub mod gate_skip;
+pub mod grad_buffers;
 pub mod init;
 pub mod mlp;
 pub mod model;
@@ -95,6 +96,7 @@ pub use chunk::{
 pub use chunk_params::{shared_params, ChunkParams, Shared, SharedParam};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
+pub use grad_buffers::{Bucket, FlatLayout, GradBuffers, ParamSlot};
 pub use model::{
     LossParts, LossValues, Model, ModelForward, ModelParams, ModelSaved, ModelStats, Sampling,
     StatsValues,

@@ -325,3 +325,17 @@ fn swiglu_wide_range_matches_reference_and_is_thread_count_invariant() {
     assert!(same_bits(&dg, &three.1), "swiglu d_gate 1 vs 3 threads");
     assert!(same_bits(&du, &three.2), "swiglu d_up 1 vs 3 threads");
 }
+
+#[test]
+fn fill_in_place_reuses_a_unique_buffer_and_copies_a_shared_one() {
+    let a = rand_vec(42, 6);
+    let mut t = Tensor::from_slice(&a, [2, 3], Device::Cpu).unwrap();
+    let before = t.storage() as *const _ as usize;
+    t.fill_in_place(0.0).unwrap();
+    assert_eq!(t.storage() as *const _ as usize, before, "same buffer");
+    assert_eq!(host(&t), vec![0.0; 6]);
+    let alias = t.clone();
+    t.fill_in_place(1.5).unwrap();
+    assert_eq!(host(&t), vec![1.5; 6]);
+    assert_eq!(host(&alias), vec![0.0; 6], "copy-on-write");
+}

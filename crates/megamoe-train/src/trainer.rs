@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! batch (B = train.global_batch sequences, booked to Data)
+//! grads.zero()                    persistent buffers (GradBuffers), zeroed in place
 //! for each of the M micro-batches (rows of the batch):       grad accumulation
 //!     forward → loss parts + stats + saved activations
 //!     backward(grad_scale = 1/M)  → grads += ∂(total/M)/∂θ    every loss weight once
@@ -37,7 +38,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use megamoe_model::block::BlockOutputs;
-use megamoe_model::{Model, ModelConfig, ModelParams, ModelStats};
+use megamoe_model::{GradBuffers, Model, ModelConfig, ModelParams, ModelStats};
 use megamoe_optim::{clip_grad_norm, Optimizer, Schedule};
 use megamoe_plan::{OptimizerKind, Plan, RawConfig};
 use megamoe_tensor::{DType, Device, ParamRole, Tensor};
@@ -52,6 +53,10 @@ use crate::metrics::{
     domain_expert_counts, mfu, training_flops_per_token, FlexiDepthStats, GateSkipStats, LossParts,
     MoeLayerStats, StepMetrics,
 };
+
+/// Gradient bucket size (elements): 4 MiB of f32, the unit a data-parallel reduction will
+/// work on.
+const GRAD_BUCKET_ELEMS: usize = 1 << 20;
 
 /// Key of the NaN-guard streak in [`TrainState::extra`].
 const EXTRA_NONFINITE_STREAK: &str = "nonfinite_streak";
@@ -86,6 +91,8 @@ pub struct Trainer {
     pub(crate) config_toml: String,
     pub(crate) model: Model,
     pub(crate) params: ModelParams,
+    /// Gradients: allocated once, zeroed in place at the start of each step.
+    pub(crate) grads: GradBuffers,
     pub(crate) optimizer: Optimizer,
     pub(crate) schedule: Schedule,
     pub(crate) batcher: Batcher,
@@ -159,6 +166,7 @@ impl Trainer {
         let model = Model::new(ModelConfig::from_plan(&plan)?)?;
         let params = model.init_params()?;
         let optimizer = Optimizer::new(&plan.optim, &mut |f| params.visit(f))?;
+        let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
         let schedule = Schedule::from_plan(&plan.optim, plan.train.steps)?;
         let batcher = Batcher::new(
             data,
@@ -176,6 +184,7 @@ impl Trainer {
             config_toml,
             model,
             params,
+            grads,
             optimizer,
             schedule,
             batcher,
@@ -270,7 +279,7 @@ impl Trainer {
         let compute_started = Instant::now();
 
         // 2. forward / backward per micro-batch; gradients accumulate.
-        let mut grads = self.params.zeros_like()?;
+        self.grads.zero()?;
         let mut sums = StepSums::default();
         let grad_scale = 1.0 / m as f32;
         for i in 0..m {
@@ -279,12 +288,15 @@ impl Trainer {
             let out = self.model.forward(&self.params, &ids, &targets, s)?;
             self.add_micro_batch(&mut sums, &out.losses.to_host()?, &out.stats, &micro)?;
             self.model
-                .backward(&self.params, out.saved, &mut grads, grad_scale)?;
+                .backward(&self.params, out.saved, self.grads.grads_mut(), grad_scale)?;
         }
 
         // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
         // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
-        let clip = clip_grad_norm(&mut |f| grads.visit_mut(f), self.plan.optim.grad_clip)?;
+        let clip = clip_grad_norm(
+            &mut |f| self.grads.grads_mut().visit_mut(f),
+            self.plan.optim.grad_clip,
+        )?;
         let loss = sums.mean_loss();
         let finite = clip.finite && loss.total.is_finite();
 
@@ -293,7 +305,7 @@ impl Trainer {
         if finite {
             self.optimizer.step(
                 &mut |f| self.params.visit_mut(f),
-                &mut |f| grads.visit(f),
+                &mut |f| self.grads.grads().visit(f),
                 lr,
             )?;
             self.update_expert_bias(&sums)?;

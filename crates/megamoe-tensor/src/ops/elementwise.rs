@@ -366,4 +366,12 @@ impl Tensor {
         kernel::axpy(dst, alpha, &src);
         Ok(())
     }
+
+    /// In place: every element set to `value`. The buffer is reused when the handle is
+    /// unique (a persistent gradient buffer is zeroed without reallocating); copy-on-write
+    /// otherwise; a bf16 `self` becomes f32.
+    pub fn fill_in_place(&mut self, value: f32) -> Result<()> {
+        self.cpu_f32_mut("fill_in_place")?.fill(value);
+        Ok(())
+    }
 }
