@@ -25,8 +25,8 @@ for i in $(seq 1 "$n"); do
   delay=$(python3 -c "import random; print(round(random.uniform(0.05, $full), 3))")
   "$bin" "${args[@]}" --run-dir "$work/r$i" >/dev/null 2>&1 & pid=$!
   sleep "$delay"; kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-  at=$(grep -c '"kind":"step"' "$work/r$i/metrics.jsonl" 2>/dev/null || echo 0)
-  ckpts=$(ls "$work/r$i/checkpoints" 2>/dev/null | tr '\n' ' ')
+  at=$(grep -c '"kind":"step"' "$work/r$i/metrics.jsonl" 2>/dev/null || true)
+  ckpts=$( (ls "$work/r$i/checkpoints" 2>/dev/null || true) | tr '\n' ' ')
   if "$bin" train --resume "$work/r$i" --steps 40 --sample-tokens 0 >"$work/r$i.log" 2>&1 \
      && [ "$(losses "$work/r$i")" = "$want" ]; then
     ok=$((ok+1)); verdict=ok
