@@ -289,15 +289,19 @@ fn compare(args: &ScheduleArgs, costs: &Costs) -> anyhow::Result<String> {
         "{:<12} {:>6} {:>9} {:>8} {:>11} {:>13} {:>12} {:>11}",
         "kind", "stages", "makespan", "bubble%", "max bubble", "peak act", "act (L/P)", "params"
     );
+    let mut first_error = None;
+    let mut built = 0usize;
     for kind in ScheduleKind::ALL {
         let shape = shape(args);
         let schedule = match generate(kind, shape) {
             Ok(x) => x,
             Err(e) => {
                 let _ = writeln!(s, "{:<12} n/a: {e}", kind.name());
+                first_error.get_or_insert(e);
                 continue;
             }
         };
+        built += 1;
         // Layers per chunk relative to L/P: the longest chain has L layers.
         let chain_len = schedule
             .chains
@@ -328,6 +332,10 @@ fn compare(args: &ScheduleArgs, costs: &Costs) -> anyhow::Result<String> {
             format!("{stages_held}x"),
             stages_held as f64 * chunk,
         );
+    }
+    // No kind can run this shape (e.g. --pp 0): fail like --kind does, exit 2.
+    if let (0, Some(e)) = (built, first_error) {
+        return Err(e.into());
     }
     let _ = writeln!(
         s,

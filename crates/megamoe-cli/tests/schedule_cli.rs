@@ -207,6 +207,10 @@ fn bad_input_is_one_line_on_stderr_and_exit_2() {
             vec!["--kind", "interleaved", "--pp", "4", "--microbatches", "6"],
             "multiple of pp=4",
         ),
+        (
+            vec!["--compare", "--pp", "0", "--microbatches", "4"],
+            "pp=0 must be at least 1",
+        ),
     ] {
         let out = megamoe(&[&["schedule"][..], &args[..]].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}");
