@@ -13,7 +13,7 @@
 //! # Place in the workspace
 //! Depends on megamoe-tensor (every element touch is a tensor op; routing kernels are the
 //! tensor crate's `ops::routing` and `ops::capacity` families), megamoe-plan (config enums,
-//! capacity and null-slot math) and megamoe-comm (whose communicator will back a
+//! capacity and null-slot math) and megamoe-comm (every `Arc` of a communicator is a
 //! [`RowExchange`] for the expert-parallel dispatcher). Used by
 //! megamoe-model (MoE FFN blocks) and megamoe-cli (`megamoe probe moe`). Never imports
 //! model, optim, pipeline or train.

@@ -1,6 +1,7 @@
 //! Expert parallelism through the injectable dispatcher, in one process: two layers, each
-//! owning half of the experts, exchange rows through an in-memory all-to-all (one thread
-//! per rank) and must reproduce one layer holding every expert.
+//! owning half of the experts, exchange rows through the `all_to_all_v` of a thread-rank
+//! communicator (megamoe-comm's `ThreadWorld`) and must reproduce one layer holding every
+//! expert.
 //!
 //! Per-micro-batch semantics: each rank routes its own tokens (capacity and router losses
 //! per call), so the reference runs the single-rank layer once per rank's tokens,
@@ -16,8 +17,9 @@ use std::sync::Arc;
 
 use common::exchange::group;
 use common::*;
+use megamoe_comm::{Communicator, ThreadWorld};
 use megamoe_moe::{
-    Error, ExpertParallelDispatcher, MoeConfig, MoeLayer, MoeParams, RouterLossScale, RowExchange,
+    Error, ExpertParallelDispatcher, MoeConfig, MoeLayer, MoeParams, RouterLossScale,
 };
 use megamoe_tensor::Tensor;
 
@@ -98,27 +100,21 @@ fn two_ranks_match_one(name: &str, cfg: &MoeConfig) {
         g_ref = r.grads; // accumulated over the calls, like micro-batches
     }
 
-    // expert parallel: one thread per rank
-    let exchanges = group(world);
-    let runs: Vec<RankRun> = std::thread::scope(|s| {
-        let handles: Vec<_> = exchanges
-            .into_iter()
-            .zip(&inputs)
-            .map(|(ex, (x, dy))| {
-                let full = &full;
-                s.spawn(move || {
-                    let rank = ex.rank();
-                    let d = ExpertParallelDispatcher::new(ex, e).unwrap();
-                    let layer = MoeLayer::with_dispatcher(cfg.clone(), Arc::new(d)).unwrap();
-                    assert_eq!(layer.local_experts(), rank * el..(rank + 1) * el);
-                    let p = shard(full, rank * el, el);
-                    let g = p.zeros_like().unwrap();
-                    run(&layer, &p, x, dy, g)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    // expert parallel: thread ranks of a ThreadWorld, the exchange is the world communicator
+    let runs: Vec<RankRun> = ThreadWorld::new(world)
+        .unwrap()
+        .run(|comm| -> Result<RankRun, Error> {
+            let rank = comm.rank();
+            let ep: Arc<dyn Communicator> = Arc::new(comm);
+            let d = ExpertParallelDispatcher::new(ep, e)?;
+            let layer = MoeLayer::with_dispatcher(cfg.clone(), Arc::new(d))?;
+            assert_eq!(layer.local_experts(), rank * el..(rank + 1) * el);
+            let p = shard(&full, rank * el, el);
+            let g = p.zeros_like()?;
+            let (x, dy) = &inputs[rank];
+            Ok(run(&layer, &p, x, dy, g))
+        })
+        .unwrap();
 
     for (rank, (r, (y, aux, z, dx))) in runs.iter().zip(&ref_runs).enumerate() {
         assert_eq!(&r.y, y, "{name}: rank {rank} output");
@@ -245,4 +241,28 @@ fn expert_parallel_rejects_experts_not_divisible_by_ranks() {
     let all = MoeParams::init(&cfg, 1, "").unwrap();
     let (x, _) = inputs(8, 6, 1);
     assert!(layer.forward(&all, &x).is_err());
+}
+
+#[test]
+fn a_failed_expert_parallel_peer_is_an_exchange_error_naming_it() {
+    let cfg = config("routed_experts = 4\ntop_k = 2\nexpert_hidden = 5");
+    let full = params(&cfg, 3);
+    let (x, _) = inputs(8, cfg.d_model, 5);
+    let failures = ThreadWorld::new(2)
+        .unwrap()
+        .run(|comm| -> Result<(), String> {
+            if comm.rank() == 1 {
+                return Err("injected fault".into());
+            }
+            let ep: Arc<dyn Communicator> = Arc::new(comm);
+            let d = ExpertParallelDispatcher::new(ep, 4).map_err(|e| e.to_string())?;
+            let layer = MoeLayer::with_dispatcher(cfg.clone(), Arc::new(d)).unwrap();
+            let err = layer.forward(&shard(&full, 0, 2), &x).unwrap_err();
+            assert!(matches!(err, Error::Exchange(_)), "{err}");
+            Err(err.to_string())
+        })
+        .unwrap_err();
+    assert_eq!(failures.first.0, 1, "{failures}");
+    let (_, rank0) = &failures.failures[0];
+    assert!(rank0.contains("rank 1 failed: injected fault"), "{rank0}");
 }

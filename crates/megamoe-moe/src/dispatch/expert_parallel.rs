@@ -14,9 +14,14 @@
 //!
 //! The collective itself is a [`RowExchange`], the one operation expert parallelism needs
 //! from a communicator; the backward runs the same two exchanges in the other direction.
+//! Every [`Communicator`] of the expert-parallel group is one, held as
+//! `Arc<dyn Communicator>` (or `Arc` of a concrete engine): its `all_to_all_v`, with
+//! communicator errors (a failed peer, a timeout) surfacing as [`Error::Exchange`].
 
 use std::ops::Range;
+use std::sync::Arc;
 
+use megamoe_comm::Communicator;
 use megamoe_tensor::{RowGroups, Tensor};
 
 use super::{BufferOrder, DispatchLayout, ExpertLayout, SourceRows, TokenDispatcher};
@@ -24,7 +29,7 @@ use crate::error::{Error, Result};
 
 /// An all-to-all of rows with per-rank splits over the ranks of an expert-parallel group —
 /// what a communicator provides as `all_to_all_v`.
-pub trait RowExchange: Send + Sync + std::fmt::Debug {
+pub trait RowExchange: Send + Sync {
     /// This rank's index in the group, `0..world`.
     fn rank(&self) -> usize;
 
@@ -42,11 +47,42 @@ pub trait RowExchange: Send + Sync + std::fmt::Debug {
     ) -> Result<Tensor>;
 }
 
+/// The expert-parallel group's communicator is the exchange: rank and size are the
+/// group's, the rows move by [`Communicator::all_to_all_v`].
+impl<C: Communicator + ?Sized> RowExchange for Arc<C> {
+    fn rank(&self) -> usize {
+        Communicator::rank(&**self)
+    }
+
+    fn world(&self) -> usize {
+        self.size()
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &Tensor,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Tensor> {
+        Communicator::all_to_all_v(&**self, send, send_rows, recv_rows)
+            .map_err(|e| Error::Exchange(Box::new(e)))
+    }
+}
+
 /// Experts sharded evenly over the ranks of a [`RowExchange`].
-#[derive(Debug)]
 pub struct ExpertParallelDispatcher<X: RowExchange> {
     exchange: X,
     num_experts: usize,
+}
+
+impl<X: RowExchange> std::fmt::Debug for ExpertParallelDispatcher<X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertParallelDispatcher")
+            .field("rank", &self.exchange.rank())
+            .field("world", &self.exchange.world())
+            .field("num_experts", &self.num_experts)
+            .finish()
+    }
 }
 
 impl<X: RowExchange> ExpertParallelDispatcher<X> {
