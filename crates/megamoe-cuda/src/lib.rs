@@ -1,7 +1,9 @@
 //! megamoe-cuda: the CUDA engine of megamoe — one GPU, its stream, the NVRTC kernel cache,
 //! cuBLAS GEMMs (bf16 and f32, strided-batched), the stream-ordered memory pool with
 //! reserved / used / peak counters, CUDA graph capture, and the MoE layer's kernels
-//! (router, capacity assignment, permute, SwiGLU, combine, and their backward).
+//! (router, capacity assignment, permute, SwiGLU, combine, and their backward), and the
+//! kernels of the rest of a training step ([`ops`]: RMSNorm, RoPE, cross-entropy,
+//! embedding, causal attention, AdamW).
 //!
 //! # Place in the workspace
 //! Knows nothing of `megamoe_tensor::Tensor`: it moves device buffers and launches work.
@@ -32,6 +34,7 @@ pub mod gemm;
 mod graph;
 pub mod moe;
 mod nvrtc;
+pub mod ops;
 mod pool;
 
 pub use device::{probe, DeviceInfo, EventTimer, Gpu};
@@ -40,4 +43,5 @@ pub use gemm::{Elem, Operand};
 pub use graph::Graph;
 pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
+pub use ops::{AdamWParams, AttentionGrads, AttentionShape, Ops};
 pub use pool::{DeviceBuffer, PoolStats};

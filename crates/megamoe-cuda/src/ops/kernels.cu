@@ -1,0 +1,352 @@
+// Transformer-step kernels (RMSNorm, RoPE, cross-entropy, embedding, causal softmax, AdamW).
+// Compiled by NVRTC once per element type: ELEM is `float` (f32 parity mode) or
+// `__nv_bfloat16` (bf16 storage). All math and every reduction are f32 (f64 where noted),
+// in a fixed order: no float atomics, bitwise reproducible run to run.
+// Every kernel that reduces a row runs with exactly BLOCK threads.
+#include <cuda_bf16.h>
+
+typedef ELEM T;
+#define BLOCK 256
+
+__device__ __forceinline__ float ldf(const float* p) { return *p; }
+__device__ __forceinline__ float ldf(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void stf(float* p, float v) { *p = v; }
+__device__ __forceinline__ void stf(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define QNAN __int_as_float(0x7fc00000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Block-wide sum / max over BLOCK threads (fixed tree: deterministic). All threads get it.
+__device__ float block_sum(float v) {
+    __shared__ float s[BLOCK / 32];
+    __syncthreads();
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = 0.f;
+#pragma unroll
+    for (int i = 0; i < BLOCK / 32; i++) r += s[i];
+    return r;
+}
+__device__ float block_max(float v) {
+    __shared__ float s[BLOCK / 32];
+    __syncthreads();
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < BLOCK / 32; i++) r = fmaxf(r, s[i]);
+    return r;
+}
+
+// ---- RMSNorm: y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps). One block per row. ----
+extern "C" __global__ void rms_norm_fwd(const T* __restrict__ x, const T* __restrict__ w,
+                                        T* __restrict__ y, float* __restrict__ rstd, int h,
+                                        float eps) {
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * h;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < h; j += BLOCK) {
+        float v = ldf(xr + j);
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)h + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int j = threadIdx.x; j < h; j += BLOCK) stf(y + row * h + j, ldf(xr + j) * r * ldf(w + j));
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd.
+extern "C" __global__ void rms_norm_bwd_input(const T* __restrict__ dy, const T* __restrict__ x,
+                                              const T* __restrict__ w,
+                                              const float* __restrict__ rstd,
+                                              T* __restrict__ dx, int h) {
+    const size_t row = blockIdx.x;
+    const float r = rstd[row];
+    const T* xr = x + row * h;
+    const T* dr = dy + row * h;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < h; j += BLOCK) dot += ldf(dr + j) * ldf(w + j) * (ldf(xr + j) * r);
+    dot = block_sum(dot) / (float)h;
+    for (int j = threadIdx.x; j < h; j += BLOCK) {
+        float g = ldf(dr + j) * ldf(w + j);
+        stf(dx + row * h + j, r * (g - ldf(xr + j) * r * dot));
+    }
+}
+
+// Weight gradient, pass 1: partial[chunk, j] = sum over the chunk's rows of dy*x*rstd.
+// grid ceil(h / BLOCK) * chunks (column tile fastest); rows [chunk*per, (chunk+1)*per).
+extern "C" __global__ void rms_norm_bwd_weight_partial(const T* __restrict__ dy,
+                                                       const T* __restrict__ x,
+                                                       const float* __restrict__ rstd,
+                                                       float* __restrict__ partial, int rows,
+                                                       int h, int per) {
+    const int tiles = (h + BLOCK - 1) / BLOCK;
+    const int chunk = blockIdx.x / tiles;
+    const int j = (blockIdx.x % tiles) * BLOCK + threadIdx.x;
+    if (j >= h) return;
+    const int r0 = chunk * per;
+    const int r1 = min(rows, r0 + per);
+    float acc = 0.f;
+    for (int r = r0; r < r1; r++) acc += ldf(dy + (size_t)r * h + j) * ldf(x + (size_t)r * h + j) * rstd[r];
+    partial[(size_t)chunk * h + j] = acc;
+}
+
+// Column sums of partial [chunks, n] in chunk order: out[j] = beta * out[j] + sum.
+extern "C" __global__ void sum_partials(const float* __restrict__ partial, float* __restrict__ out,
+                                        int chunks, int n, float beta) {
+    const int j = blockIdx.x * BLOCK + threadIdx.x;
+    if (j >= n) return;
+    float acc = 0.f;
+    for (int c = 0; c < chunks; c++) acc += partial[(size_t)c * n + j];
+    out[j] = beta == 0.f ? acc : beta * out[j] + acc;
+}
+
+// ---- RoPE, rotate-half. Table [t, d/2] of cos and sin, computed in f64. ----
+extern "C" __global__ void rope_table(float* __restrict__ cosv, float* __restrict__ sinv, int t,
+                                      int d, double theta) {
+    const int half = d / 2;
+    const int i = blockIdx.x * BLOCK + threadIdx.x;
+    if (i >= t * half) return;
+    const int p = i / half, q = i % half;
+    const double freq = pow(theta, -2.0 * (double)q / (double)d);
+    const double a = (double)p * freq;
+    cosv[i] = (float)cos(a);
+    sinv[i] = (float)sin(a);
+}
+
+// x [B, T, NH, D] -> y (may alias x); sign +1 forward, -1 backward. One thread per pair.
+extern "C" __global__ void rope_apply(const T* x, T* y, const float* __restrict__ cosv,
+                                      const float* __restrict__ sinv, size_t pairs, int t, int nh,
+                                      int d, float sign) {
+    const int half = d / 2;
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < pairs; i += (size_t)gridDim.x * BLOCK) {
+        const size_t row = i / half;
+        const int q = (int)(i % half);
+        const int p = (int)((row / nh) % t);
+        const float c = cosv[p * half + q];
+        const float s = sign * sinv[p * half + q];
+        const float x1 = ldf(x + row * d + q), x2 = ldf(x + row * d + q + half);
+        stf(y + row * d + q, x1 * c - x2 * s);
+        stf(y + row * d + q + half, x2 * c + x1 * s);
+    }
+}
+
+// ---- Softmax cross-entropy over the vocabulary (logits [N, V], targets [N] i32). ----
+// Counts the rows whose target is not `ignore` (one block).
+extern "C" __global__ void ce_count_valid(const int* __restrict__ targets, int n, int ignore,
+                                          int* __restrict__ n_valid) {
+    float c = 0.f;
+    for (int r = threadIdx.x; r < n; r += BLOCK) c += (targets[r] != ignore) ? 1.f : 0.f;
+    c = block_sum(c); // exact: integers < 2^24
+    if (threadIdx.x == 0) *n_valid = (int)c;
+}
+
+// One block per row: loss[r] = lse(x) - x[t] (0 if ignored, NaN if t is out of range);
+// d_logits = (softmax(x) - onehot(t)) / n_valid (0 for ignored rows). `dx` may alias `x`.
+extern "C" __global__ void ce_fwd_bwd(const T* x, T* dx, const int* __restrict__ targets,
+                                      const int* __restrict__ n_valid, float* __restrict__ loss,
+                                      int v, int ignore) {
+    const size_t row = blockIdx.x;
+    const T* xr = x + row * v;
+    T* dr = dx + row * v;
+    const int t = targets[row];
+    if (t == ignore) {
+        for (int j = threadIdx.x; j < v; j += BLOCK) stf(dr + j, 0.f);
+        if (threadIdx.x == 0) loss[row] = 0.f;
+        return;
+    }
+    if (t < 0 || t >= v) {
+        for (int j = threadIdx.x; j < v; j += BLOCK) stf(dr + j, QNAN);
+        if (threadIdx.x == 0) loss[row] = QNAN;
+        return;
+    }
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < v; j += BLOCK) mx = fmaxf(mx, ldf(xr + j));
+    mx = block_max(mx);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < v; j += BLOCK) s += expf(ldf(xr + j) - mx);
+    s = block_sum(s);
+    const float lse = mx + logf(s);
+    const float xt = ldf(xr + t);
+    __syncthreads(); // every thread has read x[t] before dx (maybe aliasing x) is written
+    const float scale = 1.0f / (float)max(*n_valid, 1);
+    for (int j = threadIdx.x; j < v; j += BLOCK) {
+        float p = expf(ldf(xr + j) - lse);
+        stf(dr + j, (p - (j == t ? 1.f : 0.f)) * scale);
+    }
+    if (threadIdx.x == 0) loss[row] = lse - xt;
+}
+
+// out[0] = (sum_r loss[r]) / n_valid in f64, fixed order (one block).
+extern "C" __global__ void ce_mean(const float* __restrict__ loss, const int* __restrict__ n_valid,
+                                   int n, float* __restrict__ out) {
+    __shared__ double s[BLOCK];
+    double acc = 0.0;
+    for (int r = threadIdx.x; r < n; r += BLOCK) acc += (double)loss[r];
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double tot = 0.0;
+        for (int i = 0; i < BLOCK; i++) tot += s[i];
+        const int nv = *n_valid;
+        out[0] = nv == 0 ? 0.f : (float)(tot / (double)nv);
+    }
+}
+
+// ---- Embedding: gather rows; deterministic scatter-add backward. ----
+// out[r] = table[ids[r]] (rows of h); an id outside [0, rows) gives a NaN row.
+extern "C" __global__ void embed_gather(const T* __restrict__ table, const int* __restrict__ ids,
+                                        T* __restrict__ out, int n, int h, int rows) {
+    const int r = blockIdx.x;
+    const int id = ids[r];
+    const bool ok = id >= 0 && id < rows;
+    for (int j = threadIdx.x; j < h; j += BLOCK)
+        stf(out + (size_t)r * h + j, ok ? ldf(table + (size_t)id * h + j) : QNAN);
+}
+
+// rank[r] = #{r' < r : ids[r'] == ids[r]} (tiles of ids in shared memory); count[id] += 1
+// (integer atomics: the counts are exact whatever the order).
+extern "C" __global__ void embed_rank(const int* __restrict__ ids, int* __restrict__ rank,
+                                      int* __restrict__ count, int n, int rows) {
+    __shared__ int tile[BLOCK];
+    const int r = blockIdx.x * BLOCK + threadIdx.x;
+    const int id = r < n ? ids[r] : -1;
+    int k = 0;
+    const int last = min(n, (int)(blockIdx.x + 1) * BLOCK);
+    for (int base = 0; base < last; base += BLOCK) {
+        __syncthreads();
+        tile[threadIdx.x] = base + threadIdx.x < n ? ids[base + threadIdx.x] : -2;
+        __syncthreads();
+        const int lim = min(BLOCK, r - base);
+        for (int i = 0; i < lim; i++) k += tile[i] == id;
+    }
+    if (r < n) {
+        rank[r] = k;
+        if (id >= 0 && id < rows) atomicAdd(count + id, 1);
+    }
+}
+
+// Exclusive prefix sum of count [rows] into offset [rows] (one block, fixed order).
+extern "C" __global__ void exclusive_scan(const int* __restrict__ count, int* __restrict__ offset,
+                                          int rows) {
+    __shared__ int s[BLOCK];
+    __shared__ int carry;
+    if (threadIdx.x == 0) carry = 0;
+    for (int base = 0; base < rows; base += BLOCK) {
+        __syncthreads();
+        const int i = base + threadIdx.x;
+        const int c = i < rows ? count[i] : 0;
+        s[threadIdx.x] = c;
+        __syncthreads();
+        for (int o = 1; o < BLOCK; o <<= 1) {
+            int v = threadIdx.x >= o ? s[threadIdx.x - o] : 0;
+            __syncthreads();
+            s[threadIdx.x] += v;
+            __syncthreads();
+        }
+        if (i < rows) offset[i] = carry + s[threadIdx.x] - c;
+        __syncthreads();
+        if (threadIdx.x == BLOCK - 1) carry += s[BLOCK - 1];
+    }
+}
+
+// order[offset[ids[r]] + rank[r]] = r: the sources of each table row, in increasing r.
+extern "C" __global__ void embed_place(const int* __restrict__ ids, const int* __restrict__ rank,
+                                       const int* __restrict__ offset, int* __restrict__ order,
+                                       int n, int rows) {
+    const int r = blockIdx.x * BLOCK + threadIdx.x;
+    if (r >= n) return;
+    const int id = ids[r];
+    if (id >= 0 && id < rows) order[offset[id] + rank[r]] = r;
+}
+
+// d_table[v] (+)= sum over its sources in increasing r of d_out[r] (f32 gradient). One block
+// per table row; rows with no source are left as they are (or zeroed when !accumulate).
+extern "C" __global__ void embed_scatter_add(const T* __restrict__ d_out,
+                                             const int* __restrict__ order,
+                                             const int* __restrict__ offset,
+                                             const int* __restrict__ count,
+                                             float* __restrict__ d_table, int h, int accumulate) {
+    const size_t v = blockIdx.x;
+    const int c = count[v];
+    if (c == 0) {
+        if (!accumulate)
+            for (int j = threadIdx.x; j < h; j += BLOCK) d_table[v * h + j] = 0.f;
+        return;
+    }
+    const int o = offset[v];
+    for (int j = threadIdx.x; j < h; j += BLOCK) {
+        float acc = accumulate ? d_table[v * h + j] : 0.f;
+        for (int i = 0; i < c; i++) acc += ldf(d_out + (size_t)order[o + i] * h + j);
+        d_table[v * h + j] = acc;
+    }
+}
+
+// ---- Causal attention softmax over scores [rows, t] (row r is query position r % t). ----
+// y[r, s] = softmax(scale * x[r, 0..=q])[s] for s <= q, 0 beyond. Scores f32, probs T.
+extern "C" __global__ void causal_softmax_fwd(const float* __restrict__ x, T* __restrict__ y,
+                                              int t, float scale) {
+    const size_t row = blockIdx.x;
+    const int valid = (int)(row % t) + 1;
+    const float* xr = x + row * t;
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < valid; j += BLOCK) mx = fmaxf(mx, xr[j] * scale);
+    mx = block_max(mx);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < valid; j += BLOCK) s += expf(xr[j] * scale - mx);
+    s = block_sum(s);
+    const float inv = 1.0f / s;
+    for (int j = threadIdx.x; j < t; j += BLOCK)
+        stf(y + row * t + j, j < valid ? expf(xr[j] * scale - mx) * inv : 0.f);
+}
+
+// dx = scale * y * (dy - <y, dy>) per row (masked entries: y = 0 -> 0). dy f32, y/dx T.
+extern "C" __global__ void causal_softmax_bwd(const T* __restrict__ y, const float* __restrict__ dy,
+                                              T* __restrict__ dx, int t, float scale) {
+    const size_t row = blockIdx.x;
+    const int valid = (int)(row % t) + 1;
+    const T* yr = y + row * t;
+    const float* dr = dy + row * t;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < valid; j += BLOCK) dot += ldf(yr + j) * dr[j];
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < t; j += BLOCK)
+        stf(dx + row * t + j, j < valid ? scale * ldf(yr + j) * (dr[j] - dot) : 0.f);
+}
+
+// ---- AdamW, PyTorch order; the f32 operations of megamoe-tensor's CPU kernel, unfused. ----
+struct AdamWConsts {
+    float beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps, decay, step;
+    int has_decay;
+};
+// p, m, v f32 (master weights and moments); g in T; p_copy (nullable) gets p in T.
+extern "C" __global__ void adamw(float* __restrict__ p, float* __restrict__ m,
+                                 float* __restrict__ v, const T* __restrict__ g,
+                                 T* __restrict__ p_copy, size_t n, AdamWConsts c) {
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK) {
+        const float gi = ldf(g + i);
+        float mi = __fadd_rn(__fmul_rn(m[i], c.beta1), 0.f);
+        mi = __fadd_rn(mi, __fmul_rn(c.one_minus_beta1, gi));
+        const float g2 = __fmul_rn(gi, gi);
+        float vi = __fadd_rn(__fmul_rn(v[i], c.beta2), 0.f);
+        vi = __fadd_rn(vi, __fmul_rn(c.one_minus_beta2, g2));
+        const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(__fadd_rn(__fmul_rn(vi, c.inv_bc2), 0.f)), 1.f), c.eps);
+        const float step = __fdiv_rn(mi, denom);
+        float pi = c.has_decay ? __fadd_rn(__fmul_rn(p[i], c.decay), 0.f) : p[i];
+        pi = __fadd_rn(pi, __fmul_rn(c.step, step));
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+        if (p_copy) stf(p_copy + i, pi);
+    }
+}
