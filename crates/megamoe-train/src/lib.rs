@@ -81,6 +81,7 @@ pub mod run_dir;
 pub mod run_totals;
 pub mod session;
 mod sha256;
+mod step_stats;
 pub mod support;
 pub mod synthetic;
 pub mod tensorboard;

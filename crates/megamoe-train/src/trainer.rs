@@ -37,8 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use megamoe_model::block::BlockOutputs;
-use megamoe_model::{GradBuffers, Model, ModelConfig, ModelParams, ModelStats};
+use megamoe_model::{GradBuffers, Model, ModelConfig, ModelParams};
 use megamoe_optim::{clip_grad_norm, Optimizer, Schedule};
 use megamoe_plan::{OptimizerKind, Plan, RawConfig};
 use megamoe_tensor::{DType, Device, ParamRole, Tensor};
@@ -49,10 +48,8 @@ use crate::checkpoint::{
 use crate::data::{Batch, BatchConfig, Batcher, DataSource};
 use crate::error::{Error, Result};
 use crate::goodput::{GoodputTotals, GoodputTracker, TimeCategory};
-use crate::metrics::{
-    domain_expert_counts, mfu, training_flops_per_token, FlexiDepthStats, GateSkipStats, LossParts,
-    MoeLayerStats, StepMetrics,
-};
+use crate::metrics::{mfu, training_flops_per_token, StepMetrics};
+use crate::step_stats::{StepStatsAccumulator, StepSums};
 
 /// Gradient bucket size (elements): 4 MiB of f32, the unit a data-parallel reduction will
 /// work on.
@@ -109,38 +106,6 @@ pub struct Trainer {
     pub(crate) heldout: Option<Vec<Batch>>,
     /// Data domains (expert load is split by domain when there are several).
     pub(crate) num_domains: usize,
-}
-
-/// Per-step sums over micro-batches, turned into [`StepMetrics`] at the end.
-#[derive(Debug, Default)]
-struct StepSums {
-    micro_batches: usize,
-    loss: LossParts,
-    mtp_losses: Vec<f64>,
-    /// layer → (attn kept, mlp kept) summed over micro-batches.
-    gate_skip: BTreeMap<usize, (f64, f64)>,
-    /// adaptive layer → processed fraction summed over micro-batches.
-    flexi_kept: BTreeMap<usize, f64>,
-    layers_used: f64,
-    /// MoE layer → counts summed over micro-batches.
-    moe: BTreeMap<usize, MoeLayerSums>,
-}
-
-/// Routing counts of one MoE layer over a step.
-#[derive(Debug, Default, Clone)]
-struct MoeLayerSums {
-    /// (E,) real picks per routed expert, before capacity.
-    picks: Vec<u64>,
-    /// (E,) assignments kept after capacity.
-    kept: Vec<u64>,
-    null_picks: u64,
-    tokens: u64,
-    top_k: usize,
-    /// (domains, E) kept assignments per expert by the data domain of the token; empty
-    /// when the data has a single domain.
-    by_domain: Vec<Vec<u64>>,
-    /// Σ over micro-batches of the mean shared-expert gate, and how many were summed.
-    shared_gate: Option<(f64, usize)>,
 }
 
 impl Trainer {
@@ -280,16 +245,19 @@ impl Trainer {
 
         // 2. forward / backward per micro-batch; gradients accumulate.
         self.grads.zero()?;
-        let mut sums = StepSums::default();
+        let mut stats = StepStatsAccumulator::new(self.num_domains);
         let grad_scale = 1.0 / m as f32;
         for i in 0..m {
             let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
             let (ids, targets) = batch_tensors(&micro)?;
             let out = self.model.forward(&self.params, &ids, &targets, s)?;
-            self.add_micro_batch(&mut sums, &out.losses.to_host()?, &out.stats, &micro)?;
+            stats.add(&out.losses, &out.stats, &micro)?;
             self.model
                 .backward(&self.params, out.saved, self.grads.grads_mut(), grad_scale)?;
         }
+
+        // One host read for every micro-batch's loss parts and statistics.
+        let sums = stats.finish(&self.plan)?;
 
         // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
         // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
@@ -354,62 +322,6 @@ impl Trainer {
             },
             host_reads: megamoe_tensor::host_reads() - reads_before,
         })
-    }
-
-    /// Adds one micro-batch's host loss values and statistics to the step sums.
-    fn add_micro_batch(
-        &self,
-        sums: &mut StepSums,
-        values: &megamoe_model::LossValues,
-        stats: &ModelStats,
-        micro: &Batch,
-    ) -> Result<()> {
-        let p = &self.plan;
-        sums.micro_batches += 1;
-        let l = &mut sums.loss;
-        l.total += values.total as f64;
-        l.lm += values.lm_loss as f64;
-        if let Some(mtp) = &p.mtp {
-            for (k, (ce, w)) in values.mtp_losses.iter().zip(&mtp.step_weights).enumerate() {
-                l.mtp += mtp.loss_weight * w * *ce as f64;
-                if sums.mtp_losses.len() <= k {
-                    sums.mtp_losses.push(0.0);
-                }
-                sums.mtp_losses[k] += *ce as f64;
-            }
-        }
-        if let Some(moe) = &p.moe {
-            l.aux += moe.aux_loss_weight * values.aux as f64;
-            l.z += moe.z_loss_weight * values.z as f64;
-        }
-        if let Some(g) = &p.gate_skip {
-            l.skip += g.sparsity_weight * values.gate_skip as f64;
-        }
-        if let Some(f) = &p.flexi_depth {
-            l.skip += f.skip_loss_weight * values.flexi_depth as f64;
-        }
-        for layer in &stats.layers {
-            let block = &layer.block;
-            if let Some((a, m)) = block.kept_fraction {
-                let e = sums.gate_skip.entry(layer.layer).or_default();
-                e.0 += a;
-                e.1 += m;
-            }
-            if let Some(full) = &block.full_path {
-                // SYNC: one scalar per adaptive layer per micro-batch, for the metrics line.
-                let kept = full.mean_all()?.to_scalar_f32()? as f64;
-                *sums.flexi_kept.entry(layer.layer).or_default() += kept;
-            }
-            if let Some(counts) = moe_counts(block, micro, self.num_domains)? {
-                let e = sums.moe.entry(layer.layer).or_default();
-                e.add(&counts);
-            }
-        }
-        if let Some(used) = &stats.layers_used {
-            // SYNC: one scalar per micro-batch.
-            sums.layers_used += used.mean_all()?.to_scalar_f32()? as f64;
-        }
-        Ok(())
     }
 
     /// Aux-loss-free balancing: `b ← b + γ·sign(mean(c) − c)` per MoE layer with an
@@ -566,160 +478,6 @@ impl Trainer {
             .record(TimeCategory::Checkpoint, started.elapsed());
         Ok(())
     }
-}
-
-impl StepSums {
-    /// Loss parts averaged over micro-batches (each is already a token mean).
-    fn mean_loss(&self) -> LossParts {
-        let k = self.micro_batches.max(1) as f64;
-        let l = &self.loss;
-        LossParts {
-            total: l.total / k,
-            lm: l.lm / k,
-            mtp: l.mtp / k,
-            aux: l.aux / k,
-            z: l.z / k,
-            skip: l.skip / k,
-        }
-    }
-
-    fn mean_mtp(&self) -> Vec<f64> {
-        let k = self.micro_batches.max(1) as f64;
-        self.mtp_losses.iter().map(|x| x / k).collect()
-    }
-
-    fn gate_skip_stats(&self) -> Vec<GateSkipStats> {
-        let k = self.micro_batches.max(1) as f64;
-        self.gate_skip
-            .iter()
-            .map(|(&layer, &(a, m))| GateSkipStats {
-                layer,
-                attn_kept: a / k,
-                mlp_kept: m / k,
-            })
-            .collect()
-    }
-
-    fn flexi_depth_stats(&self, num_layers: usize) -> Option<FlexiDepthStats> {
-        if self.flexi_kept.is_empty() {
-            return None;
-        }
-        let k = self.micro_batches.max(1) as f64;
-        Some(FlexiDepthStats {
-            mean_layers_used: self.layers_used / k,
-            num_layers,
-            kept: self.flexi_kept.iter().map(|(&l, &f)| (l, f / k)).collect(),
-        })
-    }
-
-    fn moe_stats(&self) -> Vec<MoeLayerStats> {
-        self.moe
-            .iter()
-            .map(|(&layer, s)| {
-                let picks: u64 = s.picks.iter().sum();
-                let kept: u64 = s.kept.iter().sum();
-                let mut m = MoeLayerStats::from_counts(
-                    layer,
-                    s.picks.clone(),
-                    picks.saturating_sub(kept),
-                    s.null_picks,
-                    s.tokens,
-                    s.top_k,
-                );
-                m.tokens_per_expert_by_domain = s.by_domain.clone();
-                m.shared_gate_mean = s.shared_gate.map(|(sum, n)| sum / n.max(1) as f64);
-                m
-            })
-            .collect()
-    }
-}
-
-impl MoeLayerSums {
-    fn add(&mut self, c: &MoeLayerSums) {
-        if self.picks.is_empty() {
-            self.picks = vec![0; c.picks.len()];
-            self.kept = vec![0; c.kept.len()];
-        }
-        for (a, b) in self.picks.iter_mut().zip(&c.picks) {
-            *a += b;
-        }
-        for (a, b) in self.kept.iter_mut().zip(&c.kept) {
-            *a += b;
-        }
-        self.null_picks += c.null_picks;
-        self.tokens += c.tokens;
-        self.top_k = c.top_k;
-        if self.by_domain.is_empty() {
-            self.by_domain = c.by_domain.clone();
-        } else {
-            for (a, b) in self.by_domain.iter_mut().zip(&c.by_domain) {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-            }
-        }
-        if let Some((g, n)) = c.shared_gate {
-            let e = self.shared_gate.get_or_insert((0.0, 0));
-            e.0 += g;
-            e.1 += n;
-        }
-    }
-}
-
-/// This block's MoE routing counts on the host, if its FFN is an MoE layer; with
-/// several data domains also the kept assignments per (domain, expert) of `micro`'s
-/// tokens (the layer's rows are the micro-batch's `B·T` tokens in row-major order).
-fn moe_counts(
-    block: &BlockOutputs,
-    micro: &Batch,
-    num_domains: usize,
-) -> Result<Option<MoeLayerSums>> {
-    let Some(out) = &block.moe else {
-        return Ok(None);
-    };
-    let st = &out.stats;
-    let e = st.num_routed_experts;
-    // SYNC: routing counts are read once per MoE layer per micro-batch for the metrics
-    // and the expert-bias update.
-    let picks = st.picks_per_slot.to_host_f32()?;
-    let kept = st.tokens_per_expert.to_host_i32()?;
-    // Counts are integers below 2^24 held in f32, so the casts are exact.
-    let by_domain = if num_domains > 1 {
-        // SYNC: the kept expert of every (token, slot), read once per MoE layer per
-        // micro-batch for the expert-load-by-domain counts.
-        let ids = st.token_experts.to_host_i32()?;
-        let slot_experts: Vec<Option<usize>> =
-            ids.iter().map(|&id| usize::try_from(id).ok()).collect();
-        let token_domains = micro.token_domains();
-        debug_assert_eq!(
-            token_domains.len(),
-            st.tokens,
-            "MoE rows = micro-batch tokens"
-        );
-        domain_expert_counts(
-            &token_domains,
-            &slot_experts,
-            st.slots_per_token,
-            num_domains,
-            e,
-        )
-    } else {
-        Vec::new()
-    };
-    let shared_gate = match &st.shared_gate_mean {
-        // SYNC: one scalar per MoE layer per micro-batch.
-        Some(g) => Some((g.to_scalar_f32()? as f64, 1)),
-        None => None,
-    };
-    Ok(Some(MoeLayerSums {
-        picks: picks[..e].iter().map(|&c| c as u64).collect(),
-        kept: kept.iter().map(|&c| c.max(0) as u64).collect(),
-        null_picks: picks[e..].iter().map(|&c| c as u64).sum(),
-        tokens: st.tokens as u64,
-        top_k: st.slots_per_token,
-        by_domain,
-        shared_gate,
-    }))
 }
 
 /// Replaces layer `layer`'s expert bias (if it has one) with its updated value.

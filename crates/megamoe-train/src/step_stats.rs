@@ -1,0 +1,407 @@
+//! A step's loss parts and statistics, gathered on the device over micro-batches and
+//! layers and read on the host in ONE batched read per step.
+//!
+//! Per micro-batch, [`StepStatsAccumulator::add`] turns the forward's tensors into two
+//! flat f32 device vectors without reading anything:
+//! - the routing **counts** of every MoE layer (picks per pool slot, kept assignments per
+//!   expert, and with several data domains the kept assignments per (domain, expert)),
+//!   summed over micro-batches on the device — integers below 2^24 held in f32, so the
+//!   sums are exact;
+//! - the micro-batch's **values** (loss parts, FlexiDepth kept shares, shared-expert gate
+//!   means, layers used), kept per micro-batch (a few floats each) so the host sums them in
+//!   f64 exactly as a per-micro-batch read would.
+//!
+//! [`StepStatsAccumulator::finish`] reads the count sum and every micro-batch's values in
+//! one [`Tensor::to_host_batch_f32`] and decodes them into [`StepSums`]. With the clipping
+//! norm that is the step's second and last host read in static-capacity mode.
+
+use std::collections::BTreeMap;
+
+use megamoe_model::{LossParts as LossTensors, LossValues, ModelStats};
+use megamoe_moe::MoeStats;
+use megamoe_plan::Plan;
+use megamoe_tensor::{DType, Tensor};
+
+use crate::data::Batch;
+use crate::error::Result;
+use crate::metrics::{FlexiDepthStats, GateSkipStats, LossParts, MoeLayerStats};
+
+/// Per-step sums over micro-batches, turned into step metrics at the end.
+#[derive(Debug, Default)]
+pub(crate) struct StepSums {
+    pub(crate) micro_batches: usize,
+    pub(crate) loss: LossParts,
+    pub(crate) mtp_losses: Vec<f64>,
+    /// layer → (attn kept, mlp kept) summed over micro-batches.
+    pub(crate) gate_skip: BTreeMap<usize, (f64, f64)>,
+    /// adaptive layer → processed fraction summed over micro-batches.
+    pub(crate) flexi_kept: BTreeMap<usize, f64>,
+    pub(crate) layers_used: f64,
+    /// MoE layer → counts summed over micro-batches.
+    pub(crate) moe: BTreeMap<usize, MoeLayerSums>,
+}
+
+/// Routing counts of one MoE layer over a step.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct MoeLayerSums {
+    /// (E,) real picks per routed expert, before capacity.
+    pub(crate) picks: Vec<u64>,
+    /// (E,) assignments kept after capacity.
+    pub(crate) kept: Vec<u64>,
+    pub(crate) null_picks: u64,
+    pub(crate) tokens: u64,
+    pub(crate) top_k: usize,
+    /// (domains, E) kept assignments per expert by the data domain of the token; empty
+    /// when the data has a single domain.
+    pub(crate) by_domain: Vec<Vec<u64>>,
+    /// Σ over micro-batches of the mean shared-expert gate, and how many were summed.
+    pub(crate) shared_gate: Option<(f64, usize)>,
+}
+
+/// Where one layer's entries sit in the flat vectors (fixed by the model, so equal for
+/// every micro-batch of a step).
+#[derive(Debug, Clone, PartialEq)]
+struct LayerSlots {
+    layer: usize,
+    /// FlexiDepth: one value, the mean of the full-path mask.
+    flexi: bool,
+    moe: Option<MoeSlots>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct MoeSlots {
+    /// E routed experts.
+    experts: usize,
+    /// Ep pool slots (E real, then null copies): the picks entries.
+    pool: usize,
+    /// N tokens of one micro-batch.
+    tokens: usize,
+    top_k: usize,
+    /// One value: the mean shared-expert gate.
+    shared_gate: bool,
+}
+
+/// The loss parts and statistics of a step's micro-batches, on the device until
+/// [`StepStatsAccumulator::finish`].
+#[derive(Debug)]
+pub(crate) struct StepStatsAccumulator {
+    num_domains: usize,
+    /// Layout of the first micro-batch; later ones must match.
+    layers: Vec<LayerSlots>,
+    mtp_losses: usize,
+    layers_used: bool,
+    /// `[S]` f32: Σ over micro-batches of every MoE layer's counts; `None` without MoE.
+    counts: Option<Tensor>,
+    /// Per micro-batch `[V]` f32: loss parts, then per-layer values, then layers used.
+    values: Vec<Tensor>,
+    /// GateSkip kept shares are host numbers already (from the config); summed here.
+    gate_skip: BTreeMap<usize, (f64, f64)>,
+}
+
+impl StepStatsAccumulator {
+    /// An empty accumulator; `num_domains > 1` adds per-domain expert counts.
+    pub(crate) fn new(num_domains: usize) -> Self {
+        Self {
+            num_domains,
+            layers: Vec::new(),
+            mtp_losses: 0,
+            layers_used: false,
+            counts: None,
+            values: Vec::new(),
+            gate_skip: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one micro-batch's loss parts and statistics (device work only; no host read).
+    pub(crate) fn add(
+        &mut self,
+        losses: &LossTensors,
+        stats: &ModelStats,
+        micro: &Batch,
+    ) -> Result<()> {
+        let mut layers = Vec::with_capacity(stats.layers.len());
+        let mut values: Vec<Tensor> = [
+            &losses.lm_loss,
+            &losses.aux,
+            &losses.z,
+            &losses.gate_skip,
+            &losses.flexi_depth,
+            &losses.total,
+        ]
+        .into_iter()
+        .chain(&losses.mtp_losses)
+        .map(|t| t.reshape([1]))
+        .collect::<std::result::Result<_, _>>()?;
+        let mut counts: Vec<Tensor> = Vec::new();
+        for layer in &stats.layers {
+            let block = &layer.block;
+            if let Some((a, m)) = block.kept_fraction {
+                let e = self.gate_skip.entry(layer.layer).or_default();
+                e.0 += a;
+                e.1 += m;
+            }
+            if let Some(full) = &block.full_path {
+                values.push(full.mean_all()?.reshape([1])?);
+            }
+            let moe = match &block.moe {
+                Some(out) => {
+                    let st = &out.stats;
+                    counts.push(st.picks_per_slot.reshape([st.picks_per_slot.numel()])?);
+                    counts.push(st.tokens_per_expert.to_dtype(DType::F32)?);
+                    if self.num_domains > 1 {
+                        counts.push(domain_counts(st, micro, self.num_domains)?);
+                    }
+                    if let Some(g) = &st.shared_gate_mean {
+                        values.push(g.reshape([1])?);
+                    }
+                    Some(MoeSlots {
+                        experts: st.num_routed_experts,
+                        pool: st.picks_per_slot.numel(),
+                        tokens: st.tokens,
+                        top_k: st.slots_per_token,
+                        shared_gate: st.shared_gate_mean.is_some(),
+                    })
+                }
+                None => None,
+            };
+            layers.push(LayerSlots {
+                layer: layer.layer,
+                flexi: block.full_path.is_some(),
+                moe,
+            });
+        }
+        if let Some(used) = &stats.layers_used {
+            values.push(used.mean_all()?.reshape([1])?);
+        }
+        if self.values.is_empty() {
+            self.layers = layers;
+            self.mtp_losses = losses.mtp_losses.len();
+            self.layers_used = stats.layers_used.is_some();
+        } else {
+            debug_assert_eq!(self.layers, layers, "same model for every micro-batch");
+        }
+        self.values.push(cat(&values)?);
+        if !counts.is_empty() {
+            let counts = cat(&counts)?;
+            match &mut self.counts {
+                Some(acc) => acc.add_assign(&counts)?,
+                None => self.counts = Some(counts.deep_copy()?),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads everything in one batched host read and sums it into [`StepSums`] (loss
+    /// parts weighted as `plan` says).
+    ///
+    /// SYNC: the step's one read of its loss parts and statistics.
+    pub(crate) fn finish(self, plan: &Plan) -> Result<StepSums> {
+        let mut all: Vec<&Tensor> = Vec::with_capacity(self.values.len() + 1);
+        all.extend(&self.counts);
+        all.extend(&self.values);
+        let host = Tensor::to_host_batch_f32(&all)?;
+        let (counts, values) = match self.counts {
+            Some(_) => (host[0].as_slice(), &host[1..]),
+            None => (&[][..], &host[..]),
+        };
+        let mut sums = StepSums {
+            gate_skip: self.gate_skip,
+            ..StepSums::default()
+        };
+        let k = self.mtp_losses;
+        for v in values {
+            let at = |i: usize| v.get(i).copied().unwrap_or(f32::NAN);
+            let loss = LossValues {
+                lm_loss: at(0),
+                aux: at(1),
+                z: at(2),
+                gate_skip: at(3),
+                flexi_depth: at(4),
+                total: at(5),
+                mtp_losses: (6..6 + k).map(at).collect(),
+            };
+            add_losses(&mut sums, &loss, plan);
+            let mut next = 6 + k;
+            for l in &self.layers {
+                if l.flexi {
+                    *sums.flexi_kept.entry(l.layer).or_default() += at(next) as f64;
+                    next += 1;
+                }
+                if let Some(m) = &l.moe {
+                    let e = sums.moe.entry(l.layer).or_default();
+                    e.tokens += m.tokens as u64;
+                    e.top_k = m.top_k;
+                    if m.shared_gate {
+                        let g = e.shared_gate.get_or_insert((0.0, 0));
+                        g.0 += at(next) as f64;
+                        g.1 += 1;
+                        next += 1;
+                    }
+                }
+            }
+            if self.layers_used {
+                sums.layers_used += at(next) as f64;
+            }
+        }
+        // Counts are integers below 2^24 summed in f32, so the casts are exact.
+        let mut at = 0;
+        let mut take = |n: usize| {
+            let s: Vec<u64> = (at..at + n)
+                .map(|i| counts.get(i).map_or(0, |&c| c.max(0.0) as u64))
+                .collect();
+            at += n;
+            s
+        };
+        for l in &self.layers {
+            let Some(m) = &l.moe else { continue };
+            let e = sums.moe.entry(l.layer).or_default();
+            let picks = take(m.pool);
+            e.picks = picks[..m.experts.min(m.pool)].to_vec();
+            e.null_picks = picks[m.experts.min(m.pool)..].iter().sum();
+            e.kept = take(m.experts);
+            if self.num_domains > 1 {
+                let d = take(self.num_domains * m.experts);
+                e.by_domain = d.chunks(m.experts.max(1)).map(<[u64]>::to_vec).collect();
+            }
+        }
+        Ok(sums)
+    }
+}
+
+impl StepSums {
+    /// Loss parts averaged over micro-batches (each is already a token mean).
+    pub(crate) fn mean_loss(&self) -> LossParts {
+        let k = self.micro_batches.max(1) as f64;
+        let l = &self.loss;
+        LossParts {
+            total: l.total / k,
+            lm: l.lm / k,
+            mtp: l.mtp / k,
+            aux: l.aux / k,
+            z: l.z / k,
+            skip: l.skip / k,
+        }
+    }
+
+    pub(crate) fn mean_mtp(&self) -> Vec<f64> {
+        let k = self.micro_batches.max(1) as f64;
+        self.mtp_losses.iter().map(|x| x / k).collect()
+    }
+
+    pub(crate) fn gate_skip_stats(&self) -> Vec<GateSkipStats> {
+        let k = self.micro_batches.max(1) as f64;
+        self.gate_skip
+            .iter()
+            .map(|(&layer, &(a, m))| GateSkipStats {
+                layer,
+                attn_kept: a / k,
+                mlp_kept: m / k,
+            })
+            .collect()
+    }
+
+    pub(crate) fn flexi_depth_stats(&self, num_layers: usize) -> Option<FlexiDepthStats> {
+        if self.flexi_kept.is_empty() {
+            return None;
+        }
+        let k = self.micro_batches.max(1) as f64;
+        Some(FlexiDepthStats {
+            mean_layers_used: self.layers_used / k,
+            num_layers,
+            kept: self.flexi_kept.iter().map(|(&l, &f)| (l, f / k)).collect(),
+        })
+    }
+
+    pub(crate) fn moe_stats(&self) -> Vec<MoeLayerStats> {
+        self.moe
+            .iter()
+            .map(|(&layer, s)| {
+                let picks: u64 = s.picks.iter().sum();
+                let kept: u64 = s.kept.iter().sum();
+                let mut m = MoeLayerStats::from_counts(
+                    layer,
+                    s.picks.clone(),
+                    picks.saturating_sub(kept),
+                    s.null_picks,
+                    s.tokens,
+                    s.top_k,
+                );
+                m.tokens_per_expert_by_domain = s.by_domain.clone();
+                m.shared_gate_mean = s.shared_gate.map(|(sum, n)| sum / n.max(1) as f64);
+                m
+            })
+            .collect()
+    }
+}
+
+/// Adds one micro-batch's host loss values to the step sums.
+fn add_losses(sums: &mut StepSums, values: &LossValues, plan: &Plan) {
+    sums.micro_batches += 1;
+    let l = &mut sums.loss;
+    l.total += values.total as f64;
+    l.lm += values.lm_loss as f64;
+    if let Some(mtp) = &plan.mtp {
+        for (k, (ce, w)) in values.mtp_losses.iter().zip(&mtp.step_weights).enumerate() {
+            l.mtp += mtp.loss_weight * w * *ce as f64;
+            if sums.mtp_losses.len() <= k {
+                sums.mtp_losses.push(0.0);
+            }
+            sums.mtp_losses[k] += *ce as f64;
+        }
+    }
+    if let Some(moe) = &plan.moe {
+        l.aux += moe.aux_loss_weight * values.aux as f64;
+        l.z += moe.z_loss_weight * values.z as f64;
+    }
+    if let Some(g) = &plan.gate_skip {
+        l.skip += g.sparsity_weight * values.gate_skip as f64;
+    }
+    if let Some(f) = &plan.flexi_depth {
+        l.skip += f.skip_loss_weight * values.flexi_depth as f64;
+    }
+}
+
+/// `Tensor::cat` of rank-1 tensors along dim 0.
+fn cat(parts: &[Tensor]) -> Result<Tensor> {
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    Ok(Tensor::cat(&refs, 0)?)
+}
+
+/// `[D·E]` f32 on the device: kept assignments per (domain, expert) of `micro`'s tokens
+/// (the MoE layer's rows are the micro-batch's `B·T` tokens in row-major order). Each kept
+/// `(token, slot)` adds one at `domain·E + expert` (a scatter-add into a spare last row for
+/// dropped and null slots and for tokens outside the domain range); no host read.
+fn domain_counts(st: &MoeStats, micro: &Batch, num_domains: usize) -> Result<Tensor> {
+    let (e, k) = (st.num_routed_experts, st.slots_per_token);
+    let device = st.token_experts.device();
+    let token_domains = micro.token_domains();
+    debug_assert_eq!(
+        token_domains.len(),
+        st.tokens,
+        "MoE rows = micro-batch tokens"
+    );
+    // Host data uploaded (no read): each slot's row offset `domain·E`, or -1 when the
+    // token has no domain in range.
+    let mut base = Vec::with_capacity(st.tokens * k);
+    for n in 0..st.tokens {
+        let b = match token_domains.get(n) {
+            Some(d) if (d.0 as usize) < num_domains => (d.0 as usize * e) as f32,
+            _ => -1.0,
+        };
+        base.extend(std::iter::repeat_n(b, k));
+    }
+    let shape = [st.tokens, k];
+    let base = Tensor::from_vec_f32(base, shape, device)?;
+    let experts = st.token_experts.to_dtype(DType::F32)?;
+    // Counted: a kept expert (id ≥ 0) of a token with a domain in range (offset ≥ 0).
+    let counted = experts.gt_scalar(-0.5)?.mul(&base.gt_scalar(-0.5)?)?;
+    let spare = Tensor::full(shape, (num_domains * e) as f32, DType::F32, device)?;
+    let row = counted.where_cond(&base.add(&experts)?, &spare)?;
+    let idx = row.to_dtype(DType::I32)?.reshape([st.tokens * k])?;
+    let ones = Tensor::ones([st.tokens * k, 1], DType::F32, device)?;
+    let mut counts = Tensor::zeros([num_domains * e + 1, 1], DType::F32, device)?;
+    counts.index_add_rows_acc(&idx, &ones, None)?;
+    Ok(counts
+        .narrow(0, 0, num_domains * e)?
+        .reshape([num_domains * e])?)
+}
