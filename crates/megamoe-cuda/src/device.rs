@@ -5,7 +5,7 @@
 //! [`Error::NoDriver`] (one line) instead of a panic inside cudarc.
 
 use std::ffi::c_void;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use cudarc::cublas::{result as bres, sys as bsys};
 use cudarc::driver::{result as dres, sys as dsys};
@@ -53,17 +53,29 @@ pub fn probe() -> Result<()> {
     Ok(())
 }
 
-/// One GPU with its stream, cuBLAS handle, pool and kernel cache. Not `Send`: use it from
-/// the thread that made it.
+/// One GPU with its stream, cuBLAS handle, pool and kernel cache. `Send` but not `Sync`
+/// (a cuBLAS handle must not be used by two threads at once): share it behind a mutex, and
+/// call [`Gpu::bind`] after moving it to another thread.
 pub struct Gpu {
     info: DeviceInfo,
-    pub(crate) pool: Rc<PoolState>,
+    pub(crate) pool: Arc<PoolState>,
     pub(crate) blas: bsys::cublasHandle_t,
     pub(crate) kernels: KernelCache,
     _blas_workspace: DeviceBuffer,
 }
 
+// SAFETY: every field is a driver / cuBLAS handle or owned data. Driver handles are valid
+// from any thread once the context is current (`bind`); the cuBLAS handle is used by one
+// thread at a time because `Gpu` is not `Sync` and its methods take `&self` / `&mut self`.
+unsafe impl Send for Gpu {}
+
 impl Gpu {
+    /// Makes this GPU's context current on the calling thread (needed once per thread that
+    /// uses a `Gpu` it did not create).
+    pub fn bind(&self) -> Result<()> {
+        self.pool.bind()
+    }
+
     /// Opens GPU `ordinal`: primary context, a non-blocking stream (capturable), the
     /// device's memory pool and a cuBLAS handle bound to the stream.
     pub fn new(ordinal: usize) -> Result<Gpu> {
@@ -100,7 +112,7 @@ impl Gpu {
         };
         let stream =
             dres::stream::create(dres::stream::StreamKind::NonBlocking).ctx("cuStreamCreate")?;
-        let pool = Rc::new(PoolState::new(dev, stream)?);
+        let pool = Arc::new(PoolState::new(ctx, dev, stream)?);
         let blas = bres::create_handle().ctx("cublasCreate")?;
         let workspace = DeviceBuffer::alloc(&pool, CUBLAS_WORKSPACE)?;
         unsafe {

@@ -3,7 +3,8 @@
 //! reserved / used / peak counters, CUDA graph capture, and the MoE layer's kernels
 //! (router, capacity assignment, permute, SwiGLU, combine, and their backward), and the
 //! kernels of the rest of a training step ([`ops`]: RMSNorm, RoPE, cross-entropy,
-//! embedding, causal attention, AdamW).
+//! embedding, causal attention, AdamW), and the kernels behind megamoe-tensor's op
+//! families for a tensor backend ([`tensor`]).
 //!
 //! # Place in the workspace
 //! Knows nothing of `megamoe_tensor::Tensor`: it moves device buffers and launches work.
@@ -36,6 +37,7 @@ pub mod moe;
 mod nvrtc;
 pub mod ops;
 mod pool;
+pub mod tensor;
 
 pub use device::{probe, DeviceInfo, EventTimer, Gpu};
 pub use error::{Error, Result};

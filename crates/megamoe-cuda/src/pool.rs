@@ -3,9 +3,9 @@
 //! drop. The pool keeps freed memory reserved (release threshold = max), like a caching
 //! allocator; [`PoolStats`] reports what is reserved, used now and used at peak.
 
-use std::cell::Cell;
 use std::ffi::c_void;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use cudarc::driver::result;
 use cudarc::driver::sys;
@@ -25,15 +25,26 @@ pub struct PoolStats {
 
 /// The pool and the stream its allocations are ordered on (shared by every buffer).
 pub(crate) struct PoolState {
+    pub(crate) ctx: sys::CUcontext,
     pub(crate) pool: sys::CUmemoryPool,
     pub(crate) stream: sys::CUstream,
-    used: Cell<u64>,
-    peak: Cell<u64>,
+    used: AtomicU64,
+    peak: AtomicU64,
 }
+
+// SAFETY: the context, pool and stream are driver handles, valid from any host thread (the
+// driver API is thread-safe); the counters are atomics. Work is ordered by the stream, not
+// by the host thread that queues it, and `bind` makes the context current before any call.
+unsafe impl Send for PoolState {}
+unsafe impl Sync for PoolState {}
 
 impl PoolState {
     /// The device's default pool, told to keep what is freed.
-    pub(crate) fn new(dev: sys::CUdevice, stream: sys::CUstream) -> Result<PoolState> {
+    pub(crate) fn new(
+        ctx: sys::CUcontext,
+        dev: sys::CUdevice,
+        stream: sys::CUstream,
+    ) -> Result<PoolState> {
         let pool = unsafe { result::device::get_default_mem_pool(dev) }
             .ctx("cuDeviceGetDefaultMemPool")?;
         let mut threshold = u64::MAX;
@@ -46,10 +57,11 @@ impl PoolState {
         }
         .ctx("cuMemPoolSetAttribute(release threshold)")?;
         Ok(PoolState {
+            ctx,
             pool,
             stream,
-            used: Cell::new(0),
-            peak: Cell::new(0),
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         })
     }
 
@@ -65,13 +77,20 @@ impl PoolState {
         .ctx("cuMemPoolGetAttribute(reserved)")?;
         Ok(PoolStats {
             reserved,
-            used: self.used.get(),
-            peak: self.peak.get(),
+            used: self.used.load(Ordering::Relaxed),
+            peak: self.peak.load(Ordering::Relaxed),
         })
     }
 
     pub(crate) fn reset_peak(&self) {
-        self.peak.set(self.used.get());
+        self.peak
+            .store(self.used.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Makes the engine's context current on the calling thread (a thread-local setting of
+    /// the driver; cheap). Every entry point that may run on a new thread calls it.
+    pub(crate) fn bind(&self) -> Result<()> {
+        unsafe { result::ctx::set_current(self.ctx) }.ctx("cuCtxSetCurrent")
     }
 }
 
@@ -79,17 +98,18 @@ impl Drop for PoolState {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; the process is ending its use of the GPU.
         unsafe {
+            let _ = result::ctx::set_current(self.ctx);
             let _ = result::stream::synchronize(self.stream);
             let _ = result::stream::destroy(self.stream);
         }
     }
 }
 
-/// One device allocation (untyped bytes). Freed stream-ordered on drop.
+/// One device allocation (untyped bytes). Freed stream-ordered on drop, from any thread.
 pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
-    pool: Rc<PoolState>,
+    pool: Arc<PoolState>,
 }
 
 impl std::fmt::Debug for DeviceBuffer {
@@ -99,15 +119,14 @@ impl std::fmt::Debug for DeviceBuffer {
 }
 
 impl DeviceBuffer {
-    pub(crate) fn alloc(pool: &Rc<PoolState>, bytes: usize) -> Result<DeviceBuffer> {
+    pub(crate) fn alloc(pool: &Arc<PoolState>, bytes: usize) -> Result<DeviceBuffer> {
         if bytes == 0 {
             return Err(Error::invalid("buffer bytes", 0, "must be >= 1"));
         }
         let ptr = unsafe { result::mem_pool::alloc_async(pool.pool, bytes, pool.stream) }
             .ctx("cuMemAllocFromPoolAsync")?;
-        let used = pool.used.get() + bytes as u64;
-        pool.used.set(used);
-        pool.peak.set(pool.peak.get().max(used));
+        let used = pool.used.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        pool.peak.fetch_max(used, Ordering::Relaxed);
         Ok(DeviceBuffer {
             ptr,
             bytes,
@@ -129,8 +148,11 @@ impl DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         unsafe {
+            let _ = result::ctx::set_current(self.pool.ctx);
             let _ = result::free_async(self.ptr, self.pool.stream);
         }
-        self.pool.used.set(self.pool.used.get() - self.bytes as u64);
+        self.pool
+            .used
+            .fetch_sub(self.bytes as u64, Ordering::Relaxed);
     }
 }

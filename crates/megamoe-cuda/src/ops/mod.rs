@@ -57,6 +57,11 @@ pub struct Ops {
     k: Kernels,
 }
 
+// SAFETY: the functions are handles into modules loaded in the GPU's context, valid from
+// any thread where that context is current (`Gpu::bind`); launching goes through a `&Gpu`.
+unsafe impl Send for Ops {}
+unsafe impl Sync for Ops {}
+
 impl Ops {
     /// Compiles (once per process and type) and loads the kernels for storage `elem`.
     pub fn new(gpu: &mut Gpu, elem: Elem) -> Result<Ops> {

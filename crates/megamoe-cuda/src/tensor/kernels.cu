@@ -1,0 +1,412 @@
+// Kernels behind megamoe-tensor's op families (elementwise, broadcasts, reductions,
+// softmax, top-k, index and copy ops). Element types are run-time codes (0 f32, 1 bf16,
+// 2 i32), uniform per launch, so one module serves every dtype combination: these kernels
+// are memory-bound and the branch is free. Math in f32, sums in f64, fixed order: no float
+// atomics, bitwise reproducible. Every reducing kernel runs with exactly BLOCK threads.
+#include <cuda_bf16.h>
+
+#define BLOCK 256
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float ld(const void* p, int dt, size_t i) {
+    if (dt == 0) return ((const float*)p)[i];
+    if (dt == 1) return __bfloat162float(((const __nv_bfloat16*)p)[i]);
+    return (float)((const int*)p)[i];
+}
+__device__ __forceinline__ void st(void* p, int dt, size_t i, float v) {
+    if (dt == 0) ((float*)p)[i] = v;
+    else if (dt == 1) ((__nv_bfloat16*)p)[i] = __float2bfloat16(v);
+    else ((int*)p)[i] = (int)v;
+}
+
+#define GRID_STRIDE(i, n) \
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < (n); i += (size_t)gridDim.x * BLOCK)
+
+__device__ __forceinline__ float sigmoid_(float x) {
+    if (x >= 0.f) return 1.f / (1.f + expf(-x));
+    float e = expf(x);
+    return e / (1.f + e);
+}
+#define SQRT_2_OVER_PI 0.7978846f
+#define INV_SQRT_2PI 0.3989422804014327
+
+__device__ float unary_f(int op, float v, float mul, float add) {
+    switch (op) {
+    case 0: return -v;
+    case 1: return fabsf(v);
+    case 2: return expf(v);
+    case 3: return logf(v);
+    case 4: return sqrtf(v);
+    case 5: return 1.f / v;
+    case 6: return v * v;
+    case 7: return sigmoid_(v);
+    case 8: return tanhf(v);
+    case 9: return v * sigmoid_(v);
+    case 10: { double x = v; return (float)(0.5 * x * (1.0 + erf(x * 0.7071067811865476))); }
+    case 11: { float u = SQRT_2_OVER_PI * (v + 0.044715f * v * v * v); return 0.5f * v * (1.f + tanhf(u)); }
+    case 12: return fmaxf(v, 0.f);
+    case 13: { float r = fmaxf(v, 0.f); return r * r; }
+    default: return __fadd_rn(__fmul_rn(v, mul), add);
+    }
+}
+
+__device__ float binary_f(int op, float a, float b) {
+    switch (op) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a * b;
+    case 3: return a / b;
+    case 4: return fmaxf(a, b);
+    case 5: return fminf(a, b);
+    case 6: { float s = sigmoid_(a); return b * (s * (1.f + a * (1.f - s))); }
+    case 7: {
+        double x = a;
+        double cdf = 0.5 * (1.0 + erf(x * 0.7071067811865476));
+        double pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+        return b * (float)(cdf + x * pdf);
+    }
+    case 8: {
+        float u = SQRT_2_OVER_PI * (a + 0.044715f * a * a * a);
+        float t = tanhf(u);
+        return b * (0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * SQRT_2_OVER_PI * (1.f + 3.f * 0.044715f * a * a));
+    }
+    case 9: return b * a * (1.f - a);
+    case 10: return b * (1.f - a * a);
+    case 11: return a > 0.f ? b : 0.f;
+    default: return 2.f * fmaxf(a, 0.f) * b;
+    }
+}
+
+// y = cast(x): any dtype to any dtype (f32 -> i32 truncates).
+extern "C" __global__ void cast(const void* x, int xt, void* y, int yt, size_t n) {
+    GRID_STRIDE(i, n) {
+        if (xt == 2 && yt == 2) ((int*)y)[i] = ((const int*)x)[i];
+        else st(y, yt, i, ld(x, xt, i));
+    }
+}
+
+extern "C" __global__ void fill(void* y, int yt, size_t n, float v) {
+    GRID_STRIDE(i, n) st(y, yt, i, v);
+}
+
+extern "C" __global__ void unary(int op, float mul, float add, const void* x, int xt, void* y,
+                                 int yt, size_t n) {
+    GRID_STRIDE(i, n) st(y, yt, i, unary_f(op, ld(x, xt, i), mul, add));
+}
+
+// y[i] = op(a[i], alpha * b[j]), j by broadcast mode: 0 same index, 1 row (i % h),
+// 2 column (i / h), 3 scalar (0). `y` may be `a` (in place).
+extern "C" __global__ void binary(int op, const void* a, int at, const void* b, int bt, void* y,
+                                  int yt, size_t n, int mode, size_t h, float alpha) {
+    GRID_STRIDE(i, n) {
+        size_t j = mode == 0 ? i : mode == 1 ? i % h : mode == 2 ? i / h : 0;
+        float bv = ld(b, bt, j);
+        if (alpha != 1.f) bv = __fmul_rn(alpha, bv);
+        st(y, yt, i, binary_f(op, ld(a, at, i), bv));
+    }
+}
+
+// 0/1 masks: op 0 gt (x > v), 1 eq (x == v; i32 compared exactly).
+extern "C" __global__ void compare_scalar(int op, const void* x, int xt, float* y, size_t n, float v) {
+    GRID_STRIDE(i, n) {
+        bool r;
+        if (op == 0) r = ld(x, xt, i) > v;
+        else if (xt == 2) r = ((const int*)x)[i] == (int)v;
+        else r = ld(x, xt, i) == v;
+        y[i] = r ? 1.f : 0.f;
+    }
+}
+
+extern "C" __global__ void where_cond(const void* c, int ct, const void* a, int at, const void* b,
+                                      int bt, float* y, size_t n) {
+    GRID_STRIDE(i, n) y[i] = ld(c, ct, i) != 0.f ? ld(a, at, i) : ld(b, bt, i);
+}
+
+extern "C" __global__ void add_i32(const int* a, const int* b, int* y, size_t n) {
+    GRID_STRIDE(i, n) y[i] = (int)((unsigned)a[i] + (unsigned)b[i]);
+}
+
+// out[g] = sum_{i<g} x[i] (one block, fixed order); *overflow = 1 if a partial sum leaves i32.
+extern "C" __global__ void exclusive_cumsum_i32(const int* x, int* out, int n, int* overflow) {
+    if (threadIdx.x != 0) return;
+    long long s = 0;
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        out[i] = (int)s;
+        s += x[i];
+        if (s > 2147483647LL || s < -2147483648LL) bad = 1;
+    }
+    *overflow = bad;
+}
+
+__device__ double block_sum_d(double v) {
+    __shared__ double s[BLOCK];
+    __syncthreads();
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int o = BLOCK / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
+        __syncthreads();
+    }
+    return s[0];
+}
+__device__ float block_max_f(float v) {
+    __shared__ float s[BLOCK];
+    __syncthreads();
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int o = BLOCK / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) s[threadIdx.x] = fmaxf(s[threadIdx.x], s[threadIdx.x + o]);
+        __syncthreads();
+    }
+    return s[0];
+}
+
+// Per row of x [rows, len] -> y[row] (f32): op 0 sum, 1 mean, 2 max (NaN-ignoring, -inf if
+// empty), 3 logsumexp, 4 sum of squares, 5 sqrt(sum of squares). One block per row.
+extern "C" __global__ void reduce_rows(int op, const void* x, int xt, float* y, size_t len) {
+    const size_t row = blockIdx.x;
+    const size_t base = row * len;
+    if (op == 2 || op == 3) {
+        float m = NEG_INF;
+        for (size_t j = threadIdx.x; j < len; j += BLOCK) {
+            float v = ld(x, xt, base + j);
+            if (!(v != v)) m = fmaxf(m, v);
+        }
+        m = block_max_f(m);
+        if (op == 2) {
+            if (threadIdx.x == 0) y[row] = m;
+            return;
+        }
+        if (m == NEG_INF) {
+            if (threadIdx.x == 0) y[row] = NEG_INF;
+            return;
+        }
+        double s = 0.0;
+        for (size_t j = threadIdx.x; j < len; j += BLOCK) s += exp((double)(ld(x, xt, base + j) - m));
+        s = block_sum_d(s);
+        if (threadIdx.x == 0) y[row] = (float)((double)m + log(s));
+        return;
+    }
+    double s = 0.0;
+    for (size_t j = threadIdx.x; j < len; j += BLOCK) {
+        double v = ld(x, xt, base + j);
+        s += (op >= 4) ? v * v : v;
+    }
+    s = block_sum_d(s);
+    if (threadIdx.x == 0) {
+        double r = op == 1 ? s / (double)len : op == 5 ? sqrt(s) : s;
+        y[row] = (float)r;
+    }
+}
+
+// Column sums, pass 1: partial[chunk, j] = sum of x[r, j] over the chunk's rows (f64).
+// grid = tiles * chunks, column tile fastest.
+extern "C" __global__ void col_sum_partial(const void* x, int xt, double* partial, int rows, int h,
+                                           int per) {
+    const int tiles = (h + BLOCK - 1) / BLOCK;
+    const int chunk = blockIdx.x / tiles;
+    const int j = (blockIdx.x % tiles) * BLOCK + threadIdx.x;
+    if (j >= h) return;
+    const int r1 = min(rows, (chunk + 1) * per);
+    double acc = 0.0;
+    for (int r = chunk * per; r < r1; r++) acc += ld(x, xt, (size_t)r * h + j);
+    partial[(size_t)chunk * h + j] = acc;
+}
+
+// Pass 2: y[j] = sum over chunks in order (f32 out).
+extern "C" __global__ void col_sum_finish(const double* partial, float* y, int chunks, int h) {
+    const int j = blockIdx.x * BLOCK + threadIdx.x;
+    if (j >= h) return;
+    double acc = 0.0;
+    for (int c = 0; c < chunks; c++) acc += partial[(size_t)c * h + j];
+    y[j] = (float)acc;
+}
+
+// Row softmax over x [rows, len] (op 0 softmax, 1 log_softmax) into y (f32 or bf16).
+extern "C" __global__ void softmax_rows(int op, const void* x, int xt, void* y, int yt, size_t len) {
+    const size_t base = blockIdx.x * len;
+    float m = NEG_INF;
+    for (size_t j = threadIdx.x; j < len; j += BLOCK) m = fmaxf(m, ld(x, xt, base + j));
+    m = block_max_f(m);
+    double s = 0.0;
+    for (size_t j = threadIdx.x; j < len; j += BLOCK) s += exp((double)(ld(x, xt, base + j) - m));
+    s = block_sum_d(s);
+    if (op == 0) {
+        const double inv = 1.0 / s;
+        for (size_t j = threadIdx.x; j < len; j += BLOCK)
+            st(y, yt, base + j, (float)(exp((double)(ld(x, xt, base + j) - m)) * inv));
+    } else {
+        const double lse = (double)m + log(s);
+        for (size_t j = threadIdx.x; j < len; j += BLOCK)
+            st(y, yt, base + j, (float)((double)ld(x, xt, base + j) - lse));
+    }
+}
+
+// Backward from the output y and dy: op 0 softmax dx = y (dy - <y, dy>);
+// op 1 log_softmax dx = dy - e^y sum(dy).
+extern "C" __global__ void softmax_rows_bwd(int op, const void* y, int yt, const void* dy, int dt,
+                                            void* dx, int xt, size_t len) {
+    const size_t base = blockIdx.x * len;
+    double s = 0.0;
+    for (size_t j = threadIdx.x; j < len; j += BLOCK) {
+        double d = ld(dy, dt, base + j);
+        s += op == 0 ? (double)ld(y, yt, base + j) * d : d;
+    }
+    s = block_sum_d(s);
+    for (size_t j = threadIdx.x; j < len; j += BLOCK) {
+        double yv = ld(y, yt, base + j), d = ld(dy, dt, base + j);
+        st(dx, xt, base + j, (float)(op == 0 ? yv * (d - s) : d - exp(yv) * s));
+    }
+}
+
+// true if (va, ia) comes before (vb, ib): descending value, NaN first, ties to lower index.
+__device__ __forceinline__ bool before(float va, int ia, float vb, int ib) {
+    bool na = va != va, nb = vb != vb;
+    if (na != nb) return na;
+    if (!na && va != vb) return va > vb;
+    return ia < ib;
+}
+
+// Top-k of each row of x [rows, len]: one thread per row, k passes, each picking the best
+// element after the previous pick in top-k order (a total order: no marks needed).
+extern "C" __global__ void topk_rows(const void* x, int xt, float* vals, int* idx, int rows,
+                                     int len, int k) {
+    const int r = blockIdx.x * BLOCK + threadIdx.x;
+    if (r >= rows) return;
+    const size_t base = (size_t)r * len;
+    float pv = 0.f;
+    int pi = -1;
+    for (int t = 0; t < k; t++) {
+        float bv = 0.f;
+        int bi = -1;
+        for (int j = 0; j < len; j++) {
+            float v = ld(x, xt, base + j);
+            if (pi >= 0 && !before(pv, pi, v, j)) continue;
+            if (bi < 0 || before(v, j, bv, bi)) { bv = v; bi = j; }
+        }
+        vals[(size_t)r * k + t] = bv;
+        idx[(size_t)r * k + t] = bi;
+        pv = bv;
+        pi = bi;
+    }
+}
+
+// Row gather of raw bytes: out[r] = x[idx[r]] (rows of `row_bytes`, a multiple of 4).
+extern "C" __global__ void gather_rows(const unsigned* x, const int* idx, unsigned* out, int n,
+                                       size_t row_words) {
+    const int r = blockIdx.x;
+    const size_t src = (size_t)idx[r] * row_words;
+    for (size_t j = threadIdx.x; j < row_words; j += BLOCK) out[(size_t)r * row_words + j] = x[src + j];
+}
+extern "C" __global__ void gather_rows_u16(const unsigned short* x, const int* idx,
+                                           unsigned short* out, int n, size_t row_elems) {
+    const int r = blockIdx.x;
+    const size_t src = (size_t)idx[r] * row_elems;
+    for (size_t j = threadIdx.x; j < row_elems; j += BLOCK) out[(size_t)r * row_elems + j] = x[src + j];
+}
+
+// out[n, j] = x[n, idx[n, j]] for x [N, E], idx [N, k] (f32 out).
+extern "C" __global__ void gather_cols(const void* x, int xt, const int* idx, float* out, size_t n,
+                                       int e, int k) {
+    GRID_STRIDE(i, n * k) out[i] = ld(x, xt, (i / k) * e + idx[i]);
+}
+
+// out [N, E] = 0 except out[n, idx[n, j]] += src[n, j], j increasing. One thread per row.
+extern "C" __global__ void scatter_cols(const void* src, int st_, const int* idx, float* out,
+                                        int n, int e, int k) {
+    const int r = blockIdx.x * BLOCK + threadIdx.x;
+    if (r >= n) return;
+    for (int j = 0; j < e; j++) out[(size_t)r * e + j] = 0.f;
+    for (int j = 0; j < k; j++) out[(size_t)r * e + idx[(size_t)r * k + j]] += ld(src, st_, (size_t)r * k + j);
+}
+
+// General permute copy of a rank <= 6 tensor: out index -> in offset via strides.
+struct PermuteArgs {
+    int rank;
+    long long out_dims[6];
+    long long in_strides[6]; // stride in the input of each output dimension
+};
+extern "C" __global__ void permute_copy(const void* x, void* y, int elem_bytes, size_t n, PermuteArgs a) {
+    GRID_STRIDE(i, n) {
+        size_t rem = i, off = 0;
+        for (int d = a.rank - 1; d >= 0; d--) {
+            size_t c = rem % a.out_dims[d];
+            rem /= a.out_dims[d];
+            off += c * a.in_strides[d];
+        }
+        if (elem_bytes == 4) ((unsigned*)y)[i] = ((const unsigned*)x)[off];
+        else ((unsigned short*)y)[i] = ((const unsigned short*)x)[off];
+    }
+}
+
+// ---- Deterministic row scatter-add: dst[idx[r]] += w[r] * src[r], sources in increasing r.
+// rank[r] = #{r' < r : idx[r'] == idx[r]}; count[d] += 1 (integer atomics: exact).
+extern "C" __global__ void index_rank(const int* __restrict__ idx, int* __restrict__ rank,
+                                      int* __restrict__ count, int n) {
+    __shared__ int tile[BLOCK];
+    const int r = blockIdx.x * BLOCK + threadIdx.x;
+    const int id = r < n ? idx[r] : -1;
+    int k = 0;
+    const int last = min(n, (int)(blockIdx.x + 1) * BLOCK);
+    for (int base = 0; base < last; base += BLOCK) {
+        __syncthreads();
+        tile[threadIdx.x] = base + threadIdx.x < n ? idx[base + threadIdx.x] : -2;
+        __syncthreads();
+        const int lim = min(BLOCK, r - base);
+        for (int i = 0; i < lim; i++) k += tile[i] == id;
+    }
+    if (r < n) {
+        rank[r] = k;
+        atomicAdd(count + id, 1);
+    }
+}
+
+// Exclusive prefix sum of count [m] into offset [m] (one block, fixed order).
+extern "C" __global__ void scan_counts(const int* __restrict__ count, int* __restrict__ offset, int m) {
+    __shared__ int s[BLOCK];
+    __shared__ int carry;
+    if (threadIdx.x == 0) carry = 0;
+    for (int base = 0; base < m; base += BLOCK) {
+        __syncthreads();
+        const int i = base + threadIdx.x;
+        const int c = i < m ? count[i] : 0;
+        s[threadIdx.x] = c;
+        __syncthreads();
+        for (int o = 1; o < BLOCK; o <<= 1) {
+            int v = threadIdx.x >= o ? s[threadIdx.x - o] : 0;
+            __syncthreads();
+            s[threadIdx.x] += v;
+            __syncthreads();
+        }
+        if (i < m) offset[i] = carry + s[threadIdx.x] - c;
+        __syncthreads();
+        if (threadIdx.x == BLOCK - 1) carry += s[BLOCK - 1];
+    }
+}
+
+extern "C" __global__ void index_place(const int* __restrict__ idx, const int* __restrict__ rank,
+                                       const int* __restrict__ offset, int* __restrict__ order, int n) {
+    const int r = blockIdx.x * BLOCK + threadIdx.x;
+    if (r < n) order[offset[idx[r]] + rank[r]] = r;
+}
+
+// One block per destination row: dst[d] (f32) += sum over its sources of w[r] * src[r].
+extern "C" __global__ void index_add_apply(const void* src, int st_, const float* w,
+                                           const int* __restrict__ order,
+                                           const int* __restrict__ offset,
+                                           const int* __restrict__ count, float* dst, size_t row) {
+    const size_t d = blockIdx.x;
+    const int c = count[d];
+    if (c == 0) return;
+    const int o = offset[d];
+    for (size_t j = threadIdx.x; j < row; j += BLOCK) {
+        float acc = dst[d * row + j];
+        for (int i = 0; i < c; i++) {
+            const int r = order[o + i];
+            float v = ld(src, st_, (size_t)r * row + j);
+            acc = __fadd_rn(acc, w ? __fmul_rn(w[r], v) : v);
+        }
+        dst[d * row + j] = acc;
+    }
+}
