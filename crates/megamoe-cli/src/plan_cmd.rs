@@ -4,8 +4,8 @@
 use crate::args::ConfigArgs;
 use clap::Args;
 use megamoe_plan::{
-    fsdp_shard_table, model_params, plan_memory, Capacity, MatrixShard, MemoryBucket, MeshGroup,
-    Plan, PlanMemory, APPLICATION_ORDER,
+    fsdp_shard_table, model_params, plan_memory, Capacity, MatrixShard, MemoryBucket, MemoryLimit,
+    MeshGroup, Plan, PlanMemory, APPLICATION_ORDER,
 };
 use serde::Serialize;
 use std::fmt::{self, Write as _};
@@ -49,6 +49,11 @@ Examples:
   megamoe plan --config configs/mixtral_like.toml --devices 4 --json
   megamoe plan -c configs/tiny.toml --set parallel.ep=2 --set train.dtype=bf16
 
+A config that cannot fit however it is laid out (one rank's share of the
+parameters plus its largest tensor of one micro-batch exceeds the memory: with
+--devices, --device-gib per device; without, this machine's RAM) is refused
+with the biggest term named, before anything is enumerated.
+
 An invalid setting prints one line `error: <field>=<value> <rule>` and exits 2.";
 
 /// Everything `plan` reports, for `--json`.
@@ -82,8 +87,17 @@ const COORDS_SHOWN: usize = 16;
 
 /// Runs `megamoe plan`.
 pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.device_gib.is_finite() && args.device_gib > 0.0,
+        "--device-gib {} must be a finite number of GiB > 0 (e.g. 80)",
+        args.device_gib
+    );
     let raw = args.config.load()?;
-    let plan = Plan::resolve(&raw, args.devices)?;
+    let limit = match (args.devices, MemoryLimit::host_ram()) {
+        (None, Some(ram)) => ram,
+        _ => MemoryLimit::per_device(args.device_gib, "--device-gib"),
+    };
+    let plan = Plan::resolve_within(&raw, args.devices, &limit)?;
     let report = Report {
         config: args.config.source_name(),
         world: plan.mesh.world(),
@@ -117,6 +131,19 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     // A closed pipe (e.g. `| head`) is not an error worth a panic.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Layer indices in full up to 16, else "N layers: a, b, c, ..., z".
+fn layer_list(layers: &[usize]) -> String {
+    match layers {
+        [first, second, third, .., last] if layers.len() > 16 => {
+            format!(
+                "{} layers: [{first}, {second}, {third}, ..., {last}]",
+                layers.len()
+            )
+        }
+        _ => format!("{layers:?}"),
+    }
 }
 
 fn row(o: &mut String, key: &str, value: impl std::fmt::Display) -> fmt::Result {
@@ -229,7 +256,7 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
                 "experts per EP rank",
                 format!("{} (ep {})", m.experts_per_ep_rank, par.ep),
             )?;
-            row(o, "MoE layers", format!("{:?}", m.moe_layers))?;
+            row(o, "MoE layers", layer_list(&m.moe_layers))?;
             row(o, "tokens per micro-batch", m.routing.tokens)?;
             row(o, "routed assignments (T·k)", m.routing.routed_assignments)?;
             match (m.capacity, m.routing.capacity) {

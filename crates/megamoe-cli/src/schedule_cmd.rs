@@ -8,7 +8,8 @@ use megamoe_pipeline::{
     chrome_trace, generate, simulate, stage_counts, timeline_svg, validate, Costs, PipelineShape,
     Schedule, Simulation,
 };
-use megamoe_plan::ScheduleKind;
+use megamoe_plan::bounds::human_bytes;
+use megamoe_plan::{MemoryLimit, ScheduleKind};
 use serde_json::json;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -117,15 +118,17 @@ pub enum Format {
 /// Runs `megamoe schedule`.
 pub fn run(args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
     let costs: Costs = args.costs.parse().context("--costs")?;
-    let text = if args.compare {
-        compare(args, &costs)?
-    } else {
+    let kinds = match &args.kind {
         // Parsed here rather than by clap so a bad name is a one-line error.
-        let Some(name) = &args.kind else {
-            bail!("--kind is required (or use --compare)")
-        };
-        let kind: ScheduleKind = name.parse().context("--kind")?;
-        render(args, kind, &costs)?
+        Some(name) if !args.compare => vec![name.parse::<ScheduleKind>().context("--kind")?],
+        None if !args.compare => bail!("--kind is required (or use --compare)"),
+        _ => ScheduleKind::ALL.to_vec(),
+    };
+    check_stage_costs(args, &kinds, &costs)?;
+    check_program_size(args, &kinds)?;
+    let text = match kinds.as_slice() {
+        [kind] => render(args, *kind, &costs)?,
+        _ => compare(args, &costs)?,
     };
     match &args.output {
         Some(path) => std::fs::write(path, text)
@@ -133,6 +136,74 @@ pub fn run(args: &ScheduleArgs) -> anyhow::Result<ExitCode> {
         None => print!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Schedule stages of `kind` on `pp` ranks (saturating).
+fn schedule_stages(kind: ScheduleKind, pp: usize, vpp: usize) -> usize {
+    pp.saturating_mul(kind.stages_per_rank(vpp))
+}
+
+/// Refuses a per-stage cost `sN.KEY` whose stage N no schedule of the run has.
+fn check_stage_costs(
+    args: &ScheduleArgs,
+    kinds: &[ScheduleKind],
+    costs: &Costs,
+) -> anyhow::Result<()> {
+    let stages = kinds
+        .iter()
+        .map(|&k| schedule_stages(k, args.pp, args.vpp))
+        .max()
+        .unwrap_or(0);
+    if let Some(&stage) = costs.per_stage.keys().find(|&&s| s >= stages) {
+        bail!(
+            "--costs s{stage}.*: stage {stage} does not exist; --pp {} gives stages 0..{} ({})",
+            args.pp,
+            stages.saturating_sub(1),
+            if kinds.len() == 1 {
+                "this kind"
+            } else {
+                "the kind with most stages"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Peak memory per action of a program, by output (measured with
+/// `/usr/bin/time -f %M` on zbv, pp 100, 1000 microbatches: table, csv and
+/// svg ≈ 0.4 KB, json ≈ 2 KB, chrome ≈ 5.3 KB per action), rounded up.
+fn bytes_per_action(format: Format, compare: bool) -> u128 {
+    match format {
+        _ if compare => 512,
+        Format::Table | Format::Csv | Format::Svg => 512,
+        Format::Json => 2560,
+        Format::Chrome => 6144,
+    }
+}
+
+/// Refuses, before anything is generated, a program whose actions (at most F,
+/// I and W per stage and microbatch) would not fit in this machine's RAM.
+fn check_program_size(args: &ScheduleArgs, kinds: &[ScheduleKind]) -> anyhow::Result<()> {
+    let Some(ram) = MemoryLimit::host_ram() else {
+        return Ok(());
+    };
+    for &kind in kinds {
+        let actions = (schedule_stages(kind, args.pp, args.vpp) as u128)
+            .saturating_mul(args.microbatches as u128)
+            .saturating_mul(3);
+        let bytes = actions.saturating_mul(bytes_per_action(args.format, args.compare));
+        if bytes > ram.bytes as u128 {
+            bail!(
+                "--pp {} --microbatches {}: the {kind} program has up to {actions} actions, about {} to build, more than {} ({})",
+                args.pp,
+                args.microbatches,
+                human_bytes(bytes),
+                human_bytes(ram.bytes as u128),
+                ram.source
+            );
+        }
+    }
+    Ok(())
 }
 
 fn shape(args: &ScheduleArgs) -> PipelineShape {

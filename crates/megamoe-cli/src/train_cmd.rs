@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use megamoe_plan::RawConfig;
+use megamoe_plan::{MemoryLimit, Plan, RawConfig};
 use megamoe_train::checkpoint::run_dir_of;
 use megamoe_train::session::{
     check_fresh_run_dir, checkpoint_origin, prepare_resume, CheckpointOrigin,
@@ -134,6 +134,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => (None, None),
     };
     let raw = load_config(args, origin.as_ref())?;
+    // Sizes that cannot fit in this machine's RAM are refused before the model
+    // is built (a constant-time bound: no allocation, no loop over layers).
+    if let Some(ram) = MemoryLimit::host_ram() {
+        Plan::resolve_within(&raw, None, &ram)?;
+    }
     let data = open_data(args, origin.as_ref())?;
     let peak = match args.peak_flops {
         Some(f) if f.is_finite() && f > 0.0 => Peak::Given(f),

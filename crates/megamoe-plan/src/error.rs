@@ -283,6 +283,39 @@ pub enum PlanError {
         divisor: usize,
     },
 
+    /// A size product that does not fit in 64 bits (e.g. dp = 2^62 with a
+    /// batch of 2^62 sequences).
+    #[error("{what} = {expr} overflows 64 bits; use smaller sizes")]
+    SizeOverflow {
+        /// The derived quantity, e.g. "world size".
+        what: &'static str,
+        /// Its factors with their fields and values.
+        expr: String,
+    },
+    /// The mesh has more ranks than the planner lists.
+    #[error("world size {world} (parallel.pp x dp x ep x cp x tp) exceeds the planner's limit of {max} ranks")]
+    WorldTooLarge {
+        /// pp·dp·ep·cp·tp.
+        world: usize,
+        /// [`crate::bounds::MAX_WORLD`].
+        max: usize,
+    },
+    /// One rank's share of the parameters plus its largest transient tensor is
+    /// more than the memory it runs on (see [`crate::bounds`]).
+    #[error("too big for memory: a rank needs at least {need}, more than {limit} ({origin}); biggest: {term} = {term_bytes}")]
+    ExceedsMemory {
+        /// The biggest term, naming its fields.
+        term: &'static str,
+        /// Its bytes, human-readable.
+        term_bytes: String,
+        /// The whole lower bound, human-readable.
+        need: String,
+        /// The memory limit, human-readable.
+        limit: String,
+        /// Where the limit comes from.
+        origin: String,
+    },
+
     // ------------------------------------------------------------- shard math
     /// The local row count differs from the seed's `even` shard length.
     #[error(

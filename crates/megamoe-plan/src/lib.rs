@@ -33,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+pub mod bounds;
 pub mod capacity;
 mod error;
 mod features;
@@ -53,6 +54,7 @@ mod stages;
 pub mod tp;
 pub mod triage;
 
+pub use bounds::{MemoryLimit, MAX_WORLD};
 pub use capacity::{
     expert_capacity, expert_parallel_routing_sample, routed_tokens_per_step, RoutingSummary,
 };

@@ -187,7 +187,13 @@ pub(crate) fn resolve_moe(
             "moe.shared_expert_hidden",
             s.shared_expert_hidden.unwrap_or(expert_hidden),
         )?;
-        let total = s.shared_experts * per;
+        let total = crate::plan::checked_product(
+            "shared expert width",
+            &[
+                ("moe.shared_experts", s.shared_experts),
+                ("moe.shared_expert_hidden", per),
+            ],
+        )?;
         if par.tp > 1 {
             divisible(
                 "moe.shared_experts x shared_expert_hidden",
@@ -231,8 +237,11 @@ pub(crate) fn resolve_moe(
         }
     }
     let worst = match cap {
-        Some(c) => experts_per_ep_rank * par.ep * c,
-        None => par.ep * t * slots.min(experts_per_ep_rank),
+        Some(c) => e.saturating_mul(c),
+        None => par
+            .ep
+            .saturating_mul(t)
+            .saturating_mul(slots.min(experts_per_ep_rank)),
     };
     let routing = RoutingPlan {
         tokens: t,
@@ -267,6 +276,16 @@ pub(crate) fn resolve_moe(
         experts_per_ep_rank,
         routing,
     }))
+}
+
+impl MoePlan {
+    /// Whether layer `l` is one of [`MoePlan::moe_layers`], in constant time
+    /// (l ≥ first_dense_layers, l a multiple of layer_freq, within the model).
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        l >= self.first_dense_layers
+            && l.is_multiple_of(self.layer_freq)
+            && self.moe_layers.last().is_some_and(|&last| l <= last)
+    }
 }
 
 /// The expert-count rules that do not depend on the batch: 1 ≤ top_k ≤ E,

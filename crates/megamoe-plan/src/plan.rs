@@ -2,6 +2,7 @@
 //! derived numbers, checking every rule of the specs. Each failure is one
 //! [`PlanError`] variant; soft problems are [`PlanWarning`]s returned as data.
 
+use crate::bounds::{check_memory_bounds, MemoryLimit, MAX_WORLD};
 use crate::error::{PlanError, Result};
 use crate::mesh::Mesh;
 use crate::modes::{
@@ -307,6 +308,21 @@ pub(crate) fn finite_in(field: &'static str, v: f64, ok: bool, rule: &'static st
     Ok(v)
 }
 
+/// The product of named factors, or [`PlanError::SizeOverflow`] naming them.
+pub(crate) fn checked_product(what: &'static str, factors: &[(&str, usize)]) -> Result<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &(_, f)| acc.checked_mul(f))
+        .ok_or_else(|| PlanError::SizeOverflow {
+            what,
+            expr: factors
+                .iter()
+                .map(|(name, v)| format!("{name}={v}"))
+                .collect::<Vec<_>>()
+                .join(" x "),
+        })
+}
+
 pub(crate) fn divisible(
     field: &'static str,
     value: usize,
@@ -326,8 +342,28 @@ pub(crate) fn divisible(
 
 impl Plan {
     /// Validates `raw` and derives the plan. `devices`, when given, must equal
-    /// the mesh's world size.
+    /// the mesh's world size. Every size product is checked; see
+    /// [`Plan::resolve_within`] to also bound memory.
     pub fn resolve(raw: &RawConfig, devices: Option<usize>) -> Result<Plan> {
+        Plan::resolve_bounded(raw, devices, None)
+    }
+
+    /// [`Plan::resolve`], and refuses a config that cannot fit in `limit` per
+    /// rank ([`PlanError::ExceedsMemory`]) before any per-layer work: the
+    /// check is constant-time in every size.
+    pub fn resolve_within(
+        raw: &RawConfig,
+        devices: Option<usize>,
+        limit: &MemoryLimit,
+    ) -> Result<Plan> {
+        Plan::resolve_bounded(raw, devices, Some(limit))
+    }
+
+    fn resolve_bounded(
+        raw: &RawConfig,
+        devices: Option<usize>,
+        limit: Option<&MemoryLimit>,
+    ) -> Result<Plan> {
         let mut warnings = Vec::new();
         let parallel = resolve_parallel(raw, devices, &mut warnings)?;
         let mesh = Mesh {
@@ -340,6 +376,9 @@ impl Plan {
         let model = resolve_model(raw, &parallel)?;
         crate::moe_plan::check_expert_split(raw, &parallel)?;
         let batch = resolve_batch(raw, &parallel)?;
+        if let Some(limit) = limit {
+            check_memory_bounds(raw, &model, &parallel, &batch, limit)?;
+        }
         let stages = resolve_stages(&model, &parallel)?;
         let moe = crate::moe_plan::resolve_moe(raw, &model, &parallel, &batch, &mut warnings)?;
         let gate_skip = crate::features::resolve_gate_skip(raw)?;
@@ -369,9 +408,9 @@ impl Plan {
         Plan::resolve(&raw, devices)
     }
 
-    /// Whether layer `l` is an MoE layer.
+    /// Whether layer `l` is an MoE layer (constant time).
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.moe.as_ref().is_some_and(|m| m.moe_layers.contains(&l))
+        self.moe.as_ref().is_some_and(|m| m.is_moe_layer(l))
     }
 }
 
@@ -394,7 +433,22 @@ fn resolve_parallel(
         rule: "must be a ZeRO level 0, 1, 2 or 3",
     })?;
     let schedule = p.schedule;
-    let world = pp * dp * ep * cp * tp;
+    let world = checked_product(
+        "world size",
+        &[
+            ("parallel.pp", pp),
+            ("parallel.dp", dp),
+            ("parallel.ep", ep),
+            ("parallel.cp", cp),
+            ("parallel.tp", tp),
+        ],
+    )?;
+    if world > MAX_WORLD {
+        return Err(PlanError::WorldTooLarge {
+            world,
+            max: MAX_WORLD,
+        });
+    }
     if let Some(devices) = devices {
         if devices != world {
             return Err(PlanError::WorldMismatch {
@@ -424,11 +478,14 @@ fn resolve_parallel(
                 });
             }
             // Rank 0 warmup (pipeline spec): min(2(P−1) + (v−1)·P, m·v).
-            let warmup = (2 * (pp - 1) + (vpp - 1) * pp).min(m * vpp);
-            if pp > 1 && warmup >= m * vpp {
+            let total = m.saturating_mul(vpp);
+            let warmup = (2 * (pp - 1))
+                .saturating_add((vpp - 1).saturating_mul(pp))
+                .min(total);
+            if pp > 1 && warmup >= total {
                 return Err(PlanError::AllWarmupRegime {
                     warmup,
-                    total: m * vpp,
+                    total,
                     microbatches: m,
                     vpp,
                 });
@@ -569,7 +626,14 @@ fn resolve_model(raw: &RawConfig, par: &ParallelPlan) -> Result<ModelPlan> {
 
 fn resolve_batch(raw: &RawConfig, par: &ParallelPlan) -> Result<BatchPlan> {
     let gb = raw.train.global_batch;
-    let divisor = par.dp * par.ep * par.microbatches;
+    let divisor = checked_product(
+        "data-parallel micro-batch count",
+        &[
+            ("parallel.dp", par.dp),
+            ("parallel.ep", par.ep),
+            ("parallel.microbatches", par.microbatches),
+        ],
+    )?;
     if gb == 0 || !gb.is_multiple_of(divisor) {
         return Err(PlanError::MicroBatchNotInteger {
             global_batch: gb,
@@ -580,13 +644,17 @@ fn resolve_batch(raw: &RawConfig, par: &ParallelPlan) -> Result<BatchPlan> {
         });
     }
     let mbs = gb / divisor;
+    let seq = ("model.seq_len", raw.model.seq_len);
+    let tokens_per_step = checked_product("tokens per step", &[("train.global_batch", gb), seq])?;
+    let micro_tokens =
+        checked_product("tokens per micro-batch", &[("micro-batch size", mbs), seq])?;
     Ok(BatchPlan {
         global_batch: gb,
         data_replicas: par.dp * par.ep,
         microbatches: par.microbatches,
         micro_batch_size: mbs,
-        tokens_per_micro_batch: mbs * raw.model.seq_len / par.cp,
-        tokens_per_step: gb * raw.model.seq_len,
+        tokens_per_micro_batch: micro_tokens / par.cp,
+        tokens_per_step,
     })
 }
 

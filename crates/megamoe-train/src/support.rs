@@ -6,10 +6,26 @@ use megamoe_plan::{Plan, Precision, Recompute};
 
 use crate::error::{Error, Result};
 
-/// Refuses settings the single-process CPU trainer does not implement:
+/// Refuses settings the single-process CPU trainer does not implement: a mesh
+/// of more than one rank,
 /// `train.dtype = "bf16"` (the CPU backend computes in f32 only) and
 /// `train.recompute = "selective"` (only `none` and `full` exist).
 pub fn check_cpu_trainer_support(plan: &Plan) -> Result<()> {
+    if plan.mesh.world() != 1 {
+        return Err(Error::TrainConfig {
+            field: "parallel",
+            value: {
+                let m = plan.mesh;
+                format!(
+                    "(pp {} x dp {} x ep {} x cp {} x tp {})",
+                    m.pp, m.dp, m.ep, m.cp, m.tp
+                )
+            },
+            rule: "the single-process CPU trainer needs world size 1: set parallel.pp, dp, \
+                   ep, cp and tp to 1 (`megamoe plan` lays out multi-rank configs)"
+                .to_string(),
+        });
+    }
     if plan.train.precision != Precision::F32 {
         return Err(Error::TrainConfig {
             field: "train.dtype",
@@ -59,6 +75,18 @@ mod tests {
             err.to_string().starts_with("train.recompute=\"selective\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_multi_rank_mesh_is_refused_naming_parallel_not_a_flag() {
+        let raw =
+            RawConfig::from_toml_str_with_overrides(TINY_CONFIG, &["parallel.dp=2".to_string()])
+                .unwrap();
+        let plan = Plan::resolve(&raw, None).unwrap();
+        let msg = check_cpu_trainer_support(&plan).unwrap_err().to_string();
+        assert!(msg.starts_with("parallel="), "{msg}");
+        assert!(msg.contains("world size 1"), "{msg}");
+        assert!(!msg.contains("--devices"), "{msg}");
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl Trainer {
     /// A fresh run at step 0: resolves `raw` for one device, builds the model with
     /// initial parameters and the optimizer, and reads `data` from position 0.
     pub fn new(raw: &RawConfig, data: Arc<DataSource>, options: TrainerOptions) -> Result<Self> {
-        let plan = Plan::resolve(raw, Some(1))?;
+        let plan = Plan::resolve(raw, None)?;
         crate::support::check_cpu_trainer_support(&plan)?;
         let config_toml = toml::to_string(raw).map_err(|e| Error::ConfigToml {
             reason: e.to_string(),
