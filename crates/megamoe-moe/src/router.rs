@@ -226,6 +226,9 @@ impl Router {
         let c = &self.cfg;
         let pool = c.pool_size();
         let d_norm = d_gates.scale(c.route_scale)?;
+        if let (ScoreFn::Softmax, Some(gm)) = (c.score_fn, &saved.g_masked) {
+            return softmax_normalized_backward(saved, gm, &d_norm, pool);
+        }
         let d_masked = match &saved.g_masked {
             Some(gm) => gm.normalize_rows_backward(&d_norm, NORMALIZE_EPS)?,
             None => d_norm,
@@ -282,4 +285,44 @@ impl Router {
         }
         Ok(())
     }
+}
+
+/// Backward of softmax scores followed by the renormalisation among the real picks, in
+/// closed form. With `p` the softmax (over the pool, or over the K picked logits), `R` the
+/// real picks, `S = Σ_R p`, `g = p / (S + ε)` on `R` (0 elsewhere) and `C = Σ_j g_j d_j`:
+///
+/// ```text
+/// ∂L/∂z_i = [i ∈ R] · g_i (d_i − C) − p_i · ε/(S + ε) · C
+/// ```
+///
+/// The gates are a ratio of softmax values, so every logit outside `R` (null slots, unpicked
+/// experts) reaches them only through ε. Composing the two backwards instead computes that
+/// near-zero term as `p_i · Σ_j p_j d'_j`, a sum that cancels to f32 rounding noise of the gate
+/// gradient; in this form it is exact, and the null-slot logit's gradient is what the aux and
+/// z losses give it.
+fn softmax_normalized_backward(
+    saved: &RouterSaved,
+    g_masked: &Tensor,
+    d_norm: &Tensor,
+    pool: usize,
+) -> Result<Tensor> {
+    let g = g_masked.normalize_rows(NORMALIZE_EPS)?;
+    let gd = g.mul(d_norm)?;
+    let cross = gd.sum_last_dim()?;
+    let picked = gd.sub(&g.mul_col(&cross)?)?;
+    // ε/(S + ε) · C per token (0 when every pick is null: then C = 0)
+    let eps_share = g_masked
+        .sum_last_dim()?
+        .add_scalar(NORMALIZE_EPS)?
+        .recip()?
+        .scale(NORMALIZE_EPS)?
+        .mul(&cross)?;
+    Ok(match &saved.score {
+        Some(p) => picked
+            .scatter_cols(&saved.slots, pool)?
+            .sub(&p.mul_col(&eps_share)?)?,
+        None => picked
+            .sub(&saved.g_raw.mul_col(&eps_share)?)?
+            .scatter_cols(&saved.slots, pool)?,
+    })
 }

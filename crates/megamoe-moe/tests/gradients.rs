@@ -157,3 +157,31 @@ fn backward_input_then_weight_equals_one_shot_and_accumulates() {
         );
     }
 }
+
+#[test]
+fn renormalised_gates_leave_the_null_logit_without_gradient() {
+    // With `normalize`, the gates of the real picks are a ratio of softmax values, so the
+    // null-slot logit reaches them only through the 1e-20 of the renormalisation: with the
+    // router losses off, d(w_null) is ~1e-20 · |dWr|. Composing the softmax and normalise
+    // backwards instead leaves f32 rounding noise (~1e-7 · |dWr|) there, which is what made
+    // the PyTorch check fail on configs/all_features.toml (null weight only from aux and z).
+    for pre_softmax in [true, false] {
+        let cfg = config(&format!(
+            "routed_experts = 8\ntop_k = 2\nexpert_hidden = 5\nnull_rho = 0.5\n\
+             pre_softmax = {pre_softmax}\nnormalize = true\naux_loss = \"none\"\n\
+             z_loss_weight = 0.0"
+        ));
+        let layer = MoeLayer::new(cfg.clone()).unwrap();
+        let p = params(&cfg, 5);
+        let (x, dy) = inputs(64, cfg.d_model, 7);
+        let (_, g) = analytic(&layer, &p, &x, &dy);
+        let max_abs = |t: &Tensor| host(t).iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let dw = max_abs(&g.router.weight);
+        let dn = max_abs(g.router.null_weight.as_ref().unwrap());
+        assert!(dw > 1e-2, "pre_softmax {pre_softmax}: gates must reach the router ({dw})");
+        assert!(
+            dn <= 1e-12 * dw,
+            "pre_softmax {pre_softmax}: |d w_null| {dn:.3e} should be ~0 (|dWr| {dw:.3e})"
+        );
+    }
+}
