@@ -272,9 +272,25 @@ def config_from_dict(doc: dict) -> MoeConfig:
     )
 
 
-def load_config(path: str | Path) -> MoeConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> MoeConfig:
+    """Reads a megamoe TOML config; `overrides` are `section.key=value` strings, applied
+    the way `megamoe --set` applies them (the value parsed as TOML, else a bare string)."""
     with open(path, "rb") as f:
-        return config_from_dict(tomllib.load(f))
+        doc = tomllib.load(f)
+    for item in overrides or []:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key or "." in key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. moe.top_k=2")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table = doc.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {item!r}: `{section}` is not a table")
+        table[key] = value
+    return config_from_dict(doc)
 
 
 # --------------------------------------------------------------------------
@@ -693,7 +709,7 @@ def warn_on_small_margins(res: LayerResult):
 
 
 def cmd_probe(args):
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     tensors = load_file(args.tensors)
     out, res = run_probe(cfg, tensors)
     warn_on_small_margins(res)
@@ -705,7 +721,7 @@ def cmd_probe(args):
 
 
 def cmd_inputs(args):
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     save_file(random_inputs(cfg, args.tokens, args.seed), args.out)
     print(f"wrote {args.out}")
 
@@ -739,12 +755,16 @@ def main(argv=None):
     p.add_argument("--config", required=True)
     p.add_argument("--tensors", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable), as `megamoe --set` does")
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("inputs", help="write random probe inputs for a config")
     p.add_argument("--config", required=True)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable), as `megamoe --set` does")
     p.set_defaults(func=cmd_inputs)
     p = sub.add_parser("compare", help="compare probe outputs against reference outputs")
     p.add_argument("reference")
