@@ -178,7 +178,10 @@ fn renormalised_gates_leave_the_null_logit_without_gradient() {
         let max_abs = |t: &Tensor| host(t).iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let dw = max_abs(&g.router.weight);
         let dn = max_abs(g.router.null_weight.as_ref().unwrap());
-        assert!(dw > 1e-2, "pre_softmax {pre_softmax}: gates must reach the router ({dw})");
+        assert!(
+            dw > 1e-2,
+            "pre_softmax {pre_softmax}: gates must reach the router ({dw})"
+        );
         assert!(
             dn <= 1e-12 * dw,
             "pre_softmax {pre_softmax}: |d w_null| {dn:.3e} should be ~0 (|dWr| {dw:.3e})"
