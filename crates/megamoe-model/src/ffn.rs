@@ -123,7 +123,8 @@ fn mismatch() -> crate::error::Error {
 
 impl Ffn {
     /// Fresh weights under `prefix`. MoE layers use the MoE crate's init
-    /// (`N(0, 1/fan_in)` keyed by name).
+    /// (`N(0, 1/fan_in)` keyed by name); an expert-parallel layer holds only its local
+    /// experts' rows of the global banks (`MoeParams::init_local`).
     pub fn init_params(
         &self,
         init: &Init,
@@ -133,10 +134,18 @@ impl Ffn {
     ) -> Result<FfnParams> {
         Ok(match self {
             Ffn::Dense(m) => FfnParams::Dense(MlpParams::init(&m.cfg, init, prefix, std, out_std)?),
-            Ffn::Moe(m) => FfnParams::Moe(Box::new(MoeParams::init(
+            Ffn::Moe(m) if m.local_experts() == (0..m.config().router.num_routed_experts) => {
+                FfnParams::Moe(Box::new(MoeParams::init(
+                    m.config(),
+                    init.seed,
+                    &format!("{prefix}."),
+                )?))
+            }
+            Ffn::Moe(m) => FfnParams::Moe(Box::new(MoeParams::init_local(
                 m.config(),
                 init.seed,
                 &format!("{prefix}."),
+                m.local_experts(),
             )?)),
         })
     }

@@ -18,7 +18,9 @@
 //! Under `Recompute::Full` the store keeps only each block's input and `backward` reruns
 //! the block's forward (deterministic, so gradients are identical).
 
-use megamoe_moe::{MoeConfig, MoeLayer, MoeParams};
+use std::sync::Arc;
+
+use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, TokenDispatcher};
 use megamoe_tensor::{DType, Device, ParamRole, Tensor, IGNORE_INDEX};
 
 use crate::attention::{Attention, AttentionConfig};
@@ -261,6 +263,19 @@ impl Model {
             mtp,
             norm,
         })
+    }
+
+    /// Moves every MoE layer's tokens through `dispatcher` (e.g. an expert-parallel one);
+    /// the layers then hold only the dispatcher's local experts, and
+    /// [`Model::init_params`] gives those rows of the global expert banks.
+    pub fn set_moe_dispatcher(&mut self, dispatcher: Arc<dyn TokenDispatcher>) -> Result<()> {
+        for b in &mut self.blocks {
+            if let Ffn::Moe(m) = &mut b.ffn {
+                let cfg = m.config().clone();
+                **m = MoeLayer::with_dispatcher(cfg, dispatcher.clone())?;
+            }
+        }
+        Ok(())
     }
 
     /// Fresh parameters from `cfg.seed` (layout-invariant, keyed by name).

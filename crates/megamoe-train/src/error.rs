@@ -302,6 +302,18 @@ pub enum Error {
     /// An MoE buffer update failed.
     #[error(transparent)]
     Moe(#[from] megamoe_moe::Error),
+    /// A collective of a distributed run failed (a failed or silent peer rank, mismatched
+    /// calls).
+    #[error(transparent)]
+    Comm(#[from] megamoe_comm::CommError),
+    /// A fault injected into one rank of a distributed run (`MEGAMOE_RANK_FAULT`).
+    #[error("rank {rank}: injected fault before step {step} (MEGAMOE_RANK_FAULT)")]
+    InjectedRankFault {
+        /// The rank that failed.
+        rank: usize,
+        /// The step it was about to run.
+        step: u64,
+    },
     /// The config asks for something the single-process trainer cannot do.
     #[error("{field}={value} is not supported by the trainer: {rule}")]
     TrainConfig {

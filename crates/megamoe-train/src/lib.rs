@@ -68,6 +68,7 @@
 pub mod checkpoint;
 pub mod clock;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod failpoint;

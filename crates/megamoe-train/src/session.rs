@@ -387,7 +387,7 @@ fn format_eval_line(e: &EvalMetrics) -> String {
 
 /// The first 24 tokens of the first held-out sequence, decoded: a prompt in the
 /// data's own style.
-fn sample_prompt(trainer: &Trainer) -> String {
+pub(crate) fn sample_prompt(trainer: &Trainer) -> String {
     let source = trainer.data();
     let t = trainer.plan().model.seq_len;
     heldout_batches(source, 1, t, 1)

@@ -26,6 +26,12 @@ pub fn check_cpu_trainer_support(plan: &Plan) -> Result<()> {
                 .to_string(),
         });
     }
+    check_cpu_numerics(plan)
+}
+
+/// The part of [`check_cpu_trainer_support`] every rank of a distributed run checks too:
+/// `train.dtype` f32 and `train.recompute` `none` or `full`.
+pub fn check_cpu_numerics(plan: &Plan) -> Result<()> {
     if plan.train.precision != Precision::F32 {
         return Err(Error::TrainConfig {
             field: "train.dtype",

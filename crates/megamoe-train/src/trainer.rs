@@ -106,6 +106,8 @@ pub struct Trainer {
     pub(crate) heldout: Option<Vec<Batch>>,
     /// Data domains (expert load is split by domain when there are several).
     pub(crate) num_domains: usize,
+    /// This rank's place in a distributed run (`None`: one process holds everything).
+    pub(crate) parallel: Option<crate::distributed::Parallel>,
 }
 
 impl Trainer {
@@ -114,6 +116,19 @@ impl Trainer {
     pub fn new(raw: &RawConfig, data: Arc<DataSource>, options: TrainerOptions) -> Result<Self> {
         let plan = Plan::resolve(raw, None)?;
         crate::support::check_cpu_trainer_support(&plan)?;
+        Trainer::from_plan(plan, raw, data, options, None)
+    }
+
+    /// [`Trainer::new`] for a resolved `plan`; with `parallel`, this rank's shard of it
+    /// (see [`crate::distributed`]).
+    pub(crate) fn from_plan(
+        plan: Plan,
+        raw: &RawConfig,
+        data: Arc<DataSource>,
+        options: TrainerOptions,
+        parallel: Option<crate::distributed::Parallel>,
+    ) -> Result<Self> {
+        crate::support::check_cpu_numerics(&plan)?;
         let config_toml = toml::to_string(raw).map_err(|e| Error::ConfigToml {
             reason: e.to_string(),
         })?;
@@ -128,7 +143,10 @@ impl Trainer {
                 ),
             });
         }
-        let model = Model::new(ModelConfig::from_plan(&plan)?)?;
+        let mut model = Model::new(ModelConfig::from_plan(&plan)?)?;
+        if let Some(par) = &parallel {
+            par.shard_model(&mut model)?;
+        }
         let params = model.init_params()?;
         let optimizer = Optimizer::new(&plan.optim, &mut |f| params.visit(f))?;
         let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
@@ -160,6 +178,7 @@ impl Trainer {
             nonfinite_streak: 0,
             heldout: None,
             num_domains,
+            parallel,
         })
     }
 
@@ -243,11 +262,13 @@ impl Trainer {
             .time(TimeCategory::Data, || self.batcher.next_batch())?;
         let compute_started = Instant::now();
 
-        // 2. forward / backward per micro-batch; gradients accumulate.
+        // 2. forward / backward per micro-batch; gradients accumulate. A data-parallel
+        //    rank runs its own m micro-batches of the global batch.
         self.grads.zero()?;
         let mut stats = StepStatsAccumulator::new(self.num_domains);
         let grad_scale = 1.0 / m as f32;
-        for i in 0..m {
+        let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
+        for i in first..first + m {
             let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
             let (ids, targets) = batch_tensors(&micro)?;
             let out = self.model.forward(&self.params, &ids, &targets, s)?;
@@ -257,14 +278,21 @@ impl Trainer {
         }
 
         // One host read for every micro-batch's loss parts and statistics.
-        let sums = stats.finish(&self.plan)?;
+        let mut sums = stats.finish(&self.plan)?;
 
         // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
+        //    Distributed: gradients, loss sums and routing counts over the data ranks.
         // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
-        let clip = clip_grad_norm(
-            &mut |f| self.grads.grads_mut().visit_mut(f),
-            self.plan.optim.grad_clip,
-        )?;
+        let clip = match &self.parallel {
+            None => clip_grad_norm(
+                &mut |f| self.grads.grads_mut().visit_mut(f),
+                self.plan.optim.grad_clip,
+            )?,
+            Some(par) => {
+                par.reduce_step(&mut self.grads, &mut sums)?;
+                par.clip_grad_norm(&mut self.grads, self.plan.optim.grad_clip)?
+            }
+        };
         let loss = sums.mean_loss();
         let finite = clip.finite && loss.total.is_finite();
 

@@ -1,0 +1,227 @@
+//! Distributed training: one [`Trainer`] per rank, each holding its shard of the model
+//! and running its share of the global batch, joined by the collectives of a
+//! [`Communicator`] (thread ranks in one process for `megamoe train --world N`).
+//!
+//! # What a rank does in one step
+//! ```text
+//! batch                       every rank reads the same global batch (same data position)
+//! micro-batches               data rank d = dp_rank·ep + ep_rank runs micro-batches
+//!                             d·m .. (d+1)·m (m = parallel.microbatches per rank, the
+//!                             same micro-batch size as one rank running dp·ep·m of them)
+//! forward / backward          grad_scale = 1/m; MoE tokens reach their experts by
+//!                             all-to-all over the EP group (experts sharded over E)
+//! grad reduce                 per gradient bucket (backward order): dense parameters
+//!                             summed over the dense data-parallel group (dp·ep ranks),
+//!                             expert banks over the expert data-parallel group (dp ranks),
+//!                             in rank order, then scaled by 1/(dp·ep)
+//! loss and routing sums       gathered over the data ranks and summed in rank order (f64)
+//! clip                        global norm: replicated gradients counted once, the expert
+//!                             shards' squares summed over the EP group
+//! optimizer, expert bias      every rank on its own shard; replicated parameters stay
+//!                             bit-identical because their inputs are
+//! ```
+//! Per-micro-batch quantities (CE mean, aux, z, capacity) are those of one rank running the
+//! same micro-batch, so a layout computes the same step as one rank up to summation order
+//! (the layout-invariance tests, `tests/layouts.rs`).
+//!
+//! # Layouts
+//! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size). Refused
+//! with a named error ([`check_layout`]): `pp`, `tp`, `cp` > 1 and `fsdp` > 0.
+//!
+//! # Hooks
+//! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
+//! micro-batches, [`Parallel::reduce_step`] and [`Parallel::clip_grad_norm`] replace the
+//! single-process gradient path. A pipeline stage runner plugs in at the same place: it
+//! replaces the micro-batch loop by its schedule over the stage's chunks, and keeps the
+//! reduce / clip / optimizer tail.
+
+mod reduce;
+mod run;
+
+use std::sync::Arc;
+
+use megamoe_comm::Communicator;
+use megamoe_model::Model;
+use megamoe_moe::ExpertParallelDispatcher;
+use megamoe_plan::{Mesh, MeshGroup, Plan, RankCoords, RawConfig, ZeroLevel};
+
+use crate::data::DataSource;
+use crate::error::{Error, Result};
+use crate::trainer::{Trainer, TrainerOptions};
+
+pub use run::{
+    check_rank_fault, follow_training, rank_fault_from_env, run_thread_ranks, RANK_FAULT_ENV,
+};
+
+/// One rank's place in the mesh and its process groups, built once.
+pub struct Parallel {
+    mesh: Mesh,
+    coords: RankCoords,
+    world: Box<dyn Communicator>,
+    /// Ranks holding the same dense parameters: dp·ep.
+    dense_dp: Box<dyn Communicator>,
+    /// Ranks holding the same experts: dp.
+    expert_dp: Box<dyn Communicator>,
+    /// Ranks sharing the experts of a layer by all-to-all: ep.
+    ep: Arc<dyn Communicator>,
+}
+
+impl std::fmt::Debug for Parallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parallel")
+            .field("rank", &self.world.rank())
+            .field("mesh", &self.mesh)
+            .field("coords", &self.coords)
+            .finish()
+    }
+}
+
+impl Parallel {
+    /// Builds this rank's groups from the plan's mesh (collective over `world`, whose size
+    /// must be the mesh's world size).
+    pub fn new(world: Box<dyn Communicator>, plan: &Plan) -> Result<Parallel> {
+        let mesh = plan.mesh;
+        let rank = world.rank();
+        let coords = mesh.coords(rank).ok_or_else(|| Error::TrainConfig {
+            field: "--world",
+            value: world.size().to_string(),
+            rule: format!("must equal the layout's world size {}", mesh.describe()),
+        })?;
+        if world.size() != mesh.world() {
+            return Err(Error::TrainConfig {
+                field: "--world",
+                value: world.size().to_string(),
+                rule: format!("must equal the layout's world size {}", mesh.describe()),
+            });
+        }
+        let members = |kind| mesh.group_members(rank, kind).unwrap_or_default();
+        let dense_dp = world.split(&members(MeshGroup::DenseDp))?;
+        let expert_dp = world.split(&members(MeshGroup::ExpertDp))?;
+        let ep: Arc<dyn Communicator> = Arc::from(world.split(&members(MeshGroup::Ep))?);
+        Ok(Parallel {
+            mesh,
+            coords,
+            world,
+            dense_dp,
+            expert_dp,
+            ep,
+        })
+    }
+
+    /// This rank's world rank.
+    pub fn rank(&self) -> usize {
+        self.world.rank()
+    }
+
+    /// The mesh.
+    pub fn mesh(&self) -> Mesh {
+        self.mesh
+    }
+
+    /// This rank's coordinates.
+    pub fn coords(&self) -> RankCoords {
+        self.coords
+    }
+
+    /// Index of this rank's data stream, `dp_rank·ep + ep_rank` in `0..dp·ep`.
+    pub fn data_rank(&self) -> usize {
+        self.coords.dp * self.mesh.ep + self.coords.ep
+    }
+
+    /// Distinct data streams: dp·ep.
+    pub fn data_replicas(&self) -> usize {
+        self.mesh.data_replicas()
+    }
+
+    /// The world communicator.
+    pub fn world(&self) -> &dyn Communicator {
+        self.world.as_ref()
+    }
+
+    /// Cuts `model` to this rank's shard: with ep > 1 every MoE layer keeps experts
+    /// `[ep_rank·E/ep, (ep_rank+1)·E/ep)` and exchanges tokens over the EP group.
+    pub(crate) fn shard_model(&self, model: &mut Model) -> Result<()> {
+        if self.mesh.ep == 1 {
+            return Ok(());
+        }
+        let Some(moe) = &model.cfg.moe else {
+            return Ok(());
+        };
+        let d = ExpertParallelDispatcher::new(self.ep.clone(), moe.routed_experts)?;
+        model.set_moe_dispatcher(Arc::new(d))?;
+        Ok(())
+    }
+}
+
+/// Refuses layouts the distributed trainer cannot run yet, naming the key.
+pub fn check_layout(plan: &Plan) -> Result<()> {
+    let p = &plan.parallel;
+    let refuse = |field: &'static str, value: String, rule: &str| {
+        Err(Error::TrainConfig {
+            field,
+            value,
+            rule: rule.to_string(),
+        })
+    };
+    if p.pp > 1 {
+        return refuse(
+            "parallel.pp",
+            p.pp.to_string(),
+            "pipeline-parallel training is not wired into the trainer yet; the trainer runs \
+             parallel.dp and parallel.ep (set parallel.pp = 1)",
+        );
+    }
+    if p.tp > 1 {
+        return refuse(
+            "parallel.tp",
+            p.tp.to_string(),
+            "tensor-parallel training is not implemented; the trainer runs parallel.dp and \
+             parallel.ep (set parallel.tp = 1)",
+        );
+    }
+    if p.cp > 1 {
+        return refuse(
+            "parallel.cp",
+            p.cp.to_string(),
+            "context-parallel training is not implemented; the trainer runs parallel.dp and \
+             parallel.ep (set parallel.cp = 1)",
+        );
+    }
+    if p.zero != ZeroLevel::Replicated {
+        return refuse(
+            "parallel.fsdp",
+            p.zero.level().to_string(),
+            "sharded parameters / optimizer state (ZeRO, FSDP) are not implemented in the \
+             trainer yet; parameters are replicated over data-parallel ranks (set \
+             parallel.fsdp = 0)",
+        );
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// A fresh run at step 0 on one rank of a distributed run: resolves `raw` for
+    /// `world.size()` ranks, refuses layouts [`check_layout`] cannot run, builds this
+    /// rank's groups and its shard of the model (every rank calls this, collectively).
+    pub fn new_rank(
+        raw: &RawConfig,
+        data: Arc<DataSource>,
+        options: TrainerOptions,
+        world: Box<dyn Communicator>,
+    ) -> Result<Trainer> {
+        let plan = Plan::resolve(raw, Some(world.size()))?;
+        check_layout(&plan)?;
+        let par = Parallel::new(world, &plan)?;
+        Trainer::from_plan(plan, raw, data, options, Some(par))
+    }
+
+    /// This rank's place in a distributed run (`None` for one process).
+    pub fn parallel(&self) -> Option<&Parallel> {
+        self.parallel.as_ref()
+    }
+
+    /// Whether this process writes the run's files: rank 0, or the only process.
+    pub fn is_writer(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|p| p.rank() == 0)
+    }
+}

@@ -1,0 +1,281 @@
+//! The distributed tail of a step: gradient buckets all-reduced over each parameter's
+//! data-parallel group, the step's loss and routing sums over the data ranks, and the
+//! global gradient-norm clip with replicated gradients counted once.
+
+use megamoe_comm::{Communicator, ReduceOp};
+use megamoe_model::GradBuffers;
+use megamoe_optim::{clip_factor, ClipReport};
+use megamoe_tensor::{Device, ParamRole, Tensor};
+
+use super::Parallel;
+use crate::error::{Error, Result};
+use crate::step_stats::StepSums;
+
+impl Parallel {
+    /// Sums gradients and the step's sums over the data ranks (see the module doc).
+    pub(crate) fn reduce_step(&self, grads: &mut GradBuffers, sums: &mut StepSums) -> Result<()> {
+        self.reduce_grads(grads)?;
+        reduce_sums(self.dense_dp.as_ref(), sums)
+    }
+
+    /// Per bucket (in the order backward completes them): the dense gradients summed over
+    /// the dense data-parallel group and the expert banks over the expert data-parallel
+    /// group, rank order, then every gradient × 1/(dp·ep). All buckets are started before
+    /// the first is awaited. Results are written back into the persistent buffers.
+    fn reduce_grads(&self, grads: &mut GradBuffers) -> Result<()> {
+        let scale = 1.0 / self.data_replicas() as f32;
+        let mut flat: Vec<Tensor> = Vec::new();
+        let mut err = None;
+        grads.grads().visit(&mut |_, g, _| {
+            if err.is_none() {
+                match g.reshape([g.numel()]) {
+                    Ok(t) => flat.push(t),
+                    Err(e) => err = Some(e),
+                }
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        let layout = grads.layout();
+        // (slots, handle) per (bucket, group), started in bucket order.
+        let mut pending = Vec::new();
+        for bucket in layout.buckets() {
+            for expert in [false, true] {
+                let slots: Vec<usize> = bucket
+                    .slots
+                    .clone()
+                    .filter(|&i| (layout.slots()[i].role == ParamRole::ExpertBank) == expert)
+                    .collect();
+                if slots.is_empty() {
+                    continue;
+                }
+                let comm: &dyn Communicator = if expert {
+                    self.expert_dp.as_ref()
+                } else {
+                    self.dense_dp.as_ref()
+                };
+                let parts: Vec<&Tensor> = slots.iter().map(|&i| &flat[i]).collect();
+                let joined = Tensor::cat(&parts, 0)?;
+                pending.push((slots, comm.start_all_reduce(&joined, ReduceOp::Sum)?));
+            }
+        }
+        let mut reduced: Vec<Option<Tensor>> = vec![None; flat.len()];
+        for (slots, handle) in pending {
+            let sum = handle.wait()?.scale(scale)?;
+            let mut start = 0;
+            for i in slots {
+                let n = flat[i].numel();
+                reduced[i] = Some(sum.narrow(0, start, n)?);
+                start += n;
+            }
+        }
+        let mut index = 0;
+        grads.grads_mut().visit_mut(&mut |_, g, _| {
+            let i = index;
+            index += 1;
+            if err.is_some() {
+                return;
+            }
+            if let Some(r) = &reduced[i] {
+                let r = r.reshape(g.dims().to_vec());
+                err = r
+                    .and_then(|r| g.fill_in_place(0.0).and_then(|_| g.add_assign(&r)))
+                    .err();
+            }
+        });
+        match err {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Global gradient-norm clipping across ranks (PyTorch `clip_grad_norm_` semantics,
+    /// like `megamoe_optim::clip_grad_norm`): `Σ g²` of the replicated gradients counted
+    /// once (they are identical on every rank after the reduce), plus the expert shards'
+    /// `Σ g²` summed over the EP group.
+    ///
+    /// SYNC: one host read (the norm), as on one rank.
+    pub(crate) fn clip_grad_norm(
+        &self,
+        grads: &mut GradBuffers,
+        max_norm: Option<f64>,
+    ) -> Result<ClipReport> {
+        if let Some(m) = max_norm {
+            if !(m.is_finite() && m > 0.0) {
+                return Err(Error::TrainConfig {
+                    field: "optim.grad_clip",
+                    value: m.to_string(),
+                    rule: "must be finite and > 0".to_string(),
+                });
+            }
+        }
+        let (mut dense, mut expert) = (Vec::new(), Vec::new());
+        let mut err = None;
+        grads.grads().visit(&mut |_, g, role| {
+            if err.is_some() {
+                return;
+            }
+            match g.sum_squares().and_then(|s| s.reshape([1])) {
+                Ok(s) if role == ParamRole::ExpertBank => expert.push(s),
+                Ok(s) => dense.push(s),
+                Err(e) => err = Some(e),
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        let sum = |parts: &[Tensor]| -> Result<Tensor> {
+            if parts.is_empty() {
+                return Ok(Tensor::from_vec_f32(vec![0.0], [1], Device::Cpu)?);
+            }
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            Ok(Tensor::cat(&refs, 0)?.sum_all()?.reshape([1])?)
+        };
+        let mut squares = sum(&dense)?;
+        if !expert.is_empty() {
+            let local = sum(&expert)?;
+            let experts = if self.ep.size() > 1 {
+                self.ep.all_reduce(&local, ReduceOp::Sum)?
+            } else {
+                local
+            };
+            squares = squares.add(&experts)?;
+        }
+        let norm_t = squares.sqrt()?.reshape(Vec::<usize>::new())?;
+        if let Some(m) = max_norm {
+            let factor = clip_factor(&norm_t, m)?;
+            grads.grads_mut().visit_mut(&mut |_, g, _| {
+                if err.is_none() {
+                    err = g.scale_by_assign(&factor).err();
+                }
+            });
+            if let Some(e) = err {
+                return Err(e.into());
+            }
+        }
+        // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
+        let norm = norm_t.to_scalar_f32()? as f64;
+        let finite = norm.is_finite();
+        let clipped = finite && max_norm.is_some_and(|m| norm > m);
+        Ok(ClipReport {
+            norm,
+            finite,
+            clipped,
+            scale: match max_norm {
+                Some(m) if clipped => (m as f32 / (norm as f32 + 1e-6)) as f64,
+                _ => 1.0,
+            },
+        })
+    }
+}
+
+/// Sums the step's loss parts, statistics and routing counts over the data ranks of
+/// `comm`: every value travels as an f32 pair (high, low) so the f64 sums survive, the
+/// ranks' values are gathered and added in rank order on the host (identical on every
+/// rank).
+///
+/// SYNC: one host read of the gathered values per step.
+fn reduce_sums(comm: &dyn Communicator, sums: &mut StepSums) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let mine = pack(sums);
+    let n = mine.len();
+    let mut pairs = Vec::with_capacity(2 * n);
+    for &v in &mine {
+        let hi = v as f32;
+        pairs.push(hi);
+        pairs.push((v - hi as f64) as f32);
+    }
+    let local = Tensor::from_vec_f32(pairs, [2 * n], Device::Cpu)?;
+    let all = comm.all_gather(&local)?.to_host_f32()?;
+    let mut total = vec![0.0f64; n];
+    for rank in all.chunks_exact(2 * n) {
+        for (t, p) in total.iter_mut().zip(rank.chunks_exact(2)) {
+            *t += p[0] as f64 + p[1] as f64;
+        }
+    }
+    unpack(sums, &total)
+}
+
+/// The step sums as one flat list (fixed order; every rank has the same structure).
+fn pack(s: &StepSums) -> Vec<f64> {
+    let l = &s.loss;
+    let mut v = vec![
+        s.micro_batches as f64,
+        l.total,
+        l.lm,
+        l.mtp,
+        l.aux,
+        l.z,
+        l.skip,
+        s.layers_used,
+    ];
+    v.extend(&s.mtp_losses);
+    for &(a, m) in s.gate_skip.values() {
+        v.extend([a, m]);
+    }
+    v.extend(s.flexi_kept.values());
+    for m in s.moe.values() {
+        v.extend(m.picks.iter().map(|&c| c as f64));
+        v.extend(m.kept.iter().map(|&c| c as f64));
+        v.extend([m.null_picks as f64, m.tokens as f64]);
+        for d in &m.by_domain {
+            v.extend(d.iter().map(|&c| c as f64));
+        }
+        if let Some((g, n)) = m.shared_gate {
+            v.extend([g, n as f64]);
+        }
+    }
+    v
+}
+
+/// Writes the summed list back, in [`pack`]'s order.
+fn unpack(s: &mut StepSums, v: &[f64]) -> Result<()> {
+    let mut it = v.iter().copied();
+    let mut next = || {
+        it.next().ok_or(Error::TrainConfig {
+            field: "parallel",
+            value: "step sums".to_string(),
+            rule: "ranks reduced step sums of different structure".to_string(),
+        })
+    };
+    let count = |x: f64| x.round().max(0.0) as u64;
+    s.micro_batches = count(next()?) as usize;
+    let l = &mut s.loss;
+    l.total = next()?;
+    l.lm = next()?;
+    l.mtp = next()?;
+    l.aux = next()?;
+    l.z = next()?;
+    l.skip = next()?;
+    s.layers_used = next()?;
+    for x in &mut s.mtp_losses {
+        *x = next()?;
+    }
+    for (a, m) in s.gate_skip.values_mut() {
+        *a = next()?;
+        *m = next()?;
+    }
+    for x in s.flexi_kept.values_mut() {
+        *x = next()?;
+    }
+    for m in s.moe.values_mut() {
+        for c in m.picks.iter_mut().chain(m.kept.iter_mut()) {
+            *c = count(next()?);
+        }
+        m.null_picks = count(next()?);
+        m.tokens = count(next()?);
+        for d in &mut m.by_domain {
+            for c in d.iter_mut() {
+                *c = count(next()?);
+            }
+        }
+        if let Some((g, n)) = &mut m.shared_gate {
+            *g = next()?;
+            *n = count(next()?) as usize;
+        }
+    }
+    Ok(())
+}

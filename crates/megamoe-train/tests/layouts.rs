@@ -1,0 +1,215 @@
+//! Layout invariance: a distributed run over thread ranks computes the same training as one
+//! rank. The global batch and the micro-batch size are fixed; one rank runs every
+//! micro-batch (`parallel.microbatches = dp·ep·m`), a layout gives each of its dp·ep data
+//! ranks m of them. Per-micro-batch quantities (CE mean, aux, z, capacity) are then the
+//! same, so the per-step losses agree up to float summation order: f32, ≤ 1e-5 relative,
+//! for 10 steps, on every rank.
+//!
+//! The model has a dense layer and an MoE layer with a gated shared expert, aux and z
+//! losses and the aux-loss-free expert bias; each layout runs with capacity off (dropless)
+//! and on (capacity factor 1, assignments dropped), with AdamW and with Muon.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use megamoe_plan::RawConfig;
+use megamoe_train::distributed::run_thread_ranks;
+use megamoe_train::{DataSource, Error, StepMetrics, Tokenizer, Trainer, TrainerOptions};
+
+const STEPS: usize = 10;
+
+const BASE: &str = r#"
+[model]
+vocab_size = 256
+d_model = 16
+n_layers = 2
+n_heads = 2
+n_kv_heads = 1
+ffn_hidden = 32
+seq_len = 8
+
+[moe]
+routed_experts = 4
+top_k = 2
+expert_hidden = 16
+shared_experts = 1
+shared_expert_hidden = 8
+shared_expert_gate = true
+aux_loss = "aux"
+aux_loss_weight = 0.05
+z_loss_weight = 0.01
+expert_bias = true
+bias_update_rate = 0.01
+first_dense_layers = 1
+
+[train]
+global_batch = 8
+steps = 10
+seed = 7
+
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+grad_clip = 0.5
+"#;
+
+fn raw(sets: &[String]) -> RawConfig {
+    RawConfig::from_toml_str_with_overrides(BASE, sets).unwrap()
+}
+
+fn data() -> Arc<DataSource> {
+    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
+}
+
+/// (loss, grad norm) per step.
+fn curve(metrics: &[StepMetrics]) -> Vec<(f64, f64)> {
+    metrics
+        .iter()
+        .map(|m| (m.loss.total, m.grad_norm))
+        .collect()
+}
+
+/// One rank running all `micro` micro-batches per step.
+fn one_rank(sets: &[String], micro: usize) -> Vec<(f64, f64)> {
+    let mut sets = sets.to_vec();
+    sets.push(format!("parallel.microbatches={micro}"));
+    let mut t = Trainer::new(&raw(&sets), data(), TrainerOptions::default()).unwrap();
+    let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step().unwrap()).collect();
+    assert!(m.iter().all(|m| !m.skipped && m.loss.total.is_finite()));
+    curve(&m)
+}
+
+/// Every rank's curve under `parallel.dp = dp, parallel.ep = ep` (m micro-batches each).
+fn ranks(sets: &[String], dp: usize, ep: usize, m: usize) -> Vec<Vec<(f64, f64)>> {
+    let mut sets = sets.to_vec();
+    sets.extend([
+        format!("parallel.dp={dp}"),
+        format!("parallel.ep={ep}"),
+        format!("parallel.microbatches={m}"),
+    ]);
+    let raw = raw(&sets);
+    run_thread_ranks(dp * ep, |world| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+        let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
+        Ok(curve(&m))
+    })
+    .unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
+}
+
+/// Checks a layout against one rank; returns the max relative loss difference.
+fn check(label: &str, sets: &[String], dp: usize, ep: usize) -> f64 {
+    let m = 1;
+    let want = one_rank(sets, dp * ep * m);
+    // the curve moves, so equal losses mean equal training, not a stuck model
+    assert!(
+        rel(want[STEPS - 1].0, want[0].0) > 1e-3,
+        "{label}: loss did not move: {want:?}"
+    );
+    let got = ranks(sets, dp, ep, m);
+    assert_eq!(got.len(), dp * ep);
+    let mut worst = 0.0f64;
+    for (r, curve) in got.iter().enumerate() {
+        for (s, ((l, n), (wl, wn))) in curve.iter().zip(&want).enumerate() {
+            let (el, en) = (rel(*l, *wl), rel(*n, *wn));
+            assert!(
+                el <= 1e-5,
+                "{label}: rank {r} step {}: loss {l} vs one rank {wl} (rel {el:e})",
+                s + 1
+            );
+            assert!(
+                en <= 1e-4,
+                "{label}: rank {r} step {}: grad norm {n} vs one rank {wn} (rel {en:e})",
+                s + 1
+            );
+            worst = worst.max(el);
+        }
+    }
+    eprintln!("{label}: max rel loss difference over {STEPS} steps: {worst:e}");
+    worst
+}
+
+/// The config variants every layout runs: optimizer × capacity.
+fn variants() -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for optim in ["adamw", "muon"] {
+        for (cap, sets) in [
+            ("dropless", vec![]),
+            ("capacity", vec!["moe.capacity_factor=1.0".to_string()]),
+        ] {
+            let mut s = sets.clone();
+            s.push(format!("optim.name=\"{optim}\""));
+            out.push((format!("{optim}/{cap}"), s));
+        }
+    }
+    out
+}
+
+fn check_layout(dp: usize, ep: usize) {
+    for (label, sets) in variants() {
+        check(&format!("dp{dp}xep{ep} {label}"), &sets, dp, ep);
+    }
+}
+
+#[test]
+fn dp2_matches_one_rank() {
+    check_layout(2, 1);
+}
+
+#[test]
+fn ep2_matches_one_rank() {
+    check_layout(1, 2);
+}
+
+#[test]
+fn dp2_ep2_matches_one_rank() {
+    check_layout(2, 2);
+}
+
+#[test]
+fn unsupported_layouts_are_refused_by_name() {
+    for (set, field) in [
+        ("parallel.fsdp=3", "parallel.fsdp"),
+        ("parallel.pp=2", "parallel.pp"),
+    ] {
+        let mut sets = vec![set.to_string()];
+        if field == "parallel.fsdp" {
+            sets.push("parallel.dp=2".to_string());
+        }
+        let raw = raw(&sets);
+        let failures = run_thread_ranks(2, |world| -> Result<(), Error> {
+            Trainer::new_rank(&raw, data(), TrainerOptions::default(), world).map(|_| ())
+        })
+        .unwrap_err();
+        assert!(
+            failures.first.1.starts_with(&format!("{field}=")),
+            "{set}: {failures}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_rank_stops_every_other_rank_naming_it() {
+    let raw = raw(&["parallel.dp=2".to_string(), "parallel.ep=2".to_string()]);
+    let failures = run_thread_ranks(4, |world| -> Result<(), Error> {
+        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+        let fault = Some((2, 3));
+        for _ in 0..STEPS {
+            megamoe_train::distributed::check_rank_fault(&t, fault)?;
+            t.step()?;
+        }
+        Ok(())
+    })
+    .unwrap_err();
+    assert_eq!(failures.first.0, 2, "{failures}");
+    assert_eq!(failures.failures.len(), 4, "every rank exits with an error");
+    for (rank, msg) in &failures.failures {
+        if *rank != 2 {
+            assert!(msg.contains("rank 2 failed"), "rank {rank}: {msg}");
+        }
+    }
+}
