@@ -10,6 +10,7 @@ mod report_cmd;
 mod schedule_cmd;
 mod train_cmd;
 mod train_header;
+mod train_world;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -61,6 +61,12 @@ pub struct TrainArgs {
     /// Tokens generated for the final text sample (0 = none).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub sample_tokens: usize,
+
+    /// Ranks of the run, as threads of this process: must equal the layout's world
+    /// size (parallel.dp; other parallel.* must be 1). Rank 0 writes the run
+    /// directory.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub world: usize,
 }
 
 /// Shown by `megamoe train --help`.
@@ -90,6 +96,14 @@ Examples:
   megamoe train --set train.steps=400 --run-dir runs/long
   megamoe train --resume runs/long --steps 400
   megamoe train --data corpus/ --set model.seq_len=128
+  megamoe train --world 2 --set parallel.dp=2
+
+--world N runs N = parallel.dp data-parallel ranks as threads of this process:
+each rank takes parallel.microbatches micro-batches of the global batch and
+gradients are summed over the ranks. With the
+same micro-batch size it trains the same model as one rank: `--world 2 --set
+parallel.dp=2` gives the per-step losses of `--set parallel.microbatches=2`.
+A failed rank stops the others, naming it (exit 2).
 
 Exit codes: 0 done, 1 the model diverged (the NaN/Inf guard stopped the run, a
 non-finite weight blocked a checkpoint, or the final eval loss is not finite),
@@ -98,6 +112,16 @@ directory in use), printed as one line.";
 
 /// Runs `megamoe train`.
 pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.world >= 1,
+        "--world {} must be at least 1 (the number of ranks)",
+        args.world
+    );
+    anyhow::ensure!(
+        args.world == 1 || args.resume.is_none(),
+        "--resume with --world {} is not supported yet: a distributed run starts fresh",
+        args.world
+    );
     if let Some(p) = args.peak_flops {
         anyhow::ensure!(
             p.is_finite() && p > 0.0,
@@ -147,6 +171,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             std::time::Duration::from_millis(200),
         )?),
     };
+    if args.world > 1 {
+        return crate::train_world::run(args, &raw, data, peak, chosen_dir);
+    }
     let mut trainer = Trainer::new(
         &raw,
         data,

@@ -22,7 +22,8 @@ pub fn check_cpu_trainer_support(plan: &Plan) -> Result<()> {
                 )
             },
             rule: "the single-process CPU trainer needs world size 1: set parallel.pp, dp, \
-                   ep, cp and tp to 1 (`megamoe plan` lays out multi-rank configs)"
+                   ep, cp and tp to 1, or run the layout's ranks as threads with \
+                   `megamoe train --world N` (`megamoe plan` lays out multi-rank configs)"
                 .to_string(),
         });
     }

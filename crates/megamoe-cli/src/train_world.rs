@@ -1,0 +1,141 @@
+//! `megamoe train --world N`: one training run over N thread ranks of this process, laid
+//! out by `parallel.dp` × `parallel.ep`. Rank 0 writes the run directory (metrics,
+//! checkpoints, summary) exactly as a one-rank run does; the other ranks compute their
+//! share and join every collective. A failed rank stops every other one with an error
+//! naming it; the command then exits 2 listing each rank's message.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use megamoe_plan::{Plan, RawConfig};
+use megamoe_train::distributed::{
+    check_layout, follow_training, rank_fault_from_env, run_thread_ranks, RANK_FAULT_ENV,
+};
+use megamoe_train::progress::LEGEND;
+use megamoe_train::session::check_fresh_run_dir;
+use megamoe_train::{
+    run_training, DataSource, Progress, RunDir, RunLock, RunOptions, Trainer, TrainerOptions,
+};
+
+use crate::train_cmd::TrainArgs;
+use crate::train_header::{header_lines, HeaderInfo, Peak};
+
+/// Runs a fresh `megamoe train --world N` (N > 1) with the loaded config and data.
+pub fn run(
+    args: &TrainArgs,
+    raw: &RawConfig,
+    data: Arc<DataSource>,
+    peak: Peak,
+    chosen_dir: Option<&PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let world = args.world;
+    let plan = Plan::resolve(raw, None)?;
+    anyhow::ensure!(
+        plan.mesh.world() == world,
+        "--world {world} must equal the layout's world size {}",
+        plan.mesh.describe()
+    );
+    check_layout(&plan)?;
+    if plan.parallel.ep > 1 {
+        anyhow::bail!(
+            "parallel.ep={} is not supported by `train --world` yet: checkpoints of \
+             expert-sharded runs are not written; use parallel.dp (expert parallelism runs \
+             in the library, see docs/architecture.md \"Distributed training\")",
+            plan.parallel.ep
+        );
+    }
+    let fault = rank_fault_from_env()?;
+    if let Some((rank, step)) = fault {
+        anyhow::ensure!(
+            (1..world).contains(&rank),
+            "{RANK_FAULT_ENV}={rank}@{step}: the rank must be 1..{} (a rank other than the \
+             writing rank 0)",
+            world - 1
+        );
+    }
+    let run_dir = match chosen_dir {
+        Some(dir) => dir.clone(),
+        None => RunDir::create_unique(Path::new("runs"))?
+            .path()
+            .to_path_buf(),
+    };
+    let _lock = RunLock::acquire(&run_dir)?;
+    check_fresh_run_dir(&run_dir)?;
+    let run = RunDir::create(&run_dir)?;
+    run.write_origin(data.name())?;
+
+    let total_steps = args.steps.unwrap_or(plan.train.steps as u64);
+    let opts = RunOptions {
+        total_steps,
+        show_every: 1,
+        sample_tokens: args.sample_tokens,
+    };
+    let options = TrainerOptions {
+        peak_flops: Some(peak.flops()),
+    };
+    let diverged = AtomicBool::new(false);
+    let outcome = run_thread_ranks(world, |comm| {
+        let mut trainer = Trainer::new_rank(raw, data.clone(), options, comm)?;
+        if !trainer.is_writer() {
+            follow_training(&mut trainer, &opts, fault)?;
+            return Ok(None);
+        }
+        run.write_config(trainer.config_toml())?;
+        let header = HeaderInfo {
+            config: &args.config.source_name(),
+            run_dir: run.path(),
+            steps: (0, total_steps),
+            peak,
+        };
+        for line in header_lines(&trainer, &header) {
+            eprintln!("{line}");
+        }
+        eprintln!(
+            "layout     {world} thread ranks: {} (rank 0 writes)",
+            plan.mesh.describe()
+        );
+        for w in &trainer.plan().warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("{LEGEND}");
+        let log_every = trainer.plan().train.log_every.max(1) as u64;
+        let mut progress = Progress::new(0, total_steps, log_every);
+        run_training(&mut trainer, run.path(), &opts, &mut progress)
+            .map(Some)
+            .inspect_err(|e| {
+                if matches!(
+                    e,
+                    megamoe_train::Error::NonFiniteSteps { .. }
+                        | megamoe_train::Error::NonFiniteParameters { .. }
+                        | megamoe_train::Error::NonFiniteEval { .. }
+                ) {
+                    diverged.store(true, Ordering::Relaxed);
+                }
+            })
+    });
+    match outcome {
+        Ok(mut summaries) => {
+            if let Some(summary) = summaries.swap_remove(0) {
+                print!("{summary}");
+            }
+            println!("run dir    {} (megamoe report {0})", run.path().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failures) => {
+            for (_, msg) in &failures.failures {
+                eprintln!("{msg}");
+            }
+            if diverged.load(Ordering::Relaxed) {
+                eprintln!("error: {}", failures.first.1);
+                return Ok(ExitCode::from(1));
+            }
+            Err(anyhow::anyhow!(
+                "train --world {world}: rank {} failed first: {}",
+                failures.first.0,
+                failures.first.1
+            ))
+        }
+    }
+}

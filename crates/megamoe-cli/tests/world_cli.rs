@@ -1,0 +1,138 @@
+//! `megamoe train --world N` through the built binary: N data-parallel thread ranks write
+//! the same per-step losses as one rank running the same micro-batches (same micro-batch
+//! size), a failed rank makes the command exit non-zero naming it, and layouts the trainer
+//! cannot run are refused by name.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
+const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("megamoe-world-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn train(dir: &Path, run: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .args(["train", "--config", TINY, "--steps", "8", "--run-dir", run])
+        .args(["--sample-tokens", "0", "--peak-flops", "1e11"])
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run megamoe")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// (step, total loss) of every step record.
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "step")
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["loss"]["total"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn world_2_data_parallel_writes_the_losses_of_one_rank() {
+    let dir = scratch("dp2");
+    let one = train(&dir, "one", &["--set", "parallel.microbatches=2"], &[]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let two = train(
+        &dir,
+        "two",
+        &["--world", "2", "--set", "parallel.dp=2"],
+        &[],
+    );
+    assert!(two.status.success(), "{}", stderr(&two));
+    assert!(stderr(&two).contains("2 thread ranks"), "{}", stderr(&two));
+    let (want, got) = (losses(&dir.join("one")), losses(&dir.join("two")));
+    assert_eq!(want.len(), 8);
+    assert_eq!(got.len(), 8, "rank 0 writes one record per step");
+    assert!(
+        (want[7].1 - want[0].1).abs() > 1e-3,
+        "the loss moves: {want:?}"
+    );
+    for ((s, w), (s2, g)) in want.iter().zip(&got) {
+        assert_eq!(s, s2);
+        let rel = (g - w).abs() / w.abs();
+        assert!(
+            rel <= 1e-5,
+            "step {s}: --world 2 loss {g} vs one rank {w} (rel {rel:e})"
+        );
+    }
+    assert!(dir.join("two/checkpoints/ckpt-00000008").is_dir());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_rank_makes_train_world_exit_non_zero_naming_it() {
+    let dir = scratch("fault");
+    let out = train(
+        &dir,
+        "run",
+        &["--world", "2", "--set", "parallel.dp=2"],
+        &[("MEGAMOE_RANK_FAULT", "1@3")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("rank 0: all_reduce aborted: rank 1 failed"),
+        "{err}"
+    );
+    assert!(err.contains("rank 1 failed first"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn layouts_train_world_cannot_run_are_refused_by_name() {
+    let dir = scratch("refuse");
+    for (args, want) in [
+        (
+            vec!["--world", "3", "--set", "parallel.dp=2"],
+            "--world 3 must equal",
+        ),
+        (
+            vec!["--world", "2", "--set", "parallel.pp=2"],
+            "parallel.pp=2",
+        ),
+        (
+            vec![
+                "--world",
+                "2",
+                "--set",
+                "parallel.dp=2",
+                "--set",
+                "parallel.fsdp=3",
+            ],
+            "parallel.fsdp=3",
+        ),
+        (vec!["--world", "0"], "--world 0"),
+        (vec!["--set", "parallel.dp=2"], "--world N"),
+    ] {
+        let out = train(&dir, "run", &args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+        assert!(
+            !dir.join("run/metrics.jsonl").exists(),
+            "{args:?}: nothing written"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
