@@ -6,10 +6,8 @@
 //! `cargo run --release -p megamoe-pipeline --example execute -- 4 8 256`
 //! (ranks, micro-batches, D; defaults 4 8 128).
 
-use megamoe_pipeline::executor::{channel_mesh, compare, BoxError, RankTiming};
-use megamoe_pipeline::{
-    generate, run_rank, simulate, validate, Action, Costs, OpKind, PipelineShape, Stage,
-};
+use megamoe_pipeline::executor::{channel_mesh, compare, measured_costs, BoxError};
+use megamoe_pipeline::{generate, run_rank, simulate, validate, PipelineShape, Stage};
 use megamoe_plan::ScheduleKind;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -94,31 +92,6 @@ impl Stage for Toy {
         }
         Ok(())
     }
-}
-
-/// Mean measured duration per action kind, as simulator costs (comm 0).
-fn measured_costs(timings: &[RankTiming]) -> Costs {
-    let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
-    for t in timings.iter().flat_map(|r| &r.timeline) {
-        let key = match t.action {
-            Action::OverlapFB { .. } => "FB",
-            Action::Op(op) => match op.kind {
-                OpKind::F => "F",
-                OpKind::I => "I",
-                OpKind::W => "W",
-                _ => "B",
-            },
-        };
-        let e = sums.entry(key).or_insert((0.0, 0));
-        e.0 += t.end - t.start;
-        e.1 += 1;
-    }
-    let mean = |k: &str| sums.get(k).map(|&(s, n)| s / n as f64);
-    let f = mean("F").unwrap_or(0.0);
-    let (i, w) = (mean("I"), mean("W"));
-    let b = mean("B").unwrap_or(i.unwrap_or(0.0) + w.unwrap_or(0.0));
-    let (i, w) = (i.unwrap_or(b / 2.0), w.unwrap_or(b / 2.0));
-    Costs::constant(f, i, w, b, mean("FB"), 0.0)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

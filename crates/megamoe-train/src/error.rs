@@ -314,6 +314,12 @@ pub enum Error {
         /// The step it was about to run.
         step: u64,
     },
+    /// The pipeline schedule cannot be built for the plan.
+    #[error("pipeline schedule: {0}")]
+    PipelineSchedule(#[from] megamoe_pipeline::Error),
+    /// The pipeline schedule run failed on a rank (a stage or a transfer).
+    #[error("pipeline: {0}")]
+    PipelineRun(#[from] megamoe_pipeline::ExecError),
     /// The config asks for something the single-process trainer cannot do.
     #[error("{field}={value} is not supported by the trainer: {rule}")]
     TrainConfig {

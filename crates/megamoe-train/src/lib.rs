@@ -17,6 +17,8 @@
 //! - [`GoodputTracker`]: wall time booked to step / data / checkpoint / eval / compile.
 //! - [`Progress`]: indicatif bar on a terminal, one plain line per step otherwise.
 //! - [`render_report`]: SVG plots and `report.txt` from a run directory.
+//! - [`distributed`]: training over several ranks — [`distributed::PipelineRank`] runs
+//!   one pipeline rank's share of a step under any generated schedule.
 //! - [`RunDir`]: the paths of a run directory.
 //!
 //! A trainer step reads like llm.c's loop: `batcher.next_batch()` (booked to

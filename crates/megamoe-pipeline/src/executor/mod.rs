@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 pub use channels::{channel_mesh, ChannelTransport};
-pub use timing::{compare, RankTiming, TimingRow};
+pub use timing::{compare, measured_costs, RankTiming, TimingRow};
 
 /// Boxed error of a stage or a transport.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

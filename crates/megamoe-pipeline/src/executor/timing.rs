@@ -1,9 +1,10 @@
 //! Measured per-rank busy / idle time of an executed schedule, and the
 //! comparison with the simulator's prediction.
 
-use crate::ir::Action;
-use crate::simulate::{Simulation, TimedAction};
+use crate::ir::{Action, OpKind};
+use crate::simulate::{Costs, Simulation, TimedAction};
 use serde::Serialize;
+use std::collections::HashMap;
 
 /// What one rank did, in seconds since the run's common epoch.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -80,6 +81,33 @@ pub fn compare(timings: &[RankTiming], sim: &Simulation) -> Vec<TimingRow> {
             }
         })
         .collect()
+}
+
+/// Simulator costs from a run: the mean measured duration of each action kind (F, I, W,
+/// B, F&B) over every rank, communication 0. A kind that did not run takes its share of
+/// another (I = W = B/2, B = I + W).
+pub fn measured_costs(timings: &[RankTiming]) -> Costs {
+    let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
+    for t in timings.iter().flat_map(|r| &r.timeline) {
+        let key = match t.action {
+            Action::OverlapFB { .. } => "FB",
+            Action::Op(op) => match op.kind {
+                OpKind::F => "F",
+                OpKind::I => "I",
+                OpKind::W => "W",
+                _ => "B",
+            },
+        };
+        let e = sums.entry(key).or_insert((0.0, 0));
+        e.0 += t.end - t.start;
+        e.1 += 1;
+    }
+    let mean = |k: &str| sums.get(k).map(|&(s, n)| s / n as f64);
+    let f = mean("F").unwrap_or(0.0);
+    let (i, w) = (mean("I"), mean("W"));
+    let b = mean("B").unwrap_or(i.unwrap_or(0.0) + w.unwrap_or(0.0));
+    let (i, w) = (i.unwrap_or(b / 2.0), w.unwrap_or(b / 2.0));
+    Costs::constant(f, i, w, b, mean("FB"), 0.0)
 }
 
 #[cfg(test)]

@@ -34,9 +34,17 @@
 //! single-process gradient path. A pipeline stage runner plugs in at the same place: it
 //! replaces the micro-batch loop by its schedule over the stage's chunks, and keeps the
 //! reduce / clip / optimizer tail.
+//!
+//! # Pipeline parallelism
+//! [`pipeline`]: [`PipelineRank`] runs one pipeline rank's share of a step under any
+//! generated schedule (model chunks as executor stages, messages as [`Wire`]s over a
+//! [`Communicator`] through [`CommTransport`]), with its own optimizer over its stages.
 
+pub mod pipeline;
+mod pipeline_stage;
 mod reduce;
 mod run;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -49,9 +57,12 @@ use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::trainer::{Trainer, TrainerOptions};
 
+pub use pipeline::{PipelineRank, PipelineStep};
+pub use pipeline_stage::StageContractError;
 pub use run::{
     check_rank_fault, follow_training, rank_fault_from_env, run_thread_ranks, RANK_FAULT_ENV,
 };
+pub use wire::{CommTransport, Wire, WireError};
 
 /// One rank's place in the mesh and its process groups, built once.
 pub struct Parallel {

@@ -1,0 +1,499 @@
+//! Pipeline-parallel training: [`PipelineRank`] is one pipeline rank's share of a run
+//! (the model stages it holds, their optimizer state, the step's schedule program),
+//! and [`PipelineRank::step`] is one optimizer step of every schedule the generators
+//! make (GPipe, 1F1B, interleaved, ZB-H1, ZBV, DualPipe, DualPipeV).
+//!
+//! A step, on every rank of the pipeline group (a [`Communicator`] of `parallel.pp`
+//! ranks, thread ranks or MPI processes):
+//!
+//! ```text
+//! batch → M micro-batches (the same rows as one rank's gradient accumulation)
+//! one ChunkStage per schedule stage of this rank (parameters by handle, zeroed grads)
+//! run_rank        F / I / W / B / F&B as the schedule says; carries and gradients
+//!                 travel over the CommTransport
+//! sum_shared_gradients   tied/MTP embedding over every chain end, DualPipe's mirrored
+//!                 stage copies: every copy holds the total
+//! losses          head stages' per-micro-batch values, all-reduced (zeros elsewhere:
+//!                 exact), averaged in micro-batch order as one rank does
+//! clip            Σ g² of the parameters this rank owns (lowest holding rank; copies
+//!                 counted once), all-reduced in rank order → global norm
+//! optimizer       AdamW / Muon over this rank's distinct parameters (each whole on the
+//!                 rank: Muon needs no gather); every copy steps identically
+//! expert bias     routed picks per MoE layer all-reduced (integers: exact)
+//! ```
+//!
+//! The micro-batches and every per-micro-batch quantity (aux, z, capacity, CE mean)
+//! are those of one rank, so the step is the same mathematical step; only gradient
+//! summation order differs (micro-batches accumulate in schedule order, shared copies
+//! are summed after), which layout-invariance tests bound at 1e-5 relative.
+//!
+//! Per-rank busy / idle time of the schedule run is in [`PipelineStep::timing`]; set it
+//! next to the simulator with [`megamoe_pipeline::executor::compare`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use megamoe_comm::{Communicator, ReduceOp};
+use megamoe_model::ffn::FfnParams;
+use megamoe_model::{ChunkParams, ChunkSpec, Model, ModelConfig};
+use megamoe_optim::{clip_factor, Optimizer, Schedule as LrSchedule};
+use megamoe_pipeline::executor::RankTiming;
+use megamoe_pipeline::{
+    generate, run_rank, sum_shared_gradients, validate, CommSchedule, PipelineShape, Schedule,
+};
+use megamoe_plan::Plan;
+use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+
+use super::pipeline_stage::{ChunkStage, MicroBatch};
+use super::wire::CommTransport;
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::metrics::LossParts;
+use crate::trainer::batch_tensors;
+
+/// One pipeline rank of a run: its model stages' parameters and optimizer state.
+#[derive(Debug)]
+pub struct PipelineRank {
+    plan: Plan,
+    model: Model,
+    schedule: Schedule,
+    comm_schedule: CommSchedule,
+    rank: usize,
+    /// Layer slice of each model stage.
+    specs: Vec<ChunkSpec>,
+    /// Parameters of the model stages this rank holds, by model stage.
+    params: BTreeMap<usize, ChunkParams>,
+    /// Every tensor of the model in one rank's order, and the slot of each tensor whose
+    /// gradient this rank counts in the global norm (the lowest rank holding it).
+    norm_slots: usize,
+    owned_slots: HashMap<String, usize>,
+    /// The head reads the embedding (tied head or MTP).
+    shared_embedding: bool,
+    optimizer: Optimizer,
+    lr: LrSchedule,
+    step: u64,
+}
+
+/// What one pipeline step did (the same numbers on every rank, except `timing`).
+#[derive(Debug, Clone)]
+pub struct PipelineStep {
+    /// Loss parts averaged over micro-batches.
+    pub loss: LossParts,
+    /// MTP depth CEs averaged over micro-batches.
+    pub mtp_losses: Vec<f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// The NaN/Inf guard skipped the update.
+    pub skipped: bool,
+    /// This rank's measured schedule run.
+    pub timing: RankTiming,
+}
+
+/// Calls `f` once per distinct parameter name of `params` (model stages ascending).
+fn visit_distinct(
+    params: &BTreeMap<usize, ChunkParams>,
+    f: &mut dyn FnMut(&str, &Tensor, ParamRole),
+) {
+    let mut seen = HashSet::new();
+    for cp in params.values() {
+        cp.visit(&mut |n, t, r| {
+            if seen.insert(n.to_string()) {
+                f(n, t, r);
+            }
+        });
+    }
+}
+
+fn visit_distinct_mut(
+    params: &mut BTreeMap<usize, ChunkParams>,
+    f: &mut dyn FnMut(&str, &mut Tensor, ParamRole),
+) {
+    let mut seen = HashSet::new();
+    for cp in params.values_mut() {
+        cp.visit_mut(&mut |n, t, r| {
+            if seen.insert(n.to_string()) {
+                f(n, t, r);
+            }
+        });
+    }
+}
+
+fn pipeline_config(field: &'static str, value: String, rule: &str) -> Error {
+    Error::TrainConfig {
+        field,
+        value,
+        rule: rule.to_string(),
+    }
+}
+
+impl PipelineRank {
+    /// Pipeline rank `rank` of a run of `plan` (resolved for `parallel.pp` devices):
+    /// initialises the whole model as one rank would (same seed, same values), keeps the
+    /// model stages `parallel.schedule` places on this rank, and builds their optimizer.
+    pub fn new(plan: &Plan, rank: usize) -> Result<PipelineRank> {
+        crate::support::check_cpu_trainer_support(plan)?;
+        let par = &plan.parallel;
+        if par.dp * par.ep * par.tp * par.cp != 1 {
+            return Err(pipeline_config(
+                "parallel",
+                format!("dp={} ep={} tp={} cp={}", par.dp, par.ep, par.tp, par.cp),
+                "the pipeline trainer runs parallel.pp alone (dp, ep, tp and cp must be 1)",
+            ));
+        }
+        if rank >= par.pp {
+            return Err(pipeline_config(
+                "rank",
+                rank.to_string(),
+                &format!("must be below parallel.pp={}", par.pp),
+            ));
+        }
+        let shape = PipelineShape {
+            ranks: par.pp,
+            microbatches: par.microbatches,
+            vpp: par.vpp,
+        };
+        let schedule = generate(par.schedule, shape)?;
+        let comm_schedule = validate(&schedule)?;
+        let model = Model::new(ModelConfig::from_plan(plan)?)?;
+        let full = model.init_params()?;
+        let shared_embedding = full.lm_head.is_none() || full.mtp.is_some();
+        let map = &schedule.stage_map;
+        let specs = ChunkSpec::even(plan.model.n_layers, map.model_stages())?;
+        let all = full.split(&specs)?;
+        drop(full);
+        // The lowest rank holding a tensor counts it in the gradient norm, in the slot
+        // one rank's visit order gives it.
+        let mut owner: HashMap<String, usize> = HashMap::new();
+        for s in 0..map.stages() {
+            if let (Some(r), Some(ms)) = (map.rank(s), map.model_stage(s)) {
+                for n in all[ms].names() {
+                    let o = owner.entry(n).or_insert(r);
+                    *o = (*o).min(r);
+                }
+            }
+        }
+        let mut order: Vec<String> = Vec::new();
+        let whole: BTreeMap<usize, ChunkParams> = all.iter().cloned().enumerate().collect();
+        visit_distinct(&whole, &mut |n, _, _| order.push(n.to_string()));
+        drop(whole);
+        let norm_slots = order.len();
+        let owned_slots = order
+            .into_iter()
+            .enumerate()
+            .filter(|(_, n)| owner.get(n) == Some(&rank))
+            .map(|(i, n)| (n, i))
+            .collect();
+        let params: BTreeMap<usize, ChunkParams> = map
+            .stages_of(rank)
+            .into_iter()
+            .filter_map(|s| map.model_stage(s))
+            .map(|ms| (ms, all[ms].clone()))
+            .collect();
+        drop(all);
+        let optimizer = Optimizer::new(&plan.optim, &mut |f| visit_distinct(&params, f))?;
+        let lr = LrSchedule::from_plan(&plan.optim, plan.train.steps)?;
+        Ok(PipelineRank {
+            plan: plan.clone(),
+            model,
+            schedule,
+            comm_schedule,
+            rank,
+            specs,
+            params,
+            norm_slots,
+            owned_slots,
+            shared_embedding,
+            optimizer,
+            lr,
+            step: 0,
+        })
+    }
+
+    /// The schedule this rank runs a program of.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Steps run so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Every distinct parameter and buffer (expert bias) this rank holds, by global name,
+    /// as host f32 values.
+    pub fn named_values(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        let mut out = Vec::new();
+        let mut err = None;
+        let mut push = |n: &str, t: &Tensor| {
+            if err.is_none() {
+                match t.to_host_f32() {
+                    Ok(v) => out.push((n.to_string(), v)),
+                    Err(e) => err = Some(e),
+                }
+            }
+        };
+        visit_distinct(&self.params, &mut |n, t, _| push(n, t));
+        for cp in self.params.values() {
+            for (i, l) in cp.layers.iter().enumerate() {
+                let prefix = format!("model.layers.{}.mlp", cp.layer_offset + i);
+                l.mlp.visit_buffers(&prefix, &mut |n, t| push(n, t));
+            }
+        }
+        match err {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
+        }
+    }
+
+    /// One optimizer step over `batch` (the whole step's `train.global_batch` sequences,
+    /// the same on every rank). `comm` is the pipeline group: `parallel.pp` ranks, this
+    /// rank's index in it equal to the pipeline rank. Collective: every rank of the group
+    /// calls it with the same batch.
+    pub fn step(&mut self, comm: &dyn Communicator, batch: &Batch) -> Result<PipelineStep> {
+        let pp = self.plan.parallel.pp;
+        if comm.size() != pp || comm.rank() != self.rank {
+            return Err(pipeline_config(
+                "pipeline communicator",
+                format!("rank {} of {}", comm.rank(), comm.size()),
+                &format!("must be rank {} of parallel.pp={pp}", self.rank),
+            ));
+        }
+        let s = self.step as usize;
+        let m = self.plan.batch.microbatches;
+        let mbs = self.plan.batch.micro_batch_size;
+        let micro = (0..m)
+            .map(|i| {
+                let (ids, targets) = batch_tensors(&batch.rows(i * mbs..(i + 1) * mbs)?)?;
+                Ok(MicroBatch { ids, targets })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        // 1. The schedule program over this rank's stages.
+        let map = &self.schedule.stage_map;
+        let mut stages = BTreeMap::new();
+        for st in map.stages_of(self.rank) {
+            let ms = map.model_stage(st).unwrap_or(0);
+            let chunk = self.model.chunk(self.specs[ms].clone())?;
+            let params = self.params[&ms].clone();
+            let stage = ChunkStage::new(st, chunk, params, &micro, s, self.shared_embedding)?;
+            stages.insert(st, stage);
+        }
+        let mut transport = CommTransport::new(comm);
+        comm.barrier()?;
+        let epoch = Instant::now();
+        let timing = run_rank(
+            &self.schedule,
+            &self.comm_schedule,
+            self.rank,
+            &mut stages,
+            &mut transport,
+            epoch,
+        )?;
+        // 2. Shared and mirrored parameters: every copy gets the total.
+        sum_shared_gradients(&self.schedule, self.rank, &mut stages, &mut transport)?;
+        let mut losses = BTreeMap::new();
+        let mut picks: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+        let mut grads: Vec<(String, Tensor, ParamRole)> = Vec::new();
+        let mut seen = HashSet::new();
+        for st in stages.into_values() {
+            if let Some(e) = st.accumulate_error.take() {
+                return Err(e.into());
+            }
+            losses.extend(st.losses);
+            for (layer, p) in st.picks {
+                let sum = picks.entry(layer).or_insert_with(|| vec![0.0; p.len()]);
+                sum.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+            }
+            st.grads.visit(&mut |n, t, r| {
+                if seen.insert(n.to_string()) {
+                    grads.push((n.to_string(), t.clone(), r));
+                }
+            });
+        }
+
+        // 3. Losses of every micro-batch, from the head stages.
+        let (loss, mtp_losses) = self.gather_losses(comm, &losses)?;
+
+        // 4. Global gradient norm and clipping: Σ g² of each tensor in its one-rank slot
+        // (filled by the rank owning it, zero elsewhere: the sum over ranks is exact),
+        // then summed in one rank's order, as `clip_grad_norm` does.
+        let zero = Tensor::zeros([1], DType::F32, Device::Cpu)?;
+        let mut parts = vec![zero; self.norm_slots];
+        for (n, g, _) in &grads {
+            if let Some(&slot) = self.owned_slots.get(n) {
+                parts[slot] = g.sum_squares()?.reshape([1])?;
+            }
+        }
+        let local = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?;
+        let norm_t = comm.all_reduce(&local, ReduceOp::Sum)?.sum_all()?.sqrt()?;
+        if let Some(max) = self.plan.optim.grad_clip {
+            let factor = clip_factor(&norm_t, max)?;
+            for (_, g, _) in &mut grads {
+                g.scale_by_assign(&factor)?;
+            }
+        }
+        // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
+        let grad_norm = norm_t.to_scalar_f32()? as f64;
+        let finite = grad_norm.is_finite() && loss.total.is_finite();
+
+        // 5. Optimizer and expert bias, unless the guard skips the step.
+        let lr = self.lr.lr(s);
+        if finite {
+            self.optimizer.step(
+                &mut |f| visit_distinct_mut(&mut self.params, f),
+                &mut |f| grads.iter().for_each(|(n, g, r)| f(n, g, *r)),
+                lr,
+            )?;
+            self.sync_embedding_copies();
+            self.update_expert_bias(comm, &picks)?;
+        } else {
+            log::warn!(
+                "step {}: non-finite loss {} or gradient norm {grad_norm}; update skipped",
+                s + 1,
+                loss.total
+            );
+        }
+        self.step += 1;
+        Ok(PipelineStep {
+            loss,
+            mtp_losses,
+            grad_norm,
+            lr,
+            skipped: !finite,
+            timing,
+        })
+    }
+
+    /// The step's mean loss parts from the head stages' per-micro-batch values: a
+    /// `[M, 7 + mtp depth]` table, each row filled on the rank that owns it and zero
+    /// elsewhere, summed over the group (exact), then averaged in micro-batch order.
+    fn gather_losses(
+        &self,
+        comm: &dyn Communicator,
+        losses: &BTreeMap<usize, megamoe_model::LossValues>,
+    ) -> Result<(LossParts, Vec<f64>)> {
+        let p = &self.plan;
+        let m = p.batch.microbatches;
+        let depth = p.mtp.as_ref().map_or(0, |t| t.depth);
+        let k = 7 + depth;
+        let mut rows = vec![0.0f32; m * k];
+        for (&mb, v) in losses {
+            let r = &mut rows[mb * k..(mb + 1) * k];
+            r[..7].copy_from_slice(&[
+                1.0,
+                v.lm_loss,
+                v.aux,
+                v.z,
+                v.gate_skip,
+                v.flexi_depth,
+                v.total,
+            ]);
+            for (j, x) in v.mtp_losses.iter().take(depth).enumerate() {
+                r[7 + j] = *x;
+            }
+        }
+        let table = Tensor::from_vec_f32(rows, [m, k], Device::Cpu)?;
+        let all = comm.all_reduce(&table, ReduceOp::Sum)?.to_host_f32()?;
+        let mut sum = LossParts::default();
+        let mut mtp = vec![0.0f64; depth];
+        for mb in 0..m {
+            let r = &all[mb * k..(mb + 1) * k];
+            if r[0] != 1.0 {
+                return Err(pipeline_config(
+                    "parallel.schedule",
+                    format!("{}", p.parallel.schedule),
+                    &format!("micro-batch {mb} got {} losses instead of 1", r[0]),
+                ));
+            }
+            sum.total += r[6] as f64;
+            sum.lm += r[1] as f64;
+            if let Some(t) = &p.mtp {
+                for (j, w) in t.step_weights.iter().enumerate().take(depth) {
+                    sum.mtp += t.loss_weight * w * r[7 + j] as f64;
+                    mtp[j] += r[7 + j] as f64;
+                }
+            }
+            if let Some(moe) = &p.moe {
+                sum.aux += moe.aux_loss_weight * r[2] as f64;
+                sum.z += moe.z_loss_weight * r[3] as f64;
+            }
+            if let Some(g) = &p.gate_skip {
+                sum.skip += g.sparsity_weight * r[4] as f64;
+            }
+            if let Some(f) = &p.flexi_depth {
+                sum.skip += f.skip_loss_weight * r[5] as f64;
+            }
+        }
+        let n = m.max(1) as f64;
+        let loss = LossParts {
+            total: sum.total / n,
+            lm: sum.lm / n,
+            mtp: sum.mtp / n,
+            aux: sum.aux / n,
+            z: sum.z / n,
+            skip: sum.skip / n,
+        };
+        Ok((loss, mtp.into_iter().map(|x| x / n).collect()))
+    }
+
+    /// After the optimizer stepped the first copy of the embedding on this rank, the
+    /// other model stages holding it take the same tensor.
+    fn sync_embedding_copies(&mut self) {
+        let mut first: Option<Tensor> = None;
+        for cp in self.params.values_mut() {
+            if let Some(e) = cp.embed_tokens.as_mut() {
+                match &first {
+                    None => first = Some(e.clone()),
+                    Some(f) => *e = f.clone(),
+                }
+            }
+        }
+    }
+
+    /// Aux-loss-free balancing, as one rank: `b ← b + γ·sign(mean(c) − c)` with `c` the
+    /// step's picks per routed expert over every micro-batch (all-reduced: DualPipe's two
+    /// copies of a layer see different micro-batches).
+    fn update_expert_bias(
+        &mut self,
+        comm: &dyn Communicator,
+        picks: &BTreeMap<usize, Vec<f32>>,
+    ) -> Result<()> {
+        let Some(moe) = &self.plan.moe else {
+            return Ok(());
+        };
+        let Some(rate) = moe.expert_bias_rate else {
+            return Ok(());
+        };
+        let (layers, e) = (self.plan.model.n_layers, moe.routed_experts);
+        let mut table = vec![0.0f32; layers * e];
+        for (&l, p) in picks {
+            if l < layers && p.len() == e {
+                table[l * e..(l + 1) * e].copy_from_slice(p);
+            }
+        }
+        let t = Tensor::from_vec_f32(table, [layers, e], Device::Cpu)?;
+        let all = comm.all_reduce(&t, ReduceOp::Sum)?.to_host_f32()?;
+        let update = megamoe_moe::ExpertBiasUpdate {
+            rate: rate as f32,
+            centre: false,
+        };
+        for cp in self.params.values_mut() {
+            let offset = cp.layer_offset;
+            for (i, l) in cp.layers.iter_mut().enumerate() {
+                let FfnParams::Moe(p) = &mut l.mlp else {
+                    continue;
+                };
+                let Some(bias) = p.router.expert_bias.as_mut() else {
+                    continue;
+                };
+                let layer = offset + i;
+                let c = all[layer * e..(layer + 1) * e].to_vec();
+                let c = Tensor::from_vec_f32(c, [e], Device::Cpu)?;
+                *bias = update.apply(bias, &c)?;
+            }
+        }
+        Ok(())
+    }
+}
