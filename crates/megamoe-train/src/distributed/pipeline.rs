@@ -133,7 +133,7 @@ impl PipelineRank {
     /// initialises the whole model as one rank would (same seed, same values), keeps the
     /// model stages `parallel.schedule` places on this rank, and builds their optimizer.
     pub fn new(plan: &Plan, rank: usize) -> Result<PipelineRank> {
-        crate::support::check_cpu_trainer_support(plan)?;
+        crate::support::check_cpu_numerics(plan)?;
         let par = &plan.parallel;
         if par.dp * par.ep * par.tp * par.cp != 1 {
             return Err(pipeline_config(
