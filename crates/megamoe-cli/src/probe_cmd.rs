@@ -6,9 +6,9 @@ use crate::args::ConfigArgs;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use megamoe_moe::{run_probe, MoeConfig};
-use megamoe_plan::Plan;
+use megamoe_plan::{MemoryLimit, Plan};
 use megamoe_tensor::{load_safetensors, save_safetensors};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Flags of `megamoe probe`.
@@ -67,14 +67,21 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_moe(a: &MoeProbeArgs) -> anyhow::Result<ExitCode> {
+    check_out_is_not_input(&a.tensors, &a.out)?;
     let raw = a.config.load()?;
-    let plan =
-        Plan::resolve(&raw, None).with_context(|| format!("config {}", a.config.source_name()))?;
+    let plan = match MemoryLimit::host_ram() {
+        Some(ram) => Plan::resolve_within(&raw, None, &ram),
+        None => Plan::resolve(&raw, None),
+    }
+    .with_context(|| format!("config {}", a.config.source_name()))?;
     let cfg = MoeConfig::from_plan(&plan)?;
     let inputs = load_safetensors(&a.tensors)?;
     let (_, unused) = megamoe_moe::check_probe_inputs(&cfg, &inputs)?;
     for name in unused {
         eprintln!("warning: input tensor `{name}` is not used by this config");
+    }
+    for warning in non_finite_inputs(&inputs)? {
+        eprintln!("warning: {warning}");
     }
     let outputs = run_probe(&cfg, &inputs)?;
     let named: Vec<(&str, &megamoe_tensor::Tensor)> =
@@ -82,4 +89,46 @@ fn run_moe(a: &MoeProbeArgs) -> anyhow::Result<ExitCode> {
     save_safetensors(&a.out, &named)?;
     println!("wrote {} tensors to {}", outputs.len(), a.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses `--out` naming the `--tensors` file (the same file after resolving
+/// links and `..`, or a hard link to it): writing would destroy the input.
+fn check_out_is_not_input(tensors: &Path, out: &Path) -> anyhow::Result<()> {
+    let (Ok(input), Ok(output)) = (std::fs::metadata(tensors), std::fs::metadata(out)) else {
+        return Ok(()); // --out does not exist yet (or --tensors is missing: load reports it)
+    };
+    let same_path = tensors.canonicalize().ok() == out.canonicalize().ok();
+    #[cfg(unix)]
+    let same_inode = {
+        use std::os::unix::fs::MetadataExt;
+        (input.dev(), input.ino()) == (output.dev(), output.ino())
+    };
+    #[cfg(not(unix))]
+    let same_inode = {
+        let _ = (input, output);
+        false
+    };
+    anyhow::ensure!(
+        !(same_path || same_inode),
+        "--out {} is the --tensors input file; writing would overwrite it (choose another --out)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// One line per input tensor holding NaN or ±inf: its name, how many, and the first.
+fn non_finite_inputs(inputs: &[(String, megamoe_tensor::Tensor)]) -> anyhow::Result<Vec<String>> {
+    let tensors: Vec<&megamoe_tensor::Tensor> = inputs.iter().map(|(_, t)| t).collect();
+    let values = megamoe_tensor::Tensor::to_host_batch_f32(&tensors)?;
+    Ok(inputs
+        .iter()
+        .zip(values)
+        .filter_map(|((name, _), v)| {
+            let count = v.iter().filter(|x| !x.is_finite()).count();
+            let (i, first) = v.iter().enumerate().find(|(_, x)| !x.is_finite())?;
+            Some(format!(
+                "input tensor `{name}` has {count} non-finite values (first at flat index {i}: {first}); outputs and gradients will not be finite"
+            ))
+        })
+        .collect())
 }

@@ -291,3 +291,44 @@ fn bad_peak_flops_and_eval_batches_exit_2_before_anything_is_written() {
     assert!(!dir.join("r").exists());
     cleanup(&dir);
 }
+
+#[test]
+fn an_edited_state_json_is_skipped_naming_the_manifest_and_the_run_resumes_before_it() {
+    let dir = scratch("edited");
+    let first = megamoe(&dir, &[&TRAIN[..], &["--run-dir", "r"]].concat());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let want = steps(&dir.join("r"));
+    // Same length, another step: only the checksum can tell.
+    let state = dir.join("r/checkpoints/ckpt-00000006/state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains("\"step\": 6,"), "{text}");
+    std::fs::write(&state, text.replacen("\"step\": 6,", "\"step\": 4,", 1)).unwrap();
+
+    let resumed = megamoe(&dir, &["train", "--resume", "r"]);
+    let err = stderr(&resumed);
+    assert!(resumed.status.success(), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("warning: skipped"))
+        .unwrap_or_else(|| panic!("no skip warning: {err}"));
+    assert!(
+        warning.contains("ckpt-00000006")
+            && warning.contains("state.json is corrupt")
+            && warning.contains("manifest.json records"),
+        "{warning}"
+    );
+    // Steps 5-6 are re-run from ckpt-4: the same losses, one record each.
+    assert_same_run(&dir.join("r"), &want, "edited state.json");
+
+    // Naming the edited checkpoint directly is refused with the same reason.
+    let direct = megamoe(
+        &dir,
+        &[
+            "train",
+            "--resume",
+            "r/checkpoints/ckpt-00000006.superseded",
+        ],
+    );
+    assert_eq!(direct.status.code(), Some(2), "{}", stderr(&direct));
+    cleanup(&dir);
+}

@@ -132,3 +132,48 @@ fn probe_moe_broken_inputs_are_named_errors() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+#[test]
+fn probe_moe_warns_naming_an_input_with_nan_or_inf() {
+    let (code, err) = broken("nan", |v| {
+        for (n, t) in v.iter_mut() {
+            if n == "x" {
+                let mut x = t.to_host_f32().unwrap();
+                x[5] = f32::NAN;
+                x[9] = f32::INFINITY;
+                *t = Tensor::from_vec_f32(x, t.dims().to_vec(), t.device()).unwrap();
+            }
+        }
+    });
+    assert_eq!(code, 0, "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("warning: input tensor `x`"))
+        .unwrap_or_else(|| panic!("no warning naming x: {err}"));
+    assert!(
+        warning.contains("2 non-finite values") && warning.contains("index 5: NaN"),
+        "{warning}"
+    );
+    assert!(!err.contains("`dy` has"), "only x is non-finite: {err}");
+}
+
+#[test]
+fn probe_moe_refuses_to_write_over_its_input() {
+    let f = fixtures();
+    let input = tmp("same.in.safetensors");
+    std::fs::copy(f.join("softmax_k2_capacity_drop.in.safetensors"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let dir = input.parent().unwrap();
+    let link = dir.join("same.link.safetensors");
+    let _ = std::fs::remove_file(&link);
+    std::fs::hard_link(&input, &link).unwrap();
+    // The same file by another spelling (`sub/..`), and by a hard link.
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    for out in [dir.join("sub/../same.in.safetensors"), link] {
+        let o = probe(&f.join("softmax_k2_capacity_drop.toml"), &input, &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", out.display());
+        assert!(err.contains("is the --tensors input file"), "{err}");
+        assert_eq!(std::fs::read(&input).unwrap(), before, "input untouched");
+    }
+}

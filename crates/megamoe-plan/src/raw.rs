@@ -466,6 +466,11 @@ impl Override {
         if text.is_empty() {
             return Err(bad("the value is empty"));
         }
+        if text.chars().any(char::is_control) {
+            return Err(bad(
+                "the value contains a line break or control character (one value per --set)",
+            ));
+        }
         let value = toml::from_str::<toml::Table>(&format!("v = {text}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
@@ -709,6 +714,23 @@ mod tests {
         let err =
             RawConfig::from_toml_str_with_overrides(MINIMAL, &["ep=2".to_string()]).unwrap_err();
         assert!(matches!(err, PlanError::BadOverride { .. }), "{err}");
+    }
+
+    #[test]
+    fn override_with_a_line_break_is_refused_not_truncated() {
+        for arg in [
+            "train.steps=5\nfoo",
+            "optim.name=adamw\r[x]",
+            "model.seq_len=3\t2",
+        ] {
+            let err =
+                RawConfig::from_toml_str_with_overrides(MINIMAL, &[arg.to_string()]).unwrap_err();
+            assert!(
+                matches!(err, PlanError::BadOverride { rule, .. } if rule.contains("line break")),
+                "{arg:?}: {err}"
+            );
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
     }
 
     #[test]

@@ -144,8 +144,8 @@ pub enum Error {
         /// The missing file name.
         file: &'static str,
     },
-    /// A checkpoint file has another length than `state.json` recorded.
-    #[error("checkpoint file {path} is truncated or grown: {actual} bytes, state.json records {expected}")]
+    /// A checkpoint file has another length than `manifest.json` recorded.
+    #[error("checkpoint file {path} is truncated or grown: {actual} bytes, manifest.json records {expected}")]
     CheckpointTruncated {
         /// The file.
         path: PathBuf,
@@ -155,7 +155,11 @@ pub enum Error {
         actual: u64,
     },
     /// A checkpoint file's SHA-256 differs from the one recorded at save time.
-    #[error("checkpoint file {path} is corrupt: sha256 {actual}, state.json records {expected}")]
+    #[error(
+        "checkpoint file {path} is corrupt: sha256 {}…, manifest.json records {}…",
+        short_digest(actual),
+        short_digest(expected)
+    )]
     CheckpointCorrupt {
         /// The file.
         path: PathBuf,
@@ -390,4 +394,9 @@ impl Error {
             source,
         }
     }
+}
+
+/// The first 12 hex digits of a digest (enough to tell two apart in one line).
+fn short_digest(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
 }
