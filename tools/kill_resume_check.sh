@@ -27,7 +27,9 @@ for i in $(seq 1 "$n"); do
   sleep "$delay"; kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   at=$(grep -c '"kind":"step"' "$work/r$i/metrics.jsonl" 2>/dev/null || true)
   ckpts=$( (ls "$work/r$i/checkpoints" 2>/dev/null || true) | tr '\n' ' ')
-  if "$bin" train --resume "$work/r$i" --steps 40 --sample-tokens 0 >"$work/r$i.log" 2>&1 \
+  if [ ! -e "$work/r$i" ]; then
+    ok=$((ok+1)); verdict="ok (killed before the run dir existed: nothing to resume)"
+  elif "$bin" train --resume "$work/r$i" --steps 40 --sample-tokens 0 >"$work/r$i.log" 2>&1 \
      && [ "$(losses "$work/r$i")" = "$want" ]; then
     ok=$((ok+1)); verdict=ok
   else
