@@ -1,7 +1,7 @@
 //! `megamoe train --world N`: one training run over N thread ranks of this process, laid
 //! out by `parallel.dp` × `parallel.ep`. Rank 0 writes the run directory (metrics,
-//! checkpoints, summary) exactly as a one-rank run does; the other ranks compute their
-//! share and join every collective. A failed rank stops every other one with an error
+//! checkpoints in the one-rank layout, summary) exactly as a one-rank run does; the other
+//! ranks compute their share and join every collective. A failed rank stops every other one with an error
 //! naming it; the command then exits 2 listing each rank's message.
 
 use std::path::{Path, PathBuf};
@@ -38,14 +38,6 @@ pub fn run(
         plan.mesh.describe()
     );
     check_layout(&plan)?;
-    if plan.parallel.ep > 1 {
-        anyhow::bail!(
-            "parallel.ep={} is not supported by `train --world` yet: checkpoints of \
-             expert-sharded runs are not written; use parallel.dp (expert parallelism runs \
-             in the library, see docs/architecture.md \"Distributed training\")",
-            plan.parallel.ep
-        );
-    }
     let fault = rank_fault_from_env()?;
     if let Some((rank, step)) = fault {
         anyhow::ensure!(

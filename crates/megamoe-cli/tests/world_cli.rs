@@ -1,4 +1,4 @@
-//! `megamoe train --world N` through the built binary: N data-parallel thread ranks write
+//! `megamoe train --world N` through the built binary: N thread ranks (dp, ep, dp×ep) write
 //! the same per-step losses as one rank running the same micro-batches (same micro-batch
 //! size), a failed rank makes the command exit non-zero naming it, and layouts the trainer
 //! cannot run are refused by name.
@@ -21,8 +21,11 @@ fn train(dir: &Path, run: &str, extra: &[&str], env: &[(&str, &str)]) -> Output 
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .args(["train", "--config", TINY, "--steps", "8", "--run-dir", run])
-        .args(["--sample-tokens", "0", "--peak-flops", "1e11"])
+        .args(["--peak-flops", "1e11"])
         .args(extra);
+    if !extra.contains(&"--sample-tokens") {
+        cmd.args(["--sample-tokens", "0"]);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -31,6 +34,17 @@ fn train(dir: &Path, run: &str, extra: &[&str], env: &[(&str, &str)]) -> Output 
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The generated text of the run's sample record.
+fn sample(run: &Path) -> String {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "sample")
+        .map(|r| r["text"].as_str().unwrap().to_string())
+        .unwrap()
 }
 
 /// (step, total loss) of every step record.
@@ -78,6 +92,56 @@ fn world_2_data_parallel_writes_the_losses_of_one_rank() {
         );
     }
     assert!(dir.join("two/checkpoints/ckpt-00000008").is_dir());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn world_expert_parallel_layouts_write_the_losses_of_one_rank() {
+    let dir = scratch("ep");
+    for (world, sets, micro) in [
+        (
+            "2",
+            vec!["--set", "parallel.ep=2"],
+            "parallel.microbatches=2",
+        ),
+        (
+            "4",
+            vec!["--set", "parallel.dp=2", "--set", "parallel.ep=2"],
+            "parallel.microbatches=4",
+        ),
+    ] {
+        let sampled = ["--sample-tokens", "8"];
+        let one = train(
+            &dir,
+            &format!("one{world}"),
+            &["--set", micro, sampled[0], sampled[1]],
+            &[],
+        );
+        assert!(one.status.success(), "{}", stderr(&one));
+        let mut args = vec!["--world", world, sampled[0], sampled[1]];
+        args.extend(&sets);
+        let run = format!("ep{world}");
+        let out = train(&dir, &run, &args, &[]);
+        assert!(out.status.success(), "{sets:?}: {}", stderr(&out));
+        let (want, got) = (
+            losses(&dir.join(format!("one{world}"))),
+            losses(&dir.join(&run)),
+        );
+        assert_eq!(got.len(), 8);
+        for ((s, w), (_, g)) in want.iter().zip(&got) {
+            let rel = (g - w).abs() / w.abs();
+            assert!(
+                rel <= 1e-5,
+                "{sets:?} step {s}: {g} vs one rank {w} (rel {rel:e})"
+            );
+        }
+        assert!(dir.join(&run).join("checkpoints/ckpt-00000008").is_dir());
+        // generation runs through the expert-parallel layers on every rank
+        assert_eq!(
+            sample(&dir.join(&run)),
+            sample(&dir.join(format!("one{world}")))
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

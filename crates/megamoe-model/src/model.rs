@@ -174,6 +174,8 @@ pub struct Model {
     /// MTP head.
     pub mtp: Option<MtpHead>,
     pub(crate) norm: RmsNorm,
+    /// The dispatcher given by [`Model::set_moe_dispatcher`] (`None`: every expert local).
+    pub(crate) moe_dispatcher: Option<Arc<dyn TokenDispatcher>>,
 }
 
 impl Model {
@@ -262,6 +264,7 @@ impl Model {
             blocks,
             mtp,
             norm,
+            moe_dispatcher: None,
         })
     }
 
@@ -275,6 +278,7 @@ impl Model {
                 **m = MoeLayer::with_dispatcher(cfg, dispatcher.clone())?;
             }
         }
+        self.moe_dispatcher = Some(dispatcher);
         Ok(())
     }
 
@@ -441,10 +445,14 @@ impl Model {
             } else {
                 let slot = &mut by_len[t];
                 if slot.is_none() {
-                    *slot = Some(Model::new(ModelConfig {
+                    let mut short = Model::new(ModelConfig {
                         seq_len: t,
                         ..self.cfg.clone()
-                    })?);
+                    })?;
+                    if let Some(d) = &self.moe_dispatcher {
+                        short.set_moe_dispatcher(d.clone())?;
+                    }
+                    *slot = Some(short);
                 }
                 slot.as_ref().expect("just built")
             };

@@ -371,7 +371,7 @@ impl Trainer {
     }
 
     /// Model tensors for a checkpoint: every parameter, then the buffers (expert bias).
-    fn model_tensors(&self) -> Result<Vec<NamedTensor>> {
+    pub(crate) fn model_tensors(&self) -> Result<Vec<NamedTensor>> {
         let mut out = Vec::new();
         let mut err = None;
         self.params.visit(&mut |name, t, _| {
@@ -393,7 +393,7 @@ impl Trainer {
         err.map_or(Ok(out), Err)
     }
 
-    fn optimizer_tensors(&self) -> Result<Vec<NamedTensor>> {
+    pub(crate) fn optimizer_tensors(&self) -> Result<Vec<NamedTensor>> {
         let mut out = Vec::new();
         let mut err = None;
         self.optimizer.visit_state(&mut |name, t| {
@@ -413,8 +413,8 @@ impl Trainer {
     /// optimizer value is NaN or infinite.
     pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
         let started = Instant::now();
-        let model = self.model_tensors()?;
-        let optimizer = self.optimizer_tensors()?;
+        // Distributed: expert shards gathered into the one-rank layout (collective).
+        let (model, optimizer) = self.checkpoint_tensors()?;
         check_finite(self.step, model.iter().chain(&optimizer))?;
         let mut extra = BTreeMap::new();
         extra.insert(

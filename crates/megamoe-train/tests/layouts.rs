@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use megamoe_plan::RawConfig;
 use megamoe_train::distributed::run_thread_ranks;
-use megamoe_train::{DataSource, Error, StepMetrics, Tokenizer, Trainer, TrainerOptions};
+use megamoe_train::{
+    load_checkpoint, DataSource, Error, Expected, NamedTensor, StepMetrics, Tokenizer, Trainer,
+    TrainerOptions,
+};
 
 const STEPS: usize = 10;
 
@@ -212,4 +215,74 @@ fn a_failed_rank_stops_every_other_rank_naming_it() {
             assert!(msg.contains("rank 2 failed"), "rank {rank}: {msg}");
         }
     }
+}
+
+/// A checkpoint written by rank 0 of dp2×ep2 (expert banks and their optimizer state
+/// gathered over the EP group) holds the tensors of the one-rank checkpoint after the same
+/// steps: same names and shapes, values equal up to summation order (≤ 1e-4 of the
+/// tensor's largest value: gradient-derived state carries the f32 reduction-order
+/// differences of three steps).
+#[test]
+fn a_dp2_ep2_checkpoint_is_the_one_rank_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("megamoe-layouts-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sets = vec!["optim.name=\"muon\"".to_string()];
+    let steps = 3;
+    let mut one_sets = sets.clone();
+    one_sets.push("parallel.microbatches=4".to_string());
+    let mut one = Trainer::new(&raw(&one_sets), data(), TrainerOptions::default()).unwrap();
+    for _ in 0..steps {
+        one.step().unwrap();
+    }
+    let one_dir = one.save_checkpoint(&dir.join("one")).unwrap();
+
+    let mut dist_sets = sets;
+    dist_sets.extend(["parallel.dp=2".to_string(), "parallel.ep=2".to_string()]);
+    let dist_raw = raw(&dist_sets);
+    let saved = run_thread_ranks(4, |world| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(&dist_raw, data(), TrainerOptions::default(), world)?;
+        for _ in 0..steps {
+            t.step()?;
+        }
+        if t.is_writer() {
+            Ok(Some(t.save_checkpoint(&dir.join("four"))?))
+        } else {
+            t.join_checkpoint()?;
+            Ok(None)
+        }
+    })
+    .unwrap();
+    let four_dir = saved[0].clone().unwrap();
+    assert!(saved[1..].iter().all(Option::is_none));
+
+    let load = |d: &std::path::Path| load_checkpoint(d, &Expected::default()).unwrap();
+    let (a, b) = (load(&one_dir), load(&four_dir));
+    assert_eq!(a.state.step, b.state.step);
+    assert_eq!(a.state.data, b.state.data, "same data position");
+    let mut compared = 0;
+    for (xs, ys) in [(&a.model, &b.model), (&a.optimizer, &b.optimizer)] {
+        let names = |v: &[NamedTensor]| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(xs), names(ys));
+        for (x, y) in xs.iter().zip(ys.iter()) {
+            assert_eq!(x.shape, y.shape, "{}", x.name);
+            let scale = x.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= 1e-4 * scale.max(1e-6),
+                "{}: max diff {diff:e} (scale {scale:e})",
+                x.name
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        a.model.iter().any(|t| t.name.contains("experts")),
+        "the model has expert banks"
+    );
+    assert!(compared > 10);
+    let _ = std::fs::remove_dir_all(&dir);
 }

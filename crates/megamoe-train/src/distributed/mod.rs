@@ -40,6 +40,7 @@
 //! generated schedule (model chunks as executor stages, messages as [`Wire`]s over a
 //! [`Communicator`] through [`CommTransport`]), with its own optimizer over its stages.
 
+mod checkpoint;
 pub mod pipeline;
 mod pipeline_stage;
 mod reduce;

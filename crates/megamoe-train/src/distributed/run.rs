@@ -1,7 +1,7 @@
 //! Launching ranks: [`run_thread_ranks`] runs a closure on every thread rank of one
 //! process; [`follow_training`] is the loop of a rank other than 0, which makes the same
 //! collective calls as rank 0's [`run_training`](crate::session::run_training) (steps, evals,
-//! the final sample) and writes nothing.
+//! checkpoint gathers, the final sample) and writes nothing.
 
 use megamoe_comm::{Communicator, RankFailures, ThreadWorld};
 
@@ -60,7 +60,8 @@ pub fn check_rank_fault(trainer: &Trainer, fault: Option<(usize, u64)>) -> Resul
     }
 }
 
-/// The loop of a non-writing rank: the same steps, evaluations and final sample as
+/// The loop of a non-writing rank of a fresh run: the same steps, evaluations, checkpoint
+/// gathers and final sample as
 /// [`run_training`](crate::session::run_training) runs on rank 0 (so every collective
 /// of the MoE exchanges and gradient reduces is matched), writing nothing. `fault` is an
 /// injected failure (see [`RANK_FAULT_ENV`]).
@@ -83,6 +84,9 @@ pub fn follow_training(
             trainer.evaluate()?;
             evaluated_at = Some(m.step);
         }
+        if every(plan.train.checkpoint_every, m.step) && m.step < opts.total_steps {
+            trainer.join_checkpoint()?;
+        }
     }
     let step = trainer.step_count();
     if plan.train.eval_every.is_some() && evaluated_at != Some(step) && step > start {
@@ -92,5 +96,7 @@ pub fn follow_training(
         let prompt = crate::session::sample_prompt(trainer);
         trainer.sample(&prompt, opts.sample_tokens)?;
     }
+    // The final checkpoint (a fresh run always saves one at its last step).
+    trainer.join_checkpoint()?;
     Ok(())
 }

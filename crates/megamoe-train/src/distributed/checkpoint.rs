@@ -1,0 +1,53 @@
+//! Checkpoints of a distributed run in the one-rank layout: replicated tensors are taken
+//! as they are, expert banks and their optimizer state (sharded over E by expert
+//! parallelism) are all-gathered over the EP group in rank order, which is expert order.
+//! Rank 0 writes the result; the files are those a one-rank run of the same model writes.
+
+use std::collections::HashSet;
+
+use megamoe_optim::STATE_KINDS;
+use megamoe_tensor::{Device, ParamRole};
+
+use crate::checkpoint::NamedTensor;
+use crate::error::Result;
+use crate::trainer::Trainer;
+
+impl Trainer {
+    /// Model and optimizer tensors of a checkpoint, in the one-rank layout. Collective
+    /// under expert parallelism: every rank calls it at the same points (rank 0 from
+    /// [`Trainer::save_checkpoint`], the others from [`Trainer::join_checkpoint`]).
+    pub(crate) fn checkpoint_tensors(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        let mut model = self.model_tensors()?;
+        let mut optimizer = self.optimizer_tensors()?;
+        let Some(par) = self.parallel.as_ref().filter(|p| p.mesh.ep > 1) else {
+            return Ok((model, optimizer));
+        };
+        let mut experts = HashSet::new();
+        self.params.visit(&mut |name, _, role| {
+            if role == ParamRole::ExpertBank {
+                experts.insert(name.to_string());
+            }
+        });
+        for t in model.iter_mut().chain(optimizer.iter_mut()) {
+            // Optimizer state is named `<kind>.<parameter>`.
+            let param = STATE_KINDS
+                .iter()
+                .find_map(|k| t.name.strip_prefix(k).and_then(|r| r.strip_prefix('.')))
+                .unwrap_or(&t.name);
+            if experts.contains(param) {
+                let full = par.ep.all_gather(&t.to_tensor(Device::Cpu)?)?;
+                *t = NamedTensor::from_tensor(t.name.clone(), &full)?;
+            }
+        }
+        Ok((model, optimizer))
+    }
+
+    /// A non-writing rank's part of a checkpoint save: the expert gathers of
+    /// [`Trainer::save_checkpoint`] on rank 0 (nothing to do without expert parallelism).
+    pub fn join_checkpoint(&self) -> Result<()> {
+        if self.parallel.as_ref().is_some_and(|p| p.mesh.ep > 1) {
+            self.checkpoint_tensors()?;
+        }
+        Ok(())
+    }
+}
