@@ -10,8 +10,9 @@ use anyhow::Context;
 use clap::Args;
 use megamoe_plan::{MemoryLimit, Plan, RawConfig};
 use megamoe_train::checkpoint::run_dir_of;
+use megamoe_train::checkpoint::{ConfigChange, STATE_FILE};
 use megamoe_train::session::{
-    check_fresh_run_dir, checkpoint_origin, prepare_resume, CheckpointOrigin,
+    check_fresh_run_dir, checkpoint_origin, prepare_resume, record_config_changes, CheckpointOrigin,
 };
 use megamoe_train::{
     run_training, DataSource, Progress, RunDir, RunLock, RunOptions, Tokenizer, Trainer,
@@ -86,9 +87,19 @@ passed over are reported), or from step 0 if the run was stopped before its
 first checkpoint; metrics.jsonl is cut back to that step, so each step has one
 record. A checkpoint is never written from non-finite weights.
 
---steps is the total: `--steps 10` then `--resume DIR --steps 20` gives the
-same losses for steps 11-20 as one `--steps 20` run, because the learning-rate
-schedule spans train.steps, not --steps.
+--steps is the total. Up to train.steps it stops early and the learning-rate
+schedule still spans train.steps: `--steps 10` then `--resume DIR --steps 20`
+gives the losses of one `--steps 20` run. Past train.steps it raises
+train.steps (the header says so), so the schedule decays to optim.min_lr at
+the new end: `--steps 40` on a 40-step config, then `--resume DIR --steps 80`,
+extends the run to 80 steps with a full decay. optim.warmup_steps must be at
+most train.steps.
+
+A resume may change train.steps (by --steps or --set), train.eval_every,
+train.checkpoint_every, train.log_every and --data (the same corpus at another
+path); each change is printed and recorded in metrics.jsonl (a config_change
+record with key, old, new, step) and in the summary. Any other difference from
+the checkpoint's config is refused, naming the key with both values.
 
 Examples:
   megamoe train
@@ -159,7 +170,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         None => (None, None),
     };
-    let raw = load_config(args, origin.as_ref())?;
+    let mut raw = load_config(args, origin.as_ref())?;
+    let horizon_note = extend_horizon(&mut raw, args.steps)?;
     // Sizes that cannot fit in this machine's RAM are refused before the model
     // is built (a constant-time bound: no allocation, no loop over layers).
     if let Some(ram) = MemoryLimit::host_ram() {
@@ -206,6 +218,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         for note in prepare_resume(&run_dir, trainer.step_count())? {
             eprintln!("resume: {note}");
         }
+        let mut changes = match &o.dir {
+            Some(dir) => resume_config_changes(dir, &o.config_toml, trainer.config_toml())?,
+            None => Vec::new(), // step 0: nothing was trained with the old config
+        };
+        if trainer.data().name() != o.data_source {
+            // The same corpus (its fingerprint was checked) read from another path.
+            changes.push(ConfigChange {
+                key: "data".into(),
+                old: o.data_source.clone(),
+                new: trainer.data().name().to_string(),
+            });
+        }
+        for line in record_config_changes(&run_dir, trainer.step_count(), &changes)? {
+            eprintln!("resume: changed {line}");
+        }
     }
     let run = RunDir::create(&run_dir)?;
     run.write_origin(trainer.data().name())?;
@@ -221,6 +248,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     };
     for line in header_lines(&trainer, &header) {
         eprintln!("{line}");
+    }
+    if let Some(note) = horizon_note {
+        eprintln!("{note}");
     }
     for w in &trainer.plan().warnings {
         eprintln!("warning: {w}");
@@ -254,6 +284,33 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `--steps N` past `train.steps` raises `train.steps` to N: the learning-rate
+/// schedule then ends (at optim.min_lr) at step N. Returns the line that says so.
+fn extend_horizon(raw: &mut RawConfig, steps: Option<u64>) -> anyhow::Result<Option<String>> {
+    let Some(n) = steps else { return Ok(None) };
+    anyhow::ensure!(n >= 1, "--steps 0 must be >= 1");
+    let n_usize = usize::try_from(n).map_err(|_| anyhow::anyhow!("--steps {n} is too large"))?;
+    let old = raw.train.steps;
+    if n_usize <= old {
+        return Ok(None);
+    }
+    raw.train.steps = n_usize;
+    Ok(Some(format!(
+        "horizon  --steps {n} is past train.steps={old}: train.steps is now {n}, so the \
+         learning rate decays to optim.min_lr at step {n}"
+    )))
+}
+
+/// Config keys a resume changes (all in the safe set, else the checkpoint's error).
+fn resume_config_changes(
+    dir: &Path,
+    saved: &str,
+    current: &str,
+) -> anyhow::Result<Vec<ConfigChange>> {
+    megamoe_train::checkpoint::resume_config_changes(&dir.join(STATE_FILE), saved, current)
+        .with_context(|| format!("--resume {}", dir.display()))
 }
 
 /// The run config: the checkpoint's when resuming (then --config/--set, if given,

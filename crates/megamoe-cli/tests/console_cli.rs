@@ -30,6 +30,9 @@ steps = 8
 eval_every = 4
 eval_batches = 1
 log_every = 3
+
+[optim]
+warmup_steps = 4
 "#;
 
 fn scratch(name: &str) -> PathBuf {

@@ -283,6 +283,14 @@ pub enum PlanError {
         divisor: usize,
     },
 
+    /// The learning-rate warmup is longer than the run.
+    #[error("optim.warmup_steps={warmup_steps} must be <= train.steps={steps} (the run would end before the learning rate is warm)")]
+    WarmupExceedsSteps {
+        /// optim.warmup_steps.
+        warmup_steps: usize,
+        /// train.steps.
+        steps: usize,
+    },
     /// A size product that does not fit in 64 bits (e.g. dp = 2^62 with a
     /// batch of 2^62 sequences).
     #[error("{what} = {expr} overflows 64 bits; use smaller sizes")]

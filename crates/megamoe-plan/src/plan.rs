@@ -386,6 +386,12 @@ impl Plan {
         let mtp = crate::features::resolve_mtp(raw, &model)?;
         let train = resolve_train(raw)?;
         let optim = resolve_optim(raw)?;
+        if optim.warmup_steps > train.steps {
+            return Err(PlanError::WarmupExceedsSteps {
+                warmup_steps: optim.warmup_steps,
+                steps: train.steps,
+            });
+        }
         Ok(Plan {
             model,
             moe,

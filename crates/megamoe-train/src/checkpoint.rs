@@ -50,7 +50,9 @@ use crate::failpoint;
 use crate::goodput::GoodputTotals;
 use crate::sha256::sha256_hex;
 
+mod config_diff;
 mod scan;
+pub use config_diff::{resume_config_changes, ConfigChange, RESUME_SAFE_KEYS};
 pub use scan::{
     list_checkpoints, prune_checkpoints, resolve_checkpoint, retire_checkpoints_after, run_dir_of,
     scan_checkpoints, CheckpointScan, Resolved, Skipped,
@@ -207,7 +209,8 @@ pub struct Checkpoint {
 /// What a loaded checkpoint must match; `None` skips that check.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Expected<'a> {
-    /// The current config TOML; compared line by line (trailing whitespace ignored).
+    /// The current config TOML; compared key by key, where only
+    /// [`RESUME_SAFE_KEYS`] may differ.
     pub config_toml: Option<&'a str>,
     /// Exactly these model tensors (no missing, no extra, same shapes).
     pub model: Option<&'a [TensorSpec]>,
@@ -548,23 +551,9 @@ fn decode_tensor_file(
     Ok(out)
 }
 
+/// The saved and current configs may differ only in [`RESUME_SAFE_KEYS`].
 fn compare_config(state_path: &Path, saved: &str, current: &str) -> Result<()> {
-    let saved_lines: Vec<&str> = saved.lines().map(str::trim_end).collect();
-    let current_lines: Vec<&str> = current.lines().map(str::trim_end).collect();
-    let n = saved_lines.len().max(current_lines.len());
-    for i in 0..n {
-        let s = saved_lines.get(i).copied();
-        let c = current_lines.get(i).copied();
-        if s != c {
-            return Err(Error::CheckpointConfigMismatch {
-                path: state_path.to_path_buf(),
-                line: i + 1,
-                saved: s.unwrap_or("<end>").to_string(),
-                current: c.unwrap_or("<end>").to_string(),
-            });
-        }
-    }
-    Ok(())
+    resume_config_changes(state_path, saved, current).map(drop)
 }
 
 /// Writes `bytes` to `<path>.partial`, fsyncs, and renames it to `path` (`step`

@@ -188,19 +188,21 @@ pub enum Error {
         /// Version this build writes and reads.
         supported: u32,
     },
-    /// The checkpoint was written with another run configuration.
+    /// The checkpoint was written with a config that differs in a key a resume
+    /// may not change (see `checkpoint::RESUME_SAFE_KEYS`).
     #[error(
-        "checkpoint {path} was saved with another config: line {line} is `{saved}` in the \
-         checkpoint but `{current}` now"
+        "checkpoint {path} was saved with another config: {key} is {saved} in the checkpoint \
+         but {current} now (a resume may change only train.steps and the eval, checkpoint \
+         and log cadence)"
     )]
     CheckpointConfigMismatch {
         /// The state.json path.
         path: PathBuf,
-        /// 1-based line of the first difference.
-        line: usize,
-        /// That line in the checkpoint's config ("<end>" past the end).
+        /// `section.key` of the first difference.
+        key: String,
+        /// Its value in the checkpoint's config (TOML, or "<absent>").
         saved: String,
-        /// That line in the current config ("<end>" past the end).
+        /// Its value now (TOML, or "<absent>").
         current: String,
     },
     /// A tensor has another shape in the checkpoint than the model expects.

@@ -420,6 +420,21 @@ pub enum MetricsRecord {
     Goodput(GoodputRecord),
     /// A generated sample.
     Sample(SampleRecord),
+    /// A config key a resume changed (one of the keys a resume may change).
+    ConfigChange(ConfigChangeRecord),
+}
+
+/// A config key set to another value when the run was resumed at `step`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChangeRecord {
+    /// The step the run resumed from; the new value holds from the next step.
+    pub step: u64,
+    /// `section.key`, e.g. `train.steps`.
+    pub key: String,
+    /// The value before (TOML text).
+    pub old: String,
+    /// The value after (TOML text).
+    pub new: String,
 }
 
 /// Appends records to a JSONL file, one flushed line each.

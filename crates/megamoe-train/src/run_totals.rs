@@ -112,6 +112,8 @@ pub struct RunTotals {
     pub skipped_steps: usize,
     /// Warnings (eval rising, collapsed layers at the last step).
     pub warnings: Vec<String>,
+    /// Config keys resumes changed: "train.steps 40 -> 80 at step 40".
+    pub config_changes: Vec<String>,
 }
 
 impl RunTotals {
@@ -120,6 +122,7 @@ impl RunTotals {
         let mut steps: BTreeMap<u64, &StepMetrics> = BTreeMap::new();
         let mut evals: BTreeMap<u64, &EvalMetrics> = BTreeMap::new();
         let mut segments = 0;
+        let mut changes = Vec::new();
         for r in records {
             match r {
                 MetricsRecord::Run(_) => segments += 1,
@@ -129,6 +132,10 @@ impl RunTotals {
                 MetricsRecord::Eval(e) => {
                     evals.insert(e.step, e);
                 }
+                MetricsRecord::ConfigChange(c) => changes.push(format!(
+                    "{} {} -> {} at step {}",
+                    c.key, c.old, c.new, c.step
+                )),
                 MetricsRecord::Goodput(_) | MetricsRecord::Sample(_) => {}
             }
         }
@@ -157,6 +164,7 @@ impl RunTotals {
             final_lr: last.map(|m| (m.lr, m.muon_lr)),
             skipped_steps: steps.values().filter(|m| m.skipped).count(),
             warnings,
+            config_changes: changes,
         }
     }
 }
@@ -213,6 +221,9 @@ impl std::fmt::Display for RunTotals {
         }
         if self.skipped_steps > 0 {
             writeln!(f, "skipped    {} non-finite steps", self.skipped_steps)?;
+        }
+        for c in &self.config_changes {
+            writeln!(f, "changed    {c}")?;
         }
         for w in &self.warnings {
             writeln!(f, "warning    {w}")?;

@@ -14,7 +14,8 @@ use crate::data::heldout_batches;
 use crate::error::{Error, Result};
 use crate::goodput::GoodputTotals;
 use crate::metrics::{
-    EvalMetrics, GoodputRecord, MetricsRecord, MetricsWriter, RunInfo, SampleRecord, StepMetrics,
+    ConfigChangeRecord, EvalMetrics, GoodputRecord, MetricsRecord, MetricsWriter, RunInfo,
+    SampleRecord, StepMetrics,
 };
 use crate::progress::Progress;
 use crate::run_totals::{collapsed_parts, eval_rise_warning, Collapse, RunTotals};
@@ -204,6 +205,38 @@ pub fn prepare_resume(run_dir: &Path, step: u64) -> Result<Vec<String>> {
         ));
     }
     Ok(notes)
+}
+
+/// Appends one `config_change` record per change a resume at `step` makes (the
+/// keys of [`RESUME_SAFE_KEYS`](crate::checkpoint::RESUME_SAFE_KEYS), or `data`
+/// for the same corpus read from another path) to the run's `metrics.jsonl`,
+/// after [`prepare_resume`]. Returns one line per change to show.
+pub fn record_config_changes(
+    run_dir: &Path,
+    step: u64,
+    changes: &[crate::checkpoint::ConfigChange],
+) -> Result<Vec<String>> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut writer = MetricsWriter::open(&run_dir.join(crate::metrics::METRICS_FILE))?;
+    let mut lines = Vec::new();
+    for c in changes {
+        writer.write(&MetricsRecord::ConfigChange(ConfigChangeRecord {
+            step,
+            key: c.key.clone(),
+            old: c.old.clone(),
+            new: c.new.clone(),
+        }))?;
+        lines.push(format!(
+            "{} {} -> {} from step {}",
+            c.key,
+            c.old,
+            c.new,
+            step + 1
+        ));
+    }
+    Ok(lines)
 }
 
 /// Trains `trainer` up to `opts.total_steps`, writing into `run_dir`: one

@@ -302,14 +302,14 @@ fn other_config_is_error_naming_first_differing_line() {
     let err = load_checkpoint(dir.path(), &expected).unwrap_err();
     match &err {
         Error::CheckpointConfigMismatch {
-            line,
+            key,
             saved,
             current,
             ..
         } => {
-            assert_eq!(*line, 3);
-            assert_eq!(saved, "layers = 2");
-            assert_eq!(current, "layers = 4");
+            assert_eq!(key, "model.layers");
+            assert_eq!(saved, "2");
+            assert_eq!(current, "4");
         }
         other => panic!("wrong error: {other}"),
     }

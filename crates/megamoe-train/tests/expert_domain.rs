@@ -36,7 +36,7 @@ microbatches = 2
 
 [train]
 global_batch = 8
-steps = 10
+steps = 20
 seed = 11
 
 [optim]

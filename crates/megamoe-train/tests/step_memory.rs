@@ -27,6 +27,9 @@ first_dense_layers = 1
 [train]
 global_batch = 8
 steps = 4
+
+[optim]
+warmup_steps = 2
 "#;
 
 /// The second step's metrics (the first also allocates the optimizer moments).

@@ -14,6 +14,13 @@ fn keep(line: &str, step: u64) -> bool {
     if let Some(start) = v.get("start_step").and_then(serde_json::Value::as_u64) {
         return start < step;
     }
+    // A resume at `step` records its config changes again.
+    if v.get("kind").and_then(serde_json::Value::as_str) == Some("config_change") {
+        return v
+            .get("step")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|s| s < step);
+    }
     v.get("step")
         .and_then(serde_json::Value::as_u64)
         .is_none_or(|s| s <= step)
