@@ -96,12 +96,17 @@ fn world_2_data_parallel_writes_the_losses_of_one_rank() {
 }
 
 #[test]
-fn world_expert_parallel_layouts_write_the_losses_of_one_rank() {
+fn world_ep_and_sharded_layouts_write_the_losses_of_one_rank() {
     let dir = scratch("ep");
-    for (world, sets, micro) in [
+    for (i, (world, sets, micro)) in [
         (
             "2",
             vec!["--set", "parallel.ep=2"],
+            "parallel.microbatches=2",
+        ),
+        (
+            "2",
+            vec!["--set", "parallel.dp=2", "--set", "parallel.fsdp=2"],
             "parallel.microbatches=2",
         ),
         (
@@ -109,22 +114,25 @@ fn world_expert_parallel_layouts_write_the_losses_of_one_rank() {
             vec!["--set", "parallel.dp=2", "--set", "parallel.ep=2"],
             "parallel.microbatches=4",
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let sampled = ["--sample-tokens", "8"];
         let one = train(
             &dir,
-            &format!("one{world}"),
+            &format!("one{i}"),
             &["--set", micro, sampled[0], sampled[1]],
             &[],
         );
         assert!(one.status.success(), "{}", stderr(&one));
         let mut args = vec!["--world", world, sampled[0], sampled[1]];
         args.extend(&sets);
-        let run = format!("ep{world}");
+        let run = format!("run{i}");
         let out = train(&dir, &run, &args, &[]);
         assert!(out.status.success(), "{sets:?}: {}", stderr(&out));
         let (want, got) = (
-            losses(&dir.join(format!("one{world}"))),
+            losses(&dir.join(format!("one{i}"))),
             losses(&dir.join(&run)),
         );
         assert_eq!(got.len(), 8);
@@ -139,7 +147,7 @@ fn world_expert_parallel_layouts_write_the_losses_of_one_rank() {
         // generation runs through the expert-parallel layers on every rank
         assert_eq!(
             sample(&dir.join(&run)),
-            sample(&dir.join(format!("one{world}")))
+            sample(&dir.join(format!("one{i}")))
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

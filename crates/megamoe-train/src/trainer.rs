@@ -148,7 +148,15 @@ impl Trainer {
             par.shard_model(&mut model)?;
         }
         let params = model.init_params()?;
-        let optimizer = Optimizer::new(&plan.optim, &mut |f| params.visit(f))?;
+        let mut parallel = parallel;
+        if let Some(par) = parallel.as_mut() {
+            par.init_sharding(&plan, &params)?;
+        }
+        // The optimizer holds state for this rank's rows when they are sharded.
+        let optimizer = match parallel.as_ref().and_then(|p| p.optimizer_params()) {
+            Some(rows) => Optimizer::new(&plan.optim, &mut |f| rows.visit(f))?,
+            None => Optimizer::new(&plan.optim, &mut |f| params.visit(f))?,
+        };
         let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
         let schedule = Schedule::from_plan(&plan.optim, plan.train.steps)?;
         let batcher = Batcher::new(
@@ -283,7 +291,7 @@ impl Trainer {
         // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
         //    Distributed: gradients, loss sums and routing counts over the data ranks.
         // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
-        let clip = match &self.parallel {
+        let clip = match &mut self.parallel {
             None => clip_grad_norm(
                 &mut |f| self.grads.grads_mut().visit_mut(f),
                 self.plan.optim.grad_clip,
@@ -299,11 +307,16 @@ impl Trainer {
         // 5. lr and optimizer, 6. expert-bias update, unless the guard skips the step.
         let lr = self.schedule.lr(s);
         if finite {
-            self.optimizer.step(
-                &mut |f| self.params.visit_mut(f),
-                &mut |f| self.grads.grads().visit(f),
-                lr,
-            )?;
+            match &mut self.parallel {
+                Some(par) if par.is_sharded() => {
+                    par.sharded_optimizer_step(&mut self.optimizer, &mut self.params, lr)?
+                }
+                _ => self.optimizer.step(
+                    &mut |f| self.params.visit_mut(f),
+                    &mut |f| self.grads.grads().visit(f),
+                    lr,
+                )?,
+            }
             self.update_expert_bias(&sums)?;
             self.nonfinite_streak = 0;
         } else {

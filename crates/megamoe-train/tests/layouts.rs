@@ -138,8 +138,12 @@ fn check(label: &str, sets: &[String], dp: usize, ep: usize) -> f64 {
 
 /// The config variants every layout runs: optimizer × capacity.
 fn variants() -> Vec<(String, Vec<String>)> {
+    variants_of(&["adamw", "muon"])
+}
+
+fn variants_of(optims: &[&str]) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
-    for optim in ["adamw", "muon"] {
+    for optim in optims {
         for (cap, sets) in [
             ("dropless", vec![]),
             ("capacity", vec!["moe.capacity_factor=1.0".to_string()]),
@@ -173,15 +177,45 @@ fn dp2_ep2_matches_one_rank() {
     check_layout(2, 2);
 }
 
+/// Sharded optimizer state and gradients (ZeRO-1/2, AdamW): reduce-scatter, update of the
+/// rank's rows, all-gather.
+fn check_sharded(dp: usize, ep: usize, level: usize) {
+    for (label, mut sets) in variants_of(&["adamw"]) {
+        sets.push(format!("parallel.fsdp={level}"));
+        check(&format!("dp{dp}xep{ep} fsdp{level} {label}"), &sets, dp, ep);
+    }
+}
+
+#[test]
+fn dp2_fsdp2_matches_one_rank() {
+    check_sharded(2, 1, 2);
+}
+
+#[test]
+fn dp4_fsdp1_and_fsdp2_match_one_rank() {
+    check_sharded(4, 1, 1);
+    check_sharded(4, 1, 2);
+}
+
+#[test]
+fn dp2_ep2_fsdp2_matches_one_rank() {
+    check_sharded(2, 2, 2);
+}
+
 #[test]
 fn unsupported_layouts_are_refused_by_name() {
     for (set, field) in [
         ("parallel.fsdp=3", "parallel.fsdp"),
+        ("parallel.fsdp=1", "parallel.fsdp"),
         ("parallel.pp=2", "parallel.pp"),
     ] {
         let mut sets = vec![set.to_string()];
         if field == "parallel.fsdp" {
             sets.push("parallel.dp=2".to_string());
+        }
+        if set == "parallel.fsdp=1" {
+            // sharded state with Muon (distributed Muon is not wired in)
+            sets.push("optim.name=\"muon\"".to_string());
         }
         let raw = raw(&sets);
         let failures = run_thread_ranks(2, |world| -> Result<(), Error> {
@@ -224,9 +258,26 @@ fn a_failed_rank_stops_every_other_rank_naming_it() {
 /// differences of three steps).
 #[test]
 fn a_dp2_ep2_checkpoint_is_the_one_rank_checkpoint() {
-    let dir = std::env::temp_dir().join(format!("megamoe-layouts-ckpt-{}", std::process::id()));
+    checkpoint_matches_one_rank("ep", &["optim.name=\"muon\"", "parallel.ep=2"]);
+}
+
+/// Same with sharded AdamW state (gathered over the sharding group, then over ep).
+#[test]
+fn a_dp2_ep2_fsdp2_checkpoint_is_the_one_rank_checkpoint() {
+    checkpoint_matches_one_rank("fsdp", &["parallel.fsdp=2", "parallel.ep=2"]);
+}
+
+fn checkpoint_matches_one_rank(label: &str, layout: &[&str]) {
+    let dir = std::env::temp_dir().join(format!(
+        "megamoe-layouts-ckpt-{label}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
-    let sets = vec!["optim.name=\"muon\"".to_string()];
+    let sets: Vec<String> = layout
+        .iter()
+        .filter(|s| s.starts_with("optim"))
+        .map(|s| s.to_string())
+        .collect();
     let steps = 3;
     let mut one_sets = sets.clone();
     one_sets.push("parallel.microbatches=4".to_string());
@@ -236,8 +287,8 @@ fn a_dp2_ep2_checkpoint_is_the_one_rank_checkpoint() {
     }
     let one_dir = one.save_checkpoint(&dir.join("one")).unwrap();
 
-    let mut dist_sets = sets;
-    dist_sets.extend(["parallel.dp=2".to_string(), "parallel.ep=2".to_string()]);
+    let mut dist_sets: Vec<String> = layout.iter().map(|s| s.to_string()).collect();
+    dist_sets.push("parallel.dp=2".to_string());
     let dist_raw = raw(&dist_sets);
     let saved = run_thread_ranks(4, |world| -> Result<_, Error> {
         let mut t = Trainer::new_rank(&dist_raw, data(), TrainerOptions::default(), world)?;
@@ -285,4 +336,34 @@ fn a_dp2_ep2_checkpoint_is_the_one_rank_checkpoint() {
     );
     assert!(compared > 10);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With `parallel.fsdp = 2` a rank keeps AdamW moments for its rows only: its state is
+/// smaller than a replicated rank's by about half of the moments (2 of 4 bytes-per-value
+/// copies of the parameters, over 2 ranks).
+#[test]
+fn sharded_ranks_hold_part_of_the_optimizer_state() {
+    let bytes = |level: usize| {
+        let raw = raw(&[
+            "parallel.dp=2".to_string(),
+            format!("parallel.fsdp={level}"),
+        ]);
+        run_thread_ranks(2, |world| -> Result<_, Error> {
+            let t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+            Ok((t.counts().state_bytes, t.counts().params))
+        })
+        .unwrap()
+    };
+    let (replicated, sharded) = (bytes(0), bytes(2));
+    for r in 0..2 {
+        let (full, params) = replicated[r];
+        let (part, _) = sharded[r];
+        // replicated: params + grads + 2 moments; sharded: the moments of about half the rows
+        let moments = 2 * 4 * params;
+        let saved = full - part;
+        assert!(
+            saved * 10 >= moments * 4 && saved * 10 <= moments * 6,
+            "rank {r}: replicated {full} B, sharded {part} B, moments {moments} B"
+        );
+    }
 }

@@ -25,8 +25,10 @@
 //! (the layout-invariance tests, `tests/layouts.rs`).
 //!
 //! # Layouts
-//! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size). Refused
-//! with a named error ([`check_layout`]): `pp`, `tp`, `cp` > 1 and `fsdp` > 0.
+//! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size), with
+//! `parallel.fsdp` 0, or 1/2 with AdamW (optimizer state and gradients sharded, module
+//! `fsdp`). Refused with a named error ([`check_layout`]): `pp`, `tp`, `cp` > 1,
+//! `fsdp = 3`, and `fsdp` > 0 with Muon.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -41,6 +43,7 @@
 //! [`Communicator`] through [`CommTransport`]), with its own optimizer over its stages.
 
 mod checkpoint;
+mod fsdp;
 pub mod pipeline;
 mod pipeline_stage;
 mod reduce;
@@ -50,7 +53,7 @@ pub mod wire;
 use std::sync::Arc;
 
 use megamoe_comm::Communicator;
-use megamoe_model::Model;
+use megamoe_model::{Model, ModelParams};
 use megamoe_moe::ExpertParallelDispatcher;
 use megamoe_plan::{Mesh, MeshGroup, Plan, RankCoords, RawConfig, ZeroLevel};
 
@@ -76,6 +79,8 @@ pub struct Parallel {
     expert_dp: Box<dyn Communicator>,
     /// Ranks sharing the experts of a layer by all-to-all: ep.
     ep: Arc<dyn Communicator>,
+    /// This rank's rows of the parameters and gradients (`parallel.fsdp` 1 or 2).
+    pub(crate) sharded: Option<fsdp::ShardedState>,
 }
 
 impl std::fmt::Debug for Parallel {
@@ -117,6 +122,7 @@ impl Parallel {
             dense_dp,
             expert_dp,
             ep,
+            sharded: None,
         })
     }
 
@@ -148,6 +154,19 @@ impl Parallel {
     /// The world communicator.
     pub fn world(&self) -> &dyn Communicator {
         self.world.as_ref()
+    }
+
+    /// With `parallel.fsdp` 1 or 2, keeps this rank's rows of `params` for the optimizer.
+    pub(crate) fn init_sharding(&mut self, plan: &Plan, params: &ModelParams) -> Result<()> {
+        if plan.parallel.zero != ZeroLevel::Replicated {
+            self.sharded = Some(self.shard_state(params)?);
+        }
+        Ok(())
+    }
+
+    /// The parameters the optimizer updates: this rank's rows when sharded.
+    pub(crate) fn optimizer_params(&self) -> Option<&ModelParams> {
+        self.sharded.as_ref().map(|s| &s.params)
     }
 
     /// Cuts `model` to this rank's shard: with ep > 1 every MoE layer keeps experts
@@ -199,13 +218,22 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
              parallel.ep (set parallel.cp = 1)",
         );
     }
-    if p.zero != ZeroLevel::Replicated {
+    if p.zero == ZeroLevel::Parameters {
         return refuse(
             "parallel.fsdp",
             p.zero.level().to_string(),
-            "sharded parameters / optimizer state (ZeRO, FSDP) are not implemented in the \
-             trainer yet; parameters are replicated over data-parallel ranks (set \
-             parallel.fsdp = 0)",
+            "parameters sharded between steps (ZeRO-3) are not implemented in the trainer; \
+             parallel.fsdp = 1 or 2 shards optimizer state and gradients (set parallel.fsdp \
+             <= 2)",
+        );
+    }
+    if p.zero != ZeroLevel::Replicated && plan.optim.kind == megamoe_plan::OptimizerKind::Muon {
+        return refuse(
+            "parallel.fsdp",
+            p.zero.level().to_string(),
+            "sharded optimizer state with optim.name = \"muon\" (distributed Muon: gather, \
+             Newton-Schulz, keep the local rows) is not wired into the trainer; use \
+             parallel.fsdp = 0 with Muon, or AdamW",
         );
     }
     Ok(())

@@ -13,8 +13,16 @@ use crate::step_stats::StepSums;
 
 impl Parallel {
     /// Sums gradients and the step's sums over the data ranks (see the module doc).
-    pub(crate) fn reduce_step(&self, grads: &mut GradBuffers, sums: &mut StepSums) -> Result<()> {
-        self.reduce_grads(grads)?;
+    pub(crate) fn reduce_step(
+        &mut self,
+        grads: &mut GradBuffers,
+        sums: &mut StepSums,
+    ) -> Result<()> {
+        if self.is_sharded() {
+            self.reduce_scatter_grads(grads)?;
+        } else {
+            self.reduce_grads(grads)?;
+        }
         reduce_sums(self.dense_dp.as_ref(), sums)
     }
 
@@ -97,7 +105,7 @@ impl Parallel {
     ///
     /// SYNC: one host read (the norm), as on one rank.
     pub(crate) fn clip_grad_norm(
-        &self,
+        &mut self,
         grads: &mut GradBuffers,
         max_norm: Option<f64>,
     ) -> Result<ClipReport> {
@@ -110,6 +118,52 @@ impl Parallel {
                 });
             }
         }
+        let mut err = None;
+        let squares = match self.sharded_grad_squares()? {
+            Some((dense, expert)) => {
+                let expert = if self.ep.size() > 1 {
+                    self.ep.all_reduce(&expert, ReduceOp::Sum)?
+                } else {
+                    expert
+                };
+                dense.add(&expert)?
+            }
+            None => self.replicated_grad_squares(grads)?,
+        };
+        let norm_t = squares.sqrt()?.reshape(Vec::<usize>::new())?;
+        if let Some(m) = max_norm {
+            let factor = clip_factor(&norm_t, m)?;
+            let mut scale = |g: &mut Tensor| {
+                if err.is_none() {
+                    err = g.scale_by_assign(&factor).err();
+                }
+            };
+            match self.sharded.as_mut() {
+                Some(s) => s.grads.visit_mut(&mut |_, g, _| scale(g)),
+                None => grads.grads_mut().visit_mut(&mut |_, g, _| scale(g)),
+            }
+            if let Some(e) = err {
+                return Err(e.into());
+            }
+        }
+        // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
+        let norm = norm_t.to_scalar_f32()? as f64;
+        let finite = norm.is_finite();
+        let clipped = finite && max_norm.is_some_and(|m| norm > m);
+        Ok(ClipReport {
+            norm,
+            finite,
+            clipped,
+            scale: match max_norm {
+                Some(m) if clipped => (m as f32 / (norm as f32 + 1e-6)) as f64,
+                _ => 1.0,
+            },
+        })
+    }
+
+    /// Σ g² of replicated-layout gradients: the dense ones as they are (identical on every
+    /// rank), the expert shards' summed over ep.
+    fn replicated_grad_squares(&self, grads: &GradBuffers) -> Result<Tensor> {
         let (mut dense, mut expert) = (Vec::new(), Vec::new());
         let mut err = None;
         grads.grads().visit(&mut |_, g, role| {
@@ -142,31 +196,7 @@ impl Parallel {
             };
             squares = squares.add(&experts)?;
         }
-        let norm_t = squares.sqrt()?.reshape(Vec::<usize>::new())?;
-        if let Some(m) = max_norm {
-            let factor = clip_factor(&norm_t, m)?;
-            grads.grads_mut().visit_mut(&mut |_, g, _| {
-                if err.is_none() {
-                    err = g.scale_by_assign(&factor).err();
-                }
-            });
-            if let Some(e) = err {
-                return Err(e.into());
-            }
-        }
-        // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
-        let norm = norm_t.to_scalar_f32()? as f64;
-        let finite = norm.is_finite();
-        let clipped = finite && max_norm.is_some_and(|m| norm > m);
-        Ok(ClipReport {
-            norm,
-            finite,
-            clipped,
-            scale: match max_norm {
-                Some(m) if clipped => (m as f32 / (norm as f32 + 1e-6)) as f64,
-                _ => 1.0,
-            },
-        })
+        Ok(squares)
     }
 }
 

@@ -1,0 +1,214 @@
+//! Sharded optimizer state and gradients (`parallel.fsdp = 1` or `2`, ZeRO-1/2): every
+//! parameter is cut on dim 0 by the FSDP2 `chunk` rule over its data-parallel group (dense
+//! parameters over dense_dp, expert banks over expert_dp); a rank keeps the optimizer
+//! state of its rows only. After backward each gradient is reduce-scattered (sum, rank
+//! order, then × 1/(dp·ep)) into the rank's rows, the optimizer updates the rank's rows,
+//! and the updated rows are all-gathered back into the full parameters the next forward
+//! uses. Padding rows (the last rank's short chunk) are zeros and are cut after each
+//! collective.
+
+use megamoe_comm::{Communicator, Pending, ReduceOp};
+use megamoe_model::{GradBuffers, ModelParams};
+use megamoe_optim::Optimizer;
+use megamoe_plan::{chunk, RowShard};
+use megamoe_tensor::{ParamRole, Tensor};
+
+use super::Parallel;
+use crate::error::Result;
+
+/// This rank's rows of every parameter and of its gradient.
+#[derive(Debug)]
+pub(crate) struct ShardedState {
+    /// Per parameter (visit order): its row shard and whether it is an expert bank.
+    rows: Vec<(RowShard, bool)>,
+    /// The rank's rows of every parameter (the optimizer's parameters).
+    pub(crate) params: ModelParams,
+    /// The rank's rows of every reduced gradient.
+    pub(crate) grads: ModelParams,
+}
+
+/// `t` with zero rows appended up to `rows` (dim 0).
+fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let have = t.dims()[0];
+    if have >= rows {
+        return Ok(t.clone());
+    }
+    let mut dims = t.dims().to_vec();
+    dims[0] = rows - have;
+    let zeros = Tensor::zeros(dims, t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[t, &zeros], 0)?)
+}
+
+/// Visits `p`'s tensors in order, replacing each by `f(index, tensor)`.
+fn map_params(
+    p: &mut ModelParams,
+    mut f: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    let mut i = 0;
+    let mut err = None;
+    p.visit_mut(&mut |_, t, _| {
+        if err.is_none() {
+            match f(i, t) {
+                Ok(new) => *t = new,
+                Err(e) => err = Some(e),
+            }
+        }
+        i += 1;
+    });
+    err.map_or(Ok(()), Err)
+}
+
+impl Parallel {
+    /// The group a parameter is sharded over.
+    fn shard_group(&self, expert: bool) -> &dyn Communicator {
+        if expert {
+            self.expert_dp.as_ref()
+        } else {
+            self.dense_dp.as_ref()
+        }
+    }
+
+    /// Cuts `params` into this rank's rows (no communication: every rank holds the same
+    /// full initial parameters).
+    pub(crate) fn shard_state(&self, params: &ModelParams) -> Result<ShardedState> {
+        let mut rows = Vec::new();
+        params.visit(&mut |_, t, role| {
+            let expert = role == ParamRole::ExpertBank;
+            let g = self.shard_group(expert);
+            rows.push((chunk(t.dims()[0], g.size(), g.rank()), expert));
+        });
+        let mut local = params.clone();
+        map_params(&mut local, |i, t| {
+            Ok(t.narrow(0, rows[i].0.start, rows[i].0.len)?)
+        })?;
+        let grads = local.zeros_like()?;
+        Ok(ShardedState {
+            rows,
+            params: local,
+            grads,
+        })
+    }
+
+    /// Reduce-scatters every gradient into this rank's rows (sum in rank order, then
+    /// × 1/(dp·ep)); every collective is started before the first is awaited.
+    pub(crate) fn reduce_scatter_grads(&mut self, grads: &GradBuffers) -> Result<()> {
+        let scale = 1.0 / self.data_replicas() as f32;
+        let Some(state) = self.sharded.as_ref() else {
+            return Ok(());
+        };
+        let mut pending: Vec<Result<Pending>> = Vec::new();
+        let mut i = 0;
+        grads.grads().visit(&mut |_, g, _| {
+            let (rows, expert) = state.rows[i];
+            let comm = self.shard_group(expert);
+            let full = rows.padded_len * comm.size();
+            pending.push(
+                pad_rows(g, full).and_then(|p| Ok(comm.start_reduce_scatter(&p, ReduceOp::Sum)?)),
+            );
+            i += 1;
+        });
+        let mut reduced = Vec::with_capacity(pending.len());
+        for (p, (rows, _)) in pending.into_iter().zip(&state.rows) {
+            reduced.push(p?.wait()?.narrow(0, 0, rows.len)?.scale(scale)?);
+        }
+        if let Some(state) = self.sharded.as_mut() {
+            map_params(&mut state.grads, |i, _| Ok(reduced[i].clone()))?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer step on this rank's rows, then the updated rows all-gathered into the
+    /// full `params`.
+    pub(crate) fn sharded_optimizer_step(
+        &mut self,
+        optimizer: &mut Optimizer,
+        params: &mut ModelParams,
+        lr: f64,
+    ) -> Result<()> {
+        let Some(state) = self.sharded.as_mut() else {
+            return Ok(());
+        };
+        let grads = &state.grads;
+        optimizer.step(
+            &mut |f| state.params.visit_mut(f),
+            &mut |f| grads.visit(f),
+            lr,
+        )?;
+        let state = self.sharded.as_ref().map(|s| (&s.rows, &s.params));
+        let Some((rows, local)) = state else {
+            return Ok(());
+        };
+        let mut pending: Vec<Result<Pending>> = Vec::new();
+        let mut i = 0;
+        local.visit(&mut |_, t, _| {
+            let (r, expert) = rows[i];
+            pending.push(
+                pad_rows(t, r.padded_len)
+                    .and_then(|p| Ok(self.shard_group(expert).start_all_gather(&p)?)),
+            );
+            i += 1;
+        });
+        let mut gathered = Vec::with_capacity(pending.len());
+        for p in pending {
+            gathered.push(p?.wait()?);
+        }
+        map_params(params, |i, t| Ok(gathered[i].narrow(0, 0, t.dims()[0])?))
+    }
+
+    /// All-gathers a state tensor of parameter `index` (shaped like its rows) into the full
+    /// parameter's shape (checkpoints).
+    pub(crate) fn gather_rows(&self, index: usize, t: &Tensor, full_rows: usize) -> Result<Tensor> {
+        let Some(state) = self.sharded.as_ref() else {
+            return Ok(t.clone());
+        };
+        let (r, expert) = state.rows[index];
+        let all = self
+            .shard_group(expert)
+            .all_gather(&pad_rows(t, r.padded_len)?)?;
+        Ok(all.narrow(0, 0, full_rows)?)
+    }
+
+    /// Whether optimizer state and gradients are sharded (`parallel.fsdp` 1 or 2).
+    pub(crate) fn is_sharded(&self) -> bool {
+        self.sharded.is_some()
+    }
+
+    /// Σ g² of this rank's gradient rows, dense and expert parts each summed over the group
+    /// that shards them, so every row counts once.
+    pub(crate) fn sharded_grad_squares(&self) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(state) = self.sharded.as_ref() else {
+            return Ok(None);
+        };
+        let (mut dense, mut expert) = (Vec::new(), Vec::new());
+        let mut err = None;
+        let mut i = 0;
+        state.grads.visit(&mut |_, g, _| {
+            let is_expert = state.rows[i].1;
+            i += 1;
+            if err.is_some() {
+                return;
+            }
+            match g.sum_squares().and_then(|s| s.reshape([1])) {
+                Ok(s) if is_expert => expert.push(s),
+                Ok(s) => dense.push(s),
+                Err(e) => err = Some(e),
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        let sum = |parts: &[Tensor], comm: &dyn Communicator| -> Result<Tensor> {
+            let local = if parts.is_empty() {
+                Tensor::from_vec_f32(vec![0.0], [1], megamoe_tensor::Device::Cpu)?
+            } else {
+                let refs: Vec<&Tensor> = parts.iter().collect();
+                Tensor::cat(&refs, 0)?.sum_all()?.reshape([1])?
+            };
+            Ok(comm.all_reduce(&local, ReduceOp::Sum)?)
+        };
+        Ok(Some((
+            sum(&dense, self.dense_dp.as_ref())?,
+            sum(&expert, self.expert_dp.as_ref())?,
+        )))
+    }
+}
