@@ -73,6 +73,7 @@ mod shape;
 mod storage;
 mod sync;
 mod tensor;
+mod threads;
 
 pub use device::Device;
 pub use dtype::DType;
@@ -90,3 +91,4 @@ pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
 pub use sync::host_reads;
 pub use tensor::{Layout, Tensor};
+pub use threads::on_compute_threads;
