@@ -46,4 +46,4 @@ pub use graph::Graph;
 pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
 pub use ops::{AdamWParams, AttentionGrads, AttentionShape, Ops};
-pub use pool::{DeviceBuffer, PoolStats};
+pub use pool::{DeviceBuffer, DeviceMem, DeviceView, PoolStats};

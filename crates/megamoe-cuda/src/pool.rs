@@ -156,3 +156,64 @@ impl Drop for DeviceBuffer {
             .fetch_sub(self.bytes as u64, Ordering::Relaxed);
     }
 }
+
+/// Device memory an op can read or write: an owned [`DeviceBuffer`] or a borrowed
+/// [`DeviceView`] into one (e.g. a tensor's elements from its offset).
+pub trait DeviceMem {
+    /// The device address.
+    fn ptr(&self) -> u64;
+    /// Size in bytes.
+    fn bytes(&self) -> usize;
+}
+
+impl DeviceMem for DeviceBuffer {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// A borrowed range of device memory (address and length), valid for `'a`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceView<'a> {
+    ptr: u64,
+    bytes: usize,
+    _owner: std::marker::PhantomData<&'a DeviceBuffer>,
+}
+
+impl DeviceView<'_> {
+    /// A view of `bytes` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + bytes` must lie in a live allocation of the engine's context for as long
+    /// as the view (and any work queued with it) is used.
+    pub unsafe fn from_raw<'a>(ptr: u64, bytes: usize) -> DeviceView<'a> {
+        DeviceView {
+            ptr,
+            bytes,
+            _owner: std::marker::PhantomData,
+        }
+    }
+}
+
+impl DeviceBuffer {
+    /// The whole buffer as a view.
+    pub fn view(&self) -> DeviceView<'_> {
+        DeviceView {
+            ptr: self.ptr,
+            bytes: self.bytes,
+            _owner: std::marker::PhantomData,
+        }
+    }
+}
+
+impl DeviceMem for DeviceView<'_> {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}

@@ -13,7 +13,7 @@ use super::{int, need, positive, Ops, BLOCK};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
 use crate::gemm::{Elem, Operand};
-use crate::pool::DeviceBuffer;
+use crate::pool::DeviceMem;
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +72,11 @@ impl AttentionShape {
 /// Gradients of one attention backward (storage type).
 pub struct AttentionGrads<'a> {
     /// d q `[B, NH, T, D]`.
-    pub dq: &'a DeviceBuffer,
+    pub dq: &'a dyn DeviceMem,
     /// d k `[B, NKV, T, D]`.
-    pub dk: &'a DeviceBuffer,
+    pub dk: &'a dyn DeviceMem,
     /// d v `[B, NKV, T, D]`.
-    pub dv: &'a DeviceBuffer,
+    pub dv: &'a dyn DeviceMem,
 }
 
 /// (rep·T, groups) and the operand makers of one shape.
@@ -95,15 +95,15 @@ impl Plan {
         }
     }
     /// A `[rep·T, D]` per-group matrix (q, o, dq, do).
-    fn qd(&self, b: &DeviceBuffer, e: Elem) -> Operand {
+    fn qd(&self, b: &dyn DeviceMem, e: Elem) -> Operand {
         Operand::dense(b.ptr(), e, self.s.head_dim, self.rep_t * self.s.head_dim)
     }
     /// A `[T, D]` per-group matrix (k, v, dk, dv).
-    fn kv(&self, b: &DeviceBuffer, e: Elem) -> Operand {
+    fn kv(&self, b: &dyn DeviceMem, e: Elem) -> Operand {
         Operand::dense(b.ptr(), e, self.s.head_dim, self.s.seq * self.s.head_dim)
     }
     /// A `[rep·T, T]` per-group matrix (scores, probs).
-    fn tt(&self, b: &DeviceBuffer, e: Elem) -> Operand {
+    fn tt(&self, b: &dyn DeviceMem, e: Elem) -> Operand {
         Operand::dense(b.ptr(), e, self.s.seq, self.rep_t * self.s.seq)
     }
 }
@@ -112,7 +112,7 @@ impl Ops {
     fn check_attention(
         &self,
         s: &AttentionShape,
-        bufs: &[(&'static str, &DeviceBuffer, usize)],
+        bufs: &[(&'static str, &dyn DeviceMem, usize)],
     ) -> Result<()> {
         s.validate()?;
         for &(what, b, n) in bufs {
@@ -128,11 +128,11 @@ impl Ops {
         &self,
         gpu: &Gpu,
         s: AttentionShape,
-        q: &DeviceBuffer,
-        k: &DeviceBuffer,
-        v: &DeviceBuffer,
-        o: &DeviceBuffer,
-        probs: &DeviceBuffer,
+        q: &dyn DeviceMem,
+        k: &dyn DeviceMem,
+        v: &dyn DeviceMem,
+        o: &dyn DeviceMem,
+        probs: &dyn DeviceMem,
         scale: f32,
     ) -> Result<()> {
         self.check_attention(
@@ -181,11 +181,11 @@ impl Ops {
         &self,
         gpu: &Gpu,
         s: AttentionShape,
-        d_o: &DeviceBuffer,
-        q: &DeviceBuffer,
-        k: &DeviceBuffer,
-        v: &DeviceBuffer,
-        probs: &DeviceBuffer,
+        d_o: &dyn DeviceMem,
+        q: &dyn DeviceMem,
+        k: &dyn DeviceMem,
+        v: &dyn DeviceMem,
+        probs: &dyn DeviceMem,
         grads: AttentionGrads<'_>,
         scale: f32,
     ) -> Result<()> {
@@ -264,8 +264,8 @@ impl Ops {
     pub fn causal_softmax(
         &self,
         gpu: &Gpu,
-        scores: &DeviceBuffer,
-        probs: &DeviceBuffer,
+        scores: &dyn DeviceMem,
+        probs: &dyn DeviceMem,
         rows: usize,
         t: usize,
         scale: f32,
@@ -291,9 +291,9 @@ impl Ops {
     pub fn causal_softmax_backward(
         &self,
         gpu: &Gpu,
-        y: &DeviceBuffer,
-        dy: &DeviceBuffer,
-        d_scores: &DeviceBuffer,
+        y: &dyn DeviceMem,
+        dy: &dyn DeviceMem,
+        d_scores: &dyn DeviceMem,
         rows: usize,
         t: usize,
         scale: f32,

@@ -4,7 +4,7 @@
 use super::{int, need, positive, Ops, BLOCK};
 use crate::device::{arg, Gpu};
 use crate::error::Result;
-use crate::pool::DeviceBuffer;
+use crate::pool::DeviceMem;
 
 impl Ops {
     /// Mean cross-entropy of `logits [n, v]` (storage type) against `targets [n]` (i32),
@@ -18,10 +18,10 @@ impl Ops {
     pub fn cross_entropy(
         &self,
         gpu: &Gpu,
-        logits: &DeviceBuffer,
-        targets: &DeviceBuffer,
-        d_logits: &DeviceBuffer,
-        loss: &DeviceBuffer,
+        logits: &impl DeviceMem,
+        targets: &impl DeviceMem,
+        d_logits: &impl DeviceMem,
+        loss: &impl DeviceMem,
         (n, v): (usize, usize),
         ignore_index: i32,
     ) -> Result<()> {
@@ -84,9 +84,9 @@ impl Ops {
     pub fn embedding(
         &self,
         gpu: &Gpu,
-        table: &DeviceBuffer,
-        ids: &DeviceBuffer,
-        out: &DeviceBuffer,
+        table: &impl DeviceMem,
+        ids: &impl DeviceMem,
+        out: &impl DeviceMem,
         (n, rows, h): (usize, usize, usize),
     ) -> Result<()> {
         positive("embedding ids", n)?;
@@ -126,9 +126,9 @@ impl Ops {
     pub fn embedding_backward(
         &self,
         gpu: &Gpu,
-        d_out: &DeviceBuffer,
-        ids: &DeviceBuffer,
-        d_table: &DeviceBuffer,
+        d_out: &impl DeviceMem,
+        ids: &impl DeviceMem,
+        d_table: &impl DeviceMem,
         (n, rows, h): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {

@@ -25,7 +25,7 @@ use cudarc::driver::sys as dsys;
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::gemm::Elem;
-use crate::pool::DeviceBuffer;
+use crate::pool::DeviceMem;
 
 const SRC: &str = include_str!("kernels.cu");
 /// Threads per block of every kernel in kernels.cu (`BLOCK` there).
@@ -96,7 +96,7 @@ impl Ops {
 }
 
 /// Checks that `buf` holds at least `elems` elements of `size` bytes.
-fn need(what: &'static str, buf: &DeviceBuffer, elems: usize, size: usize) -> Result<()> {
+fn need(what: &'static str, buf: &dyn DeviceMem, elems: usize, size: usize) -> Result<()> {
     let bytes = elems
         .checked_mul(size)
         .ok_or_else(|| Error::invalid("buffer size", elems, "overflows usize"))?;

@@ -3,7 +3,7 @@
 use super::{int, need, positive, stride_grid, Ops, BLOCK};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
-use crate::pool::DeviceBuffer;
+use crate::pool::DeviceMem;
 
 /// Rows summed per block in the first pass of the RMSNorm weight gradient.
 const ROWS_PER_CHUNK: usize = 128;
@@ -15,10 +15,10 @@ impl Ops {
     pub fn rms_norm(
         &self,
         gpu: &Gpu,
-        x: &DeviceBuffer,
-        w: &DeviceBuffer,
-        y: &DeviceBuffer,
-        rstd: &DeviceBuffer,
+        x: &impl DeviceMem,
+        w: &impl DeviceMem,
+        y: &impl DeviceMem,
+        rstd: &impl DeviceMem,
         rows: usize,
         h: usize,
         eps: f32,
@@ -60,11 +60,11 @@ impl Ops {
     pub fn rms_norm_backward_input(
         &self,
         gpu: &Gpu,
-        dy: &DeviceBuffer,
-        x: &DeviceBuffer,
-        w: &DeviceBuffer,
-        rstd: &DeviceBuffer,
-        dx: &DeviceBuffer,
+        dy: &impl DeviceMem,
+        x: &impl DeviceMem,
+        w: &impl DeviceMem,
+        rstd: &impl DeviceMem,
+        dx: &impl DeviceMem,
         rows: usize,
         h: usize,
     ) -> Result<()> {
@@ -101,10 +101,10 @@ impl Ops {
     pub fn rms_norm_backward_weight(
         &self,
         gpu: &Gpu,
-        dy: &DeviceBuffer,
-        x: &DeviceBuffer,
-        rstd: &DeviceBuffer,
-        dw: &DeviceBuffer,
+        dy: &impl DeviceMem,
+        x: &impl DeviceMem,
+        rstd: &impl DeviceMem,
+        dw: &impl DeviceMem,
         rows: usize,
         h: usize,
         accumulate: bool,
@@ -163,8 +163,8 @@ impl Ops {
     pub fn rope(
         &self,
         gpu: &Gpu,
-        x: &DeviceBuffer,
-        y: &DeviceBuffer,
+        x: &impl DeviceMem,
+        y: &impl DeviceMem,
         (b, t, heads, d): (usize, usize, usize, usize),
         theta: f32,
         backward: bool,

@@ -4,7 +4,7 @@
 use super::{need, positive, stride_grid, Ops, BLOCK};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
-use crate::pool::DeviceBuffer;
+use crate::pool::DeviceMem;
 
 /// Scalars of one AdamW step (PyTorch `torch.optim.AdamW` order).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,11 +76,11 @@ impl Ops {
     pub fn adamw(
         &self,
         gpu: &Gpu,
-        p: &DeviceBuffer,
-        m: &DeviceBuffer,
-        v: &DeviceBuffer,
-        grad: &DeviceBuffer,
-        p_copy: Option<&DeviceBuffer>,
+        p: &impl DeviceMem,
+        m: &impl DeviceMem,
+        v: &impl DeviceMem,
+        grad: &impl DeviceMem,
+        p_copy: Option<&dyn DeviceMem>,
         n: usize,
         h: &AdamWParams,
     ) -> Result<()> {

@@ -73,7 +73,9 @@ __device__ float binary_f(int op, float a, float b) {
     case 9: return b * a * (1.f - a);
     case 10: return b * (1.f - a * a);
     case 11: return a > 0.f ? b : 0.f;
-    default: return 2.f * fmaxf(a, 0.f) * b;
+    case 12: return 2.f * fmaxf(a, 0.f) * b;
+    default: return a * sigmoid_(a) * b; // 13: swiglu, silu(gate) * up
+
     }
 }
 
@@ -408,5 +410,16 @@ extern "C" __global__ void index_add_apply(const void* src, int st_, const float
             acc = __fadd_rn(acc, w ? __fmul_rn(w[r], v) : v);
         }
         dst[d * row + j] = acc;
+    }
+}
+
+// SwiGLU backward: d_gate = dy * up * silu'(gate), d_up = dy * silu(gate) (f32 out).
+extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int ut, const void* dy,
+                                      int dt, float* dg, float* du, size_t n) {
+    GRID_STRIDE(i, n) {
+        const float gv = ld(g, gt, i), uv = ld(u, ut, i), d = ld(dy, dt, i);
+        const float s = sigmoid_(gv);
+        dg[i] = d * uv * (s * (1.f + gv * (1.f - s)));
+        du[i] = d * (gv * s);
     }
 }

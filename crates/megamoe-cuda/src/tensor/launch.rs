@@ -50,6 +50,7 @@ struct Kernels {
     scan_counts: dsys::CUfunction,
     index_place: dsys::CUfunction,
     index_add_apply: dsys::CUfunction,
+    swiglu_bwd: dsys::CUfunction,
 }
 
 /// The tensor kernels, compiled once per process and loaded.
@@ -100,6 +101,7 @@ impl TensorKernels {
                 scan_counts: get("scan_counts")?,
                 index_place: get("index_place")?,
                 index_add_apply: get("index_add_apply")?,
+                swiglu_bwd: get("swiglu_bwd")?,
             },
         })
     }
@@ -705,6 +707,40 @@ impl TensorKernels {
                 arg(&count),
                 arg(&dst),
                 arg(&row),
+            ],
+        )
+    }
+
+    /// SwiGLU backward: `d_gate = dy · up · silu'(gate)`, `d_up = dy · silu(gate)` (f32).
+    ///
+    /// # Safety
+    /// See [`TensorKernels::cast`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn swiglu_backward(
+        &self,
+        gpu: &Gpu,
+        gate: Dev,
+        up: Dev,
+        dy: Dev,
+        d_gate: u64,
+        d_up: u64,
+        n: usize,
+    ) -> Result<()> {
+        let (gt, ut, dt) = (gate.dtype.code(), up.dtype.code(), dy.dtype.code());
+        gpu.launch(
+            self.k.swiglu_bwd,
+            grid(n),
+            BLOCK,
+            &mut [
+                arg(&gate.ptr),
+                arg(&gt),
+                arg(&up.ptr),
+                arg(&ut),
+                arg(&dy.ptr),
+                arg(&dt),
+                arg(&d_gate),
+                arg(&d_up),
+                arg(&n),
             ],
         )
     }

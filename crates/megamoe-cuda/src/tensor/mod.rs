@@ -162,6 +162,8 @@ pub enum Binary {
     ReluBackward,
     /// `dy · 2 max(x, 0)`
     Relu2Backward,
+    /// `silu(a) · b` (SwiGLU with gate `a`, up `b`)
+    Swiglu,
 }
 
 impl Binary {
@@ -180,6 +182,7 @@ impl Binary {
             Binary::TanhBackward => 10,
             Binary::ReluBackward => 11,
             Binary::Relu2Backward => 12,
+            Binary::Swiglu => 13,
         }
     }
 }
