@@ -12,7 +12,7 @@ use cudarc::driver::{result as dres, sys as dsys};
 
 use crate::error::{DriverCtx, Error, Result};
 use crate::nvrtc::KernelCache;
-use crate::pool::{DeviceBuffer, PoolState, PoolStats};
+use crate::pool::{DeviceBuffer, DeviceMem, PoolState, PoolStats};
 
 /// Bytes of the cuBLAS workspace given to the handle (fixed, so GEMMs can be captured).
 const CUBLAS_WORKSPACE: usize = 64 << 20;
@@ -170,7 +170,7 @@ impl Gpu {
 
     /// Copies `src` to the start of `dst` (stream-ordered; `src` must outlive the copy, so
     /// this synchronizes before returning).
-    pub fn upload<T: Copy>(&self, dst: &DeviceBuffer, src: &[T]) -> Result<()> {
+    pub fn upload<T: Copy>(&self, dst: &impl DeviceMem, src: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(src);
         if bytes > dst.bytes() {
             return Err(Error::Length {
@@ -185,7 +185,7 @@ impl Gpu {
     }
 
     /// Copies the start of `src` into `dst` (SYNC: waits for the stream).
-    pub fn download<T: Copy>(&self, src: &DeviceBuffer, dst: &mut [T]) -> Result<()> {
+    pub fn download<T: Copy>(&self, src: &impl DeviceMem, dst: &mut [T]) -> Result<()> {
         let bytes = std::mem::size_of_val(dst);
         if bytes > src.bytes() {
             return Err(Error::Length {
@@ -197,6 +197,47 @@ impl Gpu {
         unsafe { dres::memcpy_dtoh_async(dst, src.ptr(), self.pool.stream) }
             .ctx("cuMemcpyDtoHAsync")?;
         self.synchronize()
+    }
+
+    /// Copies `height` rows of `width` bytes, row `r` from `src + r·src_pitch` to
+    /// `dst + r·dst_pitch` (stream-ordered device-to-device copy; narrow and concatenation
+    /// along an inner dimension).
+    ///
+    /// # Safety
+    /// Both address ranges must lie in live allocations of this engine's context.
+    pub unsafe fn copy_2d(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        height: usize,
+    ) -> Result<()> {
+        if width == 0 || height == 0 {
+            return Ok(());
+        }
+        let p = dsys::CUDA_MEMCPY2D_st {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: dsys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: dsys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: height,
+        };
+        dsys::cuMemcpy2DAsync_v2(&p, self.pool.stream)
+            .result()
+            .ctx("cuMemcpy2DAsync")
     }
 
     /// Fills `dst` with the byte `value` (stream-ordered).

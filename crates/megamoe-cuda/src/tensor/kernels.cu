@@ -423,3 +423,25 @@ extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int 
         du[i] = d * (gv * s);
     }
 }
+
+// Whole-tensor sums, pass 1: partial[block] = sum over a fixed grid-stride slice of x (or
+// of x^2 when `squares`), f64. Pass 2 (`reduce_partials`) adds the blocks in order.
+extern "C" __global__ void sum_all_partial(const void* x, int xt, size_t n, int squares,
+                                           double* partial) {
+    double s = 0.0;
+    GRID_STRIDE(i, n) {
+        double v = ld(x, xt, i);
+        s += squares ? v * v : v;
+    }
+    s = block_sum_d(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out[0] = f(sum of partial[0..blocks]): op 0 sum, 1 mean over n, 2 sqrt.
+extern "C" __global__ void reduce_partials(const double* partial, int blocks, int op, size_t n,
+                                           float* out) {
+    if (threadIdx.x != 0) return;
+    double s = 0.0;
+    for (int b = 0; b < blocks; b++) s += partial[b];
+    out[0] = (float)(op == 1 ? s / (double)n : op == 2 ? sqrt(s) : s);
+}

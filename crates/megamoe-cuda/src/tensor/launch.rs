@@ -2,7 +2,7 @@
 
 use cudarc::driver::sys as dsys;
 
-use super::{Binary, Broadcast, Dev, Dtype, RowReduce, Unary};
+use super::{AllReduce, Binary, Broadcast, Dev, Dtype, RowReduce, Unary};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
 
@@ -51,6 +51,8 @@ struct Kernels {
     index_place: dsys::CUfunction,
     index_add_apply: dsys::CUfunction,
     swiglu_bwd: dsys::CUfunction,
+    sum_all_partial: dsys::CUfunction,
+    reduce_partials: dsys::CUfunction,
 }
 
 /// The tensor kernels, compiled once per process and loaded.
@@ -102,6 +104,8 @@ impl TensorKernels {
                 index_place: get("index_place")?,
                 index_add_apply: get("index_add_apply")?,
                 swiglu_bwd: get("swiglu_bwd")?,
+                sum_all_partial: get("sum_all_partial")?,
+                reduce_partials: get("reduce_partials")?,
             },
         })
     }
@@ -742,6 +746,48 @@ impl TensorKernels {
                 arg(&d_up),
                 arg(&n),
             ],
+        )
+    }
+
+    /// `out[0]` (f32) = Σ x (`AllReduce::Sum`), its mean, Σ x² or √(Σ x²) over `n`
+    /// elements: fixed-grid partial sums in f64, then one ordered sum (deterministic).
+    ///
+    /// # Safety
+    /// See [`TensorKernels::cast`].
+    pub unsafe fn reduce_all(
+        &self,
+        gpu: &Gpu,
+        op: AllReduce,
+        x: Dev,
+        out: u64,
+        n: usize,
+    ) -> Result<()> {
+        let blocks = grid(n);
+        let partial = gpu.alloc(blocks as usize * 8)?;
+        let (squares, fin) = match op {
+            AllReduce::Sum => (0i32, 0i32),
+            AllReduce::Mean => (0, 1),
+            AllReduce::SumSquares => (1, 0),
+            AllReduce::Norm => (1, 2),
+        };
+        let (xt, bi) = (x.dtype.code(), blocks as i32);
+        gpu.launch(
+            self.k.sum_all_partial,
+            blocks,
+            BLOCK,
+            &mut [
+                arg(&x.ptr),
+                arg(&xt),
+                arg(&n),
+                arg(&squares),
+                arg(&partial.ptr()),
+            ],
+        )?;
+        gpu.launch(
+            self.k.reduce_partials,
+            1,
+            32,
+            &mut [arg(&partial.ptr()), arg(&bi), arg(&fin), arg(&n), arg(&out)],
         )
     }
 }

@@ -229,3 +229,16 @@ impl RowReduce {
         }
     }
 }
+
+/// Reduction of every element to one f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllReduce {
+    /// Σ (0 when empty)
+    Sum,
+    /// Σ / n (NaN when empty)
+    Mean,
+    /// Σ x²
+    SumSquares,
+    /// √(Σ x²)
+    Norm,
+}
