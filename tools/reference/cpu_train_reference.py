@@ -23,6 +23,9 @@ AdamW and LR update; prints tokens/s over the timed steps. Threads: `--threads` 
 default, the machine the comparison is made on).
 
     python3 tools/reference/cpu_train_reference.py --steps 300 --warmup 20
+
+On a machine that other processes also load, set OMP_WAIT_POLICY=PASSIVE: OpenMP's default
+spin-waiting then makes every small matmul tens of times slower (docs/perf.md).
 """
 
 import argparse
