@@ -14,7 +14,8 @@
 //! Forward saves `x`, rotated `q`, repeated `k`, `v`, `P` and `o`; `backward_input`
 //! returns `d_x` (fresh), `backward_weight` accumulates (+=).
 
-use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::init::Init;

@@ -10,7 +10,8 @@
 //! Accumulation: `backward_input` writes `d_x` fresh; `backward_weight` accumulates (+=) into
 //! a [`BlockParams`] of gradients. Norm weight gradients are computed in I and added in W.
 
-use megamoe_tensor::{DType, ParamRole, Tensor};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::{DType, Tensor};
 
 use crate::attention::{Attention, AttentionDeferredW, AttentionParams, AttentionSaved};
 use crate::error::Result;

@@ -11,7 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::Tensor;
 
 use crate::block::BlockParams;
 use crate::chunk::ChunkSpec;

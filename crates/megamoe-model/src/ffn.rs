@@ -6,7 +6,8 @@
 //! `router.expert_bias` buffer is not a parameter (see [`FfnParams::visit_buffers`]).
 
 use megamoe_moe::{MoeDeferredW, MoeLayer, MoeParams, MoeSaved, MoeStats, RouterLossScale};
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::Tensor;
 
 use crate::error::Result;
 use crate::init::Init;

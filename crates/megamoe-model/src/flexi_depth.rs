@@ -21,8 +21,9 @@
 //! `n_layers` the number of adaptive layers whose scores are summed. Block assembly lives in
 //! `block.rs`; this file holds the router, the adapter weights and the skip loss.
 
+use megamoe_optim::ParamRole;
 use megamoe_plan::{Activation, RouterOrder};
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_tensor::Tensor;
 
 use crate::error::Result;
 use crate::init::Init;

@@ -20,8 +20,9 @@
 //! `d_g = keep ⊙ f ⊙ d_out (+ penalty)` (summed over channels for a scalar gate);
 //! `d_pre = g(1−g) d_g`; `dW_g += d_preᵀ h`, `db_g += Σ_n d_pre` (accumulated).
 
+use megamoe_optim::ParamRole;
 use megamoe_plan::{GateKind, SkipPenalty};
-use megamoe_tensor::{DType, ParamRole, Tensor};
+use megamoe_tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::init::Init;

@@ -14,7 +14,8 @@
 
 use std::ops::Range;
 
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::ModelParams;

@@ -3,7 +3,8 @@
 //! the parameter's HF-style name and the global element index), so any sharding of the
 //! model materialises exactly its slice of the same global weights.
 
-use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::error::Result;
 

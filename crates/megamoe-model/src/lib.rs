@@ -14,7 +14,7 @@
 //!   enumerate HF-style names (`model.embed_tokens.weight`,
 //!   `model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.experts.gate_proj`,
 //!   `model.norm.weight`, `lm_head.weight`, `mtp.layers.{j}.*`) with their
-//!   [`megamoe_tensor::ParamRole`].
+//!   [`megamoe_optim::ParamRole`].
 //! - [`Model::forward`] → [`ModelForward`] { [`LossParts`] (unweighted `lm_loss`,
 //!   `mtp_losses`, `aux`, `z`, `gate_skip`, `flexi_depth` and the weighted `total`),
 //!   [`ModelStats`], [`ModelSaved`] (the activation store) }.

@@ -6,8 +6,9 @@
 //! Forward saves `x`, the pre-activations and the activation `a [N, F]`; `backward_input`
 //! returns `d_x` (fresh) and a [`MlpDeferredW`]; `backward_weight` accumulates (+=).
 
+use megamoe_optim::ParamRole;
 use megamoe_plan::Activation;
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_tensor::Tensor;
 
 use crate::error::{Error, Result};
 use crate::init::Init;

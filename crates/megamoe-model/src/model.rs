@@ -21,7 +21,8 @@
 use std::sync::Arc;
 
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, TokenDispatcher};
-use megamoe_tensor::{DType, Device, ParamRole, Tensor, IGNORE_INDEX};
+use megamoe_optim::ParamRole;
+use megamoe_tensor::{DType, Device, Tensor, IGNORE_INDEX};
 
 use crate::attention::{Attention, AttentionConfig};
 use crate::block::{Block, BlockParams};

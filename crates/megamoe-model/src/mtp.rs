@@ -21,8 +21,9 @@
 //! is ignored). Document boundaries inside packed sequences are not tracked (the data
 //! pipeline gives none); a target already −100 stays ignored after rolling.
 
+use megamoe_optim::ParamRole;
 use megamoe_plan::{ConcatOrder, MtpMode};
-use megamoe_tensor::{DType, ParamRole, Tensor, IGNORE_INDEX};
+use megamoe_tensor::{DType, Tensor, IGNORE_INDEX};
 
 use crate::block::{Block, BlockCx, BlockDeferredW, BlockGradCx, BlockParams, BlockSaved};
 use crate::embedding::{embedding_backward, embedding_forward};

@@ -3,8 +3,9 @@
 
 use std::ops::Range;
 
+use megamoe_optim::ParamRole;
 use megamoe_plan::Activation;
-use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::config::MoeConfig;
 use crate::error::{shape_str, Error, Result};

@@ -1,7 +1,7 @@
 //! The crate's typed error: every variant names the parameter (or state key), the value and
 //! the rule that was broken.
 
-use megamoe_tensor::ParamRole;
+use crate::ParamRole;
 
 /// Result alias of this crate.
 pub type Result<T, E = OptimError> = std::result::Result<T, E>;

@@ -2,7 +2,7 @@
 //!
 //! # Purpose
 //! AdamW and Muon (NS5 orthogonalised momentum) over named parameters, routed by
-//! [`ParamRole`](megamoe_tensor::ParamRole); learning-rate schedules; global grad-norm
+//! [`ParamRole`](crate::ParamRole); learning-rate schedules; global grad-norm
 //! clipping; FSDP2 dim-0 shard maps and the single-process form of distributed Muon
 //! (Moonlight Algorithm 1).
 //!
@@ -19,7 +19,8 @@
 //! ```
 //! use megamoe_optim::{clip_grad_norm, NamedParams, Optimizer, Schedule};
 //! use megamoe_plan::{LrSchedule, OptimPlan, OptimizerKind};
-//! use megamoe_tensor::{Device, ParamRole, Tensor};
+//! use megamoe_optim::ParamRole;
+//! use megamoe_tensor::{Device, Tensor};
 //! # fn main() -> megamoe_optim::Result<()> {
 //! let plan = OptimPlan {
 //!     kind: OptimizerKind::AdamW, lr: 1e-2, min_lr: 1e-3, warmup_steps: 2,
@@ -53,6 +54,7 @@ pub mod lr_schedule;
 pub mod muon;
 pub mod param_groups;
 pub mod params;
+pub mod role;
 pub mod shard;
 pub mod state;
 
@@ -65,4 +67,5 @@ pub use lr_schedule::Schedule;
 pub use muon::{MuonConfig, NsPrecision};
 pub use param_groups::{update_rule, UpdateRule};
 pub use params::NamedParams;
+pub use role::ParamRole;
 pub use state::{Optimizer, ParamState, STATE_KINDS};

@@ -8,8 +8,8 @@
 //! | Embedding, Head, Gate | AdamW | AdamW | yes |
 //! | Norm, Bias, Scalar | AdamW | AdamW | no |
 
+use crate::ParamRole;
 use megamoe_plan::OptimizerKind;
-use megamoe_tensor::ParamRole;
 
 /// The update rule of one parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,8 @@
 //! [`NamedParams`] is a minimal params container with the same `visit`/`visit_mut`
 //! methods, for tests, examples and callers with loose tensors.
 
-use megamoe_tensor::{ParamRole, Tensor};
+use crate::ParamRole;
+use megamoe_tensor::Tensor;
 
 /// Callback receiving one parameter (or gradient) by shared reference.
 pub type VisitFn<'a> = dyn FnMut(&str, &Tensor, ParamRole) + 'a;

@@ -12,8 +12,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::ParamRole;
 use megamoe_plan::{qkv_local_split_sizes, OptimPlan, OptimizerKind};
-use megamoe_tensor::{DType, ParamRole, Tensor};
+use megamoe_tensor::{DType, Tensor};
 
 use crate::adamw::{adamw_update, AdamWConfig, AdamWState};
 use crate::error::{OptimError, Result};

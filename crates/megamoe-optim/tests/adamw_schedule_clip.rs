@@ -5,9 +5,10 @@
 mod common;
 
 use common::*;
+use megamoe_optim::ParamRole;
 use megamoe_optim::{clip_grad_norm, global_grad_norm, NamedParams, Optimizer, Schedule};
 use megamoe_plan::LrSchedule;
-use megamoe_tensor::{DType, ParamRole};
+use megamoe_tensor::DType;
 
 /// Two AdamW steps on p = [1, −2] with lr 0.1, β = (0.9, 0.99), ε = 1e-8, λ = 0.1,
 /// g₁ = [0.5, 0.1], g₂ = [−0.2, 0.3]. By hand (PyTorch AdamW order):

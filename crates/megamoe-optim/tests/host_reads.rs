@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
 use megamoe_optim::muon::{newton_schulz5, newton_schulz5_batched, orthogonalize, NsPrecision};
+use megamoe_optim::ParamRole;
 use megamoe_optim::{clip_grad_norm, NamedParams};
 use megamoe_plan::MuonScale;
-use megamoe_tensor::{host_reads, Device, ParamRole, Tensor};
+use megamoe_tensor::{host_reads, Device, Tensor};
 
 fn rand_t(seed: u64, shape: &[usize]) -> Tensor {
     Tensor::randn_named(seed, "t", shape, 1.0, Device::Cpu).unwrap()

@@ -7,9 +7,9 @@ mod common;
 
 use common::*;
 use megamoe_optim::muon::{muon_scale, newton_schulz5, NS5_COEFFS};
+use megamoe_optim::ParamRole;
 use megamoe_optim::{NamedParams, NsPrecision, Optimizer};
 use megamoe_plan::MuonScale;
-use megamoe_tensor::ParamRole;
 
 #[test]
 fn coefficients_are_the_specs() {

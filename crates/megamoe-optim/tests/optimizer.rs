@@ -7,9 +7,10 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
+use megamoe_optim::ParamRole;
 use megamoe_optim::{NamedParams, OptimError, Optimizer};
 use megamoe_plan::MuonScale;
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_tensor::Tensor;
 
 fn model() -> NamedParams {
     let mut p = NamedParams::new();

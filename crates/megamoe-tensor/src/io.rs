@@ -5,7 +5,7 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
-use crate::tensor::CpuView;
+use crate::storage::CpuStorage;
 use crate::{sync, DType, Device, Error, Result, Tensor};
 
 fn st_dtype(d: DType) -> StDtype {
@@ -18,10 +18,10 @@ fn st_dtype(d: DType) -> StDtype {
 
 /// Little-endian bytes of a tensor's elements (the caller counts the host read).
 fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    Ok(match t.cpu_view("save_safetensors")? {
-        CpuView::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        CpuView::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        CpuView::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    Ok(match t.backend().to_host(t)? {
+        CpuStorage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        CpuStorage::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     })
 }
 

@@ -2,8 +2,8 @@
 //!
 //! # Purpose
 //! A small, explicit tensor engine for training MoE transformers: a [`Tensor`] handle on
-//! backend [`Storage`], ops as methods that validate their inputs and dispatch to a backend
-//! kernel, and no autograd — layers call forward ops and the matching `*_backward` helpers
+//! backend [`Storage`], ops as methods that validate their inputs and dispatch to the
+//! tensor's [`Backend`] (one trait per kernel family, see [`backend`]), and no autograd — layers call forward ops and the matching `*_backward` helpers
 //! themselves (see ARCHITECTURE.md, principle 1).
 //!
 //! # Principal types
@@ -13,7 +13,8 @@
 //! - [`RowGroups`]: the row groups of a grouped GEMM as device tensors (no host sizes).
 //! - [`DType`]: `F32` (all math), `BF16` (storage; widened on read), `I32` (indices).
 //! - [`Device`]: `Cpu` today; `Cuda(i)` errors with [`Error::DeviceNotAvailable`].
-//! - [`Storage`]/[`CpuStorage`]: the backend enum ops dispatch on.
+//! - [`Storage`]/[`CpuStorage`]: the buffer enum; [`Tensor::backend`] maps it to its
+//!   [`Backend`] ([`CpuBackend`] today), the one place ops dispatch.
 //! - [`Error`]: one typed error enum; every variant names the op and the bad shapes/values.
 //!
 //! # Place in the workspace
@@ -35,8 +36,8 @@
 //!
 //! # Features
 //! - `bench-faer`: adds faer to `benches/gemm.rs` to re-check the GEMM crate choice.
-//! - (planned) `cuda`: a `Storage::Cuda` variant and `cuda/<family>.rs` kernels; every
-//!   `let Storage::Cpu(..)` in the ops becomes a match, so the compiler lists what to add.
+//! - (planned) `cuda`: a `Storage::Cuda` variant and a `CudaBackend` implementing every
+//!   kernel family trait; a missing kernel is a compile error (see [`backend`]).
 //!
 //! GEMMs use the `gemm` crate with its `x86-v4` (AVX-512, runtime-detected) kernels; see
 //! docs/perf.md for the benchmark behind the choice.
@@ -61,6 +62,7 @@
 //! Benchmarks: `cargo bench -p megamoe-tensor` (results in docs/perf.md).
 #![deny(missing_docs)]
 
+pub mod backend;
 mod cpu;
 mod device;
 mod dtype;
@@ -68,13 +70,13 @@ mod error;
 mod io;
 mod memory;
 pub mod ops;
-pub mod param;
 mod shape;
 mod storage;
 mod sync;
 mod tensor;
 mod threads;
 
+pub use backend::{backend_for, Backend, CpuBackend};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
@@ -86,7 +88,6 @@ pub use ops::groups::RowGroups;
 pub use ops::loss::IGNORE_INDEX;
 pub use ops::optim::AdamWStep;
 pub use ops::rng::InitDist;
-pub use param::ParamRole;
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
 pub use sync::host_reads;

@@ -1,7 +1,8 @@
 //! Backend storage. One enum variant per compiled backend; ops dispatch on it.
 //!
-//! Adding the CUDA backend means adding `Storage::Cuda(CudaStorage)` behind feature `cuda`
-//! and a `cuda/<family>.rs` arm in each `ops/<family>.rs` dispatch. `Storage` is not `Clone`
+//! Adding the CUDA backend means adding `Storage::Cuda(CudaStorage)` behind feature `cuda`,
+//! its arm in `Tensor::backend` and a `CudaBackend` implementing every kernel family trait
+//! (see the `backend` module). `Storage` is not `Clone`
 //! (as in candle): a device copy can fail, so copies are explicit ops returning `Result`.
 
 use half::bf16;
@@ -58,6 +59,18 @@ impl Storage {
         match self {
             Storage::Cpu(s) => s.dtype(),
         }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+        }
+    }
+
+    /// True if there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Device the buffer lives on.

@@ -65,9 +65,7 @@ impl Drop for Buffer {
 }
 
 fn storage_bytes(s: &Storage) -> usize {
-    match s {
-        Storage::Cpu(c) => c.len() * c.dtype().size_in_bytes(),
-    }
+    s.len() * s.dtype().size_in_bytes()
 }
 
 /// A CPU tensor's elements (its view of the buffer), one variant per dtype.
@@ -116,6 +114,16 @@ fn check_len(op: &'static str, shape: &Shape, got: usize) -> Result<()> {
 impl Tensor {
     // ---------------------------------------------------------------- constructors
 
+    /// A tensor owning `storage` (a backend's fresh buffer) with `shape`, offset 0. For
+    /// backends: the buffer must hold exactly `shape.numel()` elements.
+    pub fn from_storage(storage: Storage, shape: Shape) -> Result<Tensor> {
+        check_len("from_storage", &shape, storage.len())?;
+        Ok(Tensor {
+            buffer: Buffer::new(storage),
+            layout: Layout { shape, offset: 0 },
+        })
+    }
+
     /// Wraps CPU storage. Internal: the caller guarantees `storage.len() == shape.numel()`.
     pub(crate) fn from_cpu(storage: CpuStorage, shape: Shape) -> Tensor {
         debug_assert_eq!(
@@ -156,25 +164,16 @@ impl Tensor {
         dtype: DType,
         device: Device,
     ) -> Result<Tensor> {
-        device.check_available()?;
-        let shape = shape.into();
-        let n = shape.numel();
-        let storage = match dtype {
-            DType::F32 => CpuStorage::F32(vec![value; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f32(value); n]),
-            DType::I32 => {
-                if value.fract() != 0.0 || value.abs() > i32::MAX as f32 {
-                    return Err(Error::InvalidArgument {
-                        op: "full",
-                        arg: "value",
-                        value: value.to_string(),
-                        rule: "an I32 tensor needs an integer value in i32 range",
-                    });
-                }
-                CpuStorage::I32(vec![value as i32; n])
-            }
-        };
-        Ok(Tensor::from_cpu(storage, shape))
+        let backend = crate::backend::backend_for(device)?;
+        if dtype == DType::I32 && (value.fract() != 0.0 || value.abs() > i32::MAX as f32) {
+            return Err(Error::InvalidArgument {
+                op: "full",
+                arg: "value",
+                value: value.to_string(),
+                rule: "an I32 tensor needs an integer value in i32 range",
+            });
+        }
+        backend.full(shape.into(), value, dtype)
     }
 
     /// A rank-0 f32 tensor holding `value`.
@@ -184,10 +183,10 @@ impl Tensor {
 
     /// An f32 tensor owning `data` (row-major). Errors if `data.len() != shape.numel()`.
     pub fn from_vec_f32(data: Vec<f32>, shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
-        device.check_available()?;
+        let backend = crate::backend::backend_for(device)?;
         let shape = shape.into();
         check_len("from_vec_f32", &shape, data.len())?;
-        Ok(Tensor::from_cpu(CpuStorage::F32(data), shape))
+        backend.upload(CpuStorage::F32(data), shape)
     }
 
     /// An f32 tensor copied from `data`.
@@ -201,18 +200,18 @@ impl Tensor {
         shape: impl Into<Shape>,
         device: Device,
     ) -> Result<Tensor> {
-        device.check_available()?;
+        let backend = crate::backend::backend_for(device)?;
         let shape = shape.into();
         check_len("from_vec_bf16", &shape, data.len())?;
-        Ok(Tensor::from_cpu(CpuStorage::BF16(data), shape))
+        backend.upload(CpuStorage::BF16(data), shape)
     }
 
     /// An i32 (index) tensor owning `data`.
     pub fn from_vec_i32(data: Vec<i32>, shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
-        device.check_available()?;
+        let backend = crate::backend::backend_for(device)?;
         let shape = shape.into();
         check_len("from_vec_i32", &shape, data.len())?;
-        Ok(Tensor::from_cpu(CpuStorage::I32(data), shape))
+        backend.upload(CpuStorage::I32(data), shape)
     }
 
     /// `[0, 1, ..., n-1]` as an i32 tensor of shape `[n]`.
@@ -373,26 +372,7 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let out = match (self.cpu_view("to_dtype")?, dtype) {
-            (CpuView::F32(v), DType::BF16) => {
-                CpuStorage::BF16(crate::cpu::par_map(v, |x| bf16::from_f32(*x)))
-            }
-            (CpuView::BF16(v), DType::F32) => {
-                CpuStorage::F32(crate::cpu::par_map(v, |x| x.to_f32()))
-            }
-            (CpuView::I32(v), DType::F32) => CpuStorage::F32(crate::cpu::par_map(v, |x| *x as f32)),
-            (CpuView::I32(v), DType::BF16) => {
-                CpuStorage::BF16(crate::cpu::par_map(v, |x| bf16::from_f32(*x as f32)))
-            }
-            (CpuView::F32(v), DType::I32) => CpuStorage::I32(crate::cpu::par_map(v, |x| *x as i32)),
-            (CpuView::BF16(v), DType::I32) => {
-                CpuStorage::I32(crate::cpu::par_map(v, |x| x.to_f32() as i32))
-            }
-            (CpuView::F32(_), DType::F32)
-            | (CpuView::BF16(_), DType::BF16)
-            | (CpuView::I32(_), DType::I32) => unreachable!("same dtype returned above"),
-        };
-        Ok(Tensor::from_cpu(out, self.shape().clone()))
+        self.backend().to_dtype(self, dtype)
     }
 
     /// Copies to `device` (same device: shared handle).
@@ -409,8 +389,7 @@ impl Tensor {
 
     /// A deep copy with its own buffer (of just this tensor's elements).
     pub fn deep_copy(&self) -> Result<Tensor> {
-        let out = map_cpu_view!(self.cpu_view("deep_copy")?, v => v.to_vec());
-        Ok(Tensor::from_cpu(out, self.shape().clone()))
+        self.backend().copy(self)
     }
 
     /// Element values as f32 on the host (bf16 widened). Errors for `I32`.
@@ -420,7 +399,7 @@ impl Tensor {
     /// out of hot paths or name the sync point.
     pub fn to_host_f32(&self) -> Result<Vec<f32>> {
         sync::record_host_read();
-        Ok(self.cpu_f32("to_host_f32", "self")?.into_owned())
+        self.host_f32("to_host_f32")
     }
 
     /// Element values of several tensors as f32 on the host, in one read: float tensors as
@@ -433,10 +412,10 @@ impl Tensor {
         sync::record_host_read();
         tensors
             .iter()
-            .map(|t| match t.cpu_view("to_host_batch_f32")? {
-                CpuView::F32(v) => Ok(v.to_vec()),
-                CpuView::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
-                CpuView::I32(v) => Ok(v.iter().map(|&x| x as f32).collect()),
+            .map(|t| match t.backend().to_host(t)? {
+                CpuStorage::F32(v) => Ok(v),
+                CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+                CpuStorage::I32(v) => Ok(v.iter().map(|&x| x as f32).collect()),
             })
             .collect()
     }
@@ -446,7 +425,15 @@ impl Tensor {
     /// SYNC: blocks until the device is done; counts one host read.
     pub fn to_host_i32(&self) -> Result<Vec<i32>> {
         sync::record_host_read();
-        Ok(self.cpu_i32("to_host_i32", "self")?.to_vec())
+        match self.backend().to_host(self)? {
+            CpuStorage::I32(v) => Ok(v),
+            _ => Err(Error::DTypeMismatch {
+                op: "to_host_i32",
+                arg: "self",
+                expected: "i32",
+                got: self.dtype(),
+            }),
+        }
     }
 
     /// Element values as bf16 on the host. Errors unless the dtype is `BF16`.
@@ -454,8 +441,8 @@ impl Tensor {
     /// SYNC: blocks until the device is done; counts one host read.
     pub fn to_host_bf16(&self) -> Result<Vec<bf16>> {
         sync::record_host_read();
-        match self.cpu_view("to_host_bf16")? {
-            CpuView::BF16(v) => Ok(v.to_vec()),
+        match self.backend().to_host(self)? {
+            CpuStorage::BF16(v) => Ok(v),
             _ => Err(Error::DTypeMismatch {
                 op: "to_host_bf16",
                 arg: "self",
@@ -478,7 +465,21 @@ impl Tensor {
             });
         }
         sync::record_host_read();
-        Ok(self.cpu_f32("to_scalar_f32", "self")?[0])
+        Ok(self.host_f32("to_scalar_f32")?[0])
+    }
+
+    /// Float elements on the host (bf16 widened), not counted: the host-read methods count.
+    fn host_f32(&self, op: &'static str) -> Result<Vec<f32>> {
+        match self.backend().to_host(self)? {
+            CpuStorage::F32(v) => Ok(v),
+            CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::I32(_) => Err(Error::DTypeMismatch {
+                op,
+                arg: "self",
+                expected: "f32 or bf16",
+                got: DType::I32,
+            }),
+        }
     }
 
     // ---------------------------------------------------------------- backend access

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
+#[macro_use]
 mod common;
 use common::*;
 use megamoe_tensor::ops::routing::KeepOrder;
@@ -27,11 +28,9 @@ fn case() -> (Tensor, Tensor, Tensor) {
     (idx, gates, keep)
 }
 
-#[test]
-fn capacity_permutation_places_kept_rows_in_expert_slabs() {
+fn capacity_permutation_places_kept_rows_in_expert_slabs(dev: Device) {
     let idx = i32s(&[1, 0, 1, 3, 2, 1, 0, 3], &[4, 2]);
-    let keep =
-        Tensor::from_vec_f32(vec![1., 1., 1., 0., 1., 0., 1., 0.], [4, 2], Device::Cpu).unwrap();
+    let keep = Tensor::from_vec_f32(vec![1., 1., 1., 0., 1., 0., 1., 0.], [4, 2], dev).unwrap();
     let p = idx.capacity_permutation(&keep, 3, 2).unwrap();
     // expert 0: tokens 0, 3; expert 1: tokens 0, 1 (token 2's pick dropped); expert 2: token 2.
     assert_eq!(
@@ -41,7 +40,7 @@ fn capacity_permutation_places_kept_rows_in_expert_slabs() {
     assert_eq!(p.row_token.to_host_i32().unwrap(), vec![0, 3, 0, 1, 2, -1]);
     assert_eq!(p.counts.to_host_i32().unwrap(), vec![2, 2, 1]);
     // keep over capacity is a named error, not a silent drop
-    let all = Tensor::from_vec_f32(vec![1.0; 8], [4, 2], Device::Cpu).unwrap();
+    let all = Tensor::from_vec_f32(vec![1.0; 8], [4, 2], dev).unwrap();
     let e = idx.capacity_permutation(&all, 3, 1).unwrap_err();
     assert!(
         matches!(e, Error::InvalidArgument { arg: "keep", .. }),
@@ -49,10 +48,9 @@ fn capacity_permutation_places_kept_rows_in_expert_slabs() {
     );
 }
 
-#[test]
-fn permute_to_capacity_equals_sorted_rows_padded() {
+fn permute_to_capacity_equals_sorted_rows_padded(dev: Device) {
     let (idx, _, keep) = case();
-    let x = rand_t(9, &[6, 5]);
+    let x = rand_on(dev, 9, &[6, 5]);
     let (buffers, p) = x.permute_to_capacity(&idx, &keep, 3, 2).unwrap();
     let perm = idx.sort_by_expert(&keep, 3).unwrap();
     let packed = x.index_select(&perm.token).unwrap();
@@ -73,14 +71,13 @@ fn permute_to_capacity_equals_sorted_rows_padded() {
     ));
 }
 
-#[test]
-fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit() {
+fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit(dev: Device) {
     let (idx, gates, keep) = case();
     let (t, k, d, c) = (6, 2, 5, 2);
-    let x = rand_t(9, &[t, d]);
+    let x = rand_on(dev, 9, &[t, d]);
     let (buffers, p) = x.permute_to_capacity(&idx, &keep, 3, c).unwrap();
     // expert outputs: any rows; pad rows hold garbage that must be ignored
-    let out = rand_t(11, &[3 * c, d]);
+    let out = rand_on(dev, 11, &[3 * c, d]);
     let perm = idx.sort_by_expert(&keep, 3).unwrap();
     let out_packed = out
         .unpad_groups(&perm.counts, c, perm.token.numel())
@@ -92,7 +89,7 @@ fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit() {
         .unwrap()
         .reshape([perm.assignment.numel()])
         .unwrap();
-    let zeros = Tensor::zeros([t, d], DType::F32, Device::Cpu).unwrap();
+    let zeros = Tensor::zeros([t, d], DType::F32, dev).unwrap();
     let want_y = zeros
         .index_add_rows(&perm.token, &out_packed, Some(&row_gates))
         .unwrap();
@@ -100,7 +97,7 @@ fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit() {
     assert_eq!(host(&y), host(&want_y));
 
     // backward: d_out = g · d_y[token] per kept row, d_g = <d_y[token], out_row>
-    let d_y = rand_t(12, &[t, d]);
+    let d_y = rand_on(dev, 12, &[t, d]);
     let (d_rows, d_g) = out
         .combine_slots_backward(&d_y, &p.slot_row, &gates)
         .unwrap();
@@ -111,7 +108,7 @@ fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit() {
         host(&want_d_out.pad_groups(&perm.counts, c).unwrap())
     );
     let r = perm.token.numel();
-    let want_d_g = Tensor::zeros([t * k, 1], DType::F32, Device::Cpu)
+    let want_d_g = Tensor::zeros([t * k, 1], DType::F32, dev)
         .unwrap()
         .index_add_rows(
             &perm.assignment,
@@ -140,9 +137,8 @@ fn packed_of(buffers: &Tensor, counts: &Tensor, c: usize) -> Tensor {
     buffers.unpad_groups(counts, c, rows as usize).unwrap()
 }
 
-#[test]
-fn combine_slots_rejects_bad_rows_and_shapes() {
-    let rows = rand_t(1, &[4, 3]);
+fn combine_slots_rejects_bad_rows_and_shapes(dev: Device) {
+    let rows = rand_on(dev, 1, &[4, 3]);
     let slot_row = i32s(&[0, 4], &[1, 2]);
     assert!(matches!(
         rows.combine_slots(&slot_row, None).unwrap_err(),
@@ -154,15 +150,22 @@ fn combine_slots_rejects_bad_rows_and_shapes() {
         Error::IndexOutOfRange { index: -2, .. }
     ));
     let slot_row = i32s(&[0, -1], &[1, 2]);
-    let w = rand_t(2, &[2, 2]);
+    let w = rand_on(dev, 2, &[2, 2]);
     assert!(matches!(
         rows.combine_slots(&slot_row, Some(&w)).unwrap_err(),
         Error::ShapeMismatch { .. }
     ));
-    let d_y = rand_t(3, &[2, 3]);
+    let d_y = rand_on(dev, 3, &[2, 3]);
     assert!(matches!(
-        rows.combine_slots_backward(&d_y, &slot_row, &rand_t(4, &[1, 2]))
+        rows.combine_slots_backward(&d_y, &slot_row, &rand_on(dev, 4, &[1, 2]))
             .unwrap_err(),
         Error::ShapeMismatch { .. }
     ));
 }
+
+backend_tests!(
+    capacity_permutation_places_kept_rows_in_expert_slabs,
+    permute_to_capacity_equals_sorted_rows_padded,
+    combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit,
+    combine_slots_rejects_bad_rows_and_shapes,
+);

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
+#[macro_use]
 mod common;
 use common::*;
 use megamoe_tensor::{Device, Tensor};
@@ -75,22 +76,20 @@ fn inputs() -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn activations_match_f64_reference() {
+fn activations_match_f64_reference(dev: Device) {
     let x = inputs();
-    let t = Tensor::from_slice(&x, [257], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, [257], dev).unwrap();
     for (name, f) in refs() {
         let want: Vec<f64> = x.iter().map(|&v| f(v as f64)).collect();
         assert_close(&host(&forward(name, &t)), &want, 2e-6, 1e-7);
     }
 }
 
-#[test]
-fn activation_backward_helpers_match_finite_differences() {
+fn activation_backward_helpers_match_finite_differences(dev: Device) {
     let x = inputs();
     let dy = rand_vec(22, x.len());
-    let xt = Tensor::from_slice(&x, [x.len()], Device::Cpu).unwrap();
-    let dyt = Tensor::from_slice(&dy, [x.len()], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [x.len()], dev).unwrap();
+    let dyt = Tensor::from_slice(&dy, [x.len()], dev).unwrap();
     let h = 1e-4;
     for (name, f) in refs() {
         let got = match name {
@@ -113,16 +112,15 @@ fn activation_backward_helpers_match_finite_differences() {
     }
 }
 
-#[test]
-fn swiglu_and_backward_match_reference_and_finite_differences() {
+fn swiglu_and_backward_match_reference_and_finite_differences(dev: Device) {
     let n = 300;
     let g = inputs()[..n.min(257)].to_vec();
     let n = g.len();
     let u = rand_vec(23, n);
     let dy = rand_vec(24, n);
-    let gt = Tensor::from_slice(&g, [n], Device::Cpu).unwrap();
-    let ut = Tensor::from_slice(&u, [n], Device::Cpu).unwrap();
-    let dyt = Tensor::from_slice(&dy, [n], Device::Cpu).unwrap();
+    let gt = Tensor::from_slice(&g, [n], dev).unwrap();
+    let ut = Tensor::from_slice(&u, [n], dev).unwrap();
+    let dyt = Tensor::from_slice(&dy, [n], dev).unwrap();
     let f = |g: f64, u: f64| g * sig(g) * u;
     let want: Vec<f64> = g
         .iter()
@@ -148,13 +146,12 @@ fn swiglu_and_backward_match_reference_and_finite_differences() {
     assert_close(&host(&du), &want_du, 1e-5, 1e-6);
 }
 
-#[test]
-fn binary_scalar_and_broadcast_ops_match_loops() {
+fn binary_scalar_and_broadcast_ops_match_loops(dev: Device) {
     let (n, h) = (5, 7);
     let a = rand_vec(30, n * h);
     let b: Vec<f32> = rand_vec(31, n * h).iter().map(|v| v + 2.0).collect(); // no zero divisor
-    let at = Tensor::from_slice(&a, [n, h], Device::Cpu).unwrap();
-    let bt = Tensor::from_slice(&b, [n, h], Device::Cpu).unwrap();
+    let at = Tensor::from_slice(&a, [n, h], dev).unwrap();
+    let bt = Tensor::from_slice(&b, [n, h], dev).unwrap();
     let pairs = |f: fn(f64, f64) -> f64| -> Vec<f64> {
         a.iter()
             .zip(&b)
@@ -194,8 +191,8 @@ fn binary_scalar_and_broadcast_ops_match_loops() {
     );
     let row = rand_vec(32, h);
     let col = rand_vec(33, n);
-    let rt = Tensor::from_slice(&row, [h], Device::Cpu).unwrap();
-    let ct = Tensor::from_slice(&col, [n], Device::Cpu).unwrap();
+    let rt = Tensor::from_slice(&row, [h], dev).unwrap();
+    let ct = Tensor::from_slice(&col, [n], dev).unwrap();
     let add_row: Vec<f64> = (0..n * h)
         .map(|i| a[i] as f64 + row[i % h] as f64)
         .collect();
@@ -212,13 +209,12 @@ fn binary_scalar_and_broadcast_ops_match_loops() {
     assert!(at.add(&rt).is_err());
 }
 
-#[test]
-fn add_assign_and_axpy_are_copy_on_write() {
+fn add_assign_and_axpy_are_copy_on_write(dev: Device) {
     let a = rand_vec(40, 10);
     let b = rand_vec(41, 10);
-    let mut acc = Tensor::from_slice(&a, [10], Device::Cpu).unwrap();
+    let mut acc = Tensor::from_slice(&a, [10], dev).unwrap();
     let alias = acc.clone();
-    let bt = Tensor::from_slice(&b, [10], Device::Cpu).unwrap();
+    let bt = Tensor::from_slice(&b, [10], dev).unwrap();
     acc.add_assign(&bt).unwrap();
     acc.axpy(-2.0, &bt).unwrap();
     let want: Vec<f64> = a
@@ -240,15 +236,14 @@ fn add_assign_and_axpy_are_copy_on_write() {
     );
 }
 
-#[test]
-fn bf16_round_trip_and_bf16_inputs_widen() {
+fn bf16_round_trip_and_bf16_inputs_widen(dev: Device) {
     // Values exactly representable in bf16 survive the round trip bit-exactly.
     let exact = [1.0f32, -2.5, 0.0078125, 1.0e10, -0.0];
     let exact: Vec<f32> = exact
         .iter()
         .map(|&v| megamoe_tensor::bf16::from_f32(v).to_f32())
         .collect();
-    let t = Tensor::from_slice(&exact, [exact.len()], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&exact, [exact.len()], dev).unwrap();
     let b = t.to_dtype(megamoe_tensor::DType::BF16).unwrap();
     assert_eq!(b.dtype(), megamoe_tensor::DType::BF16);
     assert!(same_bits(
@@ -260,7 +255,7 @@ fn bf16_round_trip_and_bf16_inputs_widen() {
     let r = Tensor::from_slice(
         &[1.0 + 1.0 / 512.0, 1.0 + 3.0 / 512.0, 1.0 + 2.0 / 512.0],
         [3],
-        Device::Cpu,
+        dev,
     )
     .unwrap();
     let back = host(&r.to_dtype(megamoe_tensor::DType::BF16).unwrap());
@@ -269,9 +264,8 @@ fn bf16_round_trip_and_bf16_inputs_widen() {
     assert_eq!(b.add(&b).unwrap().dtype(), megamoe_tensor::DType::F32);
 }
 
-#[test]
-fn elementwise_same_bits_for_1_and_3_threads() {
-    let x = rand_t(50, &[333, 129]);
+fn elementwise_same_bits_for_1_and_3_threads(dev: Device) {
+    let x = rand_on(dev, 50, &[333, 129]);
     let run = || {
         (
             host(&x.gelu().unwrap()),
@@ -286,8 +280,7 @@ fn elementwise_same_bits_for_1_and_3_threads() {
     assert!(same_bits(&a1, &a3) && same_bits(&b1, &b3));
 }
 
-#[test]
-fn swiglu_wide_range_matches_reference_and_is_thread_count_invariant() {
+fn swiglu_wide_range_matches_reference_and_is_thread_count_invariant(dev: Device) {
     // Several rayon pieces (16k elements each) and gates over [-100, 100] plus edge values,
     // so the vectorised sigmoid is checked far into both tails and at 0.
     let n = 40_000;
@@ -295,9 +288,9 @@ fn swiglu_wide_range_matches_reference_and_is_thread_count_invariant() {
     g[..6].copy_from_slice(&[0.0, -0.0, 1e-30, -1e-30, 87.5, -87.5]);
     let u = rand_vec(26, n);
     let dy = rand_vec(27, n);
-    let gt = Tensor::from_slice(&g, [n], Device::Cpu).unwrap();
-    let ut = Tensor::from_slice(&u, [n], Device::Cpu).unwrap();
-    let dyt = Tensor::from_slice(&dy, [n], Device::Cpu).unwrap();
+    let gt = Tensor::from_slice(&g, [n], dev).unwrap();
+    let ut = Tensor::from_slice(&u, [n], dev).unwrap();
+    let dyt = Tensor::from_slice(&dy, [n], dev).unwrap();
     let run = || {
         let y = host(&gt.swiglu(&ut).unwrap());
         let (dg, du) = Tensor::swiglu_backward(&gt, &ut, &dyt).unwrap();
@@ -326,10 +319,9 @@ fn swiglu_wide_range_matches_reference_and_is_thread_count_invariant() {
     assert!(same_bits(&du, &three.2), "swiglu d_up 1 vs 3 threads");
 }
 
-#[test]
-fn fill_in_place_reuses_a_unique_buffer_and_copies_a_shared_one() {
+fn fill_in_place_reuses_a_unique_buffer_and_copies_a_shared_one(dev: Device) {
     let a = rand_vec(42, 6);
-    let mut t = Tensor::from_slice(&a, [2, 3], Device::Cpu).unwrap();
+    let mut t = Tensor::from_slice(&a, [2, 3], dev).unwrap();
     let before = t.storage() as *const _ as usize;
     t.fill_in_place(0.0).unwrap();
     assert_eq!(t.storage() as *const _ as usize, before, "same buffer");
@@ -339,3 +331,15 @@ fn fill_in_place_reuses_a_unique_buffer_and_copies_a_shared_one() {
     assert_eq!(host(&t), vec![1.5; 6]);
     assert_eq!(host(&alias), vec![0.0; 6], "copy-on-write");
 }
+
+backend_tests!(
+    activations_match_f64_reference,
+    activation_backward_helpers_match_finite_differences,
+    swiglu_and_backward_match_reference_and_finite_differences,
+    binary_scalar_and_broadcast_ops_match_loops,
+    add_assign_and_axpy_are_copy_on_write,
+    bf16_round_trip_and_bf16_inputs_widen,
+    elementwise_same_bits_for_1_and_3_threads,
+    swiglu_wide_range_matches_reference_and_is_thread_count_invariant,
+    fill_in_place_reuses_a_unique_buffer_and_copies_a_shared_one,
+);

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
+#[macro_use]
 mod common;
 use common::*;
 use megamoe_tensor::{DType, Device, Error, Tensor};
@@ -10,10 +11,9 @@ fn idx(v: &[i32]) -> Tensor {
     Tensor::from_vec_i32(v.to_vec(), [v.len()], Device::Cpu).unwrap()
 }
 
-#[test]
-fn index_select_gathers_rows_and_rejects_bad_index() {
+fn index_select_gathers_rows_and_rejects_bad_index(dev: Device) {
     let x = rand_vec(70, 4 * 3);
-    let t = Tensor::from_slice(&x, [4, 3], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, [4, 3], dev).unwrap();
     let y = host(&t.index_select(&idx(&[3, 0, 3])).unwrap());
     let want: Vec<f32> = [3, 0, 3]
         .iter()
@@ -31,7 +31,7 @@ fn index_select_gathers_rows_and_rejects_bad_index() {
         }
     ));
     // i32 tensors gather too
-    let it = Tensor::from_vec_i32(vec![10, 11, 12], [3], Device::Cpu).unwrap();
+    let it = Tensor::from_vec_i32(vec![10, 11, 12], [3], dev).unwrap();
     assert_eq!(
         it.index_select(&idx(&[2, 2, 0]))
             .unwrap()
@@ -41,16 +41,15 @@ fn index_select_gathers_rows_and_rejects_bad_index() {
     );
 }
 
-#[test]
-fn index_add_rows_sums_weighted_sources_in_source_order() {
+fn index_add_rows_sums_weighted_sources_in_source_order(dev: Device) {
     let (m, r, h) = (4, 6, 5);
     let dst = rand_vec(71, m * h);
     let src = rand_vec(72, r * h);
     let w = rand_vec(73, r);
     let ids = [2, 0, 2, 3, 2, 0];
-    let dt = Tensor::from_slice(&dst, [m, h], Device::Cpu).unwrap();
-    let st = Tensor::from_slice(&src, [r, h], Device::Cpu).unwrap();
-    let wt = Tensor::from_slice(&w, [r], Device::Cpu).unwrap();
+    let dt = Tensor::from_slice(&dst, [m, h], dev).unwrap();
+    let st = Tensor::from_slice(&src, [r, h], dev).unwrap();
+    let wt = Tensor::from_slice(&w, [r], dev).unwrap();
     // reference: sequential f32 loop in source order (the documented order), bit-exact
     let mut want = dst.clone();
     for (s, &d) in ids.iter().enumerate() {
@@ -73,20 +72,19 @@ fn index_add_rows_sums_weighted_sources_in_source_order() {
         .is_err());
 }
 
-#[test]
-fn gather_and_scatter_cols_are_adjoint() {
+fn gather_and_scatter_cols_are_adjoint(dev: Device) {
     let (n, e, k) = (3, 5, 2);
     let x = rand_vec(74, n * e);
     let ids = [4, 1, 0, 0, 2, 3];
-    let xt = Tensor::from_slice(&x, [n, e], Device::Cpu).unwrap();
-    let it = Tensor::from_vec_i32(ids.to_vec(), [n, k], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [n, e], dev).unwrap();
+    let it = Tensor::from_vec_i32(ids.to_vec(), [n, k], dev).unwrap();
     let g = host(&xt.gather_cols(&it).unwrap());
     let want: Vec<f32> = (0..n * k)
         .map(|p| x[(p / k) * e + ids[p] as usize])
         .collect();
     assert_eq!(g, want);
     let src = rand_vec(75, n * k);
-    let st = Tensor::from_slice(&src, [n, k], Device::Cpu).unwrap();
+    let st = Tensor::from_slice(&src, [n, k], dev).unwrap();
     let s = host(&st.scatter_cols(&it, e).unwrap());
     let mut want = vec![0.0f32; n * e];
     for p in 0..n * k {
@@ -96,11 +94,10 @@ fn gather_and_scatter_cols_are_adjoint() {
     assert!(st.scatter_cols(&it, 4).is_err());
 }
 
-#[test]
-fn narrow_cat_split_round_trip_on_every_dim() {
+fn narrow_cat_split_round_trip_on_every_dim(dev: Device) {
     let dims = [3, 4, 5];
     let x = rand_vec(76, 60);
-    let t = Tensor::from_slice(&x, dims, Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, dims, dev).unwrap();
     for d in 0..3 {
         let n = dims[d];
         let parts = t.split(d, &[1, n - 1]).unwrap();
@@ -118,11 +115,10 @@ fn narrow_cat_split_round_trip_on_every_dim() {
     assert!(Tensor::cat(&[&t, &t.narrow(0, 0, 1).unwrap()], 1).is_err());
 }
 
-#[test]
-fn permute_matches_index_loop() {
+fn permute_matches_index_loop(dev: Device) {
     let (b, t, h, d) = (2, 3, 4, 5);
     let x = rand_vec(77, b * t * h * d);
-    let xt = Tensor::from_slice(&x, [b, t, h, d], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [b, t, h, d], dev).unwrap();
     let y = xt.permute(&[0, 2, 1, 3]).unwrap();
     assert_eq!(y.dims(), &[b, h, t, d]);
     let y = host(&y);
@@ -152,7 +148,7 @@ fn permute_matches_index_loop() {
             }
         }
     }
-    let m = Tensor::from_slice(&x[..6], [2, 3], Device::Cpu).unwrap();
+    let m = Tensor::from_slice(&x[..6], [2, 3], dev).unwrap();
     assert_eq!(
         host(&m.transpose2d().unwrap()),
         vec![x[0], x[3], x[1], x[4], x[2], x[5]]
@@ -160,10 +156,9 @@ fn permute_matches_index_loop() {
     assert!(xt.permute(&[0, 0, 1, 2]).is_err());
 }
 
-#[test]
-fn constructors_validate_and_cuda_is_typed_error() {
+fn constructors_validate_and_cuda_is_typed_error(dev: Device) {
     assert!(matches!(
-        Tensor::from_vec_f32(vec![1.0; 5], [2, 3], Device::Cpu),
+        Tensor::from_vec_f32(vec![1.0; 5], [2, 3], dev),
         Err(Error::ElementCount {
             expected: 6,
             got: 5,
@@ -174,24 +169,23 @@ fn constructors_validate_and_cuda_is_typed_error() {
         Tensor::zeros([2], DType::F32, Device::Cuda(0)),
         Err(Error::DeviceNotAvailable { .. })
     ));
-    let t = Tensor::zeros([2, 3], DType::F32, Device::Cpu).unwrap();
+    let t = Tensor::zeros([2, 3], DType::F32, dev).unwrap();
     assert!(t.reshape([3, 2]).unwrap().same_storage(&t));
     assert!(t.reshape([4]).is_err());
     assert!(matches!(t.to_host_i32(), Err(Error::DTypeMismatch { .. })));
     assert_eq!(
-        Tensor::full([2], 3.0, DType::I32, Device::Cpu)
+        Tensor::full([2], 3.0, DType::I32, dev)
             .unwrap()
             .to_host_i32()
             .unwrap(),
         vec![3, 3]
     );
-    assert!(Tensor::full([2], 0.5, DType::I32, Device::Cpu).is_err());
+    assert!(Tensor::full([2], 0.5, DType::I32, dev).is_err());
 }
 
-#[test]
-fn contiguous_narrow_is_a_view_and_writes_never_reach_the_parent() {
+fn contiguous_narrow_is_a_view_and_writes_never_reach_the_parent(dev: Device) {
     let x: Vec<f32> = (0..24).map(|v| v as f32).collect();
-    let xt = Tensor::from_slice(&x, [4, 3, 2], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [4, 3, 2], dev).unwrap();
     // dim 0: a view (shared buffer, offset 1·6)
     let rows = xt.narrow(0, 1, 2).unwrap();
     assert!(rows.same_storage(&xt));
@@ -213,7 +207,7 @@ fn contiguous_narrow_is_a_view_and_writes_never_reach_the_parent() {
         rows.sum_all().unwrap().to_scalar_f32().unwrap(),
         (6..18).sum::<i32>() as f32
     );
-    let idx = Tensor::from_vec_i32(vec![1, 0], [2], Device::Cpu).unwrap();
+    let idx = Tensor::from_vec_i32(vec![1, 0], [2], dev).unwrap();
     assert_eq!(
         host(&rows.index_select(&idx).unwrap()),
         [&x[12..18], &x[6..12]].concat()
@@ -234,21 +228,30 @@ fn contiguous_narrow_is_a_view_and_writes_never_reach_the_parent() {
     assert_eq!(host(&rows.view(10, [2]).unwrap()), x[16..18].to_vec());
 }
 
-#[test]
-fn index_add_rows_acc_accumulates_in_place_and_touches_only_indexed_rows() {
-    let mut dst =
-        Tensor::from_vec_f32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2], Device::Cpu).unwrap();
-    let src = Tensor::from_vec_f32(vec![10.0, 20.0, 30.0, 40.0], [2, 2], Device::Cpu).unwrap();
-    let ids = Tensor::from_vec_i32(vec![2, 2], [2], Device::Cpu).unwrap();
-    let w = Tensor::from_vec_f32(vec![1.0, 0.5], [2], Device::Cpu).unwrap();
+fn index_add_rows_acc_accumulates_in_place_and_touches_only_indexed_rows(dev: Device) {
+    let mut dst = Tensor::from_vec_f32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [3, 2], dev).unwrap();
+    let src = Tensor::from_vec_f32(vec![10.0, 20.0, 30.0, 40.0], [2, 2], dev).unwrap();
+    let ids = Tensor::from_vec_i32(vec![2, 2], [2], dev).unwrap();
+    let w = Tensor::from_vec_f32(vec![1.0, 0.5], [2], dev).unwrap();
     dst.index_add_rows_acc(&ids, &src, Some(&w)).unwrap();
     assert_eq!(
         host(&dst),
         vec![1.0, 2.0, 3.0, 4.0, 5.0 + 10.0 + 15.0, 6.0 + 20.0 + 20.0]
     );
-    let bad = Tensor::from_vec_i32(vec![0, 3], [2], Device::Cpu).unwrap();
+    let bad = Tensor::from_vec_i32(vec![0, 3], [2], dev).unwrap();
     assert!(matches!(
         dst.index_add_rows_acc(&bad, &src, None),
         Err(Error::IndexOutOfRange { index: 3, .. })
     ));
 }
+
+backend_tests!(
+    index_select_gathers_rows_and_rejects_bad_index,
+    index_add_rows_sums_weighted_sources_in_source_order,
+    gather_and_scatter_cols_are_adjoint,
+    narrow_cat_split_round_trip_on_every_dim,
+    permute_matches_index_loop,
+    constructors_validate_and_cuda_is_typed_error,
+    contiguous_narrow_is_a_view_and_writes_never_reach_the_parent,
+    index_add_rows_acc_accumulates_in_place_and_touches_only_indexed_rows,
+);

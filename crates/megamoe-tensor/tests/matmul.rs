@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
+#[macro_use]
 mod common;
 use common::*;
 use megamoe_tensor::{DType, Device, Error, RowGroups, Tensor};
@@ -33,43 +34,40 @@ fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool)
 const RTOL: f64 = 1e-5;
 const ATOL: f64 = 1e-4;
 
-#[test]
-fn matmul_all_transposes_match_naive() {
+fn matmul_all_transposes_match_naive(dev: Device) {
     let (m, n, k) = (7, 5, 9);
     for &(ta, tb) in &[(false, false), (true, false), (false, true), (true, true)] {
         let a = rand_vec(1, m * k);
         let b = rand_vec(2, k * n);
-        let at = Tensor::from_slice(&a, if ta { [k, m] } else { [m, k] }, Device::Cpu).unwrap();
-        let bt = Tensor::from_slice(&b, if tb { [n, k] } else { [k, n] }, Device::Cpu).unwrap();
+        let at = Tensor::from_slice(&a, if ta { [k, m] } else { [m, k] }, dev).unwrap();
+        let bt = Tensor::from_slice(&b, if tb { [n, k] } else { [k, n] }, dev).unwrap();
         let y = at.matmul(&bt, ta, tb).unwrap();
         assert_eq!(y.dims(), &[m, n]);
         assert_close(&host(&y), &naive(&a, &b, m, n, k, ta, tb), RTOL, ATOL);
     }
 }
 
-#[test]
-fn matmul_inner_dim_mismatch_is_typed_error() {
-    let a = rand_t(1, &[3, 4]);
-    let b = rand_t(2, &[5, 2]);
+fn matmul_inner_dim_mismatch_is_typed_error(dev: Device) {
+    let a = rand_on(dev, 1, &[3, 4]);
+    let b = rand_on(dev, 2, &[5, 2]);
     assert!(matches!(
         a.matmul(&b, false, false),
         Err(Error::ShapeMismatch { op: "matmul", .. })
     ));
-    let c = rand_t(3, &[2, 3, 4]);
+    let c = rand_on(dev, 3, &[2, 3, 4]);
     assert!(matches!(
         c.matmul(&b, false, false),
         Err(Error::RankMismatch { .. })
     ));
 }
 
-#[test]
-fn matmul_acc_accumulates_and_overwrites() {
+fn matmul_acc_accumulates_and_overwrites(dev: Device) {
     let a = rand_vec(3, 6 * 4);
     let b = rand_vec(4, 4 * 5);
-    let at = Tensor::from_slice(&a, [6, 4], Device::Cpu).unwrap();
-    let bt = Tensor::from_slice(&b, [4, 5], Device::Cpu).unwrap();
+    let at = Tensor::from_slice(&a, [6, 4], dev).unwrap();
+    let bt = Tensor::from_slice(&b, [4, 5], dev).unwrap();
     let base = rand_vec(5, 30);
-    let mut out = Tensor::from_slice(&base, [6, 5], Device::Cpu).unwrap();
+    let mut out = Tensor::from_slice(&base, [6, 5], dev).unwrap();
     let shared = out.clone();
     out.matmul_acc(&at, &bt, false, false, 0.5).unwrap();
     let prod = naive(&a, &b, 6, 5, 4, false, false);
@@ -82,24 +80,23 @@ fn matmul_acc_accumulates_and_overwrites() {
     // copy-on-write: the other handle is unchanged
     assert_eq!(host(&shared), base);
     // beta = 0 ignores NaNs already in out
-    let mut nan = Tensor::full([6, 5], f32::NAN, megamoe_tensor::DType::F32, Device::Cpu).unwrap();
+    let mut nan = Tensor::full([6, 5], f32::NAN, megamoe_tensor::DType::F32, dev).unwrap();
     nan.matmul_acc(&at, &bt, false, false, 0.0).unwrap();
     assert_close(&host(&nan), &prod, RTOL, ATOL);
 }
 
-#[test]
-fn bmm_matches_per_batch_naive_for_batched_and_shared_b() {
+fn bmm_matches_per_batch_naive_for_batched_and_shared_b(dev: Device) {
     let (bsz, m, n, k) = (5, 4, 3, 6);
     let a = rand_vec(6, bsz * m * k);
     let b = rand_vec(7, bsz * n * k);
-    let at = Tensor::from_slice(&a, [bsz, m, k], Device::Cpu).unwrap();
-    let bt = Tensor::from_slice(&b, [bsz, n, k], Device::Cpu).unwrap();
+    let at = Tensor::from_slice(&a, [bsz, m, k], dev).unwrap();
+    let bt = Tensor::from_slice(&b, [bsz, n, k], dev).unwrap();
     let y = host(&at.bmm(&bt, false, true).unwrap());
     for i in 0..bsz {
         let want = naive(&a[i * m * k..], &b[i * n * k..], m, n, k, false, true);
         assert_close(&y[i * m * n..(i + 1) * m * n], &want, RTOL, ATOL);
     }
-    let b2 = Tensor::from_slice(&b[..k * n], [k, n], Device::Cpu).unwrap();
+    let b2 = Tensor::from_slice(&b[..k * n], [k, n], dev).unwrap();
     let y2 = host(&at.bmm(&b2, false, false).unwrap());
     for i in 0..bsz {
         let want = naive(&a[i * m * k..], &b[..k * n], m, n, k, false, false);
@@ -107,21 +104,20 @@ fn bmm_matches_per_batch_naive_for_batched_and_shared_b() {
     }
 }
 
-#[test]
-fn grouped_matmul_matches_per_group_naive_with_empty_groups() {
+fn grouped_matmul_matches_per_group_naive_with_empty_groups(dev: Device) {
     let (k, n) = (6, 5);
     let sizes = [3usize, 0, 130, 1, 0];
     let r: usize = sizes.iter().sum();
     let x = rand_vec(8, r * k);
     let w = rand_vec(9, sizes.len() * n * k);
-    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [r, k], dev).unwrap();
     for trans in [true, false] {
         let shape = if trans {
             [sizes.len(), n, k]
         } else {
             [sizes.len(), k, n]
         };
-        let wt = Tensor::from_slice(&w, shape, Device::Cpu).unwrap();
+        let wt = Tensor::from_slice(&w, shape, dev).unwrap();
         let y = host(&xt.grouped_matmul(&groups(&sizes), &wt, trans).unwrap());
         let mut row = 0;
         for (g, &s) in sizes.iter().enumerate() {
@@ -140,15 +136,14 @@ fn grouped_matmul_matches_per_group_naive_with_empty_groups() {
     }
 }
 
-#[test]
-fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group() {
+fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group(dev: Device) {
     let (k, n) = (4, 131);
     let sizes = [5usize, 0, 7];
     let r: usize = sizes.iter().sum();
     let dy = rand_vec(10, r * n);
     let x = rand_vec(11, r * k);
-    let dyt = Tensor::from_slice(&dy, [r, n], Device::Cpu).unwrap();
-    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    let dyt = Tensor::from_slice(&dy, [r, n], dev).unwrap();
+    let xt = Tensor::from_slice(&x, [r, k], dev).unwrap();
     let dw = Tensor::grouped_matmul_wgrad(&dyt, &xt, &groups(&sizes)).unwrap();
     assert_eq!(dw.dims(), &[3, n, k]);
     let dw = host(&dw);
@@ -170,10 +165,9 @@ fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group() {
     assert!(dw[n * k..2 * n * k].iter().all(|&v| v == 0.0));
 }
 
-#[test]
-fn grouped_matmul_bad_groups_are_typed_errors() {
-    let x = rand_t(1, &[4, 3]);
-    let w = rand_t(2, &[2, 5, 3]);
+fn grouped_matmul_bad_groups_are_typed_errors(dev: Device) {
+    let x = rand_on(dev, 1, &[4, 3]);
+    let w = rand_on(dev, 2, &[2, 5, 3]);
     // one group for two weight matrices
     assert!(matches!(
         x.grouped_matmul(&groups(&[4]), &w, true),
@@ -188,14 +182,14 @@ fn grouped_matmul_bad_groups_are_typed_errors() {
         Err(Error::InvalidArgument { arg: "groups", .. })
     ));
     // overlapping groups
-    let sizes = Tensor::from_vec_i32(vec![2, 2], [2], Device::Cpu).unwrap();
+    let sizes = Tensor::from_vec_i32(vec![2, 2], [2], dev).unwrap();
     let overlap = RowGroups::strided(&sizes, 1).unwrap();
     assert!(matches!(
         x.grouped_matmul(&overlap, &w, true),
         Err(Error::InvalidArgument { arg: "groups", .. })
     ));
     // a negative size
-    let neg = Tensor::from_vec_i32(vec![-1, 2], [2], Device::Cpu).unwrap();
+    let neg = Tensor::from_vec_i32(vec![-1, 2], [2], dev).unwrap();
     assert!(matches!(
         x.grouped_matmul(&RowGroups::packed(&neg).unwrap(), &w, true),
         Err(Error::InvalidArgument { arg: "groups", .. })
@@ -203,8 +197,7 @@ fn grouped_matmul_bad_groups_are_typed_errors() {
     assert!(x.grouped_matmul(&groups(&[4, 0]), &w, true).is_ok());
 }
 
-#[test]
-fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows() {
+fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
     // A static-capacity buffer [G·C, k] with C = 4: group g at rows 4g.., sizes 3, 0, 4.
     let (k, n, c) = (5, 3, 4);
     let sizes = [3usize, 0, 4];
@@ -220,13 +213,13 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows() {
         dys[g * c * n..(g * c + s) * n].copy_from_slice(&dyp[src * n..(src + s) * n]);
         src += s;
     }
-    let counts = Tensor::from_vec_i32(vec![3, 0, 4], [3], Device::Cpu).unwrap();
+    let counts = Tensor::from_vec_i32(vec![3, 0, 4], [3], dev).unwrap();
     let strided = RowGroups::strided(&counts, c).unwrap();
-    let w = rand_t(52, &[3, n, k]);
-    let xst = Tensor::from_vec_f32(xs, [sizes.len() * c, k], Device::Cpu).unwrap();
-    let dyst = Tensor::from_vec_f32(dys, [sizes.len() * c, n], Device::Cpu).unwrap();
-    let xpt = Tensor::from_vec_f32(xp, [packed_rows, k], Device::Cpu).unwrap();
-    let dypt = Tensor::from_vec_f32(dyp, [packed_rows, n], Device::Cpu).unwrap();
+    let w = rand_on(dev, 52, &[3, n, k]);
+    let xst = Tensor::from_vec_f32(xs, [sizes.len() * c, k], dev).unwrap();
+    let dyst = Tensor::from_vec_f32(dys, [sizes.len() * c, n], dev).unwrap();
+    let xpt = Tensor::from_vec_f32(xp, [packed_rows, k], dev).unwrap();
+    let dypt = Tensor::from_vec_f32(dyp, [packed_rows, n], dev).unwrap();
 
     let ys = host(&xst.grouped_matmul(&strided, &w, true).unwrap());
     let yp = host(&xpt.grouped_matmul(&groups(&sizes), &w, true).unwrap());
@@ -247,7 +240,7 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows() {
     let dwp = host(&Tensor::grouped_matmul_wgrad(&dypt, &xpt, &groups(&sizes)).unwrap());
     assert!(same_bits(&dws, &dwp));
     // beta·self on pad rows of the accumulating form
-    let mut acc = Tensor::full([sizes.len() * c, n], 2.0, DType::F32, Device::Cpu).unwrap();
+    let mut acc = Tensor::full([sizes.len() * c, n], 2.0, DType::F32, dev).unwrap();
     acc.grouped_matmul_acc(&xst, &strided, &w, true, 0.5)
         .unwrap();
     let acc = host(&acc);
@@ -261,14 +254,13 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows() {
     );
 }
 
-#[test]
-fn matmul_family_same_bits_for_1_and_3_threads() {
+fn matmul_family_same_bits_for_1_and_3_threads(dev: Device) {
     // Large enough that gemm uses its threaded path (m·n·k ≫ 2^18).
-    let a = rand_t(12, &[256, 192]);
-    let b = rand_t(13, &[320, 192]);
-    let x = rand_t(14, &[700, 192]);
+    let a = rand_on(dev, 12, &[256, 192]);
+    let b = rand_on(dev, 13, &[320, 192]);
+    let x = rand_on(dev, 14, &[700, 192]);
     // groups of 300 rows take the threaded-GEMM path, 100 and 0 the parallel-groups path
-    let w = rand_t(15, &[4, 96, 192]);
+    let w = rand_on(dev, 15, &[4, 96, 192]);
     let sizes = [300usize, 0, 100, 300];
     let run = || {
         let y = host(&a.matmul(&b, false, true).unwrap());
@@ -299,22 +291,21 @@ fn plus_scaled(base: &[f32], beta_base: Option<f64>, prod: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
+fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape(dev: Device) {
     let (k, n) = (6, 5);
     let sizes = [3usize, 0, 130, 1, 0];
     let r: usize = sizes.iter().sum();
     let x = rand_vec(30, r * k);
     let w = rand_vec(31, sizes.len() * n * k);
     let base = rand_vec(32, r * n);
-    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [r, k], dev).unwrap();
     for trans in [true, false] {
         let shape = if trans {
             [sizes.len(), n, k]
         } else {
             [sizes.len(), k, n]
         };
-        let wt = Tensor::from_slice(&w, shape, Device::Cpu).unwrap();
+        let wt = Tensor::from_slice(&w, shape, dev).unwrap();
         // independent reference: per-group naive product
         let mut prod = vec![0.0f64; r * n];
         let mut row = 0;
@@ -332,7 +323,7 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
             row += s;
         }
         for beta in [1.0f32, 0.5] {
-            let mut out = Tensor::from_slice(&base, [r, n], Device::Cpu).unwrap();
+            let mut out = Tensor::from_slice(&base, [r, n], dev).unwrap();
             let shared = out.clone();
             out.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, beta)
                 .unwrap();
@@ -341,12 +332,12 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
             assert_eq!(host(&shared), base, "copy-on-write");
         }
         // beta = 0 overwrites without reading: NaNs in the buffer do not propagate.
-        let mut nan = Tensor::full([r, n], f32::NAN, DType::F32, Device::Cpu).unwrap();
+        let mut nan = Tensor::full([r, n], f32::NAN, DType::F32, dev).unwrap();
         nan.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, 0.0)
             .unwrap();
         assert_close(&host(&nan), &prod, RTOL, ATOL);
         // wrong output shape: a typed error naming the op
-        let mut bad = Tensor::zeros([r, n + 1], DType::F32, Device::Cpu).unwrap();
+        let mut bad = Tensor::zeros([r, n + 1], DType::F32, dev).unwrap();
         assert!(matches!(
             bad.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, 1.0),
             Err(Error::ShapeMismatch {
@@ -357,16 +348,15 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape() {
     }
 }
 
-#[test]
-fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
+fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups(dev: Device) {
     let (k, n) = (4, 131);
     let sizes = [5usize, 0, 7];
     let r: usize = sizes.iter().sum();
     let dy = rand_vec(33, r * n);
     let x = rand_vec(34, r * k);
     let base = rand_vec(35, sizes.len() * n * k);
-    let dyt = Tensor::from_slice(&dy, [r, n], Device::Cpu).unwrap();
-    let xt = Tensor::from_slice(&x, [r, k], Device::Cpu).unwrap();
+    let dyt = Tensor::from_slice(&dy, [r, n], dev).unwrap();
+    let xt = Tensor::from_slice(&x, [r, k], dev).unwrap();
     // independent reference: dw_g = dy_gᵀ x_g per group (zero for the empty group)
     let mut prod = vec![0.0f64; sizes.len() * n * k];
     let mut row = 0;
@@ -384,7 +374,7 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
         row += s;
     }
     for beta in [1.0f32, 0.25] {
-        let mut g = Tensor::from_slice(&base, [3, n, k], Device::Cpu).unwrap();
+        let mut g = Tensor::from_slice(&base, [3, n, k], dev).unwrap();
         let shared = g.clone();
         g.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), beta)
             .unwrap();
@@ -402,13 +392,13 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
         }
     }
     // beta = 0: overwrite without reading; the empty group's block becomes exactly zero.
-    let mut nan = Tensor::full([3, n, k], f32::NAN, DType::F32, Device::Cpu).unwrap();
+    let mut nan = Tensor::full([3, n, k], f32::NAN, DType::F32, dev).unwrap();
     nan.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), 0.0)
         .unwrap();
     let got = host(&nan);
     assert_close(&got, &prod, RTOL, ATOL);
     assert!(got[n * k..2 * n * k].iter().all(|&v| v == 0.0));
-    let mut bad = Tensor::zeros([2, n, k], DType::F32, Device::Cpu).unwrap();
+    let mut bad = Tensor::zeros([2, n, k], DType::F32, dev).unwrap();
     assert!(matches!(
         bad.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), 1.0),
         Err(Error::ShapeMismatch {
@@ -418,12 +408,11 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups() {
     ));
 }
 
-#[test]
-fn grouped_acc_ops_same_bits_for_1_2_and_3_threads() {
+fn grouped_acc_ops_same_bits_for_1_2_and_3_threads(dev: Device) {
     // Few groups (3 threads: the threaded-GEMM path for the 300-row groups) and many groups
     // (every thread count: whole groups in parallel); both paths must give the same bits.
-    let x = rand_t(40, &[1100, 192]);
-    let dy = rand_t(41, &[1100, 96]);
+    let x = rand_on(dev, 40, &[1100, 192]);
+    let dy = rand_on(dev, 41, &[1100, 96]);
     let cases: [&[usize]; 2] = [
         &[300, 0, 100, 300, 400],
         &[300, 20, 100, 300, 0, 80, 50, 250],
@@ -431,12 +420,12 @@ fn grouped_acc_ops_same_bits_for_1_2_and_3_threads() {
     for sizes in cases {
         let r: usize = sizes.iter().sum();
         let (xs, dys) = (x.narrow(0, 0, r).unwrap(), dy.narrow(0, 0, r).unwrap());
-        let w = rand_t(42, &[sizes.len(), 96, 192]);
+        let w = rand_on(dev, 42, &[sizes.len(), 96, 192]);
         let run = || {
-            let mut y = rand_t(43, &[r, 96]);
+            let mut y = rand_on(dev, 43, &[r, 96]);
             y.grouped_matmul_acc(&xs, &groups(sizes), &w, true, 1.0)
                 .unwrap();
-            let mut dw = rand_t(44, &[sizes.len(), 96, 192]);
+            let mut dw = rand_on(dev, 44, &[sizes.len(), 96, 192]);
             dw.grouped_matmul_wgrad_acc(&dys, &xs, &groups(sizes), 1.0)
                 .unwrap();
             (host(&y), host(&dw))
@@ -452,3 +441,18 @@ fn grouped_acc_ops_same_bits_for_1_2_and_3_threads() {
         }
     }
 }
+
+backend_tests!(
+    matmul_all_transposes_match_naive,
+    matmul_inner_dim_mismatch_is_typed_error,
+    matmul_acc_accumulates_and_overwrites,
+    bmm_matches_per_batch_naive_for_batched_and_shared_b,
+    grouped_matmul_matches_per_group_naive_with_empty_groups,
+    grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group,
+    grouped_matmul_bad_groups_are_typed_errors,
+    grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows,
+    matmul_family_same_bits_for_1_and_3_threads,
+    grouped_matmul_acc_accumulates_overwrites_and_checks_shape,
+    grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups,
+    grouped_acc_ops_same_bits_for_1_2_and_3_threads,
+);

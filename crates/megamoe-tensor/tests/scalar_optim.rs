@@ -3,14 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
+#[macro_use]
 mod common;
 use common::*;
 use megamoe_tensor::{AdamWStep, DType, Device, Error, Tensor};
 
-#[test]
-fn scale_by_matches_scale_and_checks_the_scalar() {
-    let x = rand_t(1, &[7, 5]);
-    let s = Tensor::scalar(-0.37, Device::Cpu).unwrap();
+fn scale_by_matches_scale_and_checks_the_scalar(dev: Device) {
+    let x = rand_on(dev, 1, &[7, 5]);
+    let s = Tensor::scalar(-0.37, dev).unwrap();
     assert!(same_bits(
         &host(&x.scale_by(&s).unwrap()),
         &host(&x.scale(-0.37).unwrap())
@@ -19,36 +19,34 @@ fn scale_by_matches_scale_and_checks_the_scalar() {
     y.scale_by_assign(&s).unwrap();
     assert!(same_bits(&host(&y), &host(&x.scale(-0.37).unwrap())));
     assert!(matches!(
-        x.scale_by(&rand_t(2, &[2])),
+        x.scale_by(&rand_on(dev, 2, &[2])),
         Err(Error::ShapeMismatch { op: "scale_by", .. })
     ));
 }
 
-#[test]
-fn where_cond_selects_and_add_i32_adds() {
-    let c = Tensor::from_vec_f32(vec![1.0, 0.0, -2.0, 0.0], [4], Device::Cpu).unwrap();
-    let a = Tensor::from_vec_f32(vec![1.0, 2.0, 3.0, 4.0], [4], Device::Cpu).unwrap();
-    let b = Tensor::from_vec_f32(vec![-1.0, -2.0, -3.0, -4.0], [4], Device::Cpu).unwrap();
+fn where_cond_selects_and_add_i32_adds(dev: Device) {
+    let c = Tensor::from_vec_f32(vec![1.0, 0.0, -2.0, 0.0], [4], dev).unwrap();
+    let a = Tensor::from_vec_f32(vec![1.0, 2.0, 3.0, 4.0], [4], dev).unwrap();
+    let b = Tensor::from_vec_f32(vec![-1.0, -2.0, -3.0, -4.0], [4], dev).unwrap();
     assert_eq!(
         host(&c.where_cond(&a, &b).unwrap()),
         vec![1.0, -2.0, 3.0, -4.0]
     );
-    assert!(c.where_cond(&a, &rand_t(3, &[3])).is_err());
-    let i = Tensor::from_vec_i32(vec![1, -2, 3], [3], Device::Cpu).unwrap();
-    let j = Tensor::from_vec_i32(vec![10, 20, 30], [3], Device::Cpu).unwrap();
+    assert!(c.where_cond(&a, &rand_on(dev, 3, &[3])).is_err());
+    let i = Tensor::from_vec_i32(vec![1, -2, 3], [3], dev).unwrap();
+    let j = Tensor::from_vec_i32(vec![10, 20, 30], [3], dev).unwrap();
     assert_eq!(
         i.add_i32(&j).unwrap().to_host_i32().unwrap(),
         vec![11, 18, 33]
     );
     assert!(matches!(
-        i.add_i32(&Tensor::zeros([3], DType::F32, Device::Cpu).unwrap()),
+        i.add_i32(&Tensor::zeros([3], DType::F32, dev).unwrap()),
         Err(Error::DTypeMismatch { op: "add_i32", .. })
     ));
 }
 
-#[test]
-fn norm_rows_matches_norm_of_each_row() {
-    let x = rand_t(4, &[3, 20000]); // more than one f64 summation piece per row
+fn norm_rows_matches_norm_of_each_row(dev: Device) {
+    let x = rand_on(dev, 4, &[3, 20000]); // more than one f64 summation piece per row
     let n = host(&x.norm_rows().unwrap());
     for (r, v) in n.iter().enumerate() {
         let want = x
@@ -88,8 +86,7 @@ fn unfused(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &AdamWStep) -> [Ve
     [host(&p2), host(&m2), host(&v2)]
 }
 
-#[test]
-fn fused_adamw_step_is_bit_identical_to_the_unfused_sequence() {
+fn fused_adamw_step_is_bit_identical_to_the_unfused_sequence(dev: Device) {
     let shape = [33, 1000];
     for (wd, t) in [(0.1, 1u64), (0.0, 7)] {
         let h = AdamWStep {
@@ -100,10 +97,14 @@ fn fused_adamw_step_is_bit_identical_to_the_unfused_sequence() {
             weight_decay: wd,
             t,
         };
-        let p = rand_t(10, &shape);
-        let g = rand_t(11, &shape);
-        let m = rand_t(12, &shape).scale(0.1).unwrap();
-        let v = rand_t(13, &shape).square().unwrap().scale(0.01).unwrap();
+        let p = rand_on(dev, 10, &shape);
+        let g = rand_on(dev, 11, &shape);
+        let m = rand_on(dev, 12, &shape).scale(0.1).unwrap();
+        let v = rand_on(dev, 13, &shape)
+            .square()
+            .unwrap()
+            .scale(0.01)
+            .unwrap();
         let want = unfused(&p, &g, &m, &v, &h);
         let (mut pf, mut mf, mut vf) = (p.clone(), m.clone(), v.clone());
         pf.adamw_step(&mut mf, &mut vf, &g, &h).unwrap();
@@ -111,10 +112,10 @@ fn fused_adamw_step_is_bit_identical_to_the_unfused_sequence() {
         assert!(same_bits(&host(&mf), &want[1]), "exp_avg");
         assert!(same_bits(&host(&vf), &want[2]), "exp_avg_sq");
         // inputs shared with pf/mf/vf before the op are untouched (copy-on-write)
-        assert!(same_bits(&host(&p), &host(&rand_t(10, &shape))));
+        assert!(same_bits(&host(&p), &host(&rand_on(dev, 10, &shape))));
     }
-    let mut p = rand_t(1, &[4]);
-    let (mut m, mut v) = (rand_t(2, &[4]), rand_t(3, &[4]));
+    let mut p = rand_on(dev, 1, &[4]);
+    let (mut m, mut v) = (rand_on(dev, 2, &[4]), rand_on(dev, 3, &[4]));
     let h = AdamWStep {
         lr: 1e-3,
         beta1: 0.9,
@@ -124,10 +125,17 @@ fn fused_adamw_step_is_bit_identical_to_the_unfused_sequence() {
         t: 1,
     };
     assert!(matches!(
-        p.adamw_step(&mut m, &mut v, &rand_t(4, &[5]), &h),
+        p.adamw_step(&mut m, &mut v, &rand_on(dev, 4, &[5]), &h),
         Err(Error::ShapeMismatch {
             op: "adamw_step",
             ..
         })
     ));
 }
+
+backend_tests!(
+    scale_by_matches_scale_and_checks_the_scalar,
+    where_cond_selects_and_add_i32_adds,
+    norm_rows_matches_norm_of_each_row,
+    fused_adamw_step_is_bit_identical_to_the_unfused_sequence,
+);

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
+#[macro_use]
 mod common;
 use common::*;
 use megamoe_tensor::{Device, Error, Tensor};
@@ -13,11 +14,10 @@ fn softmax_ref(x: &[f32]) -> Vec<f64> {
     e.iter().map(|v| v / s).collect()
 }
 
-#[test]
-fn softmax_and_log_softmax_match_reference() {
+fn softmax_and_log_softmax_match_reference(dev: Device) {
     let (n, h) = (6, 11);
     let x: Vec<f32> = rand_vec(60, n * h).iter().map(|v| v * 8.0).collect();
-    let t = Tensor::from_slice(&x, [2, 3, h], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, [2, 3, h], dev).unwrap();
     let want: Vec<f64> = x.chunks(h).flat_map(softmax_ref).collect();
     assert_close(&host(&t.softmax().unwrap()), &want, 1e-6, 1e-9);
     let want_log: Vec<f64> = want.iter().map(|v| v.ln()).collect();
@@ -25,8 +25,7 @@ fn softmax_and_log_softmax_match_reference() {
 }
 
 /// FD check: L = Σ g ⊙ softmax(x); dL/dx from the f64 reference softmax.
-#[test]
-fn softmax_backward_matches_finite_differences() {
+fn softmax_backward_matches_finite_differences(dev: Device) {
     let h = 9;
     let x = rand_vec(61, h);
     let g = rand_vec(62, h);
@@ -54,21 +53,20 @@ fn softmax_backward_matches_finite_differences() {
             })
             .collect()
     };
-    let xt = Tensor::from_slice(&x, [1, h], Device::Cpu).unwrap();
-    let gt = Tensor::from_slice(&g, [1, h], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [1, h], dev).unwrap();
+    let gt = Tensor::from_slice(&g, [1, h], dev).unwrap();
     let d = xt.softmax().unwrap().softmax_backward(&gt).unwrap();
     assert_close(&host(&d), &fd(&loss), 1e-5, 1e-6);
     let d = xt.log_softmax().unwrap().log_softmax_backward(&gt).unwrap();
     assert_close(&host(&d), &fd(&lsm), 1e-5, 1e-6);
 }
 
-#[test]
-fn causal_softmax_masks_future_and_backward_matches_fd() {
+fn causal_softmax_masks_future_and_backward_matches_fd(dev: Device) {
     let (bh, t) = (2, 5);
     let scale = 0.7f32;
     let x = rand_vec(63, bh * t * t);
     let g = rand_vec(64, bh * t * t);
-    let xt = Tensor::from_slice(&x, [bh, t, t], Device::Cpu).unwrap();
+    let xt = Tensor::from_slice(&x, [bh, t, t], dev).unwrap();
     let y = xt.causal_softmax(scale).unwrap();
     let yh = host(&y);
     // reference: row (b, q) is softmax(scale·x[b,q,0..=q]) then zeros
@@ -90,7 +88,7 @@ fn causal_softmax_masks_future_and_backward_matches_fd() {
     };
     let x64 = to64(&x);
     assert_close(&yh, &reference(&x64), 1e-6, 1e-9);
-    let gt = Tensor::from_slice(&g, [bh, t, t], Device::Cpu).unwrap();
+    let gt = Tensor::from_slice(&g, [bh, t, t], dev).unwrap();
     let d = host(&y.causal_softmax_backward(&gt, scale).unwrap());
     let loss = |x: &[f64]| -> f64 {
         reference(x)
@@ -112,11 +110,10 @@ fn causal_softmax_masks_future_and_backward_matches_fd() {
     assert_close(&d, &want, 1e-5, 1e-6);
 }
 
-#[test]
-fn reductions_match_loops() {
+fn reductions_match_loops(dev: Device) {
     let (n, h) = (37, 300);
     let x = rand_vec(65, n * h);
-    let t = Tensor::from_slice(&x, [n, h], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, [n, h], dev).unwrap();
     let total: f64 = x.iter().map(|&v| v as f64).sum();
     assert_close(
         &[t.sum_all().unwrap().to_scalar_f32().unwrap()],
@@ -161,13 +158,12 @@ fn reductions_match_loops() {
     let cols: Vec<f64> = (0..h)
         .map(|j| (0..n).map(|i| x[i * h + j] as f64).sum())
         .collect();
-    let big = Tensor::from_slice(&x, [n, h], Device::Cpu).unwrap();
+    let big = Tensor::from_slice(&x, [n, h], dev).unwrap();
     assert_close(&host(&big.sum_rows().unwrap()), &cols, 1e-6, 1e-6);
 }
 
-#[test]
-fn reductions_same_bits_for_1_and_3_threads() {
-    let t = rand_t(66, &[1000, 77]);
+fn reductions_same_bits_for_1_and_3_threads(dev: Device) {
+    let t = rand_on(dev, 66, &[1000, 77]);
     let run = || {
         (
             t.sum_all().unwrap().to_scalar_f32().unwrap(),
@@ -181,8 +177,7 @@ fn reductions_same_bits_for_1_and_3_threads() {
     assert!(same_bits(&a.1, &b.1) && same_bits(&a.2, &b.2));
 }
 
-#[test]
-fn topk_sorted_descending_with_lower_index_first_on_ties() {
+fn topk_sorted_descending_with_lower_index_first_on_ties(dev: Device) {
     // row 0: ties 0.5 at 1 and 3 → 1 before 3; row 1: -0.0 and +0.0 tie → lower index;
     // row 2: NaN ranks first.
     let x = vec![
@@ -199,7 +194,7 @@ fn topk_sorted_descending_with_lower_index_first_on_ties() {
         3.0,
         2.0,
     ];
-    let t = Tensor::from_slice(&x, [3, 4], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, [3, 4], dev).unwrap();
     let (v, i) = t.topk(3).unwrap();
     assert_eq!(i.to_host_i32().unwrap(), vec![1, 3, 2, 0, 1, 2, 1, 2, 3]);
     let v = host(&v);
@@ -212,15 +207,14 @@ fn topk_sorted_descending_with_lower_index_first_on_ties() {
     ));
 }
 
-#[test]
-fn topk_matches_full_sort_on_random_rows() {
+fn topk_matches_full_sort_on_random_rows(dev: Device) {
     let (n, e, k) = (50, 64, 6);
     // Quantise to create many ties.
     let x: Vec<f32> = rand_vec(67, n * e)
         .iter()
         .map(|v| (v * 8.0).round())
         .collect();
-    let t = Tensor::from_slice(&x, [n, e], Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&x, [n, e], dev).unwrap();
     let (v, i) = t.topk(k).unwrap();
     let (v, i) = (host(&v), i.to_host_i32().unwrap());
     for r in 0..n {
@@ -233,3 +227,13 @@ fn topk_matches_full_sort_on_random_rows() {
         }
     }
 }
+
+backend_tests!(
+    softmax_and_log_softmax_match_reference,
+    softmax_backward_matches_finite_differences,
+    causal_softmax_masks_future_and_backward_matches_fd,
+    reductions_match_loops,
+    reductions_same_bits_for_1_and_3_threads,
+    topk_sorted_descending_with_lower_index_first_on_ties,
+    topk_matches_full_sort_on_random_rows,
+);

@@ -38,9 +38,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use megamoe_model::{GradBuffers, Model, ModelConfig, ModelParams};
+use megamoe_optim::ParamRole;
 use megamoe_optim::{clip_grad_norm, Optimizer, Schedule};
 use megamoe_plan::{OptimizerKind, Plan, RawConfig};
-use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::checkpoint::{
     load_checkpoint, save_checkpoint, Expected, NamedTensor, TensorSpec, TrainState,

@@ -1,5 +1,6 @@
 //! CPU backend: one file per op family, each holding plain-slice kernels (`&[f32]` in,
-//! `Vec<f32>` out) that the matching `ops/<family>.rs` calls after validating shapes.
+//! `Vec<f32>` out), called by the `CpuBackend` kernel-trait impls in `backend/` after the
+//! matching `ops/<family>.rs` validated shapes.
 //!
 //! # Determinism
 //! Every kernel gives the same bits for any rayon thread count: work is cut into pieces whose
@@ -8,11 +9,11 @@
 //! piece, pieces combined in index order). GEMMs never split the reduction dimension.
 //!
 //! # Adding an op family
-//! Create `cpu/<family>.rs` with the kernels and add `pub(crate) mod <family>;` below, then
-//! `ops/<family>.rs` with the validated `Tensor` methods (see `ops/mod.rs`).
+//! See `ops/mod.rs`.
 
 use rayon::prelude::*;
 
+pub(crate) mod backend;
 pub(crate) mod capacity;
 pub(crate) mod elementwise;
 pub(crate) mod index;

@@ -11,8 +11,38 @@
 //! The combine sums each token's rows in increasing buffer row, which is the order the
 //! packed (dropless) path's `index_add_rows` uses, so both give identical bits.
 
-use crate::cpu::capacity as kernel;
 use crate::{Error, Result, Tensor};
+
+/// The static-capacity kernel family of a [`Backend`](crate::backend::Backend) (shapes and
+/// semantics as the matching [`Tensor`] ops, validated by them; row ids outside `-1..bound`
+/// and an expert keeping more than `capacity` are the backend's to report).
+pub trait CapacityKernels {
+    /// See [`Tensor::capacity_permutation`].
+    fn capacity_permutation(
+        &self,
+        idx: &Tensor,
+        keep: &Tensor,
+        n_real: usize,
+        capacity: usize,
+    ) -> Result<CapacityPermutation>;
+    /// See [`Tensor::gather_rows_or_zero`].
+    fn gather_rows_or_zero(&self, x: &Tensor, rows: &Tensor) -> Result<Tensor>;
+    /// See [`Tensor::combine_slots`].
+    fn combine_slots(
+        &self,
+        rows: &Tensor,
+        slot_row: &Tensor,
+        weights: Option<&Tensor>,
+    ) -> Result<Tensor>;
+    /// See [`Tensor::combine_slots_backward`].
+    fn combine_slots_backward(
+        &self,
+        rows: &Tensor,
+        d_y: &Tensor,
+        slot_row: &Tensor,
+        weights: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
+}
 
 /// Where every kept assignment sits in the static `[E·C, d]` expert buffers.
 #[derive(Debug, Clone)]
@@ -24,23 +54,6 @@ pub struct CapacityPermutation {
     pub row_token: Tensor,
     /// `[E]` i32: kept rows per expert (each ≤ C).
     pub counts: Tensor,
-}
-
-/// Checks that every entry of `ids` is −1 or in `0..bound`.
-fn check_rows(op: &'static str, ids: &[i32], bound: usize) -> Result<()> {
-    if let Some((position, &index)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, &i)| i < -1 || (i >= 0 && i as usize >= bound))
-    {
-        return Err(Error::IndexOutOfRange {
-            op,
-            index: index as i64,
-            position,
-            bound,
-        });
-    }
-    Ok(())
 }
 
 fn shape_err(op: &'static str, lhs: &Tensor, rhs: &Tensor, rule: &'static str) -> Error {
@@ -64,7 +77,7 @@ impl Tensor {
     ) -> Result<CapacityPermutation> {
         const OP: &str = "capacity_permutation";
         self.same_device(OP, keep)?;
-        let (t, k) = self.dims2().map_err(|_| self.rank_error(OP, "idx", 2))?;
+        self.dims2().map_err(|_| self.rank_error(OP, "idx", 2))?;
         if keep.dims() != self.dims() {
             return Err(shape_err(
                 OP,
@@ -73,30 +86,8 @@ impl Tensor {
                 "keep must have idx's shape [T, k]",
             ));
         }
-        let ids = self.cpu_i32(OP, "idx")?;
-        if let Some((position, &index)) = ids.iter().enumerate().find(|(_, &i)| i < 0) {
-            return Err(Error::IndexOutOfRange {
-                op: OP,
-                index: index as i64,
-                position,
-                bound: i32::MAX as usize,
-            });
-        }
-        let kd = keep.cpu_f32(OP, "keep")?;
-        let (slot_row, row_token, counts) =
-            kernel::capacity_permutation(ids, k, &kd, n_real, capacity).map_err(|e| {
-                Error::InvalidArgument {
-                    op: OP,
-                    arg: "keep",
-                    value: format!("expert {e} keeps more than capacity {capacity}"),
-                    rule: "keep at most `capacity` assignments per expert (capacity_keep)",
-                }
-            })?;
-        Ok(CapacityPermutation {
-            slot_row: Tensor::cpu_i32_from(slot_row, [t, k]),
-            row_token: Tensor::cpu_i32_from(row_token, [n_real * capacity]),
-            counts: Tensor::cpu_i32_from(counts, [n_real]),
-        })
+        self.backend()
+            .capacity_permutation(self, keep, n_real, capacity)
     }
 
     /// Row gather with pad rows: `out[r] = self[rows[r]]` for `self [N, d]`, `rows [R]` i32,
@@ -105,14 +96,8 @@ impl Tensor {
         const OP: &str = "gather_rows_or_zero";
         self.same_device(OP, rows)?;
         rows.expect_rank(OP, "rows", 1)?;
-        let (n, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
-        let ids = rows.cpu_i32(OP, "rows")?;
-        check_rows(OP, ids, n)?;
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::gather_rows_or_zero(&x, d, ids),
-            [ids.len(), d],
-        ))
+        self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        self.backend().gather_rows_or_zero(self, rows)
     }
 
     /// Fused static permute: [`Tensor::capacity_permutation`] of `idx`/`keep` and the gather
@@ -126,7 +111,7 @@ impl Tensor {
         capacity: usize,
     ) -> Result<(Tensor, CapacityPermutation)> {
         const OP: &str = "permute_to_capacity";
-        let (t, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        let (t, _) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
         if idx.dims().first() != Some(&t) {
             return Err(shape_err(
                 OP,
@@ -136,10 +121,8 @@ impl Tensor {
             ));
         }
         let perm = idx.capacity_permutation(keep, n_real, capacity)?;
-        let x = self.cpu_f32(OP, "x")?;
-        let ids = perm.row_token.cpu_i32(OP, "row_token")?;
-        let buffers = kernel::gather_rows_or_zero(&x, d, ids);
-        Ok((Tensor::cpu_f32_from(buffers, [ids.len(), d]), perm))
+        let buffers = self.gather_rows_or_zero(&perm.row_token)?;
+        Ok((buffers, perm))
     }
 
     /// Static combine: `self` is buffer rows `[B, d]`, `slot_row [T, k]` i32 (−1 = no row),
@@ -149,31 +132,22 @@ impl Tensor {
     pub fn combine_slots(&self, slot_row: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
         const OP: &str = "combine_slots";
         self.same_device(OP, slot_row)?;
-        let (b, d) = self.dims2().map_err(|_| self.rank_error(OP, "rows", 2))?;
-        let (t, k) = slot_row
+        self.dims2().map_err(|_| self.rank_error(OP, "rows", 2))?;
+        slot_row
             .dims2()
             .map_err(|_| slot_row.rank_error(OP, "slot_row", 2))?;
-        let ids = slot_row.cpu_i32(OP, "slot_row")?;
-        check_rows(OP, ids, b)?;
-        let w = match weights {
-            Some(w) => {
-                if w.dims() != slot_row.dims() {
-                    return Err(shape_err(
-                        OP,
-                        slot_row,
-                        w,
-                        "weights must have slot_row's shape [T, k]",
-                    ));
-                }
-                Some(w.cpu_f32(OP, "weights")?)
+        if let Some(w) = weights {
+            if w.dims() != slot_row.dims() {
+                return Err(shape_err(
+                    OP,
+                    slot_row,
+                    w,
+                    "weights must have slot_row's shape [T, k]",
+                ));
             }
-            None => None,
-        };
-        let rows = self.cpu_f32(OP, "rows")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::combine_slots(&rows, d, ids, k, w.as_deref()),
-            [t, d],
-        ))
+            self.same_device(OP, w)?;
+        }
+        self.backend().combine_slots(self, slot_row, weights)
     }
 
     /// Backward of [`Tensor::combine_slots`] with `weights`: `self` is the buffer rows
@@ -189,8 +163,8 @@ impl Tensor {
         const OP: &str = "combine_slots_backward";
         self.same_device(OP, d_y)?;
         self.same_device(OP, slot_row)?;
-        let (b, d) = self.dims2().map_err(|_| self.rank_error(OP, "rows", 2))?;
-        let (t, k) = slot_row
+        let (_, d) = self.dims2().map_err(|_| self.rank_error(OP, "rows", 2))?;
+        let (t, _) = slot_row
             .dims2()
             .map_err(|_| slot_row.rank_error(OP, "slot_row", 2))?;
         if d_y.dims() != [t, d] {
@@ -209,17 +183,7 @@ impl Tensor {
                 "weights must have slot_row's shape [T, k]",
             ));
         }
-        let ids = slot_row.cpu_i32(OP, "slot_row")?;
-        check_rows(OP, ids, b)?;
-        let (rows, dy, w) = (
-            self.cpu_f32(OP, "rows")?,
-            d_y.cpu_f32(OP, "d_y")?,
-            weights.cpu_f32(OP, "weights")?,
-        );
-        let (d_rows, d_w) = kernel::combine_slots_backward(&rows, d, &dy, ids, k, &w);
-        Ok((
-            Tensor::cpu_f32_from(d_rows, [b, d]),
-            Tensor::cpu_f32_from(d_w, [t, k]),
-        ))
+        self.backend()
+            .combine_slots_backward(self, d_y, slot_row, weights)
     }
 }

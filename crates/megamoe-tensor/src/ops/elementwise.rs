@@ -6,8 +6,37 @@
 //! take the forward input `x` (or output `y` where cheaper: sigmoid, tanh) and the upstream
 //! gradient `dy`, and return `dx`, written fresh.
 
-use crate::cpu::elementwise as kernel;
 use crate::{Error, Result, Tensor};
+
+/// The elementwise kernel family of a [`Backend`](crate::backend::Backend) (see
+/// [`Tensor::unary`] and the other ops of this module for the semantics).
+pub trait ElementwiseKernels {
+    /// `op(x)` elementwise, f32 result of `x`'s shape.
+    fn unary(&self, x: &Tensor, op: UnaryOp) -> Result<Tensor>;
+    /// `op(a, b)` elementwise on equal shapes, f32 result.
+    fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor>;
+    /// `silu(gate) · up` on equal shapes.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    /// `(d gate, d up)` of [`ElementwiseKernels::swiglu`].
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// `op(x[.., h], v[h])` with `v [H]` broadcast over the rows of `x [.., H]`.
+    fn row_broadcast(&self, x: &Tensor, v: &Tensor, op: RowOp) -> Result<Tensor>;
+    /// `x[n, ..] · s[n]` for `x [N, ..]`, `s [N]`.
+    fn scale_rows(&self, x: &Tensor, s: &Tensor) -> Result<Tensor>;
+    /// In place `dst += alpha · x` (equal shapes; `dst` becomes f32).
+    fn axpy(&self, dst: &mut Tensor, alpha: f32, x: &Tensor) -> Result<()>;
+    /// In place: every element of `dst` set to `value` (`dst` becomes f32).
+    fn fill(&self, dst: &mut Tensor, value: f32) -> Result<()>;
+}
+
+/// The op of a row broadcast ([`ElementwiseKernels::row_broadcast`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOp {
+    /// `x + v` (bias add).
+    Add,
+    /// `x · v` (norm weight).
+    Mul,
+}
 
 /// A one-input elementwise op.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +80,7 @@ pub enum UnaryOp {
 }
 
 impl UnaryOp {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             UnaryOp::Neg => "neg",
             UnaryOp::Abs => "abs",
@@ -105,7 +134,7 @@ pub enum BinaryOp {
 }
 
 impl BinaryOp {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             BinaryOp::Add => "add",
             BinaryOp::Sub => "sub",
@@ -127,20 +156,14 @@ impl BinaryOp {
 impl Tensor {
     /// Applies `op` to every element; result f32 of the same shape.
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
-        let x = self.cpu_f32(op.name(), "x")?;
-        Ok(Tensor::cpu_f32_from(kernel::unary(op, &x), self.shape()))
+        self.backend().unary(self, op)
     }
 
     /// Applies `op` to equal-shaped `self` and `rhs`.
     pub fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
         let name = op.name();
         self.same_shape(name, rhs)?;
-        let a = self.cpu_f32(name, "a")?;
-        let b = rhs.cpu_f32(name, "b")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::binary(op, &a, &b),
-            self.shape(),
-        ))
+        self.backend().binary(self, rhs, op)
     }
 
     /// `self + rhs` (equal shapes).
@@ -269,9 +292,7 @@ impl Tensor {
     pub fn swiglu(&self, up: &Tensor) -> Result<Tensor> {
         const OP: &str = "swiglu";
         self.same_shape(OP, up)?;
-        let g = self.cpu_f32(OP, "gate")?;
-        let u = up.cpu_f32(OP, "up")?;
-        Ok(Tensor::cpu_f32_from(kernel::swiglu(&g, &u), self.shape()))
+        self.backend().swiglu(self, up)
     }
 
     /// Backward of [`Tensor::swiglu`]: returns `(d_gate, d_up)`, written fresh.
@@ -279,24 +300,17 @@ impl Tensor {
         const OP: &str = "swiglu_backward";
         gate.same_shape(OP, up)?;
         gate.same_shape(OP, dy)?;
-        let g = gate.cpu_f32(OP, "gate")?;
-        let u = up.cpu_f32(OP, "up")?;
-        let d = dy.cpu_f32(OP, "dy")?;
-        let (dg, du) = kernel::swiglu_backward(&g, &u, &d);
-        Ok((
-            Tensor::cpu_f32_from(dg, gate.shape()),
-            Tensor::cpu_f32_from(du, gate.shape()),
-        ))
+        gate.backend().swiglu_backward(gate, up, dy)
     }
 
     /// `x + b` with `b [H]` broadcast over every row of `x [.., H]` (bias add).
     pub fn add_row(&self, b: &Tensor) -> Result<Tensor> {
-        self.row_broadcast("add_row", b, |x, v| x + v)
+        self.row_broadcast("add_row", b, RowOp::Add)
     }
 
     /// `x · s` with `s [H]` broadcast over every row of `x [.., H]` (norm weight).
     pub fn mul_row(&self, s: &Tensor) -> Result<Tensor> {
-        self.row_broadcast("mul_row", s, |x, v| x * v)
+        self.row_broadcast("mul_row", s, RowOp::Mul)
     }
 
     /// `x[n, ..] · s[n]`: row `n` of `x [N, ..]` scaled by `s [N]` (gate weights).
@@ -312,12 +326,7 @@ impl Tensor {
                 rule: "s must be [N] for x [N, ..]",
             });
         }
-        let x = self.cpu_f32(OP, "x")?;
-        let sv = s.cpu_f32(OP, "s")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::scale_rows(&x, &sv),
-            self.shape(),
-        ))
+        self.backend().scale_rows(self, s)
     }
 
     /// Alias of [`Tensor::mul_col`].
@@ -325,12 +334,7 @@ impl Tensor {
         self.mul_col(s)
     }
 
-    fn row_broadcast(
-        &self,
-        op: &'static str,
-        v: &Tensor,
-        f: fn(f32, f32) -> f32,
-    ) -> Result<Tensor> {
+    fn row_broadcast(&self, op: &'static str, v: &Tensor, row_op: RowOp) -> Result<Tensor> {
         self.same_device(op, v)?;
         let h = self.dims().last().copied().unwrap_or(1);
         if v.dims() != [h] || self.rank() == 0 {
@@ -341,12 +345,7 @@ impl Tensor {
                 rule: "the row vector must be [H] for x [.., H]",
             });
         }
-        let x = self.cpu_f32(op, "x")?;
-        let vv = v.cpu_f32(op, "v")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::broadcast_row(&x, &vv, f),
-            self.shape(),
-        ))
+        self.backend().row_broadcast(self, v, row_op)
     }
 
     /// In place `self += other` (equal shapes). Copy-on-write if the buffer is shared; a bf16
@@ -359,19 +358,13 @@ impl Tensor {
     pub fn axpy(&mut self, alpha: f32, x: &Tensor) -> Result<()> {
         const OP: &str = "axpy";
         self.same_shape(OP, x)?;
-        let src = x.cpu_f32(OP, "x")?;
-        // If `x` shares self's buffer, the Arc count is ≥ 2 and cpu_f32_mut copies before
-        // writing, so `src` (borrowed from x's storage) is never written through.
-        let dst = self.cpu_f32_mut(OP)?;
-        kernel::axpy(dst, alpha, &src);
-        Ok(())
+        self.backend().axpy(self, alpha, x)
     }
 
     /// In place: every element set to `value`. The buffer is reused when the handle is
     /// unique (a persistent gradient buffer is zeroed without reallocating); copy-on-write
     /// otherwise; a bf16 `self` becomes f32.
     pub fn fill_in_place(&mut self, value: f32) -> Result<()> {
-        self.cpu_f32_mut("fill_in_place")?.fill(value);
-        Ok(())
+        self.backend().fill(self, value)
     }
 }

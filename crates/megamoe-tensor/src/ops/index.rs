@@ -5,25 +5,33 @@
 //! Index tensors are `I32`. The CPU backend checks every index against its bound and
 //! reports the first bad one as [`Error::IndexOutOfRange`]. Shape ops work on every dtype.
 
-use crate::cpu::index as kernel;
-use crate::tensor::{map_cpu_view, CpuView};
-use crate::{Error, Result, Shape, Tensor};
+use crate::{Error, Result, Tensor};
 
-/// Checks `0 <= idx[i] < bound` for all i.
-fn check_indices(op: &'static str, idx: &[i32], bound: usize) -> Result<()> {
-    if let Some((position, &index)) = idx
-        .iter()
-        .enumerate()
-        .find(|(_, &i)| i < 0 || i as usize >= bound)
-    {
-        return Err(Error::IndexOutOfRange {
-            op,
-            index: index as i64,
-            position,
-            bound,
-        });
-    }
-    Ok(())
+/// The index and data-movement kernel family of a [`Backend`](crate::backend::Backend).
+/// Index tensors are i32; ids out of range are the backend's to detect (the CPU backend
+/// reports the first as [`Error::IndexOutOfRange`]).
+pub trait IndexKernels {
+    /// `out[r] = x[idx[r]]` for `x [N, ..]`, `idx [R]`: `[R, ..]`, any dtype.
+    fn index_select(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor>;
+    /// In place `dst[idx[r]] += weights[r] · src[r]` (`dst [M, ..]` f32, `src [R, ..]`),
+    /// each destination adding its sources in increasing `r`.
+    fn index_add_rows(
+        &self,
+        dst: &mut Tensor,
+        idx: &Tensor,
+        src: &Tensor,
+        weights: Option<&Tensor>,
+    ) -> Result<()>;
+    /// `out[n, j] = x[n, idx[n, j]]` for `x [N, E]`, `idx [N, k]`.
+    fn gather_cols(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor>;
+    /// `out [N, n_cols]` zero but `out[n, idx[n, j]] += src[n, j]` for `src`, `idx [N, k]`.
+    fn scatter_cols(&self, src: &Tensor, idx: &Tensor, n_cols: usize) -> Result<Tensor>;
+    /// A copy of `len` entries of dimension `dim` from `start` (any dtype).
+    fn narrow_copy(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor>;
+    /// Concatenation along `dim` (equal dtypes and other dims, checked by the caller).
+    fn cat(&self, tensors: &[&Tensor], dim: usize) -> Result<Tensor>;
+    /// Dimensions reordered by `perm` (a permutation of `0..rank`, rank ≥ 1), any dtype.
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor>;
 }
 
 impl Tensor {
@@ -33,17 +41,10 @@ impl Tensor {
         const OP: &str = "index_select";
         self.same_device(OP, idx)?;
         idx.expect_rank(OP, "idx", 1)?;
-        let (&n, rest) = self
-            .dims()
-            .split_first()
-            .ok_or_else(|| self.rank_error(OP, "x", 1))?;
-        let ids = idx.cpu_i32(OP, "idx")?;
-        check_indices(OP, ids, n)?;
-        let row: usize = rest.iter().product();
-        let out = map_cpu_view!(self.cpu_view(OP)?, v => kernel::gather_rows(v, row, ids));
-        let mut shape = vec![ids.len()];
-        shape.extend_from_slice(rest);
-        Ok(Tensor::from_cpu(out, shape.into()))
+        if self.rank() == 0 {
+            return Err(self.rank_error(OP, "x", 1));
+        }
+        self.backend().index_select(self, idx)
     }
 
     /// Deterministic scatter-add of rows: returns `self` (`[M, ..]`) plus, for each source row
@@ -76,7 +77,7 @@ impl Tensor {
         self.same_device(OP, src)?;
         self.same_device(OP, idx)?;
         idx.expect_rank(OP, "idx", 1)?;
-        let (&m, rest) = self
+        let (_, rest) = self
             .dims()
             .split_first()
             .ok_or_else(|| self.rank_error(OP, "dst", 1))?;
@@ -101,22 +102,15 @@ impl Tensor {
                 });
             }
         }
-        let ids = idx.cpu_i32(OP, "idx")?;
-        check_indices(OP, ids, m)?;
-        let w = weights.map(|w| w.cpu_f32(OP, "weights")).transpose()?;
-        let row: usize = rest.iter().product();
-        let s = src.cpu_f32(OP, "src")?;
-        let d = self.cpu_f32_mut(OP)?;
-        kernel::index_add_rows_into(d, row, ids, &s, w.as_deref());
-        Ok(())
+        self.backend().index_add_rows(self, idx, src, weights)
     }
 
     /// Per-row gather: `out[n, j] = self[n, idx[n, j]]` for `self [N, E]`, `idx [N, k]`.
     pub fn gather_cols(&self, idx: &Tensor) -> Result<Tensor> {
         const OP: &str = "gather_cols";
         self.same_device(OP, idx)?;
-        let (n, e) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
-        let (n2, k) = idx.dims2().map_err(|_| idx.rank_error(OP, "idx", 2))?;
+        let (n, _) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        let (n2, _) = idx.dims2().map_err(|_| idx.rank_error(OP, "idx", 2))?;
         if n != n2 {
             return Err(Error::ShapeMismatch {
                 op: OP,
@@ -125,13 +119,7 @@ impl Tensor {
                 rule: "x and idx must have the same number of rows",
             });
         }
-        let ids = idx.cpu_i32(OP, "idx")?;
-        check_indices(OP, ids, e)?;
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::gather_cols(&x, e, ids, k),
-            [n, k],
-        ))
+        self.backend().gather_cols(self, idx)
     }
 
     /// Per-row scatter-add: `self` is `src [N, k]`; returns `out [N, n_cols]`, zero except
@@ -140,14 +128,8 @@ impl Tensor {
     pub fn scatter_cols(&self, idx: &Tensor, n_cols: usize) -> Result<Tensor> {
         const OP: &str = "scatter_cols";
         self.same_shape(OP, idx)?;
-        let (n, k) = self.dims2().map_err(|_| self.rank_error(OP, "src", 2))?;
-        let ids = idx.cpu_i32(OP, "idx")?;
-        check_indices(OP, ids, n_cols)?;
-        let s = self.cpu_f32(OP, "src")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::scatter_cols(&s, ids, k, n_cols),
-            [n, n_cols],
-        ))
+        self.dims2().map_err(|_| self.rank_error(OP, "src", 2))?;
+        self.backend().scatter_cols(self, idx, n_cols)
     }
 
     /// `len` entries of dimension `dim` starting at `start` (any dtype). A view sharing the
@@ -169,8 +151,7 @@ impl Tensor {
         if outer == 1 || len == size {
             return self.view(start * inner, shape);
         }
-        let out = map_cpu_view!(self.cpu_view(OP)?, v => kernel::narrow(v, outer, size, inner, start, len));
-        Ok(Tensor::from_cpu(out, shape.into()))
+        self.backend().narrow_copy(self, dim, start, len)
     }
 
     /// Concatenation along `dim`; all tensors share dtype, device and every other dim.
@@ -182,8 +163,7 @@ impl Tensor {
             value: "[]".into(),
             rule: "needs at least one tensor",
         })?;
-        let (outer, _, inner) = first.shape().split_at_dim(OP, dim)?;
-        let mut sizes = Vec::with_capacity(tensors.len());
+        first.shape().split_at_dim(OP, dim)?;
         for t in tensors {
             first.same_device(OP, t)?;
             let same_rest = t.rank() == first.rank()
@@ -200,28 +180,8 @@ impl Tensor {
                     rule: "all tensors need the same dtype and the same dims except `dim`",
                 });
             }
-            sizes.push(t.dims()[dim]);
         }
-        macro_rules! pieces {
-            ($variant:ident) => {{
-                let mut p = Vec::with_capacity(tensors.len());
-                for (t, &sz) in tensors.iter().zip(&sizes) {
-                    match t.cpu_view(OP)? {
-                        CpuView::$variant(v) => p.push((v, sz)),
-                        _ => unreachable!("dtypes checked equal above"),
-                    }
-                }
-                crate::storage::CpuStorage::$variant(kernel::cat(&p, outer, inner))
-            }};
-        }
-        let out = match first.dtype() {
-            crate::DType::F32 => pieces!(F32),
-            crate::DType::BF16 => pieces!(BF16),
-            crate::DType::I32 => pieces!(I32),
-        };
-        let mut shape = first.dims().to_vec();
-        shape[dim] = sizes.iter().sum();
-        Ok(Tensor::from_cpu(out, shape.into()))
+        first.backend().cat(tensors, dim)
     }
 
     /// Splits along `dim` into pieces of the given sizes (which must sum to the dim's size).
@@ -266,9 +226,7 @@ impl Tensor {
         if rank == 0 {
             return Ok(self.clone());
         }
-        let out = map_cpu_view!(self.cpu_view(OP)?, v => kernel::permute(v, self.dims(), perm));
-        let shape: Vec<usize> = perm.iter().map(|&p| self.dims()[p]).collect();
-        Ok(Tensor::from_cpu(out, Shape::from(shape)))
+        self.backend().permute(self, perm)
     }
 
     /// Transpose of a rank-2 tensor (a copy).

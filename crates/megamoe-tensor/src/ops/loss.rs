@@ -1,8 +1,20 @@
 //! Cross-entropy loss over logits with integer targets and an ignore index, fused with its
 //! gradient (the LM head's loss; llm.c's `crossentropy_softmax_backward`).
 
-use crate::cpu::loss as kernel;
-use crate::{Error, Result, Shape, Tensor};
+use crate::{Error, Result, Tensor};
+
+/// The loss kernel family of a [`Backend`](crate::backend::Backend).
+pub trait LossKernels {
+    /// `(mean CE over rows whose target ≠ ignore_index (rank 0), d logits [N, V])` for
+    /// `logits [N, V]`, `targets [N]` i32; a target outside `0..V` (other than
+    /// `ignore_index`) is an [`Error::IndexOutOfRange`].
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+    ) -> Result<(Tensor, Tensor)>;
+}
 
 /// The PyTorch default ignore index: rows whose target equals it contribute nothing.
 pub const IGNORE_INDEX: i32 = -100;
@@ -18,7 +30,7 @@ impl Tensor {
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i32) -> Result<(Tensor, Tensor)> {
         const OP: &str = "cross_entropy";
         self.same_device(OP, targets)?;
-        let (n, v) = self.dims2().map_err(|_| self.rank_error(OP, "logits", 2))?;
+        let (n, _) = self.dims2().map_err(|_| self.rank_error(OP, "logits", 2))?;
         if targets.dims() != [n] {
             return Err(Error::ShapeMismatch {
                 op: OP,
@@ -27,36 +39,6 @@ impl Tensor {
                 rule: "targets must be [N] for logits [N, V]",
             });
         }
-        let t = targets.cpu_i32(OP, "targets")?;
-        let mut valid = 0usize;
-        for (position, &ti) in t.iter().enumerate() {
-            if ti == ignore_index {
-                continue;
-            }
-            if ti < 0 || ti as usize >= v {
-                return Err(Error::IndexOutOfRange {
-                    op: OP,
-                    index: ti as i64,
-                    position,
-                    bound: v,
-                });
-            }
-            valid += 1;
-        }
-        let scale = if valid == 0 { 0.0 } else { 1.0 / valid as f64 };
-        let x = self.cpu_f32(OP, "logits")?;
-        let target = |r: usize| {
-            if t[r] == ignore_index {
-                None
-            } else {
-                Some(t[r] as usize)
-            }
-        };
-        let (losses, grad) = kernel::cross_entropy(&x, v, target, scale);
-        let loss = losses.iter().sum::<f64>() * scale;
-        Ok((
-            Tensor::cpu_f32_from(vec![loss as f32], Shape::from(Vec::new())),
-            Tensor::cpu_f32_from(grad, [n, v]),
-        ))
+        self.backend().cross_entropy(self, targets, ignore_index)
     }
 }

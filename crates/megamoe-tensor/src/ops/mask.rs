@@ -2,29 +2,18 @@
 //! `0/1` tensors of the input's shape, for elementwise mixing (FlexiDepth `g > τ`) and
 //! padding masks (`targets == ignore_index`). Masks carry no gradient.
 
-use crate::cpu::mask as kernel;
 use crate::{Result, Tensor};
 
 impl Tensor {
     /// `1.0` where `self > thr`, else `0.0` (NaN → 0). Any float or i32 input; f32 result.
     pub fn gt_scalar(&self, thr: f32) -> Result<Tensor> {
-        let x = self.to_dtype(crate::DType::F32)?;
-        let v = x.cpu_f32("gt_scalar", "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::gt_scalar(&v, thr),
-            self.shape(),
-        ))
+        self.backend().gt_scalar(self, thr)
     }
 
     /// `1.0` where `self == value`, else `0.0`. Any float or i32 input (i32 compared exactly
     /// for |value| < 2^24); f32 result.
     pub fn eq_scalar(&self, value: f32) -> Result<Tensor> {
-        let x = self.to_dtype(crate::DType::F32)?;
-        let v = x.cpu_f32("eq_scalar", "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::eq_scalar(&v, value),
-            self.shape(),
-        ))
+        self.backend().eq_scalar(self, value)
     }
 }
 

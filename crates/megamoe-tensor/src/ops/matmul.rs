@@ -6,9 +6,60 @@
 //! Transposes are flags, not copies: `trans_a` means `a` is stored `[K, M]` and used as its
 //! transpose. All products are f32 (bf16 operands are widened first).
 
-use crate::cpu::matmul::{self as kernel, Operand};
 use crate::ops::groups::RowGroups;
 use crate::{Error, Result, Tensor};
+
+/// The GEMM kernel family of a [`Backend`](crate::backend::Backend); shapes as in the
+/// matching [`Tensor`] ops, validated by them. `beta` scales the existing output of an
+/// `_acc` kernel before the product is added (`0` overwrites, whatever was there).
+pub trait MatmulKernels {
+    /// `op(a) · op(b)`, `[M, N]` f32.
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor>;
+    /// In place `out ← beta · out + op(a) · op(b)`.
+    fn matmul_acc(
+        &self,
+        out: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        trans_a: bool,
+        trans_b: bool,
+        beta: f32,
+    ) -> Result<()>;
+    /// Batched `op(a[i]) · op(b[i])` for `a [B, ., .]` and `b [B, ., .]` or rank-2 `b`
+    /// shared by every batch entry: `[B, M, N]`.
+    fn bmm(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor>;
+    /// Rows of group `g` of `x [R, K]` times `op(w[g])` (`w [G, ., .]`); rows in no group
+    /// are 0: `[R, N]`.
+    fn grouped_matmul(
+        &self,
+        x: &Tensor,
+        groups: &RowGroups,
+        w: &Tensor,
+        trans_w: bool,
+    ) -> Result<Tensor>;
+    /// In place `out ← beta · out + grouped_matmul(x, groups, w, trans_w)` on the groups'
+    /// rows (rows in no group untouched).
+    fn grouped_matmul_acc(
+        &self,
+        out: &mut Tensor,
+        x: &Tensor,
+        groups: &RowGroups,
+        w: &Tensor,
+        trans_w: bool,
+        beta: f32,
+    ) -> Result<()>;
+    /// `dw[g] = dy[rows of g]ᵀ · x[rows of g]`: `[G, N, K]`.
+    fn grouped_matmul_wgrad(&self, dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor>;
+    /// In place `out ← beta · out + grouped_matmul_wgrad(dy, x, groups)`.
+    fn grouped_matmul_wgrad_acc(
+        &self,
+        out: &mut Tensor,
+        dy: &Tensor,
+        x: &Tensor,
+        groups: &RowGroups,
+        beta: f32,
+    ) -> Result<()>;
+}
 
 /// Logical `(rows, cols)` of a rank-2 operand stored `[d0, d1]`, transposed if `trans`.
 fn logical(op: &'static str, arg: &'static str, t: &Tensor, trans: bool) -> Result<(usize, usize)> {
@@ -37,31 +88,12 @@ impl Tensor {
     pub fn matmul(&self, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
         const OP: &str = "matmul";
         self.same_device(OP, b)?;
-        let (m, k) = logical(OP, "a", self, trans_a)?;
-        let (k2, n) = logical(OP, "b", b, trans_b)?;
+        let (_, k) = logical(OP, "a", self, trans_a)?;
+        let (k2, _) = logical(OP, "b", b, trans_b)?;
         if k != k2 {
             return Err(inner_mismatch(OP, self, b));
         }
-        let ad = self.cpu_f32(OP, "a")?;
-        let bd = b.cpu_f32(OP, "b")?;
-        let mut out = vec![0.0f32; m * n];
-        kernel::gemm_into(
-            &mut out,
-            m,
-            n,
-            k,
-            Operand {
-                data: &ad,
-                trans: trans_a,
-            },
-            Operand {
-                data: &bd,
-                trans: trans_b,
-            },
-            None,
-            true,
-        );
-        Ok(Tensor::cpu_f32_from(out, [m, n]))
+        self.backend().matmul(self, b, trans_a, trans_b)
     }
 
     /// In place: `self ← beta·self + op(a)·op(b)` (`self` is `[M, N]`). `beta = 1` accumulates
@@ -91,27 +123,8 @@ impl Tensor {
                 rule: "out must be [M, N] of op(a)·op(b)",
             });
         }
-        let ad = a.cpu_f32(OP, "a")?;
-        let bd = b.cpu_f32(OP, "b")?;
-        let out = self.cpu_f32_mut(OP)?;
-        let beta = if beta == 0.0 { None } else { Some(beta) };
-        kernel::gemm_into(
-            out,
-            m,
-            n,
-            k,
-            Operand {
-                data: &ad,
-                trans: trans_a,
-            },
-            Operand {
-                data: &bd,
-                trans: trans_b,
-            },
-            beta,
-            true,
-        );
-        Ok(())
+        self.backend()
+            .matmul_acc(self, a, b, trans_a, trans_b, beta)
     }
 
     /// Batched product: `a [B, M, K]` (stored `[B, K, M]` if `trans_a`) times `b [B, K, N]`
@@ -124,10 +137,10 @@ impl Tensor {
             &[bb, x, y] => (bb, x, y),
             _ => return Err(self.rank_error(OP, "a", 3)),
         };
-        let (m, k) = if trans_a { (a1, a0) } else { (a0, a1) };
-        let (b_shared, b0, b1) = match *b.dims() {
-            [bb, x, y] if bb == batch => (false, x, y),
-            [x, y] => (true, x, y),
+        let (_, k) = if trans_a { (a1, a0) } else { (a0, a1) };
+        let (b0, b1) = match *b.dims() {
+            [bb, x, y] if bb == batch => (x, y),
+            [x, y] => (x, y),
             _ => {
                 return Err(Error::ShapeMismatch {
                     op: OP,
@@ -137,28 +150,11 @@ impl Tensor {
                 })
             }
         };
-        let (k2, n) = if trans_b { (b1, b0) } else { (b0, b1) };
+        let k2 = if trans_b { b1 } else { b0 };
         if k != k2 {
             return Err(inner_mismatch(OP, self, b));
         }
-        let ad = self.cpu_f32(OP, "a")?;
-        let bd = b.cpu_f32(OP, "b")?;
-        let out = kernel::bmm(
-            batch,
-            m,
-            n,
-            k,
-            Operand {
-                data: &ad,
-                trans: trans_a,
-            },
-            Operand {
-                data: &bd,
-                trans: trans_b,
-            },
-            b_shared,
-        );
-        Ok(Tensor::cpu_f32_from(out, [batch, m, n]))
+        self.backend().bmm(self, b, trans_a, trans_b)
     }
 
     /// Grouped GEMM: `self` is `x [R, K]` whose rows are cut into the row `groups` (device
@@ -171,13 +167,8 @@ impl Tensor {
     /// `grouped_matmul(dy, groups, w, false)`.
     pub fn grouped_matmul(&self, groups: &RowGroups, w: &Tensor, trans_w: bool) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
-        let (rows, n, k) = grouped_dims(OP, self, groups, w, trans_w)?;
-        let spans = groups.cpu_spans(OP, rows)?;
-        let xd = self.cpu_f32(OP, "x")?;
-        let wd = w.cpu_f32(OP, "w")?;
-        let mut out = vec![0.0f32; rows * n];
-        kernel::grouped_into(&mut out, &xd, &spans, &wd, trans_w, n, k, None);
-        Ok(Tensor::cpu_f32_from(out, [rows, n]))
+        grouped_dims(OP, self, groups, w, trans_w)?;
+        self.backend().grouped_matmul(self, groups, w, trans_w)
     }
 
     /// In place: `self ← beta·self + grouped_matmul(x, groups, w, trans_w)`, `self` being
@@ -195,15 +186,10 @@ impl Tensor {
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_acc";
         self.same_device(OP, x)?;
-        let (rows, n, k) = grouped_dims(OP, x, groups, w, trans_w)?;
+        let (rows, n, _) = grouped_dims(OP, x, groups, w, trans_w)?;
         check_out(OP, self, &[rows, n])?;
-        let spans = groups.cpu_spans(OP, rows)?;
-        let xd = x.cpu_f32(OP, "x")?;
-        let wd = w.cpu_f32(OP, "w")?;
-        let out = self.cpu_f32_mut(OP)?;
-        let beta = if beta == 0.0 { None } else { Some(beta) };
-        kernel::grouped_into(out, &xd, &spans, &wd, trans_w, n, k, beta);
-        Ok(())
+        self.backend()
+            .grouped_matmul_acc(self, x, groups, w, trans_w, beta)
     }
 
     /// Weight gradient of [`Tensor::grouped_matmul`] with `trans_w = true`:
@@ -212,13 +198,8 @@ impl Tensor {
     /// call `grouped_matmul_wgrad(x, dy, groups)`, which gives `[G, K, N]`.)
     pub fn grouped_matmul_wgrad(dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
         const OP: &str = "grouped_matmul_wgrad";
-        let (rows, n, k) = wgrad_dims(OP, dy, x, groups)?;
-        let spans = groups.cpu_spans(OP, rows)?;
-        let dyd = dy.cpu_f32(OP, "dy")?;
-        let xd = x.cpu_f32(OP, "x")?;
-        let mut out = vec![0.0f32; spans.len() * n * k];
-        kernel::grouped_wgrad_into(&mut out, &dyd, &xd, &spans, n, k, None);
-        Ok(Tensor::cpu_f32_from(out, [spans.len(), n, k]))
+        wgrad_dims(OP, dy, x, groups)?;
+        dy.backend().grouped_matmul_wgrad(dy, x, groups)
     }
 
     /// In place: `self[g] ← beta·self[g] + dy_gᵀ x_g` for `self [G, N, K]` — the
@@ -235,15 +216,10 @@ impl Tensor {
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_wgrad_acc";
         self.same_device(OP, dy)?;
-        let (rows, n, k) = wgrad_dims(OP, dy, x, groups)?;
+        let (_, n, k) = wgrad_dims(OP, dy, x, groups)?;
         check_out(OP, self, &[groups.len(), n, k])?;
-        let spans = groups.cpu_spans(OP, rows)?;
-        let dyd = dy.cpu_f32(OP, "dy")?;
-        let xd = x.cpu_f32(OP, "x")?;
-        let out = self.cpu_f32_mut(OP)?;
-        let beta = if beta == 0.0 { None } else { Some(beta) };
-        kernel::grouped_wgrad_into(out, &dyd, &xd, &spans, n, k, beta);
-        Ok(())
+        self.backend()
+            .grouped_matmul_wgrad_acc(self, dy, x, groups, beta)
     }
 }
 

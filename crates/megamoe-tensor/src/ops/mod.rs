@@ -1,16 +1,20 @@
 //! Ops on [`Tensor`](crate::Tensor), one file per family. Each op validates shapes, dtypes
-//! and devices (typed errors naming the op), then dispatches on the storage to the backend
-//! kernel in `cpu/<family>.rs` (and, with feature `cuda`, `cuda/<family>.rs`).
+//! and devices (typed errors naming the op), then calls its kernel on the tensor's backend
+//! (`self.backend().<kernel>(..)`); each file also defines its family's kernel trait (see
+//! [`crate::backend`]).
 //!
 //! # Adding an op family (e.g. the MoE engineer's `routing`)
-//! 1. `src/ops/<family>.rs`: an `impl Tensor { .. }` block (or free functions) with the
-//!    validated ops, documented with shapes;
-//! 2. `src/cpu/<family>.rs`: slice kernels, deterministic across thread counts (fixed
-//!    pieces, fixed summation order; see `cpu/mod.rs`);
-//! 3. append `pub mod <family>;` below and `pub(crate) mod <family>;` in `cpu/mod.rs`.
+//! 1. `src/ops/<family>.rs`: a `<Family>Kernels` trait and an `impl Tensor { .. }` block
+//!    with the validated ops, documented with shapes, each calling its kernel;
+//! 2. add the trait to the `Backend` supertrait in `backend.rs`;
+//! 3. `src/cpu/<family>.rs`: slice kernels, deterministic across thread counts (fixed
+//!    pieces, fixed summation order; see `cpu/mod.rs`), and `src/cpu/backend/<family>.rs`:
+//!    `impl <Family>Kernels for CpuBackend`;
+//! 4. append `pub mod <family>;` below and the `mod` lines in `cpu/mod.rs`,
+//!    `cpu/backend/mod.rs`.
 //!
-//! Ops read element data only through `Tensor::cpu_f32`/`cpu_i32` (crate-private) and never
-//! through the host-read API, so they stay valid when storage is on a device.
+//! Ops never read element data: only the backends do (the CPU one through the
+//! crate-private `Tensor::cpu_f32`/`cpu_i32`), so ops stay valid on a device.
 
 pub mod capacity;
 pub mod elementwise;

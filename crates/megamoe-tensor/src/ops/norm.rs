@@ -4,8 +4,24 @@
 //! `y = x · rstd · w` with `rstd = 1/√(mean_j x_j² + ε)` per row (Zhang & Sennrich 2019).
 //! Forward saves `rstd [N]`; both backward halves take it back.
 
-use crate::cpu::norm as kernel;
 use crate::{Error, Result, Tensor};
+
+/// The RMSNorm kernel family of a [`Backend`](crate::backend::Backend); `x [.., H]`,
+/// `w [H]`, `rstd [rows]` as in [`Tensor::rms_norm`].
+pub trait NormKernels {
+    /// `(y = x · rstd · w, rstd)`.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)>;
+    /// `dx` from `dy`, `x`, `w`, `rstd`.
+    fn rms_norm_backward_input(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+    ) -> Result<Tensor>;
+    /// `dw [H]` from `dy`, `x`, `rstd`.
+    fn rms_norm_backward_weight(&self, dy: &Tensor, x: &Tensor, rstd: &Tensor) -> Result<Tensor>;
+}
 
 /// Checks `x [.., H]`, `w [H]`; returns (H, rows).
 fn dims(op: &'static str, x: &Tensor, w_len: Option<&Tensor>) -> Result<(usize, usize)> {
@@ -41,14 +57,8 @@ impl Tensor {
     /// number of rows. `eps` is added to the mean square (typ. 1e-5 or 1e-6).
     pub fn rms_norm(&self, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         const OP: &str = "rms_norm";
-        let (h, rows) = dims(OP, self, Some(w))?;
-        let x = self.cpu_f32(OP, "x")?;
-        let wd = w.cpu_f32(OP, "w")?;
-        let (y, rstd) = kernel::rms_norm(&x, &wd, h, eps);
-        Ok((
-            Tensor::cpu_f32_from(y, self.shape()),
-            Tensor::cpu_f32_from(rstd, [rows]),
-        ))
+        dims(OP, self, Some(w))?;
+        self.backend().rms_norm(self, w, eps)
     }
 
     /// Input gradient of RMSNorm, written fresh: `dx = rstd·(g − x̂·mean(g⊙x̂))` with
@@ -56,18 +66,9 @@ impl Tensor {
     pub fn rms_norm_backward_input(&self, x: &Tensor, w: &Tensor, rstd: &Tensor) -> Result<Tensor> {
         const OP: &str = "rms_norm_backward_input";
         self.same_shape(OP, x)?;
-        let (h, rows) = dims(OP, x, Some(w))?;
+        let (_, rows) = dims(OP, x, Some(w))?;
         check_rstd(OP, rstd, rows)?;
-        let (dy, xd, wd, rs) = (
-            self.cpu_f32(OP, "dy")?,
-            x.cpu_f32(OP, "x")?,
-            w.cpu_f32(OP, "w")?,
-            rstd.cpu_f32(OP, "rstd")?,
-        );
-        Ok(Tensor::cpu_f32_from(
-            kernel::rms_norm_backward_input(&dy, &xd, &wd, &rs, h),
-            x.shape(),
-        ))
+        self.backend().rms_norm_backward_input(self, x, w, rstd)
     }
 
     /// Weight gradient of RMSNorm, written fresh: `dw[j] = Σ_n dy[n,j]·x[n,j]·rstd[n]`
@@ -75,16 +76,8 @@ impl Tensor {
     pub fn rms_norm_backward_weight(&self, x: &Tensor, rstd: &Tensor) -> Result<Tensor> {
         const OP: &str = "rms_norm_backward_weight";
         self.same_shape(OP, x)?;
-        let (h, rows) = dims(OP, x, None)?;
+        let (_, rows) = dims(OP, x, None)?;
         check_rstd(OP, rstd, rows)?;
-        let (dy, xd, rs) = (
-            self.cpu_f32(OP, "dy")?,
-            x.cpu_f32(OP, "x")?,
-            rstd.cpu_f32(OP, "rstd")?,
-        );
-        Ok(Tensor::cpu_f32_from(
-            kernel::rms_norm_backward_weight(&dy, &xd, &rs, h),
-            [h],
-        ))
+        self.backend().rms_norm_backward_weight(self, x, rstd)
     }
 }

@@ -1,7 +1,21 @@
 //! Fused optimizer ops: one pass over a parameter and its state per update, in place.
 
-use crate::cpu::optim as kernel;
 use crate::{Result, Tensor};
+
+/// The fused-optimizer kernel family of a [`Backend`](crate::backend::Backend).
+pub trait OptimKernels {
+    /// One AdamW update of `param` and its moments `m`, `v` from `grad` (equal shapes), in
+    /// place, with hyper-parameters `h` (see [`Tensor::adamw_step`] for the formula; the
+    /// CPU backend rounds the step constants to f32 exactly as the unfused ops would).
+    fn adamw(
+        &self,
+        param: &mut Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        grad: &Tensor,
+        h: &AdamWStep,
+    ) -> Result<()>;
+}
 
 /// Scalars of one AdamW step (PyTorch `torch.optim.AdamW` order; see [`Tensor::adamw_step`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,23 +59,6 @@ impl Tensor {
         self.same_shape(OP, grad)?;
         exp_avg.same_shape(OP, grad)?;
         exp_avg_sq.same_shape(OP, grad)?;
-        // t = 0 is treated as 1, as `adamw_update` always did.
-        let t = h.t.clamp(1, i32::MAX as u64) as i32;
-        let consts = kernel::AdamWConsts {
-            beta1: h.beta1 as f32,
-            one_minus_beta1: (1.0 - h.beta1) as f32,
-            beta2: h.beta2 as f32,
-            one_minus_beta2: (1.0 - h.beta2) as f32,
-            inv_bc2: (1.0 / (1.0 - h.beta2.powi(t))) as f32,
-            eps: h.eps as f32,
-            decay: (h.weight_decay != 0.0).then_some((1.0 - h.lr * h.weight_decay) as f32),
-            step: (-h.lr / (1.0 - h.beta1.powi(t))) as f32,
-        };
-        let g = grad.cpu_f32(OP, "grad")?;
-        let m = exp_avg.cpu_f32_mut(OP)?;
-        let v = exp_avg_sq.cpu_f32_mut(OP)?;
-        let p = self.cpu_f32_mut(OP)?;
-        kernel::adamw(p, m, v, &g, &consts);
-        Ok(())
+        self.backend().adamw(self, exp_avg, exp_avg_sq, grad, h)
     }
 }

@@ -5,8 +5,24 @@
 
 use std::ops::Range;
 
-use crate::cpu::rng as kernel;
 use crate::{Device, Error, Result, Shape, Tensor};
+
+/// The named-initialisation kernel family of a [`Backend`](crate::backend::Backend).
+pub trait RngKernels {
+    /// Elements `range` of dimension `dim` of the tensor of `global_shape` whose element
+    /// `i` (global row-major index) is drawn from `dist` by the counter RNG keyed by
+    /// `(seed, name)`; f32 on this backend's device. `range` lies within the dimension
+    /// (checked by the caller).
+    fn rand_named_slice(
+        &self,
+        seed: u64,
+        name: &str,
+        global_shape: &Shape,
+        dim: usize,
+        range: Range<usize>,
+        dist: InitDist,
+    ) -> Result<Tensor>;
+}
 
 /// What each element is drawn from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,8 +98,8 @@ impl Tensor {
         device: Device,
     ) -> Result<Tensor> {
         const OP: &str = "rand_named_slice";
-        device.check_available()?;
-        let (outer, size, inner) = if global_shape.rank() == 0 {
+        let backend = crate::backend::backend_for(device)?;
+        let (_, size, _) = if global_shape.rank() == 0 {
             (1, 1, 1)
         } else {
             global_shape.split_at_dim(OP, dim)?
@@ -96,25 +112,6 @@ impl Tensor {
                 rule: "must lie within 0..size of dimension dim",
             });
         }
-        let len = range.end - range.start;
-        let key = kernel::key(seed, name);
-        let global = |o: usize| {
-            let (a, rest) = (o / (len * inner), o % (len * inner));
-            (a * size * inner + range.start * inner + rest) as u64
-        };
-        let n = outer * len * inner;
-        let data = match dist {
-            InitDist::Normal { std } => {
-                kernel::fill(n, global, |i| (kernel::normal(key, i) * std as f64) as f32)
-            }
-            InitDist::Uniform { lo, hi } => kernel::fill(n, global, |i| {
-                (lo as f64 + (hi as f64 - lo as f64) * kernel::uniform(key, i)) as f32
-            }),
-        };
-        let mut shape = global_shape.to_vec();
-        if let Some(s) = shape.get_mut(dim) {
-            *s = len;
-        }
-        Ok(Tensor::cpu_f32_from(data, shape))
+        backend.rand_named_slice(seed, name, global_shape, dim, range, dist)
     }
 }

@@ -4,8 +4,14 @@
 //! `y_i = x_i cos − x_{i+D/2} sin`, `y_{i+D/2} = x_{i+D/2} cos + x_i sin`.
 //! Positions are `0..T` within each sequence. Backward is the rotation by the negative angle.
 
-use crate::cpu::rope as kernel;
 use crate::{Error, Result, Tensor};
+
+/// The RoPE kernel family of a [`Backend`](crate::backend::Backend).
+pub trait RopeKernels {
+    /// `x [B, T, nH, D]` rotated by `sign · t · θ^(−2i/D)` per pair (sign `1.0` forward,
+    /// `-1.0` backward).
+    fn rope(&self, x: &Tensor, theta: f32, sign: f32) -> Result<Tensor>;
+}
 
 fn check(op: &'static str, x: &Tensor, theta: f32) -> Result<(usize, usize, usize)> {
     let (_, t, nh, d) = x.dims4().map_err(|_| x.rank_error(op, "x", 4))?;
@@ -33,23 +39,15 @@ impl Tensor {
     /// (e.g. 10000). Returns a fresh tensor of the same shape.
     pub fn rope(&self, theta: f32) -> Result<Tensor> {
         const OP: &str = "rope";
-        let (t, nh, d) = check(OP, self, theta)?;
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::rope(&x, t, nh, d, theta, 1.0),
-            self.shape(),
-        ))
+        check(OP, self, theta)?;
+        self.backend().rope(self, theta, 1.0)
     }
 
     /// Backward of [`Tensor::rope`]: `self` is `dy [B, T, NH, D]`; returns `dx` (rotation by
     /// the negative angle), written fresh.
     pub fn rope_backward(&self, theta: f32) -> Result<Tensor> {
         const OP: &str = "rope_backward";
-        let (t, nh, d) = check(OP, self, theta)?;
-        let x = self.cpu_f32(OP, "dy")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::rope(&x, t, nh, d, theta, -1.0),
-            self.shape(),
-        ))
+        check(OP, self, theta)?;
+        self.backend().rope(self, theta, -1.0)
     }
 }

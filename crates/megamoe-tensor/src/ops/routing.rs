@@ -7,8 +7,67 @@
 //! its pool slot, real experts are `< E`, null slots `≥ E`. Masks are f32 `1.0`/`0.0`.
 //! All outputs are deterministic and independent of the rayon thread count.
 
-use crate::cpu::routing as kernel;
 use crate::{Error, Result, Tensor};
+
+/// The routing kernel family of a [`Backend`](crate::backend::Backend): the router's
+/// selection helpers, capacity, expert sort and group padding (semantics and shapes as
+/// the matching [`Tensor`] ops, validated by them; ids out of range and counts that do not
+/// fit the declared bound are the backend's to report).
+pub trait RoutingKernels {
+    /// See [`Tensor::group_limited_mask`].
+    fn group_limited_mask(
+        &self,
+        sel: &Tensor,
+        n_groups: usize,
+        topk_groups: usize,
+    ) -> Result<Tensor>;
+    /// See [`Tensor::expand_null_slots`].
+    fn expand_null_slots(&self, z: &Tensor, z_null: &Tensor, n_null: usize) -> Result<Tensor>;
+    /// See [`Tensor::reduce_null_slots`].
+    fn reduce_null_slots(&self, d_pool: &Tensor, n_real: usize) -> Result<(Tensor, Tensor)>;
+    /// See [`Tensor::real_slot_mask`].
+    fn real_slot_mask(&self, idx: &Tensor, n_real: usize) -> Result<Tensor>;
+    /// See [`Tensor::normalize_rows`].
+    fn normalize_rows(&self, g: &Tensor, eps: f32) -> Result<Tensor>;
+    /// See [`Tensor::normalize_rows_backward`].
+    fn normalize_rows_backward(&self, g: &Tensor, d_n: &Tensor, eps: f32) -> Result<Tensor>;
+    /// See [`Tensor::capacity_keep`].
+    fn capacity_keep(
+        &self,
+        idx: &Tensor,
+        gates: &Tensor,
+        n_real: usize,
+        capacity: Option<usize>,
+        order: KeepOrder,
+    ) -> Result<Tensor>;
+    /// See [`Tensor::slot_counts`].
+    fn slot_counts(
+        &self,
+        idx: &Tensor,
+        keep: Option<&Tensor>,
+        n_slots: usize,
+        seg_tokens: usize,
+    ) -> Result<Tensor>;
+    /// See [`Tensor::sort_by_expert`] (a data-dependent output size: the dynamic path).
+    fn sort_by_expert(
+        &self,
+        idx: &Tensor,
+        keep: &Tensor,
+        n_real: usize,
+    ) -> Result<ExpertPermutation>;
+    /// See [`Tensor::pad_groups`].
+    fn pad_groups(&self, x: &Tensor, counts: &Tensor, capacity: usize) -> Result<Tensor>;
+    /// See [`Tensor::unpad_groups`].
+    fn unpad_groups(
+        &self,
+        x: &Tensor,
+        counts: &Tensor,
+        capacity: usize,
+        rows: usize,
+    ) -> Result<Tensor>;
+    /// See [`Tensor::expert_bias_step`].
+    fn expert_bias_step(&self, counts: &Tensor, rate: f32, centre: bool) -> Result<Tensor>;
+}
 
 /// Which assignments survive when an expert receives more than its capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,22 +109,8 @@ fn invalid(op: &'static str, arg: &'static str, value: usize, rule: &'static str
 }
 
 /// Checks `idx [T, k]` holds slots in `0..bound`; returns `(T, k)`.
-fn check_slots(op: &'static str, idx: &Tensor, bound: usize) -> Result<(usize, usize)> {
-    let (t, k) = idx.dims2().map_err(|_| idx.rank_error(op, "idx", 2))?;
-    let ids = idx.cpu_i32(op, "idx")?;
-    if let Some((position, &index)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, &i)| i < 0 || i as usize >= bound)
-    {
-        return Err(Error::IndexOutOfRange {
-            op,
-            index: index as i64,
-            position,
-            bound,
-        });
-    }
-    Ok((t, k))
+fn check_slots(op: &'static str, idx: &Tensor) -> Result<(usize, usize)> {
+    idx.dims2().map_err(|_| idx.rank_error(op, "idx", 2))
 }
 
 impl Tensor {
@@ -92,11 +137,8 @@ impl Tensor {
                 "must be in 1..=n_groups",
             ));
         }
-        let s = self.cpu_f32(OP, "sel")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::group_limited_mask(&s, e, n_groups, topk_groups),
-            self.shape(),
-        ))
+        self.backend()
+            .group_limited_mask(self, n_groups, topk_groups)
     }
 
     /// Null-slot pool logits: `self` is real logits `[T, E]`, `z_null [T, 1]` the null logit;
@@ -104,7 +146,7 @@ impl Tensor {
     pub fn expand_null_slots(&self, z_null: &Tensor, n_null: usize) -> Result<Tensor> {
         const OP: &str = "expand_null_slots";
         self.same_device(OP, z_null)?;
-        let (t, e) = self.dims2().map_err(|_| self.rank_error(OP, "z", 2))?;
+        let (t, _) = self.dims2().map_err(|_| self.rank_error(OP, "z", 2))?;
         if z_null.dims() != [t, 1] {
             return Err(shape_err(
                 OP,
@@ -113,28 +155,18 @@ impl Tensor {
                 "z_null must be [T, 1] for z [T, E]",
             ));
         }
-        let z = self.cpu_f32(OP, "z")?;
-        let zn = z_null.cpu_f32(OP, "z_null")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::expand_null_slots(&z, e, &zn, n_null),
-            [t, e + n_null],
-        ))
+        self.backend().expand_null_slots(self, z_null, n_null)
     }
 
     /// Backward of [`Tensor::expand_null_slots`]: `self` is `d_pool [T, E + n_null]`; returns
     /// (`d_z [T, E]`, `d_null [T, 1]` = sum over the null columns).
     pub fn reduce_null_slots(&self, n_real: usize) -> Result<(Tensor, Tensor)> {
         const OP: &str = "reduce_null_slots";
-        let (t, w) = self.dims2().map_err(|_| self.rank_error(OP, "d_pool", 2))?;
+        let (_, w) = self.dims2().map_err(|_| self.rank_error(OP, "d_pool", 2))?;
         if n_real > w {
             return Err(invalid(OP, "n_real", n_real, "must be <= the pool width"));
         }
-        let d = self.cpu_f32(OP, "d_pool")?;
-        let (dz, dn) = kernel::reduce_null_slots(&d, n_real, w);
-        Ok((
-            Tensor::cpu_f32_from(dz, [t, n_real]),
-            Tensor::cpu_f32_from(dn, [t, 1]),
-        ))
+        self.backend().reduce_null_slots(self, n_real)
     }
 
     /// `self` is `idx [T, k]` (i32 pool slots); result `[T, k]` f32: 1 where the slot is a
@@ -142,22 +174,14 @@ impl Tensor {
     pub fn real_slot_mask(&self, n_real: usize) -> Result<Tensor> {
         const OP: &str = "real_slot_mask";
         self.dims2().map_err(|_| self.rank_error(OP, "idx", 2))?;
-        let ids = self.cpu_i32(OP, "idx")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::real_slot_mask(ids, n_real),
-            self.shape(),
-        ))
+        self.backend().real_slot_mask(self, n_real)
     }
 
     /// Row normalisation of gates `g [T, k]`: `g / (Σ_row g + eps)` (sum in f64).
     pub fn normalize_rows(&self, eps: f32) -> Result<Tensor> {
         const OP: &str = "normalize_rows";
-        let (_, k) = self.dims2().map_err(|_| self.rank_error(OP, "g", 2))?;
-        let g = self.cpu_f32(OP, "g")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::normalize_rows(&g, k, eps),
-            self.shape(),
-        ))
+        self.dims2().map_err(|_| self.rank_error(OP, "g", 2))?;
+        self.backend().normalize_rows(self, eps)
     }
 
     /// Backward of [`Tensor::normalize_rows`]; `self` is the INPUT `g`. With
@@ -165,13 +189,8 @@ impl Tensor {
     pub fn normalize_rows_backward(&self, d_n: &Tensor, eps: f32) -> Result<Tensor> {
         const OP: &str = "normalize_rows_backward";
         self.same_shape(OP, d_n)?;
-        let (_, k) = self.dims2().map_err(|_| self.rank_error(OP, "g", 2))?;
-        let g = self.cpu_f32(OP, "g")?;
-        let dn = d_n.cpu_f32(OP, "d_n")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::normalize_rows_backward(&g, &dn, k, eps),
-            self.shape(),
-        ))
+        self.dims2().map_err(|_| self.rank_error(OP, "g", 2))?;
+        self.backend().normalize_rows_backward(self, d_n, eps)
     }
 
     /// Capacity selection: `self` is `idx [T, k]` (pool slots), `gates [T, k]` their gates.
@@ -187,7 +206,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         const OP: &str = "capacity_keep";
         self.same_device(OP, gates)?;
-        check_slots(OP, self, i32::MAX as usize)?;
+        check_slots(OP, self)?;
         if gates.dims() != self.dims() {
             return Err(shape_err(
                 OP,
@@ -196,12 +215,8 @@ impl Tensor {
                 "gates must have idx's shape [T, k]",
             ));
         }
-        let ids = self.cpu_i32(OP, "idx")?;
-        let g = gates.cpu_f32(OP, "gates")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::capacity_keep(ids, &g, n_real, capacity, order == KeepOrder::HighestGate),
-            self.shape(),
-        ))
+        self.backend()
+            .capacity_keep(self, gates, n_real, capacity, order)
     }
 
     /// Slot counts per segment: `self` is `idx [T, k]` (slots `< n_slots`); `keep [T, k]`
@@ -215,7 +230,7 @@ impl Tensor {
         seg_tokens: usize,
     ) -> Result<Tensor> {
         const OP: &str = "slot_counts";
-        let (t, k) = check_slots(OP, self, n_slots)?;
+        let (t, _) = check_slots(OP, self)?;
         if seg_tokens == 0 || !t.is_multiple_of(seg_tokens) {
             return Err(invalid(
                 OP,
@@ -224,20 +239,13 @@ impl Tensor {
                 "must be >= 1 and divide T",
             ));
         }
-        let kd = match keep {
-            Some(w) => {
-                if w.dims() != self.dims() {
-                    return Err(shape_err(OP, self, w, "keep must have idx's shape [T, k]"));
-                }
-                Some(w.cpu_f32(OP, "keep")?)
+        if let Some(w) = keep {
+            if w.dims() != self.dims() {
+                return Err(shape_err(OP, self, w, "keep must have idx's shape [T, k]"));
             }
-            None => None,
-        };
-        let ids = self.cpu_i32(OP, "idx")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::slot_counts(ids, k, kd.as_deref(), n_slots, seg_tokens),
-            [t / seg_tokens, n_slots],
-        ))
+            self.same_device(OP, w)?;
+        }
+        self.backend().slot_counts(self, keep, n_slots, seg_tokens)
     }
 
     /// Stable permutation of the kept assignments by expert: `self` is `idx [T, k]`, `keep
@@ -245,7 +253,7 @@ impl Tensor {
     pub fn sort_by_expert(&self, keep: &Tensor, n_real: usize) -> Result<ExpertPermutation> {
         const OP: &str = "sort_by_expert";
         self.same_device(OP, keep)?;
-        let (_, k) = check_slots(OP, self, i32::MAX as usize)?;
+        check_slots(OP, self)?;
         if keep.dims() != self.dims() {
             return Err(shape_err(
                 OP,
@@ -254,15 +262,7 @@ impl Tensor {
                 "keep must have idx's shape [T, k]",
             ));
         }
-        let ids = self.cpu_i32(OP, "idx")?;
-        let kd = keep.cpu_f32(OP, "keep")?;
-        let (token, assignment, counts) = kernel::sort_by_expert(ids, k, &kd, n_real);
-        let r = token.len();
-        Ok(ExpertPermutation {
-            token: Tensor::cpu_i32_from(token, [r]),
-            assignment: Tensor::cpu_i32_from(assignment, [r]),
-            counts: Tensor::cpu_i32_from(counts, [n_real]),
-        })
+        self.backend().sort_by_expert(self, keep, n_real)
     }
 
     /// Fused dispatch pre-step: [`Tensor::sort_by_expert`] of `idx`/`keep` and the row gather
@@ -275,7 +275,7 @@ impl Tensor {
         n_real: usize,
     ) -> Result<(Tensor, ExpertPermutation)> {
         const OP: &str = "permute_by_expert";
-        let (t, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        let (t, _) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
         if idx.dim(0)? != t {
             return Err(shape_err(
                 OP,
@@ -285,11 +285,8 @@ impl Tensor {
             ));
         }
         let perm = idx.sort_by_expert(keep, n_real)?;
-        let x = self.cpu_f32(OP, "x")?;
-        let ids = perm.token.cpu_i32(OP, "token")?;
-        let rows = crate::cpu::index::gather_rows(&x, d, ids);
-        let r = ids.len();
-        Ok((Tensor::cpu_f32_from(rows, [r, d]), perm))
+        let rows = self.index_select(&perm.token)?;
+        Ok((rows, perm))
     }
 
     /// Static expert buffers: `self` is rows `[Σ counts, d]` grouped by expert, `counts [G]`
@@ -297,22 +294,8 @@ impl Tensor {
     /// `g·capacity ..` followed by zero pad rows.
     pub fn pad_groups(&self, counts: &Tensor, capacity: usize) -> Result<Tensor> {
         const OP: &str = "pad_groups";
-        let (r, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
-        let c = counts.cpu_i32(OP, "counts")?;
-        let total: usize = c.iter().map(|&v| v.max(0) as usize).sum();
-        if total != r || c.iter().any(|&v| v < 0 || v as usize > capacity) {
-            return Err(shape_err(
-                OP,
-                self,
-                counts,
-                "counts must be in 0..=capacity and sum to the rows of x",
-            ));
-        }
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::pad_groups(&x, d, c, capacity),
-            [c.len() * capacity, d],
-        ))
+        self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        self.backend().pad_groups(self, counts, capacity)
     }
 
     /// Inverse of [`Tensor::pad_groups`]: `self` is `[G · capacity, d]`; drops the pad rows.
@@ -321,25 +304,8 @@ impl Tensor {
     /// checks it.
     pub fn unpad_groups(&self, counts: &Tensor, capacity: usize, rows: usize) -> Result<Tensor> {
         const OP: &str = "unpad_groups";
-        let (r, d) = self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
-        let c = counts.cpu_i32(OP, "counts")?;
-        let total: usize = c.iter().map(|&v| v.max(0) as usize).sum();
-        if r != c.len() * capacity
-            || total != rows
-            || c.iter().any(|&v| v < 0 || v as usize > capacity)
-        {
-            return Err(shape_err(
-                OP,
-                self,
-                counts,
-                "x must be [G·capacity, d], counts in 0..=capacity summing to rows",
-            ));
-        }
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::unpad_groups(&x, d, c, capacity),
-            [rows, d],
-        ))
+        self.dims2().map_err(|_| self.rank_error(OP, "x", 2))?;
+        self.backend().unpad_groups(self, counts, capacity, rows)
     }
 
     /// Aux-loss-free balancing step (Loss-Free Balancing, arXiv 2408.15664): `self` is
@@ -349,10 +315,6 @@ impl Tensor {
     pub fn expert_bias_step(&self, rate: f32, centre: bool) -> Result<Tensor> {
         const OP: &str = "expert_bias_step";
         self.expect_rank(OP, "counts", 1)?;
-        let c = self.cpu_f32(OP, "counts")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::expert_bias_step(&c, rate, centre),
-            self.shape(),
-        ))
+        self.backend().expert_bias_step(self, rate, centre)
     }
 }

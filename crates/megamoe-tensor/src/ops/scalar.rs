@@ -2,8 +2,23 @@
 //! clipping, Muon and step statistics stay on the device (no host read of a norm or a
 //! count to compute the next op's argument).
 
-use crate::cpu::elementwise as kernel;
 use crate::{DType, Error, Result, Tensor};
+
+/// The device-scalar and mask kernel family of a [`Backend`](crate::backend::Backend).
+pub trait ScalarKernels {
+    /// `x · s` for a one-element float tensor `s`.
+    fn scale_by(&self, x: &Tensor, s: &Tensor) -> Result<Tensor>;
+    /// In place `x ← x · s` (`x` becomes f32).
+    fn scale_by_assign(&self, x: &mut Tensor, s: &Tensor) -> Result<()>;
+    /// `cond ≠ 0 ? on_true : on_false` elementwise (equal shapes), f32.
+    fn where_cond(&self, cond: &Tensor, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor>;
+    /// Wrapping i32 sum of equal-shaped i32 tensors.
+    fn add_i32(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// f32 `1` where `x > thr` (NaN false), else `0`; any dtype in.
+    fn gt_scalar(&self, x: &Tensor, thr: f32) -> Result<Tensor>;
+    /// f32 `1` where `x == value`, else `0`; any dtype in.
+    fn eq_scalar(&self, x: &Tensor, value: f32) -> Result<Tensor>;
+}
 
 /// Checks that `s` holds exactly one float element (a rank-0 or `[1]` tensor).
 fn check_scalar(op: &'static str, x: &Tensor, s: &Tensor) -> Result<()> {
@@ -25,12 +40,7 @@ impl Tensor {
     pub fn scale_by(&self, s: &Tensor) -> Result<Tensor> {
         const OP: &str = "scale_by";
         check_scalar(OP, self, s)?;
-        let x = self.cpu_f32(OP, "x")?;
-        let sv = s.cpu_f32(OP, "s")?[0];
-        Ok(Tensor::cpu_f32_from(
-            kernel::scale(&x, sv),
-            self.shape().clone(),
-        ))
+        self.backend().scale_by(self, s)
     }
 
     /// In place `self ← self · s` for a one-element f32 tensor `s`. Copy-on-write if the
@@ -38,9 +48,7 @@ impl Tensor {
     pub fn scale_by_assign(&mut self, s: &Tensor) -> Result<()> {
         const OP: &str = "scale_by_assign";
         check_scalar(OP, self, s)?;
-        let sv = s.cpu_f32(OP, "s")?[0];
-        kernel::scale_in_place(self.cpu_f32_mut(OP)?, sv);
-        Ok(())
+        self.backend().scale_by_assign(self, s)
     }
 
     /// Elementwise select: `self` is a condition (non-zero = true, e.g. a 0/1 mask from
@@ -50,13 +58,7 @@ impl Tensor {
         const OP: &str = "where_cond";
         self.same_shape(OP, on_true)?;
         self.same_shape(OP, on_false)?;
-        let c = self.cpu_f32(OP, "cond")?;
-        let a = on_true.cpu_f32(OP, "on_true")?;
-        let b = on_false.cpu_f32(OP, "on_false")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::select(&c, &a, &b),
-            self.shape().clone(),
-        ))
+        self.backend().where_cond(self, on_true, on_false)
     }
 
     /// Elementwise integer sum of two i32 tensors of equal shape (counts summed over
@@ -74,9 +76,6 @@ impl Tensor {
                 });
             }
         }
-        let a = self.cpu_i32(OP, "lhs")?;
-        let b = rhs.cpu_i32(OP, "rhs")?;
-        let out = a.iter().zip(b).map(|(x, y)| x.wrapping_add(*y)).collect();
-        Ok(Tensor::cpu_i32_from(out, self.shape().clone()))
+        self.backend().add_i32(self, rhs)
     }
 }

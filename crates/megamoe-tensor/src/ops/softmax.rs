@@ -1,8 +1,30 @@
 //! Softmax over the last dimension, its log form, the causal (attention) variant, and
 //! their backward passes.
 
-use crate::cpu::softmax as kernel;
 use crate::{Error, Result, Tensor};
+
+/// Which softmax ([`SoftmaxKernels`]); all over the last dimension `H`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SoftmaxKind {
+    /// `exp(x) / Σ exp(x)`.
+    Plain,
+    /// `x − log Σ exp(x)`.
+    Log,
+    /// Scores `[BH, T, T]`: `softmax(scale · x)` over keys `0..=t` of query row `t`, 0
+    /// beyond.
+    Causal {
+        /// The factor applied to the scores.
+        scale: f32,
+    },
+}
+
+/// The softmax kernel family of a [`Backend`](crate::backend::Backend).
+pub trait SoftmaxKernels {
+    /// `kind`-softmax of `x`, f32 of `x`'s shape.
+    fn softmax(&self, x: &Tensor, kind: SoftmaxKind) -> Result<Tensor>;
+    /// `dx` of `kind`-softmax from its output `y` and `dy` (equal shapes).
+    fn softmax_backward(&self, y: &Tensor, dy: &Tensor, kind: SoftmaxKind) -> Result<Tensor>;
+}
 
 fn last_dim(t: &Tensor, op: &'static str) -> Result<usize> {
     match t.dims().last() {
@@ -15,12 +37,8 @@ impl Tensor {
     /// `softmax` over the last dimension (any rank ≥ 1): `y = e^(x−max) / Σ e^(x−max)`.
     pub fn softmax(&self) -> Result<Tensor> {
         const OP: &str = "softmax";
-        let h = last_dim(self, OP)?;
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::softmax(&x, h, 1.0, |_| h),
-            self.shape(),
-        ))
+        last_dim(self, OP)?;
+        self.backend().softmax(self, SoftmaxKind::Plain)
     }
 
     /// Backward of [`Tensor::softmax`]: `self` is the output `y`; returns
@@ -28,50 +46,32 @@ impl Tensor {
     pub fn softmax_backward(&self, dy: &Tensor) -> Result<Tensor> {
         const OP: &str = "softmax_backward";
         self.same_shape(OP, dy)?;
-        let h = last_dim(self, OP)?;
-        let y = self.cpu_f32(OP, "y")?;
-        let d = dy.cpu_f32(OP, "dy")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::softmax_backward(&y, &d, h, 1.0),
-            self.shape(),
-        ))
+        last_dim(self, OP)?;
+        self.backend()
+            .softmax_backward(self, dy, SoftmaxKind::Plain)
     }
 
     /// `log_softmax` over the last dimension: `x − logsumexp(x)`.
     pub fn log_softmax(&self) -> Result<Tensor> {
         const OP: &str = "log_softmax";
-        let h = last_dim(self, OP)?;
-        let x = self.cpu_f32(OP, "x")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::log_softmax(&x, h),
-            self.shape(),
-        ))
+        last_dim(self, OP)?;
+        self.backend().softmax(self, SoftmaxKind::Log)
     }
 
     /// Backward of [`Tensor::log_softmax`]: `self` is the output `y`; `dx = dy − e^y Σ dy`.
     pub fn log_softmax_backward(&self, dy: &Tensor) -> Result<Tensor> {
         const OP: &str = "log_softmax_backward";
         self.same_shape(OP, dy)?;
-        let h = last_dim(self, OP)?;
-        let y = self.cpu_f32(OP, "y")?;
-        let d = dy.cpu_f32(OP, "dy")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::log_softmax_backward(&y, &d, h),
-            self.shape(),
-        ))
+        last_dim(self, OP)?;
+        self.backend().softmax_backward(self, dy, SoftmaxKind::Log)
     }
 
     /// Causal attention softmax: `self` is scores `[BH, T, T]` (query t, key s); returns
     /// `y[b, t, :] = softmax(scale · x[b, t, 0..=t])`, with `y[b, t, s] = 0` for `s > t`.
     pub fn causal_softmax(&self, scale: f32) -> Result<Tensor> {
         const OP: &str = "causal_softmax";
-        let t = causal_dims(self, OP)?;
-        let x = self.cpu_f32(OP, "scores")?;
-        // Row r of the flattened [BH·T, T] view is query position r mod T; it sees keys 0..=t.
-        Ok(Tensor::cpu_f32_from(
-            kernel::softmax(&x, t, scale, |r| r % t + 1),
-            self.shape(),
-        ))
+        causal_dims(self, OP)?;
+        self.backend().softmax(self, SoftmaxKind::Causal { scale })
     }
 
     /// Backward of [`Tensor::causal_softmax`] (`self` is its output `y`): `d_scores =
@@ -79,13 +79,9 @@ impl Tensor {
     pub fn causal_softmax_backward(&self, dy: &Tensor, scale: f32) -> Result<Tensor> {
         const OP: &str = "causal_softmax_backward";
         self.same_shape(OP, dy)?;
-        let t = causal_dims(self, OP)?;
-        let y = self.cpu_f32(OP, "y")?;
-        let d = dy.cpu_f32(OP, "dy")?;
-        Ok(Tensor::cpu_f32_from(
-            kernel::softmax_backward(&y, &d, t, scale),
-            self.shape(),
-        ))
+        causal_dims(self, OP)?;
+        self.backend()
+            .softmax_backward(self, dy, SoftmaxKind::Causal { scale })
     }
 }
 

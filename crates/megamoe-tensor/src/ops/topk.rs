@@ -1,7 +1,13 @@
 //! Top-k over the last dimension (router expert selection).
 
-use crate::cpu::topk as kernel;
 use crate::{Error, Result, Tensor};
+
+/// The top-k kernel family of a [`Backend`](crate::backend::Backend).
+pub trait TopkKernels {
+    /// `(values f32, indices i32)` of the `k` largest entries of each row of `x [.., E]`,
+    /// descending, ties to the lower index (`k ≤ E`).
+    fn topk(&self, x: &Tensor, k: usize) -> Result<(Tensor, Tensor)>;
+}
 
 impl Tensor {
     /// The `k` largest entries of each row of `x [.., E]`: `(values [.., k] f32, indices
@@ -9,8 +15,8 @@ impl Tensor {
     /// equal); NaN ranks above every number. `k = 0` gives empty outputs; `k > E` is an error.
     pub fn topk(&self, k: usize) -> Result<(Tensor, Tensor)> {
         const OP: &str = "topk";
-        let (lead, e) = match self.dims().split_last() {
-            Some((&e, lead)) => (lead.to_vec(), e),
+        let e = match self.dims().last() {
+            Some(&e) => e,
             None => return Err(self.rank_error(OP, "x", 1)),
         };
         if k > e {
@@ -21,17 +27,6 @@ impl Tensor {
                 rule: "must be <= the last dimension E",
             });
         }
-        let x = self.cpu_f32(OP, "x")?;
-        let (v, i) = if e == 0 {
-            (Vec::new(), Vec::new())
-        } else {
-            kernel::topk(&x, e, k)
-        };
-        let mut shape = lead;
-        shape.push(k);
-        Ok((
-            Tensor::cpu_f32_from(v, shape.clone()),
-            Tensor::cpu_i32_from(i, shape),
-        ))
+        self.backend().topk(self, k)
     }
 }

@@ -56,3 +56,25 @@ pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
 pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
+
+/// [`rand_t`] on `device`.
+pub fn rand_on(device: Device, seed: u64, shape: &[usize]) -> Tensor {
+    rand_t(seed, shape).to_device(device).unwrap()
+}
+
+/// Instantiates the op test suite once per backend of this build: each named
+/// `fn(Device)` becomes a `#[test]` in module `cpu` (and, once the CUDA backend lands, in
+/// a `#[cfg(feature = "cuda")] mod cuda` on `Device::Cuda(0)`: the one place to add it).
+#[allow(unused_macros)] // not every test file runs the per-backend suite
+macro_rules! backend_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod cpu {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(megamoe_tensor::Device::Cpu)
+                }
+            )+
+        }
+    };
+}

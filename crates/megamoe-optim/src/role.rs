@@ -1,4 +1,5 @@
-//! What a trained parameter is for: the optimizer's grouping key.
+//! What a trained parameter is for: the optimizer's grouping key (here, not in the tensor
+//! crate: a tensor does not know what it is trained for).
 //!
 //! Layers enumerate their parameters as `(name, &Tensor, ParamRole)`; the
 //! optimizer routes hidden matrices (and each expert matrix of a stacked
