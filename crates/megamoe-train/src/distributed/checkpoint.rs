@@ -6,8 +6,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use megamoe_optim::STATE_KINDS;
-use megamoe_tensor::{Device, ParamRole};
+use megamoe_optim::{ParamRole, STATE_KINDS};
+use megamoe_tensor::Device;
 
 use crate::checkpoint::NamedTensor;
 use crate::error::Result;

@@ -9,9 +9,9 @@
 
 use megamoe_comm::{Communicator, Pending, ReduceOp};
 use megamoe_model::{GradBuffers, ModelParams};
-use megamoe_optim::Optimizer;
+use megamoe_optim::{Optimizer, ParamRole};
 use megamoe_plan::{chunk, RowShard};
-use megamoe_tensor::{ParamRole, Tensor};
+use megamoe_tensor::Tensor;
 
 use super::Parallel;
 use crate::error::Result;

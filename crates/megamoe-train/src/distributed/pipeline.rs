@@ -36,13 +36,13 @@ use std::time::Instant;
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::ffn::FfnParams;
 use megamoe_model::{ChunkParams, ChunkSpec, Model, ModelConfig};
-use megamoe_optim::{clip_factor, Optimizer, Schedule as LrSchedule};
+use megamoe_optim::{clip_factor, Optimizer, ParamRole, Schedule as LrSchedule};
 use megamoe_pipeline::executor::RankTiming;
 use megamoe_pipeline::{
     generate, run_rank, sum_shared_gradients, validate, CommSchedule, PipelineShape, Schedule,
 };
 use megamoe_plan::Plan;
-use megamoe_tensor::{DType, Device, ParamRole, Tensor};
+use megamoe_tensor::{DType, Device, Tensor};
 
 use super::pipeline_stage::{ChunkStage, MicroBatch};
 use super::wire::CommTransport;

@@ -4,8 +4,8 @@
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::GradBuffers;
-use megamoe_optim::{clip_factor, ClipReport};
-use megamoe_tensor::{Device, ParamRole, Tensor};
+use megamoe_optim::{clip_factor, ClipReport, ParamRole};
+use megamoe_tensor::{Device, Tensor};
 
 use super::Parallel;
 use crate::error::{Error, Result};
