@@ -208,3 +208,114 @@ fn layouts_train_world_cannot_run_are_refused_by_name() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `megamoe train ARGS --peak-flops 1e11 --sample-tokens 0` in `dir`.
+fn megamoe(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .args(["--peak-flops", "1e11", "--sample-tokens", "0"])
+        .output()
+        .expect("run megamoe")
+}
+
+#[test]
+fn a_world_checkpoint_resumes_on_one_rank_with_the_losses_of_the_uninterrupted_run() {
+    let dir = scratch("resume");
+    for (i, (world, sets, micro)) in [
+        (
+            "4",
+            ["parallel.dp=2", "parallel.ep=2"],
+            "parallel.microbatches=4",
+        ),
+        (
+            "2",
+            ["parallel.dp=2", "parallel.fsdp=2"],
+            "parallel.microbatches=2",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let one = train(&dir, &format!("one{i}"), &["--set", micro], &[]);
+        assert!(one.status.success(), "{}", stderr(&one));
+        let run = format!("run{i}");
+        let first = megamoe(
+            &dir,
+            &[
+                "train",
+                "--config",
+                TINY,
+                "--steps",
+                "4",
+                "--run-dir",
+                &run,
+                "--world",
+                world,
+                "--set",
+                sets[0],
+                "--set",
+                sets[1],
+            ],
+        );
+        assert!(first.status.success(), "{sets:?}: {}", stderr(&first));
+        // the checkpoint is layout-free: one rank takes it with the same micro-batches
+        let rest = megamoe(
+            &dir,
+            &[
+                "train",
+                "--resume",
+                &run,
+                "--steps",
+                "8",
+                "--set",
+                "parallel.dp=1",
+                "--set",
+                "parallel.ep=1",
+                "--set",
+                "parallel.fsdp=0",
+                "--set",
+                micro,
+            ],
+        );
+        assert!(rest.status.success(), "{sets:?}: {}", stderr(&rest));
+        assert!(stderr(&rest).contains("parallel.dp"), "{}", stderr(&rest));
+        let (want, got) = (
+            losses(&dir.join(format!("one{i}"))),
+            losses(&dir.join(&run)),
+        );
+        assert_eq!(
+            got.len(),
+            8,
+            "{sets:?}: 4 steps under the layout, 4 resumed"
+        );
+        for ((s, w), (s2, g)) in want.iter().zip(&got) {
+            assert_eq!(s, s2);
+            let rel = (g - w).abs() / w.abs();
+            assert!(
+                rel <= 1e-5,
+                "{sets:?} step {s}: {g} vs uninterrupted one rank {w} (rel {rel:e})"
+            );
+        }
+        // a micro-batch count that changes the step's micro-batches is refused by name
+        let bad = megamoe(
+            &dir,
+            &[
+                "train",
+                "--resume",
+                &run,
+                "--steps",
+                "9",
+                "--set",
+                "parallel.microbatches=1",
+            ],
+        );
+        assert!(!bad.status.success());
+        assert!(
+            stderr(&bad).contains("parallel.microbatches is"),
+            "{}",
+            stderr(&bad)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

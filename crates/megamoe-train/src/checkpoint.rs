@@ -52,7 +52,7 @@ use crate::sha256::sha256_hex;
 
 mod config_diff;
 mod scan;
-pub use config_diff::{resume_config_changes, ConfigChange, RESUME_SAFE_KEYS};
+pub use config_diff::{resume_config_changes, ConfigChange, RESUME_LAYOUT_KEYS, RESUME_SAFE_KEYS};
 pub use scan::{
     list_checkpoints, prune_checkpoints, resolve_checkpoint, retire_checkpoints_after, run_dir_of,
     scan_checkpoints, CheckpointScan, Resolved, Skipped,

@@ -189,11 +189,11 @@ pub enum Error {
         supported: u32,
     },
     /// The checkpoint was written with a config that differs in a key a resume
-    /// may not change (see `checkpoint::RESUME_SAFE_KEYS`).
+    /// may not change (see `checkpoint::RESUME_SAFE_KEYS` and `RESUME_LAYOUT_KEYS`).
     #[error(
         "checkpoint {path} was saved with another config: {key} is {saved} in the checkpoint \
-         but {current} now (a resume may change only train.steps and the eval, checkpoint \
-         and log cadence)"
+         but {current} now (a resume may change only train.steps, the eval, checkpoint \
+         and log cadence, and the layout parallel.* keeping dp x ep x microbatches)"
     )]
     CheckpointConfigMismatch {
         /// The state.json path.
