@@ -64,8 +64,8 @@ pub struct TrainArgs {
     pub sample_tokens: usize,
 
     /// Ranks of the run, as threads of this process: must equal the layout's world
-    /// size (parallel.dp x parallel.ep; parallel.fsdp 0, 1 or 2; other parallel.*
-    /// must be 1). Rank 0 writes the run directory.
+    /// size (parallel.dp x parallel.ep, or parallel.pp alone; parallel.fsdp 0, 1 or
+    /// 2; other parallel.* must be 1). Rank 0 writes the run directory.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub world: usize,
 }
@@ -108,6 +108,8 @@ Examples:
   megamoe train --resume runs/long --steps 400
   megamoe train --data corpus/ --set model.seq_len=128
   megamoe train --world 2 --set parallel.dp=2
+  megamoe train --world 2 --set parallel.pp=2 --set parallel.microbatches=4 \\
+      --set parallel.schedule=\"dualpipev\"
 
 --world N runs N = parallel.dp x parallel.ep ranks as threads of this
 process: each rank takes parallel.microbatches micro-batches of the global
@@ -117,6 +119,11 @@ all-to-all; checkpoints hold every expert). parallel.fsdp = 1 or 2 (AdamW)
 shards optimizer state and gradients over the data-parallel ranks. With the
 same micro-batch size it trains the same model as one rank: `--world 2 --set
 parallel.dp=2` gives the per-step losses of `--set parallel.microbatches=2`.
+--world N with parallel.pp=N runs N pipeline ranks instead: the layers are cut
+into stages, the micro-batches flow through them under parallel.schedule
+(gpipe, 1f1b, interleaved, zb-h1, zbv, dualpipe, dualpipev), and the losses are
+those of one rank with the same parallel.microbatches. After each step every
+rank holds the whole updated model, so evals and checkpoints are unchanged.
 A failed rank stops the others, naming it (exit 2).
 
 Exit codes: 0 done, 1 the model diverged (the NaN/Inf guard stopped the run, a

@@ -95,6 +95,59 @@ fn world_2_data_parallel_writes_the_losses_of_one_rank() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The held-out loss of every eval record.
+fn evals(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "eval")
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn world_2_pipeline_writes_the_losses_of_one_rank() {
+    let dir = scratch("pp2");
+    let m4 = ["--set", "parallel.microbatches=4"];
+    let one = train(&dir, "one", &m4, &[]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let want = losses(&dir.join("one"));
+    assert!((want[7].1 - want[0].1).abs() > 1e-3, "{want:?}");
+    for schedule in ["1f1b", "dualpipev"] {
+        let run = format!("pp2-{schedule}");
+        let kind = format!("parallel.schedule=\"{schedule}\"");
+        let args = [
+            &m4[..],
+            &["--world", "2", "--set", "parallel.pp=2", "--set", &kind],
+        ]
+        .concat();
+        let out = train(&dir, &run, &args, &[]);
+        assert!(out.status.success(), "{schedule}: {}", stderr(&out));
+        let got = losses(&dir.join(&run));
+        assert_eq!(got.len(), 8, "{schedule}: one record per step");
+        for ((s, w), (s2, g)) in want.iter().zip(&got) {
+            assert_eq!(s, s2);
+            let rel = (g - w).abs() / w.abs();
+            assert!(
+                rel <= 1e-5,
+                "{schedule} step {s}: {g} vs one rank {w} (rel {rel:e})"
+            );
+        }
+        // The held-out loss after the run: every rank holds the whole updated model.
+        let (e1, e2) = (evals(&dir.join("one")), evals(&dir.join(&run)));
+        assert_eq!(e1.len(), e2.len());
+        for (w, g) in e1.iter().zip(&e2) {
+            assert!(
+                (g - w).abs() / w.abs() <= 1e-5,
+                "{schedule} eval {g} vs {w}"
+            );
+        }
+        assert!(dir.join(&run).join("checkpoints/ckpt-00000008").is_dir());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn world_ep_and_sharded_layouts_write_the_losses_of_one_rank() {
     let dir = scratch("ep");
@@ -169,6 +222,24 @@ fn a_failed_rank_makes_train_world_exit_non_zero_naming_it() {
         "{err}"
     );
     assert!(err.contains("rank 1 failed first"), "{err}");
+    // Pipeline ranks: rank 0 waits on rank 1's activations or gradients, and stops.
+    let out = train(
+        &dir,
+        "pp",
+        &[
+            "--world",
+            "2",
+            "--set",
+            "parallel.pp=2",
+            "--set",
+            "parallel.microbatches=2",
+        ],
+        &[("MEGAMOE_RANK_FAULT", "1@3")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("rank 1 failed first"), "{err}");
+    assert!(err.contains("rank 1 failed"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -181,7 +252,14 @@ fn layouts_train_world_cannot_run_are_refused_by_name() {
             "--world 3 must equal",
         ),
         (
-            vec!["--world", "2", "--set", "parallel.pp=2"],
+            vec![
+                "--world",
+                "4",
+                "--set",
+                "parallel.pp=2",
+                "--set",
+                "parallel.dp=2",
+            ],
             "parallel.pp=2",
         ),
         (

@@ -109,6 +109,8 @@ pub struct Trainer {
     pub(crate) num_domains: usize,
     /// This rank's place in a distributed run (`None`: one process holds everything).
     pub(crate) parallel: Option<crate::distributed::Parallel>,
+    /// This rank's pipeline stages when `parallel.pp > 1` (the step runs the schedule).
+    pub(crate) pipeline: Option<crate::distributed::PipelineRank>,
 }
 
 impl Trainer {
@@ -188,6 +190,7 @@ impl Trainer {
             heldout: None,
             num_domains,
             parallel,
+            pipeline: None,
         })
     }
 
@@ -270,6 +273,15 @@ impl Trainer {
             .goodput
             .time(TimeCategory::Data, || self.batcher.next_batch())?;
         let compute_started = Instant::now();
+        if self.pipeline.is_some() {
+            let at = crate::distributed::StepStart {
+                started,
+                compute_started,
+                state_bytes,
+                reads_before,
+            };
+            return self.pipeline_step(&batch, at);
+        }
 
         // 2. forward / backward per micro-batch; gradients accumulate. A data-parallel
         //    rank runs its own m micro-batches of the global batch.

@@ -204,21 +204,19 @@ fn dp2_ep2_fsdp2_matches_one_rank() {
 
 #[test]
 fn unsupported_layouts_are_refused_by_name() {
-    for (set, field) in [
-        ("parallel.fsdp=3", "parallel.fsdp"),
-        ("parallel.fsdp=1", "parallel.fsdp"),
-        ("parallel.pp=2", "parallel.pp"),
+    // FSDP, and pipeline stages combined with data parallelism.
+    for (set, field, world) in [
+        ("parallel.fsdp=3", "parallel.fsdp", 2),
+        ("parallel.fsdp=1", "parallel.fsdp", 2),
+        ("parallel.pp=2", "parallel.pp", 4),
     ] {
-        let mut sets = vec![set.to_string()];
-        if field == "parallel.fsdp" {
-            sets.push("parallel.dp=2".to_string());
-        }
+        let mut sets = vec![set.to_string(), "parallel.dp=2".to_string()];
         if set == "parallel.fsdp=1" {
             // sharded state with Muon (distributed Muon is not wired in)
             sets.push("optim.name=\"muon\"".to_string());
         }
         let raw = raw(&sets);
-        let failures = run_thread_ranks(2, |world| -> Result<(), Error> {
+        let failures = run_thread_ranks(world, |world| -> Result<(), Error> {
             Trainer::new_rank(&raw, data(), TrainerOptions::default(), world).map(|_| ())
         })
         .unwrap_err();

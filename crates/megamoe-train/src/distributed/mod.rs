@@ -27,7 +27,8 @@
 //! # Layouts
 //! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size), with
 //! `parallel.fsdp` 0, or 1/2 with AdamW (optimizer state and gradients sharded, module
-//! `fsdp`). Refused with a named error ([`check_layout`]): `pp`, `tp`, `cp` > 1,
+//! `fsdp`); or `parallel.pp` alone (every schedule; see [`pipeline`]). Refused with a
+//! named error ([`check_layout`]): `pp` combined with `dp` / `ep`, `tp`, `cp` > 1,
 //! `fsdp = 3`, and `fsdp` > 0 with Muon.
 //!
 //! # Hooks
@@ -46,6 +47,7 @@ mod checkpoint;
 mod fsdp;
 pub mod pipeline;
 mod pipeline_stage;
+mod pipeline_trainer;
 mod reduce;
 mod run;
 pub mod wire;
@@ -63,6 +65,7 @@ use crate::trainer::{Trainer, TrainerOptions};
 
 pub use pipeline::{PipelineRank, PipelineStep};
 pub use pipeline_stage::StageContractError;
+pub(crate) use pipeline_trainer::StepStart;
 pub use run::{
     check_rank_fault, follow_training, rank_fault_from_env, run_thread_ranks, RANK_FAULT_ENV,
 };
@@ -194,12 +197,12 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             rule: rule.to_string(),
         })
     };
-    if p.pp > 1 {
+    if p.pp > 1 && (p.dp * p.ep * p.tp * p.cp > 1 || p.zero != ZeroLevel::Replicated) {
         return refuse(
             "parallel.pp",
             p.pp.to_string(),
-            "pipeline-parallel training is not wired into the trainer yet; the trainer runs \
-             parallel.dp and parallel.ep (set parallel.pp = 1)",
+            "pipeline-parallel training runs alone for now: with parallel.pp > 1 set \
+             parallel.dp, ep, tp and cp to 1 and parallel.fsdp to 0",
         );
     }
     if p.tp > 1 {
@@ -252,7 +255,13 @@ impl Trainer {
         let plan = Plan::resolve(raw, Some(world.size()))?;
         check_layout(&plan)?;
         let par = Parallel::new(world, &plan)?;
-        Trainer::from_plan(plan, raw, data, options, Some(par))
+        let pp_rank = par.coords().pp;
+        let pipelined = plan.parallel.pp > 1;
+        let mut trainer = Trainer::from_plan(plan, raw, data, options, Some(par))?;
+        if pipelined {
+            trainer.attach_pipeline(pp_rank)?;
+        }
+        Ok(trainer)
     }
 
     /// This rank's place in a distributed run (`None` for one process).

@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::ffn::FfnParams;
-use megamoe_model::{ChunkParams, ChunkSpec, Model, ModelConfig};
+use megamoe_model::{ChunkParams, ChunkSpec, Model, ModelConfig, ModelParams};
 use megamoe_optim::{clip_factor, Optimizer, ParamRole, Schedule as LrSchedule};
 use megamoe_pipeline::executor::RankTiming;
 use megamoe_pipeline::{
@@ -67,6 +67,8 @@ pub struct PipelineRank {
     /// gradient this rank counts in the global norm (the lowest rank holding it).
     norm_slots: usize,
     owned_slots: HashMap<String, usize>,
+    /// The lowest rank holding each parameter and buffer (global names).
+    owner: HashMap<String, usize>,
     /// The head reads the embedding (tied head or MTP).
     shared_embedding: bool,
     optimizer: Optimizer,
@@ -120,6 +122,14 @@ fn visit_distinct_mut(
     }
 }
 
+/// The buffers (expert biases) of a chunk's layers, by global name.
+fn visit_chunk_buffers(cp: &ChunkParams, f: &mut dyn FnMut(&str, &Tensor)) {
+    for (i, l) in cp.layers.iter().enumerate() {
+        l.mlp
+            .visit_buffers(&format!("model.layers.{}.mlp", cp.layer_offset + i), f);
+    }
+}
+
 fn pipeline_config(field: &'static str, value: String, rule: &str) -> Error {
     Error::TrainConfig {
         field,
@@ -168,7 +178,9 @@ impl PipelineRank {
         let mut owner: HashMap<String, usize> = HashMap::new();
         for s in 0..map.stages() {
             if let (Some(r), Some(ms)) = (map.rank(s), map.model_stage(s)) {
-                for n in all[ms].names() {
+                let mut names = all[ms].names();
+                visit_chunk_buffers(&all[ms], &mut |n, _| names.push(n.to_string()));
+                for n in names {
                     let o = owner.entry(n).or_insert(r);
                     *o = (*o).min(r);
                 }
@@ -184,7 +196,7 @@ impl PipelineRank {
             .enumerate()
             .filter(|(_, n)| owner.get(n) == Some(&rank))
             .map(|(i, n)| (n, i))
-            .collect();
+            .collect::<HashMap<_, _>>();
         let params: BTreeMap<usize, ChunkParams> = map
             .stages_of(rank)
             .into_iter()
@@ -204,6 +216,7 @@ impl PipelineRank {
             params,
             norm_slots,
             owned_slots,
+            owner,
             shared_embedding,
             optimizer,
             lr,
@@ -236,15 +249,99 @@ impl PipelineRank {
         };
         visit_distinct(&self.params, &mut |n, t, _| push(n, t));
         for cp in self.params.values() {
-            for (i, l) in cp.layers.iter().enumerate() {
-                let prefix = format!("model.layers.{}.mlp", cp.layer_offset + i);
-                l.mlp.visit_buffers(&prefix, &mut |n, t| push(n, t));
-            }
+            visit_chunk_buffers(cp, &mut |n, t| push(n, t));
         }
         match err {
             Some(e) => Err(e.into()),
             None => Ok(out),
         }
+    }
+
+    /// Copies the whole current model onto every rank of the pipeline group: each
+    /// parameter, expert bias and optimizer-state tensor of `params` / `optimizer` (a
+    /// whole-model set, e.g. a [`crate::Trainer`]'s) is broadcast from the lowest rank
+    /// holding it. Collective; exact (copies, no arithmetic).
+    pub fn replicate_into(
+        &self,
+        comm: &dyn Communicator,
+        params: &mut ModelParams,
+        optimizer: &mut Optimizer,
+    ) -> Result<()> {
+        let mut mine: HashMap<String, Tensor> = HashMap::new();
+        visit_distinct(&self.params, &mut |n, t, _| {
+            mine.insert(n.to_string(), t.clone());
+        });
+        for cp in self.params.values() {
+            visit_chunk_buffers(cp, &mut |n, t| {
+                mine.insert(n.to_string(), t.clone());
+            });
+        }
+        self.optimizer.visit_state(&mut |n, t| {
+            mine.insert(n.to_string(), t.clone());
+        });
+        // A state key is "<kind>.<parameter name>"; it lives where its parameter does.
+        let owner_of = |name: &str| -> Option<usize> {
+            self.owner
+                .get(name)
+                .or_else(|| name.split_once('.').and_then(|(_, p)| self.owner.get(p)))
+                .copied()
+        };
+        let broadcast = |name: &str, like: &Tensor| -> Result<megamoe_comm::Pending> {
+            let root = owner_of(name).ok_or_else(|| {
+                pipeline_config("pipeline tensor", name.to_string(), "no rank holds it")
+            })?;
+            let x = match mine.get(name) {
+                Some(t) if root == self.rank => t,
+                _ => like,
+            };
+            Ok(comm.start_broadcast(x, root)?)
+        };
+        let mut pending = Vec::new();
+        let mut err = None;
+        let mut start = |name: &str, like: &Tensor| {
+            if err.is_none() {
+                match broadcast(name, like) {
+                    Ok(p) => pending.push(p),
+                    Err(e) => err = Some(e),
+                }
+            }
+        };
+        params.visit(&mut |n, t, _| start(n, t));
+        params.visit_buffers(&mut |n, t| start(n, t));
+        let mut state_keys = Vec::new();
+        optimizer.visit_state(&mut |n, t| {
+            state_keys.push(n.to_string());
+            start(n, t);
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let mut got = pending.into_iter().map(|p| p.wait());
+        let mut next = || -> Result<Tensor> {
+            got.next()
+                .ok_or_else(|| pipeline_config("pipeline tensor", String::new(), "missing"))?
+                .map_err(Error::from)
+        };
+        let mut err = None;
+        params.visit_mut(&mut |_, t, _| match next() {
+            Ok(x) if err.is_none() => *t = x,
+            Ok(_) => {}
+            Err(e) => drop(err.get_or_insert(e)),
+        });
+        params.visit_buffers_mut(&mut |_, t| match next() {
+            Ok(x) if err.is_none() => *t = x,
+            Ok(_) => {}
+            Err(e) => drop(err.get_or_insert(e)),
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let state = state_keys
+            .into_iter()
+            .map(|k| next().map(|t| (k, t)))
+            .collect::<Result<Vec<_>>>()?;
+        optimizer.load_state(self.optimizer.steps_taken(), state)?;
+        Ok(())
     }
 
     /// One optimizer step over `batch` (the whole step's `train.global_batch` sequences,

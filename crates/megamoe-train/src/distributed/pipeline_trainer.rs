@@ -1,0 +1,95 @@
+//! A [`Trainer`] on one rank of a pipeline-parallel run (`megamoe train --world N` with
+//! `parallel.pp = N`): [`Trainer::step`] hands the step to the rank's [`PipelineRank`]
+//! (the schedule over its stages, its optimizer), then copies the whole updated model —
+//! parameters, expert biases, optimizer state — onto every rank
+//! ([`PipelineRank::replicate_into`]), so evaluation, sampling and rank 0's checkpoints
+//! see the same model a one-rank run has. The copy is per step: the run keeps a whole
+//! replica per rank (pipeline memory savings are the library's, not yet the CLI's).
+
+use std::time::Instant;
+
+use megamoe_plan::OptimizerKind;
+
+use super::pipeline::PipelineRank;
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::goodput::TimeCategory;
+use crate::metrics::{mfu, StepMetrics};
+use crate::trainer::Trainer;
+
+/// What [`Trainer::step`] measured before handing over.
+pub(crate) struct StepStart {
+    pub started: Instant,
+    pub compute_started: Instant,
+    pub state_bytes: u64,
+    pub reads_before: u64,
+}
+
+impl Trainer {
+    /// Makes this rank a pipeline rank (`parallel.pp > 1`), at pipeline rank `rank`.
+    pub(crate) fn attach_pipeline(&mut self, rank: usize) -> Result<()> {
+        self.pipeline = Some(PipelineRank::new(&self.plan, rank)?);
+        Ok(())
+    }
+
+    /// [`Trainer::step`] of a pipeline rank, after the batch was read.
+    pub(crate) fn pipeline_step(&mut self, batch: &Batch, at: StepStart) -> Result<StepMetrics> {
+        let missing = || Error::TrainConfig {
+            field: "parallel.pp",
+            value: self.plan.parallel.pp.to_string(),
+            rule: "a pipeline step needs the rank's pipeline stages and communicator".into(),
+        };
+        let mut rank = self.pipeline.take().ok_or_else(missing)?;
+        let result = match self.parallel.as_ref() {
+            Some(par) => rank.step(par.world(), batch).and_then(|out| {
+                rank.replicate_into(par.world(), &mut self.params, &mut self.optimizer)?;
+                Ok(out)
+            }),
+            None => Err(missing()),
+        };
+        self.pipeline = Some(rank);
+        let out = result?;
+        let s = self.step as usize;
+        if out.skipped {
+            self.nonfinite_streak += 1;
+        } else {
+            self.nonfinite_streak = 0;
+        }
+        self.step += 1;
+        self.goodput
+            .record(TimeCategory::Step, at.compute_started.elapsed());
+        let step_time_s = at.started.elapsed().as_secs_f64();
+        let tokens = batch.num_tokens() as u64;
+        let tokens_per_s = tokens as f64 / step_time_s.max(1e-9);
+        let peak = megamoe_tensor::peak_bytes();
+        Ok(StepMetrics {
+            step: self.step,
+            loss: out.loss,
+            grad_norm: out.grad_norm,
+            lr: out.lr,
+            skipped: out.skipped,
+            tokens,
+            step_time_s,
+            tokens_per_s,
+            mfu: self
+                .options
+                .peak_flops
+                .map(|p| mfu(self.counts.flops_per_token, tokens_per_s, p)),
+            memory_bytes: Some(peak),
+            state_bytes: at.state_bytes,
+            activation_bytes: peak.saturating_sub(at.state_bytes),
+            // Routing and skip statistics live on the ranks holding the layers; they are
+            // not gathered for the metrics line yet.
+            moe: Vec::new(),
+            gate_skip: Vec::new(),
+            flexi_depth: None,
+            mtp_losses: out.mtp_losses,
+            flops_per_s: self.counts.flops_per_token * tokens_per_s,
+            muon_lr: match self.plan.optim.kind {
+                OptimizerKind::Muon => self.schedule.muon_lr(s),
+                _ => None,
+            },
+            host_reads: megamoe_tensor::host_reads() - at.reads_before,
+        })
+    }
+}
