@@ -41,9 +41,8 @@ pub fn run(
     let fault = rank_fault_from_env()?;
     if let Some((rank, step)) = fault {
         anyhow::ensure!(
-            (1..world).contains(&rank),
-            "{RANK_FAULT_ENV}={rank}@{step}: the rank must be 1..{} (a rank other than the \
-             writing rank 0)",
+            rank < world,
+            "{RANK_FAULT_ENV}={rank}@{step}: the rank must be 0..{} (a rank of --world {world})",
             world - 1
         );
     }
@@ -70,6 +69,8 @@ pub fn run(
     let diverged = AtomicBool::new(false);
     let outcome = run_thread_ranks(world, |comm| {
         let mut trainer = Trainer::new_rank(raw, data.clone(), options, comm)?;
+        // Every rank's `Trainer::step` checks the injected fault, the writing rank 0 included.
+        trainer.set_rank_fault(fault);
         if !trainer.is_writer() {
             follow_training(&mut trainer, &opts, fault)?;
             return Ok(None);

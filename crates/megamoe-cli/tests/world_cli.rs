@@ -244,6 +244,30 @@ fn a_failed_rank_makes_train_world_exit_non_zero_naming_it() {
 }
 
 #[test]
+fn a_fault_in_the_writing_rank_0_stops_every_rank_naming_it() {
+    let dir = scratch("fault0");
+    let out = train(
+        &dir,
+        "run",
+        &["--world", "2", "--set", "parallel.dp=2"],
+        &[("MEGAMOE_RANK_FAULT", "0@3")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("rank 0: injected fault before step 3"),
+        "{err}"
+    );
+    assert!(err.contains("aborted: rank 0 failed"), "{err}");
+    assert!(err.contains("rank 0 failed first"), "{err}");
+    // rank 0 wrote the two steps before the fault, and no checkpoint
+    let steps: Vec<u64> = losses(&dir.join("run")).iter().map(|s| s.0).collect();
+    assert_eq!(steps, [1, 2]);
+    assert!(!dir.join("run/checkpoints/ckpt-00000002").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn layouts_train_world_cannot_run_are_refused_by_name() {
     let dir = scratch("refuse");
     for (args, want) in [

@@ -194,6 +194,16 @@ impl Trainer {
         })
     }
 
+    /// Arms a fault injected into a distributed run (see
+    /// [`RANK_FAULT_ENV`](crate::distributed::RANK_FAULT_ENV)): when `fault` = (rank, step)
+    /// names this trainer's rank, [`Trainer::step`] fails with
+    /// [`Error::InjectedRankFault`] before that step. No effect on a one-process trainer.
+    pub fn set_rank_fault(&mut self, fault: Option<(usize, u64)>) {
+        if let Some(par) = self.parallel.as_mut() {
+            par.set_fault(fault);
+        }
+    }
+
     /// The resolved plan.
     pub fn plan(&self) -> &Plan {
         &self.plan
@@ -257,6 +267,9 @@ impl Trainer {
     /// leaves parameters, optimizer state and expert biases unchanged and returns
     /// metrics with `skipped = true`; call [`Trainer::check_guard`] afterwards.
     pub fn step(&mut self) -> Result<StepMetrics> {
+        if let Some(par) = &self.parallel {
+            par.check_fault(self.step + 1)?;
+        }
         let started = Instant::now();
         let reads_before = megamoe_tensor::host_reads();
         // Tensor bytes alive before the step: parameters, optimizer state and

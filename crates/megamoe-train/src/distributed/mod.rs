@@ -84,6 +84,8 @@ pub struct Parallel {
     ep: Arc<dyn Communicator>,
     /// This rank's rows of the parameters and gradients (`parallel.fsdp` 1 or 2).
     pub(crate) sharded: Option<fsdp::ShardedState>,
+    /// An injected fault (see [`RANK_FAULT_ENV`]): this rank fails before this step.
+    fault_step: Option<u64>,
 }
 
 impl std::fmt::Debug for Parallel {
@@ -126,6 +128,7 @@ impl Parallel {
             expert_dp,
             ep,
             sharded: None,
+            fault_step: None,
         })
     }
 
@@ -157,6 +160,23 @@ impl Parallel {
     /// The world communicator.
     pub fn world(&self) -> &dyn Communicator {
         self.world.as_ref()
+    }
+
+    /// Arms an injected fault (see [`RANK_FAULT_ENV`]): when `fault` names this rank,
+    /// its [`Trainer::step`] fails with [`Error::InjectedRankFault`] before that step.
+    pub(crate) fn set_fault(&mut self, fault: Option<(usize, u64)>) {
+        self.fault_step = fault.and_then(|(r, s)| (r == self.rank()).then_some(s));
+    }
+
+    /// Fails with [`Error::InjectedRankFault`] if the armed fault is at step `next`.
+    pub(crate) fn check_fault(&self, next: u64) -> Result<()> {
+        match self.fault_step {
+            Some(s) if s == next => Err(Error::InjectedRankFault {
+                rank: self.rank(),
+                step: next,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// With `parallel.fsdp` 1 or 2, keeps this rank's rows of `params` for the optimizer.

@@ -12,7 +12,8 @@ use crate::trainer::Trainer;
 /// Environment variable injecting a fault into one thread rank of `train --world N`:
 /// `MEGAMOE_RANK_FAULT=<rank>@<step>` makes that rank fail with
 /// [`Error::InjectedRankFault`] when it is about to run step `step` (1-based), as a rank
-/// that dies would; every other rank then stops with an error naming it.
+/// that dies would; every other rank then stops with an error naming it. Any rank may be
+/// named, the writing rank 0 included ([`Trainer::set_rank_fault`] arms it).
 pub const RANK_FAULT_ENV: &str = "MEGAMOE_RANK_FAULT";
 
 /// Runs `f` on `world` thread ranks of this process (rank `r` gets the world communicator
