@@ -335,6 +335,11 @@ fn a_world_checkpoint_resumes_on_one_rank_with_the_losses_of_the_uninterrupted_r
             ["parallel.dp=2", "parallel.fsdp=2"],
             "parallel.microbatches=2",
         ),
+        (
+            "2",
+            ["parallel.pp=2", "parallel.microbatches=4"],
+            "parallel.microbatches=4",
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -375,13 +380,19 @@ fn a_world_checkpoint_resumes_on_one_rank_with_the_losses_of_the_uninterrupted_r
                 "--set",
                 "parallel.ep=1",
                 "--set",
+                "parallel.pp=1",
+                "--set",
                 "parallel.fsdp=0",
                 "--set",
                 micro,
             ],
         );
         assert!(rest.status.success(), "{sets:?}: {}", stderr(&rest));
-        assert!(stderr(&rest).contains("parallel.dp"), "{}", stderr(&rest));
+        assert!(
+            stderr(&rest).contains("resume: changed parallel."),
+            "{}",
+            stderr(&rest)
+        );
         let (want, got) = (
             losses(&dir.join(format!("one{i}"))),
             losses(&dir.join(&run)),
