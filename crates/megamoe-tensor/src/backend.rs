@@ -109,6 +109,9 @@ pub fn backend_for(device: Device) -> Result<&'static dyn Backend> {
     device.check_available()?;
     match device {
         Device::Cpu => Ok(&CpuBackend),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => Ok(crate::cuda::cuda_backend(i)?),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(crate::Error::DeviceNotAvailable {
             device,
             reason: "this build has no CUDA backend (feature `cuda`)",
@@ -121,6 +124,12 @@ impl Tensor {
     pub fn backend(&self) -> &'static dyn Backend {
         match self.storage() {
             Storage::Cpu(_) => &CpuBackend,
+            // The storage exists, so its GPU's backend was opened when it was made.
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => match crate::cuda::cuda_backend(s.ordinal()) {
+                Ok(b) => b,
+                Err(_) => unreachable!("a CUDA buffer exists only once its backend opened"),
+            },
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// Where a tensor's storage lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -22,7 +22,10 @@ impl Device {
     pub fn check_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(_) => Err(Error::DeviceNotAvailable {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => Ok(()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(crate::Error::DeviceNotAvailable {
                 device: self,
                 reason: "this build has no CUDA backend (feature `cuda`)",
             }),

@@ -95,6 +95,16 @@ pub enum Error {
         /// Why (e.g. "build has no feature `cuda`").
         reason: &'static str,
     },
+    /// A CUDA call failed (feature `cuda`): no driver or GPU, out of memory, a kernel error.
+    #[error("{op} on {device}: {message}")]
+    Cuda {
+        /// Op name.
+        op: &'static str,
+        /// The GPU.
+        device: Device,
+        /// The CUDA engine's error.
+        message: String,
+    },
     /// Operands live on different devices.
     #[error("{op}: operands on different devices, {lhs} vs {rhs}")]
     DeviceMismatch {

@@ -64,6 +64,8 @@
 
 pub mod backend;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

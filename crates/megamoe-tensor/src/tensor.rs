@@ -375,16 +375,19 @@ impl Tensor {
         self.backend().to_dtype(self, dtype)
     }
 
-    /// Copies to `device` (same device: shared handle).
+    /// Copies to `device` (same device: shared handle). Through host memory; leaving a
+    /// device is a host read (SYNC, counted).
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         device.check_available()?;
         if device == self.device() {
             return Ok(self.clone());
         }
-        Err(Error::DeviceNotAvailable {
-            device,
-            reason: "no cross-device copy in this build",
-        })
+        let target = crate::backend::backend_for(device)?;
+        if self.device() != Device::Cpu {
+            sync::record_host_read();
+        }
+        let data = self.backend().to_host(self)?;
+        target.upload(data, self.shape().clone())
     }
 
     /// A deep copy with its own buffer (of just this tensor's elements).
@@ -548,6 +551,24 @@ impl Tensor {
             Some(Buffer(Storage::Cpu(CpuStorage::F32(v)))) => Ok(v.as_mut_slice()),
             _ => unreachable!("buffer was just made a unique f32 buffer"),
         }
+    }
+
+    /// For in-place kernels of a device backend: makes this handle the unique owner of an
+    /// f32 buffer holding exactly its elements from offset 0, replacing it with `fresh(self)`
+    /// (a new f32 copy) when the buffer is shared, offset, larger or not f32 (copy-on-write).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn make_unique_f32(
+        &mut self,
+        fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let n = self.numel();
+        let unique = self.layout.offset == 0
+            && self.dtype() == DType::F32
+            && Arc::get_mut(&mut self.buffer).is_some_and(|b| b.0.len() == n);
+        if !unique {
+            *self = fresh(self)?;
+        }
+        Ok(())
     }
 
     /// Checks that `other` lives on the same device as `self`.

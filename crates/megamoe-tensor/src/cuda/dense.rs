@@ -1,0 +1,403 @@
+//! RMSNorm, RoPE, cross-entropy, AdamW (megamoe-cuda's step `Ops`, f32 parity path) and the
+//! index / copy family (`megamoe_cuda::tensor` kernels and 2-D device copies).
+
+use megamoe_cuda::AdamWParams;
+
+use super::{dev, view, CudaBackend};
+use crate::ops::index::IndexKernels;
+use crate::ops::loss::LossKernels;
+use crate::ops::norm::NormKernels;
+use crate::ops::optim::{AdamWStep, OptimKernels};
+use crate::ops::rope::RopeKernels;
+use crate::{DType, Error, Result, Shape, Tensor};
+
+impl NormKernels for CudaBackend {
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "rms_norm";
+        let (xf, wf) = (self.as_f32(x)?, self.as_f32(w)?);
+        let h = w.numel();
+        let rows = x.numel().checked_div(h).unwrap_or(0);
+        let e = self.engine(OP)?;
+        let (y, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        let (rstd, _) = self.empty(&e, [rows].into(), DType::F32)?;
+        if rows > 0 {
+            let (xv, wv, yv, rv) = (
+                view(OP, &xf)?,
+                view(OP, &wf)?,
+                view(OP, &y)?,
+                view(OP, &rstd)?,
+            );
+            self.ck(
+                OP,
+                e.ops_f32.rms_norm(&e.gpu, &xv, &wv, &yv, &rv, rows, h, eps),
+            )?;
+        }
+        Ok((y, rstd))
+    }
+
+    fn rms_norm_backward_input(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "rms_norm_backward_input";
+        let (df, xf, wf) = (self.as_f32(dy)?, self.as_f32(x)?, self.as_f32(w)?);
+        let h = w.numel();
+        let rows = rstd.numel();
+        let e = self.engine(OP)?;
+        let (dx, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        if rows > 0 {
+            let v = (
+                view(OP, &df)?,
+                view(OP, &xf)?,
+                view(OP, &wf)?,
+                view(OP, rstd)?,
+                view(OP, &dx)?,
+            );
+            self.ck(
+                OP,
+                e.ops_f32
+                    .rms_norm_backward_input(&e.gpu, &v.0, &v.1, &v.2, &v.3, &v.4, rows, h),
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn rms_norm_backward_weight(&self, dy: &Tensor, x: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+        const OP: &str = "rms_norm_backward_weight";
+        let (df, xf) = (self.as_f32(dy)?, self.as_f32(x)?);
+        let h = x.dims().last().copied().unwrap_or(1);
+        let rows = rstd.numel();
+        let e = self.engine(OP)?;
+        let (dw, dwd) = self.empty(&e, [h].into(), DType::F32)?;
+        if rows == 0 {
+            // SAFETY: `dw` holds h elements.
+            self.ck(OP, unsafe { e.tk.fill(&e.gpu, dwd, h, 0.0) })?;
+            return Ok(dw);
+        }
+        let v = (
+            view(OP, &df)?,
+            view(OP, &xf)?,
+            view(OP, rstd)?,
+            view(OP, &dw)?,
+        );
+        self.ck(
+            OP,
+            e.ops_f32
+                .rms_norm_backward_weight(&e.gpu, &v.0, &v.1, &v.2, &v.3, rows, h, false),
+        )?;
+        Ok(dw)
+    }
+}
+
+impl RopeKernels for CudaBackend {
+    fn rope(&self, x: &Tensor, theta: f32, sign: f32) -> Result<Tensor> {
+        const OP: &str = "rope";
+        let (b, t, nh, d) = x.dims4()?;
+        let xf = self.as_f32(x)?;
+        let e = self.engine(OP)?;
+        let (y, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        if x.numel() > 0 {
+            let (xv, yv) = (view(OP, &xf)?, view(OP, &y)?);
+            self.ck(
+                OP,
+                e.ops_f32
+                    .rope(&e.gpu, &xv, &yv, (b, t, nh, d), theta, sign < 0.0),
+            )?;
+        }
+        Ok(y)
+    }
+}
+
+impl LossKernels for CudaBackend {
+    /// Targets are checked on the host in debug builds only (one read); in release builds a
+    /// target outside `0..V` makes its row's loss and gradient NaN on the device (the
+    /// trainer's non-finite guard then stops), and the batcher checks tokens on the host.
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        ignore_index: i32,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "cross_entropy";
+        let (n, v) = logits.dims2()?;
+        if cfg!(debug_assertions) {
+            let t = self.down_i32(targets)?;
+            for (position, &ti) in t.iter().enumerate() {
+                if ti != ignore_index && (ti < 0 || ti as usize >= v) {
+                    return Err(Error::IndexOutOfRange {
+                        op: OP,
+                        index: ti as i64,
+                        position,
+                        bound: v,
+                    });
+                }
+            }
+        }
+        let lf = self.as_f32(logits)?;
+        let e = self.engine(OP)?;
+        let (loss, _) = self.empty(&e, Shape::from(Vec::new()), DType::F32)?;
+        let (grad, gd) = self.empty(&e, [n, v].into(), DType::F32)?;
+        if n == 0 || v == 0 {
+            // SAFETY: `loss` holds one element, `grad` n·v.
+            self.ck(OP, unsafe {
+                e.tk.fill(&e.gpu, super::dev(OP, &loss)?, 1, 0.0)
+            })?;
+            self.ck(OP, unsafe { e.tk.fill(&e.gpu, gd, n * v, 0.0) })?;
+            return Ok((loss, grad));
+        }
+        let (lv, tv, gv, sv) = (
+            view(OP, &lf)?,
+            view(OP, targets)?,
+            view(OP, &grad)?,
+            view(OP, &loss)?,
+        );
+        self.ck(
+            OP,
+            e.ops_f32
+                .cross_entropy(&e.gpu, &lv, &tv, &gv, &sv, (n, v), ignore_index),
+        )?;
+        Ok((loss, grad))
+    }
+}
+
+impl CudaBackend {
+    /// An i32 tensor's elements on the host (one counted read).
+    fn down_i32(&self, t: &Tensor) -> Result<Vec<i32>> {
+        crate::sync::record_host_read();
+        match crate::backend::HostTransfer::to_host(self, t)? {
+            crate::storage::CpuStorage::I32(v) => Ok(v),
+            _ => Err(Error::DTypeMismatch {
+                op: "to_host",
+                arg: "targets",
+                expected: "i32",
+                got: t.dtype(),
+            }),
+        }
+    }
+}
+
+impl OptimKernels for CudaBackend {
+    fn adamw(
+        &self,
+        param: &mut Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        grad: &Tensor,
+        h: &AdamWStep,
+    ) -> Result<()> {
+        const OP: &str = "adamw_step";
+        let fresh = |t: &Tensor| crate::backend::HostTransfer::to_dtype(self, t, DType::F32);
+        param.make_unique_f32(fresh)?;
+        m.make_unique_f32(fresh)?;
+        v.make_unique_f32(fresh)?;
+        let n = grad.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let hp = AdamWParams {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            t: h.t,
+        };
+        let e = self.engine(OP)?;
+        let ops = if grad.dtype() == DType::BF16 {
+            &e.ops_bf16
+        } else {
+            &e.ops_f32
+        };
+        let (pv, mv, vv, gv) = (
+            view(OP, param)?,
+            view(OP, m)?,
+            view(OP, v)?,
+            view(OP, grad)?,
+        );
+        self.ck(OP, ops.adamw(&e.gpu, &pv, &mv, &vv, &gv, None, n, &hp))
+    }
+}
+
+impl IndexKernels for CudaBackend {
+    fn index_select(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        const OP: &str = "index_select";
+        let (&n, rest) = x
+            .dims()
+            .split_first()
+            .ok_or_else(|| x.rank_error(OP, "x", 1))?;
+        let row: usize = rest.iter().product();
+        let r = idx.numel();
+        if cfg!(debug_assertions) {
+            self.check_ids(OP, idx, n)?;
+        }
+        let (xd, id) = (dev(OP, x)?, dev(OP, idx)?);
+        let mut shape = vec![r];
+        shape.extend_from_slice(rest);
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, shape.into(), x.dtype())?;
+        // SAFETY: ids in 0..n (checked by callers; in debug builds here), `x` holds n rows
+        // of `row` elements, the output r rows.
+        self.ck(OP, unsafe {
+            e.tk.gather_rows(&e.gpu, xd, id.ptr, d.ptr, r, row)
+        })?;
+        Ok(t)
+    }
+
+    fn index_add_rows(
+        &self,
+        dst: &mut Tensor,
+        idx: &Tensor,
+        src: &Tensor,
+        weights: Option<&Tensor>,
+    ) -> Result<()> {
+        const OP: &str = "index_add_rows";
+        let m = dst.dims().first().copied().unwrap_or(0);
+        let row: usize = dst.dims().iter().skip(1).product();
+        let n = idx.numel();
+        if cfg!(debug_assertions) {
+            self.check_ids(OP, idx, m)?;
+        }
+        let (id, sd) = (dev(OP, idx)?, dev(OP, src)?);
+        let wf = weights.map(|w| self.as_f32(w)).transpose()?;
+        let wd = wf.as_ref().map(|w| dev(OP, w)).transpose()?.map(|d| d.ptr);
+        // SAFETY: `dst` is a unique f32 [m, row] buffer, `src` [n, row], `idx` and `w` [n].
+        self.in_place(OP, dst, |e, d| unsafe {
+            e.tk.index_add_rows(&e.gpu, d.ptr, m, row, id.ptr, sd, wd, n)
+        })
+    }
+
+    fn gather_cols(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        const OP: &str = "gather_cols";
+        let (n, e_) = x.dims2()?;
+        let (_, k) = idx.dims2()?;
+        let (xd, id) = (dev(OP, x)?, dev(OP, idx)?);
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, [n, k].into(), DType::F32)?;
+        // SAFETY: `x` [n, e], `idx` and the output [n, k].
+        self.ck(OP, unsafe {
+            e.tk.gather_cols(&e.gpu, xd, id.ptr, d.ptr, n, e_, k)
+        })?;
+        Ok(t)
+    }
+
+    fn scatter_cols(&self, src: &Tensor, idx: &Tensor, n_cols: usize) -> Result<Tensor> {
+        const OP: &str = "scatter_cols";
+        let (n, k) = src.dims2()?;
+        let (sd, id) = (dev(OP, src)?, dev(OP, idx)?);
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, [n, n_cols].into(), DType::F32)?;
+        // SAFETY: `src` and `idx` [n, k], the output [n, n_cols].
+        self.ck(OP, unsafe {
+            e.tk.scatter_cols(&e.gpu, sd, id.ptr, d.ptr, n, n_cols, k)
+        })?;
+        Ok(t)
+    }
+
+    fn narrow_copy(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        const OP: &str = "narrow";
+        let (outer, size, inner) = x.shape().split_at_dim(OP, dim)?;
+        let mut shape = x.dims().to_vec();
+        shape[dim] = len;
+        let es = x.dtype().size_in_bytes();
+        let xd = dev(OP, x)?;
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, shape.into(), x.dtype())?;
+        // SAFETY: `outer` rows of `size·inner` elements in `x`, of `len·inner` in the output.
+        self.ck(OP, unsafe {
+            e.gpu.copy_2d(
+                d.ptr,
+                len * inner * es,
+                xd.ptr + (start * inner * es) as u64,
+                size * inner * es,
+                len * inner * es,
+                outer,
+            )
+        })?;
+        Ok(t)
+    }
+
+    fn cat(&self, tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        const OP: &str = "cat";
+        let Some(first) = tensors.first() else {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                arg: "tensors",
+                value: "[]".into(),
+                rule: "needs at least one tensor",
+            });
+        };
+        let (outer, _, inner) = first.shape().split_at_dim(OP, dim)?;
+        let total: usize = tensors.iter().map(|t| t.dims()[dim]).sum();
+        let mut shape = first.dims().to_vec();
+        shape[dim] = total;
+        let es = first.dtype().size_in_bytes();
+        let srcs = tensors
+            .iter()
+            .map(|t| {
+                if t.dtype() != first.dtype() {
+                    return Err(Error::DTypeMismatch {
+                        op: OP,
+                        arg: "tensors",
+                        expected: "one dtype for all",
+                        got: t.dtype(),
+                    });
+                }
+                Ok((dev(OP, t)?, t.dims()[dim]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, shape.into(), first.dtype())?;
+        let mut at = 0usize;
+        for (s, size) in srcs {
+            // SAFETY: `outer` rows of `size·inner` elements in the source, of `total·inner`
+            // in the output, written at column `at`.
+            self.ck(OP, unsafe {
+                e.gpu.copy_2d(
+                    d.ptr + (at * inner * es) as u64,
+                    total * inner * es,
+                    s.ptr,
+                    size * inner * es,
+                    size * inner * es,
+                    outer,
+                )
+            })?;
+            at += size;
+        }
+        Ok(t)
+    }
+
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        const OP: &str = "permute";
+        let shape: Vec<usize> = perm.iter().map(|&p| x.dims()[p]).collect();
+        let xd = dev(OP, x)?;
+        let dims = x.dims().to_vec();
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, shape.into(), x.dtype())?;
+        // SAFETY: `x` and the output hold the same number of elements.
+        self.ck(OP, unsafe { e.tk.permute(&e.gpu, xd, d.ptr, &dims, perm) })?;
+        Ok(t)
+    }
+}
+
+impl CudaBackend {
+    /// Debug builds: every id in `0..bound` (one counted host read).
+    fn check_ids(&self, op: &'static str, idx: &Tensor, bound: usize) -> Result<()> {
+        let ids = self.down_i32(idx)?;
+        if let Some((position, &index)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &i)| i < 0 || i as usize >= bound)
+        {
+            return Err(Error::IndexOutOfRange {
+                op,
+                index: index as i64,
+                position,
+                bound,
+            });
+        }
+        Ok(())
+    }
+}

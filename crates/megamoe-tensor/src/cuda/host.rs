@@ -1,0 +1,96 @@
+//! [`HostTransfer`] on the GPU: uploads, downloads (the only synchronising calls), fills,
+//! casts and copies.
+
+use half::bf16;
+
+use super::{dev, CudaBackend, CudaStorage};
+use crate::backend::HostTransfer;
+use crate::storage::{CpuStorage, Storage};
+use crate::{DType, Result, Shape, Tensor};
+
+impl HostTransfer for CudaBackend {
+    fn upload(&self, data: CpuStorage, shape: Shape) -> Result<Tensor> {
+        const OP: &str = "upload";
+        let e = self.engine(OP)?;
+        let (t, _) = self.empty(&e, shape, data.dtype())?;
+        if let Storage::Cuda(s) = t.storage() {
+            let r = match &data {
+                CpuStorage::F32(v) if !v.is_empty() => e.gpu.upload(&s.buf, v),
+                CpuStorage::BF16(v) if !v.is_empty() => e.gpu.upload(&s.buf, v),
+                CpuStorage::I32(v) if !v.is_empty() => e.gpu.upload(&s.buf, v),
+                _ => Ok(()),
+            };
+            self.ck(OP, r)?;
+        }
+        Ok(t)
+    }
+
+    fn to_host(&self, x: &Tensor) -> Result<CpuStorage> {
+        const OP: &str = "to_host";
+        let e = self.engine(OP)?;
+        let Storage::Cuda(s) = x.storage() else {
+            return Err(crate::Error::NotOnCpu {
+                op: OP,
+                device: x.device(),
+            });
+        };
+        let n = x.numel();
+        if n == 0 {
+            return Ok(match s.dtype {
+                DType::F32 => CpuStorage::F32(Vec::new()),
+                DType::BF16 => CpuStorage::BF16(Vec::new()),
+                DType::I32 => CpuStorage::I32(Vec::new()),
+            });
+        }
+        let src = super::view(OP, x)?;
+        Ok(match s.dtype {
+            DType::F32 => {
+                let mut v = vec![0f32; n];
+                self.ck(OP, e.gpu.download(&src, &mut v))?;
+                CpuStorage::F32(v)
+            }
+            DType::BF16 => {
+                let mut v = vec![bf16::ZERO; n];
+                self.ck(OP, e.gpu.download(&src, &mut v))?;
+                CpuStorage::BF16(v)
+            }
+            DType::I32 => {
+                let mut v = vec![0i32; n];
+                self.ck(OP, e.gpu.download(&src, &mut v))?;
+                CpuStorage::I32(v)
+            }
+        })
+    }
+
+    fn full(&self, shape: Shape, value: f32, dtype: DType) -> Result<Tensor> {
+        const OP: &str = "full";
+        let e = self.engine(OP)?;
+        let n = shape.numel();
+        let (t, d) = self.empty(&e, shape, dtype)?;
+        // SAFETY: `d` is the fresh buffer of `n` elements.
+        self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, n, value) })?;
+        Ok(t)
+    }
+
+    fn to_dtype(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        const OP: &str = "to_dtype";
+        let e = self.engine(OP)?;
+        let n = x.numel();
+        let src = dev(OP, x)?;
+        let (t, d) = self.empty(&e, x.shape().clone(), dtype)?;
+        // SAFETY: `src` holds `x`'s n elements, `d` the fresh n-element buffer.
+        self.ck(OP, unsafe { e.tk.cast(&e.gpu, src, d, n) })?;
+        Ok(t)
+    }
+
+    fn copy(&self, x: &Tensor) -> Result<Tensor> {
+        self.to_dtype(x, x.dtype())
+    }
+}
+
+impl CudaStorage {
+    /// Bytes of the device allocation.
+    pub fn bytes(&self) -> usize {
+        self.buf.bytes()
+    }
+}

@@ -1,0 +1,294 @@
+//! The matmul family on cuBLAS (f32 accumulation; f32 operands use no TF32, so f32 runs
+//! are the parity path). Two bf16 operands run as a bf16 GEMM with an f32 result; a mixed
+//! pair is widened to f32 first (the CPU backend's semantics), unless the backend is in
+//! bf16-matmul mode (both rounded to bf16). Grouped matmuls read the
+//! group sizes and offsets to the host (one counted read) and issue one GEMM per group.
+
+use megamoe_cuda::{Elem, Operand};
+
+use super::{dev, CudaBackend, Engine};
+use crate::ops::matmul::MatmulKernels;
+use crate::{DType, Error, Result, RowGroups, Tensor};
+
+/// Logical `(rows, cols)` of `op(t)` for a rank-2 `t`.
+fn logical(t: &Tensor, trans: bool) -> Result<(usize, usize)> {
+    let (r, c) = t.dims2()?;
+    Ok(if trans { (c, r) } else { (r, c) })
+}
+
+fn elem(d: DType) -> Elem {
+    if d == DType::BF16 {
+        Elem::Bf16
+    } else {
+        Elem::F32
+    }
+}
+
+impl CudaBackend {
+    /// `a`, `b` as one GEMM input type: both bf16 stay bf16 (and both are rounded to bf16
+    /// in bf16-matmul mode), anything else is f32.
+    fn gemm_pair(&self, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let bf = |t: &Tensor| {
+            if t.dtype() == DType::BF16 {
+                Ok(t.clone())
+            } else {
+                crate::backend::HostTransfer::to_dtype(self, t, DType::BF16)
+            }
+        };
+        if self.bf16_matmul() || (a.dtype() == DType::BF16 && b.dtype() == DType::BF16) {
+            Ok((bf(a)?, bf(b)?))
+        } else {
+            Ok((self.as_f32(a)?, self.as_f32(b)?))
+        }
+    }
+
+    /// `C[m, n] (f32) = alpha · op(A) · op(B) + beta · C` for `batch` strided entries.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        e: &Engine,
+        op: &'static str,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: u64,
+        c_stride: usize,
+        batch: usize,
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let c = Operand::dense(c, Elem::F32, n, c_stride);
+        if k == 0 {
+            // An empty inner dimension: C = beta · C.
+            let d = megamoe_cuda::tensor::Dev::f32(c.ptr);
+            // SAFETY: C holds batch·m·n f32 elements (its stride is m·n).
+            return self.ck(op, unsafe {
+                e.tk.unary(
+                    &e.gpu,
+                    megamoe_cuda::tensor::Unary::Affine {
+                        mul: beta,
+                        add: 0.0,
+                    },
+                    d,
+                    d,
+                    batch * m * n,
+                )
+            });
+        }
+        self.ck(op, e.gpu.gemm(m, n, k, a, b, c, batch, 1.0, beta))
+    }
+}
+
+/// A row-major operand of logical `op(t)` at element `at` of `t`, batch stride `stride`.
+fn operand(t: &Tensor, ptr: u64, trans: bool, cols: usize, stride: usize) -> Operand {
+    let mut o = Operand::dense(ptr, elem(t.dtype()), cols, stride);
+    o.trans = trans;
+    o
+}
+
+impl MatmulKernels for CudaBackend {
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        const OP: &str = "matmul";
+        let (m, k) = logical(a, trans_a)?;
+        let (_, n) = logical(b, trans_b)?;
+        let (a, b) = self.gemm_pair(a, b)?;
+        let (ad, bd) = (dev(OP, &a)?, dev(OP, &b)?);
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, [m, n].into(), DType::F32)?;
+        let oa = operand(&a, ad.ptr, trans_a, a.dims()[1], 0);
+        let ob = operand(&b, bd.ptr, trans_b, b.dims()[1], 0);
+        self.gemm(&e, OP, (m, n, k), oa, ob, d.ptr, 0, 1, 0.0)?;
+        Ok(t)
+    }
+
+    fn matmul_acc(
+        &self,
+        out: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        trans_a: bool,
+        trans_b: bool,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "matmul_acc";
+        let (m, k) = logical(a, trans_a)?;
+        let (_, n) = logical(b, trans_b)?;
+        let (a, b) = self.gemm_pair(a, b)?;
+        let (ad, bd) = (dev(OP, &a)?, dev(OP, &b)?);
+        self.in_place(OP, out, |_, _| Ok(()))?;
+        let od = dev(OP, out)?;
+        let e = self.engine(OP)?;
+        let oa = operand(&a, ad.ptr, trans_a, a.dims()[1], 0);
+        let ob = operand(&b, bd.ptr, trans_b, b.dims()[1], 0);
+        self.gemm(&e, OP, (m, n, k), oa, ob, od.ptr, 0, 1, beta)
+    }
+
+    fn bmm(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        const OP: &str = "bmm";
+        let (batch, a0, a1) = a.dims3()?;
+        let (m, k) = if trans_a { (a1, a0) } else { (a0, a1) };
+        let (b_shared, b0, b1) = match *b.dims() {
+            [_, x, y] => (false, x, y),
+            [x, y] => (true, x, y),
+            _ => return Err(b.rank_error(OP, "b", 3)),
+        };
+        let n = if trans_b { b0 } else { b1 };
+        let (a, b) = self.gemm_pair(a, b)?;
+        let (ad, bd) = (dev(OP, &a)?, dev(OP, &b)?);
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, [batch, m, n].into(), DType::F32)?;
+        let oa = operand(&a, ad.ptr, trans_a, a1, a0 * a1);
+        let ob = operand(&b, bd.ptr, trans_b, b1, if b_shared { 0 } else { b0 * b1 });
+        self.gemm(&e, OP, (m, n, k), oa, ob, d.ptr, m * n, batch, 0.0)?;
+        Ok(t)
+    }
+
+    fn grouped_matmul(
+        &self,
+        x: &Tensor,
+        groups: &RowGroups,
+        w: &Tensor,
+        trans_w: bool,
+    ) -> Result<Tensor> {
+        const OP: &str = "grouped_matmul";
+        let (r, _) = x.dims2()?;
+        let n = if trans_w { w.dims()[1] } else { w.dims()[2] };
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, [r, n].into(), DType::F32)?;
+        // SAFETY: the output holds r·n elements.
+        self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, r * n, 0.0) })?;
+        drop(e);
+        let mut out = t;
+        self.grouped_matmul_acc(&mut out, x, groups, w, trans_w, 0.0)?;
+        Ok(out)
+    }
+
+    fn grouped_matmul_acc(
+        &self,
+        out: &mut Tensor,
+        x: &Tensor,
+        groups: &RowGroups,
+        w: &Tensor,
+        trans_w: bool,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul";
+        let (r, kx) = x.dims2()?;
+        let (_, w1, w2) = w.dims3()?;
+        let n = if trans_w { w1 } else { w2 };
+        let spans = self.spans(OP, groups, r)?;
+        let (x, w) = self.gemm_pair(x, w)?;
+        let (xd, wd) = (dev(OP, &x)?, dev(OP, &w)?);
+        self.in_place(OP, out, |_, _| Ok(()))?;
+        let od = dev(OP, out)?;
+        let (xs, ws) = (x.dtype().size_in_bytes(), w.dtype().size_in_bytes());
+        let e = self.engine(OP)?;
+        for (g, (o, s)) in spans.into_iter().enumerate() {
+            if s == 0 {
+                continue;
+            }
+            let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
+            let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
+            let oc = od.ptr + (o * n * 4) as u64;
+            self.gemm(&e, OP, (s, n, kx), oa, ob, oc, 0, 1, beta)?;
+        }
+        Ok(())
+    }
+
+    fn grouped_matmul_wgrad(&self, dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
+        const OP: &str = "grouped_matmul_wgrad";
+        let (_, n) = dy.dims2()?;
+        let (_, k) = x.dims2()?;
+        let g = groups.len();
+        let e = self.engine(OP)?;
+        let (t, d) = self.empty(&e, [g, n, k].into(), DType::F32)?;
+        // SAFETY: the output holds g·n·k elements.
+        self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, g * n * k, 0.0) })?;
+        drop(e);
+        let mut out = t;
+        self.grouped_matmul_wgrad_acc(&mut out, dy, x, groups, 0.0)?;
+        Ok(out)
+    }
+
+    fn grouped_matmul_wgrad_acc(
+        &self,
+        out: &mut Tensor,
+        dy: &Tensor,
+        x: &Tensor,
+        groups: &RowGroups,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul_wgrad";
+        let (r, n) = dy.dims2()?;
+        let (_, k) = x.dims2()?;
+        let spans = self.spans(OP, groups, r)?;
+        let (dy, x) = self.gemm_pair(dy, x)?;
+        let (dd, xd) = (dev(OP, &dy)?, dev(OP, &x)?);
+        self.in_place(OP, out, |_, _| Ok(()))?;
+        let od = dev(OP, out)?;
+        let es = x.dtype().size_in_bytes();
+        let e = self.engine(OP)?;
+        for (g, (o, s)) in spans.into_iter().enumerate() {
+            let oc = od.ptr + (g * n * k * 4) as u64;
+            if s == 0 {
+                // An empty group's gradient is beta · its old value.
+                self.gemm(
+                    &e,
+                    OP,
+                    (n, k, 0),
+                    Operand::dense(0, Elem::F32, 1, 0),
+                    Operand::dense(0, Elem::F32, 1, 0),
+                    oc,
+                    0,
+                    1,
+                    beta,
+                )?;
+                continue;
+            }
+            let oa = operand(&dy, dd.ptr + (o * n * es) as u64, true, n, 0);
+            let ob = operand(&x, xd.ptr + (o * k * es) as u64, false, k, 0);
+            self.gemm(&e, OP, (n, k, s), oa, ob, oc, 0, 1, beta)?;
+        }
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// The groups' `(offset, size)` on the host (one counted read), checked as the CPU
+    /// backend checks them.
+    fn spans(
+        &self,
+        op: &'static str,
+        groups: &RowGroups,
+        rows: usize,
+    ) -> Result<Vec<(usize, usize)>> {
+        let sizes = groups.sizes().to_host_i32()?;
+        crate::sync::record_host_read();
+        let offsets = crate::backend::HostTransfer::to_host(self, groups.offsets())?;
+        let crate::storage::CpuStorage::I32(offsets) = offsets else {
+            return Err(Error::DTypeMismatch {
+                op,
+                arg: "groups.offsets",
+                expected: "i32",
+                got: groups.offsets().dtype(),
+            });
+        };
+        let mut spans = Vec::with_capacity(sizes.len());
+        let mut end = 0usize;
+        for (g, (&o, &s)) in offsets.iter().zip(&sizes).enumerate() {
+            if o < 0 || s < 0 || (o as usize) < end || o as usize + s as usize > rows {
+                return Err(Error::InvalidArgument {
+                    op,
+                    arg: "groups",
+                    value: format!("group {g}: offset {o}, size {s}, rows {rows}"),
+                    rule: "groups must be non-negative, in order, disjoint and inside the rows",
+                });
+            }
+            end = o as usize + s as usize;
+            spans.push((o as usize, s as usize));
+        }
+        Ok(spans)
+    }
+}

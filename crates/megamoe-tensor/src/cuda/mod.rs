@@ -1,0 +1,255 @@
+//! The CUDA backend (feature `cuda`): [`CudaStorage`] buffers from megamoe-cuda's
+//! stream-ordered pool and a [`CudaBackend`] per GPU implementing every kernel family with
+//! megamoe-cuda's kernels (`megamoe_cuda::tensor` for the generic families, `ops` for
+//! RMSNorm / RoPE / cross-entropy / AdamW, cuBLAS for the matmuls).
+//!
+//! # Engine and threads
+//! One engine per GPU ordinal (context, stream, cuBLAS handle, kernel modules), opened on
+//! first use and kept for the process, behind a mutex: kernels are queued on the engine's
+//! one stream in call order, so every op is ordered after the ops that produced its inputs,
+//! and no host synchronisation happens except in `to_host` and the host-staged ops below.
+//!
+//! # Host-staged ops
+//! The MoE routing and capacity families, grouped matmuls over packed groups (cuBLAS needs
+//! host group sizes) and the named RNG run as: read the inputs to the host, run the CPU
+//! kernel, upload the result. Each read is counted in [`host_reads`](crate::host_reads), so a
+//! step's metrics show what they cost; they are the next kernels to move to the device.
+
+mod dense;
+mod elementwise;
+mod host;
+mod matmul;
+mod staged;
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use megamoe_cuda::tensor::{Dev, Dtype, TensorKernels};
+use megamoe_cuda::{DeviceBuffer, DeviceView, Elem, Gpu, Ops};
+
+use crate::storage::Storage;
+use crate::{DType, Device, Error, Result, Shape, Tensor};
+
+/// A buffer on a GPU: device memory from the engine's pool, its element type and count.
+#[derive(Debug)]
+pub struct CudaStorage {
+    buf: DeviceBuffer,
+    dtype: DType,
+    len: usize,
+    ordinal: usize,
+}
+
+impl CudaStorage {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The GPU ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Device address of element 0.
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+}
+
+/// The engine of one GPU (see the module doc).
+pub(crate) struct Engine {
+    pub(crate) gpu: Gpu,
+    pub(crate) tk: TensorKernels,
+    pub(crate) ops_f32: Ops,
+    pub(crate) ops_bf16: Ops,
+}
+
+/// The backend of GPU `ordinal`.
+pub struct CudaBackend {
+    ordinal: usize,
+    engine: Mutex<Engine>,
+    /// Matmuls round both operands to bf16 (f32 accumulation and result), see
+    /// [`CudaBackend::set_bf16_matmul`].
+    bf16_matmul: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend(cuda:{})", self.ordinal)
+    }
+}
+
+/// GPUs a process can address through this backend.
+const MAX_GPUS: usize = 16;
+
+#[allow(clippy::declare_interior_mutable_const)]
+const UNOPENED: OnceLock<std::result::Result<CudaBackend, String>> = OnceLock::new();
+static BACKENDS: [OnceLock<std::result::Result<CudaBackend, String>>; MAX_GPUS] =
+    [UNOPENED; MAX_GPUS];
+
+/// The backend of GPU `ordinal`, opening its engine on first use. A machine without a
+/// driver or GPU gets [`Error::DeviceNotAvailable`]-style [`Error::Cuda`] naming why.
+pub fn cuda_backend(ordinal: usize) -> Result<&'static CudaBackend> {
+    let device = Device::Cuda(ordinal);
+    let slot = BACKENDS.get(ordinal).ok_or(Error::DeviceNotAvailable {
+        device,
+        reason: "GPU ordinal above the 16 this backend addresses",
+    })?;
+    let opened = slot.get_or_init(|| open(ordinal).map_err(|e| e.to_string()));
+    opened.as_ref().map_err(|message| Error::Cuda {
+        op: "open GPU",
+        device,
+        message: message.clone(),
+    })
+}
+
+fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
+    let mut gpu = Gpu::new(ordinal)?;
+    let tk = TensorKernels::new(&mut gpu)?;
+    let ops_f32 = Ops::new(&mut gpu, Elem::F32)?;
+    let ops_bf16 = Ops::new(&mut gpu, Elem::Bf16)?;
+    Ok(CudaBackend {
+        ordinal,
+        engine: Mutex::new(Engine {
+            gpu,
+            tk,
+            ops_f32,
+            ops_bf16,
+        }),
+        bf16_matmul: std::sync::atomic::AtomicBool::new(false),
+    })
+}
+
+impl crate::backend::Backend for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+}
+
+impl CudaBackend {
+    /// The engine, locked, with its context current on this thread.
+    pub(crate) fn engine(&self, op: &'static str) -> Result<MutexGuard<'_, Engine>> {
+        let e = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        e.gpu.bind().map_err(|err| self.err(op, err))?;
+        Ok(e)
+    }
+
+    /// A CUDA error of `op` on this GPU.
+    pub(crate) fn err(&self, op: &'static str, e: megamoe_cuda::Error) -> Error {
+        Error::Cuda {
+            op,
+            device: Device::Cuda(self.ordinal),
+            message: e.to_string(),
+        }
+    }
+
+    /// With `on`, every matmul (dense, batched, grouped) rounds its operands to bf16 and
+    /// runs a bf16 GEMM with f32 accumulation and an f32 result, as mixed-precision
+    /// training does (`train.dtype = "bf16"` on a GPU); everything else stays f32. Off by
+    /// default: f32 GEMMs without TF32, the parity path.
+    pub fn set_bf16_matmul(&self, on: bool) {
+        self.bf16_matmul
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether matmuls run in bf16 (see [`CudaBackend::set_bf16_matmul`]).
+    pub fn bf16_matmul(&self) -> bool {
+        self.bf16_matmul.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Pool counters of this GPU: (reserved, used, peak) bytes.
+    pub fn pool_stats(&self) -> Result<megamoe_cuda::PoolStats> {
+        let e = self.engine("pool_stats")?;
+        e.gpu
+            .pool_stats()
+            .map_err(|err| self.err("pool_stats", err))
+    }
+
+    /// Starts a new peak window of the pool counters.
+    pub fn reset_peak(&self) -> Result<()> {
+        let e = self.engine("reset_peak")?;
+        e.gpu.reset_peak();
+        Ok(())
+    }
+
+    /// Waits for every queued kernel (the step boundary of a benchmark).
+    pub fn synchronize(&self) -> Result<()> {
+        let e = self.engine("synchronize")?;
+        e.gpu
+            .synchronize()
+            .map_err(|err| self.err("synchronize", err))
+    }
+
+    /// The device name (e.g. "NVIDIA H200").
+    pub fn device_name(&self) -> Result<String> {
+        Ok(self.engine("device_name")?.gpu.info().name.clone())
+    }
+
+    /// A fresh tensor of `shape` and `dtype` on this GPU (uninitialised) and its address.
+    pub(crate) fn empty(&self, e: &Engine, shape: Shape, dtype: DType) -> Result<(Tensor, Dev)> {
+        let len = shape.numel();
+        let buf = e
+            .gpu
+            .alloc(len.max(1) * dtype.size_in_bytes())
+            .map_err(|err| self.err("alloc", err))?;
+        let d = Dev::new(buf.ptr(), kdt(dtype));
+        let t = Tensor::from_storage(
+            Storage::Cuda(CudaStorage {
+                buf,
+                dtype,
+                len,
+                ordinal: self.ordinal,
+            }),
+            shape,
+        )?;
+        Ok((t, d))
+    }
+
+    /// Maps a megamoe-cuda result of `op` into this crate's error.
+    pub(crate) fn ck<T>(&self, op: &'static str, r: megamoe_cuda::Result<T>) -> Result<T> {
+        r.map_err(|e| self.err(op, e))
+    }
+}
+
+/// The kernels' element type of a dtype.
+pub(crate) fn kdt(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::BF16 => Dtype::Bf16,
+        DType::I32 => Dtype::I32,
+    }
+}
+
+/// The kernels' view of `t`: its storage's address plus its offset, and its dtype. Errors
+/// (naming `op`) if `t` is not on a GPU.
+pub(crate) fn dev(op: &'static str, t: &Tensor) -> Result<Dev> {
+    match t.storage() {
+        Storage::Cuda(s) => Ok(Dev::new(
+            s.ptr() + (t.layout().offset() * t.dtype().size_in_bytes()) as u64,
+            kdt(t.dtype()),
+        )),
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::DeviceMismatch {
+            op,
+            lhs: t.device(),
+            rhs: Device::Cuda(0),
+        }),
+    }
+}
+
+/// `t`'s elements as a device view (for megamoe-cuda's `Ops`, which check sizes).
+pub(crate) fn view<'a>(op: &'static str, t: &'a Tensor) -> Result<DeviceView<'a>> {
+    let d = dev(op, t)?;
+    // SAFETY: the address range is `t`'s elements inside its live buffer, and the view
+    // borrows `t`, which keeps the buffer alive while the view is used.
+    Ok(unsafe { DeviceView::from_raw(d.ptr, t.numel() * t.dtype().size_in_bytes()) })
+}
