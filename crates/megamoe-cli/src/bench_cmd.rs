@@ -1,5 +1,6 @@
 //! `megamoe bench moe`: times the MoE layer on GPU 0 (needs the `cuda` cargo feature and
 //! an NVIDIA driver). CUDA-event timing, median of `--iters` runs after `--warmup`.
+//! `megamoe bench step` lives in `bench_step.rs`.
 
 use clap::{Args, Subcommand, ValueEnum};
 use std::process::ExitCode;
@@ -18,6 +19,9 @@ pub enum BenchTarget {
     /// static capacity, random router and data, bf16 by default.
     #[command(after_long_help = MOE_LONG_HELP)]
     Moe(MoeBenchArgs),
+    /// Whole training steps of a config (forward, backward, optimizer) with the same
+    /// trainer as `megamoe train`: median step time, tokens/s, MFU, memory.
+    Step(crate::bench_step::StepBenchArgs),
 }
 
 /// Named shapes.
@@ -111,6 +115,7 @@ pub fn dims(a: &MoeBenchArgs) -> anyhow::Result<(usize, usize, usize, usize, usi
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &args.target {
         BenchTarget::Moe(a) => run_moe(a),
+        BenchTarget::Step(a) => crate::bench_step::run(a),
     }
 }
 

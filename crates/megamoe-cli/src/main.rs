@@ -3,6 +3,7 @@
 
 mod args;
 mod bench_cmd;
+mod bench_step;
 mod config_cmd;
 mod plan_cmd;
 mod probe_cmd;

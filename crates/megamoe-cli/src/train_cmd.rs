@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use megamoe_plan::{MemoryLimit, Plan, RawConfig};
+use megamoe_tensor::Device;
 use megamoe_train::checkpoint::run_dir_of;
 use megamoe_train::checkpoint::{ConfigChange, STATE_FILE};
 use megamoe_train::session::{
@@ -54,10 +55,17 @@ pub struct TrainArgs {
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
 
-    /// Peak FLOP/s of this machine for the MFU column (e.g. 1.5e11). Default: the
-    /// dense f32 matrix-multiply rate measured at start (about 0.2 s).
+    /// Peak FLOP/s of this machine for the MFU column (e.g. 1.5e11). Default: on the
+    /// CPU the dense f32 matrix-multiply rate measured at start (about 0.2 s); on a GPU
+    /// 989e12 (H100/H200 dense bf16, the usual MFU reference).
     #[arg(long, value_name = "FLOPS")]
     pub peak_flops: Option<f64>,
+
+    /// Device to train on: `cpu` (default), `cuda` or `cuda:N` (GPU N; needs a build
+    /// with `--features cuda`). The same model code runs on both backends; on a GPU
+    /// `train.dtype = "bf16"` runs the matmuls in bf16 (f32 accumulation).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
 
     /// Tokens generated for the final text sample (0 = none).
     #[arg(long, value_name = "N", default_value_t = 64)]
@@ -186,9 +194,18 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         Plan::resolve_within(&raw, None, &ram)?;
     }
     let data = open_data(args, origin.as_ref())?;
+    args.device.check_available()?;
+    if args.world > 1 && args.device != Device::Cpu {
+        anyhow::bail!(
+            "--world {} runs thread ranks on the CPU; --device {} trains on one GPU (drop one of them)",
+            args.world,
+            args.device
+        );
+    }
     let peak = match args.peak_flops {
         Some(f) if f.is_finite() && f > 0.0 => Peak::Given(f),
         Some(f) => anyhow::bail!("--peak-flops {f} must be a positive number of FLOP/s"),
+        None if args.device != Device::Cpu => Peak::Given(GPU_PEAK_FLOPS),
         None => Peak::Measured(megamoe_train::peak::measure_cpu_gemm_flops(
             std::time::Duration::from_millis(200),
         )?),
@@ -201,6 +218,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         data,
         TrainerOptions {
             peak_flops: Some(peak.flops()),
+            device: args.device,
         },
     )?;
     let (run_dir, _lock) = match lock {
@@ -279,6 +297,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(summary) => {
             print!("{summary}");
+            if let Some(line) = gpu_memory_line(args.device)? {
+                println!("{line}");
+            }
             println!("run dir    {} (megamoe report {0})", run.path().display());
             Ok(ExitCode::SUCCESS)
         }
@@ -347,4 +368,43 @@ fn open_data(
         Some(p) => DataSource::from_path(&p, Tokenizer::bytes()).context("--data")?,
         None => DataSource::synthetic(Tokenizer::bytes()),
     }))
+}
+
+/// MFU reference of `--device cuda` without `--peak-flops`: H100/H200 dense bf16.
+const GPU_PEAK_FLOPS: f64 = 989e12;
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("`{s}` is not a device: use cpu, cuda or cuda:N")),
+    }
+}
+
+/// The GPU pool's reserved / in use / peak bytes after the run (`None` on the CPU).
+#[cfg(feature = "cuda")]
+fn gpu_memory_line(device: Device) -> anyhow::Result<Option<String>> {
+    let Device::Cuda(i) = device else {
+        return Ok(None);
+    };
+    let b = megamoe_tensor::cuda::cuda_backend(i)?;
+    let s = b.pool_stats()?;
+    let gib = |v: u64| v as f64 / (1u64 << 30) as f64;
+    Ok(Some(format!(
+        "gpu memory {} pool: reserved {:.2} GiB, in use {:.2} GiB, peak {:.2} GiB",
+        b.device_name()?,
+        gib(s.reserved),
+        gib(s.used),
+        gib(s.peak)
+    )))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory_line(_device: Device) -> anyhow::Result<Option<String>> {
+    Ok(None)
 }

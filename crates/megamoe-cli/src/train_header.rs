@@ -72,7 +72,12 @@ pub fn header_lines(trainer: &Trainer, info: &HeaderInfo<'_>) -> Vec<String> {
             plan.train.recompute
         ),
         format!("optim    {}", optimizer(plan)),
-        format!("device   cpu, {threads} threads | mfu relative to {peak}"),
+        match trainer.device() {
+            megamoe_tensor::Device::Cpu => {
+                format!("device   cpu, {threads} threads | mfu relative to {peak}")
+            }
+            gpu => format!("device   {gpu} | mfu relative to {peak}"),
+        },
         format!(
             "data     {} ({})",
             trainer.data().name(),

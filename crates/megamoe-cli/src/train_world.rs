@@ -65,6 +65,7 @@ pub fn run(
     };
     let options = TrainerOptions {
         peak_flops: Some(peak.flops()),
+        device: megamoe_tensor::Device::Cpu,
     };
     let diverged = AtomicBool::new(false);
     let outcome = run_thread_ranks(world, |comm| {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, TokenDispatcher};
 use megamoe_optim::ParamRole;
-use megamoe_tensor::{DType, Device, Tensor, IGNORE_INDEX};
+use megamoe_tensor::{DType, Tensor, IGNORE_INDEX};
 
 use crate::attention::{Attention, AttentionConfig};
 use crate::block::{Block, BlockParams};
@@ -435,12 +435,13 @@ impl Model {
         // copy of the model built for that length (same parameters).
         let mut by_len: Vec<Option<Model>> = (0..=self.cfg.seq_len).map(|_| None).collect();
         let mut rng = sampling.seed ^ 0x9E37_79B9_7F4A_7C15;
+        let device = p.embed_tokens.device();
         for _ in 0..n {
             let start = out.len().saturating_sub(self.cfg.seq_len);
             let ctx = &out[start..];
             let t = ctx.len();
-            let ids = Tensor::from_vec_i32(ctx.to_vec(), [1, t], Device::Cpu)?;
-            let targets = Tensor::full([1, t], IGNORE_INDEX as f32, DType::I32, Device::Cpu)?;
+            let ids = Tensor::from_vec_i32(ctx.to_vec(), [1, t], device)?;
+            let targets = Tensor::full([1, t], IGNORE_INDEX as f32, DType::I32, device)?;
             let model = if t == self.cfg.seq_len {
                 self
             } else {

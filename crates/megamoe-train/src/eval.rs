@@ -29,7 +29,7 @@ impl Trainer {
         let names = self.batcher.source().domain_names();
         let mut per_domain: BTreeMap<u16, (f64, u64)> = BTreeMap::new();
         for b in batches {
-            let (ids, targets) = batch_tensors(b)?;
+            let (ids, targets) = batch_tensors(b, self.options.device)?;
             let out = self
                 .model
                 .forward(&self.params, &ids, &targets, self.step as usize)?;

@@ -263,10 +263,13 @@ pub fn run_training(
         active_params: counts.active_params,
         data: trainer.data().name().to_string(),
         domains: trainer.data().domain_names(),
-        device: format!(
-            "cpu ({} threads)",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        ),
+        device: match trainer.device() {
+            megamoe_tensor::Device::Cpu => format!(
+                "cpu ({} threads)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+            gpu => gpu.to_string(),
+        },
     }))?;
     let mut summary = RunSummary {
         run_dir: run_dir.to_path_buf(),

@@ -6,6 +6,53 @@ use megamoe_plan::{Plan, Precision, Recompute};
 
 use crate::error::{Error, Result};
 
+/// [`check_cpu_trainer_support`] for a trainer on `device`. On a GPU `train.dtype = "bf16"`
+/// is accepted and switches the device's matmuls to bf16 operands with f32 accumulation
+/// (activations, gradients, master weights and moments stay f32); the other checks are
+/// the CPU's.
+pub fn check_trainer_support(plan: &Plan, device: megamoe_tensor::Device) -> Result<()> {
+    match gpu_plan(plan, device)? {
+        None => check_cpu_trainer_support(plan),
+        Some(p) => check_cpu_trainer_support(&p),
+    }
+}
+
+/// [`check_cpu_numerics`] for a trainer (or one rank of one) on `device`, as
+/// [`check_trainer_support`] treats `train.dtype`.
+pub fn check_numerics(plan: &Plan, device: megamoe_tensor::Device) -> Result<()> {
+    match gpu_plan(plan, device)? {
+        None => check_cpu_numerics(plan),
+        Some(p) => check_cpu_numerics(&p),
+    }
+}
+
+/// On a GPU: sets its matmul precision from `train.dtype` and returns the plan with the
+/// dtype the remaining checks see (f32); `None` on the CPU.
+fn gpu_plan(plan: &Plan, device: megamoe_tensor::Device) -> Result<Option<Plan>> {
+    if device == megamoe_tensor::Device::Cpu {
+        return Ok(None);
+    }
+    set_matmul_precision(device, plan.train.precision == Precision::Bf16)?;
+    let mut p = plan.clone();
+    p.train.precision = Precision::F32;
+    Ok(Some(p))
+}
+
+#[cfg(feature = "cuda")]
+fn set_matmul_precision(device: megamoe_tensor::Device, bf16: bool) -> Result<()> {
+    if let megamoe_tensor::Device::Cuda(i) = device {
+        megamoe_tensor::cuda::cuda_backend(i)?.set_bf16_matmul(bf16);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn set_matmul_precision(device: megamoe_tensor::Device, _bf16: bool) -> Result<()> {
+    // Names the missing backend (feature `cuda`) as a DeviceNotAvailable error.
+    device.check_available()?;
+    Ok(())
+}
+
 /// Refuses settings the single-process CPU trainer does not implement: a mesh
 /// of more than one rank,
 /// `train.dtype = "bf16"` (the CPU backend computes in f32 only) and

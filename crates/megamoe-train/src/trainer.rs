@@ -65,6 +65,9 @@ pub struct TrainerOptions {
     /// Peak FLOP/s of the machine, for MFU; `None` reports achieved FLOP/s only.
     /// The trainer measures nothing itself: the number comes from the user.
     pub peak_flops: Option<f64>,
+    /// Where parameters, gradients, optimizer state and batches live (`Cpu` by default;
+    /// `Cuda(i)` needs a build with feature `cuda`). The same model code runs on either.
+    pub device: Device,
 }
 
 /// Sizes of the model the metrics need, computed once.
@@ -118,7 +121,7 @@ impl Trainer {
     /// initial parameters and the optimizer, and reads `data` from position 0.
     pub fn new(raw: &RawConfig, data: Arc<DataSource>, options: TrainerOptions) -> Result<Self> {
         let plan = Plan::resolve(raw, None)?;
-        crate::support::check_cpu_trainer_support(&plan)?;
+        crate::support::check_trainer_support(&plan, options.device)?;
         Trainer::from_plan(plan, raw, data, options, None)
     }
 
@@ -131,7 +134,7 @@ impl Trainer {
         options: TrainerOptions,
         parallel: Option<crate::distributed::Parallel>,
     ) -> Result<Self> {
-        crate::support::check_cpu_numerics(&plan)?;
+        crate::support::check_numerics(&plan, options.device)?;
         let config_toml = toml::to_string(raw).map_err(|e| Error::ConfigToml {
             reason: e.to_string(),
         })?;
@@ -150,7 +153,8 @@ impl Trainer {
         if let Some(par) = &parallel {
             par.shard_model(&mut model)?;
         }
-        let params = model.init_params()?;
+        let mut params = model.init_params()?;
+        move_params(&mut params, options.device)?;
         let mut parallel = parallel;
         if let Some(par) = parallel.as_mut() {
             par.init_sharding(&plan, &params)?;
@@ -212,6 +216,11 @@ impl Trainer {
     /// The config as TOML text (what checkpoints store and `config.toml` holds).
     pub fn config_toml(&self) -> &str {
         &self.config_toml
+    }
+
+    /// Where parameters, gradients and batches live.
+    pub fn device(&self) -> Device {
+        self.options.device
     }
 
     /// Steps run so far (the next step is `step() + 1`).
@@ -304,7 +313,7 @@ impl Trainer {
         let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
         for i in first..first + m {
             let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
-            let (ids, targets) = batch_tensors(&micro)?;
+            let (ids, targets) = batch_tensors(&micro, self.options.device)?;
             let out = self.model.forward(&self.params, &ids, &targets, s)?;
             stats.add(&out.losses, &out.stats, &micro)?;
             self.model
@@ -403,7 +412,7 @@ impl Trainer {
         };
         for (&layer, counts) in &sums.moe {
             let c: Vec<f32> = counts.picks.iter().map(|&x| x as f32).collect();
-            let c = Tensor::from_vec_f32(c, [counts.picks.len()], Device::Cpu)?;
+            let c = Tensor::from_vec_f32(c, [counts.picks.len()], self.options.device)?;
             update_layer_bias(&mut self.params, layer, &update, &c)?;
         }
         Ok(())
@@ -497,7 +506,7 @@ impl Trainer {
         // Build everything first, then commit, so a failure leaves the trainer as it was.
         let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
         for t in &ckpt.model {
-            by_name.insert(t.name.clone(), t.to_tensor(Device::Cpu)?);
+            by_name.insert(t.name.clone(), t.to_tensor(self.options.device)?);
         }
         let mut params = self.params.clone();
         let mut missing = None;
@@ -518,7 +527,7 @@ impl Trainer {
         let mut optimizer = self.optimizer.clone();
         let mut state = Vec::with_capacity(ckpt.optimizer.len());
         for t in &ckpt.optimizer {
-            state.push((t.name.clone(), t.to_tensor(Device::Cpu)?));
+            state.push((t.name.clone(), t.to_tensor(self.options.device)?));
         }
         optimizer.load_state(ckpt.state.optimizer_steps, state)?;
         let mut batcher = Batcher::new(self.batcher.source().clone(), self.batcher.config())?;
@@ -575,13 +584,37 @@ fn visit_buffers_mut(params: &mut ModelParams, f: &mut dyn FnMut(&str, &mut Tens
     params.visit_buffers_mut(f);
 }
 
-/// `(ids, targets)` as `[B, T]` i32 tensors.
-pub(crate) fn batch_tensors(b: &Batch) -> Result<(Tensor, Tensor)> {
+/// `(ids, targets)` as `[B, T]` i32 tensors on `device`.
+pub(crate) fn batch_tensors(b: &Batch, device: Device) -> Result<(Tensor, Tensor)> {
     let shape = [b.batch_size, b.seq_len];
     Ok((
-        Tensor::from_vec_i32(b.inputs.clone(), shape, Device::Cpu)?,
-        Tensor::from_vec_i32(b.targets.clone(), shape, Device::Cpu)?,
+        Tensor::from_vec_i32(b.inputs.clone(), shape, device)?,
+        Tensor::from_vec_i32(b.targets.clone(), shape, device)?,
     ))
+}
+
+/// Moves freshly initialised parameters and buffers to `device` (no-op on the CPU): the
+/// initial values are drawn on the host by the named RNG, so every device starts from the
+/// same bits.
+fn move_params(params: &mut ModelParams, device: Device) -> Result<()> {
+    if device == Device::Cpu {
+        return Ok(());
+    }
+    let mut failed = None;
+    let mut mv = |t: &mut Tensor| {
+        if failed.is_none() {
+            match t.to_device(device) {
+                Ok(d) => *t = d,
+                Err(e) => failed = Some(e),
+            }
+        }
+    };
+    params.visit_mut(&mut |_, t, _| mv(t));
+    params.visit_buffers_mut(&mut |_, t| mv(t));
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// The first non-finite value of `tensors`, as [`Error::NonFiniteParameters`].

@@ -18,7 +18,15 @@ fn step_reads(sets: &[&str]) -> Vec<u64> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
     let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
-    let mut t = Trainer::new(&raw, data, TrainerOptions { peak_flops: None }).unwrap();
+    let mut t = Trainer::new(
+        &raw,
+        data,
+        TrainerOptions {
+            peak_flops: None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     (0..3)
         .map(|_| {
             let before = megamoe_tensor::host_reads();

@@ -37,7 +37,15 @@ fn second_step(sets: &[&str]) -> StepMetrics {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let raw = RawConfig::from_toml_str_with_overrides(CONFIG, &sets).unwrap();
     let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
-    let mut t = Trainer::new(&raw, data, TrainerOptions { peak_flops: None }).unwrap();
+    let mut t = Trainer::new(
+        &raw,
+        data,
+        TrainerOptions {
+            peak_flops: None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     t.step().unwrap();
     t.step().unwrap()
 }

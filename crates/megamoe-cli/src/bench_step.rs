@@ -1,0 +1,185 @@
+//! `megamoe bench step`: times whole training steps (forward, backward, optimizer) of a
+//! config on one device with the same `Trainer` as `megamoe train`, on the built-in
+//! synthetic data. Each timed step is the wall time from its start to the device being
+//! idle again (a stream synchronisation after the optimizer), so it includes the host's
+//! share of the work and every host read; the report gives the median
+//! of `--iters` steps after `--warmup`, tokens/s, MFU and memory (the GPU pool's peak next
+//! to the planner's prediction).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use megamoe_plan::plan_memory;
+use megamoe_tensor::Device;
+use megamoe_train::{DataSource, Tokenizer, Trainer, TrainerOptions};
+
+use crate::args::ConfigArgs;
+
+/// Flags of `megamoe bench step`.
+#[derive(Debug, Clone, Args)]
+pub struct StepBenchArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Device: `cuda`, `cuda:N` or `cpu`.
+    #[arg(long, default_value = "cuda", value_parser = crate::train_cmd::parse_device)]
+    pub device: Device,
+    /// Steps run before timing.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps (median reported; at least 1).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Peak FLOP/s for MFU. Default 989e12 (H100/H200 dense bf16).
+    #[arg(long, default_value_t = 989e12)]
+    pub peak_flops: f64,
+}
+
+/// Runs `megamoe bench step`.
+pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
+    if a.iters == 0 {
+        anyhow::bail!("--iters 0: at least one timed step is needed");
+    }
+    if !(a.peak_flops.is_finite() && a.peak_flops > 0.0) {
+        anyhow::bail!(
+            "--peak-flops {} must be a positive number of FLOP/s",
+            a.peak_flops
+        );
+    }
+    a.device.check_available()?;
+    let raw = a.config.load()?;
+    let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+    let t0 = std::time::Instant::now();
+    let mut trainer = Trainer::new(
+        &raw,
+        data,
+        TrainerOptions {
+            peak_flops: Some(a.peak_flops),
+            device: a.device,
+        },
+    )?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    let plan = trainer.plan().clone();
+    let predicted_gib = plan_memory(&plan, None).peak_gb;
+    for _ in 0..a.warmup {
+        trainer.step()?;
+    }
+    synchronize(a.device)?;
+    reset_peak(a.device)?;
+    let mut times = Vec::with_capacity(a.iters);
+    let mut last = None;
+    let reads0 = megamoe_tensor::host_reads();
+    for _ in 0..a.iters {
+        let t = std::time::Instant::now();
+        let m = trainer.step()?;
+        synchronize(a.device)?;
+        times.push(t.elapsed().as_secs_f64());
+        last = Some(m);
+    }
+    let reads = (megamoe_tensor::host_reads() - reads0) as f64 / a.iters as f64;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = last.as_ref().map_or(0, |m| m.tokens) as f64;
+    let counts = trainer.counts();
+    let tps = tokens / median;
+    let mfu = counts.flops_per_token * tps / a.peak_flops;
+    println!(
+        "bench step  {} on {} ({} params, {} active; setup {setup_s:.1} s)",
+        a.config.source_name(),
+        device_name(a.device)?,
+        human(counts.params as f64),
+        human(counts.active_params as f64),
+    );
+    println!(
+        "step        median {:.2} ms of {} (min {:.2}, max {:.2}) after {} warm-up | {:.0} tokens/step",
+        median * 1e3,
+        a.iters,
+        times[0] * 1e3,
+        times[times.len() - 1] * 1e3,
+        a.warmup,
+        tokens
+    );
+    println!(
+        "throughput  {:.1} k tokens/s | MFU {:.1} % of {:.3e} FLOP/s ({:.3e} FLOP/token) | {reads:.0} host reads/step",
+        tps / 1e3,
+        mfu * 100.0,
+        a.peak_flops,
+        counts.flops_per_token
+    );
+    if let Some(line) = memory_line(a.device, predicted_gib)? {
+        println!("{line}");
+    }
+    if let Some(m) = last {
+        println!("loss        {:.4} at step {}", m.loss.total, m.step);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{:.3} B", v / 1e9)
+    } else {
+        format!("{:.1} M", v / 1e6)
+    }
+}
+
+/// Waits for the device's queued work (the optimizer's kernels end a step unread).
+#[cfg(feature = "cuda")]
+fn synchronize(device: Device) -> anyhow::Result<()> {
+    if let Device::Cuda(i) = device {
+        megamoe_tensor::cuda::cuda_backend(i)?.synchronize()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn synchronize(_device: Device) -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn reset_peak(device: Device) -> anyhow::Result<()> {
+    if let Device::Cuda(i) = device {
+        megamoe_tensor::cuda::cuda_backend(i)?.reset_peak()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn reset_peak(_device: Device) -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn device_name(device: Device) -> anyhow::Result<String> {
+    Ok(match device {
+        Device::Cuda(i) => megamoe_tensor::cuda::cuda_backend(i)?.device_name()?,
+        Device::Cpu => "cpu".to_string(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_name(device: Device) -> anyhow::Result<String> {
+    Ok(device.to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn memory_line(device: Device, predicted_gib: f64) -> anyhow::Result<Option<String>> {
+    let Device::Cuda(i) = device else {
+        return Ok(None);
+    };
+    let s = megamoe_tensor::cuda::cuda_backend(i)?.pool_stats()?;
+    let gib = |v: u64| v as f64 / (1u64 << 30) as f64;
+    Ok(Some(format!(
+        "memory      pool peak {:.2} GiB (timed steps), reserved {:.2} GiB | planner predicts {predicted_gib:.2} GiB",
+        gib(s.peak),
+        gib(s.reserved)
+    )))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn memory_line(_device: Device, predicted_gib: f64) -> anyhow::Result<Option<String>> {
+    Ok(Some(format!(
+        "memory      planner predicts {predicted_gib:.2} GiB"
+    )))
+}
