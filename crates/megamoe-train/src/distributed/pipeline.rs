@@ -362,7 +362,8 @@ impl PipelineRank {
         let mbs = self.plan.batch.micro_batch_size;
         let micro = (0..m)
             .map(|i| {
-                let (ids, targets) = batch_tensors(&batch.rows(i * mbs..(i + 1) * mbs)?)?;
+                let rows = batch.rows(i * mbs..(i + 1) * mbs)?;
+                let (ids, targets) = batch_tensors(&rows, Device::Cpu)?;
                 Ok(MicroBatch { ids, targets })
             })
             .collect::<Result<Vec<_>>>()?;
