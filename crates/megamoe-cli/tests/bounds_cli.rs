@@ -2,16 +2,14 @@
 //! fit in memory with exit 2 and one named line, before allocating anything
 //! (a run that tried would abort with rc 134 or take minutes).
 
+mod common;
+
+use common::BIN;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
-
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("megamoe-bounds-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    common::scratch_dir("bounds", name, None)
 }
 
 fn run(args: &[&str]) -> Output {

@@ -3,10 +3,11 @@
 //! whole-run summary across a resume, and the TensorBoard file.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::BIN;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
 
 /// 1 dense + 1 MoE layer, 4 sequences of 16 tokens per step, a line every 3 steps.
 const MICRO: &str = r#"
@@ -36,11 +37,7 @@ warmup_steps = 4
 "#;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("megamoe-console-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("micro.toml"), MICRO).unwrap();
-    dir
+    common::scratch_dir("console", name, Some(MICRO))
 }
 
 fn megamoe(dir: &Path, args: &[&str]) -> Output {

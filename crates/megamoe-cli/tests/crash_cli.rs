@@ -5,13 +5,14 @@
 //! checkpointed and `report` reads what such a run wrote.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{stderr, BIN};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use megamoe_train::failpoint::{FAILPOINT_ENV, POINTS};
-
-const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
 
 /// 2 layers (layer 1 MoE, 4 experts top-2), 4 sequences of 32 tokens per step, a
 /// checkpoint every 2 steps.
@@ -44,11 +45,7 @@ warmup_steps = 2
 "#;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("megamoe-crash-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("micro.toml"), MICRO).unwrap();
-    dir
+    common::scratch_dir("crash-cli", name, Some(MICRO))
 }
 
 /// Removes a test's scratch directory once it passed (a failed one stays to look at).
@@ -71,10 +68,6 @@ fn command(dir: &Path, args: &[&str]) -> Command {
 
 fn megamoe(dir: &Path, args: &[&str]) -> Output {
     command(dir, args).output().expect("run megamoe")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Step records of a run: step → (total loss, number of records of that step).

@@ -4,10 +4,11 @@
 //! warmup longer than the run is refused.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{stderr, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
 
 /// 2 layers (layer 1 MoE), 4 sequences of 32 tokens per step, 40 steps with a
 /// checkpoint every 10, cosine from 1e-2 to 1e-3 after 4 warmup steps.
@@ -47,11 +48,7 @@ const MIN: f64 = 1e-3;
 const WARMUP: f64 = 4.0;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("megamoe-extend-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("micro.toml"), MICRO).unwrap();
-    dir
+    common::scratch_dir("extend", name, Some(MICRO))
 }
 
 fn megamoe(dir: &Path, args: &[&str]) -> Output {
@@ -61,10 +58,6 @@ fn megamoe(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .output()
         .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Every record of a run's metrics.jsonl.

@@ -4,10 +4,11 @@
 //! plots; bad inputs exit 2 with one line; the NaN/Inf guard exits 1.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{stderr, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
 
 /// 2 layers (layer 1 MoE, 4 experts top-2), 4 sequences of 32 tokens per step.
 const MICRO: &str = r#"
@@ -39,11 +40,7 @@ warmup_steps = 2
 "#;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("megamoe-train-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("micro.toml"), MICRO).unwrap();
-    dir
+    common::scratch_dir("train-cli", name, Some(MICRO))
 }
 
 fn megamoe(dir: &Path, args: &[&str]) -> Output {
@@ -53,10 +50,6 @@ fn megamoe(dir: &Path, args: &[&str]) -> Output {
         .env("RUST_BACKTRACE", "1")
         .output()
         .expect("run megamoe")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Total loss of every step record, last record per step, by step.

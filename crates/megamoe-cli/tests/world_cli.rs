@@ -4,17 +4,16 @@
 //! cannot run are refused by name.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{stderr, BIN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_megamoe");
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml");
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("megamoe-world-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir("world-cli", name, None)
 }
 
 fn train(dir: &Path, run: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
@@ -30,10 +29,6 @@ fn train(dir: &Path, run: &str, extra: &[&str], env: &[(&str, &str)]) -> Output 
         cmd.env(k, v);
     }
     cmd.output().expect("run megamoe")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The generated text of the run's sample record.
