@@ -120,6 +120,9 @@ fn main() -> ExitCode {
         Command::Schedule(args) => schedule_cmd::run(&args),
         // CPU kernels called from a compute thread skip the pool hand-off per op.
         Command::Probe(args) => megamoe_tensor::on_compute_threads(|| probe_cmd::run(&args)),
+        // Thread ranks (`--world N > 1`) are threads of their own: a pool thread
+        // parked waiting for them would leave their kernels one pool thread fewer.
+        Command::Train(args) if args.world > 1 => train_cmd::run(&args),
         Command::Train(args) => megamoe_tensor::on_compute_threads(|| train_cmd::run(&args)),
         Command::Report(args) => report_cmd::run(&args),
         Command::Config(args) => config_cmd::run(&args),
