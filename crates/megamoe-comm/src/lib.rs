@@ -6,7 +6,11 @@
 //! calls take and return [`megamoe_tensor::Tensor`]s. Engines:
 //! - thread ranks ([`ThreadWorld`], [`ThreadComm`]): `n` ranks as threads of one process; the
 //!   default, and what `cargo test` uses;
-//! - MPI (feature `mpi`, launched by `mpirun`), for processes and hosts.
+//! - MPI (feature `mpi`: [`MpiWorld`], [`MpiComm`]; launched by `mpirun`), one rank per
+//!   process, on one host or many, with the same bits as thread ranks.
+//!
+//! [`LaunchEnv`] reads the launcher's variables (`OMPI_COMM_WORLD_*`, `PMI_*`, `RANK` /
+//! `WORLD_SIZE` / `LOCAL_RANK`) with or without the feature.
 //!
 //! The trait takes no host slices, so an NCCL engine on CUDA streams fits it unchanged.
 //!
@@ -43,11 +47,17 @@
 mod communicator;
 mod error;
 mod group;
+mod launch;
 mod local;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod reduce;
 
 pub use communicator::{Communicator, Pending, ReduceOp};
 pub use error::{CommError, Result};
 pub use group::GroupTable;
+pub use launch::LaunchEnv;
 pub use local::{RankFailures, ThreadComm, ThreadWorld, DEFAULT_TIMEOUT};
+#[cfg(feature = "mpi")]
+pub use mpi::{MpiComm, MpiWorld};
 pub use reduce::reduce_in_rank_order;
