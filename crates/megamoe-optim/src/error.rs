@@ -121,6 +121,15 @@ pub enum OptimError {
         got: Vec<usize>,
     },
 
+    /// The collective of a sharded step (gathering a Muon matrix's rows) failed.
+    #[error("gathering the rows of `{name}` for distributed Muon failed: {source}")]
+    Gather {
+        /// The parameter name.
+        name: String,
+        /// What the communicator reported.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A numeric argument is out of range.
     #[error("{field}={value} is invalid: {rule}")]
     InvalidArgument {

@@ -12,7 +12,9 @@
 //! - [`Schedule`] (lr_schedule.rs): warmup + cosine / linear / constant.
 //! - [`clip_grad_norm`] (clip.rs): returns the pre-clip norm; non-finite norms reported.
 //! - [`muon`]: NS5, momentum, keller / moonlight scaling; [`adamw`]: the AdamW update.
-//! - [`shard`]: `chunk` / `even` row maps and [`shard::ShardedMuon`].
+//! - [`shard`]: `chunk` / `even` row maps, [`shard::ShardedMuon`] (distributed Muon in one
+//!   process) and [`RowGather`], the collective [`Optimizer::step_sharded`] calls to run
+//!   Muon on a rank's row shards.
 //! - [`NamedParams`]: a flat `(name, tensor, role)` list with `visit` / `visit_mut`.
 //!
 //! # What the trainer calls each step
@@ -68,4 +70,5 @@ pub use muon::{MuonConfig, NsPrecision};
 pub use param_groups::{update_rule, UpdateRule};
 pub use params::NamedParams;
 pub use role::ParamRole;
+pub use shard::RowGather;
 pub use state::{Optimizer, ParamState, STATE_KINDS};

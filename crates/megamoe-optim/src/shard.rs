@@ -20,6 +20,24 @@ use megamoe_tensor::{DType, Tensor};
 use crate::error::{OptimError, Result};
 use crate::muon::{apply_update, momentum_step, orthogonalize, MuonConfig, NsPrecision};
 
+/// The collective a rank's sharded optimizer step needs
+/// ([`Optimizer::step_sharded`](crate::Optimizer::step_sharded)): the full matrix of a
+/// row-sharded Muon parameter, from every rank's rows.
+///
+/// Every rank gathers the full `U` and runs NS5 on it itself (the same input gives the
+/// same bits on every rank), then keeps its own rows: one all-gather per matrix, no
+/// broadcast back, at the price of every rank computing every NS5 (the Moonlight
+/// algorithm as published; the round-robin owner alternative trades that compute for a
+/// second collective).
+pub trait RowGather {
+    /// `local` is this rank's rows of parameter `name`'s Muon input (momentum applied).
+    /// Returns the full matrix (every rank's rows in rank order, padding cut) and this
+    /// rank's rows in it, or `None` when `local` already holds whole matrices (an expert
+    /// bank sharded over experts, or a parameter that is not sharded). Errors must name
+    /// what failed ([`OptimError::Gather`]).
+    fn gather_rows(&mut self, name: &str, local: &Tensor) -> Result<Option<(Tensor, RowShard)>>;
+}
+
 /// A dim-0 split rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShardRule {

@@ -18,9 +18,12 @@ use megamoe_tensor::{DType, Tensor};
 
 use crate::adamw::{adamw_update, AdamWConfig, AdamWState};
 use crate::error::{OptimError, Result};
-use crate::muon::{muon_update, MuonConfig, NsPrecision};
+use crate::muon::{
+    apply_update, momentum_step, muon_update, orthogonalize, MuonConfig, NsPrecision,
+};
 use crate::param_groups::{update_rule, UpdateRule};
 use crate::params::{Visitor, VisitorMut};
+use crate::shard::RowGather;
 
 /// State key prefixes, in the order [`Optimizer::visit_state`] yields them per parameter.
 pub const STATE_KINDS: [&str; 4] = ["exp_avg", "exp_avg_sq", "momentum_buffer", "master"];
@@ -259,6 +262,36 @@ impl Optimizer {
         visit_grads: &mut Visitor<'_>,
         lr: f64,
     ) -> Result<()> {
+        self.step_with(visit_params, visit_grads, lr, None)
+    }
+
+    /// [`Optimizer::step`] on this rank's dim-0 row shards of the parameters (FSDP /
+    /// ZeRO): `visit_params` and `visit_grads` yield the rank's rows (the shapes the
+    /// optimizer was built with), AdamW runs on them as they are (elementwise), and every
+    /// Muon parameter's momentum-updated input `U` goes to `gather`
+    /// ([`RowGather::gather_rows`]): when it returns the full matrix, NS5 runs on the full
+    /// matrix (fused row blocks as declared) and the rank keeps its rows of the result
+    /// (distributed Muon, Moonlight Algorithm 1); when it returns `None` the rows are
+    /// whole matrices (an expert bank sharded over experts, or an unsharded parameter) and
+    /// NS5 runs on them directly. Every rank must call this with the same parameters in
+    /// the same order (the gathers are collectives).
+    pub fn step_sharded(
+        &mut self,
+        visit_params: &mut VisitorMut<'_>,
+        visit_grads: &mut Visitor<'_>,
+        lr: f64,
+        gather: &mut dyn RowGather,
+    ) -> Result<()> {
+        self.step_with(visit_params, visit_grads, lr, Some(gather))
+    }
+
+    fn step_with(
+        &mut self,
+        visit_params: &mut VisitorMut<'_>,
+        visit_grads: &mut Visitor<'_>,
+        lr: f64,
+        mut gather: Option<&mut dyn RowGather>,
+    ) -> Result<()> {
         if !lr.is_finite() || lr < 0.0 {
             return Err(OptimError::InvalidArgument {
                 field: "lr",
@@ -281,7 +314,9 @@ impl Optimizer {
                 return; // checked above
             };
             let st = &mut params[i];
-            let result = update_one(st, p, g, &adamw, muon.as_ref(), lr, muon_lr, t);
+            let rates = Rates { lr, muon_lr, t };
+            let gather = gather.as_deref_mut();
+            let result = update_one(st, p, g, &adamw, muon.as_ref(), rates, gather);
             if let Err(e) = result {
                 err = Some(e);
             }
@@ -434,18 +469,26 @@ impl Optimizer {
     }
 }
 
+/// One step's learning rates and AdamW step count.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    lr: f64,
+    muon_lr: f64,
+    t: u64,
+}
+
 /// Updates one parameter in place (through its f32 master copy when it is stored in bf16).
-#[allow(clippy::too_many_arguments)]
-fn update_one(
+/// With `gather`, a Muon parameter is a row shard (see [`Optimizer::step_sharded`]).
+fn update_one<'g>(
     st: &mut ParamState,
     p: &mut Tensor,
     g: &Tensor,
     adamw: &AdamWConfig,
     muon: Option<&MuonConfig>,
-    lr: f64,
-    muon_lr: f64,
-    t: u64,
+    rates: Rates,
+    gather: Option<&mut (dyn RowGather + 'g)>,
 ) -> Result<()> {
+    let Rates { lr, muon_lr, t } = rates;
     let current = st.master.clone().unwrap_or_else(|| p.clone());
     let new = match (st.rule, muon) {
         (UpdateRule::Muon { decay }, Some(cfg)) => {
@@ -457,7 +500,26 @@ fn update_one(
                         .insert(Tensor::zeros(current.dims(), DType::F32, current.device())?)
                 }
             };
-            muon_update(&current, g, buf, cfg, muon_lr, &blocks, decay)?
+            match gather {
+                None => muon_update(&current, g, buf, cfg, muon_lr, &blocks, decay)?,
+                Some(gather) => {
+                    let u = momentum_step(buf, g, cfg.momentum, cfg.nesterov)?;
+                    let o = match gather.gather_rows(&st.name, &u)? {
+                        Some((full, rows)) => {
+                            let o = orthogonalize(
+                                &full,
+                                &st.fused_blocks,
+                                cfg.scale,
+                                cfg.ns_precision,
+                            )?;
+                            o.narrow(0, rows.start, rows.len)?
+                        }
+                        None => orthogonalize(&u, &blocks, cfg.scale, cfg.ns_precision)?,
+                    };
+                    let wd = if decay { cfg.weight_decay } else { 0.0 };
+                    apply_update(&current, &o, muon_lr, wd)?
+                }
+            }
         }
         (UpdateRule::AdamW { decay }, _) | (UpdateRule::Muon { decay }, None) => {
             let state = match &mut st.adamw {

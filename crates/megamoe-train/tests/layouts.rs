@@ -177,10 +177,11 @@ fn dp2_ep2_matches_one_rank() {
     check_layout(2, 2);
 }
 
-/// Sharded optimizer state and gradients (ZeRO-1/2, AdamW): reduce-scatter, update of the
-/// rank's rows, all-gather.
+/// Sharded optimizer state and gradients (ZeRO-1/2): reduce-scatter, update of the rank's
+/// rows (AdamW elementwise; Muon: the matrix gathered for NS5, expert banks whole per
+/// rank), all-gather.
 fn check_sharded(dp: usize, ep: usize, level: usize) {
-    for (label, mut sets) in variants_of(&["adamw"]) {
+    for (label, mut sets) in variants() {
         sets.push(format!("parallel.fsdp={level}"));
         check(&format!("dp{dp}xep{ep} fsdp{level} {label}"), &sets, dp, ep);
     }
@@ -207,14 +208,9 @@ fn unsupported_layouts_are_refused_by_name() {
     // FSDP, and pipeline stages combined with data parallelism.
     for (set, field, world) in [
         ("parallel.fsdp=3", "parallel.fsdp", 2),
-        ("parallel.fsdp=1", "parallel.fsdp", 2),
         ("parallel.pp=2", "parallel.pp", 4),
     ] {
-        let mut sets = vec![set.to_string(), "parallel.dp=2".to_string()];
-        if set == "parallel.fsdp=1" {
-            // sharded state with Muon (distributed Muon is not wired in)
-            sets.push("optim.name=\"muon\"".to_string());
-        }
+        let sets = vec![set.to_string(), "parallel.dp=2".to_string()];
         let raw = raw(&sets);
         let failures = run_thread_ranks(world, |world| -> Result<(), Error> {
             Trainer::new_rank(&raw, data(), TrainerOptions::default(), world).map(|_| ())
@@ -263,6 +259,15 @@ fn a_dp2_ep2_checkpoint_is_the_one_rank_checkpoint() {
 #[test]
 fn a_dp2_ep2_fsdp2_checkpoint_is_the_one_rank_checkpoint() {
     checkpoint_matches_one_rank("fsdp", &["parallel.fsdp=2", "parallel.ep=2"]);
+}
+
+/// Same with sharded Muon momentum.
+#[test]
+fn a_dp2_ep2_fsdp2_muon_checkpoint_is_the_one_rank_checkpoint() {
+    checkpoint_matches_one_rank(
+        "fsdp-muon",
+        &["optim.name=\"muon\"", "parallel.fsdp=2", "parallel.ep=2"],
+    );
 }
 
 fn checkpoint_matches_one_rank(label: &str, layout: &[&str]) {

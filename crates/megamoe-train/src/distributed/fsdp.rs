@@ -6,10 +6,20 @@
 //! and the updated rows are all-gathered back into the full parameters the next forward
 //! uses. Padding rows (the last rank's short chunk) are zeros and are cut after each
 //! collective.
+//!
+//! With Muon (distributed Muon, Moonlight Algorithm 1) the optimizer runs
+//! [`Optimizer::step_sharded`]: AdamW-routed parameters (embeddings, norms, head, gates,
+//! biases) update their rows elementwise as above; each Muon matrix's momentum-updated
+//! rows are all-gathered over its sharding group ([`GroupGather`]), every rank runs NS5
+//! on the full matrix (same input, same bits) and keeps its rows of the result. Expert
+//! banks are cut over E, so a rank's rows are whole expert matrices: NS5 runs on them
+//! with no gather.
+
+use std::collections::HashMap;
 
 use megamoe_comm::{Communicator, Pending, ReduceOp};
 use megamoe_model::{GradBuffers, ModelParams};
-use megamoe_optim::{Optimizer, ParamRole};
+use megamoe_optim::{OptimError, Optimizer, ParamRole, RowGather};
 use megamoe_plan::{chunk, RowShard};
 use megamoe_tensor::Tensor;
 
@@ -21,6 +31,10 @@ use crate::error::Result;
 pub(crate) struct ShardedState {
     /// Per parameter (visit order): its row shard and whether it is an expert bank.
     rows: Vec<(RowShard, bool)>,
+    /// Per parameter (visit order): its full dim-0 rows.
+    full_rows: Vec<usize>,
+    /// Visit index of each parameter name.
+    index: HashMap<String, usize>,
     /// The rank's rows of every parameter (the optimizer's parameters).
     pub(crate) params: ModelParams,
     /// The rank's rows of every reduced gradient.
@@ -71,11 +85,13 @@ impl Parallel {
     /// Cuts `params` into this rank's rows (no communication: every rank holds the same
     /// full initial parameters).
     pub(crate) fn shard_state(&self, params: &ModelParams) -> Result<ShardedState> {
-        let mut rows = Vec::new();
-        params.visit(&mut |_, t, role| {
+        let (mut rows, mut full_rows, mut index) = (Vec::new(), Vec::new(), HashMap::new());
+        params.visit(&mut |name, t, role| {
             let expert = role == ParamRole::ExpertBank;
             let g = self.shard_group(expert);
+            index.insert(name.to_string(), rows.len());
             rows.push((chunk(t.dims()[0], g.size(), g.rank()), expert));
+            full_rows.push(t.dims()[0]);
         });
         let mut local = params.clone();
         map_params(&mut local, |i, t| {
@@ -84,6 +100,8 @@ impl Parallel {
         let grads = local.zeros_like()?;
         Ok(ShardedState {
             rows,
+            full_rows,
+            index,
             params: local,
             grads,
         })
@@ -125,14 +143,28 @@ impl Parallel {
         params: &mut ModelParams,
         lr: f64,
     ) -> Result<()> {
-        let Some(state) = self.sharded.as_mut() else {
+        let Parallel {
+            sharded,
+            dense_dp,
+            expert_dp,
+            ..
+        } = self;
+        let Some(state) = sharded.as_mut() else {
             return Ok(());
         };
+        let mut gather = GroupGather {
+            rows: &state.rows,
+            full_rows: &state.full_rows,
+            index: &state.index,
+            dense_dp: dense_dp.as_ref(),
+            expert_dp: expert_dp.as_ref(),
+        };
         let grads = &state.grads;
-        optimizer.step(
+        optimizer.step_sharded(
             &mut |f| state.params.visit_mut(f),
             &mut |f| grads.visit(f),
             lr,
+            &mut gather,
         )?;
         let state = self.sharded.as_ref().map(|s| (&s.rows, &s.params));
         let Some((rows, local)) = state else {
@@ -210,5 +242,46 @@ impl Parallel {
             sum(&dense, self.dense_dp.as_ref())?,
             sum(&expert, self.expert_dp.as_ref())?,
         )))
+    }
+}
+
+/// Distributed Muon's gather: a matrix's rows all-gathered over the group that shards it
+/// (dense_dp), padding cut; expert banks (whole matrices per rank) and unsharded
+/// parameters are not gathered.
+struct GroupGather<'a> {
+    rows: &'a [(RowShard, bool)],
+    full_rows: &'a [usize],
+    index: &'a HashMap<String, usize>,
+    dense_dp: &'a dyn Communicator,
+    expert_dp: &'a dyn Communicator,
+}
+
+impl RowGather for GroupGather<'_> {
+    fn gather_rows(
+        &mut self,
+        name: &str,
+        local: &Tensor,
+    ) -> megamoe_optim::Result<Option<(Tensor, RowShard)>> {
+        let Some(&i) = self.index.get(name) else {
+            return Err(OptimError::UnknownParam {
+                name: name.to_string(),
+            });
+        };
+        let (rows, expert) = self.rows[i];
+        let comm = if expert {
+            self.expert_dp
+        } else {
+            self.dense_dp
+        };
+        if expert || comm.size() == 1 {
+            return Ok(None);
+        }
+        let failed = |e: Box<dyn std::error::Error + Send + Sync>| OptimError::Gather {
+            name: name.to_string(),
+            source: e,
+        };
+        let padded = pad_rows(local, rows.padded_len).map_err(|e| failed(Box::new(e)))?;
+        let all = comm.all_gather(&padded).map_err(|e| failed(Box::new(e)))?;
+        Ok(Some((all.narrow(0, 0, self.full_rows[i])?, rows)))
     }
 }

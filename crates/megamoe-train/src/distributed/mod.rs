@@ -26,10 +26,10 @@
 //!
 //! # Layouts
 //! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size), with
-//! `parallel.fsdp` 0, or 1/2 with AdamW (optimizer state and gradients sharded, module
-//! `fsdp`); or `parallel.pp` alone (every schedule; see [`pipeline`]). Refused with a
-//! named error ([`check_layout`]): `pp` combined with `dp` / `ep`, `tp`, `cp` > 1,
-//! `fsdp = 3`, and `fsdp` > 0 with Muon.
+//! `parallel.fsdp` 0, or 1/2 (optimizer state and gradients sharded, AdamW or
+//! distributed Muon, module `fsdp`); or `parallel.pp` alone (every schedule; see
+//! [`pipeline`]). Refused with a named error ([`check_layout`]): `pp` combined with
+//! `dp` / `ep`, `tp`, `cp` > 1, and `fsdp = 3`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -248,15 +248,6 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             "parameters sharded between steps (ZeRO-3) are not implemented in the trainer; \
              parallel.fsdp = 1 or 2 shards optimizer state and gradients (set parallel.fsdp \
              <= 2)",
-        );
-    }
-    if p.zero != ZeroLevel::Replicated && plan.optim.kind == megamoe_plan::OptimizerKind::Muon {
-        return refuse(
-            "parallel.fsdp",
-            p.zero.level().to_string(),
-            "sharded optimizer state with optim.name = \"muon\" (distributed Muon: gather, \
-             Newton-Schulz, keep the local rows) is not wired into the trainer; use \
-             parallel.fsdp = 0 with Muon, or AdamW",
         );
     }
     Ok(())
