@@ -203,6 +203,36 @@ fn dp2_ep2_fsdp2_matches_one_rank() {
     check_sharded(2, 2, 2);
 }
 
+/// Global gradient clipping across ranks with a clip that bites at every step: the norm
+/// counts replicated gradients once and sums sharded rows and expert shards once over
+/// their groups, so the pre-clip norm (compared at 1e-4) and the clipped step (the losses)
+/// equal one rank's, replicated and sharded, AdamW and Muon.
+#[test]
+fn a_biting_grad_clip_matches_one_rank() {
+    let clip = 0.05;
+    for (dp, ep, fsdp) in [(2, 1, 2), (2, 2, 2), (2, 2, 0)] {
+        for optim in ["adamw", "muon"] {
+            let sets = vec![
+                format!("optim.grad_clip={clip}"),
+                format!("optim.name=\"{optim}\""),
+                format!("parallel.fsdp={fsdp}"),
+            ];
+            let one: Vec<String> = sets[..2].to_vec();
+            let want = one_rank(&one, dp * ep);
+            assert!(
+                want.iter().all(|&(_, norm)| norm > 2.0 * clip),
+                "the clip must bite at every step: {want:?}"
+            );
+            check(
+                &format!("dp{dp}xep{ep} fsdp{fsdp} {optim} clip {clip}"),
+                &sets,
+                dp,
+                ep,
+            );
+        }
+    }
+}
+
 #[test]
 fn unsupported_layouts_are_refused_by_name() {
     // FSDP, and pipeline stages combined with data parallelism.
