@@ -127,11 +127,13 @@ all-to-all; checkpoints hold every expert). parallel.fsdp = 1 or 2 (AdamW)
 shards optimizer state and gradients over the data-parallel ranks. With the
 same micro-batch size it trains the same model as one rank: `--world 2 --set
 parallel.dp=2` gives the per-step losses of `--set parallel.microbatches=2`.
---world N with parallel.pp=N runs N pipeline ranks instead: the layers are cut
-into stages, the micro-batches flow through them under parallel.schedule
-(gpipe, 1f1b, interleaved, zb-h1, zbv, dualpipe, dualpipev), and the losses are
-those of one rank with the same parallel.microbatches. After each step every
-rank holds the whole updated model, so evals and checkpoints are unchanged.
+With parallel.pp the layers are cut into pp stages and the micro-batches flow
+through them under parallel.schedule (gpipe, 1f1b, interleaved, zb-h1, zbv,
+dualpipe, dualpipev); pp combines with dp and ep (--world = pp x dp x ep: each
+stage's gradients are summed over its data ranks, its experts split over its
+ep ranks), and the losses are those of one rank running dp x ep x
+parallel.microbatches micro-batches. After each step every rank holds its
+pipeline's whole updated model, so evals and checkpoints are unchanged.
 A failed rank stops the others, naming it (exit 2).
 
 Exit codes: 0 done, 1 the model diverged (the NaN/Inf guard stopped the run, a

@@ -1,5 +1,5 @@
 //! `megamoe train --world N`: one training run over N thread ranks of this process, laid
-//! out by `parallel.dp` × `parallel.ep`. Rank 0 writes the run directory (metrics,
+//! out by `parallel.pp` × `parallel.dp` × `parallel.ep`. Rank 0 writes the run directory (metrics,
 //! checkpoints in the one-rank layout, summary) exactly as a one-rank run does; the other
 //! ranks compute their share and join every collective. A failed rank stops every other one with an error
 //! naming it; the command then exits 2 listing each rank's message.

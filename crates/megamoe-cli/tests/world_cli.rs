@@ -277,7 +277,7 @@ fn layouts_train_world_cannot_run_are_refused_by_name() {
                 "--set",
                 "parallel.pp=2",
                 "--set",
-                "parallel.dp=2",
+                "parallel.cp=2",
             ],
             "parallel.pp=2",
         ),

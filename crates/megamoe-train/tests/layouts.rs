@@ -235,12 +235,15 @@ fn a_biting_grad_clip_matches_one_rank() {
 
 #[test]
 fn unsupported_layouts_are_refused_by_name() {
-    // FSDP, and pipeline stages combined with data parallelism.
+    // FSDP, and pipeline stages combined with context parallelism.
     for (set, field, world) in [
         ("parallel.fsdp=3", "parallel.fsdp", 2),
-        ("parallel.pp=2", "parallel.pp", 4),
+        ("parallel.pp=2", "parallel.pp", 8),
     ] {
-        let sets = vec![set.to_string(), "parallel.dp=2".to_string()];
+        let mut sets = vec![set.to_string(), "parallel.dp=2".to_string()];
+        if set == "parallel.pp=2" {
+            sets.push("parallel.cp=2".to_string());
+        }
         let raw = raw(&sets);
         let failures = run_thread_ranks(world, |world| -> Result<(), Error> {
             Trainer::new_rank(&raw, data(), TrainerOptions::default(), world).map(|_| ())

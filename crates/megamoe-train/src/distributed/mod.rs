@@ -27,9 +27,11 @@
 //! # Layouts
 //! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size), with
 //! `parallel.fsdp` 0, or 1/2 (optimizer state and gradients sharded, AdamW or
-//! distributed Muon, module `fsdp`); or `parallel.pp` alone (every schedule; see
-//! [`pipeline`]). Refused with a named error ([`check_layout`]): `pp` combined with
-//! `dp` / `ep`, `tp`, `cp` > 1, and `fsdp = 3`.
+//! distributed Muon, module `fsdp`); and `parallel.pp` (every schedule; see
+//! [`pipeline`]) alone or times dp and ep: each pipeline stage then runs its data rank's
+//! micro-batches, exchanges MoE tokens over the stage's EP group and reduces its
+//! gradients over the stage's data-parallel groups. Refused with a named error
+//! ([`check_layout`]): `tp`, `cp` > 1, `fsdp = 3`, and `fsdp` > 0 with `pp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -46,6 +48,7 @@
 mod checkpoint;
 mod fsdp;
 pub mod pipeline;
+mod pipeline_reduce;
 mod pipeline_stage;
 mod pipeline_trainer;
 mod reduce;
@@ -63,7 +66,7 @@ use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::trainer::{Trainer, TrainerOptions};
 
-pub use pipeline::{PipelineRank, PipelineStep};
+pub use pipeline::{PipelineGroups, PipelineRank, PipelineStep};
 pub use pipeline_stage::StageContractError;
 pub(crate) use pipeline_trainer::StepStart;
 pub use run::{
@@ -82,6 +85,8 @@ pub struct Parallel {
     expert_dp: Box<dyn Communicator>,
     /// Ranks sharing the experts of a layer by all-to-all: ep.
     ep: Arc<dyn Communicator>,
+    /// Ranks of this rank's pipeline (same dp and ep coordinates): pp.
+    pp: Box<dyn Communicator>,
     /// This rank's rows of the parameters and gradients (`parallel.fsdp` 1 or 2).
     pub(crate) sharded: Option<fsdp::ShardedState>,
     /// An injected fault (see [`RANK_FAULT_ENV`]): this rank fails before this step.
@@ -120,6 +125,7 @@ impl Parallel {
         let dense_dp = world.split(&members(MeshGroup::DenseDp))?;
         let expert_dp = world.split(&members(MeshGroup::ExpertDp))?;
         let ep: Arc<dyn Communicator> = Arc::from(world.split(&members(MeshGroup::Ep))?);
+        let pp = world.split(&members(MeshGroup::Pp))?;
         Ok(Parallel {
             mesh,
             coords,
@@ -127,6 +133,7 @@ impl Parallel {
             dense_dp,
             expert_dp,
             ep,
+            pp,
             sharded: None,
             fault_step: None,
         })
@@ -160,6 +167,16 @@ impl Parallel {
     /// The world communicator.
     pub fn world(&self) -> &dyn Communicator {
         self.world.as_ref()
+    }
+
+    /// The process groups of a pipeline step on this rank.
+    pub(crate) fn pipeline_groups(&self) -> pipeline::PipelineGroups<'_> {
+        pipeline::PipelineGroups {
+            world: self.world.as_ref(),
+            pp: self.pp.as_ref(),
+            dense_dp: self.dense_dp.as_ref(),
+            expert_dp: self.expert_dp.as_ref(),
+        }
     }
 
     /// Arms an injected fault (see [`RANK_FAULT_ENV`]): when `fault` names this rank,
@@ -217,12 +234,12 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             rule: rule.to_string(),
         })
     };
-    if p.pp > 1 && (p.dp * p.ep * p.tp * p.cp > 1 || p.zero != ZeroLevel::Replicated) {
+    if p.pp > 1 && (p.tp * p.cp > 1 || p.zero != ZeroLevel::Replicated) {
         return refuse(
             "parallel.pp",
             p.pp.to_string(),
-            "pipeline-parallel training runs alone for now: with parallel.pp > 1 set \
-             parallel.dp, ep, tp and cp to 1 and parallel.fsdp to 0",
+            "pipeline-parallel training combines with parallel.dp and parallel.ep only: \
+             with parallel.pp > 1 set parallel.tp and cp to 1 and parallel.fsdp to 0",
         );
     }
     if p.tp > 1 {
@@ -266,11 +283,10 @@ impl Trainer {
         let plan = Plan::resolve(raw, Some(world.size()))?;
         check_layout(&plan)?;
         let par = Parallel::new(world, &plan)?;
-        let pp_rank = par.coords().pp;
         let pipelined = plan.parallel.pp > 1;
         let mut trainer = Trainer::from_plan(plan, raw, data, options, Some(par))?;
         if pipelined {
-            trainer.attach_pipeline(pp_rank)?;
+            trainer.attach_pipeline()?;
         }
         Ok(trainer)
     }

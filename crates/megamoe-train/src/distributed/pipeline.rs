@@ -7,19 +7,26 @@
 //! ranks, thread ranks or MPI processes):
 //!
 //! ```text
-//! batch → M micro-batches (the same rows as one rank's gradient accumulation)
+//! batch → M micro-batches (the same rows as one rank's gradient accumulation; with
+//!                 dp·ep data ranks, data rank d runs rows d·M .. (d+1)·M of dp·ep·M)
 //! one ChunkStage per schedule stage of this rank (parameters by handle, zeroed grads)
 //! run_rank        F / I / W / B / F&B as the schedule says; carries and gradients
 //!                 travel over the CommTransport
 //! sum_shared_gradients   tied/MTP embedding over every chain end, DualPipe's mirrored
 //!                 stage copies: every copy holds the total
-//! losses          head stages' per-micro-batch values, all-reduced (zeros elsewhere:
-//!                 exact), averaged in micro-batch order as one rank does
-//! clip            Σ g² of the parameters this rank owns (lowest holding rank; copies
-//!                 counted once), all-reduced in rank order → global norm
+//! data reduce     with dp·ep > 1: dense gradients summed over the stage's dense
+//!                 data-parallel group (dp·ep ranks), expert banks over its expert one
+//!                 (dp ranks; each holds E/ep experts, tokens reach them by all-to-all
+//!                 over the stage's EP group inside F and B), × 1/(dp·ep)
+//! losses          head stages' per-micro-batch values, all-reduced over the world
+//!                 (zeros elsewhere: exact), averaged in micro-batch order as one rank does
+//! clip            Σ g² of the parameters this rank owns (lowest holding pp rank, data
+//!                 rank 0; expert shards on every ep rank), all-reduced in rank order →
+//!                 global norm
 //! optimizer       AdamW / Muon over this rank's distinct parameters (each whole on the
 //!                 rank: Muon needs no gather); every copy steps identically
-//! expert bias     routed picks per MoE layer all-reduced (integers: exact)
+//! expert bias     routed picks per MoE layer all-reduced over the world (integers:
+//!                 exact)
 //! ```
 //!
 //! The micro-batches and every per-micro-batch quantity (aux, z, capacity, CE mean)
@@ -41,9 +48,10 @@ use megamoe_pipeline::executor::RankTiming;
 use megamoe_pipeline::{
     generate, run_rank, sum_shared_gradients, validate, CommSchedule, PipelineShape, Schedule,
 };
-use megamoe_plan::Plan;
+use megamoe_plan::{Plan, RankCoords};
 use megamoe_tensor::{DType, Device, Tensor};
 
+use super::pipeline_reduce::{norm_owner, reduce_over_data_ranks};
 use super::pipeline_stage::{ChunkStage, MicroBatch};
 use super::wire::CommTransport;
 use crate::data::Batch;
@@ -58,7 +66,12 @@ pub struct PipelineRank {
     model: Model,
     schedule: Schedule,
     comm_schedule: CommSchedule,
+    /// The pipeline rank (`coords.pp`).
     rank: usize,
+    /// This rank's place in the mesh (dp, ep pick its micro-batches and gradient groups).
+    coords: RankCoords,
+    /// Data ranks dp·ep: each runs M of the step's dp·ep·M micro-batches.
+    data_replicas: usize,
     /// Layer slice of each model stage.
     specs: Vec<ChunkSpec>,
     /// Parameters of the model stages this rank holds, by model stage.
@@ -74,6 +87,20 @@ pub struct PipelineRank {
     optimizer: Optimizer,
     lr: LrSchedule,
     step: u64,
+}
+
+/// The process groups a pipeline step uses (see [`PipelineRank::step_in`]).
+#[derive(Clone, Copy)]
+pub struct PipelineGroups<'a> {
+    /// Every rank of the run: losses, gradient norm and expert picks are summed over it.
+    pub world: &'a dyn Communicator,
+    /// This rank's pipeline (`parallel.pp` ranks, same dp and ep coordinates): stage
+    /// messages and shared-parameter gradients.
+    pub pp: &'a dyn Communicator,
+    /// Ranks holding the same dense parameters of the stage (dp·ep).
+    pub dense_dp: &'a dyn Communicator,
+    /// Ranks holding the same experts of the stage (dp).
+    pub expert_dp: &'a dyn Communicator,
 }
 
 /// What one pipeline step did (the same numbers on every rank, except `timing`).
@@ -139,24 +166,55 @@ fn pipeline_config(field: &'static str, value: String, rule: &str) -> Error {
 }
 
 impl PipelineRank {
-    /// Pipeline rank `rank` of a run of `plan` (resolved for `parallel.pp` devices):
-    /// initialises the whole model as one rank would (same seed, same values), keeps the
-    /// model stages `parallel.schedule` places on this rank, and builds their optimizer.
+    /// Pipeline rank `rank` of a run of `plan` (resolved for `parallel.pp` devices, dp
+    /// and ep 1): initialises the whole model as one rank would (same seed, same values),
+    /// keeps the model stages `parallel.schedule` places on this rank, and builds their
+    /// optimizer.
     pub fn new(plan: &Plan, rank: usize) -> Result<PipelineRank> {
-        crate::support::check_cpu_numerics(plan)?;
         let par = &plan.parallel;
-        if par.dp * par.ep * par.tp * par.cp != 1 {
+        if par.dp * par.ep != 1 {
             return Err(pipeline_config(
                 "parallel",
-                format!("dp={} ep={} tp={} cp={}", par.dp, par.ep, par.tp, par.cp),
-                "the pipeline trainer runs parallel.pp alone (dp, ep, tp and cp must be 1)",
+                format!("dp={} ep={}", par.dp, par.ep),
+                "PipelineRank::new runs parallel.pp alone (dp and ep 1); a Trainer rank \
+                 (Trainer::new_rank) runs pp with dp and ep",
             ));
         }
-        if rank >= par.pp {
+        let coords = RankCoords {
+            pp: rank,
+            dp: 0,
+            ep: 0,
+            cp: 0,
+            tp: 0,
+        };
+        PipelineRank::with_model(plan, coords, Model::new(ModelConfig::from_plan(plan)?)?)
+    }
+
+    /// The pipeline rank at `coords` of `plan`, its stages cut from `model` (whose MoE
+    /// layers hold the rank's experts when ep > 1).
+    pub(crate) fn with_model(
+        plan: &Plan,
+        coords: RankCoords,
+        model: Model,
+    ) -> Result<PipelineRank> {
+        crate::support::check_cpu_numerics(plan)?;
+        let par = &plan.parallel;
+        let rank = coords.pp;
+        if par.tp * par.cp != 1 {
+            return Err(pipeline_config(
+                "parallel",
+                format!("tp={} cp={}", par.tp, par.cp),
+                "the pipeline trainer runs parallel.pp with dp and ep (tp and cp must be 1)",
+            ));
+        }
+        if rank >= par.pp || coords.dp >= par.dp || coords.ep >= par.ep {
             return Err(pipeline_config(
                 "rank",
-                rank.to_string(),
-                &format!("must be below parallel.pp={}", par.pp),
+                format!("pp {} dp {} ep {}", coords.pp, coords.dp, coords.ep),
+                &format!(
+                    "must lie inside parallel.pp={} dp={} ep={}",
+                    par.pp, par.dp, par.ep
+                ),
             ));
         }
         let shape = PipelineShape {
@@ -166,7 +224,6 @@ impl PipelineRank {
         };
         let schedule = generate(par.schedule, shape)?;
         let comm_schedule = validate(&schedule)?;
-        let model = Model::new(ModelConfig::from_plan(plan)?)?;
         let full = model.init_params()?;
         let shared_embedding = full.lm_head.is_none() || full.mtp.is_some();
         let map = &schedule.stage_map;
@@ -212,6 +269,8 @@ impl PipelineRank {
             schedule,
             comm_schedule,
             rank,
+            coords,
+            data_replicas: par.dp * par.ep,
             specs,
             params,
             norm_slots,
@@ -349,6 +408,21 @@ impl PipelineRank {
     /// rank's index in it equal to the pipeline rank. Collective: every rank of the group
     /// calls it with the same batch.
     pub fn step(&mut self, comm: &dyn Communicator, batch: &Batch) -> Result<PipelineStep> {
+        self.step_in(
+            PipelineGroups {
+                world: comm,
+                pp: comm,
+                dense_dp: comm,
+                expert_dp: comm,
+            },
+            batch,
+        )
+    }
+
+    /// [`PipelineRank::step`] of a rank of a pp × dp × ep mesh, over its `groups`.
+    /// Collective over the world: every rank calls it with the same batch.
+    pub fn step_in(&mut self, groups: PipelineGroups<'_>, batch: &Batch) -> Result<PipelineStep> {
+        let comm = groups.pp;
         let pp = self.plan.parallel.pp;
         if comm.size() != pp || comm.rank() != self.rank {
             return Err(pipeline_config(
@@ -357,10 +431,23 @@ impl PipelineRank {
                 &format!("must be rank {} of parallel.pp={pp}", self.rank),
             ));
         }
+        let world_size = groups.world.size();
+        if world_size != pp * self.data_replicas {
+            return Err(pipeline_config(
+                "pipeline world",
+                world_size.to_string(),
+                &format!(
+                    "must be parallel.pp x dp x ep = {}",
+                    pp * self.data_replicas
+                ),
+            ));
+        }
         let s = self.step as usize;
         let m = self.plan.batch.microbatches;
         let mbs = self.plan.batch.micro_batch_size;
-        let micro = (0..m)
+        // This data rank's micro-batches of the step's dp·ep·M.
+        let first = (self.coords.dp * self.plan.parallel.ep + self.coords.ep) * m;
+        let micro = (first..first + m)
             .map(|i| {
                 let rows = batch.rows(i * mbs..(i + 1) * mbs)?;
                 let (ids, targets) = batch_tensors(&rows, Device::Cpu)?;
@@ -411,21 +498,32 @@ impl PipelineRank {
             });
         }
 
-        // 3. Losses of every micro-batch, from the head stages.
-        let (loss, mtp_losses) = self.gather_losses(comm, &losses)?;
+        // 3. Data parallelism: the stage's gradients over its data ranks.
+        if self.data_replicas > 1 {
+            reduce_over_data_ranks(groups, &mut grads, self.data_replicas)?;
+        }
 
-        // 4. Global gradient norm and clipping: Σ g² of each tensor in its one-rank slot
+        // 4. Losses of every micro-batch, from the head stages.
+        let (loss, mtp_losses) = self.gather_losses(groups.world, first, &losses)?;
+
+        // 5. Global gradient norm and clipping: Σ g² of each tensor in its one-rank slot
         // (filled by the rank owning it, zero elsewhere: the sum over ranks is exact),
         // then summed in one rank's order, as `clip_grad_norm` does.
         let zero = Tensor::zeros([1], DType::F32, Device::Cpu)?;
         let mut parts = vec![zero; self.norm_slots];
-        for (n, g, _) in &grads {
+        for (n, g, role) in &grads {
             if let Some(&slot) = self.owned_slots.get(n) {
-                parts[slot] = g.sum_squares()?.reshape([1])?;
+                if norm_owner(self.coords, *role) {
+                    parts[slot] = g.sum_squares()?.reshape([1])?;
+                }
             }
         }
         let local = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?;
-        let norm_t = comm.all_reduce(&local, ReduceOp::Sum)?.sum_all()?.sqrt()?;
+        let norm_t = groups
+            .world
+            .all_reduce(&local, ReduceOp::Sum)?
+            .sum_all()?
+            .sqrt()?;
         if let Some(max) = self.plan.optim.grad_clip {
             let factor = clip_factor(&norm_t, max)?;
             for (_, g, _) in &mut grads {
@@ -436,7 +534,7 @@ impl PipelineRank {
         let grad_norm = norm_t.to_scalar_f32()? as f64;
         let finite = grad_norm.is_finite() && loss.total.is_finite();
 
-        // 5. Optimizer and expert bias, unless the guard skips the step.
+        // 6. Optimizer and expert bias, unless the guard skips the step.
         let lr = self.lr.lr(s);
         if finite {
             self.optimizer.step(
@@ -445,7 +543,7 @@ impl PipelineRank {
                 lr,
             )?;
             self.sync_embedding_copies();
-            self.update_expert_bias(comm, &picks)?;
+            self.update_expert_bias(groups.world, &picks)?;
         } else {
             log::warn!(
                 "step {}: non-finite loss {} or gradient norm {grad_norm}; update skipped",
@@ -465,19 +563,29 @@ impl PipelineRank {
     }
 
     /// The step's mean loss parts from the head stages' per-micro-batch values: a
-    /// `[M, 7 + mtp depth]` table, each row filled on the rank that owns it and zero
-    /// elsewhere, summed over the group (exact), then averaged in micro-batch order.
+    /// `[dp·ep·M, 7 + mtp depth]` table, each row filled on the rank that owns it (local
+    /// micro-batch `mb` is row `first + mb`) and zero elsewhere, summed over the world
+    /// (exact), then averaged in micro-batch order.
     fn gather_losses(
         &self,
         comm: &dyn Communicator,
+        first: usize,
         losses: &BTreeMap<usize, megamoe_model::LossValues>,
     ) -> Result<(LossParts, Vec<f64>)> {
         let p = &self.plan;
-        let m = p.batch.microbatches;
+        let m = p.batch.microbatches * self.data_replicas;
         let depth = p.mtp.as_ref().map_or(0, |t| t.depth);
         let k = 7 + depth;
         let mut rows = vec![0.0f32; m * k];
-        for (&mb, v) in losses {
+        for (&local, v) in losses {
+            let mb = first + local;
+            if mb >= m {
+                return Err(pipeline_config(
+                    "parallel.microbatches",
+                    p.batch.microbatches.to_string(),
+                    &format!("micro-batch {mb} lies outside the step's {m}"),
+                ));
+            }
             let r = &mut rows[mb * k..(mb + 1) * k];
             r[..7].copy_from_slice(&[
                 1.0,

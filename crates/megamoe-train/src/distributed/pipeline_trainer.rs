@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use megamoe_model::{Model, ModelConfig};
 use megamoe_plan::OptimizerKind;
 
 use super::pipeline::PipelineRank;
@@ -26,9 +27,18 @@ pub(crate) struct StepStart {
 }
 
 impl Trainer {
-    /// Makes this rank a pipeline rank (`parallel.pp > 1`), at pipeline rank `rank`.
-    pub(crate) fn attach_pipeline(&mut self, rank: usize) -> Result<()> {
-        self.pipeline = Some(PipelineRank::new(&self.plan, rank)?);
+    /// Makes this rank a pipeline rank (`parallel.pp > 1`) at its mesh coordinates; with
+    /// ep > 1 its stages' MoE layers hold the rank's experts and exchange tokens over the
+    /// stage's EP group.
+    pub(crate) fn attach_pipeline(&mut self) -> Result<()> {
+        let par = self.parallel.as_ref().ok_or_else(|| Error::TrainConfig {
+            field: "parallel.pp",
+            value: self.plan.parallel.pp.to_string(),
+            rule: "a pipeline rank needs its place in a distributed run".into(),
+        })?;
+        let mut model = Model::new(ModelConfig::from_plan(&self.plan)?)?;
+        par.shard_model(&mut model)?;
+        self.pipeline = Some(PipelineRank::with_model(&self.plan, par.coords(), model)?);
         Ok(())
     }
 
@@ -41,8 +51,9 @@ impl Trainer {
         };
         let mut rank = self.pipeline.take().ok_or_else(missing)?;
         let result = match self.parallel.as_ref() {
-            Some(par) => rank.step(par.world(), batch).and_then(|out| {
-                rank.replicate_into(par.world(), &mut self.params, &mut self.optimizer)?;
+            Some(par) => rank.step_in(par.pipeline_groups(), batch).and_then(|out| {
+                let pp = par.pipeline_groups().pp;
+                rank.replicate_into(pp, &mut self.params, &mut self.optimizer)?;
                 Ok(out)
             }),
             None => Err(missing()),
