@@ -103,7 +103,7 @@ fn main() -> Result<(), megamoe_plan::PlanError> {
         ],
     )?;
     show(
-        "dp2 x ep2 x pp2 (planned only)",
+        "dp2 x ep2 x pp2",
         &[
             "parallel.dp=2",
             "parallel.ep=2",
