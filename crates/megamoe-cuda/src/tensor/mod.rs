@@ -2,7 +2,8 @@
 //! elementwise unary / binary ops with row, column and scalar broadcasts, 0/1 masks and
 //! selects, integer sums and prefix sums, row and column reductions, row softmax and
 //! log-softmax with their backward, top-k, row gather, per-row column gather / scatter,
-//! deterministic row scatter-add and the general permute copy.
+//! deterministic row scatter-add and the general permute copy; and ([`RouteKernels`]) the
+//! MoE routing, capacity and static expert-buffer kernels, with index checks in every build.
 //!
 //! The API is raw: device addresses with a run-time element type ([`Dev`]) and sizes; the
 //! caller (a backend that already checked shapes, dtypes and buffer sizes) guarantees the
@@ -11,8 +12,10 @@
 //! order (no float atomics): bitwise reproducible.
 
 mod launch;
+mod routing;
 
 pub use launch::TensorKernels;
+pub use routing::{RouteError, RouteKernels, MAX_GROUPS, MAX_SLOTS};
 
 /// Element type of a device buffer, as the kernels see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -32,12 +32,15 @@ impl TokenDispatcher for LocalDispatcher {
 
     fn exchange_layout(&self, layout: &DispatchLayout) -> Result<ExpertLayout> {
         let e = layout.num_experts;
-        // No host read: the grouped GEMM takes the counts as a device tensor.
+        // Static capacity: no host read (the grouped GEMM takes the counts as a device
+        // tensor). Packed: a device backend reads the counts once here for its GEMMs.
         let (groups, rows) = match &layout.rows {
             SourceRows::Capacity { capacity, .. } => {
                 (RowGroups::strided(&layout.counts, *capacity)?, e * capacity)
             }
-            SourceRows::Packed { token, .. } => (RowGroups::packed(&layout.counts)?, token.numel()),
+            SourceRows::Packed { token, .. } => {
+                (RowGroups::packed_read(&layout.counts)?, token.numel())
+            }
         };
         Ok(ExpertLayout {
             experts: 0..e,

@@ -43,7 +43,7 @@ impl HostTransfer for CudaBackend {
             });
         }
         let src = super::view(OP, x)?;
-        Ok(match s.dtype {
+        let data = match s.dtype {
             DType::F32 => {
                 let mut v = vec![0f32; n];
                 self.ck(OP, e.gpu.download(&src, &mut v))?;
@@ -59,7 +59,10 @@ impl HostTransfer for CudaBackend {
                 self.ck(OP, e.gpu.download(&src, &mut v))?;
                 CpuStorage::I32(v)
             }
-        })
+        };
+        // The download synchronised the stream: report any failed device index check.
+        self.check_device_errors(&e)?;
+        Ok(data)
     }
 
     fn full(&self, shape: Shape, value: f32, dtype: DType) -> Result<Tensor> {

@@ -1,7 +1,8 @@
 //! The matmul family on cuBLAS (f32 accumulation; f32 operands use no TF32, so f32 runs
 //! are the parity path). Two bf16 operands run as a bf16 GEMM with an f32 result; a mixed
 //! pair is widened to f32 first (the CPU backend's semantics), unless the backend is in
-//! bf16-matmul mode (both rounded to bf16). Grouped matmuls read the
+//! bf16-matmul mode (both rounded to bf16). Grouped matmuls over fixed-stride groups are
+//! one strided-batched GEMM (`grouped.rs`, no host read); over packed groups they read the
 //! group sizes and offsets to the host (one counted read) and issue one GEMM per group.
 
 use megamoe_cuda::{Elem, Operand};
@@ -27,7 +28,7 @@ fn elem(d: DType) -> Elem {
 impl CudaBackend {
     /// `a`, `b` as one GEMM input type: both bf16 stay bf16 (and both are rounded to bf16
     /// in bf16-matmul mode), anything else is f32.
-    fn gemm_pair(&self, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(super) fn gemm_pair(&self, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
         let bf = |t: &Tensor| {
             if t.dtype() == DType::BF16 {
                 Ok(t.clone())
@@ -44,7 +45,7 @@ impl CudaBackend {
 
     /// `C[m, n] (f32) = alpha · op(A) · op(B) + beta · C` for `batch` strided entries.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    pub(super) fn gemm(
         &self,
         e: &Engine,
         op: &'static str,
@@ -82,7 +83,7 @@ impl CudaBackend {
 }
 
 /// A row-major operand of logical `op(t)` at element `at` of `t`, batch stride `stride`.
-fn operand(t: &Tensor, ptr: u64, trans: bool, cols: usize, stride: usize) -> Operand {
+pub(super) fn operand(t: &Tensor, ptr: u64, trans: bool, cols: usize, stride: usize) -> Operand {
     let mut o = Operand::dense(ptr, elem(t.dtype()), cols, stride);
     o.trans = trans;
     o
@@ -153,6 +154,9 @@ impl MatmulKernels for CudaBackend {
         trans_w: bool,
     ) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
+        if let Some(stride) = groups.stride() {
+            return self.strided_matmul(x, groups, stride, w, trans_w);
+        }
         let (r, _) = x.dims2()?;
         let n = if trans_w { w.dims()[1] } else { w.dims()[2] };
         let e = self.engine(OP)?;
@@ -175,6 +179,9 @@ impl MatmulKernels for CudaBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul";
+        if let Some(stride) = groups.stride() {
+            return self.strided_matmul_acc(out, x, groups, stride, w, trans_w, beta);
+        }
         let (r, kx) = x.dims2()?;
         let (_, w1, w2) = w.dims3()?;
         let n = if trans_w { w1 } else { w2 };
@@ -221,6 +228,9 @@ impl MatmulKernels for CudaBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_wgrad";
+        if let Some(stride) = groups.stride() {
+            return self.strided_wgrad_acc(out, dy, x, groups, stride, beta);
+        }
         let (r, n) = dy.dims2()?;
         let (_, k) = x.dims2()?;
         let spans = self.spans(OP, groups, r)?;
@@ -256,14 +266,25 @@ impl MatmulKernels for CudaBackend {
 }
 
 impl CudaBackend {
-    /// The groups' `(offset, size)` on the host (one counted read), checked as the CPU
-    /// backend checks them.
+    /// The groups' `(offset, size)` on the host (one counted read unless they were given
+    /// on the host, [`RowGroups::host_spans`]), checked as the CPU backend checks them.
     fn spans(
         &self,
         op: &'static str,
         groups: &RowGroups,
         rows: usize,
     ) -> Result<Vec<(usize, usize)>> {
+        if let Some(h) = groups.host_spans() {
+            if h.last().is_some_and(|&(o, s)| o + s > rows) {
+                return Err(Error::InvalidArgument {
+                    op,
+                    arg: "groups",
+                    value: format!("{} groups over {rows} rows", h.len()),
+                    rule: "groups must be non-negative, in order, disjoint and inside the rows",
+                });
+            }
+            return Ok(h.to_vec());
+        }
         let sizes = groups.sizes().to_host_i32()?;
         crate::sync::record_host_read();
         let offsets = crate::backend::HostTransfer::to_host(self, groups.offsets())?;

@@ -9,21 +9,28 @@
 //! one stream in call order, so every op is ordered after the ops that produced its inputs,
 //! and no host synchronisation happens except in `to_host` and the host-staged ops below.
 //!
+//! # MoE on the device
+//! The MoE routing and capacity families run on the device (`routing.rs`: no host read
+//! except the dropless sort's one counts read per layer), and grouped matmuls over
+//! fixed-stride groups (static capacity) are strided-batched GEMMs (`grouped.rs`). Index
+//! checks of these kernels run in every build and are reported at the next synchronising
+//! read (`to_host`).
+//!
 //! # Host-staged ops
-//! The MoE routing and capacity families, grouped matmuls over packed groups (cuBLAS needs
-//! host group sizes) and the named RNG run as: read the inputs to the host, run the CPU
-//! kernel, upload the result. Each read is counted in [`host_reads`](crate::host_reads), so a
-//! step's metrics show what they cost; they are the next kernels to move to the device.
+//! Grouped matmuls over packed groups (cuBLAS needs host group sizes) read the groups to
+//! the host (one counted read per call); the named RNG is drawn on the host and uploaded.
 
 mod dense;
 mod elementwise;
+mod grouped;
 mod host;
 mod matmul;
+mod routing;
 mod staged;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use megamoe_cuda::tensor::{Dev, Dtype, TensorKernels};
+use megamoe_cuda::tensor::{Dev, Dtype, RouteKernels, TensorKernels};
 use megamoe_cuda::{DeviceBuffer, DeviceView, Elem, Gpu, Ops};
 
 use crate::storage::Storage;
@@ -69,6 +76,10 @@ impl CudaStorage {
 pub(crate) struct Engine {
     pub(crate) gpu: Gpu,
     pub(crate) tk: TensorKernels,
+    /// MoE routing / capacity / static-buffer kernels.
+    pub(crate) rk: RouteKernels,
+    /// The device error record of the index checks (four i32, zero when clean).
+    pub(crate) err: DeviceBuffer,
     pub(crate) ops_f32: Ops,
     pub(crate) ops_bf16: Ops,
 }
@@ -115,6 +126,9 @@ pub fn cuda_backend(ordinal: usize) -> Result<&'static CudaBackend> {
 fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
     let mut gpu = Gpu::new(ordinal)?;
     let tk = TensorKernels::new(&mut gpu)?;
+    let rk = RouteKernels::new(&mut gpu)?;
+    let err = gpu.alloc(16)?;
+    gpu.memset(&err, 0)?;
     let ops_f32 = Ops::new(&mut gpu, Elem::F32)?;
     let ops_bf16 = Ops::new(&mut gpu, Elem::Bf16)?;
     Ok(CudaBackend {
@@ -122,6 +136,8 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
         engine: Mutex::new(Engine {
             gpu,
             tk,
+            rk,
+            err,
             ops_f32,
             ops_bf16,
         }),

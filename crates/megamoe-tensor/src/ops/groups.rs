@@ -15,6 +15,12 @@ use crate::{DType, Device, Error, Result, Tensor};
 pub struct RowGroups {
     sizes: Tensor,
     offsets: Tensor,
+    /// `Some(stride)` for [`RowGroups::strided`] groups (known on the host, so a backend
+    /// can run one strided-batched GEMM over `[G, stride, ·]`).
+    stride: Option<usize>,
+    /// `(offset, size)` per group when the sizes came from the host
+    /// ([`RowGroups::from_sizes`]): a device backend needs no read to know them.
+    host: Option<std::sync::Arc<[(usize, usize)]>>,
 }
 
 fn check_sizes(op: &'static str, sizes: &Tensor) -> Result<usize> {
@@ -38,7 +44,35 @@ impl RowGroups {
         Ok(RowGroups {
             sizes: sizes.clone(),
             offsets: sizes.exclusive_cumsum_i32()?,
+            stride: None,
+            host: None,
         })
+    }
+
+    /// [`RowGroups::packed`] whose sizes a device backend also gets on the host, read once
+    /// here (SYNC on a GPU: one counted host read; on the CPU nothing is read, the CPU
+    /// backend reads the sizes in place): a grouped GEMM that needs host group sizes (cuBLAS)
+    /// then reads nothing, so a dropless MoE layer reads its counts once per layer instead
+    /// of once per GEMM.
+    pub fn packed_read(sizes: &Tensor) -> Result<RowGroups> {
+        let mut groups = RowGroups::packed(sizes)?;
+        if sizes.device() != Device::Cpu {
+            let host = sizes.to_host_i32()?;
+            let mut spans = Vec::with_capacity(host.len());
+            let mut offset = 0usize;
+            for (g, &s) in host.iter().enumerate() {
+                let s = usize::try_from(s).map_err(|_| Error::InvalidArgument {
+                    op: "RowGroups::packed_read",
+                    arg: "sizes",
+                    value: format!("group {g}: {s}"),
+                    rule: "group sizes must be non-negative",
+                })?;
+                spans.push((offset, s));
+                offset += s;
+            }
+            groups.host = Some(spans.into());
+        }
+        Ok(groups)
     }
 
     /// Fixed-stride groups of a padded buffer `[G·stride, ..]`: group `g` starts at row
@@ -57,6 +91,8 @@ impl RowGroups {
         Ok(RowGroups {
             sizes: sizes.clone(),
             offsets: Tensor::from_vec_i32(offsets, [g], sizes.device())?,
+            stride: Some(stride),
+            host: None,
         })
     }
 
@@ -64,6 +100,8 @@ impl RowGroups {
     /// them from device counts with [`RowGroups::packed`]).
     pub fn from_sizes(sizes: &[usize], device: Device) -> Result<RowGroups> {
         let mut host = Vec::with_capacity(sizes.len());
+        let mut spans = Vec::with_capacity(sizes.len());
+        let mut offset = 0usize;
         for &s in sizes {
             host.push(i32::try_from(s).map_err(|_| Error::InvalidArgument {
                 op: "RowGroups::from_sizes",
@@ -71,8 +109,12 @@ impl RowGroups {
                 value: s.to_string(),
                 rule: "every size must fit in i32",
             })?);
+            spans.push((offset, s));
+            offset += s;
         }
-        RowGroups::packed(&Tensor::from_vec_i32(host, [sizes.len()], device)?)
+        let mut groups = RowGroups::packed(&Tensor::from_vec_i32(host, [sizes.len()], device)?)?;
+        groups.host = Some(spans.into());
+        Ok(groups)
     }
 
     /// `[G]` i32 rows per group.
@@ -83,6 +125,17 @@ impl RowGroups {
     /// `[G]` i32 first row of each group.
     pub fn offsets(&self) -> &Tensor {
         &self.offsets
+    }
+
+    /// `Some(stride)` when group `g` starts at row `g·stride` ([`RowGroups::strided`]).
+    pub fn stride(&self) -> Option<usize> {
+        self.stride
+    }
+
+    /// `(offset, size)` per group when the sizes were given on the host
+    /// ([`RowGroups::from_sizes`]), so a device backend can use them without a read.
+    pub fn host_spans(&self) -> Option<&[(usize, usize)]> {
+        self.host.as_deref()
     }
 
     /// Number of groups G.

@@ -1,0 +1,504 @@
+// MoE routing, capacity and static-buffer kernels behind megamoe-tensor's routing and
+// capacity families (semantics: megamoe-tensor's CPU kernels of the same names). Header-free
+// (fast NVRTC compile). Inputs read as f32 or bf16 (dt code 0 / 1), outputs f32 / i32.
+// Every sum runs in a fixed order (f64 where the CPU sums in f64); the counting sorts use
+// only integer atomics on per-chunk histograms, then a fixed-order scan and an in-chunk rank:
+// results are bitwise reproducible.
+//
+// Index checks run in release builds: a bad id sets the engine's error record
+// err[0] = code (first error wins), err[1] = index, err[2] = position, err[3] = bound, read
+// on the host at the next synchronising read. Codes:
+//   1 slot id outside 0..bound          2 negative expert id
+//   3 row id outside -1..bound          4 expert over capacity (err[1] = expert)
+//   5 group counts invalid              6 group sizes outside 0..=stride
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define CHUNK 256
+
+__device__ __forceinline__ float ld_any(const void* p, int dt, size_t i) {
+    if (dt == 1) {
+        unsigned short b = ((const unsigned short*)p)[i];
+        return __uint_as_float(((unsigned)b) << 16);
+    }
+    return ((const float*)p)[i];
+}
+
+__device__ void report(int* err, int code, long long index, long long pos, long long bound) {
+    if (atomicCAS(err, 0, code) == 0) {
+        err[1] = (int)index;
+        err[2] = (int)pos;
+        err[3] = (int)(bound > 2147483647LL ? 2147483647LL : bound);
+    }
+}
+
+// ---- router helpers -------------------------------------------------------------------
+
+// One thread per row: group score = top-1 (+ top-2 when a group has >= 2 members) in f64;
+// the best m groups (ties -> lower group) keep their values, the rest -inf. g <= 256.
+extern "C" __global__ void group_limited_mask(const float* __restrict__ sel, int rows, int e,
+                                              int g, int m, float* __restrict__ out) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = sel + (size_t)r * e;
+    float* o = out + (size_t)r * e;
+    const int per = e / g;
+    unsigned long long kept[4] = {0ull, 0ull, 0ull, 0ull};
+    for (int pick = 0; pick < m; pick++) {
+        double best = 0.0;
+        int bi = -1;
+        for (int gi = 0; gi < g; gi++) {
+            if ((kept[gi >> 6] >> (gi & 63)) & 1ull) continue;
+            float a = NEG_INF, b = NEG_INF;
+            for (int j = 0; j < per; j++) {
+                float v = row[gi * per + j];
+                if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+            }
+            double s = per >= 2 ? (double)a + (double)b : (double)a;
+            // descending score, ties (and NaN, compared as equal) -> lower group
+            if (bi < 0 || s > best) { best = s; bi = gi; }
+        }
+        kept[bi >> 6] |= 1ull << (bi & 63);
+    }
+    for (int j = 0; j < e; j++) {
+        int gi = j / per;
+        o[j] = ((kept[gi >> 6] >> (gi & 63)) & 1ull) ? row[j] : NEG_INF;
+    }
+}
+
+// [rows, e] + [rows, 1] -> [rows, e + n_null] (the null logit repeated).
+extern "C" __global__ void expand_null_slots(const float* __restrict__ z, const float* __restrict__ zn,
+                                             int rows, int e, int n_null, float* __restrict__ out) {
+    const int w = e + n_null;
+    size_t total = (size_t)rows * w;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / w;
+        int c = (int)(i - r * w);
+        out[i] = c < e ? z[r * e + c] : zn[r];
+    }
+}
+
+// d_pool [rows, w] -> d_z [rows, e] (copy), d_null [rows] (sum of the null columns, f64).
+extern "C" __global__ void reduce_null_slots(const float* __restrict__ d, int rows, int e, int w,
+                                             float* __restrict__ dz, float* __restrict__ dn) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = d + (size_t)r * w;
+    for (int j = 0; j < e; j++) dz[(size_t)r * e + j] = row[j];
+    double s = 0.0;
+    for (int j = e; j < w; j++) s += (double)row[j];
+    dn[r] = (float)s;
+}
+
+// 1 where 0 <= idx < n_real, else 0.
+extern "C" __global__ void real_slot_mask(const int* __restrict__ idx, int n, int n_real,
+                                          float* __restrict__ out) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = ((unsigned)idx[i] < (unsigned)n_real) ? 1.f : 0.f;
+}
+
+// g / (sum g + eps) per row (sum in f64, as the CPU).
+extern "C" __global__ void normalize_rows(const float* __restrict__ g, int rows, int k, float eps,
+                                          float* __restrict__ out) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = g + (size_t)r * k;
+    double s = 0.0;
+    for (int j = 0; j < k; j++) s += (double)row[j];
+    float sf = (float)(s + (double)eps);
+    for (int j = 0; j < k; j++) out[(size_t)r * k + j] = row[j] / sf;
+}
+
+// dg_i = (dn_i - sum_j dn_j n_j) / S with S = sum g + eps (f64).
+extern "C" __global__ void normalize_rows_bwd(const float* __restrict__ g, const float* __restrict__ dn,
+                                              int rows, int k, float eps, float* __restrict__ out) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = g + (size_t)r * k;
+    const float* drow = dn + (size_t)r * k;
+    double s = 0.0;
+    for (int j = 0; j < k; j++) s += (double)row[j];
+    s += (double)eps;
+    double dot = 0.0;
+    for (int j = 0; j < k; j++) dot += ((double)row[j] / s) * (double)drow[j];
+    for (int j = 0; j < k; j++) out[(size_t)r * k + j] = (float)(((double)drow[j] - dot) / s);
+}
+
+// ---- stable positions of assignments per expert (counting sort) -----------------------
+
+// The expert of assignment a when it takes part: 0 <= idx < n_real and keep (if any) != 0;
+// -1 otherwise. A negative id is reported (code 2).
+__device__ __forceinline__ int part_of(const int* idx, const float* keep, int a, int n_real,
+                                       int* err) {
+    int e = idx[a];
+    if (e < 0) {
+        report(err, 2, e, a, 2147483647LL);
+        return -1;
+    }
+    if (e >= n_real) return -1;
+    if (keep && keep[a] == 0.f) return -1;
+    return e;
+}
+
+// hist [chunks, n_real] (zeroed): assignments per (chunk of 256, expert).
+extern "C" __global__ void route_hist(const int* __restrict__ idx, const float* __restrict__ keep,
+                                      int n, int n_real, int* __restrict__ hist, int* err) {
+    int a = blockIdx.x * CHUNK + threadIdx.x;
+    if (a >= n) return;
+    int e = part_of(idx, keep, a, n_real, err);
+    if (e >= 0) atomicAdd(&hist[(size_t)blockIdx.x * n_real + e], 1);
+}
+
+// Per expert, in chunk order: hist becomes the exclusive prefix over chunks; counts[e] = total.
+extern "C" __global__ void route_scan(int* __restrict__ hist, int chunks, int n_real,
+                                      int* __restrict__ counts) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n_real) return;
+    int run = 0;
+    for (int c = 0; c < chunks; c++) {
+        int v = hist[(size_t)c * n_real + e];
+        hist[(size_t)c * n_real + e] = run;
+        run += v;
+    }
+    counts[e] = run;
+}
+
+// pos[a] = position of assignment a among its expert's (in flat order), -1 if not taking part.
+extern "C" __global__ void route_place(const int* __restrict__ idx, const float* __restrict__ keep,
+                                       int n, int n_real, const int* __restrict__ hist,
+                                       int* __restrict__ pos) {
+    __shared__ int se[CHUNK];
+    int a = blockIdx.x * CHUNK + threadIdx.x;
+    int e = -1;
+    if (a < n) {
+        int v = idx[a];
+        if (v >= 0 && v < n_real && !(keep && keep[a] == 0.f)) e = v;
+    }
+    se[threadIdx.x] = e;
+    __syncthreads();
+    if (a >= n) return;
+    if (e < 0) {
+        pos[a] = -1;
+        return;
+    }
+    int rank = 0;
+    for (int i = 0; i < (int)threadIdx.x; i++) rank += (se[i] == e);
+    pos[a] = hist[(size_t)blockIdx.x * n_real + e] + rank;
+}
+
+// Earliest-first capacity: keep = 1 for a real assignment at position < cap (cap < 0: all).
+extern "C" __global__ void keep_earliest(const int* __restrict__ pos, int n, int cap,
+                                         float* __restrict__ keep) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        int p = pos[a];
+        keep[a] = (p >= 0 && (cap < 0 || p < cap)) ? 1.f : 0.f;
+    }
+}
+
+// list[off[e] + pos[a]] = a: each expert's assignments in flat order.
+extern "C" __global__ void route_list(const int* __restrict__ idx, const int* __restrict__ pos, int n,
+                                      const int* __restrict__ off, int* __restrict__ list) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        int p = pos[a];
+        if (p >= 0) list[off[idx[a]] + p] = a;
+    }
+}
+
+// Highest-gate capacity: an expert with more than cap assignments keeps those whose rank
+// (descending gate, ties -> lower flat index: a stable sort) is below cap.
+extern "C" __global__ void keep_highest(const int* __restrict__ idx, const int* __restrict__ pos,
+                                        const float* __restrict__ gates, int n, int cap,
+                                        const int* __restrict__ counts, const int* __restrict__ off,
+                                        const int* __restrict__ list, float* __restrict__ keep) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        int p = pos[a];
+        if (p < 0) { keep[a] = 0.f; continue; }
+        int e = idx[a];
+        int ne = counts[e];
+        if (ne <= cap) { keep[a] = 1.f; continue; }
+        const int* l = list + off[e];
+        float ga = gates[a];
+        int rank = 0;
+        for (int i = 0; i < ne && rank < cap; i++) {
+            int b = l[i];
+            float gb = gates[b];
+            // gb > ga, or equal (NaN compares equal, as the CPU sort) and earlier
+            rank += (gb > ga) || (!(gb < ga) && !(gb > ga) && b < a);
+        }
+        keep[a] = rank < cap ? 1.f : 0.f;
+    }
+}
+
+// Static layout: slot_row[a] = e*cap + pos (or -1), row_token[e*cap + pos] = a / k (row_token
+// pre-filled with -1). A position at or past cap is reported (code 4).
+extern "C" __global__ void capacity_place(const int* __restrict__ idx, const int* __restrict__ pos,
+                                          int n, int k, int cap, int* __restrict__ slot_row,
+                                          int* __restrict__ row_token, int* err) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        int p = pos[a];
+        int r = -1;
+        if (p >= 0) {
+            int e = idx[a];
+            if (p < cap) {
+                r = e * cap + p;
+                row_token[r] = a / k;
+            } else {
+                report(err, 4, e, a, cap);
+            }
+        }
+        slot_row[a] = r;
+    }
+}
+
+// counts[e] = min(counts[e], cap) (the kept rows of an over-capacity expert, already reported).
+extern "C" __global__ void clamp_counts(int* __restrict__ counts, int n, int cap) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        counts[i] = min(counts[i], cap);
+}
+
+// Packed layout: token[off[e] + pos] = a / k, assignment[...] = a.
+extern "C" __global__ void sort_place(const int* __restrict__ idx, const int* __restrict__ pos, int n,
+                                      int k, const int* __restrict__ off, int* __restrict__ token,
+                                      int* __restrict__ assignment) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        int p = pos[a];
+        if (p >= 0) {
+            int r = off[idx[a]] + p;
+            token[r] = a / k;
+            assignment[r] = a;
+        }
+    }
+}
+
+// Slot counts per segment: cnt [segs, n_slots] (i32, zeroed) += 1 per counted assignment.
+extern "C" __global__ void slot_counts(const int* __restrict__ idx, const float* __restrict__ keep,
+                                       int n, int k, int seg, int n_slots, int* __restrict__ cnt,
+                                       int* err) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        int s = idx[a];
+        if (s < 0 || s >= n_slots) {
+            report(err, 1, s, a, n_slots);
+            continue;
+        }
+        if (keep && keep[a] == 0.f) continue;
+        atomicAdd(&cnt[(size_t)(a / k / seg) * n_slots + s], 1);
+    }
+}
+
+// Loss-free balancing step (one thread: E is small): delta_i = rate * sign(mean - c_i), minus
+// mean(delta) when centre (means in f64).
+extern "C" __global__ void expert_bias_step(const float* __restrict__ c, int n, float rate, int centre,
+                                            float* __restrict__ out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0 || n == 0) return;
+    double mean = 0.0;
+    for (int i = 0; i < n; i++) mean += (double)c[i];
+    mean /= (double)n;
+    double dsum = 0.0;
+    for (int i = 0; i < n; i++) {
+        double diff = mean - (double)c[i];
+        float d = diff > 0.0 ? rate : (diff < 0.0 ? -rate : 0.f);
+        out[i] = d;
+        dsum += (double)d;
+    }
+    if (centre) {
+        float m = (float)(dsum / (double)n);
+        for (int i = 0; i < n; i++) out[i] = out[i] - m;
+    }
+}
+
+// ---- static buffers ---------------------------------------------------------------------
+
+// out [R, d] f32: row r = x[rows[r]], zero where rows[r] = -1; ids outside -1..n reported.
+extern "C" __global__ void gather_rows_or_zero(const void* __restrict__ x, int dt, int n, int d,
+                                               const int* __restrict__ rows, int r_count,
+                                               float* __restrict__ out, int* err) {
+    size_t total = (size_t)r_count * d;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / d;
+        size_t c = i - r * d;
+        int s = rows[r];
+        float v = 0.f;
+        if (s >= 0 && s < n) {
+            v = ld_any(x, dt, (size_t)s * d + c);
+        } else if (s != -1 && c == 0) {
+            report(err, 3, s, (long long)r, n);
+        }
+        out[i] = v;
+    }
+}
+
+// y [t, d] = sum over token t's kept slots, in increasing buffer row, of w * rows[row]
+// (w = null: weight 1). One block per token; k <= 64 (checked by the caller).
+extern "C" __global__ void combine_slots(const void* __restrict__ rows, int dt, int b, int d,
+                                         const int* __restrict__ slot_row,
+                                         const void* __restrict__ w, int wdt, int k,
+                                         float* __restrict__ y, int* err) {
+    __shared__ int rs[64];
+    __shared__ float ws[64];
+    __shared__ int nr;
+    const int t = blockIdx.x;
+    if (threadIdx.x == 0) {
+        int m = 0;
+        for (int j = 0; j < k; j++) {
+            int r = slot_row[(size_t)t * k + j];
+            if (r < -1 || r >= b) {
+                report(err, 3, r, (long long)t * k + j, b);
+                continue;
+            }
+            if (r < 0) continue;
+            float wv = w ? ld_any(w, wdt, (size_t)t * k + j) : 1.f;
+            int q = m++;
+            while (q > 0 && rs[q - 1] > r) { rs[q] = rs[q - 1]; ws[q] = ws[q - 1]; q--; }
+            rs[q] = r;
+            ws[q] = wv;
+        }
+        nr = m;
+    }
+    __syncthreads();
+    const int m = nr;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.f;
+        for (int q = 0; q < m; q++) {
+            float v = ld_any(rows, dt, (size_t)rs[q] * d + c);
+            acc = w ? __fadd_rn(acc, __fmul_rn(ws[q], v)) : __fadd_rn(acc, v);
+        }
+        y[(size_t)t * d + c] = acc;
+    }
+}
+
+// Backward of the weighted combine, one block per assignment a = t*k + j:
+// d_rows[row] = w[a] * d_y[t] (d_rows pre-zeroed: pad rows stay 0) and
+// d_w[a] = <d_y[t], rows[row]> (f32 products summed in f64), 0 where not kept.
+extern "C" __global__ void combine_slots_bwd(const void* __restrict__ rows, int dt, int b, int d,
+                                             const void* __restrict__ d_y, int ydt,
+                                             const int* __restrict__ slot_row,
+                                             const void* __restrict__ w, int wdt, int k,
+                                             float* __restrict__ d_rows, float* __restrict__ d_w,
+                                             int* err) {
+    __shared__ double part[32];
+    const size_t a = blockIdx.x;
+    const int r = slot_row[a];
+    if (r < 0 || r >= b) {
+        if (threadIdx.x == 0) {
+            if (r != -1) report(err, 3, r, (long long)a, b);
+            d_w[a] = 0.f;
+        }
+        return;
+    }
+    const size_t t = a / k;
+    const float wa = ld_any(w, wdt, a);
+    double dot = 0.0;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float g = ld_any(d_y, ydt, t * d + c);
+        d_rows[(size_t)r * d + c] = __fmul_rn(g, wa);
+        dot += (double)__fmul_rn(g, ld_any(rows, dt, (size_t)r * d + c));
+    }
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = dot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) s += part[i];
+        d_w[a] = (float)s;
+    }
+}
+
+// Group counts of a padded buffer: each in 0..=cap, summing to `total` (code 5 otherwise).
+// One thread. off = exclusive prefix of counts.
+extern "C" __global__ void check_counts(const int* __restrict__ counts, const int* __restrict__ off,
+                                        int g, int cap, int total, int* err) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    long long sum = 0;
+    for (int i = 0; i < g; i++) {
+        int c = counts[i];
+        if (c < 0 || c > cap) { report(err, 5, c, i, cap); return; }
+        sum += c;
+    }
+    if (sum != total) report(err, 5, (int)sum, g, total);
+}
+
+// out [g*cap, d] f32: group gi's counts[gi] rows of x (packed from off[gi]), then zero rows.
+extern "C" __global__ void pad_groups(const void* __restrict__ x, int dt, int x_rows, int d,
+                                      const int* __restrict__ counts, const int* __restrict__ off,
+                                      int g, int cap, float* __restrict__ out) {
+    size_t total = (size_t)g * cap * d;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t row = i / d, c = i - row * d;
+        int gi = (int)(row / cap), j = (int)(row - (size_t)gi * cap);
+        int src = off[gi] + j;
+        out[i] = (j < counts[gi] && src < x_rows) ? ld_any(x, dt, (size_t)src * d + c) : 0.f;
+    }
+}
+
+// out [rows, d] f32: the counted rows of x [g*cap, d], packed.
+extern "C" __global__ void unpad_groups(const void* __restrict__ x, int dt, int d,
+                                        const int* __restrict__ counts, const int* __restrict__ off,
+                                        int g, int cap, int rows, float* __restrict__ out) {
+    size_t total = (size_t)rows * d;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int r = (int)(i / d);
+        size_t c = i - (size_t)r * d;
+        // last group starting at or before r (empty groups share the next one's offset)
+        int lo = 0, hi = g - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (off[mid] <= r) lo = mid; else hi = mid - 1;
+        }
+        int j = r - off[lo];
+        out[i] = (j >= 0 && j < cap && j < counts[lo]) ? ld_any(x, dt, ((size_t)lo * cap + j) * d + c) : 0.f;
+    }
+}
+
+// ---- strided row groups (static-capacity grouped GEMMs) ----------------------------------
+
+// Rows past each group's size in [g*stride, n] become 0; a size outside 0..=stride is
+// reported (code 6).
+extern "C" __global__ void zero_pad_rows(float* __restrict__ out, const int* __restrict__ sizes,
+                                         int g, int stride, int n, int* err) {
+    size_t total = (size_t)g * stride * n;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t row = i / n;
+        int gi = (int)(row / stride), j = (int)(row - (size_t)gi * stride);
+        int s = sizes[gi];
+        if ((s < 0 || s > stride) && j == 0 && i % n == 0) report(err, 6, s, gi, stride);
+        if (j >= s) out[i] = 0.f;
+    }
+}
+
+// out = beta * out + tmp over n elements (beta = 0: out = tmp, never 0 * NaN).
+extern "C" __global__ void axpby(float* __restrict__ out, const float* __restrict__ tmp, size_t n,
+                                 float beta) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = beta == 0.f ? tmp[i] : __fadd_rn(__fmul_rn(beta, out[i]), tmp[i]);
+}
+
+// dst = src on the rows inside each group, 0 elsewhere ([g*stride, n], element size es bytes).
+extern "C" __global__ void mask_rows(const void* __restrict__ src, void* __restrict__ dst, int es,
+                                     const int* __restrict__ sizes, int g, int stride, int n) {
+    size_t total = (size_t)g * stride * n;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t row = i / n;
+        int gi = (int)(row / stride), j = (int)(row - (size_t)gi * stride);
+        bool in = j < sizes[gi];
+        if (es == 2) ((unsigned short*)dst)[i] = in ? ((const unsigned short*)src)[i] : 0;
+        else ((unsigned*)dst)[i] = in ? ((const unsigned*)src)[i] : 0u;
+    }
+}
+
+// off = exclusive prefix of counts (one thread: n is the expert count).
+extern "C" __global__ void offsets_of(const int* __restrict__ counts, int n, int* __restrict__ off) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    int run = 0;
+    for (int i = 0; i < n; i++) { off[i] = run; run += counts[i]; }
+}
+
+// y[..n] = v (i32).
+extern "C" __global__ void fill_i32(int* __restrict__ y, int n, int v) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = v;
+}
