@@ -72,8 +72,8 @@ pub struct TrainArgs {
     pub sample_tokens: usize,
 
     /// Ranks of the run, as threads of this process: must equal the layout's world
-    /// size (parallel.dp x parallel.ep, or parallel.pp alone; parallel.fsdp 0, 1 or
-    /// 2; other parallel.* must be 1). Rank 0 writes the run directory.
+    /// size (parallel.dp x parallel.ep, or parallel.pp alone; parallel.fsdp 0 to 3;
+    /// other parallel.* must be 1). Rank 0 writes the run directory.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub world: usize,
 }
@@ -123,8 +123,11 @@ Examples:
 process: each rank takes parallel.microbatches micro-batches of the global
 batch, gradients are summed over the ranks, and with parallel.ep the routed
 experts of each MoE layer are split over the ep ranks (tokens travel by
-all-to-all; checkpoints hold every expert). parallel.fsdp = 1 or 2 (AdamW)
-shards optimizer state and gradients over the data-parallel ranks. With the
+all-to-all; checkpoints hold every expert). parallel.fsdp = 1 or 2 shards
+optimizer state and gradients over the data-parallel ranks (AdamW, or Muon
+gathering each matrix for its Newton-Schulz step); parallel.fsdp = 3 also
+keeps only each rank's rows of the parameters between steps, gathering a
+layer's parameters around its forward and its backward. With the
 same micro-batch size it trains the same model as one rank: `--world 2 --set
 parallel.dp=2` gives the per-step losses of `--set parallel.microbatches=2`.
 With parallel.pp the layers are cut into pp stages and the micro-batches flow

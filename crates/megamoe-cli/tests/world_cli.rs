@@ -159,6 +159,11 @@ fn world_ep_and_sharded_layouts_write_the_losses_of_one_rank() {
         ),
         (
             "4",
+            vec!["--set", "parallel.dp=4", "--set", "parallel.fsdp=3"],
+            "parallel.microbatches=4",
+        ),
+        (
+            "4",
             vec!["--set", "parallel.dp=2", "--set", "parallel.ep=2"],
             "parallel.microbatches=4",
         ),
@@ -280,17 +285,6 @@ fn layouts_train_world_cannot_run_are_refused_by_name() {
                 "parallel.cp=2",
             ],
             "parallel.pp=2",
-        ),
-        (
-            vec![
-                "--world",
-                "2",
-                "--set",
-                "parallel.dp=2",
-                "--set",
-                "parallel.fsdp=3",
-            ],
-            "parallel.fsdp=3",
         ),
         (vec!["--world", "0"], "--world 0"),
         (vec!["--set", "parallel.dp=2"], "--world N"),

@@ -361,7 +361,9 @@ impl ModelChunk<'_> {
                 skip_budget: budgets[i],
                 never_skip: never_skip.as_ref(),
             };
-            let (y, out, s) = block.forward(bp, &c.hidden, &cx)?;
+            let bp = model.block_params(block.layer, bp)?;
+            let (y, out, s) = block.forward(&bp, &c.hidden, &cx)?;
+            drop(bp);
             let x = std::mem::replace(&mut c.hidden, y);
             saved_blocks.push(match cfg.recompute {
                 Recompute::Full => SavedBlock::Recompute(x),
@@ -573,6 +575,7 @@ impl ModelChunk<'_> {
         let mut deferred = Vec::with_capacity(blocks.len());
         for (i, sb) in s.blocks.into_iter().enumerate().rev() {
             let block = &blocks[i];
+            let bp = model.block_params(block.layer, &p.layers[i])?;
             let bs = match sb {
                 SavedBlock::Kept(bs) => *bs,
                 SavedBlock::Recompute(x) => {
@@ -582,7 +585,7 @@ impl ModelChunk<'_> {
                         skip_budget: s.budgets[i],
                         never_skip: s.never_skip.as_ref(),
                     };
-                    block.forward(&p.layers[i], &x, &cx)?.2
+                    block.forward(&bp, &x, &cx)?.2
                 }
             };
             let gcx = BlockGradCx {
@@ -594,7 +597,8 @@ impl ModelChunk<'_> {
                 },
                 ffn,
             };
-            let (d, w) = block.backward_input(&p.layers[i], &d_x, bs, &gcx)?;
+            let (d, w) = block.backward_input(&bp, &d_x, bs, &gcx)?;
+            drop(bp);
             d_x = d;
             deferred.push((i, w));
         }

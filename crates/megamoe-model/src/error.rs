@@ -15,6 +15,15 @@ pub enum Error {
     #[error(transparent)]
     Moe(#[from] megamoe_moe::Error),
 
+    /// The per-layer parameter hook ([`crate::BlockGather`]) failed.
+    #[error("gathering the parameters of layer {layer} failed: {source}")]
+    Gather {
+        /// The layer.
+        layer: usize,
+        /// What the hook reported.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     // ---- config ----
     /// A config value breaks a rule of the model.
     #[error("model config: {field}={value} {rule}")]

@@ -22,6 +22,8 @@
 //! - Layers, each `Config`/`Params`/`Saved`/`DeferredW` with `forward`, `backward_input`,
 //!   `backward_weight`: [`attention`], [`mlp`], [`ffn`] (dense or MoE), [`norm`],
 //!   [`embedding`], [`gate_skip`], [`flexi_depth`], [`block`], [`mtp`].
+//! - [`BlockGather`] ([`param_gather`]): the per-layer hook of fully sharded training
+//!   (ZeRO-3), giving each block its full parameters just before it runs.
 //!
 //! # Place in the workspace
 //! Depends on megamoe-tensor, megamoe-moe and megamoe-plan; used by megamoe-train. Never
@@ -85,6 +87,7 @@ pub mod model;
 pub mod mtp;
 pub mod norm;
 pub mod outputs;
+pub mod param_gather;
 
 #[cfg(test)]
 mod grad_check;
@@ -101,3 +104,4 @@ pub use model::{
     LossParts, LossValues, Model, ModelForward, ModelParams, ModelSaved, ModelStats, Sampling,
     StatsValues,
 };
+pub use param_gather::BlockGather;

@@ -177,6 +177,8 @@ pub struct Model {
     pub(crate) norm: RmsNorm,
     /// The dispatcher given by [`Model::set_moe_dispatcher`] (`None`: every expert local).
     pub(crate) moe_dispatcher: Option<Arc<dyn TokenDispatcher>>,
+    /// The per-layer parameter hook ([`Model::set_block_gather`]; `None`: full parameters).
+    pub(crate) block_gather: Option<Arc<dyn crate::param_gather::BlockGather>>,
 }
 
 impl Model {
@@ -266,6 +268,7 @@ impl Model {
             mtp,
             norm,
             moe_dispatcher: None,
+            block_gather: None,
         })
     }
 
@@ -454,6 +457,7 @@ impl Model {
                     if let Some(d) = &self.moe_dispatcher {
                         short.set_moe_dispatcher(d.clone())?;
                     }
+                    short.block_gather = self.block_gather.clone();
                     *slot = Some(short);
                 }
                 slot.as_ref().expect("just built")

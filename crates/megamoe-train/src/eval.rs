@@ -30,9 +30,10 @@ impl Trainer {
         let mut per_domain: BTreeMap<u16, (f64, u64)> = BTreeMap::new();
         for b in batches {
             let (ids, targets) = batch_tensors(b, self.options.device)?;
+            let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
             let out = self
                 .model
-                .forward(&self.params, &ids, &targets, self.step as usize)?;
+                .forward(&params, &ids, &targets, self.step as usize)?;
             // SYNC: the eval loss is a host number.
             let loss = out.losses.lm_loss.to_scalar_f32()? as f64;
             let tokens = b.num_tokens() as u64;
@@ -98,8 +99,9 @@ impl Trainer {
         let tok = self.batcher.source().tokenizer().clone();
         let ids: Vec<i32> = tok.encode(prompt)?.into_iter().map(|t| t as i32).collect();
         self.sample_rng = splitmix(self.sample_rng);
+        let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
         let out = self.model.generate(
-            &self.params,
+            &params,
             &ids,
             n,
             Sampling {

@@ -165,6 +165,14 @@ impl Trainer {
             None => Optimizer::new(&plan.optim, &mut |f| params.visit(f))?,
         };
         let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
+        let counts = model_counts(&plan, &params, &optimizer);
+        // `parallel.fsdp = 3`: keep only this rank's rows; the model gathers each block's.
+        if let Some(par) = parallel.as_ref().filter(|p| p.holds_rows_only()) {
+            if let (Some(rows), Some(gather)) = (par.optimizer_params(), par.row_gatherer()) {
+                params = rows.clone();
+                model.set_block_gather(Arc::new(gather));
+            }
+        }
         let schedule = Schedule::from_plan(&plan.optim, plan.train.steps)?;
         let batcher = Batcher::new(
             data,
@@ -174,7 +182,6 @@ impl Trainer {
                 seed: plan.train.seed,
             },
         )?;
-        let counts = model_counts(&plan, &params, &optimizer);
         let num_domains = batcher.source().domain_names().len();
         Ok(Trainer {
             sample_rng: plan.train.seed,
@@ -311,14 +318,16 @@ impl Trainer {
         let mut stats = StepStatsAccumulator::new(self.num_domains);
         let grad_scale = 1.0 / m as f32;
         let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
+        let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
         for i in first..first + m {
             let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
             let (ids, targets) = batch_tensors(&micro, self.options.device)?;
-            let out = self.model.forward(&self.params, &ids, &targets, s)?;
+            let out = self.model.forward(&params, &ids, &targets, s)?;
             stats.add(&out.losses, &out.stats, &micro)?;
             self.model
-                .backward(&self.params, out.saved, self.grads.grads_mut(), grad_scale)?;
+                .backward(&params, out.saved, self.grads.grads_mut(), grad_scale)?;
         }
+        drop(params);
 
         // One host read for every micro-batch's loss parts and statistics.
         let mut sums = stats.finish(&self.plan)?;
@@ -419,10 +428,19 @@ impl Trainer {
     }
 
     /// Model tensors for a checkpoint: every parameter, then the buffers (expert bias).
+    /// Collective under `parallel.fsdp = 3` (the rows are gathered).
     pub(crate) fn model_tensors(&self) -> Result<Vec<NamedTensor>> {
         let mut out = Vec::new();
         let mut err = None;
-        self.params.visit(&mut |name, t, _| {
+        let gathered;
+        let params = match self.parallel.as_ref().filter(|p| p.holds_rows_only()) {
+            Some(p) => {
+                gathered = p.gather_all(&self.params)?;
+                &gathered
+            }
+            None => &self.params,
+        };
+        params.visit(&mut |name, t, _| {
             if err.is_none() {
                 match NamedTensor::from_tensor(name, t) {
                     Ok(nt) => out.push(nt),
@@ -430,7 +448,7 @@ impl Trainer {
                 }
             }
         });
-        visit_buffers(&self.params, &mut |name, t| {
+        visit_buffers(params, &mut |name, t| {
             if err.is_none() {
                 match NamedTensor::from_tensor(name, t) {
                     Ok(nt) => out.push(nt),
@@ -492,6 +510,16 @@ impl Trainer {
     /// `checkpoints/` or one checkpoint directory). The checkpoint must have been
     /// written with the same config and model shapes; on any error nothing changes.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        if self.parallel.as_ref().is_some_and(|p| p.holds_rows_only()) {
+            return Err(Error::TrainConfig {
+                field: "parallel.fsdp",
+                value: "3".to_string(),
+                rule: "a run with parameters sharded between steps does not load checkpoints \
+                       yet; resume with parallel.fsdp <= 2 (its checkpoints are in the \
+                       one-rank layout)"
+                    .to_string(),
+            });
+        }
         let started = Instant::now();
         let model_specs = specs(&self.model_tensors()?);
         let optim_specs = specs(&self.optimizer_tensors()?);

@@ -203,6 +203,19 @@ fn dp2_ep2_fsdp2_matches_one_rank() {
     check_sharded(2, 2, 2);
 }
 
+/// Parameters sharded between steps (ZeRO-3): each block gathered around its forward and
+/// its backward, gradients reduce-scattered, the rows updated in place.
+#[test]
+fn dp2_and_dp4_fsdp3_match_one_rank() {
+    check_sharded(2, 1, 3);
+    check_sharded(4, 1, 3);
+}
+
+#[test]
+fn dp2_ep2_fsdp3_matches_one_rank() {
+    check_sharded(2, 2, 3);
+}
+
 /// Global gradient clipping across ranks with a clip that bites at every step: the norm
 /// counts replicated gradients once and sums sharded rows and expert shards once over
 /// their groups, so the pre-clip norm (compared at 1e-4) and the clipped step (the losses)
@@ -235,15 +248,14 @@ fn a_biting_grad_clip_matches_one_rank() {
 
 #[test]
 fn unsupported_layouts_are_refused_by_name() {
-    // FSDP, and pipeline stages combined with context parallelism.
-    for (set, field, world) in [
-        ("parallel.fsdp=3", "parallel.fsdp", 2),
-        ("parallel.pp=2", "parallel.pp", 8),
-    ] {
-        let mut sets = vec![set.to_string(), "parallel.dp=2".to_string()];
-        if set == "parallel.pp=2" {
-            sets.push("parallel.cp=2".to_string());
-        }
+    // Pipeline stages combined with context parallelism, or with sharded state.
+    for (extra, world) in [("parallel.cp=2", 8), ("parallel.fsdp=3", 4)] {
+        let (set, field) = ("parallel.pp=2", "parallel.pp");
+        let sets = vec![
+            set.to_string(),
+            "parallel.dp=2".to_string(),
+            extra.to_string(),
+        ];
         let raw = raw(&sets);
         let failures = run_thread_ranks(world, |world| -> Result<(), Error> {
             Trainer::new_rank(&raw, data(), TrainerOptions::default(), world).map(|_| ())
@@ -300,6 +312,17 @@ fn a_dp2_ep2_fsdp2_muon_checkpoint_is_the_one_rank_checkpoint() {
     checkpoint_matches_one_rank(
         "fsdp-muon",
         &["optim.name=\"muon\"", "parallel.fsdp=2", "parallel.ep=2"],
+    );
+}
+
+/// Same with parameters sharded between steps (gathered for the checkpoint), AdamW and
+/// Muon.
+#[test]
+fn a_dp2_ep2_fsdp3_checkpoint_is_the_one_rank_checkpoint() {
+    checkpoint_matches_one_rank("fsdp3", &["parallel.fsdp=3", "parallel.ep=2"]);
+    checkpoint_matches_one_rank(
+        "fsdp3-muon",
+        &["optim.name=\"muon\"", "parallel.fsdp=3", "parallel.ep=2"],
     );
 }
 

@@ -33,7 +33,8 @@ impl Trainer {
             if role == ParamRole::ExpertBank {
                 experts.insert(name.to_string());
             }
-            index.insert(name.to_string(), (index.len(), t.dims()[0]));
+            let full = par.full_rows(index.len()).unwrap_or(t.dims()[0]);
+            index.insert(name.to_string(), (index.len(), full));
         });
         // Sharded optimizer state: this rank's rows gathered over the sharding group.
         for t in optimizer.iter_mut() {

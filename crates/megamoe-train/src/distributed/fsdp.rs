@@ -30,11 +30,11 @@ use crate::error::Result;
 #[derive(Debug)]
 pub(crate) struct ShardedState {
     /// Per parameter (visit order): its row shard and whether it is an expert bank.
-    rows: Vec<(RowShard, bool)>,
+    pub(crate) rows: Vec<(RowShard, bool)>,
     /// Per parameter (visit order): its full dim-0 rows.
-    full_rows: Vec<usize>,
+    pub(crate) full_rows: Vec<usize>,
     /// Visit index of each parameter name.
-    index: HashMap<String, usize>,
+    pub(crate) index: HashMap<String, usize>,
     /// The rank's rows of every parameter (the optimizer's parameters).
     pub(crate) params: ModelParams,
     /// The rank's rows of every reduced gradient.
@@ -42,7 +42,7 @@ pub(crate) struct ShardedState {
 }
 
 /// `t` with zero rows appended up to `rows` (dim 0).
-fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+pub(crate) fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
     let have = t.dims()[0];
     if have >= rows {
         return Ok(t.clone());
@@ -84,7 +84,8 @@ impl Parallel {
 
     /// Cuts `params` into this rank's rows (no communication: every rank holds the same
     /// full initial parameters).
-    pub(crate) fn shard_state(&self, params: &ModelParams) -> Result<ShardedState> {
+    /// `copy` copies the rows out of the full tensors (else they are views of them).
+    pub(crate) fn shard_state(&self, params: &ModelParams, copy: bool) -> Result<ShardedState> {
         let (mut rows, mut full_rows, mut index) = (Vec::new(), Vec::new(), HashMap::new());
         params.visit(&mut |name, t, role| {
             let expert = role == ParamRole::ExpertBank;
@@ -95,7 +96,8 @@ impl Parallel {
         });
         let mut local = params.clone();
         map_params(&mut local, |i, t| {
-            Ok(t.narrow(0, rows[i].0.start, rows[i].0.len)?)
+            let r = t.narrow(0, rows[i].0.start, rows[i].0.len)?;
+            Ok(if copy { r.deep_copy()? } else { r })
         })?;
         let grads = local.zeros_like()?;
         Ok(ShardedState {
@@ -170,6 +172,12 @@ impl Parallel {
         let Some((rows, local)) = state else {
             return Ok(());
         };
+        if self.rows_only {
+            // ZeRO-3: the model runs on the updated rows themselves (shared handles).
+            let mut rows_now = Vec::new();
+            local.visit(&mut |_, t, _| rows_now.push(t.clone()));
+            return map_params(params, |i, _| Ok(rows_now[i].clone()));
+        }
         let mut pending: Vec<Result<Pending>> = Vec::new();
         let mut i = 0;
         local.visit(&mut |_, t, _| {
@@ -200,7 +208,12 @@ impl Parallel {
         Ok(all.narrow(0, 0, full_rows)?)
     }
 
-    /// Whether optimizer state and gradients are sharded (`parallel.fsdp` 1 or 2).
+    /// The full dim-0 rows of parameter `index` (visit order) when sharded.
+    pub(crate) fn full_rows(&self, index: usize) -> Option<usize> {
+        self.sharded.as_ref()?.full_rows.get(index).copied()
+    }
+
+    /// Whether optimizer state and gradients are sharded (`parallel.fsdp` 1, 2 or 3).
     pub(crate) fn is_sharded(&self) -> bool {
         self.sharded.is_some()
     }

@@ -26,12 +26,13 @@
 //!
 //! # Layouts
 //! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size), with
-//! `parallel.fsdp` 0, or 1/2 (optimizer state and gradients sharded, AdamW or
-//! distributed Muon, module `fsdp`); and `parallel.pp` (every schedule; see
-//! [`pipeline`]) alone or times dp and ep: each pipeline stage then runs its data rank's
-//! micro-batches, exchanges MoE tokens over the stage's EP group and reduces its
+//! `parallel.fsdp` 0, 1/2 (optimizer state and gradients sharded, AdamW or distributed
+//! Muon, module `fsdp`) or 3 (parameters sharded between steps too, gathered per layer
+//! around its forward and backward, module `zero3`); and `parallel.pp` (every schedule;
+//! see [`pipeline`]) alone or times dp and ep: each pipeline stage then runs its data
+//! rank's micro-batches, exchanges MoE tokens over the stage's EP group and reduces its
 //! gradients over the stage's data-parallel groups. Refused with a named error
-//! ([`check_layout`]): `tp`, `cp` > 1, `fsdp = 3`, and `fsdp` > 0 with `pp`.
+//! ([`check_layout`]): `tp`, `cp` > 1, and `fsdp` > 0 with `pp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -54,6 +55,7 @@ mod pipeline_trainer;
 mod reduce;
 mod run;
 pub mod wire;
+mod zero3;
 
 use std::sync::Arc;
 
@@ -73,6 +75,7 @@ pub use run::{
     check_rank_fault, follow_training, rank_fault_from_env, run_thread_ranks, RANK_FAULT_ENV,
 };
 pub use wire::{CommTransport, Wire, WireError};
+pub(crate) use zero3::working_params;
 
 /// One rank's place in the mesh and its process groups, built once.
 pub struct Parallel {
@@ -80,15 +83,17 @@ pub struct Parallel {
     coords: RankCoords,
     world: Box<dyn Communicator>,
     /// Ranks holding the same dense parameters: dp·ep.
-    dense_dp: Box<dyn Communicator>,
+    dense_dp: Arc<dyn Communicator>,
     /// Ranks holding the same experts: dp.
-    expert_dp: Box<dyn Communicator>,
+    expert_dp: Arc<dyn Communicator>,
     /// Ranks sharing the experts of a layer by all-to-all: ep.
     ep: Arc<dyn Communicator>,
     /// Ranks of this rank's pipeline (same dp and ep coordinates): pp.
     pp: Box<dyn Communicator>,
     /// This rank's rows of the parameters and gradients (`parallel.fsdp` 1 or 2).
     pub(crate) sharded: Option<fsdp::ShardedState>,
+    /// Parameters stay sharded between steps (`parallel.fsdp = 3`, module `zero3`).
+    rows_only: bool,
     /// An injected fault (see [`RANK_FAULT_ENV`]): this rank fails before this step.
     fault_step: Option<u64>,
 }
@@ -122,8 +127,9 @@ impl Parallel {
             });
         }
         let members = |kind| mesh.group_members(rank, kind).unwrap_or_default();
-        let dense_dp = world.split(&members(MeshGroup::DenseDp))?;
-        let expert_dp = world.split(&members(MeshGroup::ExpertDp))?;
+        let dense_dp: Arc<dyn Communicator> = Arc::from(world.split(&members(MeshGroup::DenseDp))?);
+        let expert_dp: Arc<dyn Communicator> =
+            Arc::from(world.split(&members(MeshGroup::ExpertDp))?);
         let ep: Arc<dyn Communicator> = Arc::from(world.split(&members(MeshGroup::Ep))?);
         let pp = world.split(&members(MeshGroup::Pp))?;
         Ok(Parallel {
@@ -135,6 +141,7 @@ impl Parallel {
             ep,
             pp,
             sharded: None,
+            rows_only: false,
             fault_step: None,
         })
     }
@@ -196,10 +203,12 @@ impl Parallel {
         }
     }
 
-    /// With `parallel.fsdp` 1 or 2, keeps this rank's rows of `params` for the optimizer.
+    /// With `parallel.fsdp` 1, 2 or 3, keeps this rank's rows of `params` for the
+    /// optimizer (with 3, copies: the full parameters are then dropped).
     pub(crate) fn init_sharding(&mut self, plan: &Plan, params: &ModelParams) -> Result<()> {
+        self.rows_only = plan.parallel.zero == ZeroLevel::Parameters;
         if plan.parallel.zero != ZeroLevel::Replicated {
-            self.sharded = Some(self.shard_state(params)?);
+            self.sharded = Some(self.shard_state(params, self.rows_only)?);
         }
         Ok(())
     }
@@ -256,15 +265,6 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             p.cp.to_string(),
             "context-parallel training is not implemented; the trainer runs parallel.dp and \
              parallel.ep (set parallel.cp = 1)",
-        );
-    }
-    if p.zero == ZeroLevel::Parameters {
-        return refuse(
-            "parallel.fsdp",
-            p.zero.level().to_string(),
-            "parameters sharded between steps (ZeRO-3) are not implemented in the trainer; \
-             parallel.fsdp = 1 or 2 shards optimizer state and gradients (set parallel.fsdp \
-             <= 2)",
         );
     }
     Ok(())
