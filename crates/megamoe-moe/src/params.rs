@@ -112,13 +112,17 @@ impl MoeParams {
             map.insert(name, take(name, shape)?);
         }
         let e = cfg.router.num_routed_experts;
+        // A missing bias starts at zero on the parameters' device.
+        let device = map
+            .get("router.weight")
+            .map_or(Device::Cpu, |t: &Tensor| t.device());
         let expert_bias = if cfg.router.expert_bias {
             match get("router.expert_bias") {
                 Some(b) => {
                     check_named("router.expert_bias", &b, &[e])?;
                     Some(b)
                 }
-                None => Some(Tensor::zeros([e], DType::F32, Device::Cpu)?),
+                None => Some(Tensor::zeros([e], DType::F32, device)?),
             }
         } else {
             None

@@ -13,8 +13,13 @@ use megamoe_tensor::{load_safetensors, Tensor};
 
 const RTOL: f32 = 1e-5;
 
+/// The fixtures: `MEGAMOE_MOE_FIXTURES` when set (a test binary carried to a GPU machine),
+/// else this crate's `tests/fixtures`.
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("MEGAMOE_MOE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 fn fixture_names() -> Vec<String> {
@@ -85,5 +90,54 @@ fn fixtures_match_pytorch_reference_within_1e5() {
         let got = run_probe(&cfg, &inputs).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (rel, worst) = compare(&name, &got, &want);
         eprintln!("{name}: worst rel. error {rel:.2e} ({worst})");
+    }
+}
+
+/// The same fixtures on the GPU (CUDA tensor backend, feature `cuda`): inputs moved to the
+/// device, the layer and its backward run there, outputs read back — within the same 1e-5
+/// of the PyTorch reference; every capacity fixture also with `pad_to_capacity = true`
+/// (static `[E·C, H]` buffers, strided expert GEMMs), which must not change any output.
+/// Run the test binary with `--ignored` on a GPU machine (`MEGAMOE_MOE_FIXTURES` = the
+/// fixture folder there).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn fixtures_match_pytorch_reference_on_the_gpu() {
+    let gpu = megamoe_tensor::Device::Cuda(0);
+    let names = fixture_names();
+    assert!(
+        names.len() >= 6,
+        "expected the committed fixtures, found {names:?}"
+    );
+    for name in names {
+        let dir = fixture_dir();
+        let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+        let inputs: Vec<(String, Tensor)> =
+            load_safetensors(dir.join(format!("{name}.in.safetensors")))
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| (n, t.to_device(gpu).unwrap()))
+                .collect();
+        let want = load_safetensors(dir.join(format!("{name}.out.safetensors"))).unwrap();
+        let mut variants = vec![(name.clone(), text.clone())];
+        if text.contains("capacity_factor") && !text.contains("pad_to_capacity") {
+            let padded = text.replacen("[moe]\n", "[moe]\npad_to_capacity = true\n", 1);
+            assert_ne!(
+                padded, text,
+                "{name}: no [moe] line to add pad_to_capacity to"
+            );
+            variants.push((format!("{name} (pad_to_capacity)"), padded));
+        }
+        for (label, text) in variants {
+            let cfg = MoeConfig::from_toml_str(&text).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let got = run_probe(&cfg, &inputs).unwrap_or_else(|e| panic!("{label}: {e}"));
+            // (the counts come back through the stats read, as host tensors)
+            for (n, t) in &got {
+                let host = n == "tokens_per_expert" || n == "dropped";
+                assert!(host || t.device() == gpu, "{label}: `{n}` left the GPU");
+            }
+            let (rel, worst) = compare(&label, &got, &want);
+            eprintln!("{label} on the GPU: worst rel. error {rel:.2e} ({worst})");
+        }
     }
 }

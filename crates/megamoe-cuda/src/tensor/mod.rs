@@ -11,6 +11,7 @@
 //! kernels of the same names (`tests/tensor_parity.rs`); math is f32, sums f64, fixed
 //! order (no float atomics): bitwise reproducible.
 
+mod buffers;
 mod launch;
 mod routing;
 
