@@ -11,6 +11,7 @@ mod report_cmd;
 mod schedule_cmd;
 mod train_cmd;
 mod train_header;
+mod train_mpi;
 mod train_world;
 
 use clap::{Parser, Subcommand};

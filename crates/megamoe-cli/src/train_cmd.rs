@@ -139,6 +139,11 @@ parallel.microbatches micro-batches. After each step every rank holds its
 pipeline's whole updated model, so evals and checkpoints are unchanged.
 A failed rank stops the others, naming it (exit 2).
 
+Under mpirun (a build with --features mpi) each process is one rank of the
+same layouts: `mpirun -n 2 megamoe train --set parallel.dp=2`; rank 0 writes
+the run directory. MEGAMOE_COMM_TIMEOUT (seconds, default 45) bounds how long
+a rank waits for a dead or hung peer before it stops naming it.
+
 Exit codes: 0 done, 1 the model diverged (the NaN/Inf guard stopped the run, a
 non-finite weight blocked a checkpoint, or the final eval loss is not finite),
 2 any error (bad config, unreadable data, missing or mismatched checkpoint, run
@@ -156,6 +161,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         "--resume with --world {} is not supported yet: a distributed run starts fresh",
         args.world
     );
+    // One rank of a job started by mpirun (or another launcher), checked before anything
+    // is created: N processes never write one run directory (see train_mpi).
+    let launched = crate::train_mpi::launched(args)?;
     if let Some(p) = args.peak_flops {
         anyhow::ensure!(
             p.is_finite() && p > 0.0,
@@ -215,6 +223,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             std::time::Duration::from_millis(200),
         )?),
     };
+    if let Some(env) = &launched {
+        return crate::train_mpi::run(args, &raw, data, peak, chosen_dir, env);
+    }
     if args.world > 1 {
         return crate::train_world::run(args, &raw, data, peak, chosen_dir);
     }

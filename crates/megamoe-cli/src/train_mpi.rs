@@ -1,0 +1,309 @@
+//! `mpirun -n N megamoe train …`: one rank per process (build with `--features mpi`).
+//!
+//! The launcher's variables ([`LaunchEnv`]: `OMPI_COMM_WORLD_*`, `PMI_*`, `RANK` /
+//! `WORLD_SIZE` / `LOCAL_RANK`) say the process is one of N > 1. Each process is then one
+//! rank of the same [`Trainer::new_rank`] path thread ranks take, over an MPI
+//! communicator: rank 0 writes the run directory, logs, metrics and summary exactly as
+//! `--world N` does, the other ranks compute their share and write nothing. The summary
+//! ends with the layout and each rank's time. A failed rank tells the others (they stop
+//! with an error naming it) and every process exits non-zero.
+//!
+//! A binary built without the feature refuses to start under a launcher of N > 1
+//! processes (exit 2), so N copies never write one run directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use megamoe_comm::LaunchEnv;
+use megamoe_plan::RawConfig;
+use megamoe_train::DataSource;
+
+use crate::train_cmd::TrainArgs;
+use crate::train_header::Peak;
+
+/// Environment variable: seconds a rank waits for the others in one communicator call
+/// before it stops with an error naming the ranks that never came (default 45).
+pub const COMM_TIMEOUT_ENV: &str = "MEGAMOE_COMM_TIMEOUT";
+
+/// The launcher's view when this process is one of N > 1 (`None` for a plain start or a
+/// job of one), after the checks that need no MPI: a build without the `mpi` feature,
+/// `--world` other than 1 or N, and `--resume` are refused.
+pub fn launched(args: &TrainArgs) -> anyhow::Result<Option<LaunchEnv>> {
+    let Some(env) = LaunchEnv::detect()? else {
+        return Ok(None);
+    };
+    if env.world_size == 1 {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        cfg!(feature = "mpi"),
+        "{}={} says this is rank {} of {} processes, but this megamoe was built without MPI \
+         (N copies would each train alone): rebuild with `cargo build --release -p \
+         megamoe-cli --features mpi`, or run one process (--world N for thread ranks)",
+        env.source,
+        env.world_size,
+        env.rank,
+        env.world_size
+    );
+    anyhow::ensure!(
+        args.world == 1 || args.world == env.world_size,
+        "--world {} under a launcher of {} processes: each process is one rank; drop --world \
+         or pass --world {}",
+        args.world,
+        env.world_size,
+        env.world_size
+    );
+    anyhow::ensure!(
+        args.resume.is_none(),
+        "--resume under a launcher of {} processes is not supported yet: a distributed run \
+         starts fresh",
+        env.world_size
+    );
+    anyhow::ensure!(
+        args.device == megamoe_tensor::Device::Cpu,
+        "--device {} under a launcher: MPI ranks train on the CPU (drop --device)",
+        args.device
+    );
+    Ok(Some(env))
+}
+
+/// The communicator timeout from [`COMM_TIMEOUT_ENV`], or the default.
+fn comm_timeout() -> anyhow::Result<std::time::Duration> {
+    match std::env::var(COMM_TIMEOUT_ENV) {
+        Err(_) => Ok(megamoe_comm::DEFAULT_TIMEOUT),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(std::time::Duration::from_secs_f64(s)),
+            _ => anyhow::bail!("{COMM_TIMEOUT_ENV}={v} must be a number of seconds > 0"),
+        },
+    }
+}
+
+/// Runs this process's rank of the job (see the module docs).
+#[cfg(feature = "mpi")]
+pub fn run(
+    args: &TrainArgs,
+    raw: &RawConfig,
+    data: Arc<DataSource>,
+    peak: Peak,
+    chosen_dir: Option<&PathBuf>,
+    env: &LaunchEnv,
+) -> anyhow::Result<ExitCode> {
+    mpi_rank::run(args, raw, data, peak, chosen_dir, env, comm_timeout()?)
+}
+
+/// Without the feature [`launched`] has refused already; kept for the call site.
+#[cfg(not(feature = "mpi"))]
+pub fn run(
+    _args: &TrainArgs,
+    _raw: &RawConfig,
+    _data: Arc<DataSource>,
+    _peak: Peak,
+    _chosen_dir: Option<&PathBuf>,
+    env: &LaunchEnv,
+) -> anyhow::Result<ExitCode> {
+    comm_timeout()?;
+    anyhow::bail!(
+        "rank {} of {}: this megamoe was built without MPI (--features mpi)",
+        env.rank,
+        env.world_size
+    )
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_rank {
+    use std::path::{Path, PathBuf};
+    use std::process::ExitCode;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use megamoe_comm::{Communicator, LaunchEnv, MpiWorld};
+    use megamoe_plan::{Plan, RawConfig};
+    use megamoe_tensor::{Device, Tensor};
+    use megamoe_train::distributed::{check_layout, follow_training, rank_fault_from_env};
+    use megamoe_train::progress::LEGEND;
+    use megamoe_train::session::{check_fresh_run_dir, SUMMARY_FILE};
+    use megamoe_train::{
+        run_training, DataSource, Progress, RunDir, RunLock, RunOptions, Trainer, TrainerOptions,
+    };
+
+    use crate::train_cmd::TrainArgs;
+    use crate::train_header::{header_lines, HeaderInfo, Peak};
+
+    /// How a rank's part ended.
+    enum Outcome {
+        /// Done; rank 0 has the run's summary, layout line and directory.
+        Done(Option<(String, String, PathBuf)>),
+        Diverged(String),
+    }
+
+    pub(super) fn run(
+        args: &TrainArgs,
+        raw: &RawConfig,
+        data: Arc<DataSource>,
+        peak: Peak,
+        chosen_dir: Option<&PathBuf>,
+        env: &LaunchEnv,
+        timeout: Duration,
+    ) -> anyhow::Result<ExitCode> {
+        let world = MpiWorld::init()?.with_timeout(timeout);
+        let (rank, size) = (world.rank(), world.size());
+        anyhow::ensure!(
+            size == env.world_size && rank == env.rank,
+            "{}={} and rank {} from the environment, but MPI sees rank {rank} of {size} \
+             processes: start the job with the MPI library's own launcher (mpirun)",
+            env.source,
+            env.world_size,
+            env.rank
+        );
+        // Every communicator is built before anything can fail on one rank alone: later
+        // failures reach the others through the communicator and stop them too.
+        let comm = world.communicator()?;
+        let stats = world.communicator()?;
+        let started = Instant::now();
+        match train_rank(args, raw, data, peak, chosen_dir, env, Box::new(comm)) {
+            Ok(Outcome::Done(summary)) => {
+                let timing = rank_timing(&stats, started.elapsed(), env.local_rank)?;
+                if let Some((summary, layout, run_dir)) = summary {
+                    print!("{summary}");
+                    let extra = [vec![layout], timing].concat();
+                    for line in &extra {
+                        println!("{line}");
+                    }
+                    append_summary(&run_dir, &extra)?;
+                    println!("run dir    {} (megamoe report {0})", run_dir.display());
+                }
+                drop(world); // MPI_Finalize once every rank is done
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(Outcome::Diverged(msg)) => {
+                eprintln!("error: rank {rank}: {msg}");
+                world.report_failure(&msg);
+                std::process::exit(1)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                world.report_failure(&msg);
+                eprintln!(
+                    "error: rank {rank} of {size}: {}",
+                    msg.replace(['\n', '\r'], " ")
+                );
+                std::process::exit(2)
+            }
+        }
+    }
+
+    /// One rank's training; rank 0 also sets up and writes the run directory.
+    fn train_rank(
+        args: &TrainArgs,
+        raw: &RawConfig,
+        data: Arc<DataSource>,
+        peak: Peak,
+        chosen_dir: Option<&PathBuf>,
+        env: &LaunchEnv,
+        comm: Box<dyn Communicator>,
+    ) -> anyhow::Result<Outcome> {
+        let size = comm.size();
+        let plan = Plan::resolve(raw, Some(size))?;
+        check_layout(&plan)?;
+        anyhow::ensure!(
+            plan.mesh.world() == size,
+            "{size} MPI processes must equal the layout's world size {}",
+            plan.mesh.describe()
+        );
+        let fault = rank_fault_from_env()?;
+        let total_steps = args.steps.unwrap_or(plan.train.steps as u64);
+        let opts = RunOptions {
+            total_steps,
+            show_every: 1,
+            sample_tokens: args.sample_tokens,
+        };
+        let options = TrainerOptions {
+            peak_flops: Some(peak.flops()),
+            device: Device::Cpu,
+        };
+        if comm.rank() != 0 {
+            let mut trainer = Trainer::new_rank(raw, data, options, comm)?;
+            trainer.set_rank_fault(fault);
+            follow_training(&mut trainer, &opts, fault)?;
+            return Ok(Outcome::Done(None));
+        }
+        let run_dir = match chosen_dir {
+            Some(dir) => dir.clone(),
+            None => RunDir::create_unique(Path::new("runs"))?
+                .path()
+                .to_path_buf(),
+        };
+        let _lock = RunLock::acquire(&run_dir)?;
+        check_fresh_run_dir(&run_dir)?;
+        let run = RunDir::create(&run_dir)?;
+        run.write_origin(data.name())?;
+        let mut trainer = Trainer::new_rank(raw, data, options, comm)?;
+        trainer.set_rank_fault(fault);
+        run.write_config(trainer.config_toml())?;
+        let header = HeaderInfo {
+            config: &args.config.source_name(),
+            run_dir: run.path(),
+            steps: (0, total_steps),
+            peak,
+        };
+        for line in header_lines(&trainer, &header) {
+            eprintln!("{line}");
+        }
+        eprintln!(
+            "layout     {size} MPI processes ({}): {} (rank 0 writes)",
+            env.source,
+            plan.mesh.describe()
+        );
+        for w in &trainer.plan().warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("{LEGEND}");
+        let log_every = trainer.plan().train.log_every.max(1) as u64;
+        let mut progress = Progress::new(0, total_steps, log_every);
+        match run_training(&mut trainer, run.path(), &opts, &mut progress) {
+            Ok(summary) => Ok(Outcome::Done(Some((
+                summary.to_string(),
+                format!("layout     {size} MPI processes: {}", plan.mesh.describe()),
+                run_dir,
+            )))),
+            Err(
+                e @ (megamoe_train::Error::NonFiniteSteps { .. }
+                | megamoe_train::Error::NonFiniteParameters { .. }
+                | megamoe_train::Error::NonFiniteEval { .. }),
+            ) => Ok(Outcome::Diverged(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every rank's wall time (gathered over `stats`), as summary lines.
+    fn rank_timing(
+        stats: &dyn Communicator,
+        wall: Duration,
+        local_rank: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let mine = Tensor::from_vec_f32(
+            vec![wall.as_secs_f32(), local_rank as f32],
+            [1, 2],
+            Device::Cpu,
+        )?;
+        let all = stats.all_gather(&mine)?.to_host_f32()?;
+        let times: Vec<String> = all
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(r, v)| format!("{r}: {:.2} s (local rank {})", v[0], v[1] as usize))
+            .collect();
+        Ok(vec![format!("rank time  {}", times.join(", "))])
+    }
+
+    /// Appends `lines` to the run's summary file.
+    fn append_summary(run_dir: &Path, lines: &[String]) -> anyhow::Result<()> {
+        use std::io::Write;
+        let path = run_dir.join(SUMMARY_FILE);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+        for l in lines {
+            writeln!(f, "{l}")?;
+        }
+        Ok(())
+    }
+}

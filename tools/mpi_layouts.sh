@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Layout invariance across processes: runs `mpirun -n N BIN train --config configs/tiny.toml
+# --set … --steps 8` for each layout and compares rank 0's per-step losses (metrics.jsonl)
+# with one process running the same micro-batches (same micro-batch size). Prints one line
+# per layout with the largest relative difference; exits 1 if any is above 1e-5.
+#
+#   tools/mpi_layouts.sh target/release/megamoe                 # every layout
+#   tools/mpi_layouts.sh target/release/megamoe dp2 pp2-1f1b    # a subset
+#
+# BIN must be built with `--features mpi`. Layouts: dp2 ep2 dp2xep2 pp2-1f1b pp2-dualpipev.
+# MPIRUN overrides the launcher (default `mpirun`); oversubscription is allowed (OpenMPI).
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 BIN [dp2|ep2|dp2xep2|pp2-1f1b|pp2-dualpipev ...]" >&2
+  exit 2
+fi
+BIN=$(realpath "$1")
+shift
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+LAYOUTS=("$@")
+[ ${#LAYOUTS[@]} -gt 0 ] || LAYOUTS=(dp2 ep2 dp2xep2 pp2-1f1b pp2-dualpipev)
+export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
+read -r -a MPIRUN <<< "${MPIRUN:-mpirun}"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+STEPS=8
+
+train() { # train RUN_DIR_NAME LAUNCHER... -- ARGS...
+  local run=$1
+  shift
+  local launcher=()
+  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done
+  shift
+  (cd "$WORK" && "${launcher[@]}" "$BIN" train --config "$ROOT/configs/tiny.toml" \
+    --steps "$STEPS" --run-dir "$run" --peak-flops 1e11 --sample-tokens 0 "$@" \
+    > "$run.log" 2>&1) || {
+    echo "FAILED: $run (${launcher[*]} megamoe train … $*):" >&2
+    tail -20 "$WORK/$run.log" >&2
+    exit 1
+  }
+}
+
+losses() { # "step total" per step record of a run
+  grep '"kind":"step"' "$WORK/$1/metrics.jsonl" |
+    sed -E 's/.*"step":([0-9]+),"loss":\{"total":([^,}]+).*/\1 \2/'
+}
+
+worst=0
+status=0
+for layout in "${LAYOUTS[@]}"; do
+  case "$layout" in
+    dp2) n=2; micro=2; sets=(--set parallel.dp=2) ;;
+    ep2) n=2; micro=2; sets=(--set parallel.ep=2) ;;
+    dp2xep2) n=4; micro=4; sets=(--set parallel.dp=2 --set parallel.ep=2) ;;
+    pp2-1f1b) n=2; micro=4; sets=(--set parallel.pp=2 --set parallel.microbatches=4 --set 'parallel.schedule="1f1b"') ;;
+    pp2-dualpipev) n=2; micro=4; sets=(--set parallel.pp=2 --set parallel.microbatches=4 --set 'parallel.schedule="dualpipev"') ;;
+    *) echo "unknown layout $layout (dp2 ep2 dp2xep2 pp2-1f1b pp2-dualpipev)" >&2; exit 2 ;;
+  esac
+  ref="one-m$micro"
+  [ -d "$WORK/$ref" ] || train "$ref" -- --set "parallel.microbatches=$micro"
+  t0=$(date +%s.%N)
+  train "$layout" "${MPIRUN[@]}" -n "$n" -- "${sets[@]}"
+  t1=$(date +%s.%N)
+  grep -q "$n MPI processes" "$WORK/$layout.log" || {
+    echo "FAILED: $layout: the run did not say it ran $n MPI processes" >&2
+    exit 1
+  }
+  diff=$(paste <(losses "$ref") <(losses "$layout") | awk -v steps="$STEPS" '
+    { n++; if ($1 != $3) bad = 1; d = $4 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2);
+      if (r > m) m = r }
+    END { if (n != steps || bad) print "bad"; else printf "%.3e", m }')
+  if [ "$diff" = bad ]; then
+    echo "FAILED: $layout: the runs do not have the same $STEPS step records" >&2
+    exit 1
+  fi
+  verdict=ok
+  if awk -v d="$diff" 'BEGIN { exit !(d > 1e-5) }'; then verdict=FAILED; status=1; fi
+  worst=$(awk -v a="$worst" -v b="$diff" 'BEGIN { print (b > a ? b : a) }')
+  secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+  printf '%-14s mpirun -n %d vs 1 process (parallel.microbatches=%d): %d steps, max rel diff %s, %s s  %s\n' \
+    "$layout" "$n" "$micro" "$STEPS" "$diff" "$secs" "$verdict"
+done
+echo "mpi_layouts: ${#LAYOUTS[@]} layouts, max rel diff $worst (bar 1e-5)"
+exit $status
