@@ -6,17 +6,20 @@
 #   launcher  OpenMPI as installed: mpirun sees the dead process and stops the job;
 #   megamoe   mpirun told to keep the job running (orte_enable_recovery): rank 0 must stop
 #             on its own, its communicator timing out on rank 1 (MEGAMOE_COMM_TIMEOUT=10).
+# and a third without a kill:
+#   fault     rank 1 fails by itself (MEGAMOE_RANK_FAULT=1@3): it tells rank 0, which must
+#             stop with an error naming rank 1.
 #
-#   tools/mpi_kill.sh target/release/megamoe [launcher|megamoe]
+#   tools/mpi_kill.sh target/release/megamoe [launcher|megamoe|fault]
 set -euo pipefail
 if [ $# -lt 1 ]; then
-  echo "usage: $0 BIN [launcher|megamoe]" >&2
+  echo "usage: $0 BIN [launcher|megamoe|fault]" >&2
   exit 2
 fi
 BIN=$(realpath "$1")
 shift
 MODES=("$@")
-[ ${#MODES[@]} -gt 0 ] || MODES=(launcher megamoe)
+[ ${#MODES[@]} -gt 0 ] || MODES=(fault launcher megamoe)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
@@ -52,11 +55,27 @@ rank_pid() {
 
 status=0
 for mode in "${MODES[@]}"; do
+  if [ "$mode" = fault ]; then
+    start=$(now)
+    rc=0
+    MEGAMOE_RANK_FAULT=1@3 timeout "$LIMIT" mpirun -n 2 "$BIN" train \
+      --config "$ROOT/configs/tiny.toml" --set parallel.dp=2 --steps 300 \
+      --run-dir "$WORK/fault" --peak-flops 1e11 > "$WORK/fault.log" 2>&1 || rc=$?
+    named=$(grep -m1 "error: rank 0 of 2: .*rank 1 failed" "$WORK/fault.log" || true)
+    if [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ -z "$named" ]; then
+      echo "FAILED (fault): exit $rc; rank 0 naming rank 1: ${named:-none}" >&2
+      tail -20 "$WORK/fault.log" >&2
+      status=1
+    else
+      echo "fault: rank 1 failed at step 3; job ended in $(elapsed "$start") s, exit $rc: $named"
+    fi
+    continue
+  fi
   extra=()
   case "$mode" in
     launcher) ;;
     megamoe) extra=(--mca orte_enable_recovery 1) ;;
-    *) echo "unknown mode $mode (launcher|megamoe)" >&2; exit 2 ;;
+    *) echo "unknown mode $mode (launcher|megamoe|fault)" >&2; exit 2 ;;
   esac
   log="$WORK/$mode.log"
   run="$WORK/$mode"

@@ -7,11 +7,14 @@
 #   tools/mpi_layouts.sh target/release/megamoe                 # every layout
 #   tools/mpi_layouts.sh target/release/megamoe dp2 pp2-1f1b    # a subset
 #
-# BIN must be built with `--features mpi`. Layouts: dp2 ep2 dp2xep2 pp2-1f1b pp2-dualpipev.
+# BIN must be built with `--features mpi`. Layouts: dp2 ep2 dp2xep2 dp2-fsdp2 dp2-fsdp3
+# pp2-<schedule> (1f1b, gpipe, interleaved, zb-h1, zbv, dualpipev) dp2xep2xpp2.
+# Each layout also runs as `--world N` thread ranks in one process: MPI must give the
+# same losses bit for bit (both reduce in rank order).
 # MPIRUN overrides the launcher (default `mpirun`); oversubscription is allowed (OpenMPI).
 set -euo pipefail
 if [ $# -lt 1 ]; then
-  echo "usage: $0 BIN [dp2|ep2|dp2xep2|pp2-1f1b|pp2-dualpipev ...]" >&2
+  echo "usage: $0 BIN [LAYOUT ...]   (dp2 ep2 dp2xep2 dp2-fsdp2 dp2-fsdp3 pp2-1f1b pp2-dualpipev ...)" >&2
   exit 2
 fi
 BIN=$(realpath "$1")
@@ -19,7 +22,7 @@ shift
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 LAYOUTS=("$@")
-[ ${#LAYOUTS[@]} -gt 0 ] || LAYOUTS=(dp2 ep2 dp2xep2 pp2-1f1b pp2-dualpipev)
+[ ${#LAYOUTS[@]} -gt 0 ] || LAYOUTS=(dp2 ep2 dp2xep2 dp2-fsdp2 dp2-fsdp3 pp2-1f1b pp2-interleaved pp2-zb-h1 pp2-zbv pp2-dualpipev dp2xep2xpp2)
 export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
 read -r -a MPIRUN <<< "${MPIRUN:-mpirun}"
 WORK=$(mktemp -d)
@@ -53,9 +56,15 @@ for layout in "${LAYOUTS[@]}"; do
     dp2) n=2; micro=2; sets=(--set parallel.dp=2) ;;
     ep2) n=2; micro=2; sets=(--set parallel.ep=2) ;;
     dp2xep2) n=4; micro=4; sets=(--set parallel.dp=2 --set parallel.ep=2) ;;
-    pp2-1f1b) n=2; micro=4; sets=(--set parallel.pp=2 --set parallel.microbatches=4 --set 'parallel.schedule="1f1b"') ;;
-    pp2-dualpipev) n=2; micro=4; sets=(--set parallel.pp=2 --set parallel.microbatches=4 --set 'parallel.schedule="dualpipev"') ;;
-    *) echo "unknown layout $layout (dp2 ep2 dp2xep2 pp2-1f1b pp2-dualpipev)" >&2; exit 2 ;;
+    dp2-fsdp2) n=2; micro=2; sets=(--set parallel.dp=2 --set parallel.fsdp=2) ;;
+    dp2-fsdp3) n=2; micro=2; sets=(--set parallel.dp=2 --set parallel.fsdp=3) ;;
+    pp2-*)
+      n=2; micro=4
+      sets=(--set parallel.pp=2 --set parallel.microbatches=4 --set "parallel.schedule=\"${layout#pp2-}\"")
+      [ "$layout" = pp2-interleaved ] && sets+=(--set parallel.vpp=2)
+      ;;
+    dp2xep2xpp2) n=8; micro=8; sets=(--set parallel.dp=2 --set parallel.ep=2 --set parallel.pp=2 --set parallel.microbatches=2) ;;
+    *) echo "unknown layout $layout (see the list at the top)" >&2; exit 2 ;;
   esac
   ref="one-m$micro"
   [ -d "$WORK/$ref" ] || train "$ref" -- --set "parallel.microbatches=$micro"
@@ -66,6 +75,12 @@ for layout in "${LAYOUTS[@]}"; do
     echo "FAILED: $layout: the run did not say it ran $n MPI processes" >&2
     exit 1
   }
+  train "$layout-threads" -- --world "$n" "${sets[@]}"
+  same=identical
+  if [ "$(losses "$layout")" != "$(losses "$layout-threads")" ]; then
+    same=DIFFERENT
+    status=1
+  fi
   diff=$(paste <(losses "$ref") <(losses "$layout") | awk -v steps="$STEPS" '
     { n++; if ($1 != $3) bad = 1; d = $4 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2);
       if (r > m) m = r }
@@ -78,8 +93,8 @@ for layout in "${LAYOUTS[@]}"; do
   if awk -v d="$diff" 'BEGIN { exit !(d > 1e-5) }'; then verdict=FAILED; status=1; fi
   worst=$(awk -v a="$worst" -v b="$diff" 'BEGIN { print (b > a ? b : a) }')
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-  printf '%-14s mpirun -n %d vs 1 process (parallel.microbatches=%d): %d steps, max rel diff %s, %s s  %s\n' \
-    "$layout" "$n" "$micro" "$STEPS" "$diff" "$secs" "$verdict"
+  printf '%-16s mpirun -n %d vs 1 process (parallel.microbatches=%d): %d steps, max rel diff %s, %s s  %s; vs --world %d thread ranks: %s\n' \
+    "$layout" "$n" "$micro" "$STEPS" "$diff" "$secs" "$verdict" "$n" "$same"
 done
 echo "mpi_layouts: ${#LAYOUTS[@]} layouts, max rel diff $worst (bar 1e-5)"
 exit $status

@@ -112,6 +112,7 @@ pub fn run(
 
 #[cfg(feature = "mpi")]
 mod mpi_rank {
+    use std::panic::AssertUnwindSafe;
     use std::path::{Path, PathBuf};
     use std::process::ExitCode;
     use std::sync::Arc;
@@ -161,18 +162,27 @@ mod mpi_rank {
         let comm = world.communicator()?;
         let stats = world.communicator()?;
         let started = Instant::now();
-        match train_rank(args, raw, data, peak, chosen_dir, env, Box::new(comm)) {
-            Ok(Outcome::Done(summary)) => {
-                let timing = rank_timing(&stats, started.elapsed(), env.local_rank)?;
-                if let Some((summary, layout, run_dir)) = summary {
-                    print!("{summary}");
-                    let extra = [vec![layout], timing].concat();
-                    for line in &extra {
-                        println!("{line}");
-                    }
-                    append_summary(&run_dir, &extra)?;
-                    println!("run dir    {} (megamoe report {0})", run_dir.display());
+        // A panic is a failure like any other: the others hear of it and stop.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let outcome = train_rank(args, raw, data, peak, chosen_dir, env, Box::new(comm))?;
+            let Outcome::Done(summary) = outcome else {
+                return Ok(outcome);
+            };
+            let timing = rank_timing(&stats, started.elapsed(), env.local_rank)?;
+            if let Some((summary, layout, run_dir)) = &summary {
+                print!("{summary}");
+                let extra = [vec![layout.clone()], timing].concat();
+                for line in &extra {
+                    println!("{line}");
                 }
+                append_summary(run_dir, &extra)?;
+                println!("run dir    {} (megamoe report {0})", run_dir.display());
+            }
+            Ok(Outcome::Done(summary))
+        }))
+        .unwrap_or_else(|p| Err(anyhow::anyhow!("panicked: {}", panic_text(&*p))));
+        match outcome {
+            Ok(Outcome::Done(_)) => {
                 drop(world); // MPI_Finalize once every rank is done
                 Ok(ExitCode::SUCCESS)
             }
@@ -182,14 +192,26 @@ mod mpi_rank {
                 std::process::exit(1)
             }
             Err(e) => {
+                // Printed first: the launcher may stop this process once a peer exits.
                 let msg = format!("{e:#}");
-                world.report_failure(&msg);
                 eprintln!(
                     "error: rank {rank} of {size}: {}",
                     msg.replace(['\n', '\r'], " ")
                 );
+                world.report_failure(&msg);
                 std::process::exit(2)
             }
+        }
+    }
+
+    /// The message of a panic payload.
+    fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+        if let Some(s) = p.downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = p.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "(no message)".into()
         }
     }
 
