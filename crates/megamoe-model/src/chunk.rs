@@ -362,6 +362,9 @@ impl ModelChunk<'_> {
                 never_skip: never_skip.as_ref(),
             };
             let bp = model.block_params(block.layer, bp)?;
+            if let Some(next) = self.blocks().get(i + 1) {
+                model.prefetch_block(next.layer, p.layers.get(i + 1))?;
+            }
             let (y, out, s) = block.forward(&bp, &c.hidden, &cx)?;
             drop(bp);
             let x = std::mem::replace(&mut c.hidden, y);
@@ -576,6 +579,9 @@ impl ModelChunk<'_> {
         for (i, sb) in s.blocks.into_iter().enumerate().rev() {
             let block = &blocks[i];
             let bp = model.block_params(block.layer, &p.layers[i])?;
+            if let Some(prev) = i.checked_sub(1) {
+                model.prefetch_block(blocks[prev].layer, p.layers.get(prev))?;
+            }
             let bs = match sb {
                 SavedBlock::Kept(bs) => *bs,
                 SavedBlock::Recompute(x) => {

@@ -3,7 +3,11 @@
 //! tensors, a [`BlockGather`] installed with [`Model::set_block_gather`] returns a block's
 //! full parameters right before the block runs — its forward, and again its backward
 //! (recompute and input gradients) — and the model drops them as soon as the block is
-//! done. Without a hook the parameters are used as they are.
+//! done. While a block runs, the model asks the hook to start gathering the next block
+//! it will run ([`BlockGather::prefetch_block`]: the following block in the forward,
+//! the preceding one in the backward), so a communicator that overlaps can move the
+//! next block's rows during this block's compute; at most two blocks are full at once.
+//! Without a hook the parameters are used as they are.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -17,6 +21,14 @@ pub trait BlockGather: Send + Sync + std::fmt::Debug {
     /// Block `layer`'s full parameters; `local` holds this rank's rows. Collective in a
     /// distributed run: every rank calls it for the same layers in the same order.
     fn gather_block(&self, layer: usize, local: &BlockParams) -> Result<BlockParams>;
+
+    /// Starts gathering block `layer` ahead of its [`BlockGather::gather_block`], which
+    /// then completes it (the FSDP2 prefetch). Collective like `gather_block`. The default
+    /// does nothing.
+    fn prefetch_block(&self, layer: usize, local: &BlockParams) -> Result<()> {
+        let _ = (layer, local);
+        Ok(())
+    }
 }
 
 impl Model {
@@ -24,6 +36,14 @@ impl Model {
     /// forward and before its backward (see the module docs).
     pub fn set_block_gather(&mut self, gather: Arc<dyn BlockGather>) {
         self.block_gather = Some(gather);
+    }
+
+    /// Starts the hook's gather of block `layer` (no effect without a hook).
+    pub(crate) fn prefetch_block(&self, layer: usize, local: Option<&BlockParams>) -> Result<()> {
+        match (&self.block_gather, local) {
+            (Some(g), Some(local)) => g.prefetch_block(layer, local),
+            _ => Ok(()),
+        }
     }
 
     /// The parameters block `layer` runs with: `local` itself, or the hook's full copy.
@@ -55,6 +75,8 @@ mod tests {
     struct FromFull {
         full: ModelParams,
         calls: AtomicUsize,
+        prefetched: std::sync::Mutex<Vec<usize>>,
+        prefetches: AtomicUsize,
     }
 
     impl BlockGather for FromFull {
@@ -66,7 +88,19 @@ mod tests {
                 "layer {layer}: the model passed the rows it was given"
             );
             self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut pre = self.prefetched.lock().unwrap();
+            // Every gather but the first of a pass completes the prefetch made just before.
+            assert!(
+                pre.is_empty() || pre.pop() == Some(layer),
+                "layer {layer} prefetched"
+            );
             Ok(self.full.layers[layer].clone())
+        }
+
+        fn prefetch_block(&self, layer: usize, _: &BlockParams) -> Result<()> {
+            self.prefetched.lock().unwrap().push(layer);
+            self.prefetches.fetch_add(1, Ordering::SeqCst);
+            Ok(())
         }
     }
 
@@ -107,6 +141,8 @@ mod tests {
             let hook = Arc::new(FromFull {
                 full: full.clone(),
                 calls: AtomicUsize::new(0),
+                prefetched: Default::default(),
+                prefetches: AtomicUsize::new(0),
             });
             let mut sharded = plain.clone();
             sharded.set_block_gather(hook.clone());
@@ -114,6 +150,12 @@ mod tests {
             assert_eq!(got.0.to_bits(), want.0.to_bits(), "{recompute:?}");
             assert_eq!(got.1, want.1, "{recompute:?}");
             assert_eq!(hook.calls.load(Ordering::SeqCst), 2 * 3, "{recompute:?}");
+            // The next block is prefetched while one runs: layers 1, 2 forward, 1, 0 backward.
+            assert_eq!(hook.prefetches.load(Ordering::SeqCst), 4, "{recompute:?}");
+            assert!(
+                hook.prefetched.lock().unwrap().is_empty(),
+                "every prefetch used"
+            );
         }
     }
 }

@@ -7,7 +7,8 @@
 //! step start     embedding, final norm, LM head, MTP all-gathered for the step
 //! each block     its tensors all-gathered just before its forward (the model's
 //!                BlockGather hook), dropped after it; gathered again before its
-//!                backward (recompute and input gradients), dropped after it
+//!                backward (recompute and input gradients), dropped after it; the
+//!                next block's gathers are started while this block computes
 //! after backward gradients reduce-scattered into the rank's rows (as fsdp 2), clip
 //! optimizer      on the rank's rows (AdamW, or distributed Muon gathering each matrix)
 //!                — the updated rows stay where they are: no all-gather after the step
@@ -17,7 +18,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use megamoe_comm::{Communicator, Pending};
 use megamoe_model::block::BlockParams;
@@ -35,6 +36,9 @@ type Placement = (RowShard, bool, usize);
 /// Calls its argument once per `(name, tensor)` of a parameter set, in visit order.
 type VisitTensorsMut<'a> = dyn FnMut(&mut dyn FnMut(&str, &mut Tensor)) + 'a;
 
+/// Gathers in flight: (handle, full rows) per picked tensor, in visit order.
+type InFlight = Vec<(Pending, usize)>;
+
 /// All-gathers tensors of rows into full tensors: every gather is started before the
 /// first is awaited.
 #[derive(Clone)]
@@ -42,6 +46,8 @@ pub(crate) struct RowGatherer {
     placements: Arc<HashMap<String, Placement>>,
     dense_dp: Arc<dyn Communicator>,
     expert_dp: Arc<dyn Communicator>,
+    /// Blocks whose gathers were started ahead ([`BlockGather::prefetch_block`]).
+    prefetched: Arc<Mutex<HashMap<usize, InFlight>>>,
 }
 
 impl RowGatherer {
@@ -51,6 +57,16 @@ impl RowGatherer {
         visit_mut: &mut VisitTensorsMut<'_>,
         pick: &dyn Fn(&str) -> bool,
     ) -> Result<()> {
+        let pending = self.start(visit_mut, pick)?;
+        self.finish(pending, visit_mut, pick)
+    }
+
+    /// Starts the gathers of the tensors `pick` accepts.
+    fn start(
+        &self,
+        visit_mut: &mut VisitTensorsMut<'_>,
+        pick: &dyn Fn(&str) -> bool,
+    ) -> Result<InFlight> {
         let mut pending: Vec<Result<(Pending, usize)>> = Vec::new();
         visit_mut(&mut |name, t| {
             if !pick(name) {
@@ -68,9 +84,18 @@ impl RowGatherer {
                 pad_rows(t, rows.padded_len).and_then(|p| Ok((comm.start_all_gather(&p)?, full))),
             );
         });
+        pending.into_iter().collect()
+    }
+
+    /// Waits for `pending` and puts the full tensors in place.
+    fn finish(
+        &self,
+        pending: InFlight,
+        visit_mut: &mut VisitTensorsMut<'_>,
+        pick: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
         let mut gathered = Vec::with_capacity(pending.len());
-        for p in pending {
-            let (handle, full) = p?;
+        for (handle, full) in pending {
             gathered.push(handle.wait()?.narrow(0, 0, full)?);
         }
         let mut next = gathered.into_iter();
@@ -101,15 +126,43 @@ impl BlockGather for RowGatherer {
     ) -> megamoe_model::Result<BlockParams> {
         let mut full = local.clone();
         let prefix = format!("model.layers.{layer}");
-        self.gather(
-            &mut |f| full.visit_mut(&prefix, &mut |n, t, _| f(n, t)),
-            &|_| true,
-        )
-        .map_err(|e| megamoe_model::Error::Gather {
-            layer,
-            source: Box::new(e),
-        })?;
+        let ahead = self
+            .prefetched
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&layer));
+        let visit = &mut |f: &mut dyn FnMut(&str, &mut Tensor)| {
+            full.visit_mut(&prefix, &mut |n, t, _| f(n, t))
+        };
+        match ahead {
+            Some(pending) => self.finish(pending, visit, &|_| true),
+            None => self.gather(visit, &|_| true),
+        }
+        .map_err(|e| gather_failed(layer, e))?;
         Ok(full)
+    }
+
+    fn prefetch_block(&self, layer: usize, local: &BlockParams) -> megamoe_model::Result<()> {
+        let mut rows = local.clone();
+        let prefix = format!("model.layers.{layer}");
+        let pending = self
+            .start(
+                &mut |f| rows.visit_mut(&prefix, &mut |n, t, _| f(n, t)),
+                &|_| true,
+            )
+            .map_err(|e| gather_failed(layer, e))?;
+        if let Ok(mut p) = self.prefetched.lock() {
+            p.insert(layer, pending);
+        }
+        Ok(())
+    }
+}
+
+/// A failed gather as the model's error, naming the layer.
+fn gather_failed(layer: usize, e: crate::error::Error) -> megamoe_model::Error {
+    megamoe_model::Error::Gather {
+        layer,
+        source: Box::new(e),
     }
 }
 
@@ -137,6 +190,7 @@ impl Parallel {
             placements: Arc::new(placements),
             dense_dp: self.dense_dp.clone(),
             expert_dp: self.expert_dp.clone(),
+            prefetched: Arc::default(),
         })
     }
 
