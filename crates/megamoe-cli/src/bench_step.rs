@@ -66,6 +66,7 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
     }
     synchronize(a.device)?;
     reset_peak(a.device)?;
+    let _ = profile_report(a.device)?; // drop the warm-up's markers
     let mut times = Vec::with_capacity(a.iters);
     let mut last = None;
     let reads0 = megamoe_tensor::host_reads();
@@ -77,6 +78,7 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
         last = Some(m);
     }
     let reads = (megamoe_tensor::host_reads() - reads0) as f64 / a.iters as f64;
+    let profile = profile_report(a.device)?;
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = last.as_ref().map_or(0, |m| m.tokens) as f64;
@@ -112,6 +114,18 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = last {
         println!("loss        {:.4} at step {}", m.loss.total, m.step);
     }
+    if !profile.is_empty() {
+        let total: f64 = profile.iter().map(|p| p.1).sum();
+        println!("op time     (MEGAMOE_CUDA_PROFILE: stream ms per step by op, top 30)");
+        for (op, ms, n) in profile.iter().take(30) {
+            println!(
+                "  {op:<28} {:>9.2} ms {:>5.1} %  {:>6} uses",
+                ms / a.iters as f64,
+                100.0 * ms / total,
+                n / a.iters
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -135,6 +149,20 @@ fn synchronize(device: Device) -> anyhow::Result<()> {
 #[cfg(not(feature = "cuda"))]
 fn synchronize(_device: Device) -> anyhow::Result<()> {
     Ok(())
+}
+
+/// The op-time profile of the timed steps (CUDA with `MEGAMOE_CUDA_PROFILE` set).
+#[cfg(feature = "cuda")]
+fn profile_report(device: Device) -> anyhow::Result<Vec<(&'static str, f64, usize)>> {
+    Ok(match device {
+        Device::Cuda(i) => megamoe_tensor::cuda::cuda_backend(i)?.profile_report()?,
+        Device::Cpu => Vec::new(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_report(_device: Device) -> anyhow::Result<Vec<(&'static str, f64, usize)>> {
+    Ok(Vec::new())
 }
 
 #[cfg(feature = "cuda")]

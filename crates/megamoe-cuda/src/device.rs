@@ -279,6 +279,39 @@ impl Drop for Gpu {
     }
 }
 
+/// A timing event recorded on the stream (a profiling marker, see [`Gpu::mark`]).
+pub struct Marker(dsys::CUevent);
+
+// SAFETY: an event handle is valid from any thread where its context is current.
+unsafe impl Send for Marker {}
+
+impl Gpu {
+    /// Records a timing event on the stream now: it completes when every kernel queued
+    /// before it has run.
+    pub fn mark(&self) -> Result<Marker> {
+        let ev = dres::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT).ctx("cuEventCreate")?;
+        let m = Marker(ev);
+        unsafe { dres::event::record(m.0, self.stream()) }.ctx("cuEventRecord")?;
+        Ok(m)
+    }
+}
+
+impl Marker {
+    /// Milliseconds of stream time from `earlier` to this marker (both must have completed:
+    /// synchronize first).
+    pub fn ms_since(&self, earlier: &Marker) -> Result<f32> {
+        unsafe { dres::event::elapsed(earlier.0, self.0) }.ctx("cuEventElapsedTime")
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dres::event::destroy(self.0);
+        }
+    }
+}
+
 /// A pair of timing events on the engine's stream.
 pub struct EventTimer {
     start: dsys::CUevent,

@@ -39,7 +39,7 @@ pub mod ops;
 mod pool;
 pub mod tensor;
 
-pub use device::{probe, DeviceInfo, EventTimer, Gpu};
+pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker};
 pub use error::{Error, Result};
 pub use gemm::{Elem, Operand};
 pub use graph::Graph;

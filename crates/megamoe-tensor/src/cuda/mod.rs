@@ -82,6 +82,9 @@ pub(crate) struct Engine {
     pub(crate) err: DeviceBuffer,
     pub(crate) ops_f32: Ops,
     pub(crate) ops_bf16: Ops,
+    /// Op-time markers (`MEGAMOE_CUDA_PROFILE` set): one stream event per engine use,
+    /// named by the op (see [`CudaBackend::profile_report`]).
+    profile: Option<Vec<(&'static str, megamoe_cuda::Marker)>>,
 }
 
 /// The backend of GPU `ordinal`.
@@ -140,6 +143,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
             err,
             ops_f32,
             ops_bf16,
+            profile: std::env::var_os("MEGAMOE_CUDA_PROFILE").map(|_| Vec::new()),
         }),
         bf16_matmul: std::sync::atomic::AtomicBool::new(false),
     })
@@ -154,9 +158,48 @@ impl crate::backend::Backend for CudaBackend {
 impl CudaBackend {
     /// The engine, locked, with its context current on this thread.
     pub(crate) fn engine(&self, op: &'static str) -> Result<MutexGuard<'_, Engine>> {
-        let e = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = self.engine.lock().unwrap_or_else(|p| p.into_inner());
         e.gpu.bind().map_err(|err| self.err(op, err))?;
+        let Engine { gpu, profile, .. } = &mut *e;
+        if let Some(markers) = profile.as_mut() {
+            markers.push((op, gpu.mark().map_err(|err| self.err(op, err))?));
+        }
         Ok(e)
+    }
+
+    /// With `MEGAMOE_CUDA_PROFILE` set: the stream time since the last report (or since the
+    /// engine opened) attributed to op names, `(op, ms, uses)` by descending time. Each
+    /// engine use records an event, so an op's share is the stream time from its first
+    /// kernel to the next op's (exact while the GPU is busy; host gaps count to the op
+    /// before them). Synchronises. Empty without the variable.
+    pub fn profile_report(&self) -> Result<Vec<(&'static str, f64, usize)>> {
+        let mut e = self.engine("profile_report")?;
+        e.gpu
+            .synchronize()
+            .map_err(|err| self.err("profile_report", err))?;
+        let Some(markers) = e.profile.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut by_op: Vec<(&'static str, f64, usize)> = Vec::new();
+        // the last marker is this report's own engine use
+        for w in markers.windows(2) {
+            let ms = w[1]
+                .1
+                .ms_since(&w[0].1)
+                .map_err(|err| self.err("profile_report", err))?;
+            match by_op.iter_mut().find(|(n, _, _)| *n == w[0].0) {
+                Some(entry) => {
+                    entry.1 += ms as f64;
+                    entry.2 += 1;
+                }
+                None => by_op.push((w[0].0, ms as f64, 1)),
+            }
+        }
+        let last = markers.pop();
+        markers.clear();
+        markers.extend(last);
+        by_op.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(by_op)
     }
 
     /// A CUDA error of `op` on this GPU.
