@@ -245,7 +245,7 @@ impl Trainer {
         self.counts
     }
 
-    /// The model's parameters.
+    /// The model's parameters (under `parallel.fsdp = 3`, this rank's dim-0 rows of each).
     pub fn params(&self) -> &ModelParams {
         &self.params
     }

@@ -223,7 +223,7 @@ fn dp2_ep2_fsdp3_matches_one_rank() {
 #[test]
 fn a_biting_grad_clip_matches_one_rank() {
     let clip = 0.05;
-    for (dp, ep, fsdp) in [(2, 1, 2), (2, 2, 2), (2, 2, 0)] {
+    for (dp, ep, fsdp) in [(2, 1, 2), (2, 2, 2), (2, 2, 0), (2, 1, 3)] {
         for optim in ["adamw", "muon"] {
             let sets = vec![
                 format!("optim.grad_clip={clip}"),
@@ -266,6 +266,28 @@ fn unsupported_layouts_are_refused_by_name() {
             "{set}: {failures}"
         );
     }
+}
+
+/// An fsdp = 3 run does not load checkpoints yet: refused by name, the trainer unchanged.
+#[test]
+fn an_fsdp3_run_refuses_to_load_a_checkpoint_by_name() {
+    let dir = std::env::temp_dir().join(format!("megamoe-layouts-z3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut one = Trainer::new(&raw(&[]), data(), TrainerOptions::default()).unwrap();
+    one.step().unwrap();
+    let saved = one.save_checkpoint(&dir).unwrap();
+    let raw = raw(&["parallel.dp=2".to_string(), "parallel.fsdp=3".to_string()]);
+    let results = run_thread_ranks(2, |world| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+        let err = t.load_checkpoint(&saved).unwrap_err().to_string();
+        Ok((err, t.step_count()))
+    })
+    .unwrap();
+    for (err, step) in results {
+        assert!(err.starts_with("parallel.fsdp=3"), "{err}");
+        assert_eq!(step, 0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
