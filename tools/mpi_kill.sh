@@ -36,15 +36,19 @@ now() { date +%s.%N; }
 # True while process $1 runs (a zombie, i.e. exited but not yet reaped, counts as ended).
 alive() {
   local st
-  st=$(ps -o stat= -p "$1" 2> /dev/null) || return 1
-  [[ $st != Z* ]]
+  st=$(cat "/proc/$1/stat" 2> /dev/null) || return 1
+  st=${st##*) }
+  [[ $st != Z* && $st != X* ]]
 }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# The children of process $1 (from /proc: no procps needed).
+children() { cat /proc/"$1"/task/*/children 2> /dev/null || true; }
 
 # The pid of the process of MPI rank $2 among the children of mpirun $1.
 rank_pid() {
   local p
-  for p in $(pgrep -P "$1"); do
+  for p in $(children "$1"); do
     if tr '\0' '\n' < "/proc/$p/environ" 2> /dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2"; then
       echo "$p"
       return 0
@@ -105,8 +109,8 @@ for mode in "${MODES[@]}"; do
   rank0=$(rank_pid "$MPIRUN_PID" 0)
   rank1=$(rank_pid "$MPIRUN_PID" 1)
   if [ "$mode" = megamoe ]; then # the train processes are the wrappers' children
-    rank0=$(pgrep -P "$rank0")
-    rank1=$(pgrep -P "$rank1")
+    read -r rank0 _ < <(children "$rank0") || true
+    read -r rank1 _ < <(children "$rank1") || true
   fi
   killed=$(now)
   kill -9 "$rank1"
