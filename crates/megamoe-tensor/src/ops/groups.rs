@@ -170,3 +170,23 @@ impl RowGroups {
         Ok(spans)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_sizes_give_host_spans_and_device_sizes_do_not() {
+        let g = RowGroups::from_sizes(&[2, 0, 3], Device::Cpu).unwrap();
+        assert_eq!(g.host_spans(), Some(&[(0, 2), (2, 0), (2, 3)][..]));
+        assert_eq!(g.offsets().to_host_i32().unwrap(), vec![0, 2, 2]);
+        let sizes = Tensor::from_vec_i32(vec![1, 4], [2], Device::Cpu).unwrap();
+        // On the CPU the backend reads the sizes in place: packed_read keeps no host copy.
+        let p = RowGroups::packed_read(&sizes).unwrap();
+        assert_eq!(p.host_spans(), None);
+        assert_eq!(p.stride(), None);
+        let s = RowGroups::strided(&sizes, 4).unwrap();
+        assert_eq!((s.stride(), s.host_spans()), (Some(4), None));
+        assert_eq!(s.offsets().to_host_i32().unwrap(), vec![0, 4]);
+    }
+}
