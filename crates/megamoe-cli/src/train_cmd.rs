@@ -156,11 +156,6 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         "--world {} must be at least 1 (the number of ranks)",
         args.world
     );
-    anyhow::ensure!(
-        args.world == 1 || args.resume.is_none(),
-        "--resume with --world {} is not supported yet: a distributed run starts fresh",
-        args.world
-    );
     // One rank of a job started by mpirun (or another launcher), checked before anything
     // is created: N processes never write one run directory (see train_mpi).
     let launched = crate::train_mpi::launched(args)?;
@@ -227,7 +222,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         return crate::train_mpi::run(args, &raw, data, peak, chosen_dir, env);
     }
     if args.world > 1 {
-        return crate::train_world::run(args, &raw, data, peak, chosen_dir);
+        let resume = origin
+            .zip(lock)
+            .map(|(origin, (run_dir, lock))| crate::train_world::Resume {
+                origin,
+                run_dir,
+                lock,
+            });
+        return crate::train_world::run(args, &raw, data, peak, chosen_dir, resume);
     }
     let mut trainer = Trainer::new(
         &raw,
@@ -257,23 +259,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
                 .load_checkpoint(dir)
                 .with_context(|| format!("--resume {}", dir.display()))?;
         }
-        for note in prepare_resume(&run_dir, trainer.step_count())? {
-            eprintln!("resume: {note}");
-        }
-        let mut changes = match &o.dir {
-            Some(dir) => resume_config_changes(dir, &o.config_toml, trainer.config_toml())?,
-            None => Vec::new(), // step 0: nothing was trained with the old config
-        };
-        if trainer.data().name() != o.data_source {
-            // The same corpus (its fingerprint was checked) read from another path.
-            changes.push(ConfigChange {
-                key: "data".into(),
-                old: o.data_source.clone(),
-                new: trainer.data().name().to_string(),
-            });
-        }
-        for line in record_config_changes(&run_dir, trainer.step_count(), &changes)? {
-            eprintln!("resume: changed {line}");
+        let shown = o.dir.as_deref().unwrap_or(&o.run_dir).display().to_string();
+        let context = || format!("--resume {shown}");
+        for line in record_resume(&run_dir, o, &trainer).with_context(context)? {
+            eprintln!("{line}");
         }
     }
     let run = RunDir::create(&run_dir)?;
@@ -348,14 +337,39 @@ fn extend_horizon(raw: &mut RawConfig, steps: Option<u64>) -> anyhow::Result<Opt
     )))
 }
 
-/// Config keys a resume changes (all in the safe set, else the checkpoint's error).
-fn resume_config_changes(
-    dir: &Path,
-    saved: &str,
-    current: &str,
-) -> anyhow::Result<Vec<ConfigChange>> {
-    megamoe_train::checkpoint::resume_config_changes(&dir.join(STATE_FILE), saved, current)
-        .with_context(|| format!("--resume {}", dir.display()))
+/// The run directory's side of a resume of `trainer` (loaded from `origin`): checkpoints
+/// and metrics after its step retired, and the config keys the resume changes (all in
+/// the safe set, else the checkpoint's error) recorded in the metrics. Returns the lines
+/// to print.
+pub(crate) fn record_resume(
+    run_dir: &Path,
+    origin: &CheckpointOrigin,
+    trainer: &Trainer,
+) -> megamoe_train::Result<Vec<String>> {
+    let mut lines: Vec<String> = prepare_resume(run_dir, trainer.step_count())?
+        .into_iter()
+        .map(|n| format!("resume: {n}"))
+        .collect();
+    let mut changes = match &origin.dir {
+        Some(dir) => megamoe_train::checkpoint::resume_config_changes(
+            &dir.join(STATE_FILE),
+            &origin.config_toml,
+            trainer.config_toml(),
+        )?,
+        None => Vec::new(), // step 0: nothing was trained with the old config
+    };
+    if trainer.data().name() != origin.data_source {
+        // The same corpus (its fingerprint was checked) read from another path.
+        changes.push(ConfigChange {
+            key: "data".into(),
+            old: origin.data_source.clone(),
+            new: trainer.data().name().to_string(),
+        });
+    }
+    for line in record_config_changes(run_dir, trainer.step_count(), &changes)? {
+        lines.push(format!("resume: changed {line}"));
+    }
+    Ok(lines)
 }
 
 /// The run config: the checkpoint's when resuming (then --config/--set, if given,

@@ -421,3 +421,94 @@ fn a_world_checkpoint_resumes_on_one_rank_with_the_losses_of_the_uninterrupted_r
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_dp2_ep2_checkpoint_resumes_under_world_layouts_with_the_losses_of_one_rank() {
+    let dir = scratch("resume-world");
+    let m4 = ["--set", "parallel.microbatches=4"];
+    let one = train(&dir, "one", &m4, &[]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let want = losses(&dir.join("one"));
+    let first = megamoe(
+        &dir,
+        &[
+            "train",
+            "--config",
+            TINY,
+            "--steps",
+            "4",
+            "--run-dir",
+            "dp2ep2",
+            "--world",
+            "4",
+            "--set",
+            "parallel.dp=2",
+            "--set",
+            "parallel.ep=2",
+            "--set",
+            "parallel.microbatches=1",
+        ],
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    // Each resume continues a copy of the dp2 x ep2 run under another layout.
+    for (name, world, sets) in [
+        (
+            "pp2-dualpipev",
+            "2",
+            vec![
+                "parallel.dp=1",
+                "parallel.ep=1",
+                "parallel.pp=2",
+                "parallel.schedule=\"dualpipev\"",
+                "parallel.microbatches=4",
+            ],
+        ),
+        (
+            "ep2",
+            "2",
+            vec!["parallel.dp=1", "parallel.ep=2", "parallel.microbatches=2"],
+        ),
+        (
+            "dp2ep2",
+            "4",
+            vec!["parallel.dp=2", "parallel.ep=2", "parallel.microbatches=1"],
+        ),
+    ] {
+        let run = dir.join(name);
+        if name != "dp2ep2" {
+            copy_dir(&dir.join("dp2ep2"), &run);
+        }
+        let mut args = vec!["train", "--resume", name, "--steps", "8", "--world", world];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        let out = megamoe(&dir, &args);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let got = losses(&run);
+        assert_eq!(got.len(), 8, "{name}: 4 steps under dp2 x ep2, 4 resumed");
+        for ((s, w), (s2, g)) in want.iter().zip(&got) {
+            assert_eq!(s, s2);
+            let rel = (g - w).abs() / w.abs();
+            assert!(
+                rel <= 1e-5,
+                "{name} step {s}: {g} vs uninterrupted one rank {w} (rel {rel:e})"
+            );
+        }
+        assert!(run.join("checkpoints/ckpt-00000008").is_dir(), "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Copies the directory tree `from` to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else if e.file_name() != ".lock" {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}

@@ -44,7 +44,7 @@ use megamoe_plan::{OptimizerKind, Plan, RawConfig};
 use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::checkpoint::{
-    load_checkpoint, save_checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
+    load_checkpoint, save_checkpoint, Checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
 };
 use crate::data::{Batch, BatchConfig, Batcher, DataSource};
 use crate::error::{Error, Result};
@@ -509,6 +509,9 @@ impl Trainer {
     /// totals with those of the checkpoint `path` refers to (a run directory, its
     /// `checkpoints/` or one checkpoint directory). The checkpoint must have been
     /// written with the same config and model shapes; on any error nothing changes.
+    ///
+    /// On a rank of a distributed run this is collective: rank 0 reads the one-rank
+    /// checkpoint and every rank takes its shard (see [`crate::distributed`]).
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
         if self.parallel.as_ref().is_some_and(|p| p.holds_rows_only()) {
             return Err(Error::TrainConfig {
@@ -519,6 +522,9 @@ impl Trainer {
                        one-rank layout)"
                     .to_string(),
             });
+        }
+        if self.parallel.is_some() {
+            return self.load_checkpoint_shard(path);
         }
         let started = Instant::now();
         let model_specs = specs(&self.model_tensors()?);
@@ -531,6 +537,12 @@ impl Trainer {
                 optimizer: Some(&optim_specs),
             },
         )?;
+        self.apply_checkpoint(&ckpt, started)
+    }
+
+    /// Replaces the trainer's state with `ckpt` (tensors in this trainer's shapes);
+    /// `started` is when the load began (booked to checkpoint time).
+    pub(crate) fn apply_checkpoint(&mut self, ckpt: &Checkpoint, started: Instant) -> Result<()> {
         // Build everything first, then commit, so a failure leaves the trainer as it was.
         let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
         for t in &ckpt.model {

@@ -3,14 +3,29 @@
 //! sharding group, and expert banks and their optimizer state (sharded over E by expert
 //! parallelism) are all-gathered over the EP group in rank order, which is expert order.
 //! Rank 0 writes the result; the files are those a one-rank run of the same model writes.
+//!
+//! Loading is the reverse ([`Trainer::load_checkpoint`] on every rank, collectively):
+//! rank 0 reads and verifies the one-rank checkpoint against the one-rank shapes, then
+//! broadcasts its scalar state (as JSON) and every tensor; each rank keeps its shard:
+//! its experts (rows `ep_rank·E/ep ..` of each bank and of its optimizer state), its
+//! `parallel.fsdp` rows of the optimizer state (the FSDP2 `chunk` rule over the
+//! parameter's data-parallel group), and on a pipeline rank its stages' parameters and
+//! optimizer state. A checkpoint written under any layout therefore resumes under any
+//! other (resharding is a slice of exact copies).
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
 
+use megamoe_comm::Communicator;
 use megamoe_optim::{ParamRole, STATE_KINDS};
-use megamoe_tensor::Device;
+use megamoe_plan::chunk;
+use megamoe_tensor::{Device, Tensor};
 
-use crate::checkpoint::NamedTensor;
-use crate::error::Result;
+use crate::checkpoint::{
+    load_checkpoint, Checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
+};
+use crate::error::{Error, Result};
 use crate::trainer::Trainer;
 
 impl Trainer {
@@ -70,6 +85,141 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+impl Trainer {
+    /// [`Trainer::load_checkpoint`] on a rank of a distributed run (see the module doc).
+    /// Collective over the world; an error on rank 0 (a missing, corrupt or mismatched
+    /// checkpoint) stops every rank.
+    pub(crate) fn load_checkpoint_shard(&mut self, path: &Path) -> Result<()> {
+        let started = Instant::now();
+        let Some(par) = self.parallel.as_ref() else {
+            return self.load_checkpoint(path);
+        };
+        let world = par.world();
+        let ep = par.mesh.ep;
+        // One-rank shapes of every tensor this rank holds a shard of.
+        let mut experts = HashSet::new();
+        let mut full_dims: HashMap<String, Vec<usize>> = HashMap::new();
+        self.params.visit(&mut |name, t, role| {
+            let mut dims = t.dims().to_vec();
+            if role == ParamRole::ExpertBank {
+                experts.insert(name.to_string());
+                dims[0] *= ep;
+            }
+            full_dims.insert(name.to_string(), dims);
+        });
+        let local_model = self.model_tensors()?;
+        let local_optim = self.optimizer_tensors()?;
+        let full_spec = |t: &NamedTensor| TensorSpec {
+            name: t.name.clone(),
+            shape: full_dims
+                .get(param_of(&t.name))
+                .cloned()
+                .unwrap_or_else(|| t.spec().shape),
+        };
+        let model_specs: Vec<TensorSpec> = local_model.iter().map(full_spec).collect();
+        let optim_specs: Vec<TensorSpec> = local_optim.iter().map(full_spec).collect();
+
+        // 1. Rank 0 reads the checkpoint; its scalar state reaches every rank.
+        let read = if world.rank() == 0 {
+            Some(load_checkpoint(
+                path,
+                &Expected {
+                    config_toml: Some(&self.config_toml),
+                    model: Some(&model_specs),
+                    optimizer: Some(&optim_specs),
+                },
+            )?)
+        } else {
+            None
+        };
+        let state_json = match &read {
+            Some(c) => serde_json::to_vec(&c.state).map_err(|e| Error::TrainConfig {
+                field: "checkpoint state",
+                value: path.display().to_string(),
+                rule: format!("must serialise for the other ranks: {e}"),
+            })?,
+            None => Vec::new(),
+        };
+        let state_json = broadcast_bytes(world, &state_json)?;
+        let state: TrainState =
+            serde_json::from_slice(&state_json).map_err(|e| Error::TrainConfig {
+                field: "checkpoint state",
+                value: path.display().to_string(),
+                rule: format!("rank 0's broadcast must parse: {e}"),
+            })?;
+
+        // 2. Every tensor from rank 0, cut to this rank's shard.
+        let by_name = |list: &[NamedTensor]| -> HashMap<String, NamedTensor> {
+            list.iter().map(|t| (t.name.clone(), t.clone())).collect()
+        };
+        let (file_model, file_optim) = match &read {
+            Some(c) => (by_name(&c.model), by_name(&c.optimizer)),
+            None => (HashMap::new(), HashMap::new()),
+        };
+        let ep_rank = par.coords.ep;
+        let shard = |spec: &TensorSpec, file: &HashMap<String, NamedTensor>, optim: bool| {
+            let full = match file.get(&spec.name) {
+                Some(t) => t.to_tensor(Device::Cpu)?,
+                None => Tensor::zeros(spec.shape.clone(), megamoe_tensor::DType::F32, Device::Cpu)?,
+            };
+            let mut t = world.broadcast(&full, 0)?;
+            let param = param_of(&spec.name);
+            let expert = experts.contains(param);
+            if expert && ep > 1 {
+                let per = spec.shape[0] / ep;
+                t = t.narrow(0, ep_rank * per, per)?;
+            }
+            if optim && par.is_sharded() {
+                let g: &dyn Communicator = if expert {
+                    par.expert_dp.as_ref()
+                } else {
+                    par.dense_dp.as_ref()
+                };
+                let rows = chunk(t.dims()[0], g.size(), g.rank());
+                t = t.narrow(0, rows.start, rows.len)?;
+            }
+            NamedTensor::from_tensor(spec.name.clone(), &t)
+        };
+        let model = model_specs
+            .iter()
+            .map(|s| shard(s, &file_model, false))
+            .collect::<Result<Vec<_>>>()?;
+        let optimizer = optim_specs
+            .iter()
+            .map(|s| shard(s, &file_optim, true))
+            .collect::<Result<Vec<_>>>()?;
+        let ckpt = Checkpoint {
+            dir: read.map_or_else(|| path.to_path_buf(), |c| c.dir),
+            state,
+            model,
+            optimizer,
+        };
+        self.apply_checkpoint(&ckpt, started)?;
+
+        // 3. Derived shards: FSDP rows of the parameters, a pipeline rank's stages.
+        if let Some(par) = self.parallel.as_mut() {
+            if par.is_sharded() {
+                par.sharded = Some(par.shard_state(&self.params, false)?);
+            }
+        }
+        if let Some(rank) = self.pipeline.as_mut() {
+            rank.load_from(&self.params, &self.optimizer, self.step)?;
+        }
+        Ok(())
+    }
+}
+
+/// Broadcasts `bytes` (read on rank 0 only) to every rank of `comm`, one f32 per byte.
+fn broadcast_bytes(comm: &dyn Communicator, bytes: &[u8]) -> Result<Vec<u8>> {
+    let len = Tensor::from_vec_f32(vec![bytes.len() as f32], [1], Device::Cpu)?;
+    let n = comm.broadcast(&len, 0)?.to_host_f32()?[0] as usize;
+    let mut values: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+    values.resize(n, 0.0);
+    let t = Tensor::from_vec_f32(values, [n], Device::Cpu)?;
+    let got = comm.broadcast(&t, 0)?.to_host_f32()?;
+    Ok(got.into_iter().map(|x| x as u8).collect())
 }
 
 /// The parameter an optimizer state tensor `<kind>.<parameter>` belongs to (a model

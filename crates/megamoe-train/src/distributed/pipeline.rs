@@ -316,6 +316,58 @@ impl PipelineRank {
         }
     }
 
+    /// Takes this rank's stages' parameters, expert biases and optimizer state from a
+    /// whole-model set (`params`, `optimizer`: a [`crate::Trainer`]'s after a checkpoint
+    /// load), by global name, and continues after step `step`. On an error nothing
+    /// changes.
+    pub(crate) fn load_from(
+        &mut self,
+        params: &ModelParams,
+        optimizer: &Optimizer,
+        step: u64,
+    ) -> Result<()> {
+        let mut whole: HashMap<String, Tensor> = HashMap::new();
+        params.visit(&mut |n, t, _| drop(whole.insert(n.to_string(), t.clone())));
+        params.visit_buffers(&mut |n, t| drop(whole.insert(n.to_string(), t.clone())));
+        let mut missing = None;
+        let mut take = |n: &str, t: &mut Tensor| match whole.get(n) {
+            Some(x) => *t = x.clone(),
+            None => missing = Some(n.to_string()),
+        };
+        let mut stages = self.params.clone();
+        for cp in stages.values_mut() {
+            cp.visit_mut(&mut |n, t, _| take(n, t));
+            let offset = cp.layer_offset;
+            for (i, l) in cp.layers.iter_mut().enumerate() {
+                l.mlp
+                    .visit_buffers_mut(&format!("model.layers.{}.mlp", offset + i), &mut |n, t| {
+                        take(n, t)
+                    });
+            }
+        }
+        if let Some(name) = missing {
+            return Err(pipeline_config(
+                "pipeline tensor",
+                name,
+                "the whole-model set must hold every tensor of the rank's stages",
+            ));
+        }
+        let mut state: HashMap<String, Tensor> = HashMap::new();
+        optimizer.visit_state(&mut |n, t| drop(state.insert(n.to_string(), t.clone())));
+        let mine = self
+            .optimizer
+            .state_keys()
+            .into_iter()
+            .filter_map(|k| state.remove(&k).map(|t| (k, t)))
+            .collect::<Vec<_>>();
+        let mut stage_optimizer = self.optimizer.clone();
+        stage_optimizer.load_state(optimizer.steps_taken(), mine)?;
+        self.params = stages;
+        self.optimizer = stage_optimizer;
+        self.step = step;
+        Ok(())
+    }
+
     /// Copies the whole current model onto every rank of the pipeline group: each
     /// parameter, expert bias and optimizer-state tensor of `params` / `optimizer` (a
     /// whole-model set, e.g. a [`crate::Trainer`]'s) is broadcast from the lowest rank

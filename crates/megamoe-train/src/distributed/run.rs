@@ -61,8 +61,8 @@ pub fn check_rank_fault(trainer: &Trainer, fault: Option<(usize, u64)>) -> Resul
     }
 }
 
-/// The loop of a non-writing rank of a fresh run: the same steps, evaluations, checkpoint
-/// gathers and final sample as
+/// The loop of a non-writing rank of a fresh or resumed run: the same steps,
+/// evaluations, checkpoint gathers and final sample as
 /// [`run_training`](crate::session::run_training) runs on rank 0 (so every collective
 /// of the MoE exchanges and gradient reduces is matched), writing nothing. `fault` is an
 /// injected failure (see [`RANK_FAULT_ENV`]).
@@ -97,7 +97,8 @@ pub fn follow_training(
         let prompt = crate::session::sample_prompt(trainer);
         trainer.sample(&prompt, opts.sample_tokens)?;
     }
-    // The final checkpoint (a fresh run always saves one at its last step).
+    // The final checkpoint (rank 0 saves one at the last step: a resume retired any later
+    // checkpoint, and a run already at its last step stops before the ranks start).
     trainer.join_checkpoint()?;
     Ok(())
 }

@@ -1,0 +1,157 @@
+//! Checkpoints across layouts: a run under dp2 × ep2 (thread ranks) checkpoints at step 4
+//! in the one-rank layout; that checkpoint resumes under one rank, ep2, dp2 × ep2 with
+//! fsdp 2, pp2 DualPipeV and dp2 × ep2 × pp2, and every resumed run's next steps have
+//! the losses of the uninterrupted dp2 × ep2 run (f32, ≤ 1e-5 relative: only summation
+//! order differs between layouts). A resume under the layout that wrote the checkpoint repeats
+//! them bit for bit.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use megamoe_plan::{RawConfig, TINY_CONFIG};
+use megamoe_train::distributed::run_thread_ranks;
+use megamoe_train::{DataSource, Error, Tokenizer, Trainer, TrainerOptions};
+
+const STEPS: usize = 8;
+const SAVE_AT: usize = 4;
+/// Micro-batches of one step (one sequence each).
+const MICRO: usize = 8;
+
+fn sets(layout: &[&str], data_ranks: usize) -> Vec<String> {
+    let mut s: Vec<String> = [
+        "model.d_model=16",
+        "model.n_layers=4",
+        "model.n_heads=2",
+        "model.n_kv_heads=1",
+        "model.ffn_hidden=32",
+        "model.seq_len=8",
+        "moe.routed_experts=4",
+        "moe.expert_hidden=16",
+        "moe.shared_expert_hidden=16",
+        "moe.expert_bias=true",
+        "moe.aux_loss_weight=0.05",
+        "model.tie_embeddings=true",
+        "mtp.depth=1",
+        "train.steps=8",
+        "optim.warmup_steps=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    s.push(format!("train.global_batch={MICRO}"));
+    s.push(format!("parallel.microbatches={}", MICRO / data_ranks));
+    s.extend(layout.iter().map(|x| x.to_string()));
+    s
+}
+
+fn raw(sets: &[String]) -> RawConfig {
+    RawConfig::from_toml_str_with_overrides(TINY_CONFIG, sets).unwrap()
+}
+
+fn data() -> Arc<DataSource> {
+    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
+}
+
+/// Runs `layout` (world `world`, dp·ep = `data_ranks`) from `resume` (or fresh) up to
+/// step [`STEPS`], saving a checkpoint under `save` at step [`SAVE_AT`]; returns rank 0's
+/// losses of the steps it ran.
+fn run(
+    layout: &[&str],
+    world: usize,
+    data_ranks: usize,
+    resume: Option<&Path>,
+    save: Option<&Path>,
+) -> Vec<f64> {
+    let raw = raw(&sets(layout, data_ranks));
+    let step_all = |t: &mut Trainer| -> Result<Vec<f64>, Error> {
+        if let Some(dir) = resume {
+            t.load_checkpoint(dir)?;
+        }
+        let mut losses = Vec::new();
+        while (t.step_count() as usize) < STEPS {
+            losses.push(t.step()?.loss.total);
+            if t.step_count() as usize == SAVE_AT {
+                if let Some(dir) = save {
+                    if t.is_writer() {
+                        t.save_checkpoint(dir)?;
+                    } else {
+                        t.join_checkpoint()?;
+                    }
+                }
+            }
+        }
+        Ok(losses)
+    };
+    if world == 1 {
+        let mut t = Trainer::new(&raw, data(), TrainerOptions::default()).unwrap();
+        return step_all(&mut t).unwrap();
+    }
+    let curves = run_thread_ranks(world, |comm| {
+        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), comm)?;
+        step_all(&mut t)
+    })
+    .unwrap();
+    for c in &curves {
+        assert_eq!(c, &curves[0], "every rank reports rank 0's losses");
+    }
+    curves[0].clone()
+}
+
+fn checkpoint(dir: &Path) -> PathBuf {
+    dir.join(format!("ckpt-{SAVE_AT:08}"))
+}
+
+#[test]
+fn a_dp2_ep2_checkpoint_resumes_under_other_layouts_with_the_same_losses() {
+    let tmp = common::TestDir::new("resume-layouts");
+    let dp2ep2 = ["parallel.dp=2", "parallel.ep=2"];
+    let whole = run(&dp2ep2, 4, 4, None, Some(tmp.path()));
+    assert_eq!(whole.len(), STEPS);
+    assert!(checkpoint(tmp.path()).is_dir());
+    let want = &whole[SAVE_AT..];
+
+    // The layout that wrote it: bit for bit.
+    let same = run(&dp2ep2, 4, 4, Some(tmp.path()), None);
+    assert_eq!(same, want, "dp2 x ep2 resumed");
+
+    for (name, layout, world, data_ranks) in [
+        ("one rank", &[][..], 1, 1),
+        ("ep2", &["parallel.ep=2"][..], 2, 2),
+        (
+            "dp2 x ep2 fsdp2",
+            &["parallel.dp=2", "parallel.ep=2", "parallel.fsdp=2"][..],
+            4,
+            4,
+        ),
+        (
+            "pp2 dualpipev",
+            &["parallel.pp=2", "parallel.schedule=\"dualpipev\""][..],
+            2,
+            1,
+        ),
+        (
+            "dp2 x ep2 x pp2 1f1b",
+            &[
+                "parallel.dp=2",
+                "parallel.ep=2",
+                "parallel.pp=2",
+                "parallel.schedule=\"1f1b\"",
+            ][..],
+            8,
+            4,
+        ),
+    ] {
+        let got = run(layout, world, data_ranks, Some(tmp.path()), None);
+        assert_eq!(got.len(), STEPS - SAVE_AT, "{name}");
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| ((g - w) / w).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{name}: resumed losses vs dp2 x ep2 uninterrupted: max rel diff {worst:.2e}");
+        assert!(worst <= 1e-5, "{name}: {got:?} vs {want:?}");
+    }
+}
