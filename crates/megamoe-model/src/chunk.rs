@@ -669,6 +669,7 @@ impl ModelChunk<'_> {
         let blocks = self.blocks();
         for (i, bw) in w.blocks {
             blocks[i].backward_weight(bw, &mut g.layers[i])?;
+            self.model.block_grads_done(blocks[i].layer, &g.layers[i])?;
         }
         if let Some((ids, d_x)) = w.embed {
             embedding_backward(g.embed_mut()?, &ids, &d_x)?;

@@ -24,6 +24,15 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The per-layer gradient hook ([`crate::GradReady`]) failed.
+    #[error("starting the gradient reduce of layer {layer} failed: {source}")]
+    GradReady {
+        /// The layer.
+        layer: usize,
+        /// What the hook reported.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     // ---- config ----
     /// A config value breaks a rule of the model.
     #[error("model config: {field}={value} {rule}")]

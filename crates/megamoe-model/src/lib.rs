@@ -23,7 +23,9 @@
 //!   `backward_weight`: [`attention`], [`mlp`], [`ffn`] (dense or MoE), [`norm`],
 //!   [`embedding`], [`gate_skip`], [`flexi_depth`], [`block`], [`mtp`].
 //! - [`BlockGather`] ([`param_gather`]): the per-layer hook of fully sharded training
-//!   (ZeRO-3), giving each block its full parameters just before it runs.
+//!   (ZeRO-3), giving each block its full parameters just before it runs; [`GradReady`]
+//!   ([`grad_ready`]): told when the backward has finished a block's weight gradients
+//!   (data-parallel reduce overlapped with the backward).
 //!
 //! # Place in the workspace
 //! Depends on megamoe-tensor, megamoe-moe and megamoe-plan; used by megamoe-train. Never
@@ -81,6 +83,7 @@ pub mod ffn;
 pub mod flexi_depth;
 pub mod gate_skip;
 pub mod grad_buffers;
+pub mod grad_ready;
 pub mod init;
 pub mod mlp;
 pub mod model;
@@ -100,6 +103,7 @@ pub use chunk_params::{shared_params, ChunkParams, Shared, SharedParam};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use grad_buffers::{Bucket, FlatLayout, GradBuffers, ParamSlot};
+pub use grad_ready::GradReady;
 pub use model::{
     LossParts, LossValues, Model, ModelForward, ModelParams, ModelSaved, ModelStats, Sampling,
     StatsValues,

@@ -179,6 +179,8 @@ pub struct Model {
     pub(crate) moe_dispatcher: Option<Arc<dyn TokenDispatcher>>,
     /// The per-layer parameter hook ([`Model::set_block_gather`]; `None`: full parameters).
     pub(crate) block_gather: Option<Arc<dyn crate::param_gather::BlockGather>>,
+    /// The per-layer gradient hook ([`Model::set_grad_ready`]).
+    pub(crate) grad_ready: Option<Arc<dyn crate::grad_ready::GradReady>>,
 }
 
 impl Model {
@@ -269,6 +271,7 @@ impl Model {
             norm,
             moe_dispatcher: None,
             block_gather: None,
+            grad_ready: None,
         })
     }
 

@@ -158,6 +158,9 @@ impl Trainer {
         let mut parallel = parallel;
         if let Some(par) = parallel.as_mut() {
             par.init_sharding(&plan, &params)?;
+            if let Some(hook) = par.grad_overlap() {
+                model.set_grad_ready(Some(hook));
+            }
         }
         // The optimizer holds state for this rank's rows when they are sharded.
         let optimizer = match parallel.as_ref().and_then(|p| p.optimizer_params()) {
@@ -320,6 +323,12 @@ impl Trainer {
         let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
         let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
         for i in first..first + m {
+            if i + 1 == first + m {
+                // The last micro-batch completes each gradient: reduce it during backward.
+                if let Some(par) = &self.parallel {
+                    par.arm_overlap();
+                }
+            }
             let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
             let (ids, targets) = batch_tensors(&micro, self.options.device)?;
             let out = self.model.forward(&params, &ids, &targets, s)?;

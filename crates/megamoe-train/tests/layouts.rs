@@ -246,6 +246,45 @@ fn a_biting_grad_clip_matches_one_rank() {
     }
 }
 
+/// The gradient reduce overlapped with the backward (each block's gradients all-reduced as
+/// soon as the backward of the step's last micro-batch has finished them) gives the same
+/// bits as reducing every gradient after the backward.
+#[test]
+fn overlapped_grad_reduce_gives_the_same_bits() {
+    let steps = 4;
+    for (dp, ep) in [(2, 1), (2, 2)] {
+        let raw = raw(&[
+            format!("parallel.dp={dp}"),
+            format!("parallel.ep={ep}"),
+            "parallel.microbatches=2".to_string(),
+        ]);
+        let run = |overlap: bool| {
+            run_thread_ranks(dp * ep, |world| -> Result<_, Error> {
+                let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+                t.parallel().unwrap().set_grad_overlap(overlap);
+                let mut bits = Vec::new();
+                for _ in 0..steps {
+                    let m = t.step()?;
+                    bits.push((m.loss.total.to_bits(), m.grad_norm.to_bits()));
+                }
+                Ok((bits, t.parallel().unwrap().overlapped_reduces()))
+            })
+            .unwrap()
+        };
+        let (on, off) = (run(true), run(false));
+        for r in 0..dp * ep {
+            assert_eq!(on[r].0, off[r].0, "dp{dp}xep{ep} rank {r}: same bits");
+            // Per step: the dense layer, and the MoE layer's dense and expert tensors.
+            assert_eq!(
+                on[r].1,
+                3 * steps,
+                "dp{dp}xep{ep} rank {r}: started in backward"
+            );
+            assert_eq!(off[r].1, 0);
+        }
+    }
+}
+
 #[test]
 fn unsupported_layouts_are_refused_by_name() {
     // Pipeline stages combined with context parallelism, or with sharded state.

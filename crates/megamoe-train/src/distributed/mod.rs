@@ -10,10 +10,12 @@
 //!                             same micro-batch size as one rank running dp·ep·m of them)
 //! forward / backward          grad_scale = 1/m; MoE tokens reach their experts by
 //!                             all-to-all over the EP group (experts sharded over E)
-//! grad reduce                 per gradient bucket (backward order): dense parameters
-//!                             summed over the dense data-parallel group (dp·ep ranks),
-//!                             expert banks over the expert data-parallel group (dp ranks),
-//!                             in rank order, then scaled by 1/(dp·ep)
+//! grad reduce                 each block's gradients started during the last
+//!                             micro-batch's backward as soon as they are complete
+//!                             (module `overlap`), the rest per gradient bucket: dense
+//!                             parameters summed over the dense data-parallel group (dp·ep
+//!                             ranks), expert banks over the expert data-parallel group
+//!                             (dp ranks), in rank order, then scaled by 1/(dp·ep)
 //! loss and routing sums       gathered over the data ranks and summed in rank order (f64)
 //! clip                        global norm: replicated gradients counted once, the expert
 //!                             shards' squares summed over the EP group
@@ -48,6 +50,7 @@
 
 mod checkpoint;
 mod fsdp;
+mod overlap;
 pub mod pipeline;
 mod pipeline_reduce;
 mod pipeline_stage;
@@ -94,6 +97,9 @@ pub struct Parallel {
     pub(crate) sharded: Option<fsdp::ShardedState>,
     /// Parameters stay sharded between steps (`parallel.fsdp = 3`, module `zero3`).
     rows_only: bool,
+    /// The backward-overlapped gradient reduce (`parallel.fsdp = 0` without `pp`, module
+    /// `overlap`).
+    overlap: Option<Arc<overlap::GradOverlap>>,
     /// An injected fault (see [`RANK_FAULT_ENV`]): this rank fails before this step.
     fault_step: Option<u64>,
 }
@@ -142,6 +148,7 @@ impl Parallel {
             pp,
             sharded: None,
             rows_only: false,
+            overlap: None,
             fault_step: None,
         })
     }
@@ -209,6 +216,9 @@ impl Parallel {
         self.rows_only = plan.parallel.zero == ZeroLevel::Parameters;
         if plan.parallel.zero != ZeroLevel::Replicated {
             self.sharded = Some(self.shard_state(params, self.rows_only)?);
+        } else if plan.parallel.pp == 1 {
+            let o = overlap::GradOverlap::new(self.dense_dp.clone(), self.expert_dp.clone());
+            self.overlap = Some(Arc::new(o));
         }
         Ok(())
     }

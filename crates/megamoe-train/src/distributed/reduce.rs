@@ -1,6 +1,7 @@
 //! The distributed tail of a step: gradient buckets all-reduced over each parameter's
-//! data-parallel group, the step's loss and routing sums over the data ranks, and the
-//! global gradient-norm clip with replicated gradients counted once.
+//! data-parallel group (those the backward already started, module `overlap`, awaited
+//! first), the step's loss and routing sums over the data ranks, and the global
+//! gradient-norm clip with replicated gradients counted once.
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::GradBuffers;
@@ -46,14 +47,37 @@ impl Parallel {
             return Err(e.into());
         }
         let layout = grads.layout();
-        // (slots, handle) per (bucket, group), started in bucket order.
+        // Reduces the backward already started (module `overlap`), as slot lists.
+        let index: std::collections::HashMap<&str, usize> = layout
+            .slots()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut early = vec![false; flat.len()];
         let mut pending = Vec::new();
+        for (names, handle) in self.take_started() {
+            let mut slots = Vec::with_capacity(names.len());
+            for (name, _) in &names {
+                let i = *index.get(name.as_str()).ok_or_else(|| Error::TrainConfig {
+                    field: "parallel",
+                    value: name.clone(),
+                    rule: "a gradient reduced during backward is not in the gradient layout"
+                        .to_string(),
+                })?;
+                early[i] = true;
+                slots.push(i);
+            }
+            pending.push((slots, handle));
+        }
+        // The rest: (slots, handle) per (bucket, group), started in bucket order.
         for bucket in layout.buckets() {
             for expert in [false, true] {
                 let slots: Vec<usize> = bucket
                     .slots
                     .clone()
                     .filter(|&i| (layout.slots()[i].role == ParamRole::ExpertBank) == expert)
+                    .filter(|&i| !early[i])
                     .collect();
                 if slots.is_empty() {
                     continue;
