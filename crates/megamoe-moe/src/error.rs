@@ -79,6 +79,10 @@ pub enum Error {
     /// [`RowExchange`](crate::RowExchange)) failed.
     #[error("expert-parallel exchange failed: {0}")]
     Exchange(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A tensor-parallel all-reduce (the communicator under a
+    /// [`TensorParallel`](crate::TensorParallel)) failed.
+    #[error("tensor-parallel all-reduce failed: {0}")]
+    TensorParallel(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An op of the tensor engine failed.
     #[error(transparent)]
     Tensor(#[from] megamoe_tensor::Error),

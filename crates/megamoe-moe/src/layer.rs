@@ -32,6 +32,7 @@ use crate::params::MoeParams;
 use crate::router::{Router, RouterSaved, Routing};
 use crate::shared::{SharedExperts, SharedExpertsDeferredW, SharedExpertsSaved};
 use crate::stats::{kept_expert_ids, MoeStats};
+use crate::tp::TensorParallel;
 
 /// What one forward call produces.
 #[derive(Debug, Clone)]
@@ -146,6 +147,18 @@ impl MoeLayer {
             dispatcher,
             cfg,
         })
+    }
+
+    /// The layer with its shared experts split over a tensor-parallel group
+    /// ([`SharedExperts::with_tensor_parallel`]); router and routed experts stay whole on
+    /// every TP rank. Its parameters come from [`MoeParams::init_shard`] with the same
+    /// group. The shared experts then run on the caller's thread (their all-reduce never
+    /// overlaps the dispatcher's collectives).
+    pub fn with_tensor_parallel(mut self, tp: TensorParallel) -> Result<MoeLayer> {
+        if let Some(cfg) = self.cfg.shared_experts {
+            self.shared_experts = Some(SharedExperts::with_tensor_parallel(cfg, tp)?);
+        }
+        Ok(self)
     }
 
     /// The dispatcher moving this layer's tokens.
@@ -286,7 +299,11 @@ impl MoeLayer {
                 _ => Ok(None),
             }
         };
-        let (routed, shared) = if self.cfg.fast_paths.overlap_shared {
+        let split = self
+            .shared_experts
+            .as_ref()
+            .is_some_and(SharedExperts::is_tensor_parallel);
+        let (routed, shared) = if self.cfg.fast_paths.overlap_shared && !split {
             // The shared experts run on a helper thread while this thread routes and
             // dispatches: the dispatcher's collectives stay on the caller's thread, never in
             // a rayon worker, where a rank blocked in an exchange could starve other ranks.

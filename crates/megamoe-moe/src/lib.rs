@@ -80,6 +80,7 @@ pub mod probe;
 pub mod router;
 pub mod shared;
 pub mod stats;
+pub mod tp;
 
 pub use bias::ExpertBiasUpdate;
 pub use config::{MoeConfig, RoutedExpertsConfig, RouterConfig, SharedExpertsConfig};
@@ -100,3 +101,4 @@ pub use probe::{check_probe_inputs, probe_input_shapes, run_probe};
 pub use router::{ExpertId, Router, RouterParams, Routing, Slot};
 pub use shared::{SharedExperts, SharedExpertsParams};
 pub use stats::{MoeStats, RoutingStats};
+pub use tp::{tp_slice, TensorParallel};

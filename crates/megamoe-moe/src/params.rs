@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use megamoe_optim::ParamRole;
 use megamoe_plan::Activation;
-use megamoe_tensor::{DType, Device, Tensor};
+use megamoe_tensor::{DType, Device, InitDist, Tensor};
 
 use crate::config::MoeConfig;
 use crate::error::{shape_str, Error, Result};
@@ -180,6 +180,20 @@ impl MoeParams {
         prefix: &str,
         experts: Range<usize>,
     ) -> Result<MoeParams> {
+        MoeParams::init_shard(cfg, seed, prefix, experts, None)
+    }
+
+    /// [`MoeParams::init_local`] for a rank that also holds TP slice `tp = (rank, size)`
+    /// of the shared experts ([`crate::SharedExperts::with_tensor_parallel`]): hidden
+    /// units `tp_slice(Fs)` — those rows of `gate_proj` / `up_proj` and columns of
+    /// `down_proj` of the one-rank tensors, drawn with the one-rank std.
+    pub fn init_shard(
+        cfg: &MoeConfig,
+        seed: u64,
+        prefix: &str,
+        experts: Range<usize>,
+        tp: Option<(usize, usize)>,
+    ) -> Result<MoeParams> {
         let e = cfg.router.num_routed_experts;
         if experts.start >= experts.end || experts.end > e {
             return Err(Error::Config {
@@ -201,6 +215,25 @@ impl MoeParams {
                     global,
                     experts.clone(),
                     fan_in.powf(-0.5),
+                    Device::Cpu,
+                )?
+            } else if let (Some((rank, size)), Some(dim)) = (tp, shared_split_dim(name)) {
+                let hidden = shape[dim];
+                let range = crate::tp::tp_slice(
+                    "moe.shared_expert_hidden × moe.shared_experts",
+                    hidden,
+                    rank,
+                    size,
+                )?;
+                Tensor::rand_named_slice(
+                    seed,
+                    &name_full,
+                    &shape.clone().into(),
+                    dim,
+                    range,
+                    InitDist::Normal {
+                        std: fan_in.powf(-0.5),
+                    },
                     Device::Cpu,
                 )?
             } else {
@@ -385,4 +418,15 @@ fn check_named(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The dimension a tensor-parallel rank slices of a shared-expert weight (relative name):
+/// the hidden units, rows of `gate_proj` / `up_proj` and columns of `down_proj`; `None` for
+/// the replicated weights.
+pub fn shared_split_dim(name: &str) -> Option<usize> {
+    match name {
+        "shared_experts.gate_proj" | "shared_experts.up_proj" => Some(0),
+        "shared_experts.down_proj" => Some(1),
+        _ => None,
+    }
 }

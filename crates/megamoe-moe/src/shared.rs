@@ -19,6 +19,7 @@ use crate::error::{check_shape, shape_str, Error, Result};
 use crate::experts::{
     ExpertBank, ExpertsDeferredW, ExpertsSaved, GroupedExperts, RoutedExpertsParams,
 };
+use crate::tp::TensorParallel;
 
 /// Shared-expert weights (also used for their gradients).
 #[derive(Debug, Clone)]
@@ -64,9 +65,11 @@ pub struct SharedExpertsDeferredW {
 }
 
 /// The shared-expert path.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SharedExperts {
+    /// With tensor parallelism `hidden` is this rank's `Fs/tp`.
     cfg: SharedExpertsConfig,
+    tp: Option<TensorParallel>,
 }
 
 /// `[out, in]` → `[1, out, in]` (free).
@@ -78,7 +81,39 @@ fn one(t: &Tensor) -> Result<Tensor> {
 impl SharedExperts {
     /// A shared path for `cfg`.
     pub fn new(cfg: SharedExpertsConfig) -> SharedExperts {
-        SharedExperts { cfg }
+        SharedExperts { cfg, tp: None }
+    }
+
+    /// The path split over a tensor-parallel group: this rank holds hidden units
+    /// `tp.slice(Fs)` (rows of `gate_proj` / `up_proj`, columns of `down_proj`); the FFN
+    /// output is summed over the group before the gate, and so is its input gradient.
+    /// The gate `w_g` stays whole (replicated).
+    pub fn with_tensor_parallel(
+        cfg: SharedExpertsConfig,
+        tp: TensorParallel,
+    ) -> Result<SharedExperts> {
+        let local = tp.slice("moe.shared_expert_hidden × moe.shared_experts", cfg.hidden)?;
+        Ok(SharedExperts {
+            cfg: SharedExpertsConfig {
+                hidden: local.len(),
+                ..cfg
+            },
+            tp: Some(tp),
+        })
+    }
+
+    /// Whether the path is split over a tensor-parallel group (its forward and backward
+    /// are then collectives).
+    pub fn is_tensor_parallel(&self) -> bool {
+        self.tp.as_ref().is_some_and(|t| t.size() > 1)
+    }
+
+    /// `g` / `f'`: the group sum of a partial FFN output or input gradient.
+    fn reduce(&self, partial: Tensor) -> Result<Tensor> {
+        match &self.tp {
+            Some(tp) => tp.reduce(&partial),
+            None => Ok(partial),
+        }
     }
 
     /// Its config.
@@ -156,6 +191,7 @@ impl SharedExperts {
         let n = x.dim(0)?;
         let all_rows = RowGroups::from_sizes(&[n], x.device())?;
         let (out, ffn) = self.bank().forward(&Self::bank_params(p)?, x, &all_rows)?;
+        let out = self.reduce(out)?;
         match &p.gate {
             Some(wg) => {
                 let sig = x.matmul(wg, false, true)?.sigmoid()?.reshape([n])?;
@@ -198,9 +234,10 @@ impl SharedExperts {
             }
             _ => (d_y.clone(), None),
         };
-        let (mut d_x, ffn) = self
+        let (d_x, ffn) = self
             .bank()
             .backward_input(&Self::bank_params(p)?, &d_ffn, s.ffn)?;
+        let mut d_x = self.reduce(d_x)?;
         if let (Some(dl), Some(wg)) = (&d_logit, &p.gate) {
             d_x.matmul_acc(dl, wg, false, false, 1.0)?;
         }
