@@ -26,6 +26,7 @@ use crate::gate_skip::{
 use crate::init::Init;
 use crate::mlp::{Mlp, MlpDeferredW, MlpSaved};
 use crate::norm::{RmsNorm, RmsNormSaved};
+use crate::tp::BlockTp;
 
 /// The gates of one block's two branches.
 #[derive(Debug, Clone)]
@@ -206,9 +207,28 @@ pub struct Block {
     pub gate_skip: Option<GateSkipConfig>,
     /// FlexiDepth settings (adaptive layers only).
     pub flexi_depth: Option<FlexiDepthConfig>,
+    /// This rank's tensor-parallel slice (`None`: the whole block; see [`crate::tp`]).
+    pub tp: Option<BlockTp>,
 }
 
 impl Block {
+    /// `g` / `f'` of a tensor-parallel branch: the partial output (or input gradient)
+    /// summed over the TP group; unchanged without TP.
+    fn tp_reduce(&self, partial: Tensor) -> Result<Tensor> {
+        match &self.tp {
+            Some(tp) => tp.reduce(&partial),
+            None => Ok(partial),
+        }
+    }
+
+    /// A dense FFN branch is split by TP (an MoE branch reduces inside its shared experts).
+    fn tp_reduce_ffn(&self, partial: Tensor) -> Result<Tensor> {
+        match self.ffn {
+            Ffn::Dense(_) => self.tp_reduce(partial),
+            Ffn::Moe(_) => Ok(partial),
+        }
+    }
+
     /// Fresh parameters: matrices ~ N(0, std), residual outputs ~ N(0, out_std), norms 1.
     pub fn init_params(
         &self,
@@ -229,19 +249,26 @@ impl Block {
             Some(c) => Some(FlexiDepthParams::init(c, init, prefix, std)?),
             None => None,
         };
+        let (attn_prefix, mlp_prefix) = (format!("{prefix}.self_attn"), format!("{prefix}.mlp"));
+        let self_attn = match &self.tp {
+            Some(tp) => tp.init_attention(init, &attn_prefix, std, out_std)?,
+            None => AttentionParams::init(&self.attn.cfg, init, &attn_prefix, std, out_std)?,
+        };
+        let mlp = match self.tp.as_ref() {
+            Some(tp) => match tp.init_mlp(init, &mlp_prefix, std, out_std)? {
+                Some(p) => FfnParams::Dense(p),
+                None => {
+                    self.ffn
+                        .init_params_tp(init, &mlp_prefix, std, out_std, Some(&tp.group))?
+                }
+            },
+            None => self.ffn.init_params(init, &mlp_prefix, std, out_std)?,
+        };
         Ok(BlockParams {
             input_layernorm: init.full(&[h], 1.0)?,
-            self_attn: AttentionParams::init(
-                &self.attn.cfg,
-                init,
-                &format!("{prefix}.self_attn"),
-                std,
-                out_std,
-            )?,
+            self_attn,
             post_attention_layernorm: init.full(&[h], 1.0)?,
-            mlp: self
-                .ffn
-                .init_params(init, &format!("{prefix}.mlp"), std, out_std)?,
+            mlp,
             skip_gate,
             flexi_depth,
         })
@@ -296,6 +323,7 @@ impl Block {
         // Attention branch.
         let (h1, n1) = self.norm.forward(x, Some(&p.input_layernorm))?;
         let (a, attn) = self.attn.forward(&p.self_attn, &h1, cx.b, cx.t)?;
+        let a = self.tp_reduce(a)?;
         let Gated {
             out: a_out,
             saved: attn_gate,
@@ -306,6 +334,7 @@ impl Block {
         // FFN branch.
         let (h2, n2) = self.norm.forward(&x1, Some(&p.post_attention_layernorm))?;
         let (f, ffn_out, ffn) = self.ffn.forward(&p.mlp, &h2)?;
+        let f = self.tp_reduce_ffn(f)?;
         out.moe = ffn_out;
         let Gated {
             out: f_out,
@@ -420,6 +449,7 @@ impl Block {
             _ => (d_f_out, None),
         };
         let (d_h2, ffn) = self.ffn.backward_input(&p.mlp, &d_f, s.ffn, &gcx.ffn)?;
+        let d_h2 = self.tp_reduce_ffn(d_h2)?;
         let d_x1 = self.norm.backward(
             &d_h2,
             Some(&p.post_attention_layernorm),
@@ -437,6 +467,7 @@ impl Block {
             _ => (d_a_out, None),
         };
         let (d_h1, attn) = self.attn.backward_input(&p.self_attn, &d_a, s.attn)?;
+        let d_h1 = self.tp_reduce(d_h1)?;
         d_x.add_assign(&self.norm.backward(
             &d_h1,
             Some(&p.input_layernorm),

@@ -133,7 +133,29 @@ impl Ffn {
         std: f32,
         out_std: f32,
     ) -> Result<FfnParams> {
+        self.init_params_tp(init, prefix, std, out_std, None)
+    }
+
+    /// [`Ffn::init_params`] of an MoE layer whose shared experts are split over `tp`
+    /// (`MoeParams::init_shard`); dense FFN slices come from the block's TP slice.
+    pub(crate) fn init_params_tp(
+        &self,
+        init: &Init,
+        prefix: &str,
+        std: f32,
+        out_std: f32,
+        tp: Option<&megamoe_moe::TensorParallel>,
+    ) -> Result<FfnParams> {
         Ok(match self {
+            Ffn::Moe(m) if tp.is_some_and(|t| t.size() > 1) => {
+                FfnParams::Moe(Box::new(MoeParams::init_shard(
+                    m.config(),
+                    init.seed,
+                    &format!("{prefix}."),
+                    m.local_experts(),
+                    tp.map(|t| (t.rank(), t.size())),
+                )?))
+            }
             Ffn::Dense(m) => FfnParams::Dense(MlpParams::init(&m.cfg, init, prefix, std, out_std)?),
             Ffn::Moe(m) if m.local_experts() == (0..m.config().router.num_routed_experts) => {
                 FfnParams::Moe(Box::new(MoeParams::init(

@@ -91,6 +91,7 @@ pub mod mtp;
 pub mod norm;
 pub mod outputs;
 pub mod param_gather;
+pub mod tp;
 
 #[cfg(test)]
 mod grad_check;

@@ -181,6 +181,8 @@ pub struct Model {
     pub(crate) block_gather: Option<Arc<dyn crate::param_gather::BlockGather>>,
     /// The per-layer gradient hook ([`Model::set_grad_ready`]).
     pub(crate) grad_ready: Option<Arc<dyn crate::grad_ready::GradReady>>,
+    /// The group given by [`Model::set_tensor_parallel`] (`None`: whole on this rank).
+    pub(crate) tp: Option<megamoe_moe::TensorParallel>,
 }
 
 impl Model {
@@ -241,6 +243,7 @@ impl Model {
                 ffn,
                 gate_skip: gate,
                 flexi_depth,
+                tp: None,
             });
         }
         let mtp = match &cfg.mtp {
@@ -259,6 +262,7 @@ impl Model {
                     ffn: Ffn::Dense(dense),
                     gate_skip: None,
                     flexi_depth: None,
+                    tp: None,
                 },
                 norm,
             )?),
@@ -272,6 +276,7 @@ impl Model {
             moe_dispatcher: None,
             block_gather: None,
             grad_ready: None,
+            tp: None,
         })
     }
 
@@ -461,6 +466,9 @@ impl Model {
                         short.set_moe_dispatcher(d.clone())?;
                     }
                     short.block_gather = self.block_gather.clone();
+                    if let Some(tp) = &self.tp {
+                        short.set_tensor_parallel(tp.clone())?;
+                    }
                     *slot = Some(short);
                 }
                 slot.as_ref().expect("just built")
