@@ -1,7 +1,8 @@
 //! Checkpoints of a distributed run in the one-rank layout: replicated tensors are taken
 //! as they are, sharded optimizer state (`parallel.fsdp` 1/2) is all-gathered over its
 //! sharding group, and expert banks and their optimizer state (sharded over E by expert
-//! parallelism) are all-gathered over the EP group in rank order, which is expert order.
+//! parallelism) are all-gathered over the EP group in rank order, which is expert order;
+//! tensor-parallel slices are all-gathered over the TP group along their split dimension.
 //! Rank 0 writes the result; the files are those a one-rank run of the same model writes.
 //!
 //! Loading is the reverse ([`Trainer::load_checkpoint`] on every rank, collectively):
@@ -38,10 +39,13 @@ impl Trainer {
         let Some(par) = self
             .parallel
             .as_ref()
-            .filter(|p| p.mesh.ep > 1 || p.is_sharded())
+            .filter(|p| p.mesh.ep > 1 || p.mesh.tp > 1 || p.is_sharded())
         else {
             return Ok((model, optimizer));
         };
+        // Tensor-parallel slices: gathered over the TP group (never sharded otherwise).
+        par.gather_tp_slices(&mut model, param_of)?;
+        par.gather_tp_slices(&mut optimizer, param_of)?;
         let mut experts = HashSet::new();
         let mut index = HashMap::new();
         self.params.visit(&mut |name, t, role| {
@@ -79,7 +83,7 @@ impl Trainer {
         if self
             .parallel
             .as_ref()
-            .is_some_and(|p| p.mesh.ep > 1 || p.is_sharded())
+            .is_some_and(|p| p.mesh.ep > 1 || p.mesh.tp > 1 || p.is_sharded())
         {
             self.checkpoint_tensors()?;
         }

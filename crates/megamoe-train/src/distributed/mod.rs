@@ -27,14 +27,15 @@
 //! (the layout-invariance tests, `tests/layouts.rs`).
 //!
 //! # Layouts
-//! Runs: `parallel.dp` and `parallel.ep` (any product equal to the world size), with
-//! `parallel.fsdp` 0, 1/2 (optimizer state and gradients sharded, AdamW or distributed
-//! Muon, module `fsdp`) or 3 (parameters sharded between steps too, gathered per layer
-//! around its forward and backward, module `zero3`); and `parallel.pp` (every schedule;
-//! see [`pipeline`]) alone or times dp and ep: each pipeline stage then runs its data
-//! rank's micro-batches, exchanges MoE tokens over the stage's EP group and reduces its
-//! gradients over the stage's data-parallel groups. Refused with a named error
-//! ([`check_layout`]): `tp`, `cp` > 1, and `fsdp` > 0 with `pp`.
+//! Runs: `parallel.dp`, `parallel.ep` and `parallel.tp` (any product equal to the world
+//! size; tensor parallelism in module `tp`), with `parallel.fsdp` 0, 1/2 (optimizer state
+//! and gradients sharded, AdamW or distributed Muon, module `fsdp`) or 3 (parameters
+//! sharded between steps too, gathered per layer around its forward and backward, module
+//! `zero3`); and `parallel.pp` (every schedule; see [`pipeline`]) alone or times dp and
+//! ep: each pipeline stage then runs its data rank's micro-batches, exchanges MoE tokens
+//! over the stage's EP group and reduces its gradients over the stage's data-parallel
+//! groups. Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` > 0 with `pp`,
+//! and `tp` with `pp`, `fsdp`, `sp` or Muon.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -57,6 +58,7 @@ mod pipeline_stage;
 mod pipeline_trainer;
 mod reduce;
 mod run;
+mod tp;
 pub mod wire;
 mod zero3;
 
@@ -93,6 +95,8 @@ pub struct Parallel {
     ep: Arc<dyn Communicator>,
     /// Ranks of this rank's pipeline (same dp and ep coordinates): pp.
     pp: Box<dyn Communicator>,
+    /// Ranks holding slices of the same dense matrices: tp (module `tp`).
+    tp: Arc<dyn Communicator>,
     /// This rank's rows of the parameters and gradients (`parallel.fsdp` 1 or 2).
     pub(crate) sharded: Option<fsdp::ShardedState>,
     /// Parameters stay sharded between steps (`parallel.fsdp = 3`, module `zero3`).
@@ -138,6 +142,7 @@ impl Parallel {
             Arc::from(world.split(&members(MeshGroup::ExpertDp))?);
         let ep: Arc<dyn Communicator> = Arc::from(world.split(&members(MeshGroup::Ep))?);
         let pp = world.split(&members(MeshGroup::Pp))?;
+        let tp: Arc<dyn Communicator> = Arc::from(world.split(&members(MeshGroup::Tp))?);
         Ok(Parallel {
             mesh,
             coords,
@@ -146,6 +151,7 @@ impl Parallel {
             expert_dp,
             ep,
             pp,
+            tp,
             sharded: None,
             rows_only: false,
             overlap: None,
@@ -230,16 +236,15 @@ impl Parallel {
 
     /// Cuts `model` to this rank's shard: with ep > 1 every MoE layer keeps experts
     /// `[ep_rank·E/ep, (ep_rank+1)·E/ep)` and exchanges tokens over the EP group.
+    /// With tp > 1 every block keeps this rank's heads and FFN hidden units (module `tp`).
     pub(crate) fn shard_model(&self, model: &mut Model) -> Result<()> {
-        if self.mesh.ep == 1 {
-            return Ok(());
+        if self.mesh.ep > 1 {
+            if let Some(moe) = &model.cfg.moe {
+                let d = ExpertParallelDispatcher::new(self.ep.clone(), moe.routed_experts)?;
+                model.set_moe_dispatcher(Arc::new(d))?;
+            }
         }
-        let Some(moe) = &model.cfg.moe else {
-            return Ok(());
-        };
-        let d = ExpertParallelDispatcher::new(self.ep.clone(), moe.routed_experts)?;
-        model.set_moe_dispatcher(Arc::new(d))?;
-        Ok(())
+        self.shard_model_tp(model)
     }
 }
 
@@ -261,14 +266,7 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
              with parallel.pp > 1 set parallel.tp and cp to 1 and parallel.fsdp to 0",
         );
     }
-    if p.tp > 1 {
-        return refuse(
-            "parallel.tp",
-            p.tp.to_string(),
-            "tensor-parallel training is not implemented; the trainer runs parallel.dp and \
-             parallel.ep (set parallel.tp = 1)",
-        );
-    }
+    tp::check_tp_layout(plan)?;
     if p.cp > 1 {
         return refuse(
             "parallel.cp",

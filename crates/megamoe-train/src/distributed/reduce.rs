@@ -186,16 +186,17 @@ impl Parallel {
     }
 
     /// Σ g² of replicated-layout gradients: the dense ones as they are (identical on every
-    /// rank), the expert shards' summed over ep.
+    /// rank), tensor-parallel slices' summed over tp, the expert shards' summed over ep.
     fn replicated_grad_squares(&self, grads: &GradBuffers) -> Result<Tensor> {
-        let (mut dense, mut expert) = (Vec::new(), Vec::new());
+        let (mut dense, mut expert, mut tp_slices) = (Vec::new(), Vec::new(), Vec::new());
         let mut err = None;
-        grads.grads().visit(&mut |_, g, role| {
+        grads.grads().visit(&mut |name, g, role| {
             if err.is_some() {
                 return;
             }
             match g.sum_squares().and_then(|s| s.reshape([1])) {
                 Ok(s) if role == ParamRole::ExpertBank => expert.push(s),
+                Ok(s) if self.is_tp_slice(name) => tp_slices.push(s),
                 Ok(s) => dense.push(s),
                 Err(e) => err = Some(e),
             }
@@ -211,6 +212,10 @@ impl Parallel {
             Ok(Tensor::cat(&refs, 0)?.sum_all()?.reshape([1])?)
         };
         let mut squares = sum(&dense)?;
+        if !tp_slices.is_empty() {
+            // tensor-parallel slices: each TP rank holds a different part (module `tp`)
+            squares = squares.add(&self.tp_sum(&sum(&tp_slices)?)?)?;
+        }
         if !expert.is_empty() {
             let local = sum(&expert)?;
             let experts = if self.ep.size() > 1 {

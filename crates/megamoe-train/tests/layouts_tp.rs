@@ -1,0 +1,347 @@
+//! Tensor-parallel layout invariance (the style of `tests/layouts.rs`): under `parallel.tp`
+//! the ranks of a TP group read the same micro-batches and each holds a slice of every
+//! attention and dense / shared-expert FFN matrix; the per-step losses equal one rank's
+//! (f32, ≤ 1e-5 relative, 10 steps, every rank), and so do the gradient norms (≤ 1e-4:
+//! the TP slices' squares are summed over the group, replicated ones counted once).
+//!
+//! The model has 4 query heads over 2 KV heads (GQA groups of 2, kept whole on a TP rank),
+//! a dense layer and an MoE layer with a gated shared expert, aux and z losses and the
+//! expert bias; capacity off (dropless) and on (capacity factor 1).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use megamoe_plan::RawConfig;
+use megamoe_train::distributed::run_thread_ranks;
+use megamoe_train::{
+    load_checkpoint, DataSource, Error, Expected, StepMetrics, Tokenizer, Trainer, TrainerOptions,
+};
+
+const STEPS: usize = 10;
+
+const BASE: &str = r#"
+[model]
+vocab_size = 256
+d_model = 16
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden = 32
+seq_len = 8
+
+[moe]
+routed_experts = 4
+top_k = 2
+expert_hidden = 16
+shared_experts = 1
+shared_expert_hidden = 8
+shared_expert_gate = true
+aux_loss = "aux"
+aux_loss_weight = 0.05
+z_loss_weight = 0.01
+expert_bias = true
+bias_update_rate = 0.01
+first_dense_layers = 1
+
+[train]
+global_batch = 8
+steps = 10
+seed = 7
+
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+grad_clip = 0.5
+"#;
+
+fn raw(sets: &[String]) -> RawConfig {
+    RawConfig::from_toml_str_with_overrides(BASE, sets).unwrap()
+}
+
+fn data() -> Arc<DataSource> {
+    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
+}
+
+fn curve(metrics: &[StepMetrics]) -> Vec<(f64, f64)> {
+    metrics
+        .iter()
+        .map(|m| (m.loss.total, m.grad_norm))
+        .collect()
+}
+
+fn one_rank(sets: &[String], micro: usize) -> Vec<(f64, f64)> {
+    let mut sets = sets.to_vec();
+    sets.push(format!("parallel.microbatches={micro}"));
+    let mut t = Trainer::new(&raw(&sets), data(), TrainerOptions::default()).unwrap();
+    let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step().unwrap()).collect();
+    assert!(m.iter().all(|m| !m.skipped && m.loss.total.is_finite()));
+    curve(&m)
+}
+
+/// Every rank's curve under dp × ep × tp (one micro-batch per data rank).
+fn ranks(sets: &[String], dp: usize, ep: usize, tp: usize) -> Vec<Vec<(f64, f64)>> {
+    let mut sets = sets.to_vec();
+    sets.extend([
+        format!("parallel.dp={dp}"),
+        format!("parallel.ep={ep}"),
+        format!("parallel.tp={tp}"),
+        "parallel.microbatches=1".to_string(),
+    ]);
+    let raw = raw(&sets);
+    run_thread_ranks(dp * ep * tp, |world| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+        let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
+        Ok(curve(&m))
+    })
+    .unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
+}
+
+fn check(label: &str, sets: &[String], dp: usize, ep: usize, tp: usize) -> f64 {
+    let want = one_rank(sets, dp * ep);
+    assert!(
+        rel(want[STEPS - 1].0, want[0].0) > 1e-3,
+        "{label}: loss did not move: {want:?}"
+    );
+    let got = ranks(sets, dp, ep, tp);
+    assert_eq!(got.len(), dp * ep * tp);
+    let mut worst = 0.0f64;
+    for (r, curve) in got.iter().enumerate() {
+        for (s, ((l, n), (wl, wn))) in curve.iter().zip(&want).enumerate() {
+            let (el, en) = (rel(*l, *wl), rel(*n, *wn));
+            assert!(
+                el <= 1e-5,
+                "{label}: rank {r} step {}: loss {l} vs one rank {wl} (rel {el:e})",
+                s + 1
+            );
+            assert!(
+                en <= 1e-4,
+                "{label}: rank {r} step {}: grad norm {n} vs one rank {wn} (rel {en:e})",
+                s + 1
+            );
+            worst = worst.max(el);
+        }
+    }
+    eprintln!("{label}: max rel loss difference over {STEPS} steps: {worst:e}");
+    worst
+}
+
+fn check_layout(dp: usize, ep: usize, tp: usize) {
+    for (cap, sets) in [
+        ("dropless", vec![]),
+        ("capacity", vec!["moe.capacity_factor=1.0".to_string()]),
+    ] {
+        check(
+            &format!("dp{dp}xep{ep}xtp{tp} adamw/{cap}"),
+            &sets,
+            dp,
+            ep,
+            tp,
+        );
+    }
+}
+
+#[test]
+fn tp2_matches_one_rank() {
+    check_layout(1, 1, 2);
+}
+
+#[test]
+fn tp2_dp2_matches_one_rank() {
+    check_layout(2, 1, 2);
+}
+
+#[test]
+fn tp2_ep2_matches_one_rank() {
+    check(
+        "dp1xep2xtp2 adamw/capacity",
+        &["moe.capacity_factor=1.0".to_string()],
+        1,
+        2,
+        2,
+    );
+}
+
+/// Every parameter's shape on every TP rank for tp 1, 2 and 4: the Megatron split of the
+/// module doc (`megamoe_model::tp`), hand-derived from the config (H 16, 4 query heads and
+/// 2 KV heads of D 4, F 32, shared Fs 8, E 4 routed experts of width 16, V 256).
+#[test]
+fn tp_partition_shapes() {
+    // (name, one-rank shape, split dim)
+    let table: [(&str, [usize; 2], Option<usize>); 12] = [
+        ("model.layers.0.self_attn.q_proj.weight", [16, 16], Some(0)),
+        ("model.layers.0.self_attn.k_proj.weight", [8, 16], Some(0)),
+        ("model.layers.0.self_attn.v_proj.weight", [8, 16], Some(0)),
+        ("model.layers.0.self_attn.o_proj.weight", [16, 16], Some(1)),
+        ("model.layers.0.mlp.gate_proj.weight", [32, 16], Some(0)),
+        ("model.layers.0.mlp.up_proj.weight", [32, 16], Some(0)),
+        ("model.layers.0.mlp.down_proj.weight", [16, 32], Some(1)),
+        (
+            "model.layers.1.mlp.shared_experts.up_proj",
+            [8, 16],
+            Some(0),
+        ),
+        (
+            "model.layers.1.mlp.shared_experts.down_proj",
+            [16, 8],
+            Some(1),
+        ),
+        ("model.layers.1.mlp.router.weight", [4, 16], None),
+        (
+            "model.layers.1.mlp.shared_expert_gate.weight",
+            [1, 16],
+            None,
+        ),
+        ("model.embed_tokens.weight", [256, 16], None),
+    ];
+    let full = Trainer::new(&raw(&[]), data(), TrainerOptions::default()).unwrap();
+    let mut whole = std::collections::HashMap::new();
+    full.params().visit(&mut |n, t, _| {
+        whole.insert(n.to_string(), t.to_host_f32().unwrap());
+    });
+    for tp in [1usize, 2, 4] {
+        let mut sets = vec![format!("parallel.tp={tp}")];
+        if tp == 4 {
+            // 4 KV heads so that tp = 4 holds whole KV heads
+            sets.push("model.n_kv_heads=4".to_string());
+        }
+        let raw = raw(&sets);
+        let shapes = run_thread_ranks(tp, |world| -> Result<_, Error> {
+            let t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+            let mut v = Vec::new();
+            t.params().visit(&mut |n, p, _| {
+                v.push((n.to_string(), p.dims().to_vec(), p.to_host_f32().unwrap()))
+            });
+            Ok(v)
+        })
+        .unwrap();
+        for (rank, params) in shapes.iter().enumerate() {
+            for (name, mut shape, dim) in table {
+                // with 4 KV heads (tp 4) k/v have 16 rows, other values than the table's
+                let kv4 = tp == 4 && (name.contains("k_proj") || name.contains("v_proj"));
+                if kv4 {
+                    shape[0] = 16;
+                }
+                let mut local = shape;
+                if let Some(d) = dim {
+                    local[d] /= tp;
+                }
+                let (_, got, values) = params
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .unwrap_or_else(|| panic!("tp {tp} rank {rank}: no {name}"));
+                assert_eq!(got, &local.to_vec(), "tp {tp} rank {rank}: {name}");
+                // the slice is the one-rank tensor's rows / columns
+                if kv4 {
+                    continue;
+                }
+                let w = &whole[name];
+                let expect: Vec<f32> = match dim {
+                    None => w.clone(),
+                    Some(0) => {
+                        let n = local[0] * local[1];
+                        w[rank * n..(rank + 1) * n].to_vec()
+                    }
+                    Some(_) => (0..local[0])
+                        .flat_map(|r| {
+                            let start = r * shape[1] + rank * local[1];
+                            w[start..start + local[1]].to_vec()
+                        })
+                        .collect(),
+                };
+                assert_eq!(values, &expect, "tp {tp} rank {rank}: {name} values");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_tp_layouts_are_refused_by_name() {
+    for (sets, world, field) in [
+        // 2 KV heads cannot be split 4 ways (GQA groups kept whole)
+        (vec!["parallel.tp=4"], 4, "model.n_kv_heads"),
+        // 4 query heads cannot be split 8 ways
+        (
+            vec!["parallel.tp=8", "model.n_kv_heads=4"],
+            8,
+            "model.n_heads",
+        ),
+        (
+            vec!["parallel.tp=2", "optim.name=\"muon\""],
+            2,
+            "parallel.tp",
+        ),
+        (
+            vec!["parallel.tp=2", "parallel.fsdp=2", "parallel.dp=2"],
+            4,
+            "parallel.fsdp",
+        ),
+        (vec!["parallel.tp=2", "parallel.sp=true"], 2, "parallel.sp"),
+        (vec!["parallel.tp=2", "parallel.pp=2"], 4, "parallel.pp"),
+    ] {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let raw = raw(&sets);
+        let failures = run_thread_ranks(world, |world| -> Result<(), Error> {
+            Trainer::new_rank(&raw, data(), TrainerOptions::default(), world).map(|_| ())
+        })
+        .unwrap_err();
+        assert!(failures.first.1.contains(field), "{sets:?}: {failures}");
+    }
+}
+
+/// A checkpoint written by rank 0 of tp2 holds the one-rank checkpoint's tensors (TP
+/// slices gathered): same names and shapes, values equal up to summation order.
+#[test]
+fn a_tp2_checkpoint_is_the_one_rank_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("megamoe-layouts-tp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let steps = 3;
+    let mut one = Trainer::new(&raw(&[]), data(), TrainerOptions::default()).unwrap();
+    for _ in 0..steps {
+        one.step().unwrap();
+    }
+    let one_dir = one.save_checkpoint(&dir.join("one")).unwrap();
+    let tp_raw = raw(&["parallel.tp=2".to_string()]);
+    let saved = run_thread_ranks(2, |world| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(&tp_raw, data(), TrainerOptions::default(), world)?;
+        for _ in 0..steps {
+            t.step()?;
+        }
+        if t.is_writer() {
+            Ok(Some(t.save_checkpoint(&dir.join("tp2"))?))
+        } else {
+            t.join_checkpoint()?;
+            Ok(None)
+        }
+    })
+    .unwrap();
+    let tp_dir = saved[0].clone().unwrap();
+    let load = |d: &std::path::Path| load_checkpoint(d, &Expected::default()).unwrap();
+    let (a, b) = (load(&one_dir), load(&tp_dir));
+    let mut compared = 0;
+    for (xs, ys) in [(&a.model, &b.model), (&a.optimizer, &b.optimizer)] {
+        assert_eq!(xs.len(), ys.len());
+        for (x, y) in xs.iter().zip(ys.iter()) {
+            assert_eq!(x.name, y.name);
+            assert_eq!(x.shape, y.shape, "{}", x.name);
+            let scale = x.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= 1e-4 * scale.max(1e-6),
+                "{}: max diff {diff:e} (scale {scale:e})",
+                x.name
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 10);
+    let _ = std::fs::remove_dir_all(&dir);
+}
