@@ -6,6 +6,7 @@ mod bench_cmd;
 mod bench_step;
 mod config_cmd;
 mod plan_cmd;
+mod plan_tp;
 mod probe_cmd;
 mod report_cmd;
 mod schedule_cmd;

@@ -67,6 +67,7 @@ struct Report<'a> {
     total_params: f64,
     plan: &'a Plan,
     fsdp_shards: Vec<MatrixShard>,
+    tp_shards: Vec<crate::plan_tp::TpShard>,
     memory: PlanMemory,
     warnings: Vec<String>,
 }
@@ -116,6 +117,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             .collect(),
         total_params: model_params(&plan).total(),
         fsdp_shards: fsdp_shard_table(&plan),
+        tp_shards: crate::plan_tp::tp_shard_table(&plan),
         memory: plan_memory(&plan, Some(args.device_gib)),
         warnings: plan.warnings.iter().map(|w| w.to_string()).collect(),
         plan: &plan,
@@ -344,6 +346,8 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
             h.num_heads, p.model.n_heads, h.num_kv_heads, p.model.n_kv_heads, par.tp
         ),
     )?;
+
+    crate::plan_tp::render_tp_shards(o, p, &r.tp_shards)?;
 
     writeln!(
         o,

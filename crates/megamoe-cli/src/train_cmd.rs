@@ -72,8 +72,9 @@ pub struct TrainArgs {
     pub sample_tokens: usize,
 
     /// Ranks of the run, as threads of this process: must equal the layout's world
-    /// size (parallel.dp x parallel.ep, or parallel.pp alone; parallel.fsdp 0 to 3;
-    /// other parallel.* must be 1). Rank 0 writes the run directory.
+    /// size (parallel.dp x parallel.ep x parallel.tp, or parallel.pp alone or times dp x
+    /// ep; parallel.fsdp 0 to 3; other parallel.* must be 1). Rank 0 writes the run
+    /// directory.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub world: usize,
 }
@@ -119,7 +120,7 @@ Examples:
   megamoe train --world 2 --set parallel.pp=2 --set parallel.microbatches=4 \\
       --set parallel.schedule=\"dualpipev\"
 
---world N runs N = parallel.dp x parallel.ep ranks as threads of this
+--world N runs N = parallel.dp x parallel.ep x parallel.tp ranks as threads of this
 process: each rank takes parallel.microbatches micro-batches of the global
 batch, gradients are summed over the ranks, and with parallel.ep the routed
 experts of each MoE layer are split over the ep ranks (tokens travel by
@@ -137,6 +138,10 @@ stage's gradients are summed over its data ranks, its experts split over its
 ep ranks), and the losses are those of one rank running dp x ep x
 parallel.microbatches micro-batches. After each step every rank holds its
 pipeline's whole updated model, so evals and checkpoints are unchanged.
+With parallel.tp the ranks of a TP group read the same micro-batches and each
+holds its share of the attention heads and FFN hidden units (one all-reduce
+per attention and FFN branch): `--world 2 --set parallel.tp=2` gives the
+per-step losses of one rank.
 A failed rank stops the others, naming it (exit 2).
 
 Under mpirun (a build with --features mpi) each process is one rank of the

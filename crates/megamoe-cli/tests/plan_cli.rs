@@ -158,6 +158,71 @@ fn process_groups_and_coordinates_are_printed() {
 }
 
 #[test]
+fn tensor_parallel_groups_and_shard_shapes_are_printed() {
+    // tiny: H 64, 4 query heads and 2 KV heads of D 16, F 256, shared Fs 128;
+    // dp 2 x tp 2 = 4 ranks, tp fastest: TP groups [0, 1] [2, 3].
+    let cfg = repo_root().join("configs/tiny.toml");
+    let out = run(&[
+        "plan",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--set",
+        "parallel.tp=2",
+        "--set",
+        "parallel.dp=2",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line in\n{text}"))
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        text.contains("tp (size 2)                  [0, 1] [2, 3]"),
+        "{text}"
+    );
+    assert!(text.contains("[tp shards]"), "{text}");
+    for (name, want) in [
+        (
+            "model.layers.{i}.self_attn.q_proj.weight",
+            "64x64 32x64 rows:",
+        ),
+        (
+            "model.layers.{i}.self_attn.k_proj.weight",
+            "32x64 16x64 rows:",
+        ),
+        (
+            "model.layers.{i}.self_attn.o_proj.weight",
+            "64x64 64x32 columns:",
+        ),
+        ("model.layers.{i}.mlp.up_proj.weight", "256x64 128x64 rows:"),
+        (
+            "model.layers.{i}.mlp.down_proj.weight",
+            "64x256 64x128 columns:",
+        ),
+        (
+            "model.layers.{i}.mlp.shared_experts.up_proj",
+            "128x64 64x64 rows:",
+        ),
+        ("model.layers.{i}.mlp.router.weight", "8x64 8x64 replicated"),
+        ("model.embed_tokens.weight", "256x64 256x64 replicated"),
+    ] {
+        assert_eq!(line(name), want, "{name}");
+    }
+}
+
+#[test]
 fn tiny_config_json_parses() {
     let cfg = repo_root().join("configs/tiny.toml");
     let out = run(&["plan", "--config", cfg.to_str().expect("utf-8"), "--json"]);

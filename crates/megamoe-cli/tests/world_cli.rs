@@ -1,4 +1,4 @@
-//! `megamoe train --world N` through the built binary: N thread ranks (dp, ep, dp×ep) write
+//! `megamoe train --world N` through the built binary: N thread ranks (dp, ep, dp×ep, tp) write
 //! the same per-step losses as one rank running the same micro-batches (same micro-batch
 //! size), a failed rank makes the command exit non-zero naming it, and layouts the trainer
 //! cannot run are refused by name.
@@ -86,6 +86,39 @@ fn world_2_data_parallel_writes_the_losses_of_one_rank() {
             "step {s}: --world 2 loss {g} vs one rank {w} (rel {rel:e})"
         );
     }
+    assert!(dir.join("two/checkpoints/ckpt-00000008").is_dir());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn world_2_tensor_parallel_writes_the_losses_of_one_rank() {
+    // tp ranks read the same micro-batches: one rank runs the same single micro-batch.
+    let dir = scratch("tp2");
+    let one = train(&dir, "one", &[], &[]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let two = train(
+        &dir,
+        "two",
+        &["--world", "2", "--set", "parallel.tp=2"],
+        &[],
+    );
+    assert!(two.status.success(), "{}", stderr(&two));
+    let (want, got) = (losses(&dir.join("one")), losses(&dir.join("two")));
+    assert_eq!(want.len(), 8);
+    assert_eq!(got.len(), 8, "rank 0 writes one record per step");
+    assert!(
+        (want[7].1 - want[0].1).abs() > 1e-3,
+        "the loss moves: {want:?}"
+    );
+    for ((s, w), (s2, g)) in want.iter().zip(&got) {
+        assert_eq!(s, s2);
+        let rel = (g - w).abs() / w.abs();
+        assert!(
+            rel <= 1e-5,
+            "step {s}: --world 2 tp 2 loss {g} vs one rank {w} (rel {rel:e})"
+        );
+    }
+    // the checkpoint holds the one-rank layout (TP slices gathered)
     assert!(dir.join("two/checkpoints/ckpt-00000008").is_dir());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -285,6 +318,17 @@ fn layouts_train_world_cannot_run_are_refused_by_name() {
                 "parallel.cp=2",
             ],
             "parallel.pp=2",
+        ),
+        (
+            vec![
+                "--world",
+                "2",
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "parallel.sp=true",
+            ],
+            "parallel.sp=true",
         ),
         (vec!["--world", "0"], "--world 0"),
         (vec!["--set", "parallel.dp=2"], "--world N"),
