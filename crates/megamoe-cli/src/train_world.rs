@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use megamoe_plan::{Plan, RawConfig};
+use megamoe_train::distributed::PipelineReport;
 use megamoe_train::distributed::{
     check_layout, follow_training, rank_fault_from_env, run_thread_ranks, RANK_FAULT_ENV,
 };
 use megamoe_train::progress::LEGEND;
-use megamoe_train::session::{check_fresh_run_dir, CheckpointOrigin};
+use megamoe_train::session::{check_fresh_run_dir, CheckpointOrigin, SUMMARY_FILE};
 use megamoe_train::{
     run_training, DataSource, Progress, RunDir, RunLock, RunOptions, Trainer, TrainerOptions,
 };
@@ -101,7 +102,7 @@ pub fn run(
         trainer.set_rank_fault(fault);
         if !trainer.is_writer() {
             follow_training(&mut trainer, &opts, fault)?;
-            return Ok(None);
+            return Ok((None, RankTime::of(&trainer)));
         }
         if let Some(o) = &origin {
             for line in crate::train_cmd::record_resume(run.path(), o, &trainer)? {
@@ -130,7 +131,7 @@ pub fn run(
         let log_every = trainer.plan().train.log_every.max(1) as u64;
         let mut progress = Progress::new(start, total_steps, log_every);
         run_training(&mut trainer, run.path(), &opts, &mut progress)
-            .map(Some)
+            .map(|summary| (Some(summary), RankTime::of(&trainer)))
             .inspect_err(|e| {
                 if matches!(
                     e,
@@ -143,10 +144,37 @@ pub fn run(
             })
     });
     match outcome {
-        Ok(mut summaries) => {
-            if let Some(summary) = summaries.swap_remove(0) {
+        Ok(ranks) => {
+            let (summaries, times): (Vec<_>, Vec<_>) = ranks.into_iter().unzip();
+            if let Some(Some(summary)) = summaries.first() {
                 print!("{summary}");
             }
+            let mut lines = vec![format!(
+                "layout     {world} thread ranks: {}",
+                plan.mesh.describe()
+            )];
+            lines.extend(times.iter().enumerate().map(|(r, t)| {
+                format!(
+                    "rank {r:<5} step time {:.2}s of {:.2}s wall",
+                    t.step_s, t.wall_s
+                )
+            }));
+            if plan.parallel.pp > 1 {
+                let report = pipeline_report(&plan, &times)?;
+                std::fs::write(
+                    run.path().join(PIPELINE_FILE),
+                    serde_json::to_string_pretty(&report)?,
+                )?;
+                lines.extend(report.lines());
+                lines.push(format!(
+                    "pipeline   measured vs simulated idle per rank: {}",
+                    run.path().join(PIPELINE_FILE).display()
+                ));
+            }
+            for line in &lines {
+                println!("{line}");
+            }
+            append_summary(run.path(), &lines)?;
             println!("run dir    {} (megamoe report {0})", run.path().display());
             Ok(ExitCode::SUCCESS)
         }
@@ -165,4 +193,73 @@ pub fn run(
             ))
         }
     }
+}
+
+/// The file a pipeline run writes its measured busy / idle time and the simulator's
+/// prediction to, in the run directory.
+pub const PIPELINE_FILE: &str = "pipeline.json";
+
+/// What one rank measured over the run.
+struct RankTime {
+    /// Seconds in steps.
+    step_s: f64,
+    /// Seconds of the rank's run.
+    wall_s: f64,
+    /// Its mesh coordinates.
+    coords: Option<megamoe_plan::RankCoords>,
+    /// A pipeline rank's measured schedule run of every step.
+    pipeline: Vec<megamoe_pipeline::executor::RankTiming>,
+}
+
+impl RankTime {
+    fn of(trainer: &Trainer) -> RankTime {
+        let g = trainer.goodput();
+        RankTime {
+            step_s: g.step_s,
+            wall_s: g.wall_s,
+            coords: trainer.parallel().map(|p| p.coords()),
+            pipeline: trainer
+                .pipeline()
+                .map_or_else(Vec::new, |p| p.timings().to_vec()),
+        }
+    }
+}
+
+/// The busy / idle report of the first pipeline (data rank 0: dp 0, ep 0), its ranks in
+/// pipeline order.
+fn pipeline_report(plan: &Plan, times: &[RankTime]) -> anyhow::Result<PipelineReport> {
+    let mut group: Vec<(usize, Vec<megamoe_pipeline::executor::RankTiming>)> = times
+        .iter()
+        .filter_map(|t| {
+            let c = t.coords?;
+            (c.dp == 0 && c.ep == 0).then(|| (c.pp, t.pipeline.clone()))
+        })
+        .collect();
+    group.sort_by_key(|(pp, _)| *pp);
+    let timings: Vec<_> = group.into_iter().map(|(_, t)| t).collect();
+    let shape = megamoe_pipeline::PipelineShape {
+        ranks: plan.parallel.pp,
+        microbatches: plan.parallel.microbatches,
+        vpp: plan.parallel.vpp,
+    };
+    let schedule = megamoe_pipeline::generate(plan.parallel.schedule, shape)?;
+    Ok(PipelineReport::new(
+        &schedule,
+        plan.parallel.microbatches,
+        &timings,
+    )?)
+}
+
+/// Appends `lines` to the run's summary file.
+fn append_summary(run_dir: &Path, lines: &[String]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = run_dir.join(SUMMARY_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)?;
+    for line in lines {
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
 }

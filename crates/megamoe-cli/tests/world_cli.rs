@@ -172,6 +172,28 @@ fn world_2_pipeline_writes_the_losses_of_one_rank() {
             );
         }
         assert!(dir.join(&run).join("checkpoints/ckpt-00000008").is_dir());
+        // Measured busy / idle per pipeline rank next to the simulator's prediction, and
+        // the summary names the layout and each rank's time.
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(&run).join("pipeline.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["schedule"], schedule);
+        assert_eq!(report["steps"], 8);
+        let ranks = report["ranks"].as_array().unwrap();
+        assert_eq!(ranks.len(), 2);
+        for r in ranks {
+            assert!(r["busy_s"].as_f64().unwrap() > 0.0, "{r}");
+            let predicted = r["predicted_idle_fraction"].as_f64().unwrap();
+            assert!((0.0..1.0).contains(&predicted), "{r}");
+        }
+        let summary = std::fs::read_to_string(dir.join(&run).join("summary.txt")).unwrap();
+        assert!(
+            summary.contains("layout     2 thread ranks: 2 = pp 2"),
+            "{summary}"
+        );
+        assert!(summary.contains("rank 1     step time"), "{summary}");
+        assert!(summary.contains("pipeline   pp rank 1: busy"), "{summary}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,6 +54,7 @@ mod fsdp;
 mod overlap;
 pub mod pipeline;
 mod pipeline_reduce;
+mod pipeline_report;
 mod pipeline_stage;
 mod pipeline_trainer;
 mod reduce;
@@ -74,6 +75,7 @@ use crate::error::{Error, Result};
 use crate::trainer::{Trainer, TrainerOptions};
 
 pub use pipeline::{PipelineGroups, PipelineRank, PipelineStep};
+pub use pipeline_report::{PipelineRankTime, PipelineReport};
 pub use pipeline_stage::StageContractError;
 pub(crate) use pipeline_trainer::StepStart;
 pub use run::{

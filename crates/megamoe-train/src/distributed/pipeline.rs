@@ -87,6 +87,8 @@ pub struct PipelineRank {
     optimizer: Optimizer,
     lr: LrSchedule,
     step: u64,
+    /// This rank's measured schedule run of every step so far (this process's steps).
+    timings: Vec<RankTiming>,
 }
 
 /// The process groups a pipeline step uses (see [`PipelineRank::step_in`]).
@@ -280,6 +282,7 @@ impl PipelineRank {
             optimizer,
             lr,
             step: 0,
+            timings: Vec::new(),
         })
     }
 
@@ -291,6 +294,12 @@ impl PipelineRank {
     /// Steps run so far.
     pub fn step_count(&self) -> u64 {
         self.step
+    }
+
+    /// This rank's measured schedule run of every step this process ran, in step order
+    /// (see [`super::PipelineReport`]).
+    pub fn timings(&self) -> &[RankTiming] {
+        &self.timings
     }
 
     /// Every distinct parameter and buffer (expert bias) this rank holds, by global name,
@@ -604,6 +613,7 @@ impl PipelineRank {
             );
         }
         self.step += 1;
+        self.timings.push(timing.clone());
         Ok(PipelineStep {
             loss,
             mtp_losses,

@@ -42,6 +42,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// This rank's pipeline stages (`None` unless `parallel.pp > 1`).
+    pub fn pipeline(&self) -> Option<&PipelineRank> {
+        self.pipeline.as_ref()
+    }
+
     /// [`Trainer::step`] of a pipeline rank, after the batch was read.
     pub(crate) fn pipeline_step(&mut self, batch: &Batch, at: StepStart) -> Result<StepMetrics> {
         let missing = || Error::TrainConfig {
