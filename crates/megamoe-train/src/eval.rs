@@ -21,6 +21,7 @@ impl Trainer {
     /// Held-out loss over `train.eval_batches` batches of `B = train.global_batch`
     /// sequences (the same text for every run), overall and per data domain.
     pub fn evaluate(&mut self) -> Result<EvalMetrics> {
+        self.sync_pipeline_replica()?;
         let started = Instant::now();
         if self.heldout.is_none() {
             self.heldout = Some(self.heldout_by_domain()?);
@@ -95,6 +96,7 @@ impl Trainer {
 
     /// Continues `prompt` by `n` tokens (at [`SAMPLE_TEMPERATURE`]) with the current parameters.
     pub fn sample(&mut self, prompt: &str, n: usize) -> Result<SampleRecord> {
+        self.sync_pipeline_replica()?;
         let started = Instant::now();
         let tok = self.batcher.source().tokenizer().clone();
         let ids: Vec<i32> = tok.encode(prompt)?.into_iter().map(|t| t as i32).collect();

@@ -489,6 +489,7 @@ impl Trainer {
     pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
         let started = Instant::now();
         // Distributed: expert shards gathered into the one-rank layout (collective).
+        self.sync_pipeline_replica()?;
         let (model, optimizer) = self.checkpoint_tensors()?;
         check_finite(self.step, model.iter().chain(&optimizer))?;
         let mut extra = BTreeMap::new();

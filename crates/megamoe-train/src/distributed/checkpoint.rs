@@ -77,9 +77,11 @@ impl Trainer {
         Ok((model, optimizer))
     }
 
-    /// A non-writing rank's part of a checkpoint save: the expert gathers of
-    /// [`Trainer::save_checkpoint`] on rank 0 (nothing to do without expert parallelism).
-    pub fn join_checkpoint(&self) -> Result<()> {
+    /// A non-writing rank's part of a checkpoint save: the pipeline replica's refresh and
+    /// the expert gathers of [`Trainer::save_checkpoint`] on rank 0 (nothing to do
+    /// without pipeline or expert parallelism).
+    pub fn join_checkpoint(&mut self) -> Result<()> {
+        self.sync_pipeline_replica()?;
         if self
             .parallel
             .as_ref()

@@ -89,6 +89,9 @@ pub struct PipelineRank {
     step: u64,
     /// This rank's measured schedule run of every step so far (this process's steps).
     timings: Vec<RankTiming>,
+    /// The step a whole-model replica was last refreshed at (see
+    /// [`crate::Trainer`]'s pipeline path); `None`: never.
+    replica_step: Option<u64>,
 }
 
 /// The process groups a pipeline step uses (see [`PipelineRank::step_in`]).
@@ -283,6 +286,7 @@ impl PipelineRank {
             lr,
             step: 0,
             timings: Vec::new(),
+            replica_step: Some(0),
         })
     }
 
@@ -294,6 +298,16 @@ impl PipelineRank {
     /// Steps run so far.
     pub fn step_count(&self) -> u64 {
         self.step
+    }
+
+    /// The step the whole-model replica was last refreshed at.
+    pub(crate) fn replica_step(&self) -> Option<u64> {
+        self.replica_step
+    }
+
+    /// Records a refresh of the whole-model replica at `step`.
+    pub(crate) fn set_replica_step(&mut self, step: u64) {
+        self.replica_step = Some(step);
     }
 
     /// This rank's measured schedule run of every step this process ran, in step order
@@ -374,6 +388,8 @@ impl PipelineRank {
         self.params = stages;
         self.optimizer = stage_optimizer;
         self.step = step;
+        // The replica it was loaded from is current.
+        self.replica_step = Some(step);
         Ok(())
     }
 

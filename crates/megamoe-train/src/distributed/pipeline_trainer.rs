@@ -1,10 +1,11 @@
 //! A [`Trainer`] on one rank of a pipeline-parallel run (`megamoe train --world N` with
-//! `parallel.pp = N`): [`Trainer::step`] hands the step to the rank's [`PipelineRank`]
-//! (the schedule over its stages, its optimizer), then copies the whole updated model —
-//! parameters, expert biases, optimizer state — onto every rank
-//! ([`PipelineRank::replicate_into`]), so evaluation, sampling and rank 0's checkpoints
-//! see the same model a one-rank run has. The copy is per step: the run keeps a whole
-//! replica per rank (pipeline memory savings are the library's, not yet the CLI's).
+//! `parallel.pp > 1`): [`Trainer::step`] hands the step to the rank's [`PipelineRank`]
+//! (the schedule over its stages, its optimizer). The trainer's whole-model replica —
+//! parameters, expert biases, optimizer state — is refreshed from the pipeline's stages
+//! ([`PipelineRank::replicate_into`]) only when something reads it: evaluation,
+//! sampling and checkpoints ([`Trainer::sync_pipeline_replica`], collective over the
+//! pipeline, at the same points on every rank), not after every step. The replica is
+//! still held on every rank (stage-only memory is the library's, not yet the CLI's).
 
 use std::time::Instant;
 
@@ -47,6 +48,21 @@ impl Trainer {
         self.pipeline.as_ref()
     }
 
+    /// Refreshes the whole-model replica (parameters, expert biases, optimizer state) from
+    /// the pipeline's stages if a step ran since the last refresh. Collective over the
+    /// pipeline group; a no-op off the pipeline.
+    pub(crate) fn sync_pipeline_replica(&mut self) -> Result<()> {
+        let (Some(rank), Some(par)) = (self.pipeline.as_mut(), self.parallel.as_ref()) else {
+            return Ok(());
+        };
+        if rank.replica_step() != Some(rank.step_count()) {
+            let pp = par.pipeline_groups().pp;
+            rank.replicate_into(pp, &mut self.params, &mut self.optimizer)?;
+            rank.set_replica_step(rank.step_count());
+        }
+        Ok(())
+    }
+
     /// [`Trainer::step`] of a pipeline rank, after the batch was read.
     pub(crate) fn pipeline_step(&mut self, batch: &Batch, at: StepStart) -> Result<StepMetrics> {
         let missing = || Error::TrainConfig {
@@ -56,11 +72,7 @@ impl Trainer {
         };
         let mut rank = self.pipeline.take().ok_or_else(missing)?;
         let result = match self.parallel.as_ref() {
-            Some(par) => rank.step_in(par.pipeline_groups(), batch).and_then(|out| {
-                let pp = par.pipeline_groups().pp;
-                rank.replicate_into(pp, &mut self.params, &mut self.optimizer)?;
-                Ok(out)
-            }),
+            Some(par) => rank.step_in(par.pipeline_groups(), batch),
             None => Err(missing()),
         };
         self.pipeline = Some(rank);
