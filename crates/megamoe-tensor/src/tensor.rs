@@ -9,9 +9,30 @@
 //! CUDA backend hand `buffer + offset` straight to cuBLAS.
 //!
 //! Storage sits behind an `Arc` (not `Arc<RwLock>` as candle): ops never mutate their inputs,
-//! and the few in-place ops (`add_assign`, `axpy`, `matmul_acc`) write in place only when the
-//! handle is unique (`Arc::get_mut`) and otherwise allocate a fresh buffer (copy-on-write), so
+//! and the few in-place ops (`add_assign`, `axpy`, `matmul_acc`, ...) write in place only when
+//! the handle is unique (`Arc::get_mut`) and otherwise allocate a fresh buffer (copy-on-write), so
 //! no lock is ever taken.
+//!
+//! # Write-through buffers
+//! One kind of buffer is shared *and* written: a write-through buffer
+//! ([`Tensor::write_through_zeros`], f32) — a model's flat gradient buffer, an optimizer's flat
+//! moments. Every view of it ([`Tensor::view`], `reshape`, `narrow` along dim 0) writes in place
+//! into the one buffer: an in-place op on a view never copies, and every other handle on the
+//! buffer sees the write (a clone is another name for the same elements, not a snapshot; take
+//! a [`Tensor::deep_copy`] for one). The aliasing rules:
+//! - an in-place op whose input overlaps the written range (same buffer, intersecting
+//!   elements) reads a private copy of that input first, so a kernel never reads what it
+//!   writes (checked per op, backend-independent);
+//! - writes into one buffer come from one thread at a time, and no other thread reads a range
+//!   while it is written (the buffer's owner — one trainer, one rank — guarantees it; this is
+//!   the `unsafe` contract of [`Tensor::write_through_zeros`]);
+//! - in-place ops never change the dtype of a write-through view (a bf16 result would have to
+//!   leave the buffer): a non-f32 write-through buffer is refused.
+//!
+//! On the CPU the buffer's elements are reached through a pointer to element 0 taken at
+//! creation, and every access builds a slice of exactly the tensor's own range, so writes
+//! through one view never overlap a live slice of another, disjoint view. On a device backend
+//! a view is `buffer address + offset` already (the CUDA kernels take that address).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -49,18 +70,37 @@ impl Layout {
 /// A backend buffer owned by one or more tensors. Counts its bytes in the live-bytes
 /// counter ([`crate::live_bytes`]) from creation to drop.
 #[derive(Debug)]
-struct Buffer(Storage);
+struct Buffer {
+    storage: Storage,
+    /// `Some` for a write-through buffer (see the module doc): element 0 of its CPU f32 data
+    /// (null on a device), taken while the buffer was still unique.
+    write_through: Option<CpuBase>,
+}
+
+/// Element 0 of a write-through CPU buffer.
+#[derive(Debug, Clone, Copy)]
+struct CpuBase(*mut f32);
+
+// SAFETY: the pointer addresses the `Vec<f32>` owned by the same `Buffer` (which moves with
+// it and outlives every use); concurrent access is governed by the write-through contract
+// (one writing thread at a time, see `Tensor::write_through_zeros`).
+unsafe impl Send for CpuBase {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for CpuBase {}
 
 impl Buffer {
     fn new(storage: Storage) -> Arc<Buffer> {
         memory::on_alloc(storage_bytes(&storage));
-        Arc::new(Buffer(storage))
+        Arc::new(Buffer {
+            storage,
+            write_through: None,
+        })
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        memory::on_free(storage_bytes(&self.0));
+        memory::on_free(storage_bytes(&self.storage));
     }
 }
 
@@ -122,6 +162,67 @@ impl Tensor {
             buffer: Buffer::new(storage),
             layout: Layout { shape, offset: 0 },
         })
+    }
+
+    /// A zeroed f32 tensor of `shape` on `device` whose buffer is *write-through*: every view
+    /// of it ([`Tensor::view`], `reshape`, a dim-0 `narrow`) is written in place by in-place
+    /// ops, and every handle on the buffer sees the writes (see the module doc). The flat
+    /// gradient buffer of a model and the flat optimizer moments are such buffers; their
+    /// per-parameter tensors are views at the flat layout's offsets.
+    ///
+    /// # Safety
+    /// Writes into the buffer (through any of its views) must come from one thread at a
+    /// time, and no thread may read a range of it while another thread writes that range.
+    /// (Within one op the aliasing of inputs and output is handled: see the module doc.)
+    pub unsafe fn write_through_zeros(shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+        let mut t = Tensor::zeros(shape, DType::F32, device)?;
+        let buffer = Arc::get_mut(&mut t.buffer).ok_or(Error::InvalidArgument {
+            op: "write_through_zeros",
+            arg: "buffer",
+            value: "shared".into(),
+            rule: "a fresh buffer is unique",
+        })?;
+        let base = match &mut buffer.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v.as_mut_ptr(),
+            Storage::Cpu(_) => {
+                return Err(Error::DTypeMismatch {
+                    op: "write_through_zeros",
+                    arg: "buffer",
+                    expected: "f32",
+                    got: buffer.storage.dtype(),
+                })
+            }
+            #[allow(unreachable_patterns)]
+            _ => std::ptr::null_mut(),
+        };
+        buffer.write_through = Some(CpuBase(base));
+        Ok(t)
+    }
+
+    /// True if this tensor views a write-through buffer ([`Tensor::write_through_zeros`]).
+    pub fn is_write_through(&self) -> bool {
+        self.buffer.write_through.is_some()
+    }
+
+    /// True if `self` and `other` view intersecting elements of one buffer.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        let (a, b) = (self.layout.range(), other.layout.range());
+        self.same_storage(other)
+            && !a.is_empty()
+            && !b.is_empty()
+            && a.start < b.end
+            && b.start < a.end
+    }
+
+    /// For in-place ops: `input` itself, or a private copy of it when `self` (the written
+    /// tensor) is a write-through view overlapping it, so that a kernel never reads the
+    /// elements it writes (copy-on-write buffers are copied by the write instead).
+    pub(crate) fn unaliased<'a>(&self, input: &'a Tensor) -> Result<Cow<'a, Tensor>> {
+        if self.is_write_through() && self.overlaps(input) {
+            Ok(Cow::Owned(input.deep_copy()?))
+        } else {
+            Ok(Cow::Borrowed(input))
+        }
     }
 
     /// Wraps CPU storage. Internal: the caller guarantees `storage.len() == shape.numel()`.
@@ -256,18 +357,18 @@ impl Tensor {
 
     /// Element type.
     pub fn dtype(&self) -> DType {
-        self.buffer.0.dtype()
+        self.buffer.storage.dtype()
     }
 
     /// Device of the storage.
     pub fn device(&self) -> Device {
-        self.buffer.0.device()
+        self.buffer.storage.device()
     }
 
     /// The whole backend buffer this tensor views (for backend code, together with
     /// [`Tensor::layout`]; layers use ops).
     pub fn storage(&self) -> &Storage {
-        &self.buffer.0
+        &self.buffer.storage
     }
 
     /// True if both handles share one buffer (possibly different parts of it).
@@ -491,7 +592,18 @@ impl Tensor {
     /// the storage is not on the CPU, never copies across devices.
     pub(crate) fn cpu_view(&self, op: &'static str) -> Result<CpuView<'_>> {
         let r = self.layout.range();
-        match &self.buffer.0 {
+        if let (Some(CpuBase(base)), Storage::Cpu(CpuStorage::F32(v))) =
+            (self.buffer.write_through, &self.buffer.storage)
+        {
+            debug_assert!(r.end <= v.len());
+            // SAFETY: `r` lies inside the buffer (checked when the view was made) and `base`
+            // is its element 0; only this range is borrowed, so in-place writes through
+            // other, disjoint views of the buffer do not alias it (module doc).
+            return Ok(CpuView::F32(unsafe {
+                std::slice::from_raw_parts(base.add(r.start), r.len())
+            }));
+        }
+        match &self.buffer.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(CpuView::F32(&v[r])),
             Storage::Cpu(CpuStorage::BF16(v)) => Ok(CpuView::BF16(&v[r])),
             Storage::Cpu(CpuStorage::I32(v)) => Ok(CpuView::I32(&v[r])),
@@ -533,14 +645,33 @@ impl Tensor {
 
     /// Mutable f32 elements, unique to this handle: in place if the buffer is unshared, f32
     /// and exactly this tensor's elements, else a fresh f32 copy of the elements replaces
-    /// the handle's buffer (copy-on-write). Errors on non-CPU storage.
+    /// the handle's buffer (copy-on-write). A write-through view is written in place, in the
+    /// shared buffer (module doc). Errors on non-CPU storage.
     pub(crate) fn cpu_f32_mut(&mut self, op: &'static str) -> Result<&mut [f32]> {
+        if let Some(CpuBase(base)) = self.buffer.write_through {
+            let r = self.layout.range();
+            return match &self.buffer.storage {
+                Storage::Cpu(CpuStorage::F32(v)) => {
+                    debug_assert!(r.end <= v.len());
+                    // SAFETY: `r` lies inside the buffer and `base` is its element 0. The
+                    // slice covers only this view's range and lives while `self` is borrowed
+                    // mutably; overlapping inputs of the same op were copied
+                    // (`Tensor::unaliased`) and other threads stay out (the contract of
+                    // `write_through_zeros`).
+                    Ok(unsafe { std::slice::from_raw_parts_mut(base.add(r.start), r.len()) })
+                }
+                _ => Err(Error::NotOnCpu {
+                    op,
+                    device: self.device(),
+                }),
+            };
+        }
         let whole = self.layout.offset == 0;
         let n = self.numel();
         let in_place = whole
             && matches!(
                 Arc::get_mut(&mut self.buffer),
-                Some(Buffer(Storage::Cpu(CpuStorage::F32(v)))) if v.len() == n
+                Some(Buffer { storage: Storage::Cpu(CpuStorage::F32(v)), .. }) if v.len() == n
             );
         if !in_place {
             let copy = self.cpu_f32(op, "self")?.into_owned();
@@ -548,7 +679,10 @@ impl Tensor {
             self.layout.offset = 0;
         }
         match Arc::get_mut(&mut self.buffer) {
-            Some(Buffer(Storage::Cpu(CpuStorage::F32(v)))) => Ok(v.as_mut_slice()),
+            Some(Buffer {
+                storage: Storage::Cpu(CpuStorage::F32(v)),
+                ..
+            }) => Ok(v.as_mut_slice()),
             _ => unreachable!("buffer was just made a unique f32 buffer"),
         }
     }
@@ -556,15 +690,20 @@ impl Tensor {
     /// For in-place kernels of a device backend: makes this handle the unique owner of an
     /// f32 buffer holding exactly its elements from offset 0, replacing it with `fresh(self)`
     /// (a new f32 copy) when the buffer is shared, offset, larger or not f32 (copy-on-write).
+    /// A write-through view stays where it is (the kernel writes `buffer + offset`).
     #[cfg(feature = "cuda")]
     pub(crate) fn make_unique_f32(
         &mut self,
         fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
+        if self.is_write_through() {
+            // Written where it is: `buffer + offset` (module doc); always f32.
+            return Ok(());
+        }
         let n = self.numel();
         let unique = self.layout.offset == 0
             && self.dtype() == DType::F32
-            && Arc::get_mut(&mut self.buffer).is_some_and(|b| b.0.len() == n);
+            && Arc::get_mut(&mut self.buffer).is_some_and(|b| b.storage.len() == n);
         if !unique {
             *self = fresh(self)?;
         }

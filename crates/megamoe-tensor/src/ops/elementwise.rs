@@ -358,7 +358,18 @@ impl Tensor {
     pub fn axpy(&mut self, alpha: f32, x: &Tensor) -> Result<()> {
         const OP: &str = "axpy";
         self.same_shape(OP, x)?;
-        self.backend().axpy(self, alpha, x)
+        let x = self.unaliased(x)?;
+        self.backend().axpy(self, alpha, &x)
+    }
+
+    /// In place: `self`'s elements become `src`'s (equal shapes), bit for bit (signed zeros
+    /// and NaNs included): the way to load values into a write-through view without
+    /// replacing the handle. Copy-on-write if the buffer is shared (not write-through).
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        // −0 is the additive identity of IEEE addition (x + −0 = x for every x, ±0 included).
+        self.same_shape("copy_from", src)?;
+        self.fill_in_place(-0.0)?;
+        self.axpy(1.0, src)
     }
 
     /// In place: every element set to `value`. The buffer is reused when the handle is

@@ -153,22 +153,34 @@ impl RowGroups {
     pub(crate) fn cpu_spans(&self, op: &'static str, rows: usize) -> Result<Vec<(usize, usize)>> {
         let sizes = self.sizes.cpu_i32(op, "groups.sizes")?;
         let offsets = self.offsets.cpu_i32(op, "groups.offsets")?;
-        let mut spans = Vec::with_capacity(sizes.len());
-        let mut end = 0usize;
-        for (g, (&o, &s)) in offsets.iter().zip(sizes).enumerate() {
-            if o < 0 || s < 0 || (o as usize) < end || o as usize + s as usize > rows {
-                return Err(Error::InvalidArgument {
-                    op,
-                    arg: "groups",
-                    value: format!("group {g}: offset {o}, size {s}, rows {rows}"),
-                    rule: "groups must be non-negative, in order, disjoint and inside the rows",
-                });
-            }
-            end = o as usize + s as usize;
-            spans.push((o as usize, s as usize));
-        }
-        Ok(spans)
+        check_spans(op, offsets, sizes, rows)
     }
+}
+
+/// Every backend's group check, on host copies of a [`RowGroups`]' offsets and sizes: the
+/// groups as `(offset, size)` spans, or a named error unless they are non-negative, in
+/// order, disjoint and inside `rows` (the operand's row count).
+pub(crate) fn check_spans(
+    op: &'static str,
+    offsets: &[i32],
+    sizes: &[i32],
+    rows: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let mut spans = Vec::with_capacity(sizes.len());
+    let mut end = 0usize;
+    for (g, (&o, &s)) in offsets.iter().zip(sizes).enumerate() {
+        if o < 0 || s < 0 || (o as usize) < end || o as usize + s as usize > rows {
+            return Err(Error::InvalidArgument {
+                op,
+                arg: "groups",
+                value: format!("group {g}: offset {o}, size {s}, rows {rows}"),
+                rule: "groups must be non-negative, in order, disjoint and inside the rows",
+            });
+        }
+        end = o as usize + s as usize;
+        spans.push((o as usize, s as usize));
+    }
+    Ok(spans)
 }
 
 #[cfg(test)]

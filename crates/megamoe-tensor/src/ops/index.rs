@@ -102,7 +102,10 @@ impl Tensor {
                 });
             }
         }
-        self.backend().index_add_rows(self, idx, src, weights)
+        let src = self.unaliased(src)?;
+        let weights = weights.map(|w| self.unaliased(w)).transpose()?;
+        self.backend()
+            .index_add_rows(self, idx, &src, weights.as_deref())
     }
 
     /// Per-row gather: `out[n, j] = self[n, idx[n, j]]` for `self [N, E]`, `idx [N, k]`.

@@ -123,8 +123,9 @@ impl Tensor {
                 rule: "out must be [M, N] of op(a)·op(b)",
             });
         }
+        let (a, b) = (self.unaliased(a)?, self.unaliased(b)?);
         self.backend()
-            .matmul_acc(self, a, b, trans_a, trans_b, beta)
+            .matmul_acc(self, &a, &b, trans_a, trans_b, beta)
     }
 
     /// Batched product: `a [B, M, K]` (stored `[B, K, M]` if `trans_a`) times `b [B, K, N]`
@@ -188,8 +189,9 @@ impl Tensor {
         self.same_device(OP, x)?;
         let (rows, n, _) = grouped_dims(OP, x, groups, w, trans_w)?;
         check_out(OP, self, &[rows, n])?;
+        let (x, w) = (self.unaliased(x)?, self.unaliased(w)?);
         self.backend()
-            .grouped_matmul_acc(self, x, groups, w, trans_w, beta)
+            .grouped_matmul_acc(self, &x, groups, &w, trans_w, beta)
     }
 
     /// Weight gradient of [`Tensor::grouped_matmul`] with `trans_w = true`:
@@ -218,14 +220,16 @@ impl Tensor {
         self.same_device(OP, dy)?;
         let (_, n, k) = wgrad_dims(OP, dy, x, groups)?;
         check_out(OP, self, &[groups.len(), n, k])?;
+        let (dy, x) = (self.unaliased(dy)?, self.unaliased(x)?);
         self.backend()
-            .grouped_matmul_wgrad_acc(self, dy, x, groups, beta)
+            .grouped_matmul_wgrad_acc(self, &dy, &x, groups, beta)
     }
 }
 
 /// `(R, N, K)` of the grouped product `x [R, K]` · `w[g]` after checking ranks, devices,
 /// the row groups and the inner dimension (`w` is `[G, N, K]` when `trans_w`, else `[G, K, N]`).
-fn grouped_dims(
+/// The one shape preamble of the grouped family: the op layer and every backend call it.
+pub(crate) fn grouped_dims(
     op: &'static str,
     x: &Tensor,
     groups: &RowGroups,
@@ -251,8 +255,8 @@ fn grouped_dims(
 }
 
 /// `(R, N, K)` of the weight gradient `dy_gᵀ x_g` after checking `dy [R, N]`, `x [R, K]`
-/// and the row groups.
-fn wgrad_dims(
+/// and the row groups (the op layer and every backend call it).
+pub(crate) fn wgrad_dims(
     op: &'static str,
     dy: &Tensor,
     x: &Tensor,

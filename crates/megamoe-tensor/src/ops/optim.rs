@@ -1,6 +1,6 @@
 //! Fused optimizer ops: one pass over a parameter and its state per update, in place.
 
-use crate::{Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// The fused-optimizer kernel family of a [`Backend`](crate::backend::Backend).
 pub trait OptimKernels {
@@ -59,6 +59,27 @@ impl Tensor {
         self.same_shape(OP, grad)?;
         exp_avg.same_shape(OP, grad)?;
         exp_avg_sq.same_shape(OP, grad)?;
+        // Write-through views are written where they are: two written ones must not
+        // overlap (copy-on-write buffers are copied by the write instead).
+        let clash = |a: &Tensor, b: &Tensor| a.is_write_through() && a.overlaps(b);
+        if clash(self, exp_avg) || clash(self, exp_avg_sq) || clash(exp_avg, exp_avg_sq) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                arg: "exp_avg, exp_avg_sq",
+                value: "overlapping views of one buffer".into(),
+                rule: "the parameter and its two moments are written: they must not overlap",
+            });
+        }
+        // The gradient is read while the three are written (write-through views may alias).
+        let aliased = [&*self, &*exp_avg, &*exp_avg_sq]
+            .into_iter()
+            .any(|w| clash(w, grad));
+        let copy = if aliased {
+            Some(grad.deep_copy()?)
+        } else {
+            None
+        };
+        let grad = copy.as_ref().unwrap_or(grad);
         self.backend().adamw(self, exp_avg, exp_avg_sq, grad, h)
     }
 }

@@ -48,7 +48,8 @@ impl Tensor {
     pub fn scale_by_assign(&mut self, s: &Tensor) -> Result<()> {
         const OP: &str = "scale_by_assign";
         check_scalar(OP, self, s)?;
-        self.backend().scale_by_assign(self, s)
+        let s = self.unaliased(s)?;
+        self.backend().scale_by_assign(self, &s)
     }
 
     /// Elementwise select: `self` is a condition (non-zero = true, e.g. a 0/1 mask from
