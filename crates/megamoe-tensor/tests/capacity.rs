@@ -9,17 +9,17 @@ use common::*;
 use megamoe_tensor::ops::routing::KeepOrder;
 use megamoe_tensor::{DType, Device, Error, Tensor};
 
-fn i32s(v: &[i32], shape: &[usize]) -> Tensor {
-    Tensor::from_vec_i32(v.to_vec(), shape, Device::Cpu).unwrap()
+fn i32s(dev: Device, v: &[i32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec_i32(v.to_vec(), shape, dev).unwrap()
 }
 
 /// 6 tokens, k = 2, E = 3 real experts + null slot 3; expert 1 is over capacity 2.
-fn case() -> (Tensor, Tensor, Tensor) {
-    let idx = i32s(&[1, 0, 1, 3, 2, 1, 1, 0, 3, 2, 1, 2], &[6, 2]);
+fn case(dev: Device) -> (Tensor, Tensor, Tensor) {
+    let idx = i32s(dev, &[1, 0, 1, 3, 2, 1, 1, 0, 3, 2, 1, 2], &[6, 2]);
     let gates = Tensor::from_vec_f32(
         rand_vec(5, 12).iter().map(|v| v.abs()).collect(),
         [6, 2],
-        Device::Cpu,
+        dev,
     )
     .unwrap();
     let keep = idx
@@ -29,7 +29,7 @@ fn case() -> (Tensor, Tensor, Tensor) {
 }
 
 fn capacity_permutation_places_kept_rows_in_expert_slabs(dev: Device) {
-    let idx = i32s(&[1, 0, 1, 3, 2, 1, 0, 3], &[4, 2]);
+    let idx = i32s(dev, &[1, 0, 1, 3, 2, 1, 0, 3], &[4, 2]);
     let keep = Tensor::from_vec_f32(vec![1., 1., 1., 0., 1., 0., 1., 0.], [4, 2], dev).unwrap();
     let p = idx.capacity_permutation(&keep, 3, 2).unwrap();
     // expert 0: tokens 0, 3; expert 1: tokens 0, 1 (token 2's pick dropped); expert 2: token 2.
@@ -49,7 +49,7 @@ fn capacity_permutation_places_kept_rows_in_expert_slabs(dev: Device) {
 }
 
 fn permute_to_capacity_equals_sorted_rows_padded(dev: Device) {
-    let (idx, _, keep) = case();
+    let (idx, _, keep) = case(dev);
     let x = rand_on(dev, 9, &[6, 5]);
     let (buffers, p) = x.permute_to_capacity(&idx, &keep, 3, 2).unwrap();
     let perm = idx.sort_by_expert(&keep, 3).unwrap();
@@ -64,7 +64,7 @@ fn permute_to_capacity_equals_sorted_rows_padded(dev: Device) {
         host(&x.gather_rows_or_zero(&p.row_token).unwrap()),
         host(&buffers)
     );
-    let bad = i32s(&[0, 6], &[2]);
+    let bad = i32s(dev, &[0, 6], &[2]);
     assert!(matches!(
         x.gather_rows_or_zero(&bad).unwrap_err(),
         Error::IndexOutOfRange { index: 6, .. }
@@ -72,7 +72,7 @@ fn permute_to_capacity_equals_sorted_rows_padded(dev: Device) {
 }
 
 fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit(dev: Device) {
-    let (idx, gates, keep) = case();
+    let (idx, gates, keep) = case(dev);
     let (t, k, d, c) = (6, 2, 5, 2);
     let x = rand_on(dev, 9, &[t, d]);
     let (buffers, p) = x.permute_to_capacity(&idx, &keep, 3, c).unwrap();
@@ -139,17 +139,17 @@ fn packed_of(buffers: &Tensor, counts: &Tensor, c: usize) -> Tensor {
 
 fn combine_slots_rejects_bad_rows_and_shapes(dev: Device) {
     let rows = rand_on(dev, 1, &[4, 3]);
-    let slot_row = i32s(&[0, 4], &[1, 2]);
+    let slot_row = i32s(dev, &[0, 4], &[1, 2]);
     assert!(matches!(
         rows.combine_slots(&slot_row, None).unwrap_err(),
         Error::IndexOutOfRange { index: 4, .. }
     ));
-    let slot_row = i32s(&[0, -2], &[1, 2]);
+    let slot_row = i32s(dev, &[0, -2], &[1, 2]);
     assert!(matches!(
         rows.combine_slots(&slot_row, None).unwrap_err(),
         Error::IndexOutOfRange { index: -2, .. }
     ));
-    let slot_row = i32s(&[0, -1], &[1, 2]);
+    let slot_row = i32s(dev, &[0, -1], &[1, 2]);
     let w = rand_on(dev, 2, &[2, 2]);
     assert!(matches!(
         rows.combine_slots(&slot_row, Some(&w)).unwrap_err(),

@@ -7,9 +7,9 @@ mod common;
 use common::*;
 use megamoe_tensor::{DType, Device, Error, RowGroups, Tensor};
 
-/// Packed row groups from host sizes.
-fn groups(sizes: &[usize]) -> RowGroups {
-    RowGroups::from_sizes(sizes, Device::Cpu).unwrap()
+/// Packed row groups from host sizes, on `dev` (the backend under test).
+fn groups(dev: Device, sizes: &[usize]) -> RowGroups {
+    RowGroups::from_sizes(sizes, dev).unwrap()
 }
 
 /// Naive f64 `op(a) op(b)`; a stored [m,k] or [k,m] (ta), b stored [k,n] or [n,k] (tb).
@@ -118,7 +118,7 @@ fn grouped_matmul_matches_per_group_naive_with_empty_groups(dev: Device) {
             [sizes.len(), k, n]
         };
         let wt = Tensor::from_slice(&w, shape, dev).unwrap();
-        let y = host(&xt.grouped_matmul(&groups(&sizes), &wt, trans).unwrap());
+        let y = host(&xt.grouped_matmul(&groups(dev, &sizes), &wt, trans).unwrap());
         let mut row = 0;
         for (g, &s) in sizes.iter().enumerate() {
             let want = naive(
@@ -144,7 +144,7 @@ fn grouped_matmul_wgrad_matches_naive_and_zero_for_empty_group(dev: Device) {
     let x = rand_vec(11, r * k);
     let dyt = Tensor::from_slice(&dy, [r, n], dev).unwrap();
     let xt = Tensor::from_slice(&x, [r, k], dev).unwrap();
-    let dw = Tensor::grouped_matmul_wgrad(&dyt, &xt, &groups(&sizes)).unwrap();
+    let dw = Tensor::grouped_matmul_wgrad(&dyt, &xt, &groups(dev, &sizes)).unwrap();
     assert_eq!(dw.dims(), &[3, n, k]);
     let dw = host(&dw);
     let mut row = 0;
@@ -170,7 +170,7 @@ fn grouped_matmul_bad_groups_are_typed_errors(dev: Device) {
     let w = rand_on(dev, 2, &[2, 5, 3]);
     // one group for two weight matrices
     assert!(matches!(
-        x.grouped_matmul(&groups(&[4]), &w, true),
+        x.grouped_matmul(&groups(dev, &[4]), &w, true),
         Err(Error::InvalidArgument {
             arg: "groups.len()",
             ..
@@ -178,7 +178,7 @@ fn grouped_matmul_bad_groups_are_typed_errors(dev: Device) {
     ));
     // groups past the 4 rows of x
     assert!(matches!(
-        x.grouped_matmul(&groups(&[3, 2]), &w, true),
+        x.grouped_matmul(&groups(dev, &[3, 2]), &w, true),
         Err(Error::InvalidArgument { arg: "groups", .. })
     ));
     // overlapping groups
@@ -194,7 +194,7 @@ fn grouped_matmul_bad_groups_are_typed_errors(dev: Device) {
         x.grouped_matmul(&RowGroups::packed(&neg).unwrap(), &w, true),
         Err(Error::InvalidArgument { arg: "groups", .. })
     ));
-    assert!(x.grouped_matmul(&groups(&[4, 0]), &w, true).is_ok());
+    assert!(x.grouped_matmul(&groups(dev, &[4, 0]), &w, true).is_ok());
 }
 
 fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
@@ -222,7 +222,7 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
     let dypt = Tensor::from_vec_f32(dyp, [packed_rows, n], dev).unwrap();
 
     let ys = host(&xst.grouped_matmul(&strided, &w, true).unwrap());
-    let yp = host(&xpt.grouped_matmul(&groups(&sizes), &w, true).unwrap());
+    let yp = host(&xpt.grouped_matmul(&groups(dev, &sizes), &w, true).unwrap());
     let mut src = 0;
     for (g, &s) in sizes.iter().enumerate() {
         let rows = &ys[g * c * n..(g + 1) * c * n];
@@ -237,7 +237,7 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
         src += s;
     }
     let dws = host(&Tensor::grouped_matmul_wgrad(&dyst, &xst, &strided).unwrap());
-    let dwp = host(&Tensor::grouped_matmul_wgrad(&dypt, &xpt, &groups(&sizes)).unwrap());
+    let dwp = host(&Tensor::grouped_matmul_wgrad(&dypt, &xpt, &groups(dev, &sizes)).unwrap());
     assert!(same_bits(&dws, &dwp));
     // beta·self on pad rows of the accumulating form
     let mut acc = Tensor::full([sizes.len() * c, n], 2.0, DType::F32, dev).unwrap();
@@ -264,9 +264,9 @@ fn matmul_family_same_bits_for_1_and_3_threads(dev: Device) {
     let sizes = [300usize, 0, 100, 300];
     let run = || {
         let y = host(&a.matmul(&b, false, true).unwrap());
-        let g = host(&x.grouped_matmul(&groups(&sizes), &w, true).unwrap());
+        let g = host(&x.grouped_matmul(&groups(dev, &sizes), &w, true).unwrap());
         let dy = x.narrow(1, 0, 96).unwrap();
-        let dw = host(&Tensor::grouped_matmul_wgrad(&dy, &x, &groups(&sizes)).unwrap());
+        let dw = host(&Tensor::grouped_matmul_wgrad(&dy, &x, &groups(dev, &sizes)).unwrap());
         let bm = host(
             &a.reshape([2, 128, 192])
                 .unwrap()
@@ -325,7 +325,7 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape(dev: Device) {
         for beta in [1.0f32, 0.5] {
             let mut out = Tensor::from_slice(&base, [r, n], dev).unwrap();
             let shared = out.clone();
-            out.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, beta)
+            out.grouped_matmul_acc(&xt, &groups(dev, &sizes), &wt, trans, beta)
                 .unwrap();
             let want = plus_scaled(&base, Some(beta as f64), &prod);
             assert_close(&host(&out), &want, RTOL, ATOL);
@@ -333,13 +333,13 @@ fn grouped_matmul_acc_accumulates_overwrites_and_checks_shape(dev: Device) {
         }
         // beta = 0 overwrites without reading: NaNs in the buffer do not propagate.
         let mut nan = Tensor::full([r, n], f32::NAN, DType::F32, dev).unwrap();
-        nan.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, 0.0)
+        nan.grouped_matmul_acc(&xt, &groups(dev, &sizes), &wt, trans, 0.0)
             .unwrap();
         assert_close(&host(&nan), &prod, RTOL, ATOL);
         // wrong output shape: a typed error naming the op
         let mut bad = Tensor::zeros([r, n + 1], DType::F32, dev).unwrap();
         assert!(matches!(
-            bad.grouped_matmul_acc(&xt, &groups(&sizes), &wt, trans, 1.0),
+            bad.grouped_matmul_acc(&xt, &groups(dev, &sizes), &wt, trans, 1.0),
             Err(Error::ShapeMismatch {
                 op: "grouped_matmul_acc",
                 ..
@@ -376,7 +376,7 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups(dev: Device) {
     for beta in [1.0f32, 0.25] {
         let mut g = Tensor::from_slice(&base, [3, n, k], dev).unwrap();
         let shared = g.clone();
-        g.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), beta)
+        g.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(dev, &sizes), beta)
             .unwrap();
         let got = host(&g);
         assert_close(
@@ -393,14 +393,14 @@ fn grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups(dev: Device) {
     }
     // beta = 0: overwrite without reading; the empty group's block becomes exactly zero.
     let mut nan = Tensor::full([3, n, k], f32::NAN, DType::F32, dev).unwrap();
-    nan.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), 0.0)
+    nan.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(dev, &sizes), 0.0)
         .unwrap();
     let got = host(&nan);
     assert_close(&got, &prod, RTOL, ATOL);
     assert!(got[n * k..2 * n * k].iter().all(|&v| v == 0.0));
     let mut bad = Tensor::zeros([2, n, k], DType::F32, dev).unwrap();
     assert!(matches!(
-        bad.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(&sizes), 1.0),
+        bad.grouped_matmul_wgrad_acc(&dyt, &xt, &groups(dev, &sizes), 1.0),
         Err(Error::ShapeMismatch {
             op: "grouped_matmul_wgrad_acc",
             ..
@@ -423,10 +423,10 @@ fn grouped_acc_ops_same_bits_for_1_2_and_3_threads(dev: Device) {
         let w = rand_on(dev, 42, &[sizes.len(), 96, 192]);
         let run = || {
             let mut y = rand_on(dev, 43, &[r, 96]);
-            y.grouped_matmul_acc(&xs, &groups(sizes), &w, true, 1.0)
+            y.grouped_matmul_acc(&xs, &groups(dev, sizes), &w, true, 1.0)
                 .unwrap();
             let mut dw = rand_on(dev, 44, &[sizes.len(), 96, 192]);
-            dw.grouped_matmul_wgrad_acc(&dys, &xs, &groups(sizes), 1.0)
+            dw.grouped_matmul_wgrad_acc(&dys, &xs, &groups(dev, sizes), 1.0)
                 .unwrap();
             (host(&y), host(&dw))
         };

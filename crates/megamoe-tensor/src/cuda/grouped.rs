@@ -10,6 +10,7 @@ use megamoe_cuda::Operand;
 
 use super::matmul::operand;
 use super::{dev, CudaBackend};
+use crate::ops::matmul::{grouped_dims, wgrad_dims};
 use crate::{DType, Result, RowGroups, Tensor};
 
 impl CudaBackend {
@@ -61,9 +62,8 @@ impl CudaBackend {
         trans_w: bool,
     ) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
-        let (r, kx) = x.dims2()?;
-        let (_, w1, w2) = w.dims3()?;
-        let n = if trans_w { w1 } else { w2 };
+        let (r, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
+        let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
         let g = self.strided_groups(OP, groups, stride, r)?;
         let sizes = super::routing::ids(OP, "groups.sizes", groups.sizes())?;
         let (x, w) = self.gemm_pair(x, w)?;
@@ -125,8 +125,7 @@ impl CudaBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_wgrad";
-        let (r, n) = dy.dims2()?;
-        let (_, k) = x.dims2()?;
+        let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let g = self.strided_groups(OP, groups, stride, r)?;
         let sizes = super::routing::ids(OP, "groups.sizes", groups.sizes())?;
         let (dy, x) = self.gemm_pair(dy, x)?;

@@ -8,7 +8,8 @@
 use megamoe_cuda::{Elem, Operand};
 
 use super::{dev, CudaBackend, Engine};
-use crate::ops::matmul::MatmulKernels;
+use crate::ops::groups::check_spans;
+use crate::ops::matmul::{grouped_dims, wgrad_dims, MatmulKernels};
 use crate::{DType, Error, Result, RowGroups, Tensor};
 
 /// Logical `(rows, cols)` of `op(t)` for a rank-2 `t`.
@@ -157,8 +158,7 @@ impl MatmulKernels for CudaBackend {
         if let Some(stride) = groups.stride() {
             return self.strided_matmul(x, groups, stride, w, trans_w);
         }
-        let (r, _) = x.dims2()?;
-        let n = if trans_w { w.dims()[1] } else { w.dims()[2] };
+        let (r, n, _) = grouped_dims(OP, x, groups, w, trans_w)?;
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, [r, n].into(), DType::F32)?;
         // SAFETY: the output holds r·n elements.
@@ -182,9 +182,8 @@ impl MatmulKernels for CudaBackend {
         if let Some(stride) = groups.stride() {
             return self.strided_matmul_acc(out, x, groups, stride, w, trans_w, beta);
         }
-        let (r, kx) = x.dims2()?;
-        let (_, w1, w2) = w.dims3()?;
-        let n = if trans_w { w1 } else { w2 };
+        let (r, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
+        let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
         let spans = self.spans(OP, groups, r)?;
         let (x, w) = self.gemm_pair(x, w)?;
         let (xd, wd) = (dev(OP, &x)?, dev(OP, &w)?);
@@ -206,8 +205,7 @@ impl MatmulKernels for CudaBackend {
 
     fn grouped_matmul_wgrad(&self, dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
         const OP: &str = "grouped_matmul_wgrad";
-        let (_, n) = dy.dims2()?;
-        let (_, k) = x.dims2()?;
+        let (_, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let g = groups.len();
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, [g, n, k].into(), DType::F32)?;
@@ -231,8 +229,7 @@ impl MatmulKernels for CudaBackend {
         if let Some(stride) = groups.stride() {
             return self.strided_wgrad_acc(out, dy, x, groups, stride, beta);
         }
-        let (r, n) = dy.dims2()?;
-        let (_, k) = x.dims2()?;
+        let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let spans = self.spans(OP, groups, r)?;
         let (dy, x) = self.gemm_pair(dy, x)?;
         let (dd, xd) = (dev(OP, &dy)?, dev(OP, &x)?);
@@ -296,20 +293,6 @@ impl CudaBackend {
                 got: groups.offsets().dtype(),
             });
         };
-        let mut spans = Vec::with_capacity(sizes.len());
-        let mut end = 0usize;
-        for (g, (&o, &s)) in offsets.iter().zip(&sizes).enumerate() {
-            if o < 0 || s < 0 || (o as usize) < end || o as usize + s as usize > rows {
-                return Err(Error::InvalidArgument {
-                    op,
-                    arg: "groups",
-                    value: format!("group {g}: offset {o}, size {s}, rows {rows}"),
-                    rule: "groups must be non-negative, in order, disjoint and inside the rows",
-                });
-            }
-            end = o as usize + s as usize;
-            spans.push((o as usize, s as usize));
-        }
-        Ok(spans)
+        check_spans(op, &offsets, &sizes, rows)
     }
 }

@@ -63,8 +63,11 @@ pub fn rand_on(device: Device, seed: u64, shape: &[usize]) -> Tensor {
 }
 
 /// Instantiates the op test suite once per backend of this build: each named
-/// `fn(Device)` becomes a `#[test]` in module `cpu` (and, once the CUDA backend lands, in
-/// a `#[cfg(feature = "cuda")] mod cuda` on `Device::Cuda(0)`: the one place to add it).
+/// `fn(Device)` becomes a `#[test]` in module `cpu` on `Device::Cpu` and, with feature
+/// `cuda`, in module `cuda` on `Device::Cuda(0)` (`#[ignore]`d: it needs an NVIDIA GPU, so
+/// run the test binary with `--ignored` there). Every suite builds its inputs on the device
+/// it is given and expects the same results and errors on both backends; a case that only
+/// one backend can check (see the CPU-only tests next to the suites) says why.
 #[allow(unused_macros)] // not every test file runs the per-backend suite
 macro_rules! backend_tests {
     ($($name:ident),+ $(,)?) => {
@@ -73,6 +76,16 @@ macro_rules! backend_tests {
                 #[test]
                 fn $name() {
                     super::$name(megamoe_tensor::Device::Cpu)
+                }
+            )+
+        }
+        #[cfg(feature = "cuda")]
+        mod cuda {
+            $(
+                #[test]
+                #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+                fn $name() {
+                    super::$name(megamoe_tensor::Device::Cuda(0))
                 }
             )+
         }

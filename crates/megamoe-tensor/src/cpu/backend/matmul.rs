@@ -5,6 +5,7 @@ use crate::backend::CpuBackend;
 use crate::cpu::matmul::{self as kernel, Operand};
 use crate::ops::groups::RowGroups;
 use crate::ops::matmul::MatmulKernels;
+use crate::ops::matmul::{grouped_dims, wgrad_dims};
 use crate::{Result, Tensor};
 
 /// Logical `(rows, cols)` of a rank-2 operand, transposed if `trans`.
@@ -111,9 +112,7 @@ impl MatmulKernels for CpuBackend {
         trans_w: bool,
     ) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
-        let (rows, k) = x.dims2()?;
-        let (_, w1, w2) = w.dims3()?;
-        let n = if trans_w { w1 } else { w2 };
+        let (rows, n, k) = grouped_dims(OP, x, groups, w, trans_w)?;
         let spans = groups.cpu_spans(OP, rows)?;
         let xd = x.cpu_f32(OP, "x")?;
         let wd = w.cpu_f32(OP, "w")?;
@@ -132,9 +131,7 @@ impl MatmulKernels for CpuBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_acc";
-        let (rows, k) = x.dims2()?;
-        let (_, w1, w2) = w.dims3()?;
-        let n = if trans_w { w1 } else { w2 };
+        let (rows, n, k) = grouped_dims(OP, x, groups, w, trans_w)?;
         let spans = groups.cpu_spans(OP, rows)?;
         let xd = x.cpu_f32(OP, "x")?;
         let wd = w.cpu_f32(OP, "w")?;
@@ -145,8 +142,7 @@ impl MatmulKernels for CpuBackend {
 
     fn grouped_matmul_wgrad(&self, dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
         const OP: &str = "grouped_matmul_wgrad";
-        let (rows, n) = dy.dims2()?;
-        let (_, k) = x.dims2()?;
+        let (rows, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let spans = groups.cpu_spans(OP, rows)?;
         let dyd = dy.cpu_f32(OP, "dy")?;
         let xd = x.cpu_f32(OP, "x")?;
@@ -164,8 +160,7 @@ impl MatmulKernels for CpuBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "grouped_matmul_wgrad_acc";
-        let (rows, n) = dy.dims2()?;
-        let (_, k) = x.dims2()?;
+        let (rows, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let spans = groups.cpu_spans(OP, rows)?;
         let dyd = dy.cpu_f32(OP, "dy")?;
         let xd = x.cpu_f32(OP, "x")?;
