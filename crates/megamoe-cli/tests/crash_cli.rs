@@ -5,6 +5,7 @@
 //! checkpointed and `report` reads what such a run wrote.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use common::{stderr, BIN};
@@ -16,22 +17,8 @@ use megamoe_train::failpoint::{FAILPOINT_ENV, POINTS};
 
 /// 2 layers (layer 1 MoE, 4 experts top-2), 4 sequences of 32 tokens per step, a
 /// checkpoint every 2 steps.
-const MICRO: &str = r#"
-[model]
-vocab_size = 256
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_hidden = 64
-seq_len = 32
-
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 32
-first_dense_layers = 1
-
+const MICRO: &str = micro_config!(
+    r#"
 [train]
 global_batch = 4
 steps = 6
@@ -42,7 +29,8 @@ checkpoint_every = 2
 [optim]
 lr = 1e-2
 warmup_steps = 2
-"#;
+"#
+);
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch_dir("crash-cli", name, Some(MICRO))

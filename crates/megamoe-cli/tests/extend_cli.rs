@@ -4,6 +4,7 @@
 //! warmup longer than the run is refused.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use common::{stderr, BIN};
@@ -12,22 +13,8 @@ use std::process::{Command, Output};
 
 /// 2 layers (layer 1 MoE), 4 sequences of 32 tokens per step, 40 steps with a
 /// checkpoint every 10, cosine from 1e-2 to 1e-3 after 4 warmup steps.
-const MICRO: &str = r#"
-[model]
-vocab_size = 256
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_hidden = 64
-seq_len = 32
-
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 32
-first_dense_layers = 1
-
+const MICRO: &str = micro_config!(
+    r#"
 [train]
 global_batch = 4
 steps = 40
@@ -41,7 +28,8 @@ lr = 1e-2
 min_lr = 1e-3
 warmup_steps = 4
 lr_schedule = "cosine"
-"#;
+"#
+);
 
 const PEAK: f64 = 1e-2;
 const MIN: f64 = 1e-3;

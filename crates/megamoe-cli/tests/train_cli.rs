@@ -4,6 +4,7 @@
 //! plots; bad inputs exit 2 with one line; the NaN/Inf guard exits 1.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use common::{stderr, BIN};
@@ -11,22 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// 2 layers (layer 1 MoE, 4 experts top-2), 4 sequences of 32 tokens per step.
-const MICRO: &str = r#"
-[model]
-vocab_size = 256
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_hidden = 64
-seq_len = 32
-
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 32
-first_dense_layers = 1
-
+const MICRO: &str = micro_config!(
+    r#"
 [train]
 global_batch = 4
 steps = 40
@@ -37,7 +24,8 @@ log_every = 2
 [optim]
 lr = 1e-2
 warmup_steps = 2
-"#;
+"#
+);
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch_dir("train-cli", name, Some(MICRO))

@@ -20,6 +20,34 @@ pub fn scratch_dir(suite: &str, name: &str, config: Option<&str>) -> PathBuf {
     dir
 }
 
+/// The micro model most CLI tests train (2 layers, the second MoE with 4 routed experts,
+/// top-2; seconds per run), followed by the test's own sections (`[train]`, `[optim]`):
+/// `const MICRO: &str = micro_config!(r#"[train] ..."#);`.
+#[allow(unused_macros)] // not every CLI test binary trains the micro model
+macro_rules! micro_config {
+    ($sections:literal) => {
+        concat!(
+            r#"
+[model]
+vocab_size = 256
+d_model = 32
+n_layers = 2
+n_heads = 2
+n_kv_heads = 1
+ffn_hidden = 64
+seq_len = 32
+
+[moe]
+routed_experts = 4
+top_k = 2
+expert_hidden = 32
+first_dense_layers = 1
+"#,
+            $sections
+        )
+    };
+}
+
 /// A process's stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
