@@ -3,7 +3,8 @@
 //!
 //! How it works: each communicator owns a [`Board`]. A collective is numbered by a per-rank
 //! sequence counter (ranks issue collectives in the same order); `start_*` posts this rank's
-//! tensor (an `Arc` handle, no copy) into the board's slot for that number and returns at once;
+//! tensor (an `Arc` handle, no copy; a view of a write-through buffer — a flat gradient
+//! bucket — is copied, see [`posted`]) into the board's slot for that number and returns at once;
 //! `wait` blocks until every member has posted, then computes the result from all parts with
 //! the shared combine steps in [`crate::reduce`] (rank order, so every rank gets the same
 //! bits). Point-to-point messages are FIFO mailboxes keyed by (source, destination, tag);
@@ -379,6 +380,19 @@ impl ThreadComm {
     }
 }
 
+/// The handle this rank posts for `x`: `x` itself (tensors are immutable, sharing is free),
+/// but a private copy of a write-through view ([`Tensor::is_write_through`]): other ranks
+/// read the posted tensor after this rank's `wait` may have returned, and its owner writes
+/// the result back into that very view (the flat gradient buffer's bucket all-reduce). The
+/// copy is what an in-process transport has for a send buffer; MPI and NCCL read the view.
+fn posted(x: &Tensor) -> Result<Tensor> {
+    if x.is_write_through() {
+        Ok(x.deep_copy()?)
+    } else {
+        Ok(x.clone())
+    }
+}
+
 /// The tensors of `parts` (every part of a tensor collective has one).
 fn tensors(parts: &[Part]) -> Vec<Tensor> {
     parts.iter().filter_map(|p| p.tensor.clone()).collect()
@@ -426,7 +440,7 @@ impl Communicator for ThreadComm {
         const OP: &str = "all_reduce";
         let meta = vec![reduce_op_code(op)];
         Ok(
-            self.collective(OP, Some(x.clone()), meta, move |me, parts| {
+            self.collective(OP, Some(posted(x)?), meta, move |me, parts| {
                 check_same_meta(me, OP, "reduce op", &parts)?;
                 let ts = tensors(&parts);
                 check_same_layout(me, OP, &ts)?;
@@ -440,7 +454,7 @@ impl Communicator for ThreadComm {
         leading_rows(OP, x)?;
         let (rest, dtype) = (x.dims()[1..].to_vec(), x.dtype());
         Ok(
-            self.collective(OP, Some(x.clone()), vec![], move |me, parts| {
+            self.collective(OP, Some(posted(x)?), vec![], move |me, parts| {
                 let ts = tensors(&parts);
                 check_same_layout(me, OP, &ts)?;
                 cat_rows(&ts, &rest, dtype)
@@ -454,7 +468,7 @@ impl Communicator for ThreadComm {
         row_block(x, n, rank)?; // checks dim 0 before posting
         let meta = vec![reduce_op_code(op)];
         Ok(
-            self.collective(OP, Some(x.clone()), meta, move |me, parts| {
+            self.collective(OP, Some(posted(x)?), meta, move |me, parts| {
                 check_same_meta(me, OP, "reduce op", &parts)?;
                 let ts = tensors(&parts);
                 check_same_layout(me, OP, &ts)?;
@@ -480,8 +494,11 @@ impl Communicator for ThreadComm {
         check_rows_sum(OP, x, send_rows)?;
         let recv_rows = recv_rows.to_vec();
         let (rest, dtype) = (x.dims()[1..].to_vec(), x.dtype());
-        Ok(
-            self.collective(OP, Some(x.clone()), send_rows.to_vec(), move |me, parts| {
+        Ok(self.collective(
+            OP,
+            Some(posted(x)?),
+            send_rows.to_vec(),
+            move |me, parts| {
                 let mut pieces = Vec::with_capacity(n);
                 for (src, p) in parts.iter().enumerate() {
                     let sent = p.meta[rank];
@@ -512,15 +529,15 @@ impl Communicator for ThreadComm {
                     pieces.push(t);
                 }
                 cat_rows(&pieces, &rest, dtype)
-            }),
-        )
+            },
+        ))
     }
 
     fn start_broadcast(&self, x: &Tensor, root: usize) -> Result<Pending> {
         const OP: &str = "broadcast";
         check_peer(OP, "root", root, self.size())?;
         Ok(
-            self.collective(OP, Some(x.clone()), vec![root], move |me, parts| {
+            self.collective(OP, Some(posted(x)?), vec![root], move |me, parts| {
                 check_same_meta(me, OP, "root", &parts)?;
                 let ts = tensors(&parts);
                 check_same_layout(me, OP, &ts)?;
@@ -535,7 +552,7 @@ impl Communicator for ThreadComm {
         st.mail
             .entry((self.rank, dst, tag))
             .or_default()
-            .push_back(x.clone());
+            .push_back(posted(x)?);
         drop(st);
         self.board.cv.notify_all();
         Ok(())

@@ -68,6 +68,14 @@ pub enum Error {
         rule: &'static str,
     },
 
+    /// A gradient in [`crate::GradBuffers`] was replaced by a fresh tensor instead of being
+    /// accumulated in place, so it no longer views its slot of the flat gradient buffer.
+    #[error("gradient {name} no longer views its slot of the flat gradient buffer (it was replaced instead of accumulated in place)")]
+    GradDetached {
+        /// Parameter name.
+        name: String,
+    },
+
     /// A saved-activation record does not belong to the layer or parameters it is given to.
     #[error("{layer}: saved activations do not match: {rule}")]
     SavedMismatch {

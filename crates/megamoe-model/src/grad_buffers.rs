@@ -1,21 +1,25 @@
-//! Persistent gradient buffers: [`GradBuffers`] holds one gradient tensor per parameter,
-//! allocated once and zeroed in place each step, plus a [`FlatLayout`] that places every
-//! parameter at an offset of one flat address space and groups consecutive parameters
-//! into contiguous buckets (the unit of a data-parallel all-reduce or reduce-scatter).
+//! Persistent gradient buffers: [`GradBuffers`] holds a model's gradients in ONE flat
+//! write-through buffer (allocated once, zeroed in place each step), each parameter's gradient
+//! a view of it at its [`FlatLayout`] offset, and groups consecutive parameters into
+//! contiguous buckets (the unit of a data-parallel all-reduce or reduce-scatter).
+//!
+//! The backward accumulates into the views in place (`add_assign`, `matmul_acc`,
+//! `index_add_rows_acc`, ...), so the writes land in the flat buffer and a bucket is a view of
+//! it too ([`GradBuffers::bucket`]: no copy). The aliasing rules are the tensor crate's
+//! write-through rules (`megamoe_tensor::Tensor::write_through_zeros`): a gradient handle is
+//! a name for its slot, not a snapshot, and must never be replaced by a fresh tensor —
+//! [`GradBuffers::zero`] and [`GradBuffers::bucket`] check that every gradient still views
+//! its slot ([`Error::GradDetached`] otherwise).
 //!
 //! Buckets are formed in reverse visit order — the order backward finishes gradients (head
 //! first, embedding last) — so bucket 0 is ready first and can be reduced while backward
-//! still runs. Each bucket is a contiguous element range of the flat layout.
-//!
-//! Storage today: one tensor per parameter at its named slot; [`GradBuffers::bucket_flat`]
-//! concatenates a bucket (a copy). When tensors can alias one buffer with write access
-//! through offset views, the slots become views of a single flat tensor and the bucket read
-//! becomes free; the layout, names and bucket ranges stay as they are.
+//! still runs. Each bucket is a contiguous element range of the flat layout, and holds either
+//! expert banks only or no expert bank (the two reduce over different rank groups).
 
 use std::ops::Range;
 
 use megamoe_optim::ParamRole;
-use megamoe_tensor::Tensor;
+use megamoe_tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::ModelParams;
@@ -62,7 +66,8 @@ pub struct FlatLayout {
 impl FlatLayout {
     /// Lays out the tensors `visit` enumerates (in visit order) and cuts buckets of at most
     /// `bucket_elems` elements walking backwards from the last parameter (a larger
-    /// parameter gets a bucket of its own). `bucket_elems` must be ≥ 1.
+    /// parameter gets a bucket of its own; a bucket also ends where expert banks and other
+    /// parameters meet). `bucket_elems` must be ≥ 1.
     pub fn new(
         visit: impl FnOnce(&mut dyn FnMut(&str, &Tensor, ParamRole)),
         bucket_elems: usize,
@@ -90,9 +95,11 @@ impl FlatLayout {
         let mut cuts = Vec::new(); // (start slot, end slot), built last-first
         let mut end = slots.len();
         let mut size = 0;
+        let expert = |s: &ParamSlot| s.role == ParamRole::ExpertBank;
         for i in (0..slots.len()).rev() {
             let n = slots[i].range().len();
-            if size > 0 && size + n > bucket_elems {
+            let group_change = i + 1 < end && expert(&slots[i]) != expert(&slots[i + 1]);
+            if size > 0 && (size + n > bucket_elems || group_change) {
                 cuts.push(i + 1..end);
                 end = i + 1;
                 size = 0;
@@ -142,34 +149,80 @@ impl FlatLayout {
     }
 }
 
-/// The gradients of a model, allocated once and zeroed in place each step.
+/// The gradients of a model: one flat write-through buffer, a view per parameter, allocated
+/// once and zeroed in place each step (see the module doc).
 #[derive(Debug)]
 pub struct GradBuffers {
     layout: FlatLayout,
     grads: ModelParams,
+    /// The `[layout.numel()]` buffer every gradient views; `None` for the separate
+    /// buffers of [`GradBuffers::separate`].
+    flat: Option<Tensor>,
 }
 
 impl GradBuffers {
-    /// Zero gradients shaped like `params`, with buckets of at most `bucket_elems`.
+    /// Zero gradients shaped like `params` (on their device), with buckets of at most
+    /// `bucket_elems`.
     pub fn new(params: &ModelParams, bucket_elems: usize) -> Result<GradBuffers> {
-        let grads = params.zeros_like()?;
+        let mut grads = params.zeros_like()?;
         let layout = FlatLayout::new(|f| grads.visit(f), bucket_elems)?;
-        Ok(GradBuffers { layout, grads })
-    }
-
-    /// Sets every gradient to zero in place (no allocation while no other handle shares a
-    /// buffer).
-    pub fn zero(&mut self) -> Result<()> {
+        let mut device = Device::Cpu;
+        params.visit(&mut |_, t, _| device = t.device());
+        // SAFETY: the buffer and its views belong to this GradBuffers, i.e. to one trainer
+        // (one rank): its backward, reduce, clip and optimizer run on that rank's thread, one
+        // after the other. A communicator that hands tensors to other threads copies a
+        // write-through view first (megamoe-comm's thread ranks do).
+        let flat = unsafe { Tensor::write_through_zeros([layout.numel()], device)? };
+        let mut slots = layout.slots().iter();
         let mut err = None;
-        self.grads.visit_mut(&mut |_, t, _| {
-            if err.is_none() {
-                err = t.fill_in_place(0.0).err();
+        grads.visit_mut(&mut |_, t, _| {
+            let Some(slot) = slots.next() else { return };
+            match flat.view(slot.offset, slot.dims.clone()) {
+                Ok(v) if err.is_none() => *t = v,
+                Ok(_) => {}
+                Err(e) => err = Some(e),
             }
         });
-        match err {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+        if let Some(e) = err {
+            return Err(e.into());
         }
+        Ok(GradBuffers {
+            layout,
+            grads,
+            flat: Some(flat),
+        })
+    }
+
+    /// One separate zero buffer per parameter, the same layout on paper but no flat buffer
+    /// and no bucket views: the reference the flat buffers are checked against (same bits).
+    pub fn separate(params: &ModelParams, bucket_elems: usize) -> Result<GradBuffers> {
+        let grads = params.zeros_like()?;
+        let layout = FlatLayout::new(|f| grads.visit(f), bucket_elems)?;
+        Ok(GradBuffers {
+            layout,
+            grads,
+            flat: None,
+        })
+    }
+
+    /// Sets every gradient to zero in place (one fill of the flat buffer, no allocation).
+    pub fn zero(&mut self) -> Result<()> {
+        self.check_attached()?;
+        match &mut self.flat {
+            Some(flat) => flat.fill_in_place(0.0)?,
+            None => {
+                let mut err = None;
+                self.grads.visit_mut(&mut |_, t, _| {
+                    if err.is_none() {
+                        err = t.fill_in_place(0.0).err();
+                    }
+                });
+                if let Some(e) = err {
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The layout.
@@ -177,14 +230,21 @@ impl GradBuffers {
         &self.layout
     }
 
-    /// The gradients (the accumulation target of `Model::backward`).
+    /// The gradients (views of the flat buffer; the accumulation target of
+    /// `Model::backward`).
     pub fn grads(&self) -> &ModelParams {
         &self.grads
     }
 
-    /// Mutable gradients.
+    /// Mutable gradients: accumulate into them in place, never replace one (module doc).
     pub fn grads_mut(&mut self) -> &mut ModelParams {
         &mut self.grads
+    }
+
+    /// The whole flat buffer `[numel]`, every gradient at its slot's offset (`None` for
+    /// [`GradBuffers::separate`]).
+    pub fn flat(&self) -> Option<&Tensor> {
+        self.flat.as_ref()
     }
 
     /// The gradient of `name` (its named view).
@@ -198,31 +258,49 @@ impl GradBuffers {
         out
     }
 
-    /// Bucket `b` as one flat `[len]` tensor, its slots in layout order.
-    pub fn bucket_flat(&self, b: usize) -> Result<Tensor> {
+    /// Bucket `b` as a `[len]` view of the flat buffer (its slots in layout order; no copy):
+    /// reduce it and write the result back into it in place.
+    pub fn bucket(&self, b: usize) -> Result<Tensor> {
         let bucket = self.layout.buckets.get(b).ok_or(Error::Stage {
             micro_batch: None,
             rule: "no such gradient bucket",
         })?;
-        let mut parts = Vec::with_capacity(bucket.slots.len());
+        self.check_attached()?;
+        let flat = self.flat.as_ref().ok_or(Error::Stage {
+            micro_batch: None,
+            rule: "separate gradient buffers have no bucket views",
+        })?;
+        Ok(flat.view(bucket.elems.start, [bucket.elems.len()])?)
+    }
+
+    /// Every gradient still views its slot of the flat buffer.
+    fn check_attached(&self) -> Result<()> {
+        let Some(flat) = &self.flat else {
+            return Ok(());
+        };
+        let mut slots = self.layout.slots().iter();
+        let mut detached = None;
         self.grads.visit(&mut |n, t, _| {
-            if self.layout.slot(n).is_some_and(|s| s.bucket == b) {
-                parts.push(t.clone());
+            let ok = slots.next().is_some_and(|s| {
+                t.same_storage(flat)
+                    && t.layout().offset() == s.offset
+                    && t.dims() == s.dims.as_slice()
+            });
+            if !ok && detached.is_none() {
+                detached = Some(n.to_string());
             }
         });
-        let flat: Vec<Tensor> = parts
-            .iter()
-            .map(|t| t.reshape([t.numel()]))
-            .collect::<std::result::Result<_, _>>()?;
-        let refs: Vec<&Tensor> = flat.iter().collect();
-        Ok(Tensor::cat(&refs, 0)?)
+        match detached {
+            Some(name) => Err(Error::GradDetached { name }),
+            None => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tests::{batch, tiny_plan, ALL_FEATURES};
+    use crate::model::tests::{batch, tiny_plan, ALL_FEATURES, MOE};
     use crate::{Model, ModelConfig};
 
     fn addr(t: &Tensor) -> usize {
@@ -231,7 +309,10 @@ mod tests {
 
     #[test]
     fn layout_tiles_the_flat_space_and_buckets_run_backwards() {
-        let model = Model::new(ModelConfig::from_plan(&tiny_plan(ALL_FEATURES)).unwrap()).unwrap();
+        let model = Model::new(
+            ModelConfig::from_plan(&tiny_plan(&format!("{MOE}{ALL_FEATURES}"))).unwrap(),
+        )
+        .unwrap();
         let p = model.init_params().unwrap();
         let cap = 300;
         let l = FlatLayout::new(|f| p.visit(f), cap).unwrap();
@@ -260,16 +341,31 @@ mod tests {
         }
         for (i, k) in b.iter().enumerate() {
             assert!(k.elems.len() <= cap || k.slots.len() == 1, "bucket {i}");
+            let experts = l.slots()[k.slots.clone()]
+                .iter()
+                .filter(|s| s.role == ParamRole::ExpertBank)
+                .count();
+            assert!(
+                experts == 0 || experts == k.slots.len(),
+                "bucket {i} mixes expert banks and other parameters"
+            );
             for s in &l.slots()[k.slots.clone()] {
                 assert_eq!(s.bucket, i);
             }
         }
+        assert!(
+            l.slots().iter().any(|s| s.role == ParamRole::ExpertBank),
+            "the model has expert banks"
+        );
         assert!(FlatLayout::new(|f| p.visit(f), 0).is_err());
     }
 
     #[test]
     fn buffers_are_reused_across_steps_and_give_fresh_buffer_gradients() {
-        let model = Model::new(ModelConfig::from_plan(&tiny_plan(ALL_FEATURES)).unwrap()).unwrap();
+        let model = Model::new(
+            ModelConfig::from_plan(&tiny_plan(&format!("{MOE}{ALL_FEATURES}"))).unwrap(),
+        )
+        .unwrap();
         let p = model.init_params().unwrap();
         let mut gb = GradBuffers::new(&p, 1 << 10).unwrap();
         let mut addrs = Vec::new();
@@ -304,17 +400,84 @@ mod tests {
                 "step {step}: every gradient buffer reused in place"
             );
         }
-        // A bucket read is the concatenation of its slots.
-        let flat = gb.bucket_flat(0).unwrap().to_host_f32().unwrap();
+        // Every gradient is a view of the flat buffer at its slot: what backward wrote
+        // through the views is what the flat buffer holds.
+        let flat = gb.flat().unwrap().to_host_f32().unwrap();
+        assert_eq!(flat.len(), gb.layout().numel());
+        for slot in gb.layout().slots() {
+            let g = gb.get(&slot.name).unwrap();
+            assert!(g.same_storage(gb.flat().unwrap()), "{}", slot.name);
+            assert_eq!(g.layout().offset(), slot.offset, "{}", slot.name);
+            assert_eq!(
+                g.to_host_f32().unwrap(),
+                flat[slot.range()],
+                "{}",
+                slot.name
+            );
+        }
+        assert!(
+            flat.iter().any(|&v| v != 0.0),
+            "backward wrote into the flat buffer"
+        );
+        // Buckets are contiguous views: no copy, and a write into a bucket is the gradients'.
+        for (b, bucket) in gb.layout().buckets().iter().enumerate() {
+            let v = gb.bucket(b).unwrap();
+            assert!(v.same_storage(gb.flat().unwrap()));
+            assert_eq!(v.layout().offset(), bucket.elems.start);
+            assert_eq!(v.to_host_f32().unwrap(), flat[bucket.elems.clone()]);
+        }
+        assert!(gb.bucket(gb.layout().buckets().len()).is_err());
         let b0 = gb.layout().buckets()[0].clone();
-        assert_eq!(flat.len(), b0.elems.len());
+        let mut v = gb.bucket(0).unwrap();
+        v.fill_in_place(2.0).unwrap();
         let first = &gb.layout().slots()[b0.slots.start];
         let g = gb.get(&first.name).unwrap().to_host_f32().unwrap();
-        assert_eq!(&flat[..g.len()], &g[..]);
-        assert!(gb.bucket_flat(99).is_err());
+        assert!(
+            g.iter().all(|&x| x == 2.0),
+            "a bucket write is the gradient's"
+        );
         gb.zero().unwrap();
+        assert!(gb
+            .flat()
+            .unwrap()
+            .to_host_f32()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0.0));
         gb.grads().visit(&mut |n, t, _| {
             assert!(t.to_host_f32().unwrap().iter().all(|&v| v == 0.0), "{n}")
         });
+    }
+
+    #[test]
+    fn a_gradient_written_through_its_view_lands_in_the_flat_buffer_and_a_replaced_one_is_named() {
+        let model = Model::new(
+            ModelConfig::from_plan(&tiny_plan(&format!("{MOE}{ALL_FEATURES}"))).unwrap(),
+        )
+        .unwrap();
+        let p = model.init_params().unwrap();
+        let mut gb = GradBuffers::new(&p, 1 << 10).unwrap();
+        let slot = gb.layout().slots()[3].clone();
+        let mut g = gb.get(&slot.name).unwrap();
+        let ones =
+            Tensor::ones(slot.dims.clone(), megamoe_tensor::DType::F32, Device::Cpu).unwrap();
+        g.add_assign(&ones).unwrap();
+        g.add_assign(&ones).unwrap();
+        let flat = gb.flat().unwrap().to_host_f32().unwrap();
+        for (i, v) in flat.iter().enumerate() {
+            let want = if slot.range().contains(&i) { 2.0 } else { 0.0 };
+            assert_eq!(*v, want, "element {i}");
+        }
+        // A backward that replaced a gradient instead of accumulating is caught by name.
+        gb.grads_mut().visit_mut(&mut |n, t, _| {
+            if n == slot.name {
+                *t = t.deep_copy().unwrap();
+            }
+        });
+        match gb.zero() {
+            Err(Error::GradDetached { name }) => assert_eq!(name, slot.name),
+            other => panic!("expected GradDetached, got {other:?}"),
+        }
+        assert!(matches!(gb.bucket(0), Err(Error::GradDetached { .. })));
     }
 }

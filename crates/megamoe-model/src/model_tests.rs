@@ -110,7 +110,8 @@ fn whole_model_with_every_feature_matches_finite_differences() {
 }
 
 /// MoE (layers 1, 2) with a gated shared expert and null slots (ρ = 0.5), dropless.
-const MOE: &str = "[moe]\nrouted_experts = 4\ntop_k = 2\nexpert_hidden = 8\npre_softmax = true\n\
+pub(crate) const MOE: &str =
+    "[moe]\nrouted_experts = 4\ntop_k = 2\nexpert_hidden = 8\npre_softmax = true\n\
     shared_experts = 1\nshared_expert_hidden = 8\nshared_expert_gate = true\nnull_rho = 0.5\n\
     aux_loss = \"aux\"\naux_loss_weight = 0.5\nz_loss_weight = 0.1\nfirst_dense_layers = 1\n";
 

@@ -134,9 +134,10 @@ pub fn newton_schulz5_batched(g: &Tensor, precision: NsPrecision) -> Result<Tens
 /// The momentum step: updates `buf` ← βM + (1−β)G in place and returns the Muon input
 /// `U` (Nesterov `(1−β)G + βM`, else `M`).
 pub fn momentum_step(buf: &mut Tensor, grad: &Tensor, beta: f64, nesterov: bool) -> Result<Tensor> {
-    let mut m = buf.scale(beta as f32)?;
-    m.axpy((1.0 - beta) as f32, grad)?;
-    *buf = m;
+    // In place (a flat momentum view stays in its buffer); `scale_by_assign` has the bits of
+    // `scale`.
+    buf.scale_by_assign(&Tensor::scalar(beta as f32, buf.device())?)?;
+    buf.axpy((1.0 - beta) as f32, grad)?;
     if nesterov {
         let mut u = grad.scale((1.0 - beta) as f32)?;
         u.axpy(beta as f32, buf)?;

@@ -9,6 +9,18 @@
 //!
 //! The step count (bias correction) is a host integer: [`Optimizer::steps_taken`] goes into
 //! the checkpoint JSON and back through [`Optimizer::load_state`].
+//!
+//! # Flat moments
+//! [`Optimizer::flatten_state`] lays the moments out in two flat write-through buffers, like
+//! the model's flat gradient buffer: `first` holds every parameter's first moment (AdamW's
+//! `exp_avg` or Muon's `momentum_buffer`: each parameter has exactly one) at the offsets of
+//! registration order — the gradient buffer's layout when the optimizer was registered from
+//! the same parameter visit — and `second` the AdamW parameters' `exp_avg_sq`, packed in the
+//! same order. Per-parameter state tensors are then views of them, updated in place by the
+//! fused AdamW op and the Muon momentum step; the bits are those of separate buffers. A clone
+//! of a flat optimizer shares the buffers (the write-through rule); [`Optimizer::load_state`]
+//! lays the loaded state out in fresh buffers, so loading into a clone leaves the original
+//! untouched.
 
 use std::collections::{HashMap, HashSet};
 
@@ -92,6 +104,8 @@ pub struct Optimizer {
     params: Vec<ParamState>,
     index: HashMap<String, usize>,
     steps: u64,
+    /// The flat moment buffers `(first, second)` once [`Optimizer::flatten_state`] ran.
+    flat: Option<(Tensor, Tensor)>,
 }
 
 fn check_role_shape(name: &str, role: ParamRole, dims: &[usize], muon: bool) -> Result<()> {
@@ -134,6 +148,7 @@ impl Optimizer {
             params: Vec::new(),
             index: HashMap::new(),
             steps: 0,
+            flat: None,
         };
         let mut err: Option<OptimError> = None;
         visit_params(&mut |name, t, role| {
@@ -216,6 +231,66 @@ impl Optimizer {
         }
         p.fused_blocks = splits.to_vec();
         Ok(self)
+    }
+
+    /// Moves the moments into two flat write-through buffers (see the module doc), keeping
+    /// their values. Every state tensor must live on one device.
+    pub fn flatten_state(&mut self) -> Result<()> {
+        let mut device = None;
+        let (mut first_len, mut second_len) = (0, 0);
+        for p in &self.params {
+            for (kind, t) in p.tensors() {
+                let Some(t) = t else { continue };
+                if kind == "master" {
+                    continue;
+                }
+                if *device.get_or_insert(t.device()) != t.device() {
+                    return Err(OptimError::InvalidArgument {
+                        field: "optimizer state",
+                        value: format!("{kind}.{} on {}", p.name, t.device()),
+                        rule: "flat moments need every state tensor on one device",
+                    });
+                }
+                if kind == "exp_avg_sq" {
+                    second_len += t.numel();
+                } else {
+                    first_len += t.numel();
+                }
+            }
+        }
+        let device = device.unwrap_or(megamoe_tensor::Device::Cpu);
+        // SAFETY: the buffers belong to this optimizer, stepped by one thread (its rank's)
+        // at a time; checkpoints read them between steps.
+        let (first, second) = unsafe {
+            (
+                Tensor::write_through_zeros([first_len], device)?,
+                Tensor::write_through_zeros([second_len], device)?,
+            )
+        };
+        let (mut at_first, mut at_second) = (0, 0);
+        for p in &mut self.params {
+            for kind in ["exp_avg", "exp_avg_sq", "momentum_buffer"] {
+                let Some(slot) = p.tensor_mut(kind) else {
+                    continue;
+                };
+                let (buf, at) = if kind == "exp_avg_sq" {
+                    (&second, &mut at_second)
+                } else {
+                    (&first, &mut at_first)
+                };
+                let mut view = buf.view(*at, slot.dims().to_vec())?;
+                view.copy_from(slot)?;
+                *at += slot.numel();
+                *slot = view;
+            }
+        }
+        self.flat = Some((first, second));
+        Ok(())
+    }
+
+    /// The flat moment buffers `(first, second)` (see the module doc), if flattened.
+    pub fn flat_state(&self) -> Option<(&Tensor, &Tensor)> {
+        self.flat.as_ref().map(|(a, b)| (a, b))
     }
 
     /// Sets the Newton–Schulz element type (default f32).
@@ -465,6 +540,9 @@ impl Optimizer {
             }
         }
         self.steps = steps_taken;
+        if self.flat.is_some() {
+            self.flatten_state()?;
+        }
         Ok(())
     }
 }

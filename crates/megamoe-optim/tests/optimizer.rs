@@ -197,3 +197,68 @@ fn load_state_checks_keys_and_shapes() {
     assert_eq!(opt.steps_taken(), 5);
     opt.visit_state(&mut |_, t| assert_eq!(t.dtype(), megamoe_tensor::DType::F32));
 }
+
+#[test]
+fn flat_moments_are_views_at_registration_offsets_and_step_like_separate_ones() {
+    let plan = muon_plan(1e-3, 0.02, 0.1, MuonScale::Keller, true);
+    let (mut p_flat, mut p_sep) = (model(), model());
+    let mut flat = Optimizer::new(&plan, &mut |f| p_flat.visit("", f)).unwrap();
+    let mut sep = Optimizer::new(&plan, &mut |f| p_sep.visit("", f)).unwrap();
+    flat.flatten_state().unwrap();
+    assert!(sep.flat_state().is_none());
+    for s in 1..4 {
+        let g = grads_for(&p_flat, s);
+        flat.step(
+            &mut |f| p_flat.visit_mut("", f),
+            &mut |f| g.visit("", f),
+            1e-3,
+        )
+        .unwrap();
+        sep.step(
+            &mut |f| p_sep.visit_mut("", f),
+            &mut |f| g.visit("", f),
+            1e-3,
+        )
+        .unwrap();
+    }
+    let bits = |t: &Tensor| host(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for ((_, a, _), (_, b, _)) in p_flat.entries.iter().zip(&p_sep.entries) {
+        assert_eq!(bits(a), bits(b));
+    }
+    // First moments (AdamW exp_avg or Muon momentum) tile one buffer in registration
+    // order; exp_avg_sq (AdamW only) the other; the values are the separate state's.
+    let (first, second) = flat.flat_state().unwrap();
+    let (mut at_first, mut at_second) = (0, 0);
+    let mut want = HashMap::new();
+    sep.visit_state(&mut |k, t| {
+        want.insert(k.to_string(), bits(t));
+    });
+    flat.visit_state(&mut |k, t| {
+        let (buf, at) = if k.starts_with("exp_avg_sq.") {
+            (second, &mut at_second)
+        } else {
+            (first, &mut at_first)
+        };
+        assert!(t.same_storage(buf), "{k}");
+        assert_eq!(t.layout().offset(), *at, "{k}");
+        *at += t.numel();
+        assert_eq!(bits(t), want[k], "{k}");
+    });
+    assert_eq!((at_first, at_second), (first.numel(), second.numel()));
+    assert_eq!(first.numel(), 10 * 4 + 12 * 4 + 2 * 6 * 4 + 4);
+    // Loading into a clone lays the state out in fresh buffers: the original is untouched.
+    let before = host(first);
+    let mut clone = flat.clone();
+    let mut zeros = Vec::new();
+    flat.visit_state(&mut |k, t| {
+        zeros.push((
+            k.to_string(),
+            Tensor::zeros(t.dims(), t.dtype(), t.device()).unwrap(),
+        ))
+    });
+    clone.load_state(3, zeros).unwrap();
+    assert_eq!(host(first), before);
+    let (c_first, _) = clone.flat_state().unwrap();
+    assert!(!c_first.same_storage(first));
+    assert!(host(c_first).iter().all(|&v| v == 0.0));
+}

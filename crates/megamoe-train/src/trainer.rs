@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! batch (B = train.global_batch sequences, booked to Data)
-//! grads.zero()                    persistent buffers (GradBuffers), zeroed in place
+//! grads.zero()                    one flat buffer (GradBuffers), zeroed in place
 //! for each of the M micro-batches (rows of the batch):       grad accumulation
 //!     forward → loss parts + stats + saved activations
 //!     backward(grad_scale = 1/M)  → grads += ∂(total/M)/∂θ    every loss weight once
@@ -163,10 +163,12 @@ impl Trainer {
             }
         }
         // The optimizer holds state for this rank's rows when they are sharded.
-        let optimizer = match parallel.as_ref().and_then(|p| p.optimizer_params()) {
+        let mut optimizer = match parallel.as_ref().and_then(|p| p.optimizer_params()) {
             Some(rows) => Optimizer::new(&plan.optim, &mut |f| rows.visit(f))?,
             None => Optimizer::new(&plan.optim, &mut |f| params.visit(f))?,
         };
+        // One flat buffer each for the gradients and the two moment kinds (same order).
+        optimizer.flatten_state()?;
         let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
         let counts = model_counts(&plan, &params, &optimizer);
         // `parallel.fsdp = 3`: keep only this rank's rows; the model gathers each block's.
@@ -728,3 +730,7 @@ pub(crate) fn splitmix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+#[cfg(test)]
+#[path = "trainer_flat_tests.rs"]
+mod flat_tests;

@@ -27,37 +27,29 @@ impl Parallel {
         reduce_sums(self.dense_dp.as_ref(), sums)
     }
 
-    /// Per bucket (in the order backward completes them): the dense gradients summed over
-    /// the dense data-parallel group and the expert banks over the expert data-parallel
-    /// group, rank order, then every gradient × 1/(dp·ep). All buckets are started before
-    /// the first is awaited. Results are written back into the persistent buffers.
+    /// Per bucket (in the order backward completes them): the bucket — a contiguous view of
+    /// the flat gradient buffer, dense parameters only or expert banks only — summed over
+    /// the dense data-parallel group or the expert data-parallel group, rank order, then
+    /// × 1/(dp·ep), written back into the same view in place: no gradient is copied on this
+    /// side (the in-process transport snapshots the posted view, MPI/NCCL read it). The
+    /// all-reduces the backward already started (module `overlap`, per block) are awaited
+    /// here too and written back per gradient; a bucket holding some of those gradients
+    /// reduces the rest of its slots joined (a copy). All buckets are started before the
+    /// first is awaited.
     fn reduce_grads(&self, grads: &mut GradBuffers) -> Result<()> {
         let scale = 1.0 / self.data_replicas() as f32;
-        let mut flat: Vec<Tensor> = Vec::new();
-        let mut err = None;
-        grads.grads().visit(&mut |_, g, _| {
-            if err.is_none() {
-                match g.reshape([g.numel()]) {
-                    Ok(t) => flat.push(t),
-                    Err(e) => err = Some(e),
-                }
-            }
-        });
-        if let Some(e) = err {
-            return Err(e.into());
-        }
         let layout = grads.layout();
+        let slots = layout.slots();
         // Reduces the backward already started (module `overlap`), as slot lists.
-        let index: std::collections::HashMap<&str, usize> = layout
-            .slots()
+        let index: std::collections::HashMap<&str, usize> = slots
             .iter()
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
-        let mut early = vec![false; flat.len()];
-        let mut pending = Vec::new();
+        let mut early = vec![false; slots.len()];
+        let mut joined = Vec::new();
         for (names, handle) in self.take_started() {
-            let mut slots = Vec::with_capacity(names.len());
+            let mut ids = Vec::with_capacity(names.len());
             for (name, _) in &names {
                 let i = *index.get(name.as_str()).ok_or_else(|| Error::TrainConfig {
                     field: "parallel",
@@ -66,60 +58,66 @@ impl Parallel {
                         .to_string(),
                 })?;
                 early[i] = true;
-                slots.push(i);
+                ids.push(i);
             }
-            pending.push((slots, handle));
+            joined.push((ids, handle));
         }
-        // The rest: (slots, handle) per (bucket, group), started in bucket order.
-        for bucket in layout.buckets() {
-            for expert in [false, true] {
-                let slots: Vec<usize> = bucket
-                    .slots
-                    .clone()
-                    .filter(|&i| (layout.slots()[i].role == ParamRole::ExpertBank) == expert)
-                    .filter(|&i| !early[i])
-                    .collect();
-                if slots.is_empty() {
-                    continue;
-                }
-                let comm: &dyn Communicator = if expert {
+        // The rest, in bucket order: a whole bucket as its view, else its remaining slots
+        // joined (per group).
+        let mut views = Vec::with_capacity(layout.buckets().len());
+        for (b, bucket) in layout.buckets().iter().enumerate() {
+            let group = |expert: bool| -> &dyn Communicator {
+                if expert {
                     self.expert_dp.as_ref()
                 } else {
                     self.dense_dp.as_ref()
-                };
-                let parts: Vec<&Tensor> = slots.iter().map(|&i| &flat[i]).collect();
-                let joined = Tensor::cat(&parts, 0)?;
-                pending.push((slots, comm.start_all_reduce(&joined, ReduceOp::Sum)?));
+                }
+            };
+            if !bucket.slots.clone().any(|i| early[i]) {
+                let expert = slots[bucket.slots.start].role == ParamRole::ExpertBank;
+                let view = grads.bucket(b)?;
+                let handle = group(expert).start_all_reduce(&view, ReduceOp::Sum)?;
+                views.push((view, handle));
+                continue;
+            }
+            for expert in [false, true] {
+                let ids: Vec<usize> = bucket
+                    .slots
+                    .clone()
+                    .filter(|&i| (slots[i].role == ParamRole::ExpertBank) == expert)
+                    .filter(|&i| !early[i])
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let parts = ids
+                    .iter()
+                    .map(|&i| slot_view(grads, i))
+                    .collect::<Result<Vec<_>>>()?;
+                let refs: Vec<&Tensor> = parts.iter().collect();
+                let handle =
+                    group(expert).start_all_reduce(&Tensor::cat(&refs, 0)?, ReduceOp::Sum)?;
+                joined.push((ids, handle));
             }
         }
-        let mut reduced: Vec<Option<Tensor>> = vec![None; flat.len()];
-        for (slots, handle) in pending {
+        for (ids, handle) in joined {
             let sum = handle.wait()?.scale(scale)?;
             let mut start = 0;
-            for i in slots {
-                let n = flat[i].numel();
-                reduced[i] = Some(sum.narrow(0, start, n)?);
+            for i in ids {
+                let mut g = slot_view(grads, i)?;
+                let n = g.numel();
+                g.fill_in_place(0.0)?;
+                g.add_assign(&sum.narrow(0, start, n)?)?;
                 start += n;
             }
         }
-        let mut index = 0;
-        grads.grads_mut().visit_mut(&mut |_, g, _| {
-            let i = index;
-            index += 1;
-            if err.is_some() {
-                return;
-            }
-            if let Some(r) = &reduced[i] {
-                let r = r.reshape(g.dims().to_vec());
-                err = r
-                    .and_then(|r| g.fill_in_place(0.0).and_then(|_| g.add_assign(&r)))
-                    .err();
-            }
-        });
-        match err {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+        for (mut view, handle) in views {
+            let sum = handle.wait()?;
+            // 0 + scale·sum: the bits of `fill(0) + add(sum.scale(scale))` above.
+            view.fill_in_place(0.0)?;
+            view.axpy(scale, &sum)?;
         }
+        Ok(())
     }
 
     /// Global gradient-norm clipping across ranks (PyTorch `clip_grad_norm_` semantics,
@@ -337,4 +335,15 @@ fn unpack(s: &mut StepSums, v: &[f64]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Slot `i`'s gradient as a flat `[numel]` view of the flat gradient buffer.
+fn slot_view(grads: &GradBuffers, i: usize) -> Result<Tensor> {
+    let flat = grads.flat().ok_or(Error::TrainConfig {
+        field: "parallel",
+        value: "separate gradient buffers".to_string(),
+        rule: "the data-parallel reduce needs the flat gradient buffer".to_string(),
+    })?;
+    let slot = &grads.layout().slots()[i];
+    Ok(flat.view(slot.offset, [slot.range().len()])?)
 }
