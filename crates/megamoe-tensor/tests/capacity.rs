@@ -41,10 +41,14 @@ fn capacity_permutation_places_kept_rows_in_expert_slabs(dev: Device) {
     assert_eq!(p.counts.to_host_i32().unwrap(), vec![2, 2, 1]);
     // keep over capacity is a named error, not a silent drop
     let all = Tensor::from_vec_f32(vec![1.0; 8], [4, 2], dev).unwrap();
-    let e = idx.capacity_permutation(&all, 3, 1).unwrap_err();
-    assert!(
-        matches!(e, Error::InvalidArgument { arg: "keep", .. }),
-        "{e}"
+    let e = error_of(idx.capacity_permutation(&all, 3, 1), |p| {
+        p.counts.to_host_i32().map(drop)
+    });
+    expect_bad_input(
+        dev,
+        &e,
+        |e| matches!(e, Error::InvalidArgument { arg: "keep", .. }),
+        "capacity_permutation",
     );
 }
 
@@ -65,10 +69,12 @@ fn permute_to_capacity_equals_sorted_rows_padded(dev: Device) {
         host(&buffers)
     );
     let bad = i32s(dev, &[0, 6], &[2]);
-    assert!(matches!(
-        x.gather_rows_or_zero(&bad).unwrap_err(),
-        Error::IndexOutOfRange { index: 6, .. }
-    ));
+    expect_bad_input(
+        dev,
+        &tensor_error(x.gather_rows_or_zero(&bad)),
+        |e| matches!(e, Error::IndexOutOfRange { index: 6, .. }),
+        "static expert buffers",
+    );
 }
 
 fn combine_slots_and_backward_equal_the_packed_scatter_bit_for_bit(dev: Device) {
@@ -140,15 +146,19 @@ fn packed_of(buffers: &Tensor, counts: &Tensor, c: usize) -> Tensor {
 fn combine_slots_rejects_bad_rows_and_shapes(dev: Device) {
     let rows = rand_on(dev, 1, &[4, 3]);
     let slot_row = i32s(dev, &[0, 4], &[1, 2]);
-    assert!(matches!(
-        rows.combine_slots(&slot_row, None).unwrap_err(),
-        Error::IndexOutOfRange { index: 4, .. }
-    ));
+    expect_bad_input(
+        dev,
+        &tensor_error(rows.combine_slots(&slot_row, None)),
+        |e| matches!(e, Error::IndexOutOfRange { index: 4, .. }),
+        "static expert buffers",
+    );
     let slot_row = i32s(dev, &[0, -2], &[1, 2]);
-    assert!(matches!(
-        rows.combine_slots(&slot_row, None).unwrap_err(),
-        Error::IndexOutOfRange { index: -2, .. }
-    ));
+    expect_bad_input(
+        dev,
+        &tensor_error(rows.combine_slots(&slot_row, None)),
+        |e| matches!(e, Error::IndexOutOfRange { index: -2, .. }),
+        "static expert buffers",
+    );
     let slot_row = i32s(dev, &[0, -1], &[1, 2]);
     let w = rand_on(dev, 2, &[2, 2]);
     assert!(matches!(

@@ -2,7 +2,7 @@
 //! the crate's RNG) and comparison helpers.
 #![allow(dead_code)]
 
-use megamoe_tensor::{Device, Tensor};
+use megamoe_tensor::{Device, Error, Tensor};
 
 /// xorshift64* uniform values in [-1, 1).
 pub fn rand_vec(seed: u64, n: usize) -> Vec<f32> {
@@ -60,6 +60,44 @@ pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
 /// [`rand_t`] on `device`.
 pub fn rand_on(device: Device, seed: u64, shape: &[usize]) -> Tensor {
     rand_t(seed, shape).to_device(device).unwrap()
+}
+
+/// The named error a bad input raises: the call's own error (the CPU backend checks element
+/// values on the host before writing), or — where a device backend checks them on the device
+/// (the CUDA routing, capacity and strided-group kernels) — the error of the next host read,
+/// `read(result)`: a kernel launch cannot fail synchronously, so the device records the bad
+/// value and the next synchronising read reports it. Panics if neither reports it.
+pub fn error_of<T>(
+    r: megamoe_tensor::Result<T>,
+    read: impl FnOnce(&T) -> megamoe_tensor::Result<()>,
+) -> Error {
+    match r {
+        Err(e) => e,
+        Ok(v) => match read(&v) {
+            Err(e) => e,
+            Ok(()) => panic!("a bad input passed: neither the call nor the next read failed"),
+        },
+    }
+}
+
+/// [`error_of`] for an op returning a tensor: the read is of that tensor.
+pub fn tensor_error(r: megamoe_tensor::Result<Tensor>) -> Error {
+    error_of(r, |t| t.to_host_f32().map(drop))
+}
+
+/// On `dev`, `e` is the error of a bad input: `on_cpu(e)` for the CPU backend (the host
+/// check's own error), on a GPU the device check's report naming `device_op` (its check's
+/// name, `Error::InvalidArgument` with `arg` "ids (checked on the device)").
+pub fn expect_bad_input(dev: Device, e: &Error, on_cpu: impl Fn(&Error) -> bool, device_op: &str) {
+    let ok = match dev {
+        Device::Cpu => on_cpu(e),
+        Device::Cuda(_) => {
+            on_cpu(e)
+                || matches!(e, Error::InvalidArgument { op, arg: "ids (checked on the device)", .. }
+                    if *op == device_op)
+        }
+    };
+    assert!(ok, "unexpected error on {dev}: {e}");
 }
 
 /// Instantiates the op test suite once per backend of this build: each named
