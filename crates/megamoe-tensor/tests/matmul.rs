@@ -200,6 +200,22 @@ fn grouped_matmul_bad_groups_are_typed_errors(dev: Device) {
     assert!(x.grouped_matmul(&groups(dev, &[4, 0]), &w, true).is_ok());
 }
 
+/// Strided (static-capacity) groups give the packed groups' results: the same bits on the
+/// CPU (one kernel for both); on a GPU within f32 rounding, since cuBLAS runs a strided
+/// batch and a per-group GEMM with different kernels (summation order).
+fn same_as_packed(dev: Device, got: &[f32], packed: &[f32]) -> bool {
+    match dev {
+        Device::Cpu => same_bits(got, packed),
+        Device::Cuda(_) => {
+            got.len() == packed.len()
+                && got
+                    .iter()
+                    .zip(packed)
+                    .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()))
+        }
+    }
+}
+
 fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
     // A static-capacity buffer [G·C, k] with C = 4: group g at rows 4g.., sizes 3, 0, 4.
     let (k, n, c) = (5, 3, 4);
@@ -230,7 +246,7 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
     for (g, &s) in sizes.iter().enumerate() {
         let rows = &ys[g * c * n..(g + 1) * c * n];
         assert!(
-            same_bits(&rows[..s * n], &yp[src * n..(src + s) * n]),
+            same_as_packed(dev, &rows[..s * n], &yp[src * n..(src + s) * n]),
             "group {g}"
         );
         assert!(
@@ -241,7 +257,7 @@ fn grouped_ops_on_strided_groups_match_packed_and_skip_pad_rows(dev: Device) {
     }
     let dws = host(&Tensor::grouped_matmul_wgrad(&dyst, &xst, &strided).unwrap());
     let dwp = host(&Tensor::grouped_matmul_wgrad(&dypt, &xpt, &groups(dev, &sizes)).unwrap());
-    assert!(same_bits(&dws, &dwp));
+    assert!(same_as_packed(dev, &dws, &dwp));
     // beta·self on pad rows of the accumulating form
     let mut acc = Tensor::full([sizes.len() * c, n], 2.0, DType::F32, dev).unwrap();
     acc.grouped_matmul_acc(&xst, &strided, &w, true, 0.5)

@@ -239,6 +239,15 @@ impl MatmulKernels for CudaBackend {
         let e = self.engine(OP)?;
         for (g, (o, s)) in spans.into_iter().enumerate() {
             let oc = od.ptr + (g * n * k * 4) as u64;
+            if s == 0 && beta == 0.0 {
+                // beta = 0 overwrites without reading: the block becomes exactly zero
+                // (cuBLAS computes 0·C for a k = 0 product, so NaNs in C stayed; found by
+                // the op suite's CUDA arm).
+                let block = megamoe_cuda::tensor::Dev::f32(oc);
+                // SAFETY: group g's [n, k] block lies inside the [G, n, k] output.
+                self.ck(OP, unsafe { e.tk.fill(&e.gpu, block, n * k, 0.0) })?;
+                continue;
+            }
             if s == 0 {
                 // An empty group's gradient is beta · its old value.
                 self.gemm(
