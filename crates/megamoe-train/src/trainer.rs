@@ -525,16 +525,6 @@ impl Trainer {
     /// On a rank of a distributed run this is collective: rank 0 reads the one-rank
     /// checkpoint and every rank takes its shard (see [`crate::distributed`]).
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        if self.parallel.as_ref().is_some_and(|p| p.holds_rows_only()) {
-            return Err(Error::TrainConfig {
-                field: "parallel.fsdp",
-                value: "3".to_string(),
-                rule: "a run with parameters sharded between steps does not load checkpoints \
-                       yet; resume with parallel.fsdp <= 2 (its checkpoints are in the \
-                       one-rank layout)"
-                    .to_string(),
-            });
-        }
         if self.parallel.is_some() {
             return self.load_checkpoint_shard(path);
         }

@@ -10,8 +10,9 @@
 //! broadcasts its scalar state (as JSON) and every tensor; each rank keeps its shard:
 //! its experts (rows `ep_rank·E/ep ..` of each bank and of its optimizer state), its
 //! `parallel.fsdp` rows of the optimizer state (the FSDP2 `chunk` rule over the
-//! parameter's data-parallel group), and on a pipeline rank its stages' parameters and
-//! optimizer state. A checkpoint written under any layout therefore resumes under any
+//! parameter's data-parallel group; under `parallel.fsdp = 3` its rows of the parameters
+//! too, which become the rows the optimizer updates and the blocks gather), and on a
+//! pipeline rank its stages' parameters and optimizer state. A checkpoint written under any layout therefore resumes under any
 //! other (resharding is a slice of exact copies).
 
 use std::collections::{HashMap, HashSet};
@@ -104,11 +105,18 @@ impl Trainer {
         };
         let world = par.world();
         let ep = par.mesh.ep;
-        // One-rank shapes of every tensor this rank holds a shard of.
+        let rows_only = par.holds_rows_only();
+        // One-rank shapes of every tensor this rank holds a shard of (under fsdp = 3 the
+        // parameters are rows: their full dim 0 first).
         let mut experts = HashSet::new();
         let mut full_dims: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut index = 0;
         self.params.visit(&mut |name, t, role| {
             let mut dims = t.dims().to_vec();
+            if rows_only {
+                dims[0] = par.full_rows(index).unwrap_or(dims[0]);
+            }
+            index += 1;
             if role == ParamRole::ExpertBank {
                 experts.insert(name.to_string());
                 dims[0] *= ep;
@@ -177,7 +185,10 @@ impl Trainer {
                 let per = spec.shape[0] / ep;
                 t = t.narrow(0, ep_rank * per, per)?;
             }
-            if optim && par.is_sharded() {
+            // Optimizer state rows (fsdp >= 1); under fsdp = 3 the parameter rows too
+            // (copied, as at init: the optimizer updates them in place).
+            let param_rows = !optim && rows_only && full_dims.contains_key(param);
+            if (optim || param_rows) && par.is_sharded() {
                 let g: &dyn Communicator = if expert {
                     par.expert_dp.as_ref()
                 } else {
@@ -185,6 +196,9 @@ impl Trainer {
                 };
                 let rows = chunk(t.dims()[0], g.size(), g.rank());
                 t = t.narrow(0, rows.start, rows.len)?;
+                if param_rows {
+                    t = t.deep_copy()?;
+                }
             }
             NamedTensor::from_tensor(spec.name.clone(), &t)
         };
@@ -206,7 +220,9 @@ impl Trainer {
 
         // 3. Derived shards: FSDP rows of the parameters, a pipeline rank's stages.
         if let Some(par) = self.parallel.as_mut() {
-            if par.is_sharded() {
+            if par.holds_rows_only() {
+                par.adopt_rows(&self.params)?;
+            } else if par.is_sharded() {
                 par.sharded = Some(par.shard_state(&self.params, false)?);
             }
         }

@@ -109,6 +109,28 @@ impl Parallel {
         })
     }
 
+    /// Under `parallel.fsdp = 3`: makes `rows` (this rank's rows of every parameter, as a
+    /// loaded checkpoint left them in the trainer) the rows the optimizer updates; the
+    /// trainer and the sharded state then share the same handles, as after init.
+    pub(crate) fn adopt_rows(&mut self, rows: &ModelParams) -> Result<()> {
+        let Some(state) = self.sharded.as_mut() else {
+            return Ok(());
+        };
+        let mut loaded = Vec::new();
+        rows.visit(&mut |_, t, _| loaded.push(t.clone()));
+        map_params(&mut state.params, |i, t| {
+            let new = &loaded[i];
+            if new.dims() != t.dims() {
+                return Err(crate::error::Error::TrainConfig {
+                    field: "checkpoint",
+                    value: format!("rows {:?}", new.dims()),
+                    rule: format!("must match this rank's parameter rows {:?}", t.dims()),
+                });
+            }
+            Ok(new.clone())
+        })
+    }
+
     /// Reduce-scatters every gradient into this rank's rows (sum in rank order, then
     /// × 1/(dp·ep)); every collective is started before the first is awaited.
     pub(crate) fn reduce_scatter_grads(&mut self, grads: &GradBuffers) -> Result<()> {
