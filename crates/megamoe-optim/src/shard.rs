@@ -36,6 +36,14 @@ pub trait RowGather {
     /// bank sharded over experts, or a parameter that is not sharded). Errors must name
     /// what failed ([`OptimError::Gather`]).
     fn gather_rows(&mut self, name: &str, local: &Tensor) -> Result<Option<(Tensor, RowShard)>>;
+
+    /// This rank's part of `o`, the orthogonalised full matrix of a [`RowGather::gather_rows`]
+    /// that returned `rows`: those rows (the default). A gather along another dimension
+    /// (tensor-parallel columns) cuts the same range of that dimension instead.
+    fn keep(&mut self, name: &str, o: &Tensor, rows: RowShard) -> Result<Tensor> {
+        let _ = name;
+        Ok(o.narrow(0, rows.start, rows.len)?)
+    }
 }
 
 /// A dim-0 split rule.

@@ -590,7 +590,7 @@ fn update_one<'g>(
                                 cfg.scale,
                                 cfg.ns_precision,
                             )?;
-                            o.narrow(0, rows.start, rows.len)?
+                            gather.keep(&st.name, &o, rows)?
                         }
                         None => orthogonalize(&u, &blocks, cfg.scale, cfg.ns_precision)?,
                     };

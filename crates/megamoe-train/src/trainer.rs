@@ -366,6 +366,9 @@ impl Trainer {
                 Some(par) if par.is_sharded() => {
                     par.sharded_optimizer_step(&mut self.optimizer, &mut self.params, lr)?
                 }
+                Some(par) if par.mesh().tp > 1 => {
+                    par.tp_optimizer_step(&mut self.optimizer, &mut self.params, &self.grads, lr)?
+                }
                 _ => self.optimizer.step(
                     &mut |f| self.params.visit_mut(f),
                     &mut |f| self.grads.grads().visit(f),

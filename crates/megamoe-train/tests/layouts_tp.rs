@@ -6,7 +6,8 @@
 //!
 //! The model has 4 query heads over 2 KV heads (GQA groups of 2, kept whole on a TP rank),
 //! a dense layer and an MoE layer with a gated shared expert, aux and z losses and the
-//! expert bias; capacity off (dropless) and on (capacity factor 1).
+//! expert bias; capacity off (dropless) and on (capacity factor 1); AdamW, and Muon with
+//! each TP slice's matrix gathered for its Newton-Schulz step.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -131,17 +132,15 @@ fn check(label: &str, sets: &[String], dp: usize, ep: usize, tp: usize) -> f64 {
 }
 
 fn check_layout(dp: usize, ep: usize, tp: usize) {
-    for (cap, sets) in [
-        ("dropless", vec![]),
-        ("capacity", vec!["moe.capacity_factor=1.0".to_string()]),
-    ] {
-        check(
-            &format!("dp{dp}xep{ep}xtp{tp} adamw/{cap}"),
-            &sets,
-            dp,
-            ep,
-            tp,
-        );
+    for optim in ["adamw", "muon"] {
+        for (cap, mut sets) in [
+            ("dropless", vec![]),
+            ("capacity", vec!["moe.capacity_factor=1.0".to_string()]),
+        ] {
+            sets.push(format!("optim.name=\"{optim}\""));
+            let label = format!("dp{dp}xep{ep}xtp{tp} {optim}/{cap}");
+            check(&label, &sets, dp, ep, tp);
+        }
     }
 }
 
@@ -157,13 +156,18 @@ fn tp2_dp2_matches_one_rank() {
 
 #[test]
 fn tp2_ep2_matches_one_rank() {
-    check(
-        "dp1xep2xtp2 adamw/capacity",
-        &["moe.capacity_factor=1.0".to_string()],
-        1,
-        2,
-        2,
-    );
+    for optim in ["adamw", "muon"] {
+        check(
+            &format!("dp1xep2xtp2 {optim}/capacity"),
+            &[
+                "moe.capacity_factor=1.0".to_string(),
+                format!("optim.name=\"{optim}\""),
+            ],
+            1,
+            2,
+            2,
+        );
+    }
 }
 
 /// Every parameter's shape on every TP rank for tp 1, 2 and 4: the Megatron split of the
@@ -271,11 +275,6 @@ fn bad_tp_layouts_are_refused_by_name() {
             "model.n_heads",
         ),
         (
-            vec!["parallel.tp=2", "optim.name=\"muon\""],
-            2,
-            "parallel.tp",
-        ),
-        (
             vec!["parallel.tp=2", "parallel.fsdp=2", "parallel.dp=2"],
             4,
             "parallel.fsdp",
@@ -294,18 +293,28 @@ fn bad_tp_layouts_are_refused_by_name() {
 }
 
 /// A checkpoint written by rank 0 of tp2 holds the one-rank checkpoint's tensors (TP
-/// slices gathered): same names and shapes, values equal up to summation order.
+/// slices and their AdamW moments / Muon momentum gathered): same names and shapes, values
+/// equal up to summation order.
 #[test]
 fn a_tp2_checkpoint_is_the_one_rank_checkpoint() {
-    let dir = std::env::temp_dir().join(format!("megamoe-layouts-tp-{}", std::process::id()));
+    for optim in ["adamw", "muon"] {
+        checkpoint_matches_one_rank(optim);
+    }
+}
+
+fn checkpoint_matches_one_rank(optim: &str) {
+    let dir =
+        std::env::temp_dir().join(format!("megamoe-layouts-tp-{optim}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let steps = 3;
-    let mut one = Trainer::new(&raw(&[]), data(), TrainerOptions::default()).unwrap();
+    let optim_set = format!("optim.name=\"{optim}\"");
+    let one_raw = raw(std::slice::from_ref(&optim_set));
+    let mut one = Trainer::new(&one_raw, data(), TrainerOptions::default()).unwrap();
     for _ in 0..steps {
         one.step().unwrap();
     }
     let one_dir = one.save_checkpoint(&dir.join("one")).unwrap();
-    let tp_raw = raw(&["parallel.tp=2".to_string()]);
+    let tp_raw = raw(&["parallel.tp=2".to_string(), optim_set]);
     let saved = run_thread_ranks(2, |world| -> Result<_, Error> {
         let mut t = Trainer::new_rank(&tp_raw, data(), TrainerOptions::default(), world)?;
         for _ in 0..steps {
@@ -336,12 +345,80 @@ fn a_tp2_checkpoint_is_the_one_rank_checkpoint() {
                 .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
             assert!(
                 diff <= 1e-4 * scale.max(1e-6),
-                "{}: max diff {diff:e} (scale {scale:e})",
+                "{optim} {}: max diff {diff:e} (scale {scale:e})",
                 x.name
             );
             compared += 1;
         }
     }
     assert!(compared > 10);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A checkpoint written under tp2 at step 4 (the one-rank layout) resumes under tp2 (bit
+/// for bit: every rank takes its slices back), under one rank and under tp2 × dp2, and
+/// the resumed steps have the uninterrupted tp2 run's losses (≤ 1e-5 relative).
+#[test]
+fn a_tp2_checkpoint_resumes_under_other_layouts_with_the_same_losses() {
+    const ALL: usize = 7;
+    const SAVE_AT: u64 = 4;
+    let dir = std::env::temp_dir().join(format!("megamoe-tp-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let muon = "optim.name=\"muon\"".to_string();
+    // rank 0's losses of the steps after `resume` (or from 0), saving at SAVE_AT into `save`
+    let run = |layout: &[&str], world: usize, resume: bool, save: bool| -> Vec<f64> {
+        let mut sets = vec![muon.clone(), "parallel.microbatches=1".to_string()];
+        sets.extend(layout.iter().map(|s| s.to_string()));
+        if !layout.iter().any(|s| s.starts_with("parallel.dp")) {
+            sets[1] = "parallel.microbatches=2".to_string();
+        }
+        let raw = raw(&sets);
+        let steps = |t: &mut Trainer| -> Result<Vec<f64>, Error> {
+            if resume {
+                t.load_checkpoint(&dir.join(format!("ckpt-{SAVE_AT:08}")))?;
+            }
+            let mut losses = Vec::new();
+            while (t.step_count() as usize) < ALL {
+                losses.push(t.step()?.loss.total);
+                if save && t.step_count() == SAVE_AT {
+                    if t.is_writer() {
+                        t.save_checkpoint(&dir)?;
+                    } else {
+                        t.join_checkpoint()?;
+                    }
+                }
+            }
+            Ok(losses)
+        };
+        if world == 1 {
+            let mut t = Trainer::new(&raw, data(), TrainerOptions::default()).unwrap();
+            return steps(&mut t).unwrap();
+        }
+        run_thread_ranks(world, |comm| {
+            let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), comm)?;
+            steps(&mut t)
+        })
+        .unwrap()
+        .remove(0)
+    };
+    let whole = run(&["parallel.tp=2"], 2, false, true);
+    assert_eq!(whole.len(), ALL);
+    let want = &whole[SAVE_AT as usize..];
+    let same = run(&["parallel.tp=2"], 2, true, false);
+    assert_eq!(same, want, "tp2 resumed");
+    for (name, layout, world) in [
+        ("one rank", &[][..], 1),
+        ("tp2 x dp2", &["parallel.tp=2", "parallel.dp=2"][..], 4),
+    ] {
+        let got = run(layout, world, true, false);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (s, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                rel(*g, *w) <= 1e-5,
+                "{name}: resumed step {}: loss {g} vs uninterrupted tp2 {w}",
+                SAVE_AT as usize + s + 1
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

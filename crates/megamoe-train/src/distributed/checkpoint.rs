@@ -121,6 +121,7 @@ impl Trainer {
                 experts.insert(name.to_string());
                 dims[0] *= ep;
             }
+            par.tp_full_dims(name, &mut dims);
             full_dims.insert(name.to_string(), dims);
         });
         let local_model = self.model_tensors()?;
@@ -185,6 +186,7 @@ impl Trainer {
                 let per = spec.shape[0] / ep;
                 t = t.narrow(0, ep_rank * per, per)?;
             }
+            t = par.take_tp_slice(param, t)?;
             // Optimizer state rows (fsdp >= 1); under fsdp = 3 the parameter rows too
             // (copied, as at init: the optimizer updates them in place).
             let param_rows = !optim && rows_only && full_dims.contains_key(param);

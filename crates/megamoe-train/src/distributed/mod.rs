@@ -35,7 +35,7 @@
 //! ep: each pipeline stage then runs its data rank's micro-batches, exchanges MoE tokens
 //! over the stage's EP group and reduces its gradients over the stage's data-parallel
 //! groups. Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` > 0 with `pp`,
-//! and `tp` with `pp`, `fsdp`, `sp` or Muon.
+//! and `tp` with `pp`, `fsdp` or `sp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the

@@ -12,16 +12,22 @@
 //! clip            Σ g² of the TP slices summed over the TP group; the replicated
 //!                 parameters (norms, router, routed experts, embedding, head) are
 //!                 identical on every TP rank and counted once
-//! checkpoint      TP slices all-gathered along their split dimension: the one-rank layout
+//! optimizer       AdamW on the rank's slices as on one rank; Muon ([`TpGather`]): a
+//!                 slice's momentum-updated matrix is all-gathered along its split
+//!                 dimension, every TP rank runs Newton-Schulz on the whole matrix and
+//!                 keeps its slice (replicated matrices need no gather)
+//! checkpoint      TP slices all-gathered along their split dimension: the one-rank layout;
+//!                 a resume takes each rank's slice of the one-rank tensors
 //! ```
 //! Refused by name ([`check_tp_layout`]): tp with pipeline stages, with sharded optimizer
-//! state (`parallel.fsdp` > 0), with sequence parallelism, and with Muon (its
-//! Newton-Schulz step needs the whole matrix).
+//! state (`parallel.fsdp` > 0) and with sequence parallelism.
 
 use megamoe_comm::{Communicator, ReduceOp};
-use megamoe_model::Model;
+use megamoe_model::tp::tp_split_dim;
+use megamoe_model::{GradBuffers, Model, ModelParams};
 use megamoe_moe::TensorParallel;
-use megamoe_plan::{OptimizerKind, Plan, ZeroLevel};
+use megamoe_optim::{OptimError, Optimizer, RowGather};
+use megamoe_plan::{Plan, RowShard, ZeroLevel};
 use megamoe_tensor::{Device, Tensor};
 
 use super::Parallel;
@@ -57,14 +63,6 @@ pub(crate) fn check_tp_layout(plan: &Plan) -> Result<()> {
              parallel.fsdp = 0 with parallel.tp > 1)",
         );
     }
-    if plan.optim.kind == OptimizerKind::Muon {
-        return refuse(
-            "parallel.tp",
-            p.tp.to_string(),
-            "Muon on tensor-parallel slices (gather the whole matrix, Newton-Schulz, keep \
-             the slice) is not implemented; use optim.name = \"adamw\" with parallel.tp > 1",
-        );
-    }
     Ok(())
 }
 
@@ -79,7 +77,7 @@ impl Parallel {
 
     /// Whether gradient `name` is this rank's TP slice of a larger parameter.
     pub(crate) fn is_tp_slice(&self, name: &str) -> bool {
-        self.mesh.tp > 1 && megamoe_model::tp::tp_split_dim(name).is_some()
+        self.mesh.tp > 1 && tp_split_dim(name).is_some()
     }
 
     /// Σ over the TP group (rank order; the same value on every TP rank).
@@ -88,6 +86,26 @@ impl Parallel {
             return Ok(x.clone());
         }
         Ok(self.tp.all_reduce(x, ReduceOp::Sum)?)
+    }
+
+    /// The one-rank shape of parameter `name` (or its optimizer state) whose TP-local
+    /// shape is `dims` (unchanged for a replicated parameter).
+    pub(crate) fn tp_full_dims(&self, name: &str, dims: &mut [usize]) {
+        if let Some(d) = tp_split_dim(name).filter(|_| self.mesh.tp > 1) {
+            dims[d] *= self.mesh.tp;
+        }
+    }
+
+    /// This rank's TP slice of `full`, the one-rank tensor of parameter `name` (or of its
+    /// optimizer state) read from a checkpoint; a replicated tensor is returned whole.
+    pub(crate) fn take_tp_slice(&self, name: &str, full: Tensor) -> Result<Tensor> {
+        match tp_split_dim(name).filter(|_| self.mesh.tp > 1) {
+            Some(d) => {
+                let per = full.dims()[d] / self.mesh.tp;
+                Ok(full.narrow(d, self.coords.tp * per, per)?)
+            }
+            None => Ok(full),
+        }
     }
 
     /// Checkpoint tensors (parameters and their optimizer state, `param_of` maps a name to
@@ -102,7 +120,7 @@ impl Parallel {
             return Ok(());
         }
         for t in tensors.iter_mut() {
-            let Some(dim) = megamoe_model::tp::tp_split_dim(param_of(&t.name)) else {
+            let Some(dim) = tp_split_dim(param_of(&t.name)) else {
                 continue;
             };
             let local = t.to_tensor(Device::Cpu)?;
@@ -110,6 +128,70 @@ impl Parallel {
             *t = NamedTensor::from_tensor(t.name.clone(), &full)?;
         }
         Ok(())
+    }
+}
+
+impl Parallel {
+    /// The optimizer step of a tensor-parallel rank: AdamW on its slices as on one rank,
+    /// Muon through [`TpGather`]. Collective over the TP group (every TP rank visits the
+    /// same parameters in the same order).
+    pub(crate) fn tp_optimizer_step(
+        &self,
+        optimizer: &mut Optimizer,
+        params: &mut ModelParams,
+        grads: &GradBuffers,
+        lr: f64,
+    ) -> Result<()> {
+        let mut gather = TpGather {
+            comm: self.tp.as_ref(),
+        };
+        optimizer.step_sharded(
+            &mut |f| params.visit_mut(f),
+            &mut |f| grads.grads().visit(f),
+            lr,
+            &mut gather,
+        )?;
+        Ok(())
+    }
+}
+
+/// Muon on tensor-parallel slices (the Moonlight step over the TP group): the
+/// momentum-updated slice `U` is all-gathered along its split dimension in TP rank order
+/// (the one-rank matrix), every TP rank runs Newton-Schulz on it (same input, same bits,
+/// the Muon scale of the whole matrix) and keeps its own rows or columns of the result.
+/// Replicated matrices (router, routed experts, ...) are whole already: no gather.
+struct TpGather<'a> {
+    comm: &'a dyn Communicator,
+}
+
+impl RowGather for TpGather<'_> {
+    fn gather_rows(
+        &mut self,
+        name: &str,
+        local: &Tensor,
+    ) -> megamoe_optim::Result<Option<(Tensor, RowShard)>> {
+        let Some(dim) = tp_split_dim(name) else {
+            return Ok(None);
+        };
+        let n = local.dims().get(dim).copied().unwrap_or(0);
+        let full = gather_along(self.comm, local, dim).map_err(|e| OptimError::Gather {
+            name: name.to_string(),
+            source: Box::new(e),
+        })?;
+        let start = self.comm.rank() * n;
+        Ok(Some((
+            full,
+            RowShard {
+                start,
+                len: n,
+                padded_len: n,
+            },
+        )))
+    }
+
+    fn keep(&mut self, name: &str, o: &Tensor, rows: RowShard) -> megamoe_optim::Result<Tensor> {
+        let dim = tp_split_dim(name).unwrap_or(0);
+        Ok(o.narrow(dim, rows.start, rows.len)?)
     }
 }
 
