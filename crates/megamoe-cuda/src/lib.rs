@@ -42,7 +42,7 @@ pub mod tensor;
 pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker};
 pub use error::{Error, Result};
 pub use gemm::{Elem, Operand};
-pub use graph::Graph;
+pub use graph::{Graph, PinnedHost};
 pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
 pub use ops::{AdamWParams, AttentionGrads, AttentionShape, Ops};
