@@ -11,9 +11,23 @@ use crate::{DType, Result, Shape, Tensor};
 impl HostTransfer for CudaBackend {
     fn upload(&self, data: CpuStorage, shape: Shape) -> Result<Tensor> {
         const OP: &str = "upload";
-        let e = self.engine(OP)?;
+        let mut e = self.engine(OP)?;
         let (t, _) = self.empty(&e, shape, data.dtype())?;
         if let Storage::Cuda(s) = t.storage() {
+            if e.capture.is_some() {
+                // Inside a captured step: the copy reads pinned memory kept with the graph.
+                let staged = match &data {
+                    CpuStorage::F32(v) if !v.is_empty() => Some(e.gpu.upload_staged(&s.buf, v)),
+                    CpuStorage::BF16(v) if !v.is_empty() => Some(e.gpu.upload_staged(&s.buf, v)),
+                    CpuStorage::I32(v) if !v.is_empty() => Some(e.gpu.upload_staged(&s.buf, v)),
+                    _ => None,
+                };
+                if let Some(staged) = staged {
+                    let pinned = self.ck(OP, staged)?;
+                    e.capture.get_or_insert_with(Vec::new).push(pinned);
+                }
+                return Ok(t);
+            }
             let r = match &data {
                 CpuStorage::F32(v) if !v.is_empty() => e.gpu.upload(&s.buf, v),
                 CpuStorage::BF16(v) if !v.is_empty() => e.gpu.upload(&s.buf, v),
@@ -28,6 +42,13 @@ impl HostTransfer for CudaBackend {
     fn to_host(&self, x: &Tensor) -> Result<CpuStorage> {
         const OP: &str = "to_host";
         let e = self.engine(OP)?;
+        if e.capture.is_some() {
+            return Err(self.err(OP, megamoe_cuda::Error::Invalid {
+                field: "to_host",
+                value: "a host read".to_string(),
+                rule: "not allowed inside a captured CUDA graph region (the step reads after its replay)",
+            }));
+        }
         let Storage::Cuda(s) = x.storage() else {
             return Err(crate::Error::NotOnCpu {
                 op: OP,

@@ -22,6 +22,8 @@
 
 mod dense;
 mod elementwise;
+mod graph;
+pub use graph::{device_address, StepGraph};
 mod grouped;
 mod host;
 mod matmul;
@@ -85,6 +87,9 @@ pub(crate) struct Engine {
     /// Op-time markers (`MEGAMOE_CUDA_PROFILE` set): one stream event per engine use,
     /// named by the op (see [`CudaBackend::profile_report`]).
     profile: Option<Vec<(&'static str, megamoe_cuda::Marker)>>,
+    /// While a step is being captured (see `graph.rs`): the pinned host copies its uploads
+    /// read, kept for the graph's life.
+    pub(crate) capture: Option<Vec<megamoe_cuda::PinnedHost>>,
 }
 
 /// The backend of GPU `ordinal`.
@@ -144,6 +149,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
             ops_f32,
             ops_bf16,
             profile: std::env::var_os("MEGAMOE_CUDA_PROFILE").map(|_| Vec::new()),
+            capture: None,
         }),
         bf16_matmul: std::sync::atomic::AtomicBool::new(false),
     })
