@@ -33,6 +33,10 @@ pub struct StepBenchArgs {
     /// Peak FLOP/s for MFU. Default 989e12 (H100/H200 dense bf16).
     #[arg(long, default_value_t = 989e12)]
     pub peak_flops: f64,
+    /// Capture each step's forward and backward as one CUDA graph after a warm-up step
+    /// and replay it (GPU, static-capacity runs; others run uncaptured and say why).
+    #[arg(long)]
+    pub cuda_graph: bool,
 }
 
 /// Runs `megamoe bench step`.
@@ -58,6 +62,7 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
             device: a.device,
         },
     )?;
+    trainer.set_cuda_graph(a.cuda_graph);
     let setup_s = t0.elapsed().as_secs_f64();
     let plan = trainer.plan().clone();
     let predicted_gib = plan_memory(&plan, None).peak_gb;
@@ -114,6 +119,7 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = last {
         println!("loss        {:.4} at step {}", m.loss.total, m.step);
     }
+    println!("cuda_graph  {}", trainer.cuda_graph_status());
     if !profile.is_empty() {
         let total: f64 = profile.iter().map(|p| p.1).sum();
         println!("op time     (MEGAMOE_CUDA_PROFILE: stream ms per step by op, top 30)");

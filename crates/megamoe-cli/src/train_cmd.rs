@@ -67,6 +67,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 
+    /// On a GPU in static-capacity mode (moe.capacity_factor + moe.pad_to_capacity):
+    /// capture each step's forward and backward as one CUDA graph after a warm-up step
+    /// and replay it. Other runs stay uncaptured and log why. Off by default.
+    #[arg(long)]
+    pub cuda_graph: bool,
+
     /// Tokens generated for the final text sample (0 = none).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub sample_tokens: usize,
@@ -244,6 +250,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             device: args.device,
         },
     )?;
+    trainer.set_cuda_graph(args.cuda_graph);
     let (run_dir, _lock) = match lock {
         Some(held) => held,
         None => {

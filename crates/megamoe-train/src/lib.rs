@@ -84,6 +84,7 @@ pub mod run_dir;
 pub mod run_totals;
 pub mod session;
 mod sha256;
+mod step_graph;
 mod step_stats;
 pub mod support;
 pub mod synthetic;

@@ -83,7 +83,7 @@ struct MoeSlots {
 
 /// The loss parts and statistics of a step's micro-batches, on the device until
 /// [`StepStatsAccumulator::finish`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct StepStatsAccumulator {
     num_domains: usize,
     /// Layout of the first micro-batch; later ones must match.

@@ -50,7 +50,7 @@ use crate::data::{Batch, BatchConfig, Batcher, DataSource};
 use crate::error::{Error, Result};
 use crate::goodput::{GoodputTotals, GoodputTracker, TimeCategory};
 use crate::metrics::{mfu, training_flops_per_token, StepMetrics};
-use crate::step_stats::{StepStatsAccumulator, StepSums};
+use crate::step_stats::StepSums;
 
 /// Gradient bucket size (elements): 4 MiB of f32, the unit a data-parallel reduction will
 /// work on.
@@ -114,6 +114,8 @@ pub struct Trainer {
     pub(crate) parallel: Option<crate::distributed::Parallel>,
     /// This rank's pipeline stages when `parallel.pp > 1` (the step runs the schedule).
     pub(crate) pipeline: Option<crate::distributed::PipelineRank>,
+    /// Whole-step CUDA graph state (see [`crate::step_graph`]).
+    pub(crate) graph: crate::step_graph::StepGraphState,
 }
 
 impl Trainer {
@@ -207,6 +209,7 @@ impl Trainer {
             num_domains,
             parallel,
             pipeline: None,
+            graph: Default::default(),
         })
     }
 
@@ -300,7 +303,6 @@ impl Trainer {
         megamoe_tensor::reset_peak_bytes();
         let s = self.step as usize; // 0-based index of this step
         let m = self.plan.batch.microbatches;
-        let mbs = self.plan.batch.micro_batch_size;
 
         // 1. batch
         let batch = self
@@ -319,26 +321,9 @@ impl Trainer {
 
         // 2. forward / backward per micro-batch; gradients accumulate. A data-parallel
         //    rank runs its own m micro-batches of the global batch.
-        self.grads.zero()?;
-        let mut stats = StepStatsAccumulator::new(self.num_domains);
-        let grad_scale = 1.0 / m as f32;
+        //    With whole-step CUDA graphs on, this part is captured once and replayed.
         let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
-        let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
-        for i in first..first + m {
-            if i + 1 == first + m {
-                // The last micro-batch completes each gradient: reduce it during backward.
-                if let Some(par) = &self.parallel {
-                    par.arm_overlap();
-                }
-            }
-            let micro = batch.rows(i * mbs..(i + 1) * mbs)?;
-            let (ids, targets) = batch_tensors(&micro, self.options.device)?;
-            let out = self.model.forward(&params, &ids, &targets, s)?;
-            stats.add(&out.losses, &out.stats, &micro)?;
-            self.model
-                .backward(&params, out.saved, self.grads.grads_mut(), grad_scale)?;
-        }
-        drop(params);
+        let stats = self.forward_backward(&batch, first, s)?;
 
         // One host read for every micro-batch's loss parts and statistics.
         let mut sums = stats.finish(&self.plan)?;
