@@ -37,8 +37,10 @@ pub(crate) struct StepGraphState {
     /// The last step's status.
     status: String,
     /// Fixed `(ids, targets)` device buffers, one pair per micro-batch.
+    #[cfg(feature = "cuda")]
     inputs: Vec<(Tensor, Tensor)>,
     /// One uncaptured step ran with the fixed inputs (kernels compiled, caches made).
+    #[cfg(feature = "cuda")]
     warmed: bool,
     #[cfg(feature = "cuda")]
     captured: Option<Captured>,
