@@ -236,15 +236,47 @@ fn mesh_curve(variant: &str, dp: usize, ep: usize, pp: usize, schedule: &str) ->
     let raw = raw(&sets);
     let curves = run_thread_ranks(dp * ep * pp, |world| -> megamoe_train::Result<_> {
         let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
-        (0..STEPS)
-            .map(|_| t.step().map(|m| (m.loss.total, m.grad_norm)))
-            .collect::<megamoe_train::Result<Vec<_>>>()
+        let first = t.step()?;
+        let want = routing(&one_rank_first_step(variant));
+        assert!(!want.is_empty(), "the model has MoE layers");
+        assert_eq!(
+            routing(&first),
+            want,
+            "dp{dp} ep{ep} pp{pp} {schedule}: step 1's routing statistics are one rank's"
+        );
+        let mut curve = vec![(first.loss.total, first.grad_norm)];
+        for _ in 1..STEPS {
+            let m = t.step()?;
+            curve.push((m.loss.total, m.grad_norm));
+        }
+        Ok(curve)
     })
     .unwrap();
     for (r, c) in curves.iter().enumerate() {
         assert_eq!(c, &curves[0], "rank {r} reports rank 0's losses");
     }
     curves[0].clone()
+}
+
+/// Per MoE layer: (layer, tokens per expert, dropped, null share).
+fn routing(m: &megamoe_train::StepMetrics) -> Vec<(usize, Vec<u64>, u64, f64)> {
+    m.moe
+        .iter()
+        .map(|l| {
+            (
+                l.layer,
+                l.tokens_per_expert.clone(),
+                l.dropped,
+                l.null_share,
+            )
+        })
+        .collect()
+}
+
+/// One rank's first step of the mesh model.
+fn one_rank_first_step(variant: &str) -> megamoe_train::StepMetrics {
+    let mut t = Trainer::new(&raw(&mesh_sets(variant)), data(), TrainerOptions::default()).unwrap();
+    t.step().unwrap()
 }
 
 fn one_rank_curve(variant: &str) -> Vec<(f64, f64)> {

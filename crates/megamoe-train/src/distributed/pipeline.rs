@@ -123,6 +123,8 @@ pub struct PipelineStep {
     pub skipped: bool,
     /// This rank's measured schedule run.
     pub timing: RankTiming,
+    /// Routing statistics of every MoE layer over the step's micro-batches (all ranks).
+    pub moe: Vec<crate::metrics::MoeLayerStats>,
 }
 
 /// Calls `f` once per distinct parameter name of `params` (model stages ascending).
@@ -557,6 +559,7 @@ impl PipelineRank {
         sum_shared_gradients(&self.schedule, self.rank, &mut stages, &mut transport)?;
         let mut losses = BTreeMap::new();
         let mut picks: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+        let mut routing: BTreeMap<usize, ([f32; 3], usize)> = BTreeMap::new();
         let mut grads: Vec<(String, Tensor, ParamRole)> = Vec::new();
         let mut seen = HashSet::new();
         for st in stages.into_values() {
@@ -564,6 +567,10 @@ impl PipelineRank {
                 return Err(e.into());
             }
             losses.extend(st.losses);
+            for (layer, (v, k)) in st.routing {
+                let r = routing.entry(layer).or_insert(([0.0; 3], k));
+                r.0.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            }
             for (layer, p) in st.picks {
                 let sum = picks.entry(layer).or_insert_with(|| vec![0.0; p.len()]);
                 sum.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
@@ -579,6 +586,8 @@ impl PipelineRank {
         if self.data_replicas > 1 {
             reduce_over_data_ranks(groups, &mut grads, self.data_replicas)?;
         }
+
+        let moe = self.gather_routing(groups.world, &picks, &routing)?;
 
         // 4. Losses of every micro-batch, from the head stages.
         let (loss, mtp_losses) = self.gather_losses(groups.world, first, &losses)?;
@@ -637,7 +646,59 @@ impl PipelineRank {
             lr,
             skipped: !finite,
             timing,
+            moe,
         })
+    }
+
+    /// Every MoE layer's routing statistics over the step: a `[layers, E + 5]` table
+    /// (picks per expert, null picks, tokens, kept assignments, slots per token, 1), each
+    /// layer's row summed
+    /// over the micro-batches of the ranks holding it, all-reduced over the world (integer
+    /// counts in f32: exact).
+    fn gather_routing(
+        &self,
+        world: &dyn Communicator,
+        picks: &BTreeMap<usize, Vec<f32>>,
+        routing: &BTreeMap<usize, ([f32; 3], usize)>,
+    ) -> Result<Vec<crate::metrics::MoeLayerStats>> {
+        let Some(moe) = &self.plan.moe else {
+            return Ok(Vec::new());
+        };
+        let (layers, e) = (self.plan.model.n_layers, moe.routed_experts);
+        let k = e + 5;
+        let mut table = vec![0.0f32; layers * k];
+        for (&l, p) in picks {
+            if let (true, Some((v, slots))) = (l < layers && p.len() == e, routing.get(&l)) {
+                let row = &mut table[l * k..(l + 1) * k];
+                row[..e].copy_from_slice(p);
+                row[e..e + 3].copy_from_slice(v);
+                row[e + 3] = *slots as f32;
+                row[e + 4] = 1.0;
+            }
+        }
+        let t = Tensor::from_vec_f32(table, [layers, k], Device::Cpu)?;
+        let all = world.all_reduce(&t, ReduceOp::Sum)?.to_host_f32()?;
+        let mut out = Vec::new();
+        for l in 0..layers {
+            let row = &all[l * k..(l + 1) * k];
+            if row[e + 4] == 0.0 {
+                continue; // a dense layer
+            }
+            // Every rank holding the layer wrote the same slots per token.
+            let slots = (row[e + 3] / row[e + 4]).round() as usize;
+            let counts: Vec<u64> = row[..e].iter().map(|&x| x as u64).collect();
+            let total: u64 = counts.iter().sum();
+            let kept = row[e + 2] as u64;
+            out.push(crate::metrics::MoeLayerStats::from_counts(
+                l,
+                counts,
+                total.saturating_sub(kept),
+                row[e] as u64,
+                row[e + 1] as u64,
+                slots,
+            ));
+        }
+        Ok(out)
     }
 
     /// The step's mean loss parts from the head stages' per-micro-batch values: a

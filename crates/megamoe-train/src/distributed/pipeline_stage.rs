@@ -67,6 +67,9 @@ pub(crate) struct ChunkStage<'a> {
     /// Routed-expert picks per MoE layer (global index), summed over this stage's
     /// micro-batches.
     pub picks: BTreeMap<usize, Vec<f32>>,
+    /// Per MoE layer (global index): (null-slot picks, tokens, kept assignments) summed
+    /// over this stage's micro-batches, and the routing slots per token.
+    pub routing: BTreeMap<usize, ([f32; 3], usize)>,
     /// First error of [`Stage::accumulate`] (which cannot return one).
     pub accumulate_error: RefCell<Option<megamoe_tensor::Error>>,
 }
@@ -107,6 +110,7 @@ impl<'a> ChunkStage<'a> {
             shared_embedding,
             losses: BTreeMap::new(),
             picks: BTreeMap::new(),
+            routing: BTreeMap::new(),
             accumulate_error: RefCell::new(None),
         })
     }
@@ -135,6 +139,22 @@ impl<'a> ChunkStage<'a> {
             for (s, p) in sum.iter_mut().zip(&picks[..e.min(picks.len())]) {
                 *s += p;
             }
+            // SYNC: one read per MoE layer per micro-batch, for the metrics line.
+            let kept: f32 = moe
+                .stats
+                .tokens_per_expert
+                .to_dtype(megamoe_tensor::DType::F32)?
+                .to_host_f32()?
+                .iter()
+                .sum();
+            let null: f32 = picks[e.min(picks.len())..].iter().sum();
+            let r = self
+                .routing
+                .entry(layer.layer)
+                .or_insert(([0.0; 3], moe.stats.slots_per_token));
+            r.0[0] += null;
+            r.0[1] += moe.stats.tokens as f32;
+            r.0[2] += kept;
         }
         Ok(())
     }

@@ -106,9 +106,9 @@ impl Trainer {
             memory_bytes: Some(peak),
             state_bytes: at.state_bytes,
             activation_bytes: peak.saturating_sub(at.state_bytes),
-            // Routing and skip statistics live on the ranks holding the layers; they are
-            // not gathered for the metrics line yet.
-            moe: Vec::new(),
+            // Routing statistics gathered over the ranks holding the layers; GateSkip /
+            // FlexiDepth statistics and shared-gate means are not gathered yet.
+            moe: out.moe,
             gate_skip: Vec::new(),
             flexi_depth: None,
             mtp_losses: out.mtp_losses,
