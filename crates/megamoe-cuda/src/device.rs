@@ -268,6 +268,30 @@ impl Gpu {
         )
         .ctx("cuLaunchKernel")
     }
+
+    /// [`Gpu::launch`] with a 2-D grid `(x, y)` and `shared` bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch`]; `shared` must not exceed the function's dynamic shared-memory
+    /// limit.
+    pub(crate) unsafe fn launch_2d(
+        &self,
+        f: dsys::CUfunction,
+        grid: (u32, u32),
+        block: u32,
+        shared: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        dres::launch_kernel(
+            f,
+            (grid.0.max(1), grid.1.max(1), 1),
+            (block, 1, 1),
+            shared,
+            self.pool.stream,
+            params,
+        )
+        .ctx("cuLaunchKernel")
+    }
 }
 
 impl Drop for Gpu {

@@ -45,5 +45,5 @@ pub use gemm::{Elem, Operand};
 pub use graph::{Graph, PinnedHost};
 pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
-pub use ops::{AdamWParams, AttentionGrads, AttentionShape, Ops};
+pub use ops::{AdamWParams, AttentionGrads, AttentionShape, FlashAttention, Ops};
 pub use pool::{DeviceBuffer, DeviceMem, DeviceView, PoolStats};

@@ -6,13 +6,15 @@
 //!
 //! ```text
 //! q = rope(x W_qᵀ), k = rope(x W_kᵀ), v = x W_vᵀ          (rotate-half RoPE, positions 0..T)
-//! P = causal_softmax(q kᵀ / √D)   per (b, h): bmm over B·NH
-//! o = P v;  y = o W_oᵀ
+//! o = causal_softmax(q kᵀ / √D) v   per (b, h): `Tensor::causal_attention` over B·NH
+//! y = o W_oᵀ
 //! ```
-//! KV heads are repeated to `B·NH` rows by a row gather (`index_select`) so every product is
-//! one batched GEMM; the backward sums the repeats with the deterministic `index_add_rows`.
-//! Forward saves `x`, rotated `q`, repeated `k`, `v`, `P` and `o`; `backward_input`
-//! returns `d_x` (fresh), `backward_weight` accumulates (+=).
+//! KV heads are repeated to `B·NH` rows by a row gather (`index_select`) so attention is one
+//! op over `B·NH` rows (on the CPU `bmm` + causal softmax + `bmm`; on a GPU in bf16 a fused
+//! kernel with no `[T, T]` matrix); the backward sums the repeats with the deterministic
+//! `index_add_rows`. Forward saves `x`, rotated `q`, repeated `k`, `v`, the attention output
+//! and its saved state (`P` on the CPU), and `o`; `backward_input` returns `d_x` (fresh),
+//! `backward_weight` accumulates (+=).
 
 use megamoe_optim::ParamRole;
 use megamoe_tensor::{DType, Device, Tensor};
@@ -128,8 +130,8 @@ pub struct AttentionSaved {
     k: Tensor,
     /// Values repeated `[B·NH, T, D]`.
     v: Tensor,
-    /// Attention probabilities `[B·NH, T, T]`.
-    p: Tensor,
+    /// The attention op's saved state (see [`Tensor::causal_attention`]).
+    attn: Tensor,
     /// Heads output before `o_proj` `[N, NH·D]`.
     o: Tensor,
 }
@@ -269,8 +271,8 @@ impl Attention {
         let v = self.split_heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
         let k = self.repeat_kv(k, b, t)?;
         let v = self.repeat_kv(v, b, t)?;
-        let probs = q.bmm(&k, false, true)?.causal_softmax(self.scale())?;
-        let o = self.merge_heads(probs.bmm(&v, false, false)?, b, t, nh, false)?;
+        let (o_heads, attn) = Tensor::causal_attention(&q, &k, &v, self.scale())?;
+        let o = self.merge_heads(o_heads, b, t, nh, false)?;
         let y = o.matmul(&p.o_proj, false, true)?;
         Ok((
             y,
@@ -281,7 +283,7 @@ impl Attention {
                 q,
                 k,
                 v,
-                p: probs,
+                attn,
                 o,
             },
         ))
@@ -297,11 +299,17 @@ impl Attention {
         let (b, t) = (s.b, s.t);
         let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
         let d_o = self.split_heads(d_y.matmul(&p.o_proj, false, false)?, b, t, nh, false)?;
-        let d_p = d_o.bmm(&s.v, false, true)?;
-        let d_v = s.p.bmm(&d_o, true, false)?;
-        let d_s = s.p.causal_softmax_backward(&d_p, self.scale())?;
-        let d_q = d_s.bmm(&s.k, false, false)?;
-        let d_k = d_s.bmm(&s.q, true, false)?;
+        // The attention output per head, from the merged `o` kept for `o_proj`'s gradient.
+        let o_heads = self.split_heads(s.o.clone(), b, t, nh, false)?;
+        let (d_q, d_k, d_v) = Tensor::causal_attention_backward(
+            &s.q,
+            &s.k,
+            &s.v,
+            &o_heads,
+            &s.attn,
+            &d_o,
+            self.scale(),
+        )?;
         let d_q = self.merge_heads(d_q, b, t, nh, true)?;
         let d_k = self.merge_heads(self.reduce_kv(d_k, b, t)?, b, t, nkv, true)?;
         let d_v = self.merge_heads(self.reduce_kv(d_v, b, t)?, b, t, nkv, false)?;

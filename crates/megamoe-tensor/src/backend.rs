@@ -6,7 +6,7 @@
 //! [`Backend`] supertrait: [`HostTransfer`] (allocation, host copies, casts),
 //! [`ElementwiseKernels`], [`ScalarKernels`], [`ReduceKernels`], [`SoftmaxKernels`],
 //! [`NormKernels`], [`RopeKernels`], [`LossKernels`], [`TopkKernels`], [`IndexKernels`],
-//! [`MatmulKernels`], [`RoutingKernels`], [`CapacityKernels`], [`OptimKernels`],
+//! [`MatmulKernels`], [`AttentionKernels`], [`RoutingKernels`], [`CapacityKernels`], [`OptimKernels`],
 //! [`RngKernels`]. No method has a default body, so a backend that misses a kernel does
 //! not compile: adding CUDA means `impl <Family> for CudaBackend` for each family, a
 //! `Storage::Cuda` variant behind feature `cuda`, and one arm in [`Tensor::backend`] and
@@ -33,6 +33,7 @@
 
 use std::fmt::Debug;
 
+use crate::ops::attention::AttentionKernels;
 use crate::ops::capacity::CapacityKernels;
 use crate::ops::elementwise::ElementwiseKernels;
 use crate::ops::index::IndexKernels;
@@ -80,6 +81,7 @@ pub trait Backend:
     + TopkKernels
     + IndexKernels
     + MatmulKernels
+    + AttentionKernels
     + RoutingKernels
     + CapacityKernels
     + OptimKernels

@@ -700,9 +700,21 @@ impl Tensor {
             // Written where it is: `buffer + offset` (module doc); always f32.
             return Ok(());
         }
+        self.make_unique_as(DType::F32, fresh)
+    }
+
+    /// [`Tensor::make_unique_f32`] for a buffer of `dtype` (write-through views aside): `self`
+    /// is replaced by `fresh(self)` (which must return a `dtype` tensor of the same shape)
+    /// unless it already is a unique, whole, offset-0 `dtype` buffer.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn make_unique_as(
+        &mut self,
+        dtype: DType,
+        fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
         let n = self.numel();
         let unique = self.layout.offset == 0
-            && self.dtype() == DType::F32
+            && self.dtype() == dtype
             && Arc::get_mut(&mut self.buffer).is_some_and(|b| b.storage.len() == n);
         if !unique {
             *self = fresh(self)?;

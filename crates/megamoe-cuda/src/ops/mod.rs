@@ -1,7 +1,8 @@
 //! The transformer-step kernels with a raw API (device buffers + shapes): RMSNorm, RoPE,
 //! softmax cross-entropy over the vocabulary, embedding gather and its deterministic
 //! scatter-add backward, causal GQA attention on cuBLAS GEMMs with a masked-softmax
-//! kernel, and the fused AdamW update.
+//! kernel, fused causal attention on tensor cores ([`FlashAttention`]: no `[T, T]` matrix
+//! in memory), and the fused AdamW update.
 //!
 //! Every op only queues work on the engine's stream (no host reads), so a step made of
 //! them can be captured as a graph; the few scratch buffers come from the stream-ordered
@@ -13,11 +14,13 @@
 //! `tests/ops_parity.rs` compare them on fresh random inputs).
 
 mod attention;
+mod flash;
 mod loss;
 mod norm;
 mod optim;
 
 pub use attention::{AttentionGrads, AttentionShape};
+pub use flash::FlashAttention;
 pub use optim::AdamWParams;
 
 use cudarc::driver::sys as dsys;

@@ -1,5 +1,8 @@
-//! RMSNorm, RoPE, cross-entropy, AdamW (megamoe-cuda's step `Ops`, f32 parity path) and the
-//! index / copy family (`megamoe_cuda::tensor` kernels and 2-D device copies).
+//! RMSNorm, RoPE, cross-entropy, AdamW (megamoe-cuda's step `Ops`: f32 parity path, or bf16
+//! storage with f32 math in bf16-activation mode, where norm and RoPE outputs, the norm's
+//! input gradient and the logit gradient are bf16 and row statistics, losses and weight
+//! gradients f32) and the index / copy family (`megamoe_cuda::tensor` kernels and 2-D
+//! device copies).
 
 use megamoe_cuda::AdamWParams;
 
@@ -14,11 +17,11 @@ use crate::{DType, Error, Result, Shape, Tensor};
 impl NormKernels for CudaBackend {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         const OP: &str = "rms_norm";
-        let (xf, wf) = (self.as_f32(x)?, self.as_f32(w)?);
+        let (xf, wf) = (self.as_act(x)?, self.as_act(w)?);
         let h = w.numel();
         let rows = x.numel().checked_div(h).unwrap_or(0);
         let e = self.engine(OP)?;
-        let (y, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        let (y, _) = self.empty(&e, x.shape().clone(), self.act())?;
         let (rstd, _) = self.empty(&e, [rows].into(), DType::F32)?;
         if rows > 0 {
             let (xv, wv, yv, rv) = (
@@ -29,7 +32,8 @@ impl NormKernels for CudaBackend {
             );
             self.ck(
                 OP,
-                e.ops_f32.rms_norm(&e.gpu, &xv, &wv, &yv, &rv, rows, h, eps),
+                e.ops(self.act())
+                    .rms_norm(&e.gpu, &xv, &wv, &yv, &rv, rows, h, eps),
             )?;
         }
         Ok((y, rstd))
@@ -43,11 +47,11 @@ impl NormKernels for CudaBackend {
         rstd: &Tensor,
     ) -> Result<Tensor> {
         const OP: &str = "rms_norm_backward_input";
-        let (df, xf, wf) = (self.as_f32(dy)?, self.as_f32(x)?, self.as_f32(w)?);
+        let (df, xf, wf) = (self.as_act(dy)?, self.as_act(x)?, self.as_act(w)?);
         let h = w.numel();
         let rows = rstd.numel();
         let e = self.engine(OP)?;
-        let (dx, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        let (dx, _) = self.empty(&e, x.shape().clone(), self.act())?;
         if rows > 0 {
             let v = (
                 view(OP, &df)?,
@@ -58,7 +62,7 @@ impl NormKernels for CudaBackend {
             );
             self.ck(
                 OP,
-                e.ops_f32
+                e.ops(self.act())
                     .rms_norm_backward_input(&e.gpu, &v.0, &v.1, &v.2, &v.3, &v.4, rows, h),
             )?;
         }
@@ -67,7 +71,7 @@ impl NormKernels for CudaBackend {
 
     fn rms_norm_backward_weight(&self, dy: &Tensor, x: &Tensor, rstd: &Tensor) -> Result<Tensor> {
         const OP: &str = "rms_norm_backward_weight";
-        let (df, xf) = (self.as_f32(dy)?, self.as_f32(x)?);
+        let (df, xf) = (self.as_act(dy)?, self.as_act(x)?);
         let h = x.dims().last().copied().unwrap_or(1);
         let rows = rstd.numel();
         let e = self.engine(OP)?;
@@ -85,7 +89,7 @@ impl NormKernels for CudaBackend {
         );
         self.ck(
             OP,
-            e.ops_f32
+            e.ops(self.act())
                 .rms_norm_backward_weight(&e.gpu, &v.0, &v.1, &v.2, &v.3, rows, h, false),
         )?;
         Ok(dw)
@@ -96,14 +100,14 @@ impl RopeKernels for CudaBackend {
     fn rope(&self, x: &Tensor, theta: f32, sign: f32) -> Result<Tensor> {
         const OP: &str = "rope";
         let (b, t, nh, d) = x.dims4()?;
-        let xf = self.as_f32(x)?;
+        let xf = self.as_act(x)?;
         let e = self.engine(OP)?;
-        let (y, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        let (y, _) = self.empty(&e, x.shape().clone(), self.act())?;
         if x.numel() > 0 {
             let (xv, yv) = (view(OP, &xf)?, view(OP, &y)?);
             self.ck(
                 OP,
-                e.ops_f32
+                e.ops(self.act())
                     .rope(&e.gpu, &xv, &yv, (b, t, nh, d), theta, sign < 0.0),
             )?;
         }
@@ -136,10 +140,10 @@ impl LossKernels for CudaBackend {
                 }
             }
         }
-        let lf = self.as_f32(logits)?;
+        let lf = self.as_act(logits)?;
         let e = self.engine(OP)?;
         let (loss, _) = self.empty(&e, Shape::from(Vec::new()), DType::F32)?;
-        let (grad, gd) = self.empty(&e, [n, v].into(), DType::F32)?;
+        let (grad, gd) = self.empty(&e, [n, v].into(), self.act())?;
         if n == 0 || v == 0 {
             // SAFETY: `loss` holds one element, `grad` n·v.
             self.ck(OP, unsafe {
@@ -156,7 +160,7 @@ impl LossKernels for CudaBackend {
         );
         self.ck(
             OP,
-            e.ops_f32
+            e.ops(self.act())
                 .cross_entropy(&e.gpu, &lv, &tv, &gv, &sv, (n, v), ignore_index),
         )?;
         Ok((loss, grad))

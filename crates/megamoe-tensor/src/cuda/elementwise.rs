@@ -1,5 +1,8 @@
 //! Elementwise, scalar, reduction, softmax and top-k families on the GPU
-//! (`megamoe_cuda::tensor` kernels). Outputs are f32, as on the CPU backend.
+//! (`megamoe_cuda::tensor` kernels). Outputs are f32, as on the CPU backend, except in
+//! bf16-activation mode ([`CudaBackend::set_bf16_activations`]): there elementwise ops,
+//! broadcasts and SwiGLU with a bf16 input write bf16 (f32 math), and the causal softmax
+//! writes its probabilities and their gradient bf16.
 
 use megamoe_cuda::tensor::{AllReduce, Binary, Broadcast, Dev, RowReduce, Unary};
 
@@ -42,6 +45,17 @@ impl CudaBackend {
         self.ck(op, f(&e, d))
     }
 
+    /// The dtype of an elementwise result of `inputs`: bf16 in bf16-activation mode when
+    /// any input is bf16 (an activation), else f32 (parameters, gradients and optimizer
+    /// state, which are f32, stay f32).
+    pub(crate) fn elementwise_dtype(&self, inputs: &[&Tensor]) -> DType {
+        if self.bf16_activations() && inputs.iter().any(|t| t.dtype() == DType::BF16) {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
     fn binary_into(
         &self,
         op: &'static str,
@@ -54,7 +68,7 @@ impl CudaBackend {
         self.produce(
             op,
             a.shape().clone(),
-            DType::F32,
+            self.elementwise_dtype(&[a, b]),
             Box::new(move |e, y| {
                 // SAFETY: the op layer checked the shapes: `a` and `y` hold n elements, `b`
                 // what `bcast` indexes.
@@ -122,7 +136,7 @@ impl ElementwiseKernels for CudaBackend {
         self.produce(
             "unary",
             x.shape().clone(),
-            DType::F32,
+            self.elementwise_dtype(&[x]),
             // SAFETY: `x` and the output hold n elements.
             Box::new(move |e, y| unsafe { e.tk.unary(&e.gpu, k, xd, y, n) }),
         )
@@ -139,9 +153,10 @@ impl ElementwiseKernels for CudaBackend {
     fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         const OP: &str = "swiglu_backward";
         let (g, u, d, n) = (dev(OP, gate)?, dev(OP, up)?, dev(OP, dy)?, gate.numel());
+        let dtype = self.elementwise_dtype(&[gate, up, dy]);
         let e = self.engine(OP)?;
-        let (dg, dgd) = self.empty(&e, gate.shape().clone(), DType::F32)?;
-        let (du, dud) = self.empty(&e, gate.shape().clone(), DType::F32)?;
+        let (dg, dgd) = self.empty(&e, gate.shape().clone(), dtype)?;
+        let (du, dud) = self.empty(&e, gate.shape().clone(), dtype)?;
         // SAFETY: all five hold n elements (shapes checked by the op).
         self.ck(OP, unsafe {
             e.tk.swiglu_backward(&e.gpu, g, u, d, dgd.ptr, dud.ptr, n)
@@ -356,13 +371,15 @@ impl SoftmaxKernels for CudaBackend {
         let rows = x.numel().checked_div(len).unwrap_or(0);
         match kind {
             SoftmaxKind::Causal { scale } => {
+                // Scores are read f32; the probabilities are an activation.
                 let src = self.as_f32(x)?;
                 let e = self.engine(OP)?;
-                let (t, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+                let (t, _) = self.empty(&e, x.shape().clone(), self.act())?;
                 let (sv, tv) = (super::view(OP, &src)?, super::view(OP, &t)?);
                 self.ck(
                     OP,
-                    e.ops_f32.causal_softmax(&e.gpu, &sv, &tv, rows, len, scale),
+                    e.ops(self.act())
+                        .causal_softmax(&e.gpu, &sv, &tv, rows, len, scale),
                 )?;
                 Ok(t)
             }
@@ -388,9 +405,9 @@ impl SoftmaxKernels for CudaBackend {
         let rows = y.numel().checked_div(len).unwrap_or(0);
         match kind {
             SoftmaxKind::Causal { scale } => {
-                let (yf, df) = (self.as_f32(y)?, self.as_f32(dy)?);
+                let (yf, df) = (self.as_act(y)?, self.as_f32(dy)?);
                 let e = self.engine(OP)?;
-                let (t, _) = self.empty(&e, y.shape().clone(), DType::F32)?;
+                let (t, _) = self.empty(&e, y.shape().clone(), self.act())?;
                 let (yv, dv, tv) = (
                     super::view(OP, &yf)?,
                     super::view(OP, &df)?,
@@ -398,7 +415,7 @@ impl SoftmaxKernels for CudaBackend {
                 );
                 self.ck(
                     OP,
-                    e.ops_f32
+                    e.ops(self.act())
                         .causal_softmax_backward(&e.gpu, &yv, &dv, &tv, rows, len, scale),
                 )?;
                 Ok(t)

@@ -4,9 +4,11 @@
 //! a group's size are not multiplied — the forward zeroes them in its output, the
 //! accumulating form scales them by `beta` (as the CPU backend), and the weight gradient
 //! reads a copy of the narrower operand with those rows zeroed. In a MoE layer the pad rows are already zero,
-//! so the masking changes no value; it only costs a pass over one operand.
+//! so the masking changes no value; it only costs a pass over one operand. Results are
+//! f32 in every precision mode (the static-capacity expert activations stay f32 in
+//! bf16-activation mode).
 
-use megamoe_cuda::Operand;
+use megamoe_cuda::{Elem, Operand};
 
 use super::matmul::operand;
 use super::{dev, CudaBackend};
@@ -29,7 +31,7 @@ impl CudaBackend {
         beta: f32,
     ) -> Result<()> {
         let e = self.engine(op)?;
-        self.gemm(&e, op, mnk, a, b, c, c_stride, batch, beta)
+        self.gemm(&e, op, mnk, a, b, (c, Elem::F32), c_stride, batch, beta)
     }
 
     /// Checks `G·stride ≤ rows`; returns G.

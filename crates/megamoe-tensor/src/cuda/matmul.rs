@@ -4,6 +4,12 @@
 //! bf16-matmul mode (both rounded to bf16). Grouped matmuls over fixed-stride groups are
 //! one strided-batched GEMM (`grouped.rs`, no host read); over packed groups they read the
 //! group sizes and offsets to the host (one counted read) and issue one GEMM per group.
+//!
+//! Results are f32, except in bf16-activation mode
+//! ([`CudaBackend::set_bf16_activations`]): there `matmul` (unless `trans_a`: a weight
+//! gradient `dyᵀ·x` stays f32) and `grouped_matmul` write bf16 (cuBLAS rounds the f32
+//! accumulator once), and the `_acc` forms accumulate into a bf16 `out` in place; `bmm`
+//! (attention scores, Muon) and the weight-gradient forms stay f32.
 
 use megamoe_cuda::{Elem, Operand};
 
@@ -44,7 +50,7 @@ impl CudaBackend {
         }
     }
 
-    /// `C[m, n] (f32) = alpha · op(A) · op(B) + beta · C` for `batch` strided entries.
+    /// `C[m, n] (c_elem) = alpha · op(A) · op(B) + beta · C` for `batch` strided entries.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
@@ -53,7 +59,7 @@ impl CudaBackend {
         (m, n, k): (usize, usize, usize),
         a: Operand,
         b: Operand,
-        c: u64,
+        (c, c_elem): (u64, Elem),
         c_stride: usize,
         batch: usize,
         beta: f32,
@@ -61,11 +67,16 @@ impl CudaBackend {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
-        let c = Operand::dense(c, Elem::F32, n, c_stride);
+        let c = Operand::dense(c, c_elem, n, c_stride);
         if k == 0 {
             // An empty inner dimension: C = beta · C.
-            let d = megamoe_cuda::tensor::Dev::f32(c.ptr);
-            // SAFETY: C holds batch·m·n f32 elements (its stride is m·n).
+            let kd = if c_elem == Elem::Bf16 {
+                megamoe_cuda::tensor::Dtype::Bf16
+            } else {
+                megamoe_cuda::tensor::Dtype::F32
+            };
+            let d = megamoe_cuda::tensor::Dev::new(c.ptr, kd);
+            // SAFETY: C holds batch·m·n elements (its stride is m·n).
             return self.ck(op, unsafe {
                 e.tk.unary(
                     &e.gpu,
@@ -80,6 +91,28 @@ impl CudaBackend {
             });
         }
         self.ck(op, e.gpu.gemm(m, n, k, a, b, c, batch, 1.0, beta))
+    }
+
+    /// The dtype of a fresh matmul result: bf16 in bf16-activation mode unless the product
+    /// is a weight gradient (`trans_a`), else f32.
+    fn product_dtype(&self, trans_a: bool) -> DType {
+        if trans_a {
+            DType::F32
+        } else {
+            self.act()
+        }
+    }
+
+    /// `out` made a unique buffer to accumulate into, and its GEMM element type: a bf16
+    /// `out` stays bf16 in bf16-activation mode; anything else becomes a unique f32 buffer.
+    fn acc_target(&self, op: &'static str, out: &mut Tensor) -> Result<(u64, Elem)> {
+        if self.bf16_activations() && out.dtype() == DType::BF16 {
+            out.make_unique_as(DType::BF16, |t| crate::backend::HostTransfer::copy(self, t))?;
+            Ok((dev(op, out)?.ptr, Elem::Bf16))
+        } else {
+            self.in_place(op, out, |_, _| Ok(()))?;
+            Ok((dev(op, out)?.ptr, Elem::F32))
+        }
     }
 }
 
@@ -97,11 +130,12 @@ impl MatmulKernels for CudaBackend {
         let (_, n) = logical(b, trans_b)?;
         let (a, b) = self.gemm_pair(a, b)?;
         let (ad, bd) = (dev(OP, &a)?, dev(OP, &b)?);
+        let dtype = self.product_dtype(trans_a);
         let e = self.engine(OP)?;
-        let (t, d) = self.empty(&e, [m, n].into(), DType::F32)?;
+        let (t, d) = self.empty(&e, [m, n].into(), dtype)?;
         let oa = operand(&a, ad.ptr, trans_a, a.dims()[1], 0);
         let ob = operand(&b, bd.ptr, trans_b, b.dims()[1], 0);
-        self.gemm(&e, OP, (m, n, k), oa, ob, d.ptr, 0, 1, 0.0)?;
+        self.gemm(&e, OP, (m, n, k), oa, ob, (d.ptr, elem(dtype)), 0, 1, 0.0)?;
         Ok(t)
     }
 
@@ -119,12 +153,11 @@ impl MatmulKernels for CudaBackend {
         let (_, n) = logical(b, trans_b)?;
         let (a, b) = self.gemm_pair(a, b)?;
         let (ad, bd) = (dev(OP, &a)?, dev(OP, &b)?);
-        self.in_place(OP, out, |_, _| Ok(()))?;
-        let od = dev(OP, out)?;
+        let c = self.acc_target(OP, out)?;
         let e = self.engine(OP)?;
         let oa = operand(&a, ad.ptr, trans_a, a.dims()[1], 0);
         let ob = operand(&b, bd.ptr, trans_b, b.dims()[1], 0);
-        self.gemm(&e, OP, (m, n, k), oa, ob, od.ptr, 0, 1, beta)
+        self.gemm(&e, OP, (m, n, k), oa, ob, c, 0, 1, beta)
     }
 
     fn bmm(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
@@ -143,7 +176,17 @@ impl MatmulKernels for CudaBackend {
         let (t, d) = self.empty(&e, [batch, m, n].into(), DType::F32)?;
         let oa = operand(&a, ad.ptr, trans_a, a1, a0 * a1);
         let ob = operand(&b, bd.ptr, trans_b, b1, if b_shared { 0 } else { b0 * b1 });
-        self.gemm(&e, OP, (m, n, k), oa, ob, d.ptr, m * n, batch, 0.0)?;
+        self.gemm(
+            &e,
+            OP,
+            (m, n, k),
+            oa,
+            ob,
+            (d.ptr, Elem::F32),
+            m * n,
+            batch,
+            0.0,
+        )?;
         Ok(t)
     }
 
@@ -160,7 +203,7 @@ impl MatmulKernels for CudaBackend {
         }
         let (r, n, _) = grouped_dims(OP, x, groups, w, trans_w)?;
         let e = self.engine(OP)?;
-        let (t, d) = self.empty(&e, [r, n].into(), DType::F32)?;
+        let (t, d) = self.empty(&e, [r, n].into(), self.act())?;
         // SAFETY: the output holds r·n elements.
         self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, r * n, 0.0) })?;
         drop(e);
@@ -187,8 +230,7 @@ impl MatmulKernels for CudaBackend {
         let spans = self.spans(OP, groups, r)?;
         let (x, w) = self.gemm_pair(x, w)?;
         let (xd, wd) = (dev(OP, &x)?, dev(OP, &w)?);
-        self.in_place(OP, out, |_, _| Ok(()))?;
-        let od = dev(OP, out)?;
+        let (od, oe) = self.acc_target(OP, out)?;
         let (xs, ws) = (x.dtype().size_in_bytes(), w.dtype().size_in_bytes());
         let e = self.engine(OP)?;
         for (g, (o, s)) in spans.into_iter().enumerate() {
@@ -197,8 +239,8 @@ impl MatmulKernels for CudaBackend {
             }
             let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
             let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
-            let oc = od.ptr + (o * n * 4) as u64;
-            self.gemm(&e, OP, (s, n, kx), oa, ob, oc, 0, 1, beta)?;
+            let oc = od + (o * n * oe.size()) as u64;
+            self.gemm(&e, OP, (s, n, kx), oa, ob, (oc, oe), 0, 1, beta)?;
         }
         Ok(())
     }
@@ -256,7 +298,7 @@ impl MatmulKernels for CudaBackend {
                     (n, k, 0),
                     Operand::dense(0, Elem::F32, 1, 0),
                     Operand::dense(0, Elem::F32, 1, 0),
-                    oc,
+                    (oc, Elem::F32),
                     0,
                     1,
                     beta,
@@ -265,7 +307,7 @@ impl MatmulKernels for CudaBackend {
             }
             let oa = operand(&dy, dd.ptr + (o * n * es) as u64, true, n, 0);
             let ob = operand(&x, xd.ptr + (o * k * es) as u64, false, k, 0);
-            self.gemm(&e, OP, (n, k, s), oa, ob, oc, 0, 1, beta)?;
+            self.gemm(&e, OP, (n, k, s), oa, ob, (oc, Elem::F32), 0, 1, beta)?;
         }
         Ok(())
     }

@@ -20,6 +20,7 @@
 //! Grouped matmuls over packed groups (cuBLAS needs host group sizes) read the groups to
 //! the host (one counted read per call); the named RNG is drawn on the host and uploaded.
 
+mod attention;
 mod dense;
 mod elementwise;
 mod graph;
@@ -90,6 +91,19 @@ pub(crate) struct Engine {
     /// While a step is being captured (see `graph.rs`): the pinned host copies its uploads
     /// read, kept for the graph's life.
     pub(crate) capture: Option<Vec<megamoe_cuda::PinnedHost>>,
+    /// Fused attention kernels, one per head dim used so far.
+    pub(crate) flash: Vec<megamoe_cuda::FlashAttention>,
+}
+
+impl Engine {
+    /// The step kernels for activations of `dtype` (bf16 storage or f32).
+    pub(crate) fn ops(&self, dtype: DType) -> &Ops {
+        if dtype == DType::BF16 {
+            &self.ops_bf16
+        } else {
+            &self.ops_f32
+        }
+    }
 }
 
 /// The backend of GPU `ordinal`.
@@ -99,6 +113,11 @@ pub struct CudaBackend {
     /// Matmuls round both operands to bf16 (f32 accumulation and result), see
     /// [`CudaBackend::set_bf16_matmul`].
     bf16_matmul: std::sync::atomic::AtomicBool,
+    /// Activations and their gradients are written bf16, see
+    /// [`CudaBackend::set_bf16_activations`].
+    bf16_activations: std::sync::atomic::AtomicBool,
+    /// Attention may run fused, see [`CudaBackend::set_fused_attention`].
+    fused_attention: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -106,6 +125,10 @@ impl std::fmt::Debug for CudaBackend {
         write!(f, "CudaBackend(cuda:{})", self.ordinal)
     }
 }
+
+/// Whether attention runs fused (in bf16-activation mode) when the environment does not
+/// say (`MEGAMOE_CUDA_ATTENTION=fused|unfused`).
+const FUSED_ATTENTION_BY_DEFAULT: bool = false;
 
 /// GPUs a process can address through this backend.
 const MAX_GPUS: usize = 16;
@@ -150,8 +173,17 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
             ops_bf16,
             profile: std::env::var_os("MEGAMOE_CUDA_PROFILE").map(|_| Vec::new()),
             capture: None,
+            flash: Vec::new(),
         }),
         bf16_matmul: std::sync::atomic::AtomicBool::new(false),
+        bf16_activations: std::sync::atomic::AtomicBool::new(false),
+        fused_attention: std::sync::atomic::AtomicBool::new(
+            match std::env::var("MEGAMOE_CUDA_ATTENTION").as_deref() {
+                Ok("fused") => true,
+                Ok("unfused") => false,
+                _ => FUSED_ATTENTION_BY_DEFAULT,
+            },
+        ),
     })
 }
 
@@ -229,6 +261,61 @@ impl CudaBackend {
     /// Whether matmuls run in bf16 (see [`CudaBackend::set_bf16_matmul`]).
     pub fn bf16_matmul(&self) -> bool {
         self.bf16_matmul.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// With `on`, the kernels that produce activations or their gradients write bf16
+    /// (mixed-precision training, `train.dtype = "bf16"` on a GPU): elementwise ops and
+    /// SwiGLU, row broadcasts, dense and grouped matmul outputs, RMSNorm and RoPE outputs
+    /// and input gradients, the causal-softmax probabilities and their gradient, and the
+    /// cross-entropy logit gradient. Their math, every accumulation and reduction stay f32.
+    /// f32 outputs are kept where precision matters or the tensor is small: matmuls that
+    /// contract over rows (`trans_a`, a weight gradient `dyᵀ·x`), batched matmuls
+    /// (attention scores, Muon's Newton-Schulz), reductions, losses, plain and log softmax
+    /// (router), top-k, masks, index gathers of f32 tables, the optimizer, and in-place
+    /// accumulators (gradients, master weights, moments). Off by default (f32 everywhere,
+    /// the parity path). Meant together with [`CudaBackend::set_bf16_matmul`].
+    pub fn set_bf16_activations(&self, on: bool) {
+        self.bf16_activations
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether activations are written bf16 (see [`CudaBackend::set_bf16_activations`]).
+    pub fn bf16_activations(&self) -> bool {
+        self.bf16_activations
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// With `on`, causal attention runs as one fused kernel in bf16-activation mode where
+    /// the head dim allows; off, it runs unfused (`bmm`, causal softmax, `bmm`). The
+    /// initial setting comes from `MEGAMOE_CUDA_ATTENTION=fused|unfused` in the environment
+    /// when the backend opens, else `FUSED_ATTENTION_BY_DEFAULT` (off).
+    pub fn set_fused_attention(&self, on: bool) {
+        self.fused_attention
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether attention may run fused (see [`CudaBackend::set_fused_attention`]).
+    pub fn fused_attention(&self) -> bool {
+        self.fused_attention
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The dtype of activation outputs: bf16 in bf16-activation mode, else f32.
+    pub(crate) fn act(&self) -> DType {
+        if self.bf16_activations() {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
+    /// `t` itself if its dtype is the activation dtype, else a converted copy.
+    pub(crate) fn as_act(&self, t: &Tensor) -> Result<Tensor> {
+        if t.dtype() == self.act() {
+            Ok(t.clone())
+        } else {
+            crate::backend::HostTransfer::to_dtype(self, t, self.act())
+        }
     }
 
     /// Pool counters of this GPU: (reserved, used, peak) bytes.

@@ -16,6 +16,7 @@
 //! Ops never read element data: only the backends do (the CPU one through the
 //! crate-private `Tensor::cpu_f32`/`cpu_i32`), so ops stay valid on a device.
 
+pub mod attention;
 pub mod capacity;
 pub mod elementwise;
 pub mod groups;

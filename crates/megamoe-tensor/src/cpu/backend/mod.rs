@@ -2,6 +2,7 @@
 //! from validated tensors to the slice kernels of `cpu/<family>.rs` (one file per group of
 //! families). Element ids are checked here, on the host, before any kernel runs.
 
+mod attention;
 mod capacity;
 mod elementwise;
 mod host;

@@ -1,0 +1,302 @@
+//! The CUDA backend in bf16-activation mode (`train.dtype = "bf16"` on a GPU) against the
+//! CPU backend's f32 ops on the same fresh random inputs: activation outputs are stored
+//! bf16 and agree within the bf16 tolerance (‖got − ref‖ / ‖ref‖ ≤ 1e-2, NaN never
+//! passes); weight gradients, row statistics, losses, reductions and anything computed
+//! from f32 tensors only (parameters, gradients, optimizer state) stay f32. Its own test
+//! binary: the mode is process-wide, so it must not run beside the f32 parity tests.
+//! Needs feature `cuda` and an NVIDIA GPU (`#[ignore]`d: run the test binary with
+//! `--ignored` there).
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+use megamoe_tensor::{DType, Device, RowGroups, Tensor, UnaryOp, IGNORE_INDEX};
+
+const GPU: Device = Device::Cuda(0);
+/// bf16 operands and bf16 storage of the result (GPU.md: 1e-3 to 1e-2).
+const BF16_TOL: f64 = 1e-2;
+
+fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
+    Tensor::randn_named(seed, "x", shape.to_vec(), std, Device::Cpu).unwrap()
+}
+
+fn gpu(t: &Tensor) -> Tensor {
+    t.to_device(GPU).unwrap()
+}
+
+fn rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// `got` (GPU, expected dtype `dtype`) matches the CPU's f32 `want` within `tol`.
+fn close(name: &str, got: &Tensor, want: &Tensor, dtype: DType, tol: f64) {
+    assert_eq!(got.device(), GPU, "{name}: result left the GPU");
+    assert_eq!(got.dims(), want.dims(), "{name}: shape");
+    assert_eq!(got.dtype(), dtype, "{name}: dtype");
+    let (g, w) = (got.to_host_f32().unwrap(), want.to_host_f32().unwrap());
+    let r = rel(&g, &w);
+    eprintln!("  {name:<34} {dtype:<5} rel {r:.3e}");
+    assert!(r.is_finite() && r <= tol, "{name}: rel {r:e} > {tol:e}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn bf16_activation_mode_stores_activations_bf16_within_tolerance() {
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    let bf = DType::BF16;
+    let f32_ = DType::F32;
+
+    // Linear layer: activation x (bf16 on the GPU, as a previous op would leave it) times
+    // an f32 master weight; its input gradient and (trans_a) weight gradient.
+    let x = randn(1, &[96, 128], 1.0);
+    let w = randn(2, &[80, 128], 0.1);
+    let dy = randn(3, &[96, 80], 1.0);
+    let (xg, wg, dyg) = (
+        gpu(&x).to_dtype(bf).unwrap(),
+        gpu(&w),
+        gpu(&dy).to_dtype(bf).unwrap(),
+    );
+    let y = xg.matmul(&wg, false, true).unwrap();
+    close(
+        "linear y",
+        &y,
+        &x.matmul(&w, false, true).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    close(
+        "linear dx",
+        &dyg.matmul(&wg, false, false).unwrap(),
+        &dy.matmul(&w, false, false).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    close(
+        "linear dw (trans_a)",
+        &dyg.matmul(&xg, true, false).unwrap(),
+        &dy.matmul(&x, true, false).unwrap(),
+        f32_,
+        BF16_TOL,
+    );
+    // Accumulating into an f32 gradient keeps it f32; into a bf16 activation keeps bf16.
+    let g0 = randn(4, &[80, 128], 0.5);
+    let (mut gc, mut gg) = (g0.clone(), gpu(&g0));
+    gc.matmul_acc(&dy, &x, true, false, 1.0).unwrap();
+    gg.matmul_acc(&dyg, &xg, true, false, 1.0).unwrap();
+    close("matmul_acc into f32 grad", &gg, &gc, f32_, BF16_TOL);
+    let (mut ac, mut ag) = (x.clone(), xg.clone());
+    let w2 = randn(5, &[128, 128], 0.1);
+    ac.matmul_acc(&x, &w2, false, false, 1.0).unwrap();
+    ag.matmul_acc(&xg, &gpu(&w2), false, false, 1.0).unwrap();
+    close("matmul_acc into bf16 activation", &ag, &ac, bf, BF16_TOL);
+
+    // Elementwise on activations stays bf16; on f32 tensors (parameters) stays f32.
+    close(
+        "silu",
+        &y.unary(UnaryOp::Silu).unwrap(),
+        &y.to_device(Device::Cpu)
+            .unwrap()
+            .unary(UnaryOp::Silu)
+            .unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    let up = randn(6, &[96, 80], 1.0);
+    let upg = gpu(&up).to_dtype(bf).unwrap();
+    let yc = y.to_device(Device::Cpu).unwrap();
+    close(
+        "swiglu",
+        &y.swiglu(&upg).unwrap(),
+        &yc.swiglu(&up).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    let (dgc, duc) = Tensor::swiglu_backward(&yc, &up, &dy).unwrap();
+    let (dgg, dug) = Tensor::swiglu_backward(&y, &upg, &dyg).unwrap();
+    close("swiglu d gate", &dgg, &dgc, bf, BF16_TOL);
+    close("swiglu d up", &dug, &duc, bf, BF16_TOL);
+    close(
+        "residual add",
+        &y.add(&dyg).unwrap(),
+        &yc.add(&dy).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    close(
+        "param update (f32 only)",
+        &wg.add(&wg).unwrap(),
+        &w.add(&w).unwrap(),
+        f32_,
+        1e-6,
+    );
+
+    // Grouped (expert) matmul: bf16 result; its weight gradient f32.
+    let xe = randn(7, &[30, 64], 1.0);
+    let we = randn(8, &[4, 48, 64], 0.1);
+    let groups = RowGroups::from_sizes(&[7, 0, 11, 9], Device::Cpu).unwrap();
+    let groups_g = RowGroups::from_sizes(&[7, 0, 11, 9], GPU).unwrap();
+    let xeg = gpu(&xe).to_dtype(bf).unwrap();
+    let ye = xeg.grouped_matmul(&groups_g, &gpu(&we), true).unwrap();
+    close(
+        "grouped_matmul",
+        &ye,
+        &xe.grouped_matmul(&groups, &we, true).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    let dye = randn(9, &[30, 48], 1.0);
+    close(
+        "grouped_matmul_wgrad",
+        &Tensor::grouped_matmul_wgrad(&gpu(&dye).to_dtype(bf).unwrap(), &xeg, &groups_g).unwrap(),
+        &Tensor::grouped_matmul_wgrad(&dye, &xe, &groups).unwrap(),
+        f32_,
+        BF16_TOL,
+    );
+
+    // RMSNorm: y and dx bf16, rstd and dw f32.
+    let h = randn(10, &[50, 256], 1.0);
+    let nw = randn(11, &[256], 1.0);
+    let (hg, nwg) = (gpu(&h), gpu(&nw));
+    let (yc, rc) = h.rms_norm(&nw, 1e-5).unwrap();
+    let (ygn, rg) = hg.rms_norm(&nwg, 1e-5).unwrap();
+    close("rms_norm y", &ygn, &yc, bf, BF16_TOL);
+    close("rms_norm rstd", &rg, &rc, f32_, BF16_TOL);
+    let d = randn(12, &[50, 256], 1.0);
+    let dg = gpu(&d).to_dtype(bf).unwrap();
+    close(
+        "rms_norm dx",
+        &dg.rms_norm_backward_input(&hg, &nwg, &rg).unwrap(),
+        &d.rms_norm_backward_input(&h, &nw, &rc).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    close(
+        "rms_norm dw",
+        &dg.rms_norm_backward_weight(&hg, &rg).unwrap(),
+        &d.rms_norm_backward_weight(&h, &rc).unwrap(),
+        f32_,
+        BF16_TOL,
+    );
+
+    // RoPE and the causal attention softmax (scores f32 from bmm, probabilities bf16).
+    let x4 = randn(13, &[2, 40, 4, 64], 1.0);
+    close(
+        "rope",
+        &gpu(&x4).rope(1e4).unwrap(),
+        &x4.rope(1e4).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    let q = randn(14, &[8, 40, 64], 1.0);
+    let k = randn(15, &[8, 40, 64], 1.0);
+    let (qg, kg) = (gpu(&q).to_dtype(bf).unwrap(), gpu(&k).to_dtype(bf).unwrap());
+    let sg = qg.bmm(&kg, false, true).unwrap();
+    assert_eq!(sg.dtype(), f32_, "attention scores stay f32");
+    let sc = q.bmm(&k, false, true).unwrap();
+    let pg = sg.causal_softmax(0.125).unwrap();
+    let pc = sc.causal_softmax(0.125).unwrap();
+    close("causal_softmax", &pg, &pc, bf, BF16_TOL);
+    let dp = randn(16, &[8, 40, 40], 1.0);
+    close(
+        "causal_softmax_backward",
+        &pg.causal_softmax_backward(&gpu(&dp), 0.125).unwrap(),
+        &pc.causal_softmax_backward(&dp, 0.125).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+
+    // Cross-entropy over bf16 logits: loss f32, logit gradient bf16.
+    let logits = randn(17, &[40, 1000], 2.0);
+    let tg: Vec<i32> = (0..40)
+        .map(|i| {
+            if i % 9 == 4 {
+                IGNORE_INDEX
+            } else {
+                i * 31 % 1000
+            }
+        })
+        .collect();
+    let targets = Tensor::from_vec_i32(tg, [40], Device::Cpu).unwrap();
+    let (lc, dc) = logits.cross_entropy(&targets, IGNORE_INDEX).unwrap();
+    let (lg, dgr) = gpu(&logits)
+        .to_dtype(bf)
+        .unwrap()
+        .cross_entropy(&gpu(&targets), IGNORE_INDEX)
+        .unwrap();
+    close("cross_entropy loss", &lg, &lc, f32_, BF16_TOL);
+    close("cross_entropy d_logits", &dgr, &dc, bf, BF16_TOL);
+
+    // Reductions of bf16 activations are f32.
+    close(
+        "sum_rows",
+        &y.sum_rows().unwrap(),
+        &yc_sum(&x, &w),
+        f32_,
+        BF16_TOL,
+    );
+}
+
+/// The CPU reference of `sum_rows(x · wᵀ)`.
+fn yc_sum(x: &Tensor, w: &Tensor) -> Tensor {
+    x.matmul(w, false, true).unwrap().sum_rows().unwrap()
+}
+
+/// The fused causal attention (bf16 mode) against the CPU's unfused f32 attention, forward
+/// and backward, on head dims 16, 64 and 128 and lengths that are not multiples of the
+/// kernels' 64-row tiles.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn fused_attention_matches_the_unfused_cpu_attention() {
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    backend.set_fused_attention(true);
+    for (i, &(bh, t, d)) in [(6, 100, 16), (4, 200, 64), (3, 300, 128), (2, 64, 128)]
+        .iter()
+        .enumerate()
+    {
+        let s = 100 + 10 * i as u64;
+        let q = randn(s, &[bh, t, d], 1.0);
+        let k = randn(s + 1, &[bh, t, d], 1.0);
+        let v = randn(s + 2, &[bh, t, d], 1.0);
+        let d_o = randn(s + 3, &[bh, t, d], 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        // The CPU reference sees the same bf16-rounded inputs the kernel reads.
+        let r = |x: &Tensor| {
+            x.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (qc, kc, vc, gc) = (r(&q), r(&k), r(&v), r(&d_o));
+        let (oc, pc) = Tensor::causal_attention(&qc, &kc, &vc, scale).unwrap();
+        let (dqc, dkc, dvc) =
+            Tensor::causal_attention_backward(&qc, &kc, &vc, &oc, &pc, &gc, scale).unwrap();
+        let bf = |x: &Tensor| gpu(x).to_dtype(DType::BF16).unwrap();
+        let (qg, kg, vg, gg) = (bf(&q), bf(&k), bf(&v), bf(&d_o));
+        let (og, lse) = Tensor::causal_attention(&qg, &kg, &vg, scale).unwrap();
+        assert_eq!(lse.dims(), [bh, t], "fused: saved state is the log-sum-exp");
+        let (dqg, dkg, dvg) =
+            Tensor::causal_attention_backward(&qg, &kg, &vg, &og, &lse, &gg, scale).unwrap();
+        let name = |what: &str| format!("attention {what} bh{bh} t{t} d{d}");
+        close(&name("o"), &og, &oc, DType::BF16, BF16_TOL);
+        close(&name("dq"), &dqg, &dqc, DType::BF16, BF16_TOL);
+        close(&name("dk"), &dkg, &dkc, DType::BF16, BF16_TOL);
+        close(&name("dv"), &dvg, &dvc, DType::BF16, BF16_TOL);
+        // Run to run: bitwise the same (one writer per element, fixed order).
+        let (og2, _) = Tensor::causal_attention(&qg, &kg, &vg, scale).unwrap();
+        assert_eq!(
+            og.to_host_bf16().unwrap(),
+            og2.to_host_bf16().unwrap(),
+            "{}",
+            name("o rerun")
+        );
+    }
+}
