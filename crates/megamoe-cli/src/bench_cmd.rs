@@ -22,6 +22,9 @@ pub enum BenchTarget {
     /// Whole training steps of a config (forward, backward, optimizer) with the same
     /// trainer as `megamoe train`: median step time, tokens/s, MFU, memory.
     Step(crate::bench_step::StepBenchArgs),
+    /// Causal attention over [B·heads, T, D] in bf16, fused vs unfused, forward and
+    /// forward + backward.
+    Attention(crate::bench_attention::AttentionBenchArgs),
 }
 
 /// Named shapes.
@@ -116,6 +119,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &args.target {
         BenchTarget::Moe(a) => run_moe(a),
         BenchTarget::Step(a) => crate::bench_step::run(a),
+        BenchTarget::Attention(a) => crate::bench_attention::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 //! (0 ok, 1 stopped by a guard, 2 error). One module per subcommand.
 
 mod args;
+mod bench_attention;
 mod bench_cmd;
 mod bench_step;
 mod config_cmd;

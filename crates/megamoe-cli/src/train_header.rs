@@ -76,7 +76,10 @@ pub fn header_lines(trainer: &Trainer, info: &HeaderInfo<'_>) -> Vec<String> {
             megamoe_tensor::Device::Cpu => {
                 format!("device   cpu, {threads} threads | mfu relative to {peak}")
             }
-            gpu => format!("device   {gpu} | mfu relative to {peak}"),
+            gpu => format!(
+                "device   {gpu} | {} | mfu relative to {peak}",
+                trainer.numerics()
+            ),
         },
         format!(
             "data     {} ({})",

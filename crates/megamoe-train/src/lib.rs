@@ -75,6 +75,7 @@ pub mod error;
 pub mod eval;
 pub mod failpoint;
 pub mod goodput;
+mod gpu_pool;
 pub mod metrics;
 pub mod peak;
 pub mod progress;

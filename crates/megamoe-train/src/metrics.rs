@@ -315,6 +315,20 @@ pub struct StepMetrics {
     /// counter, `megamoe_tensor::host_reads`): each is a synchronisation on a device.
     #[serde(default)]
     pub host_reads: u64,
+    /// The GPU memory pool over the step (`None` on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_pool: Option<GpuPoolBytes>,
+}
+
+/// A GPU's stream-ordered memory pool over one step, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuPoolBytes {
+    /// Held by the pool at the step's end (buffers in use plus cached free blocks).
+    pub reserved: u64,
+    /// In use at the step's end (parameters, optimizer state, gradient buffers).
+    pub used: u64,
+    /// Highest use during the step.
+    pub peak: u64,
 }
 
 impl StepMetrics {
@@ -383,6 +397,10 @@ pub struct RunInfo {
     pub domains: Vec<String>,
     /// Device description, e.g. "cpu (2 threads)".
     pub device: String,
+    /// What `train.dtype` means on that device, e.g. "f32" or the bf16 mixed-precision
+    /// split (empty in records written before it was recorded).
+    #[serde(default)]
+    pub numerics: String,
 }
 
 /// Goodput totals at a step.

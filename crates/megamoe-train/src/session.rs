@@ -62,11 +62,14 @@ pub struct RunSummary {
     pub goodput: GoodputTotals,
     /// The whole run from metrics.jsonl (every segment), with its warnings.
     pub whole_run: Option<RunTotals>,
+    /// What `train.dtype` meant on the run's device ([`crate::support::numerics`]).
+    pub numerics: &'static str,
 }
 
 impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "run dir    {}", self.run_dir.display())?;
+        writeln!(f, "numerics   {}", self.numerics)?;
         writeln!(
             f,
             "this run   steps {} -> {}",
@@ -270,9 +273,11 @@ pub fn run_training(
             ),
             gpu => gpu.to_string(),
         },
+        numerics: trainer.numerics().to_string(),
     }))?;
     let mut summary = RunSummary {
         run_dir: run_dir.to_path_buf(),
+        numerics: trainer.numerics(),
         start_step,
         final_step: start_step,
         first_loss: None,

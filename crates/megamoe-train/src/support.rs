@@ -7,9 +7,10 @@ use megamoe_plan::{Plan, Precision, Recompute};
 use crate::error::{Error, Result};
 
 /// [`check_cpu_trainer_support`] for a trainer on `device`. On a GPU `train.dtype = "bf16"`
-/// is accepted and switches the device's matmuls to bf16 operands with f32 accumulation
-/// (activations, gradients, master weights and moments stay f32); the other checks are
-/// the CPU's.
+/// is accepted and means mixed precision (see [`numerics`]): activations and their
+/// gradients stored bf16, bf16 GEMM operands, f32 accumulation, reductions, norms,
+/// softmax and losses, f32 master weights, gradient accumulators and moments; the other
+/// checks are the CPU's.
 pub fn check_trainer_support(plan: &Plan, device: megamoe_tensor::Device) -> Result<()> {
     match gpu_plan(plan, device)? {
         None => check_cpu_trainer_support(plan),
@@ -26,8 +27,8 @@ pub fn check_numerics(plan: &Plan, device: megamoe_tensor::Device) -> Result<()>
     }
 }
 
-/// On a GPU: sets its matmul precision from `train.dtype` and returns the plan with the
-/// dtype the remaining checks see (f32); `None` on the CPU.
+/// On a GPU: sets its precision from `train.dtype` and returns the plan with the dtype the
+/// remaining checks see (f32); `None` on the CPU.
 fn gpu_plan(plan: &Plan, device: megamoe_tensor::Device) -> Result<Option<Plan>> {
     if device == megamoe_tensor::Device::Cpu {
         return Ok(None);
@@ -41,7 +42,9 @@ fn gpu_plan(plan: &Plan, device: megamoe_tensor::Device) -> Result<Option<Plan>>
 #[cfg(feature = "cuda")]
 fn set_matmul_precision(device: megamoe_tensor::Device, bf16: bool) -> Result<()> {
     if let megamoe_tensor::Device::Cuda(i) = device {
-        megamoe_tensor::cuda::cuda_backend(i)?.set_bf16_matmul(bf16);
+        let backend = megamoe_tensor::cuda::cuda_backend(i)?;
+        backend.set_bf16_matmul(bf16);
+        backend.set_bf16_activations(bf16);
     }
     Ok(())
 }
@@ -51,6 +54,19 @@ fn set_matmul_precision(device: megamoe_tensor::Device, _bf16: bool) -> Result<(
     // Names the missing backend (feature `cuda`) as a DeviceNotAvailable error.
     device.check_available()?;
     Ok(())
+}
+
+/// What `train.dtype` means for a trainer of `plan` on `device`, in words (the console
+/// header, the run record of metrics.jsonl and the run summary print it).
+pub fn numerics(plan: &Plan, device: megamoe_tensor::Device) -> &'static str {
+    match (plan.train.precision, device) {
+        (Precision::Bf16, megamoe_tensor::Device::Cuda(_)) => {
+            "bf16 activations, gradients and GEMM operands; f32 accumulation, norms, softmax, \
+             losses, master weights and moments"
+        }
+        (_, megamoe_tensor::Device::Cuda(_)) => "f32 everywhere (GEMMs without TF32)",
+        _ => "f32",
+    }
 }
 
 /// Refuses settings the single-process CPU trainer does not implement: a mesh

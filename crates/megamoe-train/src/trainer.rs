@@ -238,6 +238,12 @@ impl Trainer {
         self.options.device
     }
 
+    /// What `train.dtype` means on this trainer's device, in words
+    /// ([`crate::support::numerics`]).
+    pub fn numerics(&self) -> &'static str {
+        crate::support::numerics(&self.plan, self.options.device)
+    }
+
     /// Steps run so far (the next step is `step() + 1`).
     pub fn step_count(&self) -> u64 {
         self.step
@@ -301,6 +307,7 @@ impl Trainer {
         // the step itself held at its worst (activations, gradients, temporaries).
         let state_bytes = megamoe_tensor::live_bytes();
         megamoe_tensor::reset_peak_bytes();
+        crate::gpu_pool::reset_peak(self.options.device)?;
         let s = self.step as usize; // 0-based index of this step
         let m = self.plan.batch.microbatches;
 
@@ -393,6 +400,7 @@ impl Trainer {
                 .peak_flops
                 .map(|p| mfu(self.counts.flops_per_token, tokens_per_s, p)),
             memory_bytes: Some(megamoe_tensor::peak_bytes()),
+            gpu_pool: crate::gpu_pool::bytes(self.options.device)?,
             state_bytes,
             activation_bytes: megamoe_tensor::peak_bytes().saturating_sub(state_bytes),
             moe: sums.moe_stats(),

@@ -125,3 +125,11 @@ fn a_static_capacity_step_reads_the_host_at_most_twice() {
         );
     }
 }
+
+/// Muon (Newton-Schulz orthogonalisation through the seam's batched matmuls, AdamW for
+/// the rest) on the GPU: the same per-step losses and gradient norms as on the CPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn muon_training_steps_on_the_gpu_match_the_cpu() {
+    compare(&["optim.name=\"muon\"", "optim.muon_lr=0.02"]);
+}

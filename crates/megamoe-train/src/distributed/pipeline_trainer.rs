@@ -112,6 +112,7 @@ impl Trainer {
             gate_skip: Vec::new(),
             flexi_depth: None,
             mtp_losses: out.mtp_losses,
+            gpu_pool: None,
             flops_per_s: self.counts.flops_per_token * tokens_per_s,
             muon_lr: match self.plan.optim.kind {
                 OptimizerKind::Muon => self.schedule.muon_lr(s),

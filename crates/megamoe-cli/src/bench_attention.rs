@@ -1,0 +1,132 @@
+//! `megamoe bench attention`: times causal attention over `[B·heads, T, D]` on a GPU
+//! through megamoe-tensor's `causal_attention` op, fused (bf16 tensor-core kernel, no
+//! `[T, T]` matrix) and unfused (`bmm`, causal softmax, `bmm`), forward and forward +
+//! backward, in bf16-activation mode. Each timed run ends in a stream synchronisation;
+//! the median of `--iters` runs after `--warmup` is reported with TFLOP/s (causal forward
+//! `2·BH·T²·D`, backward 2.5× that) and the pool's peak. `--dump FILE` also writes the
+//! inputs and the fused outputs to a safetensors file (for a PyTorch comparison,
+//! `tools/reference/attention_gpu_check.py`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+/// Flags of `megamoe bench attention`.
+#[derive(Debug, Clone, Args)]
+pub struct AttentionBenchArgs {
+    /// Sequences B.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Query heads (keys and values are already repeated to them).
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    /// Sequence length T.
+    #[arg(long, default_value_t = 4096)]
+    pub seq: usize,
+    /// Head dim D.
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    /// Untimed runs before timing.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Also write q, k, v, d_o and the fused o, lse, dq, dk, dv (as f32) here.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+}
+
+/// Runs `megamoe bench attention`.
+#[cfg(feature = "cuda")]
+pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
+    use megamoe_tensor::{DType, Device, Tensor};
+    if a.iters == 0 || [a.batch, a.heads, a.seq, a.head_dim].contains(&0) {
+        anyhow::bail!("--batch, --heads, --seq, --head-dim and --iters must be at least 1");
+    }
+    let dev = Device::Cuda(0);
+    let backend = megamoe_tensor::cuda::cuda_backend(0)?;
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    let (bh, t, d) = (a.batch * a.heads, a.seq, a.head_dim);
+    let shape = vec![bh, t, d];
+    let rand = |seed: u64| -> anyhow::Result<Tensor> {
+        Ok(
+            Tensor::randn_named(seed, "attention", shape.clone(), 1.0, dev)?
+                .to_dtype(DType::BF16)?,
+        )
+    };
+    let (q, k, v, d_o) = (rand(1)?, rand(2)?, rand(3)?, rand(4)?);
+    let scale = 1.0 / (d as f32).sqrt();
+    let fwd_flops = 2.0 * bh as f64 * (t as f64).powi(2) * d as f64;
+    println!(
+        "bench attention  B·heads {bh}, T {t}, D {d}, bf16, causal on {}",
+        backend.device_name()?
+    );
+    println!(
+        "{:<10} {:>12} {:>10} {:>12} {:>10} {:>10}",
+        "path", "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "peak GiB"
+    );
+    for fused in [true, false] {
+        backend.set_fused_attention(fused);
+        let time = |bwd: bool| -> anyhow::Result<f64> {
+            let mut ms = Vec::new();
+            for i in 0..a.warmup + a.iters {
+                backend.synchronize()?;
+                let t0 = std::time::Instant::now();
+                let (o, saved) = Tensor::causal_attention(&q, &k, &v, scale)?;
+                if bwd {
+                    Tensor::causal_attention_backward(&q, &k, &v, &o, &saved, &d_o, scale)?;
+                }
+                backend.synchronize()?;
+                if i >= a.warmup {
+                    ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            ms.sort_by(f64::total_cmp);
+            Ok(ms[ms.len() / 2])
+        };
+        backend.synchronize()?;
+        backend.reset_peak()?;
+        let f = time(false)?;
+        let fb = time(true)?;
+        let peak = backend.pool_stats()?.peak as f64 / (1u64 << 30) as f64;
+        println!(
+            "{:<10} {f:>12.3} {:>10.1} {fb:>12.3} {:>10.1} {peak:>10.2}",
+            if fused { "fused" } else { "unfused" },
+            fwd_flops / f / 1e9,
+            3.5 * fwd_flops / fb / 1e9,
+        );
+    }
+    backend.set_fused_attention(true);
+    if let Some(path) = &a.dump {
+        let (o, lse) = Tensor::causal_attention(&q, &k, &v, scale)?;
+        let (dq, dk, dv) = Tensor::causal_attention_backward(&q, &k, &v, &o, &lse, &d_o, scale)?;
+        let f = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(Device::Cpu);
+        let named = [
+            ("q", f(&q)?),
+            ("k", f(&k)?),
+            ("v", f(&v)?),
+            ("d_o", f(&d_o)?),
+            ("o", f(&o)?),
+            ("lse", f(&lse)?),
+            ("dq", f(&dq)?),
+            ("dk", f(&dk)?),
+            ("dv", f(&dv)?),
+        ];
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
+        megamoe_tensor::save_safetensors(path, &refs)?;
+        println!("dump       {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `megamoe bench attention` (this build has no GPU backend).
+#[cfg(not(feature = "cuda"))]
+pub fn run(_a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "megamoe bench attention needs a GPU build: this megamoe was built without the cuda \
+         feature (cargo build --release -p megamoe-cli --features cuda)"
+    )
+}
