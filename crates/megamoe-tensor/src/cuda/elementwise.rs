@@ -1,8 +1,8 @@
 //! Elementwise, scalar, reduction, softmax and top-k families on the GPU
 //! (`megamoe_cuda::tensor` kernels). Outputs are f32, as on the CPU backend, except in
 //! bf16-activation mode ([`CudaBackend::set_bf16_activations`]): there elementwise ops,
-//! broadcasts and SwiGLU with a bf16 input write bf16 (f32 math), and the causal softmax
-//! writes its probabilities and their gradient bf16.
+//! broadcasts and SwiGLU with a bf16 input write bf16 (f32 math; SwiGLU's backward still
+//! writes f32), and the causal softmax writes its probabilities and their gradient bf16.
 
 use megamoe_cuda::tensor::{AllReduce, Binary, Broadcast, Dev, RowReduce, Unary};
 
@@ -153,10 +153,10 @@ impl ElementwiseKernels for CudaBackend {
     fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         const OP: &str = "swiglu_backward";
         let (g, u, d, n) = (dev(OP, gate)?, dev(OP, up)?, dev(OP, dy)?, gate.numel());
-        let dtype = self.elementwise_dtype(&[gate, up, dy]);
+        // The kernel writes f32 gradients (in every precision mode).
         let e = self.engine(OP)?;
-        let (dg, dgd) = self.empty(&e, gate.shape().clone(), dtype)?;
-        let (du, dud) = self.empty(&e, gate.shape().clone(), dtype)?;
+        let (dg, dgd) = self.empty(&e, gate.shape().clone(), DType::F32)?;
+        let (du, dud) = self.empty(&e, gate.shape().clone(), DType::F32)?;
         // SAFETY: all five hold n elements (shapes checked by the op).
         self.ck(OP, unsafe {
             e.tk.swiglu_backward(&e.gpu, g, u, d, dgd.ptr, dud.ptr, n)
