@@ -127,7 +127,9 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 /// Whether attention runs fused (in bf16-activation mode) when the environment does not
-/// say (`MEGAMOE_CUDA_ATTENTION=fused|unfused`).
+/// say (`MEGAMOE_CUDA_ATTENTION=fused|unfused`). Off: on the H200 the fused kernel matches
+/// torch's SDPA but runs at ~53 TFLOP/s against ~120 for the unfused path (it saves the
+/// `[T, T]` memory only).
 const FUSED_ATTENTION_BY_DEFAULT: bool = false;
 
 /// GPUs a process can address through this backend.
