@@ -221,6 +221,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             args.device
         );
     }
+    if args.cuda_graph && args.device == Device::Cpu {
+        anyhow::bail!(
+            "--cuda-graph captures the step as a CUDA graph: it needs --device cuda[:N] (got \
+             --device cpu)"
+        );
+    }
     let peak = match args.peak_flops {
         Some(f) if f.is_finite() && f > 0.0 => Peak::Given(f),
         Some(f) => anyhow::bail!("--peak-flops {f} must be a positive number of FLOP/s"),

@@ -118,6 +118,21 @@ fn train_names_the_parallel_keys_not_a_flag_it_does_not_have() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--cuda-graph` on the CPU (also what `--world N` and MPI ranks run on) is refused,
+/// not silently ignored, and no run directory is created.
+#[test]
+fn train_refuses_a_cuda_graph_without_a_gpu() {
+    let dir = scratch("cuda-graph");
+    let run_dir = dir.join("run");
+    let rd = run_dir.to_str().unwrap();
+    assert_refused(
+        &["train", "--run-dir", rd, "--cuda-graph"],
+        &["--cuda-graph", "--device cuda"],
+    );
+    assert!(!run_dir.exists(), "run dir created for a refused run");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn schedule_refuses_programs_that_cannot_fit_in_memory() {
     for kind in [&["--kind", "1f1b"][..], &["--compare"][..]] {
