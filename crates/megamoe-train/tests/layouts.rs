@@ -10,77 +10,23 @@
 //! and on (capacity factor 1, assignments dropped), with AdamW and with Muon.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-
 use megamoe_plan::RawConfig;
 use megamoe_train::distributed::run_thread_ranks;
 use megamoe_train::{
-    load_checkpoint, DataSource, Error, Expected, NamedTensor, StepMetrics, Tokenizer, Trainer,
-    TrainerOptions,
+    load_checkpoint, Error, Expected, NamedTensor, StepMetrics, Trainer, TrainerOptions,
 };
 
-const STEPS: usize = 10;
+#[path = "common/layout.rs"]
+mod layout;
 
-const BASE: &str = r#"
-[model]
-vocab_size = 256
-d_model = 16
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_hidden = 32
-seq_len = 8
-
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 16
-shared_experts = 1
-shared_expert_hidden = 8
-shared_expert_gate = true
-aux_loss = "aux"
-aux_loss_weight = 0.05
-z_loss_weight = 0.01
-expert_bias = true
-bias_update_rate = 0.01
-first_dense_layers = 1
-
-[train]
-global_batch = 8
-steps = 10
-seed = 7
-
-[optim]
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-grad_clip = 0.5
-"#;
+use layout::{curve, data, BASE, STEPS};
 
 fn raw(sets: &[String]) -> RawConfig {
     RawConfig::from_toml_str_with_overrides(BASE, sets).unwrap()
 }
 
-fn data() -> Arc<DataSource> {
-    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
-}
-
-/// (loss, grad norm) per step.
-fn curve(metrics: &[StepMetrics]) -> Vec<(f64, f64)> {
-    metrics
-        .iter()
-        .map(|m| (m.loss.total, m.grad_norm))
-        .collect()
-}
-
-/// One rank running all `micro` micro-batches per step.
 fn one_rank(sets: &[String], micro: usize) -> Vec<(f64, f64)> {
-    let mut sets = sets.to_vec();
-    sets.push(format!("parallel.microbatches={micro}"));
-    let mut t = Trainer::new(&raw(&sets), data(), TrainerOptions::default()).unwrap();
-    let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step().unwrap()).collect();
-    assert!(m.iter().all(|m| !m.skipped && m.loss.total.is_finite()));
-    curve(&m)
+    layout::one_rank(raw, sets, micro)
 }
 
 /// Every rank's curve under `parallel.dp = dp, parallel.ep = ep` (m micro-batches each).

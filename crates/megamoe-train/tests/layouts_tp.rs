@@ -10,74 +10,28 @@
 //! each TP slice's matrix gathered for its Newton-Schulz step.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-
 use megamoe_plan::RawConfig;
 use megamoe_train::distributed::run_thread_ranks;
-use megamoe_train::{
-    load_checkpoint, DataSource, Error, Expected, StepMetrics, Tokenizer, Trainer, TrainerOptions,
-};
+use megamoe_train::{load_checkpoint, Error, Expected, StepMetrics, Trainer, TrainerOptions};
 
-const STEPS: usize = 10;
+#[path = "common/layout.rs"]
+mod layout;
 
-const BASE: &str = r#"
-[model]
-vocab_size = 256
-d_model = 16
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-ffn_hidden = 32
-seq_len = 8
+use layout::{curve, data, BASE, STEPS};
 
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 16
-shared_experts = 1
-shared_expert_hidden = 8
-shared_expert_gate = true
-aux_loss = "aux"
-aux_loss_weight = 0.05
-z_loss_weight = 0.01
-expert_bias = true
-bias_update_rate = 0.01
-first_dense_layers = 1
-
-[train]
-global_batch = 8
-steps = 10
-seed = 7
-
-[optim]
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-grad_clip = 0.5
-"#;
-
+/// The shared layout-test model with 4 query heads over 2 KV heads (GQA groups of 2, kept
+/// whole on a TP rank).
 fn raw(sets: &[String]) -> RawConfig {
-    RawConfig::from_toml_str_with_overrides(BASE, sets).unwrap()
-}
-
-fn data() -> Arc<DataSource> {
-    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
-}
-
-fn curve(metrics: &[StepMetrics]) -> Vec<(f64, f64)> {
-    metrics
-        .iter()
-        .map(|m| (m.loss.total, m.grad_norm))
-        .collect()
+    let mut all = vec![
+        "model.n_heads=4".to_string(),
+        "model.n_kv_heads=2".to_string(),
+    ];
+    all.extend_from_slice(sets);
+    RawConfig::from_toml_str_with_overrides(BASE, &all).unwrap()
 }
 
 fn one_rank(sets: &[String], micro: usize) -> Vec<(f64, f64)> {
-    let mut sets = sets.to_vec();
-    sets.push(format!("parallel.microbatches={micro}"));
-    let mut t = Trainer::new(&raw(&sets), data(), TrainerOptions::default()).unwrap();
-    let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step().unwrap()).collect();
-    assert!(m.iter().all(|m| !m.skipped && m.loss.total.is_finite()));
-    curve(&m)
+    layout::one_rank(raw, sets, micro)
 }
 
 /// Every rank's curve under dp × ep × tp (one micro-batch per data rank).
