@@ -152,7 +152,7 @@ A failed rank stops the others, naming it (exit 2).
 
 Under mpirun (a build with --features mpi) each process is one rank of the
 same layouts: `mpirun -n 2 megamoe train --set parallel.dp=2`; rank 0 writes
-the run directory. MEGAMOE_COMM_TIMEOUT (seconds, default 45) bounds how long
+the run directory, and `--resume` continues a run as under --world N. MEGAMOE_COMM_TIMEOUT (seconds, default 45) bounds how long
 a rank waits for a dead or hung peer before it stops naming it.
 
 Exit codes: 0 done, 1 the model diverged (the NaN/Inf guard stopped the run, a
@@ -187,6 +187,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let chosen_dir = args.run_dir.as_ref().or(named.as_ref());
     // A resume locks its run directory before reading which checkpoint to continue
     // from; a fresh run validates config and data before creating anything.
+    // Under a launcher only rank 0 writes (and locks) the run directory; every rank reads
+    // which checkpoint to continue from (the directory must be readable by every rank).
+    let writer = launched.as_ref().is_none_or(|env| env.rank == 0);
     let (origin, lock) = match &args.resume {
         Some(path) => {
             if !path.exists() {
@@ -196,7 +199,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             let run_dir = chosen_dir.cloned().unwrap_or_else(|| run_dir_of(path));
-            let lock = RunLock::acquire(&run_dir)?;
+            let lock = if writer {
+                Some(RunLock::acquire(&run_dir)?)
+            } else {
+                None
+            };
             let origin = checkpoint_origin(path).context("--resume")?;
             for s in &origin.skipped {
                 eprintln!("warning: skipped {}: {}", s.dir.display(), s.reason);
@@ -235,17 +242,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             std::time::Duration::from_millis(200),
         )?),
     };
-    if let Some(env) = &launched {
-        return crate::train_mpi::run(args, &raw, data, peak, chosen_dir, env);
-    }
-    if args.world > 1 {
-        let resume = origin
+    let resume = |origin: Option<CheckpointOrigin>, lock: Option<(PathBuf, Option<RunLock>)>| {
+        origin
             .zip(lock)
             .map(|(origin, (run_dir, lock))| crate::train_world::Resume {
                 origin,
                 run_dir,
                 lock,
-            });
+            })
+    };
+    if let Some(env) = &launched {
+        let resume = resume(origin, lock);
+        return crate::train_mpi::run(args, &raw, data, peak, chosen_dir, env, resume);
+    }
+    if args.world > 1 {
+        let resume = resume(origin, lock);
         return crate::train_world::run(args, &raw, data, peak, chosen_dir, resume);
     }
     let mut trainer = Trainer::new(
@@ -258,7 +269,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     )?;
     trainer.set_cuda_graph(args.cuda_graph);
     let (run_dir, _lock) = match lock {
-        Some(held) => held,
+        Some((run_dir, lock)) => (run_dir, lock),
         None => {
             let run_dir = match chosen_dir {
                 Some(dir) => dir.clone(),
@@ -268,7 +279,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             };
             let lock = RunLock::acquire(&run_dir)?;
             check_fresh_run_dir(&run_dir)?;
-            (run_dir, lock)
+            (run_dir, Some(lock))
         }
     };
     if let Some(o) = &origin {

@@ -8,6 +8,13 @@
 //! ends with the layout and each rank's time. A failed rank tells the others (they stop
 //! with an error naming it) and every process exits non-zero.
 //!
+//! `--resume DIR` works as under `--world N`: every rank reads which checkpoint to
+//! continue and its config (so DIR must be readable by every rank: a shared file system
+//! across hosts), rank 0 alone locks the run directory, reads the checkpoint's tensors and
+//! sends each rank its shard (collective [`Trainer::load_checkpoint`]), and records the
+//! resume (later checkpoints retired, metrics cut back, config changes logged). The
+//! checkpoint may come from any layout.
+//!
 //! A binary built without the feature refuses to start under a launcher of N > 1
 //! processes (exit 2), so N copies never write one run directory.
 
@@ -21,6 +28,7 @@ use megamoe_train::DataSource;
 
 use crate::train_cmd::TrainArgs;
 use crate::train_header::Peak;
+use crate::train_world::Resume;
 
 /// Environment variable: seconds a rank waits for the others in one communicator call
 /// before it stops with an error naming the ranks that never came (default 45).
@@ -28,7 +36,7 @@ pub const COMM_TIMEOUT_ENV: &str = "MEGAMOE_COMM_TIMEOUT";
 
 /// The launcher's view when this process is one of N > 1 (`None` for a plain start or a
 /// job of one), after the checks that need no MPI: a build without the `mpi` feature,
-/// `--world` other than 1 or N, and `--resume` are refused.
+/// `--world` other than 1 or N, and `--device` other than the CPU are refused.
 pub fn launched(args: &TrainArgs) -> anyhow::Result<Option<LaunchEnv>> {
     let Some(env) = LaunchEnv::detect()? else {
         return Ok(None);
@@ -55,12 +63,6 @@ pub fn launched(args: &TrainArgs) -> anyhow::Result<Option<LaunchEnv>> {
         env.world_size
     );
     anyhow::ensure!(
-        args.resume.is_none(),
-        "--resume under a launcher of {} processes is not supported yet: a distributed run \
-         starts fresh",
-        env.world_size
-    );
-    anyhow::ensure!(
         args.device == megamoe_tensor::Device::Cpu,
         "--device {} under a launcher: MPI ranks train on the CPU (drop --device)",
         args.device
@@ -79,7 +81,8 @@ fn comm_timeout() -> anyhow::Result<std::time::Duration> {
     }
 }
 
-/// Runs this process's rank of the job (see the module docs).
+/// Runs this process's rank of the job, fresh or continuing `resume` (see the module
+/// docs; `resume` holds the run directory's lock on rank 0 only).
 #[cfg(feature = "mpi")]
 pub fn run(
     args: &TrainArgs,
@@ -88,8 +91,17 @@ pub fn run(
     peak: Peak,
     chosen_dir: Option<&PathBuf>,
     env: &LaunchEnv,
+    resume: Option<Resume>,
 ) -> anyhow::Result<ExitCode> {
-    mpi_rank::run(args, raw, data, peak, chosen_dir, env, comm_timeout()?)
+    let job = mpi_rank::Job {
+        args,
+        raw,
+        peak,
+        chosen_dir,
+        env,
+        resume,
+    };
+    mpi_rank::run(&job, data, comm_timeout()?)
 }
 
 /// Without the feature [`launched`] has refused already; kept for the call site.
@@ -101,6 +113,7 @@ pub fn run(
     _peak: Peak,
     _chosen_dir: Option<&PathBuf>,
     env: &LaunchEnv,
+    _resume: Option<Resume>,
 ) -> anyhow::Result<ExitCode> {
     comm_timeout()?;
     anyhow::bail!(
@@ -118,6 +131,8 @@ mod mpi_rank {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use anyhow::Context;
+
     use megamoe_comm::{Communicator, LaunchEnv, MpiWorld};
     use megamoe_plan::{Plan, RawConfig};
     use megamoe_tensor::{Device, Tensor};
@@ -130,6 +145,18 @@ mod mpi_rank {
 
     use crate::train_cmd::TrainArgs;
     use crate::train_header::{header_lines, HeaderInfo, Peak};
+    use crate::train_world::Resume;
+
+    /// What every rank of the job was started with.
+    pub(super) struct Job<'a> {
+        pub args: &'a TrainArgs,
+        pub raw: &'a RawConfig,
+        pub peak: Peak,
+        pub chosen_dir: Option<&'a PathBuf>,
+        pub env: &'a LaunchEnv,
+        /// The checkpoint a `--resume` continues (the run directory's lock on rank 0).
+        pub resume: Option<Resume>,
+    }
 
     /// How a rank's part ended.
     enum Outcome {
@@ -139,14 +166,11 @@ mod mpi_rank {
     }
 
     pub(super) fn run(
-        args: &TrainArgs,
-        raw: &RawConfig,
+        job: &Job<'_>,
         data: Arc<DataSource>,
-        peak: Peak,
-        chosen_dir: Option<&PathBuf>,
-        env: &LaunchEnv,
         timeout: Duration,
     ) -> anyhow::Result<ExitCode> {
+        let env = job.env;
         let world = MpiWorld::init()?.with_timeout(timeout);
         let (rank, size) = (world.rank(), world.size());
         anyhow::ensure!(
@@ -164,7 +188,7 @@ mod mpi_rank {
         let started = Instant::now();
         // A panic is a failure like any other: the others hear of it and stop.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let outcome = train_rank(args, raw, data, peak, chosen_dir, env, Box::new(comm))?;
+            let outcome = train_rank(job, data, Box::new(comm))?;
             let Outcome::Done(summary) = outcome else {
                 return Ok(outcome);
             };
@@ -217,14 +241,11 @@ mod mpi_rank {
 
     /// One rank's training; rank 0 also sets up and writes the run directory.
     fn train_rank(
-        args: &TrainArgs,
-        raw: &RawConfig,
+        job: &Job<'_>,
         data: Arc<DataSource>,
-        peak: Peak,
-        chosen_dir: Option<&PathBuf>,
-        env: &LaunchEnv,
         comm: Box<dyn Communicator>,
     ) -> anyhow::Result<Outcome> {
+        let (args, raw, peak, env) = (job.args, job.raw, job.peak, job.env);
         let size = comm.size();
         let plan = Plan::resolve(raw, Some(size))?;
         check_layout(&plan)?;
@@ -235,6 +256,18 @@ mod mpi_rank {
         );
         let fault = rank_fault_from_env()?;
         let total_steps = args.steps.unwrap_or(plan.train.steps as u64);
+        let origin = job.resume.as_ref().map(|r| &r.origin);
+        let start = origin.map_or(0, |o| o.step);
+        if start >= total_steps {
+            // Every rank read the same checkpoint step: all of them stop here.
+            if comm.rank() == 0 {
+                eprintln!(
+                    "the run is already at step {start} (--steps {total_steps}); nothing to do"
+                );
+            }
+            return Ok(Outcome::Done(None));
+        }
+        let checkpoint = origin.and_then(|o| o.dir.as_ref());
         let opts = RunOptions {
             total_steps,
             show_every: 1,
@@ -246,27 +279,47 @@ mod mpi_rank {
         };
         if comm.rank() != 0 {
             let mut trainer = Trainer::new_rank(raw, data, options, comm)?;
+            // Collective: rank 0 reads the checkpoint, every rank takes its shard.
+            if let Some(dir) = checkpoint {
+                trainer.load_checkpoint(dir)?;
+            }
             trainer.set_rank_fault(fault);
             follow_training(&mut trainer, &opts, fault)?;
             return Ok(Outcome::Done(None));
         }
-        let run_dir = match chosen_dir {
-            Some(dir) => dir.clone(),
-            None => RunDir::create_unique(Path::new("runs"))?
-                .path()
-                .to_path_buf(),
+        let (run_dir, _lock) = match &job.resume {
+            Some(r) => (r.run_dir.clone(), None),
+            None => {
+                let run_dir = match job.chosen_dir {
+                    Some(dir) => dir.clone(),
+                    None => RunDir::create_unique(Path::new("runs"))?
+                        .path()
+                        .to_path_buf(),
+                };
+                let lock = RunLock::acquire(&run_dir)?;
+                check_fresh_run_dir(&run_dir)?;
+                (run_dir, Some(lock))
+            }
         };
-        let _lock = RunLock::acquire(&run_dir)?;
-        check_fresh_run_dir(&run_dir)?;
         let run = RunDir::create(&run_dir)?;
-        run.write_origin(data.name())?;
         let mut trainer = Trainer::new_rank(raw, data, options, comm)?;
+        if let Some(dir) = checkpoint {
+            trainer
+                .load_checkpoint(dir)
+                .with_context(|| format!("--resume {}", dir.display()))?;
+        }
+        if let Some(o) = origin {
+            for line in crate::train_cmd::record_resume(run.path(), o, &trainer)? {
+                eprintln!("{line}");
+            }
+        }
         trainer.set_rank_fault(fault);
+        run.write_origin(trainer.data().name())?;
         run.write_config(trainer.config_toml())?;
         let header = HeaderInfo {
             config: &args.config.source_name(),
             run_dir: run.path(),
-            steps: (0, total_steps),
+            steps: (start, total_steps),
             peak,
         };
         for line in header_lines(&trainer, &header) {
@@ -282,7 +335,7 @@ mod mpi_rank {
         }
         eprintln!("{LEGEND}");
         let log_every = trainer.plan().train.log_every.max(1) as u64;
-        let mut progress = Progress::new(0, total_steps, log_every);
+        let mut progress = Progress::new(start, total_steps, log_every);
         match run_training(&mut trainer, run.path(), &opts, &mut progress) {
             Ok(summary) => Ok(Outcome::Done(Some((
                 summary.to_string(),

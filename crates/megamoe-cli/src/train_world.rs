@@ -31,8 +31,9 @@ pub struct Resume {
     pub origin: CheckpointOrigin,
     /// The run directory the resumed run writes.
     pub run_dir: PathBuf,
-    /// The lock on `run_dir`, held for the run.
-    pub lock: RunLock,
+    /// The lock on `run_dir`, held for the run by the process that writes it (under
+    /// mpirun rank 0 only; `None` on the other ranks).
+    pub lock: Option<RunLock>,
 }
 
 /// Runs `megamoe train --world N` (N > 1) with the loaded config and data: a fresh run,
@@ -73,7 +74,7 @@ pub fn run(
             };
             let lock = RunLock::acquire(&run_dir)?;
             check_fresh_run_dir(&run_dir)?;
-            (run_dir, lock, None)
+            (run_dir, Some(lock), None)
         }
     };
     let start = origin.as_ref().map_or(0, |o| o.step);
