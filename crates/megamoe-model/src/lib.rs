@@ -82,6 +82,7 @@ pub mod error;
 pub mod ffn;
 pub mod flexi_depth;
 pub mod gate_skip;
+pub mod generate;
 pub mod grad_buffers;
 pub mod grad_ready;
 pub mod init;
@@ -103,6 +104,7 @@ pub use chunk::{
 pub use chunk_params::{shared_params, ChunkParams, Shared, SharedParam};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
+pub use generate::TokenSampler;
 pub use grad_buffers::{Bucket, FlatLayout, GradBuffers, ParamSlot};
 pub use grad_ready::GradReady;
 pub use model::{

@@ -22,11 +22,12 @@ use std::sync::Arc;
 
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, TokenDispatcher};
 use megamoe_optim::ParamRole;
-use megamoe_tensor::{DType, Tensor, IGNORE_INDEX};
+use megamoe_tensor::{DType, Tensor};
 
 use crate::attention::{Attention, AttentionConfig};
 use crate::block::{Block, BlockParams};
 use crate::chunk::{ChunkSaved, ChunkSpec};
+use crate::chunk_params::{ChunkParams, EMBED_NAME};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ffn::Ffn;
@@ -296,31 +297,53 @@ impl Model {
 
     /// Fresh parameters from `cfg.seed` (layout-invariant, keyed by name).
     pub fn init_params(&self) -> Result<ModelParams> {
+        self.init_chunk_params(&ChunkSpec::whole(self.blocks.len()))?
+            .into_whole_model()
+    }
+
+    /// Fresh parameters of the chunk `spec` only: exactly the tensors
+    /// [`ModelParams::split`] gives that chunk (its layers; the embedding on the input
+    /// chunk, and on the head chunk when the head is tied or MTP reads it; the final norm,
+    /// untied LM head and MTP on the head chunk), each drawn by the same named RNG as in
+    /// [`Model::init_params`], so a pipeline stage materialises its own part of the same
+    /// model and nothing else.
+    pub fn init_chunk_params(&self, spec: &ChunkSpec) -> Result<ChunkParams> {
+        self.chunk(spec.clone())?;
         let c = &self.cfg;
         let init = Init::new(c.seed);
         let std = c.init_std;
         let out_std = std / ((2 * c.n_layers) as f32).sqrt();
-        let mut layers = Vec::with_capacity(c.n_layers);
-        for (i, b) in self.blocks.iter().enumerate() {
-            layers.push(b.init_params(&init, &format!("model.layers.{i}"), std, out_std)?);
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for i in spec.layers.clone() {
+            let prefix = format!("model.layers.{i}");
+            layers.push(self.blocks[i].init_params(&init, &prefix, std, out_std)?);
         }
-        let mtp = match &self.mtp {
-            Some(m) => Some(m.init_params(&init, "mtp", std, out_std)?),
-            None => None,
+        let head_reads_embed = c.tie_embeddings || self.mtp.is_some();
+        let embed_tokens = if spec.embed || (spec.head && head_reads_embed) {
+            Some(init.randn(EMBED_NAME, &[c.vocab_size, c.d_model], std)?)
+        } else {
+            None
         };
-        Ok(ModelParams {
-            embed_tokens: init.randn(
-                "model.embed_tokens.weight",
-                &[c.vocab_size, c.d_model],
-                std,
-            )?,
-            layers,
-            norm: init.full(&[c.d_model], 1.0)?,
-            lm_head: if c.tie_embeddings {
+        let (norm, lm_head, mtp) = if spec.head {
+            let lm_head = if c.tie_embeddings {
                 None
             } else {
                 Some(init.randn("lm_head.weight", &[c.vocab_size, c.d_model], std)?)
-            },
+            };
+            let mtp = match &self.mtp {
+                Some(m) => Some(m.init_params(&init, "mtp", std, out_std)?),
+                None => None,
+            };
+            (Some(init.full(&[c.d_model], 1.0)?), lm_head, mtp)
+        } else {
+            (None, None, None)
+        };
+        Ok(ChunkParams {
+            layer_offset: spec.layers.start,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
             mtp,
         })
     }
@@ -424,90 +447,6 @@ impl Model {
         *grads = cg.into_whole_model()?;
         result.map(|_| ())
     }
-
-    /// Continues `prompt` by `n` tokens (greedy at temperature 0), re-running the forward on
-    /// the last `seq_len` tokens each step (no KV cache; a quick sample, not a server).
-    pub fn generate(
-        &self,
-        p: &ModelParams,
-        prompt: &[i32],
-        n: usize,
-        sampling: Sampling,
-    ) -> Result<Vec<i32>> {
-        if prompt.is_empty() {
-            return Err(Error::Input {
-                arg: "prompt",
-                got: vec![0],
-                rule: "must hold at least one token",
-            });
-        }
-        let mut out = prompt.to_vec();
-        // MoE layers need N to be a multiple of their seq_len: shorter contexts run on a
-        // copy of the model built for that length (same parameters).
-        let mut by_len: Vec<Option<Model>> = (0..=self.cfg.seq_len).map(|_| None).collect();
-        let mut rng = sampling.seed ^ 0x9E37_79B9_7F4A_7C15;
-        let device = p.embed_tokens.device();
-        for _ in 0..n {
-            let start = out.len().saturating_sub(self.cfg.seq_len);
-            let ctx = &out[start..];
-            let t = ctx.len();
-            let ids = Tensor::from_vec_i32(ctx.to_vec(), [1, t], device)?;
-            let targets = Tensor::full([1, t], IGNORE_INDEX as f32, DType::I32, device)?;
-            let model = if t == self.cfg.seq_len {
-                self
-            } else {
-                let slot = &mut by_len[t];
-                if slot.is_none() {
-                    let mut short = Model::new(ModelConfig {
-                        seq_len: t,
-                        ..self.cfg.clone()
-                    })?;
-                    if let Some(d) = &self.moe_dispatcher {
-                        short.set_moe_dispatcher(d.clone())?;
-                    }
-                    short.block_gather = self.block_gather.clone();
-                    if let Some(tp) = &self.tp {
-                        short.set_tensor_parallel(tp.clone())?;
-                    }
-                    *slot = Some(short);
-                }
-                slot.as_ref().expect("just built")
-            };
-            let fwd = model.forward(p, &ids, &targets, usize::MAX)?;
-            let last = fwd.logits.narrow(0, t - 1, 1)?;
-            let next = if sampling.temperature <= 0.0 {
-                // SYNC: the sampled id decides the next input.
-                last.topk(1)?.1.to_host_i32()?[0]
-            } else {
-                // SYNC: the sampled id decides the next input.
-                let probs = last
-                    .scale(1.0 / sampling.temperature)?
-                    .softmax()?
-                    .to_host_f32()?;
-                rng = splitmix(rng);
-                let u = (rng >> 11) as f64 / (1u64 << 53) as f64;
-                let mut acc = 0.0f64;
-                let mut pick = probs.len() - 1;
-                for (i, &pr) in probs.iter().enumerate() {
-                    acc += pr as f64;
-                    if u < acc {
-                        pick = i;
-                        break;
-                    }
-                }
-                pick as i32
-            };
-            out.push(next);
-        }
-        Ok(out)
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use megamoe_comm::{Communicator, ThreadWorld};
+use megamoe_comm::ThreadWorld;
 use megamoe_pipeline::executor::{compare, measured_costs};
 use megamoe_pipeline::simulate;
 use megamoe_plan::{Plan, RawConfig, TINY_CONFIG};
@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(pp),
         )?;
         let ranks = ThreadWorld::new(pp)?.run(|comm| -> megamoe_train::Result<_> {
-            let mut rank = PipelineRank::new(&plan, comm.rank())?;
+            let mut rank = PipelineRank::new(&plan, &comm)?;
             let mut batcher = Batcher::new(
                 data.clone(),
                 BatchConfig {

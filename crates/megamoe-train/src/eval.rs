@@ -21,22 +21,38 @@ impl Trainer {
     /// Held-out loss over `train.eval_batches` batches of `B = train.global_batch`
     /// sequences (the same text for every run), overall and per data domain.
     pub fn evaluate(&mut self) -> Result<EvalMetrics> {
-        self.sync_pipeline_replica()?;
         let started = Instant::now();
         if self.heldout.is_none() {
             self.heldout = Some(self.heldout_by_domain()?);
         }
         let batches = self.heldout.as_deref().unwrap_or_default();
         let names = self.batcher.source().domain_names();
+        let inputs = batches
+            .iter()
+            .map(|b| batch_tensors(b, self.options.device))
+            .collect::<Result<Vec<_>>>()?;
+        let losses: Vec<f32> = match (&self.pipeline, &self.parallel) {
+            // A forward-only pass over the pipeline's stages; every rank gets the losses.
+            (Some(rank), Some(par)) => {
+                rank.eval_losses(par.pipeline_groups().pp, &inputs, self.step as usize)?
+            }
+            _ => {
+                let params =
+                    crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
+                let mut losses = Vec::with_capacity(inputs.len());
+                for (ids, targets) in &inputs {
+                    let out = self
+                        .model
+                        .forward(&params, ids, targets, self.step as usize)?;
+                    // SYNC: the eval loss is a host number.
+                    losses.push(out.losses.lm_loss.to_scalar_f32()?);
+                }
+                losses
+            }
+        };
         let mut per_domain: BTreeMap<u16, (f64, u64)> = BTreeMap::new();
-        for b in batches {
-            let (ids, targets) = batch_tensors(b, self.options.device)?;
-            let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
-            let out = self
-                .model
-                .forward(&params, &ids, &targets, self.step as usize)?;
-            // SYNC: the eval loss is a host number.
-            let loss = out.losses.lm_loss.to_scalar_f32()? as f64;
+        for (b, &loss) in batches.iter().zip(&losses) {
+            let loss = loss as f64;
             let tokens = b.num_tokens() as u64;
             let domain = b.domains.first().map_or(0, |d| d.0);
             let e = per_domain.entry(domain).or_default();
@@ -96,21 +112,25 @@ impl Trainer {
 
     /// Continues `prompt` by `n` tokens (at [`SAMPLE_TEMPERATURE`]) with the current parameters.
     pub fn sample(&mut self, prompt: &str, n: usize) -> Result<SampleRecord> {
-        self.sync_pipeline_replica()?;
         let started = Instant::now();
         let tok = self.batcher.source().tokenizer().clone();
         let ids: Vec<i32> = tok.encode(prompt)?.into_iter().map(|t| t as i32).collect();
         self.sample_rng = splitmix(self.sample_rng);
-        let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
-        let out = self.model.generate(
-            &params,
-            &ids,
-            n,
-            Sampling {
-                temperature: SAMPLE_TEMPERATURE,
-                seed: self.sample_rng,
-            },
-        )?;
+        let sampling = Sampling {
+            temperature: SAMPLE_TEMPERATURE,
+            seed: self.sample_rng,
+        };
+        let out = match (&self.pipeline, &self.parallel) {
+            // Forward-only through the stages; the head's rank draws, every rank gets it.
+            (Some(rank), Some(par)) => {
+                rank.generate(par.pipeline_groups().pp, &ids, n, sampling)?
+            }
+            _ => {
+                let params =
+                    crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
+                self.model.generate(&params, &ids, n, sampling)?
+            }
+        };
         let cont: Vec<u32> = out[ids.len()..].iter().map(|&t| t.max(0) as u32).collect();
         let text = tok.decode(&cont)?;
         self.goodput.record(TimeCategory::Eval, started.elapsed());

@@ -155,7 +155,14 @@ impl Trainer {
         if let Some(par) = &parallel {
             par.shard_model(&mut model)?;
         }
-        let mut params = model.init_params()?;
+        // A pipeline rank holds only its stages (built by `attach_pipeline`): no
+        // whole-model parameters, gradients or optimizer state here.
+        let pipelined = plan.parallel.pp > 1;
+        let mut params = if pipelined {
+            empty_params()?
+        } else {
+            model.init_params()?
+        };
         move_params(&mut params, options.device)?;
         let mut parallel = parallel;
         if let Some(par) = parallel.as_mut() {
@@ -167,10 +174,13 @@ impl Trainer {
         // The optimizer holds state for this rank's rows when they are sharded.
         let mut optimizer = match parallel.as_ref().and_then(|p| p.optimizer_params()) {
             Some(rows) => Optimizer::new(&plan.optim, &mut |f| rows.visit(f))?,
+            None if pipelined => Optimizer::new(&plan.optim, &mut |_| {})?,
             None => Optimizer::new(&plan.optim, &mut |f| params.visit(f))?,
         };
         // One flat buffer each for the gradients and the two moment kinds (same order).
-        optimizer.flatten_state()?;
+        if !pipelined {
+            optimizer.flatten_state()?;
+        }
         let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
         let counts = model_counts(&plan, &params, &optimizer);
         // `parallel.fsdp = 3`: keep only this rank's rows; the model gathers each block's.
@@ -486,8 +496,8 @@ impl Trainer {
     /// optimizer value is NaN or infinite.
     pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
         let started = Instant::now();
-        // Distributed: expert shards gathered into the one-rank layout (collective).
-        self.sync_pipeline_replica()?;
+        // Distributed: shards and pipeline stages gathered into the one-rank layout
+        // (collective).
         let (model, optimizer) = self.checkpoint_tensors()?;
         check_finite(self.step, model.iter().chain(&optimizer))?;
         let mut extra = BTreeMap::new();
@@ -501,7 +511,10 @@ impl Trainer {
         let state = TrainState {
             step: self.step,
             rng: vec![self.sample_rng],
-            optimizer_steps: self.optimizer.steps_taken(),
+            optimizer_steps: match &self.pipeline {
+                Some(rank) => rank.optimizer_steps(),
+                None => self.optimizer.steps_taken(),
+            },
             data: self.batcher.position(),
             config_toml: self.config_toml.clone(),
             goodput,
@@ -574,23 +587,32 @@ impl Trainer {
         self.params = params;
         self.optimizer = optimizer;
         self.batcher = batcher;
-        self.step = ckpt.state.step;
-        self.sample_rng = ckpt
-            .state
-            .rng
-            .first()
-            .copied()
-            .unwrap_or(self.plan.train.seed);
-        self.nonfinite_streak = ckpt
-            .state
+        self.set_train_state(&ckpt.state, started);
+        Ok(())
+    }
+
+    /// Takes a checkpoint's scalar state (step, data position, sampling RNG, NaN-guard
+    /// streak, goodput) without its tensors; `started` is when the load began. On an
+    /// error (a data position the source cannot reach) nothing changes.
+    pub(crate) fn apply_train_state(&mut self, state: &TrainState, started: Instant) -> Result<()> {
+        let mut batcher = Batcher::new(self.batcher.source().clone(), self.batcher.config())?;
+        batcher.seek(&state.data)?;
+        self.batcher = batcher;
+        self.set_train_state(state, started);
+        Ok(())
+    }
+
+    fn set_train_state(&mut self, state: &TrainState, started: Instant) {
+        self.step = state.step;
+        self.sample_rng = state.rng.first().copied().unwrap_or(self.plan.train.seed);
+        self.nonfinite_streak = state
             .extra
             .get(EXTRA_NONFINITE_STREAK)
             .and_then(|v| v.as_u64())
             .unwrap_or(0) as usize;
-        self.goodput = GoodputTracker::resume(ckpt.state.goodput);
+        self.goodput = GoodputTracker::resume(state.goodput);
         self.goodput
             .record(TimeCategory::Checkpoint, started.elapsed());
-        Ok(())
     }
 }
 
@@ -676,26 +698,37 @@ fn specs(tensors: &[NamedTensor]) -> Vec<TensorSpec> {
 
 /// Parameter counts, FLOPs per token and state bytes of a model.
 fn model_counts(plan: &Plan, params: &ModelParams, optimizer: &Optimizer) -> ModelCounts {
-    let (mut total, mut active, mut param_bytes) = (0u64, 0f64, 0u64);
-    let expert_share = plan
-        .moe
-        .as_ref()
-        .map_or(1.0, |m| m.top_k as f64 / m.routed_experts.max(1) as f64);
+    let mut sizes = Vec::new();
+    let mut param_bytes = 0u64;
     params.visit(&mut |_, t, role| {
-        let n = t.numel() as u64;
-        total += n;
-        param_bytes += n * t.dtype().size_in_bytes() as u64;
-        active += match role {
-            ParamRole::ExpertBank => n as f64 * expert_share,
-            _ => n as f64,
-        };
+        sizes.push((t.numel() as u64, role));
+        param_bytes += (t.numel() * t.dtype().size_in_bytes()) as u64;
     });
     let mut optim_bytes = 0u64;
     optimizer.visit_state(&mut |_, t| {
         optim_bytes += (t.numel() * t.dtype().size_in_bytes()) as u64;
     });
     // Gradients are f32 buffers of every parameter's shape.
+    let total: u64 = sizes.iter().map(|s| s.0).sum();
     let grad_bytes = total * DType::F32.size_in_bytes() as u64;
+    counts_of(plan, &sizes, param_bytes + grad_bytes + optim_bytes)
+}
+
+/// [`ModelCounts`] of a model whose parameters have `sizes` (elements, role), holding
+/// `state_bytes` of parameters, gradients and optimizer state.
+pub(crate) fn counts_of(plan: &Plan, sizes: &[(u64, ParamRole)], state_bytes: u64) -> ModelCounts {
+    let expert_share = plan
+        .moe
+        .as_ref()
+        .map_or(1.0, |m| m.top_k as f64 / m.routed_experts.max(1) as f64);
+    let total: u64 = sizes.iter().map(|s| s.0).sum();
+    let active: f64 = sizes
+        .iter()
+        .map(|&(n, role)| match role {
+            ParamRole::ExpertBank => n as f64 * expert_share,
+            _ => n as f64,
+        })
+        .sum();
     let m = &plan.model;
     ModelCounts {
         params: total,
@@ -706,8 +739,21 @@ fn model_counts(plan: &Plan, params: &ModelParams, optimizer: &Optimizer) -> Mod
             m.n_heads * m.head_dim,
             m.seq_len,
         ),
-        state_bytes: param_bytes + grad_bytes + optim_bytes,
+        state_bytes,
     }
+}
+
+/// The parameter set of a trainer that holds no model tensors (a pipeline rank keeps its
+/// stages in its [`crate::distributed::PipelineRank`]): empty embedding and norm, no layers.
+fn empty_params() -> Result<ModelParams> {
+    let empty = Tensor::zeros([0], DType::F32, Device::Cpu)?;
+    Ok(ModelParams {
+        embed_tokens: empty.clone(),
+        layers: Vec::new(),
+        norm: empty,
+        lm_head: None,
+        mtp: None,
+    })
 }
 
 pub(crate) fn splitmix(mut z: u64) -> u64 {

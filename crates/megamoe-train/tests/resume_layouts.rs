@@ -5,7 +5,9 @@
 //! the losses of the uninterrupted dp2 × ep2 run (f32, ≤ 1e-5 relative: only summation
 //! order differs between layouts). A resume under the layout that wrote the checkpoint repeats
 //! them bit for bit. A dp2 fsdp 3 run's checkpoint resumes under fsdp 3 (bit for bit)
-//! and under one rank the same way.
+//! and under one rank the same way. Checkpoints written by pipeline ranks (pp2 DualPipeV,
+//! dp2 × ep2 × pp2 1F1B), gathered from their stages, resume under one rank and under pp2
+//! the same way, and a resume into pp takes only the rank's stages.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -71,6 +73,18 @@ fn run(
     let step_all = |t: &mut Trainer| -> Result<Vec<f64>, Error> {
         if let Some(dir) = resume {
             t.load_checkpoint(dir)?;
+        }
+        if let Some(p) = t.pipeline() {
+            // Only the rank's stages: no whole-model set, less than the whole model.
+            assert_eq!(
+                t.params().numel(),
+                0,
+                "a pp rank holds no whole-model parameters"
+            );
+            assert!(
+                p.param_elements() < t.counts().params,
+                "a pp rank holds its stages"
+            );
         }
         let mut losses = Vec::new();
         while (t.step_count() as usize) < STEPS {
@@ -192,4 +206,59 @@ fn an_fsdp3_checkpoint_resumes_under_fsdp3_and_one_rank_with_the_same_losses() {
     let worst = worst_rel(&one, want);
     eprintln!("one rank: resumed losses vs dp2 fsdp3 uninterrupted: max rel diff {worst:.2e}");
     assert!(worst <= 1e-5, "one rank: {one:?} vs {want:?}");
+}
+
+/// A checkpoint written by `writer` (pipeline ranks) at step 4 resumes under one rank,
+/// under the writer's layout (bit for bit) and under pp2 1F1B, each continuing with the
+/// writer's uninterrupted losses.
+fn check_pipeline_checkpoint(label: &str, writer: &[&str], world: usize, data_ranks: usize) {
+    let tmp = common::TestDir::new(label);
+    let whole = run(writer, world, data_ranks, None, Some(tmp.path()));
+    assert!(checkpoint(tmp.path()).is_dir());
+    let want = &whole[SAVE_AT..];
+    assert!(((want[0] - want[STEPS - SAVE_AT - 1]) / want[0]).abs() > 1e-3);
+    let same = run(writer, world, data_ranks, Some(tmp.path()), None);
+    assert_eq!(
+        same, want,
+        "{label} resumed under its own layout: bit for bit"
+    );
+    for (name, layout, world, data_ranks) in [
+        ("one rank", &[][..], 1, 1),
+        (
+            "pp2 1f1b",
+            &["parallel.pp=2", "parallel.schedule=\"1f1b\""][..],
+            2,
+            1,
+        ),
+    ] {
+        let got = run(layout, world, data_ranks, Some(tmp.path()), None);
+        let worst = worst_rel(&got, want);
+        eprintln!("{label} checkpoint under {name}: max rel diff {worst:.2e}");
+        assert!(worst <= 1e-5, "{label} under {name}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn a_pp2_dualpipev_checkpoint_resumes_under_one_rank_and_pp2() {
+    check_pipeline_checkpoint(
+        "resume-pp2-dualpipev",
+        &["parallel.pp=2", "parallel.schedule=\"dualpipev\""],
+        2,
+        1,
+    );
+}
+
+#[test]
+fn a_dp2_ep2_pp2_checkpoint_resumes_under_one_rank_and_pp2() {
+    check_pipeline_checkpoint(
+        "resume-dp2-ep2-pp2",
+        &[
+            "parallel.dp=2",
+            "parallel.ep=2",
+            "parallel.pp=2",
+            "parallel.schedule=\"1f1b\"",
+        ],
+        8,
+        4,
+    );
 }

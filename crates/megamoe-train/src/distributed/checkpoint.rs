@@ -11,19 +11,21 @@
 //! its experts (rows `ep_rank·E/ep ..` of each bank and of its optimizer state), its
 //! `parallel.fsdp` rows of the optimizer state (the FSDP2 `chunk` rule over the
 //! parameter's data-parallel group; under `parallel.fsdp = 3` its rows of the parameters
-//! too, which become the rows the optimizer updates and the blocks gather), and on a
-//! pipeline rank its stages' parameters and optimizer state. A checkpoint written under any layout therefore resumes under any
-//! other (resharding is a slice of exact copies).
+//! too, which become the rows the optimizer updates and the blocks gather). Pipeline
+//! ranks, which hold only their stages, save and load through module
+//! `pipeline_checkpoint`. A checkpoint written under any layout therefore resumes under
+//! any other (resharding is a slice of exact copies).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
 use megamoe_comm::Communicator;
-use megamoe_optim::{ParamRole, STATE_KINDS};
+use megamoe_optim::ParamRole;
 use megamoe_plan::chunk;
 use megamoe_tensor::{Device, Tensor};
 
+use super::pipeline_tensors::{broadcast_bytes, param_of};
 use crate::checkpoint::{
     load_checkpoint, Checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
 };
@@ -35,6 +37,11 @@ impl Trainer {
     /// under expert parallelism: every rank calls it at the same points (rank 0 from
     /// [`Trainer::save_checkpoint`], the others from [`Trainer::join_checkpoint`]).
     pub(crate) fn checkpoint_tensors(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        if let (Some(rank), Some(par)) = (self.pipeline.as_ref(), self.parallel.as_ref()) {
+            // Gathered from the stages on rank 0; the other ranks' part ends here.
+            let got = rank.gather_checkpoint(par.pipeline_groups().pp, par.ep.as_ref())?;
+            return Ok(got.unwrap_or_default());
+        }
         let mut model = self.model_tensors()?;
         let mut optimizer = self.optimizer_tensors()?;
         let Some(par) = self
@@ -78,11 +85,14 @@ impl Trainer {
         Ok((model, optimizer))
     }
 
-    /// A non-writing rank's part of a checkpoint save: the pipeline replica's refresh and
-    /// the expert gathers of [`Trainer::save_checkpoint`] on rank 0 (nothing to do
-    /// without pipeline or expert parallelism).
+    /// A non-writing rank's part of a checkpoint save: the gathers of
+    /// [`Trainer::save_checkpoint`] on rank 0 (a pipeline stage's tensors, expert shards,
+    /// FSDP rows, TP slices; nothing to do without them).
     pub fn join_checkpoint(&mut self) -> Result<()> {
-        self.sync_pipeline_replica()?;
+        if self.pipeline.is_some() {
+            self.checkpoint_tensors()?;
+            return Ok(());
+        }
         if self
             .parallel
             .as_ref()
@@ -99,6 +109,9 @@ impl Trainer {
     /// Collective over the world; an error on rank 0 (a missing, corrupt or mismatched
     /// checkpoint) stops every rank.
     pub(crate) fn load_checkpoint_shard(&mut self, path: &Path) -> Result<()> {
+        if self.pipeline.is_some() {
+            return self.load_pipeline_checkpoint(path);
+        }
         let started = Instant::now();
         let Some(par) = self.parallel.as_ref() else {
             return self.load_checkpoint(path);
@@ -137,33 +150,8 @@ impl Trainer {
         let optim_specs: Vec<TensorSpec> = local_optim.iter().map(full_spec).collect();
 
         // 1. Rank 0 reads the checkpoint; its scalar state reaches every rank.
-        let read = if world.rank() == 0 {
-            Some(load_checkpoint(
-                path,
-                &Expected {
-                    config_toml: Some(&self.config_toml),
-                    model: Some(&model_specs),
-                    optimizer: Some(&optim_specs),
-                },
-            )?)
-        } else {
-            None
-        };
-        let state_json = match &read {
-            Some(c) => serde_json::to_vec(&c.state).map_err(|e| Error::TrainConfig {
-                field: "checkpoint state",
-                value: path.display().to_string(),
-                rule: format!("must serialise for the other ranks: {e}"),
-            })?,
-            None => Vec::new(),
-        };
-        let state_json = broadcast_bytes(world, &state_json)?;
-        let state: TrainState =
-            serde_json::from_slice(&state_json).map_err(|e| Error::TrainConfig {
-                field: "checkpoint state",
-                value: path.display().to_string(),
-                rule: format!("rank 0's broadcast must parse: {e}"),
-            })?;
+        let (read, state) =
+            read_on_rank_zero(world, path, &self.config_toml, &model_specs, &optim_specs)?;
 
         // 2. Every tensor from rank 0, cut to this rank's shard.
         let by_name = |list: &[NamedTensor]| -> HashMap<String, NamedTensor> {
@@ -220,7 +208,7 @@ impl Trainer {
         };
         self.apply_checkpoint(&ckpt, started)?;
 
-        // 3. Derived shards: FSDP rows of the parameters, a pipeline rank's stages.
+        // 3. Derived shards: FSDP rows of the parameters.
         if let Some(par) = self.parallel.as_mut() {
             if par.holds_rows_only() {
                 par.adopt_rows(&self.params)?;
@@ -228,29 +216,46 @@ impl Trainer {
                 par.sharded = Some(par.shard_state(&self.params, false)?);
             }
         }
-        if let Some(rank) = self.pipeline.as_mut() {
-            rank.load_from(&self.params, &self.optimizer, self.step)?;
-        }
         Ok(())
     }
 }
 
-/// Broadcasts `bytes` (read on rank 0 only) to every rank of `comm`, one f32 per byte.
-fn broadcast_bytes(comm: &dyn Communicator, bytes: &[u8]) -> Result<Vec<u8>> {
-    let len = Tensor::from_vec_f32(vec![bytes.len() as f32], [1], Device::Cpu)?;
-    let n = comm.broadcast(&len, 0)?.to_host_f32()?[0] as usize;
-    let mut values: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
-    values.resize(n, 0.0);
-    let t = Tensor::from_vec_f32(values, [n], Device::Cpu)?;
-    let got = comm.broadcast(&t, 0)?.to_host_f32()?;
-    Ok(got.into_iter().map(|x| x as u8).collect())
-}
-
-/// The parameter an optimizer state tensor `<kind>.<parameter>` belongs to (a model
-/// tensor's own name otherwise).
-fn param_of(name: &str) -> &str {
-    STATE_KINDS
-        .iter()
-        .find_map(|k| name.strip_prefix(k).and_then(|r| r.strip_prefix('.')))
-        .unwrap_or(name)
+/// Rank 0 reads and verifies the one-rank checkpoint `path` against `config_toml` and
+/// the one-rank tensor specs; its scalar state reaches every rank of `world` (the
+/// checkpoint itself stays on rank 0). Collective; an error on rank 0 stops every rank.
+pub(super) fn read_on_rank_zero(
+    world: &dyn Communicator,
+    path: &Path,
+    config_toml: &str,
+    model: &[TensorSpec],
+    optimizer: &[TensorSpec],
+) -> Result<(Option<Checkpoint>, TrainState)> {
+    let read = if world.rank() == 0 {
+        Some(load_checkpoint(
+            path,
+            &Expected {
+                config_toml: Some(config_toml),
+                model: Some(model),
+                optimizer: Some(optimizer),
+            },
+        )?)
+    } else {
+        None
+    };
+    let state_json = match &read {
+        Some(c) => serde_json::to_vec(&c.state).map_err(|e| Error::TrainConfig {
+            field: "checkpoint state",
+            value: path.display().to_string(),
+            rule: format!("must serialise for the other ranks: {e}"),
+        })?,
+        None => Vec::new(),
+    };
+    let state_json = broadcast_bytes(world, &state_json, 0)?;
+    let state: TrainState =
+        serde_json::from_slice(&state_json).map_err(|e| Error::TrainConfig {
+            field: "checkpoint state",
+            value: path.display().to_string(),
+            rule: format!("rank 0's broadcast must parse: {e}"),
+        })?;
+    Ok((read, state))
 }

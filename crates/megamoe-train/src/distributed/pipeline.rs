@@ -42,7 +42,7 @@ use std::time::Instant;
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::ffn::FfnParams;
-use megamoe_model::{ChunkParams, ChunkSpec, Model, ModelConfig, ModelParams};
+use megamoe_model::{ChunkParams, ChunkSpec, Model, ModelConfig};
 use megamoe_optim::{clip_factor, Optimizer, ParamRole, Schedule as LrSchedule};
 use megamoe_pipeline::executor::RankTiming;
 use megamoe_pipeline::{
@@ -53,6 +53,7 @@ use megamoe_tensor::{DType, Device, Tensor};
 
 use super::pipeline_reduce::{norm_owner, reduce_over_data_ranks};
 use super::pipeline_stage::{ChunkStage, MicroBatch};
+use super::pipeline_tensors::{visit_chunk_buffers, PipelineTensors, StageTensors};
 use super::wire::CommTransport;
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -62,36 +63,34 @@ use crate::trainer::batch_tensors;
 /// One pipeline rank of a run: its model stages' parameters and optimizer state.
 #[derive(Debug)]
 pub struct PipelineRank {
-    plan: Plan,
-    model: Model,
-    schedule: Schedule,
-    comm_schedule: CommSchedule,
+    pub(super) plan: Plan,
+    pub(super) model: Model,
+    pub(super) schedule: Schedule,
+    pub(super) comm_schedule: CommSchedule,
     /// The pipeline rank (`coords.pp`).
-    rank: usize,
+    pub(super) rank: usize,
     /// This rank's place in the mesh (dp, ep pick its micro-batches and gradient groups).
-    coords: RankCoords,
+    pub(super) coords: RankCoords,
     /// Data ranks dp·ep: each runs M of the step's dp·ep·M micro-batches.
-    data_replicas: usize,
+    pub(super) data_replicas: usize,
     /// Layer slice of each model stage.
-    specs: Vec<ChunkSpec>,
-    /// Parameters of the model stages this rank holds, by model stage.
-    params: BTreeMap<usize, ChunkParams>,
-    /// Every tensor of the model in one rank's order, and the slot of each tensor whose
-    /// gradient this rank counts in the global norm (the lowest rank holding it).
-    norm_slots: usize,
-    owned_slots: HashMap<String, usize>,
-    /// The lowest rank holding each parameter and buffer (global names).
-    owner: HashMap<String, usize>,
+    pub(super) specs: Vec<ChunkSpec>,
+    /// Parameters of the model stages this rank holds, by model stage (the only model
+    /// tensors it holds: see [`stage_params`]).
+    pub(super) params: BTreeMap<usize, ChunkParams>,
+    /// Every model stage's tensors (names, shapes, holders), exchanged at construction.
+    pub(super) tensors: PipelineTensors,
+    /// Slots of the gradient norm: one per distinct parameter in one rank's order; the
+    /// slot of each tensor whose gradient this rank counts (the lowest rank holding it).
+    pub(super) norm_slots: usize,
+    pub(super) owned_slots: HashMap<String, usize>,
     /// The head reads the embedding (tied head or MTP).
-    shared_embedding: bool,
-    optimizer: Optimizer,
-    lr: LrSchedule,
-    step: u64,
+    pub(super) shared_embedding: bool,
+    pub(super) optimizer: Optimizer,
+    pub(super) lr: LrSchedule,
+    pub(super) step: u64,
     /// This rank's measured schedule run of every step so far (this process's steps).
-    timings: Vec<RankTiming>,
-    /// The step a whole-model replica was last refreshed at (see
-    /// [`crate::Trainer`]'s pipeline path); `None`: never.
-    replica_step: Option<u64>,
+    pub(super) timings: Vec<RankTiming>,
 }
 
 /// The process groups a pipeline step uses (see [`PipelineRank::step_in`]).
@@ -128,7 +127,7 @@ pub struct PipelineStep {
 }
 
 /// Calls `f` once per distinct parameter name of `params` (model stages ascending).
-fn visit_distinct(
+pub(super) fn visit_distinct(
     params: &BTreeMap<usize, ChunkParams>,
     f: &mut dyn FnMut(&str, &Tensor, ParamRole),
 ) {
@@ -142,7 +141,7 @@ fn visit_distinct(
     }
 }
 
-fn visit_distinct_mut(
+pub(super) fn visit_distinct_mut(
     params: &mut BTreeMap<usize, ChunkParams>,
     f: &mut dyn FnMut(&str, &mut Tensor, ParamRole),
 ) {
@@ -156,11 +155,48 @@ fn visit_distinct_mut(
     }
 }
 
-/// The buffers (expert biases) of a chunk's layers, by global name.
-fn visit_chunk_buffers(cp: &ChunkParams, f: &mut dyn FnMut(&str, &Tensor)) {
-    for (i, l) in cp.layers.iter().enumerate() {
-        l.mlp
-            .visit_buffers(&format!("model.layers.{}.mlp", cp.layer_offset + i), f);
+/// The parameters pipeline rank `rank` holds under `map`: one [`ChunkParams`] per model
+/// stage it computes (`specs[ms]` of `model`), initialised alone by
+/// [`Model::init_chunk_params`] (the values one rank draws for those tensors) — never the
+/// whole model. Chunks of one rank that both read the embedding (a V schedule's first and
+/// head stage with a tied head or MTP) share one tensor.
+pub(crate) fn stage_params(
+    model: &Model,
+    specs: &[ChunkSpec],
+    map: &megamoe_plan::StageMap,
+    rank: usize,
+) -> Result<BTreeMap<usize, ChunkParams>> {
+    let mut params = BTreeMap::new();
+    for ms in map
+        .stages_of(rank)
+        .into_iter()
+        .filter_map(|s| map.model_stage(s))
+    {
+        let spec = specs.get(ms).ok_or_else(|| {
+            pipeline_config(
+                "parallel.schedule",
+                format!("model stage {ms}"),
+                &format!("the model is cut into {} stages", specs.len()),
+            )
+        })?;
+        if let std::collections::btree_map::Entry::Vacant(e) = params.entry(ms) {
+            e.insert(model.init_chunk_params(spec)?);
+        }
+    }
+    share_embedding(&mut params);
+    Ok(params)
+}
+
+/// Makes every chunk holding the embedding hold the first one's tensor.
+fn share_embedding(params: &mut BTreeMap<usize, ChunkParams>) {
+    let mut first: Option<Tensor> = None;
+    for cp in params.values_mut() {
+        if let Some(e) = cp.embed_tokens.as_mut() {
+            match &first {
+                None => first = Some(e.clone()),
+                Some(f) => *e = f.clone(),
+            }
+        }
     }
 }
 
@@ -173,11 +209,11 @@ fn pipeline_config(field: &'static str, value: String, rule: &str) -> Error {
 }
 
 impl PipelineRank {
-    /// Pipeline rank `rank` of a run of `plan` (resolved for `parallel.pp` devices, dp
-    /// and ep 1): initialises the whole model as one rank would (same seed, same values),
-    /// keeps the model stages `parallel.schedule` places on this rank, and builds their
-    /// optimizer.
-    pub fn new(plan: &Plan, rank: usize) -> Result<PipelineRank> {
+    /// The rank of `comm` (a pipeline group of `parallel.pp` ranks) in a run of `plan`
+    /// (resolved for `parallel.pp` devices, dp and ep 1): initialises only the model
+    /// stages `parallel.schedule` places on this rank (the same values one rank draws
+    /// for them) and builds their optimizer. Collective over `comm`.
+    pub fn new(plan: &Plan, comm: &dyn Communicator) -> Result<PipelineRank> {
         let par = &plan.parallel;
         if par.dp * par.ep != 1 {
             return Err(pipeline_config(
@@ -188,21 +224,24 @@ impl PipelineRank {
             ));
         }
         let coords = RankCoords {
-            pp: rank,
+            pp: comm.rank(),
             dp: 0,
             ep: 0,
             cp: 0,
             tp: 0,
         };
-        PipelineRank::with_model(plan, coords, Model::new(ModelConfig::from_plan(plan)?)?)
+        let model = Model::new(ModelConfig::from_plan(plan)?)?;
+        PipelineRank::with_model(plan, coords, model, comm)
     }
 
-    /// The pipeline rank at `coords` of `plan`, its stages cut from `model` (whose MoE
-    /// layers hold the rank's experts when ep > 1).
+    /// The pipeline rank at `coords` of `plan`, its stages built from `model` (whose MoE
+    /// layers hold the rank's experts when ep > 1). Collective over the pipeline group
+    /// `comm` (rank `coords.pp` of `parallel.pp`).
     pub(crate) fn with_model(
         plan: &Plan,
         coords: RankCoords,
         model: Model,
+        comm: &dyn Communicator,
     ) -> Result<PipelineRank> {
         crate::support::check_cpu_numerics(plan)?;
         let par = &plan.parallel;
@@ -224,6 +263,13 @@ impl PipelineRank {
                 ),
             ));
         }
+        if comm.size() != par.pp || comm.rank() != rank {
+            return Err(pipeline_config(
+                "pipeline communicator",
+                format!("rank {} of {}", comm.rank(), comm.size()),
+                &format!("must be rank {rank} of parallel.pp={}", par.pp),
+            ));
+        }
         let shape = PipelineShape {
             ranks: par.pp,
             microbatches: par.microbatches,
@@ -231,44 +277,26 @@ impl PipelineRank {
         };
         let schedule = generate(par.schedule, shape)?;
         let comm_schedule = validate(&schedule)?;
-        let full = model.init_params()?;
-        let shared_embedding = full.lm_head.is_none() || full.mtp.is_some();
+        let shared_embedding = model.cfg.tie_embeddings || model.mtp.is_some();
         let map = &schedule.stage_map;
         let specs = ChunkSpec::even(plan.model.n_layers, map.model_stages())?;
-        let all = full.split(&specs)?;
-        drop(full);
+        let params = stage_params(&model, &specs, map, rank)?;
+        let optimizer = Optimizer::new(&plan.optim, &mut |f| visit_distinct(&params, f))?;
+        let mine = params
+            .iter()
+            .map(|(&ms, cp)| (ms, StageTensors::of(cp, &optimizer)))
+            .collect();
+        let tensors = PipelineTensors::exchange(comm, map, &mine)?;
         // The lowest rank holding a tensor counts it in the gradient norm, in the slot
         // one rank's visit order gives it.
-        let mut owner: HashMap<String, usize> = HashMap::new();
-        for s in 0..map.stages() {
-            if let (Some(r), Some(ms)) = (map.rank(s), map.model_stage(s)) {
-                let mut names = all[ms].names();
-                visit_chunk_buffers(&all[ms], &mut |n, _| names.push(n.to_string()));
-                for n in names {
-                    let o = owner.entry(n).or_insert(r);
-                    *o = (*o).min(r);
-                }
-            }
-        }
-        let mut order: Vec<String> = Vec::new();
-        let whole: BTreeMap<usize, ChunkParams> = all.iter().cloned().enumerate().collect();
-        visit_distinct(&whole, &mut |n, _, _| order.push(n.to_string()));
-        drop(whole);
+        let order = tensors.params();
         let norm_slots = order.len();
         let owned_slots = order
             .into_iter()
             .enumerate()
-            .filter(|(_, n)| owner.get(n) == Some(&rank))
-            .map(|(i, n)| (n, i))
+            .filter(|(_, p)| tensors.owner(&p.name) == Some(rank))
+            .map(|(i, p)| (p.name, i))
             .collect::<HashMap<_, _>>();
-        let params: BTreeMap<usize, ChunkParams> = map
-            .stages_of(rank)
-            .into_iter()
-            .filter_map(|s| map.model_stage(s))
-            .map(|ms| (ms, all[ms].clone()))
-            .collect();
-        drop(all);
-        let optimizer = Optimizer::new(&plan.optim, &mut |f| visit_distinct(&params, f))?;
         let lr = LrSchedule::from_plan(&plan.optim, plan.train.steps)?;
         Ok(PipelineRank {
             plan: plan.clone(),
@@ -280,15 +308,14 @@ impl PipelineRank {
             data_replicas: par.dp * par.ep,
             specs,
             params,
+            tensors,
             norm_slots,
             owned_slots,
-            owner,
             shared_embedding,
             optimizer,
             lr,
             step: 0,
             timings: Vec::new(),
-            replica_step: Some(0),
         })
     }
 
@@ -300,16 +327,6 @@ impl PipelineRank {
     /// Steps run so far.
     pub fn step_count(&self) -> u64 {
         self.step
-    }
-
-    /// The step the whole-model replica was last refreshed at.
-    pub(crate) fn replica_step(&self) -> Option<u64> {
-        self.replica_step
-    }
-
-    /// Records a refresh of the whole-model replica at `step`.
-    pub(crate) fn set_replica_step(&mut self, step: u64) {
-        self.replica_step = Some(step);
     }
 
     /// This rank's measured schedule run of every step this process ran, in step order
@@ -341,145 +358,31 @@ impl PipelineRank {
         }
     }
 
-    /// Takes this rank's stages' parameters, expert biases and optimizer state from a
-    /// whole-model set (`params`, `optimizer`: a [`crate::Trainer`]'s after a checkpoint
-    /// load), by global name, and continues after step `step`. On an error nothing
-    /// changes.
-    pub(crate) fn load_from(
-        &mut self,
-        params: &ModelParams,
-        optimizer: &Optimizer,
-        step: u64,
-    ) -> Result<()> {
-        let mut whole: HashMap<String, Tensor> = HashMap::new();
-        params.visit(&mut |n, t, _| drop(whole.insert(n.to_string(), t.clone())));
-        params.visit_buffers(&mut |n, t| drop(whole.insert(n.to_string(), t.clone())));
-        let mut missing = None;
-        let mut take = |n: &str, t: &mut Tensor| match whole.get(n) {
-            Some(x) => *t = x.clone(),
-            None => missing = Some(n.to_string()),
-        };
-        let mut stages = self.params.clone();
-        for cp in stages.values_mut() {
-            cp.visit_mut(&mut |n, t, _| take(n, t));
-            let offset = cp.layer_offset;
-            for (i, l) in cp.layers.iter_mut().enumerate() {
-                l.mlp
-                    .visit_buffers_mut(&format!("model.layers.{}.mlp", offset + i), &mut |n, t| {
-                        take(n, t)
-                    });
-            }
-        }
-        if let Some(name) = missing {
-            return Err(pipeline_config(
-                "pipeline tensor",
-                name,
-                "the whole-model set must hold every tensor of the rank's stages",
-            ));
-        }
-        let mut state: HashMap<String, Tensor> = HashMap::new();
-        optimizer.visit_state(&mut |n, t| drop(state.insert(n.to_string(), t.clone())));
-        let mine = self
-            .optimizer
-            .state_keys()
-            .into_iter()
-            .filter_map(|k| state.remove(&k).map(|t| (k, t)))
-            .collect::<Vec<_>>();
-        let mut stage_optimizer = self.optimizer.clone();
-        stage_optimizer.load_state(optimizer.steps_taken(), mine)?;
-        self.params = stages;
-        self.optimizer = stage_optimizer;
-        self.step = step;
-        // The replica it was loaded from is current.
-        self.replica_step = Some(step);
-        Ok(())
+    /// Elements of the distinct parameters this rank holds (its stages' share of the
+    /// model; a tensor two of its stages read counts once).
+    pub fn param_elements(&self) -> u64 {
+        let mut n = 0u64;
+        visit_distinct(&self.params, &mut |_, t, _| n += t.numel() as u64);
+        n
     }
 
-    /// Copies the whole current model onto every rank of the pipeline group: each
-    /// parameter, expert bias and optimizer-state tensor of `params` / `optimizer` (a
-    /// whole-model set, e.g. a [`crate::Trainer`]'s) is broadcast from the lowest rank
-    /// holding it. Collective; exact (copies, no arithmetic).
-    pub fn replicate_into(
-        &self,
-        comm: &dyn Communicator,
-        params: &mut ModelParams,
-        optimizer: &mut Optimizer,
-    ) -> Result<()> {
-        let mut mine: HashMap<String, Tensor> = HashMap::new();
-        visit_distinct(&self.params, &mut |n, t, _| {
-            mine.insert(n.to_string(), t.clone());
+    /// Bytes of this rank's parameters, their gradients (f32, allocated per step) and
+    /// optimizer state.
+    pub(crate) fn state_bytes(&self) -> u64 {
+        let (mut params, mut grads, mut state) = (0u64, 0u64, 0u64);
+        visit_distinct(&self.params, &mut |_, t, _| {
+            params += (t.numel() * t.dtype().size_in_bytes()) as u64;
+            grads += (t.numel() * DType::F32.size_in_bytes()) as u64;
         });
-        for cp in self.params.values() {
-            visit_chunk_buffers(cp, &mut |n, t| {
-                mine.insert(n.to_string(), t.clone());
-            });
-        }
-        self.optimizer.visit_state(&mut |n, t| {
-            mine.insert(n.to_string(), t.clone());
-        });
-        // A state key is "<kind>.<parameter name>"; it lives where its parameter does.
-        let owner_of = |name: &str| -> Option<usize> {
-            self.owner
-                .get(name)
-                .or_else(|| name.split_once('.').and_then(|(_, p)| self.owner.get(p)))
-                .copied()
-        };
-        let broadcast = |name: &str, like: &Tensor| -> Result<megamoe_comm::Pending> {
-            let root = owner_of(name).ok_or_else(|| {
-                pipeline_config("pipeline tensor", name.to_string(), "no rank holds it")
-            })?;
-            let x = match mine.get(name) {
-                Some(t) if root == self.rank => t,
-                _ => like,
-            };
-            Ok(comm.start_broadcast(x, root)?)
-        };
-        let mut pending = Vec::new();
-        let mut err = None;
-        let mut start = |name: &str, like: &Tensor| {
-            if err.is_none() {
-                match broadcast(name, like) {
-                    Ok(p) => pending.push(p),
-                    Err(e) => err = Some(e),
-                }
-            }
-        };
-        params.visit(&mut |n, t, _| start(n, t));
-        params.visit_buffers(&mut |n, t| start(n, t));
-        let mut state_keys = Vec::new();
-        optimizer.visit_state(&mut |n, t| {
-            state_keys.push(n.to_string());
-            start(n, t);
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        let mut got = pending.into_iter().map(|p| p.wait());
-        let mut next = || -> Result<Tensor> {
-            got.next()
-                .ok_or_else(|| pipeline_config("pipeline tensor", String::new(), "missing"))?
-                .map_err(Error::from)
-        };
-        let mut err = None;
-        params.visit_mut(&mut |_, t, _| match next() {
-            Ok(x) if err.is_none() => *t = x,
-            Ok(_) => {}
-            Err(e) => drop(err.get_or_insert(e)),
-        });
-        params.visit_buffers_mut(&mut |_, t| match next() {
-            Ok(x) if err.is_none() => *t = x,
-            Ok(_) => {}
-            Err(e) => drop(err.get_or_insert(e)),
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
-        let state = state_keys
-            .into_iter()
-            .map(|k| next().map(|t| (k, t)))
-            .collect::<Result<Vec<_>>>()?;
-        optimizer.load_state(self.optimizer.steps_taken(), state)?;
-        Ok(())
+        self.optimizer
+            .visit_state(&mut |_, t| state += (t.numel() * t.dtype().size_in_bytes()) as u64);
+        params + grads + state
+    }
+
+    /// Every distinct parameter of the model (every stage's, this rank's shapes), in one
+    /// rank's order.
+    pub(crate) fn model_params(&self) -> Vec<super::pipeline_tensors::ParamEntry> {
+        self.tensors.params()
     }
 
     /// One optimizer step over `batch` (the whole step's `train.global_batch` sequences,
@@ -786,15 +689,7 @@ impl PipelineRank {
     /// After the optimizer stepped the first copy of the embedding on this rank, the
     /// other model stages holding it take the same tensor.
     fn sync_embedding_copies(&mut self) {
-        let mut first: Option<Tensor> = None;
-        for cp in self.params.values_mut() {
-            if let Some(e) = cp.embed_tokens.as_mut() {
-                match &first {
-                    None => first = Some(e.clone()),
-                    Some(f) => *e = f.clone(),
-                }
-            }
-        }
+        share_embedding(&mut self.params);
     }
 
     /// Aux-loss-free balancing, as one rank: `b ← b + γ·sign(mean(c) − c)` with `c` the

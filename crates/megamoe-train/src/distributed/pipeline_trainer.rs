@@ -1,15 +1,14 @@
 //! A [`Trainer`] on one rank of a pipeline-parallel run (`megamoe train --world N` with
-//! `parallel.pp > 1`): [`Trainer::step`] hands the step to the rank's [`PipelineRank`]
-//! (the schedule over its stages, its optimizer). The trainer's whole-model replica —
-//! parameters, expert biases, optimizer state — is refreshed from the pipeline's stages
-//! ([`PipelineRank::replicate_into`]) only when something reads it: evaluation,
-//! sampling and checkpoints ([`Trainer::sync_pipeline_replica`], collective over the
-//! pipeline, at the same points on every rank), not after every step. The replica is
-//! still held on every rank (stage-only memory is the library's, not yet the CLI's).
+//! `parallel.pp > 1`): the rank's [`PipelineRank`] holds its stages' parameters, expert
+//! biases and optimizer state — and nothing else of the model: the trainer's own
+//! parameter set, gradient buffers and optimizer are empty. [`Trainer::step`] hands the
+//! step to the pipeline (the schedule over its stages, its optimizer); evaluation and
+//! sampling run a forward-only pass over the stages (module `pipeline_forward`), and
+//! checkpoints are gathered from the stages on rank 0 (module `pipeline_checkpoint`).
 
 use std::time::Instant;
 
-use megamoe_model::{Model, ModelConfig};
+use megamoe_optim::ParamRole;
 use megamoe_plan::OptimizerKind;
 
 use super::pipeline::PipelineRank;
@@ -17,7 +16,7 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::goodput::TimeCategory;
 use crate::metrics::{mfu, StepMetrics};
-use crate::trainer::Trainer;
+use crate::trainer::{counts_of, Trainer};
 
 /// What [`Trainer::step`] measured before handing over.
 pub(crate) struct StepStart {
@@ -30,37 +29,33 @@ pub(crate) struct StepStart {
 impl Trainer {
     /// Makes this rank a pipeline rank (`parallel.pp > 1`) at its mesh coordinates; with
     /// ep > 1 its stages' MoE layers hold the rank's experts and exchange tokens over the
-    /// stage's EP group.
+    /// stage's EP group. Collective over the rank's pipeline group.
     pub(crate) fn attach_pipeline(&mut self) -> Result<()> {
         let par = self.parallel.as_ref().ok_or_else(|| Error::TrainConfig {
             field: "parallel.pp",
             value: self.plan.parallel.pp.to_string(),
             rule: "a pipeline rank needs its place in a distributed run".into(),
         })?;
-        let mut model = Model::new(ModelConfig::from_plan(&self.plan)?)?;
-        par.shard_model(&mut model)?;
-        self.pipeline = Some(PipelineRank::with_model(&self.plan, par.coords(), model)?);
+        // The trainer's model is already cut to the rank's experts (no weights in it).
+        let rank = PipelineRank::with_model(
+            &self.plan,
+            par.coords(),
+            self.model.clone(),
+            par.pipeline_groups().pp,
+        )?;
+        let sizes: Vec<(u64, ParamRole)> = rank
+            .model_params()
+            .iter()
+            .map(|p| (p.dims.iter().product::<usize>() as u64, p.role))
+            .collect();
+        self.counts = counts_of(&self.plan, &sizes, rank.state_bytes());
+        self.pipeline = Some(rank);
         Ok(())
     }
 
     /// This rank's pipeline stages (`None` unless `parallel.pp > 1`).
     pub fn pipeline(&self) -> Option<&PipelineRank> {
         self.pipeline.as_ref()
-    }
-
-    /// Refreshes the whole-model replica (parameters, expert biases, optimizer state) from
-    /// the pipeline's stages if a step ran since the last refresh. Collective over the
-    /// pipeline group; a no-op off the pipeline.
-    pub(crate) fn sync_pipeline_replica(&mut self) -> Result<()> {
-        let (Some(rank), Some(par)) = (self.pipeline.as_mut(), self.parallel.as_ref()) else {
-            return Ok(());
-        };
-        if rank.replica_step() != Some(rank.step_count()) {
-            let pp = par.pipeline_groups().pp;
-            rank.replicate_into(pp, &mut self.params, &mut self.optimizer)?;
-            rank.set_replica_step(rank.step_count());
-        }
-        Ok(())
     }
 
     /// [`Trainer::step`] of a pipeline rank, after the batch was read.

@@ -1,0 +1,351 @@
+//! Checkpoints of pipeline ranks, in the one-rank layout, without a whole-model replica.
+//!
+//! Save (collective over the world, at the same step on every rank):
+//! ```text
+//! owned tensors     each rank of the first data rank's pipelines (dp 0) takes the
+//!                   parameters, expert biases and optimizer state it owns (the lowest
+//!                   pipeline rank holding them); expert banks and their state are
+//!                   all-gathered over the stage's EP group (rank order = expert order)
+//! to rank 0         pipeline ranks 1.. of data rank (dp 0, ep 0) send theirs to pipeline
+//!                   rank 0 (world rank 0): a name/shape list, then the values
+//! one-rank layout   rank 0 orders them as one rank's model and optimizer and writes
+//! ```
+//! Load: rank 0 reads and verifies the checkpoint against the one-rank shapes of every
+//! stage's tensors ([`PipelineTensors`]), then broadcasts one tensor at a time; each rank
+//! keeps the tensors its stages hold (its experts' rows of an expert bank), so no rank
+//! ever holds more of the model than its stages plus the one tensor in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use megamoe_comm::Communicator;
+use megamoe_optim::ParamRole;
+use megamoe_tensor::{Device, Tensor};
+
+use super::pipeline::{visit_distinct, PipelineRank};
+use super::pipeline_tensors::{
+    param_of, recv_bytes, send_bytes, visit_chunk_buffers, zeros, PipelineTensors,
+};
+use crate::checkpoint::{NamedTensor, TensorSpec};
+use crate::error::{Error, Result};
+use crate::trainer::Trainer;
+
+/// Tag of checkpoint messages between pipeline ranks.
+const CHECKPOINT_TAG: u32 = 8;
+
+/// A checkpoint's model and optimizer tensors.
+type Tensors = (Vec<NamedTensor>, Vec<NamedTensor>);
+
+impl PipelineTensors {
+    /// The one-rank checkpoint specs of the model (parameters, then buffers) and of the
+    /// optimizer state, in one rank's order: expert banks and their state have `ep` times
+    /// this rank's rows.
+    pub(crate) fn checkpoint_specs(&self, ep: usize) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+        let params = self.params();
+        let experts: HashSet<&str> = params
+            .iter()
+            .filter(|p| p.role == ParamRole::ExpertBank)
+            .map(|p| p.name.as_str())
+            .collect();
+        let spec = |name: &str, dims: &[usize]| {
+            let mut shape = dims.to_vec();
+            if experts.contains(param_of(name)) {
+                if let Some(rows) = shape.first_mut() {
+                    *rows *= ep;
+                }
+            }
+            TensorSpec {
+                name: name.to_string(),
+                shape,
+            }
+        };
+        let (buffers, state) = self.buffers_and_state();
+        let model = params
+            .iter()
+            .map(|p| spec(&p.name, &p.dims))
+            .chain(buffers.iter().map(|(n, d)| spec(n, d)))
+            .collect();
+        let optimizer = state.iter().map(|(n, d)| spec(n, d)).collect();
+        (model, optimizer)
+    }
+
+    /// Names of the expert banks.
+    fn experts(&self) -> HashSet<String> {
+        self.params()
+            .into_iter()
+            .filter(|p| p.role == ParamRole::ExpertBank)
+            .map(|p| p.name)
+            .collect()
+    }
+}
+
+impl PipelineRank {
+    /// The parameters, buffers and optimizer state this rank owns, expert banks gathered
+    /// over `ep` (collective over it).
+    fn owned_tensors(&self, ep: &dyn Communicator) -> Result<Tensors> {
+        let mine = |n: &str| self.tensors.owner(n) == Some(self.rank);
+        let mut model: Vec<(String, Tensor)> = Vec::new();
+        visit_distinct(&self.params, &mut |n, t, _| {
+            if mine(n) {
+                model.push((n.to_string(), t.clone()));
+            }
+        });
+        for cp in self.params.values() {
+            visit_chunk_buffers(cp, &mut |n, t| {
+                if mine(n) {
+                    model.push((n.to_string(), t.clone()));
+                }
+            });
+        }
+        let mut optimizer: Vec<(String, Tensor)> = Vec::new();
+        self.optimizer.visit_state(&mut |k, t| {
+            if mine(k) {
+                optimizer.push((k.to_string(), t.clone()));
+            }
+        });
+        let experts = self.tensors.experts();
+        let full = |list: Vec<(String, Tensor)>| -> Result<Vec<NamedTensor>> {
+            list.into_iter()
+                .map(|(n, t)| {
+                    let t = if ep.size() > 1 && experts.contains(param_of(&n)) {
+                        ep.all_gather(&t)?
+                    } else {
+                        t
+                    };
+                    NamedTensor::from_tensor(n, &t)
+                })
+                .collect()
+        };
+        Ok((full(model)?, full(optimizer)?))
+    }
+
+    /// This rank's part of a checkpoint save (see the module doc): the one-rank model and
+    /// optimizer tensors on world rank 0 (pipeline rank 0 of data rank 0), `None` on
+    /// every other rank. Collective over the world's dp-0 ranks (`pp` is this rank's
+    /// pipeline group, `ep` its stage's EP group).
+    pub(crate) fn gather_checkpoint(
+        &self,
+        pp: &dyn Communicator,
+        ep: &dyn Communicator,
+    ) -> Result<Option<Tensors>> {
+        if self.coords.dp != 0 {
+            return Ok(None);
+        }
+        let (model, optimizer) = self.owned_tensors(ep)?;
+        if self.coords.ep != 0 {
+            return Ok(None);
+        }
+        if self.rank != 0 {
+            send_tensors(pp, &model)?;
+            send_tensors(pp, &optimizer)?;
+            return Ok(None);
+        }
+        let mut got: HashMap<String, NamedTensor> = HashMap::new();
+        got.extend(model.into_iter().map(|t| (t.name.clone(), t)));
+        got.extend(optimizer.into_iter().map(|t| (t.name.clone(), t)));
+        for r in 1..pp.size() {
+            for _ in 0..2 {
+                got.extend(
+                    recv_tensors(pp, r)?
+                        .into_iter()
+                        .map(|t| (t.name.clone(), t)),
+                );
+            }
+        }
+        let (model_specs, optim_specs) = self.tensors.checkpoint_specs(ep.size());
+        let mut take = |specs: Vec<TensorSpec>| -> Result<Vec<NamedTensor>> {
+            specs
+                .into_iter()
+                .map(|s| match got.remove(&s.name) {
+                    Some(t) if t.shape == s.shape => Ok(t),
+                    Some(t) => Err(gather_error(
+                        &s.name,
+                        &format!("came as {:?}, not {:?}", t.shape, s.shape),
+                    )),
+                    None => Err(gather_error(&s.name, "no pipeline rank sent it")),
+                })
+                .collect()
+        };
+        let model = take(model_specs)?;
+        let optimizer = take(optim_specs)?;
+        Ok(Some((model, optimizer)))
+    }
+
+    /// Takes this rank's tensors of a one-rank checkpoint: every tensor of `specs` (the
+    /// model's, then the optimizer's, in [`PipelineTensors::checkpoint_specs`] order) is
+    /// broadcast from world rank 0 (`file` holds them there) and kept where this rank's
+    /// stages hold it (rows `ep_rank·E/ep ..` of an expert bank). Then continues after
+    /// step `step` with `optimizer_steps` updates taken. Collective over `world`; on an
+    /// error nothing changes.
+    pub(crate) fn load_checkpoint(
+        &mut self,
+        world: &dyn Communicator,
+        file: &HashMap<String, NamedTensor>,
+        ep: (usize, usize),
+        optimizer_steps: u64,
+        step: u64,
+    ) -> Result<()> {
+        let (model_specs, optim_specs) = self.tensors.checkpoint_specs(ep.1);
+        let mut held: HashSet<String> = HashSet::new();
+        for cp in self.params.values() {
+            cp.visit(&mut |n, _, _| {
+                held.insert(n.to_string());
+            });
+            visit_chunk_buffers(cp, &mut |n, _| {
+                held.insert(n.to_string());
+            });
+        }
+        held.extend(self.optimizer.state_keys());
+        let experts = self.tensors.experts();
+        let mut kept: HashMap<String, Tensor> = HashMap::new();
+        for s in model_specs.iter().chain(&optim_specs) {
+            let full = match file.get(&s.name) {
+                Some(t) => t.to_tensor(Device::Cpu)?,
+                None => zeros(&s.shape)?,
+            };
+            let mut t = world.broadcast(&full, 0)?;
+            if !held.contains(&s.name) {
+                continue;
+            }
+            if ep.1 > 1 && experts.contains(param_of(&s.name)) {
+                let per = s.shape[0] / ep.1;
+                t = t.narrow(0, ep.0 * per, per)?.deep_copy()?;
+            }
+            kept.insert(s.name.clone(), t);
+        }
+        let mut params = self.params.clone();
+        let mut missing = None;
+        let mut put = |n: &str, t: &mut Tensor| match kept.get(n) {
+            Some(x) => *t = x.clone(),
+            None => missing = Some(n.to_string()),
+        };
+        for cp in params.values_mut() {
+            cp.visit_mut(&mut |n, t, _| put(n, t));
+            let offset = cp.layer_offset;
+            for (i, l) in cp.layers.iter_mut().enumerate() {
+                l.mlp
+                    .visit_buffers_mut(&format!("model.layers.{}.mlp", offset + i), &mut |n, t| {
+                        put(n, t)
+                    });
+            }
+        }
+        if let Some(name) = missing {
+            return Err(gather_error(
+                &name,
+                "the checkpoint must hold every tensor of the stage",
+            ));
+        }
+        let state = self
+            .optimizer
+            .state_keys()
+            .into_iter()
+            .filter_map(|k| kept.remove(&k).map(|t| (k, t)))
+            .collect::<Vec<_>>();
+        let mut optimizer = self.optimizer.clone();
+        optimizer.load_state(optimizer_steps, state)?;
+        self.params = params;
+        self.optimizer = optimizer;
+        self.step = step;
+        Ok(())
+    }
+
+    /// Updates this rank's optimizer has applied.
+    pub(crate) fn optimizer_steps(&self) -> u64 {
+        self.optimizer.steps_taken()
+    }
+}
+
+fn gather_error(name: &str, rule: &str) -> Error {
+    Error::TrainConfig {
+        field: "pipeline checkpoint tensor",
+        value: name.to_string(),
+        rule: rule.to_string(),
+    }
+}
+
+/// Sends named tensors to pipeline rank 0: their names and shapes (JSON), then every
+/// value in one f32 tensor.
+fn send_tensors(pp: &dyn Communicator, list: &[NamedTensor]) -> Result<()> {
+    let header: Vec<(&str, &[usize])> = list
+        .iter()
+        .map(|t| (t.name.as_str(), &t.shape[..]))
+        .collect();
+    let bytes = serde_json::to_vec(&header).map_err(|e| gather_error("header", &e.to_string()))?;
+    send_bytes(pp, &bytes, 0, CHECKPOINT_TAG)?;
+    let data: Vec<f32> = list.iter().flat_map(|t| t.data.iter().copied()).collect();
+    if !data.is_empty() {
+        let n = data.len();
+        pp.send(
+            &Tensor::from_vec_f32(data, [n], Device::Cpu)?,
+            0,
+            CHECKPOINT_TAG,
+        )?;
+    }
+    Ok(())
+}
+
+/// Receives what [`send_tensors`] sent from pipeline rank `src`.
+fn recv_tensors(pp: &dyn Communicator, src: usize) -> Result<Vec<NamedTensor>> {
+    let bytes = recv_bytes(pp, src, CHECKPOINT_TAG)?;
+    let header: Vec<(String, Vec<usize>)> =
+        serde_json::from_slice(&bytes).map_err(|e| gather_error("header", &e.to_string()))?;
+    let total: usize = header
+        .iter()
+        .map(|(_, d)| d.iter().product::<usize>())
+        .sum();
+    let data = if total == 0 {
+        Vec::new()
+    } else {
+        pp.recv(src, CHECKPOINT_TAG, &[total], megamoe_tensor::DType::F32)?
+            .to_host_f32()?
+    };
+    let mut at = 0;
+    Ok(header
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let t = NamedTensor::new(name, shape, data[at..at + n].to_vec());
+            at += n;
+            t
+        })
+        .collect())
+}
+
+impl Trainer {
+    /// [`Trainer::load_checkpoint`] on a pipeline rank (see the module doc). Collective
+    /// over the world.
+    pub(crate) fn load_pipeline_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let started = Instant::now();
+        let (Some(par), Some(rank)) = (self.parallel.as_ref(), self.pipeline.as_mut()) else {
+            return Err(Error::TrainConfig {
+                field: "parallel.pp",
+                value: self.plan.parallel.pp.to_string(),
+                rule: "a pipeline checkpoint load needs the rank's stages and groups".into(),
+            });
+        };
+        let ep = (par.coords.ep, par.mesh.ep);
+        let (model_specs, optim_specs) = rank.tensors.checkpoint_specs(ep.1);
+        let world = par.world();
+        let (read, state) = super::checkpoint::read_on_rank_zero(
+            world,
+            path,
+            &self.config_toml,
+            &model_specs,
+            &optim_specs,
+        )?;
+        let file: HashMap<String, NamedTensor> = read
+            .as_ref()
+            .map(|c| {
+                c.model
+                    .iter()
+                    .chain(&c.optimizer)
+                    .map(|t| (t.name.clone(), t.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        rank.load_checkpoint(world, &file, ep, state.optimizer_steps, state.step)?;
+        drop(file);
+        self.apply_train_state(&state, started)
+    }
+}
