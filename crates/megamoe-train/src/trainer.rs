@@ -182,6 +182,9 @@ impl Trainer {
             optimizer.flatten_state()?;
         }
         let grads = GradBuffers::new(&params, GRAD_BUCKET_ELEMS)?;
+        if let Some(par) = &parallel {
+            par.attach_grad_buffer(&grads);
+        }
         let counts = model_counts(&plan, &params, &optimizer);
         // `parallel.fsdp = 3`: keep only this rank's rows; the model gathers each block's.
         if let Some(par) = parallel.as_ref().filter(|p| p.holds_rows_only()) {

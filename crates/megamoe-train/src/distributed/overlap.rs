@@ -8,21 +8,32 @@
 //! backward by bucket, as are all gradients when the overlap is off. The reduce is a sum
 //! in rank order per element, whatever the grouping, so the overlapped step has the same
 //! bits as the step that reduces after the backward.
+//!
+//! Nothing is copied: a block's gradients of one rank group are views of the flat gradient
+//! buffer ([`Parallel::attach_grad_buffer`]), consecutive in it except where the other
+//! group's tensors sit between them (an MoE block's expert banks), so each maximal run of
+//! adjacent gradients is posted as ONE view of the flat buffer, and the sum is written back
+//! into that view after the backward (`reduce.rs`).
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use megamoe_comm::{Communicator, Pending, ReduceOp};
 use megamoe_model::block::BlockParams;
-use megamoe_model::GradReady;
+use megamoe_model::{GradBuffers, GradReady};
 use megamoe_optim::ParamRole;
 use megamoe_tensor::Tensor;
 
 use super::Parallel;
 
-/// One all-reduce started during the backward: the names of the tensors it carries (in
-/// order, with their element counts) and its handle.
-pub(crate) type Started = (Vec<(String, usize)>, Pending);
+/// One all-reduce started during the backward: the names of the gradients it carries, the
+/// element range of the flat gradient buffer it reduces (they fill it exactly) and its handle.
+pub(crate) struct Started {
+    pub names: Vec<String>,
+    pub elems: Range<usize>,
+    pub handle: Pending,
+}
 
 /// The hook (see the module docs).
 pub(crate) struct GradOverlap {
@@ -31,7 +42,9 @@ pub(crate) struct GradOverlap {
     enabled: AtomicBool,
     armed: AtomicBool,
     started: Mutex<Vec<Started>>,
-    /// All-reduces started during a backward so far.
+    /// The flat gradient buffer the block gradients view.
+    flat: Mutex<Option<Tensor>>,
+    /// (block, rank group) gradient sets whose all-reduce started during a backward so far.
     early: AtomicU64,
 }
 
@@ -55,32 +68,43 @@ impl GradOverlap {
             enabled: AtomicBool::new(true),
             armed: AtomicBool::new(false),
             started: Mutex::new(Vec::new()),
+            flat: Mutex::new(None),
             early: AtomicU64::new(0),
         }
     }
 
     fn start(&self, layer: usize, grads: &BlockParams) -> crate::error::Result<()> {
+        let flat = match self.flat.lock() {
+            Ok(f) => f.clone(),
+            Err(_) => None,
+        };
+        let flat = flat.ok_or_else(|| detached("no flat gradient buffer is attached"))?;
         let prefix = format!("model.layers.{layer}");
         for expert in [false, true] {
-            let mut names = Vec::new();
-            let mut flat = Vec::new();
+            // Runs of adjacent gradients of this group, in visit (= flat buffer) order.
+            let mut runs: Vec<(Vec<String>, Range<usize>)> = Vec::new();
             let mut err = None;
             grads.visit(&prefix, &mut |name, g, role| {
                 if (role == ParamRole::ExpertBank) != expert || err.is_some() {
                     return;
                 }
-                match g.reshape([g.numel()]) {
-                    Ok(t) => {
-                        names.push((name.to_string(), g.numel()));
-                        flat.push(t);
+                if !g.same_storage(&flat) {
+                    err = Some(detached(name));
+                    return;
+                }
+                let r = g.layout().range();
+                match runs.last_mut() {
+                    Some((names, run)) if run.end == r.start => {
+                        names.push(name.to_string());
+                        run.end = r.end;
                     }
-                    Err(e) => err = Some(e),
+                    _ => runs.push((vec![name.to_string()], r)),
                 }
             });
             if let Some(e) = err {
-                return Err(e.into());
+                return Err(e);
             }
-            if flat.is_empty() {
+            if runs.is_empty() {
                 continue;
             }
             let comm = if expert {
@@ -88,14 +112,31 @@ impl GradOverlap {
             } else {
                 &self.dense_dp
             };
-            let refs: Vec<&Tensor> = flat.iter().collect();
-            let handle = comm.start_all_reduce(&Tensor::cat(&refs, 0)?, ReduceOp::Sum)?;
-            if let Ok(mut s) = self.started.lock() {
-                s.push((names, handle));
+            for (names, elems) in runs {
+                let view = flat.view(elems.start, [elems.len()])?;
+                let handle = comm.start_all_reduce(&view, ReduceOp::Sum)?;
+                if let Ok(mut s) = self.started.lock() {
+                    s.push(Started {
+                        names,
+                        elems,
+                        handle,
+                    });
+                }
             }
             self.early.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// The named error for a block gradient that is not a view of the attached flat buffer.
+fn detached(what: &str) -> crate::error::Error {
+    crate::error::Error::TrainConfig {
+        field: "parallel",
+        value: what.to_string(),
+        rule: "the overlapped gradient reduce needs every block gradient to view the flat \
+               gradient buffer"
+            .to_string(),
     }
 }
 
@@ -116,6 +157,16 @@ impl Parallel {
     /// The hook to install in the model, when this layout reduces whole gradients.
     pub(crate) fn grad_overlap(&self) -> Option<Arc<GradOverlap>> {
         self.overlap.clone()
+    }
+
+    /// Tells the hook which flat buffer the gradients view (call again whenever the
+    /// gradient buffers are rebuilt).
+    pub(crate) fn attach_grad_buffer(&self, grads: &GradBuffers) {
+        if let Some(o) = &self.overlap {
+            if let Ok(mut f) = o.flat.lock() {
+                *f = grads.flat().cloned();
+            }
+        }
     }
 
     /// Arms the hook for the coming backward (the step's last micro-batch).
@@ -146,8 +197,9 @@ impl Parallel {
         }
     }
 
-    /// Gradient all-reduces started during a backward so far (0 with the overlap off or
-    /// sharded gradients).
+    /// (block, rank group) gradient sets whose all-reduce started during a backward so far
+    /// (0 with the overlap off or sharded gradients); each is one all-reduce per run of
+    /// adjacent gradients.
     pub fn overlapped_reduces(&self) -> u64 {
         self.overlap
             .as_ref()

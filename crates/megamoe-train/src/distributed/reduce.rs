@@ -32,25 +32,29 @@ impl Parallel {
     /// the dense data-parallel group or the expert data-parallel group, rank order, then
     /// × 1/(dp·ep), written back into the same view in place: no gradient is copied on this
     /// side (the in-process transport snapshots the posted view, MPI/NCCL read it). The
-    /// all-reduces the backward already started (module `overlap`, per block) are awaited
-    /// here too and written back per gradient; a bucket holding some of those gradients
-    /// reduces the rest of its slots joined (a copy). All buckets are started before the
-    /// first is awaited.
+    /// all-reduces the backward already started (module `overlap`: runs of adjacent
+    /// gradients of a block, each a view) are awaited here too and written back into their
+    /// views; a bucket holding some of those gradients reduces each run of its remaining
+    /// adjacent slots as one view. All buckets are started before the first is awaited.
     fn reduce_grads(&self, grads: &mut GradBuffers) -> Result<()> {
         let scale = 1.0 / self.data_replicas() as f32;
+        let flat = grads.flat().cloned().ok_or(Error::TrainConfig {
+            field: "parallel",
+            value: "separate gradient buffers".to_string(),
+            rule: "the data-parallel reduce needs the flat gradient buffer".to_string(),
+        })?;
         let layout = grads.layout();
         let slots = layout.slots();
-        // Reduces the backward already started (module `overlap`), as slot lists.
+        // Reduces the backward already started (module `overlap`), as element ranges.
         let index: std::collections::HashMap<&str, usize> = slots
             .iter()
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
         let mut early = vec![false; slots.len()];
-        let mut joined = Vec::new();
-        for (names, handle) in self.take_started() {
-            let mut ids = Vec::with_capacity(names.len());
-            for (name, _) in &names {
+        let mut started = Vec::new();
+        for s in self.take_started() {
+            for name in &s.names {
                 let i = *index.get(name.as_str()).ok_or_else(|| Error::TrainConfig {
                     field: "parallel",
                     value: name.clone(),
@@ -58,13 +62,11 @@ impl Parallel {
                         .to_string(),
                 })?;
                 early[i] = true;
-                ids.push(i);
             }
-            joined.push((ids, handle));
+            started.push((s.elems, s.handle));
         }
-        // The rest, in bucket order: a whole bucket as its view, else its remaining slots
-        // joined (per group).
-        let mut views = Vec::with_capacity(layout.buckets().len());
+        // The rest, in bucket order: a whole bucket as its view, else each run of its
+        // remaining adjacent slots (per group) as a view.
         for (b, bucket) in layout.buckets().iter().enumerate() {
             let group = |expert: bool| -> &dyn Communicator {
                 if expert {
@@ -77,43 +79,27 @@ impl Parallel {
                 let expert = slots[bucket.slots.start].role == ParamRole::ExpertBank;
                 let view = grads.bucket(b)?;
                 let handle = group(expert).start_all_reduce(&view, ReduceOp::Sum)?;
-                views.push((view, handle));
+                started.push((bucket.elems.clone(), handle));
                 continue;
             }
-            for expert in [false, true] {
-                let ids: Vec<usize> = bucket
-                    .slots
-                    .clone()
-                    .filter(|&i| (slots[i].role == ParamRole::ExpertBank) == expert)
-                    .filter(|&i| !early[i])
-                    .collect();
-                if ids.is_empty() {
-                    continue;
+            let mut runs: Vec<(bool, std::ops::Range<usize>)> = Vec::new();
+            for i in bucket.slots.clone().filter(|&i| !early[i]) {
+                let (expert, r) = (slots[i].role == ParamRole::ExpertBank, slots[i].range());
+                match runs.last_mut() {
+                    Some((e, run)) if *e == expert && run.end == r.start => run.end = r.end,
+                    _ => runs.push((expert, r)),
                 }
-                let parts = ids
-                    .iter()
-                    .map(|&i| slot_view(grads, i))
-                    .collect::<Result<Vec<_>>>()?;
-                let refs: Vec<&Tensor> = parts.iter().collect();
-                let handle =
-                    group(expert).start_all_reduce(&Tensor::cat(&refs, 0)?, ReduceOp::Sum)?;
-                joined.push((ids, handle));
+            }
+            for (expert, elems) in runs {
+                let view = flat.view(elems.start, [elems.len()])?;
+                let handle = group(expert).start_all_reduce(&view, ReduceOp::Sum)?;
+                started.push((elems, handle));
             }
         }
-        for (ids, handle) in joined {
-            let sum = handle.wait()?.scale(scale)?;
-            let mut start = 0;
-            for i in ids {
-                let mut g = slot_view(grads, i)?;
-                let n = g.numel();
-                g.fill_in_place(0.0)?;
-                g.add_assign(&sum.narrow(0, start, n)?)?;
-                start += n;
-            }
-        }
-        for (mut view, handle) in views {
+        for (elems, handle) in started {
             let sum = handle.wait()?;
-            // 0 + scale·sum: the bits of `fill(0) + add(sum.scale(scale))` above.
+            let mut view = flat.view(elems.start, [elems.len()])?;
+            // 0 + scale·sum, in place in the flat buffer.
             view.fill_in_place(0.0)?;
             view.axpy(scale, &sum)?;
         }
@@ -335,15 +321,4 @@ fn unpack(s: &mut StepSums, v: &[f64]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Slot `i`'s gradient as a flat `[numel]` view of the flat gradient buffer.
-fn slot_view(grads: &GradBuffers, i: usize) -> Result<Tensor> {
-    let flat = grads.flat().ok_or(Error::TrainConfig {
-        field: "parallel",
-        value: "separate gradient buffers".to_string(),
-        rule: "the data-parallel reduce needs the flat gradient buffer".to_string(),
-    })?;
-    let slot = &grads.layout().slots()[i];
-    Ok(flat.view(slot.offset, [slot.range().len()])?)
 }
