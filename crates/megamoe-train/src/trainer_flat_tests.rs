@@ -13,47 +13,15 @@ use megamoe_plan::RawConfig;
 use super::{Trainer, TrainerOptions, GRAD_BUCKET_ELEMS};
 use crate::{DataSource, Tokenizer};
 
-const CONFIG: &str = r#"
-[model]
-vocab_size = 256
-d_model = 16
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_hidden = 32
-seq_len = 8
-
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 16
-shared_experts = 1
-shared_expert_hidden = 8
-shared_expert_gate = true
-aux_loss = "aux"
-aux_loss_weight = 0.05
-z_loss_weight = 0.01
-expert_bias = true
-bias_update_rate = 0.01
-first_dense_layers = 1
-
-[train]
-global_batch = 8
-steps = 10
-seed = 7
-
-[optim]
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-grad_clip = 0.5
-
-[parallel]
-microbatches = 2
-"#;
+/// The layout tests' tiny MoE model (a dense and an MoE layer, gated shared expert, aux and z
+/// losses, expert bias), run with 2 micro-batches per step.
+const CONFIG: &str = include_str!("../tests/fixtures/layout_moe.toml");
 
 fn trainer(sets: &[&str]) -> Trainer {
-    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let sets: Vec<String> = std::iter::once("parallel.microbatches=2")
+        .chain(sets.iter().copied())
+        .map(str::to_string)
+        .collect();
     let raw = RawConfig::from_toml_str_with_overrides(CONFIG, &sets).unwrap();
     let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
     let options = TrainerOptions {

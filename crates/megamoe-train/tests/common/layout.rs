@@ -9,41 +9,7 @@ use megamoe_train::{DataSource, StepMetrics, Tokenizer, Trainer, TrainerOptions}
 
 pub const STEPS: usize = 10;
 
-pub const BASE: &str = r#"
-[model]
-vocab_size = 256
-d_model = 16
-n_layers = 2
-n_heads = 2
-n_kv_heads = 1
-ffn_hidden = 32
-seq_len = 8
-
-[moe]
-routed_experts = 4
-top_k = 2
-expert_hidden = 16
-shared_experts = 1
-shared_expert_hidden = 8
-shared_expert_gate = true
-aux_loss = "aux"
-aux_loss_weight = 0.05
-z_loss_weight = 0.01
-expert_bias = true
-bias_update_rate = 0.01
-first_dense_layers = 1
-
-[train]
-global_batch = 8
-steps = 10
-seed = 7
-
-[optim]
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-grad_clip = 0.5
-"#;
+pub const BASE: &str = include_str!("../fixtures/layout_moe.toml");
 
 pub fn data() -> Arc<DataSource> {
     Arc::new(DataSource::synthetic(Tokenizer::bytes()))
