@@ -351,17 +351,18 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
 
     writeln!(
         o,
-        "\n[fsdp shards] (dim-0 rows of the TP-local matrix over its data-parallel group)"
+        "\n[fsdp shards] (dim-0 rows of the TP-local matrix over its data-parallel group; \
+         embedding, head and routed experts are whole on every TP rank)"
     )?;
     writeln!(
         o,
-        "  {:<24} {:>8} {:>10} {:>6} {:>12} {:>10} {:>10}",
+        "  {:<44} {:>8} {:>10} {:>6} {:>12} {:>10} {:>10}",
         "matrix", "rows", "row elems", "group", "chunk rows", "last rank", "even rows"
     )?;
     for s in &r.fsdp_shards {
         writeln!(
             o,
-            "  {:<24} {:>8} {:>10} {:>6} {:>12} {:>10} {:>10}",
+            "  {:<44} {:>8} {:>10} {:>6} {:>12} {:>10} {:>10}",
             s.name,
             s.rows,
             s.row_elems,

@@ -14,7 +14,7 @@
 //!   2022, bf16 bytes; ×2 for f32) × [`in_flight_layer_microbatches`] of the
 //!   schedule, + the f32 logits of one micro-batch on the head rank;
 //! - **moe_routing**: per in-flight MoE layer-micro-batch: dispatched rows R·d
-//!   (×2 for send/recv when ep > 1), expert intermediates R·h/tp (3 tensors for
+//!   (×2 for send/recv when ep > 1), expert intermediates R·h (3 tensors for
 //!   SwiGLU, else 2), router logits and probabilities T·pool·4 B ×2, routing
 //!   map T·slots·12 B; R = T·k (balanced), or El·ep·C with pad_to_capacity;
 //! - **feature_activations**: GateSkip gates and gated outputs, FlexiDepth
@@ -237,7 +237,7 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
     let shard = |level: ZeroLevel, n: f64| if z >= level { n } else { 1.0 };
 
     // --- model state
-    let dense = local.tp_matrix + local.replicated + local.vocab;
+    let dense = local.dense_matrix() + local.replicated + local.vocab;
     let mut params_b = dense * p_bytes / shard(ZeroLevel::Parameters, nd)
         + local.expert * p_bytes / shard(ZeroLevel::Parameters, ne);
     let layers: Vec<usize> = plan
@@ -260,7 +260,7 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
     } else {
         2.0
     };
-    let opt_dense = local.tp_matrix * optimizer_bytes(precision, matrix_moments)
+    let opt_dense = local.dense_matrix() * optimizer_bytes(precision, matrix_moments)
         + (local.replicated + local.vocab) * optimizer_bytes(precision, 2.0);
     let opt_b = opt_dense / shard(ZeroLevel::OptimizerState, nd)
         + local.expert * optimizer_bytes(precision, matrix_moments)
@@ -287,7 +287,8 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
         pp_rank,
         plan.model.n_layers,
     );
-    let logits_b = 2.0 * t * plan.model.vocab_size as f64 / par.tp as f64 * 4.0;
+    // Every TP rank computes the whole vocabulary's logits (the head is not split).
+    let logits_b = 2.0 * t * plan.model.vocab_size as f64 * 4.0;
     let mut act_b = act_layer * in_flight;
     if has_head {
         act_b += logits_b;
@@ -313,7 +314,7 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
             .null_slots
             .map_or(moe.routed_experts, |n| n.expanded_pool_size) as f64;
         let per_layer_mb = rows * d * p_bytes * send_recv
-            + rows * (moe.expert_hidden / par.tp) as f64 * intermediates * p_bytes
+            + rows * moe.expert_hidden as f64 * intermediates * p_bytes
             + t * pool * 4.0 * 2.0
             + t * moe.routing.slots_per_token as f64 * 12.0;
         moe_b = per_layer_mb * in_flight * share(moe_layers);

@@ -110,9 +110,8 @@ pub(crate) fn resolve_moe(
         "moe.expert_hidden",
         s.expert_hidden.unwrap_or(model.ffn_hidden),
     )?;
-    if par.tp > 1 {
-        divisible("moe.expert_hidden", expert_hidden, "parallel.tp", par.tp)?;
-    }
+    // Routed experts are not split over TP (each TP rank runs its EP rank's experts
+    // whole), so moe.expert_hidden needs no divisibility by parallel.tp.
     finite_in(
         "moe.route_scale",
         s.route_scale,

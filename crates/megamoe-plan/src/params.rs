@@ -1,10 +1,12 @@
 //! Parameter counts per layer and per pipeline rank, split by how they shard.
 //!
-//! Classes: `tp_matrix` (hidden matrices split by TP: attention, dense FFN,
-//! shared experts, MTP blocks, GateSkip/FlexiDepth matrices — Muon-eligible),
-//! `replicated` (norms, router, gates' biases, scalars — AdamW), `expert`
-//! (routed expert matrices, split by EP and TP — Muon-eligible), `vocab`
-//! (embedding and LM head, vocab-parallel over TP — AdamW).
+//! Classes, as the trainer holds them under tensor parallelism: `tp_matrix` (hidden
+//! matrices split by TP: attention, dense FFN, shared experts, the MTP blocks' attention
+//! and FFN — Muon-eligible), `matrix` (hidden matrices every TP rank holds whole: GateSkip
+//! and FlexiDepth matrices, MTP input projections — Muon-eligible), `replicated` (norms,
+//! router, gates' biases, scalars — AdamW), `expert` (routed expert matrices, split by EP
+//! only: each TP rank holds its EP rank's experts whole — Muon-eligible), `vocab`
+//! (embedding and LM head, whole on every TP rank — AdamW).
 
 use crate::modes::{GateKind, MtpMode};
 use crate::plan::Plan;
@@ -15,6 +17,8 @@ use serde::{Deserialize, Serialize};
 pub struct ParamCount {
     /// Hidden matrices split by TP.
     pub tp_matrix: f64,
+    /// Hidden matrices every TP rank holds whole.
+    pub matrix: f64,
     /// Replicated small tensors.
     pub replicated: f64,
     /// Routed expert matrices.
@@ -26,24 +30,32 @@ pub struct ParamCount {
 impl ParamCount {
     /// Total count.
     pub fn total(&self) -> f64 {
-        self.tp_matrix + self.replicated + self.expert + self.vocab
+        self.tp_matrix + self.matrix + self.replicated + self.expert + self.vocab
+    }
+
+    /// Hidden (Muon-eligible) matrices other than the routed experts.
+    pub fn dense_matrix(&self) -> f64 {
+        self.tp_matrix + self.matrix
     }
 
     fn add(&mut self, o: ParamCount) {
         self.tp_matrix += o.tp_matrix;
+        self.matrix += o.matrix;
         self.replicated += o.replicated;
         self.expert += o.expert;
         self.vocab += o.vocab;
     }
 
-    /// This count as held by one rank: tp_matrix / tp, expert / (ep·tp), vocab / tp.
+    /// This count as held by one rank of the trainer: tp_matrix / tp, expert / ep, the
+    /// rest whole (routed experts, embedding and head are not split over TP).
     pub fn per_rank(&self, tp: usize, ep: usize) -> ParamCount {
         let (tp, ep) = (tp.max(1) as f64, ep.max(1) as f64);
         ParamCount {
             tp_matrix: self.tp_matrix / tp,
+            matrix: self.matrix,
             replicated: self.replicated,
-            expert: self.expert / (ep * tp),
-            vocab: self.vocab / tp,
+            expert: self.expert / ep,
+            vocab: self.vocab,
         }
     }
 }
@@ -90,7 +102,7 @@ pub fn layer_params(plan: &Plan, l: usize) -> ParamCount {
         // Two gates (attention branch, FFN branch): W_g [d, d] + b [d], or [1, d] + [1].
         match g.gate {
             GateKind::Vector => {
-                c.tp_matrix += 2.0 * d * d;
+                c.matrix += 2.0 * d * d;
                 c.replicated += 2.0 * d;
             }
             GateKind::Scalar => c.replicated += 2.0 * (d + 1.0),
@@ -100,7 +112,7 @@ pub fn layer_params(plan: &Plan, l: usize) -> ParamCount {
         if l >= f.first_adaptive_layer {
             let r = f.router_hidden as f64;
             // W_enc [d/r, d], W_dec [d, d/r], adapter SwiGLU 3·d·adapter_hidden.
-            c.tp_matrix += 2.0 * r * d + 3.0 * d * f.adapter_hidden as f64;
+            c.matrix += 2.0 * r * d + 3.0 * d * f.adapter_hidden as f64;
             // w_head [1, d], RMSNorm_in [d], RMSNorm_r [d/r].
             c.replicated += 2.0 * d + r;
         }
@@ -108,8 +120,9 @@ pub fn layer_params(plan: &Plan, l: usize) -> ParamCount {
     c
 }
 
-/// MTP blocks (last stage): per block attention + dense FFN + proj [d, 2d] +
-/// RMSNorm(h), RMSNorm(e), final norm; one block (shared) or `depth` (sequential).
+/// MTP blocks (last stage): per block attention (with its two norms) + dense FFN +
+/// input projection [d, 2d]; the MTP RMSNorms of h, e and the output carry no weight. One
+/// block (shared) or `depth` (sequential).
 pub fn mtp_params(plan: &Plan) -> ParamCount {
     let Some(mtp) = &plan.mtp else {
         return ParamCount::default();
@@ -121,10 +134,10 @@ pub fn mtp_params(plan: &Plan) -> ParamCount {
     };
     let mut block = attention_block(plan);
     block.add(dense_ffn(plan, plan.model.ffn_hidden));
-    block.tp_matrix += 2.0 * d * d;
-    block.replicated += 3.0 * d;
+    block.matrix += 2.0 * d * d;
     ParamCount {
         tp_matrix: blocks * block.tp_matrix,
+        matrix: blocks * block.matrix,
         replicated: blocks * block.replicated,
         ..Default::default()
     }

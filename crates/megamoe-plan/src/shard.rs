@@ -154,7 +154,7 @@ mod tests {
 /// FSDP dim-0 shard rows of one (TP-local) matrix over its data-parallel group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MatrixShard {
-    /// Parameter name (PyTorch layout, per layer where it repeats).
+    /// The trainer's parameter name (`{i}`: any layer where it repeats).
     pub name: String,
     /// Dim-0 rows of the TP-local tensor (stacked experts: local experts El).
     pub rows: usize,
@@ -188,22 +188,24 @@ impl MatrixShard {
     }
 }
 
-/// Shard rows of the biggest matrices of `plan` (TP-local shapes; dense params
-/// over the dense DP group dp·ep·cp, experts over dp·cp), largest first.
+/// Shard rows of the biggest matrices of `plan` as the trainer holds them: TP-local
+/// shapes (attention, dense FFN and shared experts split over TP; embedding, head, router
+/// and routed experts whole on every TP rank), dense parameters over the dense DP group
+/// dp·ep·cp, expert banks over dp·cp; largest first.
 pub fn fsdp_shard_table(plan: &crate::Plan) -> Vec<MatrixShard> {
     let m = &plan.model;
     let tp = plan.parallel.tp;
     let (nd, ne) = (plan.mesh.dense_dp_size(), plan.mesh.expert_dp_size());
     let mut out = vec![
-        MatrixShard::new("embedding.weight", m.vocab_size / tp, m.d_model, nd),
+        MatrixShard::new("model.embed_tokens.weight", m.vocab_size, m.d_model, nd),
         MatrixShard::new(
-            "attn.q_proj.weight",
+            "model.layers.{i}.self_attn.q_proj.weight",
             m.n_heads * m.head_dim / tp,
             m.d_model,
             nd,
         ),
         MatrixShard::new(
-            "attn.o_proj.weight",
+            "model.layers.{i}.self_attn.o_proj.weight",
             m.d_model,
             m.n_heads * m.head_dim / tp,
             nd,
@@ -212,7 +214,7 @@ pub fn fsdp_shard_table(plan: &crate::Plan) -> Vec<MatrixShard> {
     if !m.tie_embeddings {
         out.push(MatrixShard::new(
             "lm_head.weight",
-            m.vocab_size / tp,
+            m.vocab_size,
             m.d_model,
             nd,
         ));
@@ -223,29 +225,30 @@ pub fn fsdp_shard_table(plan: &crate::Plan) -> Vec<MatrixShard> {
         .is_none_or(|moe| moe.moe_layers.len() < m.n_layers);
     if has_dense {
         out.push(MatrixShard::new(
-            "mlp.up_proj.weight",
+            "model.layers.{i}.mlp.up_proj.weight",
             m.ffn_hidden / tp,
             m.d_model,
             nd,
         ));
     }
     if let Some(moe) = &plan.moe {
-        // Stacked [El, h/tp, d]: FSDP shards dim 0, the local experts.
+        // Stacked [El, h, d] (whole on every TP rank): FSDP shards dim 0, the local
+        // experts.
         out.push(MatrixShard::new(
-            "experts.up_proj",
+            "model.layers.{i}.mlp.experts.up_proj",
             moe.experts_per_ep_rank,
-            moe.expert_hidden / tp * m.d_model,
+            moe.expert_hidden * m.d_model,
             ne,
         ));
         out.push(MatrixShard::new(
-            "router.weight",
+            "model.layers.{i}.mlp.router.weight",
             moe.routed_experts,
             m.d_model,
             nd,
         ));
         if let Some(s) = moe.shared {
             out.push(MatrixShard::new(
-                "shared_experts.up_proj",
+                "model.layers.{i}.mlp.shared_experts.up_proj",
                 s.total_hidden / tp,
                 m.d_model,
                 nd,

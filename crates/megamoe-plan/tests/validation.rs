@@ -425,14 +425,26 @@ fn smaller_rules_name_their_field() {
         (&["flexidepth.threshold=1.0"], "flexidepth.threshold"),
         (&["moe.route_scale=0.0"], "moe.route_scale"),
         (
-            &["moe.expert_hidden=63", "parallel.tp=2"],
-            "moe.expert_hidden=63",
+            &[
+                "moe.shared_experts=1",
+                "moe.shared_expert_hidden=63",
+                "parallel.tp=2",
+            ],
+            "shared_expert_hidden=63",
         ),
     ];
     for (sets, needle) in cases {
         let msg = err(sets).to_string();
         assert!(msg.contains(needle), "{sets:?}: {msg}");
     }
+}
+
+#[test]
+fn routed_expert_width_needs_no_tp_divisibility() {
+    // The trainer keeps every routed expert whole on each TP rank, so the width of an
+    // expert is not split (the shared experts' width is, and must divide; see above).
+    let plan = resolve(&["moe.expert_hidden=63", "parallel.tp=2"], None).unwrap();
+    assert_eq!(plan.moe.unwrap().expert_hidden, 63);
 }
 
 #[test]
