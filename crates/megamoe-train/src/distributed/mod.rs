@@ -58,6 +58,7 @@ mod pipeline_forward;
 mod pipeline_reduce;
 mod pipeline_report;
 mod pipeline_stage;
+mod pipeline_stats;
 mod pipeline_tensors;
 mod pipeline_trainer;
 mod reduce;

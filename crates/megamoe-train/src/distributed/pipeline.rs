@@ -53,6 +53,7 @@ use megamoe_tensor::{DType, Device, Tensor};
 
 use super::pipeline_reduce::{norm_owner, reduce_over_data_ranks};
 use super::pipeline_stage::{ChunkStage, MicroBatch};
+use super::pipeline_stats::StageValues;
 use super::pipeline_tensors::{visit_chunk_buffers, PipelineTensors, StageTensors};
 use super::wire::CommTransport;
 use crate::data::Batch;
@@ -124,6 +125,10 @@ pub struct PipelineStep {
     pub timing: RankTiming,
     /// Routing statistics of every MoE layer over the step's micro-batches (all ranks).
     pub moe: Vec<crate::metrics::MoeLayerStats>,
+    /// GateSkip kept shares per gated layer, averaged over the step's micro-batches.
+    pub gate_skip: Vec<crate::metrics::GateSkipStats>,
+    /// FlexiDepth kept shares and layers used, averaged over the step's micro-batches.
+    pub flexi_depth: Option<crate::metrics::FlexiDepthStats>,
 }
 
 /// Calls `f` once per distinct parameter name of `params` (model stages ascending).
@@ -463,6 +468,7 @@ impl PipelineRank {
         let mut losses = BTreeMap::new();
         let mut picks: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
         let mut routing: BTreeMap<usize, ([f32; 3], usize)> = BTreeMap::new();
+        let mut values = StageValues::default();
         let mut grads: Vec<(String, Tensor, ParamRole)> = Vec::new();
         let mut seen = HashSet::new();
         for st in stages.into_values() {
@@ -470,6 +476,7 @@ impl PipelineRank {
                 return Err(e.into());
             }
             losses.extend(st.losses);
+            values.extend(st.values);
             for (layer, (v, k)) in st.routing {
                 let r = routing.entry(layer).or_insert(([0.0; 3], k));
                 r.0.iter_mut().zip(v).for_each(|(a, b)| *a += b);
@@ -490,7 +497,11 @@ impl PipelineRank {
             reduce_over_data_ranks(groups, &mut grads, self.data_replicas)?;
         }
 
-        let moe = self.gather_routing(groups.world, &picks, &routing)?;
+        let mut moe = self.gather_routing(groups.world, &picks, &routing)?;
+        let layer_stats = self.gather_layer_values(groups.world, first, &values)?;
+        for m in &mut moe {
+            m.shared_gate_mean = layer_stats.shared_gate.get(&m.layer).copied();
+        }
 
         // 4. Losses of every micro-batch, from the head stages.
         let (loss, mtp_losses) = self.gather_losses(groups.world, first, &losses)?;
@@ -550,140 +561,9 @@ impl PipelineRank {
             skipped: !finite,
             timing,
             moe,
+            gate_skip: layer_stats.gate_skip,
+            flexi_depth: layer_stats.flexi_depth,
         })
-    }
-
-    /// Every MoE layer's routing statistics over the step: a `[layers, E + 5]` table
-    /// (picks per expert, null picks, tokens, kept assignments, slots per token, 1), each
-    /// layer's row summed
-    /// over the micro-batches of the ranks holding it, all-reduced over the world (integer
-    /// counts in f32: exact).
-    fn gather_routing(
-        &self,
-        world: &dyn Communicator,
-        picks: &BTreeMap<usize, Vec<f32>>,
-        routing: &BTreeMap<usize, ([f32; 3], usize)>,
-    ) -> Result<Vec<crate::metrics::MoeLayerStats>> {
-        let Some(moe) = &self.plan.moe else {
-            return Ok(Vec::new());
-        };
-        let (layers, e) = (self.plan.model.n_layers, moe.routed_experts);
-        let k = e + 5;
-        let mut table = vec![0.0f32; layers * k];
-        for (&l, p) in picks {
-            if let (true, Some((v, slots))) = (l < layers && p.len() == e, routing.get(&l)) {
-                let row = &mut table[l * k..(l + 1) * k];
-                row[..e].copy_from_slice(p);
-                row[e..e + 3].copy_from_slice(v);
-                row[e + 3] = *slots as f32;
-                row[e + 4] = 1.0;
-            }
-        }
-        let t = Tensor::from_vec_f32(table, [layers, k], Device::Cpu)?;
-        let all = world.all_reduce(&t, ReduceOp::Sum)?.to_host_f32()?;
-        let mut out = Vec::new();
-        for l in 0..layers {
-            let row = &all[l * k..(l + 1) * k];
-            if row[e + 4] == 0.0 {
-                continue; // a dense layer
-            }
-            // Every rank holding the layer wrote the same slots per token.
-            let slots = (row[e + 3] / row[e + 4]).round() as usize;
-            let counts: Vec<u64> = row[..e].iter().map(|&x| x as u64).collect();
-            let total: u64 = counts.iter().sum();
-            let kept = row[e + 2] as u64;
-            out.push(crate::metrics::MoeLayerStats::from_counts(
-                l,
-                counts,
-                total.saturating_sub(kept),
-                row[e] as u64,
-                row[e + 1] as u64,
-                slots,
-            ));
-        }
-        Ok(out)
-    }
-
-    /// The step's mean loss parts from the head stages' per-micro-batch values: a
-    /// `[dp·ep·M, 7 + mtp depth]` table, each row filled on the rank that owns it (local
-    /// micro-batch `mb` is row `first + mb`) and zero elsewhere, summed over the world
-    /// (exact), then averaged in micro-batch order.
-    fn gather_losses(
-        &self,
-        comm: &dyn Communicator,
-        first: usize,
-        losses: &BTreeMap<usize, megamoe_model::LossValues>,
-    ) -> Result<(LossParts, Vec<f64>)> {
-        let p = &self.plan;
-        let m = p.batch.microbatches * self.data_replicas;
-        let depth = p.mtp.as_ref().map_or(0, |t| t.depth);
-        let k = 7 + depth;
-        let mut rows = vec![0.0f32; m * k];
-        for (&local, v) in losses {
-            let mb = first + local;
-            if mb >= m {
-                return Err(pipeline_config(
-                    "parallel.microbatches",
-                    p.batch.microbatches.to_string(),
-                    &format!("micro-batch {mb} lies outside the step's {m}"),
-                ));
-            }
-            let r = &mut rows[mb * k..(mb + 1) * k];
-            r[..7].copy_from_slice(&[
-                1.0,
-                v.lm_loss,
-                v.aux,
-                v.z,
-                v.gate_skip,
-                v.flexi_depth,
-                v.total,
-            ]);
-            for (j, x) in v.mtp_losses.iter().take(depth).enumerate() {
-                r[7 + j] = *x;
-            }
-        }
-        let table = Tensor::from_vec_f32(rows, [m, k], Device::Cpu)?;
-        let all = comm.all_reduce(&table, ReduceOp::Sum)?.to_host_f32()?;
-        let mut sum = LossParts::default();
-        let mut mtp = vec![0.0f64; depth];
-        for mb in 0..m {
-            let r = &all[mb * k..(mb + 1) * k];
-            if r[0] != 1.0 {
-                return Err(pipeline_config(
-                    "parallel.schedule",
-                    format!("{}", p.parallel.schedule),
-                    &format!("micro-batch {mb} got {} losses instead of 1", r[0]),
-                ));
-            }
-            sum.total += r[6] as f64;
-            sum.lm += r[1] as f64;
-            if let Some(t) = &p.mtp {
-                for (j, w) in t.step_weights.iter().enumerate().take(depth) {
-                    sum.mtp += t.loss_weight * w * r[7 + j] as f64;
-                    mtp[j] += r[7 + j] as f64;
-                }
-            }
-            if let Some(moe) = &p.moe {
-                sum.aux += moe.aux_loss_weight * r[2] as f64;
-                sum.z += moe.z_loss_weight * r[3] as f64;
-            }
-            if let Some(g) = &p.gate_skip {
-                sum.skip += g.sparsity_weight * r[4] as f64;
-            }
-            if let Some(f) = &p.flexi_depth {
-                sum.skip += f.skip_loss_weight * r[5] as f64;
-            }
-        }
-        let n = m.max(1) as f64;
-        let loss = LossParts {
-            total: sum.total / n,
-            lm: sum.lm / n,
-            mtp: sum.mtp / n,
-            aux: sum.aux / n,
-            z: sum.z / n,
-            skip: sum.skip / n,
-        };
-        Ok((loss, mtp.into_iter().map(|x| x / n).collect()))
     }
 
     /// After the optimizer stepped the first copy of the embedding on this rank, the

@@ -24,6 +24,7 @@ use megamoe_pipeline::executor::BoxError;
 use megamoe_pipeline::{SharedGroup, Stage};
 use megamoe_tensor::{DType, Tensor};
 
+use super::pipeline_stats::StageValues;
 use super::wire::Wire;
 
 /// One micro-batch's `[B, T]` ids and targets.
@@ -70,6 +71,8 @@ pub(crate) struct ChunkStage<'a> {
     /// Per MoE layer (global index): (null-slot picks, tokens, kept assignments) summed
     /// over this stage's micro-batches, and the routing slots per token.
     pub routing: BTreeMap<usize, ([f32; 3], usize)>,
+    /// GateSkip / FlexiDepth / shared-gate values of this stage's forwards.
+    pub values: StageValues,
     /// First error of [`Stage::accumulate`] (which cannot return one).
     pub accumulate_error: RefCell<Option<megamoe_tensor::Error>>,
 }
@@ -111,6 +114,7 @@ impl<'a> ChunkStage<'a> {
             losses: BTreeMap::new(),
             picks: BTreeMap::new(),
             routing: BTreeMap::new(),
+            values: StageValues::default(),
             accumulate_error: RefCell::new(None),
         })
     }
@@ -194,6 +198,7 @@ impl Stage for ChunkStage<'_> {
             self.step,
         )?;
         self.count_picks(&f.stats)?;
+        self.values.record(mb, &f.stats)?;
         if let Some(l) = &f.losses {
             self.losses.insert(mb, l.to_host()?);
         }

@@ -101,11 +101,10 @@ impl Trainer {
             memory_bytes: Some(peak),
             state_bytes: at.state_bytes,
             activation_bytes: peak.saturating_sub(at.state_bytes),
-            // Routing statistics gathered over the ranks holding the layers; GateSkip /
-            // FlexiDepth statistics and shared-gate means are not gathered yet.
+            // Gathered over the ranks holding the layers (module `pipeline_stats`).
             moe: out.moe,
-            gate_skip: Vec::new(),
-            flexi_depth: None,
+            gate_skip: out.gate_skip,
+            flexi_depth: out.flexi_depth,
             mtp_losses: out.mtp_losses,
             gpu_pool: None,
             flops_per_s: self.counts.flops_per_token * tokens_per_s,
