@@ -147,7 +147,8 @@ pipeline's whole updated model, so evals and checkpoints are unchanged.
 With parallel.tp the ranks of a TP group read the same micro-batches and each
 holds its share of the attention heads and FFN hidden units (one all-reduce
 per attention and FFN branch): `--world 2 --set parallel.tp=2` gives the
-per-step losses of one rank.
+per-step losses of one rank; with parallel.fsdp the rows of each rank's
+slices are sharded over the data-parallel ranks.
 A failed rank stops the others, naming it (exit 2).
 
 Under mpirun (a build with --features mpi) each process is one rank of the

@@ -23,6 +23,12 @@ const LAYOUTS: &[(&str, usize, usize, &[&str])] = &[
     ("ep2", 2, 2, &["parallel.ep=2"]),
     ("dp2xep2", 4, 4, &["parallel.dp=2", "parallel.ep=2"]),
     (
+        "dp2xtp2-fsdp3",
+        4,
+        2,
+        &["parallel.dp=2", "parallel.tp=2", "parallel.fsdp=3"],
+    ),
+    (
         "pp2-1f1b",
         2,
         1,

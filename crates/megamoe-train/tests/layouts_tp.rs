@@ -7,7 +7,8 @@
 //! The model has 4 query heads over 2 KV heads (GQA groups of 2, kept whole on a TP rank),
 //! a dense layer and an MoE layer with a gated shared expert, aux and z losses and the
 //! expert bias; capacity off (dropless) and on (capacity factor 1); AdamW, and Muon with
-//! each TP slice's matrix gathered for its Newton-Schulz step.
+//! each TP slice's matrix gathered for its Newton-Schulz step. Combined with
+//! `parallel.fsdp` 1, 2 and 3 (FSDP rows of each TP slice over the data-parallel ranks).
 #![allow(clippy::unwrap_used)]
 
 use megamoe_plan::RawConfig;
@@ -106,6 +107,43 @@ fn tp2_matches_one_rank() {
 #[test]
 fn tp2_dp2_matches_one_rank() {
     check_layout(2, 1, 2);
+}
+
+/// tp × fsdp: FSDP shards the rows of each TP slice over the data-parallel ranks
+/// (`parallel.fsdp` 2: optimizer state and gradients; 3: the parameters too, gathered per
+/// block), AdamW and distributed Muon (rows over dp, then slices over tp).
+#[test]
+fn tp2_dp2_fsdp_matches_one_rank() {
+    for fsdp in [2, 3] {
+        for optim in ["adamw", "muon"] {
+            check(
+                &format!("dp2xtp2 fsdp{fsdp} {optim}/dropless"),
+                &[
+                    format!("parallel.fsdp={fsdp}"),
+                    format!("optim.name=\"{optim}\""),
+                ],
+                2,
+                1,
+                2,
+            );
+        }
+    }
+}
+
+#[test]
+fn tp2_dp2_fsdp1_ep_matches_one_rank() {
+    // fsdp 1 over dp with experts split over ep: dense rows over dp·ep, expert rows over dp
+    check(
+        "dp2xep2xtp2 fsdp1 muon/capacity",
+        &[
+            "parallel.fsdp=1".to_string(),
+            "moe.capacity_factor=1.0".to_string(),
+            "optim.name=\"muon\"".to_string(),
+        ],
+        2,
+        2,
+        2,
+    );
 }
 
 #[test]
@@ -228,11 +266,6 @@ fn bad_tp_layouts_are_refused_by_name() {
             8,
             "model.n_heads",
         ),
-        (
-            vec!["parallel.tp=2", "parallel.fsdp=2", "parallel.dp=2"],
-            4,
-            "parallel.fsdp",
-        ),
         (vec!["parallel.tp=2", "parallel.sp=true"], 2, "parallel.sp"),
         (vec!["parallel.tp=2", "parallel.pp=2"], 4, "parallel.pp"),
     ] {
@@ -252,24 +285,41 @@ fn bad_tp_layouts_are_refused_by_name() {
 #[test]
 fn a_tp2_checkpoint_is_the_one_rank_checkpoint() {
     for optim in ["adamw", "muon"] {
-        checkpoint_matches_one_rank(optim);
+        checkpoint_matches_one_rank(optim, 1, 0);
     }
 }
 
-fn checkpoint_matches_one_rank(optim: &str) {
-    let dir =
-        std::env::temp_dir().join(format!("megamoe-layouts-tp-{optim}-{}", std::process::id()));
+/// Under tp2 × dp2 with `parallel.fsdp` 2 and 3 too: FSDP rows gathered, then TP slices.
+#[test]
+fn a_tp2_dp2_fsdp_checkpoint_is_the_one_rank_checkpoint() {
+    checkpoint_matches_one_rank("adamw", 2, 2);
+    checkpoint_matches_one_rank("muon", 2, 3);
+}
+
+/// Saves after 3 steps on one rank (`dp` micro-batches) and under tp2 × `dp` with
+/// `parallel.fsdp = fsdp`, and compares the two checkpoints.
+fn checkpoint_matches_one_rank(optim: &str, dp: usize, fsdp: usize) {
+    let dir = std::env::temp_dir().join(format!(
+        "megamoe-layouts-tp-{optim}-dp{dp}-fsdp{fsdp}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let steps = 3;
     let optim_set = format!("optim.name=\"{optim}\"");
-    let one_raw = raw(std::slice::from_ref(&optim_set));
+    let one_raw = raw(&[optim_set.clone(), format!("parallel.microbatches={dp}")]);
     let mut one = Trainer::new(&one_raw, data(), TrainerOptions::default()).unwrap();
     for _ in 0..steps {
         one.step().unwrap();
     }
     let one_dir = one.save_checkpoint(&dir.join("one")).unwrap();
-    let tp_raw = raw(&["parallel.tp=2".to_string(), optim_set]);
-    let saved = run_thread_ranks(2, |world| -> Result<_, Error> {
+    let tp_raw = raw(&[
+        "parallel.tp=2".to_string(),
+        format!("parallel.dp={dp}"),
+        format!("parallel.fsdp={fsdp}"),
+        "parallel.microbatches=1".to_string(),
+        optim_set,
+    ]);
+    let saved = run_thread_ranks(2 * dp, |world| -> Result<_, Error> {
         let mut t = Trainer::new_rank(&tp_raw, data(), TrainerOptions::default(), world)?;
         for _ in 0..steps {
             t.step()?;

@@ -51,9 +51,6 @@ impl Trainer {
         else {
             return Ok((model, optimizer));
         };
-        // Tensor-parallel slices: gathered over the TP group (never sharded otherwise).
-        par.gather_tp_slices(&mut model, param_of)?;
-        par.gather_tp_slices(&mut optimizer, param_of)?;
         let mut experts = HashSet::new();
         let mut index = HashMap::new();
         self.params.visit(&mut |name, t, role| {
@@ -63,7 +60,8 @@ impl Trainer {
             let full = par.full_rows(index.len()).unwrap_or(t.dims()[0]);
             index.insert(name.to_string(), (index.len(), full));
         });
-        // Sharded optimizer state: this rank's rows gathered over the sharding group.
+        // Sharded optimizer state: this rank's rows (of its TP slice) gathered over the
+        // sharding group.
         for t in optimizer.iter_mut() {
             let Some(&(i, rows)) = index.get(param_of(&t.name)) else {
                 continue;
@@ -73,6 +71,9 @@ impl Trainer {
                 *t = NamedTensor::from_tensor(t.name.clone(), &full)?;
             }
         }
+        // Tensor-parallel slices (whole after the row gathers): gathered over the TP group.
+        par.gather_tp_slices(&mut model, param_of)?;
+        par.gather_tp_slices(&mut optimizer, param_of)?;
         if par.mesh.ep == 1 {
             return Ok((model, optimizer));
         }

@@ -5,7 +5,8 @@
 //! order, then × 1/(dp·ep)) into the rank's rows, the optimizer updates the rank's rows,
 //! and the updated rows are all-gathered back into the full parameters the next forward
 //! uses. Padding rows (the last rank's short chunk) are zeros and are cut after each
-//! collective.
+//! collective. Under tensor parallelism the rows are those of the rank's TP slice (module
+//! `tp`), sharded over the dense data-parallel group, whose ranks hold the same slice.
 //!
 //! With Muon (distributed Muon, Moonlight Algorithm 1) the optimizer runs
 //! [`Optimizer::step_sharded`]: AdamW-routed parameters (embeddings, norms, head, gates,
@@ -171,6 +172,8 @@ impl Parallel {
             sharded,
             dense_dp,
             expert_dp,
+            tp,
+            mesh,
             ..
         } = self;
         let Some(state) = sharded.as_mut() else {
@@ -182,6 +185,7 @@ impl Parallel {
             index: &state.index,
             dense_dp: dense_dp.as_ref(),
             expert_dp: expert_dp.as_ref(),
+            tp: (mesh.tp > 1).then_some(tp.as_ref()),
         };
         let grads = &state.grads;
         optimizer.step_sharded(
@@ -241,15 +245,17 @@ impl Parallel {
     }
 
     /// Σ g² of this rank's gradient rows, dense and expert parts each summed over the group
-    /// that shards them, so every row counts once.
+    /// that shards them, so every row counts once; the rows of tensor-parallel slices are
+    /// then summed over the TP group too (each TP rank holds a different slice; the
+    /// replicated parameters' rows are the same on every TP rank and count once).
     pub(crate) fn sharded_grad_squares(&self) -> Result<Option<(Tensor, Tensor)>> {
         let Some(state) = self.sharded.as_ref() else {
             return Ok(None);
         };
-        let (mut dense, mut expert) = (Vec::new(), Vec::new());
+        let (mut dense, mut expert, mut tp_slices) = (Vec::new(), Vec::new(), Vec::new());
         let mut err = None;
         let mut i = 0;
-        state.grads.visit(&mut |_, g, _| {
+        state.grads.visit(&mut |name, g, _| {
             let is_expert = state.rows[i].1;
             i += 1;
             if err.is_some() {
@@ -257,6 +263,7 @@ impl Parallel {
             }
             match g.sum_squares().and_then(|s| s.reshape([1])) {
                 Ok(s) if is_expert => expert.push(s),
+                Ok(s) if self.is_tp_slice(name) => tp_slices.push(s),
                 Ok(s) => dense.push(s),
                 Err(e) => err = Some(e),
             }
@@ -273,22 +280,35 @@ impl Parallel {
             };
             Ok(comm.all_reduce(&local, ReduceOp::Sum)?)
         };
-        Ok(Some((
-            sum(&dense, self.dense_dp.as_ref())?,
-            sum(&expert, self.expert_dp.as_ref())?,
-        )))
+        let mut dense = sum(&dense, self.dense_dp.as_ref())?;
+        if !tp_slices.is_empty() {
+            let slices = sum(&tp_slices, self.dense_dp.as_ref())?;
+            dense = dense.add(&self.tp_sum(&slices)?)?;
+        }
+        Ok(Some((dense, sum(&expert, self.expert_dp.as_ref())?)))
     }
 }
 
 /// Distributed Muon's gather: a matrix's rows all-gathered over the group that shards it
-/// (dense_dp), padding cut; expert banks (whole matrices per rank) and unsharded
-/// parameters are not gathered.
+/// (dense_dp), padding cut; under tensor parallelism a TP slice's gathered rows are then
+/// all-gathered over the TP group along its split dimension (the one-rank matrix). Expert
+/// banks (whole matrices per rank) and parameters neither sharded nor sliced are not
+/// gathered.
 struct GroupGather<'a> {
     rows: &'a [(RowShard, bool)],
     full_rows: &'a [usize],
     index: &'a HashMap<String, usize>,
     dense_dp: &'a dyn Communicator,
     expert_dp: &'a dyn Communicator,
+    /// The TP group when tp > 1.
+    tp: Option<&'a dyn Communicator>,
+}
+
+impl GroupGather<'_> {
+    /// The TP group and split dimension of parameter `name` when it is a TP slice.
+    fn tp_split(&self, name: &str) -> Option<(&dyn Communicator, usize)> {
+        Some((self.tp?, megamoe_model::tp::tp_split_dim(name)?))
+    }
 }
 
 impl RowGather for GroupGather<'_> {
@@ -308,7 +328,8 @@ impl RowGather for GroupGather<'_> {
         } else {
             self.dense_dp
         };
-        if expert || comm.size() == 1 {
+        let split = self.tp_split(name);
+        if expert || (comm.size() == 1 && split.is_none()) {
             return Ok(None);
         }
         let failed = |e: Box<dyn std::error::Error + Send + Sync>| OptimError::Gather {
@@ -317,6 +338,22 @@ impl RowGather for GroupGather<'_> {
         };
         let padded = pad_rows(local, rows.padded_len).map_err(|e| failed(Box::new(e)))?;
         let all = comm.all_gather(&padded).map_err(|e| failed(Box::new(e)))?;
-        Ok(Some((all.narrow(0, 0, self.full_rows[i])?, rows)))
+        let slice = all.narrow(0, 0, self.full_rows[i])?;
+        let Some((tp, dim)) = split else {
+            return Ok(Some((slice, rows)));
+        };
+        let whole = super::tp::gather_along(tp, &slice, dim).map_err(|e| failed(Box::new(e)))?;
+        Ok(Some((whole, rows)))
+    }
+
+    fn keep(&mut self, name: &str, o: &Tensor, rows: RowShard) -> megamoe_optim::Result<Tensor> {
+        let o = match self.tp_split(name) {
+            Some((tp, dim)) => {
+                let per = o.dims()[dim] / tp.size();
+                o.narrow(dim, tp.rank() * per, per)?
+            }
+            None => o.clone(),
+        };
+        Ok(o.narrow(0, rows.start, rows.len)?)
     }
 }

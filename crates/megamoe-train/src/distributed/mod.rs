@@ -34,8 +34,9 @@
 //! `zero3`); and `parallel.pp` (every schedule; see [`pipeline`]) alone or times dp and
 //! ep: each pipeline stage then runs its data rank's micro-batches, exchanges MoE tokens
 //! over the stage's EP group and reduces its gradients over the stage's data-parallel
-//! groups. Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` > 0 with `pp`,
-//! and `tp` with `pp`, `fsdp` or `sp`.
+//! groups. `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP slice).
+//! Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` > 0 with `pp`,
+//! and `tp` with `pp` or `sp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the

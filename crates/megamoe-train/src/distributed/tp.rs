@@ -19,15 +19,22 @@
 //! checkpoint      TP slices all-gathered along their split dimension: the one-rank layout;
 //!                 a resume takes each rank's slice of the one-rank tensors
 //! ```
-//! Refused by name ([`check_tp_layout`]): tp with pipeline stages, with sharded optimizer
-//! state (`parallel.fsdp` > 0) and with sequence parallelism.
+//! With `parallel.fsdp` 1, 2 or 3 (modules `fsdp`, `zero3`) FSDP shards the dim-0 rows of
+//! each TP-local tensor over the dense data-parallel group (same tp coordinate), the seed's
+//! application order (TP, then FSDP inside a stage): the clip sums the TP slices' row
+//! squares over dense_dp and then over tp; distributed Muon gathers a slice's rows over
+//! dense_dp, then the slices over tp, runs NS5 on the one-rank matrix and keeps its rows of
+//! its slice; checkpoints gather rows before slices.
+//!
+//! Refused by name ([`check_tp_layout`]): tp with pipeline stages (`check_layout`) and with
+//! sequence parallelism.
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::tp::tp_split_dim;
 use megamoe_model::{GradBuffers, Model, ModelParams};
 use megamoe_moe::TensorParallel;
 use megamoe_optim::{OptimError, Optimizer, RowGather};
-use megamoe_plan::{Plan, RowShard, ZeroLevel};
+use megamoe_plan::{Plan, RowShard};
 use megamoe_tensor::{Device, Tensor};
 
 use super::Parallel;
@@ -53,14 +60,6 @@ pub(crate) fn check_tp_layout(plan: &Plan) -> Result<()> {
             "true".to_string(),
             "sequence parallelism is not implemented; tensor parallelism runs with the \
              activations replicated over the TP group (set parallel.sp = false)",
-        );
-    }
-    if p.zero != ZeroLevel::Replicated {
-        return refuse(
-            "parallel.fsdp",
-            p.zero.level().to_string(),
-            "sharded optimizer state is not combined with tensor parallelism yet (set \
-             parallel.fsdp = 0 with parallel.tp > 1)",
         );
     }
     Ok(())
@@ -196,7 +195,7 @@ impl RowGather for TpGather<'_> {
 }
 
 /// Every rank's 2-D `x` concatenated along `dim` (0 or 1) in rank order.
-fn gather_along(comm: &dyn Communicator, x: &Tensor, dim: usize) -> Result<Tensor> {
+pub(crate) fn gather_along(comm: &dyn Communicator, x: &Tensor, dim: usize) -> Result<Tensor> {
     if dim == 0 {
         return Ok(comm.all_gather(x)?);
     }
