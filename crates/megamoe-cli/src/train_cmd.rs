@@ -141,9 +141,11 @@ With parallel.pp the layers are cut into pp stages and the micro-batches flow
 through them under parallel.schedule (gpipe, 1f1b, interleaved, zb-h1, zbv,
 dualpipe, dualpipev); pp combines with dp and ep (--world = pp x dp x ep: each
 stage's gradients are summed over its data ranks, its experts split over its
-ep ranks), and the losses are those of one rank running dp x ep x
-parallel.microbatches micro-batches. After each step every rank holds its
-pipeline's whole updated model, so evals and checkpoints are unchanged.
+ep ranks; parallel.fsdp 1 or 2 shards each stage's optimizer state and
+gradients over its data ranks), and the losses are those of one rank running
+dp x ep x parallel.microbatches micro-batches. A pipeline rank holds only its
+stages: evals and samples run forward over the stages, checkpoints are
+gathered from them in the one-rank layout.
 With parallel.tp the ranks of a TP group read the same micro-batches and each
 holds its share of the attention heads and FFN hidden units (one all-reduce
 per attention and FFN branch): `--world 2 --set parallel.tp=2` gives the

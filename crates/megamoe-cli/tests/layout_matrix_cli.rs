@@ -69,6 +69,17 @@ const LAYOUTS: &[(&str, usize, usize, &[&str])] = &[
         &["parallel.pp=4", "parallel.schedule=\"dualpipe\""],
     ),
     (
+        "dp2xpp2-fsdp2",
+        4,
+        2,
+        &[
+            "parallel.dp=2",
+            "parallel.pp=2",
+            "parallel.fsdp=2",
+            "parallel.schedule=\"1f1b\"",
+        ],
+    ),
+    (
         "dp2xep2xpp2-1f1b",
         8,
         4,

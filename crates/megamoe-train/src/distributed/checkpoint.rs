@@ -39,7 +39,7 @@ impl Trainer {
     pub(crate) fn checkpoint_tensors(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
         if let (Some(rank), Some(par)) = (self.pipeline.as_ref(), self.parallel.as_ref()) {
             // Gathered from the stages on rank 0; the other ranks' part ends here.
-            let got = rank.gather_checkpoint(par.pipeline_groups().pp, par.ep.as_ref())?;
+            let got = rank.gather_checkpoint(&par.pipeline_groups(), par.ep.as_ref())?;
             return Ok(got.unwrap_or_default());
         }
         let mut model = self.model_tensors()?;

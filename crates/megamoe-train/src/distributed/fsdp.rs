@@ -294,14 +294,14 @@ impl Parallel {
 /// all-gathered over the TP group along its split dimension (the one-rank matrix). Expert
 /// banks (whole matrices per rank) and parameters neither sharded nor sliced are not
 /// gathered.
-struct GroupGather<'a> {
-    rows: &'a [(RowShard, bool)],
-    full_rows: &'a [usize],
-    index: &'a HashMap<String, usize>,
-    dense_dp: &'a dyn Communicator,
-    expert_dp: &'a dyn Communicator,
+pub(crate) struct GroupGather<'a> {
+    pub(crate) rows: &'a [(RowShard, bool)],
+    pub(crate) full_rows: &'a [usize],
+    pub(crate) index: &'a HashMap<String, usize>,
+    pub(crate) dense_dp: &'a dyn Communicator,
+    pub(crate) expert_dp: &'a dyn Communicator,
     /// The TP group when tp > 1.
-    tp: Option<&'a dyn Communicator>,
+    pub(crate) tp: Option<&'a dyn Communicator>,
 }
 
 impl GroupGather<'_> {

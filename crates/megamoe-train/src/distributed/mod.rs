@@ -34,8 +34,9 @@
 //! `zero3`); and `parallel.pp` (every schedule; see [`pipeline`]) alone or times dp and
 //! ep: each pipeline stage then runs its data rank's micro-batches, exchanges MoE tokens
 //! over the stage's EP group and reduces its gradients over the stage's data-parallel
-//! groups. `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP slice).
-//! Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` > 0 with `pp`,
+//! groups, with `fsdp` 1/2 its optimizer state and gradients sharded over them (module
+//! `pipeline_fsdp`). `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP
+//! slice). Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` 3 with `pp`,
 //! and `tp` with `pp` or `sp`.
 //!
 //! # Hooks
@@ -56,6 +57,7 @@ mod overlap;
 pub mod pipeline;
 mod pipeline_checkpoint;
 mod pipeline_forward;
+mod pipeline_fsdp;
 mod pipeline_reduce;
 mod pipeline_report;
 mod pipeline_stage;
@@ -226,6 +228,9 @@ impl Parallel {
     /// With `parallel.fsdp` 1, 2 or 3, keeps this rank's rows of `params` for the
     /// optimizer (with 3, copies: the full parameters are then dropped).
     pub(crate) fn init_sharding(&mut self, plan: &Plan, params: &ModelParams) -> Result<()> {
+        if plan.parallel.pp > 1 {
+            return Ok(()); // a pipeline rank shards its stages itself (`pipeline_fsdp`)
+        }
         self.rows_only = plan.parallel.zero == ZeroLevel::Parameters;
         if plan.parallel.zero != ZeroLevel::Replicated {
             self.sharded = Some(self.shard_state(params, self.rows_only)?);
@@ -265,12 +270,21 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             rule: rule.to_string(),
         })
     };
-    if p.pp > 1 && (p.tp * p.cp > 1 || p.zero != ZeroLevel::Replicated) {
+    if p.pp > 1 && p.tp * p.cp > 1 {
         return refuse(
             "parallel.pp",
             p.pp.to_string(),
-            "pipeline-parallel training combines with parallel.dp and parallel.ep only: \
-             with parallel.pp > 1 set parallel.tp and cp to 1 and parallel.fsdp to 0",
+            "pipeline-parallel training combines with parallel.dp, parallel.ep and \
+             parallel.fsdp 1 or 2: with parallel.pp > 1 set parallel.tp and cp to 1",
+        );
+    }
+    if p.pp > 1 && p.zero == ZeroLevel::Parameters {
+        return refuse(
+            "parallel.fsdp",
+            "3".to_string(),
+            "parameters sharded between steps are not combined with pipeline stages yet: \
+             with parallel.pp > 1 set parallel.fsdp to 0, 1 or 2 (optimizer state and \
+             gradients sharded over each stage's data-parallel ranks)",
         );
     }
     tp::check_tp_layout(plan)?;

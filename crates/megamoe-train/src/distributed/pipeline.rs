@@ -17,7 +17,9 @@
 //! data reduce     with dp·ep > 1: dense gradients summed over the stage's dense
 //!                 data-parallel group (dp·ep ranks), expert banks over its expert one
 //!                 (dp ranks; each holds E/ep experts, tokens reach them by all-to-all
-//!                 over the stage's EP group inside F and B), × 1/(dp·ep)
+//!                 over the stage's EP group inside F and B), × 1/(dp·ep); with
+//!                 parallel.fsdp 1/2 reduce-scattered into this rank's rows, the
+//!                 optimizer on the rows, then all-gathered (module `pipeline_fsdp`)
 //! losses          head stages' per-micro-batch values, all-reduced over the world
 //!                 (zeros elsewhere: exact), averaged in micro-batch order as one rank does
 //! clip            Σ g² of the parameters this rank owns (lowest holding pp rank, data
@@ -48,9 +50,10 @@ use megamoe_pipeline::executor::RankTiming;
 use megamoe_pipeline::{
     generate, run_rank, sum_shared_gradients, validate, CommSchedule, PipelineShape, Schedule,
 };
-use megamoe_plan::{Plan, RankCoords};
+use megamoe_plan::{Plan, RankCoords, ZeroLevel};
 use megamoe_tensor::{DType, Device, Tensor};
 
+use super::pipeline_fsdp::StageShards;
 use super::pipeline_reduce::{norm_owner, reduce_over_data_ranks};
 use super::pipeline_stage::{ChunkStage, MicroBatch};
 use super::pipeline_stats::StageValues;
@@ -88,6 +91,8 @@ pub struct PipelineRank {
     /// The head reads the embedding (tied head or MTP).
     pub(super) shared_embedding: bool,
     pub(super) optimizer: Optimizer,
+    /// `parallel.fsdp` 1/2: the optimizer holds this rank's rows (module `pipeline_fsdp`).
+    pub(super) shards: Option<StageShards>,
     pub(super) lr: LrSchedule,
     pub(super) step: u64,
     /// This rank's measured schedule run of every step so far (this process's steps).
@@ -286,11 +291,20 @@ impl PipelineRank {
         let map = &schedule.stage_map;
         let specs = ChunkSpec::even(plan.model.n_layers, map.model_stages())?;
         let params = stage_params(&model, &specs, map, rank)?;
-        let optimizer = Optimizer::new(&plan.optim, &mut |f| visit_distinct(&params, f))?;
+        let mut optimizer = Optimizer::new(&plan.optim, &mut |f| visit_distinct(&params, f))?;
         let mine = params
             .iter()
             .map(|(&ms, cp)| (ms, StageTensors::of(cp, &optimizer)))
             .collect();
+        // fsdp 1/2: the optimizer keeps the rows only (the whole one named the state).
+        let shards = match par.zero {
+            ZeroLevel::OptimizerState | ZeroLevel::Gradients => {
+                let s = StageShards::new(&params, coords, par.dp, par.ep)?;
+                optimizer = s.optimizer(&plan.optim)?;
+                Some(s)
+            }
+            _ => None,
+        };
         let tensors = PipelineTensors::exchange(comm, map, &mine)?;
         // The lowest rank holding a tensor counts it in the gradient norm, in the slot
         // one rank's visit order gives it.
@@ -318,6 +332,7 @@ impl PipelineRank {
             owned_slots,
             shared_embedding,
             optimizer,
+            shards,
             lr,
             step: 0,
             timings: Vec::new(),
@@ -492,9 +507,14 @@ impl PipelineRank {
             });
         }
 
-        // 3. Data parallelism: the stage's gradients over its data ranks.
-        if self.data_replicas > 1 {
-            reduce_over_data_ranks(groups, &mut grads, self.data_replicas)?;
+        // 3. Data parallelism: the stage's gradients over its data ranks (with fsdp
+        //    reduce-scattered into this rank's rows).
+        match &self.shards {
+            Some(sh) => sh.reduce_scatter(&groups, &mut grads, self.data_replicas)?,
+            None if self.data_replicas > 1 => {
+                reduce_over_data_ranks(groups, &mut grads, self.data_replicas)?
+            }
+            None => {}
         }
 
         let mut moe = self.gather_routing(groups.world, &picks, &routing)?;
@@ -513,7 +533,7 @@ impl PipelineRank {
         let mut parts = vec![zero; self.norm_slots];
         for (n, g, role) in &grads {
             if let Some(&slot) = self.owned_slots.get(n) {
-                if norm_owner(self.coords, *role) {
+                if self.shards.is_some() || norm_owner(self.coords, *role) {
                     parts[slot] = g.sum_squares()?.reshape([1])?;
                 }
             }
@@ -537,11 +557,14 @@ impl PipelineRank {
         // 6. Optimizer and expert bias, unless the guard skips the step.
         let lr = self.lr.lr(s);
         if finite {
-            self.optimizer.step(
-                &mut |f| visit_distinct_mut(&mut self.params, f),
-                &mut |f| grads.iter().for_each(|(n, g, r)| f(n, g, *r)),
-                lr,
-            )?;
+            match self.shards.as_mut() {
+                Some(sh) => sh.step(&groups, &mut self.optimizer, &grads, &mut self.params, lr)?,
+                None => self.optimizer.step(
+                    &mut |f| visit_distinct_mut(&mut self.params, f),
+                    &mut |f| grads.iter().for_each(|(n, g, r)| f(n, g, *r)),
+                    lr,
+                )?,
+            }
             self.sync_embedding_copies();
             self.update_expert_bias(groups.world, &picks)?;
         } else {

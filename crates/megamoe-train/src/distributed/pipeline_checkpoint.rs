@@ -82,8 +82,13 @@ impl PipelineTensors {
 
 impl PipelineRank {
     /// The parameters, buffers and optimizer state this rank owns, expert banks gathered
-    /// over `ep` (collective over it).
-    fn owned_tensors(&self, ep: &dyn Communicator) -> Result<Tensors> {
+    /// over `ep` (collective over it); `state` is the optimizer state in whole-parameter
+    /// shapes when the optimizer holds rows (`pipeline_fsdp`).
+    fn owned_tensors(
+        &self,
+        ep: &dyn Communicator,
+        state: Option<Vec<(String, Tensor)>>,
+    ) -> Result<Tensors> {
         let mine = |n: &str| self.tensors.owner(n) == Some(self.rank);
         let mut model: Vec<(String, Tensor)> = Vec::new();
         visit_distinct(&self.params, &mut |n, t, _| {
@@ -99,11 +104,14 @@ impl PipelineRank {
             });
         }
         let mut optimizer: Vec<(String, Tensor)> = Vec::new();
-        self.optimizer.visit_state(&mut |k, t| {
-            if mine(k) {
-                optimizer.push((k.to_string(), t.clone()));
-            }
-        });
+        match state {
+            Some(whole) => optimizer.extend(whole.into_iter().filter(|(k, _)| mine(k))),
+            None => self.optimizer.visit_state(&mut |k, t| {
+                if mine(k) {
+                    optimizer.push((k.to_string(), t.clone()));
+                }
+            }),
+        }
         let experts = self.tensors.experts();
         let full = |list: Vec<(String, Tensor)>| -> Result<Vec<NamedTensor>> {
             list.into_iter()
@@ -122,17 +130,23 @@ impl PipelineRank {
 
     /// This rank's part of a checkpoint save (see the module doc): the one-rank model and
     /// optimizer tensors on world rank 0 (pipeline rank 0 of data rank 0), `None` on
-    /// every other rank. Collective over the world's dp-0 ranks (`pp` is this rank's
-    /// pipeline group, `ep` its stage's EP group).
+    /// every other rank. Collective over the world's dp-0 ranks (`groups.pp` is this
+    /// rank's pipeline group, `ep` its stage's EP group), and over every data rank first
+    /// when the optimizer holds rows (`pipeline_fsdp`: the state is gathered whole).
     pub(crate) fn gather_checkpoint(
         &self,
-        pp: &dyn Communicator,
+        groups: &super::pipeline::PipelineGroups<'_>,
         ep: &dyn Communicator,
     ) -> Result<Option<Tensors>> {
+        let pp = groups.pp;
+        let state = match &self.shards {
+            Some(sh) => Some(sh.full_state(groups, &self.optimizer)?),
+            None => None,
+        };
         if self.coords.dp != 0 {
             return Ok(None);
         }
-        let (model, optimizer) = self.owned_tensors(ep)?;
+        let (model, optimizer) = self.owned_tensors(ep, state)?;
         if self.coords.ep != 0 {
             return Ok(None);
         }
@@ -242,8 +256,15 @@ impl PipelineRank {
             .into_iter()
             .filter_map(|k| kept.remove(&k).map(|t| (k, t)))
             .collect::<Vec<_>>();
+        let state = match &self.shards {
+            Some(sh) => sh.cut_state(state)?,
+            None => state,
+        };
         let mut optimizer = self.optimizer.clone();
         optimizer.load_state(optimizer_steps, state)?;
+        if let Some(sh) = self.shards.as_mut() {
+            sh.refresh(&params)?;
+        }
         self.params = params;
         self.optimizer = optimizer;
         self.step = step;
