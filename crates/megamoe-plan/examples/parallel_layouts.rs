@@ -111,6 +111,19 @@ fn main() -> Result<(), megamoe_plan::PlanError> {
             "parallel.microbatches=2",
         ],
     )?;
-    show("tp2 (planned only)", &["parallel.tp=2"])?;
+    show("tp2", &["parallel.tp=2"])?;
+    show(
+        "dp2 x tp2, fsdp 3",
+        &["parallel.dp=2", "parallel.tp=2", "parallel.fsdp=3"],
+    )?;
+    show(
+        "dp2 x pp2, fsdp 2",
+        &[
+            "parallel.dp=2",
+            "parallel.pp=2",
+            "parallel.fsdp=2",
+            "parallel.microbatches=2",
+        ],
+    )?;
     Ok(())
 }
