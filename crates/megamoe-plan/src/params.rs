@@ -161,8 +161,13 @@ pub fn rank_params(plan: &Plan, pp_rank: usize) -> ParamCount {
     }
     if rs.has_head {
         c.replicated += d; // final norm
-                           // A tied head on the embedding's rank reuses it; on another rank it is a copy.
-        if !(plan.model.tie_embeddings && rs.has_embedding) {
+        if !plan.model.tie_embeddings {
+            c.vocab += v * d; // LM head
+        }
+        // A tied head and MTP read the embedding: on the embedding's rank they reuse it,
+        // on another rank it is a copy.
+        let head_reads_embedding = plan.model.tie_embeddings || plan.mtp.is_some();
+        if head_reads_embedding && !rs.has_embedding {
             c.vocab += v * d;
         }
         c.add(mtp_params(plan));

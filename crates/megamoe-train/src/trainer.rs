@@ -81,7 +81,8 @@ pub struct ModelCounts {
     /// Training FLOPs per token, `6·N_active + 12·L·H·T` (see
     /// [`training_flops_per_token`]).
     pub flops_per_token: f64,
-    /// Bytes of parameters + gradients + optimizer state.
+    /// Bytes of parameters + gradients + optimizer state (on a pipeline rank: of its
+    /// stages, the only ones it holds).
     pub state_bytes: u64,
 }
 
@@ -272,7 +273,8 @@ impl Trainer {
         self.counts
     }
 
-    /// The model's parameters (under `parallel.fsdp = 3`, this rank's dim-0 rows of each).
+    /// The model's parameters (under `parallel.fsdp = 3`, this rank's dim-0 rows of each;
+    /// on a pipeline rank an empty set: its stages' are in [`Trainer::pipeline`]).
     pub fn params(&self) -> &ModelParams {
         &self.params
     }
