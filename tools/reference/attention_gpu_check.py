@@ -2,7 +2,8 @@
 """PyTorch reference for `megamoe bench attention`: parity and timing of causal attention.
 
 1. Parity: reads the safetensors file `megamoe bench attention --dump FILE` wrote (q, k,
-   v, d_o as the bf16 values megamoe used, and megamoe's fused o, lse, dq, dk, dv), runs
+   v, d_o as the bf16 values megamoe used, and each fused path's o, lse, dq, dk, dv with
+   the path as suffix: o_cudnn, dq_fused, ...; unsuffixed names from older dumps), runs
    torch.nn.functional.scaled_dot_product_attention(is_causal=True) in float64 on the GPU
    on the same inputs, backward with d_o, and prints ||got - ref|| / ||ref|| for each.
 2. Timing: the same shape in bf16 through SDPA with PyTorch's default backend (flash) and
@@ -33,16 +34,26 @@ def parity(path):
     scores = (q[0] @ k[0].transpose(1, 2)) * d ** -0.5
     mask = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
     lse = scores.masked_fill(mask, float("-inf")).logsumexp(-1)
-    rows = [("o", t["o"], o[0]), ("lse", t["lse"], lse), ("dq", t["dq"], q.grad[0]),
-            ("dk", t["dk"], k.grad[0]), ("dv", t["dv"], v.grad[0])]
+    refs = {"o": o[0], "lse": lse, "dq": q.grad[0], "dk": k.grad[0], "dv": v.grad[0]}
+    tags = sorted({n.split("_", 1)[1] for n in t if n.startswith("o_")}) or [None]
     print(f"parity vs torch SDPA (float64), BH {bh}, T {s}, D {d}")
-    worst = 0.0
-    for name, got, ref in rows:
-        r = rel(got, ref)
-        nan = bool(torch.isnan(got).any())
-        worst = max(worst, r if not nan else float("inf"))
-        print(f"  {name:<4} rel {r:.3e}{'  NaN!' if nan else ''}")
-    print(f"  worst {worst:.3e} ({'PASS' if worst <= 1e-2 else 'FAIL'} at 1e-2)")
+    for tag in tags:
+        worst = 0.0
+        print(f"  path {tag or 'fused'} vs float64 torch")
+        for name, ref in refs.items():
+            key = f"{name}_{tag}" if tag else name
+            if key not in t:
+                continue
+            got = t[key]
+            r = rel(got, ref)
+            nan = bool(torch.isnan(got).any())
+            worst = max(worst, r if not nan else float("inf"))
+            print(f"    {name:<4} rel {r:.3e}{'  NaN!' if nan else ''}")
+        print(f"    worst {worst:.3e} ({'PASS' if worst <= 1e-2 else 'FAIL'} at 1e-2)")
+    # the fused paths against the GEMM-based (unfused) path megamoe ran on the same inputs
+    for tag in (x for x in tags if x not in (None, "unfused") and "o_unfused" in t):
+        diffs = ", ".join(f"{n} {rel(t[f'{n}_{tag}'], t[f'{n}_unfused']):.3e}" for n in ("o", "dq", "dk", "dv"))
+        print(f"  {tag} vs unfused (megamoe GEMM path): {diffs}")
     return bh, s, d
 
 

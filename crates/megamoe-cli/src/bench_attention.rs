@@ -1,10 +1,11 @@
 //! `megamoe bench attention`: times causal attention over `[B·heads, T, D]` on a GPU
-//! through megamoe-tensor's `causal_attention` op, fused (bf16 tensor-core kernel, no
-//! `[T, T]` matrix) and unfused (`bmm`, causal softmax, `bmm`), forward and forward +
-//! backward, in bf16-activation mode. Each timed run ends in a stream synchronisation;
+//! through megamoe-tensor's `causal_attention` op on each path — cuDNN's fused SDPA
+//! (`cudnn-sdpa`, where libcudnn loads), megamoe's own fused kernel (`fused`) and unfused
+//! (`bmm`, causal softmax, `bmm`) — forward and forward + backward, in bf16-activation
+//! mode. Each timed run ends in a stream synchronisation;
 //! the median of `--iters` runs after `--warmup` is reported with TFLOP/s (causal forward
 //! `2·BH·T²·D`, backward 2.5× that) and the pool's peak. `--dump FILE` also writes the
-//! inputs and the fused outputs to a safetensors file (for a PyTorch comparison,
+//! inputs and each fused path's outputs (`o_cudnn`, `dq_fused`, …) to a safetensors file (for a PyTorch comparison,
 //! `tools/reference/attention_gpu_check.py`).
 
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ pub struct AttentionBenchArgs {
     /// Timed runs; the median is reported.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
-    /// Also write q, k, v, d_o and the fused o, lse, dq, dk, dv (as f32) here.
+    /// Also write q, k, v, d_o and each fused path's o, lse, dq, dk, dv (as f32) here.
     #[arg(long)]
     pub dump: Option<PathBuf>,
 }
@@ -68,8 +69,22 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
         "{:<10} {:>12} {:>10} {:>12} {:>10} {:>10}",
         "path", "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "peak GiB"
     );
-    for fused in [true, false] {
-        backend.set_fused_attention(fused);
+    use megamoe_tensor::cuda::AttentionPath;
+    let mut ran = Vec::new();
+    for path in [
+        AttentionPath::CudnnSdpa,
+        AttentionPath::Fused,
+        AttentionPath::Unfused,
+    ] {
+        backend.set_attention(path);
+        let status = backend.attention_status()?;
+        if status != path.name() && !status.starts_with("cudnn-sdpa") {
+            println!("{:<10} not run: attention: {status}", path.name());
+            continue;
+        }
+        if path == AttentionPath::CudnnSdpa {
+            println!("attention: {status}");
+        }
         let time = |bwd: bool| -> anyhow::Result<f64> {
             let mut ms = Vec::new();
             for i in 0..a.warmup + a.iters {
@@ -94,28 +109,38 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
         let peak = backend.pool_stats()?.peak as f64 / (1u64 << 30) as f64;
         println!(
             "{:<10} {f:>12.3} {:>10.1} {fb:>12.3} {:>10.1} {peak:>10.2}",
-            if fused { "fused" } else { "unfused" },
+            path.name(),
             fwd_flops / f / 1e9,
             3.5 * fwd_flops / fb / 1e9,
         );
+        ran.push(path);
     }
-    backend.set_fused_attention(true);
     if let Some(path) = &a.dump {
-        let (o, lse) = Tensor::causal_attention(&q, &k, &v, scale)?;
-        let (dq, dk, dv) = Tensor::causal_attention_backward(&q, &k, &v, &o, &lse, &d_o, scale)?;
         let f = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(Device::Cpu);
-        let named = [
-            ("q", f(&q)?),
-            ("k", f(&k)?),
-            ("v", f(&v)?),
-            ("d_o", f(&d_o)?),
-            ("o", f(&o)?),
-            ("lse", f(&lse)?),
-            ("dq", f(&dq)?),
-            ("dk", f(&dk)?),
-            ("dv", f(&dv)?),
+        let mut named = vec![
+            ("q".to_string(), f(&q)?),
+            ("k".to_string(), f(&k)?),
+            ("v".to_string(), f(&v)?),
+            ("d_o".to_string(), f(&d_o)?),
         ];
-        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (*n, t)).collect();
+        for p in &ran {
+            backend.set_attention(*p);
+            let (o, lse) = Tensor::causal_attention(&q, &k, &v, scale)?;
+            let (dq, dk, dv) =
+                Tensor::causal_attention_backward(&q, &k, &v, &o, &lse, &d_o, scale)?;
+            let tag = match p {
+                AttentionPath::CudnnSdpa => "cudnn",
+                AttentionPath::Fused => "fused",
+                AttentionPath::Unfused => "unfused",
+            };
+            for (n, t) in [("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)] {
+                // the unfused path saves probabilities, not the log-sum-exp
+                if n != "lse" || *p != AttentionPath::Unfused {
+                    named.push((format!("{n}_{tag}"), f(&t)?));
+                }
+            }
+        }
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         megamoe_tensor::save_safetensors(path, &refs)?;
         println!("dump       {}", path.display());
     }

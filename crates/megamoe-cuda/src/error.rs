@@ -45,6 +45,29 @@ pub enum Error {
         /// The directories looked in.
         searched: String,
     },
+    /// libcudnn cannot be loaded (cuDNN fused attention is unavailable; callers fall back).
+    #[error("libcudnn not found: cuDNN fused attention needs libcudnn.so.9 on the loader path (LD_LIBRARY_PATH; the nvidia-cudnn pip wheel keeps it in site-packages/nvidia/cudnn/lib)")]
+    NoCudnn,
+    /// A cuDNN call failed.
+    #[error("cuDNN {call} failed: {status} ({detail})")]
+    Cudnn {
+        /// Which call.
+        call: &'static str,
+        /// cuDNN's status.
+        status: String,
+        /// cuDNN's last error message.
+        detail: String,
+    },
+    /// cuDNN has no engine for an operation graph.
+    #[error("cuDNN has no execution plan for the {what} graph ({tried} engine configs tried; last error: {last})")]
+    CudnnNoPlan {
+        /// Which graph.
+        what: &'static str,
+        /// Engine configurations tried.
+        tried: usize,
+        /// The last failure.
+        last: String,
+    },
     /// A shape or parameter outside what a kernel supports.
     #[error("invalid {field} = {value}: {rule}")]
     Invalid {

@@ -29,6 +29,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod cudnn;
 mod device;
 mod error;
 pub mod gemm;
@@ -40,6 +41,7 @@ mod pool;
 pub mod tensor;
 
 pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker};
+pub use cudnn::{cudnn_present, CudnnSdpa, SdpaShape};
 pub use error::{Error, Result};
 pub use gemm::{Elem, Operand};
 pub use graph::{Graph, PinnedHost};

@@ -9,6 +9,7 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+use megamoe_tensor::cuda::AttentionPath;
 use megamoe_tensor::{DType, Device, RowGroups, Tensor, UnaryOp, IGNORE_INDEX};
 
 const GPU: Device = Device::Cuda(0);
@@ -254,10 +255,24 @@ fn yc_sum(x: &Tensor, w: &Tensor) -> Tensor {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
 fn fused_attention_matches_the_unfused_cpu_attention() {
+    attention_matches_the_unfused_cpu_attention(AttentionPath::Fused);
+}
+
+/// cuDNN's fused SDPA (bf16 mode) against the CPU's unfused f32 attention, as above. Needs
+/// libcudnn on the loader path (the test fails, naming why, where cuDNN does not open).
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcudnn: run the test binary with --ignored there"]
+fn cudnn_attention_matches_the_unfused_cpu_attention() {
+    attention_matches_the_unfused_cpu_attention(AttentionPath::CudnnSdpa);
+}
+
+fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
     backend.set_bf16_matmul(true);
     backend.set_bf16_activations(true);
-    backend.set_fused_attention(true);
+    backend.set_attention(path);
+    let status = backend.attention_status().unwrap();
+    assert!(status.starts_with(path.name()), "attention: {status}");
     for (i, &(bh, t, d)) in [(6, 100, 16), (4, 200, 64), (3, 300, 128), (2, 64, 128)]
         .iter()
         .enumerate()
@@ -282,10 +297,10 @@ fn fused_attention_matches_the_unfused_cpu_attention() {
         let bf = |x: &Tensor| gpu(x).to_dtype(DType::BF16).unwrap();
         let (qg, kg, vg, gg) = (bf(&q), bf(&k), bf(&v), bf(&d_o));
         let (og, lse) = Tensor::causal_attention(&qg, &kg, &vg, scale).unwrap();
-        assert_eq!(lse.dims(), [bh, t], "fused: saved state is the log-sum-exp");
+        assert_eq!(lse.dims(), [bh, t], "{status}: saved state is the log-sum-exp");
         let (dqg, dkg, dvg) =
             Tensor::causal_attention_backward(&qg, &kg, &vg, &og, &lse, &gg, scale).unwrap();
-        let name = |what: &str| format!("attention {what} bh{bh} t{t} d{d}");
+        let name = |what: &str| format!("{} {what} bh{bh} t{t} d{d}", path.name());
         close(&name("o"), &og, &oc, DType::BF16, BF16_TOL);
         close(&name("dq"), &dqg, &dqc, DType::BF16, BF16_TOL);
         close(&name("dk"), &dkg, &dkc, DType::BF16, BF16_TOL);

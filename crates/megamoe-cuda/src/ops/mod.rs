@@ -99,7 +99,7 @@ impl Ops {
 }
 
 /// Checks that `buf` holds at least `elems` elements of `size` bytes.
-fn need(what: &'static str, buf: &dyn DeviceMem, elems: usize, size: usize) -> Result<()> {
+pub(crate) fn need(what: &'static str, buf: &dyn DeviceMem, elems: usize, size: usize) -> Result<()> {
     let bytes = elems
         .checked_mul(size)
         .ok_or_else(|| Error::invalid("buffer size", elems, "overflows usize"))?;
@@ -119,7 +119,7 @@ fn int(field: &'static str, v: usize) -> Result<i32> {
 }
 
 /// A count that must be at least 1.
-fn positive(field: &'static str, v: usize) -> Result<()> {
+pub(crate) fn positive(field: &'static str, v: usize) -> Result<()> {
     if v == 0 {
         Err(Error::invalid(field, v, "must be >= 1"))
     } else {

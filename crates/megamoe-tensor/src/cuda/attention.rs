@@ -1,24 +1,117 @@
-//! Attention on the GPU. In bf16-activation mode, for head dims megamoe-cuda's
-//! [`FlashAttention`] supports (multiples of 16 up to 128), the fused tensor-core kernels:
-//! bf16 q, k, v, o and gradients, f32 log-sum-exp `[BH, T]` as the saved state, no `[T, T]`
-//! matrix in memory, when fused attention is on ([`CudaBackend::set_fused_attention`]).
-//! Otherwise (the f32 parity path, other head dims, fused attention off) the unfused ops,
-//! as on the CPU, with the probabilities `[BH, T, T]` as the saved state.
+//! Attention on the GPU, one of three paths ([`AttentionPath`]):
+//! - `cudnn-sdpa`: cuDNN's fused flash attention (megamoe-cuda's [`CudnnSdpa`], backend
+//!   graph API; libcudnn loaded at run time), bf16 q, k, v, o and gradients, f32
+//!   log-sum-exp `[BH, T]` as the saved state, no `[T, T]` matrix in memory;
+//! - `fused`: megamoe's own tensor-core kernels ([`FlashAttention`]), same state;
+//! - `unfused`: `bmm`, causal softmax, `bmm` as on the CPU, with the probabilities
+//!   `[BH, T, T]` as the saved state.
+//!
+//! The fused paths run in bf16-activation mode for head dims they support; the f32 parity
+//! path is always unfused. Where cuDNN is asked for but cannot run (no libcudnn, no plan
+//! for a shape), attention runs unfused and [`CudaBackend::attention_status`] says why.
 
-use megamoe_cuda::FlashAttention;
+use std::sync::atomic::Ordering;
+
+use megamoe_cuda::{CudnnSdpa, FlashAttention, SdpaShape};
 
 use super::{dev, view, CudaBackend};
 use crate::backend::HostTransfer;
 use crate::ops::attention::{unfused_backward, unfused_forward, AttentionKernels};
 use crate::{DType, Result, Tensor};
 
+/// Which causal-attention implementation the CUDA backend runs in bf16-activation mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AttentionPath {
+    /// cuDNN's fused SDPA (falls back to `Unfused`, saying why, where cuDNN cannot run).
+    CudnnSdpa = 0,
+    /// megamoe's own fused kernel (FlashAttention-2 style, WMMA).
+    Fused = 1,
+    /// `bmm` + causal softmax + `bmm`, the `[BH, T, T]` probabilities kept.
+    Unfused = 2,
+}
+
+impl AttentionPath {
+    /// The name used in `MEGAMOE_CUDA_ATTENTION` and status lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionPath::CudnnSdpa => "cudnn-sdpa",
+            AttentionPath::Fused => "fused",
+            AttentionPath::Unfused => "unfused",
+        }
+    }
+
+    fn from_u8(v: u8) -> AttentionPath {
+        match v {
+            0 => AttentionPath::CudnnSdpa,
+            1 => AttentionPath::Fused,
+            _ => AttentionPath::Unfused,
+        }
+    }
+}
+
+/// The path used when `MEGAMOE_CUDA_ATTENTION` does not name one.
+const DEFAULT_PATH: AttentionPath = AttentionPath::Unfused;
+
+/// The initial path: `MEGAMOE_CUDA_ATTENTION=cudnn|fused|unfused`, else [`DEFAULT_PATH`].
+pub(crate) fn from_env() -> AttentionPath {
+    match std::env::var("MEGAMOE_CUDA_ATTENTION").as_deref() {
+        Ok("cudnn") | Ok("cudnn-sdpa") => AttentionPath::CudnnSdpa,
+        Ok("fused") => AttentionPath::Fused,
+        Ok("unfused") => AttentionPath::Unfused,
+        _ => DEFAULT_PATH,
+    }
+}
+
+/// The path that runs for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Cudnn,
+    Flash,
+    Unfused,
+}
+
 impl CudaBackend {
-    /// Whether attention of head dim `d` over `bh` rows runs fused.
-    fn attention_runs_fused(&self, bh: usize, d: usize) -> bool {
-        self.fused_attention()
-            && self.bf16_activations()
-            && FlashAttention::supports(d)
-            && bh <= 65535
+    /// Chooses the attention path for bf16-activation mode (see [`AttentionPath`]). The
+    /// initial setting comes from `MEGAMOE_CUDA_ATTENTION=cudnn|fused|unfused` when the
+    /// backend opens.
+    pub fn set_attention(&self, path: AttentionPath) {
+        self.attention.store(path as u8, Ordering::Relaxed);
+    }
+
+    /// The attention path asked for (see [`CudaBackend::set_attention`]).
+    pub fn attention(&self) -> AttentionPath {
+        AttentionPath::from_u8(self.attention.load(Ordering::Relaxed))
+    }
+
+    /// One line saying which attention runs and, where it is not the one asked for, why:
+    /// `cudnn-sdpa (cuDNN 91900)`, `fused`, `unfused`, `unfused (f32 activations)`,
+    /// `unfused (libcudnn not found: …)`. Opens cuDNN if it was asked for.
+    pub fn attention_status(&self) -> Result<String> {
+        if !self.bf16_activations() {
+            return Ok("unfused (f32 activations)".into());
+        }
+        let path = self.attention();
+        if path != AttentionPath::CudnnSdpa {
+            return Ok(path.name().into());
+        }
+        let mut e = self.engine("attention_status")?;
+        Ok(match open_cudnn(&mut e) {
+            Ok(c) => format!("cudnn-sdpa (cuDNN {})", c.version()),
+            Err(why) => format!("unfused ({why})"),
+        })
+    }
+
+    /// The path one call over `bh` rows of head dim `d` takes.
+    fn attention_run(&self, bh: usize, d: usize) -> Run {
+        if !self.bf16_activations() {
+            return Run::Unfused;
+        }
+        match self.attention() {
+            AttentionPath::CudnnSdpa if d.is_multiple_of(8) && d <= 256 => Run::Cudnn,
+            AttentionPath::Fused if FlashAttention::supports(d) && bh <= 65535 => Run::Flash,
+            _ => Run::Unfused,
+        }
     }
 
     /// `t` as a bf16 tensor whose first element is 16-byte aligned (what the fused
@@ -57,6 +150,63 @@ impl CudaBackend {
         })?;
         self.ck(op, f(k, &e.gpu))
     }
+
+    /// Runs `f` with cuDNN (opened on first use), or returns why cuDNN is unavailable.
+    fn with_cudnn<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut CudnnSdpa, &megamoe_cuda::Gpu) -> megamoe_cuda::Result<T>,
+    ) -> Result<std::result::Result<T, String>> {
+        let mut e = self.engine(op)?;
+        let e = &mut *e;
+        if let Err(why) = open_cudnn(e) {
+            return Ok(Err(why));
+        }
+        let Some(Ok(c)) = e.cudnn.as_mut() else {
+            return Ok(Err("cuDNN did not open".into()));
+        };
+        Ok(Ok(self.ck(op, f(c, &e.gpu))?))
+    }
+
+    /// bf16 outputs `[shape]` and the f32 stats `[bh, t]` of a fused forward.
+    fn fused_outputs(&self, op: &'static str, q: &Tensor, bh: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let e = self.engine(op)?;
+        let (o, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
+        let (lse, _) = self.empty(&e, [bh, t].into(), DType::F32)?;
+        Ok((o, lse))
+    }
+
+    /// Three fresh bf16 tensors of `q`'s shape (the gradients of a fused backward).
+    fn fused_grads(&self, op: &'static str, q: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let e = self.engine(op)?;
+        let (dq, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
+        let (dk, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
+        let (dv, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// Opens cuDNN into the engine once; the error (kept) says why it cannot run.
+fn open_cudnn(e: &mut super::Engine) -> std::result::Result<&mut CudnnSdpa, String> {
+    if e.cudnn.is_none() {
+        e.cudnn = Some(CudnnSdpa::new(&e.gpu).map_err(|err| err.to_string()));
+    }
+    match e.cudnn.as_mut() {
+        Some(Ok(c)) => Ok(c),
+        Some(Err(why)) => Err(why.clone()),
+        None => Err("cuDNN did not open".into()),
+    }
+}
+
+/// The cuDNN shape of `[bh, t, d]` rows: one batch of `bh` heads.
+fn sdpa_shape(bh: usize, t: usize, d: usize) -> SdpaShape {
+    SdpaShape {
+        batch: 1,
+        heads: bh,
+        kv_heads: bh,
+        seq: t,
+        head_dim: d,
+    }
 }
 
 impl AttentionKernels for CudaBackend {
@@ -69,7 +219,8 @@ impl AttentionKernels for CudaBackend {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "causal_attention";
         let (bh, t, d) = q.dims3()?;
-        if !self.attention_runs_fused(bh, d) || t == 0 {
+        let run = self.attention_run(bh, d);
+        if run == Run::Unfused || t == 0 {
             return unfused_forward(q, k, v, scale);
         }
         let (qb, kb, vb) = (
@@ -77,12 +228,7 @@ impl AttentionKernels for CudaBackend {
             self.bf16_aligned(OP, k)?,
             self.bf16_aligned(OP, v)?,
         );
-        let (o, lse) = {
-            let e = self.engine(OP)?;
-            let (o, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
-            let (lse, _) = self.empty(&e, [bh, t].into(), DType::F32)?;
-            (o, lse)
-        };
+        let (o, lse) = self.fused_outputs(OP, q, bh, t)?;
         let v_ = (
             view(OP, &qb)?,
             view(OP, &kb)?,
@@ -90,6 +236,17 @@ impl AttentionKernels for CudaBackend {
             view(OP, &o)?,
             view(OP, &lse)?,
         );
+        if run == Run::Cudnn {
+            let s = sdpa_shape(bh, t, d);
+            let done = self.with_cudnn(OP, |c, gpu| {
+                c.forward(gpu, s, (&v_.0, &v_.1, &v_.2), &v_.3, &v_.4, scale)
+            })?;
+            return match done {
+                Ok(()) => Ok((o, lse)),
+                // no libcudnn: the status line names the reason
+                Err(_) => unfused_forward(q, k, v, scale),
+            };
+        }
         self.with_flash(OP, d, |f, gpu| {
             f.forward(gpu, &v_.0, &v_.1, &v_.2, &v_.3, &v_.4, (bh, t), scale)
         })?;
@@ -109,23 +266,35 @@ impl AttentionKernels for CudaBackend {
         const OP: &str = "causal_attention_backward";
         let (bh, t, d) = q.dims3()?;
         // The saved state says which forward ran: probabilities [BH, T, T] (unfused) or
-        // the log-sum-exp [BH, T] (fused).
+        // the log-sum-exp [BH, T] (cuDNN or the own fused kernel: the same quantity).
         if saved.rank() == 3 {
             return unfused_backward(q, k, v, saved, d_o, scale);
         }
         let b = |x: &Tensor| self.bf16_aligned(OP, x);
         let (qb, kb, vb, ob, gb) = (b(q)?, b(k)?, b(v)?, b(o)?, b(d_o)?);
         let lse = self.as_f32(saved)?;
-        let (dq, dk, dv) = {
-            let e = self.engine(OP)?;
-            let (dq, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
-            let (dk, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
-            let (dv, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
-            (dq, dk, dv)
-        };
+        let (dq, dk, dv) = self.fused_grads(OP, q)?;
         let ins = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
         let (ov, gv, lv) = (view(OP, &ob)?, view(OP, &gb)?, view(OP, &lse)?);
         let outs = (view(OP, &dq)?, view(OP, &dk)?, view(OP, &dv)?);
+        if self.attention_run(bh, d) == Run::Cudnn {
+            let s = sdpa_shape(bh, t, d);
+            let done = self.with_cudnn(OP, |c, gpu| {
+                c.backward(
+                    gpu,
+                    s,
+                    (&ins.0, &ins.1, &ins.2),
+                    &ov,
+                    &gv,
+                    &lv,
+                    (&outs.0, &outs.1, &outs.2),
+                    scale,
+                )
+            })?;
+            if done.is_ok() {
+                return Ok((dq, dk, dv));
+            }
+        }
         self.with_flash(OP, d, |f, gpu| {
             f.backward(
                 gpu,

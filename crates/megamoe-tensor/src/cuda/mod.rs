@@ -21,6 +21,7 @@
 //! the host (one counted read per call); the named RNG is drawn on the host and uploaded.
 
 mod attention;
+pub use attention::AttentionPath;
 mod dense;
 mod elementwise;
 mod graph;
@@ -93,6 +94,8 @@ pub(crate) struct Engine {
     pub(crate) capture: Option<Vec<megamoe_cuda::PinnedHost>>,
     /// Fused attention kernels, one per head dim used so far.
     pub(crate) flash: Vec<megamoe_cuda::FlashAttention>,
+    /// cuDNN's fused attention: opened on first use (`Err` says why it is unavailable).
+    pub(crate) cudnn: Option<std::result::Result<megamoe_cuda::CudnnSdpa, String>>,
 }
 
 impl Engine {
@@ -116,8 +119,8 @@ pub struct CudaBackend {
     /// Activations and their gradients are written bf16, see
     /// [`CudaBackend::set_bf16_activations`].
     bf16_activations: std::sync::atomic::AtomicBool,
-    /// Attention may run fused, see [`CudaBackend::set_fused_attention`].
-    fused_attention: std::sync::atomic::AtomicBool,
+    /// The attention path asked for, see [`CudaBackend::set_attention`].
+    pub(crate) attention: std::sync::atomic::AtomicU8,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -125,12 +128,6 @@ impl std::fmt::Debug for CudaBackend {
         write!(f, "CudaBackend(cuda:{})", self.ordinal)
     }
 }
-
-/// Whether attention runs fused (in bf16-activation mode) when the environment does not
-/// say (`MEGAMOE_CUDA_ATTENTION=fused|unfused`). Off: on the H200 the fused kernel matches
-/// torch's SDPA but runs at ~53 TFLOP/s against ~120 for the unfused path (it saves the
-/// `[T, T]` memory only).
-const FUSED_ATTENTION_BY_DEFAULT: bool = false;
 
 /// GPUs a process can address through this backend.
 const MAX_GPUS: usize = 16;
@@ -176,16 +173,11 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
             profile: std::env::var_os("MEGAMOE_CUDA_PROFILE").map(|_| Vec::new()),
             capture: None,
             flash: Vec::new(),
+            cudnn: None,
         }),
         bf16_matmul: std::sync::atomic::AtomicBool::new(false),
         bf16_activations: std::sync::atomic::AtomicBool::new(false),
-        fused_attention: std::sync::atomic::AtomicBool::new(
-            match std::env::var("MEGAMOE_CUDA_ATTENTION").as_deref() {
-                Ok("fused") => true,
-                Ok("unfused") => false,
-                _ => FUSED_ATTENTION_BY_DEFAULT,
-            },
-        ),
+        attention: std::sync::atomic::AtomicU8::new(attention::from_env() as u8),
     })
 }
 
@@ -284,21 +276,6 @@ impl CudaBackend {
     /// Whether activations are written bf16 (see [`CudaBackend::set_bf16_activations`]).
     pub fn bf16_activations(&self) -> bool {
         self.bf16_activations
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// With `on`, causal attention runs as one fused kernel in bf16-activation mode where
-    /// the head dim allows; off, it runs unfused (`bmm`, causal softmax, `bmm`). The
-    /// initial setting comes from `MEGAMOE_CUDA_ATTENTION=fused|unfused` in the environment
-    /// when the backend opens, else `FUSED_ATTENTION_BY_DEFAULT` (off).
-    pub fn set_fused_attention(&self, on: bool) {
-        self.fused_attention
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether attention may run fused (see [`CudaBackend::set_fused_attention`]).
-    pub fn fused_attention(&self) -> bool {
-        self.fused_attention
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
