@@ -40,8 +40,8 @@ pub mod ops;
 mod pool;
 pub mod tensor;
 
-pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker};
 pub use cudnn::{cudnn_present, CudnnSdpa, SdpaShape};
+pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker};
 pub use error::{Error, Result};
 pub use gemm::{Elem, Operand};
 pub use graph::{Graph, PinnedHost};

@@ -297,7 +297,11 @@ fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
         let bf = |x: &Tensor| gpu(x).to_dtype(DType::BF16).unwrap();
         let (qg, kg, vg, gg) = (bf(&q), bf(&k), bf(&v), bf(&d_o));
         let (og, lse) = Tensor::causal_attention(&qg, &kg, &vg, scale).unwrap();
-        assert_eq!(lse.dims(), [bh, t], "{status}: saved state is the log-sum-exp");
+        assert_eq!(
+            lse.dims(),
+            [bh, t],
+            "{status}: saved state is the log-sum-exp"
+        );
         let (dqg, dkg, dvg) =
             Tensor::causal_attention_backward(&qg, &kg, &vg, &og, &lse, &gg, scale).unwrap();
         let name = |what: &str| format!("{} {what} bh{bh} t{t} d{d}", path.name());

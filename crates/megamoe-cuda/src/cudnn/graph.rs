@@ -118,14 +118,49 @@ impl Builder {
     ) -> Result<T> {
         const CALL: &str = "tensor descriptor";
         let d = Desc::new(D::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
-        d.set(A::CUDNN_ATTR_TENSOR_DATA_TYPE, Ty::CUDNN_TYPE_DATA_TYPE, &[ty], CALL)?;
-        d.set(A::CUDNN_ATTR_TENSOR_DIMENSIONS, Ty::CUDNN_TYPE_INT64, &dims, CALL)?;
-        d.set(A::CUDNN_ATTR_TENSOR_STRIDES, Ty::CUDNN_TYPE_INT64, &strides, CALL)?;
-        d.set(A::CUDNN_ATTR_TENSOR_UNIQUE_ID, Ty::CUDNN_TYPE_INT64, &[uid], CALL)?;
-        d.set(A::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, Ty::CUDNN_TYPE_INT64, &[16i64], CALL)?;
-        d.set(A::CUDNN_ATTR_TENSOR_IS_VIRTUAL, Ty::CUDNN_TYPE_BOOLEAN, &[is_virtual], CALL)?;
+        d.set(
+            A::CUDNN_ATTR_TENSOR_DATA_TYPE,
+            Ty::CUDNN_TYPE_DATA_TYPE,
+            &[ty],
+            CALL,
+        )?;
+        d.set(
+            A::CUDNN_ATTR_TENSOR_DIMENSIONS,
+            Ty::CUDNN_TYPE_INT64,
+            &dims,
+            CALL,
+        )?;
+        d.set(
+            A::CUDNN_ATTR_TENSOR_STRIDES,
+            Ty::CUDNN_TYPE_INT64,
+            &strides,
+            CALL,
+        )?;
+        d.set(
+            A::CUDNN_ATTR_TENSOR_UNIQUE_ID,
+            Ty::CUDNN_TYPE_INT64,
+            &[uid],
+            CALL,
+        )?;
+        d.set(
+            A::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT,
+            Ty::CUDNN_TYPE_INT64,
+            &[16i64],
+            CALL,
+        )?;
+        d.set(
+            A::CUDNN_ATTR_TENSOR_IS_VIRTUAL,
+            Ty::CUDNN_TYPE_BOOLEAN,
+            &[is_virtual],
+            CALL,
+        )?;
         if by_value {
-            d.set(A::CUDNN_ATTR_TENSOR_IS_BY_VALUE, Ty::CUDNN_TYPE_BOOLEAN, &[true], CALL)?;
+            d.set(
+                A::CUDNN_ATTR_TENSOR_IS_BY_VALUE,
+                Ty::CUDNN_TYPE_BOOLEAN,
+                &[true],
+                CALL,
+            )?;
         }
         d.finalize("cudnnBackendFinalize(tensor)")?;
         self.tensors.push(d);
@@ -136,7 +171,13 @@ impl Builder {
     }
 
     /// A device tensor the caller binds by `uid` at execution.
-    pub(crate) fn real(&mut self, uid: i64, dims: [i64; 4], strides: [i64; 4], ty: DataType) -> Result<T> {
+    pub(crate) fn real(
+        &mut self,
+        uid: i64,
+        dims: [i64; 4],
+        strides: [i64; 4],
+        ty: DataType,
+    ) -> Result<T> {
         self.tensor(uid, dims, strides, ty, false, false)
     }
 
@@ -166,23 +207,54 @@ impl Builder {
     ) -> Result<()> {
         const CALL: &str = "pointwise descriptor";
         let pw = Desc::new(D::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
-        pw.set(A::CUDNN_ATTR_POINTWISE_MODE, Ty::CUDNN_TYPE_POINTWISE_MODE, &[mode], CALL)?;
-        pw.set(A::CUDNN_ATTR_POINTWISE_MATH_PREC, Ty::CUDNN_TYPE_DATA_TYPE, &[compute], CALL)?;
+        pw.set(
+            A::CUDNN_ATTR_POINTWISE_MODE,
+            Ty::CUDNN_TYPE_POINTWISE_MODE,
+            &[mode],
+            CALL,
+        )?;
+        pw.set(
+            A::CUDNN_ATTR_POINTWISE_MATH_PREC,
+            Ty::CUDNN_TYPE_DATA_TYPE,
+            &[compute],
+            CALL,
+        )?;
         if let Some(axis) = axis {
-            pw.set(A::CUDNN_ATTR_POINTWISE_AXIS, Ty::CUDNN_TYPE_INT64, &[axis], CALL)?;
+            pw.set(
+                A::CUDNN_ATTR_POINTWISE_AXIS,
+                Ty::CUDNN_TYPE_INT64,
+                &[axis],
+                CALL,
+            )?;
         }
         pw.finalize("cudnnBackendFinalize(pointwise)")?;
         const OP: &str = "pointwise operation";
         let op = Desc::new(D::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
         op.set_desc(A::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &pw, OP)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &self.tensors[x.idx], OP)?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_POINTWISE_XDESC,
+            &self.tensors[x.idx],
+            OP,
+        )?;
         if let Some(b) = b {
-            op.set_desc(A::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &self.tensors[b.idx], OP)?;
+            op.set_desc(
+                A::CUDNN_ATTR_OPERATION_POINTWISE_BDESC,
+                &self.tensors[b.idx],
+                OP,
+            )?;
         }
         if let Some(t) = t {
-            op.set_desc(A::CUDNN_ATTR_OPERATION_POINTWISE_TDESC, &self.tensors[t.idx], OP)?;
+            op.set_desc(
+                A::CUDNN_ATTR_OPERATION_POINTWISE_TDESC,
+                &self.tensors[t.idx],
+                OP,
+            )?;
         }
-        op.set_desc(A::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &self.tensors[y.idx], OP)?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_POINTWISE_YDESC,
+            &self.tensors[y.idx],
+            OP,
+        )?;
         op.finalize("cudnnBackendFinalize(pointwise operation)")?;
         self.extra.push(pw);
         self.ops.push(op);
@@ -202,9 +274,21 @@ impl Builder {
         mm.finalize("cudnnBackendFinalize(matmul)")?;
         const OP: &str = "matmul operation";
         let op = Desc::new(D::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &self.tensors[a.idx], OP)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &self.tensors[b.idx], OP)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &self.tensors[c.idx], OP)?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_MATMUL_ADESC,
+            &self.tensors[a.idx],
+            OP,
+        )?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_MATMUL_BDESC,
+            &self.tensors[b.idx],
+            OP,
+        )?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_MATMUL_CDESC,
+            &self.tensors[c.idx],
+            OP,
+        )?;
         op.set_desc(A::CUDNN_ATTR_OPERATION_MATMUL_DESC, &mm, OP)?;
         op.finalize("cudnnBackendFinalize(matmul operation)")?;
         self.extra.push(mm);
@@ -231,8 +315,16 @@ impl Builder {
         r.finalize("cudnnBackendFinalize(reduction)")?;
         const OP: &str = "reduction operation";
         let op = Desc::new(D::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, &self.tensors[x.idx], OP)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, &self.tensors[y.idx], OP)?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_REDUCTION_XDESC,
+            &self.tensors[x.idx],
+            OP,
+        )?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_REDUCTION_YDESC,
+            &self.tensors[y.idx],
+            OP,
+        )?;
         op.set_desc(A::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &r, OP)?;
         op.finalize("cudnnBackendFinalize(reduction operation)")?;
         self.extra.push(r);
@@ -244,8 +336,16 @@ impl Builder {
     pub(crate) fn reshape(&mut self, x: T, y: T) -> Result<()> {
         const OP: &str = "reshape operation";
         let op = Desc::new(D::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_RESHAPE_XDESC, &self.tensors[x.idx], OP)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_RESHAPE_YDESC, &self.tensors[y.idx], OP)?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_RESHAPE_XDESC,
+            &self.tensors[x.idx],
+            OP,
+        )?;
+        op.set_desc(
+            A::CUDNN_ATTR_OPERATION_RESHAPE_YDESC,
+            &self.tensors[y.idx],
+            OP,
+        )?;
         op.finalize("cudnnBackendFinalize(reshape operation)")?;
         self.ops.push(op);
         Ok(())
@@ -312,7 +412,12 @@ fn heuristics(graph: &Desc, mode: nsys::cudnnBackendHeurMode_t) -> Result<Vec<De
     const H: &str = "engine heuristics";
     let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
     heur.set_desc(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph, H)?;
-    heur.set(A::CUDNN_ATTR_ENGINEHEUR_MODE, Ty::CUDNN_TYPE_HEUR_MODE, &[mode], H)?;
+    heur.set(
+        A::CUDNN_ATTR_ENGINEHEUR_MODE,
+        Ty::CUDNN_TYPE_HEUR_MODE,
+        &[mode],
+        H,
+    )?;
     heur.finalize("cudnnBackendFinalize(engine heuristics)")?;
     let mut count = 0i64;
     // SAFETY: asking for 0 elements only writes the count.
@@ -412,9 +517,24 @@ impl Plan {
         let pack = Desc::new(D::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
         let uids: Vec<i64> = bindings.iter().map(|b| b.0).collect();
         let ptrs: Vec<*mut c_void> = bindings.iter().map(|b| b.1).collect();
-        pack.set(A::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, Ty::CUDNN_TYPE_INT64, &uids, V)?;
-        pack.set(A::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, Ty::CUDNN_TYPE_VOID_PTR, &ptrs, V)?;
-        pack.set(A::CUDNN_ATTR_VARIANT_PACK_WORKSPACE, Ty::CUDNN_TYPE_VOID_PTR, &[workspace], V)?;
+        pack.set(
+            A::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
+            Ty::CUDNN_TYPE_INT64,
+            &uids,
+            V,
+        )?;
+        pack.set(
+            A::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS,
+            Ty::CUDNN_TYPE_VOID_PTR,
+            &ptrs,
+            V,
+        )?;
+        pack.set(
+            A::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+            Ty::CUDNN_TYPE_VOID_PTR,
+            &[workspace],
+            V,
+        )?;
         pack.finalize("cudnnBackendFinalize(variant pack)")?;
         check(
             nsys::cudnnBackendExecute(handle.raw(), self.plan.raw(), pack.raw()),

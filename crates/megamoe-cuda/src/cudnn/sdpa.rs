@@ -130,11 +130,35 @@ fn causal_mask(g: &mut Builder, s: T, neg_inf: T) -> Result<T> {
     let d = s.dims;
     let st = packed(d);
     let row = g.virt(d, st, I32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_GEN_INDEX, F32, Some(2), s, None, None, row)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_GEN_INDEX,
+        F32,
+        Some(2),
+        s,
+        None,
+        None,
+        row,
+    )?;
     let col = g.virt(d, st, I32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_GEN_INDEX, F32, Some(3), s, None, None, col)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_GEN_INDEX,
+        F32,
+        Some(3),
+        s,
+        None,
+        None,
+        col,
+    )?;
     let keep = g.virt(d, st, BOOL)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_CMP_GE, BOOL, None, row, Some(col), None, keep)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_CMP_GE,
+        BOOL,
+        None,
+        row,
+        Some(col),
+        None,
+        keep,
+    )?;
     let out = g.virt(d, st, F32)?;
     g.pointwise(
         Pw::CUDNN_POINTWISE_BINARY_SELECT,
@@ -168,19 +192,43 @@ fn forward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
     let s0 = g.virt(sd, ss, F32)?;
     g.matmul(q, kt, s0)?;
     let s1 = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_MUL, F32, None, s0, Some(scale), None, s1)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_MUL,
+        F32,
+        None,
+        s0,
+        Some(scale),
+        None,
+        s1,
+    )?;
     let s2 = causal_mask(&mut g, s1, neg_inf)?;
     let max = g.virt(rd, rs, F32)?;
     g.reduction(Reduce::CUDNN_REDUCE_TENSOR_MAX, s2, max)?;
     let centred = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_SUB, F32, None, s2, Some(max), None, centred)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_SUB,
+        F32,
+        None,
+        s2,
+        Some(max),
+        None,
+        centred,
+    )?;
     let e = g.virt(sd, ss, F32)?;
     g.pointwise(Pw::CUDNN_POINTWISE_EXP, F32, None, centred, None, None, e)?;
     let sum = g.virt(rd, rs, F32)?;
     g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, e, sum)?;
     let log_sum = g.virt(rd, rs, F32)?;
     g.pointwise(Pw::CUDNN_POINTWISE_LOG, F32, None, sum, None, None, log_sum)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_ADD, F32, None, max, Some(log_sum), None, stats)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_ADD,
+        F32,
+        None,
+        max,
+        Some(log_sum),
+        None,
+        stats,
+    )?;
     let p = g.virt(sd, ss, BF16)?;
     g.pointwise(Pw::CUDNN_POINTWISE_DIV, F32, None, e, Some(sum), None, p)?;
     g.matmul(p, v, o)?;
@@ -214,16 +262,40 @@ fn backward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
     let dot = g.virt(rd, rs, F32)?;
     g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, prod, dot)?;
     let row_dot = g.real(B_ROW_DOT, rd, rs, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_MUL, F32, None, dot, Some(one), None, row_dot)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_MUL,
+        F32,
+        None,
+        dot,
+        Some(one),
+        None,
+        row_dot,
+    )?;
     // P = exp(scale · Q Kᵀ − stats), masked
     let sd = [b, nh, t, t];
     let ss = packed(sd);
     let s0 = g.virt(sd, ss, F32)?;
     g.matmul(q, kt, s0)?;
     let s1 = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_MUL, F32, None, s0, Some(scale), None, s1)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_MUL,
+        F32,
+        None,
+        s0,
+        Some(scale),
+        None,
+        s1,
+    )?;
     let s2 = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_SUB, F32, None, s1, Some(stats), None, s2)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_SUB,
+        F32,
+        None,
+        s1,
+        Some(stats),
+        None,
+        s2,
+    )?;
     let s3 = causal_mask(&mut g, s2, neg_inf)?;
     let p = g.virt(sd, ss, F32)?;
     g.pointwise(Pw::CUDNN_POINTWISE_EXP, F32, None, s3, None, None, p)?;
@@ -242,11 +314,35 @@ fn backward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
     let dp = g.virt(sd, ss, F32)?;
     g.matmul(d_o, vt, dp)?;
     let centred = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_SUB, F32, None, dp, Some(row_dot), None, centred)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_SUB,
+        F32,
+        None,
+        dp,
+        Some(row_dot),
+        None,
+        centred,
+    )?;
     let ds0 = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_MUL, F32, None, centred, Some(p), None, ds0)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_MUL,
+        F32,
+        None,
+        centred,
+        Some(p),
+        None,
+        ds0,
+    )?;
     let ds = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_MUL, F32, None, ds0, Some(scale), None, ds)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_MUL,
+        F32,
+        None,
+        ds0,
+        Some(scale),
+        None,
+        ds,
+    )?;
     // dK = dSᵀ Q
     let dst = g.virt(swap_last(sd), swap_last(ss), BF16)?;
     g.reshape(ds, dst)?;
@@ -262,7 +358,15 @@ fn backward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
     g.reshape(kt, k)?;
     let dq_acc = g.real(B_DQ_ACC, qd, qs, F32)?;
     g.matmul(ds, k, dq_acc)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_IDENTITY, F32, None, dq_acc, None, None, dq)?;
+    g.pointwise(
+        Pw::CUDNN_POINTWISE_IDENTITY,
+        F32,
+        None,
+        dq_acc,
+        None,
+        None,
+        dq,
+    )?;
     g.plan(h, "attention backward")
 }
 
@@ -314,7 +418,11 @@ impl CudnnSdpa {
         } else {
             backward_plan(&self.handle, s)?
         };
-        let cache = if forward { &mut self.fwd } else { &mut self.bwd };
+        let cache = if forward {
+            &mut self.fwd
+        } else {
+            &mut self.bwd
+        };
         cache.push((s, p));
         Ok(cache.len() - 1)
     }
@@ -420,11 +528,12 @@ impl CudnnSdpa {
         let base = ws.ptr();
         // SAFETY: the accumulator is the first `acc_bytes` of `ws`.
         unsafe {
-            cudarc::driver::result::memset_d8_async(base, 0, acc_bytes, gpu.stream())
-                .map_err(|source| Error::Driver {
+            cudarc::driver::result::memset_d8_async(base, 0, acc_bytes, gpu.stream()).map_err(
+                |source| Error::Driver {
                     call: "cuMemsetD8Async",
                     source,
-                })?;
+                },
+            )?;
         }
         let mut scale = scale;
         let mut neg_inf = f32::NEG_INFINITY;

@@ -99,7 +99,12 @@ impl Ops {
 }
 
 /// Checks that `buf` holds at least `elems` elements of `size` bytes.
-pub(crate) fn need(what: &'static str, buf: &dyn DeviceMem, elems: usize, size: usize) -> Result<()> {
+pub(crate) fn need(
+    what: &'static str,
+    buf: &dyn DeviceMem,
+    elems: usize,
+    size: usize,
+) -> Result<()> {
     let bytes = elems
         .checked_mul(size)
         .ok_or_else(|| Error::invalid("buffer size", elems, "overflows usize"))?;

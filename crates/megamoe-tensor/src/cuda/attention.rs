@@ -169,7 +169,13 @@ impl CudaBackend {
     }
 
     /// bf16 outputs `[shape]` and the f32 stats `[bh, t]` of a fused forward.
-    fn fused_outputs(&self, op: &'static str, q: &Tensor, bh: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    fn fused_outputs(
+        &self,
+        op: &'static str,
+        q: &Tensor,
+        bh: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let e = self.engine(op)?;
         let (o, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
         let (lse, _) = self.empty(&e, [bh, t].into(), DType::F32)?;
