@@ -78,9 +78,9 @@ pub struct TrainArgs {
     pub sample_tokens: usize,
 
     /// Ranks of the run, as threads of this process: must equal the layout's world
-    /// size (parallel.dp x parallel.ep x parallel.tp, or parallel.pp alone or times dp x
-    /// ep; parallel.fsdp 0 to 3; other parallel.* must be 1). Rank 0 writes the run
-    /// directory.
+    /// size parallel.pp x parallel.dp x parallel.ep x parallel.tp (parallel.fsdp 0 to 3;
+    /// with pp at most 2, and 0 with pp x tp; other parallel.* must be 1). Rank 0 writes
+    /// the run directory.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub world: usize,
 }
@@ -142,7 +142,8 @@ through them under parallel.schedule (gpipe, 1f1b, interleaved, zb-h1, zbv,
 dualpipe, dualpipev); pp combines with dp and ep (--world = pp x dp x ep: each
 stage's gradients are summed over its data ranks, its experts split over its
 ep ranks; parallel.fsdp 1 or 2 shards each stage's optimizer state and
-gradients over its data ranks), and the losses are those of one rank running
+gradients over its data ranks; parallel.tp splits each stage's matrices over
+its tp ranks), and the losses are those of one rank running
 dp x ep x parallel.microbatches micro-batches. A pipeline rank holds only its
 stages: evals and samples run forward over the stages, checkpoints are
 gathered from them in the one-rank layout.

@@ -80,6 +80,16 @@ const LAYOUTS: &[(&str, usize, usize, &[&str])] = &[
         ],
     ),
     (
+        "pp2xtp2-dualpipev",
+        4,
+        1,
+        &[
+            "parallel.pp=2",
+            "parallel.tp=2",
+            "parallel.schedule=\"dualpipev\"",
+        ],
+    ),
+    (
         "dp2xep2xpp2-1f1b",
         8,
         4,

@@ -267,7 +267,12 @@ fn bad_tp_layouts_are_refused_by_name() {
             "model.n_heads",
         ),
         (vec!["parallel.tp=2", "parallel.sp=true"], 2, "parallel.sp"),
-        (vec!["parallel.tp=2", "parallel.pp=2"], 4, "parallel.pp"),
+        // pp × tp runs (tests/pipeline_tp.rs), not with sharded optimizer state
+        (
+            vec!["parallel.tp=2", "parallel.pp=2", "parallel.fsdp=2"],
+            4,
+            "parallel.fsdp",
+        ),
     ] {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let raw = raw(&sets);

@@ -35,9 +35,10 @@
 //! ep: each pipeline stage then runs its data rank's micro-batches, exchanges MoE tokens
 //! over the stage's EP group and reduces its gradients over the stage's data-parallel
 //! groups, with `fsdp` 1/2 its optimizer state and gradients sharded over them (module
-//! `pipeline_fsdp`). `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP
+//! `pipeline_fsdp`), or with `tp` its matrices split over its tp ranks (module
+//! `pipeline_tp`). `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP
 //! slice). Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` 3 with `pp`,
-//! and `tp` with `pp` or `sp`.
+//! `fsdp` with `pp` × `tp`, and `tp` with `sp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -63,6 +64,7 @@ mod pipeline_report;
 mod pipeline_stage;
 mod pipeline_stats;
 mod pipeline_tensors;
+mod pipeline_tp;
 mod pipeline_trainer;
 mod reduce;
 mod run;
@@ -205,6 +207,7 @@ impl Parallel {
             pp: self.pp.as_ref(),
             dense_dp: self.dense_dp.as_ref(),
             expert_dp: self.expert_dp.as_ref(),
+            tp: (self.mesh.tp > 1).then_some(self.tp.as_ref()),
         }
     }
 
@@ -270,12 +273,20 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             rule: rule.to_string(),
         })
     };
-    if p.pp > 1 && p.tp * p.cp > 1 {
+    if p.pp > 1 && p.cp > 1 {
         return refuse(
             "parallel.pp",
             p.pp.to_string(),
-            "pipeline-parallel training combines with parallel.dp, parallel.ep and \
-             parallel.fsdp 1 or 2: with parallel.pp > 1 set parallel.tp and cp to 1",
+            "pipeline-parallel training combines with parallel.dp, parallel.ep, parallel.tp \
+             and parallel.fsdp 1 or 2: with parallel.pp > 1 set parallel.cp to 1",
+        );
+    }
+    if p.pp > 1 && p.tp > 1 && p.zero != ZeroLevel::Replicated {
+        return refuse(
+            "parallel.fsdp",
+            p.zero.level().to_string(),
+            "pipeline stages with tensor parallelism keep optimizer state whole: with \
+             parallel.pp > 1 and parallel.tp > 1 set parallel.fsdp to 0",
         );
     }
     if p.pp > 1 && p.zero == ZeroLevel::Parameters {

@@ -111,6 +111,9 @@ pub struct PipelineGroups<'a> {
     pub dense_dp: &'a dyn Communicator,
     /// Ranks holding the same experts of the stage (dp).
     pub expert_dp: &'a dyn Communicator,
+    /// Ranks holding slices of the stage's matrices when `parallel.tp > 1` (module
+    /// `pipeline_tp`).
+    pub tp: Option<&'a dyn Communicator>,
 }
 
 /// What one pipeline step did (the same numbers on every rank, except `timing`).
@@ -256,11 +259,11 @@ impl PipelineRank {
         crate::support::check_cpu_numerics(plan)?;
         let par = &plan.parallel;
         let rank = coords.pp;
-        if par.tp * par.cp != 1 {
+        if par.cp != 1 {
             return Err(pipeline_config(
                 "parallel",
-                format!("tp={} cp={}", par.tp, par.cp),
-                "the pipeline trainer runs parallel.pp with dp and ep (tp and cp must be 1)",
+                format!("cp={}", par.cp),
+                "the pipeline trainer runs parallel.pp with dp, ep and tp (cp must be 1)",
             ));
         }
         if rank >= par.pp || coords.dp >= par.dp || coords.ep >= par.ep {
@@ -416,6 +419,7 @@ impl PipelineRank {
                 pp: comm,
                 dense_dp: comm,
                 expert_dp: comm,
+                tp: None,
             },
             batch,
         )
@@ -434,13 +438,14 @@ impl PipelineRank {
             ));
         }
         let world_size = groups.world.size();
-        if world_size != pp * self.data_replicas {
+        let tp = groups.tp.map_or(1, |t| t.size());
+        if world_size != pp * self.data_replicas * tp {
             return Err(pipeline_config(
                 "pipeline world",
                 world_size.to_string(),
                 &format!(
-                    "must be parallel.pp x dp x ep = {}",
-                    pp * self.data_replicas
+                    "must be parallel.pp x dp x ep x tp = {}",
+                    pp * self.data_replicas * tp
                 ),
             ));
         }
@@ -517,6 +522,10 @@ impl PipelineRank {
             None => {}
         }
 
+        // Under tp every tp rank computed the same statistics: tp rank 0 reports them.
+        if self.repeats_statistics() {
+            (picks, routing, values, losses) = Default::default();
+        }
         let mut moe = self.gather_routing(groups.world, &picks, &routing)?;
         let layer_stats = self.gather_layer_values(groups.world, first, &values)?;
         for m in &mut moe {
@@ -533,7 +542,8 @@ impl PipelineRank {
         let mut parts = vec![zero; self.norm_slots];
         for (n, g, role) in &grads {
             if let Some(&slot) = self.owned_slots.get(n) {
-                if self.shards.is_some() || norm_owner(self.coords, *role) {
+                let owner = self.shards.is_some() || norm_owner(self.coords, *role);
+                if owner && self.counts_on_tp_axis(n) {
                     parts[slot] = g.sum_squares()?.reshape([1])?;
                 }
             }
@@ -559,11 +569,14 @@ impl PipelineRank {
         if finite {
             match self.shards.as_mut() {
                 Some(sh) => sh.step(&groups, &mut self.optimizer, &grads, &mut self.params, lr)?,
-                None => self.optimizer.step(
-                    &mut |f| visit_distinct_mut(&mut self.params, f),
-                    &mut |f| grads.iter().for_each(|(n, g, r)| f(n, g, *r)),
-                    lr,
-                )?,
+                None => match groups.tp {
+                    Some(tp) => self.tp_optimizer_step(tp, &grads, lr)?,
+                    None => self.optimizer.step(
+                        &mut |f| visit_distinct_mut(&mut self.params, f),
+                        &mut |f| grads.iter().for_each(|(n, g, r)| f(n, g, *r)),
+                        lr,
+                    )?,
+                },
             }
             self.sync_embedding_copies();
             self.update_expert_bias(groups.world, &picks)?;

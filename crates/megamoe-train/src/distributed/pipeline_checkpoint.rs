@@ -87,6 +87,7 @@ impl PipelineRank {
     fn owned_tensors(
         &self,
         ep: &dyn Communicator,
+        tp: Option<&dyn Communicator>,
         state: Option<Vec<(String, Tensor)>>,
     ) -> Result<Tensors> {
         let mine = |n: &str| self.tensors.owner(n) == Some(self.rank);
@@ -116,6 +117,7 @@ impl PipelineRank {
         let full = |list: Vec<(String, Tensor)>| -> Result<Vec<NamedTensor>> {
             list.into_iter()
                 .map(|(n, t)| {
+                    let t = super::pipeline_tp::gather_tp(tp, &n, t)?;
                     let t = if ep.size() > 1 && experts.contains(param_of(&n)) {
                         ep.all_gather(&t)?
                     } else {
@@ -146,8 +148,8 @@ impl PipelineRank {
         if self.coords.dp != 0 {
             return Ok(None);
         }
-        let (model, optimizer) = self.owned_tensors(ep, state)?;
-        if self.coords.ep != 0 {
+        let (model, optimizer) = self.owned_tensors(ep, groups.tp, state)?;
+        if self.coords.ep != 0 || self.coords.tp != 0 {
             return Ok(None);
         }
         if self.rank != 0 {
@@ -167,7 +169,7 @@ impl PipelineRank {
                 );
             }
         }
-        let (model_specs, optim_specs) = self.tensors.checkpoint_specs(ep.size());
+        let (model_specs, optim_specs) = self.one_rank_specs(ep.size());
         let mut take = |specs: Vec<TensorSpec>| -> Result<Vec<NamedTensor>> {
             specs
                 .into_iter()
@@ -200,7 +202,7 @@ impl PipelineRank {
         optimizer_steps: u64,
         step: u64,
     ) -> Result<()> {
-        let (model_specs, optim_specs) = self.tensors.checkpoint_specs(ep.1);
+        let (model_specs, optim_specs) = self.one_rank_specs(ep.1);
         let mut held: HashSet<String> = HashSet::new();
         for cp in self.params.values() {
             cp.visit(&mut |n, _, _| {
@@ -222,6 +224,7 @@ impl PipelineRank {
             if !held.contains(&s.name) {
                 continue;
             }
+            t = self.take_tp_slice(&s.name, t)?;
             if ep.1 > 1 && experts.contains(param_of(&s.name)) {
                 let per = s.shape[0] / ep.1;
                 t = t.narrow(0, ep.0 * per, per)?.deep_copy()?;
@@ -346,7 +349,7 @@ impl Trainer {
             });
         };
         let ep = (par.coords.ep, par.mesh.ep);
-        let (model_specs, optim_specs) = rank.tensors.checkpoint_specs(ep.1);
+        let (model_specs, optim_specs) = rank.one_rank_specs(ep.1);
         let world = par.world();
         let (read, state) = super::checkpoint::read_on_rank_zero(
             world,

@@ -26,8 +26,9 @@
 //! dense_dp, then the slices over tp, runs NS5 on the one-rank matrix and keeps its rows of
 //! its slice; checkpoints gather rows before slices.
 //!
-//! Refused by name ([`check_tp_layout`]): tp with pipeline stages (`check_layout`) and with
-//! sequence parallelism.
+//! With pipeline stages see module `pipeline_tp`. Refused by name: tp with sequence
+//! parallelism ([`check_tp_layout`]), and pp × tp with `parallel.fsdp` > 0
+//! (`check_layout`).
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::tp::tp_split_dim;
@@ -159,8 +160,8 @@ impl Parallel {
 /// (the one-rank matrix), every TP rank runs Newton-Schulz on it (same input, same bits,
 /// the Muon scale of the whole matrix) and keeps its own rows or columns of the result.
 /// Replicated matrices (router, routed experts, ...) are whole already: no gather.
-struct TpGather<'a> {
-    comm: &'a dyn Communicator,
+pub(crate) struct TpGather<'a> {
+    pub(crate) comm: &'a dyn Communicator,
 }
 
 impl RowGather for TpGather<'_> {
