@@ -11,9 +11,10 @@
 //! one-rank layout   rank 0 orders them as one rank's model and optimizer and writes
 //! ```
 //! Load: rank 0 reads and verifies the checkpoint against the one-rank shapes of every
-//! stage's tensors ([`PipelineTensors`]), then broadcasts one tensor at a time; each rank
-//! keeps the tensors its stages hold (its experts' rows of an expert bank), so no rank
-//! ever holds more of the model than its stages plus the one tensor in flight.
+//! stage's tensors ([`PipelineTensors`]), then sends each tensor only to the ranks whose
+//! stages hold it (every data / expert rank at those pipeline coordinates); each keeps
+//! it (its experts' rows of an expert bank), so no rank but the reader ever receives or
+//! holds more of the model than its stages.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -21,11 +22,11 @@ use std::time::Instant;
 
 use megamoe_comm::Communicator;
 use megamoe_optim::ParamRole;
-use megamoe_tensor::{Device, Tensor};
+use megamoe_tensor::{DType, Device, Tensor};
 
 use super::pipeline::{visit_distinct, PipelineRank};
 use super::pipeline_tensors::{
-    param_of, recv_bytes, send_bytes, visit_chunk_buffers, zeros, PipelineTensors,
+    param_of, recv_bytes, send_bytes, visit_chunk_buffers, PipelineTensors,
 };
 use crate::checkpoint::{NamedTensor, TensorSpec};
 use crate::error::{Error, Result};
@@ -33,6 +34,13 @@ use crate::trainer::Trainer;
 
 /// Tag of checkpoint messages between pipeline ranks.
 const CHECKPOINT_TAG: u32 = 8;
+
+/// Tag of the tensors rank 0 sends to the ranks holding them when a checkpoint loads.
+const LOAD_TAG: u32 = 9;
+
+/// Bytes a checkpoint load sends before every rank synchronises (bounds what rank 0 has
+/// in flight).
+const LOAD_WINDOW: usize = 64 << 20;
 
 /// A checkpoint's model and optimizer tensors.
 type Tensors = (Vec<NamedTensor>, Vec<NamedTensor>);
@@ -188,15 +196,19 @@ impl PipelineRank {
         Ok(Some((model, optimizer)))
     }
 
-    /// Takes this rank's tensors of a one-rank checkpoint: every tensor of `specs` (the
-    /// model's, then the optimizer's, in [`PipelineTensors::checkpoint_specs`] order) is
-    /// broadcast from world rank 0 (`file` holds them there) and kept where this rank's
-    /// stages hold it (rows `ep_rank·E/ep ..` of an expert bank). Then continues after
-    /// step `step` with `optimizer_steps` updates taken. Collective over `world`; on an
-    /// error nothing changes.
+    /// Takes this rank's tensors of a one-rank checkpoint: every tensor of the
+    /// checkpoint (the model's, then the optimizer's, in
+    /// [`PipelineTensors::checkpoint_specs`] order) is sent by world rank 0 (`file` holds
+    /// them there) to the ranks whose stages hold it — every world rank at those pipeline
+    /// coordinates, `ranks_at[p]` for pipeline rank p — and nowhere else; each keeps its
+    /// experts' rows of an expert bank (`ep` = (ep rank, ep)). The ranks synchronise
+    /// every [`LOAD_WINDOW`] bytes sent, so rank 0's sends in flight stay bounded. Then
+    /// continues after step `step` with `optimizer_steps` updates taken. Collective over
+    /// `world`; on an error nothing changes.
     pub(crate) fn load_checkpoint(
         &mut self,
         world: &dyn Communicator,
+        ranks_at: &[Vec<usize>],
         file: &HashMap<String, NamedTensor>,
         ep: (usize, usize),
         optimizer_steps: u64,
@@ -215,15 +227,39 @@ impl PipelineRank {
         held.extend(self.optimizer.state_keys());
         let experts = self.tensors.experts();
         let mut kept: HashMap<String, Tensor> = HashMap::new();
+        let me = world.rank();
+        let mut in_flight = 0usize;
         for s in model_specs.iter().chain(&optim_specs) {
-            let full = match file.get(&s.name) {
-                Some(t) => t.to_tensor(Device::Cpu)?,
-                None => zeros(&s.shape)?,
+            let targets: Vec<usize> = self
+                .tensors
+                .held_by(&s.name)
+                .iter()
+                .filter_map(|&p| ranks_at.get(p))
+                .flatten()
+                .copied()
+                .collect();
+            let got = if me == 0 {
+                let full = file
+                    .get(&s.name)
+                    .ok_or_else(|| gather_error(&s.name, "rank 0's checkpoint must hold it"))?
+                    .to_tensor(Device::Cpu)?;
+                for &r in targets.iter().filter(|&&r| r != 0) {
+                    world.send(&full, r, LOAD_TAG)?;
+                }
+                targets.contains(&0).then_some(full)
+            } else if targets.contains(&me) {
+                Some(world.recv(0, LOAD_TAG, &s.shape, DType::F32)?)
+            } else {
+                None
             };
-            let mut t = world.broadcast(&full, 0)?;
-            if !held.contains(&s.name) {
-                continue;
+            in_flight += s.shape.iter().product::<usize>() * 4 * targets.len();
+            if in_flight >= LOAD_WINDOW {
+                world.barrier()?;
+                in_flight = 0;
             }
+            let Some(mut t) = got.filter(|_| held.contains(&s.name)) else {
+                continue;
+            };
             t = self.take_tp_slice(&s.name, t)?;
             if ep.1 > 1 && experts.contains(param_of(&s.name)) {
                 let per = s.shape[0] / ep.1;
@@ -368,7 +404,23 @@ impl Trainer {
                     .collect()
             })
             .unwrap_or_default();
-        rank.load_checkpoint(world, &file, ep, state.optimizer_steps, state.step)?;
+        // World ranks by pipeline coordinate: the ranks a stage's tensors go to.
+        let mut ranks_at = vec![Vec::new(); par.mesh.pp];
+        for r in 0..world.size() {
+            if let Some(c) = par.mesh.coords(r) {
+                if let Some(at) = ranks_at.get_mut(c.pp) {
+                    at.push(r);
+                }
+            }
+        }
+        rank.load_checkpoint(
+            world,
+            &ranks_at,
+            &file,
+            ep,
+            state.optimizer_steps,
+            state.step,
+        )?;
         drop(file);
         self.apply_train_state(&state, started)
     }

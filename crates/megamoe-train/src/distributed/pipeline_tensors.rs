@@ -109,6 +109,8 @@ pub(crate) struct PipelineTensors {
     stages: Vec<StageTensors>,
     /// The lowest pipeline rank holding each parameter, buffer and state tensor.
     owner: HashMap<String, usize>,
+    /// Every pipeline rank holding each of them, ascending.
+    held_by: HashMap<String, Vec<usize>>,
 }
 
 impl PipelineTensors {
@@ -131,6 +133,7 @@ impl PipelineTensors {
         }
         let mut stages = Vec::with_capacity(n);
         let mut owner: HashMap<String, usize> = HashMap::new();
+        let mut held_by: HashMap<String, Vec<usize>> = HashMap::new();
         for (ms, h) in holders.iter().enumerate() {
             let root = h.iter().copied().min().ok_or_else(|| Error::TrainConfig {
                 field: "parallel.schedule",
@@ -152,10 +155,23 @@ impl PipelineTensors {
             {
                 let o = owner.entry(name.clone()).or_insert(root);
                 *o = (*o).min(root);
+                let by = held_by.entry(name.clone()).or_default();
+                by.extend(h);
+                by.sort_unstable();
+                by.dedup();
             }
             stages.push(st);
         }
-        Ok(PipelineTensors { stages, owner })
+        Ok(PipelineTensors {
+            stages,
+            owner,
+            held_by,
+        })
+    }
+
+    /// Every pipeline rank holding tensor `name` (parameter, buffer or state), ascending.
+    pub(crate) fn held_by(&self, name: &str) -> &[usize] {
+        self.held_by.get(name).map_or(&[], Vec::as_slice)
     }
 
     /// The lowest pipeline rank holding tensor `name` (parameter, buffer or state).
@@ -237,11 +253,6 @@ pub(crate) fn broadcast_bytes(
     let mut out: Vec<u8> = got.iter().flat_map(|w| w.to_le_bytes()).collect();
     out.truncate(n);
     Ok(out)
-}
-
-/// A zero tensor of `dims` (what a non-root rank passes to a broadcast).
-pub(crate) fn zeros(dims: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::zeros(dims.to_vec(), DType::F32, Device::Cpu)?)
 }
 
 /// Sends `bytes` to rank `dst` of `comm` under `tag` (length, then four bytes per i32
