@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use megamoe_plan::plan_memory;
 use megamoe_tensor::Device;
 use megamoe_train::{DataSource, Tokenizer, Trainer, TrainerOptions};
 
@@ -65,7 +64,8 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
     trainer.set_cuda_graph(a.cuda_graph);
     let setup_s = t0.elapsed().as_secs_f64();
     let plan = trainer.plan().clone();
-    let predicted_gib = plan_memory(&plan, None).peak_gb;
+    let predicted_gib =
+        megamoe_train::predicted_peak_bytes(&plan, a.device)? as f64 / (1u64 << 30) as f64;
     for _ in 0..a.warmup {
         trainer.step()?;
     }
@@ -209,7 +209,7 @@ fn memory_line(device: Device, peak: u64, predicted_gib: f64) -> anyhow::Result<
     let gib = |v: u64| v as f64 / (1u64 << 30) as f64;
     let off = (predicted_gib / gib(peak).max(1e-9) - 1.0) * 100.0;
     Ok(Some(format!(
-        "memory      pool peak {:.2} GiB (largest timed step), reserved {:.2} GiB | planner predicts {predicted_gib:.2} GiB ({off:+.0} % of the measured peak)",
+        "memory      pool peak {:.2} GiB (largest timed step), reserved {:.2} GiB | planner predicts {predicted_gib:.2} GiB ({off:+.1} % of the measured peak)",
         gib(peak),
         gib(s.reserved)
     )))
@@ -218,6 +218,6 @@ fn memory_line(device: Device, peak: u64, predicted_gib: f64) -> anyhow::Result<
 #[cfg(not(feature = "cuda"))]
 fn memory_line(_device: Device, _peak: u64, predicted_gib: f64) -> anyhow::Result<Option<String>> {
     Ok(Some(format!(
-        "memory      planner predicts {predicted_gib:.2} GiB"
+        "memory      planner predicts a peak of {predicted_gib:.2} GiB of tensors"
     )))
 }

@@ -335,7 +335,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(summary) => {
             print!("{summary}");
-            if let Some(line) = gpu_memory_line(args.device)? {
+            if let Some(line) = gpu_memory_line(args.device, trainer.plan())? {
                 println!("{line}");
             }
             println!("run dir    {} (megamoe report {0})", run.path().display());
@@ -449,25 +449,29 @@ pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
     }
 }
 
-/// The GPU pool's reserved / in use / peak bytes after the run (`None` on the CPU).
+/// The GPU pool's reserved / in use / peak bytes after the run (the peak of the last
+/// step) next to the planner's predicted peak (`None` on the CPU).
 #[cfg(feature = "cuda")]
-fn gpu_memory_line(device: Device) -> anyhow::Result<Option<String>> {
+fn gpu_memory_line(device: Device, plan: &megamoe_plan::Plan) -> anyhow::Result<Option<String>> {
     let Device::Cuda(i) = device else {
         return Ok(None);
     };
     let b = megamoe_tensor::cuda::cuda_backend(i)?;
     let s = b.pool_stats()?;
+    let predicted = megamoe_train::predicted_peak_bytes(plan, device)?;
     let gib = |v: u64| v as f64 / (1u64 << 30) as f64;
     Ok(Some(format!(
-        "gpu memory {} pool: reserved {:.2} GiB, in use {:.2} GiB, peak {:.2} GiB",
+        "gpu memory {} pool: reserved {:.2} GiB, in use {:.2} GiB, peak {:.2} GiB (last step) | planner predicts {:.2} GiB ({:+.1} %)",
         b.device_name()?,
         gib(s.reserved),
         gib(s.used),
-        gib(s.peak)
+        gib(s.peak),
+        gib(predicted),
+        (predicted as f64 / (s.peak as f64).max(1.0) - 1.0) * 100.0
     )))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_memory_line(_device: Device) -> anyhow::Result<Option<String>> {
+fn gpu_memory_line(_device: Device, _plan: &megamoe_plan::Plan) -> anyhow::Result<Option<String>> {
     Ok(None)
 }

@@ -33,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+pub mod activation_store;
 pub mod bounds;
 pub mod capacity;
 mod error;
@@ -54,6 +55,7 @@ mod stages;
 pub mod tp;
 pub mod triage;
 
+pub use activation_store::AttentionKernel;
 pub use bounds::{MemoryLimit, MAX_WORLD};
 pub use capacity::{
     expert_capacity, expert_parallel_routing_sample, routed_tokens_per_step, RoutingSummary,
@@ -62,8 +64,9 @@ pub use error::{PlanError, Result};
 pub use features::{flexidepth_router_hidden, mtp_step_weights};
 pub use group_routing::{group_routing_plan, GroupRoutingPlan};
 pub use memory::{
-    activation_bytes_per_layer, in_flight_layer_microbatches, plan_memory, rank_memory,
-    zero_model_state_bytes, ActivationShape, PlanMemory, RankMemory, StateBytes,
+    activation_bytes_per_layer, in_flight_layer_microbatches, plan_memory, plan_memory_with,
+    rank_memory, rank_memory_with, zero_model_state_bytes, ActivationShape, PlanMemory, RankMemory,
+    StateBytes,
 };
 pub use mesh::{Mesh, MeshGroup, RankCoords, APPLICATION_ORDER};
 pub use modes::{

@@ -3,33 +3,38 @@
 //! For each pipeline rank class (all ranks with the same pp coordinate hold the
 //! same shapes) the model fills the eight buckets of [`MemoryBreakdown`]:
 //!
-//! - **parameters**: local count × (2 B bf16 | 4 B f32); ZeRO-3 divides by the
-//!   parameter's DP group and adds a gather buffer of the two largest local
-//!   layers (FSDP prefetch);
+//! - **parameters**: local count × 4 B: the trainer keeps f32 parameters, which are
+//!   the master weights of a bf16 run; bf16 runs add the GEMM weights' bf16 copies
+//!   (2 B per matrix parameter, made once per step and kept between steps). ZeRO-3
+//!   divides by the parameter's DP group and adds a gather buffer of the two largest
+//!   local layers (FSDP prefetch);
 //! - **gradients**: f32, 4 B/param; ZeRO ≥ 2 divides by the DP group;
-//! - **optimizer**: f32 master (bf16 runs only) + AdamW 2 moments (8 B) or
-//!   Muon 1 moment (4 B) for hidden matrices; ZeRO ≥ 1 divides by the DP group.
+//! - **optimizer**: AdamW 2 moments (8 B) or Muon 1 moment (4 B) for hidden
+//!   matrices, f32; ZeRO ≥ 1 divides by the DP group.
 //!   See [`zero_model_state_bytes`] for the ZeRO paper's formulas;
-//! - **activations**: [`activation_bytes_per_layer`] (Korthikanti et al.
-//!   2022, bf16 bytes; ×2 for f32) × [`in_flight_layer_microbatches`] of the
-//!   schedule, + the f32 logits of one micro-batch on the head rank;
-//! - **moe_routing**: per in-flight MoE layer-micro-batch: dispatched rows R·d
-//!   (×2 for send/recv when ep > 1), expert intermediates R·h (3 tensors for
-//!   SwiGLU, else 2), router logits and probabilities T·pool·4 B ×2, routing
-//!   map T·slots·12 B; R = T·k (balanced), or El·ep·C with pad_to_capacity;
+//! - **activations**: what the trainer keeps, tensor by tensor
+//!   ([`crate::activation_store`]): the peak of one micro-batch (saved state,
+//!   deferred weight-gradient work, logits, the largest workspace) plus the saved
+//!   state of the other micro-batches in flight ([`in_flight_layer_microbatches`]
+//!   of the schedule), less the MoE part;
+//! - **moe_routing**: the MoE part of the saved state (routing, dispatch rows,
+//!   expert intermediates) of every micro-batch in flight;
 //! - **feature_activations**: GateSkip gates and gated outputs, FlexiDepth
 //!   router and adapter activations, and MTP (one block activation + f32
 //!   logits per depth, one micro-batch, head rank);
 //! - **runtime_reserved**: [`RUNTIME_RESERVE_FRACTION`] of the transient buckets;
 //! - **overhead**: [`OVERHEAD_GIB`] per process.
 //!
-//! Known simplifications: the dense activation formula is used for MoE layers
-//! too (its MLP part, 19sbh of 34sbh, is then counted twice — an
-//! overestimate for MoE layers); attention is assumed unfused (the 5as/h
-//! score term); distributed Muon's transient full-matrix gather is ignored.
+//! [`RankMemory::pool_gb`] is the part a device's memory pool holds (every bucket but
+//! the reserve and the per-process overhead): what `megamoe bench step` and the GPU
+//! step metrics compare with the pool's measured peak. [`activation_bytes_per_layer`]
+//! (Korthikanti et al. 2022) stays as the published reference formula.
+//! Known simplifications: distributed Muon's transient full-matrix gather and
+//! expert-parallel send/receive buffers are ignored.
 
+use crate::activation_store::{micro_batch_peak, AttentionKernel};
 use crate::mesh::Mesh;
-use crate::modes::{Activation, OptimizerKind, Precision, Recompute, ZeroLevel};
+use crate::modes::{OptimizerKind, Precision, Recompute, ZeroLevel};
 use crate::params::{layer_params, rank_params, ParamCount};
 use crate::plan::Plan;
 use crate::triage::{dominant_pressure, oom_triage, MemoryBreakdown, MemoryBucket, OomTriage};
@@ -169,6 +174,9 @@ pub struct RankMemory {
     pub breakdown: MemoryBreakdown,
     /// Sum of the buckets, GiB.
     pub total_gb: f64,
+    /// What the device's memory pool holds at the peak, GiB: the buckets without the
+    /// runtime reserve and the per-process overhead.
+    pub pool_gb: f64,
     /// Largest bucket.
     pub dominant: MemoryBucket,
 }
@@ -182,6 +190,8 @@ pub struct PlanMemory {
     pub peak_pp_rank: usize,
     /// Its total, GiB.
     pub peak_gb: f64,
+    /// Its [`RankMemory::pool_gb`].
+    pub peak_pool_gb: f64,
     /// Device memory to compare against, GiB (e.g. 80 for an H100).
     pub device_gb: Option<f64>,
     /// peak ≤ device, when a device size is given.
@@ -190,10 +200,20 @@ pub struct PlanMemory {
     pub triage: OomTriage,
 }
 
-/// Runs the memory model over every pipeline rank of `plan`.
+/// Runs the memory model over every pipeline rank of `plan` (attention unfused, the
+/// trainer's default).
 pub fn plan_memory(plan: &Plan, device_gb: Option<f64>) -> PlanMemory {
+    plan_memory_with(plan, device_gb, AttentionKernel::Unfused)
+}
+
+/// [`plan_memory`] with the attention kernel the device runs.
+pub fn plan_memory_with(
+    plan: &Plan,
+    device_gb: Option<f64>,
+    attention: AttentionKernel,
+) -> PlanMemory {
     let ranks: Vec<RankMemory> = (0..plan.parallel.pp)
-        .map(|r| rank_memory(plan, r))
+        .map(|r| rank_memory_with(plan, r, attention))
         .collect();
     let peak = ranks
         .iter()
@@ -201,13 +221,14 @@ pub fn plan_memory(plan: &Plan, device_gb: Option<f64>) -> PlanMemory {
             Some(b) if b.total_gb >= r.total_gb => Some(b),
             _ => Some(r),
         });
-    let (peak_pp_rank, peak_gb, breakdown) = peak
-        .map_or((0, 0.0, MemoryBreakdown::default()), |r| {
-            (r.pp_rank, r.total_gb, r.breakdown)
+    let (peak_pp_rank, peak_gb, peak_pool_gb, breakdown) = peak
+        .map_or((0, 0.0, 0.0, MemoryBreakdown::default()), |r| {
+            (r.pp_rank, r.total_gb, r.pool_gb, r.breakdown)
         });
     PlanMemory {
         peak_pp_rank,
         peak_gb,
+        peak_pool_gb,
         device_gb,
         fits: device_gb.map(|d| peak_gb <= d),
         triage: oom_triage(&breakdown),
@@ -215,22 +236,24 @@ pub fn plan_memory(plan: &Plan, device_gb: Option<f64>) -> PlanMemory {
     }
 }
 
-/// Bytes of optimizer state per parameter: f32 master (bf16 runs) + moments.
-fn optimizer_bytes(precision: Precision, moments: f64) -> f64 {
-    let master = if precision == Precision::Bf16 {
-        4.0
-    } else {
-        0.0
-    };
-    master + 4.0 * moments
+/// Bytes of optimizer state per parameter: f32 moments (the f32 parameters are the
+/// master weights).
+fn optimizer_bytes(moments: f64) -> f64 {
+    4.0 * moments
 }
 
-/// The memory model for pipeline rank `pp_rank`.
+/// The memory model for pipeline rank `pp_rank` (attention unfused).
 pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
+    rank_memory_with(plan, pp_rank, AttentionKernel::Unfused)
+}
+
+/// The memory model for pipeline rank `pp_rank` with the device's attention kernel.
+pub fn rank_memory_with(plan: &Plan, pp_rank: usize, attention: AttentionKernel) -> RankMemory {
     let par = &plan.parallel;
     let mesh: Mesh = plan.mesh;
     let precision = plan.train.precision;
-    let p_bytes = precision.bytes() as f64;
+    // f32 parameters (a bf16 run's master weights).
+    let p_bytes = 4.0;
     let local = rank_params(plan, pp_rank).per_rank(par.tp, par.ep);
     let (nd, ne) = (mesh.dense_dp_size() as f64, mesh.expert_dp_size() as f64);
     let z = par.zero;
@@ -253,6 +276,16 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
             .fold(0.0, f64::max);
         params_b += 2.0 * largest * p_bytes;
     }
+    if precision == Precision::Bf16 {
+        // bf16 copies of every GEMM weight: hidden and expert matrices and the LM head
+        // (the embedding's gather reads the f32 table; a tied table is the head).
+        let head = if plan.model.tie_embeddings {
+            local.vocab
+        } else {
+            local.vocab / 2.0
+        };
+        params_b += 2.0 * (local.dense_matrix() + local.expert + head);
+    }
     let grads_b = dense * 4.0 / shard(ZeroLevel::Gradients, nd)
         + local.expert * 4.0 / shard(ZeroLevel::Gradients, ne);
     let matrix_moments = if plan.optim.kind == OptimizerKind::Muon {
@@ -260,13 +293,12 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
     } else {
         2.0
     };
-    let opt_dense = local.dense_matrix() * optimizer_bytes(precision, matrix_moments)
-        + (local.replicated + local.vocab) * optimizer_bytes(precision, 2.0);
+    let opt_dense = local.dense_matrix() * optimizer_bytes(matrix_moments)
+        + (local.replicated + local.vocab) * optimizer_bytes(2.0);
     let opt_b = opt_dense / shard(ZeroLevel::OptimizerState, nd)
-        + local.expert * optimizer_bytes(precision, matrix_moments)
-            / shard(ZeroLevel::OptimizerState, ne);
+        + local.expert * optimizer_bytes(matrix_moments) / shard(ZeroLevel::OptimizerState, ne);
 
-    // --- activations
+    // --- activations: one micro-batch's peak, plus the saved state of the others in flight
     let rs = plan.stages.ranks.get(pp_rank);
     let has_head = rs.is_some_and(|r| r.has_head);
     let t = plan.batch.tokens_per_micro_batch as f64;
@@ -278,7 +310,8 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
         tp: par.tp,
         sp: par.sp,
     };
-    let act_layer = activation_bytes_per_layer(shape, plan.train.recompute) * p_bytes / 2.0;
+    let act_layer =
+        activation_bytes_per_layer(shape, plan.train.recompute) * precision.bytes() as f64 / 2.0;
     let in_flight = in_flight_layer_microbatches(
         par.schedule,
         par.pp,
@@ -287,40 +320,17 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
         pp_rank,
         plan.model.n_layers,
     );
-    // Every TP rank computes the whole vocabulary's logits (the head is not split).
-    let logits_b = 2.0 * t * plan.model.vocab_size as f64 * 4.0;
-    let mut act_b = act_layer * in_flight;
-    if has_head {
-        act_b += logits_b;
-    }
     let n_local_layers = layers.len().max(1) as f64;
     let share = |count: usize| count as f64 / n_local_layers;
-
-    // --- MoE routing
-    let mut moe_b = 0.0;
-    if let Some(moe) = &plan.moe {
-        let moe_layers = layers.iter().filter(|&&l| plan.is_moe_layer(l)).count();
-        let rows = match (moe.pad_to_capacity, moe.routing.capacity) {
-            (true, Some(c)) => (moe.experts_per_ep_rank * par.ep * c) as f64,
-            _ => t * moe.top_k as f64,
-        };
-        let d = plan.model.d_model as f64;
-        let send_recv = if par.ep > 1 { 2.0 } else { 1.0 };
-        let intermediates = match moe.activation {
-            Activation::SwiGlu => 3.0,
-            Activation::Relu2 | Activation::Gelu => 2.0,
-        };
-        let pool = moe
-            .null_slots
-            .map_or(moe.routed_experts, |n| n.expanded_pool_size) as f64;
-        let per_layer_mb = rows * d * p_bytes * send_recv
-            + rows * moe.expert_hidden as f64 * intermediates * p_bytes
-            + t * pool * 4.0 * 2.0
-            + t * moe.routing.slots_per_token as f64 * 12.0;
-        moe_b = per_layer_mb * in_flight * share(moe_layers);
-    }
+    let micro = micro_batch_peak(plan, &layers, has_head, attention);
+    let others = (in_flight / n_local_layers - 1.0).max(0.0);
+    let moe_b = micro.saved_moe * (1.0 + others);
+    let act_b = micro.peak + others * micro.saved - moe_b;
+    // Every TP rank computes the whole vocabulary's logits (the head is not split).
+    let logits_b = 2.0 * t * plan.model.vocab_size as f64 * 4.0;
 
     // --- feature activations
+    let a_bytes = precision.bytes() as f64;
     let d = plan.model.d_model as f64;
     let mut feat_b = 0.0;
     if let Some(g) = plan.gate_skip {
@@ -328,7 +338,7 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
             crate::modes::GateKind::Vector => d,
             crate::modes::GateKind::Scalar => 1.0,
         };
-        feat_b += 2.0 * t * (gate_width + d) * p_bytes * in_flight;
+        feat_b += 2.0 * t * (gate_width + d) * a_bytes * in_flight;
     }
     if let Some(f) = plan.flexi_depth {
         let adaptive = layers
@@ -336,8 +346,8 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
             .filter(|&&l| l >= f.first_adaptive_layer)
             .count();
         let per = t * f.router_hidden as f64 * 4.0 * 2.0
-            + 3.0 * t * f.adapter_hidden as f64 * p_bytes
-            + 2.0 * t * d * p_bytes;
+            + 3.0 * t * f.adapter_hidden as f64 * a_bytes
+            + 2.0 * t * d * a_bytes;
         feat_b += per * in_flight * share(adaptive);
     }
     if let (Some(mtp), true) = (&plan.mtp, has_head) {
@@ -362,6 +372,7 @@ pub fn rank_memory(plan: &Plan, pp_rank: usize) -> RankMemory {
         params: local,
         in_flight_layer_microbatches: in_flight,
         total_gb: breakdown.total_gb(),
+        pool_gb: breakdown.total_gb() - breakdown.runtime_reserved_gb - breakdown.overhead_gb,
         dominant: dominant_pressure(&breakdown),
         breakdown,
     }

@@ -76,6 +76,7 @@ pub mod eval;
 pub mod failpoint;
 pub mod goodput;
 mod gpu_pool;
+pub use gpu_pool::{attention_kernel, predicted_peak_bytes};
 pub mod metrics;
 pub mod peak;
 pub mod progress;
