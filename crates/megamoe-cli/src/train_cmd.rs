@@ -78,9 +78,8 @@ pub struct TrainArgs {
     pub sample_tokens: usize,
 
     /// Ranks of the run, as threads of this process: must equal the layout's world
-    /// size parallel.pp x parallel.dp x parallel.ep x parallel.tp (parallel.fsdp 0 to 3;
-    /// with pp at most 2, and 0 with pp x tp; other parallel.* must be 1). Rank 0 writes
-    /// the run directory.
+    /// size parallel.pp x parallel.dp x parallel.ep x parallel.tp (parallel.fsdp 0 to 3,
+    /// at most 2 with pp; other parallel.* must be 1). Rank 0 writes the run directory.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub world: usize,
 }

@@ -267,9 +267,9 @@ fn bad_tp_layouts_are_refused_by_name() {
             "model.n_heads",
         ),
         (vec!["parallel.tp=2", "parallel.sp=true"], 2, "parallel.sp"),
-        // pp × tp runs (tests/pipeline_tp.rs), not with sharded optimizer state
+        // pp × tp runs (tests/pipeline_tp.rs, fsdp 1/2 too), not with fsdp 3
         (
-            vec!["parallel.tp=2", "parallel.pp=2", "parallel.fsdp=2"],
+            vec!["parallel.tp=2", "parallel.pp=2", "parallel.fsdp=3"],
             4,
             "parallel.fsdp",
         ),

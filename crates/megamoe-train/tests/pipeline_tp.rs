@@ -3,7 +3,7 @@
 //! matrices; 10 steps give one rank's per-step losses (f32, ≤ 1e-5 relative) and gradient
 //! norms (≤ 1e-4), with AdamW and Muon, under 1F1B and DualPipeV, also times dp; a
 //! checkpoint written under pp2 × tp2 continues under one rank (and one rank's checkpoint
-//! under pp2 × tp2) with the uninterrupted losses. fsdp with pp × tp is refused by name.
+//! under pp2 × tp2) with the uninterrupted losses; with `parallel.fsdp = 2` too.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -212,20 +212,50 @@ fn tp_pipeline_checkpoints_resume_across_layouts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// pp × tp × fsdp 2: each stage's TP slices' rows sharded over its data ranks (Muon
+/// gathers rows, then slices); a checkpoint of it continues under one rank and one rank's
+/// under it.
 #[test]
-fn fsdp_with_pipeline_and_tp_is_refused_by_name() {
-    let mut s = sets("adamw");
-    s.extend(layout(2, 2, 2, "1f1b", 2));
-    let raw = raw(&s);
-    let failures = run_thread_ranks(8, |w| {
-        Trainer::new_rank(&raw, data(), TrainerOptions::default(), w).map(|_| ())
-    })
-    .unwrap_err();
-    assert!(
-        failures.first.1.contains("parallel.fsdp"),
-        "{}",
-        failures.first.1
-    );
+fn pipeline_with_tp_and_fsdp_matches_one_rank() {
+    for optim in ["adamw", "muon"] {
+        let want = one_rank(optim);
+        let mut s = sets(optim);
+        s.extend(layout(2, 2, 2, "1f1b", 2));
+        let raw = raw(&s);
+        let curves = run_thread_ranks(8, |world| -> Result<_, Error> {
+            let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+            (0..STEPS)
+                .map(|_| t.step().map(|m| (m.loss.total, m.grad_norm)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+        for c in &curves {
+            for (s, ((l, n), (wl, wn))) in c.iter().zip(&want).enumerate() {
+                assert!(
+                    rel(*l, *wl) <= 1e-5 && rel(*n, *wn) <= 1e-4,
+                    "{optim} dp2 pp2 tp2 fsdp2 step {}: ({l}, {n}) vs one rank ({wl}, {wn})",
+                    s + 1
+                );
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("megamoe-pp-tp-fsdp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mesh = layout(2, 2, 2, "1f1b", 2);
+    let want = run("muon", &[], 1, None, None);
+    run("muon", &mesh, 8, None, Some((&dir, 4)));
+    let rest = run("muon", &[], 1, Some(&dir), None);
+    // and one rank's checkpoint continues under the mesh (slices, then rows)
+    let one_dir = dir.join("one");
+    run("muon", &[], 1, None, Some((&one_dir, 4)));
+    let rest_mesh = run("muon", &mesh, 8, Some(&one_dir), None);
+    for (label, got) in [("mesh→one", &rest), ("one→mesh", &rest_mesh)] {
+        assert_eq!(got.len(), STEPS - 4, "{label}");
+        for (s, (g, w)) in got.iter().zip(&want[4..]).enumerate() {
+            assert!(rel(*g, *w) <= 1e-5, "{label} step {}: {g} vs {w}", s + 5);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Each pipeline rank's parameters under pp2 × tp2: both tp ranks of a stage hold the same

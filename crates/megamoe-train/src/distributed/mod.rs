@@ -38,7 +38,7 @@
 //! `pipeline_fsdp`), or with `tp` its matrices split over its tp ranks (module
 //! `pipeline_tp`). `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP
 //! slice). Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` 3 with `pp`,
-//! `fsdp` with `pp` × `tp`, and `tp` with `sp`.
+//! and `tp` with `sp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -279,14 +279,6 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             p.pp.to_string(),
             "pipeline-parallel training combines with parallel.dp, parallel.ep, parallel.tp \
              and parallel.fsdp 1 or 2: with parallel.pp > 1 set parallel.cp to 1",
-        );
-    }
-    if p.pp > 1 && p.tp > 1 && p.zero != ZeroLevel::Replicated {
-        return refuse(
-            "parallel.fsdp",
-            p.zero.level().to_string(),
-            "pipeline stages with tensor parallelism keep optimizer state whole: with \
-             parallel.pp > 1 and parallel.tp > 1 set parallel.fsdp to 0",
         );
     }
     if p.pp > 1 && p.zero == ZeroLevel::Parameters {

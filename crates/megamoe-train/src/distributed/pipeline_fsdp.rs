@@ -155,7 +155,7 @@ impl StageShards {
             index: &self.index,
             dense_dp,
             expert_dp,
-            tp: None,
+            tp: groups.tp,
         };
         let rows = &mut self.params;
         optimizer.step_sharded(

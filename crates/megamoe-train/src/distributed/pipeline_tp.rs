@@ -14,7 +14,8 @@
 //! checkpoints  slices all-gathered over tp along their split dimension before the
 //!              stage's tensors go to rank 0 (the one-rank layout); a load takes the slice
 //! ```
-//! `parallel.fsdp` > 0 with pp × tp is refused by name.
+//! With `parallel.fsdp` 1/2 too (module `pipeline_fsdp`) the rows of each slice are
+//! sharded over the stage's data ranks: Muon gathers rows, then slices.
 
 use megamoe_comm::Communicator;
 use megamoe_model::tp::tp_split_dim;

@@ -27,8 +27,7 @@
 //! its slice; checkpoints gather rows before slices.
 //!
 //! With pipeline stages see module `pipeline_tp`. Refused by name: tp with sequence
-//! parallelism ([`check_tp_layout`]), and pp × tp with `parallel.fsdp` > 0
-//! (`check_layout`).
+//! parallelism ([`check_tp_layout`]).
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::tp::tp_split_dim;
