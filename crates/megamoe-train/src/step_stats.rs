@@ -371,7 +371,7 @@ fn cat(parts: &[Tensor]) -> Result<Tensor> {
 /// (the MoE layer's rows are the micro-batch's `B·T` tokens in row-major order). Each kept
 /// `(token, slot)` adds one at `domain·E + expert` (a scatter-add into a spare last row for
 /// dropped and null slots and for tokens outside the domain range); no host read.
-fn domain_counts(st: &MoeStats, micro: &Batch, num_domains: usize) -> Result<Tensor> {
+pub(crate) fn domain_counts(st: &MoeStats, micro: &Batch, num_domains: usize) -> Result<Tensor> {
     let (e, k) = (st.num_routed_experts, st.slots_per_token);
     let device = st.token_experts.device();
     let token_domains = micro.token_domains();

@@ -246,6 +246,7 @@ fn mesh_curve(variant: &str, dp: usize, ep: usize, pp: usize, schedule: &str) ->
         let first = t.step()?;
         let want = routing(&one_rank_first_step(variant));
         assert!(!want.is_empty(), "the model has MoE layers");
+        assert!(want[0].4.len() > 1, "counts split over the data domains");
         assert_eq!(
             routing(&first),
             want,
@@ -265,8 +266,11 @@ fn mesh_curve(variant: &str, dp: usize, ep: usize, pp: usize, schedule: &str) ->
     curves[0].clone()
 }
 
-/// Per MoE layer: (layer, tokens per expert, dropped, null share).
-fn routing(m: &megamoe_train::StepMetrics) -> Vec<(usize, Vec<u64>, u64, f64)> {
+/// Per MoE layer: (layer, tokens per expert, dropped, null share, kept tokens per
+/// expert of each data domain).
+type Routing = (usize, Vec<u64>, u64, f64, Vec<Vec<u64>>);
+
+fn routing(m: &megamoe_train::StepMetrics) -> Vec<Routing> {
     m.moe
         .iter()
         .map(|l| {
@@ -275,6 +279,7 @@ fn routing(m: &megamoe_train::StepMetrics) -> Vec<(usize, Vec<u64>, u64, f64)> {
                 l.tokens_per_expert.clone(),
                 l.dropped,
                 l.null_share,
+                l.tokens_per_expert_by_domain.clone(),
             )
         })
         .collect()

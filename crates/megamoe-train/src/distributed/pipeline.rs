@@ -90,6 +90,8 @@ pub struct PipelineRank {
     pub(super) owned_slots: HashMap<String, usize>,
     /// The head reads the embedding (tied head or MTP).
     pub(super) shared_embedding: bool,
+    /// Data domains of the run (routing counts are split by domain when several).
+    pub(super) num_domains: usize,
     pub(super) optimizer: Optimizer,
     /// `parallel.fsdp` 1/2: the optimizer holds this rank's rows (module `pipeline_fsdp`).
     pub(super) shards: Option<StageShards>,
@@ -334,12 +336,19 @@ impl PipelineRank {
             norm_slots,
             owned_slots,
             shared_embedding,
+            num_domains: 1,
             optimizer,
             shards,
             lr,
             step: 0,
             timings: Vec::new(),
         })
+    }
+
+    /// Splits the routing statistics of each step by data domain over `n` domains (the
+    /// data source's; 1 = not split).
+    pub fn set_num_domains(&mut self, n: usize) {
+        self.num_domains = n.max(1);
     }
 
     /// The schedule this rank runs a program of.
@@ -458,7 +467,7 @@ impl PipelineRank {
             .map(|i| {
                 let rows = batch.rows(i * mbs..(i + 1) * mbs)?;
                 let (ids, targets) = batch_tensors(&rows, Device::Cpu)?;
-                Ok(MicroBatch { ids, targets })
+                Ok(MicroBatch { ids, targets, rows })
             })
             .collect::<Result<Vec<_>>>()?;
 
@@ -469,7 +478,8 @@ impl PipelineRank {
             let ms = map.model_stage(st).unwrap_or(0);
             let chunk = self.model.chunk(self.specs[ms].clone())?;
             let params = self.params[&ms].clone();
-            let stage = ChunkStage::new(st, chunk, params, &micro, s, self.shared_embedding)?;
+            let mut stage = ChunkStage::new(st, chunk, params, &micro, s, self.shared_embedding)?;
+            stage.num_domains = self.num_domains;
             stages.insert(st, stage);
         }
         let mut transport = CommTransport::new(comm);
@@ -489,6 +499,7 @@ impl PipelineRank {
         let mut picks: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
         let mut routing: BTreeMap<usize, ([f32; 3], usize)> = BTreeMap::new();
         let mut values = StageValues::default();
+        let mut by_domain: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
         let mut grads: Vec<(String, Tensor, ParamRole)> = Vec::new();
         let mut seen = HashSet::new();
         for st in stages.into_values() {
@@ -497,6 +508,10 @@ impl PipelineRank {
             }
             losses.extend(st.losses);
             values.extend(st.values);
+            for (layer, c) in st.by_domain {
+                let sum = by_domain.entry(layer).or_insert_with(|| vec![0.0; c.len()]);
+                sum.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+            }
             for (layer, (v, k)) in st.routing {
                 let r = routing.entry(layer).or_insert(([0.0; 3], k));
                 r.0.iter_mut().zip(v).for_each(|(a, b)| *a += b);
@@ -526,7 +541,7 @@ impl PipelineRank {
         if self.repeats_statistics() {
             (picks, routing, values, losses) = Default::default();
         }
-        let mut moe = self.gather_routing(groups.world, &picks, &routing)?;
+        let mut moe = self.gather_routing(groups.world, &picks, &routing, &by_domain)?;
         let layer_stats = self.gather_layer_values(groups.world, first, &values)?;
         for m in &mut moe {
             m.shared_gate_mean = layer_stats.shared_gate.get(&m.layer).copied();

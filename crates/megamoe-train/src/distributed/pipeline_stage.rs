@@ -27,11 +27,12 @@ use megamoe_tensor::{DType, Tensor};
 use super::pipeline_stats::StageValues;
 use super::wire::Wire;
 
-/// One micro-batch's `[B, T]` ids and targets.
+/// One micro-batch's `[B, T]` ids and targets, and its rows (their data domains).
 #[derive(Debug, Clone)]
 pub(crate) struct MicroBatch {
     pub ids: Tensor,
     pub targets: Tensor,
+    pub rows: crate::data::Batch,
 }
 
 /// A stage asked for something the schedule should not ask (a wrong message kind, a
@@ -73,6 +74,11 @@ pub(crate) struct ChunkStage<'a> {
     pub routing: BTreeMap<usize, ([f32; 3], usize)>,
     /// GateSkip / FlexiDepth / shared-gate values of this stage's forwards.
     pub values: StageValues,
+    /// Data domains of the run; with several, kept assignments are counted per domain.
+    pub num_domains: usize,
+    /// Per MoE layer (global index): kept assignments per (domain, expert), summed over
+    /// this stage's micro-batches (with several data domains).
+    pub by_domain: BTreeMap<usize, Vec<f32>>,
     /// First error of [`Stage::accumulate`] (which cannot return one).
     pub accumulate_error: RefCell<Option<megamoe_tensor::Error>>,
 }
@@ -115,6 +121,8 @@ impl<'a> ChunkStage<'a> {
             picks: BTreeMap::new(),
             routing: BTreeMap::new(),
             values: StageValues::default(),
+            num_domains: 1,
+            by_domain: BTreeMap::new(),
             accumulate_error: RefCell::new(None),
         })
     }
@@ -128,11 +136,21 @@ impl<'a> ChunkStage<'a> {
     }
 
     /// Adds the routed-expert picks of the forward's MoE layers.
-    fn count_picks(&mut self, stats: &ModelStats) -> crate::Result<()> {
+    fn count_picks(&mut self, stats: &ModelStats, rows: &crate::data::Batch) -> crate::Result<()> {
         for layer in &stats.layers {
             let Some(moe) = &layer.block.moe else {
                 continue;
             };
+            if self.num_domains > 1 {
+                // SYNC: one read per MoE layer per micro-batch, for the metrics line.
+                let c = crate::step_stats::domain_counts(&moe.stats, rows, self.num_domains)?
+                    .to_host_f32()?;
+                let sum = self
+                    .by_domain
+                    .entry(layer.layer)
+                    .or_insert_with(|| vec![0.0; c.len()]);
+                sum.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+            }
             let e = moe.stats.num_routed_experts;
             // SYNC: one read per MoE layer per micro-batch, for the expert-bias update.
             let picks = moe.stats.picks_per_slot.to_host_f32()?;
@@ -197,7 +215,7 @@ impl Stage for ChunkStage<'_> {
             carry,
             self.step,
         )?;
-        self.count_picks(&f.stats)?;
+        self.count_picks(&f.stats, &x.rows)?;
         self.values.record(mb, &f.stats)?;
         if let Some(l) = &f.losses {
             self.losses.insert(mb, l.to_host()?);

@@ -179,8 +179,9 @@ impl PipelineRank {
         })
     }
 
-    /// Every MoE layer's routing statistics over the step: a `[layers, E + 5]` table
-    /// (picks per expert, null picks, tokens, kept assignments, slots per token, 1), each
+    /// Every MoE layer's routing statistics over the step: a `[layers, E + 5 + D·E]`
+    /// table (picks per expert, null picks, tokens, kept assignments, slots per token, 1,
+    /// and with D > 1 data domains the kept assignments per (domain, expert)), each
     /// layer's row summed over the micro-batches of the ranks holding it, all-reduced
     /// over the world (integer counts in f32: exact).
     pub(super) fn gather_routing(
@@ -188,12 +189,18 @@ impl PipelineRank {
         world: &dyn Communicator,
         picks: &BTreeMap<usize, Vec<f32>>,
         routing: &BTreeMap<usize, ([f32; 3], usize)>,
+        by_domain: &BTreeMap<usize, Vec<f32>>,
     ) -> Result<Vec<MoeLayerStats>> {
         let Some(moe) = &self.plan.moe else {
             return Ok(Vec::new());
         };
         let (layers, e) = (self.plan.model.n_layers, moe.routed_experts);
-        let k = e + 5;
+        let d = if self.num_domains > 1 {
+            self.num_domains
+        } else {
+            0
+        };
+        let k = e + 5 + d * e;
         let mut table = vec![0.0f32; layers * k];
         for (&l, p) in picks {
             if let (true, Some((v, slots))) = (l < layers && p.len() == e, routing.get(&l)) {
@@ -202,6 +209,9 @@ impl PipelineRank {
                 row[e..e + 3].copy_from_slice(v);
                 row[e + 3] = *slots as f32;
                 row[e + 4] = 1.0;
+                if let Some(c) = by_domain.get(&l).filter(|c| c.len() == d * e) {
+                    row[e + 5..].copy_from_slice(c);
+                }
             }
         }
         let t = Tensor::from_vec_f32(table, [layers, k], Device::Cpu)?;
@@ -217,14 +227,19 @@ impl PipelineRank {
             let counts: Vec<u64> = row[..e].iter().map(|&x| x as u64).collect();
             let total: u64 = counts.iter().sum();
             let kept = row[e + 2] as u64;
-            out.push(MoeLayerStats::from_counts(
+            let mut stats = MoeLayerStats::from_counts(
                 l,
                 counts,
                 total.saturating_sub(kept),
                 row[e] as u64,
                 row[e + 1] as u64,
                 slots,
-            ));
+            );
+            stats.tokens_per_expert_by_domain = row[e + 5..]
+                .chunks(e.max(1))
+                .map(|c| c.iter().map(|&x| x.max(0.0) as u64).collect())
+                .collect();
+            out.push(stats);
         }
         Ok(out)
     }

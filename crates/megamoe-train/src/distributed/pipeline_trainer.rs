@@ -49,6 +49,8 @@ impl Trainer {
             .map(|p| (p.dims.iter().product::<usize>() as u64, p.role))
             .collect();
         self.counts = counts_of(&self.plan, &sizes, rank.state_bytes());
+        let mut rank = rank;
+        rank.set_num_domains(self.num_domains);
         self.pipeline = Some(rank);
         Ok(())
     }
