@@ -19,9 +19,12 @@ pub struct AttentionBenchArgs {
     /// Sequences B.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Query heads (keys and values are already repeated to them).
+    /// Query heads.
     #[arg(long, default_value_t = 16)]
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; must divide --heads). Default: --heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Sequence length T.
     #[arg(long, default_value_t = 4096)]
     pub seq: usize,
@@ -43,26 +46,32 @@ pub struct AttentionBenchArgs {
 #[cfg(feature = "cuda")]
 pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
     use megamoe_tensor::{DType, Device, Tensor};
-    if a.iters == 0 || [a.batch, a.heads, a.seq, a.head_dim].contains(&0) {
-        anyhow::bail!("--batch, --heads, --seq, --head-dim and --iters must be at least 1");
+    let kv_heads = a.kv_heads.unwrap_or(a.heads);
+    if a.iters == 0 || [a.batch, a.heads, kv_heads, a.seq, a.head_dim].contains(&0) {
+        anyhow::bail!(
+            "--batch, --heads, --kv-heads, --seq, --head-dim and --iters must be at least 1"
+        );
+    }
+    if !a.heads.is_multiple_of(kv_heads) {
+        anyhow::bail!("--kv-heads {kv_heads} must divide --heads {}", a.heads);
     }
     let dev = Device::Cuda(0);
     let backend = megamoe_tensor::cuda::cuda_backend(0)?;
     backend.set_bf16_matmul(true);
     backend.set_bf16_activations(true);
     let (bh, t, d) = (a.batch * a.heads, a.seq, a.head_dim);
-    let shape = vec![bh, t, d];
-    let rand = |seed: u64| -> anyhow::Result<Tensor> {
+    let rand = |seed: u64, rows: usize| -> anyhow::Result<Tensor> {
         Ok(
-            Tensor::randn_named(seed, "attention", shape.clone(), 1.0, dev)?
+            Tensor::randn_named(seed, "attention", vec![rows, t, d], 1.0, dev)?
                 .to_dtype(DType::BF16)?,
         )
     };
-    let (q, k, v, d_o) = (rand(1)?, rand(2)?, rand(3)?, rand(4)?);
+    let bh_kv = a.batch * kv_heads;
+    let (q, k, v, d_o) = (rand(1, bh)?, rand(2, bh_kv)?, rand(3, bh_kv)?, rand(4, bh)?);
     let scale = 1.0 / (d as f32).sqrt();
     let fwd_flops = 2.0 * bh as f64 * (t as f64).powi(2) * d as f64;
     println!(
-        "bench attention  B·heads {bh}, T {t}, D {d}, bf16, causal on {}",
+        "bench attention  B·heads {bh} (B·kv_heads {bh_kv}), T {t}, D {d}, bf16, causal on {}",
         backend.device_name()?
     );
     println!(
@@ -145,6 +154,25 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
         println!("dump       {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `attention: …` console line of a run on `device` (which attention path runs and,
+/// where it is not cuDNN's, why); `None` on the CPU.
+#[cfg(feature = "cuda")]
+pub fn status_line(device: megamoe_tensor::Device) -> anyhow::Result<Option<String>> {
+    match device {
+        megamoe_tensor::Device::Cuda(i) => {
+            let backend = megamoe_tensor::cuda::cuda_backend(i)?;
+            Ok(Some(format!("attention  {}", backend.attention_status()?)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The `attention: …` console line (this build has no GPU backend: none).
+#[cfg(not(feature = "cuda"))]
+pub fn status_line(_device: megamoe_tensor::Device) -> anyhow::Result<Option<String>> {
+    Ok(None)
 }
 
 /// Runs `megamoe bench attention` (this build has no GPU backend).

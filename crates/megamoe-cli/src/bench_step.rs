@@ -123,6 +123,9 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
         println!("loss        {:.4} at step {}", m.loss.total, m.step);
     }
     println!("cuda_graph  {}", trainer.cuda_graph_status());
+    if let Some(line) = crate::bench_attention::status_line(a.device)? {
+        println!("{line}");
+    }
     if !profile.is_empty() {
         let total: f64 = profile.iter().map(|p| p.1).sum();
         println!("op time     (MEGAMOE_CUDA_PROFILE: stream ms per step by op, top 30)");

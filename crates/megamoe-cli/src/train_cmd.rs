@@ -312,6 +312,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     for line in header_lines(&trainer, &header) {
         eprintln!("{line}");
     }
+    if let Some(line) = crate::bench_attention::status_line(args.device)? {
+        eprintln!("{line}");
+    }
     if let Some(note) = horizon_note {
         eprintln!("{note}");
     }

@@ -9,15 +9,16 @@
 //! o = causal_softmax(q kᵀ / √D) v   per (b, h): `Tensor::causal_attention` over B·NH
 //! y = o W_oᵀ
 //! ```
-//! KV heads are repeated to `B·NH` rows by a row gather (`index_select`) so attention is one
-//! op over `B·NH` rows (on the CPU `bmm` + causal softmax + `bmm`; on a GPU in bf16 a fused
-//! kernel with no `[T, T]` matrix); the backward sums the repeats with the deterministic
-//! `index_add_rows`. Forward saves `x`, rotated `q`, repeated `k`, `v`, the attention output
-//! and its saved state (`P` on the CPU), and `o`; `backward_input` returns `d_x` (fresh),
+//! Attention is one op over `B·NH` query rows and `B·NKV` key/value rows
+//! (`Tensor::causal_attention`, grouped-query: on the CPU the KV heads are repeated by a row
+//! gather, then `bmm` + causal softmax + `bmm`, the backward summing the repeats with the
+//! deterministic `index_add_rows`; on a GPU in bf16 cuDNN's fused attention reads the KV
+//! heads directly). Forward saves `x`, rotated `q`, rotated `k`, `v` (KV heads), the
+//! attention op's saved state (`P` on the CPU), and `o`; `backward_input` returns `d_x` (fresh),
 //! `backward_weight` accumulates (+=).
 
 use megamoe_optim::ParamRole;
-use megamoe_tensor::{DType, Device, Tensor};
+use megamoe_tensor::Tensor;
 
 use crate::error::{Error, Result};
 use crate::init::Init;
@@ -126,9 +127,9 @@ pub struct AttentionSaved {
     x: Tensor,
     /// Rotated queries `[B·NH, T, D]`.
     q: Tensor,
-    /// Rotated keys repeated to query heads `[B·NH, T, D]`.
+    /// Rotated keys `[B·NKV, T, D]`.
     k: Tensor,
-    /// Values repeated `[B·NH, T, D]`.
+    /// Values `[B·NKV, T, D]`.
     v: Tensor,
     /// The attention op's saved state (see [`Tensor::causal_attention`]).
     attn: Tensor,
@@ -181,16 +182,6 @@ impl Attention {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// Row map `[B·NH]`: query head row `b·NH + h` reads KV row `b·NKV + h/(NH/NKV)`.
-    fn kv_rows(&self, b: usize, device: Device) -> Result<Tensor> {
-        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
-        let group = nh / nkv;
-        let idx = (0..b * nh)
-            .map(|r| ((r / nh) * nkv + (r % nh) / group) as i32)
-            .collect();
-        Ok(Tensor::from_vec_i32(idx, [b * nh], device)?)
-    }
-
     /// `[N, heads·D]` → `[B·heads, T, D]` (RoPE first when `rope`).
     fn split_heads(
         &self,
@@ -225,31 +216,6 @@ impl Attention {
         Ok(x.reshape([b * t, heads * d])?)
     }
 
-    /// Repeats KV heads `[B·NKV, T, D]` → `[B·NH, T, D]` (no copy when NKV = NH).
-    fn repeat_kv(&self, x: Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let (nh, nkv, d) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
-        if nh == nkv {
-            return Ok(x);
-        }
-        let rows = self.kv_rows(b, x.device())?;
-        Ok(x.reshape([b * nkv, t * d])?
-            .index_select(&rows)?
-            .reshape([b * nh, t, d])?)
-    }
-
-    /// Backward of [`Attention::repeat_kv`]: sums the repeats.
-    fn reduce_kv(&self, d: Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim);
-        if nh == nkv {
-            return Ok(d);
-        }
-        let rows = self.kv_rows(b, d.device())?;
-        let acc = Tensor::zeros([b * nkv, t * hd], DType::F32, d.device())?;
-        Ok(acc
-            .index_add_rows(&rows, &d.reshape([b * nh, t * hd])?, None)?
-            .reshape([b * nkv, t, hd])?)
-    }
-
     /// `x [N, H]` of `b` sequences of length `t` → `y [N, H]`.
     pub fn forward(
         &self,
@@ -269,8 +235,6 @@ impl Attention {
         let q = self.split_heads(x.matmul(&p.q_proj, false, true)?, b, t, nh, true)?;
         let k = self.split_heads(x.matmul(&p.k_proj, false, true)?, b, t, nkv, true)?;
         let v = self.split_heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
-        let k = self.repeat_kv(k, b, t)?;
-        let v = self.repeat_kv(v, b, t)?;
         let (o_heads, attn) = Tensor::causal_attention(&q, &k, &v, self.scale())?;
         let o = self.merge_heads(o_heads, b, t, nh, false)?;
         let y = o.matmul(&p.o_proj, false, true)?;
@@ -311,8 +275,8 @@ impl Attention {
             self.scale(),
         )?;
         let d_q = self.merge_heads(d_q, b, t, nh, true)?;
-        let d_k = self.merge_heads(self.reduce_kv(d_k, b, t)?, b, t, nkv, true)?;
-        let d_v = self.merge_heads(self.reduce_kv(d_v, b, t)?, b, t, nkv, false)?;
+        let d_k = self.merge_heads(d_k, b, t, nkv, true)?;
+        let d_v = self.merge_heads(d_v, b, t, nkv, false)?;
         let mut d_x = d_q.matmul(&p.q_proj, false, false)?;
         d_x.matmul_acc(&d_k, &p.k_proj, false, false, 1.0)?;
         d_x.matmul_acc(&d_v, &p.v_proj, false, false, 1.0)?;
@@ -357,6 +321,7 @@ mod tests {
     use super::*;
     use crate::grad_check::{check, randn, Probe};
     use crate::init::zeros_like_params;
+    use megamoe_tensor::Device;
 
     fn setup(nh: usize, nkv: usize) -> (Attention, AttentionParams, Tensor) {
         let cfg = AttentionConfig {

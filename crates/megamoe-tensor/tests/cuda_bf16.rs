@@ -250,8 +250,8 @@ fn yc_sum(x: &Tensor, w: &Tensor) -> Tensor {
 }
 
 /// The fused causal attention (bf16 mode) against the CPU's unfused f32 attention, forward
-/// and backward, on head dims 16, 64 and 128 and lengths that are not multiples of the
-/// kernels' 64-row tiles.
+/// and backward, on head dims 16, 64 and 128, lengths that are not multiples of the
+/// kernels' 64-row tiles, and grouped-query shapes (2 and 4 query rows per KV row).
 #[test]
 #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
 fn fused_attention_matches_the_unfused_cpu_attention() {
@@ -266,6 +266,33 @@ fn cudnn_attention_matches_the_unfused_cpu_attention() {
     attention_matches_the_unfused_cpu_attention(AttentionPath::CudnnSdpa);
 }
 
+/// `x [rows, T, D]` (CPU) with each row repeated `group` times in place: `[rows·group, T, D]`.
+fn repeat_rows(x: &Tensor, group: usize) -> Tensor {
+    let (rows, t, d) = x.dims3().unwrap();
+    let h = x.to_host_f32().unwrap();
+    let out: Vec<f32> = (0..rows * group)
+        .flat_map(|r| h[(r / group) * t * d..(r / group + 1) * t * d].to_vec())
+        .collect();
+    Tensor::from_vec_f32(out, [rows * group, t, d], Device::Cpu).unwrap()
+}
+
+/// Sums each `group` of consecutive rows of `x [rows, T, D]` (CPU): `[rows / group, T, D]`.
+fn sum_rows_of_groups(x: &Tensor, group: usize) -> Tensor {
+    let (rows, t, d) = x.dims3().unwrap();
+    let h = x.to_host_f32().unwrap();
+    let n = t * d;
+    let mut out = vec![0f32; rows / group * n];
+    for (r, chunk) in h.chunks(n).enumerate() {
+        for (o, x) in out[(r / group) * n..(r / group + 1) * n]
+            .iter_mut()
+            .zip(chunk)
+        {
+            *o += x;
+        }
+    }
+    Tensor::from_vec_f32(out, [rows / group, t, d], Device::Cpu).unwrap()
+}
+
 fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
     backend.set_bf16_matmul(true);
@@ -273,14 +300,20 @@ fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
     backend.set_attention(path);
     let status = backend.attention_status().unwrap();
     assert!(status.starts_with(path.name()), "attention: {status}");
-    for (i, &(bh, t, d)) in [(6, 100, 16), (4, 200, 64), (3, 300, 128), (2, 64, 128)]
-        .iter()
-        .enumerate()
-    {
+    // (B·heads, T, D, group): `group` query rows share one key/value row (GQA)
+    let cases = [
+        (6, 100, 16, 1),
+        (4, 200, 64, 1),
+        (3, 300, 128, 1),
+        (2, 64, 128, 1),
+        (8, 130, 64, 4),
+        (6, 100, 128, 2),
+    ];
+    for (i, &(bh, t, d, group)) in cases.iter().enumerate() {
         let s = 100 + 10 * i as u64;
         let q = randn(s, &[bh, t, d], 1.0);
-        let k = randn(s + 1, &[bh, t, d], 1.0);
-        let v = randn(s + 2, &[bh, t, d], 1.0);
+        let k = randn(s + 1, &[bh / group, t, d], 1.0);
+        let v = randn(s + 2, &[bh / group, t, d], 1.0);
         let d_o = randn(s + 3, &[bh, t, d], 1.0);
         let scale = 1.0 / (d as f32).sqrt();
         // The CPU reference sees the same bf16-rounded inputs the kernel reads.
@@ -291,9 +324,16 @@ fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
                 .unwrap()
         };
         let (qc, kc, vc, gc) = (r(&q), r(&k), r(&v), r(&d_o));
-        let (oc, pc) = Tensor::causal_attention(&qc, &kc, &vc, scale).unwrap();
+        // Reference: plain multi-head attention over key/value rows repeated on the host
+        // (row r reads row r / group), dk and dv summed back over each group on the host.
+        let (kr, vr) = (repeat_rows(&kc, group), repeat_rows(&vc, group));
+        let (oc, pc) = Tensor::causal_attention(&qc, &kr, &vr, scale).unwrap();
         let (dqc, dkc, dvc) =
-            Tensor::causal_attention_backward(&qc, &kc, &vc, &oc, &pc, &gc, scale).unwrap();
+            Tensor::causal_attention_backward(&qc, &kr, &vr, &oc, &pc, &gc, scale).unwrap();
+        let (dkc, dvc) = (
+            sum_rows_of_groups(&dkc, group),
+            sum_rows_of_groups(&dvc, group),
+        );
         let bf = |x: &Tensor| gpu(x).to_dtype(DType::BF16).unwrap();
         let (qg, kg, vg, gg) = (bf(&q), bf(&k), bf(&v), bf(&d_o));
         let (og, lse) = Tensor::causal_attention(&qg, &kg, &vg, scale).unwrap();
@@ -304,7 +344,7 @@ fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
         );
         let (dqg, dkg, dvg) =
             Tensor::causal_attention_backward(&qg, &kg, &vg, &og, &lse, &gg, scale).unwrap();
-        let name = |what: &str| format!("{} {what} bh{bh} t{t} d{d}", path.name());
+        let name = |what: &str| format!("{} {what} bh{bh}/g{group} t{t} d{d}", path.name());
         close(&name("o"), &og, &oc, DType::BF16, BF16_TOL);
         close(&name("dq"), &dqg, &dqc, DType::BF16, BF16_TOL);
         close(&name("dk"), &dkg, &dkc, DType::BF16, BF16_TOL);

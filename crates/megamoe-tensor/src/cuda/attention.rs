@@ -16,7 +16,9 @@ use megamoe_cuda::{CudnnSdpa, FlashAttention, SdpaShape};
 
 use super::{dev, view, CudaBackend};
 use crate::backend::HostTransfer;
-use crate::ops::attention::{unfused_backward, unfused_forward, AttentionKernels};
+use crate::ops::attention::{
+    repeat_kv, sum_kv, unfused_backward, unfused_forward, AttentionKernels,
+};
 use crate::{DType, Result, Tensor};
 
 /// Which causal-attention implementation the CUDA backend runs in bf16-activation mode.
@@ -50,8 +52,10 @@ impl AttentionPath {
     }
 }
 
-/// The path used when `MEGAMOE_CUDA_ATTENTION` does not name one.
-const DEFAULT_PATH: AttentionPath = AttentionPath::Unfused;
+/// The path used when `MEGAMOE_CUDA_ATTENTION` does not name one: cuDNN's fused attention
+/// (on the H200 4× faster than unfused at the gpu_1b shape, docs/perf.md), unfused where
+/// libcudnn does not load.
+const DEFAULT_PATH: AttentionPath = AttentionPath::CudnnSdpa;
 
 /// The initial path: `MEGAMOE_CUDA_ATTENTION=cudnn|fused|unfused`, else [`DEFAULT_PATH`].
 pub(crate) fn from_env() -> AttentionPath {
@@ -165,7 +169,16 @@ impl CudaBackend {
         let Some(Ok(c)) = e.cudnn.as_mut() else {
             return Ok(Err("cuDNN did not open".into()));
         };
-        Ok(Ok(self.ck(op, f(c, &e.gpu))?))
+        match f(c, &e.gpu) {
+            Ok(x) => Ok(Ok(x)),
+            // a shape cuDNN has no engine for runs unfused, said once per process
+            Err(err @ megamoe_cuda::Error::CudnnNoPlan { .. }) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| eprintln!("attention: unfused ({err})"));
+                Ok(Err(err.to_string()))
+            }
+            Err(err) => Err(self.err(op, err)),
+        }
     }
 
     /// bf16 outputs `[shape]` and the f32 stats `[bh, t]` of a fused forward.
@@ -182,12 +195,17 @@ impl CudaBackend {
         Ok((o, lse))
     }
 
-    /// Three fresh bf16 tensors of `q`'s shape (the gradients of a fused backward).
-    fn fused_grads(&self, op: &'static str, q: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Fresh bf16 gradients shaped as `q` and `kv` (the outputs of a fused backward).
+    fn fused_grads(
+        &self,
+        op: &'static str,
+        q: &Tensor,
+        kv: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let e = self.engine(op)?;
         let (dq, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
-        let (dk, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
-        let (dv, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
+        let (dk, _) = self.empty(&e, kv.shape().clone(), DType::BF16)?;
+        let (dv, _) = self.empty(&e, kv.shape().clone(), DType::BF16)?;
         Ok((dq, dk, dv))
     }
 }
@@ -204,12 +222,13 @@ fn open_cudnn(e: &mut super::Engine) -> std::result::Result<&mut CudnnSdpa, Stri
     }
 }
 
-/// The cuDNN shape of `[bh, t, d]` rows: one batch of `bh` heads.
-fn sdpa_shape(bh: usize, t: usize, d: usize) -> SdpaShape {
+/// The cuDNN shape of `[bh, t, d]` query rows over `[bh_kv, t, d]` key/value rows: one
+/// batch of `bh` query heads and `bh_kv` KV heads (query row `r` reads KV row `r / G`).
+fn sdpa_shape(bh: usize, bh_kv: usize, t: usize, d: usize) -> SdpaShape {
     SdpaShape {
         batch: 1,
         heads: bh,
-        kv_heads: bh,
+        kv_heads: bh_kv,
         seq: t,
         head_dim: d,
     }
@@ -225,14 +244,17 @@ impl AttentionKernels for CudaBackend {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "causal_attention";
         let (bh, t, d) = q.dims3()?;
+        let bh_kv = k.dims()[0];
         let run = self.attention_run(bh, d);
         if run == Run::Unfused || t == 0 {
             return unfused_forward(q, k, v, scale);
         }
+        // cuDNN reads the KV heads directly; the own kernel needs them repeated
+        let group = if run == Run::Cudnn { 1 } else { bh / bh_kv };
         let (qb, kb, vb) = (
             self.bf16_aligned(OP, q)?,
-            self.bf16_aligned(OP, k)?,
-            self.bf16_aligned(OP, v)?,
+            self.bf16_aligned(OP, &repeat_kv(k, group)?)?,
+            self.bf16_aligned(OP, &repeat_kv(v, group)?)?,
         );
         let (o, lse) = self.fused_outputs(OP, q, bh, t)?;
         let v_ = (
@@ -243,13 +265,13 @@ impl AttentionKernels for CudaBackend {
             view(OP, &lse)?,
         );
         if run == Run::Cudnn {
-            let s = sdpa_shape(bh, t, d);
+            let s = sdpa_shape(bh, bh_kv, t, d);
             let done = self.with_cudnn(OP, |c, gpu| {
                 c.forward(gpu, s, (&v_.0, &v_.1, &v_.2), &v_.3, &v_.4, scale)
             })?;
             return match done {
                 Ok(()) => Ok((o, lse)),
-                // no libcudnn: the status line names the reason
+                // no libcudnn (the status line names it) or no plan (said once)
                 Err(_) => unfused_forward(q, k, v, scale),
             };
         }
@@ -276,15 +298,20 @@ impl AttentionKernels for CudaBackend {
         if saved.rank() == 3 {
             return unfused_backward(q, k, v, saved, d_o, scale);
         }
+        let bh_kv = k.dims()[0];
+        let cudnn = self.attention_run(bh, d) == Run::Cudnn;
+        // cuDNN reads the KV heads directly; the own kernel needs them repeated
+        let group = if cudnn { 1 } else { bh / bh_kv };
+        let (k, v) = (&repeat_kv(k, group)?, &repeat_kv(v, group)?);
         let b = |x: &Tensor| self.bf16_aligned(OP, x);
         let (qb, kb, vb, ob, gb) = (b(q)?, b(k)?, b(v)?, b(o)?, b(d_o)?);
         let lse = self.as_f32(saved)?;
-        let (dq, dk, dv) = self.fused_grads(OP, q)?;
+        let (dq, dk, dv) = self.fused_grads(OP, q, k)?;
         let ins = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
         let (ov, gv, lv) = (view(OP, &ob)?, view(OP, &gb)?, view(OP, &lse)?);
         let outs = (view(OP, &dq)?, view(OP, &dk)?, view(OP, &dv)?);
-        if self.attention_run(bh, d) == Run::Cudnn {
-            let s = sdpa_shape(bh, t, d);
+        if cudnn {
+            let s = sdpa_shape(bh, bh_kv, t, d);
             let done = self.with_cudnn(OP, |c, gpu| {
                 c.backward(
                     gpu,
@@ -300,6 +327,15 @@ impl AttentionKernels for CudaBackend {
             if done.is_ok() {
                 return Ok((dq, dk, dv));
             }
+            // a fused forward ran but cuDNN cannot run this backward
+            return Err(crate::Error::Cuda {
+                op: OP,
+                device: q.device(),
+                message: format!(
+                    "cuDNN attention backward unavailable: {}",
+                    done.err().unwrap_or_default()
+                ),
+            });
         }
         self.with_flash(OP, d, |f, gpu| {
             f.backward(
@@ -313,6 +349,6 @@ impl AttentionKernels for CudaBackend {
                 scale,
             )
         })?;
-        Ok((dq, dk, dv))
+        Ok((dq, sum_kv(&dk, group)?, sum_kv(&dv, group)?))
     }
 }
