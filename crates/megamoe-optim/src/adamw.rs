@@ -96,7 +96,7 @@ impl AdamWState {
 ///
 /// `t` is the 1-based step count used for bias correction; `decay` says whether weight decay
 /// applies to this parameter (see `ParamRole::has_weight_decay`). Returns the new parameter
-/// (f32), written fresh.
+/// (f32), written fresh: `param` is never modified.
 pub fn adamw_update(
     param: &Tensor,
     grad: &Tensor,
@@ -106,11 +106,26 @@ pub fn adamw_update(
     t: u64,
     decay: bool,
 ) -> Result<Tensor> {
-    // One fused pass over p, m, v (bit-identical to the unfused scale/axpy/sqrt/div
-    // sequence). `p` shares `param`'s buffer, so the op writes a fresh copy: `param` is
-    // never modified.
+    // `p` shares `param`'s buffer, so the op writes a fresh copy.
     let mut p = param.clone();
-    p.adamw_step(
+    adamw_update_in_place(&mut p, grad, state, cfg, lr, t, decay)?;
+    Ok(p)
+}
+
+/// [`adamw_update`] writing the f32 parameter `param` in place: one fused pass over p, m,
+/// v (bit-identical to the unfused scale/axpy/sqrt/div sequence). A parameter whose
+/// buffer nobody else holds keeps its address (a captured CUDA graph of the step reads it
+/// there); a shared buffer is copied on write.
+pub fn adamw_update_in_place(
+    param: &mut Tensor,
+    grad: &Tensor,
+    state: &mut AdamWState,
+    cfg: &AdamWConfig,
+    lr: f64,
+    t: u64,
+    decay: bool,
+) -> Result<()> {
+    param.adamw_step(
         &mut state.exp_avg,
         &mut state.exp_avg_sq,
         grad,
@@ -123,5 +138,5 @@ pub fn adamw_update(
             t,
         },
     )?;
-    Ok(p)
+    Ok(())
 }

@@ -65,6 +65,20 @@ pub fn clip_grad_norm(
     visit_grads: &mut VisitorMut<'_>,
     max_norm: Option<f64>,
 ) -> Result<ClipReport> {
+    let norm_t = clip_grad_norm_tensor(visit_grads, max_norm)?;
+    // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
+    let norm = norm_t.to_scalar_f32()? as f64;
+    Ok(ClipReport::from_norm(norm, max_norm))
+}
+
+/// [`clip_grad_norm`]'s device work: the pre-clip norm as a rank-0 device tensor, the
+/// gradients scaled in place where it exceeds `max_norm` (and is finite). No host read, so
+/// it can be captured in a CUDA graph; [`ClipReport::from_norm`] makes the report once the
+/// norm is read.
+pub fn clip_grad_norm_tensor(
+    visit_grads: &mut VisitorMut<'_>,
+    max_norm: Option<f64>,
+) -> Result<Tensor> {
     if let Some(m) = max_norm {
         if !(m.is_finite() && m > 0.0) {
             return Err(OptimError::InvalidArgument {
@@ -89,19 +103,25 @@ pub fn clip_grad_norm(
             return Err(e);
         }
     }
-    // SYNC: the norm is a host value for metrics and the NaN/Inf guard.
-    let norm = norm_t.to_scalar_f32()? as f64;
-    let finite = norm.is_finite();
-    let clipped = finite && max_norm.is_some_and(|m| norm > m);
-    Ok(ClipReport {
-        norm,
-        finite,
-        clipped,
-        scale: match max_norm {
-            Some(m) if clipped => (m as f32 / (norm as f32 + 1e-6)) as f64,
-            _ => 1.0,
-        },
-    })
+    Ok(norm_t)
+}
+
+impl ClipReport {
+    /// The report of a clip whose pre-clip norm was `norm` (what [`clip_grad_norm_tensor`]
+    /// did on the device).
+    pub fn from_norm(norm: f64, max_norm: Option<f64>) -> ClipReport {
+        let finite = norm.is_finite();
+        let clipped = finite && max_norm.is_some_and(|m| norm > m);
+        ClipReport {
+            norm,
+            finite,
+            clipped,
+            scale: match max_norm {
+                Some(m) if clipped => (m as f32 / (norm as f32 + 1e-6)) as f64,
+                _ => 1.0,
+            },
+        }
+    }
 }
 
 /// The clip factor on the device: `max_norm / (norm + 1e-6)` where `norm > max_norm` and

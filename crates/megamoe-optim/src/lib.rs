@@ -62,7 +62,8 @@ pub mod state;
 
 pub use adamw::{AdamWConfig, AdamWState};
 pub use clip::{
-    clip_factor, clip_grad_norm, global_grad_norm, global_grad_norm_tensor, ClipReport,
+    clip_factor, clip_grad_norm, clip_grad_norm_tensor, global_grad_norm, global_grad_norm_tensor,
+    ClipReport,
 };
 pub use error::{OptimError, Result};
 pub use lr_schedule::Schedule;

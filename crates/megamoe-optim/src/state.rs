@@ -26,9 +26,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::ParamRole;
 use megamoe_plan::{qkv_local_split_sizes, OptimPlan, OptimizerKind};
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::{AdamWStep, DType, Tensor};
 
-use crate::adamw::{adamw_update, AdamWConfig, AdamWState};
+use crate::adamw::{adamw_update, adamw_update_in_place, AdamWConfig, AdamWState};
 use crate::error::{OptimError, Result};
 use crate::muon::{
     apply_update, momentum_step, muon_update, orthogonalize, MuonConfig, NsPrecision,
@@ -403,6 +403,82 @@ impl Optimizer {
         Ok(())
     }
 
+    /// An AdamW step whose per-parameter update runs elsewhere (a captured CUDA graph's
+    /// kernel reading its constants from device memory): checks names and shapes like
+    /// [`Optimizer::step`], then calls `update(param, moments, grad, decay)` for every
+    /// parameter in registration-visit order. The step count does not advance: call
+    /// [`Optimizer::count_step`] once the update is known to have been applied, and take
+    /// the scalars from [`Optimizer::next_adamw_step`]. Only for AdamW on f32 parameters
+    /// whose moments exist (after one [`Optimizer::step`]); anything else is refused by
+    /// name before any update.
+    pub fn step_adamw_with(
+        &mut self,
+        visit_params: &mut VisitorMut<'_>,
+        visit_grads: &mut Visitor<'_>,
+        update: &mut dyn FnMut(&mut Tensor, &mut AdamWState, &Tensor, bool) -> Result<()>,
+    ) -> Result<()> {
+        let grads = self.collect_grads(visit_grads)?;
+        self.check_params(visit_params, &grads)?;
+        for st in &self.params {
+            let why = match st.rule {
+                UpdateRule::Muon { .. } if self.muon.is_some() => {
+                    Some("runs AdamW only (not Muon)")
+                }
+                _ if st.master.is_some() => {
+                    Some("runs on f32 parameters (not bf16 with master weights)")
+                }
+                _ if st.adamw.is_none() => Some("needs the AdamW moments of one earlier step"),
+                _ => None,
+            };
+            if let Some(rule) = why {
+                return Err(OptimError::InvalidArgument {
+                    field: "step_adamw_with",
+                    value: st.name.clone(),
+                    rule,
+                });
+            }
+        }
+        let mut err: Option<OptimError> = None;
+        let (params, index) = (&mut self.params, &self.index);
+        visit_params(&mut |name, p, _| {
+            if err.is_some() {
+                return;
+            }
+            let (Some(&i), Some(g)) = (index.get(name), grads.get(name)) else {
+                return; // checked above
+            };
+            let st = &mut params[i];
+            let decay = match st.rule {
+                UpdateRule::AdamW { decay } | UpdateRule::Muon { decay } => decay,
+            };
+            if let Some(moments) = st.adamw.as_mut() {
+                if let Err(e) = update(p, moments, g, decay) {
+                    err = Some(e);
+                }
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+
+    /// The scalars of the next AdamW step at learning rate `lr` (`t` = steps taken + 1),
+    /// with or without weight decay: what [`Optimizer::step`] would pass to the update.
+    pub fn next_adamw_step(&self, lr: f64, decay: bool) -> AdamWStep {
+        let c = &self.adamw;
+        AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: if decay { c.weight_decay } else { 0.0 },
+            t: self.steps + 1,
+        }
+    }
+
+    /// Counts one applied step of [`Optimizer::step_adamw_with`].
+    pub fn count_step(&mut self) {
+        self.steps += 1;
+    }
+
     fn collect_grads(&self, visit_grads: &mut Visitor<'_>) -> Result<HashMap<String, Tensor>> {
         let mut grads = HashMap::with_capacity(self.params.len());
         let mut err: Option<OptimError> = None;
@@ -604,12 +680,23 @@ fn update_one<'g>(
                 Some(s) => s,
                 None => st.adamw.insert(AdamWState::zeros_like(&current)?),
             };
+            if st.master.is_none() {
+                // An f32 parameter is updated in place: it keeps its buffer (and address)
+                // once `current`'s extra reference is gone.
+                drop(current);
+                return Ok(adamw_update_in_place(p, g, state, adamw, lr, t, decay)?);
+            }
             adamw_update(&current, g, state, adamw, lr, t, decay)?
         }
     };
-    *p = new.to_dtype(p.dtype())?;
     if st.master.is_some() {
+        *p = new.to_dtype(p.dtype())?;
         st.master = Some(new);
+    } else {
+        // Muon on an f32 parameter: the result is copied into the parameter's own buffer
+        // (bit for bit), so the parameter keeps its address like AdamW's in-place update.
+        drop(current);
+        p.copy_from(&new)?;
     }
     Ok(())
 }
