@@ -329,24 +329,41 @@ struct AdamWConsts {
     float beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps, decay, step;
     int has_decay;
 };
+// One element of the update (shared by `adamw` and `adamw_dev`).
+__device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, float* __restrict__ m,
+                                         float* __restrict__ v, const T* __restrict__ g,
+                                         T* __restrict__ p_copy, const AdamWConsts& c) {
+    const float gi = ldf(g + i);
+    float mi = __fadd_rn(__fmul_rn(m[i], c.beta1), 0.f);
+    mi = __fadd_rn(mi, __fmul_rn(c.one_minus_beta1, gi));
+    const float g2 = __fmul_rn(gi, gi);
+    float vi = __fadd_rn(__fmul_rn(v[i], c.beta2), 0.f);
+    vi = __fadd_rn(vi, __fmul_rn(c.one_minus_beta2, g2));
+    const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(__fadd_rn(__fmul_rn(vi, c.inv_bc2), 0.f)), 1.f), c.eps);
+    const float step = __fdiv_rn(mi, denom);
+    float pi = c.has_decay ? __fadd_rn(__fmul_rn(p[i], c.decay), 0.f) : p[i];
+    pi = __fadd_rn(pi, __fmul_rn(c.step, step));
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (p_copy) stf(p_copy + i, pi);
+}
 // p, m, v f32 (master weights and moments); g in T; p_copy (nullable) gets p in T.
 extern "C" __global__ void adamw(float* __restrict__ p, float* __restrict__ m,
                                  float* __restrict__ v, const T* __restrict__ g,
                                  T* __restrict__ p_copy, size_t n, AdamWConsts c) {
-    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK) {
-        const float gi = ldf(g + i);
-        float mi = __fadd_rn(__fmul_rn(m[i], c.beta1), 0.f);
-        mi = __fadd_rn(mi, __fmul_rn(c.one_minus_beta1, gi));
-        const float g2 = __fmul_rn(gi, gi);
-        float vi = __fadd_rn(__fmul_rn(v[i], c.beta2), 0.f);
-        vi = __fadd_rn(vi, __fmul_rn(c.one_minus_beta2, g2));
-        const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(__fadd_rn(__fmul_rn(vi, c.inv_bc2), 0.f)), 1.f), c.eps);
-        const float step = __fdiv_rn(mi, denom);
-        float pi = c.has_decay ? __fadd_rn(__fmul_rn(p[i], c.decay), 0.f) : p[i];
-        pi = __fadd_rn(pi, __fmul_rn(c.step, step));
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-        if (p_copy) stf(p_copy + i, pi);
-    }
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK)
+        adamw_at(i, p, m, v, g, p_copy, c);
+}
+// ---- graphs: AdamW whose constants and go-ahead live in device memory (a captured step
+// graph replays it with the constants the host wrote before the replay). `apply[0] == 0`
+// (a non-finite step) leaves p, m and v untouched. ----
+extern "C" __global__ void adamw_dev(float* __restrict__ p, float* __restrict__ m,
+                                     float* __restrict__ v, const T* __restrict__ g, size_t n,
+                                     const AdamWConsts* __restrict__ cp,
+                                     const float* __restrict__ apply) {
+    if (apply[0] == 0.f) return;
+    const AdamWConsts c = *cp;
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK)
+        adamw_at(i, p, m, v, g, nullptr, c);
 }

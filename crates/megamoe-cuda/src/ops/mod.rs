@@ -52,6 +52,7 @@ struct Kernels {
     causal_softmax_fwd: dsys::CUfunction,
     causal_softmax_bwd: dsys::CUfunction,
     adamw: dsys::CUfunction,
+    adamw_dev: dsys::CUfunction,
 }
 
 /// The step kernels compiled for one storage type.
@@ -88,6 +89,7 @@ impl Ops {
             causal_softmax_fwd: get("causal_softmax_fwd")?,
             causal_softmax_bwd: get("causal_softmax_bwd")?,
             adamw: get("adamw")?,
+            adamw_dev: get("adamw_dev")?,
         };
         Ok(Ops { elem, k })
     }

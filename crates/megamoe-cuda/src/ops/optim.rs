@@ -39,6 +39,24 @@ struct AdamWConsts {
 }
 
 impl AdamWParams {
+    /// The constants [`Ops::adamw_device`] reads, as the nine 32-bit words of the kernel's
+    /// `AdamWConsts` (f32 bits, then `has_decay`): what [`Ops::adamw`] passes by value.
+    pub fn device_words(&self) -> Result<[i32; 9]> {
+        let c = self.consts()?;
+        let f = |x: f32| x.to_bits() as i32;
+        Ok([
+            f(c.beta1),
+            f(c.one_minus_beta1),
+            f(c.beta2),
+            f(c.one_minus_beta2),
+            f(c.inv_bc2),
+            f(c.eps),
+            f(c.decay),
+            f(c.step),
+            c.has_decay,
+        ])
+    }
+
     /// The f32 constants, rounded as megamoe-tensor's `adamw_step` rounds them.
     fn consts(&self) -> Result<AdamWConsts> {
         for (field, v) in [
@@ -107,6 +125,47 @@ impl Ops {
                     arg(&copy),
                     arg(&n),
                     arg(&c),
+                ],
+            )
+        }
+    }
+
+    /// [`Ops::adamw`] with its constants read from device memory (`consts`: the nine
+    /// words of [`AdamWParams::device_words`]) and a go-ahead `apply` (one f32; 0 leaves
+    /// `p`, `m` and `v` untouched), so a captured graph replays it with new values. No
+    /// weight copy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_device(
+        &self,
+        gpu: &Gpu,
+        p: &impl DeviceMem,
+        m: &impl DeviceMem,
+        v: &impl DeviceMem,
+        grad: &impl DeviceMem,
+        n: usize,
+        consts: &impl DeviceMem,
+        apply: &impl DeviceMem,
+    ) -> Result<()> {
+        positive("adamw elements", n)?;
+        need("adamw p", p, n, 4)?;
+        need("adamw m", m, n, 4)?;
+        need("adamw v", v, n, 4)?;
+        need("adamw grad", grad, n, self.elem.size())?;
+        need("adamw consts", consts, 9, 4)?;
+        need("adamw apply", apply, 1, 4)?;
+        unsafe {
+            gpu.launch(
+                self.k.adamw_dev,
+                stride_grid(n),
+                BLOCK,
+                &mut [
+                    arg(&p.ptr()),
+                    arg(&m.ptr()),
+                    arg(&v.ptr()),
+                    arg(&grad.ptr()),
+                    arg(&n),
+                    arg(&consts.ptr()),
+                    arg(&apply.ptr()),
                 ],
             )
         }

@@ -7,7 +7,8 @@
 //! that change between replays must live in buffers allocated before the capture and be
 //! overwritten in place ([`CudaBackend::overwrite_i32`]).
 
-use super::{CudaBackend, CudaStorage};
+use super::{view, CudaBackend, CudaStorage};
+use crate::ops::optim::AdamWStep;
 use crate::storage::Storage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -102,6 +103,93 @@ impl CudaBackend {
         }
         let dst = super::view(OP, dst)?;
         self.ck(OP, e.gpu.upload(&dst, data))
+    }
+}
+
+impl CudaBackend {
+    /// [`Tensor::adamw_step`] for a captured graph: the constants come from `consts`, an i32
+    /// tensor of the nine words of [`CudaBackend::adamw_device_words`], and the update runs only when the
+    /// one-element f32 `apply` is not 0 (else `param`, `m` and `v` keep their values), so
+    /// a replay uses whatever the host wrote into `consts` before it and whatever the step
+    /// computed into `apply`. Same f32 operations in the same order as `adamw_step`.
+    /// `param`, `m` and `v` are written where they are: each must be f32 and either a
+    /// write-through view or a whole buffer nobody else holds (a copy-on-write would move
+    /// it, which a graph cannot follow).
+    pub fn adamw_step_device(
+        &self,
+        param: &mut Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        grad: &Tensor,
+        consts: &Tensor,
+        apply: &Tensor,
+    ) -> Result<()> {
+        const OP: &str = "adamw_step_device";
+        param.same_shape(OP, grad)?;
+        m.same_shape(OP, grad)?;
+        v.same_shape(OP, grad)?;
+        if consts.dtype() != DType::I32 || consts.numel() != 9 {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                arg: "consts",
+                value: format!("{:?} {:?}", consts.dtype(), consts.dims()),
+                rule: "nine i32 words (adamw_device_words)",
+            });
+        }
+        if apply.dtype() != DType::F32 || apply.numel() != 1 {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                arg: "apply",
+                value: format!("{:?} {:?}", apply.dtype(), apply.dims()),
+                rule: "one f32",
+            });
+        }
+        for (arg, t) in [("param", &mut *param), ("m", &mut *m), ("v", &mut *v)] {
+            t.make_unique_f32(|t| {
+                Err(Error::InvalidArgument {
+                    op: OP,
+                    arg,
+                    value: format!("{:?} {:?}, shared or offset", t.dtype(), t.dims()),
+                    rule: "written in place: f32, write-through or a whole unshared buffer",
+                })
+            })?;
+        }
+        let n = grad.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let e = self.engine(OP)?;
+        let ops = if grad.dtype() == DType::BF16 {
+            &e.ops_bf16
+        } else {
+            &e.ops_f32
+        };
+        let (pv, mv, vv, gv) = (
+            view(OP, param)?,
+            view(OP, m)?,
+            view(OP, v)?,
+            view(OP, grad)?,
+        );
+        let (cv, av) = (view(OP, consts)?, view(OP, apply)?);
+        self.ck(
+            OP,
+            ops.adamw_device(&e.gpu, &pv, &mv, &vv, &gv, n, &cv, &av),
+        )
+    }
+
+    /// The nine i32 words [`CudaBackend::adamw_step_device`] reads for the step `h`: the
+    /// f32 constants (bits) and the decay switch that [`Tensor::adamw_step`] passes by
+    /// value. Host arithmetic only.
+    pub fn adamw_device_words(&self, h: &AdamWStep) -> Result<[i32; 9]> {
+        let p = megamoe_cuda::AdamWParams {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            t: h.t,
+        };
+        self.ck("adamw_device_words", p.device_words())
     }
 }
 
