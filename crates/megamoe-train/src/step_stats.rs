@@ -23,8 +23,11 @@ use megamoe_plan::Plan;
 use megamoe_tensor::{DType, Tensor};
 
 use crate::data::Batch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::{FlexiDepthStats, GateSkipStats, LossParts, MoeLayerStats};
+
+/// Where a micro-batch's total loss sits in its values vector.
+const TOTAL: usize = 5;
 
 /// Per-step sums over micro-batches, turned into step metrics at the end.
 #[derive(Debug, Default)]
@@ -39,6 +42,8 @@ pub(crate) struct StepSums {
     pub(crate) layers_used: f64,
     /// MoE layer → counts summed over micro-batches.
     pub(crate) moe: BTreeMap<usize, MoeLayerSums>,
+    /// The pre-clip gradient norm, when the step clipped inside a captured graph.
+    pub(crate) grad_norm: Option<f64>,
 }
 
 /// Routing counts of one MoE layer over a step.
@@ -96,6 +101,9 @@ pub(crate) struct StepStatsAccumulator {
     values: Vec<Tensor>,
     /// GateSkip kept shares are host numbers already (from the config); summed here.
     gate_skip: BTreeMap<usize, (f64, f64)>,
+    /// Rank-0 f32 pre-clip gradient norm when the step clipped on the device inside a
+    /// captured graph ([`StepStatsAccumulator::set_grad_norm`]); read with the rest.
+    grad_norm: Option<Tensor>,
 }
 
 impl StepStatsAccumulator {
@@ -109,15 +117,54 @@ impl StepStatsAccumulator {
             counts: None,
             values: Vec::new(),
             gate_skip: BTreeMap::new(),
+            grad_norm: None,
         }
     }
 
-    /// Adds one micro-batch's loss parts and statistics (device work only; no host read).
+    /// Adds the step's pre-clip gradient norm (a device tensor) to the one batched read.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn set_grad_norm(&mut self, norm: Tensor) {
+        self.grad_norm = Some(norm);
+    }
+
+    /// Each micro-batch's total loss as a `[1]` f32 device tensor (no read).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn totals(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .values
+            .iter()
+            .map(|v| v.narrow(0, TOTAL, 1))
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// `(layer, [E] f32 real picks per routed expert summed over the step's micro-batches)`
+    /// of every MoE layer, on the device (no read): the counts the expert-bias update uses.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layer_picks(&self) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        let Some(counts) = &self.counts else {
+            return Ok(out);
+        };
+        let mut at = 0;
+        for l in &self.layers {
+            let Some(m) = &l.moe else { continue };
+            out.push((l.layer, counts.narrow(0, at, m.experts.min(m.pool))?));
+            at += m.pool + m.experts;
+            if self.num_domains > 1 {
+                at += self.num_domains * m.experts;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds one micro-batch's loss parts and statistics (device work only; no host read
+    /// and no upload). `token_domains` is the micro-batch's `[B, T]` i32 device tensor of
+    /// [`token_domain_ids`]; needed when the data has several domains.
     pub(crate) fn add(
         &mut self,
         losses: &LossTensors,
         stats: &ModelStats,
-        micro: &Batch,
+        token_domains: Option<&Tensor>,
     ) -> Result<()> {
         let mut layers = Vec::with_capacity(stats.layers.len());
         let mut values: Vec<Tensor> = [
@@ -149,7 +196,12 @@ impl StepStatsAccumulator {
                     counts.push(st.picks_per_slot.reshape([st.picks_per_slot.numel()])?);
                     counts.push(st.tokens_per_expert.to_dtype(DType::F32)?);
                     if self.num_domains > 1 {
-                        counts.push(domain_counts(st, micro, self.num_domains)?);
+                        let domains = token_domains.ok_or_else(|| Error::DataConfig {
+                            field: "domains",
+                            value: self.num_domains.to_string(),
+                            rule: "several data domains need each token's domain on the device",
+                        })?;
+                        counts.push(domain_counts(st, domains, self.num_domains)?);
                     }
                     if let Some(g) = &st.shared_gate_mean {
                         values.push(g.reshape([1])?);
@@ -196,16 +248,24 @@ impl StepStatsAccumulator {
     ///
     /// SYNC: the step's one read of its loss parts and statistics.
     pub(crate) fn finish(self, plan: &Plan) -> Result<StepSums> {
-        let mut all: Vec<&Tensor> = Vec::with_capacity(self.values.len() + 1);
+        let mut all: Vec<&Tensor> = Vec::with_capacity(self.values.len() + 2);
         all.extend(&self.counts);
         all.extend(&self.values);
+        all.extend(&self.grad_norm);
         let host = Tensor::to_host_batch_f32(&all)?;
-        let (counts, values) = match self.counts {
-            Some(_) => (host[0].as_slice(), &host[1..]),
-            None => (&[][..], &host[..]),
+        let first = usize::from(self.counts.is_some());
+        let last = host.len() - usize::from(self.grad_norm.is_some());
+        let counts = match self.counts {
+            Some(_) => host[0].as_slice(),
+            None => &[][..],
         };
+        let values = &host[first..last];
         let mut sums = StepSums {
             gate_skip: self.gate_skip,
+            grad_norm: self
+                .grad_norm
+                .as_ref()
+                .map(|_| host[last].first().copied().unwrap_or(f32::NAN) as f64),
             ..StepSums::default()
         };
         let k = self.mtp_losses;
@@ -217,7 +277,7 @@ impl StepStatsAccumulator {
                 z: at(2),
                 gate_skip: at(3),
                 flexi_depth: at(4),
-                total: at(5),
+                total: at(TOTAL),
                 mtp_losses: (6..6 + k).map(at).collect(),
             };
             add_losses(&mut sums, &loss, plan);
@@ -367,33 +427,47 @@ fn cat(parts: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::cat(&refs, 0)?)
 }
 
-/// `[D·E]` f32 on the device: kept assignments per (domain, expert) of `micro`'s tokens
-/// (the MoE layer's rows are the micro-batch's `B·T` tokens in row-major order). Each kept
-/// `(token, slot)` adds one at `domain·E + expert` (a scatter-add into a spare last row for
-/// dropped and null slots and for tokens outside the domain range); no host read.
-pub(crate) fn domain_counts(st: &MoeStats, micro: &Batch, num_domains: usize) -> Result<Tensor> {
+/// Each token's data domain as the i32 the device counts with: the domain index, or -1
+/// when it is not below `num_domains` (such tokens are not counted). Uploaded into the
+/// micro-batch's fixed domain buffer (a captured step reads it there).
+pub(crate) fn token_domain_ids(micro: &Batch, num_domains: usize) -> Vec<i32> {
+    micro
+        .token_domains()
+        .iter()
+        .map(|d| match d.0 as usize {
+            d if d < num_domains => d as i32,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// `[D·E]` f32 on the device: kept assignments per (domain, expert) of the micro-batch
+/// whose `[B, T]` i32 [`token_domain_ids`] are `token_domains` (the MoE layer's rows are
+/// the micro-batch's `B·T` tokens in row-major order). Each kept `(token, slot)` adds one
+/// at `domain·E + expert` (a scatter-add into a spare last row for dropped and null slots
+/// and for tokens without a domain); device work only: no upload, no host read, so a
+/// captured step counts the domains of whatever batch its fixed buffer holds.
+pub(crate) fn domain_counts(
+    st: &MoeStats,
+    token_domains: &Tensor,
+    num_domains: usize,
+) -> Result<Tensor> {
     let (e, k) = (st.num_routed_experts, st.slots_per_token);
     let device = st.token_experts.device();
-    let token_domains = micro.token_domains();
     debug_assert_eq!(
-        token_domains.len(),
+        token_domains.numel(),
         st.tokens,
         "MoE rows = micro-batch tokens"
     );
-    // Host data uploaded (no read): each slot's row offset `domain·E`, or -1 when the
-    // token has no domain in range.
-    let mut base = Vec::with_capacity(st.tokens * k);
-    for n in 0..st.tokens {
-        let b = match token_domains.get(n) {
-            Some(d) if (d.0 as usize) < num_domains => (d.0 as usize * e) as f32,
-            _ => -1.0,
-        };
-        base.extend(std::iter::repeat_n(b, k));
-    }
+    // Each slot's row offset `domain·E` (negative for a token without a domain).
+    let offset = token_domains
+        .reshape([st.tokens])?
+        .to_dtype(DType::F32)?
+        .scale(e as f32)?;
     let shape = [st.tokens, k];
-    let base = Tensor::from_vec_f32(base, shape, device)?;
+    let base = Tensor::ones(shape, DType::F32, device)?.mul_col(&offset)?;
     let experts = st.token_experts.to_dtype(DType::F32)?;
-    // Counted: a kept expert (id ≥ 0) of a token with a domain in range (offset ≥ 0).
+    // Counted: a kept expert (id ≥ 0) of a token with a domain (offset ≥ 0).
     let counted = experts.gt_scalar(-0.5)?.mul(&base.gt_scalar(-0.5)?)?;
     let spare = Tensor::full(shape, (num_domains * e) as f32, DType::F32, device)?;
     let row = counted.where_cond(&base.add(&experts)?, &spare)?;
@@ -404,4 +478,49 @@ pub(crate) fn domain_counts(st: &MoeStats, micro: &Batch, num_domains: usize) ->
     Ok(counts
         .narrow(0, 0, num_domains * e)?
         .reshape([num_domains * e])?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::data::DomainId;
+    use megamoe_tensor::Device;
+
+    #[test]
+    fn token_domain_ids_repeat_each_sequence_domain_and_mark_unknown_ones() {
+        let micro = Batch {
+            batch_size: 3,
+            seq_len: 2,
+            inputs: vec![0; 6],
+            targets: vec![0; 6],
+            domains: vec![DomainId(1), DomainId(0), DomainId(5)],
+        };
+        assert_eq!(token_domain_ids(&micro, 2), [1, 1, 0, 0, -1, -1]);
+    }
+
+    #[test]
+    fn domain_counts_count_kept_assignments_per_domain_and_expert() {
+        let cpu = Device::Cpu;
+        // 4 tokens, 2 slots, 3 experts; -1 = dropped or null slot.
+        let token_experts =
+            Tensor::from_vec_i32(vec![0, 2, 1, -1, 2, 0, -1, 1], [4, 2], cpu).unwrap();
+        let st = MoeStats {
+            picks_per_slot: Tensor::zeros([1, 3], DType::F32, cpu).unwrap(),
+            tokens_per_expert: Tensor::zeros([3], DType::I32, cpu).unwrap(),
+            num_routed_experts: 3,
+            tokens: 4,
+            slots_per_token: 2,
+            token_experts,
+            shared_gate_mean: None,
+        };
+        // Token 2 has no domain (not counted).
+        let domains = Tensor::from_vec_i32(vec![0, 1, -1, 1], [2, 2], cpu).unwrap();
+        let counts = domain_counts(&st, &domains, 2)
+            .unwrap()
+            .to_host_f32()
+            .unwrap();
+        // Domain 0: token 0 → experts 0, 2. Domain 1: token 1 → 1, token 3 → 1.
+        assert_eq!(counts, [1.0, 0.0, 1.0, 0.0, 2.0, 0.0]);
+    }
 }

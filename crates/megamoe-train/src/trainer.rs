@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use megamoe_model::{GradBuffers, Model, ModelConfig, ModelParams};
 use megamoe_optim::ParamRole;
-use megamoe_optim::{clip_grad_norm, Optimizer, Schedule};
+use megamoe_optim::{clip_grad_norm, ClipReport, Optimizer, Schedule};
 use megamoe_plan::{OptimizerKind, Plan, RawConfig};
 use megamoe_tensor::{DType, Device, Tensor};
 
@@ -345,15 +345,20 @@ impl Trainer {
         //    rank runs its own m micro-batches of the global batch.
         //    With whole-step CUDA graphs on, this part is captured once and replayed.
         let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
-        let stats = self.forward_backward(&batch, first, s)?;
+        //    With the optimizer in the graph too, steps 4-6 below ran there.
+        let device = self.forward_backward(&batch, first, s)?;
 
         // One host read for every micro-batch's loss parts and statistics.
-        let mut sums = stats.finish(&self.plan)?;
+        let mut sums = device.stats.finish(&self.plan)?;
 
         // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
         //    Distributed: gradients, loss sums and routing counts over the data ranks.
         // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
         let clip = match &mut self.parallel {
+            _ if device.optimizer_done => ClipReport::from_norm(
+                sums.grad_norm.unwrap_or(f64::NAN),
+                self.plan.optim.grad_clip,
+            ),
             None => clip_grad_norm(
                 &mut |f| self.grads.grads_mut().visit_mut(f),
                 self.plan.optim.grad_clip,
@@ -368,7 +373,11 @@ impl Trainer {
 
         // 5. lr and optimizer, 6. expert-bias update, unless the guard skips the step.
         let lr = self.schedule.lr(s);
-        if finite {
+        if finite && device.optimizer_done {
+            // The graph's AdamW and expert-bias update ran under the same guard.
+            self.optimizer.count_step();
+            self.nonfinite_streak = 0;
+        } else if finite {
             match &mut self.parallel {
                 Some(par) if par.is_sharded() => {
                     par.sharded_optimizer_step(&mut self.optimizer, &mut self.params, lr)?
@@ -633,7 +642,9 @@ fn update_layer_bias(
             continue;
         }
         if let Some(bias) = moe.router.expert_bias.as_mut() {
-            *bias = update.apply(bias, counts)?;
+            // Written in place: the bias keeps its buffer (a captured step graph reads it).
+            let next = update.apply(bias, counts)?;
+            bias.copy_from(&next)?;
         }
     }
     Ok(())

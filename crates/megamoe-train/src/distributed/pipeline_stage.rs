@@ -137,13 +137,23 @@ impl<'a> ChunkStage<'a> {
 
     /// Adds the routed-expert picks of the forward's MoE layers.
     fn count_picks(&mut self, stats: &ModelStats, rows: &crate::data::Batch) -> crate::Result<()> {
+        // Each token's domain on the device (uploaded once per micro-batch).
+        let mut domains: Option<megamoe_tensor::Tensor> = None;
         for layer in &stats.layers {
             let Some(moe) = &layer.block.moe else {
                 continue;
             };
             if self.num_domains > 1 {
+                let domains = match domains.take() {
+                    Some(d) => domains.insert(d),
+                    None => domains.insert(megamoe_tensor::Tensor::from_vec_i32(
+                        crate::step_stats::token_domain_ids(rows, self.num_domains),
+                        [rows.batch_size, rows.seq_len],
+                        moe.stats.token_experts.device(),
+                    )?),
+                };
                 // SYNC: one read per MoE layer per micro-batch, for the metrics line.
-                let c = crate::step_stats::domain_counts(&moe.stats, rows, self.num_domains)?
+                let c = crate::step_stats::domain_counts(&moe.stats, domains, self.num_domains)?
                     .to_host_f32()?;
                 let sum = self
                     .by_domain
