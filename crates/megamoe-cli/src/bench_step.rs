@@ -32,10 +32,15 @@ pub struct StepBenchArgs {
     /// Peak FLOP/s for MFU. Default 989e12 (H100/H200 dense bf16).
     #[arg(long, default_value_t = 989e12)]
     pub peak_flops: f64,
-    /// Capture each step's forward and backward as one CUDA graph after a warm-up step
-    /// and replay it (GPU, static-capacity runs; others run uncaptured and say why).
+    /// Run every step uncaptured. By default a GPU run in static-capacity mode captures
+    /// the whole step (forward, backward, clipping, AdamW, expert-bias update) as one CUDA
+    /// graph after a warm-up step and replays it; other runs stay uncaptured and say why.
     #[arg(long)]
-    pub cuda_graph: bool,
+    pub no_cuda_graph: bool,
+    /// Keep clipping, the optimizer and the expert-bias update outside the CUDA graph
+    /// (after the replay, with host values).
+    #[arg(long)]
+    pub no_cuda_graph_optimizer: bool,
 }
 
 /// Runs `megamoe bench step`.
@@ -61,7 +66,9 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
             device: a.device,
         },
     )?;
-    trainer.set_cuda_graph(a.cuda_graph);
+    let graph = a.device != Device::Cpu && !a.no_cuda_graph;
+    trainer.set_cuda_graph(graph);
+    trainer.set_cuda_graph_optimizer(graph && !a.no_cuda_graph_optimizer);
     let setup_s = t0.elapsed().as_secs_f64();
     let plan = trainer.plan().clone();
     let predicted_gib =

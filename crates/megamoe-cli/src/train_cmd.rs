@@ -67,11 +67,22 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 
-    /// On a GPU in static-capacity mode (moe.capacity_factor + moe.pad_to_capacity):
-    /// capture each step's forward and backward as one CUDA graph after a warm-up step
-    /// and replay it. Other runs stay uncaptured and log why. Off by default.
-    #[arg(long)]
+    /// Whole-step CUDA graphs, on by default with `--device cuda`: in static-capacity mode
+    /// (moe.capacity_factor + moe.pad_to_capacity) each step (forward, backward, clipping,
+    /// AdamW, expert-bias update) is captured once after a warm-up step and replayed;
+    /// other runs stay uncaptured and say why. This flag only states the default (it
+    /// needs a GPU).
+    #[arg(long, conflicts_with = "no_cuda_graph")]
     pub cuda_graph: bool,
+
+    /// Run every step uncaptured (no CUDA graph).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
+
+    /// Keep clipping, the optimizer and the expert-bias update outside the CUDA graph
+    /// (after the replay, with host values); the graph then holds forward and backward.
+    #[arg(long)]
+    pub no_cuda_graph_optimizer: bool,
 
     /// Tokens generated for the final text sample (0 = none).
     #[arg(long, value_name = "N", default_value_t = 64)]
@@ -270,7 +281,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             device: args.device,
         },
     )?;
-    trainer.set_cuda_graph(args.cuda_graph);
+    let graph = args.device != Device::Cpu && !args.no_cuda_graph;
+    trainer.set_cuda_graph(graph);
+    trainer.set_cuda_graph_optimizer(graph && !args.no_cuda_graph_optimizer);
     let (run_dir, _lock) = match lock {
         Some((run_dir, lock)) => (run_dir, lock),
         None => {
@@ -339,6 +352,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
             print!("{summary}");
             if let Some(line) = gpu_memory_line(args.device, trainer.plan())? {
                 println!("{line}");
+            }
+            if args.device != Device::Cpu {
+                println!("cuda_graph {} (last step)", trainer.cuda_graph_status());
             }
             println!("run dir    {} (megamoe report {0})", run.path().display());
             Ok(ExitCode::SUCCESS)
