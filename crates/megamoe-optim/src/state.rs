@@ -684,7 +684,7 @@ fn update_one<'g>(
                 // An f32 parameter is updated in place: it keeps its buffer (and address)
                 // once `current`'s extra reference is gone.
                 drop(current);
-                return Ok(adamw_update_in_place(p, g, state, adamw, lr, t, decay)?);
+                return adamw_update_in_place(p, g, state, adamw, lr, t, decay);
             }
             adamw_update(&current, g, state, adamw, lr, t, decay)?
         }
