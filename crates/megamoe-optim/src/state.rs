@@ -409,8 +409,8 @@ impl Optimizer {
     /// parameter in registration-visit order. The step count does not advance: call
     /// [`Optimizer::count_step`] once the update is known to have been applied, and take
     /// the scalars from [`Optimizer::next_adamw_step`]. Only for AdamW on f32 parameters
-    /// whose moments exist (after one [`Optimizer::step`]); anything else is refused by
-    /// name before any update.
+    /// with moments (made with the optimizer); anything else is refused by name before
+    /// any update.
     pub fn step_adamw_with(
         &mut self,
         visit_params: &mut VisitorMut<'_>,
@@ -427,7 +427,7 @@ impl Optimizer {
                 _ if st.master.is_some() => {
                     Some("runs on f32 parameters (not bf16 with master weights)")
                 }
-                _ if st.adamw.is_none() => Some("needs the AdamW moments of one earlier step"),
+                _ if st.adamw.is_none() => Some("needs AdamW moments"),
                 _ => None,
             };
             if let Some(rule) = why {

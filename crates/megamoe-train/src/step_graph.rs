@@ -161,9 +161,6 @@ impl Trainer {
         if self.plan.optim.kind == megamoe_plan::OptimizerKind::Muon {
             return Some("Muon");
         }
-        if self.optimizer.steps_taken() == 0 {
-            return Some("no AdamW moments yet");
-        }
         None
     }
 
