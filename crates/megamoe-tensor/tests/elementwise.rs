@@ -146,6 +146,28 @@ fn swiglu_and_backward_match_reference_and_finite_differences(dev: Device) {
     assert_close(&host(&du), &want_du, 1e-5, 1e-6);
 }
 
+/// SwiGLU on gate‖up rows (one `[rows, 2F]` GEMM output) gives the bits of SwiGLU on the two
+/// halves as separate tensors, forward and backward; rows span several CPU tasks.
+fn swiglu_gate_up_gives_the_bits_of_swiglu_on_the_halves(dev: Device) {
+    let (rows, f) = (37, 600);
+    let gate = rand_on(dev, 40, &[rows, f]).scale(4.0).unwrap();
+    let up = rand_on(dev, 41, &[rows, f]);
+    let dy = rand_on(dev, 42, &[rows, f]);
+    let gate_up = Tensor::cat(&[&gate, &up], 1).unwrap();
+    let y = gate_up.swiglu_gate_up().unwrap();
+    assert_eq!(y.dims(), &[rows, f]);
+    assert!(same_bits(&host(&y), &host(&gate.swiglu(&up).unwrap())));
+    let d = Tensor::swiglu_gate_up_backward(&gate_up, &dy).unwrap();
+    let (dg, du) = Tensor::swiglu_backward(&gate, &up, &dy).unwrap();
+    let want = Tensor::cat(&[&dg, &du], 1).unwrap();
+    assert_eq!(d.dims(), &[rows, 2 * f]);
+    assert!(same_bits(&host(&d), &host(&want)));
+    // An odd width has no halves; dy must be the halved shape.
+    let odd = rand_on(dev, 43, &[rows, 7]);
+    assert!(odd.swiglu_gate_up().is_err());
+    assert!(Tensor::swiglu_gate_up_backward(&gate_up, &gate_up).is_err());
+}
+
 fn binary_scalar_and_broadcast_ops_match_loops(dev: Device) {
     let (n, h) = (5, 7);
     let a = rand_vec(30, n * h);
@@ -336,6 +358,7 @@ backend_tests!(
     activations_match_f64_reference,
     activation_backward_helpers_match_finite_differences,
     swiglu_and_backward_match_reference_and_finite_differences,
+    swiglu_gate_up_gives_the_bits_of_swiglu_on_the_halves,
     binary_scalar_and_broadcast_ops_match_loops,
     add_assign_and_axpy_are_copy_on_write,
     bf16_round_trip_and_bf16_inputs_widen,

@@ -424,6 +424,29 @@ extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int 
     }
 }
 
+// SwiGLU of gate||up rows (one GEMM against a fused [2f, h] weight): y[r, j] =
+// silu(gu[r, j]) * gu[r, f + j], n = rows * f outputs; the formula of binary_f's swiglu.
+extern "C" __global__ void swiglu_gate_up(const void* gu, int gt, void* y, int yt, size_t f, size_t n) {
+    GRID_STRIDE(i, n) {
+        const size_t gi = (i / f) * 2 * f + i % f;
+        const float g = ld(gu, gt, gi), u = ld(gu, gt, gi + f);
+        st(y, yt, i, g * sigmoid_(g) * u);
+    }
+}
+
+// Its backward (f32 out): d_gu[r, j] = dy * up * silu'(gate), d_gu[r, f + j] = dy * silu(gate),
+// the formulas of swiglu_bwd.
+extern "C" __global__ void swiglu_gate_up_bwd(const void* gu, int gt, const void* dy, int dt,
+                                              float* d_gu, size_t f, size_t n) {
+    GRID_STRIDE(i, n) {
+        const size_t gi = (i / f) * 2 * f + i % f;
+        const float gv = ld(gu, gt, gi), uv = ld(gu, gt, gi + f), d = ld(dy, dt, i);
+        const float s = sigmoid_(gv);
+        d_gu[gi] = d * uv * (s * (1.f + gv * (1.f - s)));
+        d_gu[gi + f] = d * (gv * s);
+    }
+}
+
 // Whole-tensor sums, pass 1: partial[block] = sum over a fixed grid-stride slice of x (or
 // of x^2 when `squares`), f64. Pass 2 (`reduce_partials`) adds the blocks in order.
 extern "C" __global__ void sum_all_partial(const void* x, int xt, size_t n, int squares,

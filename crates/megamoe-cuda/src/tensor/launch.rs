@@ -51,6 +51,8 @@ struct Kernels {
     index_place: dsys::CUfunction,
     index_add_apply: dsys::CUfunction,
     swiglu_bwd: dsys::CUfunction,
+    swiglu_gate_up: dsys::CUfunction,
+    swiglu_gate_up_bwd: dsys::CUfunction,
     sum_all_partial: dsys::CUfunction,
     reduce_partials: dsys::CUfunction,
 }
@@ -104,6 +106,8 @@ impl TensorKernels {
                 index_place: get("index_place")?,
                 index_add_apply: get("index_add_apply")?,
                 swiglu_bwd: get("swiglu_bwd")?,
+                swiglu_gate_up: get("swiglu_gate_up")?,
+                swiglu_gate_up_bwd: get("swiglu_gate_up_bwd")?,
                 sum_all_partial: get("sum_all_partial")?,
                 reduce_partials: get("reduce_partials")?,
             },
@@ -744,6 +748,69 @@ impl TensorKernels {
                 arg(&dt),
                 arg(&d_gate),
                 arg(&d_up),
+                arg(&n),
+            ],
+        )
+    }
+
+    /// SwiGLU of gate‖up rows: `y[r, j] = silu(gu[r, j]) · gu[r, f + j]` for the `n = rows·f`
+    /// elements of `y [rows, f]`, `gu [rows, 2f]` (any float types).
+    ///
+    /// # Safety
+    /// See [`TensorKernels::cast`].
+    pub unsafe fn swiglu_gate_up(
+        &self,
+        gpu: &Gpu,
+        gu: Dev,
+        y: Dev,
+        f: usize,
+        n: usize,
+    ) -> Result<()> {
+        float_only("swiglu_gate_up gate_up", gu)?;
+        let (gt, yt) = (gu.dtype.code(), y.dtype.code());
+        gpu.launch(
+            self.k.swiglu_gate_up,
+            grid(n),
+            BLOCK,
+            &mut [
+                arg(&gu.ptr),
+                arg(&gt),
+                arg(&y.ptr),
+                arg(&yt),
+                arg(&f),
+                arg(&n),
+            ],
+        )
+    }
+
+    /// Backward of [`TensorKernels::swiglu_gate_up`]: f32 `d_gu [rows, 2f]` (`d_gate` in the
+    /// first f columns of each row, `d_up` in the last f) from `gu [rows, 2f]` and
+    /// `dy [rows, f]`, `n = rows·f`.
+    ///
+    /// # Safety
+    /// See [`TensorKernels::cast`].
+    pub unsafe fn swiglu_gate_up_backward(
+        &self,
+        gpu: &Gpu,
+        gu: Dev,
+        dy: Dev,
+        d_gu: u64,
+        f: usize,
+        n: usize,
+    ) -> Result<()> {
+        float_only("swiglu_gate_up_backward gate_up", gu)?;
+        let (gt, dt) = (gu.dtype.code(), dy.dtype.code());
+        gpu.launch(
+            self.k.swiglu_gate_up_bwd,
+            grid(n),
+            BLOCK,
+            &mut [
+                arg(&gu.ptr),
+                arg(&gt),
+                arg(&dy.ptr),
+                arg(&dt),
+                arg(&d_gu),
+                arg(&f),
                 arg(&n),
             ],
         )

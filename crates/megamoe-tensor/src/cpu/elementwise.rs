@@ -137,6 +137,37 @@ pub(crate) fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>
     (d_gate, d_up)
 }
 
+/// SwiGLU of gate‖up rows: `gate_up [rows, 2f]` → `[rows, f]`, row `r` being
+/// `silu(gate_up[r, ..f]) · gate_up[r, f..]` (per element the bits of [`swiglu`]); whole rows
+/// per task, `rows_per_task(2f)` of them (bits independent of the thread count).
+pub(crate) fn swiglu_gate_up(gate_up: &[f32], f: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; gate_up.len() / 2];
+    if f == 0 {
+        return out;
+    }
+    let rows = super::rows_per_task(2 * f);
+    out.par_chunks_mut(rows * f)
+        .zip(gate_up.par_chunks(rows * 2 * f))
+        .for_each(|(o, gu)| simd::swiglu_gate_up(o, gu, f));
+    out
+}
+
+/// Backward of [`swiglu_gate_up`]: `d_gate_up [rows, 2f]` (the `(d_gate, d_up)` of
+/// [`swiglu_backward`] side by side in each row) from `gate_up [rows, 2f]`, `dy [rows, f]`.
+pub(crate) fn swiglu_gate_up_backward(gate_up: &[f32], dy: &[f32], f: usize) -> Vec<f32> {
+    let mut d_gate_up = vec![0.0f32; gate_up.len()];
+    if f == 0 {
+        return d_gate_up;
+    }
+    let rows = super::rows_per_task(2 * f);
+    d_gate_up
+        .par_chunks_mut(rows * 2 * f)
+        .zip(gate_up.par_chunks(rows * 2 * f))
+        .zip(dy.par_chunks(rows * f))
+        .for_each(|((dgu, gu), d)| simd::swiglu_gate_up_backward(dgu, gu, d, f));
+    d_gate_up
+}
+
 /// `e^x` for `x ≤ 0` (the sigmoid's `e^{−|x|}`) without a libm call, so that loops over it
 /// vectorise: `e^x = 2ⁿ · e^r` with `n = round(x·log₂e)`, `r = x − n·ln2` (ln 2 in two
 /// parts, Cody–Waite), `|r| ≤ ln2/2`, and `e^r` by its degree-7 Taylor polynomial
@@ -205,6 +236,29 @@ mod simd {
         }
     }
 
+    /// Rows of `o [.., f]` from rows of `gu [.., 2f]` (gate half, then up half).
+    #[inline(always)]
+    fn swiglu_gate_up_body(o: &mut [f32], gu: &[f32], f: usize) {
+        for (o, gu) in o.chunks_exact_mut(f).zip(gu.chunks_exact(2 * f)) {
+            let (g, u) = gu.split_at(f);
+            swiglu_body(o, g, u);
+        }
+    }
+
+    /// Rows of `dgu [.., 2f]` (d gate half, d up half) from `gu [.., 2f]` and `d [.., f]`.
+    #[inline(always)]
+    fn swiglu_gate_up_backward_body(dgu: &mut [f32], gu: &[f32], d: &[f32], f: usize) {
+        for ((dgu, gu), d) in dgu
+            .chunks_exact_mut(2 * f)
+            .zip(gu.chunks_exact(2 * f))
+            .zip(d.chunks_exact(f))
+        {
+            let (dg, du) = dgu.split_at_mut(f);
+            let (g, u) = gu.split_at(f);
+            swiglu_backward_body(dg, du, g, u, d);
+        }
+    }
+
     macro_rules! dispatch {
         ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
             pub(super) fn $name($($arg: $ty),*) {
@@ -235,6 +289,16 @@ mod simd {
     }
 
     dispatch!(swiglu, swiglu_body, (o: &mut [f32], g: &[f32], u: &[f32]));
+    dispatch!(
+        swiglu_gate_up,
+        swiglu_gate_up_body,
+        (o: &mut [f32], gu: &[f32], f: usize)
+    );
+    dispatch!(
+        swiglu_gate_up_backward,
+        swiglu_gate_up_backward_body,
+        (dgu: &mut [f32], gu: &[f32], d: &[f32], f: usize)
+    );
     dispatch!(
         swiglu_backward,
         swiglu_backward_body,

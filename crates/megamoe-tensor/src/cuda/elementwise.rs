@@ -8,7 +8,7 @@ use megamoe_cuda::tensor::{AllReduce, Binary, Broadcast, Dev, RowReduce, Unary};
 
 use super::{dev, CudaBackend, Engine};
 use crate::backend::HostTransfer;
-use crate::ops::elementwise::{BinaryOp, ElementwiseKernels, RowOp, UnaryOp};
+use crate::ops::elementwise::{gate_up_half, BinaryOp, ElementwiseKernels, RowOp, UnaryOp};
 use crate::ops::reduce::{ReduceAll, ReduceKernels, ReduceLast};
 use crate::ops::scalar::ScalarKernels;
 use crate::ops::softmax::{SoftmaxKernels, SoftmaxKind};
@@ -162,6 +162,37 @@ impl ElementwiseKernels for CudaBackend {
             e.tk.swiglu_backward(&e.gpu, g, u, d, dgd.ptr, dud.ptr, n)
         })?;
         Ok((dg, du))
+    }
+
+    fn swiglu_gate_up(&self, gate_up: &Tensor) -> Result<Tensor> {
+        const OP: &str = "swiglu_gate_up";
+        let (f, shape) = gate_up_half(gate_up);
+        let (x, n) = (dev(OP, gate_up)?, shape.numel());
+        self.produce(
+            OP,
+            shape,
+            self.elementwise_dtype(&[gate_up]),
+            // SAFETY: `gate_up` holds 2n elements in rows of 2f, the output n in rows of f
+            // (shapes checked by the op).
+            Box::new(move |e, y| unsafe { e.tk.swiglu_gate_up(&e.gpu, x, y, f, n) }),
+        )
+    }
+
+    fn swiglu_gate_up_backward(&self, gate_up: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        const OP: &str = "swiglu_gate_up_backward";
+        let (f, half) = gate_up_half(gate_up);
+        let (g, d, n) = (dev(OP, gate_up)?, dev(OP, dy)?, half.numel());
+        // The kernel writes f32 gradients (in every precision mode), like `swiglu_backward`.
+        self.produce(
+            OP,
+            gate_up.shape().clone(),
+            DType::F32,
+            // SAFETY: `gate_up` and the output hold 2n elements in rows of 2f, `dy` n in rows
+            // of f (shapes checked by the op).
+            Box::new(move |e, y| unsafe {
+                e.tk.swiglu_gate_up_backward(&e.gpu, g, d, y.ptr, f, n)
+            }),
+        )
     }
 
     fn row_broadcast(&self, x: &Tensor, v: &Tensor, op: RowOp) -> Result<Tensor> {

@@ -19,6 +19,11 @@ pub trait ElementwiseKernels {
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
     /// `(d gate, d up)` of [`ElementwiseKernels::swiglu`].
     fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// SwiGLU of gate‖up rows: `gate_up [.., 2F]` → `silu(gate) · up` `[.., F]`, the gate
+    /// being the first F columns of each row, the up projection the last F.
+    fn swiglu_gate_up(&self, gate_up: &Tensor) -> Result<Tensor>;
+    /// `d gate_up [.., 2F]` (f32) of [`ElementwiseKernels::swiglu_gate_up`] from `dy [.., F]`.
+    fn swiglu_gate_up_backward(&self, gate_up: &Tensor, dy: &Tensor) -> Result<Tensor>;
     /// `op(x[.., h], v[h])` with `v [H]` broadcast over the rows of `x [.., H]`.
     fn row_broadcast(&self, x: &Tensor, v: &Tensor, op: RowOp) -> Result<Tensor>;
     /// `x[n, ..] · s[n]` for `x [N, ..]`, `s [N]`.
@@ -303,6 +308,32 @@ impl Tensor {
         gate.backend().swiglu_backward(gate, up, dy)
     }
 
+    /// SwiGLU of gate‖up rows: `self [.., 2F]` holds in each row the gate (first F columns)
+    /// and the up projection (last F) — the output of ONE GEMM against a fused `[2F, H]`
+    /// weight — and the result `[.., F]` is `silu(gate) · up`, per element the bits of
+    /// [`Tensor::swiglu`] on the two halves (no copy of either half).
+    pub fn swiglu_gate_up(&self) -> Result<Tensor> {
+        check_gate_up("swiglu_gate_up", self)?;
+        self.backend().swiglu_gate_up(self)
+    }
+
+    /// Backward of [`Tensor::swiglu_gate_up`]: `d_gate_up [.., 2F]`, written fresh, holding in
+    /// each row the `(d_gate, d_up)` of [`Tensor::swiglu_backward`] side by side.
+    pub fn swiglu_gate_up_backward(gate_up: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        const OP: &str = "swiglu_gate_up_backward";
+        check_gate_up(OP, gate_up)?;
+        gate_up.same_device(OP, dy)?;
+        if dy.dims() != gate_up_half(gate_up).1.dims() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: gate_up.dims().to_vec(),
+                rhs: dy.dims().to_vec(),
+                rule: "dy must have gate_up's shape with the last dimension halved",
+            });
+        }
+        gate_up.backend().swiglu_gate_up_backward(gate_up, dy)
+    }
+
     /// `x + b` with `b [H]` broadcast over every row of `x [.., H]` (bias add).
     pub fn add_row(&self, b: &Tensor) -> Result<Tensor> {
         self.row_broadcast("add_row", b, RowOp::Add)
@@ -378,4 +409,27 @@ impl Tensor {
     pub fn fill_in_place(&mut self, value: f32) -> Result<()> {
         self.backend().fill(self, value)
     }
+}
+
+/// A gate‖up operand has rank ≥ 1 and an even last dimension.
+fn check_gate_up(op: &'static str, t: &Tensor) -> Result<()> {
+    match t.dims().last() {
+        Some(n) if n % 2 == 0 => Ok(()),
+        _ => Err(Error::InvalidArgument {
+            op,
+            arg: "gate_up",
+            value: format!("{:?}", t.dims()),
+            rule: "the last dimension holds the gate and up halves, so it must be even",
+        }),
+    }
+}
+
+/// `(F, shape of the result)` of a checked gate‖up operand `[.., 2F]`.
+pub(crate) fn gate_up_half(t: &Tensor) -> (usize, crate::Shape) {
+    let mut dims = t.dims().to_vec();
+    let f = dims.last().map_or(0, |n| n / 2);
+    if let Some(last) = dims.last_mut() {
+        *last = f;
+    }
+    (f, dims.into())
 }

@@ -2,7 +2,7 @@
 
 use crate::backend::CpuBackend;
 use crate::cpu::elementwise as kernel;
-use crate::ops::elementwise::{BinaryOp, ElementwiseKernels, RowOp, UnaryOp};
+use crate::ops::elementwise::{gate_up_half, BinaryOp, ElementwiseKernels, RowOp, UnaryOp};
 use crate::{Result, Tensor};
 
 impl ElementwiseKernels for CpuBackend {
@@ -37,6 +37,24 @@ impl ElementwiseKernels for CpuBackend {
         Ok((
             Tensor::cpu_f32_from(dg, gate.shape()),
             Tensor::cpu_f32_from(du, gate.shape()),
+        ))
+    }
+
+    fn swiglu_gate_up(&self, gate_up: &Tensor) -> Result<Tensor> {
+        const OP: &str = "swiglu_gate_up";
+        let (f, shape) = gate_up_half(gate_up);
+        let gu = gate_up.cpu_f32(OP, "gate_up")?;
+        Ok(Tensor::cpu_f32_from(kernel::swiglu_gate_up(&gu, f), shape))
+    }
+
+    fn swiglu_gate_up_backward(&self, gate_up: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        const OP: &str = "swiglu_gate_up_backward";
+        let (f, _) = gate_up_half(gate_up);
+        let gu = gate_up.cpu_f32(OP, "gate_up")?;
+        let d = dy.cpu_f32(OP, "dy")?;
+        Ok(Tensor::cpu_f32_from(
+            kernel::swiglu_gate_up_backward(&gu, &d, f),
+            gate_up.shape(),
         ))
     }
 
