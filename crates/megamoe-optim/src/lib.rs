@@ -72,4 +72,4 @@ pub use param_groups::{update_rule, UpdateRule};
 pub use params::NamedParams;
 pub use role::ParamRole;
 pub use shard::RowGather;
-pub use state::{Optimizer, ParamState, STATE_KINDS};
+pub use state::{Optimizer, ParamState, GATE_UP_SUFFIX, STATE_KINDS};

@@ -16,7 +16,9 @@
 //!
 //! An `ExpertBank` parameter `[E, out, in]` is E independent matrices; a fused projection
 //! (QKV) declared with row blocks is split into those blocks before NS, each block
-//! orthogonalised and scaled with its own shape.
+//! orthogonalised and scaled with its own shape. A bank whose experts split into equal row
+//! blocks (the fused SwiGLU gate‖up bank `[E, 2F, H]`) runs as ONE batched NS5 over the
+//! `E·blocks` matrices (a free reshape), with the bits of the per-block path.
 
 use megamoe_plan::{MuonPlan, MuonScale, OptimPlan};
 use megamoe_tensor::{DType, Tensor};
@@ -189,6 +191,15 @@ pub fn orthogonalize(
             // One batched NS5 over the expert dimension.
             let o = newton_schulz5_batched(u, precision)?;
             Ok(o.scale(muon_scale(scale, out, inp) as f32)?)
+        }
+        [e, out, inp]
+            if blocks.iter().all(|&b| b == blocks[0]) && blocks.iter().sum::<usize>() == out =>
+        {
+            // Equal row blocks: each block of each expert is one matrix of [E·blocks, b, in].
+            let b = blocks[0];
+            let o = newton_schulz5_batched(&u.reshape([e * blocks.len(), b, inp])?, precision)?;
+            Ok(o.scale(muon_scale(scale, b, inp) as f32)?
+                .reshape([e, out, inp])?)
         }
         [e, out, inp] => {
             let mut outs = Vec::with_capacity(e);

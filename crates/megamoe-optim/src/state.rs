@@ -108,6 +108,23 @@ pub struct Optimizer {
     flat: Option<(Tensor, Tensor)>,
 }
 
+/// Names ending in this are an expert bank's SwiGLU gate and up projections fused by rows,
+/// `[E, 2F, H]` with each expert's gate rows first (`experts.gate_up_proj`): Muon
+/// orthogonalises every expert's gate and up `[F, H]` matrices separately, exactly as it does
+/// two separate gate and up banks (same bits).
+pub const GATE_UP_SUFFIX: &str = "gate_up_proj";
+
+/// The row blocks `[F, F]` of a fused gate‖up bank `[E, 2F, H]` named `*gate_up_proj`, else
+/// none.
+fn gate_up_blocks(name: &str, dims: &[usize]) -> Vec<usize> {
+    match dims {
+        [_, rows, _] if name.ends_with(GATE_UP_SUFFIX) && *rows >= 2 && rows % 2 == 0 => {
+            vec![rows / 2, rows / 2]
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn check_role_shape(name: &str, role: ParamRole, dims: &[usize], muon: bool) -> Result<()> {
     let (ok, rule) = match role {
         ParamRole::Matrix => (dims.len() == 2, "a Matrix parameter must be 2-D [out, in]"),
@@ -187,7 +204,7 @@ impl Optimizer {
             role,
             dims: t.dims().to_vec(),
             rule,
-            fused_blocks: Vec::new(),
+            fused_blocks: gate_up_blocks(name, t.dims()),
             adamw,
             momentum,
             master,

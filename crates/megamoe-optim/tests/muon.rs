@@ -291,6 +291,58 @@ fn expert_bank_updates_each_expert_like_its_own_matrix() {
     assert!(rel_err(&host(&joint)[..out * inp], &host(&per)) > 1e-2);
 }
 
+/// A fused gate‖up bank `[E, 2F, H]` named `*gate_up_proj` gets the bits of Muon on two
+/// separate banks `[E, F, H]`: NS5 sees every expert's gate and up matrices separately.
+#[test]
+fn fused_gate_up_bank_updates_like_separate_gate_and_up_banks() {
+    for scale in [MuonScale::Keller, MuonScale::Moonlight] {
+        let plan = muon_plan(1e-3, 0.02, 0.1, scale, true);
+        let (e, f, h) = (3, 4, 6);
+        let (wg, wu) = (rand_t(71, &[e, f, h]), rand_t(72, &[e, f, h]));
+        let cat = |a: &megamoe_tensor::Tensor, b: &megamoe_tensor::Tensor| {
+            megamoe_tensor::Tensor::cat(&[a, b], 1).unwrap()
+        };
+        let mut fused = NamedParams::new();
+        fused.push("experts.gate_up_proj", cat(&wg, &wu), ParamRole::ExpertBank);
+        let mut split = NamedParams::new();
+        split.push("experts.gate_proj", wg, ParamRole::ExpertBank);
+        split.push("experts.up_proj", wu, ParamRole::ExpertBank);
+        let mut opt_fused = Optimizer::new(&plan, &mut |f| fused.visit("", f)).unwrap();
+        let mut opt_split = Optimizer::new(&plan, &mut |f| split.visit("", f)).unwrap();
+        for step in 0..2 {
+            let (gg, gu) = (rand_t(80 + step, &[e, f, h]), rand_t(90 + step, &[e, f, h]));
+            let mut gf = NamedParams::new();
+            gf.push("experts.gate_up_proj", cat(&gg, &gu), ParamRole::ExpertBank);
+            let mut gs = NamedParams::new();
+            gs.push("experts.gate_proj", gg, ParamRole::ExpertBank);
+            gs.push("experts.up_proj", gu, ParamRole::ExpertBank);
+            opt_fused
+                .step(
+                    &mut |f| fused.visit_mut("", f),
+                    &mut |f| gf.visit("", f),
+                    1e-3,
+                )
+                .unwrap();
+            opt_split
+                .step(
+                    &mut |f| split.visit_mut("", f),
+                    &mut |f| gs.visit("", f),
+                    1e-3,
+                )
+                .unwrap();
+        }
+        let want = cat(
+            split.get("experts.gate_proj").unwrap(),
+            split.get("experts.up_proj").unwrap(),
+        );
+        assert_eq!(
+            host(fused.get("experts.gate_up_proj").unwrap()),
+            host(&want),
+            "{scale:?}: the fused bank has the split banks' bits"
+        );
+    }
+}
+
 #[test]
 fn muon_routes_only_matrices_and_banks() {
     let plan = muon_plan(1e-3, 0.02, 0.1, MuonScale::Keller, true);
