@@ -50,12 +50,17 @@ pub fn tp_shard_table(plan: &Plan) -> Vec<TpShard> {
             [moe.routed_experts, h],
         ));
         let f = moe.expert_hidden;
+        // A swiglu bank holds gate and up fused: [2f, h] per expert.
+        let (name, rows_in) = match moe.activation {
+            Activation::SwiGlu => ("gate_up_proj", 2 * f),
+            Activation::Relu2 | Activation::Gelu => ("up_proj", f),
+        };
         rows.push((
             format!(
-                "model.layers.{{i}}.mlp.experts.up_proj (x{})",
+                "model.layers.{{i}}.mlp.experts.{name} (x{})",
                 moe.experts_per_ep_rank
             ),
-            [f, h],
+            [rows_in, h],
         ));
         if let Some(s) = moe.shared {
             let fs = s.total_hidden;

@@ -7,6 +7,7 @@
 use megamoe_cuda::{
     CudaMoe, Elem, Error, Gpu, MoeHostWeights, MoeShape, Operand, RouterSpec, Score,
 };
+use megamoe_moe::params::{fuse_gate_up, split_gate_up};
 use megamoe_moe::{MoeConfig, MoeLayer, MoeParams, RouterLossScale};
 use megamoe_plan::ScoreFn;
 use megamoe_tensor::{Device, Tensor};
@@ -181,8 +182,8 @@ fn run_case(case: &Case, elem: Elem, tol: f64) {
     if cfg.router.expert_bias {
         params.router.expert_bias = Some(t(&bias, vec![e]));
     }
-    params.experts.gate_proj = Some(t(&wg, vec![e, f, h]));
-    params.experts.up_proj = t(&wu, vec![e, f, h]);
+    // The CPU layer holds gate and up fused as one [E, 2F, H] bank.
+    params.experts.in_proj = fuse_gate_up(&t(&wg, vec![e, f, h]), &t(&wu, vec![e, f, h])).unwrap();
     params.experts.down_proj = t(&wd, vec![e, h, f]);
     let layer = MoeLayer::new(cfg.clone()).unwrap();
     let (out, saved) = layer.forward(&params, &t(&x, vec![n, h])).unwrap();
@@ -243,20 +244,14 @@ fn run_case(case: &Case, elem: Elem, tol: f64) {
         &grads.router.weight.to_host_f32().unwrap(),
         tol,
     );
-    let cpu_gate = grads
-        .experts
-        .gate_proj
-        .as_ref()
-        .unwrap()
-        .to_host_f32()
-        .unwrap();
-    check("d_gate_proj", &g.gate_proj, &cpu_gate, tol);
+    let (cpu_gate, cpu_up) = split_gate_up(&grads.experts.in_proj).unwrap();
     check(
-        "d_up_proj",
-        &g.up_proj,
-        &grads.experts.up_proj.to_host_f32().unwrap(),
+        "d_gate_proj",
+        &g.gate_proj,
+        &cpu_gate.to_host_f32().unwrap(),
         tol,
     );
+    check("d_up_proj", &g.up_proj, &cpu_up.to_host_f32().unwrap(), tol);
     check(
         "d_down_proj",
         &g.down_proj,

@@ -2,7 +2,7 @@
 //! per role (layer, params, saved, deferred-W) so the block treats both alike.
 //!
 //! MoE names follow the MoE crate under `model.layers.{i}.mlp.` (`router.weight`,
-//! `experts.gate_proj`, `shared_experts.up_proj`, `shared_expert_gate.weight`, ...); the
+//! `experts.gate_up_proj`, `shared_experts.up_proj`, `shared_expert_gate.weight`, ...); the
 //! `router.expert_bias` buffer is not a parameter (see [`FfnParams::visit_buffers`]).
 
 use megamoe_moe::{MoeDeferredW, MoeLayer, MoeParams, MoeSaved, MoeStats, RouterLossScale};

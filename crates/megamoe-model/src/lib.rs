@@ -12,7 +12,7 @@
 //! - [`Model`] (stateless: config + layer objects) and [`ModelParams`] (every weight; the
 //!   same type holds gradients and optimizer moments). `ModelParams::visit`/`visit_mut`
 //!   enumerate HF-style names (`model.embed_tokens.weight`,
-//!   `model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.experts.gate_proj`,
+//!   `model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.experts.gate_up_proj`,
 //!   `model.norm.weight`, `lm_head.weight`, `mtp.layers.{j}.*`) with their
 //!   [`megamoe_optim::ParamRole`].
 //! - [`Model::forward`] → [`ModelForward`] { [`LossParts`] (unweighted `lm_loss`,

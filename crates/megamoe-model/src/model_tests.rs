@@ -249,7 +249,7 @@ fn fd_case(extra: &str, all: bool) {
             "mtp.layers.1.mlp.up_proj",
             "mlp.router.weight",
             "mlp.router.null_weight",
-            "layers.2.mlp.experts.gate_proj",
+            "layers.2.mlp.experts.gate_up_proj",
             "layers.1.mlp.experts.down_proj",
             "mlp.shared_experts.up_proj",
             "shared_expert_gate",

@@ -248,6 +248,7 @@ mod tests {
             ("model.layers.1.mlp.shared_experts.down_proj", Some(1)),
             ("mtp.layers.0.self_attn.v_proj.weight", Some(0)),
             // replicated
+            ("model.layers.1.mlp.experts.gate_up_proj", None),
             ("model.layers.1.mlp.experts.up_proj", None),
             ("model.layers.1.mlp.router.weight", None),
             ("model.layers.1.mlp.shared_expert_gate.weight", None),

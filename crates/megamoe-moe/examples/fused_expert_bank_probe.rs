@@ -23,9 +23,10 @@ fn main() {
             activation: act,
         };
         let w = |n: &str, s: [usize; 3]| Tensor::randn_named(3, n, s, 0.25, Device::Cpu).unwrap();
+        // swiglu: gate and up fused as one [E, 2h, d] bank (gate rows, then up rows).
+        let rows_in = if act == Activation::SwiGlu { 2 * h } else { h };
         let p = RoutedExpertsParams {
-            gate_proj: (act == Activation::SwiGlu).then(|| w("g", [e, h, d])),
-            up_proj: w("u", [e, h, d]),
+            in_proj: w("u", [e, rows_in, d]),
             down_proj: w("d", [e, d, h]),
         };
         let groups = RowGroups::from_sizes(&sizes, Device::Cpu).unwrap();

@@ -5,12 +5,17 @@
 //! row `offsets[e]`, as device tensors; zeros legal: an empty expert does no work and gets
 //! zero weight gradients; rows outside every group, e.g. the pad rows of static-capacity
 //! buffers, are not computed and come out zero). Per expert `e`:
-//! - swiglu: `y = (silu(x W_gateᵀ) ⊙ (x W_upᵀ)) W_downᵀ`
+//! - swiglu: `h = x W_gate_upᵀ [R, 2F]`, `y = (silu(h[:, ..F]) ⊙ h[:, F..]) W_downᵀ`
 //! - relu2:  `y = relu(x W_upᵀ)² W_downᵀ`
 //! - gelu:   `y = gelu_erf(x W_upᵀ) W_downᵀ`
 //!
-//! with `W_gate, W_up [E, F, H]` and `W_down [E, H, F]` (PyTorch Linear layout stacked on
-//! dim 0). [`GroupedExperts`] runs each matrix product as one grouped GEMM over all experts;
+//! with `W_down [E, H, F]` and the input projection `W_in` (PyTorch Linear layout stacked on
+//! dim 0): for swiglu the gate and up projections FUSED as one `W_gate_up [E, 2F, H]` (expert
+//! `e`'s rows `0..F` are its `W_gate`, rows `F..2F` its `W_up`; name `experts.gate_up_proj`),
+//! so the forward is one grouped GEMM for both (and so are `d_x` and the weight gradient),
+//! and SwiGLU reads the two halves of each `[2F]` row in place
+//! ([`Tensor::swiglu_gate_up`]); for relu2/gelu `W_up [E, F, H]` (`experts.up_proj`).
+//! [`GroupedExperts`] runs each matrix product as one grouped GEMM over all experts;
 //! [`SequentialExperts`] loops over experts with dense GEMMs — the readable reference the
 //! grouped path is tested against ([`compare_expert_banks`]).
 //!
@@ -21,15 +26,14 @@ use megamoe_plan::Activation;
 use megamoe_tensor::{RowGroups, Tensor};
 
 use crate::config::RoutedExpertsConfig;
-use crate::error::{check_shape, shape_str, Error, Result};
+use crate::error::{check_shape, Result};
 
 /// Stacked expert weights (also used for their gradients).
 #[derive(Debug, Clone)]
 pub struct RoutedExpertsParams {
-    /// W_gate `[E, F, H]`; `Some` iff swiglu.
-    pub gate_proj: Option<Tensor>,
-    /// W_up `[E, F, H]` (the fc matrix for relu2/gelu).
-    pub up_proj: Tensor,
+    /// The input projection `W_in`: swiglu `W_gate_up [E, 2F, H]` (per expert the gate rows,
+    /// then the up rows), relu2/gelu `W_up [E, F, H]` (see the module docs).
+    pub in_proj: Tensor,
     /// W_down `[E, H, F]`.
     pub down_proj: Tensor,
 }
@@ -39,8 +43,8 @@ pub struct RoutedExpertsParams {
 pub struct ExpertsSaved {
     x: Tensor,
     groups: RowGroups,
-    h_gate: Option<Tensor>,
-    h_up: Tensor,
+    /// Pre-activation `x W_inᵀ`: `[R, 2F]` (gate‖up) for swiglu, `[R, F]` otherwise.
+    h: Tensor,
     act: Tensor,
 }
 
@@ -51,8 +55,8 @@ pub struct ExpertsDeferredW {
     groups: RowGroups,
     act: Tensor,
     d_out: Tensor,
-    d_h_gate: Option<Tensor>,
-    d_h_up: Tensor,
+    /// Gradient of the pre-activation, `h`'s shape.
+    d_h: Tensor,
 }
 
 /// Forward / split backward of a bank of experts over grouped rows.
@@ -71,69 +75,50 @@ pub trait ExpertBank {
         d_y: &Tensor,
         saved: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)>;
-    /// Accumulates (+=) dW_gate, dW_up, dW_down into `grads`.
+    /// Accumulates (+=) dW_in and dW_down into `grads`.
     fn backward_weight(&self, w: ExpertsDeferredW, grads: &mut RoutedExpertsParams) -> Result<()>;
+}
+
+/// Rows of one expert's input projection: `2F` for swiglu (gate and up fused), else `F`.
+pub fn in_proj_rows(activation: Activation, hidden: usize) -> usize {
+    match activation {
+        Activation::SwiGlu => 2 * hidden,
+        Activation::Relu2 | Activation::Gelu => hidden,
+    }
+}
+
+/// The parameter name of the input projection: `experts.gate_up_proj` (swiglu) or
+/// `experts.up_proj`.
+pub fn in_proj_name(activation: Activation) -> &'static str {
+    match activation {
+        Activation::SwiGlu => "experts.gate_up_proj",
+        Activation::Relu2 | Activation::Gelu => "experts.up_proj",
+    }
 }
 
 /// Checks weight shapes against the config.
 pub fn check_expert_params(cfg: &RoutedExpertsConfig, p: &RoutedExpertsParams) -> Result<()> {
     let (e, h, f) = (cfg.num_routed_experts, cfg.d_model, cfg.hidden);
-    match (&p.gate_proj, cfg.activation) {
-        (Some(g), Activation::SwiGlu) => check_shape("experts.gate_proj", g, &[e, f, h])?,
-        (None, Activation::SwiGlu) => {
-            return Err(Error::MissingTensor {
-                name: "experts.gate_proj".into(),
-                expected: shape_str(&[e, f, h]),
-            })
-        }
-        (Some(g), _) => {
-            return Err(Error::ParamShape {
-                what: "experts.gate_proj (only swiglu has one)",
-                expected: vec![],
-                got: g.dims().to_vec(),
-            })
-        }
-        (None, _) => {}
-    }
-    check_shape("experts.up_proj", &p.up_proj, &[e, f, h])?;
+    let rows = in_proj_rows(cfg.activation, f);
+    check_shape(in_proj_name(cfg.activation), &p.in_proj, &[e, rows, h])?;
     check_shape("experts.down_proj", &p.down_proj, &[e, h, f])
 }
 
-/// Activation forward on pre-activations: (`h_gate` for swiglu, `h_up`) → act.
-fn activate(act: Activation, h_gate: Option<&Tensor>, h_up: &Tensor) -> Result<Tensor> {
-    Ok(match (act, h_gate) {
-        (Activation::SwiGlu, Some(g)) => g.swiglu(h_up)?,
-        (Activation::Relu2, _) => h_up.relu2()?,
-        (Activation::Gelu, _) => h_up.gelu()?,
-        (Activation::SwiGlu, None) => {
-            return Err(Error::MissingTensor {
-                name: "experts.gate_proj".into(),
-                expected: shape_str(&[]),
-            })
-        }
+/// Activation forward on the pre-activation `h` (gate‖up rows for swiglu) → act.
+fn activate(act: Activation, h: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::SwiGlu => h.swiglu_gate_up()?,
+        Activation::Relu2 => h.relu2()?,
+        Activation::Gelu => h.gelu()?,
     })
 }
 
-/// Activation backward: d_act → (d_h_gate, d_h_up).
-fn activate_backward(
-    act: Activation,
-    h_gate: Option<&Tensor>,
-    h_up: &Tensor,
-    d_act: &Tensor,
-) -> Result<(Option<Tensor>, Tensor)> {
-    Ok(match (act, h_gate) {
-        (Activation::SwiGlu, Some(g)) => {
-            let (dg, du) = Tensor::swiglu_backward(g, h_up, d_act)?;
-            (Some(dg), du)
-        }
-        (Activation::Relu2, _) => (None, h_up.relu2_backward(d_act)?),
-        (Activation::Gelu, _) => (None, h_up.gelu_backward(d_act)?),
-        (Activation::SwiGlu, None) => {
-            return Err(Error::MissingTensor {
-                name: "experts.gate_proj".into(),
-                expected: shape_str(&[]),
-            })
-        }
+/// Activation backward: d_act → d_h (`h`'s shape).
+fn activate_backward(act: Activation, h: &Tensor, d_act: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::SwiGlu => Tensor::swiglu_gate_up_backward(h, d_act)?,
+        Activation::Relu2 => h.relu2_backward(d_act)?,
+        Activation::Gelu => h.gelu_backward(d_act)?,
     })
 }
 
@@ -151,20 +136,15 @@ impl ExpertBank for GroupedExperts {
         x: &Tensor,
         groups: &RowGroups,
     ) -> Result<(Tensor, ExpertsSaved)> {
-        let h_gate = match &p.gate_proj {
-            Some(w) => Some(x.grouped_matmul(groups, w, true)?),
-            None => None,
-        };
-        let h_up = x.grouped_matmul(groups, &p.up_proj, true)?;
-        let act = activate(self.cfg.activation, h_gate.as_ref(), &h_up)?;
+        let h = x.grouped_matmul(groups, &p.in_proj, true)?;
+        let act = activate(self.cfg.activation, &h)?;
         let y = act.grouped_matmul(groups, &p.down_proj, true)?;
         Ok((
             y,
             ExpertsSaved {
                 x: x.clone(),
                 groups: groups.clone(),
-                h_gate,
-                h_up,
+                h,
                 act,
             },
         ))
@@ -178,13 +158,9 @@ impl ExpertBank for GroupedExperts {
     ) -> Result<(Tensor, ExpertsDeferredW)> {
         let gs = &s.groups;
         let d_act = d_y.grouped_matmul(gs, &p.down_proj, false)?;
-        let (d_h_gate, d_h_up) =
-            activate_backward(self.cfg.activation, s.h_gate.as_ref(), &s.h_up, &d_act)?;
-        let mut d_x = d_h_up.grouped_matmul(gs, &p.up_proj, false)?;
-        if let (Some(dg), Some(wg)) = (&d_h_gate, &p.gate_proj) {
-            // d_x += d_gate · W_gate, accumulated by the GEMM itself (no temporary).
-            d_x.grouped_matmul_acc(dg, gs, wg, false, 1.0)?;
-        }
+        let d_h = activate_backward(self.cfg.activation, &s.h, &d_act)?;
+        // swiglu: d_x = d_gate·W_gate + d_up·W_up as ONE GEMM over the 2F fused rows.
+        let d_x = d_h.grouped_matmul(gs, &p.in_proj, false)?;
         Ok((
             d_x,
             ExpertsDeferredW {
@@ -192,8 +168,7 @@ impl ExpertBank for GroupedExperts {
                 groups: s.groups,
                 act: s.act,
                 d_out: d_y.clone(),
-                d_h_gate,
-                d_h_up,
+                d_h,
             },
         ))
     }
@@ -203,11 +178,7 @@ impl ExpertBank for GroupedExperts {
         let gs = &w.groups;
         g.down_proj
             .grouped_matmul_wgrad_acc(&w.d_out, &w.act, gs, 1.0)?;
-        g.up_proj
-            .grouped_matmul_wgrad_acc(&w.d_h_up, &w.x, gs, 1.0)?;
-        if let (Some(dg), Some(gg)) = (&w.d_h_gate, g.gate_proj.as_mut()) {
-            gg.grouped_matmul_wgrad_acc(dg, &w.x, gs, 1.0)?;
-        }
+        g.in_proj.grouped_matmul_wgrad_acc(&w.d_h, &w.x, gs, 1.0)?;
         Ok(())
     }
 }
@@ -270,33 +241,23 @@ impl ExpertBank for SequentialExperts {
         groups: &RowGroups,
     ) -> Result<(Tensor, ExpertsSaved)> {
         let (rows, f) = (x.dim(0)?, self.cfg.hidden);
+        let width = in_proj_rows(self.cfg.activation, f);
         let spans = host_spans(groups)?;
-        let (mut gates, mut ups, mut acts, mut ys) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut hs, mut acts, mut ys) = (Vec::new(), Vec::new(), Vec::new());
         for (e, &(start, n)) in spans.iter().enumerate() {
             let xe = x.narrow(0, start, n)?;
-            let hg = match &p.gate_proj {
-                Some(w) => Some(xe.matmul(&expert_matrix(w, e)?, false, true)?),
-                None => None,
-            };
-            let hu = xe.matmul(&expert_matrix(&p.up_proj, e)?, false, true)?;
-            let a = activate(self.cfg.activation, hg.as_ref(), &hu)?;
+            let h = xe.matmul(&expert_matrix(&p.in_proj, e)?, false, true)?;
+            let a = activate(self.cfg.activation, &h)?;
             ys.push(a.matmul(&expert_matrix(&p.down_proj, e)?, false, true)?);
-            gates.extend(hg);
-            ups.push(hu);
+            hs.push(h);
             acts.push(a);
         }
-        let h_gate = match p.gate_proj {
-            Some(_) => Some(assemble(&gates, &spans, rows, f, x)?),
-            None => None,
-        };
         Ok((
             assemble(&ys, &spans, rows, self.cfg.d_model, x)?,
             ExpertsSaved {
                 x: x.clone(),
                 groups: groups.clone(),
-                h_gate,
-                h_up: assemble(&ups, &spans, rows, f, x)?,
+                h: assemble(&hs, &spans, rows, width, x)?,
                 act: assemble(&acts, &spans, rows, f, x)?,
             },
         ))
@@ -309,38 +270,24 @@ impl ExpertBank for SequentialExperts {
         s: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)> {
         let (rows, h) = d_y.dims2()?;
-        let f = self.cfg.hidden;
+        let width = in_proj_rows(self.cfg.activation, self.cfg.hidden);
         let spans = host_spans(&s.groups)?;
-        let (mut d_xs, mut d_gs, mut d_us) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d_xs, mut d_hs) = (Vec::new(), Vec::new());
         for (e, &(start, n)) in spans.iter().enumerate() {
             let dye = d_y.narrow(0, start, n)?;
             let d_act = dye.matmul(&expert_matrix(&p.down_proj, e)?, false, false)?;
-            let hg = match &s.h_gate {
-                Some(t) => Some(t.narrow(0, start, n)?),
-                None => None,
-            };
-            let hu = s.h_up.narrow(0, start, n)?;
-            let (dg, du) = activate_backward(self.cfg.activation, hg.as_ref(), &hu, &d_act)?;
-            let mut dx = du.matmul(&expert_matrix(&p.up_proj, e)?, false, false)?;
-            if let (Some(dg), Some(wg)) = (&dg, &p.gate_proj) {
-                dx.add_assign(&dg.matmul(&expert_matrix(wg, e)?, false, false)?)?;
-                d_gs.push(dg.clone());
-            }
-            d_xs.push(dx);
-            d_us.push(du);
+            let he = s.h.narrow(0, start, n)?;
+            let dh = activate_backward(self.cfg.activation, &he, &d_act)?;
+            d_xs.push(dh.matmul(&expert_matrix(&p.in_proj, e)?, false, false)?);
+            d_hs.push(dh);
         }
-        let d_h_gate = match s.h_gate {
-            Some(_) => Some(assemble(&d_gs, &spans, rows, f, d_y)?),
-            None => None,
-        };
         Ok((
             assemble(&d_xs, &spans, rows, h, d_y)?,
             ExpertsDeferredW {
                 x: s.x,
                 act: s.act,
                 d_out: d_y.clone(),
-                d_h_gate,
-                d_h_up: assemble(&d_us, &spans, rows, f, d_y)?,
+                d_h: assemble(&d_hs, &spans, rows, width, d_y)?,
                 groups: s.groups,
             },
         ))
@@ -348,10 +295,10 @@ impl ExpertBank for SequentialExperts {
 
     fn backward_weight(&self, w: ExpertsDeferredW, g: &mut RoutedExpertsParams) -> Result<()> {
         let (h, f) = (self.cfg.d_model, self.cfg.hidden);
+        let width = in_proj_rows(self.cfg.activation, f);
         let spans = host_spans(&w.groups)?;
         let mut d_down = Vec::new();
-        let mut d_up = Vec::new();
-        let mut d_gate = Vec::new();
+        let mut d_in = Vec::new();
         for &(start, n) in &spans {
             let dy = w.d_out.narrow(0, start, n)?;
             d_down.push(
@@ -359,19 +306,12 @@ impl ExpertBank for SequentialExperts {
                     .reshape([1, h, f])?,
             );
             let x = w.x.narrow(0, start, n)?;
-            d_up.push(
-                w.d_h_up
+            d_in.push(
+                w.d_h
                     .narrow(0, start, n)?
                     .matmul(&x, true, false)?
-                    .reshape([1, f, h])?,
+                    .reshape([1, width, h])?,
             );
-            if let Some(dg) = &w.d_h_gate {
-                d_gate.push(
-                    dg.narrow(0, start, n)?
-                        .matmul(&x, true, false)?
-                        .reshape([1, f, h])?,
-                );
-            }
         }
         debug_assert_eq!(d_down.len(), self.cfg.num_routed_experts);
         let stack = |v: &[Tensor]| -> Result<Tensor> {
@@ -379,10 +319,7 @@ impl ExpertBank for SequentialExperts {
             Ok(Tensor::cat(&refs, 0)?)
         };
         g.down_proj.add_assign(&stack(&d_down)?)?;
-        g.up_proj.add_assign(&stack(&d_up)?)?;
-        if let Some(gg) = g.gate_proj.as_mut() {
-            gg.add_assign(&stack(&d_gate)?)?;
-        }
+        g.in_proj.add_assign(&stack(&d_in)?)?;
         Ok(())
     }
 }
@@ -403,9 +340,7 @@ pub fn compare_expert_banks(
         let (dx, w) = bank.backward_input(p, d_y, s)?;
         let mut g = zeros_like_experts(p)?;
         bank.backward_weight(w, &mut g)?;
-        let mut out = vec![y, dx, g.up_proj, g.down_proj];
-        out.extend(g.gate_proj);
-        Ok(out)
+        Ok(vec![y, dx, g.in_proj, g.down_proj])
     };
     let a = run(&GroupedExperts { cfg })?;
     let b = run(&SequentialExperts { cfg })?;
@@ -423,11 +358,7 @@ pub fn compare_expert_banks(
 /// Zero tensors shaped like `p` (a gradient accumulator).
 pub fn zeros_like_experts(p: &RoutedExpertsParams) -> Result<RoutedExpertsParams> {
     Ok(RoutedExpertsParams {
-        gate_proj: match &p.gate_proj {
-            Some(t) => Some(zeros_like(t)?),
-            None => None,
-        },
-        up_proj: zeros_like(&p.up_proj)?,
+        in_proj: zeros_like(&p.in_proj)?,
         down_proj: zeros_like(&p.down_proj)?,
     })
 }

@@ -9,7 +9,7 @@ use megamoe_tensor::{DType, Device, InitDist, Tensor};
 
 use crate::config::MoeConfig;
 use crate::error::{shape_str, Error, Result};
-use crate::experts::{zeros_like, RoutedExpertsParams};
+use crate::experts::{in_proj_name, in_proj_rows, zeros_like, RoutedExpertsParams};
 use crate::router::RouterParams;
 use crate::shared::SharedExpertsParams;
 
@@ -19,7 +19,8 @@ pub struct MoeParams {
     /// Router weights (`router.weight [E, H]`, `router.null_weight [1, H]`) and the
     /// `router.expert_bias [E]` buffer.
     pub router: RouterParams,
-    /// `experts.gate_proj [E, F, H]`, `experts.up_proj [E, F, H]`, `experts.down_proj [E, H, F]`.
+    /// `experts.gate_up_proj [E, 2F, H]` (swiglu: per expert the gate rows, then the up
+    /// rows) or `experts.up_proj [E, F, H]` (relu2/gelu), and `experts.down_proj [E, H, F]`.
     pub experts: RoutedExpertsParams,
     /// `shared_experts.{gate,up,down}_proj [Fs, H] / [Fs, H] / [H, Fs]` and
     /// `shared_expert_gate.weight [1, H]`.
@@ -30,7 +31,7 @@ pub struct MoeParams {
 pub const PARAM_NAMES: [&str; 9] = [
     "router.weight",
     "router.null_weight",
-    "experts.gate_proj",
+    "experts.gate_up_proj",
     "experts.up_proj",
     "experts.down_proj",
     "shared_experts.gate_proj",
@@ -62,10 +63,12 @@ impl MoeParams {
         if cfg.router.null_slots.is_some() {
             v.push(("router.null_weight", vec![1, h], ParamRole::Gate));
         }
-        if swiglu {
-            v.push(("experts.gate_proj", vec![el, f, h], ParamRole::ExpertBank));
-        }
-        v.push(("experts.up_proj", vec![el, f, h], ParamRole::ExpertBank));
+        let act = cfg.routed_experts.activation;
+        v.push((
+            in_proj_name(act),
+            vec![el, in_proj_rows(act, f), h],
+            ParamRole::ExpertBank,
+        ));
         v.push(("experts.down_proj", vec![el, h, f], ParamRole::ExpertBank));
         if let Some(s) = &cfg.shared_experts {
             if swiglu {
@@ -94,12 +97,27 @@ impl MoeParams {
 
     /// Builds params from a lookup by name (relative names of [`PARAM_NAMES`]); the expert
     /// bias buffer is looked up as `router.expert_bias` when `cfg.router.expert_bias`
-    /// (absent → zeros). Missing or mis-shaped tensors are named errors.
+    /// (absent → zeros). Missing or mis-shaped tensors are named errors. A swiglu bank may
+    /// also come as the split PyTorch/HF pair `experts.gate_proj`, `experts.up_proj`
+    /// (`[E, F, H]` each; the layout before the fused weight): they are fused
+    /// ([`fuse_gate_up`]) when `experts.gate_up_proj` is absent.
     pub fn from_lookup(
         cfg: &MoeConfig,
         mut get: impl FnMut(&str) -> Option<Tensor>,
     ) -> Result<MoeParams> {
         let mut take = |name: &'static str, shape: Vec<usize>| -> Result<Tensor> {
+            if name == GATE_UP {
+                if let (None, Some(gate)) = (get(GATE_UP), get(SPLIT_GATE)) {
+                    let half = [shape[0], shape[1] / 2, shape[2]];
+                    check_named(SPLIT_GATE, &gate, &half)?;
+                    let up = get(SPLIT_UP).ok_or_else(|| Error::MissingTensor {
+                        name: SPLIT_UP.into(),
+                        expected: shape_str(&half),
+                    })?;
+                    check_named(SPLIT_UP, &up, &half)?;
+                    return fuse_gate_up(&gate, &up);
+                }
+            }
             let t = get(name).ok_or_else(|| Error::MissingTensor {
                 name: name.into(),
                 expected: shape_str(&shape),
@@ -142,8 +160,8 @@ impl MoeParams {
             expert_bias,
         };
         let experts = RoutedExpertsParams {
-            gate_proj: t("experts.gate_proj"),
-            up_proj: t("experts.up_proj").expect("shapes() always lists experts.up_proj"),
+            in_proj: t(in_proj_name(cfg.routed_experts.activation))
+                .expect("shapes() always lists the experts' input projection"),
             down_proj: t("experts.down_proj").expect("shapes() always lists experts.down_proj"),
         };
         let shared_experts = if cfg.shared_experts.is_some() {
@@ -166,7 +184,10 @@ impl MoeParams {
     }
 
     /// Layout-invariant init: every parameter `N(0, 1/fan_in)` drawn by
-    /// `Tensor::randn_named(seed, prefix + name, ..)`; the expert bias starts at zero.
+    /// `Tensor::randn_named(seed, prefix + name, ..)`; the expert bias starts at zero. The
+    /// fused `experts.gate_up_proj` is drawn as its two halves under the names
+    /// `experts.gate_proj` and `experts.up_proj` and fused: the same values as the split
+    /// weights of the layout before the fusion.
     pub fn init(cfg: &MoeConfig, seed: u64, prefix: &str) -> Result<MoeParams> {
         MoeParams::init_local(cfg, seed, prefix, 0..cfg.router.num_routed_experts)
     }
@@ -209,14 +230,22 @@ impl MoeParams {
             let t = if role == ParamRole::ExpertBank {
                 let mut global = shape.clone();
                 global[0] = e;
-                Tensor::randn_named_rows(
-                    seed,
-                    &name_full,
-                    global,
-                    experts.clone(),
-                    fan_in.powf(-0.5),
-                    Device::Cpu,
-                )?
+                let bank = |name: &str, global: Vec<usize>| {
+                    Tensor::randn_named_rows(
+                        seed,
+                        &format!("{prefix}{name}"),
+                        global,
+                        experts.clone(),
+                        fan_in.powf(-0.5),
+                        Device::Cpu,
+                    )
+                };
+                if name == GATE_UP {
+                    global[1] /= 2;
+                    fuse_gate_up(&bank(SPLIT_GATE, global.clone())?, &bank(SPLIT_UP, global)?)?
+                } else {
+                    bank(name, global)?
+                }
             } else if let (Some((rank, size)), Some(dim)) = (tp, shared_split_dim(name)) {
                 let hidden = shape[dim];
                 let range = crate::tp::tp_slice(
@@ -265,8 +294,7 @@ impl MoeParams {
                 expert_bias: None,
             },
             experts: RoutedExpertsParams {
-                gate_proj: z(&self.experts.gate_proj)?,
-                up_proj: zeros_like(&self.experts.up_proj)?,
+                in_proj: zeros_like(&self.experts.in_proj)?,
                 down_proj: zeros_like(&self.experts.down_proj)?,
             },
             shared_experts: match &self.shared_experts {
@@ -300,13 +328,8 @@ impl MoeParams {
             ParamRole::Gate,
         );
         each(
-            "experts.gate_proj",
-            self.experts.gate_proj.as_ref(),
-            ParamRole::ExpertBank,
-        );
-        each(
-            "experts.up_proj",
-            Some(&self.experts.up_proj),
+            in_proj_name_of(&self.experts.in_proj, &self.experts.down_proj),
+            Some(&self.experts.in_proj),
             ParamRole::ExpertBank,
         );
         each(
@@ -356,13 +379,8 @@ impl MoeParams {
             ParamRole::Gate,
         );
         each(
-            "experts.gate_proj",
-            self.experts.gate_proj.as_mut(),
-            ParamRole::ExpertBank,
-        );
-        each(
-            "experts.up_proj",
-            Some(&mut self.experts.up_proj),
+            in_proj_name_of(&self.experts.in_proj, &self.experts.down_proj),
+            Some(&mut self.experts.in_proj),
             ParamRole::ExpertBank,
         );
         each(
@@ -429,4 +447,32 @@ pub fn shared_split_dim(name: &str) -> Option<usize> {
         "shared_experts.down_proj" => Some(1),
         _ => None,
     }
+}
+
+/// The fused swiglu input projection and the split names its halves had (and still have in
+/// PyTorch/HF checkpoints and the probe's interchange format).
+const GATE_UP: &str = "experts.gate_up_proj";
+const SPLIT_GATE: &str = "experts.gate_proj";
+const SPLIT_UP: &str = "experts.up_proj";
+
+/// The name of a bank's input projection, read from the shapes (a visit has no config):
+/// `[E, 2F, H]` against `W_down [E, H, F]` is the fused gate‖up, `[E, F, H]` a plain up.
+fn in_proj_name_of(in_proj: &Tensor, down_proj: &Tensor) -> &'static str {
+    match (in_proj.dims(), down_proj.dims()) {
+        ([_, rows, _], [_, _, f]) if *rows == 2 * f && *f > 0 => GATE_UP,
+        _ => SPLIT_UP,
+    }
+}
+
+/// `W_gate_up [E, 2F, H]` from `W_gate`, `W_up [E, F, H]`: expert `e`'s gate rows, then its
+/// up rows (one copy).
+pub fn fuse_gate_up(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::cat(&[gate, up], 1)?)
+}
+
+/// The halves `(W_gate, W_up)`, `[E, F, H]` each, of `W_gate_up [E, 2F, H]` (copies).
+pub fn split_gate_up(gate_up: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, rows, _) = gate_up.dims3()?;
+    let f = rows / 2;
+    Ok((gate_up.narrow(1, 0, f)?, gate_up.narrow(1, f, f)?))
 }

@@ -5,7 +5,10 @@
 //! `router.weight [E, H]`, `router.null_weight [1, H]` (null slots), `router.expert_bias [E]`
 //! (when `moe.expert_bias`), `experts.gate_proj [E, F, H]` (swiglu), `experts.up_proj
 //! [E, F, H]`, `experts.down_proj [E, H, F]`, `shared_experts.{gate,up,down}_proj`,
-//! `shared_expert_gate.weight [1, H]`. All f32.
+//! `shared_expert_gate.weight [1, H]`. All f32. This is the PyTorch/HF interchange layout:
+//! the layer itself holds a swiglu bank's gate and up projections fused as
+//! `experts.gate_up_proj [E, 2F, H]`; the probe fuses the two inputs and splits the fused
+//! gradient back into `grad.experts.gate_proj` and `grad.experts.up_proj`.
 //!
 //! Outputs: `y`, `aux_loss [1]`, `z_loss [1]` (unweighted), `tokens_per_expert [E]` (kept,
 //! f32), `dropped [1]`, `dx`, and `grad.<name>` for every parameter, of the objective
@@ -17,7 +20,7 @@ use crate::config::MoeConfig;
 use crate::error::{shape_str, Error, Result};
 use crate::layer::MoeLayer;
 use crate::losses::RouterLossScale;
-use crate::params::MoeParams;
+use crate::params::{split_gate_up, MoeParams};
 
 /// Every input the probe reads for `tokens` tokens, with its shape, in a fixed order.
 pub fn probe_input_shapes(cfg: &MoeConfig, tokens: usize) -> Vec<(String, Vec<usize>)> {
@@ -33,10 +36,21 @@ pub fn probe_input_shapes(cfg: &MoeConfig, tokens: usize) -> Vec<(String, Vec<us
         ));
     }
     for (name, shape, _) in MoeParams::shapes(cfg) {
-        v.push((name.to_string(), shape));
+        if name == GATE_UP {
+            let half = vec![shape[0], shape[1] / 2, shape[2]];
+            v.push((SPLIT_GATE.to_string(), half.clone()));
+            v.push((SPLIT_UP.to_string(), half));
+        } else {
+            v.push((name.to_string(), shape));
+        }
     }
     v
 }
+
+/// The fused swiglu projection and its split interchange names.
+const GATE_UP: &str = "experts.gate_up_proj";
+const SPLIT_GATE: &str = "experts.gate_proj";
+const SPLIT_UP: &str = "experts.up_proj";
 
 fn find<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Option<&'a Tensor> {
     inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t)
@@ -147,8 +161,18 @@ pub fn run_probe(cfg: &MoeConfig, inputs: &[(String, Tensor)]) -> Result<Vec<(St
         ),
         ("dx".to_string(), dx),
     ];
-    grads.visit("grad.", &mut |name, t, _| {
-        v.push((name.to_string(), t.clone()))
+    let mut named = Vec::new();
+    grads.visit("", &mut |name, t, _| {
+        named.push((name.to_string(), t.clone()))
     });
+    for (name, t) in named {
+        if name == GATE_UP {
+            let (gate, up) = split_gate_up(&t)?;
+            v.push((format!("grad.{SPLIT_GATE}"), gate));
+            v.push((format!("grad.{SPLIT_UP}"), up));
+        } else {
+            v.push((format!("grad.{name}"), t));
+        }
+    }
     Ok(v)
 }

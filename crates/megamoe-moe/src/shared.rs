@@ -7,12 +7,17 @@
 //! weight of any other shape is an error (it would not broadcast over `[N, H]`).
 //!
 //! The FFN reuses the grouped expert bank with a single group (weights `[Fs, H]` viewed as
-//! `[1, Fs, H]`, a free reshape), so routed and shared FFN math is one code path.
+//! `[1, Fs, H]`, a free reshape), so routed and shared FFN math is one code path. The shared
+//! weights stay split (`gate_proj`, `up_proj`): tensor parallelism slices their hidden units,
+//! which in a fused `[2Fs, H]` weight would be two row ranges. With swiglu each call builds
+//! the bank's fused `[1, 2Fs, H]` input projection (a copy of 2·Fs·H elements, against the
+//! N·2Fs·H multiply-adds of its GEMM), and the fused weight gradient is added back into the
+//! two halves.
 //!
 //! Backward: `d_ffn = d_y ⊙ σ`, `d_σ = Σ_H (d_y ⊙ ffn(x))`, `d_logit = d_σ · σ(1−σ)`,
 //! `d_x += d_logit · w_g`, `dw_g += d_logitᵀ x`.
 
-use megamoe_tensor::{RowGroups, Tensor};
+use megamoe_tensor::{DType, RowGroups, Tensor};
 
 use crate::config::{RoutedExpertsConfig, SharedExpertsConfig};
 use crate::error::{check_shape, shape_str, Error, Result};
@@ -132,13 +137,15 @@ impl SharedExperts {
         }
     }
 
+    /// The bank's weights: `[1, 2Fs, H]` gate‖up (swiglu, a copy) or `[1, Fs, H]` up (a
+    /// view), and `[1, H, Fs]` down (a view).
     fn bank_params(p: &SharedExpertsParams) -> Result<RoutedExpertsParams> {
+        let in_proj = match &p.gate_proj {
+            Some(g) => Tensor::cat(&[g, &p.up_proj], 0)?,
+            None => p.up_proj.clone(),
+        };
         Ok(RoutedExpertsParams {
-            gate_proj: match &p.gate_proj {
-                Some(t) => Some(one(t)?),
-                None => None,
-            },
-            up_proj: one(&p.up_proj)?,
+            in_proj: one(&in_proj)?,
             down_proj: one(&p.down_proj)?,
         })
     }
@@ -257,13 +264,31 @@ impl SharedExperts {
         w: SharedExpertsDeferredW,
         grads: &mut SharedExpertsParams,
     ) -> Result<()> {
-        let mut g = Self::bank_params(grads)?;
+        // Accumulate into [1, ., .] views of the gradients (the fused gate‖up gradient of
+        // swiglu into a temporary, then added to its two halves).
+        let in_proj = match &grads.gate_proj {
+            Some(g) => {
+                let (f, h) = g.dims2()?;
+                Tensor::zeros([1, 2 * f, h], DType::F32, g.device())?
+            }
+            None => one(&grads.up_proj)?,
+        };
+        let mut g = RoutedExpertsParams {
+            in_proj,
+            down_proj: one(&grads.down_proj)?,
+        };
         self.bank().backward_weight(w.ffn, &mut g)?;
         // Write the accumulated [1, ., .] views back as [., .].
-        if let (Some(dst), Some(src)) = (grads.gate_proj.as_mut(), g.gate_proj) {
-            *dst = src.reshape(dst.dims().to_vec())?;
+        match grads.gate_proj.as_mut() {
+            Some(dst) => {
+                let (f, h) = dst.dims2()?;
+                dst.add_assign(&g.in_proj.narrow(1, 0, f)?.reshape([f, h])?)?;
+                grads
+                    .up_proj
+                    .add_assign(&g.in_proj.narrow(1, f, f)?.reshape([f, h])?)?;
+            }
+            None => grads.up_proj = g.in_proj.reshape(grads.up_proj.dims().to_vec())?,
         }
-        grads.up_proj = g.up_proj.reshape(grads.up_proj.dims().to_vec())?;
         grads.down_proj = g.down_proj.reshape(grads.down_proj.dims().to_vec())?;
         if let (Some(dl), Some(gg)) = (&w.d_logit, grads.gate.as_mut()) {
             gg.matmul_acc(dl, &w.x, true, false, 1.0)?;

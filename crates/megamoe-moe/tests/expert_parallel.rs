@@ -54,9 +54,8 @@ fn run(layer: &MoeLayer, p: &MoeParams, x: &Tensor, dy: &Tensor, grads: MoeParam
 fn shard(full: &MoeParams, e0: usize, el: usize) -> MoeParams {
     let mut p = full.clone();
     let rows = |t: &Tensor| t.narrow(0, e0, el).unwrap();
-    p.experts.up_proj = rows(&full.experts.up_proj);
+    p.experts.in_proj = rows(&full.experts.in_proj);
     p.experts.down_proj = rows(&full.experts.down_proj);
-    p.experts.gate_proj = full.experts.gate_proj.as_ref().map(rows);
     p
 }
 
@@ -198,13 +197,10 @@ fn expert_shard_init_is_rows_of_the_global_bank() {
     let full = MoeParams::init(&cfg, 11, "model.layers.3.mlp.").unwrap();
     let part = MoeParams::init_local(&cfg, 11, "model.layers.3.mlp.", 2..4).unwrap();
     let rows = |t: &Tensor| host(&t.narrow(0, 2, 2).unwrap());
-    assert_eq!(part.experts.up_proj.dims(), &[2, 5, 6]);
-    assert_eq!(host(&part.experts.up_proj), rows(&full.experts.up_proj));
+    // swiglu: the fused gate‖up bank [E, 2F, H]
+    assert_eq!(part.experts.in_proj.dims(), &[2, 10, 6]);
+    assert_eq!(host(&part.experts.in_proj), rows(&full.experts.in_proj));
     assert_eq!(host(&part.experts.down_proj), rows(&full.experts.down_proj));
-    assert_eq!(
-        host(part.experts.gate_proj.as_ref().unwrap()),
-        rows(full.experts.gate_proj.as_ref().unwrap())
-    );
     assert_eq!(host(&part.router.weight), host(&full.router.weight));
     // a range outside the bank is a named error
     let e = MoeParams::init_local(&cfg, 11, "", 6..9).unwrap_err();

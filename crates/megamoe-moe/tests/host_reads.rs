@@ -48,9 +48,8 @@ fn reads_of_two_ranks(cfg: &megamoe_moe::MoeConfig) -> u64 {
                     let mut p = full.clone();
                     let rows =
                         |t: &megamoe_tensor::Tensor| t.narrow(0, range.start, range.len()).unwrap();
-                    p.experts.up_proj = rows(&full.experts.up_proj);
+                    p.experts.in_proj = rows(&full.experts.in_proj);
                     p.experts.down_proj = rows(&full.experts.down_proj);
-                    p.experts.gate_proj = full.experts.gate_proj.as_ref().map(rows);
                     // the counter is process-wide: only the total over both ranks counts
                     reads_of_one_step(&layer, &p, 20 + range.start as u64);
                 })

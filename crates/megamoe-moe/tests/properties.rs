@@ -142,9 +142,9 @@ fn bank(e: usize, act: Activation) -> (RoutedExpertsConfig, RoutedExpertsParams)
         activation: act,
     };
     let w = |n: &str, s: [usize; 3]| Tensor::randn_named(3, n, s, 0.4, Device::Cpu).unwrap();
+    let rows = if act == Activation::SwiGlu { 10 } else { 5 };
     let p = RoutedExpertsParams {
-        gate_proj: (act == Activation::SwiGlu).then(|| w("g", [e, 5, 6])),
-        up_proj: w("u", [e, 5, 6]),
+        in_proj: w("u", [e, rows, 6]),
         down_proj: w("d", [e, 6, 5]),
     };
     (cfg, p)
@@ -170,9 +170,14 @@ fn grouped_and_sequential_experts_agree_with_empty_experts() {
         let (_, w) = b.backward_input(&p, &dy, s).unwrap();
         let mut g = zeros_like_experts(&p).unwrap();
         b.backward_weight(w, &mut g).unwrap();
-        let up = host(&g.up_proj);
-        assert!(up[30..60].iter().all(|&v| v == 0.0), "expert 1 has no rows");
-        assert!(up[..30].iter().any(|&v| v != 0.0));
+        // expert e's block of the input projection's gradient: [rows, 6]
+        let per = g.in_proj.dims()[1] * 6;
+        let w_in = host(&g.in_proj);
+        assert!(
+            w_in[per..2 * per].iter().all(|&v| v == 0.0),
+            "expert 1 has no rows"
+        );
+        assert!(w_in[..per].iter().any(|&v| v != 0.0));
     }
     // a bank with no rows at all
     let (cfg, p) = bank(2, Activation::SwiGlu);

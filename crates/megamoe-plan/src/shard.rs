@@ -8,6 +8,7 @@
 //!   len = base + (r < rem).
 
 use crate::error::{PlanError, Result};
+use crate::Activation;
 use serde::{Deserialize, Serialize};
 
 /// Rows of one rank's dim-0 shard.
@@ -233,11 +234,15 @@ pub fn fsdp_shard_table(plan: &crate::Plan) -> Vec<MatrixShard> {
     }
     if let Some(moe) = &plan.moe {
         // Stacked [El, h, d] (whole on every TP rank): FSDP shards dim 0, the local
-        // experts.
+        // experts. Swiglu banks hold gate and up fused: [El, 2h, d].
+        let (name, rows_in) = match moe.activation {
+            Activation::SwiGlu => ("model.layers.{i}.mlp.experts.gate_up_proj", 2),
+            Activation::Relu2 | Activation::Gelu => ("model.layers.{i}.mlp.experts.up_proj", 1),
+        };
         out.push(MatrixShard::new(
-            "model.layers.{i}.mlp.experts.up_proj",
+            name,
             moe.experts_per_ep_rank,
-            moe.expert_hidden * m.d_model,
+            rows_in * moe.expert_hidden * m.d_model,
             ne,
         ));
         out.push(MatrixShard::new(

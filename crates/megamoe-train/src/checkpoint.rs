@@ -51,6 +51,7 @@ use crate::goodput::GoodputTotals;
 use crate::sha256::sha256_hex;
 
 mod config_diff;
+mod legacy;
 mod scan;
 pub use config_diff::{resume_config_changes, ConfigChange, RESUME_LAYOUT_KEYS, RESUME_SAFE_KEYS};
 pub use scan::{
@@ -524,6 +525,7 @@ fn decode_tensor_file(
     let Some(expected) = expected else {
         return Ok(by_name.into_values().collect());
     };
+    legacy::fuse_split_gate_up(&mut by_name, expected);
     let mut out = Vec::with_capacity(expected.len());
     for spec in expected {
         let t = by_name

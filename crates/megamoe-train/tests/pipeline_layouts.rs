@@ -10,6 +10,11 @@
 //! iteration amplifies such last-bit differences in the small singular directions of a
 //! gradient (its quintic has slope ≈ 3.4⁵ near 0), so Muon under DualPipe is held to the
 //! loss bound and to 1e-3 on parameters (measured: 3e-6 after one step, 2e-4 after 10).
+//! AdamW divides each element's step by that element's own gradient scale, so an element
+//! whose gradient is at the noise level moves by ≈ lr whichever way its last bits fall:
+//! with the tied head (whose sum order differs) AdamW is held to the loss bound and to 5e-5
+//! on parameters (measured: 7e-6 to 1.5e-5 after 10 steps, depending on the rounding of
+//! the whole trajectory).
 //!
 //! Evaluation and sampling run a forward-only pass over the stages (no rank holds the
 //! whole model): the eval loss is one rank's and the sampled text one rank's.
@@ -144,7 +149,12 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-fn check_layouts(variant: &str, layouts: &[(usize, &str, usize)], dualpipe_param_tol: f64) {
+fn check_layouts(
+    variant: &str,
+    layouts: &[(usize, &str, usize)],
+    param_tol: f64,
+    dualpipe_param_tol: f64,
+) {
     let (ref_losses, ref_values) = one_rank(variant);
     assert!(ref_losses.iter().all(|l| l.is_finite()));
     for &(pp, schedule, vpp) in layouts {
@@ -174,7 +184,7 @@ fn check_layouts(variant: &str, layouts: &[(usize, &str, usize)], dualpipe_param
         let tol = if schedule == "dualpipe" {
             dualpipe_param_tol
         } else {
-            1e-5
+            param_tol
         };
         assert!(
             param_rel <= tol,
@@ -196,12 +206,12 @@ const LAYOUTS: [(usize, &str, usize); 8] = [
 
 #[test]
 fn every_schedule_matches_one_rank_with_adamw() {
-    check_layouts("adamw", &LAYOUTS, 1e-5);
+    check_layouts("adamw", &LAYOUTS, 5e-5, 5e-5);
 }
 
 #[test]
 fn every_schedule_matches_one_rank_with_muon() {
-    check_layouts("muon", &LAYOUTS, 1e-3);
+    check_layouts("muon", &LAYOUTS, 1e-5, 1e-3);
 }
 
 /// Micro-batches of one step in the mesh tests: DualPipeV needs 2·pp per data rank.
@@ -302,7 +312,9 @@ fn one_rank_curve(variant: &str) -> Vec<(f64, f64)> {
 }
 
 /// pp with data and expert parallelism: each stage's gradients reduced over its data
-/// ranks, its experts sharded over ep with the all-to-all inside the stage.
+/// ranks, its experts sharded over ep with the all-to-all inside the stage. The gradient
+/// norm of a single step can jump to a few 1e-4 relative (measured: 2e-4 at one step, 1e-6
+/// at the next) while every loss stays within 2e-7: `norm_tol` is that bound.
 fn check_meshes(variant: &str, norm_tol: f64) {
     let want = one_rank_curve(variant);
     assert!(
@@ -337,12 +349,12 @@ fn check_meshes(variant: &str, norm_tol: f64) {
 
 #[test]
 fn pipeline_with_data_and_expert_parallelism_matches_one_rank_with_adamw() {
-    check_meshes("adamw", 1e-4);
+    check_meshes("adamw", 5e-4);
 }
 
 #[test]
 fn pipeline_with_data_and_expert_parallelism_matches_one_rank_with_muon() {
-    check_meshes("muon", 1e-4);
+    check_meshes("muon", 5e-4);
 }
 
 /// (eval loss, sampled text) of a trainer at step 0 and its eval loss after two steps.
@@ -359,8 +371,8 @@ fn eval_and_sample(t: &mut Trainer) -> megamoe_train::Result<EvalSample> {
 }
 
 /// Held-out eval and a sample from pipeline ranks holding only their stages: the same
-/// eval loss as one rank (bit for bit at step 0, where the parameters are one rank's;
-/// ≤ 1e-5 relative after two steps) and the same sampled tokens (same RNG, same logits),
+/// eval loss as one rank (bit for bit at step 0 without expert parallelism, where the
+/// parameters are one rank's, within 1e-7 with it; ≤ 1e-5 relative after two steps) and the same sampled tokens (same RNG, same logits),
 /// under a linear, a V and a mirrored schedule, with a tied head + MTP reading the
 /// embedding on the head stage, and with data and expert parallelism around the pipeline.
 #[test]
@@ -409,9 +421,18 @@ fn eval_and_sampling_under_pp_match_one_rank() {
              steps rel diff {rel:.2e}; sample {text:?}",
             want.0
         );
-        assert_eq!(
-            *at_init, want.0,
-            "dp{dp} ep{ep} pp{pp} {schedule}: eval at step 0"
+        // With ep > 1 an expert's GEMM runs over the rows of both ranks' eval batches, and
+        // the CPU GEMM's kernel (so the last bits of a row) depends on the row count of a
+        // small product: one f32 rounding apart, not bit for bit.
+        let init_rel = ((at_init - want.0) / want.0).abs();
+        assert!(
+            if ep == 1 {
+                *at_init == want.0
+            } else {
+                init_rel <= 1e-7
+            },
+            "dp{dp} ep{ep} pp{pp} {schedule}: eval at step 0 {at_init} vs {}",
+            want.0
         );
         assert_eq!(
             text, &want.1,
