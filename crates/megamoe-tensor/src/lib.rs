@@ -77,6 +77,7 @@ mod storage;
 mod sync;
 mod tensor;
 mod threads;
+mod weight_copies;
 
 pub use backend::{backend_for, Backend, CpuBackend};
 pub use device::Device;
@@ -95,3 +96,4 @@ pub use storage::{CpuStorage, Storage};
 pub use sync::host_reads;
 pub use tensor::{Layout, Tensor};
 pub use threads::on_compute_threads;
+pub use weight_copies::WeightCopies;

@@ -108,6 +108,22 @@ fn storage_bytes(s: &Storage) -> usize {
     s.len() * s.dtype().size_in_bytes()
 }
 
+/// A weak handle on a tensor's buffer: names the buffer while it lives (its identity,
+/// [`Tensor::buffer_id`], cannot be reused meanwhile) without keeping its memory. While one
+/// is held the buffer is not unique, so in-place ops copy-on-write instead of writing it:
+/// a non-write-through buffer keeps its elements for as long as a `BufferRef` on it exists.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+pub(crate) struct BufferRef(std::sync::Weak<Buffer>);
+
+#[cfg(feature = "cuda")]
+impl BufferRef {
+    /// True while some tensor still holds the buffer.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 /// A CPU tensor's elements (its view of the buffer), one variant per dtype.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum CpuView<'a> {
@@ -202,6 +218,24 @@ impl Tensor {
     /// True if this tensor views a write-through buffer ([`Tensor::write_through_zeros`]).
     pub fn is_write_through(&self) -> bool {
         self.buffer.write_through.is_some()
+    }
+
+    /// An identity of this tensor's buffer, equal for every handle on it while it lives.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn buffer_id(&self) -> usize {
+        Arc::as_ptr(&self.buffer) as usize
+    }
+
+    /// A weak handle on this tensor's buffer (see [`BufferRef`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn buffer_ref(&self) -> BufferRef {
+        BufferRef(Arc::downgrade(&self.buffer))
+    }
+
+    /// True if this handle is the only one on its buffer (no other strong or weak handle).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn is_unique(&mut self) -> bool {
+        Arc::get_mut(&mut self.buffer).is_some()
     }
 
     /// True if `self` and `other` view intersecting elements of one buffer.

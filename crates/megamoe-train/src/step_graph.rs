@@ -116,6 +116,12 @@ impl Trainer {
         };
     }
 
+    /// True when the optimizer may run inside [`Trainer::forward_backward`] (graph with
+    /// the optimizer on): bf16 weight copies are then not registered for the step.
+    pub(crate) fn optimizer_in_graph(&self) -> bool {
+        self.graph.enabled && self.graph.optimizer
+    }
+
     /// How the last step ran: `captured`, `captured again (<tensor> moved)`, `replayed`
     /// or `off (reason)`.
     pub fn cuda_graph_status(&self) -> String {

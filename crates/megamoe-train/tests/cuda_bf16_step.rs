@@ -70,3 +70,84 @@ fn bf16_training_on_the_gpu_tracks_the_f32_loss_curve() {
         DType::BF16
     );
 }
+
+/// Ten bf16 steps with the bf16 weight copies on or off: (total loss, gradient norm) bits
+/// per step, and with copies on the copies' fills per step and their addresses.
+fn run_copies(on: bool) -> (Vec<(u64, u64)>, Vec<u64>, Vec<u64>) {
+    let sets = vec!["train.dtype=\"bf16\"".to_string()];
+    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
+    let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+    let options = TrainerOptions {
+        peak_flops: None,
+        device: Device::Cuda(0),
+    };
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_weight_copies(on);
+    let mut t = Trainer::new(&raw, data, options).unwrap();
+    let (mut out, mut fills, mut addresses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..10 {
+        let before = backend.weight_copy_stats().fills;
+        let m = t.step().unwrap();
+        assert!(!m.skipped, "step {} skipped", m.step);
+        out.push((m.loss.total.to_bits(), m.grad_norm.to_bits()));
+        fills.push(backend.weight_copy_stats().fills - before);
+        if i == 1 {
+            addresses = backend.weight_copy_addresses();
+        }
+    }
+    if on {
+        assert_eq!(
+            backend.weight_copy_addresses(),
+            addresses,
+            "weight copies moved between steps 2 and 10"
+        );
+    }
+    backend.set_weight_copies(true);
+    (out, fills, addresses)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn bf16_weight_copies_change_no_bit_and_cast_each_weight_once_per_step() {
+    let (without, fills_off, _) = run_copies(false);
+    let (with, fills_on, addresses) = run_copies(true);
+    assert_eq!(
+        with, without,
+        "losses / gradient norms with vs without weight copies"
+    );
+    assert!(fills_off.iter().all(|&f| f == 0), "copies made while off");
+    // Every step fills each matmul weight's copy exactly once (registered weights that
+    // no GEMM reads are never filled), the same set every step.
+    let params = {
+        let raw =
+            RawConfig::from_toml_str_with_overrides(TINY, &["train.dtype=\"bf16\"".to_string()])
+                .unwrap();
+        let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+        let t = Trainer::new(
+            &raw,
+            data,
+            TrainerOptions {
+                peak_flops: None,
+                device: Device::Cuda(0),
+            },
+        )
+        .unwrap();
+        let mut n = 0u64;
+        t.params().visit(&mut |_, _, _| n += 1);
+        n
+    };
+    assert!(
+        fills_on[0] > 0 && fills_on[0] <= params,
+        "fills {fills_on:?} of {params} parameters"
+    );
+    assert!(
+        fills_on.iter().all(|&f| f == fills_on[0]),
+        "fills per step {fills_on:?}"
+    );
+    let made = addresses.iter().filter(|&&a| a != 0).count() as u64;
+    assert_eq!(made, fills_on[0], "copies made vs filled per step");
+    eprintln!(
+        "  10 steps bit-identical; {} weight copies filled per step of {params} parameters",
+        fills_on[0]
+    );
+}

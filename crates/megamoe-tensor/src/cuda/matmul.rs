@@ -34,13 +34,14 @@ fn elem(d: DType) -> Elem {
 
 impl CudaBackend {
     /// `a`, `b` as one GEMM input type: both bf16 stay bf16 (and both are rounded to bf16
-    /// in bf16-matmul mode), anything else is f32.
+    /// in bf16-matmul mode: a registered weight through its cached copy, `weights.rs`),
+    /// anything else is f32.
     pub(super) fn gemm_pair(&self, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
         let bf = |t: &Tensor| {
             if t.dtype() == DType::BF16 {
                 Ok(t.clone())
             } else {
-                crate::backend::HostTransfer::to_dtype(self, t, DType::BF16)
+                self.bf16_operand(t)
             }
         };
         if self.bf16_matmul() || (a.dtype() == DType::BF16 && b.dtype() == DType::BF16) {

@@ -31,6 +31,8 @@ mod host;
 mod matmul;
 mod routing;
 mod staged;
+mod weights;
+pub use weights::WeightCopyStats;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -121,6 +123,8 @@ pub struct CudaBackend {
     bf16_activations: std::sync::atomic::AtomicBool,
     /// The attention path asked for, see [`CudaBackend::set_attention`].
     pub(crate) attention: std::sync::atomic::AtomicU8,
+    /// bf16 copies of the registered f32 weights (`weights.rs`).
+    weights: Mutex<weights::WeightCache>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -178,6 +182,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
         bf16_matmul: std::sync::atomic::AtomicBool::new(false),
         bf16_activations: std::sync::atomic::AtomicBool::new(false),
         attention: std::sync::atomic::AtomicU8::new(attention::from_env() as u8),
+        weights: Mutex::new(weights::WeightCache::default()),
     })
 }
 
@@ -288,10 +293,13 @@ impl CudaBackend {
         }
     }
 
-    /// `t` itself if its dtype is the activation dtype, else a converted copy.
+    /// `t` itself if its dtype is the activation dtype, else a converted copy (for a
+    /// registered f32 weight in bf16 mode: its cached bf16 copy, `weights.rs`).
     pub(crate) fn as_act(&self, t: &Tensor) -> Result<Tensor> {
         if t.dtype() == self.act() {
             Ok(t.clone())
+        } else if self.act() == DType::BF16 {
+            self.bf16_operand(t)
         } else {
             crate::backend::HostTransfer::to_dtype(self, t, self.act())
         }
