@@ -121,8 +121,8 @@ fn bf16_activation_mode_stores_activations_bf16_within_tolerance() {
     );
     let (dgc, duc) = Tensor::swiglu_backward(&yc, &up, &dy).unwrap();
     let (dgg, dug) = Tensor::swiglu_backward(&y, &upg, &dyg).unwrap();
-    close("swiglu d gate", &dgg, &dgc, f32_, BF16_TOL);
-    close("swiglu d up", &dug, &duc, f32_, BF16_TOL);
+    close("swiglu d gate", &dgg, &dgc, bf, BF16_TOL);
+    close("swiglu d up", &dug, &duc, bf, BF16_TOL);
     close(
         "residual add",
         &y.add(&dyg).unwrap(),

@@ -393,7 +393,9 @@ extern "C" __global__ void index_place(const int* __restrict__ idx, const int* _
     if (r < n) order[offset[idx[r]] + rank[r]] = r;
 }
 
-// One block per destination row: dst[d] (f32) += sum over its sources of w[r] * src[r].
+// Destination row blockIdx.x, columns strided over the blockIdx.y blocks (long rows, few
+// destinations: the GQA key/value gradient sums): dst[d] (f32) += sum over its sources, in
+// order, of w[r] * src[r].
 extern "C" __global__ void index_add_apply(const void* src, int st_, const float* w,
                                            const int* __restrict__ order,
                                            const int* __restrict__ offset,
@@ -402,7 +404,8 @@ extern "C" __global__ void index_add_apply(const void* src, int st_, const float
     const int c = count[d];
     if (c == 0) return;
     const int o = offset[d];
-    for (size_t j = threadIdx.x; j < row; j += BLOCK) {
+    for (size_t j = blockIdx.y * (size_t)BLOCK + threadIdx.x; j < row;
+         j += (size_t)gridDim.y * BLOCK) {
         float acc = dst[d * row + j];
         for (int i = 0; i < c; i++) {
             const int r = order[o + i];
@@ -413,14 +416,15 @@ extern "C" __global__ void index_add_apply(const void* src, int st_, const float
     }
 }
 
-// SwiGLU backward: d_gate = dy * up * silu'(gate), d_up = dy * silu(gate) (f32 out).
+// SwiGLU backward: d_gate = dy * up * silu'(gate), d_up = dy * silu(gate) (f32 math,
+// stored as type `ot`: f32, or bf16 rounded as the cast kernel rounds).
 extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int ut, const void* dy,
-                                      int dt, float* dg, float* du, size_t n) {
+                                      int dt, void* dg, void* du, int ot, size_t n) {
     GRID_STRIDE(i, n) {
         const float gv = ld(g, gt, i), uv = ld(u, ut, i), d = ld(dy, dt, i);
         const float s = sigmoid_(gv);
-        dg[i] = d * uv * (s * (1.f + gv * (1.f - s)));
-        du[i] = d * (gv * s);
+        st(dg, ot, i, d * uv * (s * (1.f + gv * (1.f - s))));
+        st(du, ot, i, d * (gv * s));
     }
 }
 

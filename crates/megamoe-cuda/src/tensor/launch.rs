@@ -702,10 +702,14 @@ impl TensorKernels {
             BLOCK,
             &mut [arg(&idx), arg(&rank), arg(&offset), arg(&order), arg(&ni)],
         )?;
-        gpu.launch(
+        // Column blocks per destination row: ~8 columns per thread, so a few long rows
+        // (GQA head sums: 16 rows of T·D) still fill the GPU.
+        let col_blocks = row.div_ceil(BLOCK as usize * 8).clamp(1, 65535) as u32;
+        gpu.launch_2d(
             self.k.index_add_apply,
-            mi as u32,
+            (mi as u32, col_blocks),
             BLOCK,
+            0,
             &mut [
                 arg(&src.ptr),
                 arg(&st),
@@ -719,7 +723,8 @@ impl TensorKernels {
         )
     }
 
-    /// SwiGLU backward: `d_gate = dy · up · silu'(gate)`, `d_up = dy · silu(gate)` (f32).
+    /// SwiGLU backward: `d_gate = dy · up · silu'(gate)`, `d_up = dy · silu(gate)`, f32
+    /// math stored as `d_gate`'s element type (f32 or bf16; `d_up` has the same).
     ///
     /// # Safety
     /// See [`TensorKernels::cast`].
@@ -730,11 +735,16 @@ impl TensorKernels {
         gate: Dev,
         up: Dev,
         dy: Dev,
-        d_gate: u64,
+        d_gate: Dev,
         d_up: u64,
         n: usize,
     ) -> Result<()> {
-        let (gt, ut, dt) = (gate.dtype.code(), up.dtype.code(), dy.dtype.code());
+        let (gt, ut, dt, ot) = (
+            gate.dtype.code(),
+            up.dtype.code(),
+            dy.dtype.code(),
+            d_gate.dtype.code(),
+        );
         gpu.launch(
             self.k.swiglu_bwd,
             grid(n),
@@ -746,8 +756,9 @@ impl TensorKernels {
                 arg(&ut),
                 arg(&dy.ptr),
                 arg(&dt),
-                arg(&d_gate),
+                arg(&d_gate.ptr),
                 arg(&d_up),
+                arg(&ot),
                 arg(&n),
             ],
         )

@@ -153,13 +153,15 @@ impl ElementwiseKernels for CudaBackend {
     fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         const OP: &str = "swiglu_backward";
         let (g, u, d, n) = (dev(OP, gate)?, dev(OP, up)?, dev(OP, dy)?, gate.numel());
-        // The kernel writes f32 gradients (in every precision mode).
+        // Activation gradients: bf16 in bf16-activation mode (their only readers are GEMMs,
+        // which round them to bf16 anyway: same bits, half the bytes), else f32.
+        let dtype = self.elementwise_dtype(&[gate, up, dy]);
         let e = self.engine(OP)?;
-        let (dg, dgd) = self.empty(&e, gate.shape().clone(), DType::F32)?;
-        let (du, dud) = self.empty(&e, gate.shape().clone(), DType::F32)?;
-        // SAFETY: all five hold n elements (shapes checked by the op).
+        let (dg, dgd) = self.empty(&e, gate.shape().clone(), dtype)?;
+        let (du, dud) = self.empty(&e, gate.shape().clone(), dtype)?;
+        // SAFETY: all five hold n elements of their dtypes (shapes checked by the op).
         self.ck(OP, unsafe {
-            e.tk.swiglu_backward(&e.gpu, g, u, d, dgd.ptr, dud.ptr, n)
+            e.tk.swiglu_backward(&e.gpu, g, u, d, dgd, dud.ptr, n)
         })?;
         Ok((dg, du))
     }
