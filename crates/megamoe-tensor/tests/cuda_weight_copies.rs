@@ -154,7 +154,7 @@ fn write_through_buffers_and_disabled_copies_register_nothing() {
     }
     backend.set_weight_copies(false);
     {
-        let _g = WeightCopies::begin(GPU, &[w.clone()]).unwrap();
+        let _g = WeightCopies::begin(GPU, std::slice::from_ref(&w)).unwrap();
         assert_eq!(
             backend.weight_copy_stats().registered,
             0,
