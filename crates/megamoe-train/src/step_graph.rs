@@ -118,7 +118,7 @@ impl Trainer {
 
     /// True when the optimizer may run inside [`Trainer::forward_backward`] (graph with
     /// the optimizer on): bf16 weight copies are then not registered for the step.
-    pub(crate) fn optimizer_in_graph(&self) -> bool {
+    pub(crate) fn optimizer_inside_step(&self) -> bool {
         self.graph.enabled && self.graph.optimizer
     }
 

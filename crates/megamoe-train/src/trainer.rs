@@ -349,7 +349,7 @@ impl Trainer {
         let device = {
             // bf16 GEMMs cast each f32 weight once this step, released before an optimizer
             // that updates in place (not registered when that runs inside the graph step).
-            let _weights = if self.optimizer_in_graph() {
+            let _weights = if self.optimizer_inside_step() {
                 None
             } else {
                 Some(WeightCopies::begin(
