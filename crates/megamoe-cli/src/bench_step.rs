@@ -84,6 +84,7 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
     // The trainer starts a new pool peak window every step: the largest over the timed ones.
     let mut pool_peak = 0u64;
     let reads0 = megamoe_tensor::host_reads();
+    let parked0 = megamoe_tensor::parked_bytes();
     for _ in 0..a.iters {
         let t = std::time::Instant::now();
         let m = trainer.step()?;
@@ -93,6 +94,7 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
         last = Some(m);
     }
     let reads = (megamoe_tensor::host_reads() - reads0) as f64 / a.iters as f64;
+    let parked = (megamoe_tensor::parked_bytes() - parked0) as f64 / a.iters as f64;
     let profile = profile_report(a.device)?;
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
@@ -132,6 +134,13 @@ pub fn run(a: &StepBenchArgs) -> anyhow::Result<ExitCode> {
     println!("cuda_graph  {}", trainer.cuda_graph_status());
     if let Some(line) = crate::bench_attention::status_line(a.device)? {
         println!("{line}");
+    }
+    if !plan.train.offload.is_empty() {
+        println!(
+            "offload     {} : {:.2} GiB per step moved to pinned host memory",
+            plan.train.offload,
+            parked / (1u64 << 30) as f64
+        );
     }
     if !profile.is_empty() {
         let total: f64 = profile.iter().map(|p| p.1).sum();

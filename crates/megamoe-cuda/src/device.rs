@@ -14,8 +14,9 @@ use crate::error::{DriverCtx, Error, Result};
 use crate::nvrtc::KernelCache;
 use crate::pool::{DeviceBuffer, DeviceMem, PoolState, PoolStats};
 
-/// Bytes of the cuBLAS workspace given to the handle (fixed, so GEMMs can be captured).
-const CUBLAS_WORKSPACE: usize = 64 << 20;
+/// Bytes of the cuBLAS workspace given to the handle (fixed, so GEMMs can be captured;
+/// allocated from the pool when the engine opens).
+pub const CUBLAS_WORKSPACE: usize = 64 << 20;
 
 /// What the device reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,9 @@
 //! reserved / used / peak counters, CUDA graph capture, and the MoE layer's kernels
 //! (router, capacity assignment, permute, SwiGLU, combine, and their backward), and the
 //! kernels of the rest of a training step ([`ops`]: RMSNorm, RoPE, cross-entropy,
-//! embedding, causal attention, AdamW), and the kernels behind megamoe-tensor's op
-//! families for a tensor backend ([`tensor`]).
+//! embedding, causal attention, AdamW), the kernels behind megamoe-tensor's op
+//! families for a tensor backend ([`tensor`]), and activation offload to pinned host
+//! memory on a copy stream ([`CopyStream`]).
 //!
 //! # Place in the workspace
 //! Knows nothing of `megamoe_tensor::Tensor`: it moves device buffers and launches work.
@@ -36,16 +37,18 @@ pub mod gemm;
 mod graph;
 pub mod moe;
 mod nvrtc;
+mod offload;
 pub mod ops;
 mod pool;
 pub mod tensor;
 
 pub use cudnn::{cudnn_present, CudnnSdpa, SdpaShape};
-pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker};
+pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker, CUBLAS_WORKSPACE};
 pub use error::{Error, Result};
 pub use gemm::{Elem, Operand};
 pub use graph::{Graph, PinnedHost};
 pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
+pub use offload::{CopyStream, Fetched, Parked};
 pub use ops::{AdamWParams, AttentionGrads, AttentionShape, FlashAttention, Ops};
 pub use pool::{DeviceBuffer, DeviceMem, DeviceView, PoolStats};

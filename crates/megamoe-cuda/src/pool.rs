@@ -145,6 +145,21 @@ impl DeviceBuffer {
     }
 }
 
+impl DeviceBuffer {
+    /// Frees the buffer stream-ordered on `stream` instead of the engine's stream (after
+    /// the work queued there, e.g. an offload copy reading it).
+    pub(crate) fn free_on(self, stream: sys::CUstream) {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never dropped, so the pool handle is moved out exactly once.
+        let pool = unsafe { std::ptr::read(&me.pool) };
+        unsafe {
+            let _ = result::ctx::set_current(pool.ctx);
+            let _ = result::free_async(me.ptr, stream);
+        }
+        pool.used.fetch_sub(me.bytes as u64, Ordering::Relaxed);
+    }
+}
+
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         unsafe {

@@ -18,6 +18,7 @@
 //! `backward_weight` accumulates (+=).
 
 use megamoe_optim::ParamRole;
+use megamoe_plan::{OffloadTarget, OffloadTargets};
 use megamoe_tensor::Tensor;
 
 use crate::error::{Error, Result};
@@ -135,6 +136,29 @@ pub struct AttentionSaved {
     attn: Tensor,
     /// Heads output before `o_proj` `[N, NH·D]`.
     o: Tensor,
+}
+
+impl AttentionSaved {
+    /// Visits the saved activations of `targets` for offload, always in the same order.
+    pub(crate) fn visit_offload(
+        &mut self,
+        targets: OffloadTargets,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        if targets.contains(OffloadTarget::QkvLinear) {
+            f(&mut self.x)?;
+        }
+        if targets.contains(OffloadTarget::CoreAttn) {
+            f(&mut self.q)?;
+            f(&mut self.k)?;
+            f(&mut self.v)?;
+            f(&mut self.attn)?;
+        }
+        if targets.contains(OffloadTarget::AttnProj) {
+            f(&mut self.o)?;
+        }
+        Ok(())
+    }
 }
 
 /// What `backward_weight` needs.

@@ -179,6 +179,19 @@ pub struct BlockSaved {
     flexi: Option<FlexiSaved>,
 }
 
+impl BlockSaved {
+    /// Visits the saved activations of `targets` for offload, always in the same order
+    /// (attention, then the FFN).
+    pub(crate) fn visit_offload(
+        &mut self,
+        targets: megamoe_plan::OffloadTargets,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        self.attn.visit_offload(targets, f)?;
+        self.ffn.visit_offload(targets, f)
+    }
+}
+
 /// What `backward_weight` needs (moved by value).
 #[derive(Debug)]
 pub struct BlockDeferredW {

@@ -42,6 +42,7 @@ use crate::flexi_depth::{flexi_depth_skip_loss_grad, flexi_depth_skip_loss_of_su
 use crate::model::Model;
 use crate::mtp::{MtpDeferredW, MtpSaved, MtpShared, MtpSharedGrads};
 use crate::norm::RmsNormSaved;
+use crate::offload::ParkedBlock;
 use crate::outputs::{LayerStats, LossParts, ModelStats};
 
 /// Which part of the model a chunk runs.
@@ -164,7 +165,8 @@ pub struct ChunkForward {
 /// A block's saved state: full activations, or only its input (recomputed in backward).
 #[derive(Debug)]
 enum SavedBlock {
-    Kept(Box<BlockSaved>),
+    /// The saved state, and its activations parked in host memory (`train.offload`).
+    Kept(Box<BlockSaved>, Option<ParkedBlock>),
     Recompute(Tensor),
 }
 
@@ -370,7 +372,15 @@ impl ModelChunk<'_> {
             let x = std::mem::replace(&mut c.hidden, y);
             saved_blocks.push(match cfg.recompute {
                 Recompute::Full => SavedBlock::Recompute(x),
-                Recompute::None | Recompute::Selective => SavedBlock::Kept(Box::new(s)),
+                Recompute::None | Recompute::Selective => {
+                    let mut s = s;
+                    let parked = if cfg.offload.is_empty() {
+                        None
+                    } else {
+                        Some(ParkedBlock::park(&mut s, cfg.offload)?)
+                    };
+                    SavedBlock::Kept(Box::new(s), parked)
+                }
             });
             if let Some(m) = &out.moe {
                 c.aux = c.aux.add(&m.aux_loss)?;
@@ -576,14 +586,26 @@ impl ModelChunk<'_> {
         };
         let blocks = self.blocks();
         let mut deferred = Vec::with_capacity(blocks.len());
-        for (i, sb) in s.blocks.into_iter().enumerate().rev() {
+        let mut pending = s.blocks;
+        while let Some(sb) = pending.pop() {
+            let i = pending.len();
+            // Offloaded activations of the next block down start coming back now, behind
+            // this block's backward.
+            if let Some(SavedBlock::Kept(_, Some(next))) = pending.last_mut() {
+                next.prefetch()?;
+            }
             let block = &blocks[i];
             let bp = model.block_params(block.layer, &p.layers[i])?;
             if let Some(prev) = i.checked_sub(1) {
                 model.prefetch_block(blocks[prev].layer, p.layers.get(prev))?;
             }
             let bs = match sb {
-                SavedBlock::Kept(bs) => *bs,
+                SavedBlock::Kept(mut bs, parked) => {
+                    if let Some(p) = parked {
+                        p.restore(&mut bs, cfg.offload)?;
+                    }
+                    *bs
+                }
                 SavedBlock::Recompute(x) => {
                     let cx = BlockCx {
                         b,

@@ -2,7 +2,9 @@
 //! numbers (init std). Built once by [`ModelConfig::from_plan`]; every layer config is
 //! derived from it.
 
-use megamoe_plan::{Activation, FlexiDepthPlan, GateSkipPlan, MoePlan, MtpPlan, Plan, Recompute};
+use megamoe_plan::{
+    Activation, FlexiDepthPlan, GateSkipPlan, MoePlan, MtpPlan, OffloadTargets, Plan, Recompute,
+};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +46,9 @@ pub struct ModelConfig {
     /// Activation recomputation (`Full`: keep only block inputs; `Selective` is treated as
     /// `None` — attention-only recompute is not implemented).
     pub recompute: Recompute,
+    /// Saved activations moved to pinned host memory between forward and backward
+    /// (`train.offload`; CUDA tensors only, see `offload.rs`).
+    pub offload: OffloadTargets,
     /// Init seed.
     pub seed: u64,
     /// Std of hidden matrices and embeddings (0.02, GPT-2); residual output projections use
@@ -73,6 +78,7 @@ impl ModelConfig {
             flexi_depth: plan.flexi_depth,
             mtp: plan.mtp.clone(),
             recompute: plan.train.recompute,
+            offload: plan.train.offload,
             seed: plan.train.seed,
             init_std: 0.02,
         };

@@ -106,6 +106,24 @@ pub enum FfnSaved {
     Moe(Box<MoeSaved>),
 }
 
+impl FfnSaved {
+    /// Visits the saved activations of `targets` for offload (fixed order).
+    pub(crate) fn visit_offload(
+        &mut self,
+        targets: megamoe_plan::OffloadTargets,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        use megamoe_plan::OffloadTarget as T;
+        match self {
+            FfnSaved::Dense(m) if targets.contains(T::Mlp) => m.visit_offload(f),
+            FfnSaved::Dense(_) => Ok(()),
+            FfnSaved::Moe(m) => {
+                m.visit_activations(targets.contains(T::ExpertFc1), targets.contains(T::Moe), f)
+            }
+        }
+    }
+}
+
 /// What the FFN's `backward_weight` needs.
 #[derive(Debug)]
 pub enum FfnDeferredW {

@@ -90,6 +90,7 @@ pub mod mlp;
 pub mod model;
 pub mod mtp;
 pub mod norm;
+mod offload;
 pub mod outputs;
 pub mod param_gather;
 pub mod tp;

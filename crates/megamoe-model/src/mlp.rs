@@ -106,6 +106,21 @@ pub struct MlpSaved {
     act: Tensor,
 }
 
+impl MlpSaved {
+    /// Visits the input, pre-activations and activation for offload (fixed order).
+    pub(crate) fn visit_offload(
+        &mut self,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        f(&mut self.x)?;
+        if let Some(g) = &mut self.gate {
+            f(g)?;
+        }
+        f(&mut self.up)?;
+        f(&mut self.act)
+    }
+}
+
 /// What `backward_weight` needs.
 #[derive(Debug)]
 pub struct MlpDeferredW {

@@ -48,6 +48,29 @@ pub struct ExpertsSaved {
     act: Tensor,
 }
 
+impl ExpertsSaved {
+    /// Visits the saved activations for offload, always in the same order: the input
+    /// rows (`inputs`), then the pre-activations and the activation (`intermediates`).
+    pub fn visit_activations(
+        &mut self,
+        inputs: bool,
+        intermediates: bool,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        if inputs {
+            f(&mut self.x)?;
+        }
+        if intermediates {
+            if let Some(g) = &mut self.h_gate {
+                f(g)?;
+            }
+            f(&mut self.h_up)?;
+            f(&mut self.act)?;
+        }
+        Ok(())
+    }
+}
+
 /// What an expert bank's `backward_weight` needs.
 #[derive(Debug, Clone)]
 pub struct ExpertsDeferredW {

@@ -76,6 +76,26 @@ impl MoeSaved {
         &self.keep
     }
 
+    /// Visits the saved activations for offload, always in the same order: with
+    /// `intermediates` the routed experts' pre-activations and activation, the expert
+    /// rows back at the source and the shared experts' pre-activations and activation;
+    /// with `inputs` the routed experts' input rows.
+    pub fn visit_activations(
+        &mut self,
+        inputs: bool,
+        intermediates: bool,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        self.experts.visit_activations(inputs, intermediates, f)?;
+        if intermediates {
+            f(&mut self.out_rows)?;
+            if let Some(s) = &mut self.shared {
+                s.visit_intermediates(f)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The source-side dispatch layout of the forward call.
     pub fn layout(&self) -> &DispatchLayout {
         &self.layout

@@ -51,6 +51,14 @@ pub struct SharedExpertsSaved {
 }
 
 impl SharedExpertsSaved {
+    /// Visits the shared FFN's pre-activations and activation (for offload).
+    pub fn visit_intermediates(
+        &mut self,
+        f: &mut dyn FnMut(&mut Tensor) -> megamoe_tensor::Result<()>,
+    ) -> megamoe_tensor::Result<()> {
+        self.ffn.visit_activations(false, true, f)
+    }
+
     /// Rank-0 mean over the tokens of the gate `σ(x · w_gᵀ)`; `None` without the gate.
     pub fn gate_mean(&self) -> Result<Option<Tensor>> {
         match &self.sig {

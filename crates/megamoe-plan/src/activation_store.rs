@@ -22,7 +22,7 @@
 //! gradients), the SwiGLU backward, the GQA key/value gradient sums and the embedding
 //! output (layer 0's input).
 
-use crate::modes::{Activation, AuxLossKind, Precision, Recompute};
+use crate::modes::{Activation, AuxLossKind, OffloadTarget, Precision, Recompute};
 use crate::plan::Plan;
 
 /// How attention runs on the device (the saved state and workspaces differ).
@@ -50,6 +50,8 @@ pub struct LayerStore {
     pub backward_work: f64,
     /// The largest extra allocation of the forward beyond what it keeps (attention scores).
     pub forward_work: f64,
+    /// Of `saved`, what `train.offload` moves to pinned host memory until the backward.
+    pub parked: f64,
 }
 
 /// The activation peak of one micro-batch on one rank.
@@ -62,6 +64,8 @@ pub struct MicroBatchPeak {
     pub saved_moe: f64,
     /// The peak of live activation bytes while this micro-batch runs.
     pub peak: f64,
+    /// Bytes `train.offload` keeps in pinned host memory at the end of the forward.
+    pub parked: f64,
 }
 
 /// Element sizes of one run.
@@ -269,6 +273,7 @@ pub fn layer_store(plan: &Plan, l: usize, attention: AttentionKernel) -> LayerSt
     let by = Bytes::of(plan.train.precision, attention);
     let s = shape(plan);
     let (sa, da, wa, fa) = attention_store(s, by, l == 0);
+    let parked = parked_bytes(plan, l, s, by);
     let (sf, df, wf, moe) = if plan.is_moe_layer(l) {
         let (sm, dm, wm) = moe_store(plan, s.n, by);
         (sm, dm, wm, sm)
@@ -286,7 +291,66 @@ pub fn layer_store(plan: &Plan, l: usize, attention: AttentionKernel) -> LayerSt
         deferred: da + df,
         backward_work: backward_work.max(0.0),
         forward_work: fa,
+        parked,
     }
+}
+
+/// Bytes of layer `l`'s saved state the `train.offload` targets move to the host (the
+/// tensors `megamoe_model`'s offload visits; GPU runs).
+fn parked_bytes(plan: &Plan, l: usize, s: Shape, by: Bytes) -> f64 {
+    let t = plan.train.offload;
+    if t.is_empty() || plan.train.recompute == Recompute::Full {
+        return 0.0;
+    }
+    let (n, a, f) = (s.n, by.act, by.f32);
+    let mut p = 0.0;
+    if t.contains(OffloadTarget::QkvLinear) {
+        p += n * s.h * a;
+    }
+    if t.contains(OffloadTarget::CoreAttn) {
+        let state = if by.fused() {
+            s.bh * s.t * f
+        } else {
+            s.bh * s.t * s.t * a
+        };
+        p += 3.0 * n * s.hq * a + state;
+    }
+    if t.contains(OffloadTarget::AttnProj) {
+        p += n * s.hq * if by.fused() { a } else { f };
+    }
+    match plan.moe.as_ref().filter(|_| plan.is_moe_layer(l)) {
+        None if t.contains(OffloadTarget::Mlp) => {
+            let hidden = (plan.model.ffn_hidden / plan.parallel.tp.max(1)) as f64;
+            let kept = if plan.model.dense_activation == Activation::SwiGlu {
+                3.0
+            } else {
+                2.0
+            };
+            p += n * s.h * a + kept * n * hidden * a;
+        }
+        None => {}
+        Some(moe) => {
+            let rows = match (moe.pad_to_capacity, moe.routing.capacity) {
+                (true, Some(c)) => (moe.experts_per_ep_rank * plan.parallel.ep * c) as f64,
+                _ => n * moe.routing.slots_per_token as f64,
+            };
+            let inter = if moe.activation == Activation::SwiGlu {
+                3.0
+            } else {
+                2.0
+            };
+            if t.contains(OffloadTarget::Moe) {
+                p += inter * rows * moe.expert_hidden as f64 * a + rows * s.h * a;
+                if let Some(sh) = moe.shared {
+                    p += inter * n * (sh.total_hidden / plan.parallel.tp.max(1)) as f64 * a;
+                }
+            }
+            if t.contains(OffloadTarget::ExpertFc1) {
+                p += rows * s.h * a;
+            }
+        }
+    }
+    p
 }
 
 /// The activation peak of one micro-batch through `layers` (bottom to top), with the
@@ -333,25 +397,35 @@ pub fn micro_batch_peak(
     } else {
         stores.iter().map(|st| st.saved_moe).sum()
     };
+    // Offload: a layer's parked bytes leave the device after its forward and come back
+    // while the layer above runs its backward.
+    let parked: f64 = stores.iter().map(|st| st.parked).sum();
     // Forward: the layers' stores grow; the top layer's scores on top.
     let mut peak: f64 = 0.0;
     let mut below = 0.0;
     for (st, &l) in stores.iter().zip(layers) {
         let extra = if full { st.saved } else { 0.0 };
         peak = peak.max(below + st.saved + st.forward_work - kept(st, l) + extra);
-        below += kept(st, l);
+        below += kept(st, l) - st.parked;
     }
-    peak = peak.max(saved);
+    peak = peak.max(saved - parked + stores.last().map_or(0.0, |st| st.parked));
     // Backward: the head first, then the layers top to bottom.
     let mut above_deferred = 0.0;
-    let mut remaining = saved_layers;
+    let mut remaining = saved_layers - parked;
     let head_alive = head_saved - d_logits + head_back;
-    peak = peak.max(saved + head_back);
-    for (st, &l) in stores.iter().zip(layers).rev() {
-        remaining -= kept(st, l);
+    peak = peak.max(saved - parked + stores.last().map_or(0.0, |st| st.parked) + head_back);
+    for (i, (st, &l)) in stores.iter().zip(layers).enumerate().rev() {
+        remaining -= kept(st, l) - st.parked;
         let recomputed = if full { st.saved } else { 0.0 };
-        let here =
-            remaining + kept(st, l) + recomputed + st.backward_work + above_deferred + head_alive;
+        // The layer below is fetched back while this layer's backward runs.
+        let prefetched = i.checked_sub(1).map_or(0.0, |b| stores[b].parked);
+        let here = remaining
+            + prefetched
+            + kept(st, l)
+            + recomputed
+            + st.backward_work
+            + above_deferred
+            + head_alive;
         peak = peak.max(here);
         above_deferred += st.deferred;
     }
@@ -359,5 +433,6 @@ pub fn micro_batch_peak(
         saved,
         saved_moe,
         peak: peak.max(above_deferred + head_alive),
+        parked,
     }
 }

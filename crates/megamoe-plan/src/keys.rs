@@ -123,6 +123,7 @@ keys! {
     "train.log_every" => "Print a progress line every N steps (>= 1).",
     "train.max_nonfinite_steps" => "Stop (exit 1) after this many consecutive NaN/Inf steps (0 = at the first).",
     "train.recompute" => "Activation recomputation: none, or full (keep only each block's input, recompute it in backward). selective is refused by the CPU trainer.",
+    "train.offload" => "Saved activations moved to pinned host memory between forward and backward (GPU only): a list of qkv_linear, core_attn, attn_proj, mlp, moe, expert_fc1. Default [] (none).",
     "train.dtype" => "Parameter/activation precision: f32, or bf16 (planning only: the CPU trainer refuses it).",
     "optim.name" => "Optimizer: adamw, or muon (Muon on 2-D weight matrices, AdamW on the rest).",
     "optim.lr" => "Peak AdamW learning rate (> 0).",

@@ -71,7 +71,8 @@ pub use memory::{
 pub use mesh::{Mesh, MeshGroup, RankCoords, APPLICATION_ORDER};
 pub use modes::{
     Activation, AuxLossKind, Capacity, ConcatOrder, DropPolicy, GateKind, LrSchedule, MtpMode,
-    MuonScale, OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn, SkipPenalty, ZeroLevel,
+    MuonScale, OffloadTarget, OffloadTargets, OptimizerKind, Precision, Recompute, RouterOrder,
+    ScoreFn, SkipPenalty, ZeroLevel,
 };
 pub use null_slot::{null_slot_plan, NullSlotPlan};
 pub use params::{layer_params, model_params, rank_params, ParamCount};

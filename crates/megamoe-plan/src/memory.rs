@@ -179,6 +179,10 @@ pub struct RankMemory {
     pub pool_gb: f64,
     /// Largest bucket.
     pub dominant: MemoryBucket,
+    /// Pinned host memory `train.offload` holds at the end of the forward, GiB (not in
+    /// any device bucket).
+    #[serde(default)]
+    pub offload_host_gb: f64,
 }
 
 /// Memory of every rank class plus triage for the worst one.
@@ -325,7 +329,8 @@ pub fn rank_memory_with(plan: &Plan, pp_rank: usize, attention: AttentionKernel)
     let micro = micro_batch_peak(plan, &layers, has_head, attention);
     let others = (in_flight / n_local_layers - 1.0).max(0.0);
     let moe_b = micro.saved_moe * (1.0 + others);
-    let act_b = micro.peak + others * micro.saved - moe_b;
+    let act_b = micro.peak + others * (micro.saved - micro.parked) - moe_b;
+    let offload_b = micro.parked * (1.0 + others);
     // Every TP rank computes the whole vocabulary's logits (the head is not split).
     let logits_b = 2.0 * t * plan.model.vocab_size as f64 * 4.0;
 
@@ -374,6 +379,7 @@ pub fn rank_memory_with(plan: &Plan, pp_rank: usize, attention: AttentionKernel)
         total_gb: breakdown.total_gb(),
         pool_gb: breakdown.total_gb() - breakdown.runtime_reserved_gb - breakdown.overhead_gb,
         dominant: dominant_pressure(&breakdown),
+        offload_host_gb: offload_b / GIB,
         breakdown,
     }
 }

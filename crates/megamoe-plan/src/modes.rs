@@ -253,3 +253,72 @@ impl ZeroLevel {
         }
     }
 }
+
+config_enum! {
+    /// A saved activation that `train.offload` moves to pinned host memory between a
+    /// layer's forward and its backward (GPU runs).
+    OffloadTarget {
+        /// `qkv_linear`: the input of the q/k/v projections (the first norm's output).
+        QkvLinear => "qkv_linear",
+        /// `core_attn`: the attention op's q, repeated k and v, and its saved state.
+        CoreAttn => "core_attn",
+        /// `attn_proj`: the input of the output projection (the heads' output).
+        AttnProj => "attn_proj",
+        /// `mlp`: a dense FFN's input, pre-activations and activation.
+        Mlp => "mlp",
+        /// `moe`: the experts' pre-activations and activation, the expert rows back at
+        /// the source, and the shared experts' pre-activations and activation.
+        Moe => "moe",
+        /// `expert_fc1`: the routed experts' input rows (the first expert GEMM's input).
+        ExpertFc1 => "expert_fc1",
+    }
+}
+
+/// The set of `train.offload` targets (one bit per [`OffloadTarget`]; a TOML list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(from = "Vec<OffloadTarget>", into = "Vec<OffloadTarget>")]
+pub struct OffloadTargets(u8);
+
+impl OffloadTargets {
+    fn bit(t: OffloadTarget) -> u8 {
+        1 << OffloadTarget::ALL.iter().position(|&x| x == t).unwrap_or(0)
+    }
+
+    /// Whether `t` is offloaded.
+    pub fn contains(self, t: OffloadTarget) -> bool {
+        self.0 & Self::bit(t) != 0
+    }
+
+    /// No target.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The targets, in declaration order.
+    pub fn targets(self) -> Vec<OffloadTarget> {
+        OffloadTarget::ALL
+            .iter()
+            .copied()
+            .filter(|&t| self.contains(t))
+            .collect()
+    }
+}
+
+impl From<Vec<OffloadTarget>> for OffloadTargets {
+    fn from(v: Vec<OffloadTarget>) -> Self {
+        OffloadTargets(v.into_iter().fold(0, |acc, t| acc | Self::bit(t)))
+    }
+}
+
+impl From<OffloadTargets> for Vec<OffloadTarget> {
+    fn from(t: OffloadTargets) -> Self {
+        t.targets()
+    }
+}
+
+impl fmt::Display for OffloadTargets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.targets().iter().map(|t| t.name()).collect();
+        write!(f, "[{}]", names.join(", "))
+    }
+}

@@ -6,8 +6,8 @@ use crate::bounds::{check_memory_bounds, MemoryLimit, MAX_WORLD};
 use crate::error::{PlanError, Result};
 use crate::mesh::Mesh;
 use crate::modes::{
-    Activation, ConcatOrder, GateKind, LrSchedule, MtpMode, MuonScale, OptimizerKind, Precision,
-    Recompute, RouterOrder, SkipPenalty, ZeroLevel,
+    Activation, ConcatOrder, GateKind, LrSchedule, MtpMode, MuonScale, OffloadTargets,
+    OptimizerKind, Precision, Recompute, RouterOrder, SkipPenalty, ZeroLevel,
 };
 pub use crate::moe_plan::{MoePlan, RoutingPlan, SharedExpertsPlan};
 use crate::raw::RawConfig;
@@ -197,6 +197,9 @@ pub struct TrainPlan {
     pub recompute: Recompute,
     /// Precision.
     pub precision: Precision,
+    /// Saved activations moved to pinned host memory between forward and backward.
+    #[serde(default)]
+    pub offload: OffloadTargets,
 }
 
 /// `[optim]`, resolved.
@@ -695,6 +698,7 @@ fn resolve_train(raw: &RawConfig) -> Result<TrainPlan> {
         max_nonfinite_steps: t.max_nonfinite_steps,
         recompute: t.recompute,
         precision: t.dtype,
+        offload: t.offload,
     })
 }
 

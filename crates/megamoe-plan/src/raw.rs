@@ -12,7 +12,7 @@
 use crate::error::{PlanError, Result};
 use crate::modes::{
     Activation, AuxLossKind, ConcatOrder, DropPolicy, GateKind, LrSchedule, MtpMode, MuonScale,
-    OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn, SkipPenalty,
+    OffloadTargets, OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn, SkipPenalty,
 };
 use crate::ScheduleKind;
 use serde::{Deserialize, Serialize};
@@ -345,6 +345,9 @@ pub struct TrainSection {
     pub recompute: Recompute,
     /// Parameter/activation precision. Default "f32".
     pub dtype: Precision,
+    /// Saved activations moved to pinned host memory between forward and backward
+    /// (GPU only). Default [] (none).
+    pub offload: OffloadTargets,
 }
 
 impl Default for TrainSection {
@@ -360,6 +363,7 @@ impl Default for TrainSection {
             max_nonfinite_steps: 3,
             recompute: Recompute::None,
             dtype: Precision::F32,
+            offload: OffloadTargets::default(),
         }
     }
 }

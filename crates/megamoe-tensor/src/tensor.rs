@@ -180,6 +180,37 @@ impl Tensor {
         })
     }
 
+    /// This handle's storage and layout when it is the buffer's only owner and the buffer
+    /// is not write-through (for activation offload); `self` becomes an empty CPU tensor
+    /// of shape `[0]`. `None` (unchanged) otherwise.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn take_unique_storage(&mut self) -> Option<(Storage, Layout)> {
+        let buf = Arc::get_mut(&mut self.buffer)?;
+        if buf.write_through.is_some() {
+            return None;
+        }
+        let empty = Storage::Cpu(crate::CpuStorage::F32(Vec::new()));
+        let storage = std::mem::replace(&mut buf.storage, empty);
+        memory::on_free(storage_bytes(&storage));
+        let layout = std::mem::replace(
+            &mut self.layout,
+            Layout {
+                shape: Shape::from(vec![0]),
+                offset: 0,
+            },
+        );
+        Some((storage, layout))
+    }
+
+    /// A tensor over `storage` with `layout` (the inverse of `take_unique_storage`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_storage_layout(storage: Storage, layout: Layout) -> Tensor {
+        Tensor {
+            buffer: Buffer::new(storage),
+            layout,
+        }
+    }
+
     /// A zeroed f32 tensor of `shape` on `device` whose buffer is *write-through*: every view
     /// of it ([`Tensor::view`], `reshape`, a dim-0 `narrow`) is written in place by in-place
     /// ops, and every handle on the buffer sees the writes (see the module doc). The flat

@@ -68,5 +68,19 @@ pub fn attention_kernel(_device: Device) -> Result<AttentionKernel> {
 /// `memory_bytes`, counts; without the runtime reserve and the per-process overhead).
 pub fn predicted_peak_bytes(plan: &Plan, device: Device) -> Result<u64> {
     let m = plan_memory_with(plan, None, attention_kernel(device)?);
-    Ok((m.peak_pool_gb * (1u64 << 30) as f64).round() as u64)
+    Ok((m.peak_pool_gb * (1u64 << 30) as f64).round() as u64 + engine_pool_bytes(device))
+}
+
+/// What a GPU engine takes from its pool when it opens (the cuBLAS workspace).
+#[cfg(feature = "cuda")]
+fn engine_pool_bytes(device: Device) -> u64 {
+    match device {
+        Device::Cuda(_) => megamoe_tensor::cuda::ENGINE_POOL_BYTES as u64,
+        Device::Cpu => 0,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn engine_pool_bytes(_device: Device) -> u64 {
+    0
 }

@@ -36,6 +36,8 @@ fn gpu_plan(plan: &Plan, device: megamoe_tensor::Device) -> Result<Option<Plan>>
     set_matmul_precision(device, plan.train.precision == Precision::Bf16)?;
     let mut p = plan.clone();
     p.train.precision = Precision::F32;
+    // Offload runs on the GPU (checked here, never on the CPU).
+    p.train.offload = megamoe_plan::OffloadTargets::default();
     Ok(Some(p))
 }
 
@@ -105,6 +107,16 @@ pub fn check_cpu_numerics(plan: &Plan) -> Result<()> {
                 .to_string(),
         });
     }
+    if !plan.train.offload.is_empty() {
+        return Err(Error::TrainConfig {
+            field: "train.offload",
+            value: plan.train.offload.to_string(),
+            rule: "activation offload moves saved activations from GPU memory to pinned host \
+                   memory; it needs --device cuda (on the CPU they are in host memory already): \
+                   set train.offload = []"
+                .to_string(),
+        });
+    }
     if plan.train.recompute == Recompute::Selective {
         return Err(Error::TrainConfig {
             field: "train.recompute",
@@ -135,6 +147,22 @@ mod tests {
             msg.starts_with("train.dtype=\"bf16\" is not supported"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn offload_is_refused_on_the_cpu_naming_train_offload() {
+        let err = check_cpu_trainer_support(&plan_with("train.offload=[\"mlp\", \"moe\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("train.offload=[mlp, moe]"), "{err}");
+        assert!(err.contains("--device cuda"), "{err}");
+        // An unknown target is a config error naming the known ones.
+        let raw = RawConfig::from_toml_str_with_overrides(
+            TINY_CONFIG,
+            &["train.offload=[\"attention\"]".to_string()],
+        );
+        let msg = format!("{:?}", raw.map(|_| ()));
+        assert!(msg.contains("qkv_linear"), "{msg}");
     }
 
     #[test]

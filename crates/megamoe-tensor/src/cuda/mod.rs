@@ -29,6 +29,9 @@ pub use graph::{device_address, StepGraph};
 mod grouped;
 mod host;
 mod matmul;
+/// Bytes every GPU engine takes from its pool when it opens (the cuBLAS workspace).
+pub const ENGINE_POOL_BYTES: usize = megamoe_cuda::CUBLAS_WORKSPACE;
+pub(crate) mod offload;
 mod routing;
 mod staged;
 mod weights;
