@@ -61,10 +61,7 @@ impl ExpertsSaved {
             f(&mut self.x)?;
         }
         if intermediates {
-            if let Some(g) = &mut self.h_gate {
-                f(g)?;
-            }
-            f(&mut self.h_up)?;
+            f(&mut self.h)?;
             f(&mut self.act)?;
         }
         Ok(())
