@@ -7,210 +7,33 @@
 //! `parallel.fsdp = 3` with pp is refused by name.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
+mod common;
 
-use megamoe_plan::{RawConfig, TINY_CONFIG};
+use common::layout::{assert_matches_one_rank, data, resume_both_ways, Mesh};
+use common::TestDir;
 use megamoe_train::distributed::run_thread_ranks;
-use megamoe_train::{DataSource, Error, Tokenizer, Trainer, TrainerOptions};
+use megamoe_train::{Trainer, TrainerOptions};
 
-const STEPS: usize = 10;
-/// Micro-batches of one step (global batch 8 of 1 sequence each).
-const MICRO: usize = 8;
-
-/// A 4-layer MoE model (dense first layer, shared expert with gate, expert bias, aux and
-/// z losses, untied head), dropless, with optimizer `optim`.
-fn sets(optim: &str) -> Vec<String> {
-    [
-        "model.d_model=16",
-        "model.n_layers=4",
-        "model.n_heads=2",
-        "model.n_kv_heads=1",
-        "model.ffn_hidden=32",
-        "model.seq_len=8",
-        "model.tie_embeddings=false",
-        "moe.routed_experts=4",
-        "moe.expert_hidden=16",
-        "moe.shared_expert_hidden=16",
-        "moe.shared_expert_gate=true",
-        "moe.expert_bias=true",
-        "moe.aux_loss_weight=0.05",
-        "moe.z_loss_weight=0.01",
-        "train.global_batch=8",
-        "train.steps=10",
-        "optim.warmup_steps=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("optim.name=\"{optim}\"")])
-    .collect()
-}
-
-fn raw(sets: &[String]) -> RawConfig {
-    RawConfig::from_toml_str_with_overrides(TINY_CONFIG, sets).unwrap()
-}
-
-fn data() -> Arc<DataSource> {
-    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
-}
-
-/// The `--set`s of a layout: dp × ep × pp under `schedule` with `fsdp`.
-fn layout(dp: usize, ep: usize, pp: usize, schedule: &str, fsdp: usize) -> Vec<String> {
-    vec![
-        format!("parallel.dp={dp}"),
-        format!("parallel.ep={ep}"),
-        format!("parallel.pp={pp}"),
-        format!("parallel.fsdp={fsdp}"),
-        format!("parallel.microbatches={}", MICRO / (dp * ep)),
-        format!("parallel.schedule=\"{schedule}\""),
-    ]
-}
-
-/// (loss, grad norm) per step of one rank running all micro-batches.
-fn one_rank(optim: &str) -> Vec<(f64, f64)> {
-    let mut s = sets(optim);
-    s.push(format!("parallel.microbatches={MICRO}"));
-    let mut t = Trainer::new(&raw(&s), data(), TrainerOptions::default()).unwrap();
-    (0..STEPS)
-        .map(|_| {
-            let m = t.step().unwrap();
-            (m.loss.total, m.grad_norm)
-        })
-        .collect()
-}
-
-/// Rank 0's (loss, grad norm) per step, after checking every rank reports the same.
-fn ranks(optim: &str, dp: usize, ep: usize, pp: usize, schedule: &str) -> Vec<(f64, f64)> {
-    let mut s = sets(optim);
-    s.extend(layout(dp, ep, pp, schedule, 2));
-    let raw = raw(&s);
-    let curves = run_thread_ranks(dp * ep * pp, |world| -> Result<_, Error> {
-        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
-        (0..STEPS)
-            .map(|_| t.step().map(|m| (m.loss.total, m.grad_norm)))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .unwrap();
-    for (r, c) in curves.iter().enumerate() {
-        assert_eq!(c, &curves[0], "rank {r} reports rank 0's losses");
-    }
-    curves[0].clone()
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    ((a - b) / b).abs()
-}
-
-fn check(optim: &str) {
-    let want = one_rank(optim);
-    assert!(
-        rel(want[STEPS - 1].0, want[0].0) > 1e-3,
-        "the loss moves: {want:?}"
-    );
-    for (dp, ep, pp, schedule) in [(2, 1, 2, "1f1b"), (2, 1, 2, "dualpipev"), (2, 2, 2, "1f1b")] {
-        let got = ranks(optim, dp, ep, pp, schedule);
-        let worst = |pick: fn(&(f64, f64)) -> f64| {
-            got.iter()
-                .zip(&want)
-                .map(|(g, w)| rel(pick(g), pick(w)))
-                .fold(0.0, f64::max)
-        };
-        let (loss, norm) = (worst(|x| x.0), worst(|x| x.1));
-        eprintln!(
-            "{optim} dp{dp} ep{ep} pp{pp} {schedule} fsdp2: max rel diff loss {loss:.2e}, \
-             grad norm {norm:.2e}"
-        );
-        assert!(
-            loss <= 1e-5 && norm <= 1e-4,
-            "{optim} dp{dp} ep{ep} pp{pp} {schedule} fsdp2: {got:?} vs one rank {want:?}"
-        );
-    }
-}
+const MESHES: [Mesh; 3] = [
+    Mesh::pp(2, 2, 1, "1f1b", 2),
+    Mesh::pp(2, 2, 1, "dualpipev", 2),
+    Mesh::pp(2, 2, 2, "1f1b", 2),
+];
 
 #[test]
 fn pipeline_with_fsdp_matches_one_rank_with_adamw() {
-    check("adamw");
+    assert_matches_one_rank("adamw", &MESHES);
 }
 
 #[test]
 fn pipeline_with_fsdp_matches_one_rank_with_muon() {
-    check("muon");
-}
-
-/// Rank 0's losses of the steps a run takes: `layout` (or one rank when empty), resumed
-/// from `resume` if given, saving a checkpoint at step `save_at` into `save` if given.
-fn run(
-    optim: &str,
-    layout: &[String],
-    world: usize,
-    resume: Option<&std::path::Path>,
-    save: Option<(&std::path::Path, usize)>,
-) -> Vec<f64> {
-    let mut s = sets(optim);
-    if layout.is_empty() {
-        s.push(format!("parallel.microbatches={MICRO}"));
-    }
-    s.extend_from_slice(layout);
-    let raw = raw(&s);
-    let body = |mut t: Trainer| -> Result<Vec<f64>, Error> {
-        if let Some(dir) = resume {
-            t.load_checkpoint(dir)?;
-        }
-        let mut losses = Vec::new();
-        while (t.step_count() as usize) < STEPS {
-            losses.push(t.step()?.loss.total);
-            if let Some((dir, at)) = save {
-                if t.step_count() as usize == at {
-                    if t.is_writer() {
-                        t.save_checkpoint(dir)?;
-                    } else {
-                        t.join_checkpoint()?;
-                    }
-                }
-            }
-        }
-        Ok(losses)
-    };
-    if world == 1 {
-        return body(Trainer::new(&raw, data(), TrainerOptions::default()).unwrap()).unwrap();
-    }
-    run_thread_ranks(world, |w| {
-        body(Trainer::new_rank(
-            &raw,
-            data(),
-            TrainerOptions::default(),
-            w,
-        )?)
-    })
-    .unwrap()
-    .remove(0)
+    assert_matches_one_rank("muon", &MESHES);
 }
 
 #[test]
 fn fsdp_pipeline_checkpoints_resume_across_layouts() {
-    let dir = std::env::temp_dir().join(format!("megamoe-pp-fsdp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let pp_dp = layout(2, 1, 2, "1f1b", 2);
-    let want = run("muon", &[], 1, None, None);
-    // pp2 × dp2 fsdp2 saves at step 4 (into a checkpoints directory); one rank continues.
-    let saved = dir.join("pp");
-    let first = run("muon", &pp_dp, 4, None, Some((&saved, 4)));
-    let rest = run("muon", &[], 1, Some(&saved), None);
-    // one rank saves at step 4; pp2 × dp2 fsdp2 continues.
-    let one_saved = dir.join("one");
-    run("muon", &[], 1, None, Some((&one_saved, 4)));
-    let rest_pp = run("muon", &pp_dp, 4, Some(&one_saved), None);
-    assert_eq!(first.len(), STEPS);
-    for (label, got) in [("pp→one", &rest), ("one→pp", &rest_pp)] {
-        assert_eq!(got.len(), STEPS - 4, "{label}");
-        for (s, (g, w)) in got.iter().zip(&want[4..]).enumerate() {
-            assert!(
-                rel(*g, *w) <= 1e-5,
-                "{label} step {}: {g} vs uninterrupted {w}",
-                s + 5
-            );
-        }
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = TestDir::new("pp-fsdp");
+    resume_both_ways(&Mesh::pp(2, 2, 1, "1f1b", 2), dir.path());
 }
 
 /// Each pipeline rank's optimizer state under pp2 × dp2: with fsdp 2 the two data ranks
@@ -218,15 +41,10 @@ fn fsdp_pipeline_checkpoints_resume_across_layouts() {
 #[test]
 fn fsdp_shards_each_stage_s_optimizer_state_over_its_data_ranks() {
     let state = |fsdp: usize| -> Vec<(usize, usize, u64)> {
-        let mut s = sets("muon");
-        s.extend(layout(2, 1, 2, "1f1b", fsdp));
-        let raw = raw(&s);
-        run_thread_ranks(4, |w| {
-            let t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), w)?;
+        Mesh::pp(2, 2, 1, "1f1b", fsdp).per_rank("muon", |t| {
             let c = t.parallel().unwrap().coords();
-            Ok((c.pp, c.dp, t.pipeline().unwrap().optimizer_state_elements()))
+            (c.pp, c.dp, t.pipeline().unwrap().optimizer_state_elements())
         })
-        .unwrap()
     };
     let (whole, rows) = (state(0), state(2));
     for pp in 0..2 {
@@ -246,10 +64,9 @@ fn fsdp_shards_each_stage_s_optimizer_state_over_its_data_ranks() {
 
 #[test]
 fn fsdp_3_with_pipeline_is_refused_by_name() {
-    let mut s = sets("adamw");
-    s.extend(layout(2, 1, 2, "1f1b", 3));
-    let raw = raw(&s);
-    let failures = run_thread_ranks(4, |w| {
+    let mesh = Mesh::pp(2, 2, 1, "1f1b", 3);
+    let raw = mesh.raw("adamw");
+    let failures = run_thread_ranks(mesh.world(), |w| {
         Trainer::new_rank(&raw, data(), TrainerOptions::default(), w).map(|_| ())
     })
     .unwrap_err();

@@ -22,39 +22,23 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use megamoe_comm::ThreadWorld;
-use megamoe_plan::{Plan, RawConfig, TINY_CONFIG};
+use megamoe_plan::Plan;
 use megamoe_train::distributed::{run_thread_ranks, PipelineRank};
-use megamoe_train::{BatchConfig, Batcher, DataSource, Tokenizer, Trainer, TrainerOptions};
+use megamoe_train::{BatchConfig, Batcher, Trainer, TrainerOptions};
+
+#[path = "common/layout.rs"]
+mod layout;
+
+use layout::{data, max_rel_diff, moe_stack, pipeline_raw as raw};
 
 const STEPS: usize = 10;
 
 /// The model: 8 layers (so 2, 4 and 8 stages split it evenly), 8 micro-batches of 1.
 fn model_sets(variant: &str) -> Vec<String> {
-    let mut sets: Vec<String> = [
-        "model.d_model=16",
-        "model.n_layers=8",
-        "model.n_heads=2",
-        "model.n_kv_heads=1",
-        "model.ffn_hidden=32",
-        "model.seq_len=8",
-        "moe.routed_experts=4",
-        "moe.expert_hidden=16",
-        "moe.shared_expert_hidden=16",
-        "moe.shared_expert_gate=true",
-        "moe.expert_bias=true",
-        "moe.aux_loss_weight=0.05",
-        "moe.z_loss_weight=0.01",
-        "train.global_batch=8",
-        "parallel.microbatches=8",
-        "train.steps=10",
-        "optim.warmup_steps=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut sets = moe_stack(8, 2, 1);
+    sets.extend(["train.global_batch=8", "parallel.microbatches=8"].map(String::from));
     match variant {
         // AdamW, tied head read by MTP too, capacity on.
         "adamw" => sets.extend([
@@ -69,14 +53,6 @@ fn model_sets(variant: &str) -> Vec<String> {
         ]),
     }
     sets
-}
-
-fn raw(sets: &[String]) -> RawConfig {
-    RawConfig::from_toml_str_with_overrides(TINY_CONFIG, sets).unwrap()
-}
-
-fn data() -> Arc<DataSource> {
-    Arc::new(DataSource::synthetic(Tokenizer::bytes()))
 }
 
 /// Per-step total losses and named final values (parameters and expert biases).
@@ -328,14 +304,7 @@ fn check_meshes(variant: &str, norm_tol: f64) {
         (2, 2, 2, "dualpipev"),
     ] {
         let got = mesh_curve(variant, dp, ep, pp, schedule);
-        let rel = |a: f64, b: f64| ((a - b) / b).abs();
-        let worst = |pick: fn(&(f64, f64)) -> f64| {
-            got.iter()
-                .zip(&want)
-                .map(|(g, w)| rel(pick(g), pick(w)))
-                .fold(0.0, f64::max)
-        };
-        let (loss, norm) = (worst(|x| x.0), worst(|x| x.1));
+        let (loss, norm) = max_rel_diff(&got, &want);
         eprintln!(
             "{variant} dp{dp} ep{ep} pp{pp} {schedule}: max rel diff loss {loss:.2e}, \
              grad norm {norm:.2e}"

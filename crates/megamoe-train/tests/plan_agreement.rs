@@ -13,7 +13,6 @@ use megamoe_train::distributed::run_thread_ranks;
 use megamoe_train::{Error, Trainer, TrainerOptions};
 
 #[path = "common/layout.rs"]
-#[allow(dead_code)] // the layout tests' model; the step helpers are not used here
 mod layout;
 
 use layout::{data, BASE};

@@ -1,5 +1,7 @@
 //! Helpers shared by this crate's integration tests.
 
+pub mod layout;
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TestDir(std::path::PathBuf);
 
