@@ -80,6 +80,17 @@ const LAYOUTS: &[(&str, usize, usize, &[&str])] = &[
         ],
     ),
     (
+        "dp2xpp2-fsdp3-zbh1",
+        4,
+        2,
+        &[
+            "parallel.dp=2",
+            "parallel.pp=2",
+            "parallel.fsdp=3",
+            "parallel.schedule=\"zb-h1\"",
+        ],
+    ),
+    (
         "pp2xtp2-dualpipev",
         4,
         1,

@@ -4,15 +4,13 @@
 //! (f32, ≤ 1e-5 relative) and gradient norms (≤ 1e-4), with AdamW and Muon, under 1F1B and
 //! DualPipeV, and a checkpoint written under pp2 × dp2 fsdp 2 continues under one rank
 //! (and one rank's checkpoint under pp2 × dp2 fsdp 2) with the uninterrupted losses.
-//! `parallel.fsdp = 3` with pp is refused by name.
+//! `parallel.fsdp = 3` with pp: `pipeline_zero3.rs`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::layout::{assert_matches_one_rank, data, resume_both_ways, Mesh};
+use common::layout::{assert_matches_one_rank, at_rank, resume_both_ways, Mesh};
 use common::TestDir;
-use megamoe_train::distributed::run_thread_ranks;
-use megamoe_train::{Trainer, TrainerOptions};
 
 const MESHES: [Mesh; 3] = [
     Mesh::pp(2, 2, 1, "1f1b", 2),
@@ -48,31 +46,11 @@ fn fsdp_shards_each_stage_s_optimizer_state_over_its_data_ranks() {
     };
     let (whole, rows) = (state(0), state(2));
     for pp in 0..2 {
-        let of = |list: &[(usize, usize, u64)], dp: usize| {
-            list.iter()
-                .find(|&&(p, d, _)| p == pp && d == dp)
-                .unwrap()
-                .2
-        };
+        let of = |list: &[(usize, usize, u64)], dp: usize| at_rank(list, pp, dp);
         let full = of(&whole, 0);
         assert_eq!(of(&whole, 1), full, "pp {pp}: replicated without fsdp");
         let (a, b) = (of(&rows, 0), of(&rows, 1));
         assert_eq!(a + b, full, "pp {pp}: rows {a} + {b} vs whole {full}");
         assert!(a < full && b < full && b > 0, "pp {pp}: {a}, {b} of {full}");
     }
-}
-
-#[test]
-fn fsdp_3_with_pipeline_is_refused_by_name() {
-    let mesh = Mesh::pp(2, 2, 1, "1f1b", 3);
-    let raw = mesh.raw("adamw");
-    let failures = run_thread_ranks(mesh.world(), |w| {
-        Trainer::new_rank(&raw, data(), TrainerOptions::default(), w).map(|_| ())
-    })
-    .unwrap_err();
-    assert!(
-        failures.first.1.contains("parallel.fsdp"),
-        "{}",
-        failures.first.1
-    );
 }

@@ -34,11 +34,11 @@
 //! `zero3`); and `parallel.pp` (every schedule; see [`pipeline`]) alone or times dp and
 //! ep: each pipeline stage then runs its data rank's micro-batches, exchanges MoE tokens
 //! over the stage's EP group and reduces its gradients over the stage's data-parallel
-//! groups, with `fsdp` 1/2 its optimizer state and gradients sharded over them (module
+//! groups, with `fsdp` 1/2/3 its optimizer state and gradients (3: and parameters,
+//! gathered per block inside the schedule) sharded over them (module
 //! `pipeline_fsdp`), or with `tp` its matrices split over its tp ranks (module
 //! `pipeline_tp`). `tp` combines with dp, ep and `fsdp` 1/2/3 (FSDP rows of each TP
-//! slice). Refused with a named error ([`check_layout`]): `cp` > 1, `fsdp` 3 with `pp`,
-//! and `tp` with `sp`.
+//! slice). Refused with a named error ([`check_layout`]): `cp` > 1 and `tp` with `sp`.
 //!
 //! # Hooks
 //! [`Parallel`] is what [`Trainer::step`] consults: [`Parallel::data_rank`] picks the
@@ -278,16 +278,7 @@ pub fn check_layout(plan: &Plan) -> Result<()> {
             "parallel.pp",
             p.pp.to_string(),
             "pipeline-parallel training combines with parallel.dp, parallel.ep, parallel.tp \
-             and parallel.fsdp 1 or 2: with parallel.pp > 1 set parallel.cp to 1",
-        );
-    }
-    if p.pp > 1 && p.zero == ZeroLevel::Parameters {
-        return refuse(
-            "parallel.fsdp",
-            "3".to_string(),
-            "parameters sharded between steps are not combined with pipeline stages yet: \
-             with parallel.pp > 1 set parallel.fsdp to 0, 1 or 2 (optimizer state and \
-             gradients sharded over each stage's data-parallel ranks)",
+             and parallel.fsdp: with parallel.pp > 1 set parallel.cp to 1",
         );
     }
     tp::check_tp_layout(plan)?;

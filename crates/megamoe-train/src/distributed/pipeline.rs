@@ -203,7 +203,7 @@ pub(crate) fn stage_params(
 }
 
 /// Makes every chunk holding the embedding hold the first one's tensor.
-fn share_embedding(params: &mut BTreeMap<usize, ChunkParams>) {
+pub(super) fn share_embedding(params: &mut BTreeMap<usize, ChunkParams>) {
     let mut first: Option<Tensor> = None;
     for cp in params.values_mut() {
         if let Some(e) = cp.embed_tokens.as_mut() {
@@ -301,14 +301,20 @@ impl PipelineRank {
             .iter()
             .map(|(&ms, cp)| (ms, StageTensors::of(cp, &optimizer)))
             .collect();
-        // fsdp 1/2: the optimizer keeps the rows only (the whole one named the state).
+        // fsdp 1/2/3: the optimizer keeps the rows only (the whole one named the state);
+        // with 3 the stage parameters are the rows too (module `pipeline_fsdp`).
+        let mut params = params;
         let shards = match par.zero {
-            ZeroLevel::OptimizerState | ZeroLevel::Gradients => {
-                let s = StageShards::new(&params, coords, par.dp, par.ep)?;
+            ZeroLevel::Replicated => None,
+            zero => {
+                let rows_only = zero == ZeroLevel::Parameters;
+                let s = StageShards::new(&params, coords, par.dp, par.ep, rows_only)?;
                 optimizer = s.optimizer(&plan.optim)?;
+                if rows_only {
+                    s.install_rows(&mut params);
+                }
                 Some(s)
             }
-            _ => None,
         };
         let tensors = PipelineTensors::exchange(comm, map, &mine)?;
         // The lowest rank holding a tensor counts it in the gradient norm, in the slot
@@ -402,9 +408,14 @@ impl PipelineRank {
     /// optimizer state.
     pub(crate) fn state_bytes(&self) -> u64 {
         let (mut params, mut grads, mut state) = (0u64, 0u64, 0u64);
-        visit_distinct(&self.params, &mut |_, t, _| {
+        visit_distinct(&self.params, &mut |n, t, _| {
             params += (t.numel() * t.dtype().size_in_bytes()) as u64;
-            grads += (t.numel() * DType::F32.size_in_bytes()) as u64;
+            // A gradient is whole during the step (fsdp 3: the parameter is rows).
+            let grad = match (self.grad_rows(n), t.dims().first()) {
+                (Some(full), Some(&rows)) if rows > 0 => t.numel() / rows * full,
+                _ => t.numel(),
+            };
+            grads += (grad * DType::F32.size_in_bytes()) as u64;
         });
         self.optimizer
             .visit_state(&mut |_, t| state += (t.numel() * t.dtype().size_in_bytes()) as u64);
@@ -471,14 +482,17 @@ impl PipelineRank {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        // 1. The schedule program over this rank's stages.
+        // 1. The schedule program over this rank's stages (with fsdp 3: the rows, the
+        //    tensors outside the blocks gathered for the step).
+        let working = self.working_params()?;
         let map = &self.schedule.stage_map;
         let mut stages = BTreeMap::new();
         for st in map.stages_of(self.rank) {
             let ms = map.model_stage(st).unwrap_or(0);
             let chunk = self.model.chunk(self.specs[ms].clone())?;
-            let params = self.params[&ms].clone();
-            let mut stage = ChunkStage::new(st, chunk, params, &micro, s, self.shared_embedding)?;
+            let params = working[&ms].clone();
+            let mut stage = ChunkStage::new(st, chunk, params, &micro, s, self.shared_embedding)?
+                .with_grad_rows(&|n| self.grad_rows(n))?;
             stage.num_domains = self.num_domains;
             stages.insert(st, stage);
         }

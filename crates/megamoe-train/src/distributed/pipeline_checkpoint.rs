@@ -16,11 +16,12 @@
 //! it (its experts' rows of an expert bank), so no rank but the reader ever receives or
 //! holds more of the model than its stages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
 use megamoe_comm::Communicator;
+use megamoe_model::ChunkParams;
 use megamoe_optim::ParamRole;
 use megamoe_tensor::{DType, Device, Tensor};
 
@@ -94,13 +95,14 @@ impl PipelineRank {
     /// shapes when the optimizer holds rows (`pipeline_fsdp`).
     fn owned_tensors(
         &self,
+        params: &BTreeMap<usize, ChunkParams>,
         ep: &dyn Communicator,
         tp: Option<&dyn Communicator>,
         state: Option<Vec<(String, Tensor)>>,
     ) -> Result<Tensors> {
         let mine = |n: &str| self.tensors.owner(n) == Some(self.rank);
         let mut model: Vec<(String, Tensor)> = Vec::new();
-        visit_distinct(&self.params, &mut |n, t, _| {
+        visit_distinct(params, &mut |n, t, _| {
             if mine(n) {
                 model.push((n.to_string(), t.clone()));
             }
@@ -153,10 +155,12 @@ impl PipelineRank {
             Some(sh) => Some(sh.full_state(groups, &self.optimizer)?),
             None => None,
         };
+        // fsdp 3: the stage parameters are rows; gathered whole (collective, every data rank).
+        let params = self.whole_params()?;
         if self.coords.dp != 0 {
             return Ok(None);
         }
-        let (model, optimizer) = self.owned_tensors(ep, groups.tp, state)?;
+        let (model, optimizer) = self.owned_tensors(&params, ep, groups.tp, state)?;
         if self.coords.ep != 0 || self.coords.tp != 0 {
             return Ok(None);
         }
@@ -302,7 +306,7 @@ impl PipelineRank {
         let mut optimizer = self.optimizer.clone();
         optimizer.load_state(optimizer_steps, state)?;
         if let Some(sh) = self.shards.as_mut() {
-            sh.refresh(&params)?;
+            sh.refresh(&mut params)?;
         }
         self.params = params;
         self.optimizer = optimizer;

@@ -51,11 +51,14 @@ impl PipelineRank {
         let mut transport = CommTransport::new(comm);
         let mut local: Vec<Option<ChunkCarry>> = Vec::new();
         let mut head = None;
+        // With fsdp 3 the rows, the tensors outside the blocks gathered (collective over
+        // the stage's data groups, whose ranks all run this pass).
+        let working = self.working_params()?;
         for ms in 0..n_stages {
             if self.runner(ms) != Some(self.rank) {
                 continue;
             }
-            let params = self.params.get(&ms).ok_or_else(|| missing_stage(ms))?;
+            let params = working.get(&ms).ok_or_else(|| missing_stage(ms))?;
             let chunk = model.chunk(self.specs[ms].clone())?;
             let prev = ms.checked_sub(1).and_then(|p| self.runner(p));
             let next = self.runner(ms + 1);

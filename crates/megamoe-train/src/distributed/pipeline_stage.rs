@@ -127,6 +127,28 @@ impl<'a> ChunkStage<'a> {
         })
     }
 
+    /// The stage with the gradient of each parameter whose `rows(name)` names more dim-0
+    /// rows than the parameter holds (`parallel.fsdp = 3`: the parameters are this rank's
+    /// rows, their gradients full) zeroed in that shape.
+    pub fn with_grad_rows(mut self, rows: &dyn Fn(&str) -> Option<usize>) -> crate::Result<Self> {
+        let mut err = None;
+        self.grads.visit_mut(&mut |n, t, _| match rows(n) {
+            Some(full) if err.is_none() && t.dims().first() != Some(&full) => {
+                let mut dims = t.dims().to_vec();
+                dims[0] = full;
+                match Tensor::zeros(dims, DType::F32, t.device()) {
+                    Ok(z) => *t = z,
+                    Err(e) => err = Some(e),
+                }
+            }
+            _ => {}
+        });
+        match err {
+            Some(e) => Err(e.into()),
+            None => Ok(self),
+        }
+    }
+
     fn contract(&self, mb: usize, rule: String) -> BoxError {
         Box::new(StageContractError {
             stage: self.stage,

@@ -51,6 +51,7 @@ impl Trainer {
         self.counts = counts_of(&self.plan, &sizes, rank.state_bytes());
         let mut rank = rank;
         rank.set_num_domains(self.num_domains);
+        rank.attach_row_gather(par.dense_dp.clone(), par.expert_dp.clone());
         self.pipeline = Some(rank);
         Ok(())
     }

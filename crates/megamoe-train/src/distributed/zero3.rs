@@ -31,10 +31,10 @@ use super::Parallel;
 use crate::error::Result;
 
 /// Where one parameter's rows are: (row shard, expert bank?, full rows).
-type Placement = (RowShard, bool, usize);
+pub(super) type Placement = (RowShard, bool, usize);
 
 /// Calls its argument once per `(name, tensor)` of a parameter set, in visit order.
-type VisitTensorsMut<'a> = dyn FnMut(&mut dyn FnMut(&str, &mut Tensor)) + 'a;
+pub(super) type VisitTensorsMut<'a> = dyn FnMut(&mut dyn FnMut(&str, &mut Tensor)) + 'a;
 
 /// Gathers in flight: (handle, full rows) per picked tensor, in visit order.
 type InFlight = Vec<(Pending, usize)>;
@@ -51,8 +51,23 @@ pub(crate) struct RowGatherer {
 }
 
 impl RowGatherer {
+    /// A gatherer of the tensors `placements` names, dense ones over `dense_dp`, expert
+    /// banks over `expert_dp`.
+    pub(super) fn new(
+        placements: HashMap<String, Placement>,
+        dense_dp: Arc<dyn Communicator>,
+        expert_dp: Arc<dyn Communicator>,
+    ) -> RowGatherer {
+        RowGatherer {
+            placements: Arc::new(placements),
+            dense_dp,
+            expert_dp,
+            prefetched: Arc::default(),
+        }
+    }
+
     /// Replaces every tensor `visit` yields whose name `pick` accepts by its full tensor.
-    fn gather(
+    pub(super) fn gather(
         &self,
         visit_mut: &mut VisitTensorsMut<'_>,
         pick: &dyn Fn(&str) -> bool,
@@ -167,7 +182,7 @@ fn gather_failed(layer: usize, e: crate::error::Error) -> megamoe_model::Error {
 }
 
 /// Whether a parameter lives outside the blocks (gathered for the whole step).
-fn outside_blocks(name: &str) -> bool {
+pub(super) fn outside_blocks(name: &str) -> bool {
     !name.starts_with("model.layers.")
 }
 
@@ -186,12 +201,11 @@ impl Parallel {
             let (rows, expert) = state.rows[i];
             placements.insert(name.clone(), (rows, expert, state.full_rows[i]));
         }
-        Some(RowGatherer {
-            placements: Arc::new(placements),
-            dense_dp: self.dense_dp.clone(),
-            expert_dp: self.expert_dp.clone(),
-            prefetched: Arc::default(),
-        })
+        Some(RowGatherer::new(
+            placements,
+            self.dense_dp.clone(),
+            self.expert_dp.clone(),
+        ))
     }
 
     /// `local` (rows) with the tensors outside the blocks gathered (what a step, an

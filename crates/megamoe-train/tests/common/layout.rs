@@ -129,9 +129,12 @@ impl Mesh {
         self.dp * self.ep * self.pp * self.tp
     }
 
-    /// The `--set`s of the layout (each data rank runs MICRO / (dp·ep) micro-batches).
+    /// The `--set`s of the layout (each data rank runs MICRO / (dp·ep) micro-batches;
+    /// the interleaved schedule with 2 virtual stages per rank).
     pub fn sets(&self) -> Vec<String> {
+        let vpp = if self.schedule == "interleaved" { 2 } else { 1 };
         vec![
+            format!("parallel.vpp={vpp}"),
             format!("parallel.dp={}", self.dp),
             format!("parallel.ep={}", self.ep),
             format!("parallel.pp={}", self.pp),
@@ -184,6 +187,15 @@ impl Mesh {
         }
         curves[0].clone()
     }
+}
+
+/// The value of the rank at (pipeline rank `pp`, data rank `dp`) in a list of
+/// (pp, dp, value) per rank.
+pub fn at_rank(list: &[(usize, usize, u64)], pp: usize, dp: usize) -> u64 {
+    list.iter()
+        .find(|&&(p, d, _)| p == pp && d == dp)
+        .unwrap_or_else(|| panic!("no rank at pp {pp} dp {dp} in {list:?}"))
+        .2
 }
 
 /// (loss, grad norm) per step of one rank running all micro-batches of the pipeline model.
