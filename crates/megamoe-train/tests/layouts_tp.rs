@@ -267,12 +267,6 @@ fn bad_tp_layouts_are_refused_by_name() {
             "model.n_heads",
         ),
         (vec!["parallel.tp=2", "parallel.sp=true"], 2, "parallel.sp"),
-        // pp × tp runs (tests/pipeline_tp.rs, fsdp 1/2 too), not with fsdp 3
-        (
-            vec!["parallel.tp=2", "parallel.pp=2", "parallel.fsdp=3"],
-            4,
-            "parallel.fsdp",
-        ),
     ] {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let raw = raw(&sets);

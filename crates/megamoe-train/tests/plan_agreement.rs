@@ -15,7 +15,7 @@ use megamoe_train::{Error, Trainer, TrainerOptions};
 #[path = "common/layout.rs"]
 mod layout;
 
-use layout::{data, BASE};
+use layout::{data, matches, BASE};
 
 /// One rank's parameters: (name, dims).
 type Held = Vec<(String, Vec<usize>)>;
@@ -40,17 +40,6 @@ fn raw(features: bool, sets: &[String]) -> RawConfig {
         BASE.to_string()
     };
     RawConfig::from_toml_str_with_overrides(&toml, &all).unwrap()
-}
-
-/// Whether `name` is `pattern` with `{i}` standing for a layer index.
-fn matches(pattern: &str, name: &str) -> bool {
-    match pattern.split_once("{i}") {
-        None => pattern == name,
-        Some((head, tail)) => name
-            .strip_prefix(head)
-            .and_then(|rest| rest.strip_suffix(tail))
-            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())),
-    }
 }
 
 /// Every rank's parameters (name, dims) under `tp` × `ep`, and the plan of that layout.

@@ -404,6 +404,16 @@ impl PipelineRank {
         n
     }
 
+    /// (name, dims) of the distinct parameters this rank holds, in visit order (under
+    /// `parallel.fsdp = 3` its rows).
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        visit_distinct(&self.params, &mut |n, t, _| {
+            out.push((n.to_string(), t.dims().to_vec()))
+        });
+        out
+    }
+
     /// Bytes of this rank's parameters, their gradients (f32, allocated per step) and
     /// optimizer state.
     pub(crate) fn state_bytes(&self) -> u64 {

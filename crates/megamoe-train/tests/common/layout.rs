@@ -42,6 +42,18 @@ pub fn one_rank(raw: fn(&[String]) -> RawConfig, sets: &[String], micro: usize) 
     curve(&m)
 }
 
+/// Whether parameter `name` is `pattern` (a `megamoe plan` table row) with `{i}` standing
+/// for a layer index.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.split_once("{i}") {
+        None => pattern == name,
+        Some((head, tail)) => name
+            .strip_prefix(head)
+            .and_then(|rest| rest.strip_suffix(tail))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
 /// |a − b| / |b|.
 pub fn rel(a: f64, b: f64) -> f64 {
     ((a - b) / b).abs()
