@@ -11,6 +11,14 @@
 //! replicated activations, and the replicated parameters fed by them (norms, router,
 //! routed experts, embedding, head) get identical gradients on every TP rank.
 //!
+//! Sequence parallelism (Megatron-LM, Korthikanti et al. 2022) keeps the residual stream
+//! between the split branches sharded along the sequence: rank `r` holds tokens
+//! `[r·T/tp, (r+1)·T/tp)` of every sequence of the micro-batch (`[B·T/tp, H]`, sequence-major
+//! like the whole `[B·T, H]`). [`TensorParallel::seq_gather`] (all-gather along T) then
+//! replaces `f` and [`TensorParallel::seq_reduce_scatter`] (reduce-scatter along T)
+//! replaces `g`; each is the other's backward. [`TensorParallel::seq_shard`] keeps this
+//! rank's rows of a replicated tensor (no communication).
+//!
 //! In this crate the shared experts are column/row-parallel (each rank holds `Fs/tp` of
 //! their hidden units, [`TensorParallel::slice`]); the routed experts stay whole on every
 //! TP rank (they are sharded over E by expert parallelism instead).
@@ -68,6 +76,95 @@ impl TensorParallel {
         }
         self.comm
             .all_reduce(partial, ReduceOp::Sum)
+            .map_err(|e| Error::TensorParallel(Box::new(e)))
+    }
+}
+
+impl TensorParallel {
+    /// Tokens per sequence of a rank's sequence shard: `t / tp`, or a named error when the
+    /// TP degree does not divide the sequence length.
+    pub fn seq_shard_len(&self, t: usize) -> Result<usize> {
+        let size = self.size();
+        if size == 0 || !t.is_multiple_of(size) {
+            return Err(Error::Config {
+                field: "model.seq_len",
+                value: format!("{t} (parallel.tp = {size}, parallel.sp = true)"),
+                rule: "must be divisible by parallel.tp under sequence parallelism (each TP \
+                       rank holds seq_len / tp tokens of every sequence)",
+            });
+        }
+        Ok(t / size)
+    }
+
+    /// `(b, t, h)` of a whole `[b·t, h]` tensor, checked.
+    fn seq_dims(x: &Tensor, b: usize, per_rank: bool, size: usize) -> Result<(usize, usize)> {
+        let (rows, h) = match x.dims() {
+            &[rows, h] if b > 0 && rows.is_multiple_of(b) => (rows, h),
+            _ => {
+                return Err(Error::Tokens {
+                    tokens: x.dims().first().copied().unwrap_or(0),
+                    rule: "sequence parallelism needs a [B·T, H] tensor whose rows divide \
+                           into the micro-batch's B sequences"
+                        .to_string(),
+                })
+            }
+        };
+        let t = rows / b * if per_rank { size } else { 1 };
+        Ok((t, h))
+    }
+
+    /// This rank's sequence shard of the replicated `[b·t, h]` `full`: rows
+    /// `[rank·t/tp, (rank+1)·t/tp)` of every sequence, `[b·t/tp, h]` (a copy).
+    pub fn seq_shard(&self, full: &Tensor, b: usize) -> Result<Tensor> {
+        let (t, h) = Self::seq_dims(full, b, false, self.size())?;
+        let tl = self.seq_shard_len(t)?;
+        let x = full.reshape([b, t, h])?.narrow(1, self.rank() * tl, tl)?;
+        // with one sequence the narrow is a view of `full`: copy so that `full` can go
+        let x = if b == 1 { x.deep_copy()? } else { x };
+        Ok(x.reshape([b * tl, h])?)
+    }
+
+    /// Collective: the whole `[b·t, h]` from every rank's sequence shard `[b·t/tp, h]`
+    /// (all-gather along T; the backward of [`TensorParallel::seq_reduce_scatter`]).
+    pub fn seq_gather(&self, shard: &Tensor, b: usize) -> Result<Tensor> {
+        let size = self.size();
+        let (t, h) = Self::seq_dims(shard, b, true, size)?;
+        if size == 1 {
+            return Ok(shard.clone());
+        }
+        let all = self
+            .comm
+            .all_gather(shard)
+            .map_err(|e| Error::TensorParallel(Box::new(e)))?;
+        if b == 1 {
+            return Ok(all);
+        }
+        // [tp, b, t/tp·h] (rank-major) → [b, tp, t/tp·h] (sequence-major)
+        let tl = t / size;
+        let x = all.reshape([size, b, tl * h])?.permute(&[1, 0, 2])?;
+        Ok(x.reshape([b * t, h])?)
+    }
+
+    /// Collective: this rank's sequence shard `[b·t/tp, h]` of the group sum of every
+    /// rank's partial `[b·t, h]` (reduce-scatter along T, rank order; the backward of
+    /// [`TensorParallel::seq_gather`]).
+    pub fn seq_reduce_scatter(&self, partial: &Tensor, b: usize) -> Result<Tensor> {
+        let size = self.size();
+        let (t, h) = Self::seq_dims(partial, b, false, size)?;
+        let tl = self.seq_shard_len(t)?;
+        if size == 1 {
+            return Ok(partial.clone());
+        }
+        let rank_major = if b == 1 {
+            partial.clone()
+        } else {
+            partial
+                .reshape([b, size, tl * h])?
+                .permute(&[1, 0, 2])?
+                .reshape([b * t, h])?
+        };
+        self.comm
+            .reduce_scatter(&rank_major, ReduceOp::Sum)
             .map_err(|e| Error::TensorParallel(Box::new(e)))
     }
 }
