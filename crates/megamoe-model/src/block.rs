@@ -170,6 +170,8 @@ struct FlexiSaved {
 /// What `backward_input` needs (moved by value).
 #[derive(Debug)]
 pub struct BlockSaved {
+    /// Sequences of the micro-batch (the sequence-parallel collectives need it).
+    b: usize,
     n1: RmsNormSaved,
     attn: AttentionSaved,
     attn_gate: Option<SkipGateSaved>,
@@ -180,6 +182,15 @@ pub struct BlockSaved {
 }
 
 impl BlockSaved {
+    /// Bytes of the saved residual-stream tensors: both norms' inputs and `1/rms` (under
+    /// sequence parallelism this rank's shard of them).
+    pub(crate) fn residual_stream_bytes(&self) -> u64 {
+        [&self.n1.x, &self.n1.rstd, &self.n2.x, &self.n2.rstd]
+            .iter()
+            .map(|t| tensor_bytes(t))
+            .sum()
+    }
+
     /// Visits the saved activations of `targets` for offload, always in the same order
     /// (attention, then the FFN).
     pub(crate) fn visit_offload(
@@ -190,6 +201,11 @@ impl BlockSaved {
         self.attn.visit_offload(targets, f)?;
         self.ffn.visit_offload(targets, f)
     }
+}
+
+/// Bytes of `t`'s elements.
+pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.dtype().size_in_bytes()) as u64
 }
 
 /// What `backward_weight` needs (moved by value).
@@ -226,19 +242,38 @@ pub struct Block {
 
 impl Block {
     /// `g` / `f'` of a tensor-parallel branch: the partial output (or input gradient)
-    /// summed over the TP group; unchanged without TP.
-    fn tp_reduce(&self, partial: Tensor) -> Result<Tensor> {
+    /// summed over the TP group (under sp: this rank's sequence shard of the sum);
+    /// unchanged without TP.
+    fn tp_reduce(&self, partial: Tensor, b: usize) -> Result<Tensor> {
         match &self.tp {
-            Some(tp) => tp.reduce(&partial),
+            Some(tp) => tp.reduce(&partial, b),
             None => Ok(partial),
         }
     }
 
-    /// A dense FFN branch is split by TP (an MoE branch reduces inside its shared experts).
-    fn tp_reduce_ffn(&self, partial: Tensor) -> Result<Tensor> {
-        match self.ffn {
-            Ffn::Dense(_) => self.tp_reduce(partial),
-            Ffn::Moe(_) => Ok(partial),
+    /// A dense FFN branch is split by TP (an MoE branch reduces inside its shared experts
+    /// and is replicated: under sp this rank keeps its rows).
+    fn tp_reduce_ffn(&self, partial: Tensor, b: usize) -> Result<Tensor> {
+        match (&self.ffn, &self.tp) {
+            (Ffn::Dense(_), _) => self.tp_reduce(partial, b),
+            (Ffn::Moe(_), Some(tp)) => tp.shard(&partial, b),
+            (Ffn::Moe(_), None) => Ok(partial),
+        }
+    }
+
+    /// A branch input or output gradient over the whole sequence (all-gathered under sp).
+    fn tp_gather(&self, x: Tensor, b: usize) -> Result<Tensor> {
+        match &self.tp {
+            Some(tp) => tp.gather(&x, b),
+            None => Ok(x),
+        }
+    }
+
+    /// A norm weight's gradient (summed over the TP group under sp).
+    fn tp_norm_grad(&self, g: Tensor) -> Result<Tensor> {
+        match &self.tp {
+            Some(tp) => tp.sum_shard_grad(g),
+            None => Ok(g),
         }
     }
 
@@ -335,8 +370,11 @@ impl Block {
         let gates = p.skip_gate.as_ref();
         // Attention branch.
         let (h1, n1) = self.norm.forward(x, Some(&p.input_layernorm))?;
-        let (a, attn) = self.attn.forward(&p.self_attn, &h1, cx.b, cx.t)?;
-        let a = self.tp_reduce(a)?;
+        let (a, attn) = {
+            let h1 = self.tp_gather(h1.clone(), cx.b)?;
+            self.attn.forward(&p.self_attn, &h1, cx.b, cx.t)?
+        };
+        let a = self.tp_reduce(a, cx.b)?;
         let Gated {
             out: a_out,
             saved: attn_gate,
@@ -346,8 +384,11 @@ impl Block {
         let x1 = residual_add(x, &a_out, mask_a.as_ref())?;
         // FFN branch.
         let (h2, n2) = self.norm.forward(&x1, Some(&p.post_attention_layernorm))?;
-        let (f, ffn_out, ffn) = self.ffn.forward(&p.mlp, &h2)?;
-        let f = self.tp_reduce_ffn(f)?;
+        let (f, ffn_out, ffn) = {
+            let h2 = self.tp_gather(h2.clone(), cx.b)?;
+            self.ffn.forward(&p.mlp, &h2)?
+        };
+        let f = self.tp_reduce_ffn(f, cx.b)?;
         out.moe = ffn_out;
         let Gated {
             out: f_out,
@@ -396,6 +437,7 @@ impl Block {
             y,
             out,
             BlockSaved {
+                b: cx.b,
                 n1,
                 attn,
                 attn_gate,
@@ -461,8 +503,10 @@ impl Block {
             }
             _ => (d_f_out, None),
         };
+        let b = s.b;
+        let d_f = self.tp_gather(d_f, b)?;
         let (d_h2, ffn) = self.ffn.backward_input(&p.mlp, &d_f, s.ffn, &gcx.ffn)?;
-        let d_h2 = self.tp_reduce_ffn(d_h2)?;
+        let d_h2 = self.tp_reduce_ffn(d_h2, b)?;
         let d_x1 = self.norm.backward(
             &d_h2,
             Some(&p.post_attention_layernorm),
@@ -479,8 +523,9 @@ impl Block {
             }
             _ => (d_a_out, None),
         };
+        let d_a = self.tp_gather(d_a, b)?;
         let (d_h1, attn) = self.attn.backward_input(&p.self_attn, &d_a, s.attn)?;
-        let d_h1 = self.tp_reduce(d_h1)?;
+        let d_h1 = self.tp_reduce(d_h1, b)?;
         d_x.add_assign(&self.norm.backward(
             &d_h1,
             Some(&p.input_layernorm),
@@ -494,8 +539,8 @@ impl Block {
         Ok((
             d_x,
             BlockDeferredW {
-                d_n1,
-                d_n2,
+                d_n1: self.tp_norm_grad(d_n1)?,
+                d_n2: self.tp_norm_grad(d_n2)?,
                 attn,
                 ffn,
                 attn_gate,

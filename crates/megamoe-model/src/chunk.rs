@@ -319,7 +319,8 @@ impl ModelChunk<'_> {
         let (mut c, ids_flat) = match (self.spec.embed, carry) {
             (true, None) => {
                 let ids_flat = ids.reshape([n])?;
-                let hidden = embedding_forward(p.embed()?, &ids_flat)?;
+                // sequence parallel: each TP rank keeps its shard of the whole embedding
+                let hidden = model.seq_shard(embedding_forward(p.embed()?, &ids_flat)?, b)?;
                 let layers_used = if n_adaptive > 0 {
                     let fixed = (model.blocks.len() - n_adaptive) as f32;
                     Some(Tensor::full([n], fixed, DType::F32, dev)?)
@@ -337,11 +338,12 @@ impl ModelChunk<'_> {
                 (carry, Some(ids_flat))
             }
             (false, Some(c)) => {
-                if c.hidden.dims() != [n, cfg.d_model] {
+                if c.hidden.dims() != [model.hidden_rows(b, t)?, cfg.d_model] {
                     return Err(Error::Input {
                         arg: "carry.hidden",
                         got: c.hidden.dims().to_vec(),
-                        rule: "must be [B·T, d_model] for this micro-batch",
+                        rule: "must be [B·T, d_model] for this micro-batch ([B·T/tp, \
+                               d_model] under sequence parallelism)",
                     });
                 }
                 (c, None)
@@ -435,6 +437,8 @@ impl ModelChunk<'_> {
         };
         let norm_w = p.final_norm()?;
         let (hf, final_norm) = model.norm.forward(&c.hidden, Some(norm_w))?;
+        // sequence parallel: the head, CE and MTP read the whole sequence
+        let hf = model.seq_gather(hf, b)?;
         let head = p.head()?;
         let logits = hf.matmul(head, false, true)?;
         let (lm_loss, d_logits) = logits.cross_entropy(&targets.reshape([n])?, IGNORE_INDEX)?;
@@ -529,6 +533,8 @@ impl ModelChunk<'_> {
                     }
                     _ => None,
                 };
+                // sequence parallel: the final norm ran on this rank's shard
+                let d_hf = model.seq_shard(d_hf, b)?;
                 let d_x = model
                     .norm
                     .backward(&d_hf, Some(norm_w), &h.final_norm, None)?;
@@ -550,11 +556,12 @@ impl ModelChunk<'_> {
                 (d_x, d_depth, Some(w))
             }
             (None, Some(g)) => {
-                if g.d_hidden.dims() != [b * t, cfg.d_model] {
+                if g.d_hidden.dims() != [model.hidden_rows(b, t)?, cfg.d_model] {
                     return Err(Error::Input {
                         arg: "d_out.d_hidden",
                         got: g.d_hidden.dims().to_vec(),
-                        rule: "must be [B·T, d_model] for this micro-batch",
+                        rule: "must be [B·T, d_model] for this micro-batch ([B·T/tp, \
+                               d_model] under sequence parallelism)",
                     });
                 }
                 (g.d_hidden, g.d_depth, None)
@@ -631,7 +638,8 @@ impl ModelChunk<'_> {
             deferred.push((i, w));
         }
         let (up, embed) = match s.ids {
-            Some(ids) => (None, Some((ids, d_x))),
+            // sequence parallel: the embedding's gradient from every rank's shard
+            Some(ids) => (None, Some((ids, model.seq_gather(d_x, b)?))),
             None => (
                 Some(ChunkCarryGrad {
                     d_hidden: d_x,
@@ -683,6 +691,8 @@ impl ModelChunk<'_> {
             let d_norm = h
                 .d_hf
                 .rms_norm_backward_weight(&h.final_norm.x, &h.final_norm.rstd)?;
+            // sequence parallel: the final norm saw this rank's shard only
+            let d_norm = self.model.seq_sum(d_norm)?;
             match g.norm.as_mut() {
                 Some(n) => n.add_assign(&d_norm)?,
                 None => return Err(stage_err(None, "the head chunk needs model.norm.weight")),
@@ -798,6 +808,27 @@ impl ActivationStore {
     /// Nothing in flight.
     pub fn is_empty(&self) -> bool {
         self.saved.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Bytes of the residual-stream activations the forwards awaiting their
+    /// `backward_input` keep: every kept block's norm inputs and `1/rms`, the inputs of the
+    /// blocks to recompute and the final norm's (this rank's shard under sequence
+    /// parallelism).
+    pub fn residual_stream_bytes(&self) -> u64 {
+        use crate::block::tensor_bytes;
+        let mut bytes = 0;
+        for s in self.saved.values() {
+            for b in &s.blocks {
+                bytes += match b {
+                    SavedBlock::Kept(b, _) => b.residual_stream_bytes(),
+                    SavedBlock::Recompute(x) => tensor_bytes(x),
+                };
+            }
+            if let Some(h) = &s.head {
+                bytes += tensor_bytes(&h.final_norm.x) + tensor_bytes(&h.final_norm.rstd);
+            }
+        }
+        bytes
     }
 }
 

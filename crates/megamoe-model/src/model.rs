@@ -184,6 +184,9 @@ pub struct Model {
     pub(crate) grad_ready: Option<Arc<dyn crate::grad_ready::GradReady>>,
     /// The group given by [`Model::set_tensor_parallel`] (`None`: whole on this rank).
     pub(crate) tp: Option<megamoe_moe::TensorParallel>,
+    /// The group the residual stream is sequence-sharded over
+    /// ([`Model::set_sequence_parallel`]; `None`: whole sequences).
+    pub(crate) seq_tp: Option<megamoe_moe::TensorParallel>,
 }
 
 impl Model {
@@ -278,6 +281,7 @@ impl Model {
             block_gather: None,
             grad_ready: None,
             tp: None,
+            seq_tp: None,
         })
     }
 

@@ -21,6 +21,28 @@
 //! output, [`TensorParallel::reduce`]); its backward all-reduces the partial input gradient.
 //! Weights are drawn as the exact rows / columns of the one-rank tensors
 //! (`Tensor::rand_named_slice`), so a TP layout trains the one-rank model.
+//!
+//! # Sequence parallelism ([`Model::set_sequence_parallel`])
+//! Between the split branches the residual stream is sharded along the sequence: rank `r`
+//! holds tokens `[r·T/tp, (r+1)·T/tp)` of every sequence (`[B·T/tp, H]`). Per block:
+//!
+//! ```text
+//! x_s ─ norm ─ all-gather(T) ─ attention (own heads) ─ reduce-scatter(T) ─ + ─ x1_s
+//! x1_s ─ norm ─ all-gather(T) ─ dense FFN (own units) ─ reduce-scatter(T) ─ + ─ y_s
+//! x1_s ─ norm ─ all-gather(T) ─ MoE FFN (whole micro-batch) ─ own rows ──── + ─ y_s
+//! ```
+//! Backward is the conjugate (all-gather ↔ reduce-scatter; own rows ↔ all-gather). The
+//! norms and residual adds run on the shard, so their saved activations are `1/tp` of the
+//! replicated ones; the norm weights' gradients are partial sums over the shard tokens and
+//! are summed over the TP group in the block's backward (then replicated as without sp).
+//! An MoE layer routes the whole gathered micro-batch on every TP rank, as without sp
+//! (its routed experts are whole on each TP rank): routing, capacity drops, the aux and z
+//! losses and the expert-bias counts are those of one rank, then each rank keeps its rows.
+//! The embedding runs whole and each rank keeps its shard; the head chunk's final norm runs
+//! on the shard and its output is all-gathered before the LM head, CE and MTP (which run
+//! on the whole sequence, the MTP block without sp). `T` must divide by tp (named error);
+//! GateSkip and FlexiDepth (per-sequence budgets, per-token routers on the residual) are
+//! refused under sp.
 
 use std::ops::Range;
 
@@ -49,12 +71,44 @@ pub struct BlockTp {
     pub kv_heads: Range<usize>,
     /// One-rank dense FFN shape and this rank's hidden units (dense FFN blocks).
     pub mlp: Option<(MlpConfig, Range<usize>)>,
+    /// Sequence parallel: the block's input and output are this rank's sequence shard.
+    pub sp: bool,
 }
 
 impl BlockTp {
-    /// `g` / `f'`: the group sum of a partial branch output or input gradient.
-    pub(crate) fn reduce(&self, partial: &Tensor) -> Result<Tensor> {
+    /// `g` / `f'`: the group sum of a partial branch output or input gradient `[B·T, H]`
+    /// (of `b` sequences); under sp only this rank's sequence shard of it (reduce-scatter).
+    pub(crate) fn reduce(&self, partial: &Tensor, b: usize) -> Result<Tensor> {
+        if self.sp {
+            return Ok(self.group.seq_reduce_scatter(partial, b)?);
+        }
         Ok(self.group.reduce(partial)?)
+    }
+
+    /// A branch input (or a branch output gradient): the whole sequence, all-gathered from
+    /// the shards under sp (unchanged without).
+    pub(crate) fn gather(&self, x: &Tensor, b: usize) -> Result<Tensor> {
+        if self.sp {
+            return Ok(self.group.seq_gather(x, b)?);
+        }
+        Ok(x.clone())
+    }
+
+    /// A replicated branch output (or input gradient): this rank's rows under sp.
+    pub(crate) fn shard(&self, x: &Tensor, b: usize) -> Result<Tensor> {
+        if self.sp {
+            return Ok(self.group.seq_shard(x, b)?);
+        }
+        Ok(x.clone())
+    }
+
+    /// A replicated parameter's gradient computed from the shard's tokens: summed over the
+    /// group under sp (then the same on every TP rank); unchanged without.
+    pub(crate) fn sum_shard_grad(&self, g: Tensor) -> Result<Tensor> {
+        if self.sp {
+            return Ok(self.group.reduce(&g)?);
+        }
+        Ok(g)
     }
 }
 
@@ -171,6 +225,7 @@ impl Block {
             heads,
             kv_heads,
             mlp,
+            sp: false,
         });
         Ok(())
     }
@@ -192,6 +247,75 @@ impl Model {
         }
         self.tp = Some(group);
         Ok(())
+    }
+
+    /// Shards the residual stream of every block (not the MTP block) along the sequence
+    /// over the tensor-parallel group (module doc). Call after
+    /// [`Model::set_tensor_parallel`]; a group of size 1 changes nothing. Refuses GateSkip
+    /// and FlexiDepth by name.
+    pub fn set_sequence_parallel(&mut self) -> Result<()> {
+        let Some(group) = self.tp.clone() else {
+            return Ok(());
+        };
+        let refuse = |field: &'static str| Error::Config {
+            field,
+            value: "on (parallel.sp = true)".to_string(),
+            rule: "is not combined with sequence parallelism (its gates and routers read \
+                   whole sequences of the residual stream); set parallel.sp = false",
+        };
+        if self.cfg.gate_skip.is_some() {
+            return Err(refuse("gateskip"));
+        }
+        if self.cfg.flexi_depth.is_some() {
+            return Err(refuse("flexidepth"));
+        }
+        group.seq_shard_len(self.cfg.seq_len)?;
+        for b in &mut self.blocks {
+            if let Some(tp) = &mut b.tp {
+                tp.sp = true;
+            }
+        }
+        self.seq_tp = Some(group);
+        Ok(())
+    }
+
+    /// Whether the residual stream is sharded along the sequence over the TP group.
+    pub fn sequence_parallel(&self) -> bool {
+        self.seq_tp.is_some()
+    }
+
+    /// Rows of the hidden state `[·, H]` between blocks for `b` sequences of `t` tokens:
+    /// `b·t`, or `b·t/tp` under sequence parallelism.
+    pub fn hidden_rows(&self, b: usize, t: usize) -> Result<usize> {
+        match &self.seq_tp {
+            Some(g) => Ok(b * g.seq_shard_len(t)?),
+            None => Ok(b * t),
+        }
+    }
+
+    /// The whole `[b·t, H]` → this rank's sequence shard under sp (unchanged without).
+    pub(crate) fn seq_shard(&self, x: Tensor, b: usize) -> Result<Tensor> {
+        match &self.seq_tp {
+            Some(g) => Ok(g.seq_shard(&x, b)?),
+            None => Ok(x),
+        }
+    }
+
+    /// Collective under sp: the whole `[b·t, H]` from the sequence shards.
+    pub(crate) fn seq_gather(&self, x: Tensor, b: usize) -> Result<Tensor> {
+        match &self.seq_tp {
+            Some(g) => Ok(g.seq_gather(&x, b)?),
+            None => Ok(x),
+        }
+    }
+
+    /// Collective under sp: a replicated parameter's gradient from the shard's tokens
+    /// summed over the TP group.
+    pub(crate) fn seq_sum(&self, g: Tensor) -> Result<Tensor> {
+        match &self.seq_tp {
+            Some(group) => Ok(group.reduce(&g)?),
+            None => Ok(g),
+        }
     }
 
     /// The tensor-parallel group the model is split over (`None`: whole on this rank).
@@ -232,6 +356,10 @@ pub fn tp_split_dim(name: &str) -> Option<usize> {
         None
     }
 }
+
+#[cfg(test)]
+#[path = "tp_tests.rs"]
+mod sp_tests;
 
 #[cfg(test)]
 mod tests {
