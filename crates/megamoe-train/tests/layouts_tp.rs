@@ -8,7 +8,9 @@
 //! a dense layer and an MoE layer with a gated shared expert, aux and z losses and the
 //! expert bias; capacity off (dropless) and on (capacity factor 1); AdamW, and Muon with
 //! each TP slice's matrix gathered for its Newton-Schulz step. Combined with
-//! `parallel.fsdp` 1, 2 and 3 (FSDP rows of each TP slice over the data-parallel ranks).
+//! `parallel.fsdp` 1, 2 and 3 (FSDP rows of each TP slice over the data-parallel ranks),
+//! and with `parallel.sp` (sequence parallelism: the residual stream sharded along T over
+//! the TP group, all-gather / reduce-scatter around the split branches).
 #![allow(clippy::unwrap_used)]
 
 use megamoe_plan::RawConfig;
@@ -87,16 +89,94 @@ fn check(label: &str, sets: &[String], dp: usize, ep: usize, tp: usize) -> f64 {
 }
 
 fn check_layout(dp: usize, ep: usize, tp: usize) {
+    check_layout_with(dp, ep, tp, &[]);
+}
+
+/// [`check_layout`] with `extra` settings (e.g. `parallel.sp=true`) on top.
+fn check_layout_with(dp: usize, ep: usize, tp: usize, extra: &[&str]) {
     for optim in ["adamw", "muon"] {
         for (cap, mut sets) in [
             ("dropless", vec![]),
             ("capacity", vec!["moe.capacity_factor=1.0".to_string()]),
         ] {
             sets.push(format!("optim.name=\"{optim}\""));
-            let label = format!("dp{dp}xep{ep}xtp{tp} {optim}/{cap}");
+            sets.extend(extra.iter().map(|s| s.to_string()));
+            let label = format!("dp{dp}xep{ep}xtp{tp} {extra:?} {optim}/{cap}");
             check(&label, &sets, dp, ep, tp);
         }
     }
+}
+
+const SP: &str = "parallel.sp=true";
+
+/// Sequence parallel: each TP rank holds 4 of the 8 tokens of each of the micro-batch's 8
+/// sequences between the branches; AdamW and Muon, capacity off and on.
+#[test]
+fn tp2_sp_matches_one_rank() {
+    check_layout_with(1, 1, 2, &[SP]);
+}
+
+#[test]
+fn tp2_dp2_sp_matches_one_rank() {
+    check_layout_with(2, 1, 2, &[SP]);
+}
+
+/// tp2 × sp with fsdp over 2 data ranks (2: optimizer state and gradients, 3: parameters).
+#[test]
+fn tp2_dp2_sp_fsdp_matches_one_rank() {
+    for fsdp in [2, 3] {
+        for optim in ["adamw", "muon"] {
+            check(
+                &format!("dp2xtp2 sp fsdp{fsdp} {optim}/dropless"),
+                &[
+                    SP.to_string(),
+                    format!("parallel.fsdp={fsdp}"),
+                    format!("optim.name=\"{optim}\""),
+                ],
+                2,
+                1,
+                2,
+            );
+        }
+    }
+}
+
+/// tp2 × sp with one sequence per micro-batch (the all-gather needs no reorder), with
+/// expert parallelism, with an MTP head (run on the gathered sequence) and an untied head,
+/// and with full recompute (the recomputed forward gathers again).
+#[test]
+fn tp2_sp_variants_match_one_rank() {
+    let sp = SP.to_string();
+    check(
+        "dp2xep2xtp2 sp muon/capacity",
+        &[
+            sp.clone(),
+            "moe.capacity_factor=1.0".to_string(),
+            "optim.name=\"muon\"".to_string(),
+        ],
+        2,
+        2,
+        2,
+    );
+    check(
+        "dp2xtp2 sp one sequence per micro-batch, mtp, untied head, adamw",
+        &[
+            sp.clone(),
+            "train.global_batch=2".to_string(),
+            "mtp.depth=1".to_string(),
+            "model.tie_embeddings=false".to_string(),
+        ],
+        2,
+        1,
+        2,
+    );
+    check(
+        "tp2 sp recompute full",
+        &[sp.clone(), "train.recompute=\"full\"".to_string()],
+        1,
+        1,
+        2,
+    );
 }
 
 #[test]
@@ -266,7 +346,17 @@ fn bad_tp_layouts_are_refused_by_name() {
             8,
             "model.n_heads",
         ),
-        (vec!["parallel.tp=2", "parallel.sp=true"], 2, "parallel.sp"),
+        // sequence parallel: 2 does not divide 9 tokens; GateSkip reads whole sequences
+        (
+            vec!["parallel.tp=2", "parallel.sp=true", "model.seq_len=9"],
+            2,
+            "model.seq_len",
+        ),
+        (
+            vec!["parallel.tp=2", "parallel.sp=true", "gateskip.enabled=true"],
+            2,
+            "gateskip",
+        ),
     ] {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let raw = raw(&sets);

@@ -108,6 +108,8 @@ pub struct Parallel {
     pp: Box<dyn Communicator>,
     /// Ranks holding slices of the same dense matrices: tp (module `tp`).
     tp: Arc<dyn Communicator>,
+    /// `parallel.sp` with tp > 1: the residual stream sharded along T (module `tp`).
+    sequence_parallel: bool,
     /// This rank's rows of the parameters and gradients (`parallel.fsdp` 1 or 2).
     pub(crate) sharded: Option<fsdp::ShardedState>,
     /// Parameters stay sharded between steps (`parallel.fsdp = 3`, module `zero3`).
@@ -163,6 +165,7 @@ impl Parallel {
             ep,
             pp,
             tp,
+            sequence_parallel: plan.parallel.sp && mesh.tp > 1,
             sharded: None,
             rows_only: false,
             overlap: None,

@@ -26,8 +26,15 @@
 //! dense_dp, then the slices over tp, runs NS5 on the one-rank matrix and keeps its rows of
 //! its slice; checkpoints gather rows before slices.
 //!
-//! With pipeline stages see module `pipeline_tp`. Refused by name: tp with sequence
-//! parallelism ([`check_tp_layout`]).
+//! With `parallel.sp` (sequence parallelism, `megamoe_model::tp`) the residual stream
+//! between the split branches is sharded along the sequence over the TP group: the
+//! branches all-gather their input along T and reduce-scatter their output, the norm
+//! weights' gradients are summed over the group in the backward (then replicated as
+//! above: grad reduce, clip, optimizer and checkpoints are unchanged), MoE layers route
+//! the whole gathered micro-batch. Refused by name under sp ([`check_tp_layout`]):
+//! GateSkip and FlexiDepth.
+//!
+//! With pipeline stages see module `pipeline_tp`.
 
 use megamoe_comm::{Communicator, ReduceOp};
 use megamoe_model::tp::tp_split_dim;
@@ -55,12 +62,20 @@ pub(crate) fn check_tp_layout(plan: &Plan) -> Result<()> {
         })
     };
     if p.sp {
-        return refuse(
-            "parallel.sp",
-            "true".to_string(),
-            "sequence parallelism is not implemented; tensor parallelism runs with the \
-             activations replicated over the TP group (set parallel.sp = false)",
-        );
+        for (field, on) in [
+            ("gateskip", plan.gate_skip.is_some()),
+            ("flexidepth", plan.flexi_depth.is_some()),
+        ] {
+            if on {
+                return refuse(
+                    field,
+                    "on".to_string(),
+                    "is not combined with sequence parallelism (parallel.sp = true): its \
+                     gates and routers read whole sequences of the residual stream; set \
+                     parallel.sp = false or remove the section",
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -70,6 +85,9 @@ impl Parallel {
     pub(crate) fn shard_model_tp(&self, model: &mut Model) -> Result<()> {
         if self.mesh.tp > 1 {
             model.set_tensor_parallel(TensorParallel::new(self.tp.clone()))?;
+            if self.sequence_parallel {
+                model.set_sequence_parallel()?;
+            }
         }
         Ok(())
     }
