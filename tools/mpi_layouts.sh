@@ -8,7 +8,7 @@
 #   tools/mpi_layouts.sh target/release/megamoe dp2 pp2-1f1b    # a subset
 #
 # BIN must be built with `--features mpi`. Layouts: dp2 ep2 dp2xep2 tp2 dp2-fsdp2 dp2-fsdp3
-# dp2xtp2-fsdp3 dp2xpp2-fsdp2 dp2xpp2-fsdp3 (ZB-H1) pp2xtp2 (DualPipeV) pp2-<schedule> (1f1b, gpipe, interleaved, zb-h1, zbv,
+# dp2xtp2-fsdp3 dp2xtp2-sp dp2xpp2-fsdp2 dp2xpp2-fsdp3 (ZB-H1) pp2xtp2 (DualPipeV) pp2-<schedule> (1f1b, gpipe, interleaved, zb-h1, zbv,
 # dualpipev) dp2xep2xpp2.
 # Each layout also runs as `--world N` thread ranks in one process: MPI must give the
 # same losses bit for bit (both reduce in rank order).
@@ -23,7 +23,7 @@ shift
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 LAYOUTS=("$@")
-[ ${#LAYOUTS[@]} -gt 0 ] || LAYOUTS=(dp2 ep2 dp2xep2 tp2 dp2-fsdp2 dp2-fsdp3 dp2xtp2-fsdp3 dp2xpp2-fsdp2 dp2xpp2-fsdp3 pp2xtp2 pp2-1f1b pp2-interleaved pp2-zb-h1 pp2-zbv pp2-dualpipev dp2xep2xpp2)
+[ ${#LAYOUTS[@]} -gt 0 ] || LAYOUTS=(dp2 ep2 dp2xep2 tp2 dp2-fsdp2 dp2-fsdp3 dp2xtp2-fsdp3 dp2xtp2-sp dp2xpp2-fsdp2 dp2xpp2-fsdp3 pp2xtp2 pp2-1f1b pp2-interleaved pp2-zb-h1 pp2-zbv pp2-dualpipev dp2xep2xpp2)
 export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
 read -r -a MPIRUN <<< "${MPIRUN:-mpirun}"
 WORK=$(mktemp -d)
@@ -61,6 +61,7 @@ for layout in "${LAYOUTS[@]}"; do
     dp2-fsdp2) n=2; micro=2; sets=(--set parallel.dp=2 --set parallel.fsdp=2) ;;
     dp2-fsdp3) n=2; micro=2; sets=(--set parallel.dp=2 --set parallel.fsdp=3) ;;
     dp2xtp2-fsdp3) n=4; micro=2; sets=(--set parallel.dp=2 --set parallel.tp=2 --set parallel.fsdp=3) ;;
+    dp2xtp2-sp) n=4; micro=2; sets=(--set parallel.dp=2 --set parallel.tp=2 --set parallel.sp=true) ;;
     dp2xpp2-fsdp2) n=4; micro=4; sets=(--set parallel.dp=2 --set parallel.pp=2 --set parallel.fsdp=2 --set parallel.microbatches=2) ;;
     dp2xpp2-fsdp3) n=4; micro=4; sets=(--set parallel.dp=2 --set parallel.pp=2 --set parallel.fsdp=3 --set parallel.microbatches=2 --set 'parallel.schedule="zb-h1"') ;;
     pp2xtp2) n=4; micro=4; sets=(--set parallel.pp=2 --set parallel.tp=2 --set parallel.microbatches=4 --set 'parallel.schedule="dualpipev"') ;;

@@ -29,6 +29,12 @@ const LAYOUTS: &[(&str, usize, usize, &[&str])] = &[
         &["parallel.dp=2", "parallel.tp=2", "parallel.fsdp=3"],
     ),
     (
+        "dp2xtp2-sp",
+        4,
+        2,
+        &["parallel.dp=2", "parallel.tp=2", "parallel.sp=true"],
+    ),
+    (
         "pp2-1f1b",
         2,
         1,

@@ -158,6 +158,29 @@ fn process_groups_and_coordinates_are_printed() {
 }
 
 #[test]
+fn sequence_parallel_is_printed() {
+    let cfg = repo_root().join("configs/tiny.toml");
+    for (sp, want) in [("false", "false"), ("true", "true")] {
+        let out = run(&[
+            "plan",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--set",
+            "parallel.tp=2",
+            "--set",
+            &format!("parallel.sp={sp}"),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let row = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("sequence parallel"))
+            .unwrap_or_else(|| panic!("no sequence parallel row in\n{text}"));
+        assert_eq!(row.split_whitespace().last(), Some(want), "{row}");
+    }
+}
+
+#[test]
 fn tensor_parallel_groups_and_shard_shapes_are_printed() {
     // tiny: H 64, 4 query heads and 2 KV heads of D 16, F 256, shared Fs 128;
     // dp 2 x tp 2 = 4 ranks, tp fastest: TP groups [0, 1] [2, 3].
