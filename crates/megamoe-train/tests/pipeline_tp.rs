@@ -54,8 +54,7 @@ fn pipeline_with_tp_and_sequence_parallel_matches_one_rank() {
             let raw = pipeline_raw(&sets);
             let curves = run_thread_ranks(mesh.world(), |world| -> Result<_, Error> {
                 let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
-                let m: Vec<StepMetrics> =
-                    (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
+                let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
                 Ok(curve(&m))
             })
             .unwrap();
