@@ -161,6 +161,46 @@ fn bf16_activation_mode_stores_activations_bf16_within_tolerance() {
         BF16_TOL,
     );
 
+    // Balanced packed groups (padded to one size, one strided-batched GEMM) and strided
+    // (static-capacity) groups: bf16 results, rows outside the groups exactly zero.
+    let sizes = [15usize, 16, 0, 14];
+    let xb = randn(12, &[48, 64], 1.0);
+    let (gc, gg) = (
+        RowGroups::from_sizes(&sizes, Device::Cpu).unwrap(),
+        RowGroups::from_sizes(&sizes, GPU).unwrap(),
+    );
+    let yb = gpu(&xb)
+        .to_dtype(bf)
+        .unwrap()
+        .grouped_matmul(&gg, &gpu(&we), true)
+        .unwrap();
+    close(
+        "grouped_matmul padded",
+        &yb,
+        &xb.grouped_matmul(&gc, &we, true).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    let counts =
+        Tensor::from_vec_i32(sizes.iter().map(|&s| s as i32).collect(), [4], Device::Cpu).unwrap();
+    let (sc, sg) = (
+        RowGroups::strided(&counts, 16).unwrap(),
+        RowGroups::strided(&gpu(&counts), 16).unwrap(),
+    );
+    let xs = randn(13, &[64, 64], 1.0);
+    let ys = gpu(&xs)
+        .to_dtype(bf)
+        .unwrap()
+        .grouped_matmul(&sg, &gpu(&we), true)
+        .unwrap();
+    let ys_ref = xs.grouped_matmul(&sc, &we, true).unwrap();
+    close("grouped_matmul strided", &ys, &ys_ref, bf, BF16_TOL);
+    let (yh, yr) = (ys.to_host_f32().unwrap(), ys_ref.to_host_f32().unwrap());
+    assert!(
+        yh.iter().zip(&yr).all(|(g, r)| *r != 0.0 || *g == 0.0),
+        "strided pad rows zero"
+    );
+
     // RMSNorm: y and dx bf16, rstd and dw f32.
     let h = randn(10, &[50, 256], 1.0);
     let nw = randn(11, &[256], 1.0);

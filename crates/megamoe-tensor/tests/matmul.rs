@@ -461,6 +461,105 @@ fn grouped_acc_ops_same_bits_for_1_2_and_3_threads(dev: Device) {
     }
 }
 
+/// Per-group naive `x_g · op(w_g)` over packed `sizes` (rows past the groups stay 0).
+fn grouped_naive(
+    x: &[f32],
+    w: &[f32],
+    sizes: &[usize],
+    (r, n, k): (usize, usize, usize),
+    trans: bool,
+) -> Vec<f64> {
+    let mut prod = vec![0.0f64; r * n];
+    let mut row = 0;
+    for (g, &s) in sizes.iter().enumerate() {
+        let p = naive(
+            &x[row * k..(row + s) * k],
+            &w[g * n * k..],
+            s,
+            n,
+            k,
+            false,
+            trans,
+        );
+        prod[row * n..(row + s) * n].copy_from_slice(&p);
+        row += s;
+    }
+    prod
+}
+
+fn grouped_ops_on_balanced_and_equal_packed_groups_match_naive(dev: Device) {
+    // Balanced groups with an empty one and rows past the groups (the CUDA backend pads them
+    // to one size and runs one strided-batched GEMM), and equal groups covering every row
+    // (one strided-batched GEMM in place): the same products as per-group loops.
+    let (k, n) = (24, 20);
+    let cases: [(&[usize], usize); 2] = [(&[40, 37, 0, 44, 41], 3), (&[32, 32, 32], 0)];
+    for (sizes, extra) in cases {
+        let total: usize = sizes.iter().sum();
+        let (r, gn) = (total + extra, sizes.len());
+        let x = rand_vec(50, r * k);
+        let w = rand_vec(51, gn * n * k);
+        let xt = Tensor::from_slice(&x, [r, k], dev).unwrap();
+        let gs = groups(dev, sizes);
+        for trans in [true, false] {
+            let shape = if trans { [gn, n, k] } else { [gn, k, n] };
+            let wt = Tensor::from_slice(&w, shape, dev).unwrap();
+            let prod = grouped_naive(&x, &w, sizes, (r, n, k), trans);
+            let y = host(&xt.grouped_matmul(&gs, &wt, trans).unwrap());
+            assert_close(&y, &prod, RTOL, ATOL);
+            assert!(
+                y[total * n..].iter().all(|&v| v == 0.0),
+                "rows past the groups"
+            );
+            if extra == 0 {
+                let base = rand_vec(52, r * n);
+                let mut out = Tensor::from_slice(&base, [r, n], dev).unwrap();
+                out.grouped_matmul_acc(&xt, &gs, &wt, trans, 0.5).unwrap();
+                assert_close(
+                    &host(&out),
+                    &plus_scaled(&base, Some(0.5), &prod),
+                    RTOL,
+                    ATOL,
+                );
+                let mut nan = Tensor::full([r, n], f32::NAN, DType::F32, dev).unwrap();
+                nan.grouped_matmul_acc(&xt, &gs, &wt, trans, 0.0).unwrap();
+                assert_close(&host(&nan), &prod, RTOL, ATOL);
+            }
+        }
+        // weight gradient: dw_g = dy_gᵀ x_g (the empty group's block exactly zero or kept)
+        let dy = rand_vec(53, r * n);
+        let dyt = Tensor::from_slice(&dy, [r, n], dev).unwrap();
+        let mut want = vec![0.0f64; gn * n * k];
+        let mut row = 0;
+        for (g, &s) in sizes.iter().enumerate() {
+            let p = naive(
+                &dy[row * n..(row + s) * n],
+                &x[row * k..(row + s) * k],
+                n,
+                k,
+                s,
+                true,
+                false,
+            );
+            want[g * n * k..(g + 1) * n * k].copy_from_slice(&p);
+            row += s;
+        }
+        let mut nan = Tensor::full([gn, n, k], f32::NAN, DType::F32, dev).unwrap();
+        nan.grouped_matmul_wgrad_acc(&dyt, &xt, &gs, 0.0).unwrap();
+        assert_close(&host(&nan), &want, RTOL, ATOL);
+        let base = rand_vec(54, gn * n * k);
+        let mut acc = Tensor::from_slice(&base, [gn, n, k], dev).unwrap();
+        acc.grouped_matmul_wgrad_acc(&dyt, &xt, &gs, 1.0).unwrap();
+        let got = host(&acc);
+        assert_close(&got, &plus_scaled(&base, Some(1.0), &want), RTOL, ATOL);
+        for (g, &s) in sizes.iter().enumerate() {
+            if s == 0 {
+                let b = g * n * k..(g + 1) * n * k;
+                assert!(same_bits(&got[b.clone()], &base[b]), "empty group {g} kept");
+            }
+        }
+    }
+}
+
 backend_tests!(
     matmul_all_transposes_match_naive,
     matmul_inner_dim_mismatch_is_typed_error,
@@ -474,4 +573,5 @@ backend_tests!(
     grouped_matmul_acc_accumulates_overwrites_and_checks_shape,
     grouped_matmul_wgrad_acc_accumulates_and_handles_empty_groups,
     grouped_acc_ops_same_bits_for_1_2_and_3_threads,
+    grouped_ops_on_balanced_and_equal_packed_groups_match_naive,
 );

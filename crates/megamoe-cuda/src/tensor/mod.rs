@@ -3,7 +3,8 @@
 //! selects, integer sums and prefix sums, row and column reductions, row softmax and
 //! log-softmax with their backward, top-k, row gather, per-row column gather / scatter,
 //! deterministic row scatter-add and the general permute copy; and ([`RouteKernels`]) the
-//! MoE routing, capacity and static expert-buffer kernels, with index checks in every build.
+//! MoE routing, capacity and static expert-buffer kernels, with index checks in every build;
+//! and ([`GroupKernels`]) the row-group copies around strided-batched grouped GEMMs.
 //!
 //! The API is raw: device addresses with a run-time element type ([`Dev`]) and sizes; the
 //! caller (a backend that already checked shapes, dtypes and buffer sizes) guarantees the
@@ -12,9 +13,11 @@
 //! order (no float atomics): bitwise reproducible.
 
 mod buffers;
+mod groups;
 mod launch;
 mod routing;
 
+pub use groups::GroupKernels;
 pub use launch::TensorKernels;
 pub use routing::{RouteError, RouteKernels, MAX_GROUPS, MAX_SLOTS};
 

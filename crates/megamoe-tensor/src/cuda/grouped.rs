@@ -1,25 +1,91 @@
-//! Grouped matmuls over fixed-stride row groups (static-capacity expert buffers `[G·C, ·]`,
-//! [`RowGroups::strided`]): one strided-batched cuBLAS GEMM over all `G` groups of `C` rows,
-//! with no host read (graph-capturable). The op's contract holds for any input: rows past
-//! a group's size are not multiplied — the forward zeroes them in its output, the
+//! Grouped matmuls as strided-batched cuBLAS GEMMs.
+//!
+//! Over fixed-stride row groups (static-capacity expert buffers `[G·C, ·]`,
+//! [`RowGroups::strided`]): one strided-batched GEMM over all `G` groups of `C` rows, with
+//! no host read (graph-capturable). The op's contract holds for any input: rows past a
+//! group's size are not multiplied — the forward zeroes them in its output, the
 //! accumulating form scales them by `beta` (as the CPU backend), and the weight gradient
-//! reads a copy of the narrower operand with those rows zeroed. In a MoE layer the pad rows are already zero,
-//! so the masking changes no value; it only costs a pass over one operand. Results are
-//! f32 in every precision mode (the static-capacity expert activations stay f32 in
-//! bf16-activation mode).
+//! reads a copy of the narrower operand with those rows zeroed. In a MoE layer the pad rows
+//! are already zero, so the masking changes no value; it only costs a pass over one operand.
+//! The forward writes the activation dtype (bf16 in bf16-activation mode: cuBLAS rounds the
+//! f32 accumulator once); the accumulating form and the weight gradient accumulate in f32.
+//!
+//! Over packed row groups whose sizes are on the host (a dropless MoE layer reads its expert
+//! counts once per layer), [`packed_plan`] picks per call: equal groups covering the rows run
+//! as one strided-batched GEMM in place; otherwise, when padding every group to the largest
+//! one (rounded up to a bucket, [`bucket`]) costs at most [`PAD_LIMIT`]× the real rows'
+//! FLOPs, the groups are copied to a `[G, C, ·]` buffer (pad rows zero), multiplied by one
+//! strided-batched GEMM and copied back (the weight gradient pads both operands); else (one
+//! group, or a skew where padding costs more) one GEMM per group (`matmul.rs`). Pad rows
+//! contribute exact zeros, so every plan gives each real row the same products up to the
+//! GEMM's own rounding.
 
+use megamoe_cuda::tensor::Dev;
 use megamoe_cuda::{Elem, Operand};
 
-use super::matmul::operand;
-use super::{dev, CudaBackend};
+use super::matmul::{elem, operand};
+use super::routing::ids;
+use super::{dev, kdt, CudaBackend};
 use crate::ops::matmul::{grouped_dims, wgrad_dims};
 use crate::{DType, Result, RowGroups, Tensor};
+
+/// Most padded rows per real row a padded plan may run: padding all groups to the largest
+/// one is chosen while `G · C ≤ PAD_LIMIT · Σ sizes` (a FLOP estimate; on an H200 at the
+/// gpu_1b expert shape, per-group cuBLAS GEMMs of ~2k rows ran ~3× below the strided-batched
+/// rate, docs/perf.md).
+pub(super) const PAD_LIMIT: usize = 2;
+
+/// How a grouped GEMM over packed groups (host spans) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PackedPlan {
+    /// One GEMM per non-empty group.
+    PerGroup,
+    /// Equal groups, back to back from row 0 and covering every row: one strided-batched
+    /// GEMM with this stride, in place.
+    Strided(usize),
+    /// Copy to `[G, C, ·]` with this C (pad rows zero), one strided-batched GEMM, copy back.
+    Padded(usize),
+}
+
+/// The padded group size for a largest group of `max` rows: `max` rounded up to a multiple
+/// of `2^(⌊log2 max⌋ − 4)` (at least 8), so at most 1/16 above `max` and few distinct
+/// shapes (e.g. 2000 → 2048 in steps of 64, 2100 → 2176 in steps of 128).
+pub(super) fn bucket(max: usize) -> usize {
+    if max == 0 {
+        return 0;
+    }
+    let log2 = usize::BITS - 1 - max.leading_zeros();
+    let q = 1usize << log2.saturating_sub(4).max(3);
+    max.div_ceil(q) * q
+}
+
+/// The plan for packed groups `spans` (`(offset, size)`, checked) over `rows` rows.
+pub(super) fn packed_plan(spans: &[(usize, usize)], rows: usize) -> PackedPlan {
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let max = spans.iter().map(|s| s.1).max().unwrap_or(0);
+    if spans.len() <= 1 || total == 0 {
+        return PackedPlan::PerGroup;
+    }
+    let back_to_back = spans
+        .iter()
+        .enumerate()
+        .all(|(g, &(o, s))| s == max && o == g * max);
+    if back_to_back && total == rows {
+        return PackedPlan::Strided(max);
+    }
+    let cap = bucket(max);
+    if spans.len() * cap <= PAD_LIMIT * total {
+        PackedPlan::Padded(cap)
+    } else {
+        PackedPlan::PerGroup
+    }
+}
 
 impl CudaBackend {
     /// `C[g] = op(A[g]) · op(B[g]) (+ beta · C[g])` for the `batch` entries of a
     /// strided-batched product into an f32 `C` (`c_stride` elements apart).
     #[allow(clippy::too_many_arguments)]
-    fn batched(
+    pub(super) fn batched(
         &self,
         op: &'static str,
         mnk: (usize, usize, usize),
@@ -54,7 +120,8 @@ impl CudaBackend {
         Ok(g)
     }
 
-    /// Forward over strided groups: `out [r, n]`, group rows `x·op(w_g)`, every other row 0.
+    /// Forward over strided groups: `out [r, n]` of the activation dtype, group rows
+    /// `x·op(w_g)`, every other row 0.
     pub(super) fn strided_matmul(
         &self,
         x: &Tensor,
@@ -63,31 +130,46 @@ impl CudaBackend {
         w: &Tensor,
         trans_w: bool,
     ) -> Result<Tensor> {
+        self.strided_product(x, groups, stride, w, trans_w, self.act())
+    }
+
+    /// [`CudaBackend::strided_matmul`] written as `dtype` (f32 or bf16).
+    fn strided_product(
+        &self,
+        x: &Tensor,
+        groups: &RowGroups,
+        stride: usize,
+        w: &Tensor,
+        trans_w: bool,
+        dtype: DType,
+    ) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
         let (r, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
         let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
         let g = self.strided_groups(OP, groups, stride, r)?;
-        let sizes = super::routing::ids(OP, "groups.sizes", groups.sizes())?;
+        let sizes = ids(OP, "groups.sizes", groups.sizes())?;
         let (x, w) = self.gemm_pair(x, w)?;
         let (xd, wd) = (dev(OP, &x)?, dev(OP, &w)?);
+        let es = dtype.size_in_bytes();
         let (out, od) = {
             let e = self.engine(OP)?;
-            self.empty(&e, [r, n].into(), DType::F32)?
+            self.empty(&e, [r, n].into(), dtype)?
         };
         let body = g * stride * n;
         if r * n > body {
             let e = self.engine(OP)?;
-            let tail = megamoe_cuda::tensor::Dev::f32(od.ptr + (body * 4) as u64);
+            let tail = Dev::new(od.ptr + (body * es) as u64, kdt(dtype));
             // SAFETY: the rows past the groups, inside the fresh [r, n] output.
             self.ck(OP, unsafe { e.tk.fill(&e.gpu, tail, r * n - body, 0.0) })?;
         }
         let oa = operand(&x, xd.ptr, false, kx, stride * kx);
         let ob = operand(&w, wd.ptr, trans_w, w2, w1 * w2);
-        self.batched(OP, (stride, n, kx), oa, ob, od.ptr, stride * n, g, 0.0)?;
         let e = self.engine(OP)?;
-        // SAFETY: out holds g·stride·n f32 in its first rows; sizes holds g i32.
+        let c = (od.ptr, elem(dtype));
+        self.gemm(&e, OP, (stride, n, kx), oa, ob, c, stride * n, g, 0.0)?;
+        // SAFETY: out holds g·stride rows of n elements first; sizes holds g i32.
         self.ck(OP, unsafe {
-            e.rk.zero_pad_rows(&e.gpu, od.ptr, sizes, (g, stride, n), e.err.ptr())
+            e.gk.zero_past_sizes(&e.gpu, od.ptr, n * es, sizes, (g, stride), e.err.ptr())
         })?;
         Ok(out)
     }
@@ -107,7 +189,7 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "grouped_matmul";
         // The fresh product is zero outside the groups.
-        let product = self.strided_matmul(x, groups, stride, w, trans_w)?;
+        let product = self.strided_product(x, groups, stride, w, trans_w, DType::F32)?;
         let pd = dev(OP, &product)?;
         let len = out.numel();
         self.in_place(OP, out, |e, od| {
@@ -129,7 +211,7 @@ impl CudaBackend {
         const OP: &str = "grouped_matmul_wgrad";
         let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let g = self.strided_groups(OP, groups, stride, r)?;
-        let sizes = super::routing::ids(OP, "groups.sizes", groups.sizes())?;
+        let sizes = ids(OP, "groups.sizes", groups.sizes())?;
         let (dy, x) = self.gemm_pair(dy, x)?;
         // Zero the rows outside the groups in a copy of the narrower operand.
         let masked = |t: &Tensor, cols: usize| -> Result<Tensor> {
@@ -154,5 +236,176 @@ impl CudaBackend {
         let oa = operand(&dy, dd.ptr, true, n, stride * n);
         let ob = operand(&x, xd.ptr, false, k, stride * k);
         self.batched(OP, (n, k, stride), oa, ob, od.ptr, n * k, g, beta)
+    }
+}
+
+impl CudaBackend {
+    /// `x`'s packed groups copied into a fresh `[g·cap, cols]` buffer of its dtype, pad rows
+    /// zero.
+    fn pad_packed(
+        &self,
+        op: &'static str,
+        t: &Tensor,
+        groups: &RowGroups,
+        (g, cap): (usize, usize),
+    ) -> Result<Tensor> {
+        let cols = t.dims2()?.1;
+        let src = dev(op, t)?;
+        let ids = (
+            ids(op, "groups.sizes", groups.sizes())?,
+            ids(op, "groups.offsets", groups.offsets())?,
+        );
+        let e = self.engine(op)?;
+        let (p, pd) = self.empty(&e, [g * cap, cols].into(), t.dtype())?;
+        let row_bytes = cols * t.dtype().size_in_bytes();
+        // SAFETY: the spans were checked inside t's rows and every size is ≤ cap; p holds
+        // g·cap rows.
+        self.ck(op, unsafe {
+            e.gk.pad_packed(
+                &e.gpu,
+                src.ptr,
+                pd.ptr,
+                row_bytes,
+                ids,
+                (g, cap),
+                e.err.ptr(),
+            )
+        })?;
+        Ok(p)
+    }
+
+    /// [`PackedPlan::Padded`] forward: `out = beta · out + x_g·op(w_g)` on the group rows of
+    /// `out [r, n]` (a unique buffer at `c`), other rows untouched.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn padded_matmul_acc(
+        &self,
+        c: (u64, Elem),
+        x: &Tensor,
+        groups: &RowGroups,
+        cap: usize,
+        w: &Tensor,
+        trans_w: bool,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul";
+        let (_, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
+        let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
+        let g = groups.len();
+        let (x, w) = self.gemm_pair(x, w)?;
+        let xp = self.pad_packed(OP, &x, groups, (g, cap))?;
+        let (xd, wd) = (dev(OP, &xp)?, dev(OP, &w)?);
+        // Overwriting: the product is written in out's type and copied; accumulating: f32.
+        let pdt = match (beta == 0.0, c.1) {
+            (true, Elem::Bf16) => DType::BF16,
+            _ => DType::F32,
+        };
+        let ids = (
+            ids(OP, "groups.sizes", groups.sizes())?,
+            ids(OP, "groups.offsets", groups.offsets())?,
+        );
+        let e = self.engine(OP)?;
+        let (_p, pd) = self.empty(&e, [g * cap, n].into(), pdt)?;
+        let oa = operand(&xp, xd.ptr, false, kx, cap * kx);
+        let ob = operand(&w, wd.ptr, trans_w, w2, w1 * w2);
+        self.gemm(
+            &e,
+            OP,
+            (cap, n, kx),
+            oa,
+            ob,
+            (pd.ptr, elem(pdt)),
+            cap * n,
+            g,
+            0.0,
+        )?;
+        let out = Dev::new(
+            c.0,
+            kdt(if c.1 == Elem::Bf16 {
+                DType::BF16
+            } else {
+                DType::F32
+            }),
+        );
+        // SAFETY: the product holds g·cap rows of n; out holds the packed rows (checked
+        // spans) of n.
+        self.ck(OP, unsafe {
+            e.gk.unpad_packed(&e.gpu, pd, out, n, ids, (g, cap), beta)
+        })
+    }
+
+    /// [`PackedPlan::Padded`] weight gradient: `out[g] = beta · out[g] + dy_gᵀ · x_g` with
+    /// both operands padded to `[G, cap, ·]` (pad rows zero contribute exact zeros).
+    pub(super) fn padded_wgrad_acc(
+        &self,
+        out: &mut Tensor,
+        dy: &Tensor,
+        x: &Tensor,
+        groups: &RowGroups,
+        cap: usize,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul_wgrad";
+        let (_, n, k) = wgrad_dims(OP, dy, x, groups)?;
+        let g = groups.len();
+        let (dy, x) = self.gemm_pair(dy, x)?;
+        let dyp = self.pad_packed(OP, &dy, groups, (g, cap))?;
+        let xp = self.pad_packed(OP, &x, groups, (g, cap))?;
+        let (dd, xd) = (dev(OP, &dyp)?, dev(OP, &xp)?);
+        self.in_place(OP, out, |_, _| Ok(()))?;
+        let od = dev(OP, out)?;
+        let oa = operand(&dyp, dd.ptr, true, n, cap * n);
+        let ob = operand(&xp, xd.ptr, false, k, cap * k);
+        self.batched(OP, (n, k, cap), oa, ob, od.ptr, n * k, g, beta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_rounds_up_by_at_most_a_sixteenth() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(1), 8);
+        assert_eq!(bucket(8), 8);
+        assert_eq!(bucket(130), 136);
+        assert_eq!(bucket(2000), 2048);
+        assert_eq!(bucket(2048), 2048);
+        assert_eq!(bucket(2100), 2176);
+        for max in 1..5000 {
+            let c = bucket(max);
+            assert!(
+                c >= max && (c - max) * 16 <= max.max(8 * 16),
+                "{max} -> {c}"
+            );
+        }
+    }
+
+    fn spans(sizes: &[usize]) -> Vec<(usize, usize)> {
+        let mut o = 0;
+        sizes
+            .iter()
+            .map(|&s| {
+                o += s;
+                (o - s, s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_plan_pads_balanced_groups_and_loops_over_skewed_ones() {
+        // balanced (the dropless MoE case): pad to the bucket of the largest group
+        let bal = spans(&[2000, 2100, 1900, 0, 2050]);
+        assert_eq!(packed_plan(&bal, 8050), PackedPlan::Padded(2176));
+        // one group far larger than the rest: padding would cost > PAD_LIMIT×
+        let skew = spans(&[3, 0, 130, 1, 0]);
+        assert_eq!(packed_plan(&skew, 134), PackedPlan::PerGroup);
+        // equal groups covering the rows: strided in place; not covering: padded
+        assert_eq!(packed_plan(&spans(&[64; 4]), 256), PackedPlan::Strided(64));
+        assert_eq!(packed_plan(&spans(&[64; 4]), 300), PackedPlan::Padded(64));
+        // one group or no rows: the plain GEMM loop
+        assert_eq!(packed_plan(&spans(&[500]), 500), PackedPlan::PerGroup);
+        assert_eq!(packed_plan(&spans(&[0, 0]), 0), PackedPlan::PerGroup);
+        assert_eq!(packed_plan(&[], 0), PackedPlan::PerGroup);
     }
 }

@@ -2,17 +2,20 @@
 //! are the parity path). Two bf16 operands run as a bf16 GEMM with an f32 result; a mixed
 //! pair is widened to f32 first (the CPU backend's semantics), unless the backend is in
 //! bf16-matmul mode (both rounded to bf16). Grouped matmuls over fixed-stride groups are
-//! one strided-batched GEMM (`grouped.rs`, no host read); over packed groups they read the
-//! group sizes and offsets to the host (one counted read) and issue one GEMM per group.
+//! one strided-batched GEMM (`grouped.rs`, no host read); over packed groups they need the
+//! group sizes on the host (given, or one counted read) and run per the plan `grouped.rs`
+//! picks: one strided-batched GEMM over the groups padded to a common size, or one GEMM per
+//! group.
 //!
 //! Results are f32, except in bf16-activation mode
 //! ([`CudaBackend::set_bf16_activations`]): there `matmul` (unless `trans_a`: a weight
-//! gradient `dyᵀ·x` stays f32) and `grouped_matmul` write bf16 (cuBLAS rounds the f32
+//! gradient `dyᵀ·x` stays f32) and `grouped_matmul` (packed or strided) write bf16 (cuBLAS rounds the f32
 //! accumulator once), and the `_acc` forms accumulate into a bf16 `out` in place; `bmm`
 //! (attention scores, Muon) and the weight-gradient forms stay f32.
 
 use megamoe_cuda::{Elem, Operand};
 
+use super::grouped::{packed_plan, PackedPlan};
 use super::{dev, CudaBackend, Engine};
 use crate::ops::groups::check_spans;
 use crate::ops::matmul::{grouped_dims, wgrad_dims, MatmulKernels};
@@ -24,7 +27,7 @@ fn logical(t: &Tensor, trans: bool) -> Result<(usize, usize)> {
     Ok(if trans { (c, r) } else { (r, c) })
 }
 
-fn elem(d: DType) -> Elem {
+pub(super) fn elem(d: DType) -> Elem {
     if d == DType::BF16 {
         Elem::Bf16
     } else {
@@ -203,13 +206,17 @@ impl MatmulKernels for CudaBackend {
             return self.strided_matmul(x, groups, stride, w, trans_w);
         }
         let (r, n, _) = grouped_dims(OP, x, groups, w, trans_w)?;
+        let spans = self.spans(OP, groups, r)?;
+        let covered = spans.iter().map(|s| s.1).sum::<usize>() == r;
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, [r, n].into(), self.act())?;
-        // SAFETY: the output holds r·n elements.
-        self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, r * n, 0.0) })?;
+        if !covered || packed_plan(&spans, r) == PackedPlan::PerGroup {
+            // SAFETY: the output holds r·n elements.
+            self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, r * n, 0.0) })?;
+        }
         drop(e);
         let mut out = t;
-        self.grouped_matmul_acc(&mut out, x, groups, w, trans_w, 0.0)?;
+        self.packed_matmul_acc(&mut out, x, groups, &spans, w, trans_w, 0.0)?;
         Ok(out)
     }
 
@@ -226,24 +233,9 @@ impl MatmulKernels for CudaBackend {
         if let Some(stride) = groups.stride() {
             return self.strided_matmul_acc(out, x, groups, stride, w, trans_w, beta);
         }
-        let (r, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
-        let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
+        let (r, ..) = grouped_dims(OP, x, groups, w, trans_w)?;
         let spans = self.spans(OP, groups, r)?;
-        let (x, w) = self.gemm_pair(x, w)?;
-        let (xd, wd) = (dev(OP, &x)?, dev(OP, &w)?);
-        let (od, oe) = self.acc_target(OP, out)?;
-        let (xs, ws) = (x.dtype().size_in_bytes(), w.dtype().size_in_bytes());
-        let e = self.engine(OP)?;
-        for (g, (o, s)) in spans.into_iter().enumerate() {
-            if s == 0 {
-                continue;
-            }
-            let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
-            let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
-            let oc = od + (o * n * oe.size()) as u64;
-            self.gemm(&e, OP, (s, n, kx), oa, ob, (oc, oe), 0, 1, beta)?;
-        }
-        Ok(())
+        self.packed_matmul_acc(out, x, groups, &spans, w, trans_w, beta)
     }
 
     fn grouped_matmul_wgrad(&self, dy: &Tensor, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
@@ -274,6 +266,20 @@ impl MatmulKernels for CudaBackend {
         }
         let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let spans = self.spans(OP, groups, r)?;
+        match packed_plan(&spans, r) {
+            PackedPlan::Padded(cap) => return self.padded_wgrad_acc(out, dy, x, groups, cap, beta),
+            PackedPlan::Strided(s) => {
+                // equal groups back to back over every row: one strided-batched GEMM
+                let (dy, x) = self.gemm_pair(dy, x)?;
+                let (dd, xd) = (dev(OP, &dy)?, dev(OP, &x)?);
+                self.in_place(OP, out, |_, _| Ok(()))?;
+                let od = dev(OP, out)?;
+                let oa = operand(&dy, dd.ptr, true, n, s * n);
+                let ob = operand(&x, xd.ptr, false, k, s * k);
+                return self.batched(OP, (n, k, s), oa, ob, od.ptr, n * k, spans.len(), beta);
+            }
+            PackedPlan::PerGroup => {}
+        }
         let (dy, x) = self.gemm_pair(dy, x)?;
         let (dd, xd) = (dev(OP, &dy)?, dev(OP, &x)?);
         self.in_place(OP, out, |_, _| Ok(()))?;
@@ -315,6 +321,54 @@ impl MatmulKernels for CudaBackend {
 }
 
 impl CudaBackend {
+    /// `out = beta · out + x_g·op(w_g)` on the rows of packed groups `spans` (checked), by
+    /// the plan [`packed_plan`] picks; other rows untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn packed_matmul_acc(
+        &self,
+        out: &mut Tensor,
+        x: &Tensor,
+        groups: &RowGroups,
+        spans: &[(usize, usize)],
+        w: &Tensor,
+        trans_w: bool,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "grouped_matmul";
+        let (r, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
+        let c = self.acc_target(OP, out)?;
+        let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
+        let stride = match packed_plan(spans, r) {
+            PackedPlan::Padded(cap) => {
+                return self.padded_matmul_acc(c, x, groups, cap, w, trans_w, beta)
+            }
+            PackedPlan::Strided(s) => Some(s),
+            PackedPlan::PerGroup => None,
+        };
+        let (od, oe) = c;
+        let (x, w) = self.gemm_pair(x, w)?;
+        let (xd, wd) = (dev(OP, &x)?, dev(OP, &w)?);
+        if let Some(s) = stride {
+            // equal groups back to back over every row: one strided-batched GEMM in place
+            let oa = operand(&x, xd.ptr, false, kx, s * kx);
+            let ob = operand(&w, wd.ptr, trans_w, w2, w1 * w2);
+            let e = self.engine(OP)?;
+            return self.gemm(&e, OP, (s, n, kx), oa, ob, c, s * n, spans.len(), beta);
+        }
+        let (xs, ws) = (x.dtype().size_in_bytes(), w.dtype().size_in_bytes());
+        let e = self.engine(OP)?;
+        for (g, &(o, s)) in spans.iter().enumerate() {
+            if s == 0 {
+                continue;
+            }
+            let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
+            let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
+            let oc = od + (o * n * oe.size()) as u64;
+            self.gemm(&e, OP, (s, n, kx), oa, ob, (oc, oe), 0, 1, beta)?;
+        }
+        Ok(())
+    }
+
     /// The groups' `(offset, size)` on the host (one counted read unless they were given
     /// on the host, [`RowGroups::host_spans`]), checked as the CPU backend checks them.
     fn spans(

@@ -39,7 +39,7 @@ pub use weights::WeightCopyStats;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use megamoe_cuda::tensor::{Dev, Dtype, RouteKernels, TensorKernels};
+use megamoe_cuda::tensor::{Dev, Dtype, GroupKernels, RouteKernels, TensorKernels};
 use megamoe_cuda::{DeviceBuffer, DeviceView, Elem, Gpu, Ops};
 
 use crate::storage::Storage;
@@ -87,6 +87,8 @@ pub(crate) struct Engine {
     pub(crate) tk: TensorKernels,
     /// MoE routing / capacity / static-buffer kernels.
     pub(crate) rk: RouteKernels,
+    /// Row-group copies around the strided-batched grouped GEMMs (`grouped.rs`).
+    pub(crate) gk: GroupKernels,
     /// The device error record of the index checks (four i32, zero when clean).
     pub(crate) err: DeviceBuffer,
     pub(crate) ops_f32: Ops,
@@ -164,6 +166,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
     let mut gpu = Gpu::new(ordinal)?;
     let tk = TensorKernels::new(&mut gpu)?;
     let rk = RouteKernels::new(&mut gpu)?;
+    let gk = GroupKernels::new(&mut gpu)?;
     let err = gpu.alloc(16)?;
     gpu.memset(&err, 0)?;
     let ops_f32 = Ops::new(&mut gpu, Elem::F32)?;
@@ -174,6 +177,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
             gpu,
             tk,
             rk,
+            gk,
             err,
             ops_f32,
             ops_bf16,
