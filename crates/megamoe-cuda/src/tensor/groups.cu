@@ -44,20 +44,6 @@ __device__ __forceinline__ void row_copy(const char* __restrict__ s, char* __res
     }
 }
 
-// dst [g*cap, row] = group gi's sizes[gi] rows of src (packed from offs[gi]), then zero rows.
-extern "C" __global__ void pad_packed(const char* __restrict__ src, char* __restrict__ dst,
-                                      int bytes, int unit, const int* __restrict__ sizes,
-                                      const int* __restrict__ offs, int g, int cap, int* err) {
-    const size_t rows = (size_t)g * cap;
-    for (size_t p = blockIdx.x; p < rows; p += gridDim.x) {
-        int gi = (int)(p / cap), j = (int)(p - (size_t)gi * cap);
-        int s = sizes[gi];
-        if ((s < 0 || s > cap) && j == 0 && threadIdx.x == 0) group_report(err, s, gi, cap);
-        if (j < s) row_copy(src + (size_t)(offs[gi] + j) * bytes, dst + p * bytes, bytes, unit);
-        else row_zero(dst + p * bytes, bytes, unit);
-    }
-}
-
 __device__ __forceinline__ float ld_el(const void* p, int dt, size_t i) {
     if (dt == 1) return __uint_as_float(((unsigned)((const unsigned short*)p)[i]) << 16);
     return ((const float*)p)[i];
@@ -72,6 +58,32 @@ __device__ __forceinline__ void st_el(void* p, int dt, size_t i, float v) {
         ((unsigned short*)p)[i] = b;
     } else {
         ((float*)p)[i] = v;
+    }
+}
+
+// dst [g*cap, n] = group gi's sizes[gi] rows of src (packed from offs[gi]), then zero rows;
+// src and dst of one type: `unit`-byte words; else converted (f32 <-> bf16, round to
+// nearest even: the cast kernel's bits).
+extern "C" __global__ void pad_packed(const void* __restrict__ src, int sdt,
+                                      void* __restrict__ dst, int ddt, int n, int unit,
+                                      const int* __restrict__ sizes, const int* __restrict__ offs,
+                                      int g, int cap, int* err) {
+    const size_t rows = (size_t)g * cap;
+    const int es = sdt == 1 ? 2 : 4, ed = ddt == 1 ? 2 : 4;
+    for (size_t p = blockIdx.x; p < rows; p += gridDim.x) {
+        int gi = (int)(p / cap), j = (int)(p - (size_t)gi * cap);
+        int s = sizes[gi];
+        if ((s < 0 || s > cap) && j == 0 && threadIdx.x == 0) group_report(err, s, gi, cap);
+        char* d = (char*)dst + p * n * ed;
+        if (j >= s) {
+            row_zero(d, n * ed, unit);
+        } else if (sdt == ddt) {
+            row_copy((const char*)src + (size_t)(offs[gi] + j) * n * es, d, n * es, unit);
+        } else {
+            size_t q = (size_t)(offs[gi] + j) * n;
+            for (int c = threadIdx.x; c < n; c += blockDim.x)
+                st_el(dst, ddt, p * n + c, ld_el(src, sdt, q + c));
+        }
     }
 }
 

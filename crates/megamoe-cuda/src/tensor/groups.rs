@@ -1,7 +1,8 @@
 //! [`GroupKernels`]: the row-group copies around strided-batched grouped GEMMs
 //! (`groups.cu`): packed row groups to a padded `[g·cap, ·]` buffer (pad rows zero) and
-//! back, and zeroing the rows past each group's size of a strided buffer. Any element
-//! type; copies move the widest word that divides the row and both addresses.
+//! back (converting f32 ↔ bf16 on the way when asked), and zeroing the rows past each
+//! group's size of a strided buffer. Copies move the widest word that divides the row and
+//! both addresses.
 
 use cudarc::driver::sys as dsys;
 
@@ -35,6 +36,17 @@ fn unit(bytes: usize, addrs: &[u64]) -> i32 {
     }
 }
 
+fn float_only(src: Dev, dst: Dev) -> Result<()> {
+    if src.dtype == Dtype::I32 || dst.dtype == Dtype::I32 {
+        return Err(Error::invalid(
+            "row-group copy dtype",
+            "i32",
+            "must be f32 or bf16",
+        ));
+    }
+    Ok(())
+}
+
 /// The row-group copy kernels, compiled once per process and loaded.
 pub struct GroupKernels {
     pad_packed: dsys::CUfunction,
@@ -58,9 +70,10 @@ impl GroupKernels {
         })
     }
 
-    /// `dst [g·cap, row]` = group `i`'s `sizes[i]` rows of the packed `src` (from row
-    /// `offsets[i]`), then zero rows; `row_bytes` bytes per row, any element type. A size
-    /// outside `0..=cap` is reported in `err` (code 6).
+    /// `dst [g·cap, n]` = group `i`'s `sizes[i]` rows of the packed `src` (from row
+    /// `offsets[i]`), then zero rows; f32 or bf16, converted when the types differ
+    /// (round to nearest even, the cast kernel's bits). A size outside `0..=cap` is
+    /// reported in `err` (code 6).
     ///
     /// # Safety
     /// For this and every method below: each address must be a live device allocation of
@@ -71,20 +84,27 @@ impl GroupKernels {
     pub unsafe fn pad_packed(
         &self,
         gpu: &Gpu,
-        src: u64,
-        dst: u64,
-        row_bytes: usize,
+        src: Dev,
+        dst: Dev,
+        n: usize,
         (sizes, offsets): (u64, u64),
         (g, cap): (usize, usize),
         err: u64,
     ) -> Result<()> {
         let rows = g * cap;
-        if rows == 0 || row_bytes == 0 {
+        if rows == 0 || n == 0 {
             return Ok(());
         }
-        let (b, u, gi, ci) = (
-            int("row bytes", row_bytes)?,
-            unit(row_bytes, &[src, dst]),
+        float_only(src, dst)?;
+        let u = if src.dtype == dst.dtype {
+            unit(n * src.dtype.size(), &[src.ptr, dst.ptr])
+        } else {
+            unit(n * dst.dtype.size(), &[dst.ptr])
+        };
+        let (sdt, ddt, ni, gi, ci) = (
+            src.dtype.code(),
+            dst.dtype.code(),
+            int("n", n)?,
             int("groups", g)?,
             int("capacity", cap)?,
         );
@@ -93,9 +113,11 @@ impl GroupKernels {
             blocks(rows),
             BLOCK,
             &mut [
-                arg(&src),
-                arg(&dst),
-                arg(&b),
+                arg(&src.ptr),
+                arg(&sdt),
+                arg(&dst.ptr),
+                arg(&ddt),
+                arg(&ni),
                 arg(&u),
                 arg(&sizes),
                 arg(&offsets),

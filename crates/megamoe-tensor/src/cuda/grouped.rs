@@ -240,14 +240,15 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// `x`'s packed groups copied into a fresh `[g·cap, cols]` buffer of its dtype, pad rows
-    /// zero.
+    /// `t`'s packed groups copied into a fresh `[g·cap, cols]` buffer of `dtype` (a cast
+    /// on the way when `t` is of the other float type), pad rows zero.
     fn pad_packed(
         &self,
         op: &'static str,
         t: &Tensor,
         groups: &RowGroups,
         (g, cap): (usize, usize),
+        dtype: DType,
     ) -> Result<Tensor> {
         let cols = t.dims2()?.1;
         let src = dev(op, t)?;
@@ -256,22 +257,32 @@ impl CudaBackend {
             ids(op, "groups.offsets", groups.offsets())?,
         );
         let e = self.engine(op)?;
-        let (p, pd) = self.empty(&e, [g * cap, cols].into(), t.dtype())?;
-        let row_bytes = cols * t.dtype().size_in_bytes();
+        let (p, pd) = self.empty(&e, [g * cap, cols].into(), dtype)?;
         // SAFETY: the spans were checked inside t's rows and every size is ≤ cap; p holds
         // g·cap rows.
         self.ck(op, unsafe {
-            e.gk.pad_packed(
-                &e.gpu,
-                src.ptr,
-                pd.ptr,
-                row_bytes,
-                ids,
-                (g, cap),
-                e.err.ptr(),
-            )
+            e.gk.pad_packed(&e.gpu, src, pd, cols, ids, (g, cap), e.err.ptr())
         })?;
         Ok(p)
+    }
+
+    /// The GEMM input type of `a` and `b` ([`CudaBackend::gemm_pair`]'s rule: bf16 in
+    /// bf16-matmul mode or when both are bf16, else f32).
+    fn pair_dtype(&self, a: &Tensor, b: &Tensor) -> DType {
+        if self.bf16_matmul() || (a.dtype() == DType::BF16 && b.dtype() == DType::BF16) {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
+    /// `w` as a GEMM operand of `dtype` (a registered weight's bf16 copy, `weights.rs`).
+    fn operand_as(&self, w: &Tensor, dtype: DType) -> Result<Tensor> {
+        match (w.dtype(), dtype) {
+            (a, b) if a == b => Ok(w.clone()),
+            (_, DType::BF16) => self.bf16_operand(w),
+            _ => self.as_f32(w),
+        }
     }
 
     /// [`PackedPlan::Padded`] forward: `out = beta · out + x_g·op(w_g)` on the group rows of
@@ -291,8 +302,10 @@ impl CudaBackend {
         let (_, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
         let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
         let g = groups.len();
-        let (x, w) = self.gemm_pair(x, w)?;
-        let xp = self.pad_packed(OP, &x, groups, (g, cap))?;
+        // x is cast (if at all) on its way into the padded buffer: one pass, not two.
+        let dt = self.pair_dtype(x, w);
+        let w = self.operand_as(w, dt)?;
+        let xp = self.pad_packed(OP, x, groups, (g, cap), dt)?;
         let (xd, wd) = (dev(OP, &xp)?, dev(OP, &w)?);
         // Overwriting: the product is written in out's type and copied; accumulating: f32.
         let pdt = match (beta == 0.0, c.1) {
@@ -347,9 +360,9 @@ impl CudaBackend {
         const OP: &str = "grouped_matmul_wgrad";
         let (_, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let g = groups.len();
-        let (dy, x) = self.gemm_pair(dy, x)?;
-        let dyp = self.pad_packed(OP, &dy, groups, (g, cap))?;
-        let xp = self.pad_packed(OP, &x, groups, (g, cap))?;
+        let dt = self.pair_dtype(dy, x);
+        let dyp = self.pad_packed(OP, dy, groups, (g, cap), dt)?;
+        let xp = self.pad_packed(OP, x, groups, (g, cap), dt)?;
         let (dd, xd) = (dev(OP, &dyp)?, dev(OP, &xp)?);
         self.in_place(OP, out, |_, _| Ok(()))?;
         let od = dev(OP, out)?;

@@ -17,8 +17,9 @@
 //! read (`to_host`).
 //!
 //! # Host-staged ops
-//! Grouped matmuls over packed groups (cuBLAS needs host group sizes) read the groups to
-//! the host (one counted read per call); the named RNG is drawn on the host and uploaded.
+//! Grouped matmuls over packed groups need the group sizes on the host (given by the
+//! groups, as the dropless MoE layer's one counts read per layer, or one counted read per
+//! call) to plan the GEMMs (`grouped.rs`); the named RNG is drawn on the host and uploaded.
 
 mod attention;
 pub use attention::AttentionPath;
