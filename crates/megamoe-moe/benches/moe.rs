@@ -164,8 +164,8 @@ fn moe_step(label: &str, variant: &str) -> (Box<dyn FnMut()>, f64) {
 fn paired(args: &[String]) {
     let samples: usize = arg_value(args, "--samples").map_or(50, |s| s.parse().unwrap());
     let shapes: Vec<&str> = arg_value(args, "--shape").map_or(vec!["small", "medium"], |s| vec![s]);
-    let variants: Vec<&str> = arg_value(args, "--variant")
-        .map_or(vec!["fwd", "fwd_bwd", "static_fwd_bwd"], |v| vec![v]);
+    let variants: Vec<&str> =
+        arg_value(args, "--variant").map_or(vec!["fwd", "fwd_bwd", "static_fwd_bwd"], |v| vec![v]);
     println!(
         "paired: {samples} samples per row, fraction = worth·t_dense/t_moe per pair \
          (fwd worth 1, fwd+bwd 3)"

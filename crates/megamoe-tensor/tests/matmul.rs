@@ -302,6 +302,57 @@ fn matmul_family_same_bits_for_1_and_3_threads(dev: Device) {
     assert!(same_bits(&one.3, &three.3), "bmm");
 }
 
+/// The CPU grouped `x · W_gᵀ` runs gemm on an explicitly transposed weight where that packs
+/// cheaper; it must give exactly the bits of the dense `matmul` on the stored layout, for
+/// shapes on both sides of gemm's special paths (tiny products, one row, k ≤ 2), ragged
+/// tile edges, and k past one reduction block (k > 512), overwriting and accumulating.
+#[test]
+fn grouped_matmul_same_bits_as_dense_matmul_per_group() {
+    let dev = Device::Cpu;
+    let cases: &[(&[usize], usize, usize)] = &[
+        (&[3, 0, 130, 1, 2], 5, 6),
+        (&[16, 17, 300], 16, 16),
+        (&[128, 64, 5, 1], 1024, 256),
+        (&[40, 9], 33, 700),
+        (&[70, 2, 3], 100, 2),
+        (&[257, 31], 7, 1030),
+        (&[1, 1, 600], 1, 3),
+    ];
+    for (seed, &(sizes, n, k)) in cases.iter().enumerate() {
+        let seed = 100 + 4 * seed as u64;
+        let r: usize = sizes.iter().sum();
+        let x = rand_on(dev, seed, &[r, k]);
+        let w = rand_on(dev, seed + 1, &[sizes.len(), n, k]);
+        let base = rand_on(dev, seed + 2, &[r, n]);
+        let y = host(&x.grouped_matmul(&groups(dev, sizes), &w, true).unwrap());
+        let mut acc = base.clone();
+        acc.grouped_matmul_acc(&x, &groups(dev, sizes), &w, true, 0.5)
+            .unwrap();
+        let acc = host(&acc);
+        let mut row = 0;
+        for (g, &s) in sizes.iter().enumerate() {
+            if s == 0 {
+                continue;
+            }
+            let xg = x.narrow(0, row, s).unwrap();
+            let wg = w.narrow(0, g, 1).unwrap().reshape([n, k]).unwrap();
+            let want = host(&xg.matmul(&wg, false, true).unwrap());
+            let rows = row * n..(row + s) * n;
+            assert!(
+                same_bits(&y[rows.clone()], &want),
+                "{sizes:?} n={n} k={k} group {g}"
+            );
+            let mut want_acc = base.narrow(0, row, s).unwrap();
+            want_acc.matmul_acc(&xg, &wg, false, true, 0.5).unwrap();
+            assert!(
+                same_bits(&acc[rows], &host(&want_acc)),
+                "acc {sizes:?} n={n} k={k} group {g}"
+            );
+            row += s;
+        }
+    }
+}
+
 /// `base + beta · product` in f64 (`beta_base` multiplies `base`; `None` means overwrite).
 fn plus_scaled(base: &[f32], beta_base: Option<f64>, prod: &[f64]) -> Vec<f64> {
     prod.iter()

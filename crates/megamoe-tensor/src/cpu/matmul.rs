@@ -246,12 +246,58 @@ pub(crate) fn grouped_into(
             data: &x[r0 * k..(r0 + len) * k],
             trans: false,
         };
-        let b = Operand {
-            data: &w[g * n * k..(g + 1) * n * k],
-            trans: trans_w,
-        };
-        gemm_into(c, len, n, k, a, b, beta, threads);
+        let w_g = &w[g * n * k..(g + 1) * n * k];
+        if trans_w && transpose_pays(len, n, k) {
+            // `x · W_gᵀ` with `W_gᵀ` written out first: gemm then packs it with contiguous
+            // copies instead of a strided gather (module `transpose`); same bits.
+            with_scratch(n * k, |wt| {
+                super::transpose::transpose(w_g, n, k, wt);
+                let b = Operand {
+                    data: wt,
+                    trans: false,
+                };
+                gemm_into(c, len, n, k, a, b, beta, threads);
+            });
+        } else {
+            let b = Operand {
+                data: w_g,
+                trans: trans_w,
+            };
+            gemm_into(c, len, n, k, a, b, beta, threads);
+        }
     });
+}
+
+/// Whether `[m, k] · W[n, k]ᵀ` should run on an explicit `Wᵀ` (see `grouped_into`).
+///
+/// The result bits do not change: gemm computes every output element as the same fused
+/// multiply-add chain over k (its k-blocking depends on k alone) whatever the operand
+/// strides, EXCEPT on its special paths chosen by strides and size: the horizontal
+/// kernels (`m·n ≤ 256` with both operands contiguous along k), the vector kernels (`m` or
+/// `n` = 1) and `k ≤ 2`. Those shapes keep the stored layout (they are too small for the
+/// packing to matter). `grouped_matmul_same_bits_as_dense_matmul_per_group` (tests/
+/// matmul.rs) pins this down against `matmul` on the stored layout.
+fn transpose_pays(m: usize, n: usize, k: usize) -> bool {
+    m > 1 && n > 1 && k > 2 && m * n > 256
+}
+
+thread_local! {
+    /// Per-thread scratch for transposed weights (grown to the largest weight seen, never
+    /// shrunk, so steady-state calls neither allocate nor page-fault).
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch slice of `len` elements (contents unspecified). The buffer is
+/// taken out of the thread-local while `f` runs, so a nested call (gemm's rayon threads
+/// may run other tasks while waiting) just allocates its own.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| s.set(buf));
+    out
 }
 
 /// In place `out[g] ← beta·out[g] + dy_gᵀ · x_g` over `out [G, n, k]` for the row spans

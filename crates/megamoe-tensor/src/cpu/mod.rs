@@ -28,6 +28,7 @@ pub(crate) mod rope;
 pub(crate) mod routing;
 pub(crate) mod softmax;
 pub(crate) mod topk;
+pub(crate) mod transpose;
 // New families: append `pub(crate) mod <family>;` here.
 
 /// Elements per parallel task of elementwise kernels. Large enough that task overhead
