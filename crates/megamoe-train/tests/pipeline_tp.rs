@@ -35,8 +35,8 @@ fn pipeline_with_tp_matches_one_rank_with_muon() {
 }
 
 /// pp × tp × sp: the p2p payloads are the tp ranks' sequence shards; the zero-bubble
-/// schedule runs the final norm's gradient sum in its deferred weight pass. Every rank's
-/// curve against one rank's.
+/// schedule runs the final norm's gradient sum in its deferred weight pass; also with
+/// fsdp 3 inside the stages. Every rank's curve against one rank's.
 #[test]
 fn pipeline_with_tp_and_sequence_parallel_matches_one_rank() {
     let meshes = [
@@ -44,6 +44,8 @@ fn pipeline_with_tp_and_sequence_parallel_matches_one_rank() {
         Mesh::pp(2, 1, 1, "zb-h1", 0).with_tp(2),
         Mesh::pp(2, 1, 1, "dualpipev", 0).with_tp(2),
         Mesh::pp(2, 2, 1, "1f1b", 0).with_tp(2),
+        // with ZeRO-3 inside the stages: rows of each TP slice gathered per block
+        Mesh::pp(2, 2, 1, "zb-h1", 3).with_tp(2),
     ];
     for optim in ["adamw", "muon"] {
         let want = pipeline_one_rank(optim);
