@@ -160,7 +160,8 @@ fn moe_step(label: &str, variant: &str) -> (Box<dyn FnMut()>, f64) {
 
 /// Paired mode (see the crate docs): per (shape, variant), `samples` pairs of one dense
 /// GEMM then one MoE step; prints the median, quartiles and extremes of the per-pair
-/// fraction `worth · t_dense / t_moe` and the median times.
+/// fraction `worth · t_dense / t_moe`, the median times and the fraction of the fastest
+/// samples.
 fn paired(args: &[String]) {
     let samples: usize = arg_value(args, "--samples").map_or(50, |s| s.parse().unwrap());
     let shapes: Vec<&str> = arg_value(args, "--shape").map_or(vec!["small", "medium"], |s| vec![s]);
@@ -171,8 +172,8 @@ fn paired(args: &[String]) {
          (fwd worth 1, fwd+bwd 3)"
     );
     println!(
-        "{:<7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>11}",
-        "shape", "variant", "median", "p25", "p75", "min", "max", "dense ms", "moe ms"
+        "{:<7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>8} {:>11} {:>11} {:>9}",
+        "shape", "variant", "median", "p25", "p75", "min", "max", "dense ms", "moe ms", "of mins"
     );
     for label in &shapes {
         let (t, d, _, k, h) = shape(label);
@@ -193,8 +194,11 @@ fn paired(args: &[String]) {
                 td.push(d * 1e3);
                 tm.push(m * 1e3);
             }
+            // "of mins": worth · fastest dense / fastest MoE sample, the least disturbed
+            // of each on a loaded machine.
+            let of_mins = worth * quantile(&mut td, 0.0) / quantile(&mut tm, 0.0);
             println!(
-                "{:<7} {:<15} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>11.3} {:>11.3}",
+                "{:<7} {:<15} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>7.1}% {:>11.3} {:>11.3} {:>8.1}%",
                 label,
                 variant,
                 100.0 * quantile(&mut fr, 0.5),
@@ -204,6 +208,7 @@ fn paired(args: &[String]) {
                 100.0 * quantile(&mut fr, 1.0),
                 quantile(&mut td, 0.5),
                 quantile(&mut tm, 0.5),
+                100.0 * of_mins,
             );
         }
     }
