@@ -53,10 +53,16 @@ use crate::sha256::sha256_hex;
 mod config_diff;
 mod legacy;
 mod scan;
+mod sharded;
 pub use config_diff::{resume_config_changes, ConfigChange, RESUME_LAYOUT_KEYS, RESUME_SAFE_KEYS};
 pub use scan::{
     list_checkpoints, prune_checkpoints, resolve_checkpoint, retire_checkpoints_after, run_dir_of,
     scan_checkpoints, CheckpointScan, Resolved, Skipped,
+};
+pub(crate) use sharded::{assign_owners, write_index, write_shards};
+pub use sharded::{
+    shard_file_name, HeldPiece, IndexEntry, Piece, ShardIndex, ShardReader, Slab, TensorSet,
+    INDEX_FILE, INDEX_FORMAT_VERSION,
 };
 
 /// Version of the checkpoint layout written by this build.
@@ -240,8 +246,18 @@ pub fn save_checkpoint(
     validate_tensors(model)?;
     validate_tensors(optimizer)?;
     let step = state.step;
+    let tmp_dir = prepare_tmp_dir(checkpoints_dir, step)?;
+    if let Err(e) = write_checkpoint_files(&tmp_dir, state, model, optimizer) {
+        remove_tmp_dir(&tmp_dir);
+        return Err(e);
+    }
+    publish_checkpoint(checkpoints_dir, &tmp_dir, step)
+}
+
+/// Creates the empty `ckpt-<step>.tmp/` of a save under `checkpoints_dir` (created if
+/// needed), clearing the debris of an earlier save of that step that crashed.
+pub(crate) fn prepare_tmp_dir(checkpoints_dir: &Path, step: u64) -> Result<PathBuf> {
     let name = checkpoint_dir_name(step);
-    let final_dir = checkpoints_dir.join(&name);
     let tmp_dir = checkpoints_dir.join(format!("{name}.tmp"));
     if tmp_dir.exists() {
         // Debris of a save that crashed; never loaded, safe to clear.
@@ -250,14 +266,26 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io("create", &tmp_dir, e))?;
     failpoint::hit("checkpoint.tmp_created", step);
-    if let Err(e) = write_checkpoint_files(&tmp_dir, state, model, optimizer) {
-        // ENOSPC and friends: leave no half-written directory behind.
-        if let Err(rm) = std::fs::remove_dir_all(&tmp_dir) {
-            log::warn!("cannot remove {}: {rm}", tmp_dir.display());
-        }
-        return Err(e);
-    }
+    Ok(tmp_dir)
+}
 
+/// Removes the `.tmp` directory of a save that failed (ENOSPC and friends: leave no
+/// half-written directory behind).
+pub(crate) fn remove_tmp_dir(tmp_dir: &Path) {
+    if let Err(rm) = std::fs::remove_dir_all(tmp_dir) {
+        log::warn!("cannot remove {}: {rm}", tmp_dir.display());
+    }
+}
+
+/// Commits the complete `tmp_dir` of step `step` as `ckpt-<step>/` (the rename is the
+/// commit), replacing an older checkpoint of that step, and points `latest` at it.
+pub(crate) fn publish_checkpoint(
+    checkpoints_dir: &Path,
+    tmp_dir: &Path,
+    step: u64,
+) -> Result<PathBuf> {
+    let name = checkpoint_dir_name(step);
+    let final_dir = checkpoints_dir.join(&name);
     let replaced = checkpoints_dir.join(format!("{name}.replaced"));
     let replacing = final_dir.exists();
     if replacing {
@@ -268,7 +296,7 @@ pub fn save_checkpoint(
         std::fs::rename(&final_dir, &replaced).map_err(|e| Error::io("rename", &final_dir, e))?;
         failpoint::hit("checkpoint.old_moved", step);
     }
-    std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io("rename", &tmp_dir, e))?;
+    std::fs::rename(tmp_dir, &final_dir).map_err(|e| Error::io("rename", tmp_dir, e))?;
     sync_dir(checkpoints_dir)?;
     failpoint::hit("checkpoint.renamed", step);
     if replacing {
@@ -381,6 +409,9 @@ pub(crate) fn verify_checkpoint(dir: &Path) -> Result<BTreeMap<&'static str, Vec
 /// Loads and validates the checkpoint `path` refers to (see [`resolve_checkpoint`]).
 pub fn load_checkpoint(path: &Path, expected: &Expected<'_>) -> Result<Checkpoint> {
     let dir = resolve_checkpoint(path)?.dir;
+    if dir.join(INDEX_FILE).is_file() && !dir.join(MANIFEST_FILE).is_file() {
+        return load_sharded_whole(dir, expected);
+    }
     let mut files = verify_checkpoint(&dir)?;
     let state_path = dir.join(STATE_FILE);
     let state_bytes = files.remove(STATE_FILE).unwrap_or_default();
@@ -418,15 +449,127 @@ pub fn load_checkpoint(path: &Path, expected: &Expected<'_>) -> Result<Checkpoin
 }
 
 /// Reads the [`TrainState`] of checkpoint directory `dir` after verifying its
-/// manifest (no tensors are decoded).
+/// manifest or index (no tensors are decoded).
 pub fn read_checkpoint_state(dir: &Path) -> Result<TrainState> {
-    let files = verify_checkpoint(dir)?;
-    let state_file: StateFile = serde_json::from_slice(files.get(STATE_FILE).map_or(&[], |b| b))
-        .map_err(|e| Error::CheckpointMalformed {
-            path: dir.join(STATE_FILE),
+    verify_any(dir)?;
+    read_state_file(dir)
+}
+
+/// Whether `dir` is a committed checkpoint (one-rank `manifest.json` or sharded
+/// `index.json`; not verified).
+pub fn is_checkpoint_complete(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file() || dir.join(INDEX_FILE).is_file()
+}
+
+/// Verifies checkpoint directory `dir` in either layout: every file's length and
+/// SHA-256 against its manifest (one-rank) or index (sharded), streamed.
+pub(crate) fn verify_any(dir: &Path) -> Result<()> {
+    if dir.join(INDEX_FILE).is_file() && !dir.join(MANIFEST_FILE).is_file() {
+        return sharded::verify_sharded(dir).map(drop);
+    }
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let bytes = read_required(dir, MANIFEST_FILE)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| Error::CheckpointMalformed {
+            path: manifest_path.clone(),
             reason: e.to_string(),
         })?;
+    if manifest.format_version != CHECKPOINT_FORMAT_VERSION {
+        return Err(Error::CheckpointVersion {
+            path: manifest_path,
+            found: manifest.format_version,
+            supported: CHECKPOINT_FORMAT_VERSION,
+        });
+    }
+    if let Some(file) = CHECKPOINT_FILES
+        .iter()
+        .find(|f| !manifest.files.contains_key(**f))
+    {
+        return Err(Error::CheckpointMalformed {
+            path: manifest_path,
+            reason: format!("no length/sha256 recorded for {file}"),
+        });
+    }
+    for file in CHECKPOINT_FILES {
+        if !dir.join(file).is_file() {
+            return Err(Error::CheckpointFileMissing {
+                dir: dir.to_path_buf(),
+                file,
+            });
+        }
+    }
+    sharded::verify_files(dir, &manifest.files)
+}
+
+/// `state.json` of `dir` (not verified), its format version checked.
+fn read_state_file(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE_FILE);
+    let bytes = read_required(dir, STATE_FILE)?;
+    let state_file: StateFile =
+        serde_json::from_slice(&bytes).map_err(|e| Error::CheckpointMalformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    if state_file.format_version != CHECKPOINT_FORMAT_VERSION {
+        return Err(Error::CheckpointVersion {
+            path,
+            found: state_file.format_version,
+            supported: CHECKPOINT_FORMAT_VERSION,
+        });
+    }
     Ok(state_file.state)
+}
+
+/// Resolves `path` to a checkpoint directory of either layout, verifies it (streamed),
+/// and checks its config and its tensors' one-rank names and shapes against `expected`
+/// without reading any tensor. Returns the directory and its scalar state: what one rank
+/// of a distributed load does before every rank reads its pieces ([`ShardReader`]).
+pub fn check_checkpoint(path: &Path, expected: &Expected<'_>) -> Result<(PathBuf, TrainState)> {
+    let dir = resolve_checkpoint(path)?.dir;
+    verify_any(&dir)?;
+    let state = read_state_file(&dir)?;
+    if let Some(current) = expected.config_toml {
+        compare_config(&dir.join(STATE_FILE), &state.config_toml, current)?;
+    }
+    let reader = ShardReader::open(&dir)?;
+    let sharded = dir.join(INDEX_FILE).is_file() && !dir.join(MANIFEST_FILE).is_file();
+    let (model_path, optim_path) = if sharded {
+        (dir.join(INDEX_FILE), dir.join(INDEX_FILE))
+    } else {
+        (dir.join(MODEL_FILE), dir.join(OPTIMIZER_FILE))
+    };
+    if let Some(m) = expected.model {
+        sharded::check_specs(&model_path, &reader.index().model, m)?;
+    }
+    if let Some(o) = expected.optimizer {
+        sharded::check_specs(&optim_path, &reader.index().optimizer, o)?;
+    }
+    Ok((dir, state))
+}
+
+/// [`load_checkpoint`] of a sharded checkpoint: every tensor assembled whole from its
+/// pieces (what one rank, or a tool, needs).
+fn load_sharded_whole(dir: PathBuf, expected: &Expected<'_>) -> Result<Checkpoint> {
+    let (dir, state) = check_checkpoint(&dir, expected)?;
+    let reader = ShardReader::open(&dir)?;
+    let read = |set: TensorSet, specs: Option<&[TensorSpec]>| -> Result<Vec<NamedTensor>> {
+        let names: Vec<String> = match specs {
+            Some(specs) => specs.iter().map(|s| s.name.clone()).collect(),
+            None => match set {
+                TensorSet::Model => reader.index().model.keys().cloned().collect(),
+                TensorSet::Optimizer => reader.index().optimizer.keys().cloned().collect(),
+            },
+        };
+        names.iter().map(|n| reader.read_whole(set, n)).collect()
+    };
+    let model = read(TensorSet::Model, expected.model)?;
+    let optimizer = read(TensorSet::Optimizer, expected.optimizer)?;
+    Ok(Checkpoint {
+        dir,
+        state,
+        model,
+        optimizer,
+    })
 }
 
 fn validate_tensors(tensors: &[NamedTensor]) -> Result<()> {

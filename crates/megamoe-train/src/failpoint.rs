@@ -19,11 +19,23 @@ pub const POINTS: &[&str] = &[
     "checkpoint.optimizer_written",
     "checkpoint.state_written",
     "checkpoint.manifest_written",
+    "checkpoint.shard_written",
+    "checkpoint.index_written",
     "checkpoint.old_moved",
     "checkpoint.renamed",
     "checkpoint.latest_written",
     "file.partial_written",
     "metrics.step_written",
+];
+
+/// The failpoints only a sharded save (a distributed run's) passes.
+pub const SHARDED_ONLY: &[&str] = &["checkpoint.shard_written", "checkpoint.index_written"];
+
+/// The failpoints only a one-rank save passes.
+pub const ONE_RANK_ONLY: &[&str] = &[
+    "checkpoint.model_written",
+    "checkpoint.optimizer_written",
+    "checkpoint.manifest_written",
 ];
 
 fn armed() -> Option<&'static (String, Option<u64>)> {

@@ -357,13 +357,11 @@ pub fn run_training(
         summary.sample = Some(s);
     }
     let final_dir = checkpoints.join(crate::checkpoint::checkpoint_dir_name(step));
-    summary.checkpoint = Some(
-        if final_dir.join(crate::checkpoint::MANIFEST_FILE).is_file() {
-            final_dir
-        } else {
-            trainer.save_checkpoint(&checkpoints)?
-        },
-    );
+    summary.checkpoint = Some(if crate::checkpoint::is_checkpoint_complete(&final_dir) {
+        final_dir
+    } else {
+        trainer.save_checkpoint(&checkpoints)?
+    });
     progress.finish();
     summary.goodput = trainer.goodput();
     writer.write(&MetricsRecord::Goodput(GoodputRecord {

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{checkpoint_dir_name, verify_checkpoint, CHECKPOINTS_DIR, MANIFEST_FILE, STATE_FILE};
+use super::{
+    checkpoint_dir_name, verify_any, CHECKPOINTS_DIR, INDEX_FILE, MANIFEST_FILE, STATE_FILE,
+};
 use crate::error::{Error, Result};
 
 /// A checkpoint directory a scan passed over, and why.
@@ -96,7 +98,7 @@ pub fn scan_checkpoints(checkpoints_dir: &Path) -> Result<CheckpointScan> {
         ..Default::default()
     };
     for (step, dir) in steps.into_iter().rev() {
-        match verify_checkpoint(&dir) {
+        match verify_any(&dir) {
             Ok(_) => {
                 scan.newest = Some((step, dir));
                 break;
@@ -120,7 +122,9 @@ fn checkpoints_dir_of(path: &Path) -> PathBuf {
 
 /// True if `path` is one checkpoint directory (holds a manifest or a state.json).
 fn is_checkpoint_dir(path: &Path) -> bool {
-    path.join(MANIFEST_FILE).is_file() || path.join(STATE_FILE).is_file()
+    path.join(MANIFEST_FILE).is_file()
+        || path.join(INDEX_FILE).is_file()
+        || path.join(STATE_FILE).is_file()
 }
 
 /// The run directory of a `--resume` path: `<run>` for `<run>`,
@@ -170,18 +174,20 @@ pub fn resolve_checkpoint(path: &Path) -> Result<Resolved> {
         None if !scan.failed.is_empty() => Err(scan.failed.swap_remove(0).1),
         None => Err(Error::CheckpointMissing {
             path: path.to_path_buf(),
-            reason: format!("no complete checkpoint (ckpt-<step>/ with {MANIFEST_FILE}) in it"),
+            reason: format!(
+                "no complete checkpoint (ckpt-<step>/ with {MANIFEST_FILE} or {INDEX_FILE}) in it"
+            ),
         }),
     }
 }
 
 /// Step numbers of the committed checkpoints under `checkpoints_dir` (directories
-/// `ckpt-<step>` holding a manifest; not verified), ascending.
+/// `ckpt-<step>` holding a manifest or an index; not verified), ascending.
 pub fn list_checkpoints(checkpoints_dir: &Path) -> Result<Vec<u64>> {
     let (steps, _) = entries(checkpoints_dir)?;
     Ok(steps
         .into_iter()
-        .filter(|(_, dir)| dir.join(MANIFEST_FILE).is_file())
+        .filter(|(_, dir)| super::is_checkpoint_complete(dir))
         .map(|(s, _)| s)
         .collect())
 }
