@@ -102,12 +102,13 @@ built-in synthetic multi-domain corpus, a couple of minutes on 2 CPU cores.
 
 The run directory gets config.toml, run.json, metrics.jsonl (one JSON record
 per step, eval, sample and goodput total), checkpoints/ (ckpt-<step>/ with
-model.safetensors, optimizer.safetensors, state.json and manifest.json, plus
-`latest`) and summary.txt. `megamoe report DIR` renders plots from it.
+model.safetensors, optimizer.safetensors, state.json and manifest.json; from a
+run of several ranks, each rank's model-r<rank> / optim-r<rank>.safetensors
+shards, state.json and index.json; plus `latest`) and summary.txt. `megamoe report DIR` renders plots from it.
 
 One process at a time writes a run directory (it holds DIR/lock); a second
 one exits 2 naming the first one's pid. `--resume DIR` continues from the
-newest checkpoint whose manifest verifies (whatever `latest` says; directories
+newest checkpoint whose manifest (or index) verifies (whatever `latest` says; directories
 passed over are reported), or from step 0 if the run was stopped before its
 first checkpoint; metrics.jsonl is cut back to that step, so each step has one
 record. A checkpoint is never written from non-finite weights.

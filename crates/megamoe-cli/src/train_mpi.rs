@@ -4,14 +4,15 @@
 //! `WORLD_SIZE` / `LOCAL_RANK`) say the process is one of N > 1. Each process is then one
 //! rank of the same [`Trainer::new_rank`] path thread ranks take, over an MPI
 //! communicator: rank 0 writes the run directory, logs, metrics and summary exactly as
-//! `--world N` does, the other ranks compute their share and write nothing. The summary
-//! ends with the layout and each rank's time. A failed rank tells the others (they stop
+//! `--world N` does, the other ranks compute their share and write only their
+//! checkpoint shards (into the directory rank 0 names: a file system every rank sees).
+//! The summary ends with the layout and each rank's time. A failed rank tells the others (they stop
 //! with an error naming it) and every process exits non-zero.
 //!
 //! `--resume DIR` works as under `--world N`: every rank reads which checkpoint to
 //! continue and its config (so DIR must be readable by every rank: a shared file system
-//! across hosts), rank 0 alone locks the run directory, reads the checkpoint's tensors and
-//! sends each rank its shard (collective [`Trainer::load_checkpoint`]), and records the
+//! across hosts), rank 0 alone locks the run directory and verifies the checkpoint, every
+//! rank reads its own shard (collective [`Trainer::load_checkpoint`]), and rank 0 records the
 //! resume (later checkpoints retired, metrics cut back, config changes logged). The
 //! checkpoint may come from any layout.
 //!
@@ -279,7 +280,7 @@ mod mpi_rank {
         };
         if comm.rank() != 0 {
             let mut trainer = Trainer::new_rank(raw, data, options, comm)?;
-            // Collective: rank 0 reads the checkpoint, every rank takes its shard.
+            // Collective: rank 0 verifies the checkpoint, every rank reads its shard.
             if let Some(dir) = checkpoint {
                 trainer.load_checkpoint(dir)?;
             }

@@ -1,9 +1,9 @@
 //! `megamoe train --world N`: one training run over N thread ranks of this process, laid
 //! out by `parallel.pp` × `parallel.dp` × `parallel.ep`. Rank 0 writes the run directory (metrics,
-//! checkpoints in the one-rank layout, summary) exactly as a one-rank run does; the other
-//! ranks compute their share and join every collective. `--resume` loads the one-rank
-//! checkpoint on rank 0 and gives every rank its shard (experts, FSDP rows, pipeline
-//! stages), so a run continues under any layout. A failed rank stops every other one with an error
+//! summary) as a one-rank run does; checkpoints are sharded (every rank writes its pieces,
+//! rank 0 the index); the other ranks compute their share and join every collective.
+//! `--resume` verifies the checkpoint on rank 0 and every rank reads its shard (experts,
+//! FSDP rows, TP slices, pipeline stages), so a run continues under any layout. A failed rank stops every other one with an error
 //! naming it; the command then exits 2 listing each rank's message.
 
 use std::path::{Path, PathBuf};
@@ -95,7 +95,7 @@ pub fn run(
     let diverged = AtomicBool::new(false);
     let outcome = run_thread_ranks(world, |comm| {
         let mut trainer = Trainer::new_rank(raw, data.clone(), options, comm)?;
-        // Collective: rank 0 reads the checkpoint, every rank takes its shard.
+        // Collective: rank 0 verifies the checkpoint, every rank reads its shard.
         if let Some(dir) = origin.as_ref().and_then(|o| o.dir.as_ref()) {
             trainer.load_checkpoint(dir)?;
         }

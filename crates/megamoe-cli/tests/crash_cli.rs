@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use megamoe_train::failpoint::{FAILPOINT_ENV, POINTS};
+use megamoe_train::failpoint::{FAILPOINT_ENV, ONE_RANK_ONLY, POINTS, SHARDED_ONLY};
 
 /// 2 layers (layer 1 MoE, 4 experts top-2), 4 sequences of 32 tokens per step, a
 /// checkpoint every 2 steps.
@@ -97,7 +97,9 @@ fn a_kill_at_every_commit_point_then_resume_repeats_the_uninterrupted_run() {
 
     // `checkpoint.old_moved` is only passed when a save replaces a checkpoint of the
     // same step, which a resume never leaves to do (tests/checkpoint.rs covers it).
-    let points = POINTS.iter().filter(|p| **p != "checkpoint.old_moved");
+    let points = POINTS
+        .iter()
+        .filter(|p| **p != "checkpoint.old_moved" && !SHARDED_ONLY.contains(p));
     for (i, point) in points.enumerate() {
         let run = format!("k{i}");
         let label = format!("{point}@4");
@@ -118,6 +120,86 @@ fn a_kill_at_every_commit_point_then_resume_repeats_the_uninterrupted_run() {
         assert!(resumed.status.success(), "{label}: {}", stderr(&resumed));
         assert_same_run(&dir.join(&run), &want, &label);
         // Nothing of the interrupted save is left behind.
+        let left: Vec<String> = std::fs::read_dir(dir.join(&run).join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains('.'))
+            .collect();
+        assert!(left.is_empty(), "{label}: {left:?}");
+    }
+    cleanup(&dir);
+}
+
+/// The sharded save of `--world 2` with expert parallelism (each rank writes its experts,
+/// rank 0 the index): a kill at each of its commit points (`@4`: after some shards, before
+/// or after the index, ...) leaves no checkpoint of step 4 that resume would take unless
+/// it was committed; `--resume` continues from the newest committed one with the losses
+/// of the uninterrupted `--world 2` run, bit for bit.
+#[test]
+fn a_kill_at_every_sharded_commit_point_then_resume_repeats_the_uninterrupted_world_run() {
+    let dir = scratch("kill-world");
+    let layout = ["--world", "2", "--set", "parallel.ep=2"];
+    let straight = megamoe(
+        &dir,
+        &[&TRAIN[..], &layout[..], &["--run-dir", "straight"]].concat(),
+    );
+    assert!(straight.status.success(), "{}", stderr(&straight));
+    let want = steps(&dir.join("straight"));
+    let ckpt4 = dir.join("straight/checkpoints/ckpt-00000004");
+    assert!(
+        ckpt4.join("index.json").is_file(),
+        "a world run writes shards"
+    );
+    assert!(!ckpt4.join("model.safetensors").exists());
+
+    let points = POINTS.iter().filter(|p| {
+        **p != "checkpoint.old_moved" && **p != "metrics.step_written" && !ONE_RANK_ONLY.contains(p)
+    });
+    for (i, point) in points.enumerate() {
+        let run = format!("w{i}");
+        let label = format!("{point}@4");
+        let killed = command(
+            &dir,
+            &[&TRAIN[..], &layout[..], &["--run-dir", &run]].concat(),
+        )
+        .env(FAILPOINT_ENV, &label)
+        .output()
+        .unwrap();
+        assert!(
+            !killed.status.success(),
+            "{label}: the failpoint did not fire"
+        );
+        assert!(
+            stderr(&killed).contains("aborting at"),
+            "{label}: {}",
+            stderr(&killed)
+        );
+        // Before the commit (the rename) step 4 is not a checkpoint: resume takes step 2.
+        let committed = dir.join(&run).join("checkpoints/ckpt-00000004").is_dir();
+        let before_commit = [
+            "checkpoint.tmp_created",
+            "checkpoint.shard_written",
+            "checkpoint.state_written",
+            "checkpoint.index_written",
+            "file.partial_written",
+        ];
+        if before_commit.contains(point) {
+            assert!(!committed, "{label}: a checkpoint of step 4 is visible");
+        }
+        let resumed = megamoe(
+            &dir,
+            &[&["train", "--resume", &run][..], &layout[..]].concat(),
+        );
+        assert!(resumed.status.success(), "{label}: {}", stderr(&resumed));
+        if !committed {
+            // The killed run logged steps 3 and 4: they are re-run from step 2.
+            assert!(
+                stderr(&resumed).contains("records after step 2"),
+                "{label}: {}",
+                stderr(&resumed)
+            );
+        }
+        assert_same_run(&dir.join(&run), &want, &label);
         let left: Vec<String> = std::fs::read_dir(dir.join(&run).join("checkpoints"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

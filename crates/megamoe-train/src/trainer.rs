@@ -529,10 +529,32 @@ impl Trainer {
     /// optimizer value is NaN or infinite.
     pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
         let started = Instant::now();
-        // Distributed: shards and pipeline stages gathered into the one-rank layout
-        // (collective).
-        let (model, optimizer) = self.checkpoint_tensors()?;
+        if self.parallel.is_some() {
+            // Distributed: every rank writes its pieces, this rank the index (collective,
+            // module `distributed::checkpoint`).
+            let state = self.checkpoint_state(started);
+            let dir = self.save_shards(Some((checkpoints_dir, &state)))?;
+            self.goodput
+                .record(TimeCategory::Checkpoint, started.elapsed());
+            return dir.ok_or_else(|| Error::TrainConfig {
+                field: "checkpoint",
+                value: checkpoints_dir.display().to_string(),
+                rule: "only rank 0 of a distributed run writes the index".into(),
+            });
+        }
+        let model = self.model_tensors()?;
+        let optimizer = self.optimizer_tensors()?;
         check_finite(self.step, model.iter().chain(&optimizer))?;
+        let state = self.checkpoint_state(started);
+        let dir = save_checkpoint(checkpoints_dir, &state, &model, &optimizer)?;
+        self.goodput
+            .record(TimeCategory::Checkpoint, started.elapsed());
+        Ok(dir)
+    }
+
+    /// The scalar state a checkpoint of the current step stores (`started`: when the
+    /// save began, booked into its goodput totals).
+    fn checkpoint_state(&self, started: Instant) -> TrainState {
         let mut extra = BTreeMap::new();
         extra.insert(
             EXTRA_NONFINITE_STREAK.to_string(),
@@ -541,7 +563,7 @@ impl Trainer {
         // Book the save before taking the totals it stores, so a resumed run counts it.
         let mut goodput = self.goodput.totals();
         goodput.checkpoint_s += started.elapsed().as_secs_f64();
-        let state = TrainState {
+        TrainState {
             step: self.step,
             rng: vec![self.sample_rng],
             optimizer_steps: match &self.pipeline {
@@ -552,11 +574,7 @@ impl Trainer {
             config_toml: self.config_toml.clone(),
             goodput,
             extra,
-        };
-        let dir = save_checkpoint(checkpoints_dir, &state, &model, &optimizer)?;
-        self.goodput
-            .record(TimeCategory::Checkpoint, started.elapsed());
-        Ok(dir)
+        }
     }
 
     /// Replaces parameters, buffers, optimizer state, step, data position and goodput
@@ -713,7 +731,10 @@ fn move_params(params: &mut ModelParams, device: Device) -> Result<()> {
 }
 
 /// The first non-finite value of `tensors`, as [`Error::NonFiniteParameters`].
-fn check_finite<'a>(step: u64, tensors: impl IntoIterator<Item = &'a NamedTensor>) -> Result<()> {
+pub(crate) fn check_finite<'a>(
+    step: u64,
+    tensors: impl IntoIterator<Item = &'a NamedTensor>,
+) -> Result<()> {
     for t in tensors {
         if let Some(index) = t.data.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFiniteParameters {

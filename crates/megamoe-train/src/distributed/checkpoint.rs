@@ -1,111 +1,263 @@
-//! Checkpoints of a distributed run in the one-rank layout: replicated tensors are taken
-//! as they are, sharded optimizer state (`parallel.fsdp` 1/2) is all-gathered over its
-//! sharding group, and expert banks and their optimizer state (sharded over E by expert
-//! parallelism) are all-gathered over the EP group in rank order, which is expert order;
-//! tensor-parallel slices are all-gathered over the TP group along their split dimension.
-//! Rank 0 writes the result; the files are those a one-rank run of the same model writes.
+//! Checkpoints of a distributed run, sharded: every rank writes the pieces it owns, rank
+//! 0 writes the index (format and commit: module `checkpoint::sharded`).
 //!
-//! Loading is the reverse ([`Trainer::load_checkpoint`] on every rank, collectively):
-//! rank 0 reads and verifies the one-rank checkpoint against the one-rank shapes, then
-//! broadcasts its scalar state (as JSON) and every tensor; each rank keeps its shard:
-//! its experts (rows `ep_rank·E/ep ..` of each bank and of its optimizer state), its
-//! `parallel.fsdp` rows of the optimizer state (the FSDP2 `chunk` rule over the
-//! parameter's data-parallel group; under `parallel.fsdp = 3` its rows of the parameters
-//! too, which become the rows the optimizer updates and the blocks gather). Pipeline
-//! ranks, which hold only their stages, save and load through module
-//! `pipeline_checkpoint`. A checkpoint written under any layout therefore resumes under
-//! any other (resharding is a slice of exact copies).
+//! A rank's pieces are boxes of the one-rank tensors: an expert rank's experts (rows
+//! `ep_rank·E/ep ..` of each bank and of its optimizer state), a tensor-parallel rank's
+//! slice along the split dimension, its `parallel.fsdp` rows (the FSDP2 `chunk` rule over
+//! the parameter's data-parallel group, within its slice) of the optimizer state and,
+//! under `parallel.fsdp = 3`, of the parameters. Replicated tensors are pieces every
+//! holder describes; the lowest world rank holding a box writes it.
+//!
+//! Save ([`Trainer::save_checkpoint`] on rank 0, [`Trainer::join_checkpoint`] on the
+//! others, at the same step):
+//! ```text
+//! rank 0        creates ckpt-<step>.tmp/ and broadcasts its path
+//! every rank    sends rank 0 the list of its pieces (names, one-rank shapes, boxes)
+//! rank 0        picks each box's writer (lowest rank), checks the boxes tile every
+//!               tensor, and tells every rank which of its pieces it writes
+//! every rank    writes model-rNNNNN / optim-rNNNNN.safetensors, fsyncs, sends rank 0
+//!               their lengths and SHA-256
+//! rank 0        writes state.json, then index.json, renames the directory (commit)
+//! ```
+//! No tensor travels between ranks: rank 0 holds its own pieces and the index.
+//!
+//! Load ([`Trainer::load_checkpoint`] on every rank, collectively): rank 0 verifies the
+//! checkpoint (sharded or one-rank; every file's SHA-256, streamed) and its config and
+//! one-rank tensor shapes, and broadcasts its directory and scalar state; then every
+//! rank reads the box of each tensor it holds from the pieces overlapping it. Pipeline
+//! ranks ([`PipelineRank`](super::PipelineRank)) hold only their stages and read only
+//! those. A checkpoint written under any layout therefore loads under any other
+//! (resharding is a copy of exact values).
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use megamoe_comm::Communicator;
+use megamoe_model::tp::tp_split_dim;
 use megamoe_optim::ParamRole;
 use megamoe_plan::chunk;
-use megamoe_tensor::{Device, Tensor};
+use megamoe_tensor::Tensor;
 
-use super::pipeline_tensors::{broadcast_bytes, param_of};
+use super::pipeline_tensors::{broadcast_bytes, param_of, recv_bytes, send_bytes};
 use crate::checkpoint::{
-    load_checkpoint, Checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
+    assign_owners, check_checkpoint, prepare_tmp_dir, publish_checkpoint, remove_tmp_dir,
+    write_index, write_shards, Checkpoint, Expected, FileDigest, HeldPiece, NamedTensor,
+    ShardReader, Slab, TensorSet, TensorSpec, TrainState,
 };
 use crate::error::{Error, Result};
 use crate::trainer::Trainer;
 
-impl Trainer {
-    /// Model and optimizer tensors of a checkpoint, in the one-rank layout. Collective
-    /// under expert parallelism: every rank calls it at the same points (rank 0 from
-    /// [`Trainer::save_checkpoint`], the others from [`Trainer::join_checkpoint`]).
-    pub(crate) fn checkpoint_tensors(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
-        if let (Some(rank), Some(par)) = (self.pipeline.as_ref(), self.parallel.as_ref()) {
-            // Gathered from the stages on rank 0; the other ranks' part ends here.
-            let got = rank.gather_checkpoint(&par.pipeline_groups(), par.ep.as_ref())?;
-            return Ok(got.unwrap_or_default());
-        }
-        let mut model = self.model_tensors()?;
-        let mut optimizer = self.optimizer_tensors()?;
-        let Some(par) = self
-            .parallel
-            .as_ref()
-            .filter(|p| p.mesh.ep > 1 || p.mesh.tp > 1 || p.is_sharded())
-        else {
-            return Ok((model, optimizer));
-        };
-        let mut experts = HashSet::new();
-        let mut index = HashMap::new();
-        self.params.visit(&mut |name, t, role| {
-            if role == ParamRole::ExpertBank {
-                experts.insert(name.to_string());
+/// Tag of the messages of a sharded save.
+const SAVE_TAG: u32 = 10;
+
+/// The pieces one rank holds and, when saving, their values (same order).
+#[derive(Debug, Default)]
+pub(crate) struct HeldTensors {
+    pub(crate) pieces: Vec<HeldPiece>,
+    pub(crate) values: Vec<NamedTensor>,
+}
+
+impl HeldTensors {
+    /// Adds piece `slab` of tensor `name` (one-rank shape `global`), copying `t` to the
+    /// host when `values` is set. `t` must have the piece's shape.
+    pub(crate) fn push(
+        &mut self,
+        set: TensorSet,
+        name: &str,
+        global: Vec<usize>,
+        slab: Slab,
+        t: Option<&Tensor>,
+    ) -> Result<()> {
+        if let Some(t) = t {
+            if t.dims() != slab.shape.as_slice() {
+                return Err(shard_error(
+                    name,
+                    &format!(
+                        "this rank holds {:?}, but its piece {:?} of {global:?} is {:?}",
+                        t.dims(),
+                        slab.offset,
+                        slab.shape
+                    ),
+                ));
             }
-            let full = par.full_rows(index.len()).unwrap_or(t.dims()[0]);
-            index.insert(name.to_string(), (index.len(), full));
+            self.values.push(NamedTensor::from_tensor(name, t)?);
+        }
+        self.pieces.push(HeldPiece {
+            set,
+            name: name.to_string(),
+            global,
+            slab,
         });
-        // Sharded optimizer state: this rank's rows (of its TP slice) gathered over the
-        // sharding group.
-        for t in optimizer.iter_mut() {
-            let Some(&(i, rows)) = index.get(param_of(&t.name)) else {
-                continue;
-            };
-            if par.is_sharded() {
-                let full = par.gather_rows(i, &t.to_tensor(Device::Cpu)?, rows)?;
-                *t = NamedTensor::from_tensor(t.name.clone(), &full)?;
-            }
-        }
-        // Tensor-parallel slices (whole after the row gathers): gathered over the TP group.
-        par.gather_tp_slices(&mut model, param_of)?;
-        par.gather_tp_slices(&mut optimizer, param_of)?;
-        if par.mesh.ep == 1 {
-            return Ok((model, optimizer));
-        }
-        for t in model.iter_mut().chain(optimizer.iter_mut()) {
-            if experts.contains(param_of(&t.name)) {
-                let full = par.ep.all_gather(&t.to_tensor(Device::Cpu)?)?;
-                *t = NamedTensor::from_tensor(t.name.clone(), &full)?;
-            }
-        }
-        Ok((model, optimizer))
+        Ok(())
     }
 
-    /// A non-writing rank's part of a checkpoint save: the gathers of
-    /// [`Trainer::save_checkpoint`] on rank 0 (a pipeline stage's tensors, expert shards,
-    /// FSDP rows, TP slices; nothing to do without them).
-    pub fn join_checkpoint(&mut self) -> Result<()> {
-        if self.pipeline.is_some() {
-            self.checkpoint_tensors()?;
-            return Ok(());
-        }
-        if self
-            .parallel
-            .as_ref()
-            .is_some_and(|p| p.mesh.ep > 1 || p.mesh.tp > 1 || p.is_sharded())
-        {
-            self.checkpoint_tensors()?;
-        }
-        Ok(())
+    /// One-rank specs of the model and optimizer tensors held.
+    pub(crate) fn specs(&self) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
+        let of = |set| {
+            self.pieces
+                .iter()
+                .filter(|p| p.set == set)
+                .map(|p| TensorSpec {
+                    name: p.name.clone(),
+                    shape: p.global.clone(),
+                })
+                .collect()
+        };
+        (of(TensorSet::Model), of(TensorSet::Optimizer))
+    }
+
+    /// Every held piece read from `reader`, model then optimizer, in this rank's shapes.
+    pub(crate) fn read(
+        &self,
+        reader: &ShardReader,
+    ) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        let read = |set| -> Result<Vec<NamedTensor>> {
+            self.pieces
+                .iter()
+                .filter(|p| p.set == set)
+                .map(|p| {
+                    let data = reader.read(set, &p.name, &p.slab)?;
+                    Ok(NamedTensor::new(p.name.clone(), p.slab.shape.clone(), data))
+                })
+                .collect()
+        };
+        Ok((read(TensorSet::Model)?, read(TensorSet::Optimizer)?))
+    }
+}
+
+pub(crate) fn shard_error(name: &str, rule: &str) -> Error {
+    Error::TrainConfig {
+        field: "checkpoint shard",
+        value: name.to_string(),
+        rule: rule.to_string(),
     }
 }
 
 impl Trainer {
+    /// The pieces this (non-pipeline) rank holds: parameters, buffers and optimizer
+    /// state, with their values when `values` is set (see the module doc).
+    fn held_pieces(&self, values: bool) -> Result<HeldTensors> {
+        let Some(par) = self.parallel.as_ref() else {
+            return Err(shard_error(
+                "<rank>",
+                "only ranks of a distributed run hold pieces",
+            ));
+        };
+        let rows_only = par.holds_rows_only();
+        let (ep, ep_rank) = (par.mesh.ep, par.coords.ep);
+        let (tp, tp_rank) = (par.mesh.tp, par.coords.tp);
+        // Per parameter: one-rank shape, the box of the parameter, of its state.
+        let mut boxes: HashMap<String, (Vec<usize>, Slab, Slab)> = HashMap::new();
+        let mut index = 0;
+        self.params.visit(&mut |name, t, role| {
+            let expert = role == ParamRole::ExpertBank;
+            // This rank's slice / experts, all rows.
+            let mut local = t.dims().to_vec();
+            if rows_only {
+                if let Some(r) = local.first_mut() {
+                    *r = par.full_rows(index).unwrap_or(*r);
+                }
+            }
+            index += 1;
+            let mut global = local.clone();
+            if expert {
+                if let Some(r) = global.first_mut() {
+                    *r *= ep;
+                }
+            }
+            par.tp_full_dims(name, &mut global);
+            let mut slab = Slab::whole(&global);
+            if expert && ep > 1 && !local.is_empty() {
+                slab = slab.narrow(0, ep_rank * local[0], local[0]);
+            }
+            if let Some(d) = tp_split_dim(name).filter(|&d| tp > 1 && d < local.len()) {
+                slab = slab.narrow(d, tp_rank * local[d], local[d]);
+            }
+            let rows = |s: &Slab| match s.shape.first() {
+                Some(&n) => {
+                    let g: &dyn Communicator = if expert {
+                        par.expert_dp.as_ref()
+                    } else {
+                        par.dense_dp.as_ref()
+                    };
+                    let c = chunk(n, g.size(), g.rank());
+                    s.narrow(0, c.start, c.len)
+                }
+                None => s.clone(),
+            };
+            let state = if par.is_sharded() {
+                rows(&slab)
+            } else {
+                slab.clone()
+            };
+            let param = if rows_only { rows(&slab) } else { slab };
+            boxes.insert(name.to_string(), (global, param, state));
+        });
+        let mut held = HeldTensors::default();
+        let mut err = None;
+        let mut keep = |r: Result<()>| {
+            if let (Err(e), None) = (r, &err) {
+                err = Some(e);
+            }
+        };
+        self.params.visit(&mut |name, t, _| {
+            let (global, slab, _) = boxes[name].clone();
+            keep(held.push(TensorSet::Model, name, global, slab, values.then_some(t)));
+        });
+        self.params.visit_buffers(&mut |name, t| {
+            let whole = Slab::whole(t.dims());
+            keep(held.push(
+                TensorSet::Model,
+                name,
+                t.dims().to_vec(),
+                whole,
+                values.then_some(t),
+            ));
+        });
+        self.optimizer.visit_state(&mut |key, t| {
+            let (global, slab) = match boxes.get(param_of(key)) {
+                Some((g, _, s)) => (g.clone(), s.clone()),
+                None => (t.dims().to_vec(), Slab::whole(t.dims())),
+            };
+            keep(held.push(TensorSet::Optimizer, key, global, slab, values.then_some(t)));
+        });
+        err.map_or(Ok(held), Err)
+    }
+
+    /// This rank's part of a sharded checkpoint save; `writer` (rank 0 only) is the
+    /// checkpoints directory and the scalar state. Collective over the world. Returns
+    /// the checkpoint directory on rank 0.
+    pub(crate) fn save_shards(
+        &mut self,
+        writer: Option<(&Path, &TrainState)>,
+    ) -> Result<Option<PathBuf>> {
+        let held = match (self.pipeline.as_ref(), self.parallel.as_ref()) {
+            (Some(rank), Some(par)) => {
+                rank.held_pieces(&par.pipeline_groups(), (par.coords.ep, par.mesh.ep), true)?
+            }
+            _ => self.held_pieces(true)?,
+        };
+        crate::trainer::check_finite(self.step, &held.values)?;
+        let Some(par) = self.parallel.as_ref() else {
+            return Err(shard_error(
+                "<rank>",
+                "only ranks of a distributed run save shards",
+            ));
+        };
+        save_sharded(par.world(), writer, self.step, held)
+    }
+
+    /// A non-writing rank's part of a checkpoint save: writes the pieces it owns into
+    /// the directory rank 0's [`Trainer::save_checkpoint`] opens (collective; the
+    /// directory must be visible to every rank: one host, or a shared file system).
+    pub fn join_checkpoint(&mut self) -> Result<()> {
+        if self.parallel.is_some() {
+            self.save_shards(None)?;
+        }
+        Ok(())
+    }
+
     /// [`Trainer::load_checkpoint`] on a rank of a distributed run (see the module doc).
     /// Collective over the world; an error on rank 0 (a missing, corrupt or mismatched
     /// checkpoint) stops every rank.
@@ -117,99 +269,26 @@ impl Trainer {
         let Some(par) = self.parallel.as_ref() else {
             return self.load_checkpoint(path);
         };
-        let world = par.world();
-        let ep = par.mesh.ep;
-        let rows_only = par.holds_rows_only();
-        // One-rank shapes of every tensor this rank holds a shard of (under fsdp = 3 the
-        // parameters are rows: their full dim 0 first).
-        let mut experts = HashSet::new();
-        let mut full_dims: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut index = 0;
-        self.params.visit(&mut |name, t, role| {
-            let mut dims = t.dims().to_vec();
-            if rows_only {
-                dims[0] = par.full_rows(index).unwrap_or(dims[0]);
-            }
-            index += 1;
-            if role == ParamRole::ExpertBank {
-                experts.insert(name.to_string());
-                dims[0] *= ep;
-            }
-            par.tp_full_dims(name, &mut dims);
-            full_dims.insert(name.to_string(), dims);
-        });
-        let local_model = self.model_tensors()?;
-        let local_optim = self.optimizer_tensors()?;
-        let full_spec = |t: &NamedTensor| TensorSpec {
-            name: t.name.clone(),
-            shape: full_dims
-                .get(param_of(&t.name))
-                .cloned()
-                .unwrap_or_else(|| t.spec().shape),
-        };
-        let model_specs: Vec<TensorSpec> = local_model.iter().map(full_spec).collect();
-        let optim_specs: Vec<TensorSpec> = local_optim.iter().map(full_spec).collect();
-
-        // 1. Rank 0 reads the checkpoint; its scalar state reaches every rank.
-        let (read, state) =
-            read_on_rank_zero(world, path, &self.config_toml, &model_specs, &optim_specs)?;
-
-        // 2. Every tensor from rank 0, cut to this rank's shard.
-        let by_name = |list: &[NamedTensor]| -> HashMap<String, NamedTensor> {
-            list.iter().map(|t| (t.name.clone(), t.clone())).collect()
-        };
-        let (file_model, file_optim) = match &read {
-            Some(c) => (by_name(&c.model), by_name(&c.optimizer)),
-            None => (HashMap::new(), HashMap::new()),
-        };
-        let ep_rank = par.coords.ep;
-        let shard = |spec: &TensorSpec, file: &HashMap<String, NamedTensor>, optim: bool| {
-            let full = match file.get(&spec.name) {
-                Some(t) => t.to_tensor(Device::Cpu)?,
-                None => Tensor::zeros(spec.shape.clone(), megamoe_tensor::DType::F32, Device::Cpu)?,
-            };
-            let mut t = world.broadcast(&full, 0)?;
-            let param = param_of(&spec.name);
-            let expert = experts.contains(param);
-            if expert && ep > 1 {
-                let per = spec.shape[0] / ep;
-                t = t.narrow(0, ep_rank * per, per)?;
-            }
-            t = par.take_tp_slice(param, t)?;
-            // Optimizer state rows (fsdp >= 1); under fsdp = 3 the parameter rows too
-            // (copied, as at init: the optimizer updates them in place).
-            let param_rows = !optim && rows_only && full_dims.contains_key(param);
-            if (optim || param_rows) && par.is_sharded() {
-                let g: &dyn Communicator = if expert {
-                    par.expert_dp.as_ref()
-                } else {
-                    par.dense_dp.as_ref()
-                };
-                let rows = chunk(t.dims()[0], g.size(), g.rank());
-                t = t.narrow(0, rows.start, rows.len)?;
-                if param_rows {
-                    t = t.deep_copy()?;
-                }
-            }
-            NamedTensor::from_tensor(spec.name.clone(), &t)
-        };
-        let model = model_specs
-            .iter()
-            .map(|s| shard(s, &file_model, false))
-            .collect::<Result<Vec<_>>>()?;
-        let optimizer = optim_specs
-            .iter()
-            .map(|s| shard(s, &file_optim, true))
-            .collect::<Result<Vec<_>>>()?;
+        let held = self.held_pieces(false)?;
+        let (model_specs, optim_specs) = held.specs();
+        let (dir, state) = open_on_rank_zero(
+            par.world(),
+            path,
+            &self.config_toml,
+            &model_specs,
+            &optim_specs,
+        )?;
+        let reader = ShardReader::open(&dir)?;
+        let (model, optimizer) = held.read(&reader)?;
         let ckpt = Checkpoint {
-            dir: read.map_or_else(|| path.to_path_buf(), |c| c.dir),
+            dir,
             state,
             model,
             optimizer,
         };
         self.apply_checkpoint(&ckpt, started)?;
 
-        // 3. Derived shards: FSDP rows of the parameters.
+        // Derived shards: FSDP rows of the parameters.
         if let Some(par) = self.parallel.as_mut() {
             if par.holds_rows_only() {
                 par.adopt_rows(&self.params)?;
@@ -221,42 +300,128 @@ impl Trainer {
     }
 }
 
-/// Rank 0 reads and verifies the one-rank checkpoint `path` against `config_toml` and
-/// the one-rank tensor specs; its scalar state reaches every rank of `world` (the
-/// checkpoint itself stays on rank 0). Collective; an error on rank 0 stops every rank.
-pub(super) fn read_on_rank_zero(
+fn encode<T: serde::Serialize>(what: &'static str, x: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(x).map_err(|source| Error::Serialize { what, source })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| shard_error(what, &format!("must parse: {e}")))
+}
+
+/// The sharded save protocol (see the module doc) for the pieces `held` of this rank
+/// at step `step`; `writer` is rank 0's checkpoints directory and scalar state.
+/// Collective over `world`. On rank 0 a failure removes the `.tmp` directory.
+pub(crate) fn save_sharded(
+    world: &dyn Communicator,
+    writer: Option<(&Path, &TrainState)>,
+    step: u64,
+    held: HeldTensors,
+) -> Result<Option<PathBuf>> {
+    let rank = world.rank();
+    let writer = match (rank, writer) {
+        (0, None) => {
+            return Err(shard_error(
+                "rank 0",
+                "writes the index: it must call save_checkpoint, not join_checkpoint",
+            ))
+        }
+        (0, w) => w,
+        _ => None,
+    };
+    let tmp = match writer {
+        Some((dir, _)) => Some(prepare_tmp_dir(dir, step)?),
+        None => None,
+    };
+    let result = save_steps(world, writer, tmp.as_deref(), step, &held);
+    if let (Err(_), Some(tmp)) = (&result, &tmp) {
+        if tmp.exists() {
+            remove_tmp_dir(tmp);
+        }
+    }
+    result
+}
+
+fn save_steps(
+    world: &dyn Communicator,
+    writer: Option<(&Path, &TrainState)>,
+    tmp: Option<&Path>,
+    step: u64,
+    held: &HeldTensors,
+) -> Result<Option<PathBuf>> {
+    let (rank, size) = (world.rank(), world.size());
+    // 1. Where to write.
+    let path = tmp
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let got = broadcast_bytes(world, path.as_bytes(), 0)?;
+    let tmp_dir = PathBuf::from(String::from_utf8_lossy(&got).into_owned());
+    // 2. Who writes what.
+    let mut entries = None;
+    let owned: Vec<bool> = if rank == 0 {
+        let mut all = vec![held.pieces.clone()];
+        for r in 1..size {
+            all.push(decode("piece list", &recv_bytes(world, r, SAVE_TAG)?)?);
+        }
+        let (owners, model, optimizer) = assign_owners(&all)?;
+        for (r, o) in owners.iter().enumerate().skip(1) {
+            send_bytes(world, &encode("owner list", o)?, r, SAVE_TAG)?;
+        }
+        entries = Some((model, optimizer));
+        owners.into_iter().next().unwrap_or_default()
+    } else {
+        send_bytes(world, &encode("piece list", &held.pieces)?, 0, SAVE_TAG)?;
+        decode("owner list", &recv_bytes(world, 0, SAVE_TAG)?)?
+    };
+    if owned.len() != held.pieces.len() {
+        return Err(shard_error(
+            "owner list",
+            "must name every piece of this rank",
+        ));
+    }
+    // 3. The shard files, durable before rank 0 hears of them.
+    let digests = write_shards(&tmp_dir, rank, step, &held.pieces, &held.values, &owned)?;
+    let (Some((checkpoints_dir, state)), Some((model, optimizer))) = (writer, entries) else {
+        send_bytes(world, &encode("file digests", &digests)?, 0, SAVE_TAG)?;
+        world.barrier()?;
+        return Ok(None);
+    };
+    // 4. The index, then the commit.
+    let mut files: BTreeMap<String, FileDigest> = digests;
+    for r in 1..size {
+        let theirs: BTreeMap<String, FileDigest> =
+            decode("file digests", &recv_bytes(world, r, SAVE_TAG)?)?;
+        files.extend(theirs);
+    }
+    write_index(&tmp_dir, state, size, files, model, optimizer)?;
+    let dir = publish_checkpoint(checkpoints_dir, &tmp_dir, step)?;
+    world.barrier()?;
+    Ok(Some(dir))
+}
+
+/// Rank 0 resolves `path`, verifies the checkpoint and checks it against `config_toml`
+/// and the one-rank tensor specs; its directory and scalar state reach every rank of
+/// `world`. Collective; an error on rank 0 stops every rank.
+pub(super) fn open_on_rank_zero(
     world: &dyn Communicator,
     path: &Path,
     config_toml: &str,
     model: &[TensorSpec],
     optimizer: &[TensorSpec],
-) -> Result<(Option<Checkpoint>, TrainState)> {
-    let read = if world.rank() == 0 {
-        Some(load_checkpoint(
-            path,
-            &Expected {
-                config_toml: Some(config_toml),
-                model: Some(model),
-                optimizer: Some(optimizer),
-            },
-        )?)
+) -> Result<(PathBuf, TrainState)> {
+    let opened = if world.rank() == 0 {
+        let expected = Expected {
+            config_toml: Some(config_toml),
+            model: Some(model),
+            optimizer: Some(optimizer),
+        };
+        Some(check_checkpoint(path, &expected)?)
     } else {
         None
     };
-    let state_json = match &read {
-        Some(c) => serde_json::to_vec(&c.state).map_err(|e| Error::TrainConfig {
-            field: "checkpoint state",
-            value: path.display().to_string(),
-            rule: format!("must serialise for the other ranks: {e}"),
-        })?,
+    let json = match &opened {
+        Some(o) => encode("checkpoint state", o)?,
         None => Vec::new(),
     };
-    let state_json = broadcast_bytes(world, &state_json, 0)?;
-    let state: TrainState =
-        serde_json::from_slice(&state_json).map_err(|e| Error::TrainConfig {
-            field: "checkpoint state",
-            value: path.display().to_string(),
-            rule: format!("rank 0's broadcast must parse: {e}"),
-        })?;
-    Ok((read, state))
+    let got = broadcast_bytes(world, &json, 0)?;
+    decode("rank 0's checkpoint state", &got)
 }

@@ -221,19 +221,6 @@ impl Parallel {
         map_params(params, |i, t| Ok(gathered[i].narrow(0, 0, t.dims()[0])?))
     }
 
-    /// All-gathers a state tensor of parameter `index` (shaped like its rows) into the full
-    /// parameter's shape (checkpoints).
-    pub(crate) fn gather_rows(&self, index: usize, t: &Tensor, full_rows: usize) -> Result<Tensor> {
-        let Some(state) = self.sharded.as_ref() else {
-            return Ok(t.clone());
-        };
-        let (r, expert) = state.rows[index];
-        let all = self
-            .shard_group(expert)
-            .all_gather(&pad_rows(t, r.padded_len)?)?;
-        Ok(all.narrow(0, 0, full_rows)?)
-    }
-
     /// The full dim-0 rows of parameter `index` (visit order) when sharded.
     pub(crate) fn full_rows(&self, index: usize) -> Option<usize> {
         self.sharded.as_ref()?.full_rows.get(index).copied()

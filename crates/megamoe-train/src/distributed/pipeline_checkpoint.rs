@@ -1,50 +1,29 @@
-//! Checkpoints of pipeline ranks, in the one-rank layout, without a whole-model replica.
+//! Checkpoints of pipeline ranks, sharded (module `distributed::checkpoint`), without a
+//! whole-model replica.
 //!
-//! Save (collective over the world, at the same step on every rank):
-//! ```text
-//! owned tensors     each rank of the first data rank's pipelines (dp 0) takes the
-//!                   parameters, expert biases and optimizer state it owns (the lowest
-//!                   pipeline rank holding them); expert banks and their state are
-//!                   all-gathered over the stage's EP group (rank order = expert order)
-//! to rank 0         pipeline ranks 1.. of data rank (dp 0, ep 0) send theirs to pipeline
-//!                   rank 0 (world rank 0): a name/shape list, then the values
-//! one-rank layout   rank 0 orders them as one rank's model and optimizer and writes
-//! ```
-//! Load: rank 0 reads and verifies the checkpoint against the one-rank shapes of every
-//! stage's tensors ([`PipelineTensors`]), then sends each tensor only to the ranks whose
-//! stages hold it (every data / expert rank at those pipeline coordinates); each keeps
-//! it (its experts' rows of an expert bank), so no rank but the reader ever receives or
-//! holds more of the model than its stages.
+//! Save: every rank describes the pieces of its stages — the parameters, expert biases
+//! and optimizer state of its chunks (a tensor mirrored on two stages once per rank),
+//! its experts' rows of an expert bank, its TP slice of a split matrix; under
+//! `parallel.fsdp` 1/2/3 the optimizer state (and with 3 the parameters) is first
+//! all-gathered over the stage's data group into whole-parameter shapes. The lowest world rank holding a box writes it.
+//! Load: rank 0 verifies the checkpoint against the one-rank shapes of every stage's
+//! tensors ([`PipelineTensors`]); every rank then reads only the boxes of the tensors
+//! its stages hold, so no rank reads or holds more of the model than its stages.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
-use megamoe_comm::Communicator;
-use megamoe_model::ChunkParams;
+use megamoe_model::tp::tp_split_dim;
 use megamoe_optim::ParamRole;
-use megamoe_tensor::{DType, Device, Tensor};
+use megamoe_tensor::Tensor;
 
-use super::pipeline::{visit_distinct, PipelineRank};
-use super::pipeline_tensors::{
-    param_of, recv_bytes, send_bytes, visit_chunk_buffers, PipelineTensors,
-};
-use crate::checkpoint::{NamedTensor, TensorSpec};
+use super::checkpoint::{shard_error, HeldTensors};
+use super::pipeline::{visit_distinct, PipelineGroups, PipelineRank};
+use super::pipeline_tensors::{param_of, visit_chunk_buffers, PipelineTensors};
+use crate::checkpoint::{ShardReader, Slab, TensorSet, TensorSpec};
 use crate::error::{Error, Result};
 use crate::trainer::Trainer;
-
-/// Tag of checkpoint messages between pipeline ranks.
-const CHECKPOINT_TAG: u32 = 8;
-
-/// Tag of the tensors rank 0 sends to the ranks holding them when a checkpoint loads.
-const LOAD_TAG: u32 = 9;
-
-/// Bytes a checkpoint load sends before every rank synchronises (bounds what rank 0 has
-/// in flight).
-const LOAD_WINDOW: usize = 64 << 20;
-
-/// A checkpoint's model and optimizer tensors.
-type Tensors = (Vec<NamedTensor>, Vec<NamedTensor>);
 
 impl PipelineTensors {
     /// The one-rank checkpoint specs of the model (parameters, then buffers) and of the
@@ -90,135 +69,96 @@ impl PipelineTensors {
 }
 
 impl PipelineRank {
-    /// The parameters, buffers and optimizer state this rank owns, expert banks gathered
-    /// over `ep` (collective over it); `state` is the optimizer state in whole-parameter
-    /// shapes when the optimizer holds rows (`pipeline_fsdp`).
-    fn owned_tensors(
+    /// One-rank shapes of every tensor of the model (by name) and which set it is in.
+    fn one_rank_shapes(&self, ep: usize) -> HashMap<String, (TensorSet, Vec<usize>)> {
+        let (model, optimizer) = self.one_rank_specs(ep);
+        let tag = |set| move |s: TensorSpec| (s.name, (set, s.shape));
+        model
+            .into_iter()
+            .map(tag(TensorSet::Model))
+            .chain(optimizer.into_iter().map(tag(TensorSet::Optimizer)))
+            .collect()
+    }
+
+    /// The box this rank holds of tensor `name` of one-rank shape `global`: its experts'
+    /// rows of an expert bank (`ep` = (ep rank, ep)), its TP slice of a split matrix.
+    fn slab_of(&self, name: &str, global: &[usize], ep: (usize, usize), expert: bool) -> Slab {
+        let mut slab = Slab::whole(global);
+        if ep.1 > 1 && expert && !global.is_empty() {
+            let per = global[0] / ep.1;
+            slab = slab.narrow(0, ep.0 * per, per);
+        }
+        let tp = self.plan.parallel.tp.max(1);
+        if let Some(d) = tp_split_dim(param_of(name)).filter(|&d| tp > 1 && d < global.len()) {
+            let per = global[d] / tp;
+            slab = slab.narrow(d, self.coords.tp * per, per);
+        }
+        slab
+    }
+
+    /// The pieces this rank's stages hold (see the module doc), with their values when
+    /// `values` is set. With values and `parallel.fsdp` 1/2 this is collective over the
+    /// stage's data groups (the state is gathered whole).
+    pub(crate) fn held_pieces(
         &self,
-        params: &BTreeMap<usize, ChunkParams>,
-        ep: &dyn Communicator,
-        tp: Option<&dyn Communicator>,
-        state: Option<Vec<(String, Tensor)>>,
-    ) -> Result<Tensors> {
-        let mine = |n: &str| self.tensors.owner(n) == Some(self.rank);
-        let mut model: Vec<(String, Tensor)> = Vec::new();
-        visit_distinct(params, &mut |n, t, _| {
-            if mine(n) {
-                model.push((n.to_string(), t.clone()));
-            }
-        });
-        for cp in self.params.values() {
-            visit_chunk_buffers(cp, &mut |n, t| {
-                if mine(n) {
-                    model.push((n.to_string(), t.clone()));
-                }
-            });
-        }
-        let mut optimizer: Vec<(String, Tensor)> = Vec::new();
-        match state {
-            Some(whole) => optimizer.extend(whole.into_iter().filter(|(k, _)| mine(k))),
-            None => self.optimizer.visit_state(&mut |k, t| {
-                if mine(k) {
-                    optimizer.push((k.to_string(), t.clone()));
-                }
-            }),
-        }
+        groups: &PipelineGroups<'_>,
+        ep: (usize, usize),
+        values: bool,
+    ) -> Result<HeldTensors> {
+        let shapes = self.one_rank_shapes(ep.1);
         let experts = self.tensors.experts();
-        let full = |list: Vec<(String, Tensor)>| -> Result<Vec<NamedTensor>> {
-            list.into_iter()
-                .map(|(n, t)| {
-                    let t = super::pipeline_tp::gather_tp(tp, &n, t)?;
-                    let t = if ep.size() > 1 && experts.contains(param_of(&n)) {
-                        ep.all_gather(&t)?
-                    } else {
-                        t
-                    };
-                    NamedTensor::from_tensor(n, &t)
-                })
-                .collect()
+        // fsdp 3: the stage parameters are rows, gathered whole to be written (collective
+        // over the stage's data groups).
+        let whole;
+        let params = if values {
+            whole = self.whole_params()?;
+            &*whole
+        } else {
+            &self.params
         };
-        Ok((full(model)?, full(optimizer)?))
-    }
-
-    /// This rank's part of a checkpoint save (see the module doc): the one-rank model and
-    /// optimizer tensors on world rank 0 (pipeline rank 0 of data rank 0), `None` on
-    /// every other rank. Collective over the world's dp-0 ranks (`groups.pp` is this
-    /// rank's pipeline group, `ep` its stage's EP group), and over every data rank first
-    /// when the optimizer holds rows (`pipeline_fsdp`: the state is gathered whole).
-    pub(crate) fn gather_checkpoint(
-        &self,
-        groups: &super::pipeline::PipelineGroups<'_>,
-        ep: &dyn Communicator,
-    ) -> Result<Option<Tensors>> {
-        let pp = groups.pp;
-        let state = match &self.shards {
-            Some(sh) => Some(sh.full_state(groups, &self.optimizer)?),
-            None => None,
+        let mut model: Vec<(String, Tensor)> = Vec::new();
+        visit_distinct(params, &mut |n, t, _| model.push((n.to_string(), t.clone())));
+        for cp in params.values() {
+            visit_chunk_buffers(cp, &mut |n, t| model.push((n.to_string(), t.clone())));
+        }
+        let optimizer: Vec<(String, Tensor)> = match (&self.shards, values) {
+            (Some(sh), true) => sh.full_state(groups, &self.optimizer)?,
+            _ => {
+                let mut v = Vec::new();
+                self.optimizer
+                    .visit_state(&mut |k, t| v.push((k.to_string(), t.clone())));
+                v
+            }
         };
-        // fsdp 3: the stage parameters are rows; gathered whole (collective, every data rank).
-        let params = self.whole_params()?;
-        if self.coords.dp != 0 {
-            return Ok(None);
-        }
-        let (model, optimizer) = self.owned_tensors(&params, ep, groups.tp, state)?;
-        if self.coords.ep != 0 || self.coords.tp != 0 {
-            return Ok(None);
-        }
-        if self.rank != 0 {
-            send_tensors(pp, &model)?;
-            send_tensors(pp, &optimizer)?;
-            return Ok(None);
-        }
-        let mut got: HashMap<String, NamedTensor> = HashMap::new();
-        got.extend(model.into_iter().map(|t| (t.name.clone(), t)));
-        got.extend(optimizer.into_iter().map(|t| (t.name.clone(), t)));
-        for r in 1..pp.size() {
-            for _ in 0..2 {
-                got.extend(
-                    recv_tensors(pp, r)?
-                        .into_iter()
-                        .map(|t| (t.name.clone(), t)),
-                );
+        let mut held = HeldTensors::default();
+        for (set, list) in [(TensorSet::Model, model), (TensorSet::Optimizer, optimizer)] {
+            for (name, t) in list {
+                let Some((_, global)) = shapes.get(&name) else {
+                    return Err(shard_error(
+                        &name,
+                        "the pipeline's tensor list must hold it",
+                    ));
+                };
+                let expert = experts.contains(param_of(&name));
+                let slab = self.slab_of(&name, global, ep, expert);
+                held.push(set, &name, global.clone(), slab, values.then_some(&t))?;
             }
         }
-        let (model_specs, optim_specs) = self.one_rank_specs(ep.size());
-        let mut take = |specs: Vec<TensorSpec>| -> Result<Vec<NamedTensor>> {
-            specs
-                .into_iter()
-                .map(|s| match got.remove(&s.name) {
-                    Some(t) if t.shape == s.shape => Ok(t),
-                    Some(t) => Err(gather_error(
-                        &s.name,
-                        &format!("came as {:?}, not {:?}", t.shape, s.shape),
-                    )),
-                    None => Err(gather_error(&s.name, "no pipeline rank sent it")),
-                })
-                .collect()
-        };
-        let model = take(model_specs)?;
-        let optimizer = take(optim_specs)?;
-        Ok(Some((model, optimizer)))
+        Ok(held)
     }
 
-    /// Takes this rank's tensors of a one-rank checkpoint: every tensor of the
-    /// checkpoint (the model's, then the optimizer's, in
-    /// [`PipelineTensors::checkpoint_specs`] order) is sent by world rank 0 (`file` holds
-    /// them there) to the ranks whose stages hold it — every world rank at those pipeline
-    /// coordinates, `ranks_at[p]` for pipeline rank p — and nowhere else; each keeps its
-    /// experts' rows of an expert bank (`ep` = (ep rank, ep)). The ranks synchronise
-    /// every [`LOAD_WINDOW`] bytes sent, so rank 0's sends in flight stay bounded. Then
-    /// continues after step `step` with `optimizer_steps` updates taken. Collective over
-    /// `world`; on an error nothing changes.
-    pub(crate) fn load_checkpoint(
+    /// Takes this rank's tensors of the checkpoint `reader` reads: every tensor its
+    /// stages hold, its box only (its experts' rows, its TP slice); then continues after
+    /// step `step` with `optimizer_steps` updates taken. On an error nothing changes.
+    pub(crate) fn load_from(
         &mut self,
-        world: &dyn Communicator,
-        ranks_at: &[Vec<usize>],
-        file: &HashMap<String, NamedTensor>,
+        reader: &ShardReader,
         ep: (usize, usize),
         optimizer_steps: u64,
         step: u64,
     ) -> Result<()> {
-        let (model_specs, optim_specs) = self.one_rank_specs(ep.1);
+        let shapes = self.one_rank_shapes(ep.1);
+        let experts = self.tensors.experts();
         let mut held: HashSet<String> = HashSet::new();
         for cp in self.params.values() {
             cp.visit(&mut |n, _, _| {
@@ -229,47 +169,15 @@ impl PipelineRank {
             });
         }
         held.extend(self.optimizer.state_keys());
-        let experts = self.tensors.experts();
         let mut kept: HashMap<String, Tensor> = HashMap::new();
-        let me = world.rank();
-        let mut in_flight = 0usize;
-        for s in model_specs.iter().chain(&optim_specs) {
-            let targets: Vec<usize> = self
-                .tensors
-                .held_by(&s.name)
-                .iter()
-                .filter_map(|&p| ranks_at.get(p))
-                .flatten()
-                .copied()
-                .collect();
-            let got = if me == 0 {
-                let full = file
-                    .get(&s.name)
-                    .ok_or_else(|| gather_error(&s.name, "rank 0's checkpoint must hold it"))?
-                    .to_tensor(Device::Cpu)?;
-                for &r in targets.iter().filter(|&&r| r != 0) {
-                    world.send(&full, r, LOAD_TAG)?;
-                }
-                targets.contains(&0).then_some(full)
-            } else if targets.contains(&me) {
-                Some(world.recv(0, LOAD_TAG, &s.shape, DType::F32)?)
-            } else {
-                None
+        for name in &held {
+            let Some((set, global)) = shapes.get(name) else {
+                return Err(shard_error(name, "the pipeline's tensor list must hold it"));
             };
-            in_flight += s.shape.iter().product::<usize>() * 4 * targets.len();
-            if in_flight >= LOAD_WINDOW {
-                world.barrier()?;
-                in_flight = 0;
-            }
-            let Some(mut t) = got.filter(|_| held.contains(&s.name)) else {
-                continue;
-            };
-            t = self.take_tp_slice(&s.name, t)?;
-            if ep.1 > 1 && experts.contains(param_of(&s.name)) {
-                let per = s.shape[0] / ep.1;
-                t = t.narrow(0, ep.0 * per, per)?.deep_copy()?;
-            }
-            kept.insert(s.name.clone(), t);
+            let slab = self.slab_of(name, global, ep, experts.contains(param_of(name)));
+            let data = reader.read(*set, name, &slab)?;
+            let t = Tensor::from_vec_f32(data, slab.shape.clone(), megamoe_tensor::Device::Cpu)?;
+            kept.insert(name.clone(), t);
         }
         let mut params = self.params.clone();
         let mut missing = None;
@@ -288,7 +196,7 @@ impl PipelineRank {
             }
         }
         if let Some(name) = missing {
-            return Err(gather_error(
+            return Err(shard_error(
                 &name,
                 "the checkpoint must hold every tensor of the stage",
             ));
@@ -320,62 +228,6 @@ impl PipelineRank {
     }
 }
 
-fn gather_error(name: &str, rule: &str) -> Error {
-    Error::TrainConfig {
-        field: "pipeline checkpoint tensor",
-        value: name.to_string(),
-        rule: rule.to_string(),
-    }
-}
-
-/// Sends named tensors to pipeline rank 0: their names and shapes (JSON), then every
-/// value in one f32 tensor.
-fn send_tensors(pp: &dyn Communicator, list: &[NamedTensor]) -> Result<()> {
-    let header: Vec<(&str, &[usize])> = list
-        .iter()
-        .map(|t| (t.name.as_str(), &t.shape[..]))
-        .collect();
-    let bytes = serde_json::to_vec(&header).map_err(|e| gather_error("header", &e.to_string()))?;
-    send_bytes(pp, &bytes, 0, CHECKPOINT_TAG)?;
-    let data: Vec<f32> = list.iter().flat_map(|t| t.data.iter().copied()).collect();
-    if !data.is_empty() {
-        let n = data.len();
-        pp.send(
-            &Tensor::from_vec_f32(data, [n], Device::Cpu)?,
-            0,
-            CHECKPOINT_TAG,
-        )?;
-    }
-    Ok(())
-}
-
-/// Receives what [`send_tensors`] sent from pipeline rank `src`.
-fn recv_tensors(pp: &dyn Communicator, src: usize) -> Result<Vec<NamedTensor>> {
-    let bytes = recv_bytes(pp, src, CHECKPOINT_TAG)?;
-    let header: Vec<(String, Vec<usize>)> =
-        serde_json::from_slice(&bytes).map_err(|e| gather_error("header", &e.to_string()))?;
-    let total: usize = header
-        .iter()
-        .map(|(_, d)| d.iter().product::<usize>())
-        .sum();
-    let data = if total == 0 {
-        Vec::new()
-    } else {
-        pp.recv(src, CHECKPOINT_TAG, &[total], megamoe_tensor::DType::F32)?
-            .to_host_f32()?
-    };
-    let mut at = 0;
-    Ok(header
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let t = NamedTensor::new(name, shape, data[at..at + n].to_vec());
-            at += n;
-            t
-        })
-        .collect())
-}
-
 impl Trainer {
     /// [`Trainer::load_checkpoint`] on a pipeline rank (see the module doc). Collective
     /// over the world.
@@ -390,42 +242,15 @@ impl Trainer {
         };
         let ep = (par.coords.ep, par.mesh.ep);
         let (model_specs, optim_specs) = rank.one_rank_specs(ep.1);
-        let world = par.world();
-        let (read, state) = super::checkpoint::read_on_rank_zero(
-            world,
+        let (dir, state) = super::checkpoint::open_on_rank_zero(
+            par.world(),
             path,
             &self.config_toml,
             &model_specs,
             &optim_specs,
         )?;
-        let file: HashMap<String, NamedTensor> = read
-            .as_ref()
-            .map(|c| {
-                c.model
-                    .iter()
-                    .chain(&c.optimizer)
-                    .map(|t| (t.name.clone(), t.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        // World ranks by pipeline coordinate: the ranks a stage's tensors go to.
-        let mut ranks_at = vec![Vec::new(); par.mesh.pp];
-        for r in 0..world.size() {
-            if let Some(c) = par.mesh.coords(r) {
-                if let Some(at) = ranks_at.get_mut(c.pp) {
-                    at.push(r);
-                }
-            }
-        }
-        rank.load_checkpoint(
-            world,
-            &ranks_at,
-            &file,
-            ep,
-            state.optimizer_steps,
-            state.step,
-        )?;
-        drop(file);
+        let reader = ShardReader::open(&dir)?;
+        rank.load_from(&reader, ep, state.optimizer_steps, state.step)?;
         self.apply_train_state(&state, started)
     }
 }

@@ -109,8 +109,6 @@ pub(crate) struct PipelineTensors {
     stages: Vec<StageTensors>,
     /// The lowest pipeline rank holding each parameter, buffer and state tensor.
     owner: HashMap<String, usize>,
-    /// Every pipeline rank holding each of them, ascending.
-    held_by: HashMap<String, Vec<usize>>,
 }
 
 impl PipelineTensors {
@@ -133,7 +131,6 @@ impl PipelineTensors {
         }
         let mut stages = Vec::with_capacity(n);
         let mut owner: HashMap<String, usize> = HashMap::new();
-        let mut held_by: HashMap<String, Vec<usize>> = HashMap::new();
         for (ms, h) in holders.iter().enumerate() {
             let root = h.iter().copied().min().ok_or_else(|| Error::TrainConfig {
                 field: "parallel.schedule",
@@ -155,23 +152,10 @@ impl PipelineTensors {
             {
                 let o = owner.entry(name.clone()).or_insert(root);
                 *o = (*o).min(root);
-                let by = held_by.entry(name.clone()).or_default();
-                by.extend(h);
-                by.sort_unstable();
-                by.dedup();
             }
             stages.push(st);
         }
-        Ok(PipelineTensors {
-            stages,
-            owner,
-            held_by,
-        })
-    }
-
-    /// Every pipeline rank holding tensor `name` (parameter, buffer or state), ascending.
-    pub(crate) fn held_by(&self, name: &str) -> &[usize] {
-        self.held_by.get(name).map_or(&[], Vec::as_slice)
+        Ok(PipelineTensors { stages, owner })
     }
 
     /// The lowest pipeline rank holding tensor `name` (parameter, buffer or state).

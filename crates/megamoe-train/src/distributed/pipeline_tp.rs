@@ -11,8 +11,8 @@
 //!              replicated tensor's by tp rank 0 only
 //! optimizer    AdamW on the slices; Muon gathers a slice's matrix over the TP group,
 //!              runs NS5 on the whole matrix and keeps its slice (`tp::TpGather`)
-//! checkpoints  slices all-gathered over tp along their split dimension before the
-//!              stage's tensors go to rank 0 (the one-rank layout); a load takes the slice
+//! checkpoints  each rank's slices written as pieces along their split dimension
+//!              (sharded checkpoints); a load reads the slice
 //! ```
 //! With `parallel.fsdp` 1/2 too (module `pipeline_fsdp`) the rows of each slice are
 //! sharded over the stage's data ranks: Muon gathers rows, then slices.
@@ -60,19 +60,6 @@ impl PipelineRank {
         (model, optimizer)
     }
 
-    /// This rank's TP slice of the one-rank tensor `full` of `name` (a parameter or its
-    /// optimizer state); replicated tensors whole.
-    pub(super) fn take_tp_slice(&self, name: &str, full: Tensor) -> Result<Tensor> {
-        let tp = self.tp_size();
-        match tp_split_dim(param_of(name)).filter(|_| tp > 1) {
-            Some(d) => {
-                let per = full.dims()[d] / tp;
-                Ok(full.narrow(d, self.coords.tp * per, per)?.deep_copy()?)
-            }
-            None => Ok(full),
-        }
-    }
-
     /// The optimizer step of a pipeline rank under tp > 1: AdamW on the slices, Muon
     /// gathering each slice's matrix over `tp`. Collective over the TP group.
     pub(super) fn tp_optimizer_step(
@@ -90,15 +77,5 @@ impl PipelineRank {
             &mut gather,
         )?;
         Ok(())
-    }
-}
-
-/// `t` (tensor `name`: a parameter or its optimizer state) whole over the TP group: a TP
-/// slice all-gathered along its split dimension in tp rank order, a replicated tensor as
-/// it is. Collective over `tp` for slices.
-pub(super) fn gather_tp(tp: Option<&dyn Communicator>, name: &str, t: Tensor) -> Result<Tensor> {
-    match (tp, tp_split_dim(param_of(name))) {
-        (Some(tp), Some(d)) if tp.size() > 1 => super::tp::gather_along(tp, &t, d),
-        _ => Ok(t),
     }
 }

@@ -16,15 +16,15 @@
 //!                 slice's momentum-updated matrix is all-gathered along its split
 //!                 dimension, every TP rank runs Newton-Schulz on the whole matrix and
 //!                 keeps its slice (replicated matrices need no gather)
-//! checkpoint      TP slices all-gathered along their split dimension: the one-rank layout;
-//!                 a resume takes each rank's slice of the one-rank tensors
+//! checkpoint      each rank's slices written as pieces along their split dimension
+//!                 (sharded checkpoints); a resume reads each rank's slice
 //! ```
 //! With `parallel.fsdp` 1, 2 or 3 (modules `fsdp`, `zero3`) FSDP shards the dim-0 rows of
 //! each TP-local tensor over the dense data-parallel group (same tp coordinate), the seed's
 //! application order (TP, then FSDP inside a stage): the clip sums the TP slices' row
 //! squares over dense_dp and then over tp; distributed Muon gathers a slice's rows over
 //! dense_dp, then the slices over tp, runs NS5 on the one-rank matrix and keeps its rows of
-//! its slice; checkpoints gather rows before slices.
+//! its slice; checkpoints write the rows of each slice as pieces.
 //!
 //! With `parallel.sp` (sequence parallelism, `megamoe_model::tp`) the residual stream
 //! between the split branches is sharded along the sequence over the TP group: the
@@ -42,10 +42,9 @@ use megamoe_model::{GradBuffers, Model, ModelParams};
 use megamoe_moe::TensorParallel;
 use megamoe_optim::{OptimError, Optimizer, RowGather};
 use megamoe_plan::{Plan, RowShard};
-use megamoe_tensor::{Device, Tensor};
+use megamoe_tensor::Tensor;
 
 use super::Parallel;
-use crate::checkpoint::NamedTensor;
 use crate::error::{Error, Result};
 
 /// Refuses tensor-parallel layouts the trainer cannot run, naming the key.
@@ -111,40 +110,6 @@ impl Parallel {
         if let Some(d) = tp_split_dim(name).filter(|_| self.mesh.tp > 1) {
             dims[d] *= self.mesh.tp;
         }
-    }
-
-    /// This rank's TP slice of `full`, the one-rank tensor of parameter `name` (or of its
-    /// optimizer state) read from a checkpoint; a replicated tensor is returned whole.
-    pub(crate) fn take_tp_slice(&self, name: &str, full: Tensor) -> Result<Tensor> {
-        match tp_split_dim(name).filter(|_| self.mesh.tp > 1) {
-            Some(d) => {
-                let per = full.dims()[d] / self.mesh.tp;
-                Ok(full.narrow(d, self.coords.tp * per, per)?)
-            }
-            None => Ok(full),
-        }
-    }
-
-    /// Checkpoint tensors (parameters and their optimizer state, `param_of` maps a name to
-    /// its parameter) in the one-rank layout: every TP slice all-gathered along its split
-    /// dimension, in TP rank order. Collective over the TP group.
-    pub(crate) fn gather_tp_slices(
-        &self,
-        tensors: &mut [NamedTensor],
-        param_of: fn(&str) -> &str,
-    ) -> Result<()> {
-        if self.mesh.tp == 1 {
-            return Ok(());
-        }
-        for t in tensors.iter_mut() {
-            let Some(dim) = tp_split_dim(param_of(&t.name)) else {
-                continue;
-            };
-            let local = t.to_tensor(Device::Cpu)?;
-            let full = gather_along(self.tp.as_ref(), &local, dim)?;
-            *t = NamedTensor::from_tensor(t.name.clone(), &full)?;
-        }
-        Ok(())
     }
 }
 

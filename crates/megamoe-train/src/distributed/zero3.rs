@@ -13,8 +13,8 @@
 //! optimizer      on the rank's rows (AdamW, or distributed Muon gathering each matrix)
 //!                — the updated rows stay where they are: no all-gather after the step
 //! ```
-//! Evaluation, sampling and checkpoints gather what they read the same way (every rank
-//! calls them at the same points, so the collectives match).
+//! Evaluation and sampling gather what they read the same way (every rank calls them at
+//! the same points, so the collectives match); checkpoints write each rank's rows.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
