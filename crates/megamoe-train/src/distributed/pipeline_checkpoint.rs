@@ -117,7 +117,9 @@ impl PipelineRank {
             &self.params
         };
         let mut model: Vec<(String, Tensor)> = Vec::new();
-        visit_distinct(params, &mut |n, t, _| model.push((n.to_string(), t.clone())));
+        visit_distinct(params, &mut |n, t, _| {
+            model.push((n.to_string(), t.clone()))
+        });
         for cp in params.values() {
             visit_chunk_buffers(cp, &mut |n, t| model.push((n.to_string(), t.clone())));
         }
