@@ -59,28 +59,29 @@ pub(crate) struct HeldTensors {
 }
 
 impl HeldTensors {
-    /// Adds piece `slab` of tensor `name` (one-rank shape `global`), copying `t` to the
-    /// host when `values` is set. `t` must have the piece's shape.
+    /// Adds piece `slab` of tensor `name` (one-rank shape `global`) held as `t`, which
+    /// must have the piece's shape; copies `t` to the host when `values` is set.
     pub(crate) fn push(
         &mut self,
         set: TensorSet,
         name: &str,
         global: Vec<usize>,
         slab: Slab,
-        t: Option<&Tensor>,
+        t: &Tensor,
+        values: bool,
     ) -> Result<()> {
-        if let Some(t) = t {
-            if t.dims() != slab.shape.as_slice() {
-                return Err(shard_error(
-                    name,
-                    &format!(
-                        "this rank holds {:?}, but its piece {:?} of {global:?} is {:?}",
-                        t.dims(),
-                        slab.offset,
-                        slab.shape
-                    ),
-                ));
-            }
+        if t.dims() != slab.shape.as_slice() {
+            return Err(shard_error(
+                name,
+                &format!(
+                    "this rank holds {:?}, but its piece {:?} of {global:?} is {:?}",
+                    t.dims(),
+                    slab.offset,
+                    slab.shape
+                ),
+            ));
+        }
+        if values {
             self.values.push(NamedTensor::from_tensor(name, t)?);
         }
         self.pieces.push(HeldPiece {
@@ -203,24 +204,18 @@ impl Trainer {
         };
         self.params.visit(&mut |name, t, _| {
             let (global, slab, _) = boxes[name].clone();
-            keep(held.push(TensorSet::Model, name, global, slab, values.then_some(t)));
+            keep(held.push(TensorSet::Model, name, global, slab, t, values));
         });
         self.params.visit_buffers(&mut |name, t| {
             let whole = Slab::whole(t.dims());
-            keep(held.push(
-                TensorSet::Model,
-                name,
-                t.dims().to_vec(),
-                whole,
-                values.then_some(t),
-            ));
+            keep(held.push(TensorSet::Model, name, t.dims().to_vec(), whole, t, values));
         });
         self.optimizer.visit_state(&mut |key, t| {
             let (global, slab) = match boxes.get(param_of(key)) {
                 Some((g, _, s)) => (g.clone(), s.clone()),
                 None => (t.dims().to_vec(), Slab::whole(t.dims())),
             };
-            keep(held.push(TensorSet::Optimizer, key, global, slab, values.then_some(t)));
+            keep(held.push(TensorSet::Optimizer, key, global, slab, t, values));
         });
         err.map_or(Ok(held), Err)
     }
@@ -234,7 +229,7 @@ impl Trainer {
     ) -> Result<Option<PathBuf>> {
         let held = match (self.pipeline.as_ref(), self.parallel.as_ref()) {
             (Some(rank), Some(par)) => {
-                rank.held_pieces(&par.pipeline_groups(), (par.coords.ep, par.mesh.ep), true)?
+                rank.held_pieces(&par.pipeline_groups(), (par.coords.ep, par.mesh.ep))?
             }
             _ => self.held_pieces(true)?,
         };

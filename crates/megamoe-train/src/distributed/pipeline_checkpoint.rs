@@ -96,26 +96,20 @@ impl PipelineRank {
         slab
     }
 
-    /// The pieces this rank's stages hold (see the module doc), with their values when
-    /// `values` is set. With values and `parallel.fsdp` 1/2 this is collective over the
-    /// stage's data groups (the state is gathered whole).
+    /// The pieces this rank's stages hold and their values (see the module doc). Under
+    /// `parallel.fsdp` 1/2/3 collective over the stage's data groups (the state, with 3
+    /// the parameters too, gathered whole).
     pub(crate) fn held_pieces(
         &self,
         groups: &PipelineGroups<'_>,
         ep: (usize, usize),
-        values: bool,
     ) -> Result<HeldTensors> {
         let shapes = self.one_rank_shapes(ep.1);
         let experts = self.tensors.experts();
         // fsdp 3: the stage parameters are rows, gathered whole to be written (collective
         // over the stage's data groups).
-        let whole;
-        let params = if values {
-            whole = self.whole_params()?;
-            &*whole
-        } else {
-            &self.params
-        };
+        let whole = self.whole_params()?;
+        let params = &*whole;
         let mut model: Vec<(String, Tensor)> = Vec::new();
         visit_distinct(params, &mut |n, t, _| {
             model.push((n.to_string(), t.clone()))
@@ -123,9 +117,9 @@ impl PipelineRank {
         for cp in params.values() {
             visit_chunk_buffers(cp, &mut |n, t| model.push((n.to_string(), t.clone())));
         }
-        let optimizer: Vec<(String, Tensor)> = match (&self.shards, values) {
-            (Some(sh), true) => sh.full_state(groups, &self.optimizer)?,
-            _ => {
+        let optimizer: Vec<(String, Tensor)> = match &self.shards {
+            Some(sh) => sh.full_state(groups, &self.optimizer)?,
+            None => {
                 let mut v = Vec::new();
                 self.optimizer
                     .visit_state(&mut |k, t| v.push((k.to_string(), t.clone())));
@@ -143,7 +137,7 @@ impl PipelineRank {
                 };
                 let expert = experts.contains(param_of(&name));
                 let slab = self.slab_of(&name, global, ep, expert);
-                held.push(set, &name, global.clone(), slab, values.then_some(&t))?;
+                held.push(set, &name, global.clone(), slab, &t, true)?;
             }
         }
         Ok(held)
