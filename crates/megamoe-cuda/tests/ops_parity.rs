@@ -231,7 +231,7 @@ fn cross_entropy_case(elem: Elem) {
     let tb = up_i32(&gpu, &targets);
     let d = poisoned(&gpu, n * v, elem);
     let loss = poisoned(&gpu, 1, Elem::F32);
-    ops.cross_entropy(&gpu, &xb, &tb, &d, &loss, (n, v), ignore)
+    ops.cross_entropy(&gpu, &xb, &tb, &d, &loss, (n, v), ignore, 0)
         .unwrap();
     check("ce loss", &down(&gpu, &loss, 1, Elem::F32), &loss_ref, 1e-5);
     check(
@@ -242,7 +242,7 @@ fn cross_entropy_case(elem: Elem) {
     );
     // in place over the logits
     let loss2 = poisoned(&gpu, 1, Elem::F32);
-    ops.cross_entropy(&gpu, &xb, &tb, &xb, &loss2, (n, v), ignore)
+    ops.cross_entropy(&gpu, &xb, &tb, &xb, &loss2, (n, v), ignore, 0)
         .unwrap();
     check(
         "ce loss (in place)",
@@ -261,7 +261,7 @@ fn cross_entropy_case(elem: Elem) {
     bad[1] = v as i32;
     let xb = up(&gpu, &x, elem);
     let bb = up_i32(&gpu, &bad);
-    ops.cross_entropy(&gpu, &xb, &bb, &d, &loss, (n, v), ignore)
+    ops.cross_entropy(&gpu, &xb, &bb, &d, &loss, (n, v), ignore, 0)
         .unwrap();
     assert!(down(&gpu, &loss, 1, Elem::F32)[0].is_nan());
 }

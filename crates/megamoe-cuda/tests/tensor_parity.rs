@@ -495,10 +495,15 @@ fn index_and_copy_ops_match_cpu() {
     let ids: Vec<i32> = (0..n as i32).map(|i| (i * i * 13 + 5) % 45).collect();
     let it = Tensor::from_vec_i32(ids.clone(), [n], Device::Cpu).unwrap();
     let idp = env.up_i32(&ids);
+    let err = env.up_i32(&[0; 4]);
     for dt in [Dtype::F32, Dtype::Bf16] {
         let td = env.up(&table, dt);
         let out = env.out(n * h, dt);
-        unsafe { env.k.gather_rows(&env.gpu, td, idp, out.ptr, n, h).unwrap() };
+        unsafe {
+            env.k
+                .gather_rows(&env.gpu, (td, m), idp, out.ptr, n, h, err)
+                .unwrap()
+        };
         let src = if dt == Dtype::F32 {
             table.clone()
         } else {
@@ -516,7 +521,11 @@ fn index_and_copy_ops_match_cpu() {
     let odd = randn(11, m * 7, 1.0);
     let od = env.up(&odd, Dtype::Bf16);
     let oo = env.out(n * 7, Dtype::Bf16);
-    unsafe { env.k.gather_rows(&env.gpu, od, idp, oo.ptr, n, 7).unwrap() };
+    unsafe {
+        env.k
+            .gather_rows(&env.gpu, (od, m), idp, oo.ptr, n, 7, err)
+            .unwrap()
+    };
     let want = host(&cpu(&rounded(&odd), &[m, 7]).index_select(&it).unwrap());
     check(
         "index_select bf16 odd rows",
@@ -535,7 +544,7 @@ fn index_and_copy_ops_match_cpu() {
     let (sd, wd) = (env.up(&src, Dtype::F32), env.up(&w, Dtype::F32));
     unsafe {
         env.k
-            .index_add_rows(&env.gpu, dst.ptr, m, h, idp, sd, Some(wd.ptr), n)
+            .index_add_rows(&env.gpu, dst.ptr, (m, h), idp, sd, Some(wd.ptr), n, err)
             .unwrap()
     };
     check(
@@ -555,7 +564,7 @@ fn index_and_copy_ops_match_cpu() {
     let g = env.out(rows * k, Dtype::F32);
     unsafe {
         env.k
-            .gather_cols(&env.gpu, xd, cd, g.ptr, rows, e, k)
+            .gather_cols(&env.gpu, xd, cd, g.ptr, rows, e, k, err)
             .unwrap()
     };
     let gref = cpu(&x, &[rows, e]).gather_cols(&ct).unwrap();
@@ -563,7 +572,7 @@ fn index_and_copy_ops_match_cpu() {
     let sc = env.out(rows * e, Dtype::F32);
     unsafe {
         env.k
-            .scatter_cols(&env.gpu, g, cd, sc.ptr, rows, e, k)
+            .scatter_cols(&env.gpu, g, cd, sc.ptr, rows, e, k, err)
             .unwrap()
     };
     check(

@@ -11,7 +11,7 @@ mod common;
 
 use common::{rand_t, rand_vec};
 use megamoe_tensor::ops::routing::KeepOrder;
-use megamoe_tensor::{DType, Device, RowGroups, Tensor};
+use megamoe_tensor::{DType, Device, Error, RowGroups, Tensor, IGNORE_INDEX};
 
 const GPU: Device = Device::Cuda(0);
 
@@ -311,4 +311,188 @@ fn bad_ids_are_reported_at_the_next_read() {
     let err = p.slot_row.to_host_i32().unwrap_err().to_string();
     eprintln!("  {err}");
     assert!(err.contains("capacity"), "names the rule: {err}");
+}
+
+/// Highest-gate capacity at scale against the CPU: one expert with thousands of assignments
+/// (several tiles of the device select), one whose every gate ties (thousands of equal
+/// gates), ±0 gates (equal), negative gates, null slots and empty experts; the GPU keeps
+/// exactly the CPU's set, and each expert keeps min(count, capacity).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn highest_gate_capacity_keeps_the_cpu_set_on_ties_skew_and_empty_experts() {
+    let (t, k, e) = (8192, 4, 32);
+    let u = rand_vec(31, t * k * 2);
+    let unit = |i: usize| (u[i] + 1.0) / 2.0; // [0, 1)
+    let (mut slots, mut gates) = (Vec::with_capacity(t * k), Vec::with_capacity(t * k));
+    for tok in 0..t {
+        for j in 0..k {
+            let (v, w) = (unit((tok * k + j) * 2), unit((tok * k + j) * 2 + 1));
+            let step = (w * 16.0).floor() / 16.0; // 16 levels: ties everywhere
+                                                  // columns use disjoint slot ranges (distinct slots per token); 20..32 stay empty
+            let (slot, gate) = match j {
+                0 if v < 0.6 => (0, step),                // skew: expert 0 ≈ 4900 rows
+                0 => (1 + (v * 100.0) as i32 % 4, step),  // experts 1..4
+                1 if v < 0.5 => (5, 0.25),                // expert 5: every gate equal
+                1 => (6 + (v * 100.0) as i32 % 4, -step), // experts 6..9: gates <= 0
+                2 if v < 0.3 => (10, if tok % 2 == 0 { 0.0 } else { -0.0 }),
+                2 => (11 + (v * 100.0) as i32 % 9, step), // experts 11..19
+                _ => (if v < 0.5 { 32 } else { 33 }, 0.0), // null slots
+            };
+            slots.push(slot);
+            gates.push(gate);
+        }
+    }
+    let mut count = vec![0usize; e];
+    for &s in &slots {
+        if (s as usize) < e {
+            count[s as usize] += 1;
+        }
+    }
+    assert!(count[0] > 4000 && count[5] > 3000 && count[10] > 2000 && count[25] == 0);
+    let idx = Tensor::from_vec_i32(slots.clone(), [t, k], Device::Cpu).unwrap();
+    let g = Tensor::from_vec_f32(gates, [t, k], Device::Cpu).unwrap();
+    let (ig, gg) = (gpu(&idx), gpu(&g));
+    for cap in [0, 1, 7, 100, 1000, 1500, 3000, 4500, 40_000] {
+        let want = idx
+            .capacity_keep(&g, e, Some(cap), KeepOrder::HighestGate)
+            .unwrap()
+            .to_host_f32()
+            .unwrap();
+        let got = ig
+            .capacity_keep(&gg, e, Some(cap), KeepOrder::HighestGate)
+            .unwrap()
+            .to_host_f32()
+            .unwrap();
+        let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "capacity {cap}: {diff} keeps differ from the CPU");
+        let mut kept = vec![0usize; e];
+        for (&s, &kv) in slots.iter().zip(&got) {
+            assert!(kv == 0.0 || kv == 1.0);
+            if kv == 1.0 {
+                kept[s as usize] += 1;
+            }
+        }
+        let want_kept: Vec<usize> = count.iter().map(|&c| c.min(cap)).collect();
+        assert_eq!(kept, want_kept, "capacity {cap}: kept per expert");
+        eprintln!("  capacity_keep highest gate, capacity {cap:<6} equal");
+    }
+}
+
+/// The deterministic scatter-add at scale against the CPU, bitwise: destinations past 256
+/// and 65 536 (two and three radix passes), one destination taking a third of the sources
+/// (its segment spans many sort blocks), weighted and bf16 sources, one-column rows.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn index_add_rows_at_scale_is_bitwise_the_cpu() {
+    let u = rand_vec(41, 70_000);
+    for (m, n, row) in [
+        (5000, 20_000, 96),
+        (70_000, 65_536, 1),
+        (33, 65_536, 1),
+        (1, 3000, 40),
+    ] {
+        let ids: Vec<i32> = (0..n)
+            .map(|i| {
+                let v = (u[i % u.len()] + 1.0) / 2.0;
+                if v < 0.33 {
+                    (m / 2) as i32
+                } else {
+                    ((v * 1e6) as usize % m) as i32
+                }
+            })
+            .collect();
+        let it = Tensor::from_vec_i32(ids, [n], Device::Cpu).unwrap();
+        let dst = rand_t(42, &[m, row]);
+        let src = rand_t(43, &[n, row]);
+        let w = rand_t(44, &[n]);
+        let want = dst.index_add_rows(&it, &src, Some(&w)).unwrap();
+        let got = gpu(&dst)
+            .index_add_rows(&gpu(&it), &gpu(&src), Some(&gpu(&w)))
+            .unwrap();
+        let (a, b) = (got.to_host_f32().unwrap(), want.to_host_f32().unwrap());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "index_add_rows m={m} n={n} row={row}: not bitwise the CPU"
+        );
+        // bf16 sources, unweighted, accumulated in place
+        let sb = src.to_dtype(DType::BF16).unwrap();
+        let mut want = dst.clone();
+        want.index_add_rows_acc(&it, &sb, None).unwrap();
+        let mut got = gpu(&dst);
+        got.index_add_rows_acc(&gpu(&it), &gpu(&sb), None).unwrap();
+        let (a, b) = (got.to_host_f32().unwrap(), want.to_host_f32().unwrap());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "index_add_rows_acc bf16 m={m} n={n} row={row}: not bitwise the CPU"
+        );
+        eprintln!("  index_add_rows m={m:<6} n={n:<6} row={row:<3} bitwise equal");
+    }
+}
+
+/// Every index op checks its ids on the device: an out-of-range id is an `IndexOutOfRange`
+/// error naming the op, the id, its position and the bound at the next read (no fault, no
+/// host read in the op), and the record is cleared after it.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn out_of_range_index_op_ids_are_named_errors_at_the_next_read() {
+    let x = gpu(&rand_t(51, &[6, 5]));
+    let ids = |v: Vec<i32>| Tensor::from_vec_i32(v.clone(), [v.len()], GPU).unwrap();
+    let expect =
+        |r: Result<Vec<f32>, Error>, op: &str, index: i64, position: usize, bound: usize| {
+            let err = r.expect_err(op);
+            eprintln!("  {err}");
+            match err {
+                Error::IndexOutOfRange {
+                    op: o,
+                    index: i,
+                    position: p,
+                    bound: b,
+                } => assert_eq!((o, i, p, b), (op, index, position, bound)),
+                other => panic!("{op}: expected IndexOutOfRange, got {other:?}"),
+            }
+        };
+    let before = megamoe_tensor::host_reads();
+    let sel = x.index_select(&ids(vec![0, 5, 6, 1])).unwrap();
+    assert_eq!(
+        megamoe_tensor::host_reads(),
+        before,
+        "no host read in the op"
+    );
+    expect(sel.to_host_f32(), "index_select", 6, 2, 6);
+    assert_eq!(
+        x.index_select(&ids(vec![5, 0]))
+            .unwrap()
+            .to_host_f32()
+            .unwrap()
+            .len(),
+        10
+    );
+    let src = gpu(&rand_t(52, &[3, 5]));
+    let added = x.index_add_rows(&ids(vec![1, -3, 2]), &src, None).unwrap();
+    expect(added.to_host_f32(), "index_add_rows", -3, 1, 6);
+    let cols = Tensor::from_vec_i32(vec![0, 4, 5, 1], [2, 2], GPU).unwrap();
+    let two = gpu(&rand_t(53, &[2, 5]));
+    expect(
+        two.gather_cols(&cols).unwrap().to_host_f32(),
+        "gather_cols",
+        5,
+        2,
+        5,
+    );
+    let vals = gpu(&rand_t(54, &[2, 2]));
+    expect(
+        vals.scatter_cols(&cols, 5).unwrap().to_host_f32(),
+        "scatter_cols",
+        5,
+        2,
+        5,
+    );
+    let logits = gpu(&rand_t(55, &[3, 7]));
+    let targets = ids(vec![2, IGNORE_INDEX, 7]);
+    let (loss, _) = logits.cross_entropy(&targets, IGNORE_INDEX).unwrap();
+    expect(loss.to_host_f32(), "cross_entropy", 7, 2, 7);
+    let (loss, _) = logits
+        .cross_entropy(&ids(vec![2, IGNORE_INDEX, 6]), IGNORE_INDEX)
+        .unwrap();
+    assert!(loss.to_host_f32().unwrap()[0].is_finite(), "record cleared");
 }

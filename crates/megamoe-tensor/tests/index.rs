@@ -226,12 +226,10 @@ fn index_add_rows_acc_accumulates_in_place_and_touches_only_indexed_rows(dev: De
     );
 }
 
-/// CPU only: the CPU backend checks every gather/scatter id against its bound before it
-/// touches memory and names the first bad one. The CUDA backend's native gather/scatter
-/// kernels (`index_select`, `index_add_rows[_acc]`, `scatter_cols`) check ids only in debug
-/// builds: a release check would be a host read per call (the ops run on the hot path), and
-/// a kernel cannot return an error synchronously; an out-of-range id on the GPU is the
-/// caller's bug (the batcher checks token ids on the host, the router produces ids in range).
+/// CPU: the CPU backend checks every gather/scatter id against its bound before it touches
+/// memory and names the first bad one at the call. The CUDA backend checks the same ids on
+/// the device and names them at the next read instead (a kernel cannot return an error
+/// synchronously): tests/cuda_routing.rs `out_of_range_index_op_ids_are_named_errors_at_the_next_read`.
 #[test]
 fn bad_gather_and_scatter_ids_are_named_errors_on_the_cpu() {
     let dev = Device::Cpu;

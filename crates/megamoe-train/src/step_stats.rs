@@ -444,7 +444,7 @@ pub(crate) fn token_domain_ids(micro: &Batch, num_domains: usize) -> Vec<i32> {
 /// `[D·E]` f32 on the device: kept assignments per (domain, expert) of the micro-batch
 /// whose `[B, T]` i32 [`token_domain_ids`] are `token_domains` (the MoE layer's rows are
 /// the micro-batch's `B·T` tokens in row-major order). Each kept `(token, slot)` adds one
-/// at `domain·E + expert` (a scatter-add into a spare last row for dropped and null slots
+/// at `domain·E + expert` (a slot count with a spare last slot for dropped and null slots
 /// and for tokens without a domain); device work only: no upload, no host read, so a
 /// captured step counts the domains of whatever batch its fixed buffer holds.
 pub(crate) fn domain_counts(
@@ -471,12 +471,15 @@ pub(crate) fn domain_counts(
     let counted = experts.gt_scalar(-0.5)?.mul(&base.gt_scalar(-0.5)?)?;
     let spare = Tensor::full(shape, (num_domains * e) as f32, DType::F32, device)?;
     let row = counted.where_cond(&base.add(&experts)?, &spare)?;
-    let idx = row.to_dtype(DType::I32)?.reshape([st.tokens * k])?;
-    let ones = Tensor::ones([st.tokens * k, 1], DType::F32, device)?;
-    let mut counts = Tensor::zeros([num_domains * e + 1, 1], DType::F32, device)?;
-    counts.index_add_rows_acc(&idx, &ones, None)?;
+    if st.tokens == 0 {
+        return Ok(Tensor::zeros([num_domains * e], DType::F32, device)?);
+    }
+    // An integer count per (domain, expert) slot (exact, order-free): one segment of all
+    // the tokens.
+    let idx = row.to_dtype(DType::I32)?.reshape(shape)?;
+    let counts = idx.slot_counts(None, num_domains * e + 1, st.tokens)?;
     Ok(counts
-        .narrow(0, 0, num_domains * e)?
+        .narrow(1, 0, num_domains * e)?
         .reshape([num_domains * e])?)
 }
 

@@ -151,11 +151,13 @@ extern "C" __global__ void ce_count_valid(const int* __restrict__ targets, int n
     if (threadIdx.x == 0) *n_valid = (int)c;
 }
 
-// One block per row: loss[r] = lse(x) - x[t] (0 if ignored, NaN if t is out of range);
-// d_logits = (softmax(x) - onehot(t)) / n_valid (0 for ignored rows). `dx` may alias `x`.
+// One block per row: loss[r] = lse(x) - x[t] (0 if ignored, NaN if t is out of range, and
+// then, when `err` is given, the error record err[4] = {11, t, row, v} is written if empty:
+// megamoe-tensor's device index check); d_logits = (softmax(x) - onehot(t)) / n_valid (0 for
+// ignored rows). `dx` may alias `x`.
 extern "C" __global__ void ce_fwd_bwd(const T* x, T* dx, const int* __restrict__ targets,
                                       const int* __restrict__ n_valid, float* __restrict__ loss,
-                                      int v, int ignore) {
+                                      int v, int ignore, int* err) {
     const size_t row = blockIdx.x;
     const T* xr = x + row * v;
     T* dr = dx + row * v;
@@ -167,7 +169,14 @@ extern "C" __global__ void ce_fwd_bwd(const T* x, T* dx, const int* __restrict__
     }
     if (t < 0 || t >= v) {
         for (int j = threadIdx.x; j < v; j += BLOCK) stf(dr + j, QNAN);
-        if (threadIdx.x == 0) loss[row] = QNAN;
+        if (threadIdx.x == 0) {
+            loss[row] = QNAN;
+            if (err && atomicCAS(err, 0, 11) == 0) {
+                err[1] = t;
+                err[2] = (int)row;
+                err[3] = v;
+            }
+        }
         return;
     }
     float mx = NEG_INF;

@@ -12,8 +12,9 @@ impl Ops {
     /// Σ (lse(x) − x[t])` and `d_logits = (softmax(x) − onehot(t)) / n_valid` (0 on ignored
     /// rows; 0 and loss 0 when no row is valid). `d_logits` may be `logits` (in place: no
     /// copy of `[n, v]` beyond the logits). The count of valid rows is taken on the device.
-    /// A target outside `0..v` cannot be reported without a host read: its row's loss and
-    /// gradient are NaN (callers check targets on the host, as the data loader does).
+    /// A target outside `0..v` makes its row's loss and gradient NaN and, when `err` (a
+    /// four-i32 device error record, 0 for none) is given, writes it (code 11, the target,
+    /// its row, `v`; see `tensor::RouteError`) for the caller's next synchronising read.
     #[allow(clippy::too_many_arguments)]
     pub fn cross_entropy(
         &self,
@@ -24,6 +25,7 @@ impl Ops {
         loss: &impl DeviceMem,
         (n, v): (usize, usize),
         ignore_index: i32,
+        err: u64,
     ) -> Result<()> {
         positive("cross_entropy rows", n)?;
         positive("cross_entropy vocab", v)?;
@@ -62,6 +64,7 @@ impl Ops {
                     arg(&scratch.ptr()),
                     arg(&vi),
                     arg(&ignore_index),
+                    arg(&err),
                 ],
             )?;
             gpu.launch(

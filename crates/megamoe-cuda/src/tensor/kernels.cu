@@ -22,6 +22,17 @@ __device__ __forceinline__ void st(void* p, int dt, size_t i, float v) {
 #define GRID_STRIDE(i, n) \
     for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < (n); i += (size_t)gridDim.x * BLOCK)
 
+// Device index checks (release builds too): a bad id sets the caller's error record
+// err[0] = code (first error wins), err[1] = index, err[2] = position, err[3] = bound (the
+// codes of routing.cu's record, decoded by `RouteError`); the kernel skips the id.
+__device__ void report_index(int* err, int code, long long index, long long pos, long long bound) {
+    if (atomicCAS(err, 0, code) == 0) {
+        err[1] = (int)index;
+        err[2] = (int)pos;
+        err[3] = (int)(bound > 2147483647LL ? 2147483647LL : bound);
+    }
+}
+
 __device__ __forceinline__ float sigmoid_(float x) {
     if (x >= 0.f) return 1.f / (1.f + expf(-x));
     float e = expf(x);
@@ -295,32 +306,58 @@ extern "C" __global__ void topk_rows(const void* x, int xt, float* vals, int* id
 }
 
 // Row gather of raw bytes: out[r] = x[idx[r]] (rows of `row_bytes`, a multiple of 4).
+// out[r] = x[idx[r]] (rows of row_words u32 / row_elems u16; one block per out row); an id
+// outside 0..n (x's rows) is reported (code 7) and its row zeroed.
 extern "C" __global__ void gather_rows(const unsigned* x, const int* idx, unsigned* out, int n,
-                                       size_t row_words) {
+                                       size_t row_words, int* err) {
     const int r = blockIdx.x;
-    const size_t src = (size_t)idx[r] * row_words;
-    for (size_t j = threadIdx.x; j < row_words; j += BLOCK) out[(size_t)r * row_words + j] = x[src + j];
+    const int s = idx[r];
+    const bool ok = s >= 0 && s < n;
+    if (!ok && threadIdx.x == 0) report_index(err, 7, s, r, n);
+    const size_t src = (size_t)s * row_words;
+    for (size_t j = threadIdx.x; j < row_words; j += BLOCK) out[(size_t)r * row_words + j] = ok ? x[src + j] : 0u;
 }
 extern "C" __global__ void gather_rows_u16(const unsigned short* x, const int* idx,
-                                           unsigned short* out, int n, size_t row_elems) {
+                                           unsigned short* out, int n, size_t row_elems,
+                                           int* err) {
     const int r = blockIdx.x;
-    const size_t src = (size_t)idx[r] * row_elems;
-    for (size_t j = threadIdx.x; j < row_elems; j += BLOCK) out[(size_t)r * row_elems + j] = x[src + j];
+    const int s = idx[r];
+    const bool ok = s >= 0 && s < n;
+    if (!ok && threadIdx.x == 0) report_index(err, 7, s, r, n);
+    const size_t src = (size_t)s * row_elems;
+    for (size_t j = threadIdx.x; j < row_elems; j += BLOCK) out[(size_t)r * row_elems + j] = ok ? x[src + j] : (unsigned short)0;
 }
 
-// out[n, j] = x[n, idx[n, j]] for x [N, E], idx [N, k] (f32 out).
+// out[n, j] = x[n, idx[n, j]] for x [N, E], idx [N, k] (f32 out); an id outside 0..E is
+// reported (code 9) and reads 0.
 extern "C" __global__ void gather_cols(const void* x, int xt, const int* idx, float* out, size_t n,
-                                       int e, int k) {
-    GRID_STRIDE(i, n * k) out[i] = ld(x, xt, (i / k) * e + idx[i]);
+                                       int e, int k, int* err) {
+    GRID_STRIDE(i, n * k) {
+        const int c = idx[i];
+        if (c < 0 || c >= e) {
+            report_index(err, 9, c, (long long)i, e);
+            out[i] = 0.f;
+        } else {
+            out[i] = ld(x, xt, (i / k) * e + c);
+        }
+    }
 }
 
-// out [N, E] = 0 except out[n, idx[n, j]] += src[n, j], j increasing. One thread per row.
+// out [N, E] = 0 except out[n, idx[n, j]] += src[n, j], j increasing. One thread per row; an
+// id outside 0..E is reported (code 10) and skipped.
 extern "C" __global__ void scatter_cols(const void* src, int st_, const int* idx, float* out,
-                                        int n, int e, int k) {
+                                        int n, int e, int k, int* err) {
     const int r = blockIdx.x * BLOCK + threadIdx.x;
     if (r >= n) return;
     for (int j = 0; j < e; j++) out[(size_t)r * e + j] = 0.f;
-    for (int j = 0; j < k; j++) out[(size_t)r * e + idx[(size_t)r * k + j]] += ld(src, st_, (size_t)r * k + j);
+    for (int j = 0; j < k; j++) {
+        const int c = idx[(size_t)r * k + j];
+        if (c < 0 || c >= e) {
+            report_index(err, 10, c, (long long)r * k + j, e);
+            continue;
+        }
+        out[(size_t)r * e + c] += ld(src, st_, (size_t)r * k + j);
+    }
 }
 
 // General permute copy of a rank <= 6 tensor: out index -> in offset via strides.
@@ -343,69 +380,120 @@ extern "C" __global__ void permute_copy(const void* x, void* y, int elem_bytes, 
 }
 
 // ---- Deterministic row scatter-add: dst[idx[r]] += w[r] * src[r], sources in increasing r.
-// rank[r] = #{r' < r : idx[r'] == idx[r]}; count[d] += 1 (integer atomics: exact).
-extern "C" __global__ void index_rank(const int* __restrict__ idx, int* __restrict__ rank,
-                                      int* __restrict__ count, int n) {
-    __shared__ int tile[BLOCK];
-    const int r = blockIdx.x * BLOCK + threadIdx.x;
-    const int id = r < n ? idx[r] : -1;
-    int k = 0;
-    const int last = min(n, (int)(blockIdx.x + 1) * BLOCK);
-    for (int base = 0; base < last; base += BLOCK) {
-        __syncthreads();
-        tile[threadIdx.x] = base + threadIdx.x < n ? idx[base + threadIdx.x] : -2;
-        __syncthreads();
-        const int lim = min(BLOCK, r - base);
-        for (int i = 0; i < lim; i++) k += tile[i] == id;
-    }
-    if (r < n) {
-        rank[r] = k;
-        atomicAdd(count + id, 1);
+// A stable LSD radix sort of the destination ids (8-bit digits; SORT_CHUNK ids per block,
+// warp match + per-warp digit counts for the in-chunk rank, one exclusive scan of the
+// digit-major chunk histogram per pass: integer work only), then each destination's segment
+// of the sorted sources is summed in order. O(n) per pass instead of a per-source rank.
+#define SORT_CHUNK 1024
+
+// key[i] = idx[i] when in 0..m, else m (reported, code 8: that source is skipped); val[i] = i.
+extern "C" __global__ void index_keys(const int* __restrict__ idx, int n, int m, int* __restrict__ key,
+                                      int* __restrict__ val, int* err) {
+    for (int i = blockIdx.x * BLOCK + threadIdx.x; i < n; i += gridDim.x * BLOCK) {
+        const int d = idx[i];
+        const bool ok = d >= 0 && d < m;
+        if (!ok) report_index(err, 8, d, i, m);
+        key[i] = ok ? d : m;
+        val[i] = i;
     }
 }
 
-// Exclusive prefix sum of count [m] into offset [m] (one block, fixed order).
-extern "C" __global__ void scan_counts(const int* __restrict__ count, int* __restrict__ offset, int m) {
-    __shared__ int s[BLOCK];
-    __shared__ int carry;
-    if (threadIdx.x == 0) carry = 0;
-    for (int base = 0; base < m; base += BLOCK) {
-        __syncthreads();
-        const int i = base + threadIdx.x;
-        const int c = i < m ? count[i] : 0;
-        s[threadIdx.x] = c;
-        __syncthreads();
-        for (int o = 1; o < BLOCK; o <<= 1) {
-            int v = threadIdx.x >= o ? s[threadIdx.x - o] : 0;
-            __syncthreads();
-            s[threadIdx.x] += v;
-            __syncthreads();
+// One pass, block = one chunk of SORT_CHUNK keys (blockDim = SORT_CHUNK): hist[digit * chunks
+// + chunk] = the digit's count in the chunk; rank[i] = earlier keys of the chunk with its digit.
+extern "C" __global__ void sort_digits(const int* __restrict__ key, int n, int shift, int chunks,
+                                       int* __restrict__ hist, int* __restrict__ rank) {
+    __shared__ int wc[SORT_CHUNK / 32][256];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int j = tid; j < (SORT_CHUNK / 32) * 256; j += SORT_CHUNK) (&wc[0][0])[j] = 0;
+    __syncthreads();
+    const int i = blockIdx.x * SORT_CHUNK + tid;
+    const int d = i < n ? (key[i] >> shift) & 255 : 256;
+    const unsigned peers = __match_any_sync(0xffffffffu, d);
+    const int before = __popc(peers & ((1u << lane) - 1u));
+    if (d < 256 && before == 0) wc[warp][d] = __popc(peers);
+    __syncthreads();
+    if (tid < 256) {
+        int run = 0;
+        for (int w = 0; w < SORT_CHUNK / 32; w++) {
+            const int c = wc[w][tid];
+            wc[w][tid] = run;
+            run += c;
         }
-        if (i < m) offset[i] = carry + s[threadIdx.x] - c;
+        hist[(size_t)tid * chunks + blockIdx.x] = run;
+    }
+    __syncthreads();
+    if (i < n) rank[i] = wc[warp][d] + before;
+}
+
+// In-place exclusive prefix sum of a[s] (one block of SORT_CHUNK threads, fixed order).
+extern "C" __global__ void scan_excl(int* __restrict__ a, int s) {
+    __shared__ int ws[32];
+    __shared__ int total;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int carry = 0;
+    for (int base = 0; base < s; base += SORT_CHUNK) {
+        const int i = base + tid;
+        const int v = i < s ? a[i] : 0;
+        int inc = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o) inc += t;
+        }
+        if (lane == 31) ws[warp] = inc;
         __syncthreads();
-        if (threadIdx.x == BLOCK - 1) carry += s[BLOCK - 1];
+        if (warp == 0) {
+            const int w = ws[lane];
+            int wi = w;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int t = __shfl_up_sync(0xffffffffu, wi, o);
+                if (lane >= o) wi += t;
+            }
+            ws[lane] = wi - w;
+            if (lane == 31) total = wi;
+        }
+        __syncthreads();
+        if (i < s) a[i] = carry + ws[warp] + inc - v;
+        carry += total;
+        __syncthreads();
     }
 }
 
-extern "C" __global__ void index_place(const int* __restrict__ idx, const int* __restrict__ rank,
-                                       const int* __restrict__ offset, int* __restrict__ order, int n) {
-    const int r = blockIdx.x * BLOCK + threadIdx.x;
-    if (r < n) order[offset[idx[r]] + rank[r]] = r;
+// Scatter of one pass: key/val to their stable place (hist scanned).
+extern "C" __global__ void sort_scatter(const int* __restrict__ key, const int* __restrict__ val, int n,
+                                        int shift, int chunks, const int* __restrict__ hist,
+                                        const int* __restrict__ rank, int* __restrict__ key_out,
+                                        int* __restrict__ val_out) {
+    const int i = blockIdx.x * SORT_CHUNK + threadIdx.x;
+    if (i >= n) return;
+    const int k = key[i];
+    const int p = hist[(size_t)((k >> shift) & 255) * chunks + blockIdx.x] + rank[i];
+    key_out[p] = k;
+    val_out[p] = val[i];
 }
 
-// Destination row blockIdx.x, columns strided over the blockIdx.y blocks (long rows, few
-// destinations: the GQA key/value gradient sums): dst[d] (f32) += sum over its sources, in
-// order, of w[r] * src[r].
+// Segment bounds of the sorted keys: first[d] .. last[d] (exclusive) for every d < m present
+// (both pre-zeroed: an absent destination has an empty segment).
+extern "C" __global__ void segment_bounds(const int* __restrict__ key, int n, int m,
+                                          int* __restrict__ first, int* __restrict__ last) {
+    for (int i = blockIdx.x * BLOCK + threadIdx.x; i < n; i += gridDim.x * BLOCK) {
+        const int k = key[i];
+        if (k >= m) continue;
+        if (i == 0 || key[i - 1] != k) first[k] = i;
+        if (i == n - 1 || key[i + 1] != k) last[k] = i + 1;
+    }
+}
+
+// Destination row blockIdx.x, columns strided over the blockIdx.y blocks: dst[d] (f32) +=
+// sum over its sources (order[first[d]..last[d]], increasing source index), of w[r] * src[r].
 extern "C" __global__ void index_add_apply(const void* src, int st_, const float* w,
                                            const int* __restrict__ order,
-                                           const int* __restrict__ offset,
-                                           const int* __restrict__ count, float* dst, size_t row) {
+                                           const int* __restrict__ first,
+                                           const int* __restrict__ last, float* dst, size_t row) {
     const size_t d = blockIdx.x;
-    const int c = count[d];
-    if (c == 0) return;
-    const int o = offset[d];
-    for (size_t j = blockIdx.y * (size_t)BLOCK + threadIdx.x; j < row;
-         j += (size_t)gridDim.y * BLOCK) {
+    const int o = first[d], c = last[d] - o;
+    if (c <= 0) return;
+    for (size_t j = blockIdx.y * (size_t)blockDim.x + threadIdx.x; j < row;
+         j += (size_t)gridDim.y * blockDim.x) {
         float acc = dst[d * row + j];
         for (int i = 0; i < c; i++) {
             const int r = order[o + i];

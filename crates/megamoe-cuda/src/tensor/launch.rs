@@ -10,6 +10,8 @@ const SRC: &str = include_str!("kernels.cu");
 const BLOCK: u32 = 256;
 /// Rows summed per block in the first pass of a column sum.
 const ROWS_PER_CHUNK: usize = 128;
+/// Ids per block of the index radix sort (`SORT_CHUNK` in kernels.cu; its block size).
+const SORT_CHUNK: usize = 1024;
 
 fn grid(n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, 132 * 16) as u32
@@ -46,9 +48,11 @@ struct Kernels {
     gather_cols: dsys::CUfunction,
     scatter_cols: dsys::CUfunction,
     permute_copy: dsys::CUfunction,
-    index_rank: dsys::CUfunction,
-    scan_counts: dsys::CUfunction,
-    index_place: dsys::CUfunction,
+    index_keys: dsys::CUfunction,
+    sort_digits: dsys::CUfunction,
+    scan_excl: dsys::CUfunction,
+    sort_scatter: dsys::CUfunction,
+    segment_bounds: dsys::CUfunction,
     index_add_apply: dsys::CUfunction,
     swiglu_bwd: dsys::CUfunction,
     swiglu_gate_up: dsys::CUfunction,
@@ -101,9 +105,11 @@ impl TensorKernels {
                 gather_cols: get("gather_cols")?,
                 scatter_cols: get("scatter_cols")?,
                 permute_copy: get("permute_copy")?,
-                index_rank: get("index_rank")?,
-                scan_counts: get("scan_counts")?,
-                index_place: get("index_place")?,
+                index_keys: get("index_keys")?,
+                sort_digits: get("sort_digits")?,
+                scan_excl: get("scan_excl")?,
+                sort_scatter: get("sort_scatter")?,
+                segment_bounds: get("segment_bounds")?,
                 index_add_apply: get("index_add_apply")?,
                 swiglu_bwd: get("swiglu_bwd")?,
                 swiglu_gate_up: get("swiglu_gate_up")?,
@@ -494,23 +500,26 @@ impl TensorKernels {
     }
 
     /// Row gather `out[r] = x[idx[r]]` for `n` rows of `row` elements (any dtype; `out` has
-    /// `x`'s type). Indices must be in range (checked by the caller).
+    /// `x`'s type) from `x` of `x_rows` rows. An id outside `0..x_rows` is checked on the
+    /// device: it writes the error record `err` (code 7, see `RouteError`) and a zero row.
     ///
     /// # Safety
-    /// See [`TensorKernels::cast`].
+    /// See [`TensorKernels::cast`]; `err` is the caller's four-i32 error record.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gather_rows(
         &self,
         gpu: &Gpu,
-        x: Dev,
+        (x, x_rows): (Dev, usize),
         idx: u64,
         out: u64,
         n: usize,
         row: usize,
+        err: u64,
     ) -> Result<()> {
         if n == 0 || row == 0 {
             return Ok(());
         }
-        let ni = int("gather rows", n)?;
+        let (ni, xr) = (int("gather rows", n)?, int("gather source rows", x_rows)?);
         let (f, words) = if (row * x.dtype.size()).is_multiple_of(4) {
             (self.k.gather_rows, row * x.dtype.size() / 4)
         } else {
@@ -520,14 +529,22 @@ impl TensorKernels {
             f,
             ni as u32,
             BLOCK,
-            &mut [arg(&x.ptr), arg(&idx), arg(&out), arg(&ni), arg(&words)],
+            &mut [
+                arg(&x.ptr),
+                arg(&idx),
+                arg(&out),
+                arg(&xr),
+                arg(&words),
+                arg(&err),
+            ],
         )
     }
 
-    /// `out[n, j] = x[n, idx[n, j]]` (f32) for `x [rows, e]`, `idx [rows, k]`.
+    /// `out[n, j] = x[n, idx[n, j]]` (f32) for `x [rows, e]`, `idx [rows, k]`; an id outside
+    /// `0..e` writes the error record `err` (code 9) and reads 0.
     ///
     /// # Safety
-    /// See [`TensorKernels::cast`].
+    /// See [`TensorKernels::cast`]; `err` is the caller's four-i32 error record.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gather_cols(
         &self,
@@ -538,6 +555,7 @@ impl TensorKernels {
         rows: usize,
         e: usize,
         k: usize,
+        err: u64,
     ) -> Result<()> {
         let (ei, ki, xt) = (
             int("gather_cols e", e)?,
@@ -556,14 +574,16 @@ impl TensorKernels {
                 arg(&rows),
                 arg(&ei),
                 arg(&ki),
+                arg(&err),
             ],
         )
     }
 
-    /// `out [rows, e]` (f32) = 0 except `out[n, idx[n, j]] += src[n, j]` in increasing `j`.
+    /// `out [rows, e]` (f32) = 0 except `out[n, idx[n, j]] += src[n, j]` in increasing `j`;
+    /// an id outside `0..e` writes the error record `err` (code 10) and is skipped.
     ///
     /// # Safety
-    /// See [`TensorKernels::cast`].
+    /// See [`TensorKernels::cast`]; `err` is the caller's four-i32 error record.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn scatter_cols(
         &self,
@@ -574,6 +594,7 @@ impl TensorKernels {
         rows: usize,
         e: usize,
         k: usize,
+        err: u64,
     ) -> Result<()> {
         if rows == 0 {
             return Ok(());
@@ -596,6 +617,7 @@ impl TensorKernels {
                 arg(&ri),
                 arg(&ei),
                 arg(&ki),
+                arg(&err),
             ],
         )
     }
@@ -654,69 +676,124 @@ impl TensorKernels {
     }
 
     /// In place `dst[idx[r]] += w[r] · src[r]` (`dst [m, row]` f32, `src [n, row]`, `idx
-    /// [n]` i32 in `0..m`, `w [n]` f32 optional), each destination adding its sources in
-    /// increasing `r` with the CPU op's exact f32 operations: bitwise equal to it.
+    /// [n]` i32, `w [n]` f32 optional), each destination adding its sources in increasing
+    /// `r` with the CPU op's exact f32 operations: bitwise equal to it. The sources are put in
+    /// destination order by a stable radix sort of the ids (integer work, O(n) per 8-bit
+    /// pass), then every destination row sums its segment. An id outside `0..m` writes the
+    /// error record `err` (code 8) and that source is skipped.
     ///
     /// # Safety
-    /// See [`TensorKernels::cast`].
+    /// See [`TensorKernels::cast`]; `err` is the caller's four-i32 error record.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn index_add_rows(
         &self,
         gpu: &Gpu,
         dst: u64,
-        m: usize,
-        row: usize,
+        (m, row): (usize, usize),
         idx: u64,
         src: Dev,
         w: Option<u64>,
         n: usize,
+        err: u64,
     ) -> Result<()> {
         if n == 0 || m == 0 || row == 0 {
             return Ok(());
         }
         let (ni, mi) = (int("index_add rows", n)?, int("index_add dst rows", m)?);
-        let scratch = gpu.alloc((2 * n + m) * 4)?;
-        let counts = gpu.alloc(m * 4)?;
-        gpu.memset(&counts, 0)?;
-        let rank = scratch.ptr();
-        let order = rank + (n * 4) as u64;
-        let offset = order + (n * 4) as u64;
-        let count = counts.ptr();
-        let blocks = n.div_ceil(BLOCK as usize) as u32;
-        let (st, wp) = (src.dtype.code(), w.unwrap_or(0));
+        let chunks = n.div_ceil(SORT_CHUNK);
+        let hist_len = int("index_add digit histogram", 256 * chunks)?;
+        let ci = chunks as i32;
+        // keys, values (ping-pong), in-chunk ranks, digit histogram
+        let scratch = gpu.alloc((5 * n + 256 * chunks) * 4)?;
+        let key = [scratch.ptr(), scratch.ptr() + (2 * n * 4) as u64];
+        let val = [
+            scratch.ptr() + (n * 4) as u64,
+            scratch.ptr() + (3 * n * 4) as u64,
+        ];
+        let rank = scratch.ptr() + (4 * n * 4) as u64;
+        let hist = scratch.ptr() + (5 * n * 4) as u64;
+        let bounds = gpu.alloc(2 * m * 4)?;
+        gpu.memset(&bounds, 0)?;
+        let (first, last) = (bounds.ptr(), bounds.ptr() + (m * 4) as u64);
         gpu.launch(
-            self.k.index_rank,
-            blocks,
+            self.k.index_keys,
+            grid(n),
             BLOCK,
-            &mut [arg(&idx), arg(&rank), arg(&count), arg(&ni)],
+            &mut [
+                arg(&idx),
+                arg(&ni),
+                arg(&mi),
+                arg(&key[0]),
+                arg(&val[0]),
+                arg(&err),
+            ],
         )?;
+        // Keys are in 0..=m (m marks a reported bad id): 8-bit digits up to m's top bit.
+        let bits = usize::BITS - m.leading_zeros();
+        let mut cur = 0;
+        for pass in 0..bits.div_ceil(8) {
+            let shift = (8 * pass) as i32;
+            let nxt = 1 - cur;
+            gpu.launch(
+                self.k.sort_digits,
+                chunks as u32,
+                SORT_CHUNK as u32,
+                &mut [
+                    arg(&key[cur]),
+                    arg(&ni),
+                    arg(&shift),
+                    arg(&ci),
+                    arg(&hist),
+                    arg(&rank),
+                ],
+            )?;
+            gpu.launch(
+                self.k.scan_excl,
+                1,
+                SORT_CHUNK as u32,
+                &mut [arg(&hist), arg(&hist_len)],
+            )?;
+            gpu.launch(
+                self.k.sort_scatter,
+                chunks as u32,
+                SORT_CHUNK as u32,
+                &mut [
+                    arg(&key[cur]),
+                    arg(&val[cur]),
+                    arg(&ni),
+                    arg(&shift),
+                    arg(&ci),
+                    arg(&hist),
+                    arg(&rank),
+                    arg(&key[nxt]),
+                    arg(&val[nxt]),
+                ],
+            )?;
+            cur = nxt;
+        }
         gpu.launch(
-            self.k.scan_counts,
-            1,
+            self.k.segment_bounds,
+            grid(n),
             BLOCK,
-            &mut [arg(&count), arg(&offset), arg(&mi)],
-        )?;
-        gpu.launch(
-            self.k.index_place,
-            blocks,
-            BLOCK,
-            &mut [arg(&idx), arg(&rank), arg(&offset), arg(&order), arg(&ni)],
+            &mut [arg(&key[cur]), arg(&ni), arg(&mi), arg(&first), arg(&last)],
         )?;
         // Column blocks per destination row: ~8 columns per thread, so a few long rows
-        // (GQA head sums: 16 rows of T·D) still fill the GPU.
-        let col_blocks = row.div_ceil(BLOCK as usize * 8).clamp(1, 65535) as u32;
+        // (GQA head sums: 16 rows of T·D) still fill the GPU; short rows take one warp.
+        let threads = if row < BLOCK as usize { 32 } else { BLOCK };
+        let col_blocks = row.div_ceil(threads as usize * 8).clamp(1, 65535) as u32;
+        let (st, wp) = (src.dtype.code(), w.unwrap_or(0));
         gpu.launch_2d(
             self.k.index_add_apply,
             (mi as u32, col_blocks),
-            BLOCK,
+            threads,
             0,
             &mut [
                 arg(&src.ptr),
                 arg(&st),
                 arg(&wp),
-                arg(&order),
-                arg(&offset),
-                arg(&count),
+                arg(&val[cur]),
+                arg(&first),
+                arg(&last),
                 arg(&dst),
                 arg(&row),
             ],

@@ -11,6 +11,7 @@
 //   1 slot id outside 0..bound          2 negative expert id
 //   3 row id outside -1..bound          4 expert over capacity (err[1] = expert)
 //   5 group counts invalid              6 group sizes outside 0..=stride
+//   7..11 the index ops' ids (kernels.cu and the ops' cross-entropy; see RouteError)
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define CHUNK 256
@@ -195,37 +196,102 @@ extern "C" __global__ void keep_earliest(const int* __restrict__ pos, int n, int
     }
 }
 
-// list[off[e] + pos[a]] = a: each expert's assignments in flat order.
+// list[off[e] + pos[a]] = a: each expert's assignments in flat order; keep[a] = 0 for an
+// assignment that takes no part (null slot, or a real id past n_real).
 extern "C" __global__ void route_list(const int* __restrict__ idx, const int* __restrict__ pos, int n,
-                                      const int* __restrict__ off, int* __restrict__ list) {
+                                      const int* __restrict__ off, int* __restrict__ list,
+                                      float* __restrict__ keep) {
     for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
         int p = pos[a];
         if (p >= 0) list[off[idx[a]] + p] = a;
+        else keep[a] = 0.f;
     }
 }
 
-// Highest-gate capacity: an expert with more than cap assignments keeps those whose rank
-// (descending gate, ties -> lower flat index: a stable sort) is below cap.
-extern "C" __global__ void keep_highest(const int* __restrict__ idx, const int* __restrict__ pos,
-                                        const float* __restrict__ gates, int n, int cap,
-                                        const int* __restrict__ counts, const int* __restrict__ off,
-                                        const int* __restrict__ list, float* __restrict__ keep) {
-    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
-        int p = pos[a];
-        if (p < 0) { keep[a] = 0.f; continue; }
-        int e = idx[a];
-        int ne = counts[e];
-        if (ne <= cap) { keep[a] = 1.f; continue; }
-        const int* l = list + off[e];
-        float ga = gates[a];
-        int rank = 0;
-        for (int i = 0; i < ne && rank < cap; i++) {
-            int b = l[i];
-            float gb = gates[b];
-            // gb > ga, or equal (NaN compares equal, as the CPU sort) and earlier
-            rank += (gb > ga) || (!(gb < ga) && !(gb > ga) && b < a);
+// Order-preserving u32 key of a gate: a larger gate gives a larger key; -0 and +0 share one
+// key (they compare equal, as on the CPU); NaN gets the lowest key.
+__device__ __forceinline__ unsigned gate_key(float g) {
+    if (g != g) return 0u;
+    unsigned u = __float_as_uint(g == 0.f ? 0.f : g);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#define SEL_THREADS 1024
+
+// Highest-gate capacity, one block (SEL_THREADS) per expert e over its list (flat order):
+// an expert with at most cap assignments keeps all; otherwise a 4-pass 8-bit radix select
+// finds the cap-th largest key K (integer shared histograms: exact), and the block keeps every
+// key > K plus the first `cap - #{key > K}` keys == K in list order (a block-wide ordered
+// ballot scan). That is exactly the kept set of a stable sort by descending gate with ties
+// broken by the lower flat index: O(count) per expert instead of a per-assignment rank.
+extern "C" __global__ void keep_select(const float* __restrict__ gates, int cap,
+                                       const int* __restrict__ counts, const int* __restrict__ off,
+                                       const int* __restrict__ list, float* __restrict__ keep) {
+    __shared__ int hist[256];
+    __shared__ int wsum[SEL_THREADS / 32];
+    __shared__ unsigned s_key;
+    __shared__ int s_left, s_total;
+    const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int ne = counts[e];
+    const int* l = list + off[e];
+    if (ne <= cap) {
+        for (int i = tid; i < ne; i += blockDim.x) keep[l[i]] = 1.f;
+        return;
+    }
+    if (cap <= 0) {
+        for (int i = tid; i < ne; i += blockDim.x) keep[l[i]] = 0.f;
+        return;
+    }
+    unsigned prefix = 0u, mask = 0u;
+    int left = cap; // rank (1-based, descending) of the wanted key among those matching prefix
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = tid; i < ne; i += blockDim.x) {
+            unsigned k = gate_key(gates[l[i]]);
+            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
         }
-        keep[a] = rank < cap ? 1.f : 0.f;
+        __syncthreads();
+        if (tid == 0) {
+            int above = 0, b = 255;
+            for (; b > 0; b--) {
+                if (above + hist[b] >= left) break;
+                above += hist[b];
+            }
+            s_key = prefix | ((unsigned)b << shift);
+            s_left = left - above;
+        }
+        __syncthreads();
+        prefix = s_key;
+        left = s_left;
+        mask |= 255u << shift;
+    }
+    // prefix = K; keep the first `left` keys equal to K (in list order) and every larger key.
+    const int nw = (blockDim.x + 31) >> 5;
+    int carry = 0;
+    for (int base = 0; base < ne; base += blockDim.x) {
+        const int i = base + tid;
+        const unsigned k = i < ne ? gate_key(gates[l[i]]) : 0u;
+        const bool eq = i < ne && k == prefix;
+        const unsigned bal = __ballot_sync(0xffffffffu, eq);
+        const int before = __popc(bal & ((1u << lane) - 1u));
+        if (lane == 0) wsum[warp] = __popc(bal);
+        __syncthreads();
+        if (warp == 0) {
+            int v = lane < nw ? wsum[lane] : 0;
+            int inc = v;
+            for (int o = 1; o < 32; o <<= 1) {
+                int t = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += t;
+            }
+            if (lane < nw) wsum[lane] = inc - v;
+            if (lane == 31) s_total = inc;
+        }
+        __syncthreads();
+        const int r = carry + wsum[warp] + before;
+        if (i < ne) keep[l[i]] = (k > prefix || (eq && r < left)) ? 1.f : 0.f;
+        carry += s_total;
+        __syncthreads();
     }
 }
 

@@ -21,6 +21,8 @@ const SRC: &str = include_str!("routing.cu");
 pub(super) const BLOCK: u32 = 256;
 /// Assignments per chunk of the counting sort (`CHUNK` in routing.cu).
 const CHUNK: usize = 256;
+/// Threads per expert block of the highest-gate capacity select (`SEL_THREADS` in routing.cu).
+const SEL_THREADS: u32 = 1024;
 /// Most slots per token the combine kernels take (their shared arrays).
 pub const MAX_SLOTS: usize = 64;
 /// Most expert groups of the group-limited mask.
@@ -39,7 +41,9 @@ pub(super) fn int(field: &'static str, v: usize) -> Result<i32> {
 pub struct RouteError {
     /// 1 slot id outside `0..bound`; 2 negative expert id; 3 row id outside `-1..bound`;
     /// 4 expert over capacity (`index` = expert, `bound` = capacity); 5 group counts outside
-    /// `0..=capacity` or not summing to the rows; 6 group size outside `0..=stride`.
+    /// `0..=capacity` or not summing to the rows; 6 group size outside `0..=stride`; the
+    /// index ops' ids outside `0..bound` (kernels.cu, ops' cross-entropy): 7 `index_select`,
+    /// 8 `index_add_rows`, 9 `gather_cols`, 10 `scatter_cols`, 11 `cross_entropy` target.
     pub code: i32,
     /// The bad value.
     pub index: i32,
@@ -60,8 +64,23 @@ impl RouteError {
         })
     }
 
+    /// The index op whose id was outside `0..bound` (codes 7–11), if it was one.
+    pub fn index_op(&self) -> Option<&'static str> {
+        Some(match self.code {
+            7 => "index_select",
+            8 => "index_add_rows",
+            9 => "gather_cols",
+            10 => "scatter_cols",
+            11 => "cross_entropy",
+            _ => return None,
+        })
+    }
+
     /// The op family whose check failed and the rule it broke.
     pub fn rule(&self) -> (&'static str, &'static str) {
+        if let Some(op) = self.index_op() {
+            return (op, "ids must be in 0..bound");
+        }
         match self.code {
             1 => ("slot_counts", "slot ids must be in 0..n_slots"),
             2 => ("routing", "expert ids must be non-negative"),
@@ -109,7 +128,7 @@ kernels!(
     route_place,
     keep_earliest,
     route_list,
-    keep_highest,
+    keep_select,
     capacity_place,
     clamp_counts,
     sort_place,
@@ -381,7 +400,8 @@ impl RouteKernels {
     /// Capacity selection `keep [n]` f32 from the positions of [`RouteKernels::positions`]
     /// (computed without `keep`): `gates = None` keeps the earliest `cap` per expert (every
     /// real one when `cap` is `None`); `Some(gates)` keeps the `cap` highest gates (ties →
-    /// lower flat index).
+    /// lower flat index), found per expert by a radix select over its assignments (one
+    /// block per expert, linear in its count).
     ///
     /// # Safety
     /// See [`RouteKernels::group_limited_mask`].
@@ -413,18 +433,22 @@ impl RouteKernels {
                     self.k.route_list,
                     grid(n),
                     BLOCK,
-                    &mut [arg(&idx), arg(&pos), arg(&ni), arg(&op), arg(&lp)],
-                )?;
-                self.go(
-                    gpu,
-                    self.k.keep_highest,
-                    grid(n),
-                    BLOCK,
                     &mut [
                         arg(&idx),
                         arg(&pos),
-                        arg(&g),
                         arg(&ni),
+                        arg(&op),
+                        arg(&lp),
+                        arg(&keep),
+                    ],
+                )?;
+                self.go(
+                    gpu,
+                    self.k.keep_select,
+                    int("n_real", n_real)? as u32,
+                    SEL_THREADS,
+                    &mut [
+                        arg(&g),
                         arg(&capi),
                         arg(&counts),
                         arg(&op),

@@ -116,9 +116,10 @@ impl RopeKernels for CudaBackend {
 }
 
 impl LossKernels for CudaBackend {
-    /// Targets are checked on the host in debug builds only (one read); in release builds a
-    /// target outside `0..V` makes its row's loss and gradient NaN on the device (the
-    /// trainer's non-finite guard then stops), and the batcher checks tokens on the host.
+    /// Targets are checked on the device in every build: a target outside `0..V` (other than
+    /// `ignore_index`) makes its row's loss and gradient NaN and is reported as an
+    /// `IndexOutOfRange` error naming `cross_entropy` at the next synchronising read (the
+    /// step's stats read), with no host read here.
     fn cross_entropy(
         &self,
         logits: &Tensor,
@@ -127,19 +128,7 @@ impl LossKernels for CudaBackend {
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "cross_entropy";
         let (n, v) = logits.dims2()?;
-        if cfg!(debug_assertions) {
-            let t = self.down_i32(targets)?;
-            for (position, &ti) in t.iter().enumerate() {
-                if ti != ignore_index && (ti < 0 || ti as usize >= v) {
-                    return Err(Error::IndexOutOfRange {
-                        op: OP,
-                        index: ti as i64,
-                        position,
-                        bound: v,
-                    });
-                }
-            }
-        }
+        super::routing::ids(OP, "targets", targets)?;
         let lf = self.as_act(logits)?;
         let e = self.engine(OP)?;
         let (loss, _) = self.empty(&e, Shape::from(Vec::new()), DType::F32)?;
@@ -160,26 +149,18 @@ impl LossKernels for CudaBackend {
         );
         self.ck(
             OP,
-            e.ops(self.act())
-                .cross_entropy(&e.gpu, &lv, &tv, &gv, &sv, (n, v), ignore_index),
+            e.ops(self.act()).cross_entropy(
+                &e.gpu,
+                &lv,
+                &tv,
+                &gv,
+                &sv,
+                (n, v),
+                ignore_index,
+                e.err.ptr(),
+            ),
         )?;
         Ok((loss, grad))
-    }
-}
-
-impl CudaBackend {
-    /// An i32 tensor's elements on the host (one counted read).
-    fn down_i32(&self, t: &Tensor) -> Result<Vec<i32>> {
-        crate::sync::record_host_read();
-        match crate::backend::HostTransfer::to_host(self, t)? {
-            crate::storage::CpuStorage::I32(v) => Ok(v),
-            _ => Err(Error::DTypeMismatch {
-                op: "to_host",
-                arg: "targets",
-                expected: "i32",
-                got: t.dtype(),
-            }),
-        }
     }
 }
 
@@ -234,18 +215,15 @@ impl IndexKernels for CudaBackend {
             .ok_or_else(|| x.rank_error(OP, "x", 1))?;
         let row: usize = rest.iter().product();
         let r = idx.numel();
-        if cfg!(debug_assertions) {
-            self.check_ids(OP, idx, n)?;
-        }
-        let (xd, id) = (dev(OP, x)?, dev(OP, idx)?);
+        let (xd, ip) = (dev(OP, x)?, super::routing::ids(OP, "idx", idx)?);
         let mut shape = vec![r];
         shape.extend_from_slice(rest);
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, shape.into(), x.dtype())?;
-        // SAFETY: ids in 0..n (checked by callers; in debug builds here), `x` holds n rows
-        // of `row` elements, the output r rows.
+        // SAFETY: `x` holds n rows of `row` elements (ids checked on the device), the output
+        // r rows.
         self.ck(OP, unsafe {
-            e.tk.gather_rows(&e.gpu, xd, id.ptr, d.ptr, r, row)
+            e.tk.gather_rows(&e.gpu, (xd, n), ip, d.ptr, r, row, e.err.ptr())
         })?;
         Ok(t)
     }
@@ -261,15 +239,13 @@ impl IndexKernels for CudaBackend {
         let m = dst.dims().first().copied().unwrap_or(0);
         let row: usize = dst.dims().iter().skip(1).product();
         let n = idx.numel();
-        if cfg!(debug_assertions) {
-            self.check_ids(OP, idx, m)?;
-        }
-        let (id, sd) = (dev(OP, idx)?, dev(OP, src)?);
+        let (ip, sd) = (super::routing::ids(OP, "idx", idx)?, dev(OP, src)?);
         let wf = weights.map(|w| self.as_f32(w)).transpose()?;
         let wd = wf.as_ref().map(|w| dev(OP, w)).transpose()?.map(|d| d.ptr);
-        // SAFETY: `dst` is a unique f32 [m, row] buffer, `src` [n, row], `idx` and `w` [n].
+        // SAFETY: `dst` is a unique f32 [m, row] buffer, `src` [n, row], `idx` and `w` [n]
+        // (ids checked on the device).
         self.in_place(OP, dst, |e, d| unsafe {
-            e.tk.index_add_rows(&e.gpu, d.ptr, m, row, id.ptr, sd, wd, n)
+            e.tk.index_add_rows(&e.gpu, d.ptr, (m, row), ip, sd, wd, n, e.err.ptr())
         })
     }
 
@@ -277,12 +253,12 @@ impl IndexKernels for CudaBackend {
         const OP: &str = "gather_cols";
         let (n, e_) = x.dims2()?;
         let (_, k) = idx.dims2()?;
-        let (xd, id) = (dev(OP, x)?, dev(OP, idx)?);
+        let (xd, ip) = (dev(OP, x)?, super::routing::ids(OP, "idx", idx)?);
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, [n, k].into(), DType::F32)?;
-        // SAFETY: `x` [n, e], `idx` and the output [n, k].
+        // SAFETY: `x` [n, e], `idx` and the output [n, k] (ids checked on the device).
         self.ck(OP, unsafe {
-            e.tk.gather_cols(&e.gpu, xd, id.ptr, d.ptr, n, e_, k)
+            e.tk.gather_cols(&e.gpu, xd, ip, d.ptr, n, e_, k, e.err.ptr())
         })?;
         Ok(t)
     }
@@ -290,12 +266,12 @@ impl IndexKernels for CudaBackend {
     fn scatter_cols(&self, src: &Tensor, idx: &Tensor, n_cols: usize) -> Result<Tensor> {
         const OP: &str = "scatter_cols";
         let (n, k) = src.dims2()?;
-        let (sd, id) = (dev(OP, src)?, dev(OP, idx)?);
+        let (sd, ip) = (dev(OP, src)?, super::routing::ids(OP, "idx", idx)?);
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, [n, n_cols].into(), DType::F32)?;
-        // SAFETY: `src` and `idx` [n, k], the output [n, n_cols].
+        // SAFETY: `src` and `idx` [n, k], the output [n, n_cols] (ids checked on the device).
         self.ck(OP, unsafe {
-            e.tk.scatter_cols(&e.gpu, sd, id.ptr, d.ptr, n, n_cols, k)
+            e.tk.scatter_cols(&e.gpu, sd, ip, d.ptr, n, n_cols, k, e.err.ptr())
         })?;
         Ok(t)
     }
@@ -383,25 +359,5 @@ impl IndexKernels for CudaBackend {
         // SAFETY: `x` and the output hold the same number of elements.
         self.ck(OP, unsafe { e.tk.permute(&e.gpu, xd, d.ptr, &dims, perm) })?;
         Ok(t)
-    }
-}
-
-impl CudaBackend {
-    /// Debug builds: every id in `0..bound` (one counted host read).
-    fn check_ids(&self, op: &'static str, idx: &Tensor, bound: usize) -> Result<()> {
-        let ids = self.down_i32(idx)?;
-        if let Some((position, &index)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &i)| i < 0 || i as usize >= bound)
-        {
-            return Err(Error::IndexOutOfRange {
-                op,
-                index: index as i64,
-                position,
-                bound,
-            });
-        }
-        Ok(())
     }
 }

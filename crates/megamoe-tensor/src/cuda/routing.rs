@@ -7,6 +7,9 @@
 //! (`to_host`, normally the step's one stats read) returns the error naming the op
 //! ([`CudaBackend::check_device_errors`]).
 
+use megamoe_cuda::tensor::RouteKernels;
+use megamoe_cuda::Gpu;
+
 use super::{dev, CudaBackend};
 use crate::ops::capacity::{CapacityKernels, CapacityPermutation};
 use crate::ops::routing::{ExpertPermutation, KeepOrder, RoutingKernels};
@@ -26,9 +29,27 @@ pub(super) fn ids(op: &'static str, arg: &'static str, t: &Tensor) -> Result<u64
 }
 
 impl CudaBackend {
-    /// `t` as f32 (a converted copy when it is not).
-    fn f32_of(&self, t: &Tensor) -> Result<Tensor> {
-        self.as_f32(t)
+    /// `t` as f32 (a converted copy when it is not) and that copy's address: the copy must
+    /// outlive the launch that reads it.
+    fn f32_arg(&self, op: &'static str, t: &Tensor) -> Result<(Tensor, u64)> {
+        let f = self.as_f32(t)?;
+        let p = dev(op, &f)?.ptr;
+        Ok((f, p))
+    }
+
+    /// [`CudaBackend::f32_arg`] of an optional tensor (address 0 / `None` when absent).
+    fn opt_f32_arg(
+        &self,
+        op: &'static str,
+        t: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Option<u64>)> {
+        match t {
+            Some(t) => {
+                let (f, p) = self.f32_arg(op, t)?;
+                Ok((Some(f), Some(p)))
+            }
+            None => Ok((None, None)),
+        }
     }
 
     /// A fresh tensor of `shape`/`dtype` and its address.
@@ -43,6 +64,17 @@ impl CudaBackend {
         Ok((t, d.ptr))
     }
 
+    /// Runs `launch(kernels, gpu, err)` (the routing kernels, the GPU, the engine's device
+    /// error record) under `op`'s engine lock and names its error.
+    fn route(
+        &self,
+        op: &'static str,
+        launch: impl FnOnce(&RouteKernels, &Gpu, u64) -> megamoe_cuda::Result<()>,
+    ) -> Result<()> {
+        let en = self.engine(op)?;
+        self.ck(op, launch(&en.rk, &en.gpu, en.err.ptr()))
+    }
+
     /// Positions of the assignments per expert (see `RouteKernels::positions`): (`pos [n]`,
     /// `counts [n_real]`) i32.
     fn positions(
@@ -53,19 +85,13 @@ impl CudaBackend {
         n_real: usize,
     ) -> Result<(Tensor, Tensor)> {
         let ip = ids(op, "idx", idx)?;
-        let keep = keep.map(|k| self.f32_of(k)).transpose()?;
-        let kp = keep
-            .as_ref()
-            .map(|k| dev(op, k))
-            .transpose()?
-            .map(|d| d.ptr);
+        let (_keep, kp) = self.opt_f32_arg(op, keep)?;
         let n = idx.numel();
         let (pos, pp) = self.fresh(op, [n], DType::I32)?;
         let (counts, cp) = self.fresh(op, [n_real], DType::I32)?;
-        let e = self.engine(op)?;
         // SAFETY: idx / keep hold n elements, pos n, counts n_real (all fresh or checked).
-        self.ck(op, unsafe {
-            e.rk.positions(&e.gpu, (ip, kp), (n, n_real), pp, cp, e.err.ptr())
+        self.route(op, |rk, gpu, err| unsafe {
+            rk.positions(gpu, (ip, kp), (n, n_real), pp, cp, err)
         })?;
         Ok((pos, counts))
     }
@@ -80,14 +106,11 @@ impl RoutingKernels for CudaBackend {
     ) -> Result<Tensor> {
         const OP: &str = "group_limited_mask";
         let (rows, e) = sel.dims2()?;
-        let s = self.f32_of(sel)?;
-        let sp = dev(OP, &s)?.ptr;
+        let (_s, sp) = self.f32_arg(OP, sel)?;
         let (out, op) = self.fresh(OP, [rows, e], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: sel and out hold rows·e f32.
-        self.ck(OP, unsafe {
-            en.rk
-                .group_limited_mask(&en.gpu, sp, (rows, e, n_groups, topk_groups), op)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.group_limited_mask(gpu, sp, (rows, e, n_groups, topk_groups), op)
         })?;
         Ok(out)
     }
@@ -95,14 +118,11 @@ impl RoutingKernels for CudaBackend {
     fn expand_null_slots(&self, z: &Tensor, z_null: &Tensor, n_null: usize) -> Result<Tensor> {
         const OP: &str = "expand_null_slots";
         let (rows, e) = z.dims2()?;
-        let (a, b) = (self.f32_of(z)?, self.f32_of(z_null)?);
-        let (ap, bp) = (dev(OP, &a)?.ptr, dev(OP, &b)?.ptr);
+        let ((_a, ap), (_b, bp)) = (self.f32_arg(OP, z)?, self.f32_arg(OP, z_null)?);
         let (out, op) = self.fresh(OP, [rows, e + n_null], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: z [rows, e], z_null [rows], out [rows, e + n_null].
-        self.ck(OP, unsafe {
-            en.rk
-                .expand_null_slots(&en.gpu, ap, bp, (rows, e, n_null), op)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.expand_null_slots(gpu, ap, bp, (rows, e, n_null), op)
         })?;
         Ok(out)
     }
@@ -110,15 +130,12 @@ impl RoutingKernels for CudaBackend {
     fn reduce_null_slots(&self, d_pool: &Tensor, n_real: usize) -> Result<(Tensor, Tensor)> {
         const OP: &str = "reduce_null_slots";
         let (rows, w) = d_pool.dims2()?;
-        let d = self.f32_of(d_pool)?;
-        let dp = dev(OP, &d)?.ptr;
+        let (_d, dp) = self.f32_arg(OP, d_pool)?;
         let (dz, zp) = self.fresh(OP, [rows, n_real], DType::F32)?;
         let (dn, np) = self.fresh(OP, [rows, 1], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: d_pool [rows, w], dz [rows, n_real], dn [rows].
-        self.ck(OP, unsafe {
-            en.rk
-                .reduce_null_slots(&en.gpu, dp, (rows, n_real, w), zp, np)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.reduce_null_slots(gpu, dp, (rows, n_real, w), zp, np)
         })?;
         Ok((dz, dn))
     }
@@ -128,10 +145,9 @@ impl RoutingKernels for CudaBackend {
         let ip = ids(OP, "idx", idx)?;
         let n = idx.numel();
         let (out, op) = self.fresh(OP, idx.shape().clone(), DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: idx and out hold n elements.
-        self.ck(OP, unsafe {
-            en.rk.real_slot_mask(&en.gpu, ip, n, n_real, op)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.real_slot_mask(gpu, ip, n, n_real, op)
         })?;
         Ok(out)
     }
@@ -139,13 +155,11 @@ impl RoutingKernels for CudaBackend {
     fn normalize_rows(&self, g: &Tensor, eps: f32) -> Result<Tensor> {
         const OP: &str = "normalize_rows";
         let (rows, k) = g.dims2()?;
-        let x = self.f32_of(g)?;
-        let xp = dev(OP, &x)?.ptr;
+        let (_x, xp) = self.f32_arg(OP, g)?;
         let (out, op) = self.fresh(OP, [rows, k], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: g and out hold rows·k f32.
-        self.ck(OP, unsafe {
-            en.rk.normalize_rows(&en.gpu, xp, None, (rows, k), eps, op)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.normalize_rows(gpu, xp, None, (rows, k), eps, op)
         })?;
         Ok(out)
     }
@@ -153,14 +167,11 @@ impl RoutingKernels for CudaBackend {
     fn normalize_rows_backward(&self, g: &Tensor, d_n: &Tensor, eps: f32) -> Result<Tensor> {
         const OP: &str = "normalize_rows_backward";
         let (rows, k) = g.dims2()?;
-        let (x, d) = (self.f32_of(g)?, self.f32_of(d_n)?);
-        let (xp, dp) = (dev(OP, &x)?.ptr, dev(OP, &d)?.ptr);
+        let ((_x, xp), (_d, dp)) = (self.f32_arg(OP, g)?, self.f32_arg(OP, d_n)?);
         let (out, op) = self.fresh(OP, [rows, k], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: g, d_n and out hold rows·k f32.
-        self.ck(OP, unsafe {
-            en.rk
-                .normalize_rows(&en.gpu, xp, Some(dp), (rows, k), eps, op)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.normalize_rows(gpu, xp, Some(dp), (rows, k), eps, op)
         })?;
         Ok(out)
     }
@@ -176,19 +187,14 @@ impl RoutingKernels for CudaBackend {
         const OP: &str = "capacity_keep";
         let n = idx.numel();
         let (pos, counts) = self.positions(OP, idx, None, n_real)?;
-        let g = self.f32_of(gates)?;
-        let gp = (order == KeepOrder::HighestGate)
-            .then(|| dev(OP, &g))
-            .transpose()?
-            .map(|d| d.ptr);
+        let by_gate = (order == KeepOrder::HighestGate).then_some(gates);
+        let (_g, gp) = self.opt_f32_arg(OP, by_gate)?;
         let ip = ids(OP, "idx", idx)?;
         let (pp, cp) = (dev(OP, &pos)?.ptr, dev(OP, &counts)?.ptr);
         let (keep, kp) = self.fresh(OP, idx.shape().clone(), DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: idx, pos, gates, keep hold n elements, counts n_real.
-        self.ck(OP, unsafe {
-            en.rk
-                .capacity_keep(&en.gpu, ip, pp, cp, (n, n_real), capacity, gp, kp)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.capacity_keep(gpu, ip, pp, cp, (n, n_real), capacity, gp, kp)
         })?;
         Ok(keep)
     }
@@ -203,28 +209,13 @@ impl RoutingKernels for CudaBackend {
         const OP: &str = "slot_counts";
         let (t, k) = idx.dims2()?;
         let ip = ids(OP, "idx", idx)?;
-        let keep = keep.map(|w| self.f32_of(w)).transpose()?;
-        let kp = keep
-            .as_ref()
-            .map(|w| dev(OP, w))
-            .transpose()?
-            .map(|d| d.ptr);
+        let (_keep, kp) = self.opt_f32_arg(OP, keep)?;
         let segs = t / seg_tokens;
         let (cnt, cp) = self.fresh(OP, [segs, n_slots], DType::I32)?;
-        {
-            let en = self.engine(OP)?;
-            // SAFETY: idx (and keep) hold t·k elements, cnt segs·n_slots.
-            self.ck(OP, unsafe {
-                en.rk.slot_counts(
-                    &en.gpu,
-                    ip,
-                    kp,
-                    (t * k, k, seg_tokens, n_slots),
-                    cp,
-                    en.err.ptr(),
-                )
-            })?;
-        }
+        // SAFETY: idx (and keep) hold t·k elements, cnt segs·n_slots.
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.slot_counts(gpu, ip, kp, (t * k, k, seg_tokens, n_slots), cp, err)
+        })?;
         crate::backend::HostTransfer::to_dtype(self, &cnt, DType::F32)
     }
 
@@ -248,16 +239,12 @@ impl RoutingKernels for CudaBackend {
         let (pp, cp) = (dev(OP, &pos)?.ptr, dev(OP, &counts)?.ptr);
         let (token, tp) = self.fresh(OP, [r], DType::I32)?;
         let (assignment, ap) = self.fresh(OP, [r], DType::I32)?;
-        let (off, op) = self.fresh(OP, [n_real], DType::I32)?;
-        let en = self.engine(OP)?;
+        let (_off, op) = self.fresh(OP, [n_real], DType::I32)?;
         // SAFETY: idx and pos hold n elements, counts/off n_real, token/assignment r = Σ counts.
-        self.ck(OP, unsafe {
-            en.rk
-                .offsets(&en.gpu, cp, n_real, op)
-                .and_then(|()| en.rk.sort_place(&en.gpu, (ip, pp, op), (n, k), tp, ap))
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.offsets(gpu, cp, n_real, op)
+                .and_then(|()| rk.sort_place(gpu, (ip, pp, op), (n, k), tp, ap))
         })?;
-        drop(en);
-        drop(off);
         Ok(ExpertPermutation {
             token,
             assignment,
@@ -272,19 +259,9 @@ impl RoutingKernels for CudaBackend {
         let g = counts.numel();
         let xd = dev(OP, x)?;
         let (out, op) = self.fresh(OP, [g * capacity, d], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: x [r, d] (rows past r never read), counts g, out [g·capacity, d].
-        self.ck(OP, unsafe {
-            en.rk.pad_groups(
-                &en.gpu,
-                xd,
-                (r, d),
-                cp,
-                (g, capacity),
-                None,
-                op,
-                en.err.ptr(),
-            )
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.pad_groups(gpu, xd, (r, d), cp, (g, capacity), None, op, err)
         })?;
         Ok(out)
     }
@@ -310,33 +287,21 @@ impl RoutingKernels for CudaBackend {
         }
         let xd = dev(OP, x)?;
         let (out, op) = self.fresh(OP, [rows, d], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: x [g·capacity, d], counts g, out [rows, d].
-        self.ck(OP, unsafe {
-            en.rk.pad_groups(
-                &en.gpu,
-                xd,
-                (r, d),
-                cp,
-                (g, capacity),
-                Some(rows),
-                op,
-                en.err.ptr(),
-            )
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.pad_groups(gpu, xd, (r, d), cp, (g, capacity), Some(rows), op, err)
         })?;
         Ok(out)
     }
 
     fn expert_bias_step(&self, counts: &Tensor, rate: f32, centre: bool) -> Result<Tensor> {
         const OP: &str = "expert_bias_step";
-        let c = self.f32_of(counts)?;
-        let cp = dev(OP, &c)?.ptr;
+        let (_c, cp) = self.f32_arg(OP, counts)?;
         let n = counts.numel();
         let (out, op) = self.fresh(OP, counts.shape().clone(), DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: counts and out hold n f32.
-        self.ck(OP, unsafe {
-            en.rk.expert_bias_step(&en.gpu, cp, n, rate, centre, op)
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.expert_bias_step(gpu, cp, n, rate, centre, op)
         })?;
         Ok(out)
     }
@@ -357,19 +322,9 @@ impl CapacityKernels for CudaBackend {
         let (pp, cp) = (dev(OP, &pos)?.ptr, dev(OP, &counts)?.ptr);
         let (slot_row, sp) = self.fresh(OP, [t, k], DType::I32)?;
         let (row_token, rp) = self.fresh(OP, [n_real * capacity], DType::I32)?;
-        let en = self.engine(OP)?;
         // SAFETY: idx/pos/slot_row hold t·k, row_token n_real·capacity, counts n_real.
-        self.ck(OP, unsafe {
-            en.rk.capacity_place(
-                &en.gpu,
-                ip,
-                pp,
-                (t * k, k, n_real, capacity),
-                sp,
-                rp,
-                cp,
-                en.err.ptr(),
-            )
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.capacity_place(gpu, ip, pp, (t * k, k, n_real, capacity), sp, rp, cp, err)
         })?;
         Ok(CapacityPermutation {
             slot_row,
@@ -385,11 +340,9 @@ impl CapacityKernels for CudaBackend {
         let r = rows.numel();
         let xd = dev(OP, x)?;
         let (out, op) = self.fresh(OP, [r, d], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: x [n, d] (ids checked on the device), rows r, out [r, d].
-        self.ck(OP, unsafe {
-            en.rk
-                .gather_rows_or_zero(&en.gpu, xd, (n, d), rp, r, op, en.err.ptr())
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.gather_rows_or_zero(gpu, xd, (n, d), rp, r, op, err)
         })?;
         Ok(out)
     }
@@ -407,11 +360,9 @@ impl CapacityKernels for CudaBackend {
         let rd = dev(OP, rows)?;
         let wd = weights.map(|w| dev(OP, w)).transpose()?;
         let (y, yp) = self.fresh(OP, [t, d], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: rows [b, d], slot_row/weights [t, k], y [t, d].
-        self.ck(OP, unsafe {
-            en.rk
-                .combine_slots(&en.gpu, rd, (b, d), sp, wd, (t, k), yp, en.err.ptr())
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.combine_slots(gpu, rd, (b, d), sp, wd, (t, k), yp, err)
         })?;
         Ok(y)
     }
@@ -430,20 +381,9 @@ impl CapacityKernels for CudaBackend {
         let (rd, yd, wd) = (dev(OP, rows)?, dev(OP, d_y)?, dev(OP, weights)?);
         let (d_rows, drp) = self.fresh(OP, [b, d], DType::F32)?;
         let (d_w, dwp) = self.fresh(OP, [t, k], DType::F32)?;
-        let en = self.engine(OP)?;
         // SAFETY: rows/d_rows [b, d], d_y [t, d], slot_row/weights/d_w [t, k].
-        self.ck(OP, unsafe {
-            en.rk.combine_slots_bwd(
-                &en.gpu,
-                rd,
-                (b, d),
-                yd,
-                sp,
-                wd,
-                (t, k),
-                (drp, dwp),
-                en.err.ptr(),
-            )
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.combine_slots_bwd(gpu, rd, (b, d), yd, sp, wd, (t, k), (drp, dwp), err)
         })?;
         Ok((d_rows, d_w))
     }
@@ -460,6 +400,14 @@ impl CudaBackend {
             return Ok(());
         };
         self.ck("check_device_errors", e.gpu.memset(&e.err, 0))?;
+        if let Some(op) = bad.index_op() {
+            return Err(Error::IndexOutOfRange {
+                op,
+                index: i64::from(bad.index),
+                position: bad.position.max(0) as usize,
+                bound: bad.bound.max(0) as usize,
+            });
+        }
         let (op, rule) = bad.rule();
         Err(Error::InvalidArgument {
             op,
