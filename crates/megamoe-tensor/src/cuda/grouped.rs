@@ -5,7 +5,8 @@
 //! no host read (graph-capturable). The op's contract holds for any input: rows past a
 //! group's size are not multiplied — the forward zeroes them in its output, the
 //! accumulating form scales them by `beta` (as the CPU backend), and the weight gradient
-//! reads a copy of the narrower operand with those rows zeroed. In a MoE layer the pad rows
+//! reads a copy of one operand with those rows zeroed (of each operand that needs a cast to
+//! the GEMM type, the cast made in the same pass; else of the narrower one). In a MoE layer the pad rows
 //! are already zero, so the masking changes no value; it only costs a pass over one operand.
 //! The forward writes the activation dtype (bf16 in bf16-activation mode: cuBLAS rounds the
 //! f32 accumulator once); the accumulating form and the weight gradient accumulate in f32.
@@ -78,6 +79,58 @@ pub(super) fn packed_plan(spans: &[(usize, usize)], rows: usize) -> PackedPlan {
         PackedPlan::Padded(cap)
     } else {
         PackedPlan::PerGroup
+    }
+}
+
+/// The variable that overrides [`packed_plan`] for A/B timing: `auto` (the default),
+/// `per-group` or `padded` (every call with rows, padded to the bucket of its largest group).
+pub(super) const PACKED_GEMM_VAR: &str = "MEGAMOE_CUDA_PACKED_GEMM";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PackedMode {
+    Auto,
+    PerGroup,
+    Padded,
+}
+
+/// [`PACKED_GEMM_VAR`], read once per process (`Err`: the value it had).
+fn packed_mode() -> std::result::Result<PackedMode, String> {
+    static MODE: std::sync::OnceLock<std::result::Result<PackedMode, String>> =
+        std::sync::OnceLock::new();
+    MODE.get_or_init(|| match std::env::var(PACKED_GEMM_VAR) {
+        Err(_) => Ok(PackedMode::Auto),
+        Ok(v) => match v.as_str() {
+            "" | "auto" => Ok(PackedMode::Auto),
+            "per-group" => Ok(PackedMode::PerGroup),
+            "padded" => Ok(PackedMode::Padded),
+            _ => Err(v),
+        },
+    })
+    .clone()
+}
+
+impl CudaBackend {
+    /// The plan of a packed grouped GEMM of `op`: [`packed_plan`] unless
+    /// [`PACKED_GEMM_VAR`] overrides it (a bad value is a named error).
+    pub(super) fn packed_plan(
+        &self,
+        op: &'static str,
+        spans: &[(usize, usize)],
+        rows: usize,
+    ) -> Result<PackedPlan> {
+        let mode = packed_mode().map_err(|value| crate::Error::InvalidArgument {
+            op,
+            arg: PACKED_GEMM_VAR,
+            value,
+            rule: "must be auto, per-group or padded",
+        })?;
+        let max = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        Ok(match mode {
+            PackedMode::Auto => packed_plan(spans, rows),
+            PackedMode::PerGroup => PackedPlan::PerGroup,
+            PackedMode::Padded if max == 0 => PackedPlan::PerGroup,
+            PackedMode::Padded => PackedPlan::Padded(bucket(max)),
+        })
     }
 }
 
@@ -211,24 +264,16 @@ impl CudaBackend {
         const OP: &str = "grouped_matmul_wgrad";
         let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let g = self.strided_groups(OP, groups, stride, r)?;
-        let sizes = ids(OP, "groups.sizes", groups.sizes())?;
-        let (dy, x) = self.gemm_pair(dy, x)?;
-        // Zero the rows outside the groups in a copy of the narrower operand.
-        let masked = |t: &Tensor, cols: usize| -> Result<Tensor> {
-            let src = dev(OP, t)?;
-            let e = self.engine(OP)?;
-            let (m, md) = self.empty(&e, [g * stride, cols].into(), t.dtype())?;
-            // SAFETY: t holds at least g·stride rows of `cols`, m exactly that.
-            self.ck(OP, unsafe {
-                e.rk.mask_rows(&e.gpu, src, md.ptr, sizes, (g, stride, cols))
-            })?;
-            Ok(m)
-        };
-        let (dy, x) = if n <= k {
-            (masked(&dy, n)?, x)
-        } else {
-            let xm = masked(&x, k)?;
-            (dy, xm)
+        // Zero the rows outside the groups in a copy of one operand: of each operand that
+        // needs a cast to the GEMM type (cast and mask in one pass), else of the narrower.
+        let dt = self.pair_dtype(dy, x);
+        let masked = |t: &Tensor| self.pad_packed(OP, t, groups, (g, stride), dt);
+        let (dy, x) = match (dy.dtype() != dt, x.dtype() != dt) {
+            (true, true) => (masked(dy)?, masked(x)?),
+            (true, false) => (masked(dy)?, x.clone()),
+            (false, true) => (dy.clone(), masked(x)?),
+            (false, false) if n <= k => (masked(dy)?, x.clone()),
+            (false, false) => (dy.clone(), masked(x)?),
         };
         let (dd, xd) = (dev(OP, &dy)?, dev(OP, &x)?);
         self.in_place(OP, out, |_, _| Ok(()))?;

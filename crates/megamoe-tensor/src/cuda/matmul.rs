@@ -15,7 +15,7 @@
 
 use megamoe_cuda::{Elem, Operand};
 
-use super::grouped::{packed_plan, PackedPlan};
+use super::grouped::PackedPlan;
 use super::{dev, CudaBackend, Engine};
 use crate::ops::groups::check_spans;
 use crate::ops::matmul::{grouped_dims, wgrad_dims, MatmulKernels};
@@ -210,7 +210,7 @@ impl MatmulKernels for CudaBackend {
         let covered = spans.iter().map(|s| s.1).sum::<usize>() == r;
         let e = self.engine(OP)?;
         let (t, d) = self.empty(&e, [r, n].into(), self.act())?;
-        if !covered || packed_plan(&spans, r) == PackedPlan::PerGroup {
+        if !covered || self.packed_plan(OP, &spans, r)? == PackedPlan::PerGroup {
             // SAFETY: the output holds r·n elements.
             self.ck(OP, unsafe { e.tk.fill(&e.gpu, d, r * n, 0.0) })?;
         }
@@ -266,7 +266,7 @@ impl MatmulKernels for CudaBackend {
         }
         let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let spans = self.spans(OP, groups, r)?;
-        match packed_plan(&spans, r) {
+        match self.packed_plan(OP, &spans, r)? {
             PackedPlan::Padded(cap) => return self.padded_wgrad_acc(out, dy, x, groups, cap, beta),
             PackedPlan::Strided(s) => {
                 // equal groups back to back over every row: one strided-batched GEMM
@@ -322,7 +322,7 @@ impl MatmulKernels for CudaBackend {
 
 impl CudaBackend {
     /// `out = beta · out + x_g·op(w_g)` on the rows of packed groups `spans` (checked), by
-    /// the plan [`packed_plan`] picks; other rows untouched.
+    /// the plan [`CudaBackend::packed_plan`] picks; other rows untouched.
     #[allow(clippy::too_many_arguments)]
     fn packed_matmul_acc(
         &self,
@@ -338,7 +338,7 @@ impl CudaBackend {
         let (r, n, kx) = grouped_dims(OP, x, groups, w, trans_w)?;
         let c = self.acc_target(OP, out)?;
         let (w1, w2) = if trans_w { (n, kx) } else { (kx, n) };
-        let stride = match packed_plan(spans, r) {
+        let stride = match self.packed_plan(OP, spans, r)? {
             PackedPlan::Padded(cap) => {
                 return self.padded_matmul_acc(c, x, groups, cap, w, trans_w, beta)
             }
