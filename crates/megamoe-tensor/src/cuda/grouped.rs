@@ -13,11 +13,13 @@
 //!
 //! Over packed row groups whose sizes are on the host (a dropless MoE layer reads its expert
 //! counts once per layer), [`packed_plan`] picks per call: equal groups covering the rows run
-//! as one strided-batched GEMM in place; otherwise, when padding every group to the largest
-//! one (rounded up to a bucket, [`bucket`]) costs at most [`PAD_LIMIT`]× the real rows'
-//! FLOPs, the groups are copied to a `[G, C, ·]` buffer (pad rows zero), multiplied by one
-//! strided-batched GEMM and copied back (the weight gradient pads both operands); else (one
-//! group, or a skew where padding costs more) one GEMM per group (`matmul.rs`). Pad rows
+//! as one strided-batched GEMM in place; groups averaging [`PER_GROUP_ROWS`] rows or more
+//! run one GEMM per group (each fills the GPU; measured faster than padding at gpu_1b);
+//! smaller groups, when padding every group to the largest one (rounded up to a bucket,
+//! [`bucket`]) costs at most [`PAD_LIMIT`]× the real rows' FLOPs, are copied to a
+//! `[G, C, ·]` buffer (pad rows zero), multiplied by one strided-batched GEMM and copied back
+//! (the weight gradient pads both operands); else (one group, or a skew where padding costs
+//! more) one GEMM per group (`matmul.rs`). Pad rows
 //! contribute exact zeros, so every plan gives each real row the same products up to the
 //! GEMM's own rounding.
 
@@ -31,10 +33,14 @@ use crate::ops::matmul::{grouped_dims, wgrad_dims};
 use crate::{DType, Result, RowGroups, Tensor};
 
 /// Most padded rows per real row a padded plan may run: padding all groups to the largest
-/// one is chosen while `G · C ≤ PAD_LIMIT · Σ sizes` (a FLOP estimate; on an H200 at the
-/// gpu_1b expert shape, per-group cuBLAS GEMMs of ~2k rows ran ~3× below the strided-batched
-/// rate, docs/perf.md).
+/// one is chosen while `G · C ≤ PAD_LIMIT · Σ sizes` (a FLOP estimate: the padded rows'
+/// work against per-group GEMMs too small to fill the GPU).
 pub(super) const PAD_LIMIT: usize = 2;
+
+/// Groups averaging at least this many rows run one GEMM per group: each GEMM then fills
+/// the GPU on its own, and padding would only add its copies (on an H200 at the gpu_1b
+/// expert shape, ~2k rows per group, the padded plan was not faster: docs/perf.md).
+pub(super) const PER_GROUP_ROWS: usize = 1024;
 
 /// How a grouped GEMM over packed groups (host spans) runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +81,9 @@ pub(super) fn packed_plan(spans: &[(usize, usize)], rows: usize) -> PackedPlan {
         return PackedPlan::Strided(max);
     }
     let cap = bucket(max);
+    if total >= PER_GROUP_ROWS * spans.len() {
+        return PackedPlan::PerGroup;
+    }
     if spans.len() * cap <= PAD_LIMIT * total {
         PackedPlan::Padded(cap)
     } else {
@@ -451,10 +460,13 @@ mod tests {
     }
 
     #[test]
-    fn packed_plan_pads_balanced_groups_and_loops_over_skewed_ones() {
-        // balanced (the dropless MoE case): pad to the bucket of the largest group
-        let bal = spans(&[2000, 2100, 1900, 0, 2050]);
-        assert_eq!(packed_plan(&bal, 8050), PackedPlan::Padded(2176));
+    fn packed_plan_pads_small_balanced_groups_loops_over_large_or_skewed_ones() {
+        // balanced small groups: pad to the bucket of the largest group
+        let bal = spans(&[200, 210, 190, 0, 205]);
+        assert_eq!(packed_plan(&bal, 805), PackedPlan::Padded(216));
+        // large groups (the gpu_1b dropless layer): one GEMM per group
+        let big = spans(&[2000, 2100, 1900, 0, 2050]);
+        assert_eq!(packed_plan(&big, 8050), PackedPlan::PerGroup);
         // one group far larger than the rest: padding would cost > PAD_LIMIT×
         let skew = spans(&[3, 0, 130, 1, 0]);
         assert_eq!(packed_plan(&skew, 134), PackedPlan::PerGroup);
