@@ -240,6 +240,26 @@ pub fn plan_memory_with(
     }
 }
 
+/// Elements of `layers`' parameters whose optimizer class is not their sharding class
+/// ([`ParamCount`]): (MoE routers `[E, d]`, counted `replicated` but stepped by Muon as
+/// matrices; GateSkip's vector gates `W_g [d, d]`, counted `matrix` but stepped by AdamW as
+/// gates).
+fn optimizer_reclass(plan: &Plan, layers: &[usize]) -> (f64, f64) {
+    let d = plan.model.d_model as f64;
+    let routers = match &plan.moe {
+        Some(moe) => {
+            let moe_layers = layers.iter().filter(|&&l| plan.is_moe_layer(l)).count();
+            moe_layers as f64 * moe.routed_experts as f64 * d
+        }
+        None => 0.0,
+    };
+    let gates = match plan.gate_skip {
+        Some(g) if g.gate == crate::modes::GateKind::Vector => layers.len() as f64 * 2.0 * d * d,
+        _ => 0.0,
+    };
+    (routers, gates)
+}
+
 /// Bytes of optimizer state per parameter: f32 moments (the f32 parameters are the
 /// master weights).
 fn optimizer_bytes(moments: f64) -> f64 {
@@ -297,8 +317,11 @@ pub fn rank_memory_with(plan: &Plan, pp_rank: usize, attention: AttentionKernel)
     } else {
         2.0
     };
-    let opt_dense = local.dense_matrix() * optimizer_bytes(matrix_moments)
-        + (local.replicated + local.vocab) * optimizer_bytes(2.0);
+    // The optimizer routes by role, not by TP class: routers are Muon matrices, GateSkip
+    // gates AdamW parameters.
+    let (routers, gates) = optimizer_reclass(plan, &layers);
+    let opt_dense = (local.dense_matrix() + routers - gates) * optimizer_bytes(matrix_moments)
+        + (local.replicated + local.vocab - routers + gates) * optimizer_bytes(2.0);
     let opt_b = opt_dense / shard(ZeroLevel::OptimizerState, nd)
         + local.expert * optimizer_bytes(matrix_moments) / shard(ZeroLevel::OptimizerState, ne);
 
