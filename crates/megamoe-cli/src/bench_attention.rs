@@ -1,8 +1,9 @@
 //! `megamoe bench attention`: times causal attention over `[B·heads, T, D]` on a GPU
 //! through megamoe-tensor's `causal_attention` op on each path — cuDNN's fused SDPA
-//! (`cudnn-sdpa`, where libcudnn loads), megamoe's own fused kernel (`fused`) and unfused
-//! (`bmm`, causal softmax, `bmm`) — forward and forward + backward, in bf16-activation
-//! mode. Each timed run ends in a stream synchronisation;
+//! (`cudnn-sdpa`, where libcudnn loads; deterministic backward, and `cudnn-sdpa-atomic`
+//! with dQ accumulated by atomic adds; both also on the sequence-major `[B, T, heads, D]`
+//! layout, `-bshd`), megamoe's own fused kernel (`fused`) and unfused (`bmm`, causal
+//! softmax, `bmm`) — forward and forward + backward, in bf16-activation mode. Each timed run ends in a stream synchronisation;
 //! the median of `--iters` runs after `--warmup` is reported with TFLOP/s (causal forward
 //! `2·BH·T²·D`, backward 2.5× that) and the pool's peak. `--dump FILE` also writes the
 //! inputs and each fused path's outputs (`o_cudnn`, `dq_fused`, …) to a safetensors file (for a PyTorch comparison,
@@ -75,23 +76,39 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
         backend.device_name()?
     );
     println!(
-        "{:<10} {:>12} {:>10} {:>12} {:>10} {:>10}",
+        "{:<22} {:>12} {:>10} {:>12} {:>10} {:>10}",
         "path", "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "peak GiB"
     );
     use megamoe_tensor::cuda::AttentionPath;
     let mut ran = Vec::new();
-    for path in [
-        AttentionPath::CudnnSdpa,
-        AttentionPath::Fused,
-        AttentionPath::Unfused,
+    // the cuDNN paths also run on the sequence-major layout ([B, T, heads, D] read in
+    // place, as the model calls it)
+    let q4 = q.reshape([a.batch, t, a.heads, d])?;
+    let (k4, v4) = (
+        k.reshape([a.batch, t, kv_heads, d])?,
+        v.reshape([a.batch, t, kv_heads, d])?,
+    );
+    let d_o4 = d_o.reshape([a.batch, t, a.heads, d])?;
+    for (path, bshd) in [
+        (AttentionPath::CudnnSdpa, false),
+        (AttentionPath::CudnnSdpa, true),
+        (AttentionPath::CudnnSdpaAtomic, false),
+        (AttentionPath::CudnnSdpaAtomic, true),
+        (AttentionPath::Fused, false),
+        (AttentionPath::Unfused, false),
     ] {
+        let label = if bshd {
+            format!("{}-bshd", path.name())
+        } else {
+            path.name().to_string()
+        };
         backend.set_attention(path);
         let status = backend.attention_status()?;
-        if status != path.name() && !status.starts_with("cudnn-sdpa") {
-            println!("{:<10} not run: attention: {status}", path.name());
+        if !status.starts_with(path.name()) {
+            println!("{label:<22} not run: attention: {status}");
             continue;
         }
-        if path == AttentionPath::CudnnSdpa {
+        if path.is_cudnn() && !bshd {
             println!("attention: {status}");
         }
         let time = |bwd: bool| -> anyhow::Result<f64> {
@@ -99,9 +116,18 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
             for i in 0..a.warmup + a.iters {
                 backend.synchronize()?;
                 let t0 = std::time::Instant::now();
-                let (o, saved) = Tensor::causal_attention(&q, &k, &v, scale)?;
-                if bwd {
-                    Tensor::causal_attention_backward(&q, &k, &v, &o, &saved, &d_o, scale)?;
+                if bshd {
+                    let (o, saved) = Tensor::causal_attention_bshd(&q4, &k4, &v4, scale)?;
+                    if bwd {
+                        Tensor::causal_attention_bshd_backward(
+                            &q4, &k4, &v4, &o, &saved, &d_o4, scale,
+                        )?;
+                    }
+                } else {
+                    let (o, saved) = Tensor::causal_attention(&q, &k, &v, scale)?;
+                    if bwd {
+                        Tensor::causal_attention_backward(&q, &k, &v, &o, &saved, &d_o, scale)?;
+                    }
                 }
                 backend.synchronize()?;
                 if i >= a.warmup {
@@ -117,12 +143,13 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
         let fb = time(true)?;
         let peak = backend.pool_stats()?.peak as f64 / (1u64 << 30) as f64;
         println!(
-            "{:<10} {f:>12.3} {:>10.1} {fb:>12.3} {:>10.1} {peak:>10.2}",
-            path.name(),
+            "{label:<22} {f:>12.3} {:>10.1} {fb:>12.3} {:>10.1} {peak:>10.2}",
             fwd_flops / f / 1e9,
             3.5 * fwd_flops / fb / 1e9,
         );
-        ran.push(path);
+        if !bshd {
+            ran.push(path);
+        }
     }
     if let Some(path) = &a.dump {
         let f = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(Device::Cpu);
@@ -139,6 +166,7 @@ pub fn run(a: &AttentionBenchArgs) -> anyhow::Result<ExitCode> {
                 Tensor::causal_attention_backward(&q, &k, &v, &o, &lse, &d_o, scale)?;
             let tag = match p {
                 AttentionPath::CudnnSdpa => "cudnn",
+                AttentionPath::CudnnSdpaAtomic => "cudnn_atomic",
                 AttentionPath::Fused => "fused",
                 AttentionPath::Unfused => "unfused",
             };

@@ -42,7 +42,7 @@ pub mod ops;
 mod pool;
 pub mod tensor;
 
-pub use cudnn::{cudnn_present, CudnnSdpa, SdpaShape};
+pub use cudnn::{cudnn_present, CudnnSdpa, SdpaLayout, SdpaShape};
 pub use device::{probe, DeviceInfo, EventTimer, Gpu, Marker, CUBLAS_WORKSPACE};
 pub use error::{Error, Result};
 pub use gemm::{Elem, Operand};
@@ -50,5 +50,7 @@ pub use graph::{Graph, PinnedHost};
 pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
 pub use offload::{CopyStream, Fetched, Parked};
-pub use ops::{AdamWParams, AttentionGrads, AttentionShape, FlashAttention, Ops};
+pub use ops::{
+    AdamWParams, AdamWSegment, AttentionGrads, AttentionShape, FlashAttention, Ops, SegmentTable,
+};
 pub use pool::{DeviceBuffer, DeviceMem, DeviceView, PoolStats};

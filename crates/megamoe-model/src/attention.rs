@@ -9,13 +9,16 @@
 //! o = causal_softmax(q kᵀ / √D) v   per (b, h): `Tensor::causal_attention` over B·NH
 //! y = o W_oᵀ
 //! ```
-//! Attention is one op over `B·NH` query rows and `B·NKV` key/value rows
-//! (`Tensor::causal_attention`, grouped-query: on the CPU the KV heads are repeated by a row
-//! gather, then `bmm` + causal softmax + `bmm`, the backward summing the repeats with the
-//! deterministic `index_add_rows`; on a GPU in bf16 cuDNN's fused attention reads the KV
-//! heads directly). Forward saves `x`, rotated `q`, rotated `k`, `v` (KV heads), the
-//! attention op's saved state (`P` on the CPU), and `o`; `backward_input` returns `d_x` (fresh),
-//! `backward_weight` accumulates (+=).
+//! Attention is one op over the projections' own sequence-major layout `[B, T, heads, D]`
+//! (`Tensor::causal_attention_bshd`, grouped-query): on a GPU in bf16 cuDNN's fused
+//! attention reads q, k, v and writes o (and the gradients) there through strides, so no
+//! layout copy surrounds it and RoPE runs on that layout too; elsewhere the op permutes the
+//! heads to `[B·heads, T, D]` and back around `Tensor::causal_attention` (on the CPU the KV
+//! heads are repeated by a row gather, then `bmm` + causal softmax + `bmm`, the backward
+//! summing the repeats with the deterministic `index_add_rows`) — the same values, bit for
+//! bit, as permuting in the model. Forward saves `x`, rotated `q`, rotated `k`, `v` (KV
+//! heads), the attention op's saved state (`P` on the CPU), and `o`; `backward_input`
+//! returns `d_x` (fresh), `backward_weight` accumulates (+=).
 
 use megamoe_optim::ParamRole;
 use megamoe_plan::{OffloadTarget, OffloadTargets};
@@ -126,11 +129,11 @@ pub struct AttentionSaved {
     t: usize,
     /// `[N, H]`.
     x: Tensor,
-    /// Rotated queries `[B·NH, T, D]`.
+    /// Rotated queries `[B, T, NH, D]`.
     q: Tensor,
-    /// Rotated keys `[B·NKV, T, D]`.
+    /// Rotated keys `[B, T, NKV, D]`.
     k: Tensor,
-    /// Values `[B·NKV, T, D]`.
+    /// Values `[B, T, NKV, D]`.
     v: Tensor,
     /// The attention op's saved state (see [`Tensor::causal_attention`]).
     attn: Tensor,
@@ -206,37 +209,30 @@ impl Attention {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// `[N, heads·D]` → `[B·heads, T, D]` (RoPE first when `rope`).
-    fn split_heads(
-        &self,
-        x: Tensor,
-        b: usize,
-        t: usize,
-        heads: usize,
-        rope: bool,
-    ) -> Result<Tensor> {
-        let d = self.cfg.head_dim;
-        let mut x = x.reshape([b, t, heads, d])?;
-        if rope {
-            x = x.rope(self.cfg.rope_theta)?;
-        }
-        Ok(x.permute(&[0, 2, 1, 3])?.reshape([b * heads, t, d])?)
+    /// `[N, heads·D]` → `[B, T, heads, D]` (a view; RoPE applied when `rope`).
+    fn heads(&self, x: Tensor, b: usize, t: usize, heads: usize, rope: bool) -> Result<Tensor> {
+        let x = x.reshape([b, t, heads, self.cfg.head_dim])?;
+        Ok(if rope {
+            x.rope(self.cfg.rope_theta)?
+        } else {
+            x
+        })
     }
 
-    /// `[B·heads, T, D]` → `[N, heads·D]` (RoPE backward last when `rope`).
-    fn merge_heads(
-        &self,
-        x: Tensor,
-        b: usize,
-        t: usize,
-        heads: usize,
-        rope: bool,
-    ) -> Result<Tensor> {
-        let d = self.cfg.head_dim;
-        let mut x = x.reshape([b, heads, t, d])?.permute(&[0, 2, 1, 3])?;
-        if rope {
-            x = x.rope_backward(self.cfg.rope_theta)?;
-        }
+    /// `[B, T, heads, D]` → `[N, heads·D]` (RoPE backward first when `rope`).
+    fn merged(&self, x: Tensor, rope: bool) -> Result<Tensor> {
+        let &[b, t, heads, d] = x.dims() else {
+            return Err(Error::Input {
+                arg: "attention heads",
+                got: x.dims().to_vec(),
+                rule: "must be [B, T, heads, head_dim]",
+            });
+        };
+        let x = if rope {
+            x.rope_backward(self.cfg.rope_theta)?
+        } else {
+            x
+        };
         Ok(x.reshape([b * t, heads * d])?)
     }
 
@@ -256,11 +252,11 @@ impl Attention {
             });
         }
         let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
-        let q = self.split_heads(x.matmul(&p.q_proj, false, true)?, b, t, nh, true)?;
-        let k = self.split_heads(x.matmul(&p.k_proj, false, true)?, b, t, nkv, true)?;
-        let v = self.split_heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
-        let (o_heads, attn) = Tensor::causal_attention(&q, &k, &v, self.scale())?;
-        let o = self.merge_heads(o_heads, b, t, nh, false)?;
+        let q = self.heads(x.matmul(&p.q_proj, false, true)?, b, t, nh, true)?;
+        let k = self.heads(x.matmul(&p.k_proj, false, true)?, b, t, nkv, true)?;
+        let v = self.heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
+        let (o_heads, attn) = Tensor::causal_attention_bshd(&q, &k, &v, self.scale())?;
+        let o = self.merged(o_heads, false)?;
         let y = o.matmul(&p.o_proj, false, true)?;
         Ok((
             y,
@@ -285,11 +281,11 @@ impl Attention {
         s: AttentionSaved,
     ) -> Result<(Tensor, AttentionDeferredW)> {
         let (b, t) = (s.b, s.t);
-        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
-        let d_o = self.split_heads(d_y.matmul(&p.o_proj, false, false)?, b, t, nh, false)?;
+        let nh = self.cfg.n_heads;
+        let d_o = self.heads(d_y.matmul(&p.o_proj, false, false)?, b, t, nh, false)?;
         // The attention output per head, from the merged `o` kept for `o_proj`'s gradient.
-        let o_heads = self.split_heads(s.o.clone(), b, t, nh, false)?;
-        let (d_q, d_k, d_v) = Tensor::causal_attention_backward(
+        let o_heads = self.heads(s.o.clone(), b, t, nh, false)?;
+        let (d_q, d_k, d_v) = Tensor::causal_attention_bshd_backward(
             &s.q,
             &s.k,
             &s.v,
@@ -298,9 +294,9 @@ impl Attention {
             &d_o,
             self.scale(),
         )?;
-        let d_q = self.merge_heads(d_q, b, t, nh, true)?;
-        let d_k = self.merge_heads(d_k, b, t, nkv, true)?;
-        let d_v = self.merge_heads(d_v, b, t, nkv, false)?;
+        let d_q = self.merged(d_q, true)?;
+        let d_k = self.merged(d_k, true)?;
+        let d_v = self.merged(d_v, false)?;
         let mut d_x = d_q.matmul(&p.q_proj, false, false)?;
         d_x.matmul_acc(&d_k, &p.k_proj, false, false, 1.0)?;
         d_x.matmul_acc(&d_v, &p.v_proj, false, false, 1.0)?;

@@ -306,6 +306,13 @@ fn cudnn_attention_matches_the_unfused_cpu_attention() {
     attention_matches_the_unfused_cpu_attention(AttentionPath::CudnnSdpa);
 }
 
+/// The same with cuDNN's atomic-dQ backward (everything but its backward's bitwise rerun).
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcudnn: run the test binary with --ignored there"]
+fn cudnn_atomic_attention_matches_the_unfused_cpu_attention() {
+    attention_matches_the_unfused_cpu_attention(AttentionPath::CudnnSdpaAtomic);
+}
+
 /// `x [rows, T, D]` (CPU) with each row repeated `group` times in place: `[rows·group, T, D]`.
 fn repeat_rows(x: &Tensor, group: usize) -> Tensor {
     let (rows, t, d) = x.dims3().unwrap();
@@ -398,11 +405,60 @@ fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
         close(&name("dv"), &dvg, &dvc, dkv_dtype, BF16_TOL);
         // Run to run: bitwise the same (one writer per element, fixed order).
         let (og2, _) = Tensor::causal_attention(&qg, &kg, &vg, scale).unwrap();
-        assert_eq!(
-            og.to_host_bf16().unwrap(),
-            og2.to_host_bf16().unwrap(),
-            "{}",
-            name("o rerun")
+        let host = |x: &Tensor| x.to_dtype(DType::F32).unwrap().to_host_f32().unwrap();
+        assert_eq!(host(&og), host(&og2), "{}", name("o rerun"));
+        // The backward too, except cuDNN's atomic dQ (its summation order varies).
+        if path != AttentionPath::CudnnSdpaAtomic {
+            let (dq2, dk2, dv2) =
+                Tensor::causal_attention_backward(&qg, &kg, &vg, &og, &lse, &gg, scale).unwrap();
+            for (what, a, b) in [("dq", &dqg, &dq2), ("dk", &dkg, &dk2), ("dv", &dvg, &dv2)] {
+                assert_eq!(host(a), host(b), "{}", name(&format!("{what} rerun")));
+            }
+        }
+        // Sequence-major [B, T, heads, D] operands (B = 2 where the KV heads split evenly):
+        // the same attention, read in place by cuDNN, through permutes elsewhere.
+        let b = if (bh / group).is_multiple_of(2) { 2 } else { 1 };
+        let to_bshd = |x: &Tensor| {
+            let (r, t, d) = x.dims3().unwrap();
+            x.reshape([b, r / b, t, d])
+                .unwrap()
+                .permute(&[0, 2, 1, 3])
+                .unwrap()
+        };
+        let from_bshd = |x: &Tensor| {
+            let &[b, t, h, d] = x.dims() else {
+                panic!("{:?} is not [B, T, heads, D]", x.dims())
+            };
+            x.permute(&[0, 2, 1, 3])
+                .unwrap()
+                .reshape([b * h, t, d])
+                .unwrap()
+        };
+        let (qs, ks, vs, gs) = (to_bshd(&qg), to_bshd(&kg), to_bshd(&vg), to_bshd(&gg));
+        let (os, lse_s) = Tensor::causal_attention_bshd(&qs, &ks, &vs, scale).unwrap();
+        assert_eq!(os.dims(), qs.dims(), "{}", name("bshd o shape"));
+        let (dqs, dks, dvs) =
+            Tensor::causal_attention_bshd_backward(&qs, &ks, &vs, &os, &lse_s, &gs, scale).unwrap();
+        let bname = |what: &str| name(&format!("bshd(B {b}) {what}"));
+        let (os, dqs, dks, dvs) = (
+            from_bshd(&os),
+            from_bshd(&dqs),
+            from_bshd(&dks),
+            from_bshd(&dvs),
         );
+        close(&bname("o"), &os, &oc, DType::BF16, BF16_TOL);
+        close(&bname("dq"), &dqs, &dqc, DType::BF16, BF16_TOL);
+        close(&bname("dk"), &dks, &dkc, dkv_dtype, BF16_TOL);
+        close(&bname("dv"), &dvs, &dvc, dkv_dtype, BF16_TOL);
+        let same = [(&os, &og), (&dqs, &dqg), (&dks, &dkg), (&dvs, &dvg)]
+            .iter()
+            .all(|(a, b)| host(a) == host(b));
+        if path.is_cudnn() {
+            // cuDNN may pick another engine for other strides: report, do not require
+            eprintln!("{}: bitwise = heads-major: {same}", bname("o, dq, dk, dv"));
+        } else {
+            // exact permutes around the same kernels
+            assert!(same, "{}", bname("bitwise = heads-major"));
+        }
     }
 }

@@ -64,6 +64,16 @@ impl Desc {
     pub(crate) fn raw(&self) -> nsys::cudnnBackendDescriptor_t {
         self.0
     }
+
+    /// A descriptor of `kind` with each `(attribute, descriptor)` of `links` set, finalized.
+    fn linked(kind: D, links: &[(A, &Desc)], call: &'static str) -> Result<Desc> {
+        let d = Desc::new(kind)?;
+        for (name, x) in links {
+            d.set_desc(*name, x, call)?;
+        }
+        d.finalize(call)?;
+        Ok(d)
+    }
 }
 
 impl Drop for Desc {
@@ -193,6 +203,29 @@ impl Builder {
         self.tensor(uid, dims, strides, ty, true, false)
     }
 
+    fn desc(&self, t: T) -> &Desc {
+        &self.tensors[t.idx]
+    }
+
+    /// Appends an operation of `kind` linking each attribute of `links` to a tensor, plus
+    /// the settings descriptor `(attribute, descriptor)` it needs (kept alive).
+    fn operation(
+        &mut self,
+        kind: D,
+        links: &[(A, T)],
+        settings: Option<(A, Desc)>,
+        call: &'static str,
+    ) -> Result<()> {
+        let mut all: Vec<(A, &Desc)> = links.iter().map(|&(a, t)| (a, self.desc(t))).collect();
+        if let Some((a, d)) = &settings {
+            all.push((*a, d));
+        }
+        let op = Desc::linked(kind, &all, call)?;
+        self.extra.extend(settings.map(|(_, d)| d));
+        self.ops.push(op);
+        Ok(())
+    }
+
     /// `y = mode(x[, b[, t]])` computed in `compute` (GEN_INDEX takes `axis`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pointwise(
@@ -228,37 +261,23 @@ impl Builder {
             )?;
         }
         pw.finalize("cudnnBackendFinalize(pointwise)")?;
-        const OP: &str = "pointwise operation";
-        let op = Desc::new(D::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &pw, OP)?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_POINTWISE_XDESC,
-            &self.tensors[x.idx],
-            OP,
-        )?;
-        if let Some(b) = b {
-            op.set_desc(
-                A::CUDNN_ATTR_OPERATION_POINTWISE_BDESC,
-                &self.tensors[b.idx],
-                OP,
-            )?;
-        }
-        if let Some(t) = t {
-            op.set_desc(
-                A::CUDNN_ATTR_OPERATION_POINTWISE_TDESC,
-                &self.tensors[t.idx],
-                OP,
-            )?;
-        }
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_POINTWISE_YDESC,
-            &self.tensors[y.idx],
-            OP,
-        )?;
-        op.finalize("cudnnBackendFinalize(pointwise operation)")?;
-        self.extra.push(pw);
-        self.ops.push(op);
-        Ok(())
+        let mut links = vec![(A::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x)];
+        links.extend(b.map(|b| (A::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b)));
+        links.extend(t.map(|t| (A::CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t)));
+        links.push((A::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y));
+        self.operation(
+            D::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR,
+            &links,
+            Some((A::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw)),
+            "pointwise operation",
+        )
+    }
+
+    /// A new virtual f32 tensor shaped `like` (packed) holding `mode(a[, b])`.
+    pub(crate) fn apply(&mut self, mode: Pw, a: T, b: Option<T>, like: T) -> Result<T> {
+        let y = self.virt(like.dims, packed(like.dims), DataType::CUDNN_DATA_FLOAT)?;
+        self.pointwise(mode, DataType::CUDNN_DATA_FLOAT, None, a, b, None, y)?;
+        Ok(y)
     }
 
     /// `c = a · b` (batched over the two leading dims), f32 accumulation.
@@ -272,28 +291,16 @@ impl Builder {
             CALL,
         )?;
         mm.finalize("cudnnBackendFinalize(matmul)")?;
-        const OP: &str = "matmul operation";
-        let op = Desc::new(D::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_MATMUL_ADESC,
-            &self.tensors[a.idx],
-            OP,
-        )?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_MATMUL_BDESC,
-            &self.tensors[b.idx],
-            OP,
-        )?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_MATMUL_CDESC,
-            &self.tensors[c.idx],
-            OP,
-        )?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_MATMUL_DESC, &mm, OP)?;
-        op.finalize("cudnnBackendFinalize(matmul operation)")?;
-        self.extra.push(mm);
-        self.ops.push(op);
-        Ok(())
+        self.operation(
+            D::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR,
+            &[
+                (A::CUDNN_ATTR_OPERATION_MATMUL_ADESC, a),
+                (A::CUDNN_ATTR_OPERATION_MATMUL_BDESC, b),
+                (A::CUDNN_ATTR_OPERATION_MATMUL_CDESC, c),
+            ],
+            Some((A::CUDNN_ATTR_OPERATION_MATMUL_DESC, mm)),
+            "matmul operation",
+        )
     }
 
     /// `y = reduce(x)` over the dims where `y` has extent 1, in f32.
@@ -313,42 +320,28 @@ impl Builder {
             CALL,
         )?;
         r.finalize("cudnnBackendFinalize(reduction)")?;
-        const OP: &str = "reduction operation";
-        let op = Desc::new(D::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_REDUCTION_XDESC,
-            &self.tensors[x.idx],
-            OP,
-        )?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_REDUCTION_YDESC,
-            &self.tensors[y.idx],
-            OP,
-        )?;
-        op.set_desc(A::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &r, OP)?;
-        op.finalize("cudnnBackendFinalize(reduction operation)")?;
-        self.extra.push(r);
-        self.ops.push(op);
-        Ok(())
+        self.operation(
+            D::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR,
+            &[
+                (A::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x),
+                (A::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y),
+            ],
+            Some((A::CUDNN_ATTR_OPERATION_REDUCTION_DESC, r)),
+            "reduction operation",
+        )
     }
 
     /// `y` = `x` seen with other dims / strides (a transpose view).
     pub(crate) fn reshape(&mut self, x: T, y: T) -> Result<()> {
-        const OP: &str = "reshape operation";
-        let op = Desc::new(D::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR)?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_RESHAPE_XDESC,
-            &self.tensors[x.idx],
-            OP,
-        )?;
-        op.set_desc(
-            A::CUDNN_ATTR_OPERATION_RESHAPE_YDESC,
-            &self.tensors[y.idx],
-            OP,
-        )?;
-        op.finalize("cudnnBackendFinalize(reshape operation)")?;
-        self.ops.push(op);
-        Ok(())
+        self.operation(
+            D::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR,
+            &[
+                (A::CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x),
+                (A::CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y),
+            ],
+            None,
+            "reshape operation",
+        )
     }
 
     /// The operation graph finalized, then the first engine configuration of cuDNN's

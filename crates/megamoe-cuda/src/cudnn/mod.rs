@@ -17,7 +17,7 @@
 mod graph;
 mod sdpa;
 
-pub use sdpa::{CudnnSdpa, SdpaShape};
+pub use sdpa::{CudnnSdpa, SdpaLayout, SdpaShape};
 
 use std::ffi::CStr;
 

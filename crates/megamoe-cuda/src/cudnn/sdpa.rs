@@ -6,13 +6,20 @@
 //!          `stats = max + log Σ exp(S − max)` (f32, per row), `P = exp(S − max) / Σ`,
 //!          `O = P V`;
 //! backward `Δ = rowsum(dO ⊙ O)`, `P = exp(S − stats)`, `dV = Pᵀ dO`,
-//!          `dS = scale · P ⊙ (dO Vᵀ − Δ)`, `dK = dSᵀ Q`, `dQ = dS K` (accumulated in an f32
-//!          workspace buffer).
+//!          `dS = scale · P ⊙ (dO Vᵀ − Δ)`, `dK = dSᵀ Q`, `dQ = dS K`.
 //!
-//! q, o and their gradients are bf16 `[B, H, T, D]` (row-major), k, v and theirs `[B, HKV,
-//! T, D]` (grouped-query: dK and dV are summed over each KV head's query heads inside the
-//! graph), `stats` f32 `[B, H, T]`: the natural log of each query row's sum of exponentials of the scaled,
-//! masked scores — the same saved state as megamoe's own flash kernel.
+//! The backward has two algorithms ([`CudnnSdpa::set_deterministic`]): deterministic (the
+//! default; `dQ` is the graph's direct output, which cuDNN computes with its dP-workspace
+//! algorithm, bitwise repeatable) and atomic (`dQ` through a non-virtual f32 accumulator in
+//! the workspace, the frontend's signal for cuDNN's atomic-add algorithm: faster, but the
+//! order of the additions and so the bits of `dQ` vary run to run).
+//!
+//! q, o and their gradients are bf16 with `B·H·T` rows of `D`, k, v and theirs `B·HKV·T`
+//! rows, heads-major `[B, H, T, D]` or sequence-major `[B, T, H, D]` ([`SdpaLayout`]; the
+//! graph's tensors carry the strides, no copy); grouped-query: dK and dV are summed over
+//! each KV head's query heads inside the graph. `stats` is f32 `[B, H, T]`: the natural log
+//! of each query row's sum of exponentials of the scaled, masked scores — the same saved
+//! state as megamoe's own flash kernel.
 
 use std::ffi::c_void;
 
@@ -23,9 +30,22 @@ use crate::error::{Error, Result};
 use crate::ops::{need, positive};
 use crate::pool::DeviceMem;
 
-/// Sizes of one attention call: q, o and dq `[batch, heads, seq, head_dim]`, k, v, dk and
-/// dv `[batch, kv_heads, seq, head_dim]`; query head `h` reads KV head `h / (heads /
-/// kv_heads)` (grouped-query attention; `kv_heads == heads` is plain multi-head).
+/// Where the rows of q, k, v, o and their gradients lie in memory (cuDNN reads any strides;
+/// the head dim is always contiguous).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SdpaLayout {
+    /// `[batch, heads, seq, head_dim]` row-major: each head's rows contiguous.
+    HeadsMajor,
+    /// `[batch, seq, heads, head_dim]` row-major: each position's heads contiguous — the
+    /// `[B·T, heads·D]` output of a q/k/v projection as it is, and the input of the output
+    /// projection (no layout copy around attention).
+    SeqMajor,
+}
+
+/// Sizes of one attention call: q, o and dq hold `batch·heads·seq` rows of `head_dim`, k,
+/// v, dk and dv `batch·kv_heads·seq` (arranged as `layout` says); query head `h` reads KV
+/// head `h / (heads / kv_heads)` (grouped-query attention; `kv_heads == heads` is plain
+/// multi-head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SdpaShape {
     /// B.
@@ -38,6 +58,8 @@ pub struct SdpaShape {
     pub seq: usize,
     /// D.
     pub head_dim: usize,
+    /// Memory layout of the q/k/v-shaped tensors.
+    pub layout: SdpaLayout,
 }
 
 impl SdpaShape {
@@ -79,12 +101,24 @@ impl SdpaShape {
         self.batch * self.heads * self.seq
     }
 
-    fn dims(&self) -> [i64; 4] {
-        [self.batch, self.heads, self.seq, self.head_dim].map(|x| x as i64)
+    /// Dims `[B, heads, T, D]` and strides (per [`SdpaLayout`]) of a tensor of `heads` heads.
+    fn tensor(&self, heads: usize) -> ([i64; 4], [i64; 4]) {
+        let [b, h, t, d] = [self.batch, heads, self.seq, self.head_dim].map(|x| x as i64);
+        let dims = [b, h, t, d];
+        match self.layout {
+            SdpaLayout::HeadsMajor => (dims, packed(dims)),
+            SdpaLayout::SeqMajor => (dims, [t * h * d, d, h * d, 1]),
+        }
     }
 
-    fn kv_dims(&self) -> [i64; 4] {
-        [self.batch, self.kv_heads, self.seq, self.head_dim].map(|x| x as i64)
+    /// q, o, dq, d_o.
+    fn q(&self) -> ([i64; 4], [i64; 4]) {
+        self.tensor(self.heads)
+    }
+
+    /// k, v, dk, dv.
+    fn kv(&self) -> ([i64; 4], [i64; 4]) {
+        self.tensor(self.kv_heads)
     }
 }
 
@@ -129,26 +163,20 @@ fn swap_last(x: [i64; 4]) -> [i64; 4] {
 fn causal_mask(g: &mut Builder, s: T, neg_inf: T) -> Result<T> {
     let d = s.dims;
     let st = packed(d);
-    let row = g.virt(d, st, I32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_GEN_INDEX,
-        F32,
-        Some(2),
-        s,
-        None,
-        None,
-        row,
-    )?;
-    let col = g.virt(d, st, I32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_GEN_INDEX,
-        F32,
-        Some(3),
-        s,
-        None,
-        None,
-        col,
-    )?;
+    let index = |g: &mut Builder, axis| -> Result<T> {
+        let i = g.virt(d, st, I32)?;
+        g.pointwise(
+            Pw::CUDNN_POINTWISE_GEN_INDEX,
+            F32,
+            Some(axis),
+            s,
+            None,
+            None,
+            i,
+        )?;
+        Ok(i)
+    };
+    let (row, col) = (index(g, 2)?, index(g, 3)?);
     let keep = g.virt(d, st, BOOL)?;
     g.pointwise(
         Pw::CUDNN_POINTWISE_CMP_GE,
@@ -172,54 +200,54 @@ fn causal_mask(g: &mut Builder, s: T, neg_inf: T) -> Result<T> {
     Ok(out)
 }
 
+/// The tensors both graphs start from: q, kᵀ (a transposed view of k), the stats and
+/// the scalars `scale`, `−∞`, plus the dims of the scores and of one row each.
+struct Common {
+    q: T,
+    kt: T,
+    stats: T,
+    scale: T,
+    neg_inf: T,
+    /// `[B, H, T, T]`.
+    scores: [i64; 4],
+    /// `[B, H, T, 1]`.
+    rows: [i64; 4],
+}
+
+fn common(g: &mut Builder, s: SdpaShape, uids: [i64; 5]) -> Result<Common> {
+    let [q_uid, k_uid, stats_uid, scale_uid, neg_inf_uid] = uids;
+    let ((qd, qs), (kd, ks)) = (s.q(), s.kv());
+    let (b, nh, t) = (qd[0], qd[1], qd[2]);
+    let rows = [b, nh, t, 1];
+    Ok(Common {
+        q: g.real(q_uid, qd, qs, BF16)?,
+        kt: g.real(k_uid, swap_last(kd), swap_last(ks), BF16)?,
+        stats: g.real(stats_uid, rows, packed(rows), F32)?,
+        scale: g.scalar(scale_uid)?,
+        neg_inf: g.scalar(neg_inf_uid)?,
+        scores: [b, nh, t, t],
+        rows,
+    })
+}
+
 fn forward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
     let mut g = Builder::new(FIRST_VIRTUAL);
-    let qd = s.dims();
-    let qs = packed(qd);
-    let (b, nh, t) = (qd[0], qd[1], qd[2]);
-    let (kd, ks) = (s.kv_dims(), packed(s.kv_dims()));
-    let q = g.real(F_Q, qd, qs, BF16)?;
-    let kt = g.real(F_K, swap_last(kd), swap_last(ks), BF16)?;
+    let c = common(&mut g, s, [F_Q, F_K, F_STATS, F_SCALE, F_NEG_INF])?;
+    let ((qd, qs), (kd, ks)) = (s.q(), s.kv());
     let v = g.real(F_V, kd, ks, BF16)?;
     let o = g.real(F_O, qd, qs, BF16)?;
-    let rd = [b, nh, t, 1];
-    let rs = packed(rd);
-    let stats = g.real(F_STATS, rd, rs, F32)?;
-    let scale = g.scalar(F_SCALE)?;
-    let neg_inf = g.scalar(F_NEG_INF)?;
-    let sd = [b, nh, t, t];
-    let ss = packed(sd);
-    let s0 = g.virt(sd, ss, F32)?;
-    g.matmul(q, kt, s0)?;
-    let s1 = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_MUL,
-        F32,
-        None,
-        s0,
-        Some(scale),
-        None,
-        s1,
-    )?;
-    let s2 = causal_mask(&mut g, s1, neg_inf)?;
-    let max = g.virt(rd, rs, F32)?;
+    let (sd, rd) = (c.scores, c.rows);
+    let s0 = g.virt(sd, packed(sd), F32)?;
+    g.matmul(c.q, c.kt, s0)?;
+    let s1 = g.apply(Pw::CUDNN_POINTWISE_MUL, s0, Some(c.scale), s0)?;
+    let s2 = causal_mask(&mut g, s1, c.neg_inf)?;
+    let max = g.virt(rd, packed(rd), F32)?;
     g.reduction(Reduce::CUDNN_REDUCE_TENSOR_MAX, s2, max)?;
-    let centred = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_SUB,
-        F32,
-        None,
-        s2,
-        Some(max),
-        None,
-        centred,
-    )?;
-    let e = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_EXP, F32, None, centred, None, None, e)?;
-    let sum = g.virt(rd, rs, F32)?;
+    let centred = g.apply(Pw::CUDNN_POINTWISE_SUB, s2, Some(max), s2)?;
+    let e = g.apply(Pw::CUDNN_POINTWISE_EXP, centred, None, s2)?;
+    let sum = g.virt(rd, packed(rd), F32)?;
     g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, e, sum)?;
-    let log_sum = g.virt(rd, rs, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_LOG, F32, None, sum, None, None, log_sum)?;
+    let log_sum = g.apply(Pw::CUDNN_POINTWISE_LOG, sum, None, sum)?;
     g.pointwise(
         Pw::CUDNN_POINTWISE_ADD,
         F32,
@@ -227,41 +255,49 @@ fn forward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
         max,
         Some(log_sum),
         None,
-        stats,
+        c.stats,
     )?;
-    let p = g.virt(sd, ss, BF16)?;
+    let p = g.virt(sd, packed(sd), BF16)?;
     g.pointwise(Pw::CUDNN_POINTWISE_DIV, F32, None, e, Some(sum), None, p)?;
     g.matmul(p, v, o)?;
     g.plan(h, "attention forward")
 }
 
-fn backward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
+/// `out = xᵀ · y` per query head (`xt` the `[B, H, T, T]` transposed view of `x`), summed
+/// over each KV head's query heads into `out` when the heads are grouped.
+fn grouped_product(g: &mut Builder, s: SdpaShape, x: T, y: T, out: T) -> Result<()> {
+    let sd = x.dims;
+    let xt = g.virt(swap_last(sd), swap_last(packed(sd)), BF16)?;
+    g.reshape(x, xt)?;
+    if s.kv_heads == s.heads {
+        return g.matmul(xt, y, out);
+    }
+    let qd = s.q().0;
+    let full = g.virt(qd, packed(qd), BF16)?;
+    g.matmul(xt, y, full)?;
+    g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, full, out)
+}
+
+/// The backward graph; `deterministic` computes dQ = dS K straight into dq (cuDNN's
+/// workspace algorithm, bitwise repeatable), else through an f32 accumulator real tensor,
+/// which cuDNN fills with atomic adds (faster, the summation order varies run to run).
+fn backward_plan(h: &Handle, s: SdpaShape, deterministic: bool) -> Result<Plan> {
     let mut g = Builder::new(FIRST_VIRTUAL);
-    let qd = s.dims();
-    let qs = packed(qd);
-    let (b, nh, t) = (qd[0], qd[1], qd[2]);
-    let (kd, ks) = (s.kv_dims(), packed(s.kv_dims()));
-    let grouped = s.kv_heads != s.heads;
-    let q = g.real(B_Q, qd, qs, BF16)?;
-    let kt = g.real(B_K, swap_last(kd), swap_last(ks), BF16)?;
+    let c = common(&mut g, s, [B_Q, B_K, B_STATS, B_SCALE, B_NEG_INF])?;
+    let ((qd, qs), (kd, ks)) = (s.q(), s.kv());
     let vt = g.real(B_V, swap_last(kd), swap_last(ks), BF16)?;
     let o = g.real(B_O, qd, qs, BF16)?;
     let d_o = g.real(B_DO, qd, qs, BF16)?;
-    let rd = [b, nh, t, 1];
-    let rs = packed(rd);
-    let stats = g.real(B_STATS, rd, rs, F32)?;
-    let scale = g.scalar(B_SCALE)?;
-    let neg_inf = g.scalar(B_NEG_INF)?;
     let one = g.scalar(B_ONE)?;
     let dq = g.real(B_DQ, qd, qs, BF16)?;
     let dk = g.real(B_DK, kd, ks, BF16)?;
     let dv = g.real(B_DV, kd, ks, BF16)?;
+    let (sd, rd) = (c.scores, c.rows);
     // Δ = rowsum(dO ⊙ O), kept in the workspace
-    let prod = g.virt(qd, qs, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_MUL, F32, None, d_o, Some(o), None, prod)?;
-    let dot = g.virt(rd, rs, F32)?;
+    let prod = g.apply(Pw::CUDNN_POINTWISE_MUL, d_o, Some(o), d_o)?;
+    let dot = g.virt(rd, packed(rd), F32)?;
     g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, prod, dot)?;
-    let row_dot = g.real(B_ROW_DOT, rd, rs, F32)?;
+    let row_dot = g.real(B_ROW_DOT, rd, packed(rd), F32)?;
     g.pointwise(
         Pw::CUDNN_POINTWISE_MUL,
         F32,
@@ -272,101 +308,40 @@ fn backward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
         row_dot,
     )?;
     // P = exp(scale · Q Kᵀ − stats), masked
-    let sd = [b, nh, t, t];
-    let ss = packed(sd);
-    let s0 = g.virt(sd, ss, F32)?;
-    g.matmul(q, kt, s0)?;
-    let s1 = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_MUL,
-        F32,
-        None,
-        s0,
-        Some(scale),
-        None,
-        s1,
-    )?;
-    let s2 = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_SUB,
-        F32,
-        None,
-        s1,
-        Some(stats),
-        None,
-        s2,
-    )?;
-    let s3 = causal_mask(&mut g, s2, neg_inf)?;
-    let p = g.virt(sd, ss, F32)?;
-    g.pointwise(Pw::CUDNN_POINTWISE_EXP, F32, None, s3, None, None, p)?;
+    let s0 = g.virt(sd, packed(sd), F32)?;
+    g.matmul(c.q, c.kt, s0)?;
+    let s1 = g.apply(Pw::CUDNN_POINTWISE_MUL, s0, Some(c.scale), s0)?;
+    let s2 = g.apply(Pw::CUDNN_POINTWISE_SUB, s1, Some(c.stats), s0)?;
+    let s3 = causal_mask(&mut g, s2, c.neg_inf)?;
+    let p = g.apply(Pw::CUDNN_POINTWISE_EXP, s3, None, s0)?;
     // dV = Pᵀ dO
-    let pt = g.virt(swap_last(sd), swap_last(ss), BF16)?;
-    g.reshape(p, pt)?;
-    if grouped {
-        // per query head, then summed over each KV head's group
-        let full = g.virt(qd, qs, BF16)?;
-        g.matmul(pt, d_o, full)?;
-        g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, full, dv)?;
-    } else {
-        g.matmul(pt, d_o, dv)?;
-    }
+    grouped_product(&mut g, s, p, d_o, dv)?;
     // dS = scale · P ⊙ (dO Vᵀ − Δ)
-    let dp = g.virt(sd, ss, F32)?;
+    let dp = g.virt(sd, packed(sd), F32)?;
     g.matmul(d_o, vt, dp)?;
-    let centred = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_SUB,
-        F32,
-        None,
-        dp,
-        Some(row_dot),
-        None,
-        centred,
-    )?;
-    let ds0 = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_MUL,
-        F32,
-        None,
-        centred,
-        Some(p),
-        None,
-        ds0,
-    )?;
-    let ds = g.virt(sd, ss, F32)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_MUL,
-        F32,
-        None,
-        ds0,
-        Some(scale),
-        None,
-        ds,
-    )?;
+    let centred = g.apply(Pw::CUDNN_POINTWISE_SUB, dp, Some(row_dot), s0)?;
+    let ds0 = g.apply(Pw::CUDNN_POINTWISE_MUL, centred, Some(p), s0)?;
+    let ds = g.apply(Pw::CUDNN_POINTWISE_MUL, ds0, Some(c.scale), s0)?;
     // dK = dSᵀ Q
-    let dst = g.virt(swap_last(sd), swap_last(ss), BF16)?;
-    g.reshape(ds, dst)?;
-    if grouped {
-        let full = g.virt(qd, qs, BF16)?;
-        g.matmul(dst, q, full)?;
-        g.reduction(Reduce::CUDNN_REDUCE_TENSOR_ADD, full, dk)?;
-    } else {
-        g.matmul(dst, q, dk)?;
-    }
-    // dQ = dS K through an f32 accumulator in the workspace
+    grouped_product(&mut g, s, ds, c.q, dk)?;
+    // dQ = dS K
     let k = g.virt(kd, ks, BF16)?;
-    g.reshape(kt, k)?;
-    let dq_acc = g.real(B_DQ_ACC, qd, qs, F32)?;
-    g.matmul(ds, k, dq_acc)?;
-    g.pointwise(
-        Pw::CUDNN_POINTWISE_IDENTITY,
-        F32,
-        None,
-        dq_acc,
-        None,
-        None,
-        dq,
-    )?;
+    g.reshape(c.kt, k)?;
+    if deterministic {
+        g.matmul(ds, k, dq)?;
+    } else {
+        let dq_acc = g.real(B_DQ_ACC, qd, packed(qd), F32)?;
+        g.matmul(ds, k, dq_acc)?;
+        g.pointwise(
+            Pw::CUDNN_POINTWISE_IDENTITY,
+            F32,
+            None,
+            dq_acc,
+            None,
+            None,
+            dq,
+        )?;
+    }
     g.plan(h, "attention backward")
 }
 
@@ -376,12 +351,13 @@ fn align(x: usize) -> usize {
 }
 
 /// cuDNN's fused causal attention, forward and backward, with the plans built so far
-/// (one per shape and direction).
+/// (one per shape and direction, and per backward algorithm).
 pub struct CudnnSdpa {
     handle: Handle,
     fwd: Vec<(SdpaShape, Plan)>,
-    bwd: Vec<(SdpaShape, Plan)>,
+    bwd: Vec<((SdpaShape, bool), Plan)>,
     version: usize,
+    deterministic: bool,
 }
 
 // SAFETY: the handle and descriptors are used by one thread at a time (callers hold the
@@ -390,8 +366,8 @@ unsafe impl Send for CudnnSdpa {}
 unsafe impl Sync for CudnnSdpa {}
 
 impl CudnnSdpa {
-    /// A cuDNN handle on the GPU's stream. [`Error::NoCudnn`] where libcudnn cannot be
-    /// loaded.
+    /// A cuDNN handle on the GPU's stream, deterministic backward. [`Error::NoCudnn`] where
+    /// libcudnn cannot be loaded.
     pub fn new(gpu: &Gpu) -> Result<CudnnSdpa> {
         let handle = Handle::new(gpu.stream())?;
         Ok(CudnnSdpa {
@@ -399,6 +375,7 @@ impl CudnnSdpa {
             fwd: Vec::new(),
             bwd: Vec::new(),
             version: version(),
+            deterministic: true,
         })
     }
 
@@ -407,32 +384,45 @@ impl CudnnSdpa {
         self.version
     }
 
-    /// The index of `s`'s plan in the forward or backward cache, built on first use.
-    fn plan(&mut self, s: SdpaShape, forward: bool) -> Result<usize> {
-        let cache = if forward { &self.fwd } else { &self.bwd };
-        if let Some(i) = cache.iter().position(|(k, _)| *k == s) {
+    /// Chooses the backward algorithm: deterministic (the default: dQ written by one
+    /// reduction per tile, bitwise repeatable) or dQ accumulated with atomic adds in an f32
+    /// workspace (the summation order, and so the bits, vary run to run).
+    pub fn set_deterministic(&mut self, on: bool) {
+        self.deterministic = on;
+    }
+
+    /// Whether the backward is the deterministic algorithm.
+    pub fn deterministic(&self) -> bool {
+        self.deterministic
+    }
+
+    /// The index of `s`'s forward plan, built on first use.
+    fn forward_index(&mut self, s: SdpaShape) -> Result<usize> {
+        if let Some(i) = self.fwd.iter().position(|(k, _)| *k == s) {
             return Ok(i);
         }
-        let p = if forward {
-            forward_plan(&self.handle, s)?
-        } else {
-            backward_plan(&self.handle, s)?
-        };
-        let cache = if forward {
-            &mut self.fwd
-        } else {
-            &mut self.bwd
-        };
-        cache.push((s, p));
-        Ok(cache.len() - 1)
+        let p = forward_plan(&self.handle, s)?;
+        self.fwd.push((s, p));
+        Ok(self.fwd.len() - 1)
+    }
+
+    /// The index of `s`'s backward plan (current algorithm), built on first use.
+    fn backward_index(&mut self, s: SdpaShape) -> Result<usize> {
+        let key = (s, self.deterministic);
+        if let Some(i) = self.bwd.iter().position(|(k, _)| *k == key) {
+            return Ok(i);
+        }
+        let p = backward_plan(&self.handle, s, self.deterministic)?;
+        self.bwd.push((key, p));
+        Ok(self.bwd.len() - 1)
     }
 
     /// Builds (or finds) the forward and backward plans of `s` now, so the first call does
     /// not pay for it (and a shape cuDNN cannot run is reported before training).
     pub fn prepare(&mut self, s: SdpaShape) -> Result<()> {
         s.validate()?;
-        self.plan(s, true)?;
-        self.plan(s, false)?;
+        self.forward_index(s)?;
+        self.backward_index(s)?;
         Ok(())
     }
 
@@ -472,7 +462,7 @@ impl CudnnSdpa {
             ("cudnn attention o", o, n),
         ])?;
         need("cudnn attention stats", stats, s.rows(), 4)?;
-        let i = self.plan(s, true)?;
+        let i = self.forward_index(s)?;
         let plan = &self.fwd[i].1;
         let ws = gpu.alloc(plan.workspace.max(256))?;
         let mut scale = scale;
@@ -518,29 +508,35 @@ impl CudnnSdpa {
             ("cudnn attention dv", dv, nkv),
         ])?;
         need("cudnn attention stats", stats, s.rows(), 4)?;
-        let i = self.plan(s, false)?;
+        let i = self.backward_index(s)?;
         let plan = &self.bwd[i].1;
         let engine_ws = plan.workspace;
-        // [dq accumulator f32 | Δ f32 | engine workspace]
-        let acc_bytes = align(s.elems() * 4);
+        // [dq accumulator f32 (atomic algorithm only) | Δ f32 | engine workspace]
+        let acc_bytes = if self.deterministic {
+            0
+        } else {
+            align(s.elems() * 4)
+        };
         let dot_bytes = align(s.rows() * 4);
         let ws = gpu.alloc(acc_bytes + dot_bytes + engine_ws.max(256))?;
         let base = ws.ptr();
-        // SAFETY: the accumulator is the first `acc_bytes` of `ws`.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(base, 0, acc_bytes, gpu.stream()).map_err(
-                |source| Error::Driver {
-                    call: "cuMemsetD8Async",
-                    source,
-                },
-            )?;
+        if acc_bytes > 0 {
+            // SAFETY: the accumulator is the first `acc_bytes` of `ws`.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(base, 0, acc_bytes, gpu.stream()).map_err(
+                    |source| Error::Driver {
+                        call: "cuMemsetD8Async",
+                        source,
+                    },
+                )?;
+            }
         }
         let mut scale = scale;
         let mut neg_inf = f32::NEG_INFINITY;
         let mut one = 1.0f32;
         let dev = |b: &dyn DeviceMem| b.ptr() as *mut c_void;
         let host = |x: &mut f32| x as *mut f32 as *mut c_void;
-        let bindings = [
+        let mut bindings = vec![
             (B_Q, dev(q)),
             (B_K, dev(k)),
             (B_V, dev(v)),
@@ -553,9 +549,11 @@ impl CudnnSdpa {
             (B_DQ, dev(dq)),
             (B_DK, dev(dk)),
             (B_DV, dev(dv)),
-            (B_DQ_ACC, base as *mut c_void),
             (B_ROW_DOT, (base + acc_bytes as u64) as *mut c_void),
         ];
+        if !self.deterministic {
+            bindings.push((B_DQ_ACC, base as *mut c_void));
+        }
         let engine = (base + (acc_bytes + dot_bytes) as u64) as *mut c_void;
         // SAFETY: every buffer was checked for the shape's size; the workspace holds the
         // accumulator, Δ and the engine's bytes; the scalars outlive the call.

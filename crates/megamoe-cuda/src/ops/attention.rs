@@ -2,8 +2,9 @@
 //! output), `P = causal_softmax(scale · S)` (one kernel, stored in the storage type for the
 //! backward), `O = P V`; the backward of all of it.
 //!
-//! Layout: `q, o [B, NH, T, D]`, `k, v [B, NKV, T, D]` (heads-major, as megamoe-model's
-//! `split_heads`). Query head `h` reads KV head `h / (NH / NKV)`, so the `rep = NH / NKV`
+//! Layout: `q, o [B, NH, T, D]`, `k, v [B, NKV, T, D]` (heads-major: megamoe-tensor's
+//! `Tensor::causal_attention` layout). Query head `h` reads KV head `h / (NH / NKV)`, so
+//! the `rep = NH / NKV`
 //! query heads of one KV head are `rep·T` contiguous rows: every product is one GEMM per
 //! (sequence, KV head), batched, with no repeated copy of K or V; the backward's `dK` and
 //! `dV` sum over the group inside the GEMM's reduction. Memory is O(T²) per head (the

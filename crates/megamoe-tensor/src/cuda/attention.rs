@@ -1,7 +1,11 @@
 //! Attention on the GPU, one of three paths ([`AttentionPath`]):
 //! - `cudnn-sdpa`: cuDNN's fused flash attention (megamoe-cuda's [`CudnnSdpa`], backend
 //!   graph API; libcudnn loaded at run time), bf16 q, k, v, o and gradients, f32
-//!   log-sum-exp `[BH, T]` as the saved state, no `[T, T]` matrix in memory;
+//!   log-sum-exp `[BH, T]` as the saved state, no `[T, T]` matrix in memory; its backward
+//!   is cuDNN's deterministic algorithm (bitwise repeatable), or with `cudnn-sdpa-atomic`
+//!   the one accumulating dQ with atomic adds (faster; not repeatable). In the
+//!   sequence-major layout ([`Tensor::causal_attention_bshd`]) cuDNN reads and writes the
+//!   `[B, T, heads, D]` rows in place through strides: no layout copy;
 //! - `fused`: megamoe's own tensor-core kernels ([`FlashAttention`]), same state;
 //! - `unfused`: `bmm`, causal softmax, `bmm` as on the CPU, with the probabilities
 //!   `[BH, T, T]` as the saved state.
@@ -12,12 +16,13 @@
 
 use std::sync::atomic::Ordering;
 
-use megamoe_cuda::{CudnnSdpa, FlashAttention, SdpaShape};
+use megamoe_cuda::{CudnnSdpa, FlashAttention, SdpaLayout, SdpaShape};
 
 use super::{dev, view, CudaBackend};
 use crate::backend::HostTransfer;
 use crate::ops::attention::{
-    repeat_kv, sum_kv, unfused_backward, unfused_forward, AttentionKernels,
+    bshd_backward_via_heads_major, bshd_via_heads_major, repeat_kv, sum_kv, unfused_backward,
+    unfused_forward, AttentionKernels,
 };
 use crate::{DType, Result, Tensor};
 
@@ -25,12 +30,16 @@ use crate::{DType, Result, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum AttentionPath {
-    /// cuDNN's fused SDPA (falls back to `Unfused`, saying why, where cuDNN cannot run).
+    /// cuDNN's fused SDPA with its deterministic backward (falls back to `Unfused`, saying
+    /// why, where cuDNN cannot run).
     CudnnSdpa = 0,
     /// megamoe's own fused kernel (FlashAttention-2 style, WMMA).
     Fused = 1,
     /// `bmm` + causal softmax + `bmm`, the `[BH, T, T]` probabilities kept.
     Unfused = 2,
+    /// cuDNN's fused SDPA whose backward accumulates dQ with atomic adds: not bitwise
+    /// repeatable run to run.
+    CudnnSdpaAtomic = 3,
 }
 
 impl AttentionPath {
@@ -40,13 +49,23 @@ impl AttentionPath {
             AttentionPath::CudnnSdpa => "cudnn-sdpa",
             AttentionPath::Fused => "fused",
             AttentionPath::Unfused => "unfused",
+            AttentionPath::CudnnSdpaAtomic => "cudnn-sdpa-atomic",
         }
+    }
+
+    /// Whether this is one of cuDNN's paths.
+    pub fn is_cudnn(self) -> bool {
+        matches!(
+            self,
+            AttentionPath::CudnnSdpa | AttentionPath::CudnnSdpaAtomic
+        )
     }
 
     fn from_u8(v: u8) -> AttentionPath {
         match v {
             0 => AttentionPath::CudnnSdpa,
             1 => AttentionPath::Fused,
+            3 => AttentionPath::CudnnSdpaAtomic,
             _ => AttentionPath::Unfused,
         }
     }
@@ -57,10 +76,12 @@ impl AttentionPath {
 /// libcudnn does not load.
 const DEFAULT_PATH: AttentionPath = AttentionPath::CudnnSdpa;
 
-/// The initial path: `MEGAMOE_CUDA_ATTENTION=cudnn|fused|unfused`, else [`DEFAULT_PATH`].
+/// The initial path: `MEGAMOE_CUDA_ATTENTION=cudnn|cudnn-atomic|fused|unfused`, else
+/// [`DEFAULT_PATH`].
 pub(crate) fn from_env() -> AttentionPath {
     match std::env::var("MEGAMOE_CUDA_ATTENTION").as_deref() {
         Ok("cudnn") | Ok("cudnn-sdpa") => AttentionPath::CudnnSdpa,
+        Ok("cudnn-atomic") | Ok("cudnn-sdpa-atomic") => AttentionPath::CudnnSdpaAtomic,
         Ok("fused") => AttentionPath::Fused,
         Ok("unfused") => AttentionPath::Unfused,
         _ => DEFAULT_PATH,
@@ -77,8 +98,8 @@ enum Run {
 
 impl CudaBackend {
     /// Chooses the attention path for bf16-activation mode (see [`AttentionPath`]). The
-    /// initial setting comes from `MEGAMOE_CUDA_ATTENTION=cudnn|fused|unfused` when the
-    /// backend opens.
+    /// initial setting comes from `MEGAMOE_CUDA_ATTENTION=cudnn|cudnn-atomic|fused|unfused`
+    /// when the backend opens.
     pub fn set_attention(&self, path: AttentionPath) {
         self.attention.store(path as u8, Ordering::Relaxed);
     }
@@ -96,12 +117,12 @@ impl CudaBackend {
             return Ok("unfused (f32 activations)".into());
         }
         let path = self.attention();
-        if path != AttentionPath::CudnnSdpa {
+        if !path.is_cudnn() {
             return Ok(path.name().into());
         }
         let mut e = self.engine("attention_status")?;
         Ok(match open_cudnn(&mut e) {
-            Ok(c) => format!("cudnn-sdpa (cuDNN {})", c.version()),
+            Ok(c) => format!("{} (cuDNN {})", path.name(), c.version()),
             Err(why) => format!("unfused ({why})"),
         })
     }
@@ -112,7 +133,7 @@ impl CudaBackend {
             return Run::Unfused;
         }
         match self.attention() {
-            AttentionPath::CudnnSdpa if d.is_multiple_of(8) && d <= 256 => Run::Cudnn,
+            p if p.is_cudnn() && d.is_multiple_of(8) && d <= 256 => Run::Cudnn,
             AttentionPath::Fused if FlashAttention::supports(d) && bh <= 65535 => Run::Flash,
             _ => Run::Unfused,
         }
@@ -155,7 +176,8 @@ impl CudaBackend {
         self.ck(op, f(k, &e.gpu))
     }
 
-    /// Runs `f` with cuDNN (opened on first use), or returns why cuDNN is unavailable.
+    /// Runs `f` with cuDNN (opened on first use; backward algorithm as the path asks), or
+    /// returns why cuDNN is unavailable.
     fn with_cudnn<T>(
         &self,
         op: &'static str,
@@ -169,6 +191,7 @@ impl CudaBackend {
         let Some(Ok(c)) = e.cudnn.as_mut() else {
             return Ok(Err("cuDNN did not open".into()));
         };
+        c.set_deterministic(self.attention() != AttentionPath::CudnnSdpaAtomic);
         match f(c, &e.gpu) {
             Ok(x) => Ok(Ok(x)),
             // a shape cuDNN has no engine for runs unfused, said once per process
@@ -231,6 +254,20 @@ fn sdpa_shape(bh: usize, bh_kv: usize, t: usize, d: usize) -> SdpaShape {
         kv_heads: bh_kv,
         seq: t,
         head_dim: d,
+        layout: SdpaLayout::HeadsMajor,
+    }
+}
+
+/// The cuDNN shape of sequence-major `q [B, T, NH, D]` over `k [B, T, NKV, D]`.
+fn bshd_shape(q: &Tensor, k: &Tensor) -> SdpaShape {
+    let (qd, kd) = (q.dims(), k.dims());
+    SdpaShape {
+        batch: qd[0],
+        heads: qd[2],
+        kv_heads: kd[2],
+        seq: qd[1],
+        head_dim: qd[3],
+        layout: SdpaLayout::SeqMajor,
     }
 }
 
@@ -350,5 +387,79 @@ impl AttentionKernels for CudaBackend {
             )
         })?;
         Ok((dq, sum_kv(&dk, group)?, sum_kv(&dv, group)?))
+    }
+
+    fn causal_attention_bshd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "causal_attention_bshd";
+        let s = bshd_shape(q, k);
+        let bh = s.batch * s.heads;
+        if s.seq == 0 || self.attention_run(bh, s.head_dim) != Run::Cudnn {
+            return bshd_via_heads_major(self, q, k, v, scale);
+        }
+        let b = |x: &Tensor| self.bf16_aligned(OP, x);
+        let (qb, kb, vb) = (b(q)?, b(k)?, b(v)?);
+        let (o, lse) = self.fused_outputs(OP, q, bh, s.seq)?;
+        let (qv, kv, vv) = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
+        let (ov, lv) = (view(OP, &o)?, view(OP, &lse)?);
+        let done = self.with_cudnn(OP, |c, gpu| {
+            c.forward(gpu, s, (&qv, &kv, &vv), &ov, &lv, scale)
+        })?;
+        match done {
+            Ok(()) => Ok((o, lse)),
+            // no libcudnn or no plan: through the heads-major op (which says why)
+            Err(_) => bshd_via_heads_major(self, q, k, v, scale),
+        }
+    }
+
+    fn causal_attention_bshd_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        saved: &Tensor,
+        d_o: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "causal_attention_bshd_backward";
+        let s = bshd_shape(q, k);
+        // probabilities (unfused forward) or another path: through the heads-major op
+        let cudnn = self.attention_run(s.batch * s.heads, s.head_dim) == Run::Cudnn;
+        if saved.rank() == 3 || s.seq == 0 || !cudnn {
+            return bshd_backward_via_heads_major(self, q, k, v, o, saved, d_o, scale);
+        }
+        let b = |x: &Tensor| self.bf16_aligned(OP, x);
+        let (qb, kb, vb, ob, gb) = (b(q)?, b(k)?, b(v)?, b(o)?, b(d_o)?);
+        let lse = self.as_f32(saved)?;
+        let (dq, dk, dv) = self.fused_grads(OP, q, k)?;
+        let ins = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
+        let (ov, gv, lv) = (view(OP, &ob)?, view(OP, &gb)?, view(OP, &lse)?);
+        let outs = (view(OP, &dq)?, view(OP, &dk)?, view(OP, &dv)?);
+        let done = self.with_cudnn(OP, |c, gpu| {
+            c.backward(
+                gpu,
+                s,
+                (&ins.0, &ins.1, &ins.2),
+                &ov,
+                &gv,
+                &lv,
+                (&outs.0, &outs.1, &outs.2),
+                scale,
+            )
+        })?;
+        match done {
+            Ok(()) => Ok((dq, dk, dv)),
+            Err(why) => Err(crate::Error::Cuda {
+                op: OP,
+                device: q.device(),
+                message: format!("cuDNN attention backward unavailable: {why}"),
+            }),
+        }
     }
 }

@@ -32,6 +32,137 @@ pub trait AttentionKernels {
         d_o: &Tensor,
         scale: f32,
     ) -> Result<(Tensor, Tensor, Tensor)>;
+
+    /// [`AttentionKernels::causal_attention`] in the sequence-major layout: `q [B, T, NH,
+    /// D]`, `k, v [B, T, NKV, D]`, `o [B, T, NH, D]`. By default the heads are permuted to
+    /// the heads-major layout and back around the heads-major op (exact copies: the same
+    /// bits); a backend whose kernel reads strided rows overrides it and copies nothing.
+    fn causal_attention_bshd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        bshd_via_heads_major(self, q, k, v, scale)
+    }
+
+    /// Backward of [`AttentionKernels::causal_attention_bshd`]: `(dq, dk, dv)` in the
+    /// sequence-major layout of `q`, `k`, `v` (default: through the heads-major backward).
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_bshd_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        saved: &Tensor,
+        d_o: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        bshd_backward_via_heads_major(self, q, k, v, o, saved, d_o, scale)
+    }
+}
+
+/// The sequence-major forward through `be`'s heads-major op: heads permuted there and back.
+pub(crate) fn bshd_via_heads_major<B: AttentionKernels + ?Sized>(
+    be: &B,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (o, saved) =
+        be.causal_attention(&heads_major(q)?, &heads_major(k)?, &heads_major(v)?, scale)?;
+    Ok((seq_major(&o, q.dims())?, saved))
+}
+
+/// The sequence-major backward through `be`'s heads-major backward.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bshd_backward_via_heads_major<B: AttentionKernels + ?Sized>(
+    be: &B,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    saved: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dq, dk, dv) = be.causal_attention_backward(
+        &heads_major(q)?,
+        &heads_major(k)?,
+        &heads_major(v)?,
+        &heads_major(o)?,
+        saved,
+        &heads_major(d_o)?,
+        scale,
+    )?;
+    Ok((
+        seq_major(&dq, q.dims())?,
+        seq_major(&dk, k.dims())?,
+        seq_major(&dv, v.dims())?,
+    ))
+}
+
+/// `[B, T, H, D]` → `[B·H, T, D]` (a permute copy).
+fn heads_major(x: &Tensor) -> Result<Tensor> {
+    let &[b, t, h, d] = x.dims() else {
+        return Err(x.rank_error("causal_attention_bshd", "x", 4));
+    };
+    x.permute(&[0, 2, 1, 3])?.reshape([b * h, t, d])
+}
+
+/// `[B·H, T, D]` → `[B, T, H, D]` for the sequence-major `dims` (a permute copy).
+fn seq_major(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let &[b, t, h, d] = dims else {
+        return Err(x.rank_error("causal_attention_bshd", "x", 4));
+    };
+    x.reshape([b, h, t, d])?.permute(&[0, 2, 1, 3])
+}
+
+/// Checks the sequence-major operands: `q` (and `rest`: o, d_o) `[B, T, NH, D]`, `k`, `v`
+/// `[B, T, NKV, D]` with NKV dividing NH, all on one device.
+fn check_bshd(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rest: &[&Tensor],
+) -> Result<()> {
+    q.expect_rank(op, "q", 4)?;
+    for t in rest {
+        q.same_device(op, t)?;
+        if t.dims() != q.dims() {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: q.dims().to_vec(),
+                rhs: t.dims().to_vec(),
+                rule: "q, o and d_o must all be [B, T, heads, head_dim]",
+            });
+        }
+    }
+    let qd = q.dims();
+    for t in [k, v] {
+        q.same_device(op, t)?;
+        let kd = t.dims();
+        let fits = kd.len() == 4
+            && kd[0] == qd[0]
+            && kd[1] == qd[1]
+            && kd[3] == qd[3]
+            && kd[2] > 0
+            && qd[2].is_multiple_of(kd[2])
+            && k.dims() == v.dims();
+        if !fits {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: qd.to_vec(),
+                rhs: kd.to_vec(),
+                rule: "k and v must be [B, T, kv_heads, head_dim] with kv_heads dividing heads (q is [B, T, heads, head_dim])",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks `q` (and `rest`: o, d_o) are `[BH, T, D]` and `k`, `v` are `[BH / G, T, D]`, all
@@ -136,6 +267,42 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// [`Tensor::causal_attention`] in the sequence-major layout the q/k/v projections
+    /// produce: `q [B, T, NH, D]`, `k`, `v` `[B, T, NKV, D]` (NKV dividing NH; query head
+    /// `h` reads KV head `h / (NH / NKV)`) → `(o [B, T, NH, D], saved)`. Same values as the
+    /// heads-major op on the permuted operands; a backend reading strided rows (cuDNN)
+    /// copies nothing.
+    pub fn causal_attention_bshd(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        check_bshd("causal_attention_bshd", q, k, v, &[])?;
+        q.backend().causal_attention_bshd(q, k, v, scale)
+    }
+
+    /// Backward of [`Tensor::causal_attention_bshd`]: `(dq, dk, dv)` shaped as `q`, `k`,
+    /// `v` from its inputs, output `o`, `saved` and `d_o` (all sequence-major).
+    #[allow(clippy::too_many_arguments)]
+    pub fn causal_attention_bshd_backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        saved: &Tensor,
+        d_o: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "causal_attention_bshd_backward";
+        check_bshd(OP, q, k, v, &[o, d_o])?;
+        q.same_device(OP, saved)?;
+        q.backend()
+            .causal_attention_bshd_backward(q, k, v, o, saved, d_o, scale)
+    }
+}
+
 /// The unfused attention (any backend's ops): keys and values repeated to the query rows,
 /// `bmm`, causal softmax, `bmm`; `saved` is the probabilities `[BH, T, T]`.
 pub(crate) fn unfused_forward(
@@ -169,4 +336,82 @@ pub(crate) fn unfused_backward(
     let d_q = d_s.bmm(k, false, false)?;
     let d_k = d_s.bmm(q, true, false)?;
     Ok((d_q, sum_kv(&d_k, group)?, sum_kv(&d_v, group)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Device, Tensor};
+
+    /// `[B, T, H, D]` → `[B·H, T, D]` by hand (host loops).
+    fn heads_major_host(x: &Tensor) -> Tensor {
+        let &[b, t, h, d] = x.dims() else {
+            panic!("rank")
+        };
+        let v = x.to_host_f32().unwrap();
+        let mut out = vec![0f32; v.len()];
+        for (i, o) in out.iter_mut().enumerate() {
+            let (bh, rest) = (i / (t * d), i % (t * d));
+            let (bi, hi, ti, di) = (bh / h, bh % h, rest / d, rest % d);
+            *o = v[((bi * t + ti) * h + hi) * d + di];
+        }
+        Tensor::from_vec_f32(out, [b * h, t, d], Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn sequence_major_attention_is_the_heads_major_op_on_permuted_heads_bitwise() {
+        // B 2, T 5, 4 query heads over 2 KV heads, D 3
+        let r = |seed, h| Tensor::randn_named(seed, "x", vec![2, 5, h, 3], 1.0, Device::Cpu);
+        let (q, k, v, d_o) = (
+            r(1, 4).unwrap(),
+            r(2, 2).unwrap(),
+            r(3, 2).unwrap(),
+            r(4, 4).unwrap(),
+        );
+        let (o, saved) = Tensor::causal_attention_bshd(&q, &k, &v, 0.5).unwrap();
+        let hm = |x: &Tensor| heads_major_host(x);
+        let (o_ref, p_ref) = Tensor::causal_attention(&hm(&q), &hm(&k), &hm(&v), 0.5).unwrap();
+        assert_eq!(o.dims(), q.dims());
+        let bits = |x: &Tensor| -> Vec<u32> {
+            x.to_host_f32()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&hm(&o)), bits(&o_ref), "o");
+        let (dq, dk, dv) =
+            Tensor::causal_attention_bshd_backward(&q, &k, &v, &o, &saved, &d_o, 0.5).unwrap();
+        let (dq_ref, dk_ref, dv_ref) = Tensor::causal_attention_backward(
+            &hm(&q),
+            &hm(&k),
+            &hm(&v),
+            &o_ref,
+            &p_ref,
+            &hm(&d_o),
+            0.5,
+        )
+        .unwrap();
+        assert_eq!(bits(&hm(&dq)), bits(&dq_ref), "dq");
+        assert_eq!(bits(&hm(&dk)), bits(&dk_ref), "dk");
+        assert_eq!(bits(&hm(&dv)), bits(&dv_ref), "dv");
+    }
+
+    #[test]
+    fn sequence_major_shape_errors_name_the_rule() {
+        let z = |dims: &[usize]| Tensor::zeros(dims, crate::DType::F32, Device::Cpu).unwrap();
+        let e = Tensor::causal_attention_bshd(
+            &z(&[2, 5, 4, 3]),
+            &z(&[2, 5, 3, 3]),
+            &z(&[2, 5, 3, 3]),
+            1.0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kv_heads dividing heads"), "{e}");
+        let e =
+            Tensor::causal_attention_bshd(&z(&[10, 4, 3]), &z(&[10, 4, 3]), &z(&[10, 4, 3]), 1.0)
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("causal_attention_bshd"), "{e}");
+    }
 }
