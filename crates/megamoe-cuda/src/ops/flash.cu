@@ -193,6 +193,43 @@ __device__ __forceinline__ void store_rows(bf16* g, FragC* acc, float* ow, int r
     __syncwarp();
 }
 
+// The backward kernels' shared memory: four [64][D] tiles (this block's own two first,
+// then the two it streams), this warp's f32 scores and bf16 probabilities, and the
+// log2-scaled lse and delta of 64 query rows.
+struct BwdSmem {
+    bf16* tile[4];
+    float* sw;
+    bf16* pw;
+    float* l2;
+    float* dl;
+};
+__device__ __forceinline__ BwdSmem bwd_smem(unsigned char* smem, int w) {
+    BwdSmem b;
+#pragma unroll
+    for (int i = 0; i < 4; i++) b.tile[i] = (bf16*)(smem + i * TILE_BYTES);
+    b.sw = (float*)(smem + 4 * TILE_BYTES) + w * 16 * LDS;
+    b.pw = (bf16*)(smem + 4 * TILE_BYTES + SW_BYTES) + w * 16 * LDP;
+    b.l2 = (float*)(smem + 4 * TILE_BYTES + SW_BYTES + PW_BYTES);
+    b.dl = b.l2 + BR;
+    return b;
+}
+
+// Tiles `s0`, `s1` from rows [row0, row0 + 64) of `g0`, `g1` (the [T, D] matrices of one
+// row of BH), and with `lse` the query rows' lse·log2(e) and delta (0 past t).
+__device__ __forceinline__ void load_tiles(bf16* s0, const bf16* g0, bf16* s1, const bf16* g1,
+                                           int row0, int t) {
+    load_tile(s0, g0, row0, t);
+    load_tile(s1, g1, row0, t);
+}
+__device__ __forceinline__ void load_row_stats(const BwdSmem& b, const float* lse,
+                                               const float* delta, int row0, int t) {
+    for (int i = threadIdx.x; i < BR; i += blockDim.x) {
+        const bool ok = row0 + i < t;
+        b.l2[i] = ok ? lse[row0 + i] * LOG2E : 0.f;
+        b.dl[i] = ok ? delta[row0 + i] : 0.f;
+    }
+}
+
 // ---- backward, one block per 64 keys: dK, dV. ----
 // grid (ceil(T/64), BH), block 128, smem 4 TILE + SW + PW + 2·64·4 bytes (the output
 // staging, OW_BYTES <= 2 TILE_BYTES, reuses two tiles after the loop).
@@ -201,25 +238,17 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv(
     const bf16* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
     bf16* __restrict__ dk, bf16* __restrict__ dv, int t, float scale) {
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16* Ks = (bf16*)smem;
-    bf16* Vs = (bf16*)(smem + TILE_BYTES);
-    bf16* Qs = (bf16*)(smem + 2 * TILE_BYTES);
-    bf16* dOs = (bf16*)(smem + 3 * TILE_BYTES);
-    float* Sw = (float*)(smem + 4 * TILE_BYTES);
-    bf16* Pw = (bf16*)(smem + 4 * TILE_BYTES + SW_BYTES);
-    float* L2 = (float*)(smem + 4 * TILE_BYTES + SW_BYTES + PW_BYTES);
-    float* Dl = L2 + BR;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const size_t bh = blockIdx.y;
+    const BwdSmem b = bwd_smem(smem, w);
+    bf16 *Ks = b.tile[0], *Vs = b.tile[1], *Qs = b.tile[2], *dOs = b.tile[3];
+    float* sw = b.sw;
+    bf16* pw = b.pw;
+    const size_t base = blockIdx.y * (size_t)t;
     const int k0 = blockIdx.x * BR;
-    const size_t base = bh * (size_t)t;
-    float* sw = Sw + w * 16 * LDS;
-    bf16* pw = Pw + w * 16 * LDP;
     const int r = lane >> 1, half = lane & 1;
     const int kpos = k0 + w * 16 + r;
     const float sl2 = scale * LOG2E;
-    load_tile(Ks, k + base * D, k0, t);
-    load_tile(Vs, v + base * D, k0, t);
+    load_tiles(Ks, k + base * D, Vs, v + base * D, k0, t);
     FragC dk_acc[D / 16], dv_acc[D / 16];
 #pragma unroll
     for (int n = 0; n < D / 16; n++) {
@@ -228,13 +257,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv(
     }
     for (int qt = k0; qt < t; qt += BR) {
         __syncthreads();
-        load_tile(Qs, q + base * D, qt, t);
-        load_tile(dOs, d_o + base * D, qt, t);
-        for (int i = threadIdx.x; i < BR; i += blockDim.x) {
-            const bool ok = qt + i < t;
-            L2[i] = ok ? lse[base + qt + i] * LOG2E : 0.f;
-            Dl[i] = ok ? delta[base + qt + i] : 0.f;
-        }
+        load_tiles(Qs, q + base * D, dOs, d_o + base * D, qt, t);
+        load_row_stats(b, lse + base, delta + base, qt, t);
         __syncthreads();
         // Sᵀ [16 keys x 64 queries] = K_w Qᵀ, then Pᵀ.
         mm_abt(sw, Ks + w * 16 * LDK, Qs);
@@ -244,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv(
         for (int c = 0; c < 32; c++) {
             const int col = half * 32 + c, qpos = qt + col;
             const bool ok = kpos <= qpos && qpos < t && kpos < t;
-            p[c] = ok ? exp2f(sw[r * LDS + col] * sl2 - L2[col]) : 0.f;
+            p[c] = ok ? exp2f(sw[r * LDS + col] * sl2 - b.l2[col]) : 0.f;
             pw[r * LDP + col] = __float2bfloat16(p[c]);
         }
         __syncwarp();
@@ -255,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv(
 #pragma unroll
         for (int c = 0; c < 32; c++) {
             const int col = half * 32 + c;
-            pw[r * LDP + col] = __float2bfloat16(p[c] * (sw[r * LDS + col] - Dl[col]));
+            pw[r * LDP + col] = __float2bfloat16(p[c] * (sw[r * LDS + col] - b.dl[col]));
         }
         __syncwarp();
         mm_pb_acc(dk_acc, pw, Qs);  // dK_w += dSᵀ Q
@@ -263,7 +287,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkv(
     }
     // The output staging reuses tiles 2-3 (Qs, dOs), free once every warp is done.
     __syncthreads();
-    float* ow = (float*)(smem + 2 * TILE_BYTES) + w * 16 * LDO;
+    float* ow = (float*)Qs + w * 16 * LDO;
     store_rows(dk + base * D, dk_acc, ow, k0 + w * 16, t, scale);
     store_rows(dv + base * D, dv_acc, ow, k0 + w * 16, t, 1.f);
 }
@@ -276,42 +300,29 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq(
     const bf16* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
     bf16* __restrict__ dq, int t, float scale) {
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16* Qs = (bf16*)smem;
-    bf16* dOs = (bf16*)(smem + TILE_BYTES);
-    bf16* Ks = (bf16*)(smem + 2 * TILE_BYTES);
-    bf16* Vs = (bf16*)(smem + 3 * TILE_BYTES);
-    float* Sw = (float*)(smem + 4 * TILE_BYTES);
-    bf16* Pw = (bf16*)(smem + 4 * TILE_BYTES + SW_BYTES);
-    float* L2 = (float*)(smem + 4 * TILE_BYTES + SW_BYTES + PW_BYTES);
-    float* Dl = L2 + BR;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const size_t bh = blockIdx.y;
+    const BwdSmem b = bwd_smem(smem, w);
+    bf16 *Qs = b.tile[0], *dOs = b.tile[1], *Ks = b.tile[2], *Vs = b.tile[3];
+    float* sw = b.sw;
+    bf16* pw = b.pw;
+    const size_t base = blockIdx.y * (size_t)t;
     const int q0 = blockIdx.x * BR;
-    const size_t base = bh * (size_t)t;
-    float* sw = Sw + w * 16 * LDS;
-    bf16* pw = Pw + w * 16 * LDP;
     const int r = lane >> 1, half = lane & 1;
     const int qpos = q0 + w * 16 + r;
     const float sl2 = scale * LOG2E;
-    load_tile(Qs, q + base * D, q0, t);
-    load_tile(dOs, d_o + base * D, q0, t);
-    for (int i = threadIdx.x; i < BR; i += blockDim.x) {
-        const bool ok = q0 + i < t;
-        L2[i] = ok ? lse[base + q0 + i] * LOG2E : 0.f;
-        Dl[i] = ok ? delta[base + q0 + i] : 0.f;
-    }
+    load_tiles(Qs, q + base * D, dOs, d_o + base * D, q0, t);
+    load_row_stats(b, lse + base, delta + base, q0, t);
     FragC dq_acc[D / 16];
 #pragma unroll
     for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq_acc[n], 0.f);
     const int kend = min(t, q0 + BR);
     for (int k0 = 0; k0 < kend; k0 += BR) {
         __syncthreads();
-        load_tile(Ks, k + base * D, k0, t);
-        load_tile(Vs, v + base * D, k0, t);
+        load_tiles(Ks, k + base * D, Vs, v + base * D, k0, t);
         __syncthreads();
         mm_abt(sw, Qs + w * 16 * LDK, Ks);  // S = Q_w Kᵀ
         __syncwarp();
-        const float lrow = L2[w * 16 + r], drow = Dl[w * 16 + r];
+        const float lrow = b.l2[w * 16 + r], drow = b.dl[w * 16 + r];
         float p[32];
 #pragma unroll
         for (int c = 0; c < 32; c++) {
@@ -333,6 +344,6 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq(
     }
     // The output staging reuses tiles 2-3 (Ks, Vs), free once every warp is done.
     __syncthreads();
-    float* ow = (float*)(smem + 2 * TILE_BYTES) + w * 16 * LDO;
+    float* ow = (float*)Ks + w * 16 * LDO;
     store_rows(dq + base * D, dq_acc, ow, q0 + w * 16, t, scale);
 }

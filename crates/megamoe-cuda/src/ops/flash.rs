@@ -133,11 +133,7 @@ impl FlashAttention {
     ) -> Result<()> {
         self.check("flash attention q/k/v/o", &[q, k, v, o], bh, t)?;
         need("flash attention lse", lse, bh * t, 4)?;
-        let ti = int("flash attention seq", t)?;
-        let grid = (
-            int("flash attention tiles", t.div_ceil(BR))? as u32,
-            bh as u32,
-        );
+        let (ti, grid) = grid(bh, t)?;
         // SAFETY: sizes checked above; the kernel reads q/k/v and writes o and lse rows < t.
         unsafe {
             gpu.launch_2d(
@@ -181,11 +177,7 @@ impl FlashAttention {
         need("flash attention lse", lse, bh * t, 4)?;
         let rows = bh * t;
         let delta = gpu.alloc(rows * 4)?;
-        let ti = int("flash attention seq", t)?;
-        let grid = (
-            int("flash attention tiles", t.div_ceil(BR))? as u32,
-            bh as u32,
-        );
+        let (ti, grid) = grid(bh, t)?;
         let warps_per_block = 8usize;
         let delta_blocks = int("flash attention rows", rows.div_ceil(warps_per_block))? as u32;
         // SAFETY: sizes checked above; `delta` holds one f32 per row.
@@ -238,4 +230,16 @@ impl FlashAttention {
             )
         }
     }
+}
+
+/// `t` as the kernels' `int` and the grid of a launch over `bh` rows of `t` positions: one
+/// block per 64-row tile and row of `bh`.
+fn grid(bh: usize, t: usize) -> Result<(i32, (u32, u32))> {
+    Ok((
+        int("flash attention seq", t)?,
+        (
+            int("flash attention tiles", t.div_ceil(BR))? as u32,
+            bh as u32,
+        ),
+    ))
 }
