@@ -79,15 +79,7 @@ pub fn clip_grad_norm_tensor(
     visit_grads: &mut VisitorMut<'_>,
     max_norm: Option<f64>,
 ) -> Result<Tensor> {
-    if let Some(m) = max_norm {
-        if !(m.is_finite() && m > 0.0) {
-            return Err(OptimError::InvalidArgument {
-                field: "optim.grad_clip",
-                value: m.to_string(),
-                rule: "must be finite and > 0 (use None for no clipping)",
-            });
-        }
-    }
+    check_max_norm(max_norm)?;
     let norm_t = global_grad_norm_tensor(&mut |f| visit_grads(&mut |n, g, r| f(n, g, r)))?;
     if let Some(max_norm) = max_norm {
         let factor = clip_factor(&norm_t, max_norm)?;
@@ -104,6 +96,18 @@ pub fn clip_grad_norm_tensor(
         }
     }
     Ok(norm_t)
+}
+
+/// Checks a clipping bound: finite and > 0 (`None`: no clipping).
+pub fn check_max_norm(max_norm: Option<f64>) -> Result<()> {
+    match max_norm {
+        Some(m) if !(m.is_finite() && m > 0.0) => Err(OptimError::InvalidArgument {
+            field: "optim.grad_clip",
+            value: m.to_string(),
+            rule: "must be finite and > 0 (use None for no clipping)",
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl ClipReport {

@@ -74,6 +74,7 @@ pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod failpoint;
+mod flat_optim;
 pub mod goodput;
 mod gpu_pool;
 pub use gpu_pool::{attention_kernel, predicted_peak_bytes};

@@ -4,7 +4,8 @@
 //! is captured once, after one uncaptured warm-up step, and replayed in later steps. With
 //! [`Trainer::set_cuda_graph_optimizer`] (AdamW) the capture goes on through clipping, the
 //! NaN/Inf guard (a device flag), the AdamW update (constants in a device buffer written
-//! before each replay) and the expert-bias update, and the host only reads the step's
+//! before each replay; the flat step of [`crate::flat_optim`] where the run allows it)
+//! and the expert-bias update, and the host only reads the step's
 //! statistics and gradient norm (one read) and counts the step; otherwise the statistics
 //! read, clipping, the optimizer and the expert-bias update run after the replay,
 //! uncaptured.
@@ -77,6 +78,10 @@ pub(crate) struct StepGraphState {
     /// optimizer reads; rewritten before each replay.
     #[cfg(feature = "cuda")]
     adamw_consts: Option<[Tensor; 2]>,
+    /// The flat optimizer's segment table the captured optimizer reads (`None`: the
+    /// per-parameter ops were captured), made before each capture.
+    #[cfg(feature = "cuda")]
+    segments: Option<megamoe_tensor::cuda::OptimizerSegments>,
 }
 
 #[cfg(feature = "cuda")]
@@ -306,6 +311,7 @@ impl Trainer {
         let optimizer = self.graph_optimizer_blocker().is_none();
         if optimizer {
             self.write_adamw_consts(gpu, s)?;
+            self.graph.segments = self.flat_segments(gpu)?;
         }
         // The addresses the graph will read, the optimizer's constants and moments included.
         let addresses = self.graph_addresses();
@@ -389,10 +395,23 @@ impl Trainer {
         stats: &mut StepStatsAccumulator,
     ) -> Result<()> {
         use megamoe_tensor::DType;
-        let norm = megamoe_optim::clip_grad_norm_tensor(
-            &mut |f| self.grads.grads_mut().visit_mut(f),
-            self.plan.optim.grad_clip,
-        )?;
+        // The flat step: norm and factor first, the gradients stay unscaled (the factor is
+        // applied inside the AdamW launch below).
+        let (norm, factor) = match &self.graph.segments {
+            Some(segs) => {
+                megamoe_optim::clip::check_max_norm(self.plan.optim.grad_clip)?;
+                let norm = gpu.segments_grad_norm(segs)?;
+                let factor = self.flat_clip_factor(&norm)?;
+                (norm, factor)
+            }
+            None => (
+                megamoe_optim::clip_grad_norm_tensor(
+                    &mut |f| self.grads.grads_mut().visit_mut(f),
+                    self.plan.optim.grad_clip,
+                )?,
+                None,
+            ),
+        };
         // 1 where finite: x − x is 0 for finite x and NaN for ±∞ and NaN.
         let finite = |t: &Tensor| -> Result<Tensor> { Ok(t.sub(t)?.eq_scalar(0.0)?.reshape([1])?) };
         let mut apply = finite(&norm)?;
@@ -403,22 +422,26 @@ impl Trainer {
         let Some([with, without]) = &self.graph.adamw_consts else {
             unreachable!("write_adamw_consts runs before the capture")
         };
-        let (params, grads) = (&mut self.params, &self.grads);
-        self.optimizer.step_adamw_with(
-            &mut |f| params.visit_mut(f),
-            &mut |f| grads.grads().visit(f),
-            &mut |p, moments, g, decay| {
-                let consts = if decay { with } else { without };
-                Ok(gpu.adamw_step_device(
-                    p,
-                    &mut moments.exp_avg,
-                    &mut moments.exp_avg_sq,
-                    g,
-                    consts,
-                    &apply,
-                )?)
-            },
-        )?;
+        if let Some(segs) = &self.graph.segments {
+            gpu.segments_adamw(segs, (with, without), factor.as_ref(), Some(&apply))?;
+        } else {
+            let (params, grads) = (&mut self.params, &self.grads);
+            self.optimizer.step_adamw_with(
+                &mut |f| params.visit_mut(f),
+                &mut |f| grads.grads().visit(f),
+                &mut |p, moments, g, decay| {
+                    let consts = if decay { with } else { without };
+                    Ok(gpu.adamw_step_device(
+                        p,
+                        &mut moments.exp_avg,
+                        &mut moments.exp_avg_sq,
+                        g,
+                        consts,
+                        &apply,
+                    )?)
+                },
+            )?;
+        }
         let Some(rate) = self.plan.moe.as_ref().and_then(|m| m.expert_bias_rate) else {
             return Ok(());
         };
@@ -458,6 +481,9 @@ impl Trainer {
                 .visit_state(&mut |n, t| push(format!("optimizer state {n}"), t));
             for t in self.graph.adamw_consts.iter().flatten() {
                 push("the AdamW constants".to_string(), t);
+            }
+            if let Some(segs) = &self.graph.segments {
+                push("the optimizer segments".to_string(), segs.device_table());
             }
         }
         for (i, input) in self.graph.inputs.iter().enumerate() {

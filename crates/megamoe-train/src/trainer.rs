@@ -117,6 +117,8 @@ pub struct Trainer {
     pub(crate) pipeline: Option<crate::distributed::PipelineRank>,
     /// Whole-step CUDA graph state (see [`crate::step_graph`]).
     pub(crate) graph: crate::step_graph::StepGraphState,
+    /// The flat optimizer step's switch (see [`crate::flat_optim`]).
+    pub(crate) flat: crate::flat_optim::FlatOptimizer,
 }
 
 impl Trainer {
@@ -224,6 +226,7 @@ impl Trainer {
             parallel,
             pipeline: None,
             graph: Default::default(),
+            flat: Default::default(),
         })
     }
 
@@ -366,9 +369,18 @@ impl Trainer {
         // 3. grad reduce: a single process holds the whole batch; nothing to reduce.
         //    Distributed: gradients, loss sums and routing counts over the data ranks.
         // 4. clip (returns the pre-clip norm; leaves non-finite gradients untouched).
+        //    A single-process AdamW run on a GPU clips and steps every parameter at once.
+        let flat = match &self.parallel {
+            None if !device.optimizer_done => self.flat_clip()?,
+            _ => None,
+        };
         let clip = match &mut self.parallel {
             _ if device.optimizer_done => ClipReport::from_norm(
                 sums.grad_norm.unwrap_or(f64::NAN),
+                self.plan.optim.grad_clip,
+            ),
+            None if flat.is_some() => ClipReport::from_norm(
+                flat.as_ref().map_or(f64::NAN, |f| f.1),
                 self.plan.optim.grad_clip,
             ),
             None => clip_grad_norm(
@@ -391,6 +403,11 @@ impl Trainer {
             self.nonfinite_streak = 0;
         } else if finite {
             match &mut self.parallel {
+                None if flat.is_some() => {
+                    if let Some((step, _)) = flat {
+                        self.flat_adamw(step, lr)?;
+                    }
+                }
                 Some(par) if par.is_sharded() => {
                     par.sharded_optimizer_step(&mut self.optimizer, &mut self.params, lr)?
                 }

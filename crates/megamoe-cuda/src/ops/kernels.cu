@@ -338,11 +338,10 @@ struct AdamWConsts {
     float beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps, decay, step;
     int has_decay;
 };
-// One element of the update (shared by `adamw` and `adamw_dev`).
-__device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, float* __restrict__ m,
-                                         float* __restrict__ v, const T* __restrict__ g,
-                                         T* __restrict__ p_copy, const AdamWConsts& c) {
-    const float gi = ldf(g + i);
+// One element of the update from its gradient `gi` (shared by every AdamW kernel).
+__device__ __forceinline__ void adamw_g(size_t i, float* __restrict__ p, float* __restrict__ m,
+                                        float* __restrict__ v, const float gi,
+                                        T* __restrict__ p_copy, const AdamWConsts& c) {
     float mi = __fadd_rn(__fmul_rn(m[i], c.beta1), 0.f);
     mi = __fadd_rn(mi, __fmul_rn(c.one_minus_beta1, gi));
     const float g2 = __fmul_rn(gi, gi);
@@ -356,6 +355,11 @@ __device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, float*
     m[i] = mi;
     v[i] = vi;
     if (p_copy) stf(p_copy + i, pi);
+}
+__device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, float* __restrict__ m,
+                                         float* __restrict__ v, const T* __restrict__ g,
+                                         T* __restrict__ p_copy, const AdamWConsts& c) {
+    adamw_g(i, p, m, v, ldf(g + i), p_copy, c);
 }
 // p, m, v f32 (master weights and moments); g in T; p_copy (nullable) gets p in T.
 extern "C" __global__ void adamw(float* __restrict__ p, float* __restrict__ m,
@@ -375,4 +379,104 @@ extern "C" __global__ void adamw_dev(float* __restrict__ p, float* __restrict__ 
     const AdamWConsts c = *cp;
     for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK)
         adamw_at(i, p, m, v, g, nullptr, c);
+}
+
+// ---- AdamW over many parameters in one launch (the flat-buffer optimizer). A segment
+// table of 8 u64 words per parameter: p, g, m, v addresses (f32), n, decay (0/1), first
+// AdamW block, first norm block; segments in order, first blocks increasing. ----
+#define SEG_WORDS 8
+// The segment whose first block (table word `w`) is the last one <= blockIdx.x.
+__device__ __forceinline__ int segment_of(const unsigned long long* t, int nseg, int w) {
+    int lo = 0, hi = nseg - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (t[mid * SEG_WORDS + w] <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+// Blocks of `sum_all_partial` over n elements (megamoe-cuda tensor/launch.rs `grid`).
+__device__ __forceinline__ unsigned long long norm_blocks(unsigned long long n) {
+    const unsigned long long b = (n + BLOCK - 1) / BLOCK;
+    return b < 1 ? 1 : (b > 132 * 16 ? 132 * 16 : b);
+}
+// The tensor module's block_sum_d (same tree, so the sums match it bit for bit).
+__device__ double block_sum_d(double v) {
+    __shared__ double s[BLOCK];
+    __syncthreads();
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int o = BLOCK / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
+        __syncthreads();
+    }
+    return s[0];
+}
+// Pass 1 of the global gradient norm: block b of segment s is block b of `sum_all_partial`
+// over s's gradient (same slice, order and f64 tree): partial[blockIdx.x] = its sum of g^2.
+extern "C" __global__ void seg_sumsq_partial(const unsigned long long* __restrict__ t, int nseg,
+                                             double* __restrict__ partial) {
+    const int s = segment_of(t, nseg, 7);
+    const float* g = (const float*)t[s * SEG_WORDS + 1];
+    const size_t n = t[s * SEG_WORDS + 4];
+    const size_t nb = norm_blocks(n);
+    const size_t b = blockIdx.x - t[s * SEG_WORDS + 7];
+    double acc = 0.0;
+    for (size_t i = b * (size_t)BLOCK + threadIdx.x; i < n; i += nb * BLOCK) {
+        const double v = g[i];
+        acc = __dadd_rn(acc, __dmul_rn(v, v));
+    }
+    acc = block_sum_d(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+// Pass 2 (one block of BLOCK threads): out[0] = sqrt of the sum over segments of each
+// segment's f32-rounded sum of squares, summed exactly as `sum_all` sums the concatenated
+// per-gradient values (grid-stride slices of norm_blocks(nseg) blocks, f64 block trees,
+// block sums in order), then rounded to f32 and square-rooted in f32: the bits of
+// `cat([g.sum_squares() for g]).sum_all().sqrt()`.
+extern "C" __global__ void seg_norm_finish(const unsigned long long* __restrict__ t, int nseg,
+                                           const double* __restrict__ partial,
+                                           float* __restrict__ out) {
+    const size_t nb2 = norm_blocks(nseg);
+    double total = 0.0;
+    for (size_t bb = 0; bb < nb2; bb++) {
+        double acc = 0.0;
+        for (size_t s = bb * BLOCK + threadIdx.x; s < (size_t)nseg; s += nb2 * BLOCK) {
+            const size_t first = t[s * SEG_WORDS + 7];
+            const size_t nb = norm_blocks(t[s * SEG_WORDS + 4]);
+            double ss = 0.0;
+            for (size_t b = 0; b < nb; b++) ss += partial[first + b];
+            double v = (float)ss;
+            acc += v;
+        }
+        acc = block_sum_d(acc);
+        total += acc;
+    }
+    if (threadIdx.x == 0) out[0] = sqrtf((float)total);
+}
+// AdamW on every segment: block b of segment s updates elements b*BLOCK + k*nb*BLOCK of it
+// (nb: its AdamW block count). The gradient is scaled by scale[0] first when `scale` is
+// set (the clip factor: the bits of scaling the gradient in place first); constants
+// `with` / `without` by the segment's decay flag; `apply` (nullable) 0 skips everything.
+extern "C" __global__ void adamw_segments(const unsigned long long* __restrict__ t, int nseg,
+                                          const AdamWConsts* __restrict__ with,
+                                          const AdamWConsts* __restrict__ without,
+                                          const float* __restrict__ scale,
+                                          const float* __restrict__ apply) {
+    if (apply && apply[0] == 0.f) return;
+    const int s = segment_of(t, nseg, 6);
+    const unsigned long long* w = t + s * SEG_WORDS;
+    float* p = (float*)w[0];
+    const float* g = (const float*)w[1];
+    float* m = (float*)w[2];
+    float* v = (float*)w[3];
+    const size_t n = w[4];
+    const AdamWConsts c = w[5] ? *with : *without;
+    const size_t end = s + 1 < nseg ? t[(s + 1) * SEG_WORDS + 6] : gridDim.x;
+    const size_t nb = end - w[6];
+    const size_t b = blockIdx.x - w[6];
+    const float k = scale ? scale[0] : 1.f;
+    for (size_t i = b * (size_t)BLOCK + threadIdx.x; i < n; i += nb * BLOCK) {
+        const float gi = scale ? __fmul_rn(g[i], k) : g[i];
+        adamw_g(i, p, m, v, gi, nullptr, c);
+    }
 }

@@ -21,7 +21,7 @@ mod optim;
 
 pub use attention::{AttentionGrads, AttentionShape};
 pub use flash::FlashAttention;
-pub use optim::AdamWParams;
+pub use optim::{AdamWParams, AdamWSegment, SegmentTable};
 
 use cudarc::driver::sys as dsys;
 
@@ -53,6 +53,9 @@ struct Kernels {
     causal_softmax_bwd: dsys::CUfunction,
     adamw: dsys::CUfunction,
     adamw_dev: dsys::CUfunction,
+    seg_sumsq_partial: dsys::CUfunction,
+    seg_norm_finish: dsys::CUfunction,
+    adamw_segments: dsys::CUfunction,
 }
 
 /// The step kernels compiled for one storage type.
@@ -90,6 +93,9 @@ impl Ops {
             causal_softmax_bwd: get("causal_softmax_bwd")?,
             adamw: get("adamw")?,
             adamw_dev: get("adamw_dev")?,
+            seg_sumsq_partial: get("seg_sumsq_partial")?,
+            seg_norm_finish: get("seg_norm_finish")?,
+            adamw_segments: get("adamw_segments")?,
         };
         Ok(Ops { elem, k })
     }

@@ -1,7 +1,9 @@
 //! Fused AdamW over f32 master weights and moments, with an optional copy of the updated
-//! weights in the storage type (the bf16 weights the next forward reads).
+//! weights in the storage type (the bf16 weights the next forward reads); and the
+//! flat-buffer optimizer: the global gradient norm and AdamW over every parameter in one
+//! launch each, from a table of segments ([`SegmentTable`]).
 
-use super::{need, positive, stride_grid, Ops, BLOCK};
+use super::{int, need, positive, stride_grid, Ops, BLOCK};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
 use crate::pool::DeviceMem;
@@ -169,5 +171,141 @@ impl Ops {
                 ],
             )
         }
+    }
+}
+
+/// One parameter of a many-parameter AdamW step: the device addresses of its f32 parameter,
+/// gradient and two moments (each `n` elements, written in place), and whether weight decay
+/// applies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdamWSegment {
+    /// Parameter (f32).
+    pub p: u64,
+    /// Gradient (f32).
+    pub g: u64,
+    /// First moment (f32).
+    pub m: u64,
+    /// Second moment (f32).
+    pub v: u64,
+    /// Elements.
+    pub n: usize,
+    /// Weight decay applies.
+    pub decay: bool,
+}
+
+/// Elements one block of `adamw_segments` updates (8 per thread).
+const ADAMW_BLOCK_ELEMS: usize = BLOCK as usize * 8;
+
+/// The device table of [`Ops::segments_norm`] and [`Ops::adamw_segments`]: 8 u64 words per
+/// segment (p, g, m, v, n, decay, first AdamW block, first norm block), and the grids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentTable {
+    /// The words to upload, in segment order.
+    pub words: Vec<u64>,
+    /// Segments.
+    pub segments: usize,
+    /// Blocks of the norm's first pass (each segment's `sum_all` grid).
+    pub norm_blocks: usize,
+    /// Blocks of the AdamW launch.
+    pub adamw_blocks: usize,
+}
+
+impl SegmentTable {
+    /// The table of `segs` (in this order: the norm sums them in this order).
+    pub fn new(segs: &[AdamWSegment]) -> Result<SegmentTable> {
+        positive("optimizer segments", segs.len())?;
+        int("optimizer segments", segs.len())?;
+        let (mut words, mut adamw, mut norm) = (Vec::with_capacity(segs.len() * 8), 0, 0);
+        for s in segs {
+            words.extend([
+                s.p,
+                s.g,
+                s.m,
+                s.v,
+                s.n as u64,
+                u64::from(s.decay),
+                adamw as u64,
+                norm as u64,
+            ]);
+            adamw += s.n.div_ceil(ADAMW_BLOCK_ELEMS).max(1);
+            norm += stride_grid(s.n) as usize;
+        }
+        int("optimizer blocks", adamw.max(norm))?;
+        Ok(SegmentTable {
+            words,
+            segments: segs.len(),
+            norm_blocks: norm,
+            adamw_blocks: adamw,
+        })
+    }
+}
+
+impl Ops {
+    /// `out[0]` (f32) = the global L2 norm of every segment's gradient, bit for bit what
+    /// megamoe-tensor computes per gradient and then over the list (`sum_squares` of each,
+    /// concatenated, `sum_all`, `sqrt`): f64 sums of fixed slices, each gradient's sum
+    /// rounded to f32, those summed in f64 and the root taken in f32. Two launches
+    /// whatever the number of gradients. `table` holds `t.words` on the device.
+    ///
+    /// # Safety
+    /// `table` must hold `t`'s words, whose gradient addresses must be live f32 buffers of
+    /// their `n` elements; `out` one f32.
+    pub unsafe fn segments_norm(
+        &self,
+        gpu: &Gpu,
+        table: u64,
+        t: &SegmentTable,
+        out: u64,
+    ) -> Result<()> {
+        let partial = gpu.alloc(t.norm_blocks * 8)?;
+        let nseg = t.segments as i32;
+        gpu.launch(
+            self.k.seg_sumsq_partial,
+            t.norm_blocks as u32,
+            BLOCK,
+            &mut [arg(&table), arg(&nseg), arg(&partial.ptr())],
+        )?;
+        gpu.launch(
+            self.k.seg_norm_finish,
+            1,
+            BLOCK,
+            &mut [arg(&table), arg(&nseg), arg(&partial.ptr()), arg(&out)],
+        )
+    }
+
+    /// AdamW over every segment in one launch, with the constants `with` / `without` (the
+    /// nine words of [`AdamWParams::device_words`], by each segment's decay flag) read from
+    /// device memory; each gradient multiplied by `scale[0]` first where `scale` is not 0
+    /// (the clip factor: the same bits as scaling the gradients in place before the
+    /// update); nothing where `apply` is not 0 and `apply[0]` is 0. Per element the f32
+    /// operations of [`Ops::adamw`].
+    ///
+    /// # Safety
+    /// `table` must hold `t`'s words, each address a live f32 buffer of its segment's `n`
+    /// elements, parameters and moments not overlapping anything else in the table;
+    /// `with` / `without` nine words each; `scale` / `apply` one f32 each where not 0.
+    pub unsafe fn adamw_segments(
+        &self,
+        gpu: &Gpu,
+        table: u64,
+        t: &SegmentTable,
+        (with, without): (u64, u64),
+        scale: u64,
+        apply: u64,
+    ) -> Result<()> {
+        let nseg = t.segments as i32;
+        gpu.launch(
+            self.k.adamw_segments,
+            t.adamw_blocks as u32,
+            BLOCK,
+            &mut [
+                arg(&table),
+                arg(&nseg),
+                arg(&with),
+                arg(&without),
+                arg(&scale),
+                arg(&apply),
+            ],
+        )
     }
 }

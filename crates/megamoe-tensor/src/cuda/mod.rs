@@ -25,6 +25,8 @@ mod attention;
 pub use attention::AttentionPath;
 mod dense;
 mod elementwise;
+mod flat_optim;
+pub use flat_optim::OptimizerSegments;
 mod graph;
 pub use graph::{device_address, StepGraph};
 mod grouped;

@@ -1,0 +1,81 @@
+//! The flat optimizer step (global norm and AdamW over every parameter at once) against
+//! the per-parameter ops on the GPU: six steps of configs/tiny.toml, per-step losses,
+//! gradient norms and final parameters bitwise equal — uncaptured (f32 and bf16), and
+//! inside a whole-step CUDA graph with the optimizer captured (static capacity).
+//! Needs feature `cuda` and an NVIDIA GPU (`#[ignore]`d: run the test binary with
+//! `--ignored` there).
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use megamoe_plan::RawConfig;
+use megamoe_tensor::Device;
+use megamoe_train::{DataSource, Tokenizer, Trainer, TrainerOptions};
+
+const TINY: &str = include_str!("../../../configs/tiny.toml");
+
+/// (loss bits, grad-norm bits) per step and every final parameter's bits.
+type Run = (Vec<(u64, u64)>, Vec<Vec<u32>>);
+
+fn run(sets: &[&str], flat: bool, graph: bool) -> Run {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
+    let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+    let options = TrainerOptions {
+        peak_flops: None,
+        device: Device::Cuda(0),
+    };
+    let mut t = Trainer::new(&raw, data, options).unwrap();
+    t.set_flat_optimizer(flat);
+    t.set_cuda_graph(graph);
+    t.set_cuda_graph_optimizer(graph);
+    let steps = (0..6)
+        .map(|_| {
+            let m = t.step().unwrap();
+            assert!(!m.skipped, "step {} skipped", m.step);
+            (m.loss.total.to_bits(), m.grad_norm.to_bits())
+        })
+        .collect();
+    if graph {
+        let status = t.cuda_graph_status();
+        assert!(status.contains("optimizer inside"), "graph: {status}");
+    }
+    let mut params = Vec::new();
+    t.params().visit(&mut |_, p, _| {
+        params.push(
+            p.to_host_f32()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect(),
+        )
+    });
+    (steps, params)
+}
+
+fn same(sets: &[&str], graph: bool) {
+    let (flat, per_param) = (run(sets, true, graph), run(sets, false, graph));
+    for (i, (a, b)) in flat.0.iter().zip(&per_param.0).enumerate() {
+        eprintln!("  {sets:?} graph {graph} step {}: {a:?} {b:?}", i + 1);
+        assert_eq!(
+            a,
+            b,
+            "{sets:?} graph {graph}: step {} loss, grad norm",
+            i + 1
+        );
+    }
+    assert_eq!(flat.1.len(), per_param.1.len());
+    for (i, (a, b)) in flat.1.iter().zip(&per_param.1).enumerate() {
+        assert!(a == b, "{sets:?} graph {graph}: parameter {i} differs");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn flat_optimizer_equals_the_per_parameter_optimizer_bitwise() {
+    same(&[], false);
+    same(&["train.dtype=\"bf16\""], false);
+    let stat = ["moe.capacity_factor=1.25", "moe.pad_to_capacity=true"];
+    same(&stat, true);
+}
