@@ -483,8 +483,14 @@ extern "C" __global__ void segment_bounds(const int* __restrict__ key, int n, in
     }
 }
 
-// Destination row blockIdx.x, columns strided over the blockIdx.y blocks: dst[d] (f32) +=
-// sum over its sources (order[first[d]..last[d]], increasing source index), of w[r] * src[r].
+// Destination row blockIdx.x; each thread holds APPLY_COLS columns, strided by the
+// gridDim.y * blockDim.x column threads: dst[d] (f32) += sum over its sources
+// (order[first[d]..last[d]], increasing source index) of w[r] * src[r], in that order. Sources
+// go in batches of APPLY_BATCH whose loads are all issued before the in-order adds, so a
+// destination with many sources (a frequent token's embedding row) is not one load latency
+// per source.
+#define APPLY_COLS 8
+#define APPLY_BATCH 4
 extern "C" __global__ void index_add_apply(const void* src, int st_, const float* w,
                                            const int* __restrict__ order,
                                            const int* __restrict__ first,
@@ -492,15 +498,55 @@ extern "C" __global__ void index_add_apply(const void* src, int st_, const float
     const size_t d = blockIdx.x;
     const int o = first[d], c = last[d] - o;
     if (c <= 0) return;
-    for (size_t j = blockIdx.y * (size_t)blockDim.x + threadIdx.x; j < row;
-         j += (size_t)gridDim.y * blockDim.x) {
-        float acc = dst[d * row + j];
-        for (int i = 0; i < c; i++) {
-            const int r = order[o + i];
-            float v = ld(src, st_, (size_t)r * row + j);
-            acc = __fadd_rn(acc, w ? __fmul_rn(w[r], v) : v);
+    const size_t step = (size_t)gridDim.y * blockDim.x;
+    for (size_t j0 = blockIdx.y * (size_t)blockDim.x + threadIdx.x; j0 < row;
+         j0 += step * APPLY_COLS) {
+        float acc[APPLY_COLS];
+#pragma unroll
+        for (int u = 0; u < APPLY_COLS; u++) {
+            const size_t j = j0 + u * step;
+            acc[u] = j < row ? dst[d * row + j] : 0.f;
         }
-        dst[d * row + j] = acc;
+        int i = 0;
+        for (; i + APPLY_BATCH <= c; i += APPLY_BATCH) {
+            size_t base[APPLY_BATCH];
+            float wr[APPLY_BATCH], v[APPLY_BATCH][APPLY_COLS];
+#pragma unroll
+            for (int q = 0; q < APPLY_BATCH; q++) {
+                const int r = order[o + i + q];
+                base[q] = (size_t)r * row;
+                wr[q] = w ? w[r] : 1.f;
+            }
+#pragma unroll
+            for (int q = 0; q < APPLY_BATCH; q++)
+#pragma unroll
+                for (int u = 0; u < APPLY_COLS; u++) {
+                    const size_t j = j0 + u * step;
+                    v[q][u] = j < row ? ld(src, st_, base[q] + j) : 0.f;
+                }
+#pragma unroll
+            for (int q = 0; q < APPLY_BATCH; q++)
+#pragma unroll
+                for (int u = 0; u < APPLY_COLS; u++)
+                    acc[u] = __fadd_rn(acc[u], w ? __fmul_rn(wr[q], v[q][u]) : v[q][u]);
+        }
+        for (; i < c; i++) {
+            const int r = order[o + i];
+            const float wr = w ? w[r] : 1.f;
+#pragma unroll
+            for (int u = 0; u < APPLY_COLS; u++) {
+                const size_t j = j0 + u * step;
+                if (j < row) {
+                    const float v = ld(src, st_, (size_t)r * row + j);
+                    acc[u] = __fadd_rn(acc[u], w ? __fmul_rn(wr, v) : v);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < APPLY_COLS; u++) {
+            const size_t j = j0 + u * step;
+            if (j < row) dst[d * row + j] = acc[u];
+        }
     }
 }
 

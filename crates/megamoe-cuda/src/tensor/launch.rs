@@ -777,8 +777,9 @@ impl TensorKernels {
             BLOCK,
             &mut [arg(&key[cur]), arg(&ni), arg(&mi), arg(&first), arg(&last)],
         )?;
-        // Column blocks per destination row: ~8 columns per thread, so a few long rows
-        // (GQA head sums: 16 rows of T·D) still fill the GPU; short rows take one warp.
+        // Column blocks per destination row: `APPLY_COLS` (8) columns per thread, so a few
+        // long rows (GQA head sums: 16 rows of T·D) still fill the GPU; short rows take one
+        // warp.
         let threads = if row < BLOCK as usize { 32 } else { BLOCK };
         let col_blocks = row.div_ceil(threads as usize * 8).clamp(1, 65535) as u32;
         let (st, wp) = (src.dtype.code(), w.unwrap_or(0));
