@@ -332,17 +332,7 @@ fn write_checkpoint_files(
         files.insert(file.to_string(), FileDigest::of(&bytes));
         failpoint::hit(point, step);
     }
-    let state_file = StateFile {
-        format_version: CHECKPOINT_FORMAT_VERSION,
-        state: state.clone(),
-    };
-    let json = serde_json::to_vec_pretty(&state_file).map_err(|source| Error::Serialize {
-        what: "checkpoint state.json",
-        source,
-    })?;
-    write_file_atomic(&dir.join(STATE_FILE), &json, step)?;
-    files.insert(STATE_FILE.to_string(), FileDigest::of(&json));
-    failpoint::hit("checkpoint.state_written", step);
+    write_state_file(dir, state, &mut files)?;
     let manifest = Manifest {
         format_version: CHECKPOINT_FORMAT_VERSION,
         step,
@@ -361,20 +351,7 @@ fn write_checkpoint_files(
 /// Reads `manifest.json` of checkpoint directory `dir` and checks the format version
 /// and every file's length and SHA-256. Returns the verified files' bytes.
 pub(crate) fn verify_checkpoint(dir: &Path) -> Result<BTreeMap<&'static str, Vec<u8>>> {
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let bytes = read_required(dir, MANIFEST_FILE)?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| Error::CheckpointMalformed {
-            path: manifest_path.clone(),
-            reason: e.to_string(),
-        })?;
-    if manifest.format_version != CHECKPOINT_FORMAT_VERSION {
-        return Err(Error::CheckpointVersion {
-            path: manifest_path,
-            found: manifest.format_version,
-            supported: CHECKPOINT_FORMAT_VERSION,
-        });
-    }
+    let (manifest_path, manifest) = read_manifest(dir)?;
     let mut out = BTreeMap::new();
     for file in CHECKPOINT_FILES {
         let path = dir.join(file);
@@ -467,20 +444,7 @@ pub(crate) fn verify_any(dir: &Path) -> Result<()> {
     if dir.join(INDEX_FILE).is_file() && !dir.join(MANIFEST_FILE).is_file() {
         return sharded::verify_sharded(dir).map(drop);
     }
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let bytes = read_required(dir, MANIFEST_FILE)?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| Error::CheckpointMalformed {
-            path: manifest_path.clone(),
-            reason: e.to_string(),
-        })?;
-    if manifest.format_version != CHECKPOINT_FORMAT_VERSION {
-        return Err(Error::CheckpointVersion {
-            path: manifest_path,
-            found: manifest.format_version,
-            supported: CHECKPOINT_FORMAT_VERSION,
-        });
-    }
+    let (manifest_path, manifest) = read_manifest(dir)?;
     if let Some(file) = CHECKPOINT_FILES
         .iter()
         .find(|f| !manifest.files.contains_key(**f))
@@ -620,6 +584,48 @@ fn encode_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
         tensor: "<file>".to_string(),
         rule: e.to_string(),
     })
+}
+
+/// Writes `state.json` (format version + `state`) into checkpoint directory `dir`
+/// atomically and records its digest in `files` (one-rank and sharded writers alike).
+pub(crate) fn write_state_file(
+    dir: &Path,
+    state: &TrainState,
+    files: &mut BTreeMap<String, FileDigest>,
+) -> Result<()> {
+    let step = state.step;
+    let state_file = StateFile {
+        format_version: CHECKPOINT_FORMAT_VERSION,
+        state: state.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&state_file).map_err(|source| Error::Serialize {
+        what: "checkpoint state.json",
+        source,
+    })?;
+    write_file_atomic(&dir.join(STATE_FILE), &json, step)?;
+    files.insert(STATE_FILE.to_string(), FileDigest::of(&json));
+    failpoint::hit("checkpoint.state_written", step);
+    Ok(())
+}
+
+/// Reads and parses `manifest.json` of checkpoint directory `dir` and checks its format
+/// version: `(path of the manifest, manifest)`.
+fn read_manifest(dir: &Path) -> Result<(PathBuf, Manifest)> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let bytes = read_required(dir, MANIFEST_FILE)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| Error::CheckpointMalformed {
+            path: manifest_path.clone(),
+            reason: e.to_string(),
+        })?;
+    if manifest.format_version != CHECKPOINT_FORMAT_VERSION {
+        return Err(Error::CheckpointVersion {
+            path: manifest_path,
+            found: manifest.format_version,
+            supported: CHECKPOINT_FORMAT_VERSION,
+        });
+    }
+    Ok((manifest_path, manifest))
 }
 
 fn read_required(dir: &Path, file: &'static str) -> Result<Vec<u8>> {

@@ -39,9 +39,8 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    encode_safetensors, read_required, validate_tensors, write_file_atomic, FileDigest,
-    NamedTensor, StateFile, TensorSpec, TrainState, CHECKPOINT_FORMAT_VERSION, MODEL_FILE,
-    OPTIMIZER_FILE, STATE_FILE,
+    encode_safetensors, read_required, validate_tensors, write_file_atomic, write_state_file,
+    FileDigest, NamedTensor, TensorSpec, TrainState, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
 };
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -340,17 +339,7 @@ pub(crate) fn write_index(
             ));
         }
     }
-    let state_file = StateFile {
-        format_version: CHECKPOINT_FORMAT_VERSION,
-        state: state.clone(),
-    };
-    let json = serde_json::to_vec_pretty(&state_file).map_err(|source| Error::Serialize {
-        what: "checkpoint state.json",
-        source,
-    })?;
-    write_file_atomic(&tmp_dir.join(STATE_FILE), &json, step)?;
-    files.insert(STATE_FILE.to_string(), FileDigest::of(&json));
-    failpoint::hit("checkpoint.state_written", step);
+    write_state_file(tmp_dir, state, &mut files)?;
     let index = ShardIndex {
         format_version: INDEX_FORMAT_VERSION,
         step,
