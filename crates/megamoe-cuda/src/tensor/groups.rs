@@ -150,13 +150,7 @@ impl GroupKernels {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        if src.dtype == Dtype::I32 || dst.dtype == Dtype::I32 {
-            return Err(Error::invalid(
-                "unpad_packed dtype",
-                "i32",
-                "must be f32 or bf16",
-            ));
-        }
+        float_only(src, dst)?;
         let copy = i32::from(src.dtype == dst.dtype && beta == 0.0);
         let u = unit(n * src.dtype.size(), &[src.ptr, dst.ptr]);
         let (sdt, ddt, ni, gi, ci) = (
