@@ -218,6 +218,49 @@ impl CudaBackend {
         Ok((o, lse))
     }
 
+    /// cuDNN SDPA backward of shape `s` (heads- or sequence-major, as `s.layout` says):
+    /// fresh bf16 `(dq, dk, dv)` shaped as `q`, `k`, `v`. A fused forward already ran, so a
+    /// cuDNN that cannot run this backward is an error, not a fallback.
+    #[allow(clippy::too_many_arguments)]
+    fn cudnn_backward(
+        &self,
+        op: &'static str,
+        s: SdpaShape,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
+        saved: &Tensor,
+        d_o: &Tensor,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let b = |x: &Tensor| self.bf16_aligned(op, x);
+        let (qb, kb, vb, ob, gb) = (b(q)?, b(k)?, b(v)?, b(o)?, b(d_o)?);
+        let lse = self.as_f32(saved)?;
+        let (dq, dk, dv) = self.fused_grads(op, q, k)?;
+        let ins = (view(op, &qb)?, view(op, &kb)?, view(op, &vb)?);
+        let (ov, gv, lv) = (view(op, &ob)?, view(op, &gb)?, view(op, &lse)?);
+        let outs = (view(op, &dq)?, view(op, &dk)?, view(op, &dv)?);
+        let done = self.with_cudnn(op, |c, gpu| {
+            c.backward(
+                gpu,
+                s,
+                (&ins.0, &ins.1, &ins.2),
+                &ov,
+                &gv,
+                &lv,
+                (&outs.0, &outs.1, &outs.2),
+                scale,
+            )
+        })?;
+        match done {
+            Ok(()) => Ok((dq, dk, dv)),
+            Err(why) => Err(crate::Error::Cuda {
+                op,
+                device: q.device(),
+                message: format!("cuDNN attention backward unavailable: {why}"),
+            }),
+        }
+    }
+
     /// Fresh bf16 gradients shaped as `q` and `kv` (the outputs of a fused backward).
     fn fused_grads(
         &self,
@@ -336,9 +379,13 @@ impl AttentionKernels for CudaBackend {
             return unfused_backward(q, k, v, saved, d_o, scale);
         }
         let bh_kv = k.dims()[0];
-        let cudnn = self.attention_run(bh, d) == Run::Cudnn;
-        // cuDNN reads the KV heads directly; the own kernel needs them repeated
-        let group = if cudnn { 1 } else { bh / bh_kv };
+        if self.attention_run(bh, d) == Run::Cudnn {
+            // cuDNN reads the KV heads directly
+            let s = sdpa_shape(bh, bh_kv, t, d);
+            return self.cudnn_backward(OP, s, (q, k, v), o, saved, d_o, scale);
+        }
+        // the own kernel needs the KV heads repeated
+        let group = bh / bh_kv;
         let (k, v) = (&repeat_kv(k, group)?, &repeat_kv(v, group)?);
         let b = |x: &Tensor| self.bf16_aligned(OP, x);
         let (qb, kb, vb, ob, gb) = (b(q)?, b(k)?, b(v)?, b(o)?, b(d_o)?);
@@ -347,33 +394,6 @@ impl AttentionKernels for CudaBackend {
         let ins = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
         let (ov, gv, lv) = (view(OP, &ob)?, view(OP, &gb)?, view(OP, &lse)?);
         let outs = (view(OP, &dq)?, view(OP, &dk)?, view(OP, &dv)?);
-        if cudnn {
-            let s = sdpa_shape(bh, bh_kv, t, d);
-            let done = self.with_cudnn(OP, |c, gpu| {
-                c.backward(
-                    gpu,
-                    s,
-                    (&ins.0, &ins.1, &ins.2),
-                    &ov,
-                    &gv,
-                    &lv,
-                    (&outs.0, &outs.1, &outs.2),
-                    scale,
-                )
-            })?;
-            if done.is_ok() {
-                return Ok((dq, dk, dv));
-            }
-            // a fused forward ran but cuDNN cannot run this backward
-            return Err(crate::Error::Cuda {
-                op: OP,
-                device: q.device(),
-                message: format!(
-                    "cuDNN attention backward unavailable: {}",
-                    done.err().unwrap_or_default()
-                ),
-            });
-        }
         self.with_flash(OP, d, |f, gpu| {
             f.backward(
                 gpu,
@@ -434,32 +454,6 @@ impl AttentionKernels for CudaBackend {
         if saved.rank() == 3 || s.seq == 0 || !cudnn {
             return bshd_backward_via_heads_major(self, q, k, v, o, saved, d_o, scale);
         }
-        let b = |x: &Tensor| self.bf16_aligned(OP, x);
-        let (qb, kb, vb, ob, gb) = (b(q)?, b(k)?, b(v)?, b(o)?, b(d_o)?);
-        let lse = self.as_f32(saved)?;
-        let (dq, dk, dv) = self.fused_grads(OP, q, k)?;
-        let ins = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
-        let (ov, gv, lv) = (view(OP, &ob)?, view(OP, &gb)?, view(OP, &lse)?);
-        let outs = (view(OP, &dq)?, view(OP, &dk)?, view(OP, &dv)?);
-        let done = self.with_cudnn(OP, |c, gpu| {
-            c.backward(
-                gpu,
-                s,
-                (&ins.0, &ins.1, &ins.2),
-                &ov,
-                &gv,
-                &lv,
-                (&outs.0, &outs.1, &outs.2),
-                scale,
-            )
-        })?;
-        match done {
-            Ok(()) => Ok((dq, dk, dv)),
-            Err(why) => Err(crate::Error::Cuda {
-                op: OP,
-                device: q.device(),
-                message: format!("cuDNN attention backward unavailable: {why}"),
-            }),
-        }
+        self.cudnn_backward(OP, s, (q, k, v), o, saved, d_o, scale)
     }
 }
