@@ -62,6 +62,8 @@ pub struct Gpu {
     pub(crate) pool: Arc<PoolState>,
     pub(crate) blas: bsys::cublasHandle_t,
     pub(crate) kernels: KernelCache,
+    /// cuBLASLt (bf16 GEMMs, `gemm_lt.rs`); shares the cuBLAS workspace.
+    pub(crate) lt: crate::gemm_lt::LtState,
     _blas_workspace: DeviceBuffer,
 }
 
@@ -114,8 +116,10 @@ impl Gpu {
         let stream =
             dres::stream::create(dres::stream::StreamKind::NonBlocking).ctx("cuStreamCreate")?;
         let pool = Arc::new(PoolState::new(ctx, dev, stream)?);
+        let path = crate::gemm_lt::GemmPath::from_env()?;
         let blas = bres::create_handle().ctx("cublasCreate")?;
         let workspace = DeviceBuffer::alloc(&pool, CUBLAS_WORKSPACE)?;
+        let lt = crate::gemm_lt::LtState::new((workspace.ptr(), CUBLAS_WORKSPACE), path)?;
         unsafe {
             bres::set_stream(blas, stream as bsys::cudaStream_t).ctx("cublasSetStream")?;
             bsys::cublasSetWorkspace_v2(blas, workspace.ptr() as *mut c_void, CUBLAS_WORKSPACE)
@@ -130,6 +134,7 @@ impl Gpu {
             pool,
             blas,
             kernels: KernelCache::new(cc.0, cc.1),
+            lt,
             _blas_workspace: workspace,
         })
     }

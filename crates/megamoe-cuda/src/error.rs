@@ -31,6 +31,14 @@ pub enum Error {
         /// cuBLAS's status.
         source: CublasError,
     },
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt {call} failed: {source:?}")]
+    CublasLt {
+        /// Which call.
+        call: &'static str,
+        /// cuBLASLt's status.
+        source: cudarc::cublaslt::result::CublasError,
+    },
     /// NVRTC rejected a kernel source.
     #[error("NVRTC could not compile {module}: {log}")]
     Compile {
@@ -115,5 +123,11 @@ impl<T> DriverCtx<T> for std::result::Result<T, DriverError> {
 impl<T> DriverCtx<T> for std::result::Result<T, CublasError> {
     fn ctx(self, call: &'static str) -> Result<T> {
         self.map_err(|source| Error::Cublas { call, source })
+    }
+}
+
+impl<T> DriverCtx<T> for std::result::Result<T, cudarc::cublaslt::result::CublasError> {
+    fn ctx(self, call: &'static str) -> Result<T> {
+        self.map_err(|source| Error::CublasLt { call, source })
     }
 }

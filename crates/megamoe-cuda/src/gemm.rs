@@ -124,6 +124,29 @@ impl Gpu {
                 "every dimension must be >= 1",
             ));
         }
+        if a.elem == Elem::Bf16
+            && self.lt.path.uses_lt(batch)
+            && self.gemm_lt((m, n, k), a, b, c, batch, alpha, beta, 0)?
+        {
+            return Ok(());
+        }
+        self.gemm_blas((m, n, k), a, b, c, batch, alpha, beta)
+    }
+
+    /// [`Gpu::gemm`] through classic cuBLAS (`cublasGemmEx` / `cublasGemmStridedBatchedEx`)
+    /// whatever the engine's [`crate::GemmPath`] (for A/B timing); shapes checked by
+    /// [`Gpu::gemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_blas(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        batch: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         let op = |t: bool| {
             if t {
                 bsys::cublasOperation_t::CUBLAS_OP_T
