@@ -462,3 +462,86 @@ fn attention_matches_the_unfused_cpu_attention(path: AttentionPath) {
         }
     }
 }
+
+/// `x [G·stride, d]` with the rows past each group's size zeroed (as the static-capacity
+/// buffers hold them).
+fn zero_pad(x: &Tensor, sizes: &[usize], stride: usize) -> Tensor {
+    let (r, d) = x.dims2().unwrap();
+    let mut v = x.to_host_f32().unwrap();
+    for (g, &s) in sizes.iter().enumerate() {
+        v[(g * stride + s) * d..(g + 1) * stride * d].fill(0.0);
+    }
+    Tensor::from_vec_f32(v, [r, d], Device::Cpu).unwrap()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn promised_zero_pad_rows_skip_the_masking_passes_with_identical_results() {
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    let (bf, f32_) = (DType::BF16, DType::F32);
+    // empty, full, small and middle groups of a [4·32, ·] static-capacity buffer
+    let (sizes, stride) = ([0usize, 32, 3, 19], 32);
+    let counts =
+        Tensor::from_vec_i32(sizes.iter().map(|&s| s as i32).collect(), [4], Device::Cpu).unwrap();
+    let cpu_groups = RowGroups::strided(&counts, stride).unwrap();
+    let masked = RowGroups::strided(&gpu(&counts), stride).unwrap();
+    let promised = masked.clone().with_zero_pad_rows();
+    assert!(promised.zero_pad_rows() && !masked.zero_pad_rows());
+    let x = zero_pad(&randn(21, &[128, 96], 1.0), &sizes, stride);
+    let dy = zero_pad(&randn(22, &[128, 80], 1.0), &sizes, stride);
+    let w = randn(23, &[4, 80, 96], 0.1);
+    let (xg, dyg, wg) = (
+        gpu(&x).to_dtype(bf).unwrap(),
+        gpu(&dy).to_dtype(bf).unwrap(),
+        gpu(&w),
+    );
+    let bits = |t: &Tensor| {
+        t.to_host_f32()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    // forward (x·W_gᵀ) and input gradient (dy·W_g): no zero pass, same bits
+    let y = xg.grouped_matmul(&promised, &wg, true).unwrap();
+    assert_eq!(
+        bits(&y),
+        bits(&xg.grouped_matmul(&masked, &wg, true).unwrap())
+    );
+    close(
+        "promised grouped_matmul",
+        &y,
+        &x.grouped_matmul(&cpu_groups, &w, true).unwrap(),
+        bf,
+        BF16_TOL,
+    );
+    let dx = dyg.grouped_matmul(&promised, &wg, false).unwrap();
+    assert_eq!(
+        bits(&dx),
+        bits(&dyg.grouped_matmul(&masked, &wg, false).unwrap())
+    );
+    // weight gradient accumulated with beta = 1 onto a nonzero gradient: no mask copy
+    let g0 = randn(24, &[4, 80, 96], 1.0);
+    let mut gp = gpu(&g0);
+    gp.grouped_matmul_wgrad_acc(&dyg, &xg, &promised, 1.0)
+        .unwrap();
+    let mut gm = gpu(&g0);
+    gm.grouped_matmul_wgrad_acc(&dyg, &xg, &masked, 1.0)
+        .unwrap();
+    assert_eq!(bits(&gp), bits(&gm), "wgrad promised == masked");
+    let mut gc = g0.clone();
+    gc.grouped_matmul_wgrad_acc(&dy, &x, &cpu_groups, 1.0)
+        .unwrap();
+    close(
+        "promised grouped_matmul_wgrad_acc",
+        &gp,
+        &gc,
+        f32_,
+        BF16_TOL,
+    );
+    // the empty group's gradient is its old value
+    let (gh, g0h) = (gp.to_host_f32().unwrap(), g0.to_host_f32().unwrap());
+    assert_eq!(gh[..80 * 96], g0h[..80 * 96]);
+}

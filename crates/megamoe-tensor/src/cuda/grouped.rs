@@ -8,6 +8,11 @@
 //! reads a copy of one operand with those rows zeroed (of each operand that needs a cast to
 //! the GEMM type, the cast made in the same pass; else of the narrower one). In a MoE layer the pad rows
 //! are already zero, so the masking changes no value; it only costs a pass over one operand.
+//! Groups whose caller promises zero pad rows ([`RowGroups::with_zero_pad_rows`], the
+//! static-capacity MoE layer) skip the forward's zeroing (zero rows give zero output rows)
+//! and the weight gradient's mask copy when both operands are of the GEMM type already
+//! (zero rows contribute nothing); an operand that needs a cast is still cast and masked
+//! in one pass (the pass is needed anyway, and it skips reading the pad rows).
 //! The forward writes the activation dtype (bf16 in bf16-activation mode: cuBLAS rounds the
 //! f32 accumulator once); the accumulating form and the weight gradient accumulate in f32.
 //!
@@ -229,6 +234,10 @@ impl CudaBackend {
         let e = self.engine(OP)?;
         let c = (od.ptr, elem(dtype));
         self.gemm(&e, OP, (stride, n, kx), oa, ob, c, stride * n, g, 0.0)?;
+        if groups.zero_pad_rows() {
+            // zero pad rows of x give zero output rows: nothing to clear
+            return Ok(out);
+        }
         // SAFETY: out holds g·stride rows of n elements first; sizes holds g i32.
         self.ck(OP, unsafe {
             e.gk.zero_past_sizes(&e.gpu, od.ptr, n * es, sizes, (g, stride), e.err.ptr())
@@ -274,13 +283,16 @@ impl CudaBackend {
         let (r, n, k) = wgrad_dims(OP, dy, x, groups)?;
         let g = self.strided_groups(OP, groups, stride, r)?;
         // Zero the rows outside the groups in a copy of one operand: of each operand that
-        // needs a cast to the GEMM type (cast and mask in one pass), else of the narrower.
+        // needs a cast to the GEMM type (cast and mask in one pass: cheaper than a plain
+        // cast, the pad rows are written, not read), else of the narrower. Promised zero
+        // pad rows need no mask: two operands of the GEMM type go to it as they are.
         let dt = self.pair_dtype(dy, x);
         let masked = |t: &Tensor| self.pad_packed(OP, t, groups, (g, stride), dt);
         let (dy, x) = match (dy.dtype() != dt, x.dtype() != dt) {
             (true, true) => (masked(dy)?, masked(x)?),
             (true, false) => (masked(dy)?, x.clone()),
             (false, true) => (dy.clone(), masked(x)?),
+            (false, false) if groups.zero_pad_rows() => (dy.clone(), x.clone()),
             (false, false) if n <= k => (masked(dy)?, x.clone()),
             (false, false) => (dy.clone(), masked(x)?),
         };

@@ -21,6 +21,9 @@ pub struct RowGroups {
     /// `(offset, size)` per group when the sizes came from the host
     /// ([`RowGroups::from_sizes`]): a device backend needs no read to know them.
     host: Option<std::sync::Arc<[(usize, usize)]>>,
+    /// The caller's promise that the operands' rows outside every group are zero
+    /// ([`RowGroups::with_zero_pad_rows`]).
+    zero_pad_rows: bool,
 }
 
 fn check_sizes(op: &'static str, sizes: &Tensor) -> Result<usize> {
@@ -46,6 +49,7 @@ impl RowGroups {
             offsets: sizes.exclusive_cumsum_i32()?,
             stride: None,
             host: None,
+            zero_pad_rows: false,
         })
     }
 
@@ -93,7 +97,27 @@ impl RowGroups {
             offsets: Tensor::from_vec_i32(offsets, [g], sizes.device())?,
             stride: Some(stride),
             host: None,
+            zero_pad_rows: false,
         })
+    }
+
+    /// These groups with the caller's promise that every operand grouped by them holds
+    /// zeros (finite weights assumed) in the rows outside every group — as the
+    /// static-capacity expert buffers do: the permute writes zero pad rows, the combine
+    /// backward writes zero pad-row gradients, and the expert bank's GEMMs and activations
+    /// map zero rows to zero rows. A zero row contributes exact zeros to every product, so
+    /// a backend may then skip the passes that enforce "rows outside the groups are not
+    /// multiplied" (zeroing output pad rows, masking a copy of a weight-gradient operand)
+    /// with identical results. Operands that break the promise give unspecified pad rows
+    /// and weight gradients.
+    pub fn with_zero_pad_rows(mut self) -> RowGroups {
+        self.zero_pad_rows = true;
+        self
+    }
+
+    /// Whether the caller promised zero pad rows ([`RowGroups::with_zero_pad_rows`]).
+    pub fn zero_pad_rows(&self) -> bool {
+        self.zero_pad_rows
     }
 
     /// Packed groups from host sizes (reference paths and tests; the hot path builds
