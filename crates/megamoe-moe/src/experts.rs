@@ -177,6 +177,11 @@ impl ExpertBank for GroupedExperts {
         s: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)> {
         let gs = &s.groups;
+        // The output gradient in the activations' dtype, cast once for both GEMMs that read
+        // it (this input gradient and the deferred down-projection weight gradient): bf16
+        // activations (a GPU's bf16 mode) mean bf16 GEMMs, which would each round it to
+        // bf16; f32 activations (CPU, parity mode) leave it as it is.
+        let d_y = &d_y.to_dtype(s.act.dtype())?;
         let d_act = d_y.grouped_matmul(gs, &p.down_proj, false)?;
         let d_h = activate_backward(self.cfg.activation, &s.h, &d_act)?;
         // swiglu: d_x = d_gate·W_gate + d_up·W_up as ONE GEMM over the 2F fused rows.

@@ -57,6 +57,17 @@ fn permute_to_capacity_equals_sorted_rows_padded(dev: Device) {
     let x = rand_on(dev, 9, &[6, 5]);
     let (buffers, p) = x.permute_to_capacity(&idx, &keep, 3, 2).unwrap();
     let perm = idx.sort_by_expert(&keep, 3).unwrap();
+    // slot_row is the inverse of assignment: the packed row of each kept assignment, -1 else
+    let (sr, asg) = (
+        perm.slot_row.to_host_i32().unwrap(),
+        perm.assignment.to_host_i32().unwrap(),
+    );
+    assert_eq!(perm.slot_row.dims(), idx.dims());
+    let mut want = vec![-1; sr.len()];
+    for (r, &a) in asg.iter().enumerate() {
+        want[a as usize] = r as i32;
+    }
+    assert_eq!(sr, want, "sort_by_expert slot_row");
     let packed = x.index_select(&perm.token).unwrap();
     let padded = packed.pad_groups(&perm.counts, 2).unwrap();
     assert_eq!(host(&buffers), host(&padded));

@@ -180,6 +180,7 @@ fn capacity_and_layouts_match_cpu() {
                 0.0,
             );
             same("sort_by_expert counts", &pg.counts, &p.counts, 0.0);
+            same("sort_by_expert slot_row", &pg.slot_row, &p.slot_row, 0.0);
             let Some(c) = cap else { continue };
             let c = c.min(t * k);
             // static layout

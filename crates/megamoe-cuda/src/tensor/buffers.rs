@@ -1,15 +1,17 @@
 //! The static expert-buffer half of [`RouteKernels`]: the permute gather, the weighted
-//! combine and its backward, pad / unpad of row groups, and the masking helpers of grouped
+//! combine and its backward (row kernels writing f32 or bf16, 16-byte accesses), pad / unpad of row groups, and the masking helpers of grouped
 //! GEMMs over fixed-stride row groups (kernels in `routing.cu`).
 
 use super::routing::{grid, int, RouteKernels, BLOCK, MAX_SLOTS};
-use super::Dev;
+use super::{vec8, Dev};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
 
 impl RouteKernels {
-    /// `out [r_count, d]` f32 = rows of `x [n, d]` (f32 or bf16), zero where the id is −1;
-    /// ids outside `-1..n` are reported (code 3).
+    /// `out [r_count, d]` (f32 or bf16, `out`'s type) = rows of `x [n, d]` (f32 or bf16),
+    /// zero where the id is −1; ids outside `-1..n` are reported (code 3). Same types: an
+    /// exact copy (16-byte words); bf16 → f32 widens; f32 → bf16 rounds to nearest even.
+    /// One block per row.
     ///
     /// # Safety
     /// See [`RouteKernels::group_limited_mask`].
@@ -21,19 +23,24 @@ impl RouteKernels {
         (n, d): (usize, usize),
         rows: u64,
         r_count: usize,
-        out: u64,
+        out: Dev,
         err: u64,
     ) -> Result<()> {
-        let (dt, ni, di, ri) = (
+        if r_count == 0 || d == 0 {
+            return Ok(());
+        }
+        let (dt, ot, ni, di, ri) = (
             x.dtype.code(),
+            out.dtype.code(),
             int("n", n)?,
             int("d", d)?,
             int("rows", r_count)?,
         );
+        let vec = vec8(d, &[x.ptr, out.ptr]);
         self.go(
             gpu,
             self.k.gather_rows_or_zero,
-            grid(r_count * d),
+            ri as u32,
             BLOCK,
             &mut [
                 arg(&x.ptr),
@@ -42,14 +49,17 @@ impl RouteKernels {
                 arg(&di),
                 arg(&rows),
                 arg(&ri),
-                arg(&out),
+                arg(&out.ptr),
+                arg(&ot),
+                arg(&vec),
                 arg(&err),
             ],
         )
     }
 
-    /// `y [t, d]` f32 = per token, in increasing buffer row, Σ `w` · `rows[slot_row]` over
-    /// its `k ≤ MAX_SLOTS` slots (`rows [b, d]`; `w [t, k]` optional, weight 1 without).
+    /// `y [t, d]` (f32 or bf16, `y`'s type) = per token, in increasing buffer row,
+    /// Σ `w` · `rows[slot_row]` over its `k ≤ MAX_SLOTS` slots in f32 (`rows [b, d]`;
+    /// `w [t, k]` optional, weight 1 without), rounded once to bf16 for a bf16 `y`.
     ///
     /// # Safety
     /// See [`RouteKernels::group_limited_mask`].
@@ -62,7 +72,7 @@ impl RouteKernels {
         slot_row: u64,
         w: Option<Dev>,
         (t, k): (usize, usize),
-        y: u64,
+        y: Dev,
         err: u64,
     ) -> Result<()> {
         if k > MAX_SLOTS {
@@ -75,8 +85,15 @@ impl RouteKernels {
         if t == 0 {
             return Ok(());
         }
-        let (dt, bi, di, ki) = (rows.dtype.code(), int("b", b)?, int("d", d)?, int("k", k)?);
+        let (dt, yt, bi, di, ki) = (
+            rows.dtype.code(),
+            y.dtype.code(),
+            int("b", b)?,
+            int("d", d)?,
+            int("k", k)?,
+        );
         let (wp, wdt) = w.map_or((0u64, 0), |w| (w.ptr, w.dtype.code()));
+        let vec = vec8(d, &[rows.ptr, y.ptr]);
         self.go(
             gpu,
             self.k.combine_slots,
@@ -91,14 +108,19 @@ impl RouteKernels {
                 arg(&wp),
                 arg(&wdt),
                 arg(&ki),
-                arg(&y),
+                arg(&y.ptr),
+                arg(&yt),
+                arg(&vec),
                 arg(&err),
             ],
         )
     }
 
-    /// Backward of the weighted combine: `d_rows [b, d]` (zeroed here, then `w · d_y[t]` in
-    /// each kept row) and `d_w [t, k]`.
+    /// Backward of the weighted combine: `d_rows [b, d]` (f32 or bf16, its type: `w · d_y[t]`
+    /// in the row of each kept assignment, 0 in the other rows) and `d_w [t, k]` f32
+    /// (`⟨d_y[t], rows[row]⟩`, f32 products summed in f64; 0 where not kept). Each row is
+    /// written once: a pass over the assignments finds the assignment of each row (a row
+    /// named twice is reported, code 12), then one block per row.
     ///
     /// # Safety
     /// See [`RouteKernels::group_limited_mask`].
@@ -112,19 +134,47 @@ impl RouteKernels {
         slot_row: u64,
         w: Dev,
         (t, k): (usize, usize),
-        (d_rows, d_w): (u64, u64),
+        (d_rows, d_w): (Dev, u64),
         err: u64,
     ) -> Result<()> {
-        self.fill_i32(gpu, d_rows, b * d, 0)?;
-        if t * k == 0 {
+        if b == 0 && t * k == 0 {
             return Ok(());
         }
-        let (dt, ydt, wdt) = (rows.dtype.code(), d_y.dtype.code(), w.dtype.code());
-        let (bi, di, ki) = (int("b", b)?, int("d", d)?, int("k", k)?);
+        let row_a = gpu.alloc(b.max(1) * 4)?;
+        let rp = row_a.ptr();
+        self.fill_i32(gpu, rp, b, -1)?;
+        let (n, bi) = (int("assignments", t * k)?, int("b", b)?);
+        if n > 0 {
+            self.go(
+                gpu,
+                self.k.combine_rows_of,
+                grid(t * k),
+                BLOCK,
+                &mut [
+                    arg(&slot_row),
+                    arg(&n),
+                    arg(&bi),
+                    arg(&rp),
+                    arg(&d_w),
+                    arg(&err),
+                ],
+            )?;
+        }
+        if b == 0 || d == 0 {
+            return Ok(());
+        }
+        let (dt, ydt, wdt, ot) = (
+            rows.dtype.code(),
+            d_y.dtype.code(),
+            w.dtype.code(),
+            d_rows.dtype.code(),
+        );
+        let (di, ki) = (int("d", d)?, int("k", k.max(1))?);
+        let vec = vec8(d, &[rows.ptr, d_y.ptr, d_rows.ptr]);
         self.go(
             gpu,
             self.k.combine_slots_bwd,
-            int("assignments", t * k)? as u32,
+            bi as u32,
             BLOCK,
             &mut [
                 arg(&rows.ptr),
@@ -133,13 +183,14 @@ impl RouteKernels {
                 arg(&di),
                 arg(&d_y.ptr),
                 arg(&ydt),
-                arg(&slot_row),
+                arg(&rp),
                 arg(&w.ptr),
                 arg(&wdt),
                 arg(&ki),
-                arg(&d_rows),
+                arg(&d_rows.ptr),
+                arg(&ot),
                 arg(&d_w),
-                arg(&err),
+                arg(&vec),
             ],
         )
     }

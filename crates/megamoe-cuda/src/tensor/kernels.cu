@@ -562,26 +562,105 @@ extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int 
     }
 }
 
-// SwiGLU of gate||up rows (one GEMM against a fused [2f, h] weight): y[r, j] =
-// silu(gu[r, j]) * gu[r, f + j], n = rows * f outputs; the formula of binary_f's swiglu.
-extern "C" __global__ void swiglu_gate_up(const void* gu, int gt, void* y, int yt, size_t f, size_t n) {
-    GRID_STRIDE(i, n) {
-        const size_t gi = (i / f) * 2 * f + i % f;
-        const float g = ld(gu, gt, gi), u = ld(gu, gt, gi + f);
-        st(y, yt, i, g * sigmoid_(g) * u);
+// The SwiGLU formulas of the gate||up kernels, as binary_f's swiglu and swiglu_bwd compute
+// them (the same expressions, so the same bits).
+__device__ __forceinline__ float swiglu_f(float g, float u) { return g * sigmoid_(g) * u; }
+__device__ __forceinline__ void swiglu_bwd_f(float gv, float uv, float d, float* dg, float* du) {
+    const float s = sigmoid_(gv);
+    *dg = d * uv * (s * (1.f + gv * (1.f - s)));
+    *du = d * (gv * s);
+}
+
+// 8 elements from i (i % 8 == 0, 16-byte aligned base), f32 or bf16.
+__device__ __forceinline__ void ld8(const void* p, int dt, size_t i, float* v) {
+    if (dt == 1) {
+        const uint4 w = *(const uint4*)((const __nv_bfloat16*)p + i);
+        const unsigned x[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            v[2 * q] = __uint_as_float(x[q] << 16);
+            v[2 * q + 1] = __uint_as_float(x[q] & 0xffff0000u);
+        }
+    } else {
+        const float4 a = *(const float4*)((const float*)p + i);
+        const float4 b = *(const float4*)((const float*)p + i + 4);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     }
 }
 
-// Its backward (f32 out): d_gu[r, j] = dy * up * silu'(gate), d_gu[r, f + j] = dy * silu(gate),
-// the formulas of swiglu_bwd.
-extern "C" __global__ void swiglu_gate_up_bwd(const void* gu, int gt, const void* dy, int dt,
-                                              float* d_gu, size_t f, size_t n) {
+__device__ __forceinline__ unsigned bf_bits(float v) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(v));
+}
+
+// 8 elements to i (as `st` rounds: f32, or bf16 by __float2bfloat16).
+__device__ __forceinline__ void st8(void* p, int dt, size_t i, const float* v) {
+    if (dt == 1) {
+        uint4 w;
+        w.x = bf_bits(v[0]) | (bf_bits(v[1]) << 16);
+        w.y = bf_bits(v[2]) | (bf_bits(v[3]) << 16);
+        w.z = bf_bits(v[4]) | (bf_bits(v[5]) << 16);
+        w.w = bf_bits(v[6]) | (bf_bits(v[7]) << 16);
+        *(uint4*)((__nv_bfloat16*)p + i) = w;
+    } else {
+        *(float4*)((float*)p + i) = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)((float*)p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
+// SwiGLU of gate||up rows (one GEMM against a fused [2f, h] weight): y[r, j] =
+// silu(gu[r, j]) * gu[r, f + j], n = rows * f outputs. With `vec` (f % 8 == 0, 16-byte
+// aligned bases) each thread takes 8 consecutive outputs of a row per step (16-byte bf16
+// loads / stores), else one.
+extern "C" __global__ void swiglu_gate_up(const void* gu, int gt, void* y, int yt, size_t f, size_t n,
+                                          int vec) {
+    if (vec) {
+        const size_t f8 = f >> 3;
+        GRID_STRIDE(c, n >> 3) {
+            const size_t r = c / f8, j = (c - r * f8) << 3;
+            const size_t gi = r * 2 * f + j;
+            float g[8], u[8], o[8];
+            ld8(gu, gt, gi, g);
+            ld8(gu, gt, gi + f, u);
+#pragma unroll
+            for (int q = 0; q < 8; q++) o[q] = swiglu_f(g[q], u[q]);
+            st8(y, yt, c << 3, o);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         const size_t gi = (i / f) * 2 * f + i % f;
-        const float gv = ld(gu, gt, gi), uv = ld(gu, gt, gi + f), d = ld(dy, dt, i);
-        const float s = sigmoid_(gv);
-        d_gu[gi] = d * uv * (s * (1.f + gv * (1.f - s)));
-        d_gu[gi + f] = d * (gv * s);
+        st(y, yt, i, swiglu_f(ld(gu, gt, gi), ld(gu, gt, gi + f)));
+    }
+}
+
+// Its backward: d_gu[r, j] = dy * up * silu'(gate), d_gu[r, f + j] = dy * silu(gate) (the
+// formulas of swiglu_bwd), stored as type `ot` (f32, or bf16 rounded as the cast kernel
+// rounds); `vec` as in swiglu_gate_up.
+extern "C" __global__ void swiglu_gate_up_bwd(const void* gu, int gt, const void* dy, int dt,
+                                              void* d_gu, int ot, size_t f, size_t n, int vec) {
+    if (vec) {
+        const size_t f8 = f >> 3;
+        GRID_STRIDE(c, n >> 3) {
+            const size_t r = c / f8, j = (c - r * f8) << 3;
+            const size_t gi = r * 2 * f + j;
+            float g[8], u[8], d[8], dg[8], du[8];
+            ld8(gu, gt, gi, g);
+            ld8(gu, gt, gi + f, u);
+            ld8(dy, dt, c << 3, d);
+#pragma unroll
+            for (int q = 0; q < 8; q++) swiglu_bwd_f(g[q], u[q], d[q], &dg[q], &du[q]);
+            st8(d_gu, ot, gi, dg);
+            st8(d_gu, ot, gi + f, du);
+        }
+        return;
+    }
+    GRID_STRIDE(i, n) {
+        const size_t gi = (i / f) * 2 * f + i % f;
+        float dg, du;
+        swiglu_bwd_f(ld(gu, gt, gi), ld(gu, gt, gi + f), ld(dy, dt, i), &dg, &du);
+        st(d_gu, ot, gi, dg);
+        st(d_gu, ot, gi + f, du);
     }
 }
 

@@ -21,6 +21,13 @@ pub use groups::GroupKernels;
 pub use launch::TensorKernels;
 pub use routing::{RouteError, RouteKernels, MAX_GROUPS, MAX_SLOTS};
 
+/// 1 when rows of `f` elements at these addresses take a kernel's 8-wide path (its `vec`
+/// argument: 16-byte accesses of 8 consecutive elements): `f` a multiple of 8 and every base
+/// 16-byte aligned (then each 8-element group is, in f32 and in bf16); else 0.
+fn vec8(f: usize, ptrs: &[u64]) -> i32 {
+    i32::from(f.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16)))
+}
+
 /// Element type of a device buffer, as the kernels see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dtype {

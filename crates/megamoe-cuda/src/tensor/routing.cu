@@ -1,6 +1,7 @@
 // MoE routing, capacity and static-buffer kernels behind megamoe-tensor's routing and
 // capacity families (semantics: megamoe-tensor's CPU kernels of the same names). Header-free
-// (fast NVRTC compile). Inputs read as f32 or bf16 (dt code 0 / 1), outputs f32 / i32.
+// (fast NVRTC compile). Inputs read as f32 or bf16 (dt code 0 / 1), outputs f32 / i32, and the
+// static-buffer row kernels (gather, combine and its backward) write f32 or bf16.
 // Every sum runs in a fixed order (f64 where the CPU sums in f64); the counting sorts use
 // only integer atomics on per-chunk histograms, then a fixed-order scan and an in-chunk rank:
 // results are bitwise reproducible.
@@ -12,6 +13,7 @@
 //   3 row id outside -1..bound          4 expert over capacity (err[1] = expert)
 //   5 group counts invalid              6 group sizes outside 0..=stride
 //   7..11 the index ops' ids (kernels.cu and the ops' cross-entropy; see RouteError)
+//   12 a buffer row named by two assignments (combine backward)
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define CHUNK 256
@@ -322,17 +324,20 @@ extern "C" __global__ void clamp_counts(int* __restrict__ counts, int n, int cap
         counts[i] = min(counts[i], cap);
 }
 
-// Packed layout: token[off[e] + pos] = a / k, assignment[...] = a.
+// Packed layout: token[off[e] + pos] = a / k, assignment[...] = a, slot_row[a] = that row
+// (-1 where a takes no part).
 extern "C" __global__ void sort_place(const int* __restrict__ idx, const int* __restrict__ pos, int n,
                                       int k, const int* __restrict__ off, int* __restrict__ token,
-                                      int* __restrict__ assignment) {
+                                      int* __restrict__ assignment, int* __restrict__ slot_row) {
     for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
         int p = pos[a];
+        int r = -1;
         if (p >= 0) {
-            int r = off[idx[a]] + p;
+            r = off[idx[a]] + p;
             token[r] = a / k;
             assignment[r] = a;
         }
+        slot_row[a] = r;
     }
 }
 
@@ -374,32 +379,90 @@ extern "C" __global__ void expert_bias_step(const float* __restrict__ c, int n, 
 
 // ---- static buffers ---------------------------------------------------------------------
 
-// out [R, d] f32: row r = x[rows[r]], zero where rows[r] = -1; ids outside -1..n reported.
-extern "C" __global__ void gather_rows_or_zero(const void* __restrict__ x, int dt, int n, int d,
-                                               const int* __restrict__ rows, int r_count,
-                                               float* __restrict__ out, int* err) {
-    size_t total = (size_t)r_count * d;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / d;
-        size_t c = i - r * d;
-        int s = rows[r];
-        float v = 0.f;
-        if (s >= 0 && s < n) {
-            v = ld_any(x, dt, (size_t)s * d + c);
-        } else if (s != -1 && c == 0) {
-            report(err, 3, s, (long long)r, n);
+// Row kernels of the static buffers: one block per row, each thread 8 consecutive columns
+// at a time (`vec` set by the caller: d % 8 == 0 and 16-byte aligned rows), else one column.
+// Outputs are f32 or bf16 (`ot` / `yt`): f32 sums rounded once, as the cast kernel rounds.
+
+// f32 -> bf16 bits, round to nearest even (NaN -> the canonical 0x7fff), as cvt.rn.bf16.f32.
+__device__ __forceinline__ unsigned f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+__device__ __forceinline__ void st_any(void* p, int dt, size_t i, float v) {
+    if (dt == 1) ((unsigned short*)p)[i] = (unsigned short)f2bf(v);
+    else ((float*)p)[i] = v;
+}
+
+// 8 elements from i (i % 8 == 0, 16-byte aligned base).
+__device__ __forceinline__ void ld8(const void* p, int dt, size_t i, float* v) {
+    if (dt == 1) {
+        const uint4 w = *(const uint4*)((const unsigned short*)p + i);
+        const unsigned x[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            v[2 * q] = __uint_as_float(x[q] << 16);
+            v[2 * q + 1] = __uint_as_float(x[q] & 0xffff0000u);
         }
-        out[i] = v;
+    } else {
+        const float4 a = *(const float4*)((const float*)p + i);
+        const float4 b = *(const float4*)((const float*)p + i + 4);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     }
 }
 
-// y [t, d] = sum over token t's kept slots, in increasing buffer row, of w * rows[row]
-// (w = null: weight 1). One block per token; k <= 64 (checked by the caller).
+__device__ __forceinline__ void st8(void* p, int dt, size_t i, const float* v) {
+    if (dt == 1) {
+        uint4 w;
+        w.x = f2bf(v[0]) | (f2bf(v[1]) << 16);
+        w.y = f2bf(v[2]) | (f2bf(v[3]) << 16);
+        w.z = f2bf(v[4]) | (f2bf(v[5]) << 16);
+        w.w = f2bf(v[6]) | (f2bf(v[7]) << 16);
+        *(uint4*)((unsigned short*)p + i) = w;
+    } else {
+        *(float4*)((float*)p + i) = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)((float*)p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
+// out [R, d] (type ot): row r = x[rows[r]], zero where rows[r] = -1; ids outside -1..n reported.
+// dt == ot: an exact copy (16-byte words when vec); else converted (bf16 -> f32).
+extern "C" __global__ void gather_rows_or_zero(const void* __restrict__ x, int dt, int n, int d,
+                                               const int* __restrict__ rows, int r_count,
+                                               void* __restrict__ out, int ot, int vec, int* err) {
+    const int r = blockIdx.x;
+    if (r >= r_count) return;
+    const int s = rows[r];
+    const bool ok = s >= 0 && s < n;
+    if (!ok && s != -1 && threadIdx.x == 0) report(err, 3, s, (long long)r, n);
+    if (vec && dt == ot) {
+        // rows of d·es bytes = d / 8 (bf16) or d / 4 (f32) 16-byte words
+        const int words = dt == 1 ? d >> 3 : d >> 2;
+        const uint4* src = (const uint4*)x + (size_t)(ok ? s : 0) * words;
+        uint4* dst = (uint4*)out + (size_t)r * words;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        for (int c = threadIdx.x; c < words; c += blockDim.x) dst[c] = ok ? src[c] : zero;
+    } else if (vec) {
+        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
+            float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            if (ok) ld8(x, dt, (size_t)s * d + c, v);
+            st8(out, ot, (size_t)r * d + c, v);
+        }
+    } else {
+        for (int c = threadIdx.x; c < d; c += blockDim.x)
+            st_any(out, ot, (size_t)r * d + c, ok ? ld_any(x, dt, (size_t)s * d + c) : 0.f);
+    }
+}
+
+// y [t, d] (type yt) = sum over token t's kept slots, in increasing buffer row, of
+// w * rows[row] (w = null: weight 1), in f32. One block per token; k <= 64 (checked by the
+// caller).
 extern "C" __global__ void combine_slots(const void* __restrict__ rows, int dt, int b, int d,
                                          const int* __restrict__ slot_row,
                                          const void* __restrict__ w, int wdt, int k,
-                                         float* __restrict__ y, int* err) {
+                                         void* __restrict__ y, int yt, int vec, int* err) {
     __shared__ int rs[64];
     __shared__ float ws[64];
     __shared__ int nr;
@@ -423,42 +486,88 @@ extern "C" __global__ void combine_slots(const void* __restrict__ rows, int dt, 
     }
     __syncthreads();
     const int m = nr;
+    if (vec) {
+        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int q = 0; q < m; q++) {
+                float v[8];
+                ld8(rows, dt, (size_t)rs[q] * d + c, v);
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+                    acc[u] = w ? __fadd_rn(acc[u], __fmul_rn(ws[q], v[u])) : __fadd_rn(acc[u], v[u]);
+            }
+            st8(y, yt, (size_t)t * d + c, acc);
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0.f;
         for (int q = 0; q < m; q++) {
             float v = ld_any(rows, dt, (size_t)rs[q] * d + c);
             acc = w ? __fadd_rn(acc, __fmul_rn(ws[q], v)) : __fadd_rn(acc, v);
         }
-        y[(size_t)t * d + c] = acc;
+        st_any(y, yt, (size_t)t * d + c, acc);
     }
 }
 
-// Backward of the weighted combine, one block per assignment a = t*k + j:
-// d_rows[row] = w[a] * d_y[t] (d_rows pre-zeroed: pad rows stay 0) and
-// d_w[a] = <d_y[t], rows[row]> (f32 products summed in f64), 0 where not kept.
+// Backward of the weighted combine, pass 1 over the assignments a = t*k + j: row_a[row] = a
+// (row_a pre-filled with -1; a row named twice is reported, code 12) and d_w[a] = 0 (pass 2
+// writes the kept ones); ids outside -1..b reported (code 3).
+extern "C" __global__ void combine_rows_of(const int* __restrict__ slot_row, int n, int b,
+                                           int* __restrict__ row_a, float* __restrict__ d_w,
+                                           int* err) {
+    for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
+        const int r = slot_row[a];
+        d_w[a] = 0.f;
+        if (r < -1 || r >= b) report(err, 3, r, a, b);
+        else if (r >= 0 && atomicCAS(&row_a[r], -1, a) != -1) report(err, 12, r, a, b);
+    }
+}
+
+// Pass 2, one block per buffer row r holding assignment a = row_a[r] of token t = a / k:
+// d_rows[r] = w[a] * d_y[t] (type ot; zero for a row without one) and
+// d_w[a] = <d_y[t], rows[r]> (f32 products summed in f64 in a fixed order).
 extern "C" __global__ void combine_slots_bwd(const void* __restrict__ rows, int dt, int b, int d,
                                              const void* __restrict__ d_y, int ydt,
-                                             const int* __restrict__ slot_row,
+                                             const int* __restrict__ row_a,
                                              const void* __restrict__ w, int wdt, int k,
-                                             float* __restrict__ d_rows, float* __restrict__ d_w,
-                                             int* err) {
+                                             void* __restrict__ d_rows, int ot,
+                                             float* __restrict__ d_w, int vec) {
     __shared__ double part[32];
-    const size_t a = blockIdx.x;
-    const int r = slot_row[a];
-    if (r < 0 || r >= b) {
-        if (threadIdx.x == 0) {
-            if (r != -1) report(err, 3, r, (long long)a, b);
-            d_w[a] = 0.f;
+    const int r = blockIdx.x;
+    if (r >= b) return;
+    const int a = row_a[r];
+    const size_t base = (size_t)r * d;
+    if (a < 0) {
+        const float z[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (vec) {
+            for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) st8(d_rows, ot, base + c, z);
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) st_any(d_rows, ot, base + c, 0.f);
         }
         return;
     }
-    const size_t t = a / k;
+    const size_t tb = (size_t)(a / k) * d;
     const float wa = ld_any(w, wdt, a);
     double dot = 0.0;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float g = ld_any(d_y, ydt, t * d + c);
-        d_rows[(size_t)r * d + c] = __fmul_rn(g, wa);
-        dot += (double)__fmul_rn(g, ld_any(rows, dt, (size_t)r * d + c));
+    if (vec) {
+        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
+            float g[8], v[8], o[8];
+            ld8(d_y, ydt, tb + c, g);
+            ld8(rows, dt, base + c, v);
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                o[u] = __fmul_rn(g[u], wa);
+                dot += (double)__fmul_rn(g[u], v[u]);
+            }
+            st8(d_rows, ot, base + c, o);
+        }
+    } else {
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            const float g = ld_any(d_y, ydt, tb + c);
+            st_any(d_rows, ot, base + c, __fmul_rn(g, wa));
+            dot += (double)__fmul_rn(g, ld_any(rows, dt, base + c));
+        }
     }
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = dot;

@@ -43,7 +43,8 @@ pub struct RouteError {
     /// 4 expert over capacity (`index` = expert, `bound` = capacity); 5 group counts outside
     /// `0..=capacity` or not summing to the rows; 6 group size outside `0..=stride`; the
     /// index ops' ids outside `0..bound` (kernels.cu, ops' cross-entropy): 7 `index_select`,
-    /// 8 `index_add_rows`, 9 `gather_cols`, 10 `scatter_cols`, 11 `cross_entropy` target.
+    /// 8 `index_add_rows`, 9 `gather_cols`, 10 `scatter_cols`, 11 `cross_entropy` target;
+    /// 12 a buffer row named by two assignments (combine backward).
     pub code: i32,
     /// The bad value.
     pub index: i32,
@@ -100,6 +101,10 @@ impl RouteError {
                 "grouped_matmul",
                 "strided group sizes must be in 0..=stride",
             ),
+            12 => (
+                "combine_slots_backward",
+                "each buffer row holds at most one assignment (capacity_permutation)",
+            ),
             _ => ("device check", "unknown error code"),
         }
     }
@@ -136,6 +141,7 @@ kernels!(
     expert_bias_step,
     gather_rows_or_zero,
     combine_slots,
+    combine_rows_of,
     combine_slots_bwd,
     check_counts,
     pad_groups,
@@ -519,7 +525,8 @@ impl RouteKernels {
         )
     }
 
-    /// Packed layout from positions and offsets: `token[off[e] + pos]`, `assignment[..]`.
+    /// Packed layout from positions and offsets: `token[off[e] + pos]`, `assignment[..]`,
+    /// and `slot_row [n]` (the row of each assignment, −1 where it takes no part).
     ///
     /// # Safety
     /// See [`RouteKernels::group_limited_mask`].
@@ -528,8 +535,7 @@ impl RouteKernels {
         gpu: &Gpu,
         (idx, pos, off): (u64, u64, u64),
         (n, k): (usize, usize),
-        token: u64,
-        assignment: u64,
+        (token, assignment, slot_row): (u64, u64, u64),
     ) -> Result<()> {
         let (ni, ki) = (int("n", n)?, int("k", k)?);
         self.go(
@@ -545,6 +551,7 @@ impl RouteKernels {
                 arg(&off),
                 arg(&token),
                 arg(&assignment),
+                arg(&slot_row),
             ],
         )
     }

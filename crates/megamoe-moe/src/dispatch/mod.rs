@@ -29,7 +29,11 @@
 //!
 //! Combine is the weighted scatter-add `y[t] = Σ_r [token_r = t] · g_r · out_r`, summed per
 //! token in increasing row order — a fixed order, never atomics, so results are bit-identical
-//! for any thread count, and the packed and static paths give identical bits.
+//! for any thread count, and the packed and static paths give identical bits. Both layouts
+//! carry `slot_row [N, K]` (the row of each kept assignment), so the combine, its backward
+//! and the permute's backward are the same three ops for both ([`Tensor::combine_slots`],
+//! [`Tensor::combine_slots_backward`]): one pass each, no scatter-add, and on a GPU in
+//! bf16 mode bf16 rows in and out.
 //!
 //! Implementations: [`LocalDispatcher`] (one rank, every expert local; the exchanges are
 //! identities) and [`ExpertParallelDispatcher`] (experts sharded over the ranks of a
@@ -41,7 +45,7 @@ mod local;
 
 use std::ops::Range;
 
-use megamoe_tensor::{DType, RowGroups, Tensor};
+use megamoe_tensor::{RowGroups, Tensor};
 
 use crate::error::Result;
 
@@ -82,8 +86,10 @@ pub enum SourceRows {
         token: Tensor,
         /// `[R]` i32: flat assignment `t·K + j` of each row.
         assignment: Tensor,
-        /// `[R]` f32: gate of each row.
-        row_gates: Tensor,
+        /// `[N, K]` i32: row of each assignment, −1 when not kept.
+        slot_row: Tensor,
+        /// `[N, K]` f32 gates (read only where kept).
+        gates: Tensor,
     },
     /// Static buffers `[E·C, H]`, expert `e` at rows `e·C ..`, pad rows zero.
     Capacity {
@@ -214,18 +220,8 @@ pub trait TokenDispatcher: Send + Sync + std::fmt::Debug {
 
     /// Local post-step: `y [N, H]` = weighted sum of each token's returned rows.
     fn combine(&self, out_rows: &Tensor, layout: &DispatchLayout) -> Result<Tensor> {
-        match &layout.rows {
-            SourceRows::Packed {
-                token, row_gates, ..
-            } => {
-                let h = out_rows.dim(1)?;
-                let y = Tensor::zeros([layout.tokens, h], DType::F32, out_rows.device())?;
-                Ok(y.index_add_rows(token, out_rows, Some(row_gates))?)
-            }
-            SourceRows::Capacity {
-                slot_row, gates, ..
-            } => Ok(out_rows.combine_slots(slot_row, Some(gates))?),
-        }
+        let (slot_row, gates) = layout.rows.slots();
+        Ok(out_rows.combine_slots(slot_row, Some(gates))?)
     }
 
     /// Backward of combine: (`d_out_rows` in the source row layout, `d_gates [N, K]`), both
@@ -236,37 +232,27 @@ pub trait TokenDispatcher: Send + Sync + std::fmt::Debug {
         out_rows: &Tensor,
         layout: &DispatchLayout,
     ) -> Result<(Tensor, Tensor)> {
-        let (n, k) = (layout.tokens, layout.slots_per_token);
-        match &layout.rows {
-            SourceRows::Packed {
-                token,
-                assignment,
-                row_gates,
-            } => {
-                let d_y_rows = d_y.index_select(token)?;
-                let d_row_gates = d_y_rows.mul(out_rows)?.sum_last_dim()?;
-                let d_out = d_y_rows.mul_col(row_gates)?;
-                let r = token.numel();
-                let d_gates = Tensor::zeros([n * k, 1], DType::F32, d_y.device())?
-                    .index_add_rows(assignment, &d_row_gates.reshape([r, 1])?, None)?
-                    .reshape([n, k])?;
-                Ok((d_out, d_gates))
-            }
-            SourceRows::Capacity {
-                slot_row, gates, ..
-            } => Ok(out_rows.combine_slots_backward(d_y, slot_row, gates)?),
-        }
+        let (slot_row, gates) = layout.rows.slots();
+        Ok(out_rows.combine_slots_backward(d_y, slot_row, gates)?)
     }
 
     /// Backward of permute: `d_x [N, H]` = sum of each token's row gradients (written fresh).
     fn dispatch_backward(&self, d_rows: &Tensor, layout: &DispatchLayout) -> Result<Tensor> {
-        match &layout.rows {
-            SourceRows::Packed { token, .. } => {
-                let h = d_rows.dim(1)?;
-                let d_x = Tensor::zeros([layout.tokens, h], DType::F32, d_rows.device())?;
-                Ok(d_x.index_add_rows(token, d_rows, None)?)
+        Ok(d_rows.combine_slots(layout.rows.slots().0, None)?)
+    }
+}
+
+impl SourceRows {
+    /// (`slot_row [N, K]`: the row of each kept assignment, −1 otherwise; `gates [N, K]`):
+    /// what the combine and its backward read in either layout.
+    fn slots(&self) -> (&Tensor, &Tensor) {
+        match self {
+            SourceRows::Packed {
+                slot_row, gates, ..
             }
-            SourceRows::Capacity { slot_row, .. } => Ok(d_rows.combine_slots(slot_row, None)?),
+            | SourceRows::Capacity {
+                slot_row, gates, ..
+            } => (slot_row, gates),
         }
     }
 }
@@ -288,15 +274,11 @@ fn permute(
                 let perm = a.slots.sort_by_expert(a.keep, e)?;
                 (x.index_select(&perm.token)?, perm)
             };
-            let row_gates = a
-                .gates
-                .reshape([n * k, 1])?
-                .index_select(&perm.assignment)?
-                .reshape([perm.assignment.numel()])?;
             let packed = SourceRows::Packed {
                 token: perm.token,
                 assignment: perm.assignment,
-                row_gates,
+                slot_row: perm.slot_row,
+                gates: a.gates.clone(),
             };
             (rows, perm.counts, packed)
         }

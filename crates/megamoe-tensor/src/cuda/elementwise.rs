@@ -1,8 +1,8 @@
 //! Elementwise, scalar, reduction, softmax and top-k families on the GPU
 //! (`megamoe_cuda::tensor` kernels). Outputs are f32, as on the CPU backend, except in
 //! bf16-activation mode ([`CudaBackend::set_bf16_activations`]): there elementwise ops,
-//! broadcasts and SwiGLU with a bf16 input write bf16 (f32 math; SwiGLU's backward still
-//! writes f32), and the causal softmax writes its probabilities and their gradient bf16.
+//! broadcasts and SwiGLU and its backward with a bf16 input write bf16 (f32 math), and the
+//! causal softmax writes its probabilities and their gradient bf16.
 
 use megamoe_cuda::tensor::{AllReduce, Binary, Broadcast, Dev, RowReduce, Unary};
 
@@ -184,16 +184,15 @@ impl ElementwiseKernels for CudaBackend {
         const OP: &str = "swiglu_gate_up_backward";
         let (f, half) = gate_up_half(gate_up);
         let (g, d, n) = (dev(OP, gate_up)?, dev(OP, dy)?, half.numel());
-        // The kernel writes f32 gradients (in every precision mode), like `swiglu_backward`.
+        // An activation gradient, as `swiglu_backward`: bf16 in bf16-activation mode (its
+        // readers are GEMMs, which round it to bf16 anyway: same bits, half the bytes).
         self.produce(
             OP,
             gate_up.shape().clone(),
-            DType::F32,
+            self.elementwise_dtype(&[gate_up, dy]),
             // SAFETY: `gate_up` and the output hold 2n elements in rows of 2f, `dy` n in rows
             // of f (shapes checked by the op).
-            Box::new(move |e, y| unsafe {
-                e.tk.swiglu_gate_up_backward(&e.gpu, g, d, y.ptr, f, n)
-            }),
+            Box::new(move |e, y| unsafe { e.tk.swiglu_gate_up_backward(&e.gpu, g, d, y, f, n) }),
         )
     }
 

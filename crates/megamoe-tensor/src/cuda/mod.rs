@@ -274,7 +274,8 @@ impl CudaBackend {
 
     /// With `on`, the kernels that produce activations or their gradients write bf16
     /// (mixed-precision training, `train.dtype = "bf16"` on a GPU): elementwise ops and
-    /// SwiGLU, row broadcasts, dense and grouped matmul outputs, RMSNorm and RoPE outputs
+    /// SwiGLU (and their backward), row broadcasts, dense and grouped matmul outputs, the
+    /// MoE permute gather, weighted combine and combine row gradients of bf16 rows, RMSNorm and RoPE outputs
     /// and input gradients, the causal-softmax probabilities and their gradient, and the
     /// cross-entropy logit gradient. Their math, every accumulation and reduction stay f32.
     /// f32 outputs are kept where precision matters or the tensor is small: matmuls that

@@ -59,9 +59,19 @@ impl CudaBackend {
         shape: impl Into<Shape>,
         dtype: DType,
     ) -> Result<(Tensor, u64)> {
-        let e = self.engine(op)?;
-        let (t, d) = self.empty(&e, shape.into(), dtype)?;
+        let (t, d) = self.fresh_dev(op, shape, dtype)?;
         Ok((t, d.ptr))
+    }
+
+    /// A fresh tensor of `shape`/`dtype` and its kernel view (address and element type).
+    fn fresh_dev(
+        &self,
+        op: &'static str,
+        shape: impl Into<Shape>,
+        dtype: DType,
+    ) -> Result<(Tensor, megamoe_cuda::tensor::Dev)> {
+        let e = self.engine(op)?;
+        self.empty(&e, shape.into(), dtype)
     }
 
     /// Runs `launch(kernels, gpu, err)` (the routing kernels, the GPU, the engine's device
@@ -239,15 +249,18 @@ impl RoutingKernels for CudaBackend {
         let (pp, cp) = (dev(OP, &pos)?.ptr, dev(OP, &counts)?.ptr);
         let (token, tp) = self.fresh(OP, [r], DType::I32)?;
         let (assignment, ap) = self.fresh(OP, [r], DType::I32)?;
+        let (slot_row, sp) = self.fresh(OP, idx.shape().clone(), DType::I32)?;
         let (_off, op) = self.fresh(OP, [n_real], DType::I32)?;
-        // SAFETY: idx and pos hold n elements, counts/off n_real, token/assignment r = Σ counts.
+        // SAFETY: idx, pos and slot_row hold n elements, counts/off n_real, token/assignment
+        // r = Σ counts.
         self.route(OP, |rk, gpu, _| unsafe {
             rk.offsets(gpu, cp, n_real, op)
-                .and_then(|()| rk.sort_place(gpu, (ip, pp, op), (n, k), tp, ap))
+                .and_then(|()| rk.sort_place(gpu, (ip, pp, op), (n, k), (tp, ap, sp)))
         })?;
         Ok(ExpertPermutation {
             token,
             assignment,
+            slot_row,
             counts,
         })
     }
@@ -339,10 +352,11 @@ impl CapacityKernels for CudaBackend {
         let rp = ids(OP, "rows", rows)?;
         let r = rows.numel();
         let xd = dev(OP, x)?;
-        let (out, op) = self.fresh(OP, [r, d], DType::F32)?;
+        // An exact copy: bf16 rows stay bf16 in bf16-activation mode.
+        let (out, od) = self.fresh_dev(OP, [r, d], self.elementwise_dtype(&[x]))?;
         // SAFETY: x [n, d] (ids checked on the device), rows r, out [r, d].
         self.route(OP, |rk, gpu, err| unsafe {
-            rk.gather_rows_or_zero(gpu, xd, (n, d), rp, r, op, err)
+            rk.gather_rows_or_zero(gpu, xd, (n, d), rp, r, od, err)
         })?;
         Ok(out)
     }
@@ -359,10 +373,17 @@ impl CapacityKernels for CudaBackend {
         let sp = ids(OP, "slot_row", slot_row)?;
         let rd = dev(OP, rows)?;
         let wd = weights.map(|w| dev(OP, w)).transpose()?;
-        let (y, yp) = self.fresh(OP, [t, d], DType::F32)?;
+        // The weighted combine is the layer's output (an activation: bf16 rows give bf16 in
+        // bf16-activation mode, summed in f32 and rounded once); unweighted, it is the
+        // permute's backward, which starts the layer's input-gradient sum: f32.
+        let dtype = match weights {
+            Some(_) => self.elementwise_dtype(&[rows]),
+            None => DType::F32,
+        };
+        let (y, yd) = self.fresh_dev(OP, [t, d], dtype)?;
         // SAFETY: rows [b, d], slot_row/weights [t, k], y [t, d].
         self.route(OP, |rk, gpu, err| unsafe {
-            rk.combine_slots(gpu, rd, (b, d), sp, wd, (t, k), yp, err)
+            rk.combine_slots(gpu, rd, (b, d), sp, wd, (t, k), yd, err)
         })?;
         Ok(y)
     }
@@ -379,11 +400,14 @@ impl CapacityKernels for CudaBackend {
         let (t, k) = slot_row.dims2()?;
         let sp = ids(OP, "slot_row", slot_row)?;
         let (rd, yd, wd) = (dev(OP, rows)?, dev(OP, d_y)?, dev(OP, weights)?);
-        let (d_rows, drp) = self.fresh(OP, [b, d], DType::F32)?;
+        // d_rows is an activation gradient (the experts' output gradient): bf16 in
+        // bf16-activation mode when rows or d_y is bf16; the gate gradients stay f32.
+        let dtype = self.elementwise_dtype(&[rows, d_y]);
+        let (d_rows, drd) = self.fresh_dev(OP, [b, d], dtype)?;
         let (d_w, dwp) = self.fresh(OP, [t, k], DType::F32)?;
         // SAFETY: rows/d_rows [b, d], d_y [t, d], slot_row/weights/d_w [t, k].
         self.route(OP, |rk, gpu, err| unsafe {
-            rk.combine_slots_bwd(gpu, rd, (b, d), yd, sp, wd, (t, k), (drp, dwp), err)
+            rk.combine_slots_bwd(gpu, rd, (b, d), yd, sp, wd, (t, k), (drd, dwp), err)
         })?;
         Ok((d_rows, d_w))
     }

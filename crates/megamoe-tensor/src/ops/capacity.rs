@@ -91,7 +91,8 @@ impl Tensor {
     }
 
     /// Row gather with pad rows: `out[r] = self[rows[r]]` for `self [N, d]`, `rows [R]` i32,
-    /// and a zero row where `rows[r] = −1`. Result `[R, d]` f32.
+    /// and a zero row where `rows[r] = −1`. Result `[R, d]` f32 (an exact bf16 copy of bf16
+    /// rows in the CUDA backend's bf16-activation mode).
     pub fn gather_rows_or_zero(&self, rows: &Tensor) -> Result<Tensor> {
         const OP: &str = "gather_rows_or_zero";
         self.same_device(OP, rows)?;
@@ -127,8 +128,10 @@ impl Tensor {
 
     /// Static combine: `self` is buffer rows `[B, d]`, `slot_row [T, k]` i32 (−1 = no row),
     /// `weights [T, k]` optional. `y[t] = Σ_j w[t, j] · self[slot_row[t, j]]` over the kept
-    /// slots, summed in increasing buffer row. Result `[T, d]`. With `weights = None` this is
-    /// also the backward of the permute (`d_x` from `d_buffers`).
+    /// slots, summed in increasing buffer row. Result `[T, d]` f32 (with weights and bf16
+    /// rows in the CUDA backend's bf16-activation mode: bf16, the f32 sum rounded once).
+    /// With `weights = None` this is also the backward of the permute (`d_x` from
+    /// `d_buffers`).
     pub fn combine_slots(&self, slot_row: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
         const OP: &str = "combine_slots";
         self.same_device(OP, slot_row)?;
@@ -153,7 +156,8 @@ impl Tensor {
     /// Backward of [`Tensor::combine_slots`] with `weights`: `self` is the buffer rows
     /// `[B, d]` of the forward, `d_y [T, d]`. Returns (`d_rows [B, d]`: `w[t, j] · d_y[t]` in
     /// the row of assignment `(t, j)`, zero in pad rows; `d_w [T, k]`: `⟨d_y[t], rows[r]⟩`,
-    /// zero where not kept), both written fresh.
+    /// zero where not kept), both written fresh; `d_rows` f32 (bf16 in the CUDA backend's
+    /// bf16-activation mode when `self` or `d_y` is bf16), `d_w` f32.
     pub fn combine_slots_backward(
         &self,
         d_y: &Tensor,

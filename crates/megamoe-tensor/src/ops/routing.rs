@@ -86,6 +86,9 @@ pub struct ExpertPermutation {
     pub token: Tensor,
     /// `[R]` i32: flat assignment index `t·k + j` of permuted row `r`.
     pub assignment: Tensor,
+    /// `[T, k]` i32: permuted row of each assignment, −1 where it is not kept (the inverse
+    /// of `assignment`; the combine ops read it as their `slot_row`).
+    pub slot_row: Tensor,
     /// `[E]` i32: kept rows per expert; row offsets are its exclusive prefix sum.
     pub counts: Tensor,
 }

@@ -128,9 +128,14 @@ impl RoutingKernels for CpuBackend {
         let kd = keep.cpu_f32(OP, "keep")?;
         let (token, assignment, counts) = kernel::sort_by_expert(ids, k, &kd, n_real);
         let r = token.len();
+        let mut slot_row = vec![-1i32; ids.len()];
+        for (row, &a) in assignment.iter().enumerate() {
+            slot_row[a as usize] = row as i32;
+        }
         Ok(ExpertPermutation {
             token: Tensor::cpu_i32_from(token, [r]),
             assignment: Tensor::cpu_i32_from(assignment, [r]),
+            slot_row: Tensor::cpu_i32_from(slot_row, idx.dims().to_vec()),
             counts: Tensor::cpu_i32_from(counts, [n_real]),
         })
     }
