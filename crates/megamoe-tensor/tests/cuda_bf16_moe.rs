@@ -3,10 +3,11 @@
 //! combine backward's row gradients are the f32 results rounded once to bf16 (bitwise the
 //! CPU's f32 ops rounded), the unweighted combine and the gate gradients stay f32, and
 //! SwiGLU over gate‖up rows and its backward write bf16 with exactly the bits of the f32
-//! mode rounded. Every case runs through the kernels' 8-column path and their one-column
-//! path (a width that is not a multiple of 8, and an unaligned view of the same values),
-//! which must agree bitwise. Its own test binary: the mode is process-wide. Needs feature
-//! `cuda` and an NVIDIA GPU (`#[ignore]`d: run the test binary with `--ignored` there).
+//! mode rounded (and of the separate-tensor SwiGLU ops on the two halves). Every case runs
+//! through the kernels' 8-column path and their one-column path (a width that is not a
+//! multiple of 8, and an unaligned view of the same values), which must agree bitwise. Its
+//! own test binary: the mode is process-wide. Needs feature `cuda` and an NVIDIA GPU
+//! (`#[ignore]`d: run the test binary with `--ignored` there).
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
@@ -211,6 +212,27 @@ fn moe_glue_writes_bf16_activations_with_the_bits_of_the_f32_ops_rounded() {
             &case("swiglu_gate_up_backward = f32 mode rounded"),
             &d_gu,
             &d_gu32.to_dtype(bf).unwrap(),
+            bf,
+        );
+        // The separate-tensor SwiGLU ops on the two halves: the same bits.
+        let (gate, up) = (gug.narrow(1, 0, d).unwrap(), gug.narrow(1, d, d).unwrap());
+        same_bits(
+            &case("swiglu on the halves = swiglu_gate_up"),
+            &gate.swiglu(&up).unwrap(),
+            &y_act,
+            bf,
+        );
+        let (dg, du) = Tensor::swiglu_backward(&gate, &up, &dyag).unwrap();
+        same_bits(
+            &case("swiglu_backward d_gate = gate-up d_gate"),
+            &dg,
+            &d_gu.narrow(1, 0, d).unwrap(),
+            bf,
+        );
+        same_bits(
+            &case("swiglu_backward d_up = gate-up d_up"),
+            &du,
+            &d_gu.narrow(1, d, d).unwrap(),
             bf,
         );
         let (guc, dyac) = (

@@ -550,20 +550,8 @@ extern "C" __global__ void index_add_apply(const void* src, int st_, const float
     }
 }
 
-// SwiGLU backward: d_gate = dy * up * silu'(gate), d_up = dy * silu(gate) (f32 math,
-// stored as type `ot`: f32, or bf16 rounded as the cast kernel rounds).
-extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int ut, const void* dy,
-                                      int dt, void* dg, void* du, int ot, size_t n) {
-    GRID_STRIDE(i, n) {
-        const float gv = ld(g, gt, i), uv = ld(u, ut, i), d = ld(dy, dt, i);
-        const float s = sigmoid_(gv);
-        st(dg, ot, i, d * uv * (s * (1.f + gv * (1.f - s))));
-        st(du, ot, i, d * (gv * s));
-    }
-}
-
-// The SwiGLU formulas of the gate||up kernels, as binary_f's swiglu and swiglu_bwd compute
-// them (the same expressions, so the same bits).
+// The SwiGLU formulas of the SwiGLU kernels (binary_f's swiglu computes the same expression,
+// so the same bits).
 __device__ __forceinline__ float swiglu_f(float g, float u) { return g * sigmoid_(g) * u; }
 __device__ __forceinline__ void swiglu_bwd_f(float gv, float uv, float d, float* dg, float* du) {
     const float s = sigmoid_(gv);
@@ -605,6 +593,33 @@ __device__ __forceinline__ void st8(void* p, int dt, size_t i, const float* v) {
     } else {
         *(float4*)((float*)p + i) = make_float4(v[0], v[1], v[2], v[3]);
         *(float4*)((float*)p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
+// SwiGLU backward: d_gate = dy * up * silu'(gate), d_up = dy * silu(gate) (f32 math,
+// stored as type `ot`: f32, or bf16 rounded as the cast kernel rounds). With `vec` (n % 8 == 0,
+// 16-byte aligned tensors) 8 consecutive elements per thread step.
+extern "C" __global__ void swiglu_bwd(const void* g, int gt, const void* u, int ut, const void* dy,
+                                      int dt, void* dg, void* du, int ot, size_t n, int vec) {
+    if (vec) {
+        GRID_STRIDE(c, n >> 3) {
+            const size_t i = c << 3;
+            float gv[8], uv[8], d[8], a[8], b[8];
+            ld8(g, gt, i, gv);
+            ld8(u, ut, i, uv);
+            ld8(dy, dt, i, d);
+#pragma unroll
+            for (int q = 0; q < 8; q++) swiglu_bwd_f(gv[q], uv[q], d[q], &a[q], &b[q]);
+            st8(dg, ot, i, a);
+            st8(du, ot, i, b);
+        }
+        return;
+    }
+    GRID_STRIDE(i, n) {
+        float a, b;
+        swiglu_bwd_f(ld(g, gt, i), ld(u, ut, i), ld(dy, dt, i), &a, &b);
+        st(dg, ot, i, a);
+        st(du, ot, i, b);
     }
 }
 
