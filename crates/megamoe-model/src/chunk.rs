@@ -518,7 +518,13 @@ impl ModelChunk<'_> {
             (Some(h), None) => {
                 let head = p.head()?;
                 let norm_w = p.final_norm()?;
-                let d_logits = h.d_logits.scale(grad_scale)?;
+                // One micro-batch (scale 1): the logit gradient as is, not a pass over
+                // [N, V] multiplying by one (x·1 = x for every float but NaN payloads).
+                let d_logits = if grad_scale == 1.0 {
+                    h.d_logits
+                } else {
+                    h.d_logits.scale(grad_scale)?
+                };
                 let mut d_hf = d_logits.matmul(head, false, false)?;
                 let mtp = match (&model.mtp, &p.mtp, h.mtp) {
                     (Some(m), Some(mp), Some(ms)) => {
