@@ -91,6 +91,7 @@ pub use offload::{parked_bytes, FetchedTensor, ParkedTensor};
 pub use ops::elementwise::{BinaryOp, UnaryOp};
 pub use ops::groups::RowGroups;
 pub use ops::loss::IGNORE_INDEX;
+pub use ops::norm::RmsNormResidualGrads;
 pub use ops::optim::AdamWStep;
 pub use ops::rng::InitDist;
 pub use shape::Shape;

@@ -516,6 +516,75 @@ fn matmuls_norm_rope_loss_and_adamw_match_cpu() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn fused_norm_backward_and_vectorised_norm_rope_match_cpu() {
+    // Rows of 520 and 2048 take the vectorised / fused kernels (h % 8 == 0); 100 and 30
+    // the scalar kernels and the unfused fallback.
+    for (i, &(rows, h)) in [(67, 520), (70, 2048), (33, 100), (5, 30)]
+        .iter()
+        .enumerate()
+    {
+        let s = 100 + 10 * i as u64;
+        let x = randn(s, &[rows, h], 1.0);
+        let w = randn(s + 1, &[h], 1.0);
+        let dy = randn(s + 2, &[rows, h], 1.0);
+        let res = randn(s + 3, &[rows, h], 1.0);
+        let (xg, wg) = (gpu(&x), gpu(&w));
+        let (y, r) = x.rms_norm(&w, 1e-5).unwrap();
+        let (yg, rg) = xg.rms_norm(&wg, 1e-5).unwrap();
+        same(&format!("rms_norm y {h}"), &yg, &y, 1e-6);
+        same(&format!("rms_norm rstd {h}"), &rg, &r, 1e-6);
+        let want = dy.rms_norm_backward_add(&x, &w, &r, &res, true).unwrap();
+        let got = gpu(&dy)
+            .rms_norm_backward_add(&xg, &wg, &rg, &gpu(&res), true)
+            .unwrap();
+        same(
+            &format!("rms_norm_backward_add sum {h}"),
+            &got.sum,
+            &want.sum,
+            1e-5,
+        );
+        same(
+            &format!("rms_norm_backward_add act {h}"),
+            &got.act,
+            &want.sum,
+            1e-5,
+        );
+        same(
+            &format!("rms_norm_backward_add d_w {h}"),
+            &got.d_w,
+            &want.d_w,
+            1e-5,
+        );
+        // The fused sum is the unfused ops' residual + dx.
+        let dx = dy.rms_norm_backward_input(&x, &w, &r).unwrap();
+        same(
+            &format!("rms_norm_backward_add = res + dx {h}"),
+            &got.sum,
+            &res.add(&dx).unwrap(),
+            1e-5,
+        );
+    }
+    // RoPE: head_dim 128 and 64 vectorised (half a multiple of 8), 12 scalar; in both
+    // directions.
+    for (i, &d) in [128usize, 64, 12].iter().enumerate() {
+        let x4 = randn(200 + i as u64, &[2, 37, 3, d], 1.0);
+        same(
+            &format!("rope d={d}"),
+            &gpu(&x4).rope(1e4).unwrap(),
+            &x4.rope(1e4).unwrap(),
+            1e-5,
+        );
+        same(
+            &format!("rope_backward d={d}"),
+            &gpu(&x4).rope_backward(1e4).unwrap(),
+            &x4.rope_backward(1e4).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
 fn constructors_and_host_reads() {
     let z = Tensor::zeros([3, 4], DType::F32, GPU).unwrap();
     assert_eq!(z.device(), GPU);

@@ -545,3 +545,48 @@ fn promised_zero_pad_rows_skip_the_masking_passes_with_identical_results() {
     let (gh, g0h) = (gp.to_host_f32().unwrap(), g0.to_host_f32().unwrap());
     assert_eq!(gh[..80 * 96], g0h[..80 * 96]);
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn bf16_fused_norm_backward_matches_cpu() {
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    let (bf, f32_) = (DType::BF16, DType::F32);
+    // 2048 and 520 run the fused kernel, 100 the unfused fallback; dy stored bf16 (an
+    // activation gradient) or f32 (a sum kept in f32); the residual f32.
+    for (i, &(rows, h)) in [(70, 2048), (67, 520), (33, 100)].iter().enumerate() {
+        for dy_dtype in [bf, f32_] {
+            let s = 300 + 10 * i as u64;
+            // The CPU reference reads the values the GPU stores (bf16-rounded x and dy).
+            let x = gpu(&randn(s, &[rows, h], 1.0)).to_dtype(bf).unwrap();
+            let w = randn(s + 1, &[h], 1.0);
+            let dy = gpu(&randn(s + 2, &[rows, h], 1.0))
+                .to_dtype(dy_dtype)
+                .unwrap();
+            let res = randn(s + 3, &[rows, h], 1.0);
+            let cpu = |t: &Tensor| t.to_dtype(f32_).unwrap().to_device(Device::Cpu).unwrap();
+            let (xc, dyc) = (cpu(&x), cpu(&dy));
+            let (_, rc) = xc.rms_norm(&w, 1e-5).unwrap();
+            let (_, rg) = x.rms_norm(&gpu(&w), 1e-5).unwrap();
+            let want = dyc.rms_norm_backward_add(&xc, &w, &rc, &res, true).unwrap();
+            let got = dy
+                .rms_norm_backward_add(&x, &gpu(&w), &rg, &gpu(&res), true)
+                .unwrap();
+            let name = format!("norm_backward_add {h} dy {dy_dtype}");
+            close(&format!("{name} sum"), &got.sum, &want.sum, f32_, BF16_TOL);
+            close(&format!("{name} act"), &got.act, &want.sum, bf, BF16_TOL);
+            close(&format!("{name} d_w"), &got.d_w, &want.d_w, f32_, BF16_TOL);
+            let plain = dy
+                .rms_norm_backward_add(&x, &gpu(&w), &rg, &gpu(&res), false)
+                .unwrap();
+            close(
+                &format!("{name} no copy"),
+                &plain.act,
+                &want.sum,
+                f32_,
+                BF16_TOL,
+            );
+        }
+    }
+}

@@ -111,6 +111,134 @@ extern "C" __global__ void sum_partials(const float* __restrict__ partial, float
     out[j] = beta == 0.f ? acc : beta * out[j] + acc;
 }
 
+// ---- Vectorised row kernels: 8 consecutive elements per access (16-byte loads of bf16,
+// two of f32). Callers guarantee h % 8 == 0 and 16-byte aligned bases. ----
+#define VEC 8
+__device__ __forceinline__ void ld8(const float* p, float* v) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* q = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 f = __bfloat1622float2(q[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void st8(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void st8(__nv_bfloat16* p, const float* v) {
+    uint4 u;
+    __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) q[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// RMSNorm forward, vectorised (h % 8 == 0): the formula of rms_norm_fwd.
+extern "C" __global__ void rms_norm_fwd_vec(const T* __restrict__ x, const T* __restrict__ w,
+                                            T* __restrict__ y, float* __restrict__ rstd, int h,
+                                            float eps) {
+    const size_t base = (size_t)blockIdx.x * h;
+    float ss = 0.f;
+    for (int j = threadIdx.x * VEC; j < h; j += BLOCK * VEC) {
+        float v[VEC];
+        ld8(x + base + j, v);
+#pragma unroll
+        for (int i = 0; i < VEC; i++) ss += v[i] * v[i];
+    }
+    ss = block_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)h + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    for (int j = threadIdx.x * VEC; j < h; j += BLOCK * VEC) {
+        float v[VEC], wv[VEC];
+        ld8(x + base + j, v);
+        ld8(w + j, wv);
+#pragma unroll
+        for (int i = 0; i < VEC; i++) v[i] = v[i] * r * wv[i];
+        st8(y + base + j, v);
+    }
+}
+
+// RMSNorm backward fused with the residual gradient, rows [blockIdx.x * per, +per):
+//   out = res + rstd * (g - xhat * mean(g * xhat)) (f32), g = dy * w, xhat = x * rstd;
+//   act (when not null) the same values stored as T;
+//   partial[blockIdx.x, j] = sum over the block's rows, in row order, of dy * x * rstd.
+// h % 8 == 0, 16-byte aligned rows, h floats of dynamic shared memory (the weight-gradient
+// accumulators: each thread owns its columns, so they need no synchronisation).
+template <typename D>
+__device__ __forceinline__ void rms_norm_bwd_add_rows(
+    const D* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+    const float* __restrict__ rstd, const float* __restrict__ res, float* __restrict__ out,
+    T* __restrict__ act, float* __restrict__ partial, int rows, int h, int per) {
+    extern __shared__ float dw_acc[];
+    const int r0 = blockIdx.x * per;
+    const int r1 = min(rows, r0 + per);
+    for (int j = threadIdx.x * VEC; j < h; j += BLOCK * VEC) {
+#pragma unroll
+        for (int i = 0; i < VEC; i++) dw_acc[j + i] = 0.f;
+    }
+    for (int r = r0; r < r1; r++) {
+        const size_t base = (size_t)r * h;
+        const float rs = rstd[r];
+        float dot = 0.f;
+        for (int j = threadIdx.x * VEC; j < h; j += BLOCK * VEC) {
+            float d[VEC], xv[VEC], wv[VEC];
+            ld8(dy + base + j, d);
+            ld8(x + base + j, xv);
+            ld8(w + j, wv);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) {
+                dot += d[i] * wv[i] * (xv[i] * rs);
+                dw_acc[j + i] += d[i] * xv[i] * rs;
+            }
+        }
+        dot = block_sum(dot) / (float)h;
+        for (int j = threadIdx.x * VEC; j < h; j += BLOCK * VEC) {
+            float d[VEC], xv[VEC], wv[VEC], o[VEC];
+            ld8(dy + base + j, d);
+            ld8(x + base + j, xv);
+            ld8(w + j, wv);
+            ld8(res + base + j, o);
+#pragma unroll
+            for (int i = 0; i < VEC; i++) o[i] += rs * (d[i] * wv[i] - xv[i] * rs * dot);
+            st8(out + base + j, o);
+            if (act != nullptr) st8(act + base + j, o);
+        }
+    }
+    for (int j = threadIdx.x * VEC; j < h; j += BLOCK * VEC) {
+#pragma unroll
+        for (int i = 0; i < VEC; i++) partial[(size_t)blockIdx.x * h + j + i] = dw_acc[j + i];
+    }
+}
+extern "C" __global__ void rms_norm_bwd_add(const T* __restrict__ dy, const T* __restrict__ x,
+                                            const T* __restrict__ w,
+                                            const float* __restrict__ rstd,
+                                            const float* __restrict__ res,
+                                            float* __restrict__ out, T* __restrict__ act,
+                                            float* __restrict__ partial, int rows, int h,
+                                            int per) {
+    rms_norm_bwd_add_rows<T>(dy, x, w, rstd, res, out, act, partial, rows, h, per);
+}
+// The same with an f32 dy (an upstream sum kept in f32).
+extern "C" __global__ void rms_norm_bwd_add_f32dy(const float* __restrict__ dy,
+                                                  const T* __restrict__ x,
+                                                  const T* __restrict__ w,
+                                                  const float* __restrict__ rstd,
+                                                  const float* __restrict__ res,
+                                                  float* __restrict__ out, T* __restrict__ act,
+                                                  float* __restrict__ partial, int rows, int h,
+                                                  int per) {
+    rms_norm_bwd_add_rows<float>(dy, x, w, rstd, res, out, act, partial, rows, h, per);
+}
+
 // ---- RoPE, rotate-half. Table [t, d/2] of cos and sin, computed in f64. ----
 extern "C" __global__ void rope_table(float* __restrict__ cosv, float* __restrict__ sinv, int t,
                                       int d, double theta) {
@@ -138,6 +266,35 @@ extern "C" __global__ void rope_apply(const T* x, T* y, const float* __restrict_
         const float x1 = ldf(x + row * d + q), x2 = ldf(x + row * d + q + half);
         stf(y + row * d + q, x1 * c - x2 * s);
         stf(y + row * d + q + half, x2 * c + x1 * s);
+    }
+}
+
+// Vectorised rope_apply (d / 2 % 8 == 0, 16-byte aligned x and y): one thread per 8 pairs
+// of a row, the formula of rope_apply. y may alias x (each thread reads before it writes
+// the same elements).
+extern "C" __global__ void rope_apply_vec(const T* x, T* y, const float* __restrict__ cosv,
+                                          const float* __restrict__ sinv, unsigned items, int t,
+                                          int nh, int d, float sign) {
+    const unsigned half = (unsigned)d / 2;
+    const unsigned per_row = half / VEC;
+    for (unsigned i = blockIdx.x * BLOCK + threadIdx.x; i < items; i += gridDim.x * BLOCK) {
+        const unsigned row = i / per_row;
+        const unsigned q = (i - row * per_row) * VEC;
+        const unsigned p = (row / (unsigned)nh) % (unsigned)t;
+        const size_t at = (size_t)row * d + q;
+        float c[VEC], s[VEC], x1[VEC], x2[VEC], y1[VEC], y2[VEC];
+        ld8(cosv + p * half + q, c);
+        ld8(sinv + p * half + q, s);
+        ld8(x + at, x1);
+        ld8(x + at + half, x2);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            const float sk = sign * s[k];
+            y1[k] = x1[k] * c[k] - x2[k] * sk;
+            y2[k] = x2[k] * c[k] + x1[k] * sk;
+        }
+        st8(y + at, y1);
+        st8(y + at + half, y2);
     }
 }
 

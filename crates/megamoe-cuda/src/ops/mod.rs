@@ -36,11 +36,15 @@ const BLOCK: u32 = 256;
 
 struct Kernels {
     rms_norm_fwd: dsys::CUfunction,
+    rms_norm_fwd_vec: dsys::CUfunction,
     rms_norm_bwd_input: dsys::CUfunction,
+    rms_norm_bwd_add: dsys::CUfunction,
+    rms_norm_bwd_add_f32dy: dsys::CUfunction,
     rms_norm_bwd_weight_partial: dsys::CUfunction,
     sum_partials: dsys::CUfunction,
     rope_table: dsys::CUfunction,
     rope_apply: dsys::CUfunction,
+    rope_apply_vec: dsys::CUfunction,
     ce_count_valid: dsys::CUfunction,
     ce_fwd_bwd: dsys::CUfunction,
     ce_mean: dsys::CUfunction,
@@ -76,11 +80,15 @@ impl Ops {
         let mut get = |name: &str| gpu.kernels.function("ops", SRC, &defines, name);
         let k = Kernels {
             rms_norm_fwd: get("rms_norm_fwd")?,
+            rms_norm_fwd_vec: get("rms_norm_fwd_vec")?,
             rms_norm_bwd_input: get("rms_norm_bwd_input")?,
+            rms_norm_bwd_add: get("rms_norm_bwd_add")?,
+            rms_norm_bwd_add_f32dy: get("rms_norm_bwd_add_f32dy")?,
             rms_norm_bwd_weight_partial: get("rms_norm_bwd_weight_partial")?,
             sum_partials: get("sum_partials")?,
             rope_table: get("rope_table")?,
             rope_apply: get("rope_apply")?,
+            rope_apply_vec: get("rope_apply_vec")?,
             ce_count_valid: get("ce_count_valid")?,
             ce_fwd_bwd: get("ce_fwd_bwd")?,
             ce_mean: get("ce_mean")?,

@@ -7,6 +7,18 @@ use crate::pool::DeviceMem;
 
 /// Rows summed per block in the first pass of the RMSNorm weight gradient.
 const ROWS_PER_CHUNK: usize = 128;
+/// Rows per block of the fused backward ([`Ops::rms_norm_backward_add`]): 512 blocks for
+/// 16 k rows, each keeping its weight-gradient partial sums in shared memory.
+const FUSED_ROWS_PER_BLOCK: usize = 32;
+/// Elements per vector access of the vectorised kernels (`VEC` in kernels.cu).
+const VEC: usize = 8;
+/// Largest row the fused backward keeps in shared memory (`h` f32 accumulators, 48 KiB).
+const FUSED_MAX_H: usize = 12 * 1024;
+
+/// Whether every buffer starts on a 16-byte boundary (the vectorised kernels' loads).
+fn aligned16(bufs: &[u64]) -> bool {
+    bufs.iter().all(|p| p.is_multiple_of(16))
+}
 
 impl Ops {
     /// RMSNorm of `x [rows, h]` with weight `w [h]`: `y = x · rstd · w` (storage type),
@@ -38,9 +50,15 @@ impl Ops {
         need("rms_norm y", y, rows * h, es)?;
         need("rms_norm rstd", rstd, rows, 4)?;
         let hi = int("rms_norm h", h)?;
+        let vec = h.is_multiple_of(VEC) && aligned16(&[x.ptr(), w.ptr(), y.ptr()]);
+        let f = if vec {
+            self.k.rms_norm_fwd_vec
+        } else {
+            self.k.rms_norm_fwd
+        };
         unsafe {
             gpu.launch(
-                self.k.rms_norm_fwd,
+                f,
                 int("rms_norm rows", rows)? as u32,
                 BLOCK,
                 &mut [
@@ -89,6 +107,106 @@ impl Ops {
                     arg(&rstd.ptr()),
                     arg(&dx.ptr()),
                     arg(&hi),
+                ],
+            )
+        }
+    }
+
+    /// Whether [`Ops::rms_norm_backward_add`] runs for rows of `h` at these addresses (the
+    /// callers fall back to [`Ops::rms_norm_backward_input`] and
+    /// [`Ops::rms_norm_backward_weight`] otherwise).
+    pub fn rms_norm_backward_add_fits(h: usize, bufs: &[u64]) -> bool {
+        h > 0 && h.is_multiple_of(VEC) && h <= FUSED_MAX_H && aligned16(bufs)
+    }
+
+    /// Fused RMSNorm backward into a residual gradient, one pass over the rows:
+    /// `out = res + dx` (f32) with `dx = rstd·(g − x̂·mean(g⊙x̂))`, `g = dy⊙w`, `x̂ = x·rstd`;
+    /// `act` (when given) the same values in the storage type; `dw [h] = Σ_n dy·x·rstd`
+    /// written fresh (f32, per-block partial sums then their sum in block order:
+    /// deterministic). `dy` is stored in the storage type, or f32 when `dy_f32`; `res` is
+    /// f32. Needs [`Ops::rms_norm_backward_add_fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_backward_add(
+        &self,
+        gpu: &Gpu,
+        (dy, dy_f32): (&impl DeviceMem, bool),
+        x: &impl DeviceMem,
+        w: &impl DeviceMem,
+        rstd: &impl DeviceMem,
+        res: &impl DeviceMem,
+        out: &impl DeviceMem,
+        act: Option<&dyn DeviceMem>,
+        dw: &impl DeviceMem,
+        rows: usize,
+        h: usize,
+    ) -> Result<()> {
+        positive("rms_norm rows", rows)?;
+        positive("rms_norm h", h)?;
+        let es = self.elem.size();
+        need("rms_norm dy", dy, rows * h, if dy_f32 { 4 } else { es })?;
+        need("rms_norm x", x, rows * h, es)?;
+        need("rms_norm w", w, h, es)?;
+        need("rms_norm rstd", rstd, rows, 4)?;
+        need("rms_norm residual", res, rows * h, 4)?;
+        need("rms_norm out", out, rows * h, 4)?;
+        if let Some(a) = act {
+            need("rms_norm act", a, rows * h, es)?;
+        }
+        need("rms_norm dw", dw, h, 4)?;
+        let mut ptrs = vec![dy.ptr(), x.ptr(), w.ptr(), res.ptr(), out.ptr()];
+        ptrs.extend(act.map(|a| a.ptr()));
+        if !Self::rms_norm_backward_add_fits(h, &ptrs) {
+            return Err(Error::invalid(
+                "rms_norm_backward_add h",
+                h,
+                "must be a multiple of 8 and at most 12288, with 16-byte aligned buffers",
+            ));
+        }
+        let blocks = rows.div_ceil(FUSED_ROWS_PER_BLOCK);
+        let partial = gpu.alloc(blocks * h * 4)?;
+        let (ri, hi, per, bi) = (
+            int("rms_norm rows", rows)?,
+            int("rms_norm h", h)?,
+            FUSED_ROWS_PER_BLOCK as i32,
+            int("rms_norm blocks", blocks)?,
+        );
+        let act_ptr = act.map_or(0u64, |a| a.ptr());
+        let f = if dy_f32 {
+            self.k.rms_norm_bwd_add_f32dy
+        } else {
+            self.k.rms_norm_bwd_add
+        };
+        let beta = 0.0f32;
+        unsafe {
+            gpu.launch_2d(
+                f,
+                (bi as u32, 1),
+                BLOCK,
+                (h * 4) as u32,
+                &mut [
+                    arg(&dy.ptr()),
+                    arg(&x.ptr()),
+                    arg(&w.ptr()),
+                    arg(&rstd.ptr()),
+                    arg(&res.ptr()),
+                    arg(&out.ptr()),
+                    arg(&act_ptr),
+                    arg(&partial.ptr()),
+                    arg(&ri),
+                    arg(&hi),
+                    arg(&per),
+                ],
+            )?;
+            gpu.launch(
+                self.k.sum_partials,
+                h.div_ceil(BLOCK as usize) as u32,
+                BLOCK,
+                &mut [
+                    arg(&partial.ptr()),
+                    arg(&dw.ptr()),
+                    arg(&bi),
+                    arg(&hi),
+                    arg(&beta),
                 ],
             )
         }
@@ -196,6 +314,12 @@ impl Ops {
         let theta64 = theta as f64;
         let pairs = n / 2;
         let sign = if backward { -1.0f32 } else { 1.0 };
+        // 8 pairs per thread when the half row is a multiple of 8 and the rows are aligned
+        // (the table's sin half starts at t·half floats: aligned too).
+        let items = pairs / VEC;
+        let vec = half.is_multiple_of(VEC)
+            && aligned16(&[x.ptr(), y.ptr()])
+            && u32::try_from(items).is_ok_and(|i| i <= i32::MAX as u32);
         unsafe {
             gpu.launch(
                 self.k.rope_table,
@@ -209,6 +333,25 @@ impl Ops {
                     arg(&theta64),
                 ],
             )?;
+            if vec {
+                let items = items as u32;
+                return gpu.launch(
+                    self.k.rope_apply_vec,
+                    stride_grid(items as usize),
+                    BLOCK,
+                    &mut [
+                        arg(&x.ptr()),
+                        arg(&y.ptr()),
+                        arg(&table.ptr()),
+                        arg(&sin_ptr),
+                        arg(&items),
+                        arg(&ti),
+                        arg(&hi),
+                        arg(&di),
+                        arg(&sign),
+                    ],
+                );
+            }
             gpu.launch(
                 self.k.rope_apply,
                 stride_grid(pairs),

@@ -9,7 +9,7 @@ use megamoe_cuda::AdamWParams;
 use super::{dev, view, CudaBackend};
 use crate::ops::index::IndexKernels;
 use crate::ops::loss::LossKernels;
-use crate::ops::norm::NormKernels;
+use crate::ops::norm::{NormKernels, RmsNormResidualGrads};
 use crate::ops::optim::{AdamWStep, OptimKernels};
 use crate::ops::rope::RopeKernels;
 use crate::{DType, Error, Result, Shape, Tensor};
@@ -93,6 +93,96 @@ impl NormKernels for CudaBackend {
                 .rms_norm_backward_weight(&e.gpu, &v.0, &v.1, &v.2, &v.3, rows, h, false),
         )?;
         Ok(dw)
+    }
+
+    fn rms_norm_backward_add(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        residual: &Tensor,
+        act: bool,
+    ) -> Result<RmsNormResidualGrads> {
+        const OP: &str = "rms_norm_backward_add";
+        // dy is read as stored when it is f32 (a sum kept in f32) or the activation dtype.
+        let df = if dy.dtype() == DType::F32 {
+            dy.clone()
+        } else {
+            self.as_act(dy)?
+        };
+        let (xf, wf, rf) = (self.as_act(x)?, self.as_act(w)?, self.as_f32(residual)?);
+        let h = w.numel();
+        let rows = rstd.numel();
+        let act_copy = act && self.act() != DType::F32;
+        let ptrs = [&df, &xf, &wf, &rf]
+            .iter()
+            .map(|t| dev(OP, t).map(|d| d.ptr))
+            .collect::<Result<Vec<u64>>>()?;
+        if rows == 0 || !megamoe_cuda::Ops::rms_norm_backward_add_fits(h, &ptrs) {
+            return self.rms_norm_backward_add_unfused(dy, x, w, rstd, residual, act);
+        }
+        let e = self.engine(OP)?;
+        let (sum, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
+        let act_t = if act_copy {
+            Some(self.empty(&e, x.shape().clone(), self.act())?.0)
+        } else {
+            None
+        };
+        let (d_w, _) = self.empty(&e, [h].into(), DType::F32)?;
+        let av = act_t.as_ref().map(|t| view(OP, t)).transpose()?;
+        let v = (
+            view(OP, &df)?,
+            view(OP, &xf)?,
+            view(OP, &wf)?,
+            view(OP, rstd)?,
+            view(OP, &rf)?,
+            view(OP, &sum)?,
+            view(OP, &d_w)?,
+        );
+        self.ck(
+            OP,
+            e.ops(self.act()).rms_norm_backward_add(
+                &e.gpu,
+                (&v.0, df.dtype() == DType::F32),
+                &v.1,
+                &v.2,
+                &v.3,
+                &v.4,
+                &v.5,
+                av.as_ref().map(|a| a as &dyn megamoe_cuda::DeviceMem),
+                &v.6,
+                rows,
+                h,
+            ),
+        )?;
+        drop(e);
+        let act = act_t.unwrap_or_else(|| sum.clone());
+        Ok(RmsNormResidualGrads { sum, act, d_w })
+    }
+}
+
+impl CudaBackend {
+    /// [`NormKernels::rms_norm_backward_add`] by the unfused ops (a row the fused kernel
+    /// does not take: `h` not a multiple of 8, above 12288, or an unaligned view).
+    fn rms_norm_backward_add_unfused(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        residual: &Tensor,
+        act: bool,
+    ) -> Result<RmsNormResidualGrads> {
+        let dx = self.rms_norm_backward_input(dy, x, w, rstd)?;
+        let mut sum = self.as_f32(residual)?;
+        crate::ops::elementwise::ElementwiseKernels::axpy(self, &mut sum, 1.0, &dx)?;
+        let act = if act { self.as_act(&sum)? } else { sum.clone() };
+        Ok(RmsNormResidualGrads {
+            sum,
+            act,
+            d_w: self.rms_norm_backward_weight(dy, x, rstd)?,
+        })
     }
 }
 

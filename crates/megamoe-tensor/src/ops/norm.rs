@@ -2,7 +2,9 @@
 //! weight gradient as separate functions, for the I/W split of zero-bubble schedules).
 //!
 //! `y = x · rstd · w` with `rstd = 1/√(mean_j x_j² + ε)` per row (Zhang & Sennrich 2019).
-//! Forward saves `rstd [N]`; both backward halves take it back.
+//! Forward saves `rstd [N]`; both backward halves take it back. The fused backward
+//! ([`Tensor::rms_norm_backward_add`]) adds the input gradient to the residual stream's
+//! gradient and computes the weight gradient in the same pass.
 
 use crate::{Error, Result, Tensor};
 
@@ -21,6 +23,30 @@ pub trait NormKernels {
     ) -> Result<Tensor>;
     /// `dw [H]` from `dy`, `x`, `rstd`.
     fn rms_norm_backward_weight(&self, dy: &Tensor, x: &Tensor, rstd: &Tensor) -> Result<Tensor>;
+    /// `residual + dx` and `dw` in one pass (see [`Tensor::rms_norm_backward_add`]); `act`:
+    /// also the sum in the activation dtype.
+    fn rms_norm_backward_add(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        residual: &Tensor,
+        act: bool,
+    ) -> Result<RmsNormResidualGrads>;
+}
+
+/// The result of [`Tensor::rms_norm_backward_add`].
+#[derive(Debug, Clone)]
+pub struct RmsNormResidualGrads {
+    /// `residual + dx` `[.., H]`, f32, written fresh.
+    pub sum: Tensor,
+    /// `sum` for readers that take activations (GEMMs): when asked for, a copy stored in
+    /// the backend's activation dtype (bf16 on a GPU in bf16-activation mode), otherwise
+    /// `sum` itself.
+    pub act: Tensor,
+    /// `dw [H] = Σ_n dy[n]·x[n]·rstd[n]`, f32, written fresh.
+    pub d_w: Tensor,
 }
 
 /// Checks `x [.., H]`, `w [H]`; returns (H, rows).
@@ -79,5 +105,29 @@ impl Tensor {
         let (_, rows) = dims(OP, x, None)?;
         check_rstd(OP, rstd, rows)?;
         self.backend().rms_norm_backward_weight(self, x, rstd)
+    }
+
+    /// RMSNorm's backward folded into the residual stream: `self` is `dy`, `residual` the
+    /// gradient the stream already carries to the norm's input `x` (equal shapes). Returns
+    /// `sum = residual + dx` with `dx` as in [`Tensor::rms_norm_backward_input`] (f32), the
+    /// weight gradient `d_w` as in [`Tensor::rms_norm_backward_weight`], and, when
+    /// `act_copy`, `sum` also in the activation dtype (one pass writes both on a GPU; see
+    /// [`RmsNormResidualGrads::act`]). On the CPU `sum` holds the bits of
+    /// `residual.add(&dy.rms_norm_backward_input(..))`.
+    pub fn rms_norm_backward_add(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        residual: &Tensor,
+        act_copy: bool,
+    ) -> Result<RmsNormResidualGrads> {
+        const OP: &str = "rms_norm_backward_add";
+        self.same_shape(OP, x)?;
+        self.same_shape(OP, residual)?;
+        let (_, rows) = dims(OP, x, Some(w))?;
+        check_rstd(OP, rstd, rows)?;
+        self.backend()
+            .rms_norm_backward_add(self, x, w, rstd, residual, act_copy)
     }
 }

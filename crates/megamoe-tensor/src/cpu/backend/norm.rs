@@ -3,7 +3,7 @@
 use crate::backend::CpuBackend;
 use crate::cpu::{loss, norm, rope};
 use crate::ops::loss::LossKernels;
-use crate::ops::norm::NormKernels;
+use crate::ops::norm::{NormKernels, RmsNormResidualGrads};
 use crate::ops::rope::RopeKernels;
 use crate::{Error, Result, Shape, Tensor};
 
@@ -59,6 +59,25 @@ impl NormKernels for CpuBackend {
             norm::rms_norm_backward_weight(&d, &xd, &rs, h),
             [h],
         ))
+    }
+
+    fn rms_norm_backward_add(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        residual: &Tensor,
+        _act: bool,
+    ) -> Result<RmsNormResidualGrads> {
+        // The unfused ops in sequence (same bits): the CPU has no pass to save.
+        let dx = self.rms_norm_backward_input(dy, x, w, rstd)?;
+        let sum = residual.add(&dx)?;
+        Ok(RmsNormResidualGrads {
+            act: sum.clone(),
+            sum,
+            d_w: self.rms_norm_backward_weight(dy, x, rstd)?,
+        })
     }
 }
 
