@@ -11,7 +11,7 @@
 //! a [`BlockParams`] of gradients. Norm weight gradients are computed in I and added in W.
 
 use megamoe_optim::ParamRole;
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::Tensor;
 
 use crate::attention::{Attention, AttentionDeferredW, AttentionParams, AttentionSaved};
 use crate::error::Result;
@@ -457,11 +457,11 @@ impl Block {
         s: BlockSaved,
         gcx: &BlockGradCx,
     ) -> Result<(Tensor, BlockDeferredW)> {
-        let zeros_h = || Tensor::zeros(p.input_layernorm.dims().to_vec(), DType::F32, d_y.device());
-        let mut d_n1 = zeros_h()?;
-        let mut d_n2 = zeros_h()?;
-        // Gradients reaching the FFN branch output, the attention branch output, and x.
-        let (d_f_out, d_a_direct, mut d_x, flexi_parts) = match s.flexi {
+        // N2's weight gradient from FlexiDepth's adapter path (added to the main one below).
+        let mut d_n2_flexi = None;
+        // Gradients reaching the FFN branch output, the attention branch output (FlexiDepth
+        // only: without it that is the residual gradient), and x.
+        let (d_f_out, d_a_direct, d_x, flexi_parts) = match s.flexi {
             Some(fs) => {
                 let fc = self.flexi_depth.expect("flexi saved only when configured");
                 let fp = p
@@ -482,17 +482,23 @@ impl Block {
                 let adapter = Mlp { cfg: fc.adapter() };
                 let (d_h2s, aw) =
                     adapter.backward_input(&fp.adapter, &d_y.mul_col(&c_ad)?, fs.adapter)?;
-                let mut d_x = d_y.add(&d_x_router)?;
-                d_x.add_assign(&self.norm.backward(
+                let n2s = self.norm.backward_add(
                     &d_h2s,
                     Some(&p.post_attention_layernorm),
                     &fs.n2s,
-                    Some(&mut d_n2),
-                )?)?;
+                    &d_y.add(&d_x_router)?,
+                    false,
+                )?;
+                d_n2_flexi = Some(n2s.d_w);
                 let _ = &fs.a_out;
-                (d_y.mul_col(&c_f)?, d_y.mul_col(&fs.m)?, d_x, Some((rw, aw)))
+                (
+                    d_y.mul_col(&c_f)?,
+                    Some(d_y.mul_col(&fs.m)?),
+                    n2s.sum,
+                    Some((rw, aw)),
+                )
             }
-            None => (d_y.clone(), d_y.clone(), d_y.clone(), None),
+            None => (d_y.clone(), None, d_y.clone(), None),
         };
         let gates = (self.gate_skip, p.skip_gate.as_ref());
         // FFN branch.
@@ -507,15 +513,30 @@ impl Block {
         let d_f = self.tp_gather(d_f, b)?;
         let (d_h2, ffn) = self.ffn.backward_input(&p.mlp, &d_f, s.ffn, &gcx.ffn)?;
         let d_h2 = self.tp_reduce_ffn(d_h2, b)?;
-        let d_x1 = self.norm.backward(
-            &d_h2,
-            Some(&p.post_attention_layernorm),
-            &s.n2,
-            Some(&mut d_n2),
-        )?;
-        // x1 = x + a_out: the residual stream carries d_x1 to both.
-        d_x.add_assign(&d_x1)?;
-        let d_a_out = d_a_direct.add(&d_x1)?;
+        // x1 = x + a_out: the residual stream carries d_x1 to both. Without FlexiDepth the
+        // attention output's gradient IS the new residual gradient d_x + d_x1 (one fused
+        // pass writes it, and its copy in the activation dtype for the attention GEMMs).
+        let w2 = Some(&p.post_attention_layernorm);
+        let (d_a_out, d_x, d_n2) = match d_a_direct {
+            None => {
+                let n2 = self.norm.backward_add(&d_h2, w2, &s.n2, &d_x, true)?;
+                (n2.act, n2.sum, n2.d_w)
+            }
+            Some(d_a_direct) => {
+                let d_x1 = self.norm.backward(&d_h2, w2, &s.n2, None)?;
+                let d_n2 = d_h2.rms_norm_backward_weight(&s.n2.x, &s.n2.rstd)?;
+                let mut d_x = d_x;
+                d_x.add_assign(&d_x1)?;
+                (d_a_direct.add(&d_x1)?, d_x, d_n2)
+            }
+        };
+        let d_n2 = match d_n2_flexi {
+            Some(mut g) => {
+                g.add_assign(&d_n2)?;
+                g
+            }
+            None => d_n2,
+        };
         let (d_a, attn_gate) = match (s.attn_gate, gates) {
             (Some(gs), (Some(cfg), Some(_))) => {
                 let (d_a, w) = SkipGate { cfg }.backward_input(&d_a_out, gs, gcx.gate_penalty)?;
@@ -526,12 +547,10 @@ impl Block {
         let d_a = self.tp_gather(d_a, b)?;
         let (d_h1, attn) = self.attn.backward_input(&p.self_attn, &d_a, s.attn)?;
         let d_h1 = self.tp_reduce(d_h1, b)?;
-        d_x.add_assign(&self.norm.backward(
-            &d_h1,
-            Some(&p.input_layernorm),
-            &s.n1,
-            Some(&mut d_n1),
-        )?)?;
+        let n1 = self
+            .norm
+            .backward_add(&d_h1, Some(&p.input_layernorm), &s.n1, &d_x, false)?;
+        let (d_x, d_n1) = (n1.sum, n1.d_w);
         let (router, adapter) = match flexi_parts {
             Some((r, a)) => (Some(r), Some(a)),
             None => (None, None),

@@ -4,8 +4,10 @@
 //! Backward (with `x̂ = x ⊙ rstd`, `g = dy ⊙ w`):
 //! `dx = rstd ⊙ (g − x̂ ⊙ mean_j(g ⊙ x̂))`, `dw = Σ_n dy ⊙ x̂` (accumulated). The kernels are
 //! megamoe-tensor's fused `rms_norm*` ops; this file adds the optional weight.
+//! [`RmsNorm::backward_add`] folds `dx` into the residual stream's gradient in the same pass
+//! (a pre-norm block's `d_x = d_residual + N'(x)ᵀ d_h`).
 
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::{DType, RmsNormResidualGrads, Tensor};
 
 use crate::error::Result;
 
@@ -56,6 +58,29 @@ impl RmsNorm {
             None => dy.rms_norm_backward_input(&saved.x, &unit_weight(dy)?, &saved.rstd)?,
         })
     }
+
+    /// `residual + dx` (f32, fresh) and `dw` (fresh) in one pass; with `act_copy` the sum
+    /// also in the activation dtype, for a GEMM that reads it (see
+    /// [`Tensor::rms_norm_backward_add`]). Same values as [`RmsNorm::backward`] added to
+    /// `residual`.
+    pub fn backward_add(
+        &self,
+        dy: &Tensor,
+        w: Option<&Tensor>,
+        saved: &RmsNormSaved,
+        residual: &Tensor,
+        act_copy: bool,
+    ) -> Result<RmsNormResidualGrads> {
+        let unit;
+        let w = match w {
+            Some(w) => w,
+            None => {
+                unit = unit_weight(dy)?;
+                &unit
+            }
+        };
+        Ok(dy.rms_norm_backward_add(&saved.x, w, &saved.rstd, residual, act_copy)?)
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +103,34 @@ mod tests {
         let f = |x: &Tensor, w: &Tensor| probe.loss(&norm.forward(x, Some(w)).unwrap().0);
         check("d_x", &x, &dx, |t| f(t, &w));
         check("d_w", &w, &d_w, |t| f(&x, t));
+    }
+
+    #[test]
+    fn rms_norm_backward_add_matches_finite_differences() {
+        // L(x, w) = probe·norm(x; w) + Σ residual ⊙ x: d_x = residual + N'ᵀ probe.
+        let norm = RmsNorm { eps: 1e-5 };
+        let x = randn(5, &[6, 16], 1.0);
+        let w = randn(6, &[16], 1.0).add_scalar(1.0).unwrap();
+        let residual = randn(7, &[6, 16], 1.0);
+        let probe = Probe::new(8, &[6, 16]);
+        let (_, saved) = norm.forward(&x, Some(&w)).unwrap();
+        let g = norm
+            .backward_add(&probe.r, Some(&w), &saved, &residual, true)
+            .unwrap();
+        let rh = residual.to_host_f32().unwrap();
+        let linear = |x: &Tensor| -> f64 {
+            let xh = x.to_host_f32().unwrap();
+            xh.iter().zip(&rh).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        let f =
+            |x: &Tensor, w: &Tensor| probe.loss(&norm.forward(x, Some(w)).unwrap().0) + linear(x);
+        check("sum", &x, &g.sum, |t| f(t, &w));
+        check("d_w", &w, &g.d_w, |t| f(&x, t));
+        // On the CPU: the bits of the unfused ops, and `act` is the sum itself.
+        let dx = norm.backward(&probe.r, Some(&w), &saved, None).unwrap();
+        let unfused = residual.add(&dx).unwrap().to_host_f32().unwrap();
+        assert_eq!(g.sum.to_host_f32().unwrap(), unfused);
+        assert_eq!(g.act.to_host_f32().unwrap(), unfused);
     }
 
     #[test]

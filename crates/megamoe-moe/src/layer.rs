@@ -407,15 +407,15 @@ impl MoeLayer {
         if scale.z != 0.0 {
             d_logits.add_assign(&z_loss_backward(&saved.z, scale.z)?)?;
         }
-        d_x.add_assign(
-            &self
-                .router
-                .gating_backward_input(&params.router, &d_logits)?,
-        )?;
+        // The router's input gradient accumulates in its GEMM; the shared experts' is added
+        // by one elementwise pass (in the activation dtype: the block's norm backward reads
+        // this sum as an activation gradient).
+        self.router
+            .gating_backward_input_acc(&params.router, &d_logits, &mut d_x)?;
         let shared = match (&self.shared_experts, &params.shared_experts, saved.shared) {
             (Some(s), Some(p), Some(ss)) => {
                 let (dxs, w) = s.backward_input(p, d_y, ss)?;
-                d_x.add_assign(&dxs)?;
+                d_x = d_x.add(&dxs)?;
                 Some(w)
             }
             _ => None,

@@ -266,6 +266,26 @@ impl Router {
         }
     }
 
+    /// [`Router::gating_backward_input`] accumulated (+=) into `d_x [N, H]` by the GEMMs
+    /// themselves (no separate `[N, H]` product and sum).
+    pub fn gating_backward_input_acc(
+        &self,
+        p: &RouterParams,
+        d_logits: &Tensor,
+        d_x: &mut Tensor,
+    ) -> Result<()> {
+        let e = self.cfg.num_routed_experts;
+        match &p.null_weight {
+            Some(wn) if self.cfg.null_slots.is_some() => {
+                let (dz, dn) = d_logits.reduce_null_slots(e)?;
+                d_x.matmul_acc(&dz, &p.weight, false, false, 1.0)?;
+                d_x.matmul_acc(&dn, wn, false, false, 1.0)?;
+            }
+            _ => d_x.matmul_acc(d_logits, &p.weight, false, false, 1.0)?,
+        }
+        Ok(())
+    }
+
     /// Accumulates (+=) dWr = d_zᵀ x and dw_null = d_nullᵀ x into `grads`.
     pub fn gating_backward_weight(
         &self,
