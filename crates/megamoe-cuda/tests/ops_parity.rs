@@ -273,6 +273,45 @@ fn cross_entropy_matches_cpu() {
     cross_entropy_case(Elem::Bf16);
 }
 
+/// Vocabularies at and past the register-resident kernel's limit (32768 bf16 / 16384 f32
+/// values per row) and one not a multiple of its vector width (the scalar kernel).
+fn cross_entropy_vocab_case(elem: Elem) {
+    let (gpu, ops) = setup(elem);
+    let max = if elem == Elem::Bf16 { 32768 } else { 16384 };
+    for v in [max, max + 8, 1001] {
+        let (n, ignore) = (5, -100);
+        let x = stored(&randn(9, "logits", n * v, 3.0), elem);
+        let targets: Vec<i32> = vec![0, ignore, (v - 1) as i32, 17, (v / 2) as i32];
+        let tt = Tensor::from_vec_i32(targets.clone(), [n], Device::Cpu).unwrap();
+        let (loss_ref, d_ref) = cpu(&x, &[n, v]).cross_entropy(&tt, ignore).unwrap();
+        let xb = up(&gpu, &x, elem);
+        let tb = up_i32(&gpu, &targets);
+        let d = poisoned(&gpu, n * v, elem);
+        let loss = poisoned(&gpu, 1, Elem::F32);
+        ops.cross_entropy(&gpu, &xb, &tb, &d, &loss, (n, v), ignore, 0)
+            .unwrap();
+        check(
+            &format!("ce loss v={v}"),
+            &down(&gpu, &loss, 1, Elem::F32),
+            &host(&loss_ref),
+            1e-5,
+        );
+        check(
+            &format!("ce d_logits v={v}"),
+            &down(&gpu, &d, n * v, elem),
+            &host(&d_ref),
+            tol(elem),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn cross_entropy_large_vocab_matches_cpu() {
+    cross_entropy_vocab_case(Elem::F32);
+    cross_entropy_vocab_case(Elem::Bf16);
+}
+
 fn embedding_case(elem: Elem) {
     let (gpu, ops) = setup(elem);
     // 700 ids over 90 rows (heavy repeats; rows 80..90 never used), h not a multiple of 256

@@ -353,6 +353,113 @@ extern "C" __global__ void ce_fwd_bwd(const T* x, T* dx, const int* __restrict__
     if (threadIdx.x == 0) loss[row] = lse - xt;
 }
 
+// 16 bytes of T as f32 and back (4 floats or 8 bf16).
+template <typename E> struct Pack16;
+template <> struct Pack16<float> {
+    static constexpr int N = 4;
+    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
+        f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+        f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+    }
+    static __device__ __forceinline__ uint4 pack(const float* f) {
+        return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                          __float_as_uint(f[3]));
+    }
+};
+template <> struct Pack16<__nv_bfloat16> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
+        const __nv_bfloat162* q = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 g = __bfloat1622float2(q[i]);
+            f[2 * i] = g.x;
+            f[2 * i + 1] = g.y;
+        }
+    }
+    static __device__ __forceinline__ uint4 pack(const float* f) {
+        uint4 u;
+        __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; i++) q[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        return u;
+    }
+};
+
+// ce_fwd_bwd with the row held in registers: one read of the logits from memory and one
+// write of the gradient (the scalar kernel reads the row three times). Each thread keeps
+// up to CE_K 16-byte vectors (vector c = threadIdx.x + k * BLOCK); needs v a multiple of
+// the vector width, v <= CE_K * BLOCK * width, 16-byte aligned rows. Same formulas.
+#define CE_K 16
+extern "C" __global__ void ce_fwd_bwd_vec(const T* x, T* dx, const int* __restrict__ targets,
+                                          const int* __restrict__ n_valid,
+                                          float* __restrict__ loss, int v, int ignore, int* err) {
+    typedef Pack16<T> P;
+    const size_t row = blockIdx.x;
+    const int t = targets[row];
+    if (t == ignore || t < 0 || t >= v) {
+        const float fill = t == ignore ? 0.f : QNAN;
+        for (int j = threadIdx.x; j < v; j += BLOCK) stf(dx + row * v + j, fill);
+        if (threadIdx.x == 0) {
+            loss[row] = fill;
+            if (t != ignore && err && atomicCAS(err, 0, 11) == 0) {
+                err[1] = t;
+                err[2] = (int)row;
+                err[3] = v;
+            }
+        }
+        return;
+    }
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * v);
+    uint4* dr = reinterpret_cast<uint4*>(dx + row * v);
+    const int nvec = v / P::N;
+    uint4 raw[CE_K];
+    float mx = NEG_INF;
+#pragma unroll
+    for (int k = 0; k < CE_K; k++) {
+        const int c = threadIdx.x + k * BLOCK;
+        if (c < nvec) {
+            raw[k] = xr[c];
+            float f[P::N];
+            P::unpack(raw[k], f);
+#pragma unroll
+            for (int i = 0; i < P::N; i++) mx = fmaxf(mx, f[i]);
+        }
+    }
+    mx = block_max(mx);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < CE_K; k++) {
+        const int c = threadIdx.x + k * BLOCK;
+        if (c < nvec) {
+            float f[P::N];
+            P::unpack(raw[k], f);
+#pragma unroll
+            for (int i = 0; i < P::N; i++) s += expf(f[i] - mx);
+        }
+    }
+    s = block_sum(s);
+    const float lse = mx + logf(s);
+    const float xt = ldf(x + row * v + t);
+    __syncthreads(); // every thread has read x[t] before dx (maybe aliasing x) is written
+    const float scale = 1.0f / (float)max(*n_valid, 1);
+#pragma unroll
+    for (int k = 0; k < CE_K; k++) {
+        const int c = threadIdx.x + k * BLOCK;
+        if (c < nvec) {
+            float f[P::N];
+            P::unpack(raw[k], f);
+#pragma unroll
+            for (int i = 0; i < P::N; i++) {
+                const float p = expf(f[i] - lse);
+                f[i] = (p - (c * P::N + i == t ? 1.f : 0.f)) * scale;
+            }
+            dr[c] = P::pack(f);
+        }
+    }
+    if (threadIdx.x == 0) loss[row] = lse - xt;
+}
+
 // out[0] = (sum_r loss[r]) / n_valid in f64, fixed order (one block).
 extern "C" __global__ void ce_mean(const float* __restrict__ loss, const int* __restrict__ n_valid,
                                    int n, float* __restrict__ out) {

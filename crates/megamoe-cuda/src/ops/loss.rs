@@ -6,6 +6,9 @@ use crate::device::{arg, Gpu};
 use crate::error::Result;
 use crate::pool::DeviceMem;
 
+/// 16-byte vectors per thread of the register-resident cross-entropy (`CE_K` in kernels.cu).
+const CE_K: usize = 16;
+
 impl Ops {
     /// Mean cross-entropy of `logits [n, v]` (storage type) against `targets [n]` (i32),
     /// rows whose target is `ignore_index` left out: `loss [1]` (f32) `= (1/n_valid)
@@ -40,6 +43,14 @@ impl Ops {
             int("cross_entropy rows", n)?,
             int("cross_entropy vocab", v)?,
         );
+        // The register-resident kernel: rows of whole 16-byte vectors, at most CE_K (16) per
+        // thread (v ≤ 32768 bf16 / 16384 f32), 16-byte aligned.
+        let width = 16 / es;
+        let vec = v.is_multiple_of(width)
+            && v <= CE_K * BLOCK as usize * width
+            && [logits.ptr(), d_logits.ptr()]
+                .iter()
+                .all(|p| p.is_multiple_of(16));
         unsafe {
             gpu.launch(
                 self.k.ce_count_valid,
@@ -53,7 +64,11 @@ impl Ops {
                 ],
             )?;
             gpu.launch(
-                self.k.ce_fwd_bwd,
+                if vec {
+                    self.k.ce_fwd_bwd_vec
+                } else {
+                    self.k.ce_fwd_bwd
+                },
                 ni as u32,
                 BLOCK,
                 &mut [
