@@ -208,6 +208,16 @@ pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.dtype().size_in_bytes()) as u64
 }
 
+/// The residual stream's gradient at a block boundary: `sum` (f32 on a GPU in bf16 mode)
+/// and the same values in the activation dtype (`sum` itself on the CPU and in f32 mode).
+#[derive(Debug, Clone)]
+pub struct ResidualGrad {
+    /// The gradient, as accumulated.
+    pub sum: Tensor,
+    /// Its copy for GEMM readers.
+    pub act: Tensor,
+}
+
 /// What `backward_weight` needs (moved by value).
 #[derive(Debug)]
 pub struct BlockDeferredW {
@@ -457,6 +467,25 @@ impl Block {
         s: BlockSaved,
         gcx: &BlockGradCx,
     ) -> Result<(Tensor, BlockDeferredW)> {
+        let d_y = ResidualGrad {
+            sum: d_y.clone(),
+            act: d_y.clone(),
+        };
+        let (d_x, w) = self.backward_input_residual(p, &d_y, s, gcx)?;
+        Ok((d_x.sum, w))
+    }
+
+    /// [`Block::backward_input`] between blocks: `d_y` and the returned `d_x` carry the
+    /// residual gradient with its activation-dtype copy (written by the same fused pass
+    /// as the sum), which the FFN branch's GEMMs read.
+    pub fn backward_input_residual(
+        &self,
+        p: &BlockParams,
+        d_y: &ResidualGrad,
+        s: BlockSaved,
+        gcx: &BlockGradCx,
+    ) -> Result<(ResidualGrad, BlockDeferredW)> {
+        let (d_y, d_y_act) = (&d_y.sum, &d_y.act);
         // N2's weight gradient from FlexiDepth's adapter path (added to the main one below).
         let mut d_n2_flexi = None;
         // Gradients reaching the FFN branch output, the attention branch output (FlexiDepth
@@ -498,7 +527,7 @@ impl Block {
                     Some((rw, aw)),
                 )
             }
-            None => (d_y.clone(), None, d_y.clone(), None),
+            None => (d_y_act.clone(), None, d_y.clone(), None),
         };
         let gates = (self.gate_skip, p.skip_gate.as_ref());
         // FFN branch.
@@ -549,8 +578,14 @@ impl Block {
         let d_h1 = self.tp_reduce(d_h1, b)?;
         let n1 = self
             .norm
-            .backward_add(&d_h1, Some(&p.input_layernorm), &s.n1, &d_x, false)?;
-        let (d_x, d_n1) = (n1.sum, n1.d_w);
+            .backward_add(&d_h1, Some(&p.input_layernorm), &s.n1, &d_x, true)?;
+        let (d_x, d_n1) = (
+            ResidualGrad {
+                sum: n1.sum,
+                act: n1.act,
+            },
+            n1.d_w,
+        );
         let (router, adapter) = match flexi_parts {
             Some((r, a)) => (Some(r), Some(a)),
             None => (None, None),

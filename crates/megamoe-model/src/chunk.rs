@@ -33,7 +33,7 @@ use std::ops::Range;
 use megamoe_plan::Recompute;
 use megamoe_tensor::{DType, Tensor, IGNORE_INDEX};
 
-use crate::block::{BlockCx, BlockDeferredW, BlockGradCx, BlockSaved};
+use crate::block::{BlockCx, BlockDeferredW, BlockGradCx, BlockSaved, ResidualGrad};
 use crate::chunk_params::ChunkParams;
 use crate::embedding::{embedding_backward, embedding_forward};
 use crate::error::{Error, Result};
@@ -514,7 +514,7 @@ impl ModelChunk<'_> {
                 "the saved activations belong to another chunk",
             ));
         }
-        let (mut d_x, d_depth, head_w) = match (s.head, d_out) {
+        let (d_x, d_depth, head_w) = match (s.head, d_out) {
             (Some(h), None) => {
                 let head = p.head()?;
                 let norm_w = p.final_norm()?;
@@ -598,6 +598,11 @@ impl ModelChunk<'_> {
             None => FfnScale::default(),
         };
         let blocks = self.blocks();
+        // The residual gradient between blocks, with its activation-dtype copy.
+        let mut d_res = ResidualGrad {
+            sum: d_x.clone(),
+            act: d_x,
+        };
         let mut deferred = Vec::with_capacity(blocks.len());
         let mut pending = s.blocks;
         while let Some(sb) = pending.pop() {
@@ -638,11 +643,12 @@ impl ModelChunk<'_> {
                 },
                 ffn,
             };
-            let (d, w) = block.backward_input(&bp, &d_x, bs, &gcx)?;
+            let (d, w) = block.backward_input_residual(&bp, &d_res, bs, &gcx)?;
             drop(bp);
-            d_x = d;
+            d_res = d;
             deferred.push((i, w));
         }
+        let d_x = d_res.sum;
         let (up, embed) = match s.ids {
             // sequence parallel: the embedding's gradient from every rank's shard
             Some(ids) => (None, Some((ids, model.seq_gather(d_x, b)?))),
