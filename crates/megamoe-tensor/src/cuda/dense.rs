@@ -115,13 +115,6 @@ impl NormKernels for CudaBackend {
         let h = w.numel();
         let rows = rstd.numel();
         let act_copy = act && self.act() != DType::F32;
-        let ptrs = [&df, &xf, &wf, &rf]
-            .iter()
-            .map(|t| dev(OP, t).map(|d| d.ptr))
-            .collect::<Result<Vec<u64>>>()?;
-        if rows == 0 || !megamoe_cuda::Ops::rms_norm_backward_add_fits(h, &ptrs) {
-            return self.rms_norm_backward_add_unfused(dy, x, w, rstd, residual, act);
-        }
         let e = self.engine(OP)?;
         let (sum, _) = self.empty(&e, x.shape().clone(), DType::F32)?;
         let act_t = if act_copy {
@@ -130,6 +123,15 @@ impl NormKernels for CudaBackend {
             None
         };
         let (d_w, _) = self.empty(&e, [h].into(), DType::F32)?;
+        let ptrs = [&df, &xf, &wf, &rf, &sum]
+            .into_iter()
+            .chain(act_t.as_ref())
+            .map(|t| dev(OP, t).map(|d| d.ptr))
+            .collect::<Result<Vec<u64>>>()?;
+        if rows == 0 || !megamoe_cuda::Ops::rms_norm_backward_add_fits(h, &ptrs) {
+            drop(e);
+            return self.rms_norm_backward_add_unfused(dy, x, w, rstd, residual, act);
+        }
         let av = act_t.as_ref().map(|t| view(OP, t)).transpose()?;
         let v = (
             view(OP, &df)?,
