@@ -7,6 +7,11 @@
 //! holds is freed and allocated again (same address, rewritten by the replay) at every
 //! replay. Uploads inside a captured region go through [`Gpu::upload_staged`]: the copy
 //! reads a pinned host buffer that must live as long as the graph.
+//!
+//! Memory: the pool's counters see the captured allocations as they are made (its peak
+//! over the capture), and each replay raises the peak to the memory live at its launch
+//! plus that rise ([`Graph::peak_extra`]), so the step metrics' pool peak of a replayed
+//! step counts its graph memory.
 
 use cudarc::driver::{result as dres, sys as dsys};
 
@@ -18,6 +23,8 @@ use crate::pool::DeviceMem;
 pub struct Graph {
     graph: dsys::CUgraph,
     exec: dsys::CUgraphExec,
+    /// How far the captured work's allocations rose above the memory live at capture.
+    peak_extra: u64,
 }
 
 // SAFETY: the handles are plain driver objects; every use goes through a `Gpu` (whose
@@ -80,12 +87,15 @@ impl Gpu {
                 dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
             )
         }
-        .ctx("cuStreamBeginCapture")
+        .ctx("cuStreamBeginCapture")?;
+        self.pool.begin_capture_window();
+        Ok(())
     }
 
     /// Ends the capture begun by [`Gpu::begin_capture`] and instantiates the recorded
     /// work (auto-free on launch: see the module doc).
     pub fn end_capture(&self) -> Result<Graph> {
+        let peak_extra = self.pool.end_capture_window();
         let graph =
             unsafe { dres::stream::end_capture(self.stream()) }.ctx("cuStreamEndCapture")?;
         let exec = unsafe {
@@ -95,7 +105,11 @@ impl Gpu {
             )
         };
         match exec.ctx("cuGraphInstantiate") {
-            Ok(exec) => Ok(Graph { graph, exec }),
+            Ok(exec) => Ok(Graph {
+                graph,
+                exec,
+                peak_extra,
+            }),
             Err(e) => {
                 unsafe {
                     let _ = dres::graph::destroy(graph);
@@ -105,9 +119,12 @@ impl Gpu {
         }
     }
 
-    /// Queues one replay of `graph`.
+    /// Queues one replay of `graph`; the pool's peak counts its graph memory
+    /// ([`crate::PoolStats::peak`]).
     pub fn replay(&self, graph: &Graph) -> Result<()> {
-        unsafe { dres::graph::launch(graph.exec, self.stream()) }.ctx("cuGraphLaunch")
+        unsafe { dres::graph::launch(graph.exec, self.stream()) }.ctx("cuGraphLaunch")?;
+        self.pool.replay_window(graph.peak_extra);
+        Ok(())
     }
 
     /// Queues a copy of `src` into `dst` that may be captured: `src` is first copied into
@@ -133,6 +150,15 @@ impl Gpu {
         }
         .ctx("cuMemcpyHtoDAsync")?;
         Ok(pinned)
+    }
+}
+
+impl Graph {
+    /// How far the captured work's allocations (its graph memory) rose above the memory
+    /// live when it was captured, in bytes: what a replay needs on top of the memory
+    /// live at its launch.
+    pub fn peak_extra(&self) -> u64 {
+        self.peak_extra
     }
 }
 

@@ -19,7 +19,9 @@ pub struct PoolStats {
     pub reserved: u64,
     /// Live buffers now.
     pub used: u64,
-    /// Highest `used` since the engine started or [`crate::Gpu::reset_peak`].
+    /// Highest `used` since the engine started or [`crate::Gpu::reset_peak`]; a graph
+    /// replay counts as `used` at its launch plus the rise of the captured work's
+    /// allocations over what was live when it was captured (its graph memory).
     pub peak: u64,
 }
 
@@ -30,6 +32,9 @@ pub(crate) struct PoolState {
     pub(crate) stream: sys::CUstream,
     used: AtomicU64,
     peak: AtomicU64,
+    /// While capturing: `used` when the capture began and the peak before it.
+    capture_base: AtomicU64,
+    capture_saved_peak: AtomicU64,
 }
 
 // SAFETY: the context, pool and stream are driver handles, valid from any host thread (the
@@ -62,6 +67,8 @@ impl PoolState {
             stream,
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            capture_base: AtomicU64::new(0),
+            capture_saved_peak: AtomicU64::new(0),
         })
     }
 
@@ -85,6 +92,33 @@ impl PoolState {
     pub(crate) fn reset_peak(&self) {
         self.peak
             .store(self.used.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// A capture begins: its allocations (graph memory, counted here as they are made)
+    /// get a peak window of their own.
+    pub(crate) fn begin_capture_window(&self) {
+        let used = self.used.load(Ordering::Relaxed);
+        self.capture_base.store(used, Ordering::Relaxed);
+        let before = self.peak.swap(used, Ordering::Relaxed);
+        self.capture_saved_peak.store(before, Ordering::Relaxed);
+    }
+
+    /// The capture ended: how far the captured work's allocations rose above what was
+    /// live when it began (what each replay needs on top of the memory live then).
+    pub(crate) fn end_capture_window(&self) -> u64 {
+        let peak = self.peak.load(Ordering::Relaxed);
+        self.peak.fetch_max(
+            self.capture_saved_peak.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        peak.saturating_sub(self.capture_base.load(Ordering::Relaxed))
+    }
+
+    /// A replay of a graph whose captured work rose `extra` bytes: the peak counts the
+    /// memory live now plus that rise (graph memory is not allocated through the pool).
+    pub(crate) fn replay_window(&self, extra: u64) {
+        let used = self.used.load(Ordering::Relaxed);
+        self.peak.fetch_max(used + extra, Ordering::Relaxed);
     }
 
     /// Makes the engine's context current on the calling thread (a thread-local setting of

@@ -75,7 +75,14 @@ struct Buffer {
     /// `Some` for a write-through buffer (see the module doc): element 0 of its CPU f32 data
     /// (null on a device), taken while the buffer was still unique.
     write_through: Option<CpuBase>,
+    /// A number no other buffer of the process gets (an address can be reused).
+    serial: u64,
+    /// In-place writes granted on this buffer so far (see [`Tensor::write_stamp`]).
+    writes: u64,
 }
+
+/// The next [`Buffer`] serial.
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Element 0 of a write-through CPU buffer.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +101,8 @@ impl Buffer {
         Arc::new(Buffer {
             storage,
             write_through: None,
+            serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            writes: 0,
         })
     }
 }
@@ -255,6 +264,15 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     pub(crate) fn buffer_id(&self) -> usize {
         Arc::as_ptr(&self.buffer) as usize
+    }
+
+    /// The buffer's identity and count of in-place writes: equal stamps mean the same
+    /// buffer with the same elements (every in-place write through a [`Tensor`] counts,
+    /// write-through views aside; kernels that write by address count nothing, see
+    /// [`Tensor::claim_f32_in_place`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn write_stamp(&self) -> (u64, u64) {
+        (self.buffer.serial, self.buffer.writes)
     }
 
     /// A weak handle on this tensor's buffer (see [`BufferRef`]).
@@ -746,8 +764,12 @@ impl Tensor {
         match Arc::get_mut(&mut self.buffer) {
             Some(Buffer {
                 storage: Storage::Cpu(CpuStorage::F32(v)),
+                writes,
                 ..
-            }) => Ok(v.as_mut_slice()),
+            }) => {
+                *writes += 1;
+                Ok(v.as_mut_slice())
+            }
             _ => unreachable!("buffer was just made a unique f32 buffer"),
         }
     }
@@ -768,6 +790,21 @@ impl Tensor {
         self.make_unique_as(DType::F32, fresh)
     }
 
+    /// [`Tensor::make_unique_f32`] for a kernel that will write the buffer by address later
+    /// and keeps what depends on its elements up to date itself (the flat AdamW step, which
+    /// writes the weight's bf16 copy with it): the write is not counted in
+    /// [`Tensor::write_stamp`].
+    #[cfg(feature = "cuda")]
+    pub(crate) fn claim_f32_in_place(
+        &mut self,
+        fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        if self.is_write_through() {
+            return Ok(());
+        }
+        self.unique_as(DType::F32, fresh, false)
+    }
+
     /// [`Tensor::make_unique_f32`] for a buffer of `dtype` (write-through views aside): `self`
     /// is replaced by `fresh(self)` (which must return a `dtype` tensor of the same shape)
     /// unless it already is a unique, whole, offset-0 `dtype` buffer.
@@ -777,12 +814,27 @@ impl Tensor {
         dtype: DType,
         fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
+        self.unique_as(dtype, fresh, true)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn unique_as(
+        &mut self,
+        dtype: DType,
+        fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
+        count: bool,
+    ) -> Result<()> {
         let n = self.numel();
         let unique = self.layout.offset == 0
             && self.dtype() == dtype
             && Arc::get_mut(&mut self.buffer).is_some_and(|b| b.storage.len() == n);
         if !unique {
             *self = fresh(self)?;
+        }
+        if count {
+            if let Some(b) = Arc::get_mut(&mut self.buffer) {
+                b.writes += 1;
+            }
         }
         Ok(())
     }

@@ -163,3 +163,117 @@ fn write_through_buffers_and_disabled_copies_register_nothing() {
     }
     backend.set_weight_copies(true);
 }
+
+/// AdamW constants as the two nine-word device tensors of `segments_adamw`.
+fn adamw_words(backend: &megamoe_tensor::cuda::CudaBackend) -> (Tensor, Tensor) {
+    let words = |decay: bool| {
+        let step = megamoe_tensor::AdamWStep {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: if decay { 0.1 } else { 0.0 },
+            t: 3,
+        };
+        let w = backend.adamw_device_words(&step).unwrap();
+        Tensor::from_vec_i32(w.to_vec(), [9], GPU).unwrap()
+    };
+    (words(true), words(false))
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn the_flat_adamw_launch_writes_the_copies_the_next_step_reads() {
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    let x = randn(11, &[64, 96], 1.0).to_dtype(DType::BF16).unwrap();
+    let mut ws = vec![randn(12, &[80, 96], 0.1), randn(13, &[80, 96], 0.1)];
+    let grads = [randn(14, &[80, 96], 0.01), randn(15, &[80, 96], 0.01)];
+    let mut moments: Vec<(Tensor, Tensor)> = (0..2)
+        .map(|i| {
+            let m = randn(16 + i, &[80, 96], 0.01);
+            let v = randn(18 + i, &[80, 96], 0.01).square().unwrap();
+            (m, v)
+        })
+        .collect();
+    let (with, without) = adamw_words(backend);
+    // One step: register, read (fills both copies), release, flat AdamW.
+    let optimizer_step = |ws: &mut [Tensor], moments: &mut [(Tensor, Tensor)]| {
+        let segs: Vec<_> = ws
+            .iter_mut()
+            .zip(moments.iter_mut())
+            .zip(&grads)
+            .map(|((w, (m, v)), g)| backend.adamw_segment(w, m, v, g, true).unwrap())
+            .collect();
+        let table = backend.optimizer_segments(&segs).unwrap();
+        backend
+            .segments_adamw(&table, (&with, &without), None, None)
+            .unwrap();
+    };
+    // A product with a fresh cast of `w`'s current values (a deep copy is not registered).
+    let fresh = |w: &Tensor| bits(&x.matmul(&w.deep_copy().unwrap(), false, true).unwrap());
+    {
+        let _g = WeightCopies::begin(GPU, &ws).unwrap();
+        for w in &ws {
+            let _ = x.matmul(w, false, true).unwrap();
+        }
+    }
+    optimizer_step(&mut ws, &mut moments);
+
+    // Next step: both copies were written by the launch; no cast, same bits as a cast.
+    let before = backend.weight_copy_stats();
+    {
+        let _g = WeightCopies::begin(GPU, &ws).unwrap();
+        let after = backend.weight_copy_stats();
+        assert_eq!(after.written - before.written, 2, "{before:?} -> {after:?}");
+        assert_eq!(backend.written_weight_copies().len(), 2);
+        assert!(backend.written_copies_hold(&backend.written_weight_copies(), &ws));
+        for w in &ws {
+            assert_eq!(
+                bits(&x.matmul(w, false, true).unwrap()),
+                fresh(w),
+                "copy bits"
+            );
+        }
+        assert_eq!(
+            backend.weight_copy_stats().fills,
+            before.fills,
+            "cast again"
+        );
+    }
+    let marks = backend.written_weight_copies();
+    optimizer_step(&mut ws, &mut moments);
+    assert!(
+        backend.written_copies_hold(&marks, &ws),
+        "launch renews the marks"
+    );
+
+    // A weight written in place after the launch misses (cast again); the other hits.
+    ws[1].add_assign(&randn(20, &[80, 96], 0.1)).unwrap();
+    assert!(
+        !backend.written_copies_hold(&marks, &ws),
+        "written weight still held"
+    );
+    let before = backend.weight_copy_stats();
+    {
+        let _g = WeightCopies::begin(GPU, &ws).unwrap();
+        for w in &ws {
+            assert_eq!(
+                bits(&x.matmul(w, false, true).unwrap()),
+                fresh(w),
+                "after write"
+            );
+        }
+        let after = backend.weight_copy_stats();
+        assert_eq!(after.written - before.written, 1, "{before:?} -> {after:?}");
+        assert_eq!(after.fills - before.fills, 1, "{before:?} -> {after:?}");
+    }
+
+    // A replaced weight (another buffer, same values) is not served from the written copy.
+    optimizer_step(&mut ws, &mut moments);
+    ws[0] = ws[0].deep_copy().unwrap();
+    let before = backend.weight_copy_stats();
+    let _g = WeightCopies::begin(GPU, &ws).unwrap();
+    assert_eq!(backend.weight_copy_stats().written - before.written, 1);
+}

@@ -92,6 +92,9 @@ struct Captured {
     stats: StepStatsAccumulator,
     /// Name and address of every parameter, buffer, gradient and input at capture.
     addresses: Vec<(String, u64)>,
+    /// The bf16 weight copies the captured step read as the optimizer wrote them (not
+    /// cast inside the graph): it replays only while they still hold their weights.
+    copies: megamoe_tensor::cuda::WrittenCopies,
     /// The optimizer is inside the graph.
     optimizer: bool,
 }
@@ -119,12 +122,6 @@ impl Trainer {
             optimizer: on,
             ..StepGraphState::default()
         };
-    }
-
-    /// True when the optimizer may run inside [`Trainer::forward_backward`] (graph with
-    /// the optimizer on): bf16 weight copies are then not registered for the step.
-    pub(crate) fn optimizer_inside_step(&self) -> bool {
-        self.graph.enabled && self.graph.optimizer
     }
 
     /// How the last step ran: `captured`, `captured again (<tensor> moved)`, `replayed`
@@ -225,12 +222,17 @@ impl Trainer {
     }
 
     /// The step's device work: zero the gradients, then forward and backward of every
-    /// micro-batch. Its only uploads depend on shapes, so it can be captured.
+    /// micro-batch. Its only uploads depend on shapes, so it can be captured. The weights
+    /// are registered for bf16 copies meanwhile (each f32 weight cast at most once, none
+    /// where the flat AdamW launch of the previous step wrote its copy), released before
+    /// an optimizer that updates them in place.
     fn run_micro_batches(
         &mut self,
         inputs: &[MicroInputs],
         s: usize,
     ) -> Result<StepStatsAccumulator> {
+        let _weights =
+            megamoe_tensor::WeightCopies::begin(self.options.device, &self.param_handles())?;
         self.grads.zero()?;
         let mut stats = StepStatsAccumulator::new(self.num_domains);
         let grad_scale = 1.0 / self.plan.batch.microbatches as f32;
@@ -282,7 +284,13 @@ impl Trainer {
         let mut moved = None;
         // A stale graph (a buffer moved) is dropped before capturing again.
         if let Some(c) = self.graph.captured.take() {
-            match first_moved(&c.addresses, &addresses) {
+            let stale =
+                !c.copies.is_empty() && !gpu.written_copies_hold(&c.copies, &self.param_handles());
+            let changed = match first_moved(&c.addresses, &addresses) {
+                None if stale => Some("a weight's bf16 copy (weight written)".to_string()),
+                other => other,
+            };
+            match changed {
                 None => {
                     if c.optimizer {
                         self.write_adamw_consts(gpu, s)?;
@@ -325,6 +333,7 @@ impl Trainer {
         let graph = gpu.end_capture();
         let stats = queued?;
         let graph = graph?;
+        let copies = gpu.written_weight_copies();
         // Nothing recorded has run yet: this replay is this step's work.
         gpu.replay(&graph)?;
         self.graph.status = match moved {
@@ -339,6 +348,7 @@ impl Trainer {
                     graph,
                     stats: stats.clone(),
                     addresses,
+                    copies,
                     optimizer,
                 })
             }

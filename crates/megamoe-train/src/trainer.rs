@@ -41,7 +41,7 @@ use megamoe_model::{GradBuffers, Model, ModelConfig, ModelParams};
 use megamoe_optim::ParamRole;
 use megamoe_optim::{clip_grad_norm, ClipReport, Optimizer, Schedule};
 use megamoe_plan::{OptimizerKind, Plan, RawConfig};
-use megamoe_tensor::{DType, Device, Tensor, WeightCopies};
+use megamoe_tensor::{DType, Device, Tensor};
 
 use crate::checkpoint::{
     load_checkpoint, save_checkpoint, Checkpoint, Expected, NamedTensor, TensorSpec, TrainState,
@@ -349,19 +349,8 @@ impl Trainer {
         //    With whole-step CUDA graphs on, this part is captured once and replayed.
         let first = self.parallel.as_ref().map_or(0, |p| p.data_rank() * m);
         //    With the optimizer in the graph too, steps 4-6 below ran there.
-        let device = {
-            // bf16 GEMMs cast each f32 weight once this step, released before an optimizer
-            // that updates in place (not registered when that runs inside the graph step).
-            let _weights = if self.optimizer_inside_step() {
-                None
-            } else {
-                Some(WeightCopies::begin(
-                    self.options.device,
-                    &self.param_handles(),
-                )?)
-            };
-            self.forward_backward(&batch, first, s)?
-        };
+        //    bf16 GEMMs cast each f32 weight at most once (step_graph.rs, weight copies).
+        let device = self.forward_backward(&batch, first, s)?;
 
         // One host read for every micro-batch's loss parts and statistics.
         let mut sums = device.stats.finish(&self.plan)?;
@@ -469,8 +458,8 @@ impl Trainer {
         })
     }
 
-    /// Handles on every parameter (for [`WeightCopies`]).
-    fn param_handles(&self) -> Vec<Tensor> {
+    /// Handles on every parameter (for [`megamoe_tensor::WeightCopies`]).
+    pub(crate) fn param_handles(&self) -> Vec<Tensor> {
         let mut handles = Vec::new();
         self.params.visit(&mut |_, t, _| handles.push(t.clone()));
         handles

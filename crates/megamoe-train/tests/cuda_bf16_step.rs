@@ -72,8 +72,11 @@ fn bf16_training_on_the_gpu_tracks_the_f32_loss_curve() {
 }
 
 /// Ten bf16 steps with the bf16 weight copies on or off: (total loss, gradient norm) bits
-/// per step, and with copies on the copies' fills per step and their addresses.
-fn run_copies(on: bool) -> (Vec<(u64, u64)>, Vec<u64>, Vec<u64>) {
+/// per step, and with copies on the copies' fills and the copies found written by the
+/// flat AdamW launch per step, and their addresses.
+type CopyRun = (Vec<(u64, u64)>, Vec<u64>, Vec<u64>, Vec<u64>);
+
+fn run_copies(on: bool) -> CopyRun {
     let sets = vec!["train.dtype=\"bf16\"".to_string()];
     let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
     let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
@@ -84,13 +87,16 @@ fn run_copies(on: bool) -> (Vec<(u64, u64)>, Vec<u64>, Vec<u64>) {
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
     backend.set_weight_copies(on);
     let mut t = Trainer::new(&raw, data, options).unwrap();
-    let (mut out, mut fills, mut addresses) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut out, mut fills, mut written, mut addresses) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..10 {
-        let before = backend.weight_copy_stats().fills;
+        let before = backend.weight_copy_stats();
         let m = t.step().unwrap();
         assert!(!m.skipped, "step {} skipped", m.step);
         out.push((m.loss.total.to_bits(), m.grad_norm.to_bits()));
-        fills.push(backend.weight_copy_stats().fills - before);
+        let after = backend.weight_copy_stats();
+        fills.push(after.fills - before.fills);
+        written.push(after.written - before.written);
         if i == 1 {
             addresses = backend.weight_copy_addresses();
         }
@@ -103,21 +109,26 @@ fn run_copies(on: bool) -> (Vec<(u64, u64)>, Vec<u64>, Vec<u64>) {
         );
     }
     backend.set_weight_copies(true);
-    (out, fills, addresses)
+    (out, fills, written, addresses)
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
-fn bf16_weight_copies_change_no_bit_and_cast_each_weight_once_per_step() {
-    let (without, fills_off, _) = run_copies(false);
-    let (with, fills_on, addresses) = run_copies(true);
+fn bf16_weight_copies_change_no_bit_and_are_written_by_the_optimizer() {
+    let (without, fills_off, written_off, _) = run_copies(false);
+    let (with, fills_on, written_on, addresses) = run_copies(true);
     assert_eq!(
         with, without,
         "losses / gradient norms with vs without weight copies"
     );
     assert!(fills_off.iter().all(|&f| f == 0), "copies made while off");
-    // Every step fills each matmul weight's copy exactly once (registered weights that
-    // no GEMM reads are never filled), the same set every step.
+    assert!(
+        written_off.iter().all(|&f| f == 0),
+        "copies written while off"
+    );
+    // The first step fills each matmul weight's copy exactly once (registered weights
+    // that no GEMM reads are never filled); from then on the flat AdamW launch writes
+    // every one of them and no step casts a weight.
     let params = {
         let raw =
             RawConfig::from_toml_str_with_overrides(TINY, &["train.dtype=\"bf16\"".to_string()])
@@ -141,13 +152,83 @@ fn bf16_weight_copies_change_no_bit_and_cast_each_weight_once_per_step() {
         "fills {fills_on:?} of {params} parameters"
     );
     assert!(
-        fills_on.iter().all(|&f| f == fills_on[0]),
+        fills_on[1..].iter().all(|&f| f == 0),
         "fills per step {fills_on:?}"
     );
-    let made = addresses.iter().filter(|&&a| a != 0).count() as u64;
-    assert_eq!(made, fills_on[0], "copies made vs filled per step");
-    eprintln!(
-        "  10 steps bit-identical; {} weight copies filled per step of {params} parameters",
+    assert_eq!(written_on[0], 0, "written before any optimizer step");
+    assert!(
+        written_on[1..].iter().all(|&w| w == fills_on[0]),
+        "copies found written per step {written_on:?}, {} made",
         fills_on[0]
     );
+    let made = addresses.iter().filter(|&&a| a != 0).count() as u64;
+    assert_eq!(made, fills_on[0], "copies made vs filled in step 1");
+    eprintln!(
+        "  10 steps bit-identical; {} weight copies of {params} parameters, written by AdamW from step 2",
+        fills_on[0]
+    );
+}
+
+/// Eight bf16 static-capacity steps, graphs on (optimizer inside) or off; after step 4
+/// every parameter is scaled in place by 0.999 (a write the trainer does not make).
+/// (total loss, gradient norm) bits and graph status per step, and the copies found
+/// written by the optimizer over the run.
+fn run_graph(graph: bool) -> (Vec<(u64, u64)>, Vec<String>, u64) {
+    let sets: Vec<String> = [
+        "train.dtype=\"bf16\"",
+        "moe.capacity_factor=1.25",
+        "moe.pad_to_capacity=true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
+    let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+    let options = TrainerOptions {
+        peak_flops: None,
+        device: Device::Cuda(0),
+    };
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    let mut t = Trainer::new(&raw, data, options).unwrap();
+    t.set_cuda_graph(graph);
+    t.set_cuda_graph_optimizer(true);
+    let written = backend.weight_copy_stats().written;
+    let (mut out, mut status) = (Vec::new(), Vec::new());
+    for i in 0..8 {
+        if i == 4 {
+            let k = megamoe_tensor::Tensor::scalar(0.999, Device::Cuda(0)).unwrap();
+            t.params_mut()
+                .visit_mut(&mut |_, p, _| p.scale_by_assign(&k).unwrap());
+        }
+        let m = t.step().unwrap();
+        assert!(!m.skipped, "step {} skipped", m.step);
+        out.push((m.loss.total.to_bits(), m.grad_norm.to_bits()));
+        status.push(t.cuda_graph_status());
+    }
+    (out, status, backend.weight_copy_stats().written - written)
+}
+
+// The graph's forward reads the bf16 weight copies its AdamW wrote in the previous replay;
+// a weight written in place between steps makes the trainer capture again (the copy
+// would be stale), and every step stays bitwise the uncaptured one.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn graph_replays_read_the_copies_adamw_wrote_and_a_written_weight_recaptures() {
+    let (eager, _, written_eager) = run_graph(false);
+    let (graph, status, written_graph) = run_graph(true);
+    for (i, s) in status.iter().enumerate() {
+        eprintln!("  step {}: {s}", i + 1);
+    }
+    assert_eq!(graph, eager, "losses / gradient norms, graph vs uncaptured");
+    assert!(
+        written_eager > 0 && written_graph > 0,
+        "{written_eager} {written_graph}"
+    );
+    assert_eq!(status[1], "captured (optimizer inside)", "{status:?}");
+    assert_eq!(status[2], "replayed (optimizer inside)", "{status:?}");
+    assert!(
+        status[4].starts_with("captured again (a weight's bf16 copy"),
+        "{status:?}"
+    );
+    assert_eq!(status[5], "replayed (optimizer inside)", "{status:?}");
 }

@@ -603,9 +603,10 @@ struct AdamWConsts {
     int has_decay;
 };
 // One element of the update from its gradient `gi` (shared by every AdamW kernel).
-__device__ __forceinline__ void adamw_g(size_t i, float* __restrict__ p, float* __restrict__ m,
-                                        float* __restrict__ v, const float gi,
-                                        T* __restrict__ p_copy, const AdamWConsts& c) {
+// Returns the updated weight.
+__device__ __forceinline__ float adamw_g(size_t i, float* __restrict__ p, float* __restrict__ m,
+                                         float* __restrict__ v, const float gi,
+                                         T* __restrict__ p_copy, const AdamWConsts& c) {
     float mi = __fadd_rn(__fmul_rn(m[i], c.beta1), 0.f);
     mi = __fadd_rn(mi, __fmul_rn(c.one_minus_beta1, gi));
     const float g2 = __fmul_rn(gi, gi);
@@ -619,6 +620,7 @@ __device__ __forceinline__ void adamw_g(size_t i, float* __restrict__ p, float* 
     m[i] = mi;
     v[i] = vi;
     if (p_copy) stf(p_copy + i, pi);
+    return pi;
 }
 __device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, float* __restrict__ m,
                                          float* __restrict__ v, const T* __restrict__ g,
@@ -646,9 +648,10 @@ extern "C" __global__ void adamw_dev(float* __restrict__ p, float* __restrict__ 
 }
 
 // ---- AdamW over many parameters in one launch (the flat-buffer optimizer). A segment
-// table of 8 u64 words per parameter: p, g, m, v addresses (f32), n, decay (0/1), first
-// AdamW block, first norm block; segments in order, first blocks increasing. ----
-#define SEG_WORDS 8
+// table of 9 u64 words per parameter: p, g, m, v addresses (f32), n, decay (0/1), first
+// AdamW block, first norm block, bf16 weight copy address (0: none); segments in order,
+// first blocks increasing. ----
+#define SEG_WORDS 9
 // The segment whose first block (table word `w`) is the last one <= blockIdx.x.
 __device__ __forceinline__ int segment_of(const unsigned long long* t, int nseg, int w) {
     int lo = 0, hi = nseg - 1;
@@ -685,7 +688,17 @@ extern "C" __global__ void seg_sumsq_partial(const unsigned long long* __restric
     const size_t nb = norm_blocks(n);
     const size_t b = blockIdx.x - t[s * SEG_WORDS + 7];
     double acc = 0.0;
-    for (size_t i = b * (size_t)BLOCK + threadIdx.x; i < n; i += nb * BLOCK) {
+    const size_t st = nb * BLOCK;
+    size_t i = b * (size_t)BLOCK + threadIdx.x;
+    // Four loads in flight before the adds (in the same order: the same sum, at bandwidth).
+    for (; i + 3 * st < n; i += 4 * st) {
+        const float v0 = g[i], v1 = g[i + st], v2 = g[i + 2 * st], v3 = g[i + 3 * st];
+        acc = __dadd_rn(acc, __dmul_rn((double)v0, (double)v0));
+        acc = __dadd_rn(acc, __dmul_rn((double)v1, (double)v1));
+        acc = __dadd_rn(acc, __dmul_rn((double)v2, (double)v2));
+        acc = __dadd_rn(acc, __dmul_rn((double)v3, (double)v3));
+    }
+    for (; i < n; i += st) {
         const double v = g[i];
         acc = __dadd_rn(acc, __dmul_rn(v, v));
     }
@@ -721,6 +734,8 @@ extern "C" __global__ void seg_norm_finish(const unsigned long long* __restrict_
 // (nb: its AdamW block count). The gradient is scaled by scale[0] first when `scale` is
 // set (the clip factor: the bits of scaling the gradient in place first); constants
 // `with` / `without` by the segment's decay flag; `apply` (nullable) 0 skips everything.
+// Where the segment has a weight copy, it gets the updated weight as bf16, rounded as the
+// tensor module's `cast` kernel rounds (`__float2bfloat16`).
 extern "C" __global__ void adamw_segments(const unsigned long long* __restrict__ t, int nseg,
                                           const AdamWConsts* __restrict__ with,
                                           const AdamWConsts* __restrict__ without,
@@ -738,9 +753,11 @@ extern "C" __global__ void adamw_segments(const unsigned long long* __restrict__
     const size_t end = s + 1 < nseg ? t[(s + 1) * SEG_WORDS + 6] : gridDim.x;
     const size_t nb = end - w[6];
     const size_t b = blockIdx.x - w[6];
+    __nv_bfloat16* cp = (__nv_bfloat16*)w[8];
     const float k = scale ? scale[0] : 1.f;
     for (size_t i = b * (size_t)BLOCK + threadIdx.x; i < n; i += nb * BLOCK) {
         const float gi = scale ? __fmul_rn(g[i], k) : g[i];
-        adamw_g(i, p, m, v, gi, nullptr, c);
+        const float pi = adamw_g(i, p, m, v, gi, nullptr, c);
+        if (cp) cp[i] = __float2bfloat16(pi);
     }
 }

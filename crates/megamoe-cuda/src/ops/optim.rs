@@ -175,8 +175,8 @@ impl Ops {
 }
 
 /// One parameter of a many-parameter AdamW step: the device addresses of its f32 parameter,
-/// gradient and two moments (each `n` elements, written in place), and whether weight decay
-/// applies to it.
+/// gradient and two moments (each `n` elements, written in place), whether weight decay
+/// applies to it, and where its bf16 copy goes (if anywhere).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdamWSegment {
     /// Parameter (f32).
@@ -191,13 +191,16 @@ pub struct AdamWSegment {
     pub n: usize,
     /// Weight decay applies.
     pub decay: bool,
+    /// `n` bf16 that receive the updated parameter (the cast kernel's rounding), or 0.
+    pub copy: u64,
 }
 
 /// Elements one block of `adamw_segments` updates (8 per thread).
 const ADAMW_BLOCK_ELEMS: usize = BLOCK as usize * 8;
 
-/// The device table of [`Ops::segments_norm`] and [`Ops::adamw_segments`]: 8 u64 words per
-/// segment (p, g, m, v, n, decay, first AdamW block, first norm block), and the grids.
+/// The device table of [`Ops::segments_norm`] and [`Ops::adamw_segments`]: 9 u64 words per
+/// segment (p, g, m, v, n, decay, first AdamW block, first norm block, bf16 copy or 0), and
+/// the grids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentTable {
     /// The words to upload, in segment order.
@@ -215,7 +218,7 @@ impl SegmentTable {
     pub fn new(segs: &[AdamWSegment]) -> Result<SegmentTable> {
         positive("optimizer segments", segs.len())?;
         int("optimizer segments", segs.len())?;
-        let (mut words, mut adamw, mut norm) = (Vec::with_capacity(segs.len() * 8), 0, 0);
+        let (mut words, mut adamw, mut norm) = (Vec::with_capacity(segs.len() * 9), 0, 0);
         for s in segs {
             words.extend([
                 s.p,
@@ -226,6 +229,7 @@ impl SegmentTable {
                 u64::from(s.decay),
                 adamw as u64,
                 norm as u64,
+                s.copy,
             ]);
             adamw += s.n.div_ceil(ADAMW_BLOCK_ELEMS).max(1);
             norm += stride_grid(s.n) as usize;
@@ -278,11 +282,13 @@ impl Ops {
     /// device memory; each gradient multiplied by `scale[0]` first where `scale` is not 0
     /// (the clip factor: the same bits as scaling the gradients in place before the
     /// update); nothing where `apply` is not 0 and `apply[0]` is 0. Per element the f32
-    /// operations of [`Ops::adamw`].
+    /// operations of [`Ops::adamw`]; a segment's bf16 copy (where its address is not 0)
+    /// gets the updated parameter rounded as the tensor module's cast rounds it.
     ///
     /// # Safety
     /// `table` must hold `t`'s words, each address a live f32 buffer of its segment's `n`
-    /// elements, parameters and moments not overlapping anything else in the table;
+    /// elements (a copy: `n` bf16), parameters, moments and copies not overlapping anything
+    /// else in the table;
     /// `with` / `without` nine words each; `scale` / `apply` one f32 each where not 0.
     pub unsafe fn adamw_segments(
         &self,

@@ -6,9 +6,13 @@
 //! summation order exactly, the clip factor multiplies each gradient element inside the
 //! AdamW launch exactly as the in-place scaling did, and the update is the same f32
 //! sequence. Capturable: nothing is read back.
+//!
+//! The AdamW launch also writes the bf16 copy of every updated weight that has a weight
+//! copy slot (`weights.rs`), so the next step's first cast of it finds the copy filled.
 
 use megamoe_cuda::{AdamWSegment, SegmentTable};
 
+use super::weights::CopyMarks;
 use super::{dev, view, CudaBackend};
 use crate::{DType, Error, Result, Tensor};
 
@@ -19,6 +23,8 @@ use crate::{DType, Error, Result, Tensor};
 pub struct OptimizerSegments {
     table: SegmentTable,
     device: Tensor,
+    /// The weight copies the AdamW launch writes.
+    copies: CopyMarks,
 }
 
 impl OptimizerSegments {
@@ -40,7 +46,8 @@ impl OptimizerSegments {
 
 impl CudaBackend {
     /// One parameter's segment: `param`, `m`, `v` must be f32 and writable in place
-    /// (write-through views or whole unshared buffers), `grad` f32, all of one shape.
+    /// (write-through views or whole unshared buffers), `grad` f32, all of one shape. The
+    /// segment writes `param`'s bf16 weight copy too where it has one (`weights.rs`).
     pub fn adamw_segment(
         &self,
         param: &mut Tensor,
@@ -62,7 +69,8 @@ impl CudaBackend {
             });
         }
         for (arg, t) in [("param", &mut *param), ("m", &mut *m), ("v", &mut *v)] {
-            t.make_unique_f32(|t| {
+            // Not counted as a write of `param`: the launch writes its copy with it.
+            t.claim_f32_in_place(|t| {
                 Err(Error::InvalidArgument {
                     op: OP,
                     arg,
@@ -79,6 +87,7 @@ impl CudaBackend {
             v: addr(v)?,
             n: grad.numel(),
             decay,
+            copy: self.adamw_copy_for(param),
         })
     }
 
@@ -93,7 +102,12 @@ impl CudaBackend {
             .collect();
         let n = words.len();
         let device = Tensor::from_vec_i32(words, [n], crate::Device::Cuda(self.ordinal))?;
-        Ok(OptimizerSegments { table, device })
+        let copies = self.take_copy_marks(segs.iter().map(|s| s.copy).filter(|&c| c != 0));
+        Ok(OptimizerSegments {
+            table,
+            device,
+            copies,
+        })
     }
 
     /// The global L2 norm of every segment's gradient as a rank-0 f32 tensor: the bits of
@@ -116,7 +130,8 @@ impl CudaBackend {
     /// i32 words of [`CudaBackend::adamw_device_words`] with and without weight decay), the
     /// gradients multiplied by the rank-0 f32 `scale` first when given (the clip factor),
     /// nothing at all where the one-f32 `apply` is given and 0. Per element the f32
-    /// operations of `Tensor::adamw_step` on the scaled gradient.
+    /// operations of `Tensor::adamw_step` on the scaled gradient; the weight copies of the
+    /// table get the updated weights (and count as filled at the next registration).
     pub fn segments_adamw(
         &self,
         s: &OptimizerSegments,
@@ -155,6 +170,9 @@ impl CudaBackend {
             use megamoe_cuda::DeviceMem;
             e.ops_f32
                 .adamw_segments(&e.gpu, table, &s.table, (w.ptr(), wo.ptr()), sp, ap)
-        })
+        })?;
+        drop(e);
+        self.mark_copies_written(&s.copies);
+        Ok(())
     }
 }

@@ -38,7 +38,7 @@ pub(crate) mod offload;
 mod routing;
 mod staged;
 mod weights;
-pub use weights::WeightCopyStats;
+pub use weights::{WeightCopyStats, WrittenCopies};
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 

@@ -19,12 +19,27 @@
 //! Addresses: copies live in slots numbered by registration order and keep their buffer
 //! from step to step (same size), so a captured CUDA graph reads them at the address it
 //! recorded. A slot still referenced elsewhere when it is refilled gets a fresh buffer.
+//!
+//! Copies written by the optimizer: the flat AdamW launch ([`CudaBackend::segments_adamw`])
+//! writes the bf16 copy of each updated weight that had a slot in the last registration
+//! (same rounding as the cast), and the slot remembers the weight's
+//! [write stamp](crate::Tensor) — its buffer's serial and count of in-place writes. The
+//! next registration finds such a copy filled without casting when the weight is that
+//! buffer with that stamp: a weight loaded from a checkpoint is another buffer, and any
+//! in-place write through a tensor counts, so a changed weight misses and is cast again.
+//! Every flat AdamW launch renews those marks (a weight it updates without a copy loses
+//! its mark). A captured graph that read such copies keeps the list
+//! ([`CudaBackend::written_weight_copies`]) and checks it before each replay
+//! ([`CudaBackend::written_copies_hold`]).
 
 use std::collections::HashMap;
 
 use super::{dev, CudaBackend};
 use crate::tensor::BufferRef;
 use crate::{DType, Device, Result, Tensor};
+
+/// A weight buffer's serial and count of in-place writes (`Tensor::write_stamp`).
+type Stamp = (u64, u64);
 
 /// One registered weight and its copy.
 #[derive(Debug)]
@@ -38,6 +53,30 @@ struct Slot {
     copy: Option<Tensor>,
     /// The copy holds this epoch's values.
     filled: bool,
+    /// Serial of the buffer registered last (kept between steps).
+    serial: u64,
+    /// The copy holds the weight with this stamp, written by the flat AdamW launch.
+    written: Option<Stamp>,
+}
+
+/// Weight copies the flat AdamW launch writes: (slot, stamp of the weight, copy address).
+pub(crate) type CopyMarks = Vec<(usize, Stamp, u64)>;
+
+/// The weight copies one registration found written by the optimizer (a captured graph
+/// reads them: [`CudaBackend::written_copies_hold`] before each replay).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WrittenCopies(CopyMarks);
+
+impl WrittenCopies {
+    /// Number of copies.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the registration cast every weight itself.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// The weight copies of one GPU (see the module doc).
@@ -48,6 +87,10 @@ pub(crate) struct WeightCache {
     slots: Vec<Slot>,
     /// Buffer identity → slots registered on it.
     by_buffer: HashMap<usize, Vec<usize>>,
+    /// Copies promised to the next table's AdamW launch, by copy address.
+    pending: HashMap<u64, (usize, Stamp)>,
+    /// The copies the latest registration found written.
+    written: WrittenCopies,
     stats: WeightCopyStats,
 }
 
@@ -58,6 +101,8 @@ impl Default for WeightCache {
             on: std::env::var("MEGAMOE_CUDA_WEIGHT_COPIES").as_deref() != Ok("off"),
             slots: Vec::new(),
             by_buffer: HashMap::new(),
+            pending: HashMap::new(),
+            written: WrittenCopies::default(),
             stats: WeightCopyStats::default(),
         }
     }
@@ -72,6 +117,8 @@ pub struct WeightCopyStats {
     pub fills: u64,
     /// bf16 operands served from a filled copy (casts saved).
     pub hits: u64,
+    /// Copies a registration found written by the flat AdamW launch (fills saved).
+    pub written: u64,
 }
 
 impl CudaBackend {
@@ -83,9 +130,12 @@ impl CudaBackend {
             on,
             slots,
             by_buffer,
+            written,
             stats,
+            ..
         } = &mut *c;
         by_buffer.clear();
+        written.0.clear();
         let mut n = 0;
         for w in weights.iter().filter(|_| *on) {
             let eligible = w.dtype() == DType::F32
@@ -111,18 +161,37 @@ impl CudaBackend {
                     numel,
                     copy: None,
                     filled: false,
+                    serial: 0,
+                    written: None,
                 });
             }
             let s = &mut slots[n];
             if s.numel != numel {
                 s.copy = None;
             }
-            (s.source, s.offset, s.numel, s.filled) = (Some(w.buffer_ref()), offset, numel, false);
+            let stamp = w.write_stamp();
+            let copy = s
+                .copy
+                .as_ref()
+                .and_then(|c| dev("register_weights", c).ok());
+            let prefilled = match copy {
+                Some(c) if s.offset == offset && s.written == Some(stamp) => {
+                    written.0.push((n, stamp, c.ptr));
+                    stats.written += 1;
+                    true
+                }
+                _ => false,
+            };
+            if !prefilled {
+                s.written = None;
+            }
+            (s.source, s.offset, s.numel, s.filled, s.serial) =
+                (Some(w.buffer_ref()), offset, numel, prefilled, stamp.0);
             on_buffer.push(n);
             n += 1;
         }
         for s in &mut slots[n..] {
-            (s.source, s.filled) = (None, false);
+            (s.source, s.filled, s.written) = (None, false, None);
         }
         stats.registered = n;
     }
@@ -135,6 +204,99 @@ impl CudaBackend {
             (s.source, s.filled) = (None, false);
         }
         c.stats.registered = 0;
+    }
+
+    /// The bf16 copy the flat AdamW launch may write for `param` (f32, about to be updated
+    /// in place as it is): the address of its slot's copy when `param` is the whole weight
+    /// registered last in that slot and nobody else holds the copy, else 0. The promise
+    /// is kept by [`CudaBackend::optimizer_segments`].
+    pub(crate) fn adamw_copy_for(&self, param: &Tensor) -> u64 {
+        let mut c = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        let WeightCache {
+            on, slots, pending, ..
+        } = &mut *c;
+        if !*on {
+            return 0;
+        }
+        let stamp = param.write_stamp();
+        let (offset, numel) = (param.layout().offset(), param.numel());
+        let found = slots.iter_mut().enumerate().find(|(_, s)| {
+            s.source.is_none() && s.serial == stamp.0 && s.offset == offset && s.numel == numel
+        });
+        let Some((i, s)) = found else {
+            return 0;
+        };
+        let Some(copy) = s.copy.as_mut() else {
+            return 0;
+        };
+        if !copy.is_unique() {
+            return 0;
+        }
+        match dev("adamw_copy_for", copy) {
+            Ok(d) => {
+                pending.insert(d.ptr, (i, stamp));
+                d.ptr
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// The marks of the copies promised at `copies` (addresses from
+    /// [`CudaBackend::adamw_copy_for`]); forgets every other promise.
+    pub(crate) fn take_copy_marks(&self, copies: impl Iterator<Item = u64>) -> CopyMarks {
+        let mut c = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        let marks = copies
+            .filter_map(|ptr| c.pending.get(&ptr).map(|&(i, st)| (i, st, ptr)))
+            .collect();
+        c.pending.clear();
+        marks
+    }
+
+    /// After a flat AdamW launch: exactly the copies in `marks` hold their weights (the
+    /// launch updated every other registered weight without its copy).
+    pub(crate) fn mark_copies_written(&self, marks: &CopyMarks) {
+        let mut c = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        for s in &mut c.slots {
+            s.written = None;
+        }
+        for &(i, stamp, ptr) in marks {
+            let s = &mut c.slots[i];
+            let at = s
+                .copy
+                .as_ref()
+                .and_then(|t| dev("mark_copies_written", t).ok());
+            if at.is_some_and(|d| d.ptr == ptr) {
+                s.written = Some(stamp);
+            }
+        }
+    }
+
+    /// The copies the latest registration found written by the optimizer (none were cast
+    /// in that step); a graph captured in that step reads them.
+    pub fn written_weight_copies(&self) -> WrittenCopies {
+        let c = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        c.written.clone()
+    }
+
+    /// True while every copy in `copies` still holds its weight: the optimizer's last
+    /// launch wrote it (same slot, same address) and the weight among `weights` with that
+    /// buffer has not been written in place since. A graph that read them replays only
+    /// then.
+    pub fn written_copies_hold(&self, copies: &WrittenCopies, weights: &[Tensor]) -> bool {
+        let stamps: HashMap<u64, u64> = weights.iter().map(|w| w.write_stamp()).collect();
+        let c = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        copies.0.iter().all(|&(i, stamp, ptr)| {
+            let Some(s) = c.slots.get(i) else {
+                return false;
+            };
+            let at = s
+                .copy
+                .as_ref()
+                .and_then(|t| dev("written_copies_hold", t).ok());
+            s.written == Some(stamp)
+                && at.is_some_and(|d| d.ptr == ptr)
+                && stamps.get(&stamp.0) == Some(&stamp.1)
+        })
     }
 
     /// With `on` (the default unless the environment sets
