@@ -315,6 +315,10 @@ pub struct StepMetrics {
     /// counter, `megamoe_tensor::host_reads`): each is a synchronisation on a device.
     #[serde(default)]
     pub host_reads: u64,
+    /// Bytes of saved activations moved to pinned host memory during the step
+    /// (`train.offload`; 0 without offload or in records written before it was measured).
+    #[serde(default)]
+    pub offload_bytes: u64,
     /// The GPU memory pool over the step (`None` on the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_pool: Option<GpuPoolBytes>,
@@ -424,6 +428,9 @@ pub struct SampleRecord {
 }
 
 /// One line of `metrics.jsonl`.
+// A run's records are a few thousand at most (one per logged step): the step variant's
+// size costs little, and boxing it would change the public variant's type.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]

@@ -320,6 +320,7 @@ impl Trainer {
         }
         let started = Instant::now();
         let reads_before = megamoe_tensor::host_reads();
+        let parked_before = megamoe_tensor::parked_bytes();
         // Tensor bytes alive before the step: parameters, optimizer state and
         // other persistent buffers. The peak over the step minus these is what
         // the step itself held at its worst (activations, gradients, temporaries).
@@ -340,6 +341,7 @@ impl Trainer {
                 compute_started,
                 state_bytes,
                 reads_before,
+                parked_before,
             };
             return self.pipeline_step(&batch, at);
         }
@@ -455,6 +457,7 @@ impl Trainer {
                 _ => None,
             },
             host_reads: megamoe_tensor::host_reads() - reads_before,
+            offload_bytes: megamoe_tensor::parked_bytes() - parked_before,
         })
     }
 

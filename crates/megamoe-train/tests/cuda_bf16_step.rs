@@ -232,3 +232,32 @@ fn graph_replays_read_the_copies_adamw_wrote_and_a_written_weight_recaptures() {
     );
     assert_eq!(status[5], "replayed (optimizer inside)", "{status:?}");
 }
+
+// The step metrics report the activation bytes each step moved to pinned host memory:
+// the same every step with `train.offload` set, 0 without.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn offloaded_bytes_are_a_step_metric() {
+    let bytes = |offload: &str| -> Vec<u64> {
+        let sets = vec![
+            "train.dtype=\"bf16\"".to_string(),
+            format!("train.offload={offload}"),
+        ];
+        let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
+        let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+        let options = TrainerOptions {
+            peak_flops: None,
+            device: Device::Cuda(0),
+        };
+        let mut t = Trainer::new(&raw, data, options).unwrap();
+        (0..3).map(|_| t.step().unwrap().offload_bytes).collect()
+    };
+    let none = bytes("[]");
+    let some = bytes("[\"mlp\", \"qkv_linear\"]");
+    eprintln!("  offload bytes per step: none {none:?}, mlp + qkv_linear {some:?}");
+    assert!(none.iter().all(|&b| b == 0), "{none:?}");
+    assert!(
+        some[0] > 0 && some.iter().all(|&b| b == some[0]),
+        "{some:?}"
+    );
+}

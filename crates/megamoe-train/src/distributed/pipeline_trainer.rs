@@ -24,6 +24,7 @@ pub(crate) struct StepStart {
     pub compute_started: Instant,
     pub state_bytes: u64,
     pub reads_before: u64,
+    pub parked_before: u64,
 }
 
 impl Trainer {
@@ -116,6 +117,7 @@ impl Trainer {
                 _ => None,
             },
             host_reads: megamoe_tensor::host_reads() - at.reads_before,
+            offload_bytes: megamoe_tensor::parked_bytes() - at.parked_before,
         })
     }
 }
