@@ -76,6 +76,7 @@ struct Buffer {
     /// (null on a device), taken while the buffer was still unique.
     write_through: Option<CpuBase>,
     /// A number no other buffer of the process gets (an address can be reused).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     serial: u64,
     /// In-place writes granted on this buffer so far (see [`Tensor::write_stamp`]).
     writes: u64,
