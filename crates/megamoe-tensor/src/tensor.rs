@@ -76,7 +76,6 @@ struct Buffer {
     /// (null on a device), taken while the buffer was still unique.
     write_through: Option<CpuBase>,
     /// A number no other buffer of the process gets (an address can be reused).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     serial: u64,
     /// In-place writes granted on this buffer so far (see [`Tensor::write_stamp`]).
     writes: u64,
@@ -271,7 +270,7 @@ impl Tensor {
     /// buffer with the same elements (every in-place write through a [`Tensor`] counts,
     /// write-through views aside; kernels that write by address count nothing, see
     /// [`Tensor::claim_f32_in_place`]).
-    #[cfg(feature = "cuda")]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn write_stamp(&self) -> (u64, u64) {
         (self.buffer.serial, self.buffer.writes)
     }
@@ -865,3 +864,7 @@ impl Tensor {
         self.same_device(op, other)
     }
 }
+
+#[cfg(test)]
+#[path = "tensor_stamp_tests.rs"]
+mod write_stamp_tests;
