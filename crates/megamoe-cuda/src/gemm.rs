@@ -124,6 +124,9 @@ impl Gpu {
                 "every dimension must be >= 1",
             ));
         }
+        if a.elem == Elem::Bf16 && self.lt.path == crate::gemm_lt::GemmPath::Tuned {
+            return self.gemm_tuned((m, n, k), a, b, c, batch, alpha, beta);
+        }
         if a.elem == Elem::Bf16
             && self.lt.path.uses_lt(batch)
             && self.gemm_lt((m, n, k), a, b, c, batch, alpha, beta, 0)?

@@ -8,7 +8,10 @@
 //! none (`cublasGemmEx` / `cublasGemmStridedBatchedEx`), `lt` the strided-batched ones
 //! (expert GEMMs over `[G, C, ·]`: few fixed shapes), `lt-all` every bf16 GEMM (also the
 //! dense ones and the per-group GEMMs of dropless experts, whose row counts change every
-//! step: one heuristic query per new shape). On an H200 at the gpu_1b expert shapes the
+//! step: one heuristic query per new shape), `tuned` per fixed shape the fastest of
+//! classic cuBLAS and the cuBLASLt candidates, timed once on first use (`Gpu::gemm_tuned`;
+//! a timed choice can differ between runs when contenders are within its margin, and with
+//! it the results' last bits). On an H200 at the gpu_1b expert shapes the
 //! heuristic's first choice was not faster than classic cuBLAS (docs/perf.md), hence the
 //! default. f32 GEMMs always take classic cuBLAS (no TF32: the parity path). A problem
 //! cuBLASLt has no algorithm for falls back to classic cuBLAS.
@@ -23,7 +26,7 @@ use crate::device::Gpu;
 use crate::error::{DriverCtx, Error, Result};
 use crate::gemm::{Elem, Operand};
 
-/// The variable choosing the bf16 GEMM path: `blas` (default), `lt` or `lt-all`.
+/// The variable choosing the bf16 GEMM path: `blas` (default), `lt`, `lt-all` or `tuned`.
 pub const GEMM_PATH_VAR: &str = "MEGAMOE_CUDA_GEMM";
 
 /// Candidates asked of the heuristic per shape.
@@ -38,6 +41,9 @@ pub enum GemmPath {
     LtAll,
     /// Classic cuBLAS (`cublasGemmEx` / `cublasGemmStridedBatchedEx`) only.
     Blas,
+    /// Per shape, the fastest of classic cuBLAS and the cuBLASLt candidates, timed once on
+    /// the shape's first use (`Gpu::gemm_tuned` in this module).
+    Tuned,
 }
 
 impl GemmPath {
@@ -50,10 +56,11 @@ impl GemmPath {
                 "" | "blas" => Ok(GemmPath::Blas),
                 "lt" => Ok(GemmPath::Lt),
                 "lt-all" => Ok(GemmPath::LtAll),
+                "tuned" => Ok(GemmPath::Tuned),
                 _ => Err(Error::invalid(
                     GEMM_PATH_VAR,
                     v,
-                    "must be blas, lt or lt-all",
+                    "must be blas, lt, lt-all or tuned",
                 )),
             },
         }
@@ -64,7 +71,7 @@ impl GemmPath {
         match self {
             GemmPath::Lt => batch > 1,
             GemmPath::LtAll => true,
-            GemmPath::Blas => false,
+            GemmPath::Blas | GemmPath::Tuned => false,
         }
     }
 }
@@ -85,6 +92,9 @@ struct Plan {
     /// Column-major A (our B), B (our A), C (= D).
     layouts: [lsys::cublasLtMatrixLayout_t; 3],
     algos: Vec<lsys::cublasLtMatmulHeuristicResult_t>,
+    /// [`GemmPath::Tuned`]: the timed choice (`None`: classic cuBLAS, `Some(i)`: candidate
+    /// `i`), once made.
+    tuned: std::cell::Cell<Option<Option<usize>>>,
 }
 
 impl Drop for Plan {
@@ -210,6 +220,7 @@ impl LtState {
             desc,
             layouts: [std::ptr::null_mut(); 3],
             algos: Vec::new(),
+            tuned: std::cell::Cell::new(None),
         };
         use lsys::cublasLtMatmulDescAttributes_t as D;
         for (attr, t) in [
@@ -293,7 +304,137 @@ impl LtState {
     }
 }
 
+fn key(mnk: (usize, usize, usize), a: &Operand, b: &Operand, c: &Operand, batch: usize) -> Key {
+    Key {
+        mnk,
+        a: (
+            a.elem,
+            a.ld,
+            a.stride,
+            a.trans,
+            align(a.ptr, a.stride, a.elem, batch),
+        ),
+        b: (
+            b.elem,
+            b.ld,
+            b.stride,
+            b.trans,
+            align(b.ptr, b.stride, b.elem, batch),
+        ),
+        c: (
+            c.elem,
+            c.ld,
+            c.stride,
+            align(c.ptr, c.stride, c.elem, batch),
+        ),
+        batch,
+    }
+}
+
+/// A cuBLASLt candidate replaces classic cuBLAS only when at least this much faster (a
+/// margin, so that near-ties do not flip the choice, and the results' bits, between runs).
+const TUNE_MARGIN: f32 = 0.95;
+
+/// Timed calls per contender when tuning.
+const TUNE_CALLS: usize = 3;
+
 impl Gpu {
+    /// [`Gpu::gemm`] under [`GemmPath::Tuned`] for a shape worth tuning (strided-batched,
+    /// or every dimension a multiple of 64: fixed model shapes, not the per-expert GEMMs of
+    /// dropless layers whose row counts change every step; others take classic cuBLAS).
+    /// On a shape's first use outside a stream capture, times classic cuBLAS and each
+    /// cuBLASLt candidate ([`TUNE_CALLS`] calls each, into a scratch output, after one
+    /// untimed call; synchronizes) and keeps the fastest (cuBLASLt only if faster by
+    /// [`TUNE_MARGIN`]). First seen while capturing: classic cuBLAS, kept.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_tuned(
+        &self,
+        mnk: (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        batch: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let (m, n, k) = mnk;
+        let fixed = batch > 1 || (m % 64 == 0 && n % 64 == 0 && k % 64 == 0);
+        let key = key(mnk, &a, &b, &c, batch);
+        if !fixed || !self.lt.plan(key)? {
+            return self.gemm_blas(mnk, a, b, c, batch, alpha, beta);
+        }
+        let choice = {
+            let plans = self.lt.plans.borrow();
+            let Some(Some(plan)) = plans.get(&key) else {
+                return self.gemm_blas(mnk, a, b, c, batch, alpha, beta);
+            };
+            plan.tuned.get()
+        };
+        let choice = match choice {
+            Some(choice) => choice,
+            None => {
+                let choice = self.tune(mnk, a, b, c, batch, beta)?;
+                if let Some(Some(plan)) = self.lt.plans.borrow().get(&key) {
+                    plan.tuned.set(Some(choice));
+                }
+                choice
+            }
+        };
+        match choice {
+            Some(i) if self.gemm_lt(mnk, a, b, c, batch, alpha, beta, i)? => Ok(()),
+            _ => self.gemm_blas(mnk, a, b, c, batch, alpha, beta),
+        }
+    }
+
+    /// The timed choice of [`Gpu::gemm_tuned`] (`None`: classic cuBLAS).
+    fn tune(
+        &self,
+        mnk: (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        batch: usize,
+        beta: f32,
+    ) -> Result<Option<usize>> {
+        let capturing = unsafe { cudarc::driver::result::stream::is_capturing(self.stream()) }
+            .ctx("cuStreamIsCapturing")?;
+        if capturing != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(None);
+        }
+        let (m, n, _) = mnk;
+        let elems = if batch > 1 { c.stride * (batch - 1) } else { 0 } + (m - 1) * c.ld + n;
+        let scratch = self.alloc(elems * c.elem.size())?;
+        let sc = Operand {
+            ptr: scratch.ptr(),
+            ..c
+        };
+        let timer = crate::device::EventTimer::new()?;
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f32> {
+            f()?;
+            timer.start(self)?;
+            for _ in 0..TUNE_CALLS {
+                f()?;
+            }
+            timer.stop_ms(self)
+        };
+        let blas = time(&|| self.gemm_blas(mnk, a, b, sc, batch, 1.0, beta))?;
+        // the plan of the real operands (a fresh pool buffer is at least as aligned)
+        let key = key(mnk, &a, &b, &c, batch);
+        let candidates = self.gemm_lt_candidates(mnk, a, b, c, batch)?;
+        let ptrs = (a.ptr, b.ptr, sc.ptr);
+        let mut best: Option<(usize, f32)> = None;
+        for i in 0..candidates {
+            let t = time(&|| self.lt_launch(key, ptrs, 1.0, beta, i).map(|_| ()))?;
+            if best.is_none_or(|(_, bt)| t < bt) {
+                best = Some((i, t));
+            }
+        }
+        drop(scratch);
+        Ok(best
+            .filter(|&(_, t)| t <= TUNE_MARGIN * blas)
+            .map(|(i, _)| i))
+    }
+
     /// [`Gpu::gemm`] through cuBLASLt with candidate `algo` of the heuristic's list (0 =
     /// its first choice). `Ok(false)`: cuBLASLt has no algorithm for this problem, or no
     /// candidate `algo` (nothing was launched).
@@ -309,34 +450,24 @@ impl Gpu {
         beta: f32,
         algo: usize,
     ) -> Result<bool> {
-        let lt = &self.lt;
-        let key = Key {
-            mnk: (m, n, k),
-            a: (
-                a.elem,
-                a.ld,
-                a.stride,
-                a.trans,
-                align(a.ptr, a.stride, a.elem, batch),
-            ),
-            b: (
-                b.elem,
-                b.ld,
-                b.stride,
-                b.trans,
-                align(b.ptr, b.stride, b.elem, batch),
-            ),
-            c: (
-                c.elem,
-                c.ld,
-                c.stride,
-                align(c.ptr, c.stride, c.elem, batch),
-            ),
-            batch,
-        };
-        if !lt.plan(key)? {
+        let key = key((m, n, k), &a, &b, &c, batch);
+        if !self.lt.plan(key)? {
             return Ok(false);
         }
+        self.lt_launch(key, (a.ptr, b.ptr, c.ptr), alpha, beta, algo)
+    }
+
+    /// Candidate `algo` of the cached plan `key` on these operand addresses (which must
+    /// have the key's alignment); `Ok(false)`: no such plan or candidate.
+    fn lt_launch(
+        &self,
+        key: Key,
+        (a, b, c): (u64, u64, u64),
+        alpha: f32,
+        beta: f32,
+        algo: usize,
+    ) -> Result<bool> {
+        let lt = &self.lt;
         let plans = lt.plans.borrow();
         let Some(Some(plan)) = plans.get(&key) else {
             return Ok(false);
@@ -351,13 +482,13 @@ impl Gpu {
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
-                b.ptr as *const c_void,
+                b as *const c_void,
                 l[0],
-                a.ptr as *const c_void,
+                a as *const c_void,
                 l[1],
-                c.ptr as *const c_void,
+                c as *const c_void,
                 l[2],
-                c.ptr as *mut c_void,
+                c as *mut c_void,
                 l[2],
                 &h.algo,
                 lt.workspace.0 as *mut c_void,
@@ -380,30 +511,7 @@ impl Gpu {
         batch: usize,
     ) -> Result<usize> {
         let lt = &self.lt;
-        let key = Key {
-            mnk,
-            a: (
-                a.elem,
-                a.ld,
-                a.stride,
-                a.trans,
-                align(a.ptr, a.stride, a.elem, batch),
-            ),
-            b: (
-                b.elem,
-                b.ld,
-                b.stride,
-                b.trans,
-                align(b.ptr, b.stride, b.elem, batch),
-            ),
-            c: (
-                c.elem,
-                c.ld,
-                c.stride,
-                align(c.ptr, c.stride, c.elem, batch),
-            ),
-            batch,
-        };
+        let key = key(mnk, &a, &b, &c, batch);
         if !lt.plan(key)? {
             return Ok(0);
         }
