@@ -599,17 +599,19 @@ pub fn latest_evals(records: &[MetricsRecord]) -> Vec<&EvalMetrics> {
     by_step.into_values().collect()
 }
 
-/// Training FLOPs per token, `6·N_active + 12·L·H·T` (PaLM, Chowdhery et al. 2022,
-/// appendix B): 2 FLOPs per parameter forward and 4 backward, plus attention
-/// scores and values (`L` layers, `H` = heads · head_dim, `T` = sequence length;
-/// causal masking is not discounted, as in the paper).
+/// Training FLOPs per token, `6·N + 6·L·H·T`: 2 FLOPs per matmul parameter forward and
+/// 4 backward (`N` = the parameters a token multiplies with: the active ones without the
+/// embedding table, which is a lookup — unless it is tied to the LM head), plus causal
+/// attention scores and values (`L` layers, `H` = heads · head_dim, `T` = sequence length;
+/// `12·L·H·T` for full attention, halved by the causal mask) — the count PyTorch-side MFU
+/// figures of the same model use, so the two are comparable.
 pub fn training_flops_per_token(
-    active_params: u64,
+    matmul_params: u64,
     num_layers: usize,
     hidden: usize,
     seq_len: usize,
 ) -> f64 {
-    6.0 * active_params as f64 + 12.0 * num_layers as f64 * hidden as f64 * seq_len as f64
+    6.0 * matmul_params as f64 + 6.0 * num_layers as f64 * hidden as f64 * seq_len as f64
 }
 
 /// Model FLOPs utilisation: achieved model FLOP/s over the hardware peak.
@@ -877,9 +879,9 @@ mod tests {
     }
 
     #[test]
-    fn flops_and_mfu_follow_the_palm_formula() {
-        // 6 · 1e6 + 12 · 2 · 64 · 128 = 6_000_000 + 196_608.
-        assert_eq!(training_flops_per_token(1_000_000, 2, 64, 128), 6_196_608.0);
+    fn flops_count_matmul_params_and_causal_attention() {
+        // 6 · 1e6 + 6 · 2 · 64 · 128 = 6_000_000 + 98_304 (causal: half of 12·L·H·T).
+        assert_eq!(training_flops_per_token(1_000_000, 2, 64, 128), 6_098_304.0);
         // 1e9 FLOPs/token · 100 tok/s over 1e12 peak = 0.1.
         assert!((mfu(1e9, 100.0, 1e12) - 0.1).abs() < 1e-12);
         assert_eq!(mfu(1e9, 100.0, 0.0), 0.0);

@@ -78,8 +78,8 @@ pub struct ModelCounts {
     /// Parameters a token goes through: everything except routed experts, plus
     /// `top_k / routed_experts` of each routed-expert bank.
     pub active_params: u64,
-    /// Training FLOPs per token, `6·N_active + 12·L·H·T` (see
-    /// [`training_flops_per_token`]).
+    /// Training FLOPs per token, `6·N + 6·L·H·T` (`N`: the active parameters without the
+    /// embedding lookup; see [`training_flops_per_token`]).
     pub flops_per_token: f64,
     /// Bytes of parameters + gradients + optimizer state (on a pipeline rank: of its
     /// stages, the only ones it holds).
@@ -795,11 +795,21 @@ pub(crate) fn counts_of(plan: &Plan, sizes: &[(u64, ParamRole)], state_bytes: u6
         })
         .sum();
     let m = &plan.model;
+    // The embedding table is a lookup, not a matmul (a tied table is the LM head's GEMM).
+    let lookup: u64 = if m.tie_embeddings {
+        0
+    } else {
+        sizes
+            .iter()
+            .filter(|s| s.1 == ParamRole::Embedding)
+            .map(|s| s.0)
+            .sum()
+    };
     ModelCounts {
         params: total,
         active_params: active.round() as u64,
         flops_per_token: training_flops_per_token(
-            active.round() as u64,
+            (active.round() as u64).saturating_sub(lookup),
             m.n_layers,
             m.n_heads * m.head_dim,
             m.seq_len,
@@ -831,3 +841,36 @@ pub(crate) fn splitmix(mut z: u64) -> u64 {
 #[cfg(test)]
 #[path = "trainer_flat_tests.rs"]
 mod flat_tests;
+
+#[cfg(test)]
+mod counts_tests {
+    use super::*;
+
+    /// The tiny config (4 layers, 4 heads × 16, T = 64, top-2 of 8 experts) with `tie`.
+    fn tiny_plan(tie: bool) -> Plan {
+        let raw = RawConfig::from_toml_str_with_overrides(
+            include_str!("../../../configs/tiny.toml"),
+            &[format!("model.tie_embeddings={tie}")],
+        )
+        .unwrap();
+        Plan::resolve(&raw, Some(1)).unwrap()
+    }
+
+    #[test]
+    fn flops_per_token_count_matmul_params_only() {
+        let sizes = [
+            (1000, ParamRole::Embedding),
+            (500, ParamRole::Matrix),
+            (800, ParamRole::ExpertBank),
+            (1000, ParamRole::Head),
+        ];
+        // Active: 1000 + 500 + 800 · 2/8 + 1000 = 2700; attention 6 · 4 · 64 · 64 = 98_304.
+        let untied = counts_of(&tiny_plan(false), &sizes, 0);
+        assert_eq!(untied.active_params, 2700);
+        // The untied embedding is a lookup: 6 · (2700 − 1000) + 98_304.
+        assert_eq!(untied.flops_per_token, 6.0 * 1700.0 + 98_304.0);
+        // A tied table is the head's GEMM (listed once, as the embedding).
+        let tied = counts_of(&tiny_plan(true), &sizes[..3], 0);
+        assert_eq!(tied.flops_per_token, 6.0 * 1700.0 + 98_304.0);
+    }
+}
