@@ -20,15 +20,19 @@ const STEPS: usize = 50;
 /// rounding of every activation (8 significant bits) compounds through the steps.
 const LOSS_TOL: f64 = 3e-2;
 
-fn run(dtype: &str) -> Vec<f64> {
-    let sets = vec![format!("train.dtype=\"{dtype}\"")];
-    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
+/// A trainer of configs/tiny.toml with `sets` on GPU 0 (synthetic bytes).
+fn tiny_trainer(sets: &[String]) -> Trainer {
+    let raw = RawConfig::from_toml_str_with_overrides(TINY, sets).unwrap();
     let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
     let options = TrainerOptions {
         peak_flops: None,
         device: Device::Cuda(0),
     };
-    let mut t = Trainer::new(&raw, data, options).unwrap();
+    Trainer::new(&raw, data, options).unwrap()
+}
+
+fn run(dtype: &str) -> Vec<f64> {
+    let mut t = tiny_trainer(&[format!("train.dtype=\"{dtype}\"")]);
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
     assert_eq!(
         backend.bf16_activations(),
@@ -77,16 +81,9 @@ fn bf16_training_on_the_gpu_tracks_the_f32_loss_curve() {
 type CopyRun = (Vec<(u64, u64)>, Vec<u64>, Vec<u64>, Vec<u64>);
 
 fn run_copies(on: bool) -> CopyRun {
-    let sets = vec!["train.dtype=\"bf16\"".to_string()];
-    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
-    let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
-    let options = TrainerOptions {
-        peak_flops: None,
-        device: Device::Cuda(0),
-    };
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
     backend.set_weight_copies(on);
-    let mut t = Trainer::new(&raw, data, options).unwrap();
+    let mut t = tiny_trainer(&["train.dtype=\"bf16\"".to_string()]);
     let (mut out, mut fills, mut written, mut addresses) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..10 {
@@ -130,19 +127,7 @@ fn bf16_weight_copies_change_no_bit_and_are_written_by_the_optimizer() {
     // that no GEMM reads are never filled); from then on the flat AdamW launch writes
     // every one of them and no step casts a weight.
     let params = {
-        let raw =
-            RawConfig::from_toml_str_with_overrides(TINY, &["train.dtype=\"bf16\"".to_string()])
-                .unwrap();
-        let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
-        let t = Trainer::new(
-            &raw,
-            data,
-            TrainerOptions {
-                peak_flops: None,
-                device: Device::Cuda(0),
-            },
-        )
-        .unwrap();
+        let t = tiny_trainer(&["train.dtype=\"bf16\"".to_string()]);
         let mut n = 0u64;
         t.params().visit(&mut |_, _, _| n += 1);
         n
@@ -182,14 +167,8 @@ fn run_graph(graph: bool) -> (Vec<(u64, u64)>, Vec<String>, u64) {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
-    let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
-    let options = TrainerOptions {
-        peak_flops: None,
-        device: Device::Cuda(0),
-    };
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
-    let mut t = Trainer::new(&raw, data, options).unwrap();
+    let mut t = tiny_trainer(&sets);
     t.set_cuda_graph(graph);
     t.set_cuda_graph_optimizer(true);
     let written = backend.weight_copy_stats().written;
@@ -243,13 +222,7 @@ fn offloaded_bytes_are_a_step_metric() {
             "train.dtype=\"bf16\"".to_string(),
             format!("train.offload={offload}"),
         ];
-        let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
-        let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
-        let options = TrainerOptions {
-            peak_flops: None,
-            device: Device::Cuda(0),
-        };
-        let mut t = Trainer::new(&raw, data, options).unwrap();
+        let mut t = tiny_trainer(&sets);
         (0..3).map(|_| t.step().unwrap().offload_bytes).collect()
     };
     let none = bytes("[]");

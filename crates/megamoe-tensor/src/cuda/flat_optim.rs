@@ -70,14 +70,7 @@ impl CudaBackend {
         }
         for (arg, t) in [("param", &mut *param), ("m", &mut *m), ("v", &mut *v)] {
             // Not counted as a write of `param`: the launch writes its copy with it.
-            t.claim_f32_in_place(|t| {
-                Err(Error::InvalidArgument {
-                    op: OP,
-                    arg,
-                    value: format!("{:?} {:?}, shared or offset", t.dtype(), t.dims()),
-                    rule: "written in place: f32, write-through or a whole unshared buffer",
-                })
-            })?;
+            t.claim_f32_in_place(|t| Err(not_in_place(OP, arg, t)))?;
         }
         let addr = |t: &Tensor| dev(OP, t).map(|d| d.ptr);
         Ok(AdamWSegment {
@@ -174,5 +167,15 @@ impl CudaBackend {
         drop(e);
         self.mark_copies_written(&s.copies);
         Ok(())
+    }
+}
+
+/// The error of an optimizer operand that cannot be written in place (`arg` of `op`).
+pub(super) fn not_in_place(op: &'static str, arg: &'static str, t: &Tensor) -> Error {
+    Error::InvalidArgument {
+        op,
+        arg,
+        value: format!("{:?} {:?}, shared or offset", t.dtype(), t.dims()),
+        rule: "written in place: f32, write-through or a whole unshared buffer",
     }
 }

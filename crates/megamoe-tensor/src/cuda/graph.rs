@@ -145,14 +145,7 @@ impl CudaBackend {
             });
         }
         for (arg, t) in [("param", &mut *param), ("m", &mut *m), ("v", &mut *v)] {
-            t.make_unique_f32(|t| {
-                Err(Error::InvalidArgument {
-                    op: OP,
-                    arg,
-                    value: format!("{:?} {:?}, shared or offset", t.dtype(), t.dims()),
-                    rule: "written in place: f32, write-through or a whole unshared buffer",
-                })
-            })?;
+            t.make_unique_f32(|t| Err(super::flat_optim::not_in_place(OP, arg, t)))?;
         }
         let n = grad.numel();
         if n == 0 {
