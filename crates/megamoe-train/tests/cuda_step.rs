@@ -4,7 +4,7 @@
 //! losses and gradient norms within 1e-5 relative, and the same in static-capacity mode and
 //! under every routing mode (sigmoid scores, null slots, group-limited routing, expert
 //! bias, both drop policies, dropless). A static-capacity step reads the host at most
-//! twice (the `host_reads` metric).
+//! twice (the `host_reads` metric), a dropless one at most once more per MoE layer.
 //! Needs feature `cuda` and an NVIDIA GPU (`#[ignore]`d: run the test binary with
 //! `--ignored` there).
 #![cfg(feature = "cuda")]
@@ -115,14 +115,9 @@ fn a_static_capacity_step_reads_the_host_at_most_twice() {
     // `host_reads` is a process-wide counter: run this test alone (--test-threads=1).
     for (i, (s, d)) in steps.iter().zip(&dropless).enumerate() {
         assert!(s.2 <= 2, "step {}: {} host reads", i + 1, s.2);
-        // dropless: the step's reads plus one counts read and one sort read per MoE layer
-        // (tiny.toml has 3)
-        assert!(
-            d.2 <= 2 + 2 * 3,
-            "step {}: {} host reads dropless",
-            i + 1,
-            d.2
-        );
+        // dropless: the step's reads plus one counts read per MoE layer (tiny.toml has 3):
+        // the sort's read sizes the packed rows and plans the grouped GEMMs
+        assert!(d.2 <= 2 + 3, "step {}: {} host reads dropless", i + 1, d.2);
     }
 }
 

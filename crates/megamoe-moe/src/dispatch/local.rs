@@ -105,14 +105,19 @@ impl TokenDispatcher for LocalDispatcher {
         // Static capacity: no host read (the grouped GEMM takes the counts as a device
         // tensor); the buffers' pad rows are zero (permute, combine backward, and the
         // expert bank keeps zero rows zero), which spares the GEMMs their masking passes.
-        // Packed: a device backend reads the counts once here for its GEMMs.
+        // Packed: a device backend's sort read the counts to size the rows; its GEMMs plan
+        // from that copy (one counts read per layer), or read them here if there is none.
         let (groups, rows) = match &layout.rows {
             SourceRows::Capacity { capacity, .. } => (
                 RowGroups::strided(&layout.counts, *capacity)?.with_zero_pad_rows(),
                 e * capacity,
             ),
             SourceRows::Packed { token, .. } => {
-                (RowGroups::packed_read(&layout.counts)?, token.numel())
+                let groups = match &layout.host_counts {
+                    Some(host) => RowGroups::packed_known(&layout.counts, host)?,
+                    None => RowGroups::packed_read(&layout.counts)?,
+                };
+                (groups, token.numel())
             }
         };
         Ok(ExpertLayout {

@@ -115,6 +115,9 @@ pub struct DispatchLayout {
     pub num_experts: usize,
     /// `[E]` i32: kept rows of this rank's tokens per (global) expert.
     pub counts: Tensor,
+    /// `counts` on the host when the permute had to read them (a device backend's packed
+    /// sort): the expert layout's groups reuse them instead of reading the counts again.
+    pub host_counts: Option<std::sync::Arc<[i32]>>,
     /// Row layout.
     pub rows: SourceRows,
 }
@@ -266,7 +269,7 @@ fn permute(
     fused: bool,
 ) -> Result<(Tensor, DispatchLayout)> {
     let (n, k) = a.slots.dims2()?;
-    let (rows, counts, layout_rows) = match pad_to {
+    let (rows, counts, host_counts, layout_rows) = match pad_to {
         None => {
             let (rows, perm) = if fused {
                 x.permute_by_expert(a.slots, a.keep, e)?
@@ -280,7 +283,7 @@ fn permute(
                 slot_row: perm.slot_row,
                 gates: a.gates.clone(),
             };
-            (rows, perm.counts, packed)
+            (rows, perm.counts, perm.host_counts, packed)
         }
         Some(capacity) => {
             let (rows, perm) = if fused {
@@ -295,7 +298,7 @@ fn permute(
                 row_token: perm.row_token,
                 gates: a.gates.clone(),
             };
-            (rows, perm.counts, fixed)
+            (rows, perm.counts, None, fixed)
         }
     };
     Ok((
@@ -305,6 +308,7 @@ fn permute(
             slots_per_token: k,
             num_experts: e,
             counts,
+            host_counts,
             rows: layout_rows,
         },
     ))

@@ -239,12 +239,10 @@ impl RoutingKernels for CudaBackend {
         let (_, k) = idx.dims2()?;
         let n = idx.numel();
         let (pos, counts) = self.positions(OP, idx, Some(keep), n_real)?;
-        // SYNC: the packed layout's length is the kept count (one read per dropless layer).
-        let r: usize = counts
-            .to_host_i32()?
-            .iter()
-            .map(|&c| c.max(0) as usize)
-            .sum();
+        // SYNC: the packed layout's length is the kept count (one read per dropless layer;
+        // kept as `host_counts` for the layer's grouped GEMMs).
+        let host_counts: std::sync::Arc<[i32]> = counts.to_host_i32()?.into();
+        let r: usize = host_counts.iter().map(|&c| c.max(0) as usize).sum();
         let ip = ids(OP, "idx", idx)?;
         let (pp, cp) = (dev(OP, &pos)?.ptr, dev(OP, &counts)?.ptr);
         let (token, tp) = self.fresh(OP, [r], DType::I32)?;
@@ -262,6 +260,7 @@ impl RoutingKernels for CudaBackend {
             assignment,
             slot_row,
             counts,
+            host_counts: Some(host_counts),
         })
     }
 

@@ -59,23 +59,45 @@ impl RowGroups {
     /// then reads nothing, so a dropless MoE layer reads its counts once per layer instead
     /// of once per GEMM.
     pub fn packed_read(sizes: &Tensor) -> Result<RowGroups> {
-        let mut groups = RowGroups::packed(sizes)?;
-        if sizes.device() != Device::Cpu {
-            let host = sizes.to_host_i32()?;
-            let mut spans = Vec::with_capacity(host.len());
-            let mut offset = 0usize;
-            for (g, &s) in host.iter().enumerate() {
-                let s = usize::try_from(s).map_err(|_| Error::InvalidArgument {
-                    op: "RowGroups::packed_read",
-                    arg: "sizes",
-                    value: format!("group {g}: {s}"),
-                    rule: "group sizes must be non-negative",
-                })?;
-                spans.push((offset, s));
-                offset += s;
-            }
-            groups.host = Some(spans.into());
+        if sizes.device() == Device::Cpu {
+            return RowGroups::packed(sizes);
         }
+        let host = sizes.to_host_i32()?;
+        RowGroups::packed_known(sizes, &host)
+    }
+
+    /// [`RowGroups::packed`] with the sizes' values already on the host (`host`, equal to
+    /// `sizes`, e.g. the counts a dropless sort read to size its output): a device backend
+    /// plans its grouped GEMMs from them and reads nothing. `host` must hold `sizes`'
+    /// values; its length and signs are checked (named errors), its values are trusted.
+    pub fn packed_known(sizes: &Tensor, host: &[i32]) -> Result<RowGroups> {
+        const OP: &str = "RowGroups::packed_known";
+        let mut groups = RowGroups::packed(sizes)?;
+        if host.len() != groups.len() {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                arg: "host",
+                value: format!("{} sizes for {} groups", host.len(), groups.len()),
+                rule: "the host sizes must have one entry per group",
+            });
+        }
+        if sizes.device() == Device::Cpu {
+            // The CPU backend reads the sizes in place.
+            return Ok(groups);
+        }
+        let mut spans = Vec::with_capacity(host.len());
+        let mut offset = 0usize;
+        for (g, &s) in host.iter().enumerate() {
+            let s = usize::try_from(s).map_err(|_| Error::InvalidArgument {
+                op: OP,
+                arg: "sizes",
+                value: format!("group {g}: {s}"),
+                rule: "group sizes must be non-negative",
+            })?;
+            spans.push((offset, s));
+            offset += s;
+        }
+        groups.host = Some(spans.into());
         Ok(groups)
     }
 
@@ -220,9 +242,19 @@ mod tests {
         // On the CPU the backend reads the sizes in place: packed_read keeps no host copy.
         let p = RowGroups::packed_read(&sizes).unwrap();
         assert_eq!(p.host_spans(), None);
+        let k = RowGroups::packed_known(&sizes, &[1, 4]).unwrap();
+        assert_eq!(k.host_spans(), None);
+        assert_eq!(k.offsets().to_host_i32().unwrap(), vec![0, 1]);
         assert_eq!(p.stride(), None);
         let s = RowGroups::strided(&sizes, 4).unwrap();
         assert_eq!((s.stride(), s.host_spans()), (Some(4), None));
         assert_eq!(s.offsets().to_host_i32().unwrap(), vec![0, 4]);
+    }
+
+    #[test]
+    fn known_host_sizes_of_the_wrong_length_are_a_named_error() {
+        let sizes = Tensor::from_vec_i32(vec![1, 4], [2], Device::Cpu).unwrap();
+        let err = RowGroups::packed_known(&sizes, &[1, 4, 0]).unwrap_err();
+        assert!(err.to_string().contains("3 sizes for 2 groups"), "{err}");
     }
 }

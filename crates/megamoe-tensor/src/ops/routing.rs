@@ -91,6 +91,11 @@ pub struct ExpertPermutation {
     pub slot_row: Tensor,
     /// `[E]` i32: kept rows per expert; row offsets are its exclusive prefix sum.
     pub counts: Tensor,
+    /// `counts` on the host when the backend had to read them to size the permutation (a
+    /// device backend: its one counted read); `None` on the CPU, which reads them in place.
+    /// A dropless MoE layer hands them to its grouped GEMMs ([`crate::RowGroups::packed_known`])
+    /// instead of reading the counts a second time.
+    pub host_counts: Option<std::sync::Arc<[i32]>>,
 }
 
 fn shape_err(op: &'static str, lhs: &Tensor, rhs: &Tensor, rule: &'static str) -> Error {

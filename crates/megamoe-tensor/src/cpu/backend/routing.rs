@@ -137,6 +137,7 @@ impl RoutingKernels for CpuBackend {
             assignment: Tensor::cpu_i32_from(assignment, [r]),
             slot_row: Tensor::cpu_i32_from(slot_row, idx.dims().to_vec()),
             counts: Tensor::cpu_i32_from(counts, [n_real]),
+            host_counts: None,
         })
     }
 
