@@ -64,6 +64,8 @@ pub struct Gpu {
     pub(crate) kernels: KernelCache,
     /// cuBLASLt (bf16 GEMMs, `gemm_lt.rs`); shares the cuBLAS workspace.
     pub(crate) lt: crate::gemm_lt::LtState,
+    /// Side streams for independent GEMMs (`lanes.rs`), made on first use.
+    pub(crate) lanes: crate::lanes::LaneState,
     _blas_workspace: DeviceBuffer,
 }
 
@@ -135,6 +137,7 @@ impl Gpu {
             blas,
             kernels: KernelCache::new(cc.0, cc.1),
             lt,
+            lanes: Default::default(),
             _blas_workspace: workspace,
         })
     }

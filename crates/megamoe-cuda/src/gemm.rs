@@ -103,6 +103,28 @@ impl Gpu {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        self.check_gemm((m, n, k), a, b, c, batch)?;
+        if a.elem == Elem::Bf16 && self.lt.path == crate::gemm_lt::GemmPath::Tuned {
+            return self.gemm_tuned((m, n, k), a, b, c, batch, alpha, beta);
+        }
+        if a.elem == Elem::Bf16
+            && self.lt.path.uses_lt(batch)
+            && self.gemm_lt((m, n, k), a, b, c, batch, alpha, beta, 0)?
+        {
+            return Ok(());
+        }
+        self.gemm_blas((m, n, k), a, b, c, batch, alpha, beta)
+    }
+
+    /// [`Gpu::gemm`]'s checks: one A/B element type, C not transposed, no empty dimension.
+    pub(crate) fn check_gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        batch: usize,
+    ) -> Result<()> {
         if a.elem != b.elem {
             return Err(Error::invalid(
                 "gemm operand types",
@@ -124,16 +146,7 @@ impl Gpu {
                 "every dimension must be >= 1",
             ));
         }
-        if a.elem == Elem::Bf16 && self.lt.path == crate::gemm_lt::GemmPath::Tuned {
-            return self.gemm_tuned((m, n, k), a, b, c, batch, alpha, beta);
-        }
-        if a.elem == Elem::Bf16
-            && self.lt.path.uses_lt(batch)
-            && self.gemm_lt((m, n, k), a, b, c, batch, alpha, beta, 0)?
-        {
-            return Ok(());
-        }
-        self.gemm_blas((m, n, k), a, b, c, batch, alpha, beta)
+        Ok(())
     }
 
     /// [`Gpu::gemm`] through classic cuBLAS (`cublasGemmEx` / `cublasGemmStridedBatchedEx`)
@@ -142,6 +155,23 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_blas(
         &self,
+        mnk: (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        batch: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.gemm_blas_on(self.blas, mnk, a, b, c, batch, alpha, beta)
+    }
+
+    /// [`Gpu::gemm_blas`] through cuBLAS handle `blas` (the engine's, or a GEMM lane's bound
+    /// to its side stream, `lanes.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_blas_on(
+        &self,
+        blas: bsys::cublasHandle_t,
         (m, n, k): (usize, usize, usize),
         a: Operand,
         b: Operand,
@@ -166,7 +196,7 @@ impl Gpu {
         unsafe {
             if batch == 1 {
                 bres::gemm_ex(
-                    self.blas,
+                    blas,
                     op(b.trans),
                     op(a.trans),
                     mi,
@@ -189,7 +219,7 @@ impl Gpu {
                 .ctx("cublasGemmEx")
             } else {
                 bres::gemm_strided_batched_ex(
-                    self.blas,
+                    blas,
                     op(b.trans),
                     op(a.trans),
                     mi,

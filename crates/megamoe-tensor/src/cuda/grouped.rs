@@ -123,6 +123,60 @@ fn packed_mode() -> std::result::Result<PackedMode, String> {
     .clone()
 }
 
+/// The variable setting how many streams a per-group plan spreads its GEMMs over
+/// (`1` to `4`, lane `i mod n` for the `i`-th non-empty group; megamoe-cuda's GEMM lanes):
+/// concurrent GEMMs fill the SMs one GEMM's ramp-up and tail leave idle. Every lane picks
+/// the same algorithms, so the results do not depend on it.
+pub(super) const GEMM_STREAMS_VAR: &str = "MEGAMOE_CUDA_GEMM_STREAMS";
+
+/// Streams of a per-group plan when [`GEMM_STREAMS_VAR`] is unset.
+pub(super) const GEMM_STREAMS: usize = 1;
+
+/// The streams set by [`set_group_gemm_streams`] (0: none set).
+static STREAMS_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the streams of every per-group grouped GEMM in this process from now on (`1` to
+/// `4`; overrides [`GEMM_STREAMS_VAR`]), e.g. to compare lane counts in one process.
+pub fn set_group_gemm_streams(n: usize) -> Result<()> {
+    if !(1..=megamoe_cuda::MAX_LANES).contains(&n) {
+        return Err(crate::Error::InvalidArgument {
+            op: "set_group_gemm_streams",
+            arg: "n",
+            value: n.to_string(),
+            rule: "must be an integer from 1 to 4",
+        });
+    }
+    STREAMS_SET.store(n, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The streams of a per-group plan: [`set_group_gemm_streams`]'s, else
+/// [`GEMM_STREAMS_VAR`] (read once per process; a bad value is a named error of `op`), else
+/// [`GEMM_STREAMS`].
+pub(super) fn gemm_lanes(op: &'static str) -> Result<usize> {
+    static LANES: std::sync::OnceLock<std::result::Result<usize, String>> =
+        std::sync::OnceLock::new();
+    match STREAMS_SET.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {}
+        n => return Ok(n),
+    }
+    LANES
+        .get_or_init(|| match std::env::var(GEMM_STREAMS_VAR) {
+            Err(_) => Ok(GEMM_STREAMS),
+            Ok(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=megamoe_cuda::MAX_LANES).contains(&n) => Ok(n),
+                _ => Err(v),
+            },
+        })
+        .clone()
+        .map_err(|value| crate::Error::InvalidArgument {
+            op,
+            arg: GEMM_STREAMS_VAR,
+            value,
+            rule: "must be an integer from 1 to 4",
+        })
+}
+
 impl CudaBackend {
     /// The plan of a packed grouped GEMM of `op`: [`packed_plan`] unless
     /// [`PACKED_GEMM_VAR`] overrides it (a bad value is a named error).

@@ -15,7 +15,7 @@
 
 use megamoe_cuda::{Elem, Operand};
 
-use super::grouped::PackedPlan;
+use super::grouped::{gemm_lanes, PackedPlan};
 use super::{dev, CudaBackend, Engine};
 use crate::ops::groups::check_spans;
 use crate::ops::matmul::{grouped_dims, wgrad_dims, MatmulKernels};
@@ -287,7 +287,8 @@ impl MatmulKernels for CudaBackend {
         let od = dev(OP, out)?;
         let es = x.dtype().size_in_bytes();
         let e = self.engine(OP)?;
-        for (g, (o, s)) in spans.into_iter().enumerate() {
+        // Empty groups first, on the engine's stream; then the GEMMs over the lanes.
+        for (g, &(_, s)) in spans.iter().enumerate() {
             let oc = od.ptr + (g * n * k * 4) as u64;
             if s == 0 && beta == 0.0 {
                 // beta = 0 overwrites without reading: the block becomes exactly zero
@@ -296,9 +297,7 @@ impl MatmulKernels for CudaBackend {
                 let block = megamoe_cuda::tensor::Dev::f32(oc);
                 // SAFETY: group g's [n, k] block lies inside the [G, n, k] output.
                 self.ck(OP, unsafe { e.tk.fill(&e.gpu, block, n * k, 0.0) })?;
-                continue;
-            }
-            if s == 0 {
+            } else if s == 0 {
                 // An empty group's gradient is beta · its old value.
                 self.gemm(
                     &e,
@@ -311,13 +310,27 @@ impl MatmulKernels for CudaBackend {
                     1,
                     beta,
                 )?;
-                continue;
             }
-            let oa = operand(&dy, dd.ptr + (o * n * es) as u64, true, n, 0);
-            let ob = operand(&x, xd.ptr + (o * k * es) as u64, false, k, 0);
-            self.gemm(&e, OP, (n, k, s), oa, ob, (oc, Elem::F32), 0, 1, beta)?;
         }
-        Ok(())
+        let lanes = gemm_lanes(OP)?;
+        self.ck(
+            OP,
+            e.gpu.with_gemm_lanes(lanes, |l| {
+                let mut i = 0;
+                for (g, &(o, s)) in spans.iter().enumerate() {
+                    if s == 0 || n == 0 || k == 0 {
+                        continue;
+                    }
+                    let oc = od.ptr + (g * n * k * 4) as u64;
+                    let oa = operand(&dy, dd.ptr + (o * n * es) as u64, true, n, 0);
+                    let ob = operand(&x, xd.ptr + (o * k * es) as u64, false, k, 0);
+                    let c = Operand::dense(oc, Elem::F32, k, 0);
+                    l.gemm(i, (n, k, s), oa, ob, c, 1, 1.0, beta)?;
+                    i += 1;
+                }
+                Ok(())
+            }),
+        )
     }
 }
 
@@ -357,17 +370,35 @@ impl CudaBackend {
             return self.gemm(&e, OP, (s, n, kx), oa, ob, c, s * n, spans.len(), beta);
         }
         let (xs, ws) = (x.dtype().size_in_bytes(), w.dtype().size_in_bytes());
-        let e = self.engine(OP)?;
-        for (g, &(o, s)) in spans.iter().enumerate() {
-            if s == 0 {
-                continue;
+        if kx == 0 {
+            // An empty inner dimension: every group row becomes beta · itself.
+            let e = self.engine(OP)?;
+            for &(o, s) in spans.iter().filter(|s| s.1 > 0) {
+                let oc = od + (o * n * oe.size()) as u64;
+                let none = Operand::dense(0, elem(x.dtype()), 1, 0);
+                self.gemm(&e, OP, (s, n, 0), none, none, (oc, oe), 0, 1, beta)?;
             }
-            let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
-            let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
-            let oc = od + (o * n * oe.size()) as u64;
-            self.gemm(&e, OP, (s, n, kx), oa, ob, (oc, oe), 0, 1, beta)?;
+            return Ok(());
         }
-        Ok(())
+        let lanes = gemm_lanes(OP)?;
+        let e = self.engine(OP)?;
+        self.ck(
+            OP,
+            e.gpu.with_gemm_lanes(lanes, |l| {
+                let mut i = 0;
+                for (g, &(o, s)) in spans.iter().enumerate() {
+                    if s == 0 || n == 0 {
+                        continue;
+                    }
+                    let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
+                    let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
+                    let oc = Operand::dense(od + (o * n * oe.size()) as u64, oe, n, 0);
+                    l.gemm(i, (s, n, kx), oa, ob, oc, 1, 1.0, beta)?;
+                    i += 1;
+                }
+                Ok(())
+            }),
+        )
     }
 
     /// The groups' `(offset, size)` on the host (one counted read unless they were given

@@ -30,6 +30,7 @@ pub use flat_optim::OptimizerSegments;
 mod graph;
 pub use graph::{device_address, StepGraph};
 mod grouped;
+pub use grouped::set_group_gemm_streams;
 mod host;
 mod matmul;
 /// Bytes every GPU engine takes from its pool when it opens (the cuBLAS workspace).
