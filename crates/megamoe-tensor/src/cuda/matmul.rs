@@ -312,7 +312,7 @@ impl MatmulKernels for CudaBackend {
                 )?;
             }
         }
-        let lanes = gemm_lanes(OP)?;
+        let lanes = gemm_lanes(OP)?.min(spans.iter().filter(|s| s.1 > 0).count());
         self.ck(
             OP,
             e.gpu.with_gemm_lanes(lanes, |l| {
@@ -380,7 +380,7 @@ impl CudaBackend {
             }
             return Ok(());
         }
-        let lanes = gemm_lanes(OP)?;
+        let lanes = gemm_lanes(OP)?.min(spans.iter().filter(|s| s.1 > 0).count());
         let e = self.engine(OP)?;
         self.ck(
             OP,
