@@ -15,10 +15,12 @@
 mod buffers;
 mod groups;
 mod launch;
+mod router;
 mod routing;
 
 pub use groups::GroupKernels;
 pub use launch::TensorKernels;
+pub use router::{RouteLossArgs, RouteOut, RouteScoreFn, RouteShape, ROUTE_MAX_K, ROUTE_MAX_POOL};
 pub use routing::{RouteError, RouteKernels, MAX_GROUPS, MAX_SLOTS};
 
 /// 1 when rows of `f` elements at these addresses take a kernel's 8-wide path (its `vec`

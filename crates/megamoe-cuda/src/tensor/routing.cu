@@ -14,6 +14,7 @@
 //   5 group counts invalid              6 group sizes outside 0..=stride
 //   7..11 the index ops' ids (kernels.cu and the ops' cross-entropy; see RouteError)
 //   12 a buffer row named by two assignments (combine backward)
+//   13 a slot id outside 0..pool (the fused router backward, router.cu)
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define CHUNK 256

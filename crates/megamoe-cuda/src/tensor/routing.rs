@@ -17,7 +17,8 @@ use cudarc::driver::sys as dsys;
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
 
-const SRC: &str = include_str!("routing.cu");
+/// routing.cu with the fused router (router.cu) appended: one module.
+const SRC: &str = concat!(include_str!("routing.cu"), include_str!("router.cu"));
 pub(super) const BLOCK: u32 = 256;
 /// Assignments per chunk of the counting sort (`CHUNK` in routing.cu).
 const CHUNK: usize = 256;
@@ -44,7 +45,8 @@ pub struct RouteError {
     /// `0..=capacity` or not summing to the rows; 6 group size outside `0..=stride`; the
     /// index ops' ids outside `0..bound` (kernels.cu, ops' cross-entropy): 7 `index_select`,
     /// 8 `index_add_rows`, 9 `gather_cols`, 10 `scatter_cols`, 11 `cross_entropy` target;
-    /// 12 a buffer row named by two assignments (combine backward).
+    /// 12 a buffer row named by two assignments (combine backward); 13 a slot id outside
+    /// `0..pool` (the fused router backward).
     pub code: i32,
     /// The bad value.
     pub index: i32,
@@ -105,6 +107,7 @@ impl RouteError {
                 "combine_slots_backward",
                 "each buffer row holds at most one assignment (capacity_permutation)",
             ),
+            13 => ("route_backward", "slot ids must be in 0..pool"),
             _ => ("device check", "unknown error code"),
         }
     }
@@ -151,6 +154,8 @@ kernels!(
     mask_rows,
     offsets_of,
     fill_i32,
+    route_tokens,
+    route_tokens_bwd,
 );
 
 /// The routing kernels, compiled once per process and loaded.

@@ -7,11 +7,15 @@
 //! (`to_host`, normally the step's one stats read) returns the error naming the op
 //! ([`CudaBackend::check_device_errors`]).
 
-use megamoe_cuda::tensor::RouteKernels;
+use megamoe_cuda::tensor::{RouteKernels, RouteLossArgs, RouteOut, RouteScoreFn, RouteShape};
 use megamoe_cuda::Gpu;
 
 use super::{dev, CudaBackend};
 use crate::ops::capacity::{CapacityKernels, CapacityPermutation};
+use crate::ops::router::{
+    route_backward_composed, route_composed, RouteLossGrads, RouteSaved, RouteScore, RouteSpec,
+    Routed,
+};
 use crate::ops::routing::{ExpertPermutation, KeepOrder, RoutingKernels};
 use crate::{DType, Error, Result, Shape, Tensor};
 
@@ -316,6 +320,118 @@ impl RoutingKernels for CudaBackend {
             rk.expert_bias_step(gpu, cp, n, rate, centre, op)
         })?;
         Ok(out)
+    }
+    fn route(&self, logits: &Tensor, bias: Option<&Tensor>, spec: &RouteSpec) -> Result<Routed> {
+        const OP: &str = "route";
+        let (rows, pool) = logits.dims2()?;
+        let shape = route_shape(rows, pool, spec);
+        // Named fallback: shapes past the fused kernel's limits (pool > 256 slots, k > 64)
+        // and invalid groups run the definition, which also names any invalid argument.
+        if shape.check().is_err() {
+            return route_composed(logits, bias, spec);
+        }
+        let (_z, zp) = self.f32_arg(OP, logits)?;
+        let (_b, bp) = self.opt_f32_arg(OP, bias)?;
+        let k = spec.k;
+        let (slots, sp) = self.fresh(OP, [rows, k], DType::I32)?;
+        let (gates, gp) = self.fresh(OP, [rows, k], DType::F32)?;
+        let (g_raw, rp) = self.fresh(OP, [rows, k], DType::F32)?;
+        let g_masked = if spec.normalize {
+            Some(self.fresh(OP, [rows, k], DType::F32)?)
+        } else {
+            None
+        };
+        let (probs, pp) = self.fresh(OP, [rows, pool], DType::F32)?;
+        let (lse, lp) = self.fresh(OP, [rows], DType::F32)?;
+        let out = RouteOut {
+            slots: sp,
+            gates: gp,
+            g_raw: rp,
+            g_masked: g_masked.as_ref().map(|(_, p)| *p),
+            probs: pp,
+            lse: lp,
+        };
+        // SAFETY: logits [rows, pool] f32, bias [n_real] f32 (checked by the op), every
+        // output fresh with the size `RouteOut` names.
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.route_tokens(gpu, zp, bp, &shape, &out)
+        })?;
+        let real_mask = if pool > spec.n_real {
+            Some(slots.real_slot_mask(spec.n_real)?)
+        } else {
+            None
+        };
+        Ok(Routed {
+            slots,
+            gates,
+            g_raw,
+            g_masked: g_masked.map(|(t, _)| t),
+            real_mask,
+            probs,
+            lse,
+        })
+    }
+
+    fn route_backward(
+        &self,
+        d_gates: &Tensor,
+        saved: RouteSaved<'_>,
+        spec: &RouteSpec,
+        losses: RouteLossGrads<'_>,
+    ) -> Result<Tensor> {
+        const OP: &str = "route_backward";
+        let (rows, pool) = saved.probs.dims2()?;
+        let shape = route_shape(rows, pool, spec);
+        // Named fallback, as in `route`.
+        if shape.check().is_err() {
+            return route_backward_composed(d_gates, saved, spec, losses);
+        }
+        let (_d, dp) = self.f32_arg(OP, d_gates)?;
+        let sp = ids(OP, "slots", saved.slots)?;
+        let (_r, rp) = self.f32_arg(OP, saved.g_raw)?;
+        let (_m, mp) = self.opt_f32_arg(OP, saved.g_masked)?;
+        let (_p, pp) = self.f32_arg(OP, saved.probs)?;
+        let (_c, cp) = self.opt_f32_arg(OP, losses.aux.map(|(c, _)| c))?;
+        let (_l, lp) = self.opt_f32_arg(OP, losses.z.map(|(l, _)| l))?;
+        let loss_args = RouteLossArgs {
+            aux_coeff: cp,
+            aux_scale: losses.aux.map_or(0.0, |(_, s)| s),
+            lse: lp,
+            z_scale: losses.z.map_or(0.0, |(_, s)| s),
+        };
+        let (d_z, zp) = self.fresh(OP, [rows, pool], DType::F32)?;
+        let inputs = RouteOut {
+            slots: sp,
+            gates: 0,
+            g_raw: rp,
+            g_masked: mp,
+            probs: pp,
+            lse: 0,
+        };
+        // SAFETY: d_gates / slots / g_raw / g_masked [rows, k], probs, coeff and d_z
+        // [rows, pool], lse [rows] (shapes checked by the op), d_z fresh.
+        self.route(OP, |rk, gpu, err| unsafe {
+            rk.route_tokens_bwd(gpu, dp, &inputs, &shape, &loss_args, (zp, err))
+        })?;
+        Ok(d_z)
+    }
+}
+
+/// The fused router kernels' shape of a [`RouteSpec`] over `[rows, pool]` logits.
+fn route_shape(rows: usize, pool: usize, spec: &RouteSpec) -> RouteShape {
+    RouteShape {
+        rows,
+        pool,
+        n_real: spec.n_real,
+        k: spec.k,
+        score_fn: match spec.score {
+            RouteScore::Softmax => RouteScoreFn::Softmax,
+            RouteScore::Sigmoid => RouteScoreFn::Sigmoid,
+            RouteScore::SoftmaxAfterTopk => RouteScoreFn::SoftmaxAfterTopk,
+        },
+        groups: spec.groups,
+        eps: spec.eps,
+        scale: spec.scale,
     }
 }
 

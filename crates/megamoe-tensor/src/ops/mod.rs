@@ -29,6 +29,7 @@ pub mod optim;
 pub mod reduce;
 pub mod rng;
 pub mod rope;
+pub mod router;
 pub mod routing;
 pub mod scalar;
 pub mod softmax;

@@ -67,6 +67,27 @@ pub trait RoutingKernels {
     ) -> Result<Tensor>;
     /// See [`Tensor::expert_bias_step`].
     fn expert_bias_step(&self, counts: &Tensor, rate: f32, centre: bool) -> Result<Tensor>;
+    /// See [`Tensor::route`]; the default is its definition,
+    /// [`route_composed`](crate::ops::router::route_composed).
+    fn route(
+        &self,
+        logits: &Tensor,
+        bias: Option<&Tensor>,
+        spec: &crate::ops::router::RouteSpec,
+    ) -> Result<crate::ops::router::Routed> {
+        crate::ops::router::route_composed(logits, bias, spec)
+    }
+    /// See [`Tensor::route_backward`]; the default is its definition,
+    /// [`route_backward_composed`](crate::ops::router::route_backward_composed).
+    fn route_backward(
+        &self,
+        d_gates: &Tensor,
+        saved: crate::ops::router::RouteSaved<'_>,
+        spec: &crate::ops::router::RouteSpec,
+        losses: crate::ops::router::RouteLossGrads<'_>,
+    ) -> Result<Tensor> {
+        crate::ops::router::route_backward_composed(d_gates, saved, spec, losses)
+    }
 }
 
 /// Which assignments survive when an expert receives more than its capacity.
