@@ -13,6 +13,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use megamoe_tensor::ops::router::RouteLossGrads;
 use megamoe_tensor::Tensor;
 
 use crate::capacity::apply_capacity;
@@ -25,8 +26,8 @@ use crate::experts::{
     check_expert_params, ExpertBank, ExpertsDeferredW, ExpertsSaved, GroupedExperts,
 };
 use crate::losses::{
-    aux_loss_backward, aux_loss_forward, z_loss_backward, z_loss_forward, AuxLossSaved,
-    RouterLossScale, ZLossSaved,
+    aux_loss_backward, aux_loss_forward_with, z_loss_backward, z_loss_forward_from, AuxInputs,
+    AuxLossSaved, RouterLossScale, ZLossSaved,
 };
 use crate::params::MoeParams;
 use crate::router::{Router, RouterSaved, Routing};
@@ -257,10 +258,22 @@ impl MoeLayer {
         let z = self.router.gating(&params.router, x)?;
         let (routing, router_saved) = self.router.routing(&params.router, &z)?;
         let keep = apply_capacity(&routing, e, c.capacity_for(n), c.drop_policy)?;
-        let (aux_loss, aux) =
-            aux_loss_forward(c.aux_loss, c.router.score_fn, &z, &routing.slots, c.seq_len)?;
-        let (z_loss, z_saved) = z_loss_forward(&z)?;
         let picks_per_slot = routing.slots.slot_counts(None, c.router.pool_size(), n)?;
+        // The losses read the softmax, logsumexp and pick counts computed above.
+        let have = AuxInputs {
+            softmax: Some(router_saved.probs()),
+            picks_per_slot: Some(&picks_per_slot),
+        };
+        let (aux_loss, aux) = aux_loss_forward_with(
+            c.aux_loss,
+            c.router.score_fn,
+            &z,
+            &routing.slots,
+            c.seq_len,
+            have,
+        )?;
+        let (z_loss, z_saved) =
+            z_loss_forward_from(router_saved.probs().clone(), router_saved.lse().clone())?;
 
         // 1. dispatch: permute (local) → exchange (collective) → expert buffers (local)
         let d = self.dispatcher.as_ref();
@@ -397,16 +410,29 @@ impl MoeLayer {
                 .backward_input(&params.experts, &d_out, saved.experts)?;
         let d_rows = d.combine_exchange(d.unbuffer(d_buffers, el)?, el)?;
         let mut d_x = d.dispatch_backward(&d_rows, layout)?;
-        // router: gates, then the losses through the same logits.
-        let mut d_logits = self.router.routing_backward(&saved.router, &d_gates)?;
-        if let Some(aux) = &saved.aux {
-            if scale.aux != 0.0 {
-                d_logits.add_assign(&aux_loss_backward(aux, scale.aux)?)?;
+        // router: gates, then the losses through the same logits (aux, then z). Through
+        // softmax probabilities (the router's own) both losses join the gates' op.
+        let aux = saved.aux.as_ref().filter(|_| scale.aux != 0.0);
+        let z = (scale.z != 0.0).then(|| saved.z.grad_term(scale.z));
+        let d_logits = match aux {
+            Some(a) if a.softmax_grad_term(scale.aux).is_none() => {
+                // sigmoid scores: the aux loss goes through σ, in its own ops
+                let mut d = self.router.routing_backward(&saved.router, &d_gates)?;
+                d.add_assign(&aux_loss_backward(a, scale.aux)?)?;
+                if z.is_some() {
+                    d.add_assign(&z_loss_backward(&saved.z, scale.z)?)?;
+                }
+                d
             }
-        }
-        if scale.z != 0.0 {
-            d_logits.add_assign(&z_loss_backward(&saved.z, scale.z)?)?;
-        }
+            _ => {
+                let losses = RouteLossGrads {
+                    aux: aux.and_then(|a| a.softmax_grad_term(scale.aux)),
+                    z,
+                };
+                self.router
+                    .routing_backward_with(&saved.router, &d_gates, losses)?
+            }
+        };
         // The router's input gradient accumulates in its GEMM; the shared experts' is added
         // by one elementwise pass (in the activation dtype: the block's norm backward reads
         // this sum as an activation gradient).

@@ -42,11 +42,29 @@ pub struct AuxLossSaved {
     score_fn: ScoreFn,
 }
 
-/// The balancing-loss probabilities `p [N, Ep]` (and σ(z) for sigmoid).
-fn balance_probs(score_fn: ScoreFn, logits: &Tensor) -> Result<(Tensor, Tensor)> {
+impl AuxLossSaved {
+    /// `(∂aux/∂p, scale)` as a term of the fused router backward
+    /// ([`RouteLossGrads::aux`](megamoe_tensor::ops::router::RouteLossGrads)): the same
+    /// value as [`aux_loss_backward`] when `p` is the softmax of the logits (softmax
+    /// scores); `None` for sigmoid scores.
+    pub fn softmax_grad_term(&self, scale: f32) -> Option<(&Tensor, f32)> {
+        (self.score_fn == ScoreFn::Softmax).then_some((&self.coeff, scale))
+    }
+}
+
+/// The balancing-loss probabilities `p [N, Ep]` (and σ(z) for sigmoid); `softmax` is
+/// softmax(logits) when the caller already has it (the routing op computes it).
+fn balance_probs(
+    score_fn: ScoreFn,
+    logits: &Tensor,
+    softmax: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     Ok(match score_fn {
         ScoreFn::Softmax => {
-            let p = logits.softmax()?;
+            let p = match softmax {
+                Some(p) => p.clone(),
+                None => logits.softmax()?,
+            };
             (p.clone(), p)
         }
         ScoreFn::Sigmoid => {
@@ -65,6 +83,29 @@ pub fn aux_loss_forward(
     slots: &Tensor,
     seq_len: usize,
 ) -> Result<(Tensor, Option<AuxLossSaved>)> {
+    aux_loss_forward_with(kind, score_fn, logits, slots, seq_len, AuxInputs::default())
+}
+
+/// What the caller of [`aux_loss_forward_with`] already computed from the same logits and
+/// slots; each `Some` saves the op that would recompute it, with the same values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuxInputs<'a> {
+    /// `softmax(logits) [N, Ep]` ([`RouterSaved::probs`](crate::router::RouterSaved::probs)).
+    pub softmax: Option<&'a Tensor>,
+    /// `slots.slot_counts(None, Ep, N)` `[1, Ep]`: the picks per pool slot of the whole
+    /// call (read when the loss's segment is the whole call: aux, global_aux).
+    pub picks_per_slot: Option<&'a Tensor>,
+}
+
+/// [`aux_loss_forward`] reusing what the caller already has ([`AuxInputs`]).
+pub fn aux_loss_forward_with(
+    kind: AuxLossKind,
+    score_fn: ScoreFn,
+    logits: &Tensor,
+    slots: &Tensor,
+    seq_len: usize,
+    have: AuxInputs<'_>,
+) -> Result<(Tensor, Option<AuxLossSaved>)> {
     let (n, ep) = logits.dims2()?;
     let kk = slots.dim(1)?;
     if kind == AuxLossKind::None || n == 0 {
@@ -82,7 +123,10 @@ pub fn aux_loss_forward(
     }
     let n_seg = n / seg;
     // count [n_seg, Ep] → ∂aux/∂p_{t,i} = (1/n_seg) · Ep · f_{s,i} / S, f = count/(K·S).
-    let counts = slots.slot_counts(None, ep, seg)?;
+    let counts = match have.picks_per_slot {
+        Some(c) if seg == n && c.dims() == [1, ep] => c.clone(),
+        _ => slots.slot_counts(None, ep, seg)?,
+    };
     let per_seg =
         counts.scale((ep as f64 / (kk as f64 * seg as f64 * seg as f64 * n_seg as f64)) as f32)?;
     let coeff = if n_seg == 1 {
@@ -92,7 +136,7 @@ pub fn aux_loss_forward(
         let seg_of_token: Vec<i32> = (0..n).map(|t| (t / seg) as i32).collect();
         per_seg.index_select(&Tensor::from_vec_i32(seg_of_token, [n], logits.device())?)?
     };
-    let (p, s) = balance_probs(score_fn, logits)?;
+    let (p, s) = balance_probs(score_fn, logits, have.softmax)?;
     let aux = coeff.mul(&p)?.sum_all()?;
     Ok((
         aux,
@@ -127,26 +171,35 @@ pub struct ZLossSaved {
 
 /// z-loss `(1/N) Σ_t lse_t²` (rank-0) of `logits [N, Ep]`.
 pub fn z_loss_forward(logits: &Tensor) -> Result<(Tensor, ZLossSaved)> {
-    let lse = logits.logsumexp_last_dim()?;
+    z_loss_forward_from(logits.softmax()?, logits.logsumexp_last_dim()?)
+}
+
+/// [`z_loss_forward`] from `softmax = softmax(z) [N, Ep]` and `lse = logsumexp(z) [N]`,
+/// as the routing op computes them ([`RouterSaved::probs`](crate::router::RouterSaved::probs),
+/// [`RouterSaved::lse`](crate::router::RouterSaved::lse)).
+pub fn z_loss_forward_from(softmax: Tensor, lse: Tensor) -> Result<(Tensor, ZLossSaved)> {
     let z = if lse.numel() == 0 {
-        Tensor::scalar(0.0, logits.device())?
+        Tensor::scalar(0.0, lse.device())?
     } else {
         lse.square()?.mean_all()?
     };
-    Ok((
-        z,
-        ZLossSaved {
-            softmax: logits.softmax()?,
-            lse,
-        },
-    ))
+    Ok((z, ZLossSaved { softmax, lse }))
 }
 
 /// `scale · ∂L_z/∂z = scale · (2/N) · lse_t · softmax(z_t)` `[N, Ep]`.
 pub fn z_loss_backward(saved: &ZLossSaved, scale: f32) -> Result<Tensor> {
-    let n = saved.lse.numel().max(1);
-    let w = saved.lse.scale(2.0 * scale / n as f32)?;
-    Ok(saved.softmax.mul_col(&w)?)
+    let (lse, s) = saved.grad_term(scale);
+    Ok(saved.softmax.mul_col(&lse.scale(s)?)?)
+}
+
+impl ZLossSaved {
+    /// `(lse, scale · 2/N)`: [`z_loss_backward`] as a term of the fused router backward
+    /// ([`RouteLossGrads::z`](megamoe_tensor::ops::router::RouteLossGrads)), through the
+    /// same softmax.
+    pub fn grad_term(&self, scale: f32) -> (&Tensor, f32) {
+        let n = self.lse.numel().max(1);
+        (&self.lse, 2.0 * scale / n as f32)
+    }
 }
 
 /// Weights of the router losses in the total (seed defaults 0.01 and 1e-3).

@@ -23,7 +23,8 @@
 //! d_x (written fresh) and [`Router::gating_backward_weight`] accumulates dWr, dw_null.
 
 use megamoe_plan::ScoreFn;
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::ops::router::{RouteLossGrads, RouteSaved, RouteScore, RouteSpec};
+use megamoe_tensor::Tensor;
 
 use crate::config::RouterConfig;
 use crate::error::{check_shape, Result};
@@ -84,15 +85,29 @@ pub struct Routing {
 pub struct RouterSaved {
     /// `[N, K]` i32 chosen slots.
     slots: Tensor,
-    /// `[N, K]`: σ(z) for sigmoid, softmax of the chosen logits for softmax after top-k;
-    /// unused (empty clone of `score`) for pre-softmax.
+    /// `[N, K]` raw gates: σ(z), the chosen probabilities (pre-softmax) or the softmax of
+    /// the chosen logits (softmax after top-k).
     g_raw: Tensor,
-    /// `[N, Ep]` softmax(z_pool), kept for pre-softmax only.
-    score: Option<Tensor>,
     /// `[N, K]` 1/0 real-slot mask; `Some` with null slots.
     real_mask: Option<Tensor>,
     /// `[N, K]` input of the normalisation (masked raw gates); `Some` iff normalize.
     g_masked: Option<Tensor>,
+    /// `[N, Ep]` softmax(z_pool) (the router losses read it).
+    probs: Tensor,
+    /// `[N]` logsumexp(z_pool) (the z-loss reads it).
+    lse: Tensor,
+}
+
+impl RouterSaved {
+    /// `[N, Ep]` softmax of the pool logits, computed by the routing op.
+    pub fn probs(&self) -> &Tensor {
+        &self.probs
+    }
+
+    /// `[N]` logsumexp of the pool logits, computed by the routing op.
+    pub fn lse(&self) -> &Tensor {
+        &self.lse
+    }
 }
 
 /// The MoE router.
@@ -149,65 +164,45 @@ impl Router {
         }
     }
 
-    /// Routing: pool logits → chosen slots and their gates.
+    /// The routing rule of this router as the tensor op's spec.
+    pub fn route_spec(&self) -> RouteSpec {
+        let c = &self.cfg;
+        RouteSpec {
+            n_real: c.num_routed_experts,
+            k: c.slots_per_token(),
+            score: match (c.score_fn, c.pre_softmax) {
+                (ScoreFn::Sigmoid, _) => RouteScore::Sigmoid,
+                (ScoreFn::Softmax, true) => RouteScore::Softmax,
+                (ScoreFn::Softmax, false) => RouteScore::SoftmaxAfterTopk,
+            },
+            groups: c.group_routing.map(|g| (g.n_groups, g.topk_groups)),
+            normalize: c.normalize,
+            eps: NORMALIZE_EPS,
+            scale: c.route_scale,
+        }
+    }
+
+    /// Routing: pool logits → chosen slots and their gates, in one op ([`Tensor::route`]:
+    /// one kernel on CUDA; the composed ops on the CPU).
     pub fn routing(&self, p: &RouterParams, logits: &Tensor) -> Result<(Routing, RouterSaved)> {
         let c = &self.cfg;
-        let (e, pool, kk) = (c.num_routed_experts, c.pool_size(), c.slots_per_token());
-        // 1. scores
-        let score = match (c.score_fn, c.pre_softmax) {
-            (ScoreFn::Sigmoid, _) => logits.sigmoid()?,
-            (ScoreFn::Softmax, true) => logits.softmax()?,
-            (ScoreFn::Softmax, false) => logits.clone(),
+        let bias = match (c.expert_bias, &p.expert_bias) {
+            (true, Some(b)) => Some(b),
+            _ => None,
         };
-        // 2. selection = score + bias (real experts only)
-        let mut sel = score.clone();
-        if let (true, Some(b)) = (c.expert_bias, &p.expert_bias) {
-            let b_pool = if pool > e {
-                let zeros = Tensor::zeros([pool - e], DType::F32, b.device())?;
-                Tensor::cat(&[b, &zeros], 0)?
-            } else {
-                b.clone()
-            };
-            sel = sel.add_row(&b_pool)?;
-        }
-        // 3. group-limited mask, 4. top-K
-        if let Some(g) = c.group_routing {
-            sel = sel.group_limited_mask(g.n_groups, g.topk_groups)?;
-        }
-        let (_, slots) = sel.topk(kk)?;
-        // 5. raw gates of the chosen slots
-        let (g_raw, score_saved) = match (c.score_fn, c.pre_softmax) {
-            (ScoreFn::Sigmoid, _) => (logits.gather_cols(&slots)?.sigmoid()?, None),
-            (ScoreFn::Softmax, true) => (score.gather_cols(&slots)?, Some(score)),
-            (ScoreFn::Softmax, false) => (logits.gather_cols(&slots)?.softmax()?, None),
-        };
-        // 6. null slots get gate 0; normalise among the real ones; scale
-        let real_mask = if pool > e {
-            Some(slots.real_slot_mask(e)?)
-        } else {
-            None
-        };
-        let g_masked = match &real_mask {
-            Some(m) => g_raw.mul(m)?,
-            None => g_raw.clone(),
-        };
-        let g_norm = if c.normalize {
-            g_masked.normalize_rows(NORMALIZE_EPS)?
-        } else {
-            g_masked.clone()
-        };
-        let gates = g_norm.scale(c.route_scale)?;
+        let r = logits.route(bias, &self.route_spec())?;
         let saved = RouterSaved {
-            slots: slots.clone(),
-            g_raw,
-            score: score_saved,
-            real_mask,
-            g_masked: c.normalize.then_some(g_masked),
+            slots: r.slots.clone(),
+            g_raw: r.g_raw,
+            real_mask: r.real_mask,
+            g_masked: r.g_masked,
+            probs: r.probs,
+            lse: r.lse,
         };
         Ok((
             Routing {
-                slots,
-                gates,
+                slots: r.slots,
+                gates: r.gates,
                 logits: logits.clone(),
             },
             saved,
@@ -221,35 +216,29 @@ impl Router {
         self.routing(p, &z)
     }
 
-    /// d_gates `[N, K]` → d_z_pool `[N, Ep]` (written fresh), the choice held fixed.
+    /// d_gates `[N, K]` → d_z_pool `[N, Ep]` (written fresh), the choice held fixed
+    /// ([`Tensor::route_backward`]: one kernel on CUDA; on the CPU the composed ops, with
+    /// softmax scores renormalised among the real picks in closed form, exact through ε).
     pub fn routing_backward(&self, saved: &RouterSaved, d_gates: &Tensor) -> Result<Tensor> {
-        let c = &self.cfg;
-        let pool = c.pool_size();
-        let d_norm = d_gates.scale(c.route_scale)?;
-        if let (ScoreFn::Softmax, Some(gm)) = (c.score_fn, &saved.g_masked) {
-            return softmax_normalized_backward(saved, gm, &d_norm, pool);
-        }
-        let d_masked = match &saved.g_masked {
-            Some(gm) => gm.normalize_rows_backward(&d_norm, NORMALIZE_EPS)?,
-            None => d_norm,
+        self.routing_backward_with(saved, d_gates, RouteLossGrads::default())
+    }
+
+    /// [`Router::routing_backward`] plus router-loss terms through the softmax of the
+    /// logits (added in the same op: one kernel on CUDA).
+    pub fn routing_backward_with(
+        &self,
+        saved: &RouterSaved,
+        d_gates: &Tensor,
+        losses: RouteLossGrads<'_>,
+    ) -> Result<Tensor> {
+        let s = RouteSaved {
+            slots: &saved.slots,
+            g_raw: &saved.g_raw,
+            g_masked: saved.g_masked.as_ref(),
+            real_mask: saved.real_mask.as_ref(),
+            probs: &saved.probs,
         };
-        let d_raw = match &saved.real_mask {
-            Some(m) => d_masked.mul(m)?,
-            None => d_masked,
-        };
-        Ok(match (c.score_fn, &saved.score) {
-            (ScoreFn::Sigmoid, _) => saved
-                .g_raw
-                .sigmoid_backward(&d_raw)?
-                .scatter_cols(&saved.slots, pool)?,
-            (ScoreFn::Softmax, Some(s)) => {
-                s.softmax_backward(&d_raw.scatter_cols(&saved.slots, pool)?)?
-            }
-            (ScoreFn::Softmax, None) => saved
-                .g_raw
-                .softmax_backward(&d_raw)?
-                .scatter_cols(&saved.slots, pool)?,
-        })
+        Ok(d_gates.route_backward(s, &self.route_spec(), losses)?)
     }
 
     /// d_z_pool `[N, Ep]` → d_x `[N, H]` (written fresh).
@@ -305,44 +294,4 @@ impl Router {
         }
         Ok(())
     }
-}
-
-/// Backward of softmax scores followed by the renormalisation among the real picks, in
-/// closed form. With `p` the softmax (over the pool, or over the K picked logits), `R` the
-/// real picks, `S = Σ_R p`, `g = p / (S + ε)` on `R` (0 elsewhere) and `C = Σ_j g_j d_j`:
-///
-/// ```text
-/// ∂L/∂z_i = [i ∈ R] · g_i (d_i − C) − p_i · ε/(S + ε) · C
-/// ```
-///
-/// The gates are a ratio of softmax values, so every logit outside `R` (null slots, unpicked
-/// experts) reaches them only through ε. Composing the two backwards instead computes that
-/// near-zero term as `p_i · Σ_j p_j d'_j`, a sum that cancels to f32 rounding noise of the gate
-/// gradient; in this form it is exact, and the null-slot logit's gradient is what the aux and
-/// z losses give it.
-fn softmax_normalized_backward(
-    saved: &RouterSaved,
-    g_masked: &Tensor,
-    d_norm: &Tensor,
-    pool: usize,
-) -> Result<Tensor> {
-    let g = g_masked.normalize_rows(NORMALIZE_EPS)?;
-    let gd = g.mul(d_norm)?;
-    let cross = gd.sum_last_dim()?;
-    let picked = gd.sub(&g.mul_col(&cross)?)?;
-    // ε/(S + ε) · C per token (0 when every pick is null: then C = 0)
-    let eps_share = g_masked
-        .sum_last_dim()?
-        .add_scalar(NORMALIZE_EPS)?
-        .recip()?
-        .scale(NORMALIZE_EPS)?
-        .mul(&cross)?;
-    Ok(match &saved.score {
-        Some(p) => picked
-            .scatter_cols(&saved.slots, pool)?
-            .sub(&p.mul_col(&eps_share)?)?,
-        None => picked
-            .sub(&saved.g_raw.mul_col(&eps_share)?)?
-            .scatter_cols(&saved.slots, pool)?,
-    })
 }
