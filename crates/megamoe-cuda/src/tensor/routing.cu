@@ -343,9 +343,19 @@ extern "C" __global__ void sort_place(const int* __restrict__ idx, const int* __
 }
 
 // Slot counts per segment: cnt [segs, n_slots] (i32, zeroed) += 1 per counted assignment.
+// One segment of at most SLOT_SHARED slots (the router's totals): each block counts into
+// shared memory first, then adds its nonzero bins (integer sums: the same counts either way,
+// with far fewer atomics on the few global bins).
+#define SLOT_SHARED 1024
 extern "C" __global__ void slot_counts(const int* __restrict__ idx, const float* __restrict__ keep,
                                        int n, int k, int seg, int n_slots, int* __restrict__ cnt,
                                        int* err) {
+    __shared__ int local[SLOT_SHARED];
+    const bool shared = (long long)k * seg >= (long long)n && n_slots <= SLOT_SHARED;
+    if (shared) {
+        for (int s = threadIdx.x; s < n_slots; s += blockDim.x) local[s] = 0;
+        __syncthreads();
+    }
     for (int a = blockIdx.x * blockDim.x + threadIdx.x; a < n; a += gridDim.x * blockDim.x) {
         int s = idx[a];
         if (s < 0 || s >= n_slots) {
@@ -353,7 +363,15 @@ extern "C" __global__ void slot_counts(const int* __restrict__ idx, const float*
             continue;
         }
         if (keep && keep[a] == 0.f) continue;
-        atomicAdd(&cnt[(size_t)(a / k / seg) * n_slots + s], 1);
+        if (shared)
+            atomicAdd(&local[s], 1);
+        else
+            atomicAdd(&cnt[(size_t)(a / k / seg) * n_slots + s], 1);
+    }
+    if (shared) {
+        __syncthreads();
+        for (int s = threadIdx.x; s < n_slots; s += blockDim.x)
+            if (local[s] != 0) atomicAdd(&cnt[s], local[s]);
     }
 }
 
