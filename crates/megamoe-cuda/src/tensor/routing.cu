@@ -154,17 +154,25 @@ extern "C" __global__ void route_hist(const int* __restrict__ idx, const float* 
 }
 
 // Per expert, in chunk order: hist becomes the exclusive prefix over chunks; counts[e] = total.
+// One warp per expert scans 32 chunks per step (integer shuffles: the serial loop's values).
 extern "C" __global__ void route_scan(int* __restrict__ hist, int chunks, int n_real,
                                       int* __restrict__ counts) {
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= n_real) return;
+    const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (e >= n_real) return; // uniform per warp
     int run = 0;
-    for (int c = 0; c < chunks; c++) {
-        int v = hist[(size_t)c * n_real + e];
-        hist[(size_t)c * n_real + e] = run;
-        run += v;
+    for (int c0 = 0; c0 < chunks; c0 += 32) {
+        const int c = c0 + lane;
+        const int v = c < chunks ? hist[(size_t)c * n_real + e] : 0;
+        int x = v; // inclusive scan over the warp's 32 chunks
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (c < chunks) hist[(size_t)c * n_real + e] = run + x - v;
+        run += __shfl_sync(0xffffffffu, x, 31);
     }
-    counts[e] = run;
+    if (lane == 0) counts[e] = run;
 }
 
 // pos[a] = position of assignment a among its expert's (in flat order), -1 if not taking part.

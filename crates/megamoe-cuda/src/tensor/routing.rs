@@ -377,7 +377,7 @@ impl RouteKernels {
         self.go(
             gpu,
             self.k.route_scan,
-            grid(n_real),
+            n_real.div_ceil(BLOCK as usize / 32).max(1) as u32,
             BLOCK,
             &mut [arg(&hp), arg(&ci), arg(&nr), arg(&counts)],
         )?;
