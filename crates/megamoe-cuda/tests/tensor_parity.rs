@@ -288,6 +288,77 @@ fn elementwise_ops_match_cpu() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn binary_vectorised_path_matches_the_scalar_path_bitwise() {
+    // bf16 operands of a multiple of 8 elements, 16-byte aligned: the 8-wide path; the same
+    // data one element into its buffers (2-byte aligned): the scalar path. Same bits, and
+    // the bits of the CPU op on the rounded inputs, rounded once (bf16 output), or as is
+    // (f32 output, in place as axpy runs it).
+    let mut env = Env::new();
+    let n = 8 * 1031;
+    let (a, b) = (rounded(&randn(41, n, 1.0)), rounded(&randn(42, n, 2.0)));
+    let pad = |v: &[f32]| [&[0.5f32][..], v].concat();
+    let bf = |v: Vec<f32>| rounded(&v);
+    for (g, c) in [
+        (Binary::Add, BinaryOp::Add),
+        (Binary::Sub, BinaryOp::Sub),
+        (Binary::Mul, BinaryOp::Mul),
+    ] {
+        let want = bf(host(&cpu(&a, &[n]).binary(&cpu(&b, &[n]), c).unwrap()));
+        let (ad, bd, y) = (
+            env.up(&a, Dtype::Bf16),
+            env.up(&b, Dtype::Bf16),
+            env.out(n, Dtype::Bf16),
+        );
+        let (ap, bp) = (env.up(&pad(&a), Dtype::Bf16), env.up(&pad(&b), Dtype::Bf16));
+        let yp = env.out(n + 1, Dtype::Bf16);
+        let shift = |d: Dev| Dev::new(d.ptr + 2, Dtype::Bf16);
+        unsafe {
+            env.k
+                .binary(&env.gpu, g, ad, bd, y, n, Broadcast::None, 1.0)
+                .unwrap();
+            env.k
+                .binary(
+                    &env.gpu,
+                    g,
+                    shift(ap),
+                    shift(bp),
+                    shift(yp),
+                    n,
+                    Broadcast::None,
+                    1.0,
+                )
+                .unwrap();
+        }
+        let (vec, scalar) = (env.down(y, n), env.down(yp, n + 1)[1..].to_vec());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&vec), bits(&scalar), "{c:?}: 8-wide vs scalar path");
+        assert_eq!(bits(&vec), bits(&want), "{c:?}: vs the CPU op, rounded");
+        check(&format!("{c:?} bf16 8-wide"), &vec, &want, 0.0);
+    }
+    // in place, f32 accumulator += alpha * bf16 (axpy), 8-wide
+    let acc = env.up(&a, Dtype::F32);
+    let bd = env.up(&b, Dtype::Bf16);
+    unsafe {
+        env.k
+            .binary(
+                &env.gpu,
+                Binary::Add,
+                acc,
+                bd,
+                acc,
+                n,
+                Broadcast::None,
+                -0.625,
+            )
+            .unwrap()
+    };
+    let mut want = cpu(&a, &[n]);
+    want.axpy(-0.625, &cpu(&b, &[n])).unwrap();
+    check("axpy in place 8-wide", &env.down(acc, n), &host(&want), 0.0);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
 fn masks_casts_and_integer_ops_match_cpu() {
     let mut env = Env::new();
     let n = 5000;

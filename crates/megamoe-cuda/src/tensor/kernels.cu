@@ -107,10 +107,33 @@ extern "C" __global__ void unary(int op, float mul, float add, const void* x, in
     GRID_STRIDE(i, n) st(y, yt, i, unary_f(op, ld(x, xt, i), mul, add));
 }
 
+// 8 elements from i (i % 8 == 0, 16-byte aligned base), f32 or bf16.
+__device__ __forceinline__ void ld8(const void* p, int dt, size_t i, float* v);
+// 8 elements to i (as `st` rounds: f32, or bf16 by __float2bfloat16).
+__device__ __forceinline__ void st8(void* p, int dt, size_t i, const float* v);
+
 // y[i] = op(a[i], alpha * b[j]), j by broadcast mode: 0 same index, 1 row (i % h),
-// 2 column (i / h), 3 scalar (0). `y` may be `a` (in place).
+// 2 column (i / h), 3 scalar (0). `y` may be `a` (in place). With `vec` (mode 0, float
+// types, n % 8 == 0, 16-byte aligned a, b, y) 8 consecutive elements per thread step
+// (16-byte bf16 accesses; the residual-stream sums are [N, H] bf16): the same formula per
+// element, so the same bits.
 extern "C" __global__ void binary(int op, const void* a, int at, const void* b, int bt, void* y,
-                                  int yt, size_t n, int mode, size_t h, float alpha) {
+                                  int yt, size_t n, int mode, size_t h, float alpha, int vec) {
+    if (vec) {
+        GRID_STRIDE(c, n >> 3) {
+            const size_t i = c << 3;
+            float av[8], bv[8];
+            ld8(a, at, i, av);
+            ld8(b, bt, i, bv);
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                if (alpha != 1.f) bv[q] = __fmul_rn(alpha, bv[q]);
+                av[q] = binary_f(op, av[q], bv[q]);
+            }
+            st8(y, yt, i, av);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         size_t j = mode == 0 ? i : mode == 1 ? i % h : mode == 2 ? i / h : 0;
         float bv = ld(b, bt, j);
