@@ -457,12 +457,57 @@ impl Gpu {
         self.lt_launch(key, (a.ptr, b.ptr, c.ptr), alpha, beta, algo)
     }
 
+    /// `D[m, n] = alpha · op(A) · op(B) + beta · C` with the result in `d`, a buffer other
+    /// than C's of C's type and layout (batch 1, the heuristic's first candidate): a
+    /// residual add folded into its GEMM (C the residual stream, read; D fresh). Classic
+    /// cuBLAS has no D ≠ C, so this takes cuBLASLt whatever [`GEMM_PATH_VAR`] says.
+    /// `Ok(false)`: cuBLASLt has no algorithm for this problem (nothing was launched).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_lt_into(
+        &self,
+        mnk: (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        d: u64,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<bool> {
+        let (m, n, k) = mnk;
+        if a.elem != b.elem || c.trans || m == 0 || n == 0 || k == 0 {
+            return Err(Error::invalid(
+                "gemm_lt_into operands",
+                format!("m={m} n={n} k={k} A {:?} B {:?}", a.elem, b.elem),
+                "A and B of one type, C not transposed, every dimension >= 1",
+            ));
+        }
+        let mut key = key(mnk, &a, &b, &c, 1);
+        // one plan serves C and D: the alignment both have
+        key.c.3 = key.c.3.min(align(d, 0, c.elem, 1));
+        if !self.lt.plan(key)? {
+            return Ok(false);
+        }
+        self.lt_launch_into(key, (a.ptr, b.ptr, c.ptr, d), alpha, beta, 0)
+    }
+
     /// Candidate `algo` of the cached plan `key` on these operand addresses (which must
     /// have the key's alignment); `Ok(false)`: no such plan or candidate.
     fn lt_launch(
         &self,
         key: Key,
         (a, b, c): (u64, u64, u64),
+        alpha: f32,
+        beta: f32,
+        algo: usize,
+    ) -> Result<bool> {
+        self.lt_launch_into(key, (a, b, c, c), alpha, beta, algo)
+    }
+
+    /// [`Gpu::lt_launch`] with the result in `d` (C's layout; `d` may be `c`).
+    fn lt_launch_into(
+        &self,
+        key: Key,
+        (a, b, c, d): (u64, u64, u64, u64),
         alpha: f32,
         beta: f32,
         algo: usize,
@@ -488,7 +533,7 @@ impl Gpu {
                 l[1],
                 c as *const c_void,
                 l[2],
-                c as *mut c_void,
+                d as *mut c_void,
                 l[2],
                 &h.algo,
                 lt.workspace.0 as *mut c_void,

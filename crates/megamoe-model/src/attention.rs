@@ -244,6 +244,30 @@ impl Attention {
         b: usize,
         t: usize,
     ) -> Result<(Tensor, AttentionSaved)> {
+        self.forward_impl(p, x, b, t, None)
+    }
+
+    /// [`Attention::forward`] with the block's residual stream added by the output
+    /// projection: `y = residual + o W_oᵀ` ([`Tensor::matmul_add`]: one GEMM on a GPU in
+    /// bf16; on the CPU the bits of `residual.add(&forward(..).0)`). Same saved state.
+    pub fn forward_residual(
+        &self,
+        p: &AttentionParams,
+        x: &Tensor,
+        (b, t): (usize, usize),
+        residual: &Tensor,
+    ) -> Result<(Tensor, AttentionSaved)> {
+        self.forward_impl(p, x, b, t, Some(residual))
+    }
+
+    fn forward_impl(
+        &self,
+        p: &AttentionParams,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, AttentionSaved)> {
         if x.dims() != [b * t, self.cfg.d_model] {
             return Err(Error::Input {
                 arg: "attention x",
@@ -257,7 +281,10 @@ impl Attention {
         let v = self.heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
         let (o_heads, attn) = Tensor::causal_attention_bshd(&q, &k, &v, self.scale())?;
         let o = self.merged(o_heads, false)?;
-        let y = o.matmul(&p.o_proj, false, true)?;
+        let y = match residual {
+            Some(r) => r.matmul_add(&o, &p.o_proj, true)?,
+            None => o.matmul(&p.o_proj, false, true)?,
+        };
         Ok((
             y,
             AttentionSaved {

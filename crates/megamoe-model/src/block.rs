@@ -1,7 +1,8 @@
 //! One pre-norm decoder block: attention then FFN (dense or MoE), residual sums explicit.
 //!
 //! ```text
-//! plain:     x1 = x + A(N1(x));            y = x1 + F(N2(x1))
+//! plain:     x1 = x + A(N1(x));            y = x1 + F(N2(x1))   (each add folded into the
+//!            op writing its branch's output: A's o_proj GEMM, F's down GEMM / MoE sum)
 //! GateSkip:  A and F outputs pass through a `skip_gate` (gate_skip.rs): out = keep ⊙ g ⊙ f,
 //!            and the residual add touches only kept rows (skipped rows copied bit-for-bit)
 //! FlexiDepth (adaptive layers, flexi_depth.rs), with router score g [N] and m = [g > τ]:
@@ -378,6 +379,13 @@ impl Block {
     ) -> Result<(Tensor, BlockOutputs, BlockSaved)> {
         let mut out = BlockOutputs::default();
         let gates = p.skip_gate.as_ref();
+        // Without TP, GateSkip and FlexiDepth each residual add folds into the op that
+        // writes its branch's output (the attention's o_proj GEMM, the FFN's last op).
+        let gated = self.gate_skip.is_some() && gates.is_some();
+        let flexi = self.flexi_depth.is_some() && p.flexi_depth.is_some();
+        if self.tp.is_none() && !gated && !flexi {
+            return self.forward_folded(p, x, cx);
+        }
         // Attention branch.
         let (h1, n1) = self.norm.forward(x, Some(&p.input_layernorm))?;
         let (a, attn) = {
@@ -457,6 +465,38 @@ impl Block {
                 flexi,
             },
         ))
+    }
+
+    /// [`Block::forward`] of a plain block (no TP, GateSkip or FlexiDepth): the residual
+    /// adds folded into their producers (`x1 = x + o W_oᵀ` one GEMM on a GPU, `y = x1 +
+    /// ffn(N2(x1))` the FFN's last op). On the CPU the bits of the unfused path.
+    fn forward_folded(
+        &self,
+        p: &BlockParams,
+        x: &Tensor,
+        cx: &BlockCx<'_>,
+    ) -> Result<(Tensor, BlockOutputs, BlockSaved)> {
+        let (h1, n1) = self.norm.forward(x, Some(&p.input_layernorm))?;
+        let (x1, attn) = self
+            .attn
+            .forward_residual(&p.self_attn, &h1, (cx.b, cx.t), x)?;
+        let (h2, n2) = self.norm.forward(&x1, Some(&p.post_attention_layernorm))?;
+        let (y, moe, ffn) = self.ffn.forward_residual(&p.mlp, &h2, &x1)?;
+        let out = BlockOutputs {
+            moe,
+            ..BlockOutputs::default()
+        };
+        let saved = BlockSaved {
+            b: cx.b,
+            n1,
+            attn,
+            attn_gate: None,
+            n2,
+            ffn,
+            mlp_gate: None,
+            flexi: None,
+        };
+        Ok((y, out, saved))
     }
 
     /// `d_y [N, H]` → `d_x [N, H]` (fresh).

@@ -218,6 +218,36 @@ impl Ffn {
         }
     }
 
+    /// [`Ffn::forward`] with the block's residual stream added: `y = residual + ffn(x)`,
+    /// folded into the last op of the branch (the dense down projection's GEMM, the MoE
+    /// layer's output sum: [`MoeLayer::forward_residual`]). On the CPU the bits of `residual.add(&forward(..).0)`.
+    pub fn forward_residual(
+        &self,
+        p: &FfnParams,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> Result<(Tensor, Option<FfnOutput>, FfnSaved)> {
+        match (self, p) {
+            (Ffn::Dense(m), FfnParams::Dense(p)) => {
+                let (y, s) = m.forward_residual(p, x, residual)?;
+                Ok((y, None, FfnSaved::Dense(s)))
+            }
+            (Ffn::Moe(m), FfnParams::Moe(p)) => {
+                let (out, s) = m.forward_residual(p, x, residual)?;
+                Ok((
+                    out.y,
+                    Some(FfnOutput {
+                        aux_loss: out.aux_loss,
+                        z_loss: out.z_loss,
+                        stats: out.stats,
+                    }),
+                    FfnSaved::Moe(Box::new(s)),
+                ))
+            }
+            _ => Err(mismatch()),
+        }
+    }
+
     /// `d_y` → `d_x` (fresh); MoE router-loss gradients enter here with `scale`.
     pub fn backward_input(
         &self,

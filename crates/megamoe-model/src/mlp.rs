@@ -141,6 +141,27 @@ pub struct Mlp {
 impl Mlp {
     /// `x [N, H]` → `y [N, H]`.
     pub fn forward(&self, p: &MlpParams, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
+        self.forward_impl(p, x, None)
+    }
+
+    /// [`Mlp::forward`] with a residual stream added by the down projection:
+    /// `y = residual + act W_downᵀ` ([`Tensor::matmul_add`]: one GEMM on a GPU in bf16; on
+    /// the CPU the bits of `residual.add(&forward(..).0)`). Same saved state.
+    pub fn forward_residual(
+        &self,
+        p: &MlpParams,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> Result<(Tensor, MlpSaved)> {
+        self.forward_impl(p, x, Some(residual))
+    }
+
+    fn forward_impl(
+        &self,
+        p: &MlpParams,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, MlpSaved)> {
         let up = x.matmul(&p.up_proj, false, true)?;
         let (gate, act) = match self.cfg.activation {
             Activation::SwiGlu => {
@@ -155,7 +176,10 @@ impl Mlp {
             Activation::Relu2 => (None, up.relu2()?),
             Activation::Gelu => (None, up.gelu()?),
         };
-        let y = act.matmul(&p.down_proj, false, true)?;
+        let y = match residual {
+            Some(r) => r.matmul_add(&act, &p.down_proj, true)?,
+            None => act.matmul(&p.down_proj, false, true)?,
+        };
         Ok((
             y,
             MlpSaved {

@@ -325,6 +325,35 @@ impl MoeLayer {
 
     /// `x [N, H]` → output and saved state.
     pub fn forward(&self, params: &MoeParams, x: &Tensor) -> Result<(MoeOutput, MoeSaved)> {
+        self.forward_impl(params, x, None)
+    }
+
+    /// [`MoeLayer::forward`] with the block's residual stream `residual [N, H]` added to
+    /// the output: `y = residual + (y_shared + y_routed)` in one op ([`Tensor::add_sum`]: on
+    /// the CPU the bits of `residual.add(&forward(..).y)`, on a GPU one pass instead of two
+    /// adds). The saved state and backward are [`MoeLayer::forward`]'s (`d_residual = d_y`).
+    pub fn forward_residual(
+        &self,
+        params: &MoeParams,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> Result<(MoeOutput, MoeSaved)> {
+        if residual.dims() != x.dims() {
+            return Err(Error::ParamShape {
+                what: "residual",
+                expected: x.dims().to_vec(),
+                got: residual.dims().to_vec(),
+            });
+        }
+        self.forward_impl(params, x, Some(residual))
+    }
+
+    fn forward_impl(
+        &self,
+        params: &MoeParams,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<(MoeOutput, MoeSaved)> {
         let n = self.check_input(params, x)?;
         let shared_fwd = || -> Result<Option<(Tensor, SharedExpertsSaved)>> {
             match (&self.shared_experts, &params.shared_experts) {
@@ -352,9 +381,11 @@ impl MoeLayer {
             let r = self.routed_forward(params, x, n)?;
             (r, shared_fwd()?)
         };
-        let (y, shared_saved) = match shared {
-            Some((ys, s)) => (ys.add(&routed.y)?, Some(s)),
-            None => (routed.y, None),
+        let (y, shared_saved) = match (shared, residual) {
+            (Some((ys, s)), Some(r)) => (r.add_sum(&ys, &routed.y)?, Some(s)),
+            (Some((ys, s)), None) => (ys.add(&routed.y)?, Some(s)),
+            (None, Some(r)) => (r.add(&routed.y)?, None),
+            (None, None) => (routed.y, None),
         };
         let mut stats = routed.stats;
         if let Some(s) = &shared_saved {

@@ -6,9 +6,9 @@
 //! [`Backend`] supertrait: [`HostTransfer`] (allocation, host copies, casts),
 //! [`ElementwiseKernels`], [`ScalarKernels`], [`ReduceKernels`], [`SoftmaxKernels`],
 //! [`NormKernels`], [`RopeKernels`], [`LossKernels`], [`TopkKernels`], [`IndexKernels`],
-//! [`MatmulKernels`], [`AttentionKernels`], [`RoutingKernels`], [`CapacityKernels`], [`OptimKernels`],
-//! [`RngKernels`]. No method has a default body, so a backend that misses a kernel does
-//! not compile: adding CUDA means `impl <Family> for CudaBackend` for each family, a
+//! [`MatmulKernels`], [`ResidualKernels`], [`AttentionKernels`], [`RoutingKernels`], [`CapacityKernels`], [`OptimKernels`],
+//! [`RngKernels`]. No method has a default body (except [`ResidualKernels`]': the unfused
+//! ops it fuses), so a backend that misses a kernel does not compile: adding CUDA means `impl <Family> for CudaBackend` for each family, a
 //! `Storage::Cuda` variant behind feature `cuda`, and one arm in [`Tensor::backend`] and
 //! [`backend_for`].
 //!
@@ -42,6 +42,7 @@ use crate::ops::matmul::MatmulKernels;
 use crate::ops::norm::NormKernels;
 use crate::ops::optim::OptimKernels;
 use crate::ops::reduce::ReduceKernels;
+use crate::ops::residual::ResidualKernels;
 use crate::ops::rng::RngKernels;
 use crate::ops::rope::RopeKernels;
 use crate::ops::routing::RoutingKernels;
@@ -81,6 +82,7 @@ pub trait Backend:
     + TopkKernels
     + IndexKernels
     + MatmulKernels
+    + ResidualKernels
     + AttentionKernels
     + RoutingKernels
     + CapacityKernels

@@ -167,6 +167,24 @@ extern "C" __global__ void rms_norm_fwd_vec(const T* __restrict__ x, const T* __
     }
 }
 
+// Residual-stream sum y = a + (b + c) (an MoE block's output: the residual plus the shared
+// and routed experts' outputs), f32 math, rounded once to T; 8 elements per thread step
+// (the caller guarantees n % 8 == 0 and 16-byte aligned buffers; n8 = n / 8).
+extern "C" __global__ void add_sum_vec(const T* __restrict__ a, const T* __restrict__ b,
+                                       const T* __restrict__ c, T* __restrict__ y, size_t n8) {
+    for (size_t k = blockIdx.x * (size_t)BLOCK + threadIdx.x; k < n8;
+         k += (size_t)gridDim.x * BLOCK) {
+        const size_t i = k * VEC;
+        float av[VEC], bv[VEC], cv[VEC];
+        ld8(a + i, av);
+        ld8(b + i, bv);
+        ld8(c + i, cv);
+#pragma unroll
+        for (int q = 0; q < VEC; q++) av[q] = __fadd_rn(av[q], __fadd_rn(bv[q], cv[q]));
+        st8(y + i, av);
+    }
+}
+
 // RMSNorm backward fused with the residual gradient, rows [blockIdx.x * per, +per):
 //   out = res + rstd * (g - xhat * mean(g * xhat)) (f32), g = dy * w, xhat = x * rstd;
 //   act (when not null) the same values stored as T;

@@ -1,4 +1,5 @@
-//! The transformer-step kernels with a raw API (device buffers + shapes): RMSNorm, RoPE,
+//! The transformer-step kernels with a raw API (device buffers + shapes): RMSNorm and the
+//! residual stream's sum, RoPE,
 //! softmax cross-entropy over the vocabulary, embedding gather and its deterministic
 //! scatter-add backward, causal GQA attention on cuBLAS GEMMs with a masked-softmax
 //! kernel, fused causal attention on tensor cores ([`FlashAttention`]: no `[T, T]` matrix
@@ -37,6 +38,7 @@ const BLOCK: u32 = 256;
 struct Kernels {
     rms_norm_fwd: dsys::CUfunction,
     rms_norm_fwd_vec: dsys::CUfunction,
+    add_sum_vec: dsys::CUfunction,
     rms_norm_bwd_input: dsys::CUfunction,
     rms_norm_bwd_add: dsys::CUfunction,
     rms_norm_bwd_add_f32dy: dsys::CUfunction,
@@ -82,6 +84,7 @@ impl Ops {
         let k = Kernels {
             rms_norm_fwd: get("rms_norm_fwd")?,
             rms_norm_fwd_vec: get("rms_norm_fwd_vec")?,
+            add_sum_vec: get("add_sum_vec")?,
             rms_norm_bwd_input: get("rms_norm_bwd_input")?,
             rms_norm_bwd_add: get("rms_norm_bwd_add")?,
             rms_norm_bwd_add_f32dy: get("rms_norm_bwd_add_f32dy")?,

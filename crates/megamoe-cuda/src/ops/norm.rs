@@ -1,4 +1,5 @@
-//! RMSNorm (forward, input and weight gradients) and rotate-half RoPE.
+//! RMSNorm (forward, input and weight gradients), the residual stream's three-way sum and
+//! rotate-half RoPE.
 
 use super::{int, need, positive, stride_grid, Ops, BLOCK};
 use crate::device::{arg, Gpu};
@@ -71,6 +72,49 @@ impl Ops {
                 ],
             )
         }
+    }
+
+    /// `y = a + (b + c)` over `n` elements of the storage type (f32 math, rounded once): a
+    /// residual plus two branch outputs in one pass. `Ok(false)`, nothing launched, unless
+    /// `n` is a multiple of 8 and every buffer 16-byte aligned (the caller adds unfused).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_sum(
+        &self,
+        gpu: &Gpu,
+        a: &impl DeviceMem,
+        b: &impl DeviceMem,
+        c: &impl DeviceMem,
+        y: &impl DeviceMem,
+        n: usize,
+    ) -> Result<bool> {
+        let es = self.elem.size();
+        for (what, t) in [
+            ("add_sum a", a as &dyn DeviceMem),
+            ("add_sum b", b),
+            ("add_sum c", c),
+            ("add_sum y", y),
+        ] {
+            need(what, t, n, es)?;
+        }
+        if n == 0 || !n.is_multiple_of(VEC) || !aligned16(&[a.ptr(), b.ptr(), c.ptr(), y.ptr()]) {
+            return Ok(false);
+        }
+        let n8 = n / VEC;
+        unsafe {
+            gpu.launch(
+                self.k.add_sum_vec,
+                stride_grid(n8),
+                BLOCK,
+                &mut [
+                    arg(&a.ptr()),
+                    arg(&b.ptr()),
+                    arg(&c.ptr()),
+                    arg(&y.ptr()),
+                    arg(&n8),
+                ],
+            )?;
+        }
+        Ok(true)
     }
 
     /// Input gradient of RMSNorm: `dx = rstd·(g − x̂·mean(g⊙x̂))`, `g = dy⊙w`, `x̂ = x·rstd`.

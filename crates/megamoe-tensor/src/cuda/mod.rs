@@ -33,6 +33,7 @@ mod grouped;
 pub use grouped::set_group_gemm_streams;
 mod host;
 mod matmul;
+mod residual;
 /// Bytes every GPU engine takes from its pool when it opens (the cuBLAS workspace).
 pub const ENGINE_POOL_BYTES: usize = megamoe_cuda::CUBLAS_WORKSPACE;
 pub(crate) mod offload;

@@ -27,6 +27,7 @@ pub mod matmul;
 pub mod norm;
 pub mod optim;
 pub mod reduce;
+pub mod residual;
 pub mod rng;
 pub mod rope;
 pub mod router;
