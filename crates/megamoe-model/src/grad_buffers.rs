@@ -1,5 +1,6 @@
 //! Persistent gradient buffers: [`GradBuffers`] holds a model's gradients in ONE flat
-//! write-through buffer (allocated once, zeroed in place each step), each parameter's gradient
+//! write-through buffer (allocated once, zeroed in place each step — or lazily,
+//! [`GradBuffers::zero_deferred`]: the first GEMM into a gradient overwrites it), each parameter's gradient
 //! a view of it at its [`FlatLayout`] offset, and groups consecutive parameters into
 //! contiguous buckets (the unit of a data-parallel all-reduce or reduce-scatter).
 //!
@@ -225,6 +226,35 @@ impl GradBuffers {
         Ok(())
     }
 
+    /// Sets every gradient to zero lazily: the flat buffer defers the zeroing of each
+    /// gradient's range (megamoe-tensor's `Tensor::defer_zero`), so the first accumulating
+    /// GEMM into a gradient overwrites it and only what another op writes first is filled
+    /// (that range alone); separate buffers are filled as [`GradBuffers::zero`] fills them.
+    /// Reading a gradient still deferred is an error until [`GradBuffers::settle`].
+    pub fn zero_deferred(&mut self) -> Result<()> {
+        self.check_attached()?;
+        match &self.flat {
+            Some(flat) => Ok(flat.defer_zero(self.layout.slots().iter().map(|s| s.range()))?),
+            None => self.zero(),
+        }
+    }
+
+    /// Writes the zeros still deferred (the gradients nothing wrote since
+    /// [`GradBuffers::zero_deferred`]; one fill per run of adjacent ones): call it after the
+    /// backward, before anything reads the gradients (a reduce, the clip, the optimizer,
+    /// which reads the flat buffer by address).
+    pub fn settle(&self) -> Result<()> {
+        if let Some(flat) = &self.flat {
+            flat.settle_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Gradients whose zeroing is still deferred (see [`GradBuffers::zero_deferred`]).
+    pub fn deferred_elems(&self) -> usize {
+        self.flat.as_ref().map_or(0, Tensor::deferred_elems)
+    }
+
     /// The layout.
     pub fn layout(&self) -> &FlatLayout {
         &self.layout
@@ -259,7 +289,8 @@ impl GradBuffers {
     }
 
     /// Bucket `b` as a `[len]` view of the flat buffer (its slots in layout order; no copy):
-    /// reduce it and write the result back into it in place.
+    /// reduce it and write the result back into it in place. Its deferred zeros are written
+    /// first ([`GradBuffers::zero_deferred`]).
     pub fn bucket(&self, b: usize) -> Result<Tensor> {
         let bucket = self.layout.buckets.get(b).ok_or(Error::Stage {
             micro_batch: None,
@@ -270,7 +301,9 @@ impl GradBuffers {
             micro_batch: None,
             rule: "separate gradient buffers have no bucket views",
         })?;
-        Ok(flat.view(bucket.elems.start, [bucket.elems.len()])?)
+        let view = flat.view(bucket.elems.start, [bucket.elems.len()])?;
+        view.settle_deferred()?;
+        Ok(view)
     }
 
     /// Every gradient still views its slot of the flat buffer.
@@ -447,6 +480,59 @@ mod tests {
         gb.grads().visit(&mut |n, t, _| {
             assert!(t.to_host_f32().unwrap().iter().all(|&v| v == 0.0), "{n}")
         });
+    }
+
+    #[test]
+    fn deferred_zeroing_gives_the_bits_of_zeroing_first() {
+        // Every feature: tied and MTP parameters get several contributions, norms and the
+        // embedding are written by other ops first; two micro-batches (the second
+        // accumulates); a stale buffer (NaN, as after a non-finite step) must not leak.
+        let model = Model::new(
+            ModelConfig::from_plan(&tiny_plan(&format!("{MOE}{ALL_FEATURES}"))).unwrap(),
+        )
+        .unwrap();
+        let p = model.init_params().unwrap();
+        let mut eager = GradBuffers::new(&p, 1 << 10).unwrap();
+        let mut lazy = GradBuffers::new(&p, 1 << 10).unwrap();
+        let mut stale = lazy.flat().unwrap().clone();
+        for step in 0..2 {
+            stale.fill_in_place(f32::NAN).unwrap();
+            eager.zero().unwrap();
+            lazy.zero_deferred().unwrap();
+            assert_eq!(lazy.deferred_elems(), lazy.layout().numel());
+            let (ids, tg) = batch(2, 6, 13, step);
+            for gb in [&mut eager, &mut lazy] {
+                for scale in [0.5, 0.5] {
+                    let out = model.forward(&p, &ids, &tg, 1).unwrap();
+                    model
+                        .backward(&p, out.saved, gb.grads_mut(), scale)
+                        .unwrap();
+                }
+            }
+            lazy.settle().unwrap();
+            assert_eq!(lazy.deferred_elems(), 0);
+            let bits = |gb: &GradBuffers| -> Vec<u32> {
+                let v = gb.flat().unwrap().to_host_f32().unwrap();
+                // 0 + (-0) is +0 where the overwrite keeps -0: the same value.
+                v.iter()
+                    .map(|x| if *x == 0.0 { 0 } else { x.to_bits() })
+                    .collect()
+            };
+            assert_eq!(bits(&lazy), bits(&eager), "step {step}");
+        }
+        // A gradient no op wrote this step reads zeros once settled, whatever it held.
+        stale.fill_in_place(f32::NAN).unwrap();
+        lazy.zero_deferred().unwrap();
+        let slot = lazy.layout().slots()[1].clone();
+        assert!(lazy.get(&slot.name).unwrap().to_host_f32().is_err());
+        let v = lazy.bucket(slot.bucket).unwrap().to_host_f32().unwrap();
+        assert!(
+            v.iter().all(|&x| x == 0.0),
+            "a bucket is settled for its reduce"
+        );
+        lazy.settle().unwrap();
+        let g = lazy.get(&slot.name).unwrap().to_host_f32().unwrap();
+        assert!(g.iter().all(|&x| x == 0.0));
     }
 
     #[test]

@@ -97,6 +97,6 @@ pub use ops::rng::InitDist;
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
 pub use sync::host_reads;
-pub use tensor::{Layout, Tensor};
+pub use tensor::{Layout, Tensor, READ_DEFERRED};
 pub use threads::on_compute_threads;
 pub use weight_copies::WeightCopies;

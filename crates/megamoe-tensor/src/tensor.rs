@@ -27,7 +27,9 @@
 //!   while it is written (the buffer's owner — one trainer, one rank — guarantees it; this is
 //!   the `unsafe` contract of [`Tensor::write_through_zeros`]);
 //! - in-place ops never change the dtype of a write-through view (a bf16 result would have to
-//!   leave the buffer): a non-f32 write-through buffer is refused.
+//!   leave the buffer): a non-f32 write-through buffer is refused;
+//! - ranges of it can stand for zeros that are not written yet ([`Tensor::defer_zero`]: a
+//!   step's gradients), see `deferred_zero.rs`.
 //!
 //! On the CPU the buffer's elements are reached through a pointer to element 0 taken at
 //! creation, and every access builds a slice of exactly the tensor's own range, so writes
@@ -79,6 +81,9 @@ struct Buffer {
     serial: u64,
     /// In-place writes granted on this buffer so far (see [`Tensor::write_stamp`]).
     writes: u64,
+    /// Write-through buffers: the element ranges whose zeroing is deferred
+    /// ([`Tensor::defer_zero`]), sorted and disjoint.
+    deferred: std::sync::Mutex<Vec<std::ops::Range<usize>>>,
 }
 
 /// The next [`Buffer`] serial.
@@ -103,6 +108,7 @@ impl Buffer {
             write_through: None,
             serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             writes: 0,
+            deferred: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -678,6 +684,7 @@ impl Tensor {
         if let (Some(CpuBase(base)), Storage::Cpu(CpuStorage::F32(v))) =
             (self.buffer.write_through, &self.buffer.storage)
         {
+            self.check_not_deferred(op)?;
             debug_assert!(r.end <= v.len());
             // SAFETY: `r` lies inside the buffer (checked when the view was made) and `base`
             // is its element 0; only this range is borrowed, so in-place writes through
@@ -732,6 +739,8 @@ impl Tensor {
     /// shared buffer (module doc). Errors on non-CPU storage.
     pub(crate) fn cpu_f32_mut(&mut self, op: &'static str) -> Result<&mut [f32]> {
         if let Some(CpuBase(base)) = self.buffer.write_through {
+            // A write may read the old elements: deferred zeros become real ones first.
+            self.settle_deferred()?;
             let r = self.layout.range();
             return match &self.buffer.storage {
                 Storage::Cpu(CpuStorage::F32(v)) => {
@@ -784,8 +793,9 @@ impl Tensor {
         fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
         if self.is_write_through() {
-            // Written where it is: `buffer + offset` (module doc); always f32.
-            return Ok(());
+            // Written where it is: `buffer + offset` (module doc); always f32. A write may
+            // read the old elements: deferred zeros become real ones first.
+            return self.settle_deferred();
         }
         self.make_unique_as(DType::F32, fresh)
     }
@@ -800,7 +810,7 @@ impl Tensor {
         fresh: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
         if self.is_write_through() {
-            return Ok(());
+            return self.settle_deferred();
         }
         self.unique_as(DType::F32, fresh, false)
     }
@@ -864,6 +874,10 @@ impl Tensor {
         self.same_device(op, other)
     }
 }
+
+#[path = "deferred_zero.rs"]
+mod deferred_zero;
+pub use deferred_zero::READ_DEFERRED;
 
 #[cfg(test)]
 #[path = "tensor_stamp_tests.rs"]

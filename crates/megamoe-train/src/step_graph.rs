@@ -221,8 +221,9 @@ impl Trainer {
         })
     }
 
-    /// The step's device work: zero the gradients, then forward and backward of every
-    /// micro-batch. Its only uploads depend on shapes, so it can be captured. The weights
+    /// The step's device work: zero the gradients (deferred: the first GEMM into each
+    /// overwrites it, the rest is zeroed after the backward), then forward and backward of
+    /// every micro-batch. Its only uploads depend on shapes, so it can be captured. The weights
     /// are registered for bf16 copies meanwhile (each f32 weight cast at most once, none
     /// where the flat AdamW launch of the previous step wrote its copy), released before
     /// an optimizer that updates them in place.
@@ -233,7 +234,8 @@ impl Trainer {
     ) -> Result<StepStatsAccumulator> {
         let _weights =
             megamoe_tensor::WeightCopies::begin(self.options.device, &self.param_handles())?;
-        self.grads.zero()?;
+        // Lazily: each gradient's first GEMM overwrites it; settled after the backward.
+        self.grads.zero_deferred()?;
         let mut stats = StepStatsAccumulator::new(self.num_domains);
         let grad_scale = 1.0 / self.plan.batch.microbatches as f32;
         let params = crate::distributed::working_params(self.parallel.as_ref(), &self.params)?;
@@ -249,6 +251,8 @@ impl Trainer {
             self.model
                 .backward(&params, out.saved, self.grads.grads_mut(), grad_scale)?;
         }
+        // The gradients nothing wrote are zeroed now (the reduce, clip and optimizer read).
+        self.grads.settle()?;
         Ok(stats)
     }
 

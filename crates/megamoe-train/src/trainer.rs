@@ -5,10 +5,12 @@
 //!
 //! ```text
 //! batch (B = train.global_batch sequences, booked to Data)
-//! grads.zero()                    one flat buffer (GradBuffers), zeroed in place
+//! grads.zero_deferred()           one flat buffer (GradBuffers), zeroed lazily in place:
+//!                                  each gradient's first GEMM overwrites it
 //! for each of the M micro-batches (rows of the batch):       grad accumulation
 //!     forward → loss parts + stats + saved activations
 //!     backward(grad_scale = 1/M)  → grads += ∂(total/M)/∂θ    every loss weight once
+//! grads.settle()                   zeroes the gradients nothing wrote
 //! grad reduce                      (one process: nothing to reduce)
 //! clip_grad_norm                   → pre-clip global norm
 //! NaN/Inf guard                    non-finite loss or norm: skip the update

@@ -384,6 +384,8 @@ pub(crate) fn kdt(d: DType) -> Dtype {
 /// The kernels' view of `t`: its storage's address plus its offset, and its dtype. Errors
 /// (naming `op`) if `t` is not on a GPU.
 pub(crate) fn dev(op: &'static str, t: &Tensor) -> Result<Dev> {
+    // Deferred zeros are not there yet (tensor/deferred_zero.rs): writes settle them first.
+    t.check_not_deferred(op)?;
     match t.storage() {
         Storage::Cuda(s) => Ok(Dev::new(
             s.ptr() + (t.layout().offset() * t.dtype().size_in_bytes()) as u64,

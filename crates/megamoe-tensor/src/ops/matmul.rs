@@ -98,7 +98,9 @@ impl Tensor {
 
     /// In place: `self ← beta·self + op(a)·op(b)` (`self` is `[M, N]`). `beta = 1` accumulates
     /// weight gradients across micro-batches, `beta = 0` overwrites (without reading `self`,
-    /// so NaNs in it do not propagate). Copy-on-write if `self`'s buffer is shared.
+    /// so NaNs in it do not propagate). Copy-on-write if `self`'s buffer is shared. A `self`
+    /// that is exactly one deferred-zero range of a write-through buffer (`defer_zero`) is
+    /// overwritten whatever `beta`.
     pub fn matmul_acc(
         &mut self,
         a: &Tensor,
@@ -124,6 +126,8 @@ impl Tensor {
             });
         }
         let (a, b) = (self.unaliased(a)?, self.unaliased(b)?);
+        // Deferred zeros (a gradient's first contribution of a step) are overwritten.
+        let beta = if self.take_deferred() { 0.0 } else { beta };
         self.backend()
             .matmul_acc(self, &a, &b, trans_a, trans_b, beta)
     }
@@ -208,7 +212,9 @@ impl Tensor {
     /// accumulating form of [`Tensor::grouped_matmul_wgrad`], writing the product straight
     /// into a gradient buffer (no `[G, N, K]` temporary, no separate add pass). `beta = 1`
     /// accumulates, `beta = 0` overwrites without reading `self`; a group with zero rows adds
-    /// nothing. Copy-on-write if `self`'s buffer is shared.
+    /// nothing. Copy-on-write if `self`'s buffer is shared. A `self` that is exactly one
+    /// deferred-zero range of a write-through buffer (`defer_zero`) is overwritten whatever
+    /// `beta`.
     pub fn grouped_matmul_wgrad_acc(
         &mut self,
         dy: &Tensor,
@@ -221,6 +227,8 @@ impl Tensor {
         let (_, n, k) = wgrad_dims(OP, dy, x, groups)?;
         check_out(OP, self, &[groups.len(), n, k])?;
         let (dy, x) = (self.unaliased(dy)?, self.unaliased(x)?);
+        // Deferred zeros (a gradient's first contribution of a step) are overwritten.
+        let beta = if self.take_deferred() { 0.0 } else { beta };
         self.backend()
             .grouped_matmul_wgrad_acc(self, &dy, &x, groups, beta)
     }
