@@ -620,20 +620,26 @@ struct AdamWConsts {
     float beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps, decay, step;
     int has_decay;
 };
-// One element of the update from its gradient `gi` (shared by every AdamW kernel).
-// Returns the updated weight.
-__device__ __forceinline__ float adamw_g(size_t i, float* __restrict__ p, float* __restrict__ m,
-                                         float* __restrict__ v, const float gi,
-                                         T* __restrict__ p_copy, const AdamWConsts& c) {
-    float mi = __fadd_rn(__fmul_rn(m[i], c.beta1), 0.f);
+// One element of the update on values: the weight `pi` and moments `mi`, `vi` (updated in
+// place) from its gradient `gi`; returns the updated weight (shared by every AdamW kernel).
+__device__ __forceinline__ float adamw_v(float pi, float& mi, float& vi, const float gi,
+                                         const AdamWConsts& c) {
+    mi = __fadd_rn(__fmul_rn(mi, c.beta1), 0.f);
     mi = __fadd_rn(mi, __fmul_rn(c.one_minus_beta1, gi));
     const float g2 = __fmul_rn(gi, gi);
-    float vi = __fadd_rn(__fmul_rn(v[i], c.beta2), 0.f);
+    vi = __fadd_rn(__fmul_rn(vi, c.beta2), 0.f);
     vi = __fadd_rn(vi, __fmul_rn(c.one_minus_beta2, g2));
     const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(__fadd_rn(__fmul_rn(vi, c.inv_bc2), 0.f)), 1.f), c.eps);
     const float step = __fdiv_rn(mi, denom);
-    float pi = c.has_decay ? __fadd_rn(__fmul_rn(p[i], c.decay), 0.f) : p[i];
-    pi = __fadd_rn(pi, __fmul_rn(c.step, step));
+    if (c.has_decay) pi = __fadd_rn(__fmul_rn(pi, c.decay), 0.f);
+    return __fadd_rn(pi, __fmul_rn(c.step, step));
+}
+// One element of the update from its gradient `gi`. Returns the updated weight.
+__device__ __forceinline__ float adamw_g(size_t i, float* __restrict__ p, float* __restrict__ m,
+                                         float* __restrict__ v, const float gi,
+                                         T* __restrict__ p_copy, const AdamWConsts& c) {
+    float mi = m[i], vi = v[i];
+    const float pi = adamw_v(p[i], mi, vi, gi, c);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
@@ -667,9 +673,12 @@ extern "C" __global__ void adamw_dev(float* __restrict__ p, float* __restrict__ 
 
 // ---- AdamW over many parameters in one launch (the flat-buffer optimizer). A segment
 // table of 9 u64 words per parameter: p, g, m, v addresses (f32), n, decay (0/1), first
-// AdamW block, first norm block, bf16 weight copy address (0: none); segments in order,
-// first blocks increasing. ----
+// AdamW chunk, first norm block, bf16 weight copy address (0: none); segments in order,
+// first chunks / blocks increasing. After the table: one u32 per AdamW chunk, its segment. ----
 #define SEG_WORDS 9
+// Elements of one AdamW chunk (one block): two float4 per thread.
+#define ADAMW_VEC 2
+#define ADAMW_CHUNK (BLOCK * 4 * ADAMW_VEC)
 // The segment whose first block (table word `w`) is the last one <= blockIdx.x.
 __device__ __forceinline__ int segment_of(const unsigned long long* t, int nseg, int w) {
     int lo = 0, hi = nseg - 1;
@@ -708,13 +717,13 @@ extern "C" __global__ void seg_sumsq_partial(const unsigned long long* __restric
     double acc = 0.0;
     const size_t st = nb * BLOCK;
     size_t i = b * (size_t)BLOCK + threadIdx.x;
-    // Four loads in flight before the adds (in the same order: the same sum, at bandwidth).
-    for (; i + 3 * st < n; i += 4 * st) {
-        const float v0 = g[i], v1 = g[i + st], v2 = g[i + 2 * st], v3 = g[i + 3 * st];
-        acc = __dadd_rn(acc, __dmul_rn((double)v0, (double)v0));
-        acc = __dadd_rn(acc, __dmul_rn((double)v1, (double)v1));
-        acc = __dadd_rn(acc, __dmul_rn((double)v2, (double)v2));
-        acc = __dadd_rn(acc, __dmul_rn((double)v3, (double)v3));
+    // Eight loads in flight before the adds (in the same order: the same sum, at bandwidth).
+    for (; i + 7 * st < n; i += 8 * st) {
+        float x[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) x[u] = __ldcs(g + i + u * st);
+#pragma unroll
+        for (int u = 0; u < 8; u++) acc = __dadd_rn(acc, __dmul_rn((double)x[u], (double)x[u]));
     }
     for (; i < n; i += st) {
         const double v = g[i];
@@ -748,32 +757,74 @@ extern "C" __global__ void seg_norm_finish(const unsigned long long* __restrict_
     }
     if (threadIdx.x == 0) out[0] = sqrtf((float)total);
 }
-// AdamW on every segment: block b of segment s updates elements b*BLOCK + k*nb*BLOCK of it
-// (nb: its AdamW block count). The gradient is scaled by scale[0] first when `scale` is
-// set (the clip factor: the bits of scaling the gradient in place first); constants
-// `with` / `without` by the segment's decay flag; `apply` (nullable) 0 skips everything.
-// Where the segment has a weight copy, it gets the updated weight as bf16, rounded as the
-// tensor module's `cast` kernel rounds (`__float2bfloat16`).
-extern "C" __global__ void adamw_segments(const unsigned long long* __restrict__ t, int nseg,
-                                          const AdamWConsts* __restrict__ with,
-                                          const AdamWConsts* __restrict__ without,
-                                          const float* __restrict__ scale,
-                                          const float* __restrict__ apply) {
+// Four bf16 of the cast kernel's rounding (`__float2bfloat16`), packed for one 8-byte store.
+__device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
+    const unsigned lo = (unsigned)__bfloat16_as_ushort(__float2bfloat16(a)) |
+                        ((unsigned)__bfloat16_as_ushort(__float2bfloat16(b)) << 16);
+    const unsigned hi = (unsigned)__bfloat16_as_ushort(__float2bfloat16(c)) |
+                        ((unsigned)__bfloat16_as_ushort(__float2bfloat16(d)) << 16);
+    return make_uint2(lo, hi);
+}
+// AdamW on every segment: block b is AdamW chunk b (the u32 after the table names its
+// segment s), elements (b - first chunk of s) * ADAMW_CHUNK .. + ADAMW_CHUNK of s; thread k
+// updates float4 k and BLOCK + k of it (all loads issued before the math) where the chunk is
+// whole and every address of s is 16-byte aligned (8 for the copy), else one element at a
+// time. The gradient is scaled by scale[0] first when `scale` is set (the clip factor: the
+// bits of scaling the gradient in place first); constants `with` / `without` by the
+// segment's decay flag; `apply` (nullable) 0 skips everything. Where the segment has a
+// weight copy, it gets the updated weight as bf16, rounded as the tensor module's `cast`
+// kernel rounds (`__float2bfloat16`). Per element the f32 operations of `adamw`.
+extern "C" __global__ void __launch_bounds__(BLOCK)
+adamw_segments(const unsigned long long* __restrict__ t, int nseg,
+               const AdamWConsts* __restrict__ with, const AdamWConsts* __restrict__ without,
+               const float* __restrict__ scale, const float* __restrict__ apply) {
     if (apply && apply[0] == 0.f) return;
-    const int s = segment_of(t, nseg, 6);
-    const unsigned long long* w = t + s * SEG_WORDS;
-    float* p = (float*)w[0];
-    const float* g = (const float*)w[1];
-    float* m = (float*)w[2];
-    float* v = (float*)w[3];
+    const unsigned* chunk_seg = (const unsigned*)(t + (size_t)nseg * SEG_WORDS);
+    const unsigned long long* w = t + (size_t)chunk_seg[blockIdx.x] * SEG_WORDS;
+    float* __restrict__ p = (float*)w[0];
+    const float* __restrict__ g = (const float*)w[1];
+    float* __restrict__ m = (float*)w[2];
+    float* __restrict__ v = (float*)w[3];
     const size_t n = w[4];
     const AdamWConsts c = w[5] ? *with : *without;
-    const size_t end = s + 1 < nseg ? t[(s + 1) * SEG_WORDS + 6] : gridDim.x;
-    const size_t nb = end - w[6];
-    const size_t b = blockIdx.x - w[6];
+    const size_t base = (blockIdx.x - w[6]) * (size_t)ADAMW_CHUNK;
     __nv_bfloat16* cp = (__nv_bfloat16*)w[8];
     const float k = scale ? scale[0] : 1.f;
-    for (size_t i = b * (size_t)BLOCK + threadIdx.x; i < n; i += nb * BLOCK) {
+    const bool aligned = ((w[0] | w[1] | w[2] | w[3]) & 15) == 0 && (w[8] & 7) == 0;
+    if (aligned && base + ADAMW_CHUNK <= n) {
+        float4 gv[ADAMW_VEC], pv[ADAMW_VEC], mv[ADAMW_VEC], vv[ADAMW_VEC];
+#pragma unroll
+        for (int u = 0; u < ADAMW_VEC; u++) {
+            const size_t i = base + (size_t)(u * BLOCK + threadIdx.x) * 4;
+            gv[u] = __ldcs((const float4*)(g + i));
+            pv[u] = __ldcs((const float4*)(p + i));
+            mv[u] = __ldcs((const float4*)(m + i));
+            vv[u] = __ldcs((const float4*)(v + i));
+        }
+#pragma unroll
+        for (int u = 0; u < ADAMW_VEC; u++) {
+            const size_t i = base + (size_t)(u * BLOCK + threadIdx.x) * 4;
+            float4 gs = gv[u];
+            if (scale) {
+                gs.x = __fmul_rn(gs.x, k);
+                gs.y = __fmul_rn(gs.y, k);
+                gs.z = __fmul_rn(gs.z, k);
+                gs.w = __fmul_rn(gs.w, k);
+            }
+            float4 mo = mv[u], vo = vv[u], po;
+            po.x = adamw_v(pv[u].x, mo.x, vo.x, gs.x, c);
+            po.y = adamw_v(pv[u].y, mo.y, vo.y, gs.y, c);
+            po.z = adamw_v(pv[u].z, mo.z, vo.z, gs.z, c);
+            po.w = adamw_v(pv[u].w, mo.w, vo.w, gs.w, c);
+            __stcs((float4*)(p + i), po);
+            __stcs((float4*)(m + i), mo);
+            __stcs((float4*)(v + i), vo);
+            if (cp) *(uint2*)(cp + i) = bf16x4(po.x, po.y, po.z, po.w);
+        }
+        return;
+    }
+    const size_t end = base + ADAMW_CHUNK < n ? base + ADAMW_CHUNK : n;
+    for (size_t i = base + threadIdx.x; i < end; i += BLOCK) {
         const float gi = scale ? __fmul_rn(g[i], k) : g[i];
         const float pi = adamw_g(i, p, m, v, gi, nullptr, c);
         if (cp) cp[i] = __float2bfloat16(pi);

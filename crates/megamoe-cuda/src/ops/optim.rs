@@ -195,15 +195,16 @@ pub struct AdamWSegment {
     pub copy: u64,
 }
 
-/// Elements one block of `adamw_segments` updates (8 per thread).
+/// Elements one block of `adamw_segments` updates (its chunk: two float4 per thread).
 const ADAMW_BLOCK_ELEMS: usize = BLOCK as usize * 8;
 
 /// The device table of [`Ops::segments_norm`] and [`Ops::adamw_segments`]: 9 u64 words per
-/// segment (p, g, m, v, n, decay, first AdamW block, first norm block, bf16 copy or 0), and
-/// the grids.
+/// segment (p, g, m, v, n, decay, first AdamW block, first norm block, bf16 copy or 0),
+/// then the segment of every AdamW block (one u32 each, two to a word, low half first: the
+/// launch finds its segment with one load instead of a search), and the grids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentTable {
-    /// The words to upload, in segment order.
+    /// The words to upload: the segments in order, then the AdamW blocks' segments.
     pub words: Vec<u64>,
     /// Segments.
     pub segments: usize,
@@ -235,6 +236,16 @@ impl SegmentTable {
             norm += stride_grid(s.n) as usize;
         }
         int("optimizer blocks", adamw.max(norm))?;
+        let mut block_segment = Vec::with_capacity(adamw);
+        for (i, s) in segs.iter().enumerate() {
+            let blocks = s.n.div_ceil(ADAMW_BLOCK_ELEMS).max(1);
+            block_segment.extend(std::iter::repeat_n(i as u64, blocks));
+        }
+        words.extend(
+            block_segment
+                .chunks(2)
+                .map(|c| c[0] | c.get(1).map_or(0, |h| h << 32)),
+        );
         Ok(SegmentTable {
             words,
             segments: segs.len(),
