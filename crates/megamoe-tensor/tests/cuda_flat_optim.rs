@@ -5,7 +5,9 @@
 //! each gradient in place (`scale_by_assign`) then `adamw_step` per parameter — parameters
 //! and both moments, with and without weight decay, gradients left unscaled; a zero
 //! go-ahead leaves everything alone. Shapes include one larger than a reduction grid's
-//! block clamp (2112 blocks of 256) and one of a single element. Needs feature `cuda` and
+//! block clamp (2112 blocks of 256) and one of a single element; the flat path runs on
+//! separate buffers (16-byte aligned: the vector path, whole chunks) and on views of flat
+//! buffers at odd offsets (4-byte aligned only: the per-element path). Needs feature `cuda` and
 //! an NVIDIA GPU (`#[ignore]`d: run the test binary with `--ignored` there).
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
@@ -70,6 +72,35 @@ fn on_gpu(ps: &[Param]) -> Vec<Param> {
         .collect()
 }
 
+/// GPU copies as views of four write-through flat buffers, the first one at element 1 and
+/// the others packed after it (so no segment is 16-byte aligned but the last by chance).
+fn in_flat(ps: &[Param]) -> Vec<Param> {
+    let total = 1 + ps.iter().map(|p| p.p.numel()).sum::<usize>();
+    // SAFETY: used by this test's thread only.
+    let flat = || unsafe { Tensor::write_through_zeros([total], GPU) }.unwrap();
+    let (fp, fg, fm, fv) = (flat(), flat(), flat(), flat());
+    let mut at = 1;
+    ps.iter()
+        .map(|p| {
+            let dims = p.p.dims().to_vec();
+            let place = |f: &Tensor, t: &Tensor| {
+                let mut v = f.view(at, dims.clone()).unwrap();
+                v.copy_from(&fresh(t)).unwrap();
+                v
+            };
+            let out = Param {
+                p: place(&fp, &p.p),
+                g: place(&fg, &p.g),
+                m: place(&fm, &p.m),
+                v: place(&fv, &p.v),
+                decay: p.decay,
+            };
+            at += p.p.numel();
+            out
+        })
+        .collect()
+}
+
 fn step(decay: bool) -> AdamWStep {
     AdamWStep {
         lr: 3e-3,
@@ -86,7 +117,7 @@ fn step(decay: bool) -> AdamWStep {
 fn flat_norm_and_adamw_equal_the_per_parameter_ops_bitwise() {
     let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
     let host = params();
-    for scaled in [true, false] {
+    for (scaled, offset) in [(true, false), (false, false), (true, true)] {
         // the per-parameter path
         let mut want = on_gpu(&host);
         let parts: Vec<Tensor> = want
@@ -109,7 +140,11 @@ fn flat_norm_and_adamw_equal_the_per_parameter_ops_bitwise() {
                 .unwrap();
         }
         // the flat path
-        let mut got = on_gpu(&host);
+        let mut got = if offset {
+            in_flat(&host)
+        } else {
+            on_gpu(&host)
+        };
         let segs: Vec<_> = got
             .iter_mut()
             .map(|p| {
@@ -140,7 +175,10 @@ fn flat_norm_and_adamw_equal_the_per_parameter_ops_bitwise() {
             .segments_adamw(&table, (&with, &without), scale, None)
             .unwrap();
         for (i, ((g, w), h)) in got.iter().zip(&want).zip(&host).enumerate() {
-            let n = format!("scaled {scaled}, param {i} {:?}", h.p.dims());
+            let n = format!(
+                "scaled {scaled}, offset {offset}, param {i} {:?}",
+                h.p.dims()
+            );
             assert_eq!(bits(&g.p), bits(&w.p), "{n}: p");
             assert_eq!(bits(&g.m), bits(&w.m), "{n}: m");
             assert_eq!(bits(&g.v), bits(&w.v), "{n}: v");
