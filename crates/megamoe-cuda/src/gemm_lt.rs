@@ -78,7 +78,7 @@ impl GemmPath {
 
 /// What identifies a cached plan: the shape, layouts and the operands' alignments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
+pub(crate) struct Key {
     mnk: (usize, usize, usize),
     a: (Elem, usize, usize, bool, u32),
     b: (Elem, usize, usize, bool, u32),
@@ -87,11 +87,11 @@ struct Key {
 }
 
 /// A cached problem: the descriptors and the heuristic's candidates (best first).
-struct Plan {
-    desc: lsys::cublasLtMatmulDesc_t,
+pub(crate) struct Plan {
+    pub(crate) desc: lsys::cublasLtMatmulDesc_t,
     /// Column-major A (our B), B (our A), C (= D).
     layouts: [lsys::cublasLtMatrixLayout_t; 3],
-    algos: Vec<lsys::cublasLtMatmulHeuristicResult_t>,
+    pub(crate) algos: Vec<lsys::cublasLtMatmulHeuristicResult_t>,
     /// [`GemmPath::Tuned`]: the timed choice (`None`: classic cuBLAS, `Some(i)`: candidate
     /// `i`), once made.
     tuned: std::cell::Cell<Option<Option<usize>>>,
@@ -111,9 +111,9 @@ impl Drop for Plan {
 /// The engine's cuBLASLt state: handle, workspace (the cuBLAS handle's, same stream, so
 /// never used by two GEMMs at once) and the plan cache.
 pub(crate) struct LtState {
-    handle: lsys::cublasLtHandle_t,
-    workspace: (u64, usize),
-    plans: RefCell<HashMap<Key, Option<Plan>>>,
+    pub(crate) handle: lsys::cublasLtHandle_t,
+    pub(crate) workspace: (u64, usize),
+    pub(crate) plans: RefCell<HashMap<Key, Option<Plan>>>,
     pub(crate) path: GemmPath,
 }
 
@@ -160,7 +160,7 @@ fn lt_op(trans: bool) -> i32 {
 }
 
 /// A column-major layout of `rows × cols` (ld, batch stride in elements).
-fn layout(
+pub(crate) fn layout(
     e: Elem,
     (rows, cols): (usize, usize),
     ld: usize,
@@ -195,7 +195,7 @@ fn layout(
 
 impl LtState {
     /// The plan of `key` (made and cached on first use; `None`: cuBLASLt has no algorithm).
-    fn plan(&self, key: Key) -> Result<bool> {
+    pub(crate) fn plan(&self, key: Key) -> Result<bool> {
         if let Some(p) = self.plans.borrow().get(&key) {
             return Ok(p.is_some());
         }
@@ -304,7 +304,13 @@ impl LtState {
     }
 }
 
-fn key(mnk: (usize, usize, usize), a: &Operand, b: &Operand, c: &Operand, batch: usize) -> Key {
+pub(crate) fn key(
+    mnk: (usize, usize, usize),
+    a: &Operand,
+    b: &Operand,
+    c: &Operand,
+    batch: usize,
+) -> Key {
     Key {
         mnk,
         a: (

@@ -184,6 +184,27 @@ impl GemmLanes<'_> {
         false
     }
 
+    /// [`GemmLanes::gemm`], on lane 0 first through [`Gpu::gemm_bucketed`] when `vary` is
+    /// given (its dimension's bucket picks the algorithm); side lanes ignore `vary`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_varying(
+        &self,
+        lane: usize,
+        mnk: (usize, usize, usize),
+        a: Operand,
+        b: Operand,
+        c: Operand,
+        beta: f32,
+        vary: Option<crate::Varying>,
+    ) -> Result<()> {
+        if let Some(v) = vary {
+            if lane.is_multiple_of(self.n) && self.gpu.gemm_bucketed(mnk, a, b, c, 1.0, beta, v)? {
+                return Ok(());
+            }
+        }
+        self.gemm(lane, mnk, a, b, c, 1, 1.0, beta)
+    }
+
     /// [`Gpu::gemm`] on lane `lane % len()` (lane 0: the engine's stream, and the engine's
     /// GEMM path; other lanes: classic cuBLAS on their side stream).
     #[allow(clippy::too_many_arguments)]

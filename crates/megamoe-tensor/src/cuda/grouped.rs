@@ -62,14 +62,7 @@ pub(super) enum PackedPlan {
 /// The padded group size for a largest group of `max` rows: `max` rounded up to a multiple
 /// of `2^(⌊log2 max⌋ − 4)` (at least 8), so at most 1/16 above `max` and few distinct
 /// shapes (e.g. 2000 → 2048 in steps of 64, 2100 → 2176 in steps of 128).
-pub(super) fn bucket(max: usize) -> usize {
-    if max == 0 {
-        return 0;
-    }
-    let log2 = usize::BITS - 1 - max.leading_zeros();
-    let q = 1usize << log2.saturating_sub(4).max(3);
-    max.div_ceil(q) * q
-}
+pub(super) use megamoe_cuda::gemm_bucket::bucket;
 
 /// The plan for packed groups `spans` (`(offset, size)`, checked) over `rows` rows.
 pub(super) fn packed_plan(spans: &[(usize, usize)], rows: usize) -> PackedPlan {
@@ -132,25 +125,68 @@ pub(super) const GEMM_STREAMS_VAR: &str = "MEGAMOE_CUDA_GEMM_STREAMS";
 /// Streams of a per-group plan when [`GEMM_STREAMS_VAR`] is unset.
 pub(super) const GEMM_STREAMS: usize = 1;
 
-/// The streams set by [`set_group_gemm_streams`] (0: none set).
+/// The variable choosing how a per-group plan picks each GEMM's algorithm: `bucket`
+/// (cuBLASLt, one algorithm per bucket of the group's row count, chosen once: no heuristic
+/// query per new row count; megamoe-cuda `Gpu::gemm_bucketed`) or `exact` (the engine's
+/// GEMM path, which chooses per exact shape). With `bucket` the GEMMs run on one stream.
+pub(super) const GROUP_GEMM_VAR: &str = "MEGAMOE_CUDA_GROUP_GEMM";
+
+/// Whether per-group GEMMs take bucketed algorithms when [`GROUP_GEMM_VAR`] is unset.
+pub(super) const GROUP_GEMM_BUCKETED: bool = true;
+
+/// [`set_group_gemms`]'s choice of bucketed algorithms (0: none set, 1: exact, 2: bucket).
+static BUCKETED_SET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// [`set_group_gemms`]'s, else [`GROUP_GEMM_VAR`] (read once per process; a bad value is a
+/// named error of `op`), else [`GROUP_GEMM_BUCKETED`].
+pub(super) fn group_gemm_bucketed(op: &'static str) -> Result<bool> {
+    match BUCKETED_SET.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {}
+        b => return Ok(b == 2),
+    }
+    static MODE: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    MODE.get_or_init(|| match std::env::var(GROUP_GEMM_VAR) {
+        Err(_) => Ok(GROUP_GEMM_BUCKETED),
+        Ok(v) => match v.as_str() {
+            "" => Ok(GROUP_GEMM_BUCKETED),
+            "bucket" => Ok(true),
+            "exact" => Ok(false),
+            _ => Err(v),
+        },
+    })
+    .clone()
+    .map_err(|value| crate::Error::InvalidArgument {
+        op,
+        arg: GROUP_GEMM_VAR,
+        value,
+        rule: "must be bucket or exact",
+    })
+}
+
+/// The streams set by [`set_group_gemms`] (0: none set).
 static STREAMS_SET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Sets the streams of every per-group grouped GEMM in this process from now on (`1` to
-/// `4`; overrides [`GEMM_STREAMS_VAR`]), e.g. to compare lane counts in one process.
-pub fn set_group_gemm_streams(n: usize) -> Result<()> {
-    if !(1..=megamoe_cuda::MAX_LANES).contains(&n) {
+/// Sets how every per-group grouped GEMM of this process runs from now on (overriding
+/// [`GROUP_GEMM_VAR`] and [`GEMM_STREAMS_VAR`]), e.g. to compare them in one process:
+/// bucketed cuBLASLt algorithms (`bucketed`, on one stream) or the engine's GEMM path over
+/// `streams` streams (`1` to `4`).
+pub fn set_group_gemms(bucketed: bool, streams: usize) -> Result<()> {
+    if !(1..=megamoe_cuda::MAX_LANES).contains(&streams) {
         return Err(crate::Error::InvalidArgument {
-            op: "set_group_gemm_streams",
-            arg: "n",
-            value: n.to_string(),
+            op: "set_group_gemms",
+            arg: "streams",
+            value: streams.to_string(),
             rule: "must be an integer from 1 to 4",
         });
     }
-    STREAMS_SET.store(n, std::sync::atomic::Ordering::Relaxed);
+    let b = if bucketed { 2 } else { 1 };
+    BUCKETED_SET.store(b, std::sync::atomic::Ordering::Relaxed);
+    STREAMS_SET.store(streams, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
-/// The streams of a per-group plan: [`set_group_gemm_streams`]'s, else
+/// The streams of a per-group plan: [`set_group_gemms`]'s, else
 /// [`GEMM_STREAMS_VAR`] (read once per process; a bad value is a named error of `op`), else
 /// [`GEMM_STREAMS`].
 pub(super) fn gemm_lanes(op: &'static str) -> Result<usize> {
@@ -495,24 +531,6 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bucket_rounds_up_by_at_most_a_sixteenth() {
-        assert_eq!(bucket(0), 0);
-        assert_eq!(bucket(1), 8);
-        assert_eq!(bucket(8), 8);
-        assert_eq!(bucket(130), 136);
-        assert_eq!(bucket(2000), 2048);
-        assert_eq!(bucket(2048), 2048);
-        assert_eq!(bucket(2100), 2176);
-        for max in 1..5000 {
-            let c = bucket(max);
-            assert!(
-                c >= max && (c - max) * 16 <= max.max(8 * 16),
-                "{max} -> {c}"
-            );
-        }
-    }
 
     fn spans(sizes: &[usize]) -> Vec<(usize, usize)> {
         let mut o = 0;

@@ -13,13 +13,28 @@
 //! accumulator once), and the `_acc` forms accumulate into a bf16 `out` in place; `bmm`
 //! (attention scores, Muon) and the weight-gradient forms stay f32.
 
-use megamoe_cuda::{Elem, Operand};
+use megamoe_cuda::{Elem, Operand, Varying};
 
-use super::grouped::{gemm_lanes, PackedPlan};
+use super::grouped::{gemm_lanes, group_gemm_bucketed, PackedPlan};
 use super::{dev, CudaBackend, Engine};
 use crate::ops::groups::check_spans;
 use crate::ops::matmul::{grouped_dims, wgrad_dims, MatmulKernels};
 use crate::{DType, Error, Result, RowGroups, Tensor};
+
+/// How a per-group plan over `spans` runs its GEMMs: (streams, the bucketed dimension).
+/// Bucketed algorithms ([`group_gemm_bucketed`]) run on one stream; else up to
+/// [`gemm_lanes`] streams, never more than the non-empty groups.
+fn group_gemms(
+    op: &'static str,
+    spans: &[(usize, usize)],
+    vary: Varying,
+) -> Result<(usize, Option<Varying>)> {
+    if group_gemm_bucketed(op)? {
+        return Ok((1, Some(vary)));
+    }
+    let groups = spans.iter().filter(|s| s.1 > 0).count();
+    Ok((gemm_lanes(op)?.min(groups), None))
+}
 
 /// Logical `(rows, cols)` of `op(t)` for a rank-2 `t`.
 fn logical(t: &Tensor, trans: bool) -> Result<(usize, usize)> {
@@ -312,7 +327,7 @@ impl MatmulKernels for CudaBackend {
                 )?;
             }
         }
-        let lanes = gemm_lanes(OP)?.min(spans.iter().filter(|s| s.1 > 0).count());
+        let (lanes, vary) = group_gemms(OP, &spans, Varying::K)?;
         self.ck(
             OP,
             e.gpu.with_gemm_lanes(lanes, |l| {
@@ -325,7 +340,7 @@ impl MatmulKernels for CudaBackend {
                     let oa = operand(&dy, dd.ptr + (o * n * es) as u64, true, n, 0);
                     let ob = operand(&x, xd.ptr + (o * k * es) as u64, false, k, 0);
                     let c = Operand::dense(oc, Elem::F32, k, 0);
-                    l.gemm(i, (n, k, s), oa, ob, c, 1, 1.0, beta)?;
+                    l.gemm_varying(i, (n, k, s), oa, ob, c, beta, vary)?;
                     i += 1;
                 }
                 Ok(())
@@ -380,7 +395,7 @@ impl CudaBackend {
             }
             return Ok(());
         }
-        let lanes = gemm_lanes(OP)?.min(spans.iter().filter(|s| s.1 > 0).count());
+        let (lanes, vary) = group_gemms(OP, spans, Varying::M)?;
         let e = self.engine(OP)?;
         self.ck(
             OP,
@@ -393,7 +408,7 @@ impl CudaBackend {
                     let oa = operand(&x, xd.ptr + (o * kx * xs) as u64, false, kx, 0);
                     let ob = operand(&w, wd.ptr + (g * w1 * w2 * ws) as u64, trans_w, w2, 0);
                     let oc = Operand::dense(od + (o * n * oe.size()) as u64, oe, n, 0);
-                    l.gemm(i, (s, n, kx), oa, ob, oc, 1, 1.0, beta)?;
+                    l.gemm_varying(i, (s, n, kx), oa, ob, oc, beta, vary)?;
                     i += 1;
                 }
                 Ok(())

@@ -30,7 +30,7 @@ pub use flat_optim::OptimizerSegments;
 mod graph;
 pub use graph::{device_address, StepGraph};
 mod grouped;
-pub use grouped::set_group_gemm_streams;
+pub use grouped::set_group_gemms;
 mod host;
 mod matmul;
 mod residual;
