@@ -7,7 +7,7 @@
 //! [`MoeStats::token_experts`] stays on the device: callers that need it (expert load by
 //! data domain) read it themselves.
 
-use megamoe_tensor::{DType, Tensor};
+use megamoe_tensor::Tensor;
 
 use crate::error::Result;
 
@@ -36,15 +36,9 @@ pub struct MoeStats {
 
 /// `[N, K]` i32 kept expert per assignment: `slots[n, k]` where `keep[n, k] = 1`, else
 /// `-1` (`slots` `[N, K]` i32 pool indices, `keep` `[N, K]` f32 1/0 from capacity, which
-/// is 0 on null slots). Computed on the device as `(slots + 1) · keep − 1`, exact for
-/// indices below 2^24.
+/// is 0 on null slots), on the device ([`Tensor::kept_slots`]: one kernel).
 pub fn kept_expert_ids(slots: &Tensor, keep: &Tensor) -> Result<Tensor> {
-    Ok(slots
-        .to_dtype(DType::F32)?
-        .add_scalar(1.0)?
-        .mul(keep)?
-        .add_scalar(-1.0)?
-        .to_dtype(DType::I32)?)
+    Ok(slots.kept_slots(keep)?)
 }
 
 /// The same counts on the host, with the derived numbers the step log prints.

@@ -219,3 +219,47 @@ fn fused_router_edges_and_the_composed_fallback_match_cpu() {
     assert!(err.contains("route_backward"), "{err}");
     assert_eq!(d_z.to_host_f32().unwrap().len(), 32); // the record was cleared
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn kept_slots_and_float_slot_counts_match_cpu() {
+    let (t, k, pool) = (300, 4, 19);
+    let r = logits(9, t, pool)
+        .route(
+            None,
+            &RouteSpec {
+                n_real: 16,
+                k,
+                score: RouteScore::Softmax,
+                groups: None,
+                normalize: true,
+                eps: 1e-20,
+                scale: 1.0,
+            },
+        )
+        .unwrap();
+    let keep = r
+        .slots
+        .capacity_keep(
+            &r.gates,
+            16,
+            Some(60),
+            megamoe_tensor::ops::routing::KeepOrder::HighestGate,
+        )
+        .unwrap();
+    same(
+        "kept_slots",
+        &gpu(&r.slots).kept_slots(&gpu(&keep)).unwrap(),
+        &r.slots.kept_slots(&keep).unwrap(),
+        0.0,
+    );
+    for seg in [t, 50] {
+        for kp in [None, Some(&keep)] {
+            let want = r.slots.slot_counts(kp, pool, seg).unwrap();
+            let got = gpu(&r.slots)
+                .slot_counts(kp.map(gpu).as_ref(), pool, seg)
+                .unwrap();
+            same(&format!("slot_counts seg {seg}"), &got, &want, 0.0);
+        }
+    }
+}

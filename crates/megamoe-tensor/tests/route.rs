@@ -89,3 +89,14 @@ fn route_rejects_bad_arguments_by_name() {
     assert!(z.route(Some(&b), &spec(3, RouteScore::Softmax)).is_err());
     assert!(z.route(None, &spec(5, RouteScore::Softmax)).is_err());
 }
+
+#[test]
+fn kept_slots_are_the_slot_where_kept_and_minus_one_elsewhere() {
+    let idx = Tensor::from_vec_i32(vec![3, 0, 2, 5, 1, 4], [3, 2], Device::Cpu).unwrap();
+    let keep =
+        Tensor::from_vec_f32(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], [3, 2], Device::Cpu).unwrap();
+    let got = idx.kept_slots(&keep).unwrap();
+    assert_eq!(got.to_host_i32().unwrap(), [3, -1, -1, 5, 1, 4]);
+    let wrong = Tensor::from_vec_f32(vec![1.0; 4], [2, 2], Device::Cpu).unwrap();
+    assert!(idx.kept_slots(&wrong).is_err());
+}

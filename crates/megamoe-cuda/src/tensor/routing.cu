@@ -101,6 +101,13 @@ extern "C" __global__ void real_slot_mask(const int* __restrict__ idx, int n, in
         out[i] = ((unsigned)idx[i] < (unsigned)n_real) ? 1.f : 0.f;
 }
 
+// out[i] = idx[i] where keep[i] != 0, else -1.
+extern "C" __global__ void kept_slots(const int* __restrict__ idx, const float* __restrict__ keep,
+                                      int n, int* __restrict__ out) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = keep[i] != 0.f ? idx[i] : -1;
+}
+
 // g / (sum g + eps) per row (sum in f64, as the CPU).
 extern "C" __global__ void normalize_rows(const float* __restrict__ g, int rows, int k, float eps,
                                           float* __restrict__ out) {
@@ -350,14 +357,22 @@ extern "C" __global__ void sort_place(const int* __restrict__ idx, const int* __
     }
 }
 
-// Slot counts per segment: cnt [segs, n_slots] (i32, zeroed) += 1 per counted assignment.
+// Slot counts per segment: cnt [segs, n_slots] (zeroed) += 1 per counted assignment; i32, or
+// f32 when f32_out (n < 2^24: every partial sum is an integer below 2^24, so the float adds
+// are exact in any order: the i32 counts converted, bit for bit).
 // One segment of at most SLOT_SHARED slots (the router's totals): each block counts into
 // shared memory first, then adds its nonzero bins (integer sums: the same counts either way,
 // with far fewer atomics on the few global bins).
 #define SLOT_SHARED 1024
+__device__ __forceinline__ void count_add(void* cnt, int f32_out, size_t i, int v) {
+    if (f32_out)
+        atomicAdd((float*)cnt + i, (float)v);
+    else
+        atomicAdd((int*)cnt + i, v);
+}
 extern "C" __global__ void slot_counts(const int* __restrict__ idx, const float* __restrict__ keep,
-                                       int n, int k, int seg, int n_slots, int* __restrict__ cnt,
-                                       int* err) {
+                                       int n, int k, int seg, int n_slots, void* cnt,
+                                       int f32_out, int* err) {
     __shared__ int local[SLOT_SHARED];
     const bool shared = (long long)k * seg >= (long long)n && n_slots <= SLOT_SHARED;
     if (shared) {
@@ -374,12 +389,12 @@ extern "C" __global__ void slot_counts(const int* __restrict__ idx, const float*
         if (shared)
             atomicAdd(&local[s], 1);
         else
-            atomicAdd(&cnt[(size_t)(a / k / seg) * n_slots + s], 1);
+            count_add(cnt, f32_out, (size_t)(a / k / seg) * n_slots + s, 1);
     }
     if (shared) {
         __syncthreads();
         for (int s = threadIdx.x; s < n_slots; s += blockDim.x)
-            if (local[s] != 0) atomicAdd(&cnt[s], local[s]);
+            if (local[s] != 0) count_add(cnt, f32_out, s, local[s]);
     }
 }
 

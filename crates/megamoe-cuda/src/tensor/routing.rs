@@ -129,6 +129,7 @@ kernels!(
     expand_null_slots,
     reduce_null_slots,
     real_slot_mask,
+    kept_slots,
     normalize_rows,
     normalize_rows_bwd,
     route_hist,
@@ -289,6 +290,28 @@ impl RouteKernels {
             grid(n),
             BLOCK,
             &mut [arg(&idx), arg(&ni), arg(&nr), arg(&out)],
+        )
+    }
+
+    /// `out[i]` = `idx[i]` where `keep[i] ≠ 0`, else −1 (`n` elements).
+    ///
+    /// # Safety
+    /// See [`RouteKernels::group_limited_mask`].
+    pub unsafe fn kept_slots(
+        &self,
+        gpu: &Gpu,
+        idx: u64,
+        keep: u64,
+        n: usize,
+        out: u64,
+    ) -> Result<()> {
+        let ni = int("n", n)?;
+        self.go(
+            gpu,
+            self.k.kept_slots,
+            grid(n),
+            BLOCK,
+            &mut [arg(&idx), arg(&keep), arg(&ni), arg(&out)],
         )
     }
 
@@ -561,9 +584,9 @@ impl RouteKernels {
         )
     }
 
-    /// Slot counts `cnt [n / k / seg, n_slots]` i32 (zeroed here) of `idx [n]` (`k` slots
-    /// per token, `seg` tokens per segment, `keep` optional); ids outside `0..n_slots` are
-    /// reported (code 1).
+    /// Slot counts `cnt [n / k / seg, n_slots]` (zeroed here) of `idx [n]` (`k` slots per
+    /// token, `seg` tokens per segment, `keep` optional), i32, or f32 when `f32_out` (exact:
+    /// needs `n < 2^24`); ids outside `0..n_slots` are reported (code 1).
     ///
     /// # Safety
     /// See [`RouteKernels::group_limited_mask`].
@@ -574,9 +597,16 @@ impl RouteKernels {
         idx: u64,
         keep: Option<u64>,
         (n, k, seg, n_slots): (usize, usize, usize, usize),
-        cnt: u64,
+        (cnt, f32_out): (u64, bool),
         err: u64,
     ) -> Result<()> {
+        if f32_out && n >= 1 << 24 {
+            return Err(Error::invalid(
+                "n",
+                n,
+                "f32 slot counts need fewer than 2^24 assignments (exact float sums)",
+            ));
+        }
         let segs = n.checked_div(k * seg).unwrap_or(0);
         self.fill_i32(gpu, cnt, segs * n_slots, 0)?;
         let (ni, ki, si, ns) = (
@@ -586,6 +616,7 @@ impl RouteKernels {
             int("n_slots", n_slots)?,
         );
         let kp = opt(keep);
+        let fo = i32::from(f32_out);
         self.go(
             gpu,
             self.k.slot_counts,
@@ -599,6 +630,7 @@ impl RouteKernels {
                 arg(&si),
                 arg(&ns),
                 arg(&cnt),
+                arg(&fo),
                 arg(&err),
             ],
         )

@@ -225,11 +225,24 @@ impl RoutingKernels for CudaBackend {
         let ip = ids(OP, "idx", idx)?;
         let (_keep, kp) = self.opt_f32_arg(OP, keep)?;
         let segs = t / seg_tokens;
-        let (cnt, cp) = self.fresh(OP, [segs, n_slots], DType::I32)?;
+        // f32 counts straight from the kernel (exact below 2^24 assignments), else i32 cast.
+        let f32_out = t * k < 1 << 24;
+        let dtype = if f32_out { DType::F32 } else { DType::I32 };
+        let (cnt, cp) = self.fresh(OP, [segs, n_slots], dtype)?;
         // SAFETY: idx (and keep) hold t·k elements, cnt segs·n_slots.
         self.route(OP, |rk, gpu, err| unsafe {
-            rk.slot_counts(gpu, ip, kp, (t * k, k, seg_tokens, n_slots), cp, err)
+            rk.slot_counts(
+                gpu,
+                ip,
+                kp,
+                (t * k, k, seg_tokens, n_slots),
+                (cp, f32_out),
+                err,
+            )
         })?;
+        if f32_out {
+            return Ok(cnt);
+        }
         crate::backend::HostTransfer::to_dtype(self, &cnt, DType::F32)
     }
 
@@ -306,6 +319,19 @@ impl RoutingKernels for CudaBackend {
         // SAFETY: x [g·capacity, d], counts g, out [rows, d].
         self.route(OP, |rk, gpu, err| unsafe {
             rk.pad_groups(gpu, xd, (r, d), cp, (g, capacity), Some(rows), op, err)
+        })?;
+        Ok(out)
+    }
+
+    fn kept_slots(&self, idx: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        const OP: &str = "kept_slots";
+        let ip = ids(OP, "idx", idx)?;
+        let (_k, kp) = self.f32_arg(OP, keep)?;
+        let n = idx.numel();
+        let (out, op) = self.fresh(OP, idx.shape().clone(), DType::I32)?;
+        // SAFETY: idx, keep and out hold n elements.
+        self.route(OP, |rk, gpu, _| unsafe {
+            rk.kept_slots(gpu, ip, kp, n, op)
         })?;
         Ok(out)
     }

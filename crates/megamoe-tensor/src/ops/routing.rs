@@ -67,6 +67,8 @@ pub trait RoutingKernels {
     ) -> Result<Tensor>;
     /// See [`Tensor::expert_bias_step`].
     fn expert_bias_step(&self, counts: &Tensor, rate: f32, centre: bool) -> Result<Tensor>;
+    /// See [`Tensor::kept_slots`].
+    fn kept_slots(&self, idx: &Tensor, keep: &Tensor) -> Result<Tensor>;
     /// See [`Tensor::route`]; the default is its definition,
     /// [`route_composed`](crate::ops::router::route_composed).
     fn route(
@@ -275,6 +277,23 @@ impl Tensor {
             self.same_device(OP, w)?;
         }
         self.backend().slot_counts(self, keep, n_slots, seg_tokens)
+    }
+
+    /// The kept slot of each assignment: `self` is `idx [T, k]` (i32), `keep [T, k]` f32 from
+    /// [`Tensor::capacity_keep`]; result `[T, k]` i32: `idx` where `keep ≠ 0`, else −1.
+    pub fn kept_slots(&self, keep: &Tensor) -> Result<Tensor> {
+        const OP: &str = "kept_slots";
+        self.same_device(OP, keep)?;
+        check_slots(OP, self)?;
+        if keep.dims() != self.dims() {
+            return Err(shape_err(
+                OP,
+                self,
+                keep,
+                "keep must have idx's shape [T, k]",
+            ));
+        }
+        self.backend().kept_slots(self, keep)
     }
 
     /// Stable permutation of the kept assignments by expert: `self` is `idx [T, k]`, `keep

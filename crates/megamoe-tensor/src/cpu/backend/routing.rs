@@ -16,6 +16,18 @@ fn counts_error(op: &'static str, x: &Tensor, counts: &Tensor, rule: &'static st
 }
 
 impl RoutingKernels for CpuBackend {
+    fn kept_slots(&self, idx: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        const OP: &str = "kept_slots";
+        let ids = idx.cpu_i32(OP, "idx")?;
+        let k = keep.cpu_f32(OP, "keep")?;
+        let out = ids
+            .iter()
+            .zip(k.iter())
+            .map(|(&s, &kv)| if kv != 0.0 { s } else { -1 })
+            .collect();
+        Ok(Tensor::cpu_i32_from(out, idx.shape()))
+    }
+
     fn group_limited_mask(
         &self,
         sel: &Tensor,
