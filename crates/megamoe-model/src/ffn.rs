@@ -5,7 +5,9 @@
 //! `experts.gate_up_proj`, `shared_experts.up_proj`, `shared_expert_gate.weight`, ...); the
 //! `router.expert_bias` buffer is not a parameter (see [`FfnParams::visit_buffers`]).
 
-use megamoe_moe::{MoeDeferredW, MoeLayer, MoeParams, MoeSaved, MoeStats, RouterLossScale};
+use megamoe_moe::{
+    MoeDeferredW, MoeLayer, MoeOutput, MoeParams, MoeSaved, MoeStats, RouterLossScale,
+};
 use megamoe_optim::ParamRole;
 use megamoe_tensor::Tensor;
 
@@ -133,6 +135,16 @@ pub enum FfnDeferredW {
     Moe(Box<MoeDeferredW>),
 }
 
+/// An MoE layer's forward result as the FFN's `(y, losses and stats, saved)`.
+fn moe_result(out: MoeOutput, s: MoeSaved) -> (Tensor, Option<FfnOutput>, FfnSaved) {
+    let losses = FfnOutput {
+        aux_loss: out.aux_loss,
+        z_loss: out.z_loss,
+        stats: out.stats,
+    };
+    (out.y, Some(losses), FfnSaved::Moe(Box::new(s)))
+}
+
 fn mismatch() -> crate::error::Error {
     crate::error::Error::SavedMismatch {
         layer: "ffn",
@@ -204,15 +216,7 @@ impl Ffn {
             }
             (Ffn::Moe(m), FfnParams::Moe(p)) => {
                 let (out, s) = m.forward(p, x)?;
-                Ok((
-                    out.y,
-                    Some(FfnOutput {
-                        aux_loss: out.aux_loss,
-                        z_loss: out.z_loss,
-                        stats: out.stats,
-                    }),
-                    FfnSaved::Moe(Box::new(s)),
-                ))
+                Ok(moe_result(out, s))
             }
             _ => Err(mismatch()),
         }
@@ -234,15 +238,7 @@ impl Ffn {
             }
             (Ffn::Moe(m), FfnParams::Moe(p)) => {
                 let (out, s) = m.forward_residual(p, x, residual)?;
-                Ok((
-                    out.y,
-                    Some(FfnOutput {
-                        aux_loss: out.aux_loss,
-                        z_loss: out.z_loss,
-                        stats: out.stats,
-                    }),
-                    FfnSaved::Moe(Box::new(s)),
-                ))
+                Ok(moe_result(out, s))
             }
             _ => Err(mismatch()),
         }

@@ -12,6 +12,8 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::bits;
 use megamoe_tensor::{AdamWStep, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
@@ -23,14 +25,6 @@ fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
 /// A fresh GPU copy (its own buffer) of the CPU tensor `t`.
 fn fresh(t: &Tensor) -> Tensor {
     t.to_device(GPU).unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_host_f32()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
 }
 
 struct Param {

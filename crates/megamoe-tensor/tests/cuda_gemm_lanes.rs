@@ -13,6 +13,8 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{bits, rel};
 use megamoe_tensor::cuda::{cuda_backend, set_group_gemms};
 use megamoe_tensor::{DType, Device, RowGroups, Tensor};
 
@@ -20,25 +22,6 @@ const GPU: Device = Device::Cuda(0);
 
 fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
     Tensor::randn_named(seed, "x", shape.to_vec(), std, Device::Cpu).unwrap()
-}
-
-fn rel(got: &Tensor, want: &Tensor) -> f64 {
-    let (g, w) = (got.to_host_f32().unwrap(), want.to_host_f32().unwrap());
-    assert_eq!(g.len(), w.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&a, &b) in g.iter().zip(&w) {
-        num += (a as f64 - b as f64).powi(2);
-        den += (b as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_host_f32()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
 }
 
 /// (forward `x·W_gᵀ`, input gradient `dy·W_g`, weight gradient accumulated onto `g0`) of

@@ -8,6 +8,8 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{bits, rel};
 use megamoe_tensor::{DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
@@ -31,25 +33,6 @@ fn rounded(t: &Tensor) -> Tensor {
         .map(|&x| half::bf16::from_f32(x).to_f32())
         .collect();
     Tensor::from_vec_f32(v, t.dims().to_vec(), Device::Cpu).unwrap()
-}
-
-fn rel(got: &Tensor, want: &Tensor) -> f64 {
-    let (g, w) = (got.to_host_f32().unwrap(), want.to_host_f32().unwrap());
-    assert_eq!(g.len(), w.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in g.iter().zip(&w) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_host_f32()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
 }
 
 fn mode(bf16: bool) {

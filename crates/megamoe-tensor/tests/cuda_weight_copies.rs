@@ -9,6 +9,8 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::bits;
 use megamoe_tensor::cuda::device_address;
 use megamoe_tensor::{DType, Device, Tensor, WeightCopies};
 
@@ -19,14 +21,6 @@ fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
         .unwrap()
         .to_device(GPU)
         .unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_host_f32()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
 }
 
 #[test]

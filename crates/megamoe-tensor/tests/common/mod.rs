@@ -52,6 +52,23 @@ pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         .install(f)
 }
 
+/// The f32 bit patterns of `t`'s elements (for bitwise comparisons).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    host(t).iter().map(|v| v.to_bits()).collect()
+}
+
+/// Relative L2 error `‖got − want‖ / ‖want‖` (f64 sums; lengths must match).
+pub fn rel(got: &Tensor, want: &Tensor) -> f64 {
+    let (g, w) = (host(got), host(want));
+    assert_eq!(g.len(), w.len(), "length");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&a, &b) in g.iter().zip(&w) {
+        num += (a as f64 - b as f64).powi(2);
+        den += (b as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
 /// Bitwise equality of f32 slices.
 pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
