@@ -6,6 +6,7 @@
 
 use cudarc::driver::sys as dsys;
 
+use super::routing::int;
 use super::{Dev, Dtype};
 use crate::device::{arg, Gpu};
 use crate::error::{Error, Result};
@@ -14,10 +15,6 @@ const SRC: &str = include_str!("groups.cu");
 const BLOCK: u32 = 256;
 /// Most blocks of one launch (the kernels stride over rows).
 const MAX_BLOCKS: usize = 132 * 16;
-
-fn int(field: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(field, v, "must fit in i32"))
-}
 
 fn blocks(rows: usize) -> u32 {
     rows.clamp(1, MAX_BLOCKS) as u32

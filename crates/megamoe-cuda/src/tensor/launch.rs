@@ -2,6 +2,7 @@
 
 use cudarc::driver::sys as dsys;
 
+use super::routing::int;
 use super::{vec8, AllReduce, Binary, Broadcast, Dev, Dtype, RowReduce, Unary};
 use crate::device::{arg, Gpu};
 use crate::error::{DriverCtx, Error, Result};
@@ -15,10 +16,6 @@ const SORT_CHUNK: usize = 1024;
 
 fn grid(n: usize) -> u32 {
     n.div_ceil(BLOCK as usize).clamp(1, 132 * 16) as u32
-}
-
-fn int(field: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(field, v, "must fit in i32"))
 }
 
 fn float_only(field: &'static str, d: Dev) -> Result<()> {

@@ -92,6 +92,17 @@ impl RouteScoreFn {
 }
 
 impl RouteShape {
+    /// [`RouteShape::check`], then `(rows, pool, n_real, k)` as the kernels' i32 arguments.
+    fn dims(&self) -> Result<(i32, i32, i32, i32)> {
+        self.check()?;
+        Ok((
+            int("rows", self.rows)?,
+            int("pool", self.pool)?,
+            int("n_real", self.n_real)?,
+            int("k", self.k)?,
+        ))
+    }
+
     /// Checks the kernel's limits: `pool ≤ 256`, `1 ≤ k ≤ min(64, pool)`, `n_real ≤ pool`,
     /// groups `1 ≤ topk_groups ≤ n_groups ≤ 256` dividing the pool.
     pub fn check(&self) -> Result<()> {
@@ -140,13 +151,7 @@ impl RouteKernels {
         shape: &RouteShape,
         out: &RouteOut,
     ) -> Result<()> {
-        shape.check()?;
-        let (rows, ep, e, k) = (
-            int("rows", shape.rows)?,
-            int("pool", shape.pool)?,
-            int("n_real", shape.n_real)?,
-            int("k", shape.k)?,
-        );
+        let (rows, ep, e, k) = shape.dims()?;
         if rows == 0 {
             return Ok(());
         }
@@ -202,13 +207,7 @@ impl RouteKernels {
         losses: &RouteLossArgs,
         (d_z, err): (u64, u64),
     ) -> Result<()> {
-        shape.check()?;
-        let (rows, ep, e, k) = (
-            int("rows", shape.rows)?,
-            int("pool", shape.pool)?,
-            int("n_real", shape.n_real)?,
-            int("k", shape.k)?,
-        );
+        let (rows, ep, e, k) = shape.dims()?;
         if rows == 0 {
             return Ok(());
         }

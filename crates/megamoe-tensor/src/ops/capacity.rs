@@ -11,7 +11,8 @@
 //! The combine sums each token's rows in increasing buffer row, which is the order the
 //! packed (dropless) path's `index_add_rows` uses, so both give identical bits.
 
-use crate::{Error, Result, Tensor};
+use super::routing::{same_shape_as_idx, shape_err};
+use crate::{Result, Tensor};
 
 /// The static-capacity kernel family of a [`Backend`](crate::backend::Backend) (shapes and
 /// semantics as the matching [`Tensor`] ops, validated by them; row ids outside `-1..bound`
@@ -56,15 +57,6 @@ pub struct CapacityPermutation {
     pub counts: Tensor,
 }
 
-fn shape_err(op: &'static str, lhs: &Tensor, rhs: &Tensor, rule: &'static str) -> Error {
-    Error::ShapeMismatch {
-        op,
-        lhs: lhs.dims().to_vec(),
-        rhs: rhs.dims().to_vec(),
-        rule,
-    }
-}
-
 impl Tensor {
     /// Static buffer layout of the kept assignments: `self` is `idx [T, k]` (pool slots;
     /// `< n_real` are real experts), `keep [T, k]` from [`Tensor::capacity_keep`] with the
@@ -78,14 +70,7 @@ impl Tensor {
         const OP: &str = "capacity_permutation";
         self.same_device(OP, keep)?;
         self.dims2().map_err(|_| self.rank_error(OP, "idx", 2))?;
-        if keep.dims() != self.dims() {
-            return Err(shape_err(
-                OP,
-                self,
-                keep,
-                "keep must have idx's shape [T, k]",
-            ));
-        }
+        same_shape_as_idx(OP, self, keep, "keep must have idx's shape [T, k]")?;
         self.backend()
             .capacity_permutation(self, keep, n_real, capacity)
     }

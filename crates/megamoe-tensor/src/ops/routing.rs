@@ -121,7 +121,7 @@ pub struct ExpertPermutation {
     pub host_counts: Option<std::sync::Arc<[i32]>>,
 }
 
-fn shape_err(op: &'static str, lhs: &Tensor, rhs: &Tensor, rule: &'static str) -> Error {
+pub(super) fn shape_err(op: &'static str, lhs: &Tensor, rhs: &Tensor, rule: &'static str) -> Error {
     Error::ShapeMismatch {
         op,
         lhs: lhs.dims().to_vec(),
@@ -137,6 +137,19 @@ fn invalid(op: &'static str, arg: &'static str, value: usize, rule: &'static str
         value: value.to_string(),
         rule,
     }
+}
+
+/// Errors (`rule`) unless `other` has `idx`'s shape `[T, k]` (gates, keep flags).
+pub(super) fn same_shape_as_idx(
+    op: &'static str,
+    idx: &Tensor,
+    other: &Tensor,
+    rule: &'static str,
+) -> Result<()> {
+    if other.dims() != idx.dims() {
+        return Err(shape_err(op, idx, other, rule));
+    }
+    Ok(())
 }
 
 /// Checks `idx [T, k]` holds slots in `0..bound`; returns `(T, k)`.
@@ -238,14 +251,7 @@ impl Tensor {
         const OP: &str = "capacity_keep";
         self.same_device(OP, gates)?;
         check_slots(OP, self)?;
-        if gates.dims() != self.dims() {
-            return Err(shape_err(
-                OP,
-                self,
-                gates,
-                "gates must have idx's shape [T, k]",
-            ));
-        }
+        same_shape_as_idx(OP, self, gates, "gates must have idx's shape [T, k]")?;
         self.backend()
             .capacity_keep(self, gates, n_real, capacity, order)
     }
@@ -271,9 +277,7 @@ impl Tensor {
             ));
         }
         if let Some(w) = keep {
-            if w.dims() != self.dims() {
-                return Err(shape_err(OP, self, w, "keep must have idx's shape [T, k]"));
-            }
+            same_shape_as_idx(OP, self, w, "keep must have idx's shape [T, k]")?;
             self.same_device(OP, w)?;
         }
         self.backend().slot_counts(self, keep, n_slots, seg_tokens)
@@ -285,14 +289,7 @@ impl Tensor {
         const OP: &str = "kept_slots";
         self.same_device(OP, keep)?;
         check_slots(OP, self)?;
-        if keep.dims() != self.dims() {
-            return Err(shape_err(
-                OP,
-                self,
-                keep,
-                "keep must have idx's shape [T, k]",
-            ));
-        }
+        same_shape_as_idx(OP, self, keep, "keep must have idx's shape [T, k]")?;
         self.backend().kept_slots(self, keep)
     }
 
@@ -302,14 +299,7 @@ impl Tensor {
         const OP: &str = "sort_by_expert";
         self.same_device(OP, keep)?;
         check_slots(OP, self)?;
-        if keep.dims() != self.dims() {
-            return Err(shape_err(
-                OP,
-                self,
-                keep,
-                "keep must have idx's shape [T, k]",
-            ));
-        }
+        same_shape_as_idx(OP, self, keep, "keep must have idx's shape [T, k]")?;
         self.backend().sort_by_expert(self, keep, n_real)
     }
 
