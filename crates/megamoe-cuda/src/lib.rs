@@ -57,6 +57,7 @@ pub use moe::{CudaMoe, MoeGrads, MoeHostWeights, MoeShape, RouterSpec, Score};
 pub use nvrtc::cuda_include_dir;
 pub use offload::{CopyStream, Fetched, Parked};
 pub use ops::{
-    AdamWParams, AdamWSegment, AttentionGrads, AttentionShape, FlashAttention, Ops, SegmentTable,
+    AdamWParams, AdamWSegment, AttentionGrads, AttentionShape, FlashAttention, Moments, Ops,
+    SegmentTable,
 };
 pub use pool::{DeviceBuffer, DeviceMem, DeviceView, PoolStats};

@@ -5,7 +5,9 @@
 //! a machine with an NVIDIA GPU.
 #![allow(clippy::unwrap_used)]
 
-use megamoe_cuda::{AdamWParams, AttentionGrads, AttentionShape, DeviceBuffer, Elem, Gpu, Ops};
+use megamoe_cuda::{
+    AdamWParams, AttentionGrads, AttentionShape, DeviceBuffer, Elem, Gpu, Moments, Ops,
+};
 use megamoe_tensor::AdamWStep;
 use megamoe_tensor::{Device, Tensor};
 
@@ -525,8 +527,17 @@ fn adamw_case(elem: Elem) {
             t: h.t,
         };
         let gb = up(&gpu, &g, elem);
-        ops.adamw(&gpu, &pb, &mb, &vb, &gb, Some(&copy), n, &hp)
-            .unwrap();
+        ops.adamw(
+            &gpu,
+            &pb,
+            &mb,
+            &vb,
+            &gb,
+            Some(&copy),
+            (n, Moments::F32),
+            &hp,
+        )
+        .unwrap();
     }
     let (p_ref, m_ref, v_ref) = (host(&pt), host(&mt), host(&vt));
     let p = down(&gpu, &pb, n, Elem::F32);

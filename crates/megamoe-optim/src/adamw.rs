@@ -1,5 +1,5 @@
-//! AdamW (Loshchilov & Hutter): Adam moments with decoupled weight decay, f32 moments and
-//! bias correction, in PyTorch `torch.optim.AdamW` order:
+//! AdamW (Loshchilov & Hutter): Adam moments with decoupled weight decay and bias
+//! correction, in PyTorch `torch.optim.AdamW` order:
 //!
 //! ```text
 //! p ← p·(1 − lr·λ)                         (decoupled decay; λ = 0 for norms/biases)
@@ -7,8 +7,15 @@
 //! v ← β2·v + (1 − β2)·g²
 //! p ← p − lr/(1 − β1ᵗ) · m / (√(v/(1 − β2ᵗ)) + ε)
 //! ```
+//!
+//! The moments are f32, or bf16 with `optim.moment_dtype = "bf16"` (as DeepSeek-V3 and
+//! Megatron-Core's precision-aware optimizer keep them): a bf16 moment is widened to f32,
+//! the sequence above runs in f32 exactly as for f32 moments, the parameter's update uses
+//! the new f32 moments *before* rounding, and only the stored moments are rounded to
+//! nearest even. β1 and β2 are then at most 1 − 2⁻⁸ ([`BF16_MOMENT_MAX_BETA`]): a smaller
+//! per-step change falls under bf16's rounding step and the stored moment would stall.
 
-use megamoe_plan::OptimPlan;
+use megamoe_plan::{MomentDtype, OptimPlan, BF16_MOMENT_MAX_BETA};
 use megamoe_tensor::{AdamWStep, DType, Tensor};
 
 use crate::error::{OptimError, Result};
@@ -24,6 +31,8 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay λ (applied only to roles with weight decay).
     pub weight_decay: f64,
+    /// Element type of the two moments.
+    pub moment_dtype: MomentDtype,
 }
 
 impl AdamWConfig {
@@ -34,10 +43,19 @@ impl AdamWConfig {
             beta2: plan.beta2,
             eps: plan.eps,
             weight_decay: plan.weight_decay,
+            moment_dtype: plan.moment_dtype,
         }
     }
 
-    /// Checks β ∈ [0, 1), ε > 0, λ ≥ 0 (all finite).
+    /// The tensor dtype of the moments.
+    pub fn moment_dtype(&self) -> DType {
+        match self.moment_dtype {
+            MomentDtype::F32 => DType::F32,
+            MomentDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Checks β ∈ [0, 1), ε > 0, λ ≥ 0 (all finite); β ≤ 1 − 2⁻⁸ with bf16 moments.
     pub fn validate(&self) -> Result<()> {
         let checks: [(&'static str, f64, bool, &'static str); 4] = [
             (
@@ -69,11 +87,23 @@ impl AdamWConfig {
                 });
             }
         }
+        if self.moment_dtype == MomentDtype::Bf16 {
+            for (field, beta) in [("optim.beta1", self.beta1), ("optim.beta2", self.beta2)] {
+                if beta > BF16_MOMENT_MAX_BETA {
+                    return Err(OptimError::InvalidArgument {
+                        field,
+                        value: beta.to_string(),
+                        rule: "must be <= 0.99609375 (1 - beta >= 2^-8) with optim.moment_dtype = \"bf16\" \
+                               (a smaller change falls under bf16's rounding step: the moment stalls)",
+                    });
+                }
+            }
+        }
         Ok(())
     }
 }
 
-/// Per-parameter AdamW state: the two moments, f32, shaped like the parameter.
+/// Per-parameter AdamW state: the two moments (f32 or bf16), shaped like the parameter.
 #[derive(Debug, Clone)]
 pub struct AdamWState {
     /// First moment `m` (`exp_avg` in PyTorch).
@@ -83,11 +113,16 @@ pub struct AdamWState {
 }
 
 impl AdamWState {
-    /// Zero moments for a parameter shaped `like`.
+    /// Zero f32 moments for a parameter shaped `like`.
     pub fn zeros_like(like: &Tensor) -> Result<AdamWState> {
+        AdamWState::zeros_as(like, DType::F32)
+    }
+
+    /// Zero moments of `dtype` (f32 or bf16) for a parameter shaped `like`.
+    pub fn zeros_as(like: &Tensor, dtype: DType) -> Result<AdamWState> {
         Ok(AdamWState {
-            exp_avg: Tensor::zeros(like.dims(), DType::F32, like.device())?,
-            exp_avg_sq: Tensor::zeros(like.dims(), DType::F32, like.device())?,
+            exp_avg: Tensor::zeros(like.dims(), dtype, like.device())?,
+            exp_avg_sq: Tensor::zeros(like.dims(), dtype, like.device())?,
         })
     }
 }

@@ -110,6 +110,21 @@ pub enum OptimError {
         key: String,
     },
 
+    /// A checkpointed AdamW moment is f32 but `optim.moment_dtype = "bf16"` (loading it
+    /// would round it).
+    #[error(
+        "optimizer state `{key}` is {got} in the checkpoint but optim.moment_dtype = \"{expected}\": \
+         resume with optim.moment_dtype = \"{got}\" (moments are not rounded on load)"
+    )]
+    StateDType {
+        /// The state key.
+        key: String,
+        /// The configured moment dtype (`f32` or `bf16`).
+        expected: &'static str,
+        /// The dtype found (`f32` or `bf16`).
+        got: &'static str,
+    },
+
     /// A checkpointed state tensor has the wrong shape.
     #[error("optimizer state `{key}` has shape {got:?} in the checkpoint, expected {expected:?}")]
     StateShape {

@@ -20,14 +20,14 @@
 //! # What the trainer calls each step
 //! ```
 //! use megamoe_optim::{clip_grad_norm, NamedParams, Optimizer, Schedule};
-//! use megamoe_plan::{LrSchedule, OptimPlan, OptimizerKind};
+//! use megamoe_plan::{LrSchedule, MomentDtype, OptimPlan, OptimizerKind};
 //! use megamoe_optim::ParamRole;
 //! use megamoe_tensor::{Device, Tensor};
 //! # fn main() -> megamoe_optim::Result<()> {
 //! let plan = OptimPlan {
 //!     kind: OptimizerKind::AdamW, lr: 1e-2, min_lr: 1e-3, warmup_steps: 2,
 //!     lr_schedule: LrSchedule::Cosine, weight_decay: 0.1, beta1: 0.9, beta2: 0.95,
-//!     eps: 1e-8, grad_clip: Some(1.0), muon: None,
+//!     eps: 1e-8, moment_dtype: MomentDtype::F32, grad_clip: Some(1.0), muon: None,
 //! };
 //! let mut params = NamedParams::new();
 //! params.push("w", Tensor::from_vec_f32(vec![1.0, 2.0], [2], Device::Cpu)?, ParamRole::Scalar);

@@ -3,7 +3,8 @@
 //! for checkpoints and loadable back with shape checks.
 //!
 //! State keys (PyTorch `state_dict` vocabulary, flattened):
-//! - `exp_avg.<param>`, `exp_avg_sq.<param>`: AdamW moments (f32);
+//! - `exp_avg.<param>`, `exp_avg_sq.<param>`: AdamW moments (f32, or bf16 with
+//!   `optim.moment_dtype = "bf16"`, which loads only bf16 moments: no rounding on load);
 //! - `momentum_buffer.<param>`: Muon momentum (f32);
 //! - `master.<param>`: f32 master copy of a parameter stored in bf16.
 //!
@@ -20,7 +21,9 @@
 //! fused AdamW op and the Muon momentum step; the bits are those of separate buffers. A clone
 //! of a flat optimizer shares the buffers (the write-through rule); [`Optimizer::load_state`]
 //! lays the loaded state out in fresh buffers, so loading into a clone leaves the original
-//! untouched.
+//! untouched. Write-through buffers are f32: bf16 AdamW moments stay one whole buffer per
+//! parameter (each written in place by the fused AdamW op and the flat AdamW launch), and
+//! `first` then holds only Muon's momentum (`second` is empty).
 
 use std::collections::{HashMap, HashSet};
 
@@ -191,7 +194,10 @@ impl Optimizer {
         check_role_shape(name, role, t.dims(), rule.is_muon())?;
         let zeros = || Tensor::zeros(t.dims(), DType::F32, t.device());
         let (adamw, momentum) = match rule {
-            UpdateRule::AdamW { .. } => (Some(AdamWState::zeros_like(t)?), None),
+            UpdateRule::AdamW { .. } => (
+                Some(AdamWState::zeros_as(t, self.adamw.moment_dtype())?),
+                None,
+            ),
             UpdateRule::Muon { .. } => (None, Some(zeros()?)),
         };
         let master = match t.dtype() {
@@ -258,8 +264,8 @@ impl Optimizer {
         for p in &self.params {
             for (kind, t) in p.tensors() {
                 let Some(t) = t else { continue };
-                if kind == "master" {
-                    continue;
+                if kind == "master" || t.dtype() != DType::F32 {
+                    continue; // not a moment, or a bf16 moment (a buffer of its own)
                 }
                 if *device.get_or_insert(t.device()) != t.device() {
                     return Err(OptimError::InvalidArgument {
@@ -287,7 +293,7 @@ impl Optimizer {
         let (mut at_first, mut at_second) = (0, 0);
         for p in &mut self.params {
             for kind in ["exp_avg", "exp_avg_sq", "momentum_buffer"] {
-                let Some(slot) = p.tensor_mut(kind) else {
+                let Some(slot) = p.tensor_mut(kind).filter(|t| t.dtype() == DType::F32) else {
                     continue;
                 };
                 let (buf, at) = if kind == "exp_avg_sq" {
@@ -594,9 +600,12 @@ impl Optimizer {
         keys
     }
 
-    /// Replaces the whole state with checkpointed tensors (f32 or bf16; stored as f32) and
-    /// the step count. Every expected key must be present with this model's shape and no
-    /// other key may appear; on any error nothing is changed.
+    /// Replaces the whole state with checkpointed tensors and the step count. With
+    /// `optim.moment_dtype = "bf16"` the AdamW moments must be bf16 (f32 ones would be
+    /// rounded: [`OptimError::StateDType`]); otherwise every tensor may be f32 or bf16 and
+    /// is stored as f32 (bf16 widens exactly). Every
+    /// expected key must be present with this model's shape and no other key may appear; on
+    /// any error nothing is changed.
     pub fn load_state(
         &mut self,
         steps_taken: u64,
@@ -617,7 +626,23 @@ impl Optimizer {
                     got: t.dims().to_vec(),
                 });
             }
-            loaded.push((key, t.to_dtype(DType::F32)?));
+            let moment = key.starts_with("exp_avg.") || key.starts_with("exp_avg_sq.");
+            // bf16 → f32 widens exactly (the old state is kept bit for bit); f32 → bf16
+            // would round it, so it is refused.
+            if moment && t.dtype() != DType::BF16 && self.adamw.moment_dtype() == DType::BF16 {
+                return Err(OptimError::StateDType {
+                    key,
+                    expected: self.adamw.moment_dtype.name(),
+                    got: dtype_name(t.dtype()),
+                });
+            }
+            let t = if moment && self.adamw.moment_dtype() == DType::BF16 {
+                // A whole buffer of its own: the AdamW update writes it in place.
+                t.deep_copy()?
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            loaded.push((key, t));
         }
         if let Some(key) = given.into_keys().min() {
             return Err(OptimError::StateUnexpected { key });
@@ -637,6 +662,15 @@ impl Optimizer {
             self.flatten_state()?;
         }
         Ok(())
+    }
+}
+
+/// The config name of a state tensor's dtype.
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::I32 => "i32",
     }
 }
 
@@ -695,7 +729,9 @@ fn update_one<'g>(
         (UpdateRule::AdamW { decay }, _) | (UpdateRule::Muon { decay }, None) => {
             let state = match &mut st.adamw {
                 Some(s) => s,
-                None => st.adamw.insert(AdamWState::zeros_like(&current)?),
+                None => st
+                    .adamw
+                    .insert(AdamWState::zeros_as(&current, adamw.moment_dtype())?),
             };
             if st.master.is_none() {
                 // An f32 parameter is updated in place: it keeps its buffer (and address)

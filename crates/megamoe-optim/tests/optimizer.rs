@@ -262,3 +262,63 @@ fn flat_moments_are_views_at_registration_offsets_and_step_like_separate_ones() 
     assert!(!c_first.same_storage(first));
     assert!(host(c_first).iter().all(|&v| v == 0.0));
 }
+
+/// With `optim.moment_dtype = "bf16"` the moments are bf16, not flattened (write-through
+/// buffers are f32), stay bf16 through steps and a load of bf16 state, and f32 moments
+/// are refused by name (they would be rounded); Muon's momentum stays f32.
+#[test]
+fn bf16_moments_stay_bf16_and_f32_moments_are_not_rounded_on_load() {
+    use megamoe_plan::MomentDtype;
+    use megamoe_tensor::DType;
+    let mut plan = muon_plan(1e-3, 0.02, 0.1, MuonScale::Keller, true);
+    plan.moment_dtype = MomentDtype::Bf16;
+    let mut p = model();
+    let mut opt = Optimizer::new(&plan, &mut |f| p.visit("", f)).unwrap();
+    opt.flatten_state().unwrap();
+    let dtypes = |opt: &Optimizer| {
+        let mut v = Vec::new();
+        opt.visit_state(&mut |k, t| v.push((k.to_string(), t.dtype())));
+        v
+    };
+    let check = |opt: &Optimizer| {
+        for (k, d) in dtypes(opt) {
+            let want = if k.starts_with("exp_avg") {
+                DType::BF16
+            } else {
+                DType::F32
+            };
+            assert_eq!(d, want, "{k}");
+        }
+    };
+    check(&opt);
+    let (first, second) = opt.flat_state().unwrap();
+    assert_eq!(second.numel(), 0, "no f32 second moments to flatten");
+    assert!(first.numel() > 0, "Muon momentum stays flat");
+    let grads = p.map(|t| t.scale(0.1)).unwrap();
+    for _ in 0..2 {
+        opt.step(
+            &mut |f| p.visit_mut("", f),
+            &mut |f| grads.visit("", f),
+            1e-3,
+        )
+        .unwrap();
+    }
+    check(&opt);
+    let good = snapshot(&opt);
+    opt.load_state(2, good.clone()).unwrap();
+    check(&opt);
+    let widened: HashMap<String, Tensor> = good
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    let e = opt.load_state(2, widened).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("exp_avg") && text.contains("moment_dtype") && text.contains("f32"),
+        "{text}"
+    );
+    // β above 1 - 2^-8 is refused with bf16 moments
+    plan.beta2 = 0.999;
+    let e = Optimizer::new(&plan, &mut |f| p.visit("", f)).unwrap_err();
+    assert!(e.to_string().contains("optim.beta2"), "{e}");
+}

@@ -134,6 +134,7 @@ keys! {
     "optim.beta1" => "AdamW beta1, in [0, 1).",
     "optim.beta2" => "AdamW beta2, in [0, 1).",
     "optim.eps" => "AdamW epsilon (> 0).",
+    "optim.moment_dtype" => "Element type of AdamW's two moments: f32, or bf16 (half the optimizer-state bytes; master weights and gradients stay f32; beta1 and beta2 must be <= 0.99609375).",
     "optim.grad_clip" => "Clip the global gradient norm to this value (0 = off).",
     "optim.muon_momentum" => "Muon momentum, in [0, 1).",
     "optim.muon_nesterov" => "Nesterov momentum in Muon.",

@@ -70,15 +70,16 @@ pub use memory::{
 };
 pub use mesh::{Mesh, MeshGroup, RankCoords, APPLICATION_ORDER};
 pub use modes::{
-    Activation, AuxLossKind, Capacity, ConcatOrder, DropPolicy, GateKind, LrSchedule, MtpMode,
-    MuonScale, OffloadTarget, OffloadTargets, OptimizerKind, Precision, Recompute, RouterOrder,
-    ScoreFn, SkipPenalty, ZeroLevel,
+    Activation, AuxLossKind, Capacity, ConcatOrder, DropPolicy, GateKind, LrSchedule, MomentDtype,
+    MtpMode, MuonScale, OffloadTarget, OffloadTargets, OptimizerKind, Precision, Recompute,
+    RouterOrder, ScoreFn, SkipPenalty, ZeroLevel,
 };
 pub use null_slot::{null_slot_plan, NullSlotPlan};
 pub use params::{layer_params, model_params, rank_params, ParamCount};
 pub use plan::{
     BatchPlan, FlexiDepthPlan, GateSkipPlan, ModelPlan, MoePlan, MtpPlan, MuonPlan, OptimPlan,
     ParallelPlan, Plan, PlanWarning, RoutingPlan, SharedExpertsPlan, TrainPlan,
+    BF16_MOMENT_MAX_BETA,
 };
 pub use raw::{
     FlexiDepthSection, GateSkipSection, ModelSection, MoeSection, MtpSection, OptimSection,

@@ -260,10 +260,14 @@ fn optimizer_reclass(plan: &Plan, layers: &[usize]) -> (f64, f64) {
     (routers, gates)
 }
 
-/// Bytes of optimizer state per parameter: f32 moments (the f32 parameters are the
-/// master weights).
-fn optimizer_bytes(moments: f64) -> f64 {
-    4.0 * moments
+/// Bytes of optimizer state per parameter (the f32 parameters are the master weights):
+/// AdamW's two moments in `optim.moment_dtype`, or Muon's one f32 momentum.
+fn optimizer_bytes(plan: &Plan, muon: bool) -> f64 {
+    if muon {
+        4.0
+    } else {
+        2.0 * plan.optim.moment_dtype.bytes() as f64
+    }
 }
 
 /// The memory model for pipeline rank `pp_rank` (attention unfused).
@@ -312,18 +316,15 @@ pub fn rank_memory_with(plan: &Plan, pp_rank: usize, attention: AttentionKernel)
     }
     let grads_b = dense * 4.0 / shard(ZeroLevel::Gradients, nd)
         + local.expert * 4.0 / shard(ZeroLevel::Gradients, ne);
-    let matrix_moments = if plan.optim.kind == OptimizerKind::Muon {
-        1.0
-    } else {
-        2.0
-    };
+    let matrix_bytes = optimizer_bytes(plan, plan.optim.kind == OptimizerKind::Muon);
+    let adamw_bytes = optimizer_bytes(plan, false);
     // The optimizer routes by role, not by TP class: routers are Muon matrices, GateSkip
     // gates AdamW parameters.
     let (routers, gates) = optimizer_reclass(plan, &layers);
-    let opt_dense = (local.dense_matrix() + routers - gates) * optimizer_bytes(matrix_moments)
-        + (local.replicated + local.vocab - routers + gates) * optimizer_bytes(2.0);
+    let opt_dense = (local.dense_matrix() + routers - gates) * matrix_bytes
+        + (local.replicated + local.vocab - routers + gates) * adamw_bytes;
     let opt_b = opt_dense / shard(ZeroLevel::OptimizerState, nd)
-        + local.expert * optimizer_bytes(matrix_moments) / shard(ZeroLevel::OptimizerState, ne);
+        + local.expert * matrix_bytes / shard(ZeroLevel::OptimizerState, ne);
 
     // --- activations: one micro-batch's peak, plus the saved state of the others in flight
     let rs = plan.stages.ranks.get(pp_rank);

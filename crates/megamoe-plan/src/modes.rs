@@ -173,6 +173,28 @@ impl Precision {
 }
 
 config_enum! {
+    /// Element type of AdamW's two moments, `optim.moment_dtype` (master weights and
+    /// gradients stay f32; Muon's momentum stays f32).
+    MomentDtype {
+        /// `f32` moments (4 bytes each; the default).
+        F32 => "f32",
+        /// `bf16` moments (2 bytes each): widened to f32 for the update, stored rounded to
+        /// nearest even.
+        Bf16 => "bf16",
+    }
+}
+
+impl MomentDtype {
+    /// Bytes per moment element.
+    pub fn bytes(self) -> usize {
+        match self {
+            MomentDtype::F32 => 4,
+            MomentDtype::Bf16 => 2,
+        }
+    }
+}
+
+config_enum! {
     /// Optimizer for hidden matrices, `optim.name`.
     OptimizerKind {
         /// `adamw` for every parameter.

@@ -6,7 +6,7 @@ use crate::bounds::{check_memory_bounds, MemoryLimit, MAX_WORLD};
 use crate::error::{PlanError, Result};
 use crate::mesh::Mesh;
 use crate::modes::{
-    Activation, ConcatOrder, GateKind, LrSchedule, MtpMode, MuonScale, OffloadTargets,
+    Activation, ConcatOrder, GateKind, LrSchedule, MomentDtype, MtpMode, MuonScale, OffloadTargets,
     OptimizerKind, Precision, Recompute, RouterOrder, SkipPenalty, ZeroLevel,
 };
 pub use crate::moe_plan::{MoePlan, RoutingPlan, SharedExpertsPlan};
@@ -223,6 +223,8 @@ pub struct OptimPlan {
     pub beta2: f64,
     /// ε.
     pub eps: f64,
+    /// Element type of AdamW's two moments (Muon's momentum stays f32).
+    pub moment_dtype: MomentDtype,
     /// Clip norm; `None` = off.
     pub grad_clip: Option<f64>,
     /// Muon settings when kind = Muon.
@@ -702,6 +704,16 @@ fn resolve_train(raw: &RawConfig) -> Result<TrainPlan> {
     })
 }
 
+/// The largest β1 / β2 allowed with bf16 moments: 1 − 2⁻⁸.
+pub const BF16_MOMENT_MAX_BETA: f64 = 1.0 - 1.0 / 256.0;
+
+/// Why a larger β is refused with bf16 moments.
+const BF16_MOMENT_RULE: &str =
+    "must be <= 0.99609375 (1 - beta >= 2^-8) with optim.moment_dtype = \"bf16\": \
+     each step moves a moment by (1 - beta) times its distance to the new value, and a bf16 \
+     moment only moves when that change exceeds half its rounding step (2^-9 relative), so with \
+     a smaller 1 - beta the stored moment stalls (use \"f32\" moments for such betas)";
+
 fn resolve_optim(raw: &RawConfig) -> Result<OptimPlan> {
     let o = &raw.optim;
     finite_in("optim.lr", o.lr, o.lr > 0.0, "must be > 0")?;
@@ -730,6 +742,11 @@ fn resolve_optim(raw: &RawConfig) -> Result<OptimPlan> {
         "must be in [0, 1)",
     )?;
     finite_in("optim.eps", o.eps, o.eps > 0.0, "must be > 0")?;
+    if o.moment_dtype == MomentDtype::Bf16 {
+        for (field, beta) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            finite_in(field, beta, beta <= BF16_MOMENT_MAX_BETA, BF16_MOMENT_RULE)?;
+        }
+    }
     finite_in(
         "optim.grad_clip",
         o.grad_clip,
@@ -757,6 +774,7 @@ fn resolve_optim(raw: &RawConfig) -> Result<OptimPlan> {
         beta1: o.beta1,
         beta2: o.beta2,
         eps: o.eps,
+        moment_dtype: o.moment_dtype,
         grad_clip: (o.grad_clip > 0.0).then_some(o.grad_clip),
         muon: (o.name == OptimizerKind::Muon).then_some(MuonPlan {
             momentum: o.muon_momentum,

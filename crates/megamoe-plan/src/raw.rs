@@ -11,8 +11,9 @@
 
 use crate::error::{PlanError, Result};
 use crate::modes::{
-    Activation, AuxLossKind, ConcatOrder, DropPolicy, GateKind, LrSchedule, MtpMode, MuonScale,
-    OffloadTargets, OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn, SkipPenalty,
+    Activation, AuxLossKind, ConcatOrder, DropPolicy, GateKind, LrSchedule, MomentDtype, MtpMode,
+    MuonScale, OffloadTargets, OptimizerKind, Precision, Recompute, RouterOrder, ScoreFn,
+    SkipPenalty,
 };
 use crate::ScheduleKind;
 use serde::{Deserialize, Serialize};
@@ -390,6 +391,8 @@ pub struct OptimSection {
     pub beta2: f64,
     /// AdamW ε. Default 1e-8; > 0.
     pub eps: f64,
+    /// Element type of AdamW's moments. Default "f32"; "bf16" needs β1, β2 ≤ 1 − 2⁻⁸.
+    pub moment_dtype: MomentDtype,
     /// Global gradient-norm clip (0 = off). Default 1.0; ≥ 0.
     pub grad_clip: f64,
     /// Muon momentum β. Default 0.95; in [0, 1).
@@ -414,6 +417,7 @@ impl Default for OptimSection {
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
+            moment_dtype: MomentDtype::F32,
             grad_clip: 1.0,
             muon_momentum: 0.95,
             muon_nesterov: true,

@@ -877,6 +877,8 @@ impl Tensor {
 
 #[path = "deferred_zero.rs"]
 mod deferred_zero;
+#[path = "moment_access.rs"]
+mod moment_access;
 pub use deferred_zero::READ_DEFERRED;
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!   latest                      text file: "ckpt-00000020\n" (informational only)
 //!   ckpt-00000010/
 //!     model.safetensors         weights, PyTorch-style names, f32, metadata {"format": "pt"}
-//!     optimizer.safetensors     optimizer tensors ("<param>.exp_avg", ...), f32
+//!     optimizer.safetensors     optimizer tensors ("<param>.exp_avg", ...), f32; AdamW
+//!                               moments bf16 under optim.moment_dtype = "bf16"
 //!     state.json                step, RNG words, data position, config TOML text,
 //!                               goodput totals, extras, format version
 //!     manifest.json             format version, step, and byte length + SHA-256 of
@@ -40,7 +41,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use megamoe_tensor::{Device, Tensor};
+use megamoe_tensor::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -61,8 +62,8 @@ pub use scan::{
 };
 pub(crate) use sharded::{assign_owners, write_index, write_shards};
 pub use sharded::{
-    shard_file_name, HeldPiece, IndexEntry, Piece, ShardIndex, ShardReader, Slab, TensorSet,
-    INDEX_FILE, INDEX_FORMAT_VERSION,
+    shard_file_name, stored_dtype, HeldPiece, IndexEntry, Piece, ShardIndex, ShardReader, Slab,
+    TensorSet, INDEX_FILE, INDEX_FORMAT_VERSION,
 };
 
 /// Version of the checkpoint layout written by this build.
@@ -80,7 +81,9 @@ pub const STATE_FILE: &str = "state.json";
 /// Manifest of a complete checkpoint (lengths and digests of the other files).
 pub const MANIFEST_FILE: &str = "manifest.json";
 
-/// One named f32 tensor, row-major: the unit of checkpoint I/O.
+/// One named tensor, row-major: the unit of checkpoint I/O. Its values are held as f32;
+/// `dtype` is how the file stores them (f32, or bf16 for values that are bf16: AdamW's bf16
+/// moments).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
     /// PyTorch-style dotted name, e.g. `layers.3.moe.experts.w_up`.
@@ -89,16 +92,35 @@ pub struct NamedTensor {
     pub shape: Vec<usize>,
     /// `shape.iter().product()` values.
     pub data: Vec<f32>,
+    /// Stored element type: [`DType::F32`], or [`DType::BF16`] (every value a bf16).
+    pub dtype: DType,
 }
 
 impl NamedTensor {
-    /// A tensor from parts (checked when saved).
+    /// An f32 tensor from parts (checked when saved).
     pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Vec<f32>) -> Self {
         NamedTensor {
             name: name.into(),
             shape,
             data,
+            dtype: DType::F32,
         }
+    }
+
+    /// [`NamedTensor::new`] stored as `dtype` (f32 or bf16; bf16 values must be bf16).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// [`NamedTensor::from_tensor`] keeping a bf16 tensor bf16 in the file (optimizer
+    /// state: bf16 AdamW moments are saved and resumed as bf16, bit for bit).
+    pub fn from_tensor_keep_bf16(name: impl Into<String>, tensor: &Tensor) -> Result<Self> {
+        let dtype = match tensor.dtype() {
+            DType::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        Ok(NamedTensor::from_tensor(name, tensor)?.with_dtype(dtype))
     }
 
     /// Copies a tensor to the host as f32 (BF16 widens exactly; I32 converts to the
@@ -106,21 +128,18 @@ impl NamedTensor {
     pub fn from_tensor(name: impl Into<String>, tensor: &Tensor) -> Result<Self> {
         // SYNC: checkpoint writes need the values on the host.
         let data = tensor.to_host_f32()?;
-        Ok(NamedTensor {
-            name: name.into(),
-            shape: tensor.dims().to_vec(),
-            data,
-        })
+        Ok(NamedTensor::new(name, tensor.dims().to_vec(), data))
     }
 
-    /// An f32 tensor on `device` with this data (convert with `to_dtype` for BF16
-    /// parameters; values saved from BF16 round-trip exactly).
+    /// A tensor on `device` with this data, of the stored dtype (f32, or bf16 where the
+    /// file stores bf16; convert with `to_dtype` for BF16 parameters, whose values saved
+    /// as f32 round-trip exactly).
     pub fn to_tensor(&self, device: Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec_f32(
-            self.data.clone(),
-            self.shape.clone(),
-            device,
-        )?)
+        let t = Tensor::from_vec_f32(self.data.clone(), self.shape.clone(), device)?;
+        Ok(match self.dtype {
+            DType::BF16 => t.to_dtype(DType::BF16)?,
+            _ => t,
+        })
     }
 
     /// Its name and shape.
@@ -559,6 +578,14 @@ fn validate_tensors(tensors: &[NamedTensor]) -> Result<()> {
                 t.data.len()
             )));
         }
+        // A bf16 value widened to f32 has zero low 16 bits.
+        let exact = |x: &f32| x.to_bits() & 0xffff == 0;
+        match t.dtype {
+            DType::F32 => {}
+            DType::BF16 if t.data.iter().all(exact) => {}
+            DType::BF16 => return Err(invalid("bf16 storage needs bf16 values".into())),
+            DType::I32 => return Err(invalid("stored as f32 or bf16".into())),
+        }
     }
     Ok(())
 }
@@ -566,11 +593,22 @@ fn validate_tensors(tensors: &[NamedTensor]) -> Result<()> {
 fn encode_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .map(|t| match t.dtype {
+            DType::BF16 => t
+                .data
+                .iter()
+                .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                .collect(),
+            _ => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        })
         .collect();
     let mut views = Vec::with_capacity(tensors.len());
     for (t, b) in tensors.iter().zip(&bytes) {
-        let view = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| {
+        let dtype = match t.dtype {
+            DType::BF16 => Dtype::BF16,
+            _ => Dtype::F32,
+        };
+        let view = TensorView::new(dtype, t.shape.clone(), b).map_err(|e| {
             Error::CheckpointTensorInvalid {
                 tensor: t.name.clone(),
                 rule: e.to_string(),
@@ -654,22 +692,21 @@ fn decode_tensor_file(
     })?;
     let mut by_name: BTreeMap<String, NamedTensor> = BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::CheckpointMalformed {
-                path,
-                reason: format!(
-                    "tensor {name} has dtype {:?}; only F32 is supported",
-                    view.dtype()
-                ),
-            });
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let (data, dtype) = match view.dtype() {
+            Dtype::F32 => (sharded::decode_values(view.data(), 4), DType::F32),
+            Dtype::BF16 => (sharded::decode_values(view.data(), 2), DType::BF16),
+            other => {
+                return Err(Error::CheckpointMalformed {
+                    path,
+                    reason: format!(
+                        "tensor {name} has dtype {other:?}; only F32 and BF16 are supported"
+                    ),
+                });
+            }
+        };
         let shape = view.shape().to_vec();
-        by_name.insert(name.clone(), NamedTensor { name, shape, data });
+        let t = NamedTensor::new(name.clone(), shape, data).with_dtype(dtype);
+        by_name.insert(name, t);
     }
     let Some(expected) = expected else {
         return Ok(by_name.into_values().collect());

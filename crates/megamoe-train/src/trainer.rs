@@ -525,7 +525,7 @@ impl Trainer {
         let mut err = None;
         self.optimizer.visit_state(&mut |name, t| {
             if err.is_none() {
-                match NamedTensor::from_tensor(name, t) {
+                match NamedTensor::from_tensor_keep_bf16(name, t) {
                     Ok(nt) => out.push(nt),
                     Err(e) => err = Some(e),
                 }

@@ -1,7 +1,9 @@
 //! The flat optimizer step (global norm and AdamW over every parameter at once) against
 //! the per-parameter ops on the GPU: six steps of configs/tiny.toml, per-step losses,
 //! gradient norms and final parameters bitwise equal — uncaptured (f32 and bf16), and
-//! inside a whole-step CUDA graph with the optimizer captured (static capacity).
+//! inside a whole-step CUDA graph with the optimizer captured (static capacity); the same
+//! with bf16 AdamW moments (`optim.moment_dtype = "bf16"`), and a bf16 run with bf16 moments
+//! captured (optimizer inside) equal to the same run uncaptured, bitwise.
 //! Needs feature `cuda` and an NVIDIA GPU (`#[ignore]`d: run the test binary with
 //! `--ignored` there).
 #![cfg(feature = "cuda")]
@@ -78,4 +80,30 @@ fn flat_optimizer_equals_the_per_parameter_optimizer_bitwise() {
     same(&["train.dtype=\"bf16\""], false);
     let stat = ["moe.capacity_factor=1.25", "moe.pad_to_capacity=true"];
     same(&stat, true);
+}
+
+const BF16_MOMENTS: &str = "optim.moment_dtype=\"bf16\"";
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn bf16_moments_flat_equals_per_parameter_and_graph_equals_eager_bitwise() {
+    same(&[BF16_MOMENTS], false);
+    same(&["train.dtype=\"bf16\"", BF16_MOMENTS], false);
+    let stat = ["moe.capacity_factor=1.25", "moe.pad_to_capacity=true"];
+    same(&[&stat[..], &[BF16_MOMENTS]].concat(), true);
+    // graph == eager on tiny bf16 with bf16 moments
+    let sets = [&stat[..], &["train.dtype=\"bf16\"", BF16_MOMENTS]].concat();
+    let (graph, eager) = (run(&sets, true, true), run(&sets, true, false));
+    assert_eq!(
+        graph.0, eager.0,
+        "bf16, bf16 moments: losses and norms, graph vs eager"
+    );
+    assert!(
+        graph.1 == eager.1,
+        "bf16, bf16 moments: parameters, graph vs eager"
+    );
+    // bf16 moments change the run (they are in use), but little over six steps
+    let f32_moments = run(&stat, true, false);
+    let moments_bf16 = run(&[&stat[..], &[BF16_MOMENTS]].concat(), true, false);
+    assert_ne!(f32_moments.1, moments_bf16.1, "bf16 moments leave a trace");
 }

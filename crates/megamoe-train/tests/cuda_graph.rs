@@ -188,3 +188,14 @@ fn optimizer_inside_the_graph_equals_uncaptured_steps() {
     let status = check_with(&muon, true);
     assert!(status[2..].iter().all(|s| s == "replayed"), "{status:?}");
 }
+
+/// The same with bf16 AdamW moments (`optim.moment_dtype = "bf16"`): captured ==
+/// uncaptured bitwise, both == CPU (whose bf16 moments are the same bits) within 1e-5.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn bf16_moments_inside_the_graph_equal_uncaptured_steps() {
+    let sets = [&STATIC[..], &["optim.moment_dtype=bf16"]].concat();
+    let status = check_with(&sets, true);
+    let replayed = |s: &String| s == "replayed (optimizer inside)";
+    assert!(status[2..].iter().all(replayed), "{status:?}");
+}

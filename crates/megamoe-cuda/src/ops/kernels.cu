@@ -634,45 +634,54 @@ __device__ __forceinline__ float adamw_v(float pi, float& mi, float& vi, const f
     if (c.has_decay) pi = __fadd_rn(__fmul_rn(pi, c.decay), 0.f);
     return __fadd_rn(pi, __fmul_rn(c.step, step));
 }
-// One element of the update from its gradient `gi`. Returns the updated weight.
-__device__ __forceinline__ float adamw_g(size_t i, float* __restrict__ p, float* __restrict__ m,
-                                         float* __restrict__ v, const float gi,
+// One element of the update from its gradient `gi`. Returns the updated weight. The moments
+// M are f32 or bf16 (`optim.moment_dtype`): bf16 ones are widened to f32, the update uses
+// the new f32 moments, and they are stored rounded to nearest even (`__float2bfloat16`).
+template <typename M>
+__device__ __forceinline__ float adamw_g(size_t i, float* __restrict__ p, M* __restrict__ m,
+                                         M* __restrict__ v, const float gi,
                                          T* __restrict__ p_copy, const AdamWConsts& c) {
-    float mi = m[i], vi = v[i];
+    float mi = ldf(m + i), vi = ldf(v + i);
     const float pi = adamw_v(p[i], mi, vi, gi, c);
     p[i] = pi;
-    m[i] = mi;
-    v[i] = vi;
+    stf(m + i, mi);
+    stf(v + i, vi);
     if (p_copy) stf(p_copy + i, pi);
     return pi;
 }
-__device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, float* __restrict__ m,
-                                         float* __restrict__ v, const T* __restrict__ g,
+template <typename M>
+__device__ __forceinline__ void adamw_at(size_t i, float* __restrict__ p, M* __restrict__ m,
+                                         M* __restrict__ v, const T* __restrict__ g,
                                          T* __restrict__ p_copy, const AdamWConsts& c) {
     adamw_g(i, p, m, v, ldf(g + i), p_copy, c);
 }
-// p, m, v f32 (master weights and moments); g in T; p_copy (nullable) gets p in T.
-extern "C" __global__ void adamw(float* __restrict__ p, float* __restrict__ m,
-                                 float* __restrict__ v, const T* __restrict__ g,
-                                 T* __restrict__ p_copy, size_t n, AdamWConsts c) {
-    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK)
-        adamw_at(i, p, m, v, g, p_copy, c);
+// p f32 (master weights); m, v f32, or bf16 where `m16`; g in T; p_copy (nullable) gets p in T.
+extern "C" __global__ void adamw(float* __restrict__ p, void* __restrict__ m,
+                                 void* __restrict__ v, const T* __restrict__ g,
+                                 T* __restrict__ p_copy, size_t n, AdamWConsts c, int m16) {
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK) {
+        if (m16) adamw_at(i, p, (__nv_bfloat16*)m, (__nv_bfloat16*)v, g, p_copy, c);
+        else adamw_at(i, p, (float*)m, (float*)v, g, p_copy, c);
+    }
 }
 // ---- graphs: AdamW whose constants and go-ahead live in device memory (a captured step
 // graph replays it with the constants the host wrote before the replay). `apply[0] == 0`
-// (a non-finite step) leaves p, m and v untouched. ----
-extern "C" __global__ void adamw_dev(float* __restrict__ p, float* __restrict__ m,
-                                     float* __restrict__ v, const T* __restrict__ g, size_t n,
+// (a non-finite step) leaves p, m and v untouched. Moments as in `adamw`. ----
+extern "C" __global__ void adamw_dev(float* __restrict__ p, void* __restrict__ m,
+                                     void* __restrict__ v, const T* __restrict__ g, size_t n,
                                      const AdamWConsts* __restrict__ cp,
-                                     const float* __restrict__ apply) {
+                                     const float* __restrict__ apply, int m16) {
     if (apply[0] == 0.f) return;
     const AdamWConsts c = *cp;
-    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK)
-        adamw_at(i, p, m, v, g, nullptr, c);
+    for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < n; i += (size_t)gridDim.x * BLOCK) {
+        if (m16) adamw_at(i, p, (__nv_bfloat16*)m, (__nv_bfloat16*)v, g, (T*)nullptr, c);
+        else adamw_at(i, p, (float*)m, (float*)v, g, (T*)nullptr, c);
+    }
 }
 
 // ---- AdamW over many parameters in one launch (the flat-buffer optimizer). A segment
-// table of 9 u64 words per parameter: p, g, m, v addresses (f32), n, decay (0/1), first
+// table of 9 u64 words per parameter: p, g, m, v addresses (f32; m, v bf16 where flag bit 1
+// is set), n, flags (bit 0: weight decay, bit 1: bf16 moments), first
 // AdamW chunk, first norm block, bf16 weight copy address (0: none); segments in order,
 // first chunks / blocks increasing. After the table: one u32 per AdamW chunk, its segment. ----
 #define SEG_WORDS 9
@@ -765,15 +774,23 @@ __device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
                         ((unsigned)__bfloat16_as_ushort(__float2bfloat16(d)) << 16);
     return make_uint2(lo, hi);
 }
+// Four bf16 (8 bytes, streamed) widened to f32 (exact: the bf16 bits are the f32's high half).
+__device__ __forceinline__ float4 ld_bf16x4(const __nv_bfloat16* p) {
+    const uint2 u = __ldcs((const uint2*)p);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
 // AdamW on every segment: block b is AdamW chunk b (the u32 after the table names its
 // segment s), elements (b - first chunk of s) * ADAMW_CHUNK .. + ADAMW_CHUNK of s; thread k
 // updates float4 k and BLOCK + k of it (all loads issued before the math) where the chunk is
-// whole and every address of s is 16-byte aligned (8 for the copy), else one element at a
-// time. The gradient is scaled by scale[0] first when `scale` is set (the clip factor: the
-// bits of scaling the gradient in place first); constants `with` / `without` by the
-// segment's decay flag; `apply` (nullable) 0 skips everything. Where the segment has a
-// weight copy, it gets the updated weight as bf16, rounded as the tensor module's `cast`
-// kernel rounds (`__float2bfloat16`). Per element the f32 operations of `adamw`.
+// whole and every address of s is aligned (16 bytes for f32 arrays, 8 for bf16 ones), else
+// one element at a time. The gradient is scaled by scale[0] first when `scale` is set (the
+// clip factor: the bits of scaling the gradient in place first); constants `with` /
+// `without` by the segment's decay flag; `apply` (nullable) 0 skips everything. Where the
+// segment has bf16 moments they are widened to f32, updated by the same f32 operations and
+// stored rounded to nearest even (the update uses the unrounded f32 moments). Where the
+// segment has a weight copy, it gets the updated weight as bf16, rounded as the tensor
+// module's `cast` kernel rounds (`__float2bfloat16`). Per element the f32 operations of `adamw`.
 extern "C" __global__ void __launch_bounds__(BLOCK)
 adamw_segments(const unsigned long long* __restrict__ t, int nseg,
                const AdamWConsts* __restrict__ with, const AdamWConsts* __restrict__ without,
@@ -783,14 +800,15 @@ adamw_segments(const unsigned long long* __restrict__ t, int nseg,
     const unsigned long long* w = t + (size_t)chunk_seg[blockIdx.x] * SEG_WORDS;
     float* __restrict__ p = (float*)w[0];
     const float* __restrict__ g = (const float*)w[1];
-    float* __restrict__ m = (float*)w[2];
-    float* __restrict__ v = (float*)w[3];
     const size_t n = w[4];
-    const AdamWConsts c = w[5] ? *with : *without;
+    const AdamWConsts c = (w[5] & 1) ? *with : *without;
+    const bool m16 = (w[5] & 2) != 0;
     const size_t base = (blockIdx.x - w[6]) * (size_t)ADAMW_CHUNK;
     __nv_bfloat16* cp = (__nv_bfloat16*)w[8];
     const float k = scale ? scale[0] : 1.f;
-    const bool aligned = ((w[0] | w[1] | w[2] | w[3]) & 15) == 0 && (w[8] & 7) == 0;
+    const unsigned long long m_align = m16 ? 7 : 15;
+    const bool aligned =
+        ((w[0] | w[1]) & 15) == 0 && ((w[2] | w[3]) & m_align) == 0 && (w[8] & 7) == 0;
     if (aligned && base + ADAMW_CHUNK <= n) {
         float4 gv[ADAMW_VEC], pv[ADAMW_VEC], mv[ADAMW_VEC], vv[ADAMW_VEC];
 #pragma unroll
@@ -798,8 +816,13 @@ adamw_segments(const unsigned long long* __restrict__ t, int nseg,
             const size_t i = base + (size_t)(u * BLOCK + threadIdx.x) * 4;
             gv[u] = __ldcs((const float4*)(g + i));
             pv[u] = __ldcs((const float4*)(p + i));
-            mv[u] = __ldcs((const float4*)(m + i));
-            vv[u] = __ldcs((const float4*)(v + i));
+            if (m16) {
+                mv[u] = ld_bf16x4((const __nv_bfloat16*)w[2] + i);
+                vv[u] = ld_bf16x4((const __nv_bfloat16*)w[3] + i);
+            } else {
+                mv[u] = __ldcs((const float4*)((const float*)w[2] + i));
+                vv[u] = __ldcs((const float4*)((const float*)w[3] + i));
+            }
         }
 #pragma unroll
         for (int u = 0; u < ADAMW_VEC; u++) {
@@ -817,8 +840,13 @@ adamw_segments(const unsigned long long* __restrict__ t, int nseg,
             po.z = adamw_v(pv[u].z, mo.z, vo.z, gs.z, c);
             po.w = adamw_v(pv[u].w, mo.w, vo.w, gs.w, c);
             __stcs((float4*)(p + i), po);
-            __stcs((float4*)(m + i), mo);
-            __stcs((float4*)(v + i), vo);
+            if (m16) {
+                __stcs((uint2*)((__nv_bfloat16*)w[2] + i), bf16x4(mo.x, mo.y, mo.z, mo.w));
+                __stcs((uint2*)((__nv_bfloat16*)w[3] + i), bf16x4(vo.x, vo.y, vo.z, vo.w));
+            } else {
+                __stcs((float4*)((float*)w[2] + i), mo);
+                __stcs((float4*)((float*)w[3] + i), vo);
+            }
             if (cp) *(uint2*)(cp + i) = bf16x4(po.x, po.y, po.z, po.w);
         }
         return;
@@ -826,7 +854,9 @@ adamw_segments(const unsigned long long* __restrict__ t, int nseg,
     const size_t end = base + ADAMW_CHUNK < n ? base + ADAMW_CHUNK : n;
     for (size_t i = base + threadIdx.x; i < end; i += BLOCK) {
         const float gi = scale ? __fmul_rn(g[i], k) : g[i];
-        const float pi = adamw_g(i, p, m, v, gi, nullptr, c);
+        const float pi = m16 ? adamw_g(i, p, (__nv_bfloat16*)w[2], (__nv_bfloat16*)w[3], gi,
+                                       (T*)nullptr, c)
+                             : adamw_g(i, p, (float*)w[2], (float*)w[3], gi, (T*)nullptr, c);
         if (cp) cp[i] = __float2bfloat16(pi);
     }
 }

@@ -22,7 +22,7 @@ mod optim;
 
 pub use attention::{AttentionGrads, AttentionShape};
 pub use flash::FlashAttention;
-pub use optim::{AdamWParams, AdamWSegment, SegmentTable};
+pub use optim::{AdamWParams, AdamWSegment, Moments, SegmentTable};
 
 use cudarc::driver::sys as dsys;
 

@@ -1,5 +1,5 @@
-//! Fused AdamW over f32 master weights and moments, with an optional copy of the updated
-//! weights in the storage type (the bf16 weights the next forward reads); and the
+//! Fused AdamW over f32 master weights and f32 or bf16 moments ([`Moments`]), with an
+//! optional copy of the updated weights in the storage type (the bf16 weights the next forward reads); and the
 //! flat-buffer optimizer: the global gradient norm and AdamW over every parameter in one
 //! launch each, from a table of segments ([`SegmentTable`]).
 
@@ -23,6 +23,33 @@ pub struct AdamWParams {
     pub weight_decay: f64,
     /// 1-based step count for the bias corrections (0 counts as 1).
     pub t: u64,
+}
+
+/// The element type of AdamW's two moments (`optim.moment_dtype`). bf16 moments are widened
+/// to f32, updated by the same f32 operations as f32 ones (the weight update uses the new,
+/// unrounded f32 moments) and stored rounded to nearest even.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Moments {
+    /// f32 moments (4 bytes each).
+    #[default]
+    F32,
+    /// bf16 moments (2 bytes each).
+    Bf16,
+}
+
+impl Moments {
+    /// Bytes per moment element.
+    pub fn size(self) -> usize {
+        match self {
+            Moments::F32 => 4,
+            Moments::Bf16 => 2,
+        }
+    }
+
+    /// The kernels' `m16` switch.
+    fn flag(self) -> i32 {
+        i32::from(self == Moments::Bf16)
+    }
 }
 
 /// Layout of `AdamWConsts` in kernels.cu.
@@ -88,10 +115,10 @@ impl AdamWParams {
 }
 
 impl Ops {
-    /// One fused AdamW update in place over `n` elements: `p`, `m`, `v` f32, `grad` in the
-    /// storage type; `p_copy` (if given) receives the updated weights in the storage type.
-    /// Per element the same f32 operations, unfused and in the same order, as
-    /// megamoe-tensor's `adamw_step`, so f32 results match it bit for bit.
+    /// One fused AdamW update in place over `n` elements: `p` f32, `m`, `v` of `moments`,
+    /// `grad` in the storage type; `p_copy` (if given) receives the updated weights in the
+    /// storage type. Per element the same f32 operations, unfused and in the same order, as
+    /// megamoe-tensor's `adamw_step`, so results match it bit for bit.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,
@@ -101,19 +128,20 @@ impl Ops {
         v: &impl DeviceMem,
         grad: &impl DeviceMem,
         p_copy: Option<&dyn DeviceMem>,
-        n: usize,
+        (n, moments): (usize, Moments),
         h: &AdamWParams,
     ) -> Result<()> {
         positive("adamw elements", n)?;
         let c = h.consts()?;
         need("adamw p", p, n, 4)?;
-        need("adamw m", m, n, 4)?;
-        need("adamw v", v, n, 4)?;
+        need("adamw m", m, n, moments.size())?;
+        need("adamw v", v, n, moments.size())?;
         need("adamw grad", grad, n, self.elem.size())?;
         if let Some(pc) = p_copy {
             need("adamw p_copy", pc, n, self.elem.size())?;
         }
         let copy = p_copy.map_or(0u64, |b| b.ptr());
+        let m16 = moments.flag();
         unsafe {
             gpu.launch(
                 self.k.adamw,
@@ -127,6 +155,7 @@ impl Ops {
                     arg(&copy),
                     arg(&n),
                     arg(&c),
+                    arg(&m16),
                 ],
             )
         }
@@ -144,17 +173,18 @@ impl Ops {
         m: &impl DeviceMem,
         v: &impl DeviceMem,
         grad: &impl DeviceMem,
-        n: usize,
+        (n, moments): (usize, Moments),
         consts: &impl DeviceMem,
         apply: &impl DeviceMem,
     ) -> Result<()> {
         positive("adamw elements", n)?;
         need("adamw p", p, n, 4)?;
-        need("adamw m", m, n, 4)?;
-        need("adamw v", v, n, 4)?;
+        need("adamw m", m, n, moments.size())?;
+        need("adamw v", v, n, moments.size())?;
         need("adamw grad", grad, n, self.elem.size())?;
         need("adamw consts", consts, 9, 4)?;
         need("adamw apply", apply, 1, 4)?;
+        let m16 = moments.flag();
         unsafe {
             gpu.launch(
                 self.k.adamw_dev,
@@ -168,6 +198,7 @@ impl Ops {
                     arg(&n),
                     arg(&consts.ptr()),
                     arg(&apply.ptr()),
+                    arg(&m16),
                 ],
             )
         }
@@ -175,18 +206,20 @@ impl Ops {
 }
 
 /// One parameter of a many-parameter AdamW step: the device addresses of its f32 parameter,
-/// gradient and two moments (each `n` elements, written in place), whether weight decay
-/// applies to it, and where its bf16 copy goes (if anywhere).
+/// f32 gradient and two moments (each `n` elements of `moments`, written in place), whether
+/// weight decay applies to it, and where its bf16 copy goes (if anywhere).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdamWSegment {
     /// Parameter (f32).
     pub p: u64,
     /// Gradient (f32).
     pub g: u64,
-    /// First moment (f32).
+    /// First moment.
     pub m: u64,
-    /// Second moment (f32).
+    /// Second moment.
     pub v: u64,
+    /// The moments' element type.
+    pub moments: Moments,
     /// Elements.
     pub n: usize,
     /// Weight decay applies.
@@ -199,7 +232,8 @@ pub struct AdamWSegment {
 const ADAMW_BLOCK_ELEMS: usize = BLOCK as usize * 8;
 
 /// The device table of [`Ops::segments_norm`] and [`Ops::adamw_segments`]: 9 u64 words per
-/// segment (p, g, m, v, n, decay, first AdamW block, first norm block, bf16 copy or 0),
+/// segment (p, g, m, v, n, flags (bit 0: weight decay, bit 1: bf16 moments), first AdamW
+/// block, first norm block, bf16 copy or 0),
 /// then the segment of every AdamW block (one u32 each, two to a word, low half first: the
 /// launch finds its segment with one load instead of a search), and the grids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +261,7 @@ impl SegmentTable {
                 s.m,
                 s.v,
                 s.n as u64,
-                u64::from(s.decay),
+                u64::from(s.decay) | (u64::from(s.moments == Moments::Bf16) << 1),
                 adamw as u64,
                 norm as u64,
                 s.copy,
@@ -293,12 +327,12 @@ impl Ops {
     /// device memory; each gradient multiplied by `scale[0]` first where `scale` is not 0
     /// (the clip factor: the same bits as scaling the gradients in place before the
     /// update); nothing where `apply` is not 0 and `apply[0]` is 0. Per element the f32
-    /// operations of [`Ops::adamw`]; a segment's bf16 copy (where its address is not 0)
+    /// operations of [`Ops::adamw`] (bf16 moments as there); a segment's bf16 copy (where its address is not 0)
     /// gets the updated parameter rounded as the tensor module's cast rounds it.
     ///
     /// # Safety
-    /// `table` must hold `t`'s words, each address a live f32 buffer of its segment's `n`
-    /// elements (a copy: `n` bf16), parameters, moments and copies not overlapping anything
+    /// `table` must hold `t`'s words, each address a live buffer of its segment's `n`
+    /// elements (parameter and gradient f32, moments of the segment's type, a copy bf16), parameters, moments and copies not overlapping anything
     /// else in the table;
     /// `with` / `without` nine words each; `scale` / `apply` one f32 each where not 0.
     pub unsafe fn adamw_segments(

@@ -1,7 +1,7 @@
 //! Shared test helpers.
 #![allow(dead_code)]
 
-use megamoe_plan::{LrSchedule, MuonPlan, MuonScale, OptimPlan, OptimizerKind};
+use megamoe_plan::{LrSchedule, MomentDtype, MuonPlan, MuonScale, OptimPlan, OptimizerKind};
 use megamoe_tensor::{Device, Tensor};
 
 /// An f32 CPU tensor.
@@ -61,6 +61,7 @@ pub fn adamw_plan(lr: f64, wd: f64) -> OptimPlan {
         beta1: 0.9,
         beta2: 0.99,
         eps: 1e-8,
+        moment_dtype: MomentDtype::F32,
         grad_clip: None,
         muon: None,
     }

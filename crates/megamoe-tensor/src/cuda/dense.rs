@@ -268,8 +268,14 @@ impl OptimKernels for CudaBackend {
         const OP: &str = "adamw_step";
         let fresh = |t: &Tensor| crate::backend::HostTransfer::to_dtype(self, t, DType::F32);
         param.make_unique_f32(fresh)?;
-        m.make_unique_f32(fresh)?;
-        v.make_unique_f32(fresh)?;
+        // The moments keep their dtype (both f32 or both bf16).
+        let moments = super::flat_optim::moment_type(OP, m, v)?;
+        let dtype = super::flat_optim::moment_dtype(moments);
+        for t in [&mut *m, &mut *v] {
+            t.make_unique_as_or_write_through(dtype, |t| {
+                crate::backend::HostTransfer::to_dtype(self, t, dtype)
+            })?;
+        }
         let n = grad.numel();
         if n == 0 {
             return Ok(());
@@ -294,7 +300,10 @@ impl OptimKernels for CudaBackend {
             view(OP, v)?,
             view(OP, grad)?,
         );
-        self.ck(OP, ops.adamw(&e.gpu, &pv, &mv, &vv, &gv, None, n, &hp))
+        self.ck(
+            OP,
+            ops.adamw(&e.gpu, &pv, &mv, &vv, &gv, None, (n, moments), &hp),
+        )
     }
 }
 

@@ -10,7 +10,7 @@
 //! The AdamW launch also writes the bf16 copy of every updated weight that has a weight
 //! copy slot (`weights.rs`), so the next step's first cast of it finds the copy filled.
 
-use megamoe_cuda::{AdamWSegment, SegmentTable};
+use megamoe_cuda::{AdamWSegment, Moments, SegmentTable};
 
 use super::weights::CopyMarks;
 use super::{dev, view, CudaBackend};
@@ -45,9 +45,10 @@ impl OptimizerSegments {
 }
 
 impl CudaBackend {
-    /// One parameter's segment: `param`, `m`, `v` must be f32 and writable in place
-    /// (write-through views or whole unshared buffers), `grad` f32, all of one shape. The
-    /// segment writes `param`'s bf16 weight copy too where it has one (`weights.rs`).
+    /// One parameter's segment: `param` f32, `m`, `v` both f32 or both bf16
+    /// (`optim.moment_dtype`), all three writable in place (write-through views or whole
+    /// unshared buffers), `grad` f32, all of one shape. The segment writes `param`'s bf16
+    /// weight copy too where it has one (`weights.rs`).
     pub fn adamw_segment(
         &self,
         param: &mut Tensor,
@@ -68,9 +69,11 @@ impl CudaBackend {
                 rule: "f32 (the flat gradient buffer)",
             });
         }
-        for (arg, t) in [("param", &mut *param), ("m", &mut *m), ("v", &mut *v)] {
-            // Not counted as a write of `param`: the launch writes its copy with it.
-            t.claim_f32_in_place(|t| Err(not_in_place(OP, arg, t)))?;
+        let moments = moment_type(OP, m, v)?;
+        // Not counted as a write of `param`: the launch writes its copy with it.
+        param.claim_f32_in_place(|t| Err(not_in_place(OP, "param", t)))?;
+        for (arg, t) in [("m", &mut *m), ("v", &mut *v)] {
+            t.claim_in_place(moment_dtype(moments), |t| Err(not_in_place(OP, arg, t)))?;
         }
         let addr = |t: &Tensor| dev(OP, t).map(|d| d.ptr);
         Ok(AdamWSegment {
@@ -78,6 +81,7 @@ impl CudaBackend {
             g: addr(grad)?,
             m: addr(m)?,
             v: addr(v)?,
+            moments,
             n: grad.numel(),
             decay,
             copy: self.adamw_copy_for(param),
@@ -176,6 +180,30 @@ pub(super) fn not_in_place(op: &'static str, arg: &'static str, t: &Tensor) -> E
         op,
         arg,
         value: format!("{:?} {:?}, shared or offset", t.dtype(), t.dims()),
-        rule: "written in place: f32, write-through or a whole unshared buffer",
+        rule:
+            "written in place: a write-through view or a whole unshared buffer (f32; bf16 moments)",
+    }
+}
+
+/// The element type of the moments `m` and `v` of `op`: both f32 or both bf16, else a named
+/// error.
+pub(super) fn moment_type(op: &'static str, m: &Tensor, v: &Tensor) -> Result<Moments> {
+    match (m.dtype(), v.dtype()) {
+        (DType::F32, DType::F32) => Ok(Moments::F32),
+        (DType::BF16, DType::BF16) => Ok(Moments::Bf16),
+        (a, b) => Err(Error::InvalidArgument {
+            op,
+            arg: "m, v",
+            value: format!("{a:?} and {b:?}"),
+            rule: "the two moments are both f32 or both bf16",
+        }),
+    }
+}
+
+/// The tensor dtype of moments of type `m`.
+pub(super) fn moment_dtype(m: Moments) -> DType {
+    match m {
+        Moments::F32 => DType::F32,
+        Moments::Bf16 => DType::BF16,
     }
 }

@@ -111,8 +111,9 @@ impl CudaBackend {
     /// tensor of the nine words of [`CudaBackend::adamw_device_words`], and the update runs only when the
     /// one-element f32 `apply` is not 0 (else `param`, `m` and `v` keep their values), so
     /// a replay uses whatever the host wrote into `consts` before it and whatever the step
-    /// computed into `apply`. Same f32 operations in the same order as `adamw_step`.
-    /// `param`, `m` and `v` are written where they are: each must be f32 and either a
+    /// computed into `apply`. Same f32 operations in the same order as `adamw_step` (bf16
+    /// moments as there). `param` (f32) and `m`, `v` (both f32 or both bf16) are written
+    /// where they are: each must be either a
     /// write-through view or a whole buffer nobody else holds (a copy-on-write would move
     /// it, which a graph cannot follow).
     pub fn adamw_step_device(
@@ -144,8 +145,13 @@ impl CudaBackend {
                 rule: "one f32",
             });
         }
-        for (arg, t) in [("param", &mut *param), ("m", &mut *m), ("v", &mut *v)] {
-            t.make_unique_f32(|t| Err(super::flat_optim::not_in_place(OP, arg, t)))?;
+        let moments = super::flat_optim::moment_type(OP, m, v)?;
+        let dtype = super::flat_optim::moment_dtype(moments);
+        param.make_unique_f32(|t| Err(super::flat_optim::not_in_place(OP, "param", t)))?;
+        for (arg, t) in [("m", &mut *m), ("v", &mut *v)] {
+            t.make_unique_as_or_write_through(dtype, |t| {
+                Err(super::flat_optim::not_in_place(OP, arg, t))
+            })?;
         }
         let n = grad.numel();
         if n == 0 {
@@ -166,7 +172,7 @@ impl CudaBackend {
         let (cv, av) = (view(OP, consts)?, view(OP, apply)?);
         self.ck(
             OP,
-            ops.adamw_device(&e.gpu, &pv, &mv, &vv, &gv, n, &cv, &av),
+            ops.adamw_device(&e.gpu, &pv, &mv, &vv, &gv, (n, moments), &cv, &av),
         )
     }
 

@@ -1,12 +1,13 @@
 //! Fused optimizer ops: one pass over a parameter and its state per update, in place.
 
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// The fused-optimizer kernel family of a [`Backend`](crate::backend::Backend).
 pub trait OptimKernels {
     /// One AdamW update of `param` and its moments `m`, `v` from `grad` (equal shapes), in
     /// place, with hyper-parameters `h` (see [`Tensor::adamw_step`] for the formula; the
-    /// CPU backend rounds the step constants to f32 exactly as the unfused ops would).
+    /// CPU backend rounds the step constants to f32 exactly as the unfused ops would). The
+    /// moments are both f32 or both bf16 (checked by the op) and keep their dtype.
     fn adamw(
         &self,
         param: &mut Tensor,
@@ -43,11 +44,16 @@ impl Tensor {
     /// p ← p·(1 − ηλ) − η/(1 − β1ᵗ) · m / (√(v/(1 − β2ᵗ)) + ε)
     /// ```
     ///
-    /// `self` is the parameter, `exp_avg` (m) and `exp_avg_sq` (v) its f32 moments, all
+    /// `self` is the parameter, `exp_avg` (m) and `exp_avg_sq` (v) its moments, all
     /// shaped like `grad`. Each element is computed with exactly the f32 operations, in
     /// the same order, as the unfused sequence of `scale`, `axpy`, `square`, `sqrt`,
     /// `add_scalar` and `div`, so results are bit-identical to it. Copy-on-write for any
     /// of the three buffers that is shared.
+    ///
+    /// The moments are both f32 or both bf16 (`optim.moment_dtype`), and keep their dtype:
+    /// bf16 moments are widened to f32, go through the same f32 operations (the parameter's
+    /// update uses the new, unrounded f32 moments) and are stored rounded to nearest even.
+    /// Mixed or other moment dtypes are refused by name.
     pub fn adamw_step(
         &mut self,
         exp_avg: &mut Tensor,
@@ -59,6 +65,15 @@ impl Tensor {
         self.same_shape(OP, grad)?;
         exp_avg.same_shape(OP, grad)?;
         exp_avg_sq.same_shape(OP, grad)?;
+        let moments = exp_avg.dtype();
+        if !matches!(moments, DType::F32 | DType::BF16) || exp_avg_sq.dtype() != moments {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                arg: "exp_avg, exp_avg_sq",
+                value: format!("{:?} and {:?}", moments, exp_avg_sq.dtype()),
+                rule: "the two moments are both f32 or both bf16",
+            });
+        }
         // Write-through views are written where they are: two written ones must not
         // overlap (copy-on-write buffers are copied by the write instead).
         let clash = |a: &Tensor, b: &Tensor| a.is_write_through() && a.overlaps(b);

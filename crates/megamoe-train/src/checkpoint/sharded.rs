@@ -4,7 +4,8 @@
 //! ckpt-00000010/
 //!   model-r00000.safetensors    the model pieces rank 0 owns (safetensors, f32)
 //!   model-r00001.safetensors    ... one file per rank that owns a piece
-//!   optim-r00000.safetensors    the optimizer-state pieces rank 0 owns
+//!   optim-r00000.safetensors    the optimizer-state pieces rank 0 owns (f32; bf16 AdamW
+//!                               moments stay bf16)
 //!   state.json                  scalar state, as in the one-rank layout
 //!   index.json                  written last: the commit marker
 //! ```
@@ -36,6 +37,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use megamoe_tensor::DType;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -126,7 +128,7 @@ pub struct Piece {
 pub struct IndexEntry {
     /// One-rank shape.
     pub shape: Vec<usize>,
-    /// Element type (safetensors name; `F32`).
+    /// Element type (safetensors name: `F32`, or `BF16` for bf16 AdamW moments).
     pub dtype: String,
     /// Disjoint pieces covering every value.
     pub pieces: Vec<Piece>,
@@ -179,6 +181,45 @@ pub struct HeldPiece {
     pub global: Vec<usize>,
     /// The box this rank holds.
     pub slab: Slab,
+    /// Stored element type (safetensors name, [`stored_dtype`]).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+fn f32_name() -> String {
+    "F32".to_string()
+}
+
+/// The safetensors name of a stored element type: `F32` or `BF16`.
+pub fn stored_dtype(d: DType) -> String {
+    match d {
+        DType::BF16 => "BF16".to_string(),
+        _ => f32_name(),
+    }
+}
+
+/// Bytes per element and tensor dtype of a stored element type, `None` if unsupported.
+fn stored_size(name: &str) -> Option<(usize, DType)> {
+    match name {
+        "F32" => Some((4, DType::F32)),
+        "BF16" => Some((2, DType::BF16)),
+        _ => None,
+    }
+}
+
+/// Little-endian f32 (`size` 4) or bf16 (`size` 2, widened exactly) values as f32.
+pub(crate) fn decode_values(bytes: &[u8], size: usize) -> Vec<f32> {
+    if size == 2 {
+        bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect()
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
 }
 
 /// Shard file of `set` written by `rank`.
@@ -219,9 +260,18 @@ pub(crate) fn assign_owners(
             };
             let e = entries.entry(p.name.clone()).or_insert_with(|| IndexEntry {
                 shape: p.global.clone(),
-                dtype: "F32".to_string(),
+                dtype: p.dtype.clone(),
                 pieces: Vec::new(),
             });
+            if e.dtype != p.dtype {
+                return Err(malformed(
+                    here,
+                    format!(
+                        "rank {rank} holds {} as {}, another rank as {}",
+                        p.name, p.dtype, e.dtype
+                    ),
+                ));
+            }
             if e.shape != p.global {
                 return Err(malformed(
                     here,
@@ -530,7 +580,21 @@ impl ShardReader {
     pub fn read_whole(&self, set: TensorSet, name: &str) -> Result<NamedTensor> {
         let shape = self.entry(set, name)?.shape.clone();
         let data = self.read(set, name, &Slab::whole(&shape))?;
-        Ok(NamedTensor::new(name, shape, data))
+        Ok(NamedTensor::new(name, shape, data).with_dtype(self.dtype(set, name)?))
+    }
+
+    /// The stored element type of tensor `name` of `set` (f32 or bf16).
+    pub fn dtype(&self, set: TensorSet, name: &str) -> Result<DType> {
+        let entry = self.entry(set, name)?;
+        stored_size(&entry.dtype).map(|(_, d)| d).ok_or_else(|| {
+            malformed(
+                &self.dir.join(INDEX_FILE),
+                format!(
+                    "{name} has dtype {}; only F32 and BF16 are supported",
+                    entry.dtype
+                ),
+            )
+        })
     }
 
     fn entry(&self, set: TensorSet, name: &str) -> Result<&IndexEntry> {
@@ -563,6 +627,15 @@ impl ShardReader {
                 found: entry.shape.clone(),
             });
         }
+        let size = stored_size(&entry.dtype).map(|(s, _)| s).ok_or_else(|| {
+            malformed(
+                &self.dir.join(INDEX_FILE),
+                format!(
+                    "{name} has dtype {}; only F32 and BF16 are supported",
+                    entry.dtype
+                ),
+            )
+        })?;
         let mut out = vec![0f32; want.numel()];
         let mut covered = 0;
         for piece in &entry.pieces {
@@ -577,12 +650,12 @@ impl ShardReader {
             let stored = header
                 .get(&piece.key)
                 .ok_or_else(|| malformed(&path, format!("no tensor {} in it", piece.key)))?;
-            if stored.dtype != "F32" || stored.shape != piece.slab.shape {
+            if stored.dtype != entry.dtype || stored.shape != piece.slab.shape {
                 return Err(malformed(
                     &path,
                     format!(
-                        "{} is {} {:?}; the index says F32 {:?}",
-                        piece.key, stored.dtype, stored.shape, piece.slab.shape
+                        "{} is {} {:?}; the index says {} {:?}",
+                        piece.key, stored.dtype, stored.shape, entry.dtype, piece.slab.shape
                     ),
                 ));
             }
@@ -592,8 +665,8 @@ impl ShardReader {
                 Some(&n) => (part.offset[0] - piece.slab.offset[0], n),
                 None => (0, 1),
             };
-            let begin = stored.begin + (r0 * row * 4) as u64;
-            let len = rows * row * 4;
+            let begin = stored.begin + (r0 * row * size) as u64;
+            let len = rows * row * size;
             if begin + len as u64 > stored.end {
                 return Err(malformed(
                     &path,
@@ -605,10 +678,7 @@ impl ShardReader {
             f.seek(SeekFrom::Start(begin))
                 .and_then(|_| f.read_exact(&mut bytes))
                 .map_err(|e| Error::io("read", &path, e))?;
-            let vals: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let vals = decode_values(&bytes, size);
             // `vals` is the box rows r0.. of the piece, all of dims 1..
             let mut src_box = piece.slab.clone();
             if let Some(first) = src_box.shape.first_mut() {
@@ -751,6 +821,7 @@ mod tests {
             name: name.to_string(),
             global: global.to_vec(),
             slab,
+            dtype: f32_name(),
         }
     }
 

@@ -81,14 +81,22 @@ impl HeldTensors {
                 ),
             ));
         }
+        // Optimizer state keeps bf16 (bf16 AdamW moments); the model is saved as f32.
+        use megamoe_tensor::DType;
+        let dtype = match (set, t.dtype()) {
+            (TensorSet::Optimizer, DType::BF16) => DType::BF16,
+            _ => DType::F32,
+        };
         if values {
-            self.values.push(NamedTensor::from_tensor(name, t)?);
+            self.values
+                .push(NamedTensor::from_tensor(name, t)?.with_dtype(dtype));
         }
         self.pieces.push(HeldPiece {
             set,
             name: name.to_string(),
             global,
             slab,
+            dtype: crate::checkpoint::stored_dtype(dtype),
         });
         Ok(())
     }
@@ -119,7 +127,8 @@ impl HeldTensors {
                 .filter(|p| p.set == set)
                 .map(|p| {
                     let data = reader.read(set, &p.name, &p.slab)?;
-                    Ok(NamedTensor::new(p.name.clone(), p.slab.shape.clone(), data))
+                    let t = NamedTensor::new(p.name.clone(), p.slab.shape.clone(), data);
+                    Ok(t.with_dtype(reader.dtype(set, &p.name)?))
                 })
                 .collect()
         };

@@ -173,6 +173,11 @@ impl PipelineRank {
             let slab = self.slab_of(name, global, ep, experts.contains(param_of(name)));
             let data = reader.read(*set, name, &slab)?;
             let t = Tensor::from_vec_f32(data, slab.shape.clone(), megamoe_tensor::Device::Cpu)?;
+            // Stored bf16 (bf16 AdamW moments) comes back bf16, bit for bit.
+            let t = match reader.dtype(*set, name)? {
+                megamoe_tensor::DType::BF16 => t.to_dtype(megamoe_tensor::DType::BF16)?,
+                _ => t,
+            };
             kept.insert(name.clone(), t);
         }
         let mut params = self.params.clone();

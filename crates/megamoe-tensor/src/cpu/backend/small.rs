@@ -80,10 +80,14 @@ impl OptimKernels for CpuBackend {
             step: (-h.lr / (1.0 - h.beta1.powi(t))) as f32,
         };
         let g = grad.cpu_f32(OP, "grad")?;
-        let mv = m.cpu_f32_mut(OP)?;
-        let vv = v.cpu_f32_mut(OP)?;
-        let p = param.cpu_f32_mut(OP)?;
-        optim::adamw(p, mv, vv, &g, &consts);
+        // The moments' dtype (both the same) was checked by the op.
+        if m.dtype() == DType::BF16 {
+            let (mv, vv) = (m.cpu_bf16_mut(OP)?, v.cpu_bf16_mut(OP)?);
+            optim::adamw(param.cpu_f32_mut(OP)?, mv, vv, &g, &consts);
+        } else {
+            let (mv, vv) = (m.cpu_f32_mut(OP)?, v.cpu_f32_mut(OP)?);
+            optim::adamw(param.cpu_f32_mut(OP)?, mv, vv, &g, &consts);
+        }
         Ok(())
     }
 }
