@@ -59,6 +59,25 @@ fn bf16_adds_weight_copies_and_muon_drops_a_moment() {
 }
 
 #[test]
+fn bf16_moments_count_two_bytes_per_moment() {
+    // AdamW: two bf16 moments = 4 B per parameter; parameters and gradients unchanged.
+    let f = plan_memory(&tiny(&[]), None).ranks[0].breakdown;
+    let b = plan_memory(&tiny(&["optim.moment_dtype=bf16"]), None).ranks[0].breakdown;
+    assert!((b.optimizer_gb - TINY_PARAMS * 4.0 / GIB).abs() < 1e-12);
+    assert_eq!((b.params_gb, b.gradients_gb), (f.params_gb, f.gradients_gb));
+    // Muon: hidden matrices keep one f32 momentum (4 B), the AdamW-routed rest two bf16
+    // moments (4 B): 4 B per parameter in all, less than with f32 moments.
+    let muon = |sets: &[&str]| {
+        plan_memory(&tiny(sets), None).ranks[0]
+            .breakdown
+            .optimizer_gb
+    };
+    let mb = muon(&["optim.name=muon", "optim.moment_dtype=bf16"]);
+    assert!((mb - TINY_PARAMS * 4.0 / GIB).abs() < 1e-12, "{}", mb * GIB);
+    assert!(muon(&["optim.name=muon"]) > mb);
+}
+
+#[test]
 fn zero_levels_shard_in_order_over_the_data_parallel_group() {
     // dp 2 (global batch 8 → 4 sequences per rank); every parameter's group has 2 ranks.
     let base = plan_memory(&tiny(&["parallel.dp=2"]), None).ranks[0].breakdown;
