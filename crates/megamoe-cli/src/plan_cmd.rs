@@ -408,8 +408,13 @@ fn render_text(r: &Report<'_>) -> Result<String, fmt::Error> {
         o,
         "optimizer",
         format!(
-            "{} lr {} ({}), {} {}",
-            p.optim.kind, p.optim.lr, p.optim.lr_schedule, p.train.precision, p.train.recompute
+            "{} lr {} ({}), moments {}, {} {}",
+            p.optim.kind,
+            p.optim.lr,
+            p.optim.lr_schedule,
+            p.optim.moment_dtype,
+            p.train.precision,
+            p.train.recompute
         ),
     )?;
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use megamoe_plan::{OptimizerKind, Plan};
+use megamoe_plan::{MomentDtype, OptimizerKind, Plan};
 use megamoe_train::clock::UtcTime;
 use megamoe_train::Trainer;
 
@@ -125,6 +125,9 @@ fn optimizer(plan: &Plan) -> String {
     match o.grad_clip {
         Some(c) => s += &format!(", clip {c}"),
         None => s += ", no clipping",
+    }
+    if o.moment_dtype == MomentDtype::Bf16 {
+        s += ", bf16 moments";
     }
     if let (OptimizerKind::Muon, Some(m)) = (o.kind, &o.muon) {
         s += &format!(
