@@ -55,6 +55,7 @@ mod config_diff;
 mod legacy;
 mod scan;
 mod sharded;
+mod stored;
 pub use config_diff::{resume_config_changes, ConfigChange, RESUME_LAYOUT_KEYS, RESUME_SAFE_KEYS};
 pub use scan::{
     list_checkpoints, prune_checkpoints, resolve_checkpoint, retire_checkpoints_after, run_dir_of,
@@ -62,9 +63,10 @@ pub use scan::{
 };
 pub(crate) use sharded::{assign_owners, write_index, write_shards};
 pub use sharded::{
-    shard_file_name, stored_dtype, HeldPiece, IndexEntry, Piece, ShardIndex, ShardReader, Slab,
-    TensorSet, INDEX_FILE, INDEX_FORMAT_VERSION,
+    shard_file_name, HeldPiece, IndexEntry, Piece, ShardIndex, ShardReader, Slab, TensorSet,
+    INDEX_FILE, INDEX_FORMAT_VERSION,
 };
+pub use stored::stored_dtype;
 
 /// Version of the checkpoint layout written by this build.
 pub const CHECKPOINT_FORMAT_VERSION: u32 = 2;
@@ -693,8 +695,8 @@ fn decode_tensor_file(
     let mut by_name: BTreeMap<String, NamedTensor> = BTreeMap::new();
     for (name, view) in st.tensors() {
         let (data, dtype) = match view.dtype() {
-            Dtype::F32 => (sharded::decode_values(view.data(), 4), DType::F32),
-            Dtype::BF16 => (sharded::decode_values(view.data(), 2), DType::BF16),
+            Dtype::F32 => (stored::decode_values(view.data(), 4), DType::F32),
+            Dtype::BF16 => (stored::decode_values(view.data(), 2), DType::BF16),
             other => {
                 return Err(Error::CheckpointMalformed {
                     path,

@@ -37,9 +37,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use megamoe_tensor::DType;
 use serde::{Deserialize, Serialize};
 
+use super::stored::{decode_values, f32_name, stored_size};
 use super::{
     encode_safetensors, read_required, validate_tensors, write_file_atomic, write_state_file,
     FileDigest, NamedTensor, TensorSpec, TrainState, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
@@ -181,45 +181,9 @@ pub struct HeldPiece {
     pub global: Vec<usize>,
     /// The box this rank holds.
     pub slab: Slab,
-    /// Stored element type (safetensors name, [`stored_dtype`]).
+    /// Stored element type (safetensors name, [`super::stored_dtype`]).
     #[serde(default = "f32_name")]
     pub dtype: String,
-}
-
-fn f32_name() -> String {
-    "F32".to_string()
-}
-
-/// The safetensors name of a stored element type: `F32` or `BF16`.
-pub fn stored_dtype(d: DType) -> String {
-    match d {
-        DType::BF16 => "BF16".to_string(),
-        _ => f32_name(),
-    }
-}
-
-/// Bytes per element and tensor dtype of a stored element type, `None` if unsupported.
-fn stored_size(name: &str) -> Option<(usize, DType)> {
-    match name {
-        "F32" => Some((4, DType::F32)),
-        "BF16" => Some((2, DType::BF16)),
-        _ => None,
-    }
-}
-
-/// Little-endian f32 (`size` 4) or bf16 (`size` 2, widened exactly) values as f32.
-pub(crate) fn decode_values(bytes: &[u8], size: usize) -> Vec<f32> {
-    if size == 2 {
-        bytes
-            .chunks_exact(2)
-            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-            .collect()
-    } else {
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
 }
 
 /// Shard file of `set` written by `rank`.
@@ -584,7 +548,7 @@ impl ShardReader {
     }
 
     /// The stored element type of tensor `name` of `set` (f32 or bf16).
-    pub fn dtype(&self, set: TensorSet, name: &str) -> Result<DType> {
+    pub fn dtype(&self, set: TensorSet, name: &str) -> Result<megamoe_tensor::DType> {
         let entry = self.entry(set, name)?;
         stored_size(&entry.dtype).map(|(_, d)| d).ok_or_else(|| {
             malformed(
