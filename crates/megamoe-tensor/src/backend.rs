@@ -67,6 +67,11 @@ pub trait HostTransfer {
     fn to_dtype(&self, x: &Tensor, dtype: DType) -> Result<Tensor>;
     /// A copy of `x`'s elements in a buffer of its own.
     fn copy(&self, x: &Tensor) -> Result<Tensor>;
+    /// A read-only i32 tensor holding `data` ([`Tensor::constant_i32`]); a backend may hand
+    /// out one shared copy per content. By default an upload.
+    fn constant_i32(&self, data: Vec<i32>, shape: Shape) -> Result<Tensor> {
+        self.upload(CpuStorage::I32(data), shape)
+    }
 }
 
 /// One compute backend: every kernel family for one kind of storage (see the module doc).

@@ -113,21 +113,32 @@ impl Tensor {
         Ok(())
     }
 
-    /// True (and the range is no longer deferred) if this tensor's elements are exactly one
-    /// deferred range: the caller overwrites all of them now.
+    /// True (and the ranges are no longer deferred) if this tensor's elements are exactly
+    /// one deferred range or a run of adjacent ones (a [`Tensor::joined`] view of several
+    /// gradients): the caller overwrites all of them now.
     pub(crate) fn take_deferred(&self) -> bool {
         if !self.is_write_through() {
             return false;
         }
         let r = self.layout.range();
-        let mut list = self.deferred_list();
-        match list.binary_search_by_key(&(r.start, r.end), |d| (d.start, d.end)) {
-            Ok(i) if !r.is_empty() => {
-                list.remove(i);
-                true
-            }
-            _ => false,
+        if r.is_empty() {
+            return false;
         }
+        let mut list = self.deferred_list();
+        let Ok(first) = list.binary_search_by_key(&r.start, |d| d.start) else {
+            return false;
+        };
+        let mut end = r.start;
+        let mut last = first;
+        while last < list.len() && list[last].start == end && list[last].end <= r.end {
+            end = list[last].end;
+            last += 1;
+        }
+        if end != r.end {
+            return false;
+        }
+        list.drain(first..last);
+        true
     }
 
     /// An error (named `op`) if this tensor's elements touch a deferred range.

@@ -366,9 +366,10 @@ impl Tensor {
         backend.full(shape.into(), value, dtype)
     }
 
-    /// A rank-0 f32 tensor holding `value`.
+    /// A rank-0 f32 tensor holding `value` (a fill on the device: no host copy, so a GPU
+    /// does not wait for its queue).
     pub fn scalar(value: f32, device: Device) -> Result<Tensor> {
-        Tensor::from_vec_f32(vec![value], Shape::from(Vec::new()), device)
+        Tensor::full(Shape::from(Vec::new()), value, DType::F32, device)
     }
 
     /// An f32 tensor owning `data` (row-major). Errors if `data.len() != shape.numel()`.
@@ -402,6 +403,18 @@ impl Tensor {
         let shape = shape.into();
         check_len("from_vec_i32", &shape, data.len())?;
         backend.upload(CpuStorage::I32(data), shape)
+    }
+
+    /// An i32 tensor holding `data` that depends only on shapes (group offsets, the sizes of
+    /// groups known on the host), for reading: a GPU keeps one device copy per content and
+    /// shape, made on first use, and hands out shared handles, so later calls (and the
+    /// replays of a captured step) copy nothing from the host. An in-place write to the
+    /// result copies it first (its buffer is shared). Errors as [`Tensor::from_vec_i32`].
+    pub fn constant_i32(data: Vec<i32>, shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+        let backend = crate::backend::backend_for(device)?;
+        let shape = shape.into();
+        check_len("constant_i32", &shape, data.len())?;
+        backend.constant_i32(data, shape)
     }
 
     /// `[0, 1, ..., n-1]` as an i32 tensor of shape `[n]`.
@@ -485,6 +498,30 @@ impl Tensor {
             layout: Layout {
                 shape,
                 offset: self.layout.offset + offset,
+            },
+        })
+    }
+
+    /// One view of shape `shape` over `parts` when they are consecutive element ranges of
+    /// one buffer, in order (`parts[i + 1]` starts where `parts[i]` ends) and `shape` holds
+    /// exactly their elements; `None` otherwise (the caller then copies). No copy: e.g.
+    /// two parameters' gradients laid out one after the other in a flat buffer, written
+    /// as one `[2F, H]` operand.
+    pub fn joined(parts: &[&Tensor], shape: impl Into<Shape>) -> Option<Tensor> {
+        let shape = shape.into();
+        let first = parts.first()?;
+        let mut end = first.layout.offset;
+        for p in parts {
+            if !p.same_storage(first) || p.layout.offset != end {
+                return None;
+            }
+            end += p.numel();
+        }
+        (shape.numel() == end - first.layout.offset).then(|| Tensor {
+            buffer: first.buffer.clone(),
+            layout: Layout {
+                shape,
+                offset: first.layout.offset,
             },
         })
     }

@@ -606,3 +606,39 @@ fn constructors_and_host_reads() {
         "operands on two devices are an error"
     );
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn shape_constants_are_one_device_copy_per_content() {
+    let a = Tensor::constant_i32(vec![0, 8, 16], [3], GPU).unwrap();
+    let b = Tensor::constant_i32(vec![0, 8, 16], [3], GPU).unwrap();
+    assert!(a.same_storage(&b), "the second call reuses the first copy");
+    assert_eq!(b.to_host_i32().unwrap(), vec![0, 8, 16]);
+    let other_shape = Tensor::constant_i32(vec![0, 8, 16], [1, 3], GPU).unwrap();
+    let other_values = Tensor::constant_i32(vec![0, 8, 17], [3], GPU).unwrap();
+    assert!(!a.same_storage(&other_shape) && !a.same_storage(&other_values));
+    assert_eq!(other_values.to_host_i32().unwrap(), vec![0, 8, 17]);
+    // An in-place write to a handle copies first: later calls still read the constant.
+    let mut w = Tensor::constant_i32(vec![0, 8, 16], [3], GPU).unwrap();
+    w.fill_in_place(5.0).unwrap();
+    assert!(!w.same_storage(&a));
+    assert_eq!(w.to_host_f32().unwrap(), vec![5.0; 3]);
+    let c = Tensor::constant_i32(vec![0, 8, 16], [3], GPU).unwrap();
+    assert_eq!(c.to_host_i32().unwrap(), vec![0, 8, 16]);
+    // Static-capacity groups and host-sized groups: their offsets (and the host sizes)
+    // are such constants, so a step's MoE layers upload them once.
+    let sizes = Tensor::zeros([4], DType::I32, GPU).unwrap();
+    let (s1, s2) = (
+        RowGroups::strided(&sizes, 8).unwrap(),
+        RowGroups::strided(&sizes, 8).unwrap(),
+    );
+    assert!(s1.offsets().same_storage(s2.offsets()));
+    assert_eq!(s1.offsets().to_host_i32().unwrap(), vec![0, 8, 16, 24]);
+    let (h1, h2) = (
+        RowGroups::from_sizes(&[3, 0, 5], GPU).unwrap(),
+        RowGroups::from_sizes(&[3, 0, 5], GPU).unwrap(),
+    );
+    assert!(h1.sizes().same_storage(h2.sizes()) && h1.offsets().same_storage(h2.offsets()));
+    assert_eq!(h1.sizes().to_host_i32().unwrap(), vec![3, 0, 5]);
+    assert_eq!(h1.offsets().to_host_i32().unwrap(), vec![0, 3, 3]);
+}

@@ -271,3 +271,42 @@ fn the_flat_adamw_launch_writes_the_copies_the_next_step_reads() {
     let _g = WeightCopies::begin(GPU, &ws).unwrap();
     assert_eq!(backend.weight_copy_stats().written - before.written, 1);
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn a_fused_operand_of_two_registered_weights_reads_their_copies() {
+    // The shared experts' gate‖up operand: joined from the two weights' GEMM operands
+    // (their bf16 copies) instead of cast from a joined f32 copy — the same bits.
+    let backend = megamoe_tensor::cuda::cuda_backend(0).unwrap();
+    backend.set_bf16_matmul(true);
+    backend.set_bf16_activations(true);
+    let x = randn(11, &[64, 96], 1.0).to_dtype(DType::BF16).unwrap();
+    let (gate, up) = (randn(12, &[40, 96], 0.1), randn(13, &[40, 96], 0.1));
+    let want = x
+        .matmul(&Tensor::cat(&[&gate, &up], 0).unwrap(), false, true)
+        .unwrap();
+    let unregistered = gate.as_gemm_weight().unwrap();
+    assert_eq!(
+        unregistered.dtype(),
+        DType::BF16,
+        "bf16-matmul mode reads bf16"
+    );
+    let _guard = WeightCopies::begin(GPU, &[gate.clone(), up.clone()]).unwrap();
+    let fills = backend.weight_copy_stats().fills;
+    let fused = Tensor::cat(
+        &[
+            &gate.as_gemm_weight().unwrap(),
+            &up.as_gemm_weight().unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        backend.weight_copy_stats().fills - fills,
+        2,
+        "one cast per weight"
+    );
+    assert_eq!(fused.dtype(), DType::BF16);
+    assert_eq!(bits(&x.matmul(&fused, false, true).unwrap()), bits(&want));
+    assert_eq!(bits(&unregistered), bits(&gate.as_gemm_weight().unwrap()));
+}

@@ -128,6 +128,52 @@ fn other_writes_settle_what_they_touch(dev: Device) {
     assert_eq!(bits(&got), bits(&want));
 }
 
+/// A [`Tensor::joined`] view of two adjacent deferred slots (a gate and an up projection
+/// gradient written as one fused operand): its first GEMM overwrites both, the next
+/// accumulates; a joined view of a deferred and a written slot accumulates onto zeros.
+/// Same bits as zeroing first; views that are not adjacent do not join.
+fn joined_views_of_deferred_slots(dev: Device) {
+    let (dy, x) = (rand_on(dev, 13, &[5, 4]), rand_on(dev, 14, &[5, 3]));
+    let (dy2, x2) = (rand_on(dev, 15, &[5, 4]), rand_on(dev, 16, &[5, 3]));
+    let groups = RowGroups::from_sizes(&[5], dev).unwrap();
+    // Slots: [2, 3] at 0, [2, 3] at 6 (one [1, 4, 3] operand), [5] at 12.
+    let run = |buf: &Tensor, first_settled: bool| {
+        let (a, b) = (buf.view(0, [2, 3]).unwrap(), buf.view(6, [2, 3]).unwrap());
+        if first_settled {
+            buf.view(0, [2, 3]).unwrap().settle_deferred().unwrap();
+        }
+        let mut both = Tensor::joined(&[&a, &b], [1, 4, 3]).unwrap();
+        both.grouped_matmul_wgrad_acc(&dy, &x, &groups, 1.0)
+            .unwrap();
+        both.grouped_matmul_wgrad_acc(&dy2, &x2, &groups, 1.0)
+            .unwrap();
+    };
+    for first_settled in [false, true] {
+        let want = zeroed(dev, 17);
+        run(&want, first_settled);
+        let got = stale(dev, 17);
+        got.defer_zero([0..6, 6..12, 12..17]).unwrap();
+        run(&got, first_settled);
+        assert_eq!(got.deferred_elems(), 5, "only the slot nothing wrote");
+        got.settle_deferred().unwrap();
+        assert_eq!(bits(&got), bits(&want));
+    }
+    let buf = zeroed(dev, 17);
+    let (a, c) = (buf.view(0, [2, 3]).unwrap(), buf.view(12, [5]).unwrap());
+    assert!(Tensor::joined(&[&a, &c], [11]).is_none(), "a gap");
+    let b = buf.view(6, [2, 3]).unwrap();
+    assert!(Tensor::joined(&[&b, &a], [12]).is_none(), "out of order");
+    assert!(
+        Tensor::joined(&[&a, &b], [13]).is_none(),
+        "wrong element count"
+    );
+    let other = zeroed(dev, 6);
+    assert!(
+        Tensor::joined(&[&a, &other], [12]).is_none(),
+        "another buffer"
+    );
+}
+
 /// Bad deferrals are named errors: an ordinary buffer, a range past the end, two
 /// overlapping ranges; giving a deferred range again is fine.
 fn bad_deferrals_are_named(dev: Device) {
@@ -163,5 +209,6 @@ backend_tests!(
     gemm_contributions_overwrite_then_accumulate,
     grouped_wgrad_overwrites_every_group,
     other_writes_settle_what_they_touch,
+    joined_views_of_deferred_slots,
     bad_deferrals_are_named,
 );

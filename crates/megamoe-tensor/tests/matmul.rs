@@ -626,3 +626,12 @@ backend_tests!(
     grouped_acc_ops_same_bits_for_1_2_and_3_threads,
     grouped_ops_on_balanced_and_equal_packed_groups_match_naive,
 );
+
+/// On the CPU a weight is its own GEMM operand (no copy): a fused operand joined from two
+/// weights' operands is the fused weight (the GPU's bf16 case: `cuda_weight_copies`).
+#[test]
+fn cpu_weights_are_their_own_gemm_operands() {
+    let w = rand_on(Device::Cpu, 21, &[6, 4]);
+    let op = w.as_gemm_weight().unwrap();
+    assert!(op.same_storage(&w) && op.dims() == w.dims() && op.dtype() == DType::F32);
+}

@@ -8,7 +8,27 @@ use crate::backend::HostTransfer;
 use crate::storage::{CpuStorage, Storage};
 use crate::{DType, Result, Shape, Tensor};
 
+/// Device copies of [`Tensor::constant_i32`] values by (dims, content): kept for the
+/// backend's life (a few small tensors: group offsets and sizes of each MoE shape).
+pub(crate) type Constants = std::collections::HashMap<(Vec<usize>, Vec<i32>), Tensor>;
+
 impl HostTransfer for CudaBackend {
+    fn constant_i32(&self, data: Vec<i32>, shape: Shape) -> Result<Tensor> {
+        let lock = || self.constants.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (shape.dims().to_vec(), data);
+        if let Some(t) = lock().get(&key) {
+            return Ok(t.clone());
+        }
+        // Made inside a captured region, the buffer would be the graph's: upload without
+        // keeping it (the warm-up step before a capture fills the cache).
+        let capturing = self.engine("constant_i32")?.capture.is_some();
+        let t = self.upload(CpuStorage::I32(key.1.clone()), shape)?;
+        if !capturing {
+            lock().insert(key, t.clone());
+        }
+        Ok(t)
+    }
+
     fn upload(&self, data: CpuStorage, shape: Shape) -> Result<Tensor> {
         const OP: &str = "upload";
         let mut e = self.engine(OP)?;

@@ -143,6 +143,16 @@ pub(super) fn operand(t: &Tensor, ptr: u64, trans: bool, cols: usize, stride: us
 }
 
 impl MatmulKernels for CudaBackend {
+    fn gemm_weight(&self, w: &Tensor) -> Result<Tensor> {
+        // `gemm_pair`'s rule (bf16 operands in bf16-matmul mode or when both are bf16): a
+        // weight that is not bf16 is read as bf16 only in bf16-matmul mode.
+        if w.dtype() == DType::F32 && self.bf16_matmul() {
+            self.bf16_operand(w)
+        } else {
+            Ok(w.clone())
+        }
+    }
+
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
         const OP: &str = "matmul";
         let (m, k) = logical(a, trans_a)?;

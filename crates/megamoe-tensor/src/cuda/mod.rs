@@ -135,6 +135,8 @@ pub struct CudaBackend {
     pub(crate) attention: std::sync::atomic::AtomicU8,
     /// bf16 copies of the registered f32 weights (`weights.rs`).
     weights: Mutex<weights::WeightCache>,
+    /// Shape-only i32 constants by (shape, content), [`Tensor::constant_i32`] (`host.rs`).
+    constants: Mutex<host::Constants>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -195,6 +197,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
         bf16_activations: std::sync::atomic::AtomicBool::new(false),
         attention: std::sync::atomic::AtomicU8::new(attention::from_env() as u8),
         weights: Mutex::new(weights::WeightCache::default()),
+        constants: Mutex::new(host::Constants::default()),
     })
 }
 

@@ -113,10 +113,11 @@ impl RowGroups {
                 rule: "G·stride must fit in i32",
             });
         }
+        // Shape-only: one device copy per (G, stride), no upload after the first.
         let offsets = (0..g).map(|i| (i * stride) as i32).collect();
         Ok(RowGroups {
             sizes: sizes.clone(),
-            offsets: Tensor::from_vec_i32(offsets, [g], sizes.device())?,
+            offsets: Tensor::constant_i32(offsets, [g], sizes.device())?,
             stride: Some(stride),
             host: None,
             zero_pad_rows: false,
@@ -142,25 +143,38 @@ impl RowGroups {
         self.zero_pad_rows
     }
 
-    /// Packed groups from host sizes (reference paths and tests; the hot path builds
-    /// them from device counts with [`RowGroups::packed`]).
+    /// Packed groups from host sizes (sizes that depend only on shapes, e.g. the shared
+    /// experts' one group of all rows, reference paths and tests; routed experts build
+    /// them from device counts with [`RowGroups::packed`]). Sizes and offsets are
+    /// [`Tensor::constant_i32`]s: no upload after the first call with these sizes.
     pub fn from_sizes(sizes: &[usize], device: Device) -> Result<RowGroups> {
+        const OP: &str = "RowGroups::from_sizes";
         let mut host = Vec::with_capacity(sizes.len());
+        let mut offsets = Vec::with_capacity(sizes.len());
         let mut spans = Vec::with_capacity(sizes.len());
         let mut offset = 0usize;
         for &s in sizes {
-            host.push(i32::try_from(s).map_err(|_| Error::InvalidArgument {
-                op: "RowGroups::from_sizes",
-                arg: "sizes",
-                value: s.to_string(),
-                rule: "every size must fit in i32",
-            })?);
+            let fit = |v: usize| {
+                i32::try_from(v).map_err(|_| Error::InvalidArgument {
+                    op: OP,
+                    arg: "sizes",
+                    value: format!("{sizes:?}"),
+                    rule: "every size and their sum must fit in i32",
+                })
+            };
+            host.push(fit(s)?);
+            offsets.push(fit(offset)?);
             spans.push((offset, s));
             offset += s;
         }
-        let mut groups = RowGroups::packed(&Tensor::from_vec_i32(host, [sizes.len()], device)?)?;
-        groups.host = Some(spans.into());
-        Ok(groups)
+        let g = sizes.len();
+        Ok(RowGroups {
+            sizes: Tensor::constant_i32(host, [g], device)?,
+            offsets: Tensor::constant_i32(offsets, [g], device)?,
+            stride: None,
+            host: Some(spans.into()),
+            zero_pad_rows: false,
+        })
     }
 
     /// `[G]` i32 rows per group.
@@ -249,6 +263,14 @@ mod tests {
         let s = RowGroups::strided(&sizes, 4).unwrap();
         assert_eq!((s.stride(), s.host_spans()), (Some(4), None));
         assert_eq!(s.offsets().to_host_i32().unwrap(), vec![0, 4]);
+    }
+
+    #[test]
+    fn host_sizes_whose_offsets_leave_i32_are_a_named_error() {
+        let big = i32::MAX as usize;
+        assert!(RowGroups::from_sizes(&[big, 0], Device::Cpu).is_ok());
+        let err = RowGroups::from_sizes(&[big, 1, 1], Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("must fit in i32"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub trait MatmulKernels {
         groups: &RowGroups,
         beta: f32,
     ) -> Result<()>;
+    /// `w` as the operand a GEMM reads ([`Tensor::as_gemm_weight`]); by default `w` itself
+    /// (the backend reads its weights as they are).
+    fn gemm_weight(&self, w: &Tensor) -> Result<Tensor> {
+        Ok(w.clone())
+    }
 }
 
 /// Logical `(rows, cols)` of a rank-2 operand stored `[d0, d1]`, transposed if `trans`.
@@ -80,6 +85,15 @@ fn inner_mismatch(op: &'static str, a: &Tensor, b: &Tensor) -> Error {
 }
 
 impl Tensor {
+    /// This weight as the operand a GEMM reads it: on a GPU in bf16-matmul mode an f32
+    /// weight's bf16 copy (a registered weight's cached copy, else a cast), otherwise the
+    /// weight itself. A GEMM reads such an operand as it is, so a fused operand built from
+    /// them (`Tensor::cat` of two weights' operands) holds the bits the GEMM would have
+    /// read from the fused f32 weight, without a cast of the fused copy.
+    pub fn as_gemm_weight(&self) -> Result<Tensor> {
+        self.backend().gemm_weight(self)
+    }
+
     /// `op(a) · op(b)` for rank-2 `a`, `b`: `a` is `[M, K]` (stored `[K, M]` if `trans_a`),
     /// `b` is `[K, N]` (stored `[N, K]` if `trans_b`); the result is `[M, N]` f32.
     ///
