@@ -176,26 +176,10 @@ impl ExpertBank for GroupedExperts {
         d_y: &Tensor,
         s: ExpertsSaved,
     ) -> Result<(Tensor, ExpertsDeferredW)> {
-        let gs = &s.groups;
-        // The output gradient in the activations' dtype, cast once for both GEMMs that read
-        // it (this input gradient and the deferred down-projection weight gradient): bf16
-        // activations (a GPU's bf16 mode) mean bf16 GEMMs, which would each round it to
-        // bf16; f32 activations (CPU, parity mode) leave it as it is.
-        let d_y = &d_y.to_dtype(s.act.dtype())?;
-        let d_act = d_y.grouped_matmul(gs, &p.down_proj, false)?;
-        let d_h = activate_backward(self.cfg.activation, &s.h, &d_act)?;
+        let w = self.backward_pre_activation(p, d_y, s)?;
         // swiglu: d_x = d_gate·W_gate + d_up·W_up as ONE GEMM over the 2F fused rows.
-        let d_x = d_h.grouped_matmul(gs, &p.in_proj, false)?;
-        Ok((
-            d_x,
-            ExpertsDeferredW {
-                x: s.x,
-                groups: s.groups,
-                act: s.act,
-                d_out: d_y.clone(),
-                d_h,
-            },
-        ))
+        let d_x = w.d_h.grouped_matmul(&w.groups, &p.in_proj, false)?;
+        Ok((d_x, w))
     }
 
     fn backward_weight(&self, w: ExpertsDeferredW, g: &mut RoutedExpertsParams) -> Result<()> {
@@ -205,6 +189,48 @@ impl ExpertBank for GroupedExperts {
             .grouped_matmul_wgrad_acc(&w.d_out, &w.act, gs, 1.0)?;
         g.in_proj.grouped_matmul_wgrad_acc(&w.d_h, &w.x, gs, 1.0)?;
         Ok(())
+    }
+}
+
+impl GroupedExperts {
+    /// [`ExpertBank::backward_input`] adding the input gradient onto `d_x [R, H]` (its
+    /// group rows; beta 1 in the last GEMM) instead of writing it fresh: the shared experts'
+    /// input gradient lands on the routed one's without a temporary or an add pass (one
+    /// rounding of the sum instead of two in bf16).
+    pub fn backward_input_acc(
+        &self,
+        p: &RoutedExpertsParams,
+        d_y: &Tensor,
+        s: ExpertsSaved,
+        d_x: &mut Tensor,
+    ) -> Result<ExpertsDeferredW> {
+        let w = self.backward_pre_activation(p, d_y, s)?;
+        d_x.grouped_matmul_acc(&w.d_h, &w.groups, &p.in_proj, false, 1.0)?;
+        Ok(w)
+    }
+
+    /// The backward up to the pre-activation gradient `d_h` (in the deferred weight work).
+    fn backward_pre_activation(
+        &self,
+        p: &RoutedExpertsParams,
+        d_y: &Tensor,
+        s: ExpertsSaved,
+    ) -> Result<ExpertsDeferredW> {
+        let gs = &s.groups;
+        // The output gradient in the activations' dtype, cast once for both GEMMs that read
+        // it (this input gradient and the deferred down-projection weight gradient): bf16
+        // activations (a GPU's bf16 mode) mean bf16 GEMMs, which would each round it to
+        // bf16; f32 activations (CPU, parity mode) leave it as it is.
+        let d_y = d_y.to_dtype(s.act.dtype())?;
+        let d_act = d_y.grouped_matmul(gs, &p.down_proj, false)?;
+        let d_h = activate_backward(self.cfg.activation, &s.h, &d_act)?;
+        Ok(ExpertsDeferredW {
+            x: s.x,
+            groups: s.groups,
+            act: s.act,
+            d_out: d_y,
+            d_h,
+        })
     }
 }
 

@@ -464,17 +464,13 @@ impl MoeLayer {
                     .routing_backward_with(&saved.router, &d_gates, losses)?
             }
         };
-        // The router's input gradient accumulates in its GEMM; the shared experts' is added
-        // by one elementwise pass (in the activation dtype: the block's norm backward reads
-        // this sum as an activation gradient).
+        // The router's input gradient accumulates in its GEMM, and so does the shared
+        // experts' (in the activation dtype: the block's norm backward reads this sum as an
+        // activation gradient).
         self.router
             .gating_backward_input_acc(&params.router, &d_logits, &mut d_x)?;
         let shared = match (&self.shared_experts, &params.shared_experts, saved.shared) {
-            (Some(s), Some(p), Some(ss)) => {
-                let (dxs, w) = s.backward_input(p, d_y, ss)?;
-                d_x = d_x.add(&dxs)?;
-                Some(w)
-            }
+            (Some(s), Some(p), Some(ss)) => Some(s.backward_input_acc(p, d_y, ss, &mut d_x)?),
             _ => None,
         };
         Ok((

@@ -146,10 +146,13 @@ impl SharedExperts {
     }
 
     /// The bank's weights: `[1, 2Fs, H]` gate‖up (swiglu, a copy) or `[1, Fs, H]` up (a
-    /// view), and `[1, H, Fs]` down (a view).
+    /// view), and `[1, H, Fs]` down (a view). The swiglu copy joins the two weights as the
+    /// GEMM reads them ([`Tensor::as_gemm_weight`]: in bf16 mode their cached bf16
+    /// copies, half the bytes of the f32 weights and no cast of the joined copy), the
+    /// same bits as casting a joined f32 copy.
     fn bank_params(p: &SharedExpertsParams) -> Result<RoutedExpertsParams> {
         let in_proj = match &p.gate_proj {
-            Some(g) => Tensor::cat(&[g, &p.up_proj], 0)?,
+            Some(g) => Tensor::cat(&[&g.as_gemm_weight()?, &p.up_proj.as_gemm_weight()?], 0)?,
             None => p.up_proj.clone(),
         };
         Ok(RoutedExpertsParams {
@@ -233,13 +236,18 @@ impl SharedExperts {
         }
     }
 
-    /// `d_y [N, H]` → `d_x [N, H]` (written fresh) and the deferred W work.
-    pub fn backward_input(
+    /// `d_y [N, H]` → `d_x += ∂L/∂x` (`d_x [N, H]`: the routed experts' input gradient,
+    /// which this adds to) and the deferred W work. Without tensor parallelism and without
+    /// the gate the FFN's last GEMM accumulates into `d_x` (beta 1: the sum is rounded
+    /// once, no temporary and no add pass); otherwise the shared gradient is made whole
+    /// (summed over the group, plus the gate term) and then added.
+    pub fn backward_input_acc(
         &self,
         p: &SharedExpertsParams,
         d_y: &Tensor,
         s: SharedExpertsSaved,
-    ) -> Result<(Tensor, SharedExpertsDeferredW)> {
+        d_x: &mut Tensor,
+    ) -> Result<SharedExpertsDeferredW> {
         let n = d_y.dim(0)?;
         let (d_ffn, d_logit) = match (&s.sig, &s.ffn_out) {
             (Some(sig), Some(out)) => {
@@ -249,21 +257,28 @@ impl SharedExperts {
             }
             _ => (d_y.clone(), None),
         };
-        let (d_x, ffn) = self
-            .bank()
-            .backward_input(&Self::bank_params(p)?, &d_ffn, s.ffn)?;
-        let mut d_x = self.reduce(d_x)?;
-        if let (Some(dl), Some(wg)) = (&d_logit, &p.gate) {
-            d_x.matmul_acc(dl, wg, false, false, 1.0)?;
-        }
-        Ok((
-            d_x,
-            SharedExpertsDeferredW {
-                x: s.x,
-                ffn,
-                d_logit,
-            },
-        ))
+        let bank = Self::bank_params(p)?;
+        let ffn = match (&self.tp, &d_logit) {
+            (None, None) => self.bank().backward_input_acc(&bank, &d_ffn, s.ffn, d_x)?,
+            _ => {
+                // The group sum of the partial gradients, then the gate term, then the add:
+                // a TP rank's partial is whole only after the sum, and a one-rank run of
+                // such a layer keeps that order too (its layouts then differ from it only
+                // by the split GEMM).
+                let (d_part, ffn) = self.bank().backward_input(&bank, &d_ffn, s.ffn)?;
+                let mut d_s = self.reduce(d_part)?;
+                if let (Some(dl), Some(wg)) = (&d_logit, &p.gate) {
+                    d_s.matmul_acc(dl, wg, false, false, 1.0)?;
+                }
+                *d_x = d_x.add(&d_s)?;
+                ffn
+            }
+        };
+        Ok(SharedExpertsDeferredW {
+            x: s.x,
+            ffn,
+            d_logit,
+        })
     }
 
     /// Accumulates (+=) the FFN and gate weight gradients into `grads`.
@@ -272,14 +287,22 @@ impl SharedExperts {
         w: SharedExpertsDeferredW,
         grads: &mut SharedExpertsParams,
     ) -> Result<()> {
-        // Accumulate into [1, ., .] views of the gradients (the fused gate‖up gradient of
-        // swiglu into a temporary, then added to its two halves).
-        let in_proj = match &grads.gate_proj {
+        // Accumulate into [1, ., .] views of the gradients. The fused gate‖up gradient of
+        // swiglu goes straight into the two gradients when they lie one after the other in
+        // one write-through buffer (a model's flat gradient buffer: one [1, 2Fs, H] view), else
+        // into a temporary then added to its two halves (the same bits: the GEMM adds its
+        // f32 product onto zeros there, onto the gradient here).
+        let (in_proj, joined) = match &grads.gate_proj {
             Some(g) => {
                 let (f, h) = g.dims2()?;
-                Tensor::zeros([1, 2 * f, h], DType::F32, g.device())?
+                // Only a write-through buffer is written in place by a view (another shared
+                // buffer would be copied on write).
+                match Tensor::joined(&[g, &grads.up_proj], [1, 2 * f, h]) {
+                    Some(both) if both.is_write_through() => (both, true),
+                    _ => (Tensor::zeros([1, 2 * f, h], DType::F32, g.device())?, false),
+                }
             }
-            None => one(&grads.up_proj)?,
+            None => (one(&grads.up_proj)?, true),
         };
         let mut g = RoutedExpertsParams {
             in_proj,
@@ -288,6 +311,7 @@ impl SharedExperts {
         self.bank().backward_weight(w.ffn, &mut g)?;
         // Write the accumulated [1, ., .] views back as [., .].
         match grads.gate_proj.as_mut() {
+            Some(_) if joined => {}
             Some(dst) => {
                 let (f, h) = dst.dims2()?;
                 dst.add_assign(&g.in_proj.narrow(1, 0, f)?.reshape([f, h])?)?;
