@@ -9,16 +9,22 @@
 //! o = causal_softmax(q kᵀ / √D) v   per (b, h): `Tensor::causal_attention` over B·NH
 //! y = o W_oᵀ
 //! ```
-//! Attention is one op over the projections' own sequence-major layout `[B, T, heads, D]`
-//! (`Tensor::causal_attention_bshd`, grouped-query): on a GPU in bf16 cuDNN's fused
-//! attention reads q, k, v and writes o (and the gradients) there through strides, so no
-//! layout copy surrounds it and RoPE runs on that layout too; elsewhere the op permutes the
-//! heads to `[B·heads, T, D]` and back around `Tensor::causal_attention` (on the CPU the KV
-//! heads are repeated by a row gather, then `bmm` + causal softmax + `bmm`, the backward
-//! summing the repeats with the deterministic `index_add_rows`) — the same values, bit for
-//! bit, as permuting in the model. Forward saves `x`, rotated `q`, rotated `k`, `v` (KV
-//! heads), the attention op's saved state (`P` on the CPU), and `o`; `backward_input`
-//! returns `d_x` (fresh), `backward_weight` accumulates (+=).
+//! The three projections are one product, `qkv = x · [W_q; W_k; W_v]ᵀ`
+//! (`Tensor::matmul_stacked`: `[N, (NH + 2·NKV)·D]`, each row the position's q heads, then
+//! its k heads, then its v heads), RoPE rotates the q and k heads of it in place
+//! (`Tensor::rope_leading_in_place`), and attention reads q, k, v out of it
+//! (`Tensor::causal_attention_qkv`, grouped-query): on a GPU in bf16 cuDNN's fused attention
+//! reads them there through strides and writes the gradients into one `d_qkv` of the same
+//! layout, so no copy surrounds it; the input gradient is then one product `d_qkv · [W_q;
+//! W_k; W_v]` and the weight gradients one `d_qkvᵀ · x` where the gradients lie back to
+//! back (the flat gradient buffer: q, k, v are visited in that order). Elsewhere the ops
+//! copy q, k, v out and run per projection (on the CPU the KV heads are repeated by a row
+//! gather, then `bmm` + causal softmax + `bmm`, the backward summing the repeats with the
+//! deterministic `index_add_rows`) — the same values, bit for bit, as three projections.
+//! The parameters stay three tensors (checkpoints, tensor-parallel shards, the optimizer).
+//! Forward saves `x`, `qkv` (q, k rotated), the attention op's saved state (`P` on the
+//! CPU), and `o`; `backward_input` returns `d_x` (fresh), `backward_weight` accumulates
+//! (+=).
 
 use megamoe_optim::ParamRole;
 use megamoe_plan::{OffloadTarget, OffloadTargets};
@@ -129,12 +135,8 @@ pub struct AttentionSaved {
     t: usize,
     /// `[N, H]`.
     x: Tensor,
-    /// Rotated queries `[B, T, NH, D]`.
-    q: Tensor,
-    /// Rotated keys `[B, T, NKV, D]`.
-    k: Tensor,
-    /// Values `[B, T, NKV, D]`.
-    v: Tensor,
+    /// Rotated queries, rotated keys and values `[B, T, NH + 2·NKV, D]`.
+    qkv: Tensor,
     /// The attention op's saved state (see [`Tensor::causal_attention`]).
     attn: Tensor,
     /// Heads output before `o_proj` `[N, NH·D]`.
@@ -152,9 +154,7 @@ impl AttentionSaved {
             f(&mut self.x)?;
         }
         if targets.contains(OffloadTarget::CoreAttn) {
-            f(&mut self.q)?;
-            f(&mut self.k)?;
-            f(&mut self.v)?;
+            f(&mut self.qkv)?;
             f(&mut self.attn)?;
         }
         if targets.contains(OffloadTarget::AttnProj) {
@@ -170,12 +170,8 @@ pub struct AttentionDeferredW {
     x: Tensor,
     o: Tensor,
     d_y: Tensor,
-    /// `[N, NH·D]`.
-    d_q: Tensor,
-    /// `[N, NKV·D]`.
-    d_k: Tensor,
-    /// `[N, NKV·D]`.
-    d_v: Tensor,
+    /// `[N, (NH + 2·NKV)·D]`.
+    d_qkv: Tensor,
 }
 
 /// Causal RoPE GQA attention.
@@ -209,29 +205,19 @@ impl Attention {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// `[N, heads·D]` → `[B, T, heads, D]` (a view; RoPE applied when `rope`).
-    fn heads(&self, x: Tensor, b: usize, t: usize, heads: usize, rope: bool) -> Result<Tensor> {
-        let x = x.reshape([b, t, heads, self.cfg.head_dim])?;
-        Ok(if rope {
-            x.rope(self.cfg.rope_theta)?
-        } else {
-            x
-        })
+    /// `[N, heads·D]` → `[B, T, heads, D]` (a view).
+    fn heads(&self, x: Tensor, b: usize, t: usize, heads: usize) -> Result<Tensor> {
+        Ok(x.reshape([b, t, heads, self.cfg.head_dim])?)
     }
 
-    /// `[B, T, heads, D]` → `[N, heads·D]` (RoPE backward first when `rope`).
-    fn merged(&self, x: Tensor, rope: bool) -> Result<Tensor> {
+    /// `[B, T, heads, D]` → `[N, heads·D]` (a view).
+    fn merged(&self, x: Tensor) -> Result<Tensor> {
         let &[b, t, heads, d] = x.dims() else {
             return Err(Error::Input {
                 arg: "attention heads",
                 got: x.dims().to_vec(),
                 rule: "must be [B, T, heads, head_dim]",
             });
-        };
-        let x = if rope {
-            x.rope_backward(self.cfg.rope_theta)?
-        } else {
-            x
         };
         Ok(x.reshape([b * t, heads * d])?)
     }
@@ -276,11 +262,15 @@ impl Attention {
             });
         }
         let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
-        let q = self.heads(x.matmul(&p.q_proj, false, true)?, b, t, nh, true)?;
-        let k = self.heads(x.matmul(&p.k_proj, false, true)?, b, t, nkv, true)?;
-        let v = self.heads(x.matmul(&p.v_proj, false, true)?, b, t, nkv, false)?;
-        let (o_heads, attn) = Tensor::causal_attention_bshd(&q, &k, &v, self.scale())?;
-        let o = self.merged(o_heads, false)?;
+        let mut qkv = self.heads(
+            x.matmul_stacked(&[&p.q_proj, &p.k_proj, &p.v_proj])?,
+            b,
+            t,
+            nh + 2 * nkv,
+        )?;
+        qkv.rope_leading_in_place(self.cfg.rope_theta, nh + nkv, false)?;
+        let (o_heads, attn) = Tensor::causal_attention_qkv(&qkv, nh, nkv, self.scale())?;
+        let o = self.merged(o_heads)?;
         let y = match residual {
             Some(r) => r.matmul_add(&o, &p.o_proj, true)?,
             None => o.matmul(&p.o_proj, false, true)?,
@@ -291,9 +281,7 @@ impl Attention {
                 b,
                 t,
                 x: x.clone(),
-                q,
-                k,
-                v,
+                qkv,
                 attn,
                 o,
             },
@@ -308,43 +296,35 @@ impl Attention {
         s: AttentionSaved,
     ) -> Result<(Tensor, AttentionDeferredW)> {
         let (b, t) = (s.b, s.t);
-        let nh = self.cfg.n_heads;
-        let d_o = self.heads(d_y.matmul(&p.o_proj, false, false)?, b, t, nh, false)?;
+        let (nh, nkv) = (self.cfg.n_heads, self.cfg.n_kv_heads);
+        let d_o = self.heads(d_y.matmul(&p.o_proj, false, false)?, b, t, nh)?;
         // The attention output per head, from the merged `o` kept for `o_proj`'s gradient.
-        let o_heads = self.heads(s.o.clone(), b, t, nh, false)?;
-        let (d_q, d_k, d_v) = Tensor::causal_attention_bshd_backward(
-            &s.q,
-            &s.k,
-            &s.v,
-            &o_heads,
-            &s.attn,
-            &d_o,
+        let o_heads = self.heads(s.o.clone(), b, t, nh)?;
+        let mut d_qkv = Tensor::causal_attention_qkv_backward(
+            &s.qkv,
+            (&o_heads, &s.attn, &d_o),
+            nh,
+            nkv,
             self.scale(),
         )?;
-        let d_q = self.merged(d_q, true)?;
-        let d_k = self.merged(d_k, true)?;
-        let d_v = self.merged(d_v, false)?;
-        let mut d_x = d_q.matmul(&p.q_proj, false, false)?;
-        d_x.matmul_acc(&d_k, &p.k_proj, false, false, 1.0)?;
-        d_x.matmul_acc(&d_v, &p.v_proj, false, false, 1.0)?;
+        d_qkv.rope_leading_in_place(self.cfg.rope_theta, nh + nkv, true)?;
+        let d_qkv = self.merged(d_qkv)?;
+        let d_x = d_qkv.matmul_stacked_input_grad(&[&p.q_proj, &p.k_proj, &p.v_proj])?;
         Ok((
             d_x,
             AttentionDeferredW {
                 x: s.x,
                 o: s.o,
                 d_y: d_y.clone(),
-                d_q,
-                d_k,
-                d_v,
+                d_qkv,
             },
         ))
     }
 
     /// Accumulates (+=) the projection gradients into `g`.
     pub fn backward_weight(&self, w: AttentionDeferredW, g: &mut AttentionParams) -> Result<()> {
-        g.q_proj.matmul_acc(&w.d_q, &w.x, true, false, 1.0)?;
-        g.k_proj.matmul_acc(&w.d_k, &w.x, true, false, 1.0)?;
-        g.v_proj.matmul_acc(&w.d_v, &w.x, true, false, 1.0)?;
+        let qkv = [&mut g.q_proj, &mut g.k_proj, &mut g.v_proj];
+        Tensor::matmul_stacked_wgrad_acc(&mut qkv.map(|t| t), &w.d_qkv, &w.x)?;
         g.o_proj.matmul_acc(&w.d_y, &w.o, true, false, 1.0)?;
         Ok(())
     }

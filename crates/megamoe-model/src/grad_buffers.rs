@@ -341,6 +341,31 @@ mod tests {
     }
 
     #[test]
+    fn each_layers_q_k_v_gradients_lie_back_to_back_in_the_flat_buffer() {
+        // The fused q|k|v weight gradient (one GEMM into [q; k; v]) needs this layout.
+        let model = Model::new(
+            ModelConfig::from_plan(&tiny_plan(&format!("{MOE}{ALL_FEATURES}"))).unwrap(),
+        )
+        .unwrap();
+        let p = model.init_params().unwrap();
+        let l = FlatLayout::new(|f| p.visit(f), 300).unwrap();
+        let mut layers = 0;
+        for (i, s) in l.slots().iter().enumerate() {
+            let Some(prefix) = s.name.strip_suffix(".q_proj.weight") else {
+                continue;
+            };
+            let (k, v) = (&l.slots()[i + 1], &l.slots()[i + 2]);
+            assert_eq!(k.name, format!("{prefix}.k_proj.weight"));
+            assert_eq!(v.name, format!("{prefix}.v_proj.weight"));
+            assert_eq!(k.offset, s.range().end, "{prefix}: k follows q");
+            assert_eq!(v.offset, k.range().end, "{prefix}: v follows k");
+            assert_eq!((s.dims[1], k.dims[1]), (v.dims[1], v.dims[1]));
+            layers += 1;
+        }
+        assert!(layers >= 2, "{layers} attention layers");
+    }
+
+    #[test]
     fn layout_tiles_the_flat_space_and_buckets_run_backwards() {
         let model = Model::new(
             ModelConfig::from_plan(&tiny_plan(&format!("{MOE}{ALL_FEATURES}"))).unwrap(),

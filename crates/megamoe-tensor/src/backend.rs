@@ -6,9 +6,9 @@
 //! [`Backend`] supertrait: [`HostTransfer`] (allocation, host copies, casts),
 //! [`ElementwiseKernels`], [`ScalarKernels`], [`ReduceKernels`], [`SoftmaxKernels`],
 //! [`NormKernels`], [`RopeKernels`], [`LossKernels`], [`TopkKernels`], [`IndexKernels`],
-//! [`MatmulKernels`], [`ResidualKernels`], [`AttentionKernels`], [`RoutingKernels`], [`CapacityKernels`], [`OptimKernels`],
-//! [`RngKernels`]. No method has a default body (except [`ResidualKernels`]': the unfused
-//! ops it fuses), so a backend that misses a kernel does not compile: adding CUDA means `impl <Family> for CudaBackend` for each family, a
+//! [`MatmulKernels`], [`ResidualKernels`], [`StackedKernels`], [`AttentionKernels`], [`RoutingKernels`], [`CapacityKernels`], [`OptimKernels`],
+//! [`RngKernels`]. No method has a default body (except [`ResidualKernels`]' and [`StackedKernels`]': the unfused
+//! ops they fuse), so a backend that misses a kernel does not compile: adding CUDA means `impl <Family> for CudaBackend` for each family, a
 //! `Storage::Cuda` variant behind feature `cuda`, and one arm in [`Tensor::backend`] and
 //! [`backend_for`].
 //!
@@ -48,6 +48,7 @@ use crate::ops::rope::RopeKernels;
 use crate::ops::routing::RoutingKernels;
 use crate::ops::scalar::ScalarKernels;
 use crate::ops::softmax::SoftmaxKernels;
+use crate::ops::stacked::StackedKernels;
 use crate::ops::topk::TopkKernels;
 use crate::storage::{CpuStorage, Storage};
 use crate::{DType, Device, Result, Shape, Tensor};
@@ -88,6 +89,7 @@ pub trait Backend:
     + IndexKernels
     + MatmulKernels
     + ResidualKernels
+    + StackedKernels
     + AttentionKernels
     + RoutingKernels
     + CapacityKernels

@@ -40,6 +40,12 @@ pub enum SdpaLayout {
     /// `[B·T, heads·D]` output of a q/k/v projection as it is, and the input of the output
     /// projection (no layout copy around attention).
     SeqMajor,
+    /// q, k, v (and dq, dk, dv) are the head blocks of one fused q|k|v projection
+    /// `[batch, seq, heads + 2·kv_heads, head_dim]`: each position's query heads, then its
+    /// keys, then its values (q, k and v are addresses inside it, each row
+    /// `(heads + 2·kv_heads)·head_dim` elements after the previous one); o and d_o are
+    /// sequence-major `[batch, seq, heads, head_dim]`.
+    Packed,
 }
 
 /// Sizes of one attention call: q, o and dq hold `batch·heads·seq` rows of `head_dim`, k,
@@ -101,24 +107,53 @@ impl SdpaShape {
         self.batch * self.heads * self.seq
     }
 
-    /// Dims `[B, heads, T, D]` and strides (per [`SdpaLayout`]) of a tensor of `heads` heads.
-    fn tensor(&self, heads: usize) -> ([i64; 4], [i64; 4]) {
+    /// Heads per position of the fused q|k|v rows ([`SdpaLayout::Packed`]).
+    fn packed_heads(&self) -> usize {
+        self.heads + 2 * self.kv_heads
+    }
+
+    /// Dims `[B, heads, T, D]` and strides (per [`SdpaLayout`]) of a tensor of `heads` heads
+    /// (`qkv`: one of the fused q|k|v blocks, as opposed to o and d_o).
+    fn tensor(&self, heads: usize, qkv: bool) -> ([i64; 4], [i64; 4]) {
         let [b, h, t, d] = [self.batch, heads, self.seq, self.head_dim].map(|x| x as i64);
         let dims = [b, h, t, d];
         match self.layout {
             SdpaLayout::HeadsMajor => (dims, packed(dims)),
-            SdpaLayout::SeqMajor => (dims, [t * h * d, d, h * d, 1]),
+            SdpaLayout::Packed if qkv => {
+                let w = self.packed_heads() as i64 * d;
+                (dims, [t * w, d, w, 1])
+            }
+            SdpaLayout::SeqMajor | SdpaLayout::Packed => (dims, [t * h * d, d, h * d, 1]),
         }
     }
 
-    /// q, o, dq, d_o.
+    /// q, dq.
     fn q(&self) -> ([i64; 4], [i64; 4]) {
-        self.tensor(self.heads)
+        self.tensor(self.heads, true)
+    }
+
+    /// o, d_o.
+    fn o(&self) -> ([i64; 4], [i64; 4]) {
+        self.tensor(self.heads, false)
     }
 
     /// k, v, dk, dv.
     fn kv(&self) -> ([i64; 4], [i64; 4]) {
-        self.tensor(self.kv_heads)
+        self.tensor(self.kv_heads, true)
+    }
+
+    /// Elements from the first to past the last one a q-block (`heads`) or k/v-block
+    /// (`kv_heads`) tensor touches: its element count, or for [`SdpaLayout::Packed`] the
+    /// span of its strided rows inside the fused buffer.
+    fn extent(&self, heads: usize) -> usize {
+        let n = self.batch * heads * self.seq * self.head_dim;
+        match self.layout {
+            SdpaLayout::Packed if n > 0 => {
+                let rows = self.batch * self.seq;
+                (rows - 1) * self.packed_heads() * self.head_dim + heads * self.head_dim
+            }
+            _ => n,
+        }
     }
 }
 
@@ -233,9 +268,9 @@ fn common(g: &mut Builder, s: SdpaShape, uids: [i64; 5]) -> Result<Common> {
 fn forward_plan(h: &Handle, s: SdpaShape) -> Result<Plan> {
     let mut g = Builder::new(FIRST_VIRTUAL);
     let c = common(&mut g, s, [F_Q, F_K, F_STATS, F_SCALE, F_NEG_INF])?;
-    let ((qd, qs), (kd, ks)) = (s.q(), s.kv());
+    let ((od, os), (kd, ks)) = (s.o(), s.kv());
     let v = g.real(F_V, kd, ks, BF16)?;
-    let o = g.real(F_O, qd, qs, BF16)?;
+    let o = g.real(F_O, od, os, BF16)?;
     let (sd, rd) = (c.scores, c.rows);
     let s0 = g.virt(sd, packed(sd), F32)?;
     g.matmul(c.q, c.kt, s0)?;
@@ -285,9 +320,10 @@ fn backward_plan(h: &Handle, s: SdpaShape, deterministic: bool) -> Result<Plan> 
     let mut g = Builder::new(FIRST_VIRTUAL);
     let c = common(&mut g, s, [B_Q, B_K, B_STATS, B_SCALE, B_NEG_INF])?;
     let ((qd, qs), (kd, ks)) = (s.q(), s.kv());
+    let (od, os) = s.o();
     let vt = g.real(B_V, swap_last(kd), swap_last(ks), BF16)?;
-    let o = g.real(B_O, qd, qs, BF16)?;
-    let d_o = g.real(B_DO, qd, qs, BF16)?;
+    let o = g.real(B_O, od, os, BF16)?;
+    let d_o = g.real(B_DO, od, os, BF16)?;
     let one = g.scalar(B_ONE)?;
     let dq = g.real(B_DQ, qd, qs, BF16)?;
     let dk = g.real(B_DK, kd, ks, BF16)?;
@@ -454,9 +490,9 @@ impl CudnnSdpa {
         scale: f32,
     ) -> Result<()> {
         s.validate()?;
-        let (n, nkv) = (s.elems(), s.kv_elems());
+        let (n, nq, nkv) = (s.elems(), s.extent(s.heads), s.extent(s.kv_heads));
         Self::check_bufs(&[
-            ("cudnn attention q", q, n),
+            ("cudnn attention q", q, nq),
             ("cudnn attention k", k, nkv),
             ("cudnn attention v", v, nkv),
             ("cudnn attention o", o, n),
@@ -496,14 +532,14 @@ impl CudnnSdpa {
         scale: f32,
     ) -> Result<()> {
         s.validate()?;
-        let (n, nkv) = (s.elems(), s.kv_elems());
+        let (n, nq, nkv) = (s.elems(), s.extent(s.heads), s.extent(s.kv_heads));
         Self::check_bufs(&[
-            ("cudnn attention q", q, n),
+            ("cudnn attention q", q, nq),
             ("cudnn attention k", k, nkv),
             ("cudnn attention v", v, nkv),
             ("cudnn attention o", o, n),
             ("cudnn attention d_o", d_o, n),
-            ("cudnn attention dq", dq, n),
+            ("cudnn attention dq", dq, nq),
             ("cudnn attention dk", dk, nkv),
             ("cudnn attention dv", dv, nkv),
         ])?;

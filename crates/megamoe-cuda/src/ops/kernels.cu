@@ -271,14 +271,18 @@ extern "C" __global__ void rope_table(float* __restrict__ cosv, float* __restric
 }
 
 // x [B, T, NH, D] -> y (may alias x); sign +1 forward, -1 backward. One thread per pair.
+// Only the first `rot` heads of each position are rotated (rot = nh: all); the others are
+// neither read nor written (a fused q|k|v row: q and k rotated, v left in place).
 extern "C" __global__ void rope_apply(const T* x, T* y, const float* __restrict__ cosv,
                                       const float* __restrict__ sinv, size_t pairs, int t, int nh,
-                                      int d, float sign) {
+                                      int d, float sign, int rot) {
     const int half = d / 2;
     for (size_t i = blockIdx.x * (size_t)BLOCK + threadIdx.x; i < pairs; i += (size_t)gridDim.x * BLOCK) {
-        const size_t row = i / half;
+        const size_t rrow = i / half;
+        const size_t pos = rrow / rot;
+        const size_t row = pos * nh + rrow % rot;
         const int q = (int)(i % half);
-        const int p = (int)((row / nh) % t);
+        const int p = (int)(pos % t);
         const float c = cosv[p * half + q];
         const float s = sign * sinv[p * half + q];
         const float x1 = ldf(x + row * d + q), x2 = ldf(x + row * d + q + half);
@@ -288,17 +292,19 @@ extern "C" __global__ void rope_apply(const T* x, T* y, const float* __restrict_
 }
 
 // Vectorised rope_apply (d / 2 % 8 == 0, 16-byte aligned x and y): one thread per 8 pairs
-// of a row, the formula of rope_apply. y may alias x (each thread reads before it writes
+// of a rotated row, the formula of rope_apply. y may alias x (each thread reads before it writes
 // the same elements).
 extern "C" __global__ void rope_apply_vec(const T* x, T* y, const float* __restrict__ cosv,
                                           const float* __restrict__ sinv, unsigned items, int t,
-                                          int nh, int d, float sign) {
+                                          int nh, int d, float sign, int rot) {
     const unsigned half = (unsigned)d / 2;
     const unsigned per_row = half / VEC;
     for (unsigned i = blockIdx.x * BLOCK + threadIdx.x; i < items; i += gridDim.x * BLOCK) {
-        const unsigned row = i / per_row;
-        const unsigned q = (i - row * per_row) * VEC;
-        const unsigned p = (row / (unsigned)nh) % (unsigned)t;
+        const unsigned rrow = i / per_row;
+        const unsigned q = (i - rrow * per_row) * VEC;
+        const unsigned pos = rrow / (unsigned)rot;
+        const unsigned row = pos * (unsigned)nh + rrow % (unsigned)rot;
+        const unsigned p = pos % (unsigned)t;
         const size_t at = (size_t)row * d + q;
         float c[VEC], s[VEC], x1[VEC], x2[VEC], y1[VEC], y2[VEC];
         ld8(cosv + p * half + q, c);

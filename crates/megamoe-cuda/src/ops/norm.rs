@@ -331,6 +331,30 @@ impl Ops {
         theta: f32,
         backward: bool,
     ) -> Result<()> {
+        self.rope_leading(gpu, x, y, (b, t, heads, d), heads, theta, backward)
+    }
+
+    /// [`Ops::rope`] on the first `rotated` (1..=heads) heads of each position only: the
+    /// other heads of `y` are not written (in place, `y` = `x`, they keep their values; a
+    /// fused q|k|v projection rotates its q and k heads and leaves v).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_leading(
+        &self,
+        gpu: &Gpu,
+        x: &impl DeviceMem,
+        y: &impl DeviceMem,
+        (b, t, heads, d): (usize, usize, usize, usize),
+        rotated: usize,
+        theta: f32,
+        backward: bool,
+    ) -> Result<()> {
+        if rotated == 0 || rotated > heads {
+            return Err(Error::invalid(
+                "rope rotated heads",
+                rotated,
+                "must be in 1..=heads",
+            ));
+        }
         positive("rope batch", b)?;
         positive("rope seq", t)?;
         positive("rope heads", heads)?;
@@ -356,7 +380,8 @@ impl Ops {
             int("rope head_dim", d)?,
         );
         let theta64 = theta as f64;
-        let pairs = n / 2;
+        let pairs = b * t * rotated * half;
+        let ri = int("rope rotated heads", rotated)?;
         let sign = if backward { -1.0f32 } else { 1.0 };
         // 8 pairs per thread when the half row is a multiple of 8 and the rows are aligned
         // (the table's sin half starts at t·half floats: aligned too).
@@ -393,6 +418,7 @@ impl Ops {
                         arg(&hi),
                         arg(&di),
                         arg(&sign),
+                        arg(&ri),
                     ],
                 );
             }
@@ -410,6 +436,7 @@ impl Ops {
                     arg(&hi),
                     arg(&di),
                     arg(&sign),
+                    arg(&ri),
                 ],
             )
         }

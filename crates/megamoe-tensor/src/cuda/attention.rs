@@ -21,8 +21,8 @@ use megamoe_cuda::{CudnnSdpa, FlashAttention, SdpaLayout, SdpaShape};
 use super::{dev, view, CudaBackend};
 use crate::backend::HostTransfer;
 use crate::ops::attention::{
-    bshd_backward_via_heads_major, bshd_via_heads_major, repeat_kv, sum_kv, unfused_backward,
-    unfused_forward, AttentionKernels,
+    bshd_backward_via_heads_major, bshd_via_heads_major, qkv_backward_via_split, repeat_kv,
+    split_qkv, sum_kv, unfused_backward, unfused_forward, AttentionKernels,
 };
 use crate::{DType, Result, Tensor};
 
@@ -301,6 +301,37 @@ fn sdpa_shape(bh: usize, bh_kv: usize, t: usize, d: usize) -> SdpaShape {
     }
 }
 
+/// The cuDNN shape of the fused `qkv [B, T, NH + 2·NKV, D]` for `(NH, NKV)`.
+fn packed_shape(qkv: &Tensor, (nh, nkv): (usize, usize)) -> SdpaShape {
+    let d = qkv.dims();
+    SdpaShape {
+        batch: d[0],
+        heads: nh,
+        kv_heads: nkv,
+        seq: d[1],
+        head_dim: d[3],
+        layout: SdpaLayout::Packed,
+    }
+}
+
+/// Views of the q, k and v blocks of the fused `qkv` (bf16): each from its first element to
+/// the end of the buffer (cuDNN reads their rows through the shape's strides).
+fn packed_views<'a>(
+    op: &'static str,
+    qkv: &'a Tensor,
+    (nh, nkv): (usize, usize),
+) -> Result<[megamoe_cuda::DeviceView<'a>; 3]> {
+    let d = dev(op, qkv)?;
+    let (n, hd) = (qkv.numel(), qkv.dims()[3]);
+    let at = |heads: usize| {
+        let skip = heads * hd;
+        // SAFETY: `skip` ≤ n elements into `qkv`'s live range, which `qkv` (borrowed for
+        // 'a) keeps alive; the view ends where `qkv` ends.
+        unsafe { megamoe_cuda::DeviceView::from_raw(d.ptr + (skip * 2) as u64, (n - skip) * 2) }
+    };
+    Ok([at(0), at(nh), at(nh + nkv)])
+}
+
 /// The cuDNN shape of sequence-major `q [B, T, NH, D]` over `k [B, T, NKV, D]`.
 fn bshd_shape(q: &Tensor, k: &Tensor) -> SdpaShape {
     let (qd, kd) = (q.dims(), k.dims());
@@ -455,5 +486,84 @@ impl AttentionKernels for CudaBackend {
             return bshd_backward_via_heads_major(self, q, k, v, o, saved, d_o, scale);
         }
         self.cudnn_backward(OP, s, (q, k, v), o, saved, d_o, scale)
+    }
+
+    fn causal_attention_qkv(
+        &self,
+        qkv: &Tensor,
+        heads: (usize, usize),
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "causal_attention_qkv";
+        let s = packed_shape(qkv, heads);
+        let bh = s.batch * s.heads;
+        let split = |()| {
+            let (q, k, v) = split_qkv(qkv, heads)?;
+            self.causal_attention_bshd(&q, &k, &v, scale)
+        };
+        if s.seq == 0 || self.attention_run(bh, s.head_dim) != Run::Cudnn {
+            return split(());
+        }
+        let qkvb = self.bf16_aligned(OP, qkv)?;
+        let e = self.engine(OP)?;
+        let (o, _) = self.empty(
+            &e,
+            [s.batch, s.seq, s.heads, s.head_dim].into(),
+            DType::BF16,
+        )?;
+        let (lse, _) = self.empty(&e, [bh, s.seq].into(), DType::F32)?;
+        drop(e);
+        let [qv, kv, vv] = packed_views(OP, &qkvb, heads)?;
+        let (ov, lv) = (view(OP, &o)?, view(OP, &lse)?);
+        let done = self.with_cudnn(OP, |c, gpu| {
+            c.forward(gpu, s, (&qv, &kv, &vv), &ov, &lv, scale)
+        })?;
+        match done {
+            Ok(()) => Ok((o, lse)),
+            // no libcudnn or no plan for the strided rows: on copied-out q, k, v
+            Err(_) => split(()),
+        }
+    }
+
+    fn causal_attention_qkv_backward(
+        &self,
+        qkv: &Tensor,
+        (o, saved, d_o): (&Tensor, &Tensor, &Tensor),
+        heads: (usize, usize),
+        scale: f32,
+    ) -> Result<Tensor> {
+        const OP: &str = "causal_attention_qkv_backward";
+        let s = packed_shape(qkv, heads);
+        let cudnn = self.attention_run(s.batch * s.heads, s.head_dim) == Run::Cudnn;
+        if saved.rank() == 3 || s.seq == 0 || !cudnn {
+            return qkv_backward_via_split(self, qkv, (o, saved, d_o), heads, scale);
+        }
+        let b = |x: &Tensor| self.bf16_aligned(OP, x);
+        let (qkvb, ob, gb) = (b(qkv)?, b(o)?, b(d_o)?);
+        let lse = self.as_f32(saved)?;
+        let e = self.engine(OP)?;
+        let (d_qkv, _) = self.empty(&e, qkv.shape().clone(), DType::BF16)?;
+        drop(e);
+        let [qv, kv, vv] = packed_views(OP, &qkvb, heads)?;
+        let [dqv, dkv, dvv] = packed_views(OP, &d_qkv, heads)?;
+        let (ov, gv, lv) = (view(OP, &ob)?, view(OP, &gb)?, view(OP, &lse)?);
+        let done = self.with_cudnn(OP, |c, gpu| {
+            c.backward(
+                gpu,
+                s,
+                (&qv, &kv, &vv),
+                &ov,
+                &gv,
+                &lv,
+                (&dqv, &dkv, &dvv),
+                scale,
+            )
+        })?;
+        match done {
+            // dq, dk and dv fill their head blocks: every element of d_qkv
+            Ok(()) => Ok(d_qkv),
+            // no plan for the strided rows: on copied-out q, k, v (the same saved state)
+            Err(_) => qkv_backward_via_split(self, qkv, (o, saved, d_o), heads, scale),
+        }
     }
 }

@@ -205,6 +205,32 @@ impl RopeKernels for CudaBackend {
         }
         Ok(y)
     }
+
+    fn rope_leading_in_place(
+        &self,
+        x: &mut Tensor,
+        theta: f32,
+        sign: f32,
+        rotated: usize,
+    ) -> Result<()> {
+        const OP: &str = "rope_leading_in_place";
+        let (b, t, nh, d) = x.dims4()?;
+        let act = self.act();
+        x.make_unique_as(act, |t| {
+            self.as_act(t)
+                .and_then(|a| crate::backend::HostTransfer::copy(self, &a))
+        })?;
+        if x.numel() == 0 {
+            return Ok(());
+        }
+        let xv = view(OP, x)?;
+        let e = self.engine(OP)?;
+        self.ck(
+            OP,
+            e.ops(act)
+                .rope_leading(&e.gpu, &xv, &xv, (b, t, nh, d), rotated, theta, sign < 0.0),
+        )
+    }
 }
 
 impl LossKernels for CudaBackend {

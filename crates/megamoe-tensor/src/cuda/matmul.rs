@@ -114,7 +114,7 @@ impl CudaBackend {
 
     /// The dtype of a fresh matmul result: bf16 in bf16-activation mode unless the product
     /// is a weight gradient (`trans_a`), else f32.
-    fn product_dtype(&self, trans_a: bool) -> DType {
+    pub(super) fn product_dtype(&self, trans_a: bool) -> DType {
         if trans_a {
             DType::F32
         } else {
@@ -124,7 +124,7 @@ impl CudaBackend {
 
     /// `out` made a unique buffer to accumulate into, and its GEMM element type: a bf16
     /// `out` stays bf16 in bf16-activation mode; anything else becomes a unique f32 buffer.
-    fn acc_target(&self, op: &'static str, out: &mut Tensor) -> Result<(u64, Elem)> {
+    pub(super) fn acc_target(&self, op: &'static str, out: &mut Tensor) -> Result<(u64, Elem)> {
         if self.bf16_activations() && out.dtype() == DType::BF16 {
             out.make_unique_as(DType::BF16, |t| crate::backend::HostTransfer::copy(self, t))?;
             Ok((dev(op, out)?.ptr, Elem::Bf16))

@@ -38,6 +38,7 @@ mod residual;
 pub const ENGINE_POOL_BYTES: usize = megamoe_cuda::CUBLAS_WORKSPACE;
 pub(crate) mod offload;
 mod routing;
+mod stacked;
 mod staged;
 mod weights;
 pub use weights::{WeightCopyStats, WrittenCopies};
@@ -133,6 +134,9 @@ pub struct CudaBackend {
     bf16_activations: std::sync::atomic::AtomicBool,
     /// The attention path asked for, see [`CudaBackend::set_attention`].
     pub(crate) attention: std::sync::atomic::AtomicU8,
+    /// Stacked projections run as one GEMM where their operands allow, see
+    /// [`CudaBackend::set_joint_projections`].
+    pub(crate) joint_projections: std::sync::atomic::AtomicBool,
     /// bf16 copies of the registered f32 weights (`weights.rs`).
     weights: Mutex<weights::WeightCache>,
     /// Shape-only i32 constants by (shape, content), [`Tensor::constant_i32`] (`host.rs`).
@@ -196,6 +200,7 @@ fn open(ordinal: usize) -> megamoe_cuda::Result<CudaBackend> {
         bf16_matmul: std::sync::atomic::AtomicBool::new(false),
         bf16_activations: std::sync::atomic::AtomicBool::new(false),
         attention: std::sync::atomic::AtomicU8::new(attention::from_env() as u8),
+        joint_projections: std::sync::atomic::AtomicBool::new(stacked::joint_from_env()),
         weights: Mutex::new(weights::WeightCache::default()),
         constants: Mutex::new(host::Constants::default()),
     })

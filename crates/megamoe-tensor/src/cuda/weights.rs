@@ -55,6 +55,9 @@ struct Slot {
     filled: bool,
     /// Serial of the buffer registered last (kept between steps).
     serial: u64,
+    /// Slots whose copies share `copy`'s buffer (1, or the size of a joint group made by
+    /// [`CudaBackend::bf16_joint`]): the handles on it when nobody else reads it.
+    sharing: usize,
     /// The copy holds the weight with this stamp, written by the flat AdamW launch.
     written: Option<Stamp>,
 }
@@ -119,6 +122,8 @@ pub struct WeightCopyStats {
     pub hits: u64,
     /// Copies a registration found written by the flat AdamW launch (fills saved).
     pub written: u64,
+    /// Stacked weights served as one joint copy ([`CudaBackend::bf16_joint`]).
+    pub joint: u64,
 }
 
 impl CudaBackend {
@@ -163,11 +168,12 @@ impl CudaBackend {
                     filled: false,
                     serial: 0,
                     written: None,
+                    sharing: 1,
                 });
             }
             let s = &mut slots[n];
             if s.numel != numel {
-                s.copy = None;
+                (s.copy, s.sharing) = (None, 1);
             }
             let stamp = w.write_stamp();
             let copy = s
@@ -226,12 +232,12 @@ impl CudaBackend {
         let Some((i, s)) = found else {
             return 0;
         };
+        if !s.copy_is_free() {
+            return 0;
+        }
         let Some(copy) = s.copy.as_mut() else {
             return 0;
         };
-        if !copy.is_unique() {
-            return 0;
-        }
         match dev("adamw_copy_for", copy) {
             Ok(d) => {
                 pending.insert(d.ptr, (i, stamp));
@@ -364,8 +370,8 @@ impl CudaBackend {
         if !s.filled {
             // A copy another handle still reads (another trainer's step on this GPU) is
             // left to it; this epoch's values go to a fresh buffer.
-            if s.copy.as_mut().is_some_and(|c| !c.is_unique()) {
-                s.copy = None;
+            if s.copy.is_some() && !s.copy_is_free() {
+                (s.copy, s.sharing) = (None, 1);
             }
             let e = self.engine(OP)?;
             let copy = match &s.copy {
@@ -390,5 +396,125 @@ impl CudaBackend {
             Some(copy) => Ok(Some(copy.view(offset - s.offset, t.shape().clone())?)),
             None => Ok(None),
         }
+    }
+}
+
+/// The copies of `group` as one `[Σ rows, k]` view when they lie back to back in one buffer.
+fn joint_copy(group: &[Slot], k: usize) -> Option<Tensor> {
+    let parts = group
+        .iter()
+        .map(|s| s.copy.as_ref()?.reshape([s.numel / k, k]).ok())
+        .collect::<Option<Vec<Tensor>>>()?;
+    Tensor::adjacent_rows(&parts.iter().collect::<Vec<_>>())
+}
+
+impl Slot {
+    /// True when only the slots sharing the copy's buffer hold it (nobody reads it).
+    fn copy_is_free(&self) -> bool {
+        self.copy
+            .as_ref()
+            .is_some_and(|c| c.handle_count() == self.sharing)
+    }
+}
+
+impl CudaBackend {
+    /// The bf16 copies of `ws` as ONE `[Σ rows_i, K]` tensor, for a GEMM over the stacked
+    /// weights (megamoe-tensor's `matmul_stacked`): `ws` must be whole registered weights
+    /// `[rows_i, K]`, registered one right after the other (a layer's q, k, v projections
+    /// in visit order). Their copies are then laid out back to back in one buffer — made so
+    /// on the first call, kept from step to step (same addresses; the flat AdamW launch
+    /// writes them as any copy) — and filled as [`CudaBackend::bf16_operand`] fills a
+    /// copy (the same cast, the same bits). `None` where `ws` are not such weights: the
+    /// caller multiplies them one by one.
+    pub(crate) fn bf16_joint(&self, ws: &[&Tensor]) -> Result<Option<Tensor>> {
+        const OP: &str = "cast_weight";
+        let Some(k) = ws.first().and_then(|w| w.dims().get(1).copied()) else {
+            return Ok(None);
+        };
+        let plain = |w: &&Tensor| {
+            w.dtype() == DType::F32 && !w.is_write_through() && w.rank() == 2 && w.dims()[1] == k
+        };
+        if !ws.iter().all(plain) {
+            return Ok(None);
+        }
+        let mut c = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        let WeightCache {
+            on,
+            slots,
+            by_buffer,
+            stats,
+            ..
+        } = &mut *c;
+        if !*on {
+            return Ok(None);
+        }
+        // The slot holding each weight whole; they must follow each other.
+        let mut first = None;
+        for (j, w) in ws.iter().enumerate() {
+            let (offset, numel) = (w.layout().offset(), w.numel());
+            let found = by_buffer.get(&w.buffer_id()).and_then(|on_buffer| {
+                on_buffer.iter().copied().find(|&i| {
+                    let s = &slots[i];
+                    s.source.as_ref().is_some_and(BufferRef::is_alive)
+                        && s.offset == offset
+                        && s.numel == numel
+                })
+            });
+            match (found, first) {
+                (Some(i), None) if j == 0 => first = Some(i),
+                (Some(i), Some(f)) if i == f + j => {}
+                _ => return Ok(None),
+            }
+        }
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        let group = first..first + ws.len();
+        let unfilled = slots[group.clone()].iter().any(|s| !s.filled);
+        let free = slots[group.clone()]
+            .iter()
+            .all(|s| s.sharing == ws.len() && s.copy_is_free());
+        if joint_copy(&slots[group.clone()], k).is_none() || (unfilled && !free) {
+            // One buffer for the group (a copy another handle still reads is left to it).
+            let total: usize = slots[group.clone()].iter().map(|s| s.numel).sum();
+            let e = self.engine(OP)?;
+            let buf = self.empty(&e, [total].into(), DType::BF16)?.0;
+            drop(e);
+            let mut at = 0;
+            for s in &mut slots[group.clone()] {
+                s.copy = Some(buf.view(at, [s.numel])?);
+                (s.filled, s.written, s.sharing) = (false, None, ws.len());
+                at += s.numel;
+            }
+        }
+        let e = self.engine(OP)?;
+        for (s, w) in slots[group.clone()].iter_mut().zip(ws) {
+            if s.filled {
+                stats.hits += 1;
+                continue;
+            }
+            let Some(copy) = s.copy.as_ref() else {
+                return Ok(None);
+            };
+            let (src, dst) = (dev(OP, w)?, dev(OP, copy)?);
+            // SAFETY: `w` is the whole registered weight (s.numel f32, alive: it is borrowed);
+            // `copy` views s.numel bf16 of the group's buffer.
+            self.ck(OP, unsafe {
+                e.tk.cast(
+                    &e.gpu,
+                    megamoe_cuda::tensor::Dev::f32(src.ptr),
+                    dst,
+                    s.numel,
+                )
+            })?;
+            s.filled = true;
+            stats.fills += 1;
+        }
+        drop(e);
+        let joint = joint_copy(&slots[group], k);
+        if joint.is_some() {
+            stats.joint += 1;
+        }
+        Ok(joint)
     }
 }

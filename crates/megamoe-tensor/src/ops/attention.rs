@@ -62,6 +62,58 @@ pub trait AttentionKernels {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         bshd_backward_via_heads_major(self, q, k, v, o, saved, d_o, scale)
     }
+
+    /// [`AttentionKernels::causal_attention_bshd`] on the fused q|k|v projection `qkv [B,
+    /// T, NH + 2·NKV, D]` (`heads` = `(NH, NKV)`): `(o [B, T, NH, D], saved)`. By default
+    /// q, k and v are copied out of it and the sequence-major op runs on them (the same
+    /// bits); a backend whose kernel reads strided rows overrides it and copies nothing.
+    fn causal_attention_qkv(
+        &self,
+        qkv: &Tensor,
+        heads: (usize, usize),
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let (q, k, v) = split_qkv(qkv, heads)?;
+        self.causal_attention_bshd(&q, &k, &v, scale)
+    }
+
+    /// Backward of [`AttentionKernels::causal_attention_qkv`]: `d_qkv` shaped as `qkv`
+    /// (default: the sequence-major backward on the copied-out q, k, v, its gradients
+    /// concatenated).
+    fn causal_attention_qkv_backward(
+        &self,
+        qkv: &Tensor,
+        (o, saved, d_o): (&Tensor, &Tensor, &Tensor),
+        heads: (usize, usize),
+        scale: f32,
+    ) -> Result<Tensor> {
+        qkv_backward_via_split(self, qkv, (o, saved, d_o), heads, scale)
+    }
+}
+
+/// q, k, v copied out of the fused `qkv [B, T, NH + 2·NKV, D]` (`heads` = `(NH, NKV)`).
+pub(crate) fn split_qkv(
+    qkv: &Tensor,
+    (nh, nkv): (usize, usize),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        qkv.narrow(2, 0, nh)?,
+        qkv.narrow(2, nh, nkv)?,
+        qkv.narrow(2, nh + nkv, nkv)?,
+    ))
+}
+
+/// The default fused-q|k|v backward: the sequence-major backward on the split operands.
+pub(crate) fn qkv_backward_via_split<B: AttentionKernels + ?Sized>(
+    be: &B,
+    qkv: &Tensor,
+    (o, saved, d_o): (&Tensor, &Tensor, &Tensor),
+    heads: (usize, usize),
+    scale: f32,
+) -> Result<Tensor> {
+    let (q, k, v) = split_qkv(qkv, heads)?;
+    let (dq, dk, dv) = be.causal_attention_bshd_backward(&q, &k, &v, o, saved, d_o, scale)?;
+    Tensor::cat(&[&dq, &dk, &dv], 2)
 }
 
 /// The sequence-major forward through `be`'s heads-major op: heads permuted there and back.
@@ -303,6 +355,74 @@ impl Tensor {
     }
 }
 
+/// Checks the fused `qkv [B, T, NH + 2·NKV, D]` for `heads` = `(NH, NKV)` (NKV ≥ 1 dividing
+/// NH) and `rest` (o, d_o) `[B, T, NH, D]`, all on one device.
+fn check_qkv(
+    op: &'static str,
+    qkv: &Tensor,
+    (nh, nkv): (usize, usize),
+    rest: &[&Tensor],
+) -> Result<()> {
+    let (b, t, w, d) = qkv.dims4().map_err(|_| qkv.rank_error(op, "qkv", 4))?;
+    if nkv == 0 || !nh.is_multiple_of(nkv) || w != nh + 2 * nkv {
+        return Err(Error::InvalidArgument {
+            op,
+            arg: "heads",
+            value: format!("({nh}, {nkv}) for qkv {:?}", qkv.dims()),
+            rule:
+                "qkv must be [B, T, heads + 2·kv_heads, head_dim] with kv_heads >= 1 dividing heads",
+        });
+    }
+    for x in rest {
+        qkv.same_device(op, x)?;
+        if x.dims() != [b, t, nh, d] {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: qkv.dims().to_vec(),
+                rhs: x.dims().to_vec(),
+                rule: "o and d_o must be [B, T, heads, head_dim] of qkv's B, T, head_dim",
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// [`Tensor::causal_attention_bshd`] on the output of a fused q|k|v projection: `qkv
+    /// [B, T, NH + 2·NKV, D]` holds each position's NH query heads, then its NKV keys, then
+    /// its NKV values (the `[B·T, (NH + 2·NKV)·D]` product of `matmul_stacked` over
+    /// `[W_q; W_k; W_v]`, reshaped) → `(o [B, T, NH, D], saved)`. Same values as the
+    /// sequence-major op on q, k, v copied out; a backend reading strided rows (cuDNN)
+    /// copies nothing.
+    pub fn causal_attention_qkv(
+        qkv: &Tensor,
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let heads = (n_heads, n_kv_heads);
+        check_qkv("causal_attention_qkv", qkv, heads, &[])?;
+        qkv.backend().causal_attention_qkv(qkv, heads, scale)
+    }
+
+    /// Backward of [`Tensor::causal_attention_qkv`]: `d_qkv` shaped as `qkv` (dq, dk, dv in
+    /// its head blocks) from its input, output `o`, `saved` and `d_o`.
+    pub fn causal_attention_qkv_backward(
+        qkv: &Tensor,
+        (o, saved, d_o): (&Tensor, &Tensor, &Tensor),
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<Tensor> {
+        const OP: &str = "causal_attention_qkv_backward";
+        let heads = (n_heads, n_kv_heads);
+        check_qkv(OP, qkv, heads, &[o, d_o])?;
+        qkv.same_device(OP, saved)?;
+        qkv.backend()
+            .causal_attention_qkv_backward(qkv, (o, saved, d_o), heads, scale)
+    }
+}
+
 /// The unfused attention (any backend's ops): keys and values repeated to the query rows,
 /// `bmm`, causal softmax, `bmm`; `saved` is the probabilities `[BH, T, T]`.
 pub(crate) fn unfused_forward(
@@ -394,6 +514,45 @@ mod tests {
         assert_eq!(bits(&hm(&dq)), bits(&dq_ref), "dq");
         assert_eq!(bits(&hm(&dk)), bits(&dk_ref), "dk");
         assert_eq!(bits(&hm(&dv)), bits(&dv_ref), "dv");
+    }
+
+    #[test]
+    fn fused_qkv_attention_is_the_sequence_major_op_on_its_head_blocks_bitwise() {
+        // B 2, T 5, 4 query heads over 2 KV heads, D 4: qkv [2, 5, 8, 4]
+        let r = |seed, h| Tensor::randn_named(seed, "x", vec![2, 5, h, 4], 1.0, Device::Cpu);
+        let (qkv, d_o) = (r(1, 8).unwrap(), r(2, 4).unwrap());
+        let (q, k, v) = (
+            qkv.narrow(2, 0, 4).unwrap(),
+            qkv.narrow(2, 4, 2).unwrap(),
+            qkv.narrow(2, 6, 2).unwrap(),
+        );
+        let bits = |x: &Tensor| -> Vec<u32> {
+            x.to_host_f32()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let (o, saved) = Tensor::causal_attention_qkv(&qkv, 4, 2, 0.5).unwrap();
+        let (o_ref, saved_ref) = Tensor::causal_attention_bshd(&q, &k, &v, 0.5).unwrap();
+        assert_eq!(bits(&o), bits(&o_ref), "o");
+        let d_qkv =
+            Tensor::causal_attention_qkv_backward(&qkv, (&o, &saved, &d_o), 4, 2, 0.5).unwrap();
+        let (dq, dk, dv) =
+            Tensor::causal_attention_bshd_backward(&q, &k, &v, &o_ref, &saved_ref, &d_o, 0.5)
+                .unwrap();
+        assert_eq!(d_qkv.dims(), qkv.dims());
+        assert_eq!(bits(&d_qkv.narrow(2, 0, 4).unwrap()), bits(&dq), "dq");
+        assert_eq!(bits(&d_qkv.narrow(2, 4, 2).unwrap()), bits(&dk), "dk");
+        assert_eq!(bits(&d_qkv.narrow(2, 6, 2).unwrap()), bits(&dv), "dv");
+        let e = Tensor::causal_attention_qkv(&qkv, 4, 1, 0.5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heads + 2·kv_heads"), "{e}");
+        let e = Tensor::causal_attention_qkv_backward(&qkv, (&o, &saved, &qkv), 4, 2, 0.5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("o and d_o must be"), "{e}");
     }
 
     #[test]

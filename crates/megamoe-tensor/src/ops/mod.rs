@@ -34,5 +34,6 @@ pub mod router;
 pub mod routing;
 pub mod scalar;
 pub mod softmax;
+pub mod stacked;
 pub mod topk;
 // New families: append `pub mod <family>;` here.

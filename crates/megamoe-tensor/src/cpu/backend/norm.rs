@@ -90,6 +90,19 @@ impl RopeKernels for CpuBackend {
             x.shape(),
         ))
     }
+
+    fn rope_leading_in_place(
+        &self,
+        x: &mut Tensor,
+        theta: f32,
+        sign: f32,
+        rotated: usize,
+    ) -> Result<()> {
+        let (_, t, nh, d) = x.dims4()?;
+        let xs = x.cpu_f32_mut("rope_leading_in_place")?;
+        rope::rope_leading_in_place(xs, (t, nh, d), rotated, theta, sign);
+        Ok(())
+    }
 }
 
 impl LossKernels for CpuBackend {
