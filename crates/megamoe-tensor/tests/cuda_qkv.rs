@@ -113,6 +113,15 @@ fn stacked_projection_one_gemm_and_per_weight_agree_and_repeat() {
     }
     // each path bitwise repeatable (runs 0 and 2 are both joint)
     assert_eq!(outs[0], outs[2], "the joint path repeats bit for bit");
+    // without weight copies the casts are stacked: the same one GEMM, the same bits
+    backend.set_weight_copies(false);
+    let y = x.matmul_stacked(&ws).unwrap();
+    let dx = d_y.matmul_stacked_input_grad(&ws).unwrap();
+    backend.set_weight_copies(true);
+    assert_eq!(
+        (bits(&y), bits(&dx)),
+        (outs[0].0.clone(), outs[0].1.clone())
+    );
     // the weights' copies kept their joint buffer from one registration to the next
     assert!(backend.weight_copy_stats().joint >= 2);
     backend.set_joint_projections(true);

@@ -1,10 +1,11 @@
 //! The stacked projections (`matmul_stacked`, its input and weight gradients) on cuBLAS:
-//! one GEMM over all the weights where they lie back to back — in bf16-matmul mode their
-//! bf16 copies, which the weight cache lays out so for weights registered one after the
-//! other (`weights.rs`, [`CudaBackend::bf16_joint`]); the weight gradients when they are
-//! adjacent views of one buffer (a model's flat gradients) — else one GEMM per weight
-//! reading and writing its column block of the `[M, Σ N_i]` operand in place through the
-//! leading dimension (no copy either way).
+//! one GEMM over all the weights — in bf16-matmul mode over their bf16 copies, which the
+//! weight cache lays out back to back for weights registered one after the other
+//! (`weights.rs`, [`CudaBackend::bf16_joint`]; unregistered weights are cast and stacked
+//! by one `cat`), in f32 where the weights are adjacent views of one buffer; the weight
+//! gradients when they are adjacent views of one buffer (a model's flat gradients) — else
+//! one GEMM per weight reading and writing its column block of the `[M, Σ N_i]` operand in
+//! place through the leading dimension (no copy).
 //!
 //! bf16 rounding: in bf16-activation mode the one input-gradient GEMM accumulates the
 //! `K = Σ N_i` products in f32 and rounds once, where the per-weight form rounds the bf16
@@ -40,15 +41,29 @@ impl CudaBackend {
         self.joint_projections.load(Ordering::Relaxed)
     }
 
-    /// The weights `ws` as one `[Σ N_i, K]` GEMM operand when they lie back to back: in
-    /// bf16-matmul mode their joint bf16 copies, else the tensors themselves when they are
-    /// adjacent views of one buffer. `None`: one GEMM per weight.
+    /// The weights `ws` as one `[Σ N_i, K]` GEMM operand: in bf16-matmul mode their joint
+    /// bf16 copies, or — weights not registered so (weight copies off, weights outside a
+    /// training step) — their casts stacked by one `cat`, so the product is the same one
+    /// GEMM on the same bf16 operand either way (the same bits with or without weight
+    /// copies); otherwise the tensors themselves when they are adjacent views of one
+    /// buffer. `None`: one GEMM per weight.
     fn stacked_weights(&self, ws: &[&Tensor]) -> Result<Option<Tensor>> {
         if !self.joint_allowed() {
             return Ok(None);
         }
         if self.bf16_matmul() && ws.iter().any(|w| w.dtype() != DType::BF16) {
-            return self.bf16_joint(ws);
+            if let Some(joint) = self.bf16_joint(ws)? {
+                return Ok(Some(joint));
+            }
+            let casts = ws
+                .iter()
+                .map(|w| match w.dtype() {
+                    DType::BF16 => Ok((*w).clone()),
+                    _ => self.bf16_operand(w),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let casts: Vec<&Tensor> = casts.iter().collect();
+            return Ok(Some(Tensor::cat(&casts, 0)?));
         }
         Ok(Tensor::adjacent_rows(ws))
     }
