@@ -293,34 +293,6 @@ impl Tensor {
         Arc::strong_count(&self.buffer) + Arc::weak_count(&self.buffer)
     }
 
-    /// The `[Σ rows_i, cols]` matrix that `parts` (`[rows_i, cols]` each) form when they lie
-    /// back to back, in this order, in one buffer: a view of it (no copy), or `None` when
-    /// they do not (or are not such matrices).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn adjacent_rows(parts: &[&Tensor]) -> Option<Tensor> {
-        let first = parts.first()?;
-        let &[_, cols] = first.dims() else {
-            return None;
-        };
-        let (mut end, mut rows) = (first.layout.offset, 0);
-        for p in parts {
-            match *p.dims() {
-                [r, c] if c == cols && p.same_storage(first) && p.layout.offset == end => {
-                    end += r * c;
-                    rows += r;
-                }
-                _ => return None,
-            }
-        }
-        Some(Tensor {
-            buffer: first.buffer.clone(),
-            layout: Layout {
-                shape: Shape::from(vec![rows, cols]),
-                offset: first.layout.offset,
-            },
-        })
-    }
-
     /// True if `self` and `other` view intersecting elements of one buffer.
     pub fn overlaps(&self, other: &Tensor) -> bool {
         let (a, b) = (self.layout.range(), other.layout.range());

@@ -65,7 +65,8 @@ impl CudaBackend {
             let casts: Vec<&Tensor> = casts.iter().collect();
             return Ok(Some(Tensor::cat(&casts, 0)?));
         }
-        Ok(Tensor::adjacent_rows(ws))
+        let rows = ws.iter().map(|w| w.dims()[0]).sum::<usize>();
+        Ok(Tensor::joined(ws, [rows, ws[0].dims()[1]]))
     }
 }
 
@@ -178,7 +179,7 @@ impl StackedKernels for CudaBackend {
         let refs: Vec<&Tensor> = gs.iter().map(|g| &**g).collect();
         let cols = blocks(&refs);
         let same_beta = betas.iter().all(|&b| b == betas[0]);
-        let joint = Tensor::adjacent_rows(&refs).filter(|j| {
+        let joint = Tensor::joined(&refs, [n, k]).filter(|j| {
             same_beta && self.joint_allowed() && j.is_write_through() && j.dtype() == DType::F32
         });
         drop(refs);

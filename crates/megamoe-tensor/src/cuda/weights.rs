@@ -403,9 +403,10 @@ impl CudaBackend {
 fn joint_copy(group: &[Slot], k: usize) -> Option<Tensor> {
     let parts = group
         .iter()
-        .map(|s| s.copy.as_ref()?.reshape([s.numel / k, k]).ok())
-        .collect::<Option<Vec<Tensor>>>()?;
-    Tensor::adjacent_rows(&parts.iter().collect::<Vec<_>>())
+        .map(|s| s.copy.as_ref())
+        .collect::<Option<Vec<&Tensor>>>()?;
+    let rows = group.iter().map(|s| s.numel / k).sum::<usize>();
+    Tensor::joined(&parts, [rows, k])
 }
 
 impl Slot {
