@@ -263,6 +263,7 @@ fn every_shipped_config_plans() {
     for (name, devices) in [
         ("tiny", "1"),
         ("all_features", "1"),
+        ("gpu_1b", "1"),
         ("mixtral_like", "4"),
         ("deepseek_v3_like", "4"),
     ] {
