@@ -107,3 +107,73 @@ fn bf16_moments_flat_equals_per_parameter_and_graph_equals_eager_bitwise() {
     let moments_bf16 = run(&[&stat[..], &[BF16_MOMENTS]].concat(), true, false);
     assert_ne!(f32_moments.1, moments_bf16.1, "bf16 moments leave a trace");
 }
+
+/// A bf16-moment run on the GPU (tiny, bf16 storage, static capacity, optimizer inside the
+/// CUDA graph) saved after 3 steps and resumed in a fresh trainer repeats the straight
+/// 6-step run bit for bit: losses, gradient norms and parameters (the moments come back
+/// bf16 from the checkpoint and the resumed step captures its graph again).
+#[test]
+#[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
+fn a_resumed_bf16_moment_run_on_the_gpu_repeats_the_straight_run_bitwise() {
+    let sets: Vec<String> = [
+        "moe.capacity_factor=1.25",
+        "moe.pad_to_capacity=true",
+        "train.dtype=\"bf16\"",
+        BF16_MOMENTS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let raw = RawConfig::from_toml_str_with_overrides(TINY, &sets).unwrap();
+    let trainer = || {
+        let data = Arc::new(DataSource::synthetic(Tokenizer::bytes()));
+        let options = TrainerOptions {
+            peak_flops: None,
+            device: Device::Cuda(0),
+        };
+        let mut t = Trainer::new(&raw, data, options).unwrap();
+        t.set_cuda_graph(true);
+        t.set_cuda_graph_optimizer(true);
+        t
+    };
+    let steps = |t: &mut Trainer, n: usize| -> Vec<(u64, u64)> {
+        (0..n)
+            .map(|_| {
+                let m = t.step().unwrap();
+                assert!(!m.skipped, "step {} skipped", m.step);
+                (m.loss.total.to_bits(), m.grad_norm.to_bits())
+            })
+            .collect()
+    };
+    let bits = |t: &Trainer| {
+        let mut v = Vec::new();
+        t.params().visit(&mut |_, p, _| {
+            v.push(
+                p.to_host_f32()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        v
+    };
+    let mut straight = trainer();
+    let want = steps(&mut straight, 6);
+    assert!(straight.cuda_graph_status().contains("optimizer inside"));
+    let dir = std::env::temp_dir().join(format!("megamoe-cuda-bf16m-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut first = trainer();
+    let mut got = steps(&mut first, 3);
+    let ckpt = first.save_checkpoint(&dir).unwrap();
+    drop(first);
+    let mut resumed = trainer();
+    resumed.load_checkpoint(&ckpt).unwrap();
+    got.extend(steps(&mut resumed, 3));
+    assert_eq!(got, want, "losses and gradient norms, resumed vs straight");
+    assert!(
+        bits(&resumed) == bits(&straight),
+        "parameters, resumed vs straight"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
