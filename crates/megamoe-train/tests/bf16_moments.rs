@@ -22,7 +22,7 @@ use megamoe_train::{
 #[path = "common/layout.rs"]
 mod layout;
 
-use layout::{curve, data, rel, BASE, STEPS};
+use layout::{curve, data, rel, thread_ranks_checkpoint, BASE, STEPS};
 
 const BF16: &str = "optim.moment_dtype=\"bf16\"";
 
@@ -264,20 +264,7 @@ fn a_sharded_bf16_moment_checkpoint_is_the_one_rank_checkpoint() {
         "parallel.ep=2",
         "parallel.fsdp=2",
     ]));
-    let saved = run_thread_ranks(4, |world| -> Result<_, Error> {
-        let mut t = Trainer::new_rank(&dist, data(), TrainerOptions::default(), world)?;
-        for _ in 0..steps {
-            t.step()?;
-        }
-        if t.is_writer() {
-            Ok(Some(t.save_checkpoint(&dir.join("four"))?))
-        } else {
-            t.join_checkpoint()?;
-            Ok(None)
-        }
-    })
-    .unwrap();
-    let four_dir = saved[0].clone().unwrap();
+    let four_dir = thread_ranks_checkpoint(4, &dist, steps, &dir.join("four"));
     let load = |d: &std::path::Path| load_checkpoint(d, &Expected::default()).unwrap();
     let (a, b) = (load(&one_dir), load(&four_dir));
     let mut moments = 0;

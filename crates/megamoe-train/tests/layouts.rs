@@ -19,7 +19,7 @@ use megamoe_train::{
 #[path = "common/layout.rs"]
 mod layout;
 
-use layout::{curve, data, BASE, STEPS};
+use layout::{curve, data, thread_ranks_checkpoint, BASE, STEPS};
 
 fn raw(sets: &[String]) -> RawConfig {
     RawConfig::from_toml_str_with_overrides(BASE, sets).unwrap()
@@ -328,21 +328,7 @@ fn checkpoint_matches_one_rank(label: &str, layout: &[&str]) {
     let mut dist_sets: Vec<String> = layout.iter().map(|s| s.to_string()).collect();
     dist_sets.push("parallel.dp=2".to_string());
     let dist_raw = raw(&dist_sets);
-    let saved = run_thread_ranks(4, |world| -> Result<_, Error> {
-        let mut t = Trainer::new_rank(&dist_raw, data(), TrainerOptions::default(), world)?;
-        for _ in 0..steps {
-            t.step()?;
-        }
-        if t.is_writer() {
-            Ok(Some(t.save_checkpoint(&dir.join("four"))?))
-        } else {
-            t.join_checkpoint()?;
-            Ok(None)
-        }
-    })
-    .unwrap();
-    let four_dir = saved[0].clone().unwrap();
-    assert!(saved[1..].iter().all(Option::is_none));
+    let four_dir = thread_ranks_checkpoint(4, &dist_raw, steps, &dir.join("four"));
 
     let load = |d: &std::path::Path| load_checkpoint(d, &Expected::default()).unwrap();
     let (a, b) = (load(&one_dir), load(&four_dir));

@@ -20,7 +20,7 @@ use megamoe_train::{load_checkpoint, Error, Expected, StepMetrics, Trainer, Trai
 #[path = "common/layout.rs"]
 mod layout;
 
-use layout::{curve, data, BASE, STEPS};
+use layout::{curve, data, thread_ranks_checkpoint, BASE, STEPS};
 
 /// The shared layout-test model with 4 query heads over 2 KV heads (GQA groups of 2, kept
 /// whole on a TP rank).
@@ -408,20 +408,7 @@ fn checkpoint_matches_one_rank(optim: &str, dp: usize, fsdp: usize) {
         "parallel.microbatches=1".to_string(),
         optim_set,
     ]);
-    let saved = run_thread_ranks(2 * dp, |world| -> Result<_, Error> {
-        let mut t = Trainer::new_rank(&tp_raw, data(), TrainerOptions::default(), world)?;
-        for _ in 0..steps {
-            t.step()?;
-        }
-        if t.is_writer() {
-            Ok(Some(t.save_checkpoint(&dir.join("tp2"))?))
-        } else {
-            t.join_checkpoint()?;
-            Ok(None)
-        }
-    })
-    .unwrap();
-    let tp_dir = saved[0].clone().unwrap();
+    let tp_dir = thread_ranks_checkpoint(2 * dp, &tp_raw, steps, &dir.join("tp2"));
     let load = |d: &std::path::Path| load_checkpoint(d, &Expected::default()).unwrap();
     let (a, b) = (load(&one_dir), load(&tp_dir));
     let mut compared = 0;

@@ -9,7 +9,7 @@
 //! Each test binary uses a part of this module.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use megamoe_plan::{RawConfig, TINY_CONFIG};
@@ -324,4 +324,24 @@ pub fn resume_both_ways(mesh: &Mesh, dir: &Path) {
             );
         }
     }
+}
+
+/// Trains `steps` steps of `raw` on `world` thread ranks; then the writer rank saves a
+/// checkpoint into `dir` (the other ranks join it). Returns the checkpoint's directory.
+pub fn thread_ranks_checkpoint(world: usize, raw: &RawConfig, steps: usize, dir: &Path) -> PathBuf {
+    let saved = run_thread_ranks(world, |comm| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(raw, data(), TrainerOptions::default(), comm)?;
+        for _ in 0..steps {
+            t.step()?;
+        }
+        if t.is_writer() {
+            Ok(Some(t.save_checkpoint(dir)?))
+        } else {
+            t.join_checkpoint()?;
+            Ok(None)
+        }
+    })
+    .unwrap();
+    assert!(saved[1..].iter().all(Option::is_none), "one writer rank");
+    saved[0].clone().unwrap()
 }
