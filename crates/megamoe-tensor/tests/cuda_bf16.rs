@@ -9,20 +9,13 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{gpu, randn, GPU};
 use megamoe_tensor::cuda::AttentionPath;
 use megamoe_tensor::{DType, Device, RowGroups, Tensor, UnaryOp, IGNORE_INDEX};
 
-const GPU: Device = Device::Cuda(0);
 /// bf16 operands and bf16 storage of the result (GPU.md: 1e-3 to 1e-2).
 const BF16_TOL: f64 = 1e-2;
-
-fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
-    Tensor::randn_named(seed, "x", shape.to_vec(), std, Device::Cpu).unwrap()
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
 
 fn rel(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());

@@ -11,20 +11,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{bits, rel};
+use common::{bits, gpu, randn, rel, GPU};
 use megamoe_tensor::{DType, Device, Tensor, WeightCopies};
 
-const GPU: Device = Device::Cuda(0);
 /// bf16 operands and bf16 storage of the result (GPU.md: 1e-3 to 1e-2).
 const BF16_TOL: f64 = 1e-2;
-
-fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
-    Tensor::randn_named(seed, "x", shape.to_vec(), std, Device::Cpu).unwrap()
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
 
 fn cpu(t: &Tensor) -> Tensor {
     t.to_device(Device::Cpu)

@@ -146,3 +146,16 @@ macro_rules! backend_tests {
         }
     };
 }
+
+/// The GPU of the CUDA tests.
+pub const GPU: Device = Device::Cuda(0);
+
+/// Normal values (mean 0, deviation `std`) of the stream named "x", on the CPU.
+pub fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
+    Tensor::randn_named(seed, "x", shape.to_vec(), std, Device::Cpu).unwrap()
+}
+
+/// A copy of `t` on [`GPU`].
+pub fn gpu(t: &Tensor) -> Tensor {
+    t.to_device(GPU).unwrap()
+}
