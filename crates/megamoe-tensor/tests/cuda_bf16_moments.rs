@@ -10,24 +10,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::bits;
-use megamoe_tensor::{AdamWStep, DType, Device, Tensor};
+use common::{adamw_hyper, bits};
+use megamoe_tensor::{DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
 
 fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
     Tensor::randn_named(seed, "bf16 moments", shape.to_vec(), std, Device::Cpu).unwrap()
-}
-
-fn step(t: u64, decay: bool) -> AdamWStep {
-    AdamWStep {
-        lr: 3e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: if decay { 0.1 } else { 0.0 },
-        t,
-    }
 }
 
 /// Parameter, gradient of step `t`, bf16 moments (v ≥ 0) of one shape, on the CPU.
@@ -92,7 +81,7 @@ fn cpu_reference(factor: Option<f32>) -> Vec<Param> {
                 g.scale_by_assign(&Tensor::scalar(f, Device::Cpu).unwrap())
                     .unwrap();
             }
-            p.p.adamw_step(&mut p.m, &mut p.v, &g, &step(t, p.decay))
+            p.p.adamw_step(&mut p.m, &mut p.v, &g, &adamw_hyper(t, p.decay))
                 .unwrap();
         }
     }
@@ -110,9 +99,11 @@ fn per_parameter_and_graph_ops_equal_the_cpu_bitwise() {
     for t in 1..=3 {
         for (i, (a, b)) in op.iter_mut().zip(&mut dev).enumerate() {
             let g = grad(i, t).to_device(GPU).unwrap();
-            a.p.adamw_step(&mut a.m, &mut a.v, &g, &step(t, a.decay))
+            a.p.adamw_step(&mut a.m, &mut a.v, &g, &adamw_hyper(t, a.decay))
                 .unwrap();
-            let w = backend.adamw_device_words(&step(t, b.decay)).unwrap();
+            let w = backend
+                .adamw_device_words(&adamw_hyper(t, b.decay))
+                .unwrap();
             let consts = Tensor::from_vec_i32(w.to_vec(), [9], GPU).unwrap();
             backend
                 .adamw_step_device(&mut b.p, &mut b.m, &mut b.v, &g, &consts, &one)
@@ -170,7 +161,7 @@ fn flat_launch_equals_the_cpu_bitwise() {
                 g.copy_from(&grad(i, t).to_device(GPU).unwrap()).unwrap();
             }
             let words = |decay| {
-                let w = backend.adamw_device_words(&step(t, decay)).unwrap();
+                let w = backend.adamw_device_words(&adamw_hyper(t, decay)).unwrap();
                 Tensor::from_vec_i32(w.to_vec(), [9], GPU).unwrap()
             };
             let (with, without) = (words(true), words(false));
@@ -191,7 +182,7 @@ fn mixed_moment_dtypes_are_refused_by_name() {
     let mut v = Tensor::zeros([8], DType::F32, GPU).unwrap();
     let g = Tensor::zeros([8], DType::F32, GPU).unwrap();
     let e = p
-        .adamw_step(&mut m, &mut v, &g, &step(1, false))
+        .adamw_step(&mut m, &mut v, &g, &adamw_hyper(1, false))
         .unwrap_err();
     assert!(e.to_string().contains("both f32 or both bf16"), "{e}");
     let e = backend

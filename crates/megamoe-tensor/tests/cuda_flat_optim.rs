@@ -13,8 +13,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::bits;
-use megamoe_tensor::{AdamWStep, Device, Tensor};
+use common::{adamw_hyper, bits};
+use megamoe_tensor::{Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
 
@@ -95,17 +95,6 @@ fn in_flat(ps: &[Param]) -> Vec<Param> {
         .collect()
 }
 
-fn step(decay: bool) -> AdamWStep {
-    AdamWStep {
-        lr: 3e-3,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: if decay { 0.1 } else { 0.0 },
-        t: 7,
-    }
-}
-
 #[test]
 #[ignore = "needs an NVIDIA GPU: run the test binary with --ignored there"]
 fn flat_norm_and_adamw_equal_the_per_parameter_ops_bitwise() {
@@ -130,7 +119,7 @@ fn flat_norm_and_adamw_equal_the_per_parameter_ops_bitwise() {
             if scaled {
                 p.g.scale_by_assign(&factor).unwrap();
             }
-            p.p.adamw_step(&mut p.m, &mut p.v, &p.g, &step(p.decay))
+            p.p.adamw_step(&mut p.m, &mut p.v, &p.g, &adamw_hyper(7, p.decay))
                 .unwrap();
         }
         // the flat path
@@ -151,7 +140,7 @@ fn flat_norm_and_adamw_equal_the_per_parameter_ops_bitwise() {
         let norm = backend.segments_grad_norm(&table).unwrap();
         assert_eq!(bits(&norm), bits(&norm_want), "norm");
         let words = |decay| {
-            let w = backend.adamw_device_words(&step(decay)).unwrap();
+            let w = backend.adamw_device_words(&adamw_hyper(7, decay)).unwrap();
             Tensor::from_vec_i32(w.to_vec(), [9], GPU).unwrap()
         };
         let (with, without) = (words(true), words(false));

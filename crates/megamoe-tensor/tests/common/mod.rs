@@ -2,7 +2,7 @@
 //! the crate's RNG) and comparison helpers.
 #![allow(dead_code)]
 
-use megamoe_tensor::{Device, Error, Tensor};
+use megamoe_tensor::{AdamWStep, Device, Error, Tensor};
 
 /// xorshift64* uniform values in [-1, 1).
 pub fn rand_vec(seed: u64, n: usize) -> Vec<f32> {
@@ -158,4 +158,17 @@ pub fn randn(seed: u64, shape: &[usize], std: f32) -> Tensor {
 /// A copy of `t` on [`GPU`].
 pub fn gpu(t: &Tensor) -> Tensor {
     t.to_device(GPU).unwrap()
+}
+
+/// The optimizer tests' AdamW step `t`: lr 3e-3, betas 0.9 / 0.95, eps 1e-8, weight decay
+/// 0.1 if `decay`, else none.
+pub fn adamw_hyper(t: u64, decay: bool) -> AdamWStep {
+    AdamWStep {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: if decay { 0.1 } else { 0.0 },
+        t,
+    }
 }
