@@ -460,6 +460,7 @@ pub(crate) fn unfused_backward(
 
 #[cfg(test)]
 mod tests {
+    use crate::ops::test_bits as bits;
     use crate::{Device, Tensor};
 
     /// `[B, T, H, D]` → `[B·H, T, D]` by hand (host loops).
@@ -491,13 +492,6 @@ mod tests {
         let hm = |x: &Tensor| heads_major_host(x);
         let (o_ref, p_ref) = Tensor::causal_attention(&hm(&q), &hm(&k), &hm(&v), 0.5).unwrap();
         assert_eq!(o.dims(), q.dims());
-        let bits = |x: &Tensor| -> Vec<u32> {
-            x.to_host_f32()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
         assert_eq!(bits(&hm(&o)), bits(&o_ref), "o");
         let (dq, dk, dv) =
             Tensor::causal_attention_bshd_backward(&q, &k, &v, &o, &saved, &d_o, 0.5).unwrap();
@@ -526,13 +520,6 @@ mod tests {
             qkv.narrow(2, 4, 2).unwrap(),
             qkv.narrow(2, 6, 2).unwrap(),
         );
-        let bits = |x: &Tensor| -> Vec<u32> {
-            x.to_host_f32()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
         let (o, saved) = Tensor::causal_attention_qkv(&qkv, 4, 2, 0.5).unwrap();
         let (o_ref, saved_ref) = Tensor::causal_attention_bshd(&q, &k, &v, 0.5).unwrap();
         assert_eq!(bits(&o), bits(&o_ref), "o");

@@ -37,3 +37,13 @@ pub mod softmax;
 pub mod stacked;
 pub mod topk;
 // New families: append `pub mod <family>;` here.
+
+/// The f32 bit patterns of `x`'s elements (bitwise comparisons in the ops' unit tests).
+#[cfg(test)]
+pub(crate) fn test_bits(x: &crate::Tensor) -> Vec<u32> {
+    x.to_host_f32()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}

@@ -91,18 +91,11 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_bits as bits;
     use crate::Device;
 
     fn randn(seed: u64, dims: &[usize]) -> Tensor {
         Tensor::randn_named(seed, "r", dims.to_vec(), 1.0, Device::Cpu).unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.to_host_f32()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
     }
 
     #[test]

@@ -90,15 +90,8 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
+    use crate::ops::test_bits as bits;
     use crate::{Device, Tensor};
-
-    fn bits(x: &Tensor) -> Vec<u32> {
-        x.to_host_f32()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
 
     #[test]
     fn leading_heads_in_place_are_rope_of_those_heads_bitwise_and_the_rest_untouched() {

@@ -188,18 +188,11 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
+    use crate::ops::test_bits as bits;
     use crate::{Device, Tensor};
 
     fn r(seed: u64, dims: &[usize]) -> Tensor {
         Tensor::randn_named(seed, "x", dims.to_vec(), 1.0, Device::Cpu).unwrap()
-    }
-
-    fn bits(x: &Tensor) -> Vec<u32> {
-        x.to_host_f32()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
     }
 
     #[test]
