@@ -199,19 +199,7 @@ fn err_free(sets: &[&str]) {
 
 /// Every rank's curve under `parallel.dp = dp, parallel.ep = ep` (one micro-batch each).
 fn ranks(sets: &[String], dp: usize, ep: usize) -> Vec<Vec<(f64, f64)>> {
-    let mut sets = sets.to_vec();
-    sets.extend([
-        format!("parallel.dp={dp}"),
-        format!("parallel.ep={ep}"),
-        "parallel.microbatches=1".to_string(),
-    ]);
-    let raw = raw(&sets);
-    run_thread_ranks(dp * ep, |world| -> Result<_, Error> {
-        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
-        let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
-        Ok(curve(&m))
-    })
-    .unwrap()
+    layout::ranks(raw, sets, (dp, ep), 1)
 }
 
 /// Layout invariance with bf16 moments: the same per-step losses as one rank (1e-5

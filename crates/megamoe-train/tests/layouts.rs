@@ -12,14 +12,12 @@
 
 use megamoe_plan::RawConfig;
 use megamoe_train::distributed::run_thread_ranks;
-use megamoe_train::{
-    load_checkpoint, Error, Expected, NamedTensor, StepMetrics, Trainer, TrainerOptions,
-};
+use megamoe_train::{load_checkpoint, Error, Expected, NamedTensor, Trainer, TrainerOptions};
 
 #[path = "common/layout.rs"]
 mod layout;
 
-use layout::{curve, data, thread_ranks_checkpoint, BASE, STEPS};
+use layout::{data, thread_ranks_checkpoint, BASE, STEPS};
 
 fn raw(sets: &[String]) -> RawConfig {
     RawConfig::from_toml_str_with_overrides(BASE, sets).unwrap()
@@ -31,19 +29,7 @@ fn one_rank(sets: &[String], micro: usize) -> Vec<(f64, f64)> {
 
 /// Every rank's curve under `parallel.dp = dp, parallel.ep = ep` (m micro-batches each).
 fn ranks(sets: &[String], dp: usize, ep: usize, m: usize) -> Vec<Vec<(f64, f64)>> {
-    let mut sets = sets.to_vec();
-    sets.extend([
-        format!("parallel.dp={dp}"),
-        format!("parallel.ep={ep}"),
-        format!("parallel.microbatches={m}"),
-    ]);
-    let raw = raw(&sets);
-    run_thread_ranks(dp * ep, |world| -> Result<_, Error> {
-        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
-        let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
-        Ok(curve(&m))
-    })
-    .unwrap()
+    layout::ranks(raw, sets, (dp, ep), m)
 }
 
 fn rel(a: f64, b: f64) -> f64 {

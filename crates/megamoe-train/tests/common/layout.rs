@@ -42,6 +42,29 @@ pub fn one_rank(raw: fn(&[String]) -> RawConfig, sets: &[String], micro: usize) 
     curve(&m)
 }
 
+/// Every rank's curve under `parallel.dp = dp, parallel.ep = ep` with `micro` micro-batches
+/// per data rank, on the config `raw` builds.
+pub fn ranks(
+    raw: fn(&[String]) -> RawConfig,
+    sets: &[String],
+    (dp, ep): (usize, usize),
+    micro: usize,
+) -> Vec<Vec<(f64, f64)>> {
+    let mut sets = sets.to_vec();
+    sets.extend([
+        format!("parallel.dp={dp}"),
+        format!("parallel.ep={ep}"),
+        format!("parallel.microbatches={micro}"),
+    ]);
+    let raw = raw(&sets);
+    run_thread_ranks(dp * ep, |world| -> Result<_, Error> {
+        let mut t = Trainer::new_rank(&raw, data(), TrainerOptions::default(), world)?;
+        let m: Vec<StepMetrics> = (0..STEPS).map(|_| t.step()).collect::<Result<_, _>>()?;
+        Ok(curve(&m))
+    })
+    .unwrap()
+}
+
 /// Whether parameter `name` is `pattern` (a `megamoe plan` table row) with `{i}` standing
 /// for a layer index.
 pub fn matches(pattern: &str, name: &str) -> bool {
