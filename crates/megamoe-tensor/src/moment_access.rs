@@ -2,11 +2,9 @@
 //! in bf16 (AdamW's moments under `optim.moment_dtype = "bf16"`). The f32 counterpart is
 //! [`Tensor::cpu_f32_mut`].
 
-use std::sync::Arc;
-
 use half::bf16;
 
-use super::{Buffer, Tensor};
+use super::Tensor;
 use crate::storage::{CpuStorage, Storage};
 use crate::{DType, Error, Result};
 
@@ -25,37 +23,20 @@ impl Tensor {
                 got: self.dtype(),
             });
         }
-        let whole = self.layout.offset == 0;
-        let n = self.numel();
-        let in_place = whole
-            && matches!(
-                Arc::get_mut(&mut self.buffer),
-                Some(Buffer { storage: Storage::Cpu(CpuStorage::BF16(v)), .. }) if v.len() == n
-            );
-        if !in_place {
-            let copy = match &self.buffer.storage {
-                Storage::Cpu(CpuStorage::BF16(v)) => v[self.layout.range()].to_vec(),
-                _ => {
-                    return Err(Error::NotOnCpu {
-                        op,
-                        device: self.device(),
-                    })
-                }
-            };
-            self.buffer = Buffer::new(Storage::Cpu(CpuStorage::BF16(copy)));
-            self.layout.offset = 0;
-        }
-        match Arc::get_mut(&mut self.buffer) {
-            Some(Buffer {
-                storage: Storage::Cpu(CpuStorage::BF16(v)),
-                writes,
-                ..
-            }) => {
-                *writes += 1;
-                Ok(v.as_mut_slice())
-            }
-            _ => unreachable!("buffer was just made a unique bf16 buffer"),
-        }
+        self.cpu_unique_mut(
+            |s| match s {
+                Storage::Cpu(CpuStorage::BF16(v)) => Some(v),
+                _ => None,
+            },
+            |t| match &t.buffer.storage {
+                Storage::Cpu(CpuStorage::BF16(v)) => Ok(v[t.layout.range()].to_vec()),
+                _ => Err(Error::NotOnCpu {
+                    op,
+                    device: t.device(),
+                }),
+            },
+            CpuStorage::BF16,
+        )
     }
 }
 

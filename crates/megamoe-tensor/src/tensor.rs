@@ -795,29 +795,45 @@ impl Tensor {
                 }),
             };
         }
-        let whole = self.layout.offset == 0;
+        self.cpu_unique_mut(
+            |s| match s {
+                Storage::Cpu(CpuStorage::F32(v)) => Some(v),
+                _ => None,
+            },
+            |t| Ok(t.cpu_f32(op, "self")?.into_owned()),
+            CpuStorage::F32,
+        )
+    }
+
+    /// The copy-on-write part of [`Tensor::cpu_f32_mut`] and `cpu_bf16_mut`: the elements
+    /// in place where the buffer is unshared, of `slot`'s kind and exactly this tensor's
+    /// elements, else `copy(self)` wrapped by `wrap` replaces the handle's buffer; counted
+    /// as a write.
+    pub(crate) fn cpu_unique_mut<T>(
+        &mut self,
+        slot: fn(&mut Storage) -> Option<&mut Vec<T>>,
+        copy: impl FnOnce(&Tensor) -> Result<Vec<T>>,
+        wrap: fn(Vec<T>) -> CpuStorage,
+    ) -> Result<&mut [T]> {
         let n = self.numel();
-        let in_place = whole
-            && matches!(
-                Arc::get_mut(&mut self.buffer),
-                Some(Buffer { storage: Storage::Cpu(CpuStorage::F32(v)), .. }) if v.len() == n
-            );
+        let in_place = self.layout.offset == 0
+            && Arc::get_mut(&mut self.buffer)
+                .is_some_and(|b| slot(&mut b.storage).is_some_and(|v| v.len() == n));
         if !in_place {
-            let copy = self.cpu_f32(op, "self")?.into_owned();
-            self.buffer = Buffer::new(Storage::Cpu(CpuStorage::F32(copy)));
+            let elems = copy(self)?;
+            self.buffer = Buffer::new(Storage::Cpu(wrap(elems)));
             self.layout.offset = 0;
         }
-        match Arc::get_mut(&mut self.buffer) {
-            Some(Buffer {
-                storage: Storage::Cpu(CpuStorage::F32(v)),
-                writes,
-                ..
-            }) => {
-                *writes += 1;
-                Ok(v.as_mut_slice())
-            }
-            _ => unreachable!("buffer was just made a unique f32 buffer"),
-        }
+        let Some(Buffer {
+            storage, writes, ..
+        }) = Arc::get_mut(&mut self.buffer)
+        else {
+            unreachable!("buffer was just made unique")
+        };
+        *writes += 1;
+        Ok(slot(storage)
+            .expect("buffer was just made of slot's kind")
+            .as_mut_slice())
     }
 
     /// For in-place kernels of a device backend: makes this handle the unique owner of an
