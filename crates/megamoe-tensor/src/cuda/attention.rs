@@ -24,7 +24,7 @@ use crate::ops::attention::{
     bshd_backward_via_heads_major, bshd_via_heads_major, qkv_backward_via_split, repeat_kv,
     split_qkv, sum_kv, unfused_backward, unfused_forward, AttentionKernels,
 };
-use crate::{DType, Result, Tensor};
+use crate::{DType, Result, Shape, Tensor};
 
 /// Which causal-attention implementation the CUDA backend runs in bf16-activation mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,16 +204,16 @@ impl CudaBackend {
         }
     }
 
-    /// bf16 outputs `[shape]` and the f32 stats `[bh, t]` of a fused forward.
+    /// bf16 outputs shaped `o_shape` and the f32 stats `[bh, t]` of a fused forward.
     fn fused_outputs(
         &self,
         op: &'static str,
-        q: &Tensor,
+        o_shape: Shape,
         bh: usize,
         t: usize,
     ) -> Result<(Tensor, Tensor)> {
         let e = self.engine(op)?;
-        let (o, _) = self.empty(&e, q.shape().clone(), DType::BF16)?;
+        let (o, _) = self.empty(&e, o_shape, DType::BF16)?;
         let (lse, _) = self.empty(&e, [bh, t].into(), DType::F32)?;
         Ok((o, lse))
     }
@@ -367,7 +367,7 @@ impl AttentionKernels for CudaBackend {
             self.bf16_aligned(OP, &repeat_kv(k, group)?)?,
             self.bf16_aligned(OP, &repeat_kv(v, group)?)?,
         );
-        let (o, lse) = self.fused_outputs(OP, q, bh, t)?;
+        let (o, lse) = self.fused_outputs(OP, q.shape().clone(), bh, t)?;
         let v_ = (
             view(OP, &qb)?,
             view(OP, &kb)?,
@@ -455,7 +455,7 @@ impl AttentionKernels for CudaBackend {
         }
         let b = |x: &Tensor| self.bf16_aligned(OP, x);
         let (qb, kb, vb) = (b(q)?, b(k)?, b(v)?);
-        let (o, lse) = self.fused_outputs(OP, q, bh, s.seq)?;
+        let (o, lse) = self.fused_outputs(OP, q.shape().clone(), bh, s.seq)?;
         let (qv, kv, vv) = (view(OP, &qb)?, view(OP, &kb)?, view(OP, &vb)?);
         let (ov, lv) = (view(OP, &o)?, view(OP, &lse)?);
         let done = self.with_cudnn(OP, |c, gpu| {
@@ -505,14 +505,8 @@ impl AttentionKernels for CudaBackend {
             return split(());
         }
         let qkvb = self.bf16_aligned(OP, qkv)?;
-        let e = self.engine(OP)?;
-        let (o, _) = self.empty(
-            &e,
-            [s.batch, s.seq, s.heads, s.head_dim].into(),
-            DType::BF16,
-        )?;
-        let (lse, _) = self.empty(&e, [bh, s.seq].into(), DType::F32)?;
-        drop(e);
+        let o_shape = [s.batch, s.seq, s.heads, s.head_dim].into();
+        let (o, lse) = self.fused_outputs(OP, o_shape, bh, s.seq)?;
         let [qv, kv, vv] = packed_views(OP, &qkvb, heads)?;
         let (ov, lv) = (view(OP, &o)?, view(OP, &lse)?);
         let done = self.with_cudnn(OP, |c, gpu| {
